@@ -1,0 +1,151 @@
+"""Budgets: the constraints a plan must meet, and the per-layer bounds and pins.
+
+A constraint is "the sum of a table column <= value". Keys:
+
+- ``avg_bits``: sum(size_bits) / sum(params) <= value (the table needs a ``params`` column);
+- ``size_mb``: sum(size_bits) / 8e6 <= value;
+- any numeric column of the table (``size_bits``, ``bops``, ``latency``...).
+
+On the command line: ``--budget avg_bits=4 --budget bops=1.2e9``.
+
+Per-layer rules name layers exactly or by regex with a ``re:`` prefix (``re:.*attention.*``), or
+``*`` for all layers: ``min_bits``/``max_bits`` bound the bit-width, ``pins`` fix an option (name or
+bit-width). ``ties`` are extra tie regexes (see :func:`mpsearch.layers.tie_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .errors import BudgetError
+
+#: keys that are not table columns
+DERIVED_KEYS = ("avg_bits", "size_mb")
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise BudgetError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise BudgetError(f"{what}: the value must be finite, got {text!r}")
+    return value
+
+
+@dataclass
+class Budget:
+    """Constraints (key -> upper bound) plus per-layer bounds, pins and ties."""
+
+    constraints: dict[str, float] = field(default_factory=dict)
+    min_bits: dict[str, int] = field(default_factory=dict)
+    max_bits: dict[str, int] = field(default_factory=dict)
+    pins: dict[str, str | int] = field(default_factory=dict)
+    ties: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for key, value in self.constraints.items():
+            if not isinstance(key, str) or not key:
+                raise BudgetError(f"a budget key must be a non-empty string, got {key!r}")
+            v = _number(value, f"budget {key}")
+            if v < 0:
+                raise BudgetError(f"budget {key}={value}: the value must be >= 0")
+            self.constraints[key] = v
+        for rule in (self.min_bits, self.max_bits, self.pins):
+            for pattern in rule:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise BudgetError(f"layer pattern {pattern!r} does not compile: {exc}") from None
+
+    # ----------------------------------------------------------------- parsing
+    @classmethod
+    def parse(
+        cls,
+        budgets=(),
+        *,
+        min_bits=(),
+        max_bits=(),
+        pins=(),
+        ties=(),
+    ) -> Budget:
+        """Build a budget from CLI strings.
+
+        ``budgets``: ``"KEY=VALUE"`` items (``avg_bits=4``, ``size_mb=12.5``, ``bops=3e9``).
+        ``min_bits``/``max_bits``: ``"BITS"`` (all layers) or ``"PATTERN=BITS"``.
+        ``pins``: ``"PATTERN=OPTION"`` (``lm_head=keep``, ``re:.*embed.*=8``).
+        """
+        constraints = {}
+        for item in budgets:
+            key, value = _split(item, "--budget", "avg_bits=4")
+            constraints[key] = _number(value, f"--budget {item}")
+        return cls(
+            constraints=constraints,
+            min_bits=_bit_rules(min_bits, "--min-bits"),
+            max_bits=_bit_rules(max_bits, "--max-bits"),
+            pins=dict(_split(p, "--pin", "lm_head=keep") for p in pins),
+            ties=list(ties),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "constraints": dict(self.constraints),
+            "min_bits": dict(self.min_bits),
+            "max_bits": dict(self.max_bits),
+            "pins": dict(self.pins),
+            "ties": list(self.ties),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Budget:
+        return cls(**{k: d[k] for k in ("constraints", "min_bits", "max_bits", "pins", "ties") if k in d})
+
+    def with_constraints(self, **constraints) -> Budget:
+        """A copy with some constraints replaced (used by frontier sweeps)."""
+        d = self.to_dict()
+        d["constraints"].update(constraints)
+        return Budget.from_dict(d)
+
+    def __str__(self) -> str:
+        parts = [f"{k}<={v:g}" for k, v in self.constraints.items()]
+        parts += [f"min_bits[{k}]={v}" for k, v in self.min_bits.items()]
+        parts += [f"max_bits[{k}]={v}" for k, v in self.max_bits.items()]
+        parts += [f"pin[{k}]={v}" for k, v in self.pins.items()]
+        return ", ".join(parts) or "unconstrained"
+
+
+def _split(item: str, flag: str, example: str) -> tuple[str, str]:
+    if not isinstance(item, str) or "=" not in item:
+        raise BudgetError(f"{flag} {item!r}: write KEY=VALUE, for example {flag} {example}")
+    key, _, value = item.rpartition("=")
+    key, value = key.strip(), value.strip()
+    if not key or not value:
+        raise BudgetError(f"{flag} {item!r}: write KEY=VALUE, for example {flag} {example}")
+    return key, value
+
+
+def _bit_rules(items, flag: str) -> dict[str, int]:
+    rules = {}
+    for item in items:
+        if isinstance(item, str) and "=" not in item:
+            pattern, value = "*", item
+        else:
+            pattern, value = _split(item, flag, "re:.*embed.*=8")
+        try:
+            bits = int(value)
+        except ValueError:
+            raise BudgetError(f"{flag} {item!r}: the bit-width must be an integer") from None
+        rules[pattern] = bits
+    return rules
+
+
+def matches(pattern: str, layer: str) -> bool:
+    """Does a per-layer rule pattern (exact name, ``re:REGEX`` or ``*``) apply to ``layer``?"""
+    if pattern == "*":
+        return True
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], layer) is not None
+    return pattern == layer

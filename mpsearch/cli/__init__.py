@@ -1,0 +1,68 @@
+"""The ``mpsearch`` command line: one subcommand per module of this package.
+
+Each subcommand module defines ``register(subparsers)`` and a ``run(args) -> int``; it parses, makes
+one library call, and prints. Exit codes: 0 success, 2 bad input or usage (one line on stderr, no
+half-written output), 3 infeasible budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .. import __version__
+from ..errors import MpsearchError
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INFEASIBLE = 3
+
+#: subcommand -> module of this package
+COMMANDS = {
+    "estimate": "estimate",
+    "solve": "solve",
+    "apply": "apply",
+    "validate": "validate",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"mpsearch: error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mpsearch",
+        description="Mixed-precision bit allocation: how many bits should each layer get?",
+        epilog="Run 'mpsearch COMMAND --help' for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module in COMMANDS.items():
+        importlib.import_module(f".{module}", __name__).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except MpsearchError as exc:
+        sys.stderr.write(f"mpsearch {args.command}: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write(f"mpsearch {args.command}: interrupted (cached work is kept)\n")
+        return 130
+
+
+def entry() -> None:  # console script
+    sys.exit(main())

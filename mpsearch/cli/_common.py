@@ -1,0 +1,73 @@
+"""Helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+
+from ..errors import MpsearchError
+
+
+def add_command(sub, name: str, help: str, example: str, run):
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="example:\n  " + example.strip().replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(run=run)
+    return p
+
+
+def parse_params(items) -> dict:
+    """``--param KEY=VALUE`` items into a dict; values are Python literals or strings."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise MpsearchError(f"--param {item!r}: write KEY=VALUE, for example --param probes=16")
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def add_param_arg(p, what: str):
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE",
+        help=f"a setting of the {what} (repeatable), e.g. --param seed=1",
+    )
+
+
+def add_budget_args(p):
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="a constraint: avg_bits=4, size_mb=10, or any numeric column (sum <= value); repeatable")
+    p.add_argument("--min-bits", action="append", default=[], metavar="[LAYER=]BITS",
+                   help="lower bit bound for all layers, or for LAYER (exact name, 're:REGEX')")
+    p.add_argument("--max-bits", action="append", default=[], metavar="[LAYER=]BITS",
+                   help="upper bit bound, like --min-bits")
+    p.add_argument("--pin", action="append", default=[], metavar="LAYER=OPTION",
+                   help="fix a layer's option, e.g. --pin lm_head=keep or --pin 're:.*embed.*=8'")
+    p.add_argument("--tie", action="append", default=[], metavar="REGEX",
+                   help="layers matching REGEX with equal capture groups share one option")
+
+
+def budget_from_args(args):
+    from ..budget import Budget
+
+    return Budget.parse(args.budget, min_bits=args.min_bits, max_bits=args.max_bits,
+                        pins=args.pin, ties=args.tie)
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

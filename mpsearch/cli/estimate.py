@@ -1,0 +1,50 @@
+"""``mpsearch estimate``: model + data -> cost table."""
+
+from __future__ import annotations
+
+from ._common import add_command, add_param_arg, parse_params, say
+
+EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
+    --estimator weight-error --bits 2,3,4,8 -o table.csv"""
+
+
+def register(sub):
+    p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
+    p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
+    p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
+    p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
+    p.add_argument("--bits", "--options", dest="options", default="2,3,4,8",
+                   help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8 (default: 2,3,4,8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tie", action="append", default=[], metavar="REGEX", help="tie layers (group column)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="tie q/k/v and gate/up projections as serving runtimes fuse them")
+    p.add_argument("--include-embedding", action="store_true", help="also cost Embedding layers")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave layers out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_param_arg(p, "estimator")
+    p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
+
+
+def run(args) -> int:
+    from ..registry import get_estimator
+    from ..specs import load_data, load_model
+
+    params = parse_params(args.param)
+    params.setdefault("seed", args.seed)
+    estimator = get_estimator(args.estimator, options=args.options, **params)
+    model = load_model(args.model)
+    data = load_data(args.data)
+    table = estimator.estimate(
+        model, data, ties=args.tie, fuse_projections=args.fuse_projections,
+        include_embedding=args.include_embedding, exclude=args.exclude,
+        progress=not args.no_progress,
+    )
+    table.metadata.setdefault("model_spec", args.model)
+    if args.data:
+        table.metadata.setdefault("data_spec", args.data)
+    table.write(args.output)
+    cost = table.metadata.get("cost", {})
+    say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
+        f"({args.estimator}, {cost.get('seconds', 0):.2f} s)")
+    return 0

@@ -1,0 +1,36 @@
+"""``mpsearch validate``: check a plan on a model, report real size and measured quality."""
+
+from __future__ import annotations
+
+from ._common import add_command, dump_json, say
+
+EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
+    --metric mypkg.eval:accuracy -o report.json"""
+
+
+def register(sub):
+    p = add_command(sub, "validate", "Apply a plan, check every layer's levels, measure size and quality.", EXAMPLE, run)
+    p.add_argument("--model", required=True, help="model spec")
+    p.add_argument("--plan", required=True, help="plan (.json)")
+    p.add_argument("--metric", help="quality: package.module:callable taking the model, returning a float")
+    p.add_argument("-o", "--output", help="write the report (.json)")
+
+
+def run(args) -> int:
+    from ..plan import BitPlan
+    from ..specs import _load_callable, load_model
+    from ..table import atomic_write_text
+    from ..validate import validate_plan
+
+    plan = BitPlan.load(args.plan)
+    model = load_model(args.model)
+    metric = _load_callable(args.metric, "metric") if args.metric else None
+    report = validate_plan(model, plan, metric=metric)
+    say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
+    say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
+    if report.quality is not None:
+        say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")
+    if args.output:
+        atomic_write_text(args.output, dump_json(report.to_dict()) + "\n")
+        say(f"wrote {args.output}")
+    return 0

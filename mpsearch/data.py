@@ -1,0 +1,105 @@
+"""Batches: how mpsearch feeds calibration data to a model.
+
+A *batch* is one of
+
+- a tensor: the model's single positional input;
+- a dict: keyword inputs (Hugging Face style ``input_ids``/``attention_mask``); a ``labels`` or
+  ``targets`` key is taken out as the target;
+- a tuple or list ``(inputs, targets)``: inputs as above (tensor, dict, or tuple of positional
+  inputs), targets a tensor or ``None``.
+
+*Data* is a batch or an iterable of batches (a list, a DataLoader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .errors import MpsearchError
+
+_TARGET_KEYS = ("labels", "targets", "target", "label")
+
+
+def split_batch(batch):
+    """Return ``(args, kwargs, target)`` for one batch."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, dict):
+        kwargs = {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
+        target = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+        return (), kwargs, target
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise MpsearchError(
+                f"a batch given as a tuple must be (inputs, targets), got {len(batch)} items"
+            )
+        inputs, target = batch
+        if isinstance(inputs, torch.Tensor):
+            return (inputs,), {}, target
+        if isinstance(inputs, dict):
+            return (), dict(inputs), target
+        if isinstance(inputs, (tuple, list)):
+            return tuple(inputs), {}, target
+    raise MpsearchError(
+        f"cannot read a batch of type {type(batch).__name__}: give a tensor, a dict of tensors, "
+        f"or an (inputs, targets) tuple"
+    )
+
+
+def move_batch(batch, device):
+    """Move every tensor of a batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def run_model(model, batch):
+    """Run ``model`` on one batch; returns the raw output."""
+    args, kwargs, _ = split_batch(batch)
+    return model(*args, **kwargs)
+
+
+def model_output_tensor(output) -> torch.Tensor:
+    """The main tensor of a model's output (logits, last hidden state, or the output itself)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state", "sentence_embedding"):
+        value = getattr(output, key, None)
+        if value is None and isinstance(output, dict):
+            value = output.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise MpsearchError(
+        f"cannot find a tensor in the model output of type {type(output).__name__}"
+    )
+
+
+def as_batches(data) -> list:
+    """Normalise data to a list of batches."""
+    if data is None:
+        return []
+    if isinstance(data, (torch.Tensor, dict)):
+        return [data]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (torch.Tensor, dict)):
+        if isinstance(data[1], torch.Tensor) or data[1] is None:
+            return [data]
+    if isinstance(data, Iterable):
+        return list(data)
+    raise MpsearchError(
+        f"cannot read data of type {type(data).__name__}: give a batch or a list of batches"
+    )
+
+
+def first_batch(data):
+    batches = as_batches(data)
+    if not batches:
+        raise MpsearchError("the data holds no batch")
+    return batches[0]

@@ -1,0 +1,166 @@
+"""BitPlan: layer -> option, with predicted totals and provenance. Versioned JSON.
+
+The file contract::
+
+    {"format": "mpsearch.plan", "version": 1,
+     "bits": {"encoder.layer.0.attention.self.query": 4, ...},
+     "options": {"encoder.layer.0.attention.self.query":
+                     {"name": "int4-g128", "bits": 4, "group_size": 128, "symmetric": true}, ...},
+     "predicted": {"damage": 0.012, "size_bits": 81234567, "avg_bits": 4.1},
+     "provenance": {"solver": "greedy", "budget": {...}, "table": {...}, "mpsearch": "0.1.0"}}
+
+``bits`` and ``predicted`` are the minimum any reader can rely on; ``options`` adds the format of
+each layer (16 bits means ``keep``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PlanError
+from .options import Option, default_option_for_bits, parse_option
+
+FORMAT = "mpsearch.plan"
+VERSION = 1
+
+
+@dataclass
+class BitPlan:
+    """The bit-width (and format) chosen for every layer."""
+
+    bits: dict[str, int]
+    options: dict[str, dict] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.bits, dict) or not self.bits:
+            raise PlanError("a plan needs a non-empty 'bits' mapping of layer name -> bit-width")
+        clean = {}
+        for layer, b in self.bits.items():
+            if not isinstance(layer, str) or not layer:
+                raise PlanError(f"plan layer names must be non-empty strings, got {layer!r}")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or int(b) != b or not 1 <= b <= 32:
+                raise PlanError(f"plan: layer {layer!r} has bits {b!r}; bits must be an integer 1-32")
+            clean[layer] = int(b)
+        self.bits = clean
+        if not isinstance(self.options, dict):
+            raise PlanError("plan 'options' must be a mapping of layer name -> option")
+        unknown = set(self.options) - set(self.bits)
+        if unknown:
+            raise PlanError(f"plan 'options' names layers absent from 'bits': {sorted(unknown)[:5]}")
+        for layer, opt in self.options.items():
+            if not isinstance(opt, dict):
+                raise PlanError(f"plan: option of layer {layer!r} must be an object, got {opt!r}")
+            if "bits" in opt and int(opt["bits"]) != self.bits[layer]:
+                raise PlanError(
+                    f"plan: layer {layer!r} has bits {self.bits[layer]} but its option says "
+                    f"{opt['bits']}"
+                )
+        if not isinstance(self.predicted, dict):
+            raise PlanError("plan 'predicted' must be a mapping of name -> number")
+
+    # ----------------------------------------------------------------- access
+    @property
+    def layers(self) -> list[str]:
+        return list(self.bits)
+
+    def option(self, layer: str) -> Option:
+        """The quantization option of ``layer`` (per-channel symmetric when only bits are given)."""
+        opt = self.options.get(layer)
+        if opt:
+            if "group_size" in opt or "symmetric" in opt:
+                return Option.from_dict(opt)
+            try:
+                return parse_option(opt.get("name", self.bits[layer]))
+            except ValueError:
+                pass
+        return default_option_for_bits(self.bits[layer])
+
+    def option_name(self, layer: str) -> str:
+        opt = self.options.get(layer) or {}
+        return opt.get("name") or self.option(layer).name
+
+    def to_frame(self):
+        """One row per layer: layer, bits, option."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {"layer": self.layers, "bits": list(self.bits.values()),
+             "option": [self.option_name(n) for n in self.layers]}
+        )
+
+    @property
+    def avg_bits(self) -> float | None:
+        return self.predicted.get("avg_bits")
+
+    # ----------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "bits": dict(self.bits),
+            "options": {k: dict(v) for k, v in self.options.items()},
+            "predicted": dict(self.predicted),
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .table import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, doc, source: str = "plan") -> BitPlan:
+        if not isinstance(doc, dict):
+            raise PlanError(f"{source}: a plan is a JSON object, got {type(doc).__name__}")
+        if doc.get("format") != FORMAT:
+            raise PlanError(
+                f"{source}: not an mpsearch plan (expected \"format\": \"{FORMAT}\", "
+                f"got {doc.get('format')!r})"
+            )
+        if doc.get("version") != VERSION:
+            raise PlanError(
+                f"{source}: plan version {doc.get('version')!r} is not supported (this mpsearch "
+                f"reads version {VERSION}); upgrade mpsearch or re-create the plan"
+            )
+        if "bits" not in doc:
+            raise PlanError(f"{source}: the plan has no 'bits' mapping")
+        try:
+            return cls(
+                bits=doc["bits"],
+                options=doc.get("options") or {},
+                predicted=doc.get("predicted") or {},
+                provenance=doc.get("provenance") or {},
+            )
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BitPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} does not exist")
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(doc, source=str(path))
+
+    @classmethod
+    def uniform(cls, layers, option: Option | str | int, **provenance) -> BitPlan:
+        """The same option for every layer (the baseline plans)."""
+        opt = parse_option(option)
+        names = [getattr(lay, "name", lay) for lay in layers]
+        return cls(
+            bits={n: opt.bits for n in names},
+            options={n: opt.to_dict() for n in names},
+            provenance={"solver": "uniform", **provenance},
+        )

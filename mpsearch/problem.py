@@ -1,0 +1,270 @@
+"""The multiple-choice problem every solver works on, compiled from a CostTable and a Budget.
+
+Tied layers (the table's ``group`` column and the budget's tie regexes) become one *item* whose
+costs are the sums over its members, so that every solver honours ties by construction. Per-layer
+bounds and pins become a mask of allowed options. The result is dense numpy arrays::
+
+    damage[i, k]          summed damage of item i under option k (inf where not allowed)
+    resources[c][i, k]    summed column c
+    allowed[i, k]         option k allowed for item i
+    caps[j]               upper bound of constraint j on column constraints[j].column
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .budget import Budget, matches
+from .errors import BudgetError, close_matches, name_list
+from .ties import tie_groups
+from .table import CostTable
+
+
+@dataclass
+class Constraint:
+    """One "sum of ``column`` <= ``cap``" constraint, with the user's own units for messages."""
+
+    key: str  # as the user wrote it: avg_bits, size_mb, bops...
+    column: str
+    cap: float  # in column units
+    unit_scale: float = 1.0  # user value = column sum / unit_scale
+
+    def to_user(self, column_sum: float) -> float:
+        return column_sum / self.unit_scale
+
+
+@dataclass
+class Problem:
+    items: list[list[str]]
+    option_names: list[str]
+    option_bits: np.ndarray
+    allowed: np.ndarray
+    damage: np.ndarray
+    resources: dict[str, np.ndarray]
+    constraints: list[Constraint]
+    total_params: float | None = None
+    table_metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_options(self) -> int:
+        return len(self.option_names)
+
+    @property
+    def n_layers(self) -> int:
+        return sum(len(i) for i in self.items)
+
+    def caps(self) -> np.ndarray:
+        return np.array([c.cap for c in self.constraints], dtype=float)
+
+    def constraint_matrix(self) -> np.ndarray:
+        """``[n_constraints, n_items, n_options]`` resource use (inf where not allowed)."""
+        if not self.constraints:
+            return np.zeros((0, self.n_items, self.n_options))
+        mats = np.stack([self.resources[c.column] for c in self.constraints])
+        return np.where(self.allowed[None], mats, np.inf)
+
+    def totals(self, choice) -> dict[str, float]:
+        """Column sums (and damage) of a choice vector (option index per item)."""
+        idx = np.arange(self.n_items)
+        choice = np.asarray(choice, dtype=int)
+        out = {"damage": float(self.damage[idx, choice].sum())}
+        for col, mat in self.resources.items():
+            out[col] = float(mat[idx, choice].sum())
+        if self.total_params and "size_bits" in out:
+            out["avg_bits"] = out["size_bits"] / self.total_params
+        return out
+
+    def usage(self, choice) -> np.ndarray:
+        idx = np.arange(self.n_items)
+        choice = np.asarray(choice, dtype=int)
+        return np.array([self.resources[c.column][idx, choice].sum() for c in self.constraints])
+
+    def is_feasible(self, choice, rtol: float = 1e-9) -> bool:
+        choice = np.asarray(choice, dtype=int)
+        if not self.allowed[np.arange(self.n_items), choice].all():
+            return False
+        caps = self.caps()
+        return bool(np.all(self.usage(choice) <= caps + rtol * np.maximum(np.abs(caps), 1.0)))
+
+    def min_usage(self) -> np.ndarray:
+        """Smallest achievable sum of each constraint's column, each on its own."""
+        cm = self.constraint_matrix()
+        return cm.min(axis=2).sum(axis=1) if len(cm) else np.zeros(0)
+
+    def infeasibility(self) -> str | None:
+        """A message naming the smallest achievable value when no plan can meet a constraint."""
+        mins = self.min_usage()
+        msgs = []
+        for c, m in zip(self.constraints, mins):
+            if m > c.cap * (1 + 1e-9) + 1e-12:
+                msgs.append(
+                    f"budget {c.key}<={c.to_user(c.cap):.6g} cannot be met: the smallest achievable "
+                    f"{c.key} is {c.to_user(m):.6g}"
+                )
+        return "; ".join(msgs) if msgs else None
+
+    def decode(self, choice) -> dict[str, str]:
+        """layer -> option name."""
+        out = {}
+        for members, k in zip(self.items, np.asarray(choice, dtype=int)):
+            for layer in members:
+                out[layer] = self.option_names[k]
+        return out
+
+
+def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
+    """Check ``budget`` against ``table`` and build the dense problem."""
+    budget = budget or Budget()
+    frame = table.frame
+    layers = table.layers
+    options = table.options
+    opt_index = {o: k for k, o in enumerate(options)}
+    layer_index = {n: i for i, n in enumerate(layers)}
+    K = len(options)
+    bits_of = table.option_bits()
+    option_bits = np.array([bits_of[o] for o in options], dtype=int)
+
+    # ------------------------------------------------------------- per-layer arrays
+    L = len(layers)
+    li = frame["layer"].map(layer_index).to_numpy()
+    ki = frame["option"].map(opt_index).to_numpy()
+    layer_allowed = np.zeros((L, K), dtype=bool)
+    layer_allowed[li, ki] = True
+    cols = ["damage"] + table.resource_columns
+    layer_vals = {}
+    for col in cols:
+        m = np.zeros((L, K))
+        m[li, ki] = frame[col].to_numpy(dtype=float)
+        layer_vals[col] = m
+
+    # ------------------------------------------------------------- bounds and pins
+    for rule, name in ((budget.min_bits, "min_bits"), (budget.max_bits, "max_bits"), (budget.pins, "pin")):
+        for pattern in rule:
+            if not any(matches(pattern, n) for n in layers):
+                raise BudgetError(
+                    f"{name} rule {pattern!r} matches no layer of the table"
+                    f"{close_matches(pattern, layers)}"
+                )
+    for i, n in enumerate(layers):
+        for pattern, b in budget.min_bits.items():
+            if matches(pattern, n):
+                layer_allowed[i] &= option_bits >= b
+        for pattern, b in budget.max_bits.items():
+            if matches(pattern, n):
+                layer_allowed[i] &= option_bits <= b
+        for pattern, pin in budget.pins.items():
+            if matches(pattern, n):
+                pin_s = str(pin).strip()
+                if pin_s in opt_index:
+                    mask = np.arange(K) == opt_index[pin_s]
+                elif pin_s.isdigit():
+                    mask = option_bits == int(pin_s)
+                elif pin_s.lower() == "keep":
+                    mask = option_bits == 16
+                else:
+                    raise BudgetError(
+                        f"pin {pattern}={pin}: the table has no option {pin!r}; options: "
+                        f"{name_list(options)}"
+                    )
+                if not mask.any():
+                    raise BudgetError(
+                        f"pin {pattern}={pin}: the table has no option with that bit-width; "
+                        f"options: {name_list(options)}"
+                    )
+                layer_allowed[i] &= mask
+        if not layer_allowed[i].any():
+            raise BudgetError(
+                f"layer {n!r}: the per-layer bounds and pins leave it no option; loosen "
+                f"--min-bits/--max-bits/--pin"
+            )
+
+    # ------------------------------------------------------------- ties -> items
+    group_of = dict(table.groups)
+    extra = tie_groups(layers, ties=budget.ties) if budget.ties else {}
+    if extra:
+        # merge: layers that share either a table group or a regex group end up together
+        parent = {n: n for n in layers}
+
+        def find(x):
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for mapping in (group_of, extra):
+            first: dict[str, str] = {}
+            for n, g in mapping.items():
+                if g in first:
+                    parent[find(n)] = find(first[g])
+                else:
+                    first[g] = n
+        comps: dict[str, list[str]] = {}
+        for n in layers:
+            comps.setdefault(find(n), []).append(n)
+        items = list(comps.values())
+    else:
+        seen: dict[str, list[str]] = {}
+        items = []
+        for n in layers:
+            g = group_of.get(n)
+            if g is None:
+                items.append([n])
+            elif g in seen:
+                seen[g].append(n)
+            else:
+                seen[g] = [n]
+                items.append(seen[g])
+    N = len(items)
+    allowed = np.ones((N, K), dtype=bool)
+    vals = {col: np.zeros((N, K)) for col in cols}
+    for j, members in enumerate(items):
+        idx = [layer_index[m] for m in members]
+        allowed[j] = layer_allowed[idx].all(axis=0)
+        if not allowed[j].any():
+            raise BudgetError(
+                f"tied layers {name_list(members)} have no option in common after bounds and pins; "
+                f"give tied layers the same bounds"
+            )
+        for col in cols:
+            vals[col][j] = layer_vals[col][idx].sum(axis=0)
+    damage = np.where(allowed, vals.pop("damage"), np.inf)
+
+    # ------------------------------------------------------------- constraints
+    params = table.layer_params()
+    total_params = float(sum(params.values())) if params else None
+    constraints = []
+    for key, value in budget.constraints.items():
+        if key == "avg_bits":
+            if not total_params:
+                raise BudgetError(
+                    "budget avg_bits needs a 'params' column in the table (weights per layer); "
+                    "use size_bits or size_mb instead, or add the column"
+                )
+            constraints.append(Constraint(key, "size_bits", value * total_params, total_params))
+        elif key == "size_mb":
+            constraints.append(Constraint(key, "size_bits", value * 8e6, 8e6))
+        elif key in vals:
+            constraints.append(Constraint(key, key, value))
+        else:
+            valid = ["avg_bits", "size_mb"] + list(vals)
+            raise BudgetError(
+                f"budget key {key!r} is not a column of the table{close_matches(key, valid)}; "
+                f"valid keys: {name_list(valid)}"
+            )
+    return Problem(
+        items=items,
+        option_names=list(options),
+        option_bits=option_bits,
+        allowed=allowed,
+        damage=damage,
+        resources=vals,
+        constraints=constraints,
+        total_params=total_params,
+        table_metadata=dict(table.metadata),
+    )

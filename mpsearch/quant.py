@@ -1,0 +1,126 @@
+"""Round-to-nearest fake quantization of weights.
+
+Weights are seen as a matrix of ``out_channels`` rows (one per output channel) by ``in_features``
+columns (everything that feeds one output: input features, or in_channels/groups x kernel). Each row is
+cut into groups of ``group_size`` columns (the whole row for per-channel options, a shorter last group
+where the row does not divide evenly), and each group gets its own scale.
+
+- Symmetric, b >= 2: levels ``s * {-(2^(b-1) - 1) ... 2^(b-1) - 1}`` with ``s = max|w| / (2^(b-1) - 1)``.
+- Symmetric, b = 1: levels ``{-s, +s}`` with ``s = mean|w|`` (the least-squares binary scale).
+- Asymmetric: ``2^b`` levels spanning ``[min(w, 0), max(w, 0)]`` with an integer zero-point, so that
+  zero stays exact.
+
+A group of zeros stays zero, a constant group stays representable, and a weight holding NaN or Inf is
+refused with an error naming the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import QuantizationError
+from .options import Option
+
+#: how each layer kind lays out its weight: the axis of output channels
+_TRANSPOSED_KINDS = {"conv1d_hf"}  # transformers' Conv1D stores weight as [in, out]
+
+
+def weight_matrix(weight: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """View a layer's weight as a 2-D ``[out_channels, in_features]`` matrix."""
+    if kind in _TRANSPOSED_KINDS:
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def from_weight_matrix(matrix: torch.Tensor, like: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+    """Inverse of :func:`weight_matrix`."""
+    if kind in _TRANSPOSED_KINDS:
+        return matrix.t().contiguous()
+    return matrix.reshape(like.shape)
+
+
+def _grouped(matrix: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
+    """Reshape ``[out, in]`` into ``[out, n_groups, g]``, padding the last group with NaN."""
+    out, cols = matrix.shape
+    g = cols if group_size is None else min(group_size, cols)
+    n = -(-cols // g)
+    pad = n * g - cols
+    if pad:
+        matrix = torch.nn.functional.pad(matrix, (0, pad), value=float("nan"))
+    return matrix.reshape(out, n, g), pad
+
+
+def check_finite(weight: torch.Tensor, name: str | None = None) -> None:
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        where = f"layer {name!r}" if name else "the weight"
+        raise QuantizationError(
+            f"{where} holds {bad} NaN or Inf values and cannot be quantized; "
+            f"check the checkpoint or exclude the layer"
+        )
+
+
+def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = None) -> torch.Tensor:
+    """Fake-quantize a ``[out, in]`` matrix (float32 math, returned in the input dtype)."""
+    if option.is_keep:
+        return matrix.clone()
+    check_finite(matrix, name)
+    dtype = matrix.dtype
+    out, cols = matrix.shape
+    grouped, pad = _grouped(matrix.detach().float(), option.group_size)
+    valid = ~torch.isnan(grouped)
+    b = option.bits
+    if option.symmetric:
+        if b == 1:
+            absw = torch.where(valid, grouped.abs(), torch.zeros_like(grouped))
+            scale = absw.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+            q = torch.where(grouped >= 0, scale, -scale)
+        else:
+            qmax = 2 ** (b - 1) - 1
+            absmax = torch.where(valid, grouped.abs(), torch.zeros_like(grouped)).amax(-1, keepdim=True)
+            scale = absmax / qmax
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.clamp(torch.round(grouped / safe), -qmax, qmax) * safe
+            q = torch.where(scale > 0, q, torch.zeros_like(q))
+    else:
+        levels = 2**b - 1
+        lo = torch.where(valid, grouped, torch.zeros_like(grouped)).amin(-1, keepdim=True).clamp(max=0)
+        hi = torch.where(valid, grouped, torch.zeros_like(grouped)).amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / levels
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / safe)
+        q = (torch.clamp(torch.round(grouped / safe) + zero, 0, levels) - zero) * safe
+        q = torch.where(scale > 0, q, torch.zeros_like(q))
+    q = q.reshape(out, -1)
+    if pad:
+        q = q[:, :cols]
+    return q.to(dtype)
+
+
+def quantize_weight(
+    weight: torch.Tensor, option: Option, kind: str = "linear", name: str | None = None
+) -> torch.Tensor:
+    """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor."""
+    with torch.no_grad():
+        m = weight_matrix(weight.detach(), kind)
+        return from_weight_matrix(quantize_matrix(m, option, name), weight, kind)
+
+
+def quantization_error(
+    weight: torch.Tensor, option: Option, kind: str = "linear", name: str | None = None
+) -> torch.Tensor:
+    """``Q(W) - W`` in the weight's own layout (float32)."""
+    with torch.no_grad():
+        return quantize_weight(weight.float(), option, kind, name) - weight.detach().float()
+
+
+def max_levels_per_group(weight: torch.Tensor, option: Option, kind: str = "linear") -> int:
+    """The largest number of distinct values held by one scale group of ``weight``."""
+    m = weight_matrix(weight.detach(), kind).float()
+    grouped, _ = _grouped(m, option.group_size if not option.is_keep else None)
+    flat = grouped.reshape(-1, grouped.shape[-1])
+    srt, _ = torch.sort(flat, dim=-1)  # NaN padding sorts last
+    valid = ~torch.isnan(srt)
+    distinct = (srt[:, 1:] != srt[:, :-1]) & valid[:, 1:]
+    counts = distinct.sum(-1) + valid[:, 0].long()
+    return int(counts.max()) if counts.numel() else 0

@@ -1,0 +1,317 @@
+"""CostTable: per-layer x per-option damage and resource costs.
+
+The file contract (CSV, long form, one row per layer x option):
+
+=============  ========  =========================================================================
+column         required  meaning
+=============  ========  =========================================================================
+``layer``      yes       fully-qualified module name
+``bits``       yes       weight bit-width of the option (16 = keep)
+``damage``     yes       estimated quality loss if only this layer takes this option (>= 0)
+``size_bits``  yes       storage of the layer's weight under this option, scales included
+``option``     no        option name when several options share a bit-width (default ``intB``/``keep``)
+``params``     no        weight elements of the layer (needed for ``avg_bits`` budgets)
+``group``      no        rows whose layers share a group value must take the same option
+any other      no        numeric cost columns (``bops``, ``latency``...), usable in budgets
+=============  ========  =========================================================================
+
+Columns whose names start with ``damage`` (such as ``damage_std``) describe the estimate and are not
+budget columns. A first line ``# mpsearch.table {json}`` carries the metadata (estimator and its
+settings, model fingerprint, data, cost); ``pandas.read_csv(path, comment="#")`` reads the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import TableError, close_matches, name_list
+from .options import KEEP_BITS, option_sort_key, parse_option
+
+FORMAT = "mpsearch.table"
+VERSION = 1
+REQUIRED = ("layer", "bits", "damage", "size_bits")
+_NON_RESOURCE = {"layer", "option", "bits", "group"}
+
+
+def default_option_name(bits: int) -> str:
+    return "keep" if int(bits) == KEEP_BITS else f"int{int(bits)}"
+
+
+def _option_order(name: str) -> tuple:
+    try:
+        return (0, option_sort_key(parse_option(name)), name)
+    except ValueError:
+        return (1, (), name)
+
+
+class CostTable:
+    """A validated cost table with its metadata.
+
+    Build one from a DataFrame (``CostTable(frame, metadata)``), a CSV or JSON file
+    (:meth:`read`), or let an estimator make it. ``to_frame()`` returns a copy for pandas work.
+    """
+
+    def __init__(self, frame: pd.DataFrame, metadata: dict | None = None, *, complete: bool = True):
+        self.metadata = dict(metadata or {})
+        self._frame = _validated(frame, complete=complete)
+        self.layers: list[str] = list(dict.fromkeys(self._frame["layer"]))
+        self.options: list[str] = sorted(set(self._frame["option"]), key=_option_order)
+
+    # ----------------------------------------------------------------- views
+    def to_frame(self) -> pd.DataFrame:
+        return self._frame.copy()
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The rows (read-only by convention; use :meth:`to_frame` for a copy to modify)."""
+        return self._frame
+
+    def __len__(self) -> int:
+        return len(self._frame)
+
+    def __repr__(self) -> str:
+        est = self.metadata.get("estimator", "?")
+        return (
+            f"CostTable({len(self.layers)} layers x {len(self.options)} options, "
+            f"estimator={est!r}, columns={self.resource_columns})"
+        )
+
+    @property
+    def resource_columns(self) -> list[str]:
+        """Numeric cost columns usable in a budget (``size_bits``, ``params``, ``bops``...)."""
+        return [
+            c
+            for c in self._frame.columns
+            if c not in _NON_RESOURCE and not c.startswith("damage")
+        ]
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """layer -> group id for grouped layers."""
+        if "group" not in self._frame:
+            return {}
+        g = self._frame.drop_duplicates("layer").set_index("layer")["group"]
+        return {k: v for k, v in g.items() if isinstance(v, str) and v}
+
+    def pivot(self, column: str = "damage") -> pd.DataFrame:
+        """A layers x options DataFrame of one column (NaN where a layer lacks an option)."""
+        if column not in self._frame:
+            raise TableError(
+                f"the table has no column {column!r}{close_matches(column, self._frame.columns)}; "
+                f"columns: {name_list(self._frame.columns)}"
+            )
+        p = self._frame.pivot(index="layer", columns="option", values=column)
+        return p.reindex(index=self.layers, columns=self.options)
+
+    def option_bits(self) -> dict[str, int]:
+        return dict(zip(self._frame["option"], self._frame["bits"].astype(int)))
+
+    def layer_params(self) -> dict[str, float] | None:
+        if "params" not in self._frame:
+            return None
+        return self._frame.drop_duplicates("layer").set_index("layer")["params"].to_dict()
+
+    # ----------------------------------------------------------------- I/O
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, complete: bool = True) -> CostTable:
+        """Read a table from ``.csv`` (with optional metadata line) or ``.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise TableError(f"cost table {str(path)!r} does not exist")
+        try:
+            if path.suffix.lower() == ".json":
+                doc = json.loads(path.read_text())
+                if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                    raise TableError(
+                        f"{path}: not an mpsearch table (expected a JSON object with "
+                        f"\"format\": \"{FORMAT}\")"
+                    )
+                _check_version(doc.get("version"), path)
+                return cls(pd.DataFrame(doc.get("rows", [])), doc.get("metadata"), complete=complete)
+            with path.open() as fh:
+                first = fh.readline()
+            metadata = {}
+            skip = 0
+            if first.startswith("#"):
+                skip = 1
+                head = first[1:].strip()
+                if head.startswith(FORMAT):
+                    doc = json.loads(head[len(FORMAT):].strip() or "{}")
+                    _check_version(doc.get("version"), path)
+                    metadata = doc.get("metadata", {})
+            frame = pd.read_csv(path, skiprows=skip)
+        except TableError:
+            raise
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise TableError(f"{path}: cannot be read as a cost table: {exc}") from exc
+        return cls(frame, metadata, complete=complete)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write to ``.csv`` (metadata on the first line) or ``.json``, atomically."""
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            doc = {
+                "format": FORMAT,
+                "version": VERSION,
+                "metadata": self.metadata,
+                "rows": json.loads(self._frame.to_json(orient="records")),
+            }
+            text = json.dumps(doc, indent=1, default=_json_default)
+        else:
+            head = json.dumps({"version": VERSION, "metadata": self.metadata}, default=_json_default)
+            text = f"# {FORMAT} {head}\n" + self._frame.to_csv(index=False)
+        atomic_write_text(path, text)
+        return path
+
+    to_csv = write
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, metadata: dict | None = None, **kw) -> CostTable:
+        return cls(frame, metadata, **kw)
+
+    def with_frame(self, frame: pd.DataFrame, **metadata) -> CostTable:
+        """A new table with other rows and this table's metadata updated by ``metadata``."""
+        return CostTable(frame, {**self.metadata, **metadata})
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _check_version(version, path) -> None:
+    if version is not None and version != VERSION:
+        raise TableError(
+            f"{path}: cost table version {version!r} is not supported (this mpsearch reads "
+            f"version {VERSION}); upgrade mpsearch or re-create the table"
+        )
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so no half-written file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _row(frame: pd.DataFrame, i) -> str:
+    r = frame.loc[i]
+    return f"row {int(i) + 1} (layer {r['layer']!r}, bits {r['bits']!r})"
+
+
+def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame):
+        raise TableError(f"a cost table is built from a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise TableError(
+            f"the cost table lacks the required column(s) {name_list(missing)}; required: "
+            f"{', '.join(REQUIRED)}; found: {name_list(frame.columns)}"
+        )
+    if frame.empty:
+        raise TableError("the cost table has no rows")
+    df = frame.reset_index(drop=True).copy()
+    # layer names
+    bad = df.index[df["layer"].isna() | (df["layer"].astype(str).str.strip() == "")]
+    if len(bad):
+        raise TableError(f"row {int(bad[0]) + 1}: the 'layer' column is empty")
+    df["layer"] = df["layer"].astype(str)
+    # bits
+    bits = pd.to_numeric(df["bits"], errors="coerce")
+    bad = df.index[bits.isna() | (bits != bits.round()) | (bits < 1) | (bits > 32)]
+    if len(bad):
+        raise TableError(
+            f"{_row(df, bad[0])}: 'bits' must be an integer from 1 to 32, got {df.loc[bad[0], 'bits']!r}"
+        )
+    df["bits"] = bits.astype(int)
+    # numeric columns
+    numeric = [c for c in df.columns if c not in ("layer", "option", "group")]
+    for col in numeric:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = df.index[values.isna() | ~np.isfinite(values.fillna(0).to_numpy(dtype=float))]
+        if len(bad):
+            raise TableError(
+                f"{_row(df, bad[0])}: column {col!r} must hold finite numbers, "
+                f"got {df.loc[bad[0], col]!r}"
+            )
+        df[col] = values
+    for col in ("damage", "size_bits"):
+        bad = df.index[df[col] < 0]
+        if len(bad):
+            raise TableError(
+                f"{_row(df, bad[0])}: {col!r} must be >= 0, got {df.loc[bad[0], col]!r}"
+            )
+    # option names
+    default = df["bits"].map(default_option_name)
+    if "option" in df.columns:
+        opt = df["option"]
+        df["option"] = opt.where(opt.notna() & (opt.astype(str).str.strip() != ""), default).astype(str)
+    else:
+        df.insert(1, "option", default)
+    # duplicates
+    dup = df.index[df.duplicated(["layer", "option"], keep="first")]
+    if len(dup):
+        r = df.loc[dup[0]]
+        raise TableError(
+            f"row {int(dup[0]) + 1}: layer {r['layer']!r} has option {r['option']!r} twice; "
+            f"give each layer x option one row (use the 'option' column to tell formats apart)"
+        )
+    bits_of = df.groupby("option")["bits"].nunique()
+    if (bits_of > 1).any():
+        name = bits_of.index[bits_of > 1][0]
+        raise TableError(f"option {name!r} appears with different 'bits' values in different rows")
+    # per-layer option sets
+    opts_by_layer = df.groupby("layer", sort=False)["option"].apply(frozenset)
+    if complete:
+        every = frozenset(df["option"])
+        for layer, opts in opts_by_layer.items():
+            if opts != every:
+                lacking = sorted(every - opts, key=_option_order)
+                raise TableError(
+                    f"layer {layer!r} lacks option(s) {name_list(lacking)} that other layers "
+                    f"offer; give every layer the same options (or restrict with budget bounds)"
+                )
+    # per-layer constants
+    for col in ("params", "group"):
+        if col in df.columns:
+            n = df.groupby("layer", sort=False)[col].nunique(dropna=False)
+            if (n > 1).any():
+                layer = n.index[n > 1][0]
+                raise TableError(f"layer {layer!r} has different {col!r} values in different rows")
+    if "group" in df.columns:
+        df["group"] = df["group"].where(df["group"].notna(), None)
+        df["group"] = df["group"].map(lambda g: None if g is None or (isinstance(g, float) and math.isnan(g)) else str(g))
+        layer_group = df.drop_duplicates("layer").set_index("layer")["group"]
+        for gid, members in layer_group.dropna().groupby(layer_group.dropna()):
+            sets = {m: opts_by_layer[m] for m in members.index}
+            first = next(iter(sets))
+            for m, s in sets.items():
+                if s != sets[first]:
+                    raise TableError(
+                        f"group {gid!r}: layers {first!r} and {m!r} offer different options "
+                        f"({name_list(sorted(sets[first], key=_option_order))} vs "
+                        f"{name_list(sorted(s, key=_option_order))}); tied layers must share options"
+                    )
+    return df

@@ -1,0 +1,111 @@
+"""The validator: does a quantized model hold what the plan says, what does it really weigh, and
+what quality does it keep?"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .apply import apply_plan, check_plan
+from .errors import PlanError
+from .layers import _kind, _matrix_shape
+from .options import KEEP_BITS
+from .plan import BitPlan
+from .quant import max_levels_per_group
+
+
+@dataclass
+class ValidationReport:
+    """The checks and measurements of one plan on one model."""
+
+    layers: list[dict] = field(default_factory=list)  # per layer: name, bits, option, levels, size
+    unplanned: list[str] = field(default_factory=list)
+    size_bits: float = 0.0
+    params: int = 0
+    quality: float | None = None
+    baseline_quality: float | None = None
+
+    @property
+    def avg_bits(self) -> float:
+        return self.size_bits / self.params if self.params else float("nan")
+
+    @property
+    def size_mb(self) -> float:
+        return self.size_bits / 8e6
+
+    @property
+    def ok(self) -> bool:
+        return all(r["levels_ok"] for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "size_bits": self.size_bits,
+            "size_mb": self.size_mb,
+            "avg_bits": self.avg_bits,
+            "params": self.params,
+            "quality": self.quality,
+            "baseline_quality": self.baseline_quality,
+            "unplanned": self.unplanned,
+            "layers": self.layers,
+        }
+
+
+def validate_plan(
+    model: torch.nn.Module,
+    plan: BitPlan,
+    *,
+    quantized: torch.nn.Module | None = None,
+    metric: Callable[[torch.nn.Module], float] | None = None,
+    baseline: bool = True,
+) -> ValidationReport:
+    """Check ``plan`` against ``model`` and measure it.
+
+    - the plan's layers exist in the model (errors name unknown layers with close matches);
+    - every quantized layer of ``quantized`` (the plan applied to ``model`` when not given) holds at
+      most 2^b distinct values per scale group;
+    - the real size: planned layers with their scale and zero-point overhead, unplanned quantizable
+      layers at 16 bits;
+    - ``metric(model) -> float``, on the quantized model (and the original when ``baseline``).
+    """
+    unplanned = check_plan(model, plan)
+    if quantized is None:
+        quantized = apply_plan(model, plan)
+    report = ValidationReport(unplanned=unplanned)
+    for name, bits in plan.bits.items():
+        module = quantized.get_submodule(name)
+        kind = _kind(module)
+        option = plan.option(name)
+        out_c, in_f = _matrix_shape(kind, module.weight)
+        if option.is_keep:
+            levels, limit = None, None
+            ok = True
+        else:
+            levels = max_levels_per_group(module.weight, option, kind)
+            limit = 2**bits
+            ok = levels <= limit
+        size = option.size_bits(out_c, in_f)
+        report.layers.append(
+            {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
+             "levels_ok": ok, "size_bits": size, "params": out_c * in_f}
+        )
+        report.size_bits += size
+        report.params += out_c * in_f
+    for name in unplanned:
+        w = quantized.get_submodule(name).weight
+        report.size_bits += w.numel() * KEEP_BITS
+        report.params += w.numel()
+    bad = [r["layer"] for r in report.layers if not r["levels_ok"]]
+    if bad:
+        r = next(r for r in report.layers if not r["levels_ok"])
+        raise PlanError(
+            f"layer {r['layer']!r} holds {r['max_levels']} distinct values in one scale group, more "
+            f"than 2^{r['bits']} = {2 ** r['bits']}: the model was not quantized by this plan"
+        )
+    if metric is not None:
+        report.quality = float(metric(quantized))
+        if baseline:
+            report.baseline_quality = float(metric(model))
+    return report
