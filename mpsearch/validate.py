@@ -105,7 +105,8 @@ def validate_plan(
             f"than 2^{r['bits']} = {2 ** r['bits']}: the model was not quantized by this plan"
         )
     if metric is not None:
-        report.quality = float(metric(quantized))
-        if baseline:
-            report.baseline_quality = float(metric(model))
+        with torch.no_grad():
+            report.quality = float(metric(quantized))
+            if baseline:
+                report.baseline_quality = float(metric(model))
     return report

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from mpsearch.errors import MpsearchError, QuantizationError
+from mpsearch.options import KEEP, Option, parse_option, parse_options
+from mpsearch.quant import max_levels_per_group, quantize_weight
+
+
+@pytest.mark.parametrize("name", ["keep", "int1", "int4", "int4-g128", "int3-asym", "int2-g32-asym", "int8"])
+def test_option_names_round_trip(name):
+    opt = parse_option(name)
+    assert opt.name == name
+    assert Option.from_dict(opt.to_dict()) == opt
+
+
+def test_bare_bits_and_keep_aliases():
+    assert parse_option("4") == Option(4)
+    assert parse_option(8) == Option(8)
+    assert parse_option("16") is KEEP and parse_option("fp16") is KEEP
+
+
+def test_storage_counts_scales_and_zero_points():
+    # int4 g128 symmetric: 4 + 16/128 bits per weight
+    assert Option(4, 128).size_bits(256, 1024) / (256 * 1024) == pytest.approx(4.125)
+    # per channel: one fp16 scale per row
+    assert Option(8).size_bits(10, 100) == 10 * 100 * 8 + 10 * 16
+    # asymmetric adds a b-bit zero-point per group; a ragged last group still costs a scale
+    assert Option(3, 64, symmetric=False).size_bits(2, 100) == 2 * 100 * 3 + 2 * 2 * (16 + 3)
+    assert KEEP.size_bits(3, 7) == 3 * 7 * 16
+
+
+@pytest.mark.parametrize(
+    "spec, msg",
+    [("int9", "bits must be 1-8"), ("int4-g0", "group_size must be a positive"),
+     ("nf4", "unknown option 'nf4'"), ("", "unknown option")],
+)
+def test_bad_options(spec, msg):
+    with pytest.raises(MpsearchError, match=msg):
+        parse_option(spec)
+
+
+def test_option_list_parsing():
+    assert [o.name for o in parse_options("8,2,keep,4")] == ["int2", "int4", "int8", "keep"]
+    with pytest.raises(MpsearchError, match="listed twice"):
+        parse_options("4,int4")
+    with pytest.raises(MpsearchError, match="empty"):
+        parse_options(" , ")
+
+
+OPTIONS = [Option(b, g, s) for b in (1, 2, 3, 4, 8) for g in (None, 16) for s in (True, False)]
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: o.name)
+def test_at_most_2b_levels_per_group(opt):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    q = quantize_weight(w, opt)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    assert max_levels_per_group(q, opt) <= 2**opt.bits
+    # quantizing again changes nothing
+    assert torch.allclose(quantize_weight(q, opt), q, atol=1e-6)
+
+
+def test_error_shrinks_with_bits():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    errs = [float((quantize_weight(w, Option(b)) - w).pow(2).sum()) for b in (2, 3, 4, 6, 8)]
+    assert errs == sorted(errs, reverse=True)
+    assert errs[-1] < errs[0] * 1e-3
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: o.name)
+def test_zero_and_constant_rows(opt):
+    w = torch.zeros(3, 20)
+    w[1] = 0.37
+    w[2] = -1.25
+    q = quantize_weight(w, opt)
+    assert torch.equal(q[0], torch.zeros(20))
+    if opt.bits > 1 or opt.symmetric:
+        assert torch.allclose(q[1:], w[1:], atol=1e-6)
+
+
+def test_groups_are_independent():
+    w = torch.ones(1, 32)
+    w[0, 16:] = 1000.0  # a large second group must not crush the first
+    q = quantize_weight(w, Option(2, 16))
+    assert torch.allclose(q, w)
+    q_pc = quantize_weight(w, Option(2))
+    assert not torch.allclose(q_pc[0, :16], w[0, :16])
+
+
+def test_conv_and_transposed_layouts():
+    conv = torch.randn(8, 2, 3, 3)
+    q = quantize_weight(conv, Option(3), "conv2d")
+    assert q.shape == conv.shape
+    # conv1d_hf stores [in, out]: its scales follow columns
+    w = torch.randn(5, 4)
+    w[:, 0] *= 100
+    q_t = quantize_weight(w, Option(4), "conv1d_hf")
+    assert torch.allclose(q_t, quantize_weight(w.t(), Option(4)).t())
+
+
+def test_nan_and_inf_are_refused_naming_the_layer():
+    w = torch.randn(4, 4)
+    w[1, 2] = float("nan")
+    with pytest.raises(QuantizationError, match="layer 'blocks.3.fc'.*1 NaN or Inf"):
+        quantize_weight(w, Option(4), name="blocks.3.fc")
+    w[1, 2] = float("inf")
+    with pytest.raises(QuantizationError, match="NaN or Inf"):
+        quantize_weight(w, Option(8))
