@@ -25,6 +25,8 @@ COMMANDS = {
     "solve": "solve",
     "apply": "apply",
     "validate": "validate",
+    "export": "export",
+    "import": "import_",
 }
 
 

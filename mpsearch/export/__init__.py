@@ -1,0 +1,141 @@
+"""Hand a bit plan to the quantizer a user already runs, and read plans back.
+
+One plan, every consumer's own per-layer format::
+
+    from mpsearch.export import export_plan, save_export, import_plan
+    doc = export_plan(plan, "gptqmodel")               # plain data: the consumer's JSON/YAML as a dict
+    save_export(plan, "llama.cpp", "types.txt")        # written atomically
+    plan2 = import_plan("types.txt", "llama.cpp")      # torchao, gptqmodel and llama.cpp read back
+
+| format           | file                                   | import |
+|------------------|----------------------------------------|--------|
+| `torchao`        | FqnToConfig as torchao's config JSON   | yes    |
+| `gptqmodel`      | QuantizeConfig kwargs with `dynamic`   | yes (needs layer names) |
+| `llm-compressor` | recipe YAML with `config_groups`       | no     |
+| `llama.cpp`      | `--tensor-type-file` for llama-quantize| yes    |
+| `autoround`      | AutoRound `layer_config` JSON          | no     |
+| `modelopt`       | `hf_quant_config.json` (MIXED_PRECISION, `quantized_layers`) | no |
+
+Formats served by runtimes that fuse q/k/v and gate/up (vLLM, SGLang, TensorRT-LLM) refuse plans
+whose fused siblings disagree unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import close_matches
+from ..plan import BitPlan
+from ._base import ExportError, Exporter, check_fused
+
+#: format name -> "module:Class" (loaded lazily)
+FORMATS: dict[str, str] = {
+    "torchao": "mpsearch.export.torchao_config:TorchaoExporter",
+    "gptqmodel": "mpsearch.export.gptqmodel_dynamic:GPTQModelExporter",
+    "llm-compressor": "mpsearch.export.llmcompressor_recipe:LLMCompressorExporter",
+    "llama.cpp": "mpsearch.export.llamacpp_types:LlamaCppExporter",
+    "autoround": "mpsearch.export.autoround_config:AutoRoundExporter",
+    "modelopt": "mpsearch.export.modelopt_config:ModelOptExporter",
+}
+
+_ALIASES = {"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llmcompressor": "llm-compressor",
+            "compressed-tensors": "llm-compressor", "auto-round": "autoround", "gptq": "gptqmodel"}
+
+__all__ = ["FORMATS", "ExportError", "Exporter", "export_plan", "export_text", "save_export",
+           "import_plan", "get_exporter", "format_names"]
+
+
+def format_names() -> list[str]:
+    return list(FORMATS)
+
+
+def get_exporter(fmt: str, **opts) -> Exporter:
+    """An exporter instance by format name, with its settings (``get_exporter("llama.cpp", arch="qwen2")``)."""
+    key = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
+    if key not in FORMATS:
+        raise ExportError(
+            f"unknown export format {fmt!r}{close_matches(str(fmt).lower(), list(FORMATS) + list(_ALIASES))}; "
+            f"available: {', '.join(FORMATS)}"
+        )
+    module, _, cls = FORMATS[key].partition(":")
+    klass = getattr(importlib.import_module(module), cls)
+    try:
+        return klass(**opts)
+    except TypeError:
+        import inspect
+
+        valid = [p for p in inspect.signature(klass.__init__).parameters if p != "self"]
+        raise ExportError(
+            f"format {key!r} does not take the settings {sorted(opts)}; it takes: "
+            f"{', '.join(valid) or 'none'}"
+        ) from None
+
+
+def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
+    """The consumer's document for ``plan`` as plain Python data (dict), checked first.
+
+    Raises :class:`ExportError` for an unknown format, an option the format cannot express, or
+    (unless ``force``) fused siblings with different options in a format whose runtime fuses them.
+    """
+    if not isinstance(plan, BitPlan):
+        raise ExportError(f"export_plan needs a BitPlan, got {type(plan).__name__}")
+    exporter = get_exporter(fmt, **opts)
+    if exporter.fused_runtime and not force:
+        check_fused(plan, exporter)
+    exporter.check(plan)
+    return exporter.build(plan)
+
+
+def export_text(plan: BitPlan, fmt: str, *, force: bool = False, **opts) -> str:
+    """The consumer's file content for ``plan``."""
+    doc = export_plan(plan, fmt, force=force, **opts)
+    return get_exporter(fmt, **opts).dumps(doc)
+
+
+def save_export(plan: BitPlan, fmt: str, path: str | os.PathLike, *, force: bool = False, **opts) -> Path:
+    """Write the consumer's file atomically (nothing is written if the plan is refused)."""
+    from ..table import atomic_write_text
+
+    text = export_text(plan, fmt, force=force, **opts)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def import_plan(source, fmt: str, *, layers=None, **opts) -> BitPlan:
+    """Read a plan back from a consumer's file, text-free document, or (torchao) config object.
+
+    ``source`` is a path, or the document itself (a dict; for torchao also an ``FqnToConfig``).
+    ``layers`` (names, or an ``nn.Module`` whose quantizable layers are used) is needed where the
+    format names layers by regex (GPTQModel ``dynamic``, torchao ``re:`` keys) and to map llama.cpp
+    tensor names back to the model's own names.
+    """
+    exporter = get_exporter(fmt, **opts)
+    if not exporter.can_import:
+        exporter.read(None, None, str(fmt))  # raises with the list of importable formats
+    layers = _layer_names(layers)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ExportError(f"{fmt} file {str(path)!r} does not exist")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ExportError(f"{path}: not a text file") from None
+        return exporter.read(exporter.loads(text, str(path)), layers, str(path))
+    return exporter.read(source, layers, f"{fmt} document")
+
+
+def _layer_names(layers):
+    if layers is None:
+        return None
+    if hasattr(layers, "named_modules"):
+        from ..layers import iter_quantizable
+
+        return [name for name, _, _ in iter_quantizable(layers, include_embedding=True)]
+    if isinstance(layers, BitPlan):
+        return layers.layers
+    if isinstance(layers, str):
+        raise ExportError("layers must be a list of layer names or a model, not a single string")
+    return [str(n) for n in layers]

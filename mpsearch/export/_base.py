@@ -1,0 +1,166 @@
+"""What every exporter shares: the base class, the runtime-tie check, option checks, compact regexes.
+
+An exporter turns a :class:`~mpsearch.plan.BitPlan` into a *document* (plain Python data: the dict a
+consumer's JSON or YAML holds, or the ordered ``tensor -> type`` mapping of a llama.cpp file) and
+that document into text. Importers, where the format carries per-layer bits, go the other way. All
+of it is torch-free; the optional consumer packages are imported only by the helpers that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+
+from ..errors import MpsearchError, name_list
+from ..options import Option, option_sort_key
+from ..plan import BitPlan
+from ..ties import tie_groups
+
+
+class ExportError(MpsearchError):
+    """A plan that cannot be written to (or read from) a consumer's format."""
+
+
+class Exporter:
+    """One consumer format. Constructors only store the format's settings.
+
+    Class attributes:
+
+    - ``name``: the format name (``--to NAME``); ``suffix``: the usual file suffix.
+    - ``fused_runtime``: the runtime that serves this format fuses sibling projections (q/k/v,
+      gate/up) into one matrix, so they must share one option; ``runtime`` names it in messages.
+    - ``can_import``: whether :meth:`read` turns a document back into a plan.
+    """
+
+    name = ""
+    suffix = ".json"
+    fused_runtime = False
+    runtime = ""
+    can_import = False
+
+    # ------------------------------------------------------------------ export
+    def check(self, plan: BitPlan) -> None:
+        """Raise :class:`ExportError` if some layer's option has no form in this format."""
+
+    def build(self, plan: BitPlan):
+        raise NotImplementedError
+
+    def dumps(self, doc) -> str:
+        return json.dumps(doc, indent=2) + "\n"
+
+    # ------------------------------------------------------------------ import
+    def loads(self, text: str, source: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{source}: not valid JSON ({exc})") from None
+
+    def read(self, doc, layers: list[str] | None, source: str) -> BitPlan:
+        raise ExportError(
+            f"format {self.name!r} has no importer; plans can be read back from "
+            f"{', '.join(repr(n) for n in _importable())}"
+        )
+
+
+def _importable() -> list[str]:
+    from . import FORMATS, get_exporter
+
+    return [n for n in FORMATS if get_exporter(n).can_import]
+
+
+# ---------------------------------------------------------------------- checks
+def check_fused(plan: BitPlan, exporter: Exporter) -> None:
+    """Refuse a plan whose fused siblings (see :data:`mpsearch.ties.FUSED_SIBLINGS`) disagree."""
+    groups: dict[str, list[str]] = {}
+    for layer, gid in tie_groups(plan.layers, fuse_projections=True).items():
+        groups.setdefault(gid, []).append(layer)
+    bad = []
+    for members in groups.values():
+        names = {plan.option(m).name for m in members}
+        if len(names) > 1:
+            bad.append(", ".join(f"{m}={plan.option(m).name}" for m in members))
+    if bad:
+        more = f" (and {len(bad) - 1} more groups)" if len(bad) > 1 else ""
+        raise ExportError(
+            f"{exporter.name}: these layers are fused into one matrix by {exporter.runtime}, but the plan "
+            f"gives them different options: {bad[0]}{more}; re-solve with a tie (e.g. mpsearch solve ... "
+            f"--tie 'layers\\.(\\d+)\\.self_attn\\.[qkv]_proj' --tie 'layers\\.(\\d+)\\.mlp\\.(?:gate|up)_proj') "
+            f"or export anyway with --force (force=True)"
+        )
+
+
+def refuse(plan: BitPlan, fmt: str, ok, why: str) -> None:
+    """Raise naming every layer whose option fails ``ok(option)``; ``why`` says what the format has."""
+    bad = [f"{lay} ({plan.option(lay).name})" for lay in plan.layers if not ok(plan.option(lay))]
+    if bad:
+        raise ExportError(
+            f"{fmt} cannot express the option of {len(bad)} layer(s): {name_list(bad, limit=4)}; "
+            f"{why}. Re-solve with options this format has (e.g. mpsearch estimate --bits ...)"
+        )
+
+
+def options_by_layer(plan: BitPlan) -> dict[str, Option]:
+    return {lay: plan.option(lay) for lay in plan.layers}
+
+
+def group_by_option(plan: BitPlan) -> list[tuple[Option, list[str]]]:
+    """Layers per option, options in the canonical order, layers in plan order."""
+    groups: dict[Option, list[str]] = {}
+    for lay in plan.layers:
+        groups.setdefault(plan.option(lay), []).append(lay)
+    return sorted(groups.items(), key=lambda kv: option_sort_key(kv[0]))
+
+
+def plan_from_options(options: dict[str, Option], fmt: str, source: str) -> BitPlan:
+    """The plan an importer returns: bits, options, and where it came from."""
+    if not options:
+        raise ExportError(f"{source}: the {fmt} document names no layer")
+    return BitPlan(
+        bits={k: o.bits for k, o in options.items()},
+        options={k: o.to_dict() for k, o in options.items()},
+        provenance={"solver": "import", "imported_from": fmt, "source": source},
+    )
+
+
+def need_layers(layers, fmt: str, source: str) -> list[str]:
+    if layers is None:
+        raise ExportError(
+            f"{source}: a {fmt} document names layers by regex, so importing it needs the model's "
+            f"layer names: pass layers=[...] (or a model), or --layers FILE / --model SPEC on the CLI"
+        )
+    return list(layers)
+
+
+# ---------------------------------------------------------------------- regexes
+def compact_pattern(names: Iterable[str]) -> str:
+    """One anchored regex that matches exactly ``names`` (module names), as short as is simple.
+
+    Names that differ only in one numeric component (the block index) share a template; templates
+    with the same set of indices share one alternation of suffixes::
+
+        model.layers.0.mlp.up_proj, model.layers.3.mlp.up_proj, model.layers.3.self_attn.q_proj
+        -> ^(?:model\\.layers\\.(?:0|3)\\.mlp\\.up_proj|model\\.layers\\.3\\.self_attn\\.q_proj)$
+    """
+    templates: dict[tuple[str, str], list[str]] = {}
+    plain: list[str] = []
+    for name in dict.fromkeys(names):
+        parts = name.split(".")
+        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        if i is None:
+            plain.append(re.escape(name))
+            continue
+        key = (".".join(parts[:i]), ".".join(parts[i + 1:]))
+        templates.setdefault(key, []).append(parts[i])
+    merged: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for (prefix, suffix), idx in templates.items():
+        ids = tuple(sorted(set(idx), key=int))
+        merged.setdefault((prefix, ids), []).append(suffix)
+    alts = list(plain)
+    for (prefix, ids), suffixes in merged.items():
+        head = re.escape(prefix) + r"\." if prefix else ""
+        num = ids[0] if len(ids) == 1 else "(?:" + "|".join(ids) + ")"
+        tails = [r"\." + re.escape(s) if s else "" for s in suffixes]
+        tail = tails[0] if len(tails) == 1 else "(?:" + "|".join(tails) + ")"
+        alts.append(head + num + tail)
+    return "^(?:" + "|".join(alts) + ")$" if len(alts) > 1 else "^" + alts[0] + "$"

@@ -1,0 +1,39 @@
+"""AutoRound: the ``layer_config`` mapping (layer name -> its scheme), as JSON.
+
+AutoRound (``auto_round``) takes ``AutoRound(model, tokenizer, ..., layer_config={...})`` where each
+entry overrides the global scheme for one layer: ``bits``, ``group_size`` (``-1`` = per output
+channel), ``sym`` and ``data_type: "int"``; a layer kept in floating point is ``{"bits": 16,
+"data_type": "float"}`` (the form AutoRound writes to ``extra_config`` in the
+``quantization_config.json`` of its checkpoints). Every plan layer is written, so the global
+scheme does not matter for them. Integer bits 2-8 are written (AutoRound's exported kernels serve
+2, 3, 4 and 8). Use it as ``layer_config=json.load(open(FILE))``.
+"""
+
+from __future__ import annotations
+
+from ..plan import BitPlan
+from ._base import Exporter, refuse
+
+
+class AutoRoundExporter(Exporter):
+    """AutoRound ``layer_config`` JSON."""
+
+    name = "autoround"
+    suffix = ".json"
+    fused_runtime = True
+    runtime = "AutoRound's serving back ends (vLLM, SGLang)"
+
+    def check(self, plan: BitPlan) -> None:
+        refuse(plan, self.name, lambda o: o.is_keep or 2 <= o.bits <= 8,
+               "AutoRound integer schemes are 2-8 bits (or 16 to keep a layer)")
+
+    def build(self, plan: BitPlan) -> dict:
+        out = {}
+        for lay in plan.layers:
+            opt = plan.option(lay)
+            if opt.is_keep:
+                out[lay] = {"bits": 16, "data_type": "float"}
+            else:
+                out[lay] = {"bits": opt.bits, "group_size": -1 if opt.group_size is None else opt.group_size,
+                            "sym": opt.symmetric, "data_type": "int"}
+        return out

@@ -1,0 +1,102 @@
+"""GPTQModel: ``QuantizeConfig`` keyword arguments with a compact ``dynamic`` override table.
+
+GPTQModel (``gptqmodel/quantization/config.py``) takes default ``bits`` / ``group_size`` / ``sym``
+and a ``dynamic`` dict of regex -> overrides. Its lookup (``dynamic_get``) walks the keys in order
+(``-:`` keys first): a ``-:REGEX`` key that ``re.match``-es a module name means "do not quantize
+it"; a ``+:REGEX`` (or bare) key returns its overrides. Group size ``-1`` means one scale per
+output channel; bits must be 2, 3, 4 or 8.
+
+The export makes the most common quantized option the default and writes one anchored pattern per
+other option (one key for all the layers that share it, however many), plus one ``-:`` key for the
+``keep`` layers. ``lm_head`` is only quantized by GPTQModel with ``lm_head=True``, which is set when
+the plan quantizes a layer named ``lm_head``. Use it as ``QuantizeConfig(**json.load(f))``.
+
+The importer resolves each given layer name with the same rules; it needs the layer names because
+the keys are regexes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from ..options import KEEP, Option
+from ..plan import BitPlan
+from ._base import ExportError, Exporter, compact_pattern, group_by_option, need_layers, plan_from_options, refuse
+
+BITS = (2, 3, 4, 8)
+
+
+def _fields(opt: Option) -> dict:
+    return {"bits": opt.bits, "group_size": -1 if opt.group_size is None else opt.group_size,
+            "sym": opt.symmetric}
+
+
+def resolve(doc: dict, name: str) -> Option:
+    """The option GPTQModel gives module ``name`` under config ``doc`` (its ``dynamic_get`` rules)."""
+    if name == "lm_head" and not doc.get("lm_head", False):
+        return KEEP
+    dynamic = doc.get("dynamic") or {}
+    keys = [k for k in dynamic if k.startswith("-")] + [k for k in dynamic if not k.startswith("-")]
+    fields = {"bits": doc.get("bits", 4), "group_size": doc.get("group_size", 128), "sym": doc.get("sym", True)}
+    for key in keys:
+        if key.startswith("-:"):
+            if re.match(key[2:], name):
+                return KEEP
+        elif re.match(key.removeprefix("+:"), name):
+            fields.update({k: v for k, v in (dynamic[key] or {}).items() if k in fields})
+            break
+    group = int(fields["group_size"])
+    return Option(int(fields["bits"]), group_size=None if group == -1 else group, symmetric=bool(fields["sym"]))
+
+
+class GPTQModelExporter(Exporter):
+    """GPTQModel ``QuantizeConfig(bits=..., group_size=..., sym=..., dynamic={...})`` as JSON."""
+
+    name = "gptqmodel"
+    suffix = ".json"
+    fused_runtime = True
+    runtime = "GPTQModel's serving back ends (vLLM, SGLang)"
+    can_import = True
+
+    def check(self, plan: BitPlan) -> None:
+        refuse(plan, self.name, lambda o: o.is_keep or o.bits in BITS,
+               "GPTQModel quantizes to 2, 3, 4 or 8 bits (or keeps 16)")
+
+    def build(self, plan: BitPlan) -> dict:
+        groups = group_by_option(plan)
+        quantized = [(o, names) for o, names in groups if not o.is_keep]
+        if not quantized:
+            raise ExportError("gptqmodel: the plan keeps every layer at 16 bits; there is nothing to quantize")
+        counts = Counter({o: len(names) for o, names in quantized})
+        default = max(quantized, key=lambda g: (counts[g[0]], -quantized.index(g)))[0]
+        doc = {**_fields(default), "dynamic": {}}
+        for opt, names in groups:
+            if opt.is_keep:
+                doc["dynamic"]["-:" + compact_pattern(names)] = {}
+        for opt, names in quantized:
+            if opt != default:
+                doc["dynamic"]["+:" + compact_pattern(names)] = _fields(opt)
+        if any(lay == "lm_head" and not plan.option(lay).is_keep for lay in plan.layers):
+            doc["lm_head"] = True
+        for lay in plan.layers:  # self-check: GPTQModel's lookup gives every layer its option
+            if _option_kwargs(resolve(doc, lay)) != _option_kwargs(plan.option(lay)):
+                raise ExportError(f"gptqmodel: internal error, pattern for {lay!r} does not round-trip")
+        return doc
+
+    def read(self, doc, layers, source) -> BitPlan:
+        if not isinstance(doc, dict) or ("bits" not in doc and "dynamic" not in doc):
+            raise ExportError(
+                f"{source}: not a GPTQModel QuantizeConfig (expected a JSON object with 'bits', "
+                f"'group_size', 'sym' and 'dynamic')"
+            )
+        names = need_layers(layers, self.name, source)
+        try:
+            options = {name: resolve(doc, name) for name in names}
+        except (re.error, TypeError, ValueError) as exc:
+            raise ExportError(f"{source}: cannot read the GPTQModel config: {exc}") from None
+        return plan_from_options(options, self.name, source)
+
+
+def _option_kwargs(opt: Option) -> dict:
+    return {"bits": opt.bits, "group_size": opt.group_size, "symmetric": opt.symmetric}

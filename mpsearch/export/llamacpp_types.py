@@ -1,0 +1,195 @@
+"""llama.cpp: a ``--tensor-type-file`` for ``llama-quantize``, with GGUF tensor names.
+
+``llama-quantize`` (``tools/quantize/quantize.cpp``) reads the file as whitespace-separated
+``PATTERN=TYPE`` tokens (no comments), lower-cases the pattern, and gives each tensor the type of
+the first pattern that ``std::regex_search``-es its name (``src/llama-quant.cpp``). One anchored
+line is written per layer, e.g. ``^blk\\.0\\.attn_q\\.weight$=q4_K``.
+
+Hugging Face module names map to GGUF tensor names as gguf-py's ``TensorNameMap`` does for the
+Llama family (Llama, Mistral, Qwen2/3 share it): ``model.layers.N.self_attn.{q,k,v,o}_proj`` ->
+``blk.N.attn_{q,k,v,output}``, ``model.layers.N.mlp.{gate,up,down}_proj`` ->
+``blk.N.ffn_{gate,up,down}``, ``model.embed_tokens`` -> ``token_embd``, ``lm_head`` -> ``output``.
+``arch="<gguf MODEL_ARCH name>"`` uses gguf-py's own map instead (needs ``pip install gguf``).
+
+Bit-width -> GGML type (K-quants: super-blocks of 256 weights with their own sub-block scales, so a
+plan's group size and symmetry are not carried; ``keep`` -> ``keep_type``, f16 by default):
+
+| bits | 2     | 3     | 4     | 5     | 6     | 8     | 16 (keep)        |
+|------|-------|-------|-------|-------|-------|-------|------------------|
+| type | q2_K  | q3_K  | q4_K  | q5_K  | q6_K  | q8_0  | f16 / bf16 / f32 |
+
+1 and 7 bits have no such type and are refused. The importer maps every GGML type back to its
+nominal bits (q4_0, q4_1, iq4_xs... -> 4; f16, bf16, f32 -> keep), so a round trip keeps the bits.
+llama.cpp keeps Llama's q/k/v and gate/up as separate tensors, so fused siblings may differ.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..options import KEEP, Option
+from ..plan import BitPlan
+from ._base import ExportError, Exporter, plan_from_options, refuse
+
+TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0"}
+KEEP_TYPES = ("f16", "bf16", "f32")
+
+#: GGML type name (lower case) -> nominal bits, for the importer
+TYPE_BITS = {
+    "f32": 16, "f16": 16, "bf16": 16,
+    "q8_0": 8, "q8_1": 8, "q8_k": 8,
+    "q6_k": 6, "q5_0": 5, "q5_1": 5, "q5_k": 5,
+    "q4_0": 4, "q4_1": 4, "q4_k": 4, "iq4_nl": 4, "iq4_xs": 4, "mxfp4": 4,
+    "q3_k": 3, "iq3_xxs": 3, "iq3_s": 3,
+    "q2_k": 2, "iq2_xxs": 2, "iq2_xs": 2, "iq2_s": 2, "tq2_0": 2,
+    "iq1_s": 1, "iq1_m": 1, "tq1_0": 1, "q1_0": 1,
+}
+
+_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down"}
+_TOP = {"embed_tokens": "token_embd", "lm_head": "output"}
+_HF_BLOCK = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+
+
+def llama_gguf_name(hf_name: str) -> str | None:
+    """GGUF tensor base name of a Llama-family module (``None`` if it has none)."""
+    m = _HF_BLOCK.match(hf_name)
+    if m:
+        leaf = _BLOCK.get(m[2])
+        return f"blk.{m[1]}.{leaf}" if leaf else None
+    return _TOP.get(hf_name.removeprefix("model."))
+
+
+def _llama_hf_name(gguf_name: str) -> str | None:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", gguf_name)
+    inverse = {v: k for k, v in _BLOCK.items()}
+    if m:
+        return f"model.layers.{m[1]}.{inverse[m[2]]}" if m[2] in inverse else None
+    return {"token_embd": "model.embed_tokens", "output": "lm_head"}.get(gguf_name)
+
+
+class LlamaCppExporter(Exporter):
+    """llama.cpp ``--tensor-type-file`` (``pattern=type`` per tensor)."""
+
+    name = "llama.cpp"
+    suffix = ".txt"
+    can_import = True
+
+    def __init__(self, arch: str = "llama", keep_type: str = "f16"):
+        self.arch = arch
+        self.keep_type = keep_type
+
+    # -------------------------------------------------------------- names
+    def _namer(self, names: list[str]):
+        if str(self.arch).lower() == "llama":
+            return llama_gguf_name
+        try:
+            import gguf
+        except ImportError:
+            raise ExportError(f"llama.cpp: arch={self.arch!r} needs gguf-py's name map: pip install gguf "
+                              f"(or use the built-in arch='llama' map)") from None
+        arch = getattr(gguf.MODEL_ARCH, str(self.arch).upper(), None)
+        if arch is None:
+            from ..errors import close_matches
+
+            known = [a.name.lower() for a in gguf.MODEL_ARCH]
+            raise ExportError(f"llama.cpp: unknown GGUF arch {self.arch!r}{close_matches(str(self.arch).lower(), known)}")
+        blocks = [int(m[1]) for n in names if (m := re.search(r"\.(\d+)\.", n))]
+        table = gguf.get_tensor_name_map(arch, max(blocks, default=0) + 1)
+        return table.get_name
+
+    def _names(self, plan_layers: list[str]) -> dict[str, str]:
+        namer = self._namer(plan_layers)
+        out, missing = {}, []
+        for lay in plan_layers:
+            g = namer(lay)
+            if g:
+                out[lay] = g
+            else:
+                missing.append(lay)
+        if missing:
+            from ..errors import name_list
+
+            raise ExportError(
+                f"llama.cpp: no GGUF tensor name for {name_list(missing, limit=4)} (arch {self.arch!r}); "
+                f"the built-in map covers Llama-family names (model.layers.N.self_attn.q_proj ...); "
+                f"pass arch=<gguf arch> (--opt arch=qwen2) for another family"
+            )
+        return out
+
+    # -------------------------------------------------------------- export
+    def check(self, plan: BitPlan) -> None:
+        if self.keep_type not in KEEP_TYPES:
+            raise ExportError(f"llama.cpp: keep_type must be one of {', '.join(KEEP_TYPES)}, got {self.keep_type!r}")
+        refuse(plan, self.name, lambda o: o.is_keep or o.bits in TYPES,
+               "GGUF has types for 2, 3, 4, 5, 6 and 8 bits (q2_K..q6_K, q8_0) and 16 (keep)")
+
+    def build(self, plan: BitPlan) -> dict:
+        names = self._names(plan.layers)
+        doc = {}
+        for lay in plan.layers:
+            opt = plan.option(lay)
+            tensor = re.escape(names[lay] + ".weight")
+            doc[f"^{tensor}$"] = self.keep_type if opt.is_keep else TYPES[opt.bits]
+        return doc
+
+    def dumps(self, doc) -> str:
+        return "".join(f"{pattern}={qtype}\n" for pattern, qtype in doc.items())
+
+    # -------------------------------------------------------------- import
+    def loads(self, text: str, source: str) -> dict:
+        doc = {}
+        for token in text.split():
+            pattern, sep, qtype = token.partition("=")
+            if not sep or not pattern or not qtype:
+                raise ExportError(f"{source}: {token!r} is not PATTERN=TYPE (llama-quantize --tensor-type-file form)")
+            doc.setdefault(pattern.lower(), qtype)
+        if not doc:
+            raise ExportError(f"{source}: the tensor-type file is empty")
+        return doc
+
+    def read(self, doc, layers, source) -> BitPlan:
+        if isinstance(doc, str):
+            doc = self.loads(doc, source)
+        if not isinstance(doc, dict):
+            raise ExportError(f"{source}: expected a mapping of tensor pattern -> GGML type")
+        rules = []
+        for pattern, qtype in doc.items():
+            bits = TYPE_BITS.get(str(qtype).lower())
+            if bits is None:
+                raise ExportError(f"{source}: unknown GGML type {qtype!r} for {pattern!r}; known: "
+                                  f"{', '.join(sorted(TYPE_BITS))}")
+            try:
+                rules.append((re.compile(pattern), KEEP if bits == 16 else Option(bits)))
+            except re.error as exc:
+                raise ExportError(f"{source}: pattern {pattern!r} is not a regex: {exc}") from None
+        if layers is not None:
+            options = {}
+            for lay, g in self._names(list(layers)).items():
+                hit = next((opt for rx, opt in rules if rx.search(g + ".weight")), None)
+                if hit is not None:
+                    options[lay] = hit
+            if not options:
+                raise ExportError(f"{source}: no pattern matches any of the given layers' GGUF tensors")
+            return plan_from_options(options, self.name, source)
+        if str(self.arch).lower() != "llama":
+            raise ExportError(f"{source}: importing arch {self.arch!r} needs the layer names (layers=..., --layers)")
+        options = {}
+        for rx, opt in rules:
+            tensor = _exact_tensor(rx.pattern)
+            hf = _llama_hf_name(tensor.removesuffix(".weight")) if tensor else None
+            if hf is None:
+                raise ExportError(
+                    f"{source}: pattern {rx.pattern!r} is not one Llama tensor name; pass the model's "
+                    f"layer names (layers=..., --layers/--model) to resolve patterns"
+                )
+            options.setdefault(hf, opt)
+        return plan_from_options(options, self.name, source)
+
+
+def _exact_tensor(pattern: str) -> str | None:
+    """``^blk\\.0\\.attn_q\\.weight$`` -> ``blk.0.attn_q.weight``; None if it is a real regex."""
+    body = pattern.removeprefix("^").removesuffix("$")
+    plain = body.replace(r"\.", ".")
+    return plain if re.fullmatch(r"[a-z0-9_.]+", plain) and "." not in body.replace(r"\.", "") else None

@@ -1,0 +1,149 @@
+"""torchao: a ``FqnToConfig`` of weight-only integer configs, as an object or as torchao's config JSON.
+
+Every quantized layer gets ``IntxWeightOnlyConfig(weight_dtype=torch.int<b>, granularity=...,
+mapping_type=...)`` (torchao ``quantization/quant_api.py``): it covers 1-8 bits, per-group
+(``PerGroup(g)``) or per-output-channel (``PerAxis(0)``) scales, symmetric or asymmetric, on CPU and
+GPU, for Linear and Conv2d weights. ``keep`` layers map to ``None`` (left as they are). Keys are the
+exact module FQNs, which torchao matches before any ``re:`` pattern.
+
+The JSON form is what ``torchao.core.config.config_to_dict`` writes (``{"_type", "_version",
+"_data"}`` objects, ``torchao/core/config.py``), so ``config_from_dict(json.load(f))`` rebuilds the
+object; it is written here without importing torchao. Apply it with
+``quantize_(model, config, filter_fn=None)`` (torchao refuses a filter together with FqnToConfig).
+
+The importer reads this JSON or an ``FqnToConfig`` object, including configs written by hand:
+``IntxWeightOnlyConfig``, ``Int4WeightOnlyConfig`` (4-bit, its ``group_size``, asymmetric) and
+``Int8WeightOnlyConfig`` (8-bit per channel); ``re:`` keys and ``_default`` are resolved with
+torchao's precedence (exact name, then the first fully-matching regex, then ``_default``) over the
+layer names given.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..options import KEEP, Option
+from ..plan import BitPlan
+from ._base import ExportError, Exporter, need_layers, plan_from_options
+
+
+def _granularity(opt: Option) -> dict:
+    if opt.group_size is None:
+        return {"_type": "PerAxis", "_version": 1, "_data": {"axis": 0}}
+    return {"_type": "PerGroup", "_version": 1, "_data": {"group_size": opt.group_size}}
+
+
+def _intx_dict(opt: Option) -> dict:
+    return {
+        "_type": "IntxWeightOnlyConfig",
+        "_version": 2,
+        "_data": {
+            "weight_dtype": {"_type": "torch.dtype", "_data": f"int{opt.bits}"},
+            "granularity": _granularity(opt),
+            "mapping_type": {"_type": "MappingType",
+                             "_data": "SYMMETRIC" if opt.symmetric else "ASYMMETRIC"},
+            "scale_dtype": None,
+            "intx_packing_format": {"_type": "IntxPackingFormat", "_data": "UNPACKED_TO_INT8"},
+            "intx_choose_qparams_algorithm": {"_type": "IntxChooseQParamsAlgorithm", "_data": "AFFINE"},
+        },
+    }
+
+
+class TorchaoExporter(Exporter):
+    """torchao ``FqnToConfig`` (JSON form; :func:`to_torchao_config` gives the object)."""
+
+    name = "torchao"
+    suffix = ".json"
+    can_import = True
+
+    def build(self, plan: BitPlan) -> dict:
+        table = {lay: (None if plan.option(lay).is_keep else _intx_dict(plan.option(lay)))
+                 for lay in plan.layers}
+        return {"_type": "FqnToConfig", "_version": 1,
+                "_data": {"fqn_to_config": table, "module_fqn_to_config": dict(table)}}
+
+    def read(self, doc, layers, source) -> BitPlan:
+        if type(doc).__name__ in ("FqnToConfig", "ModuleFqnToConfig"):
+            from torchao.core.config import config_to_dict
+
+            doc = config_to_dict(doc)
+        if not isinstance(doc, dict) or doc.get("_type") not in ("FqnToConfig", "ModuleFqnToConfig"):
+            raise ExportError(
+                f"{source}: not a torchao FqnToConfig (expected a config_to_dict JSON object with "
+                f"\"_type\": \"FqnToConfig\", got {type(doc).__name__} "
+                f"{doc.get('_type') if isinstance(doc, dict) else ''})"
+            )
+        data = doc.get("_data") or {}
+        table = data.get("fqn_to_config") or data.get("module_fqn_to_config") or {}
+        if not isinstance(table, dict) or not table:
+            raise ExportError(f"{source}: the FqnToConfig has an empty 'fqn_to_config'")
+        parsed = {key: _read_config(cfg, key, source) for key, cfg in table.items()}
+        exact = {k: v for k, v in parsed.items() if not k.startswith("re:") and k != "_default"}
+        patterned = [k for k in parsed if k.startswith("re:") or k == "_default"]
+        if not patterned and layers is None:
+            return plan_from_options(exact, self.name, source)
+        names = need_layers(layers, self.name, source) if patterned else list(layers)
+        options = {}
+        for name in names:
+            if name in exact:
+                options[name] = exact[name]
+                continue
+            hit = next((k for k in patterned if k.startswith("re:") and re.fullmatch(k[3:], name)), None)
+            if hit is None and "_default" in parsed:
+                hit = "_default"
+            options[name] = parsed[hit] if hit else KEEP
+        return plan_from_options(options, self.name, source)
+
+
+def _read_config(cfg, key: str, source: str) -> Option:
+    if cfg is None:
+        return KEEP
+    kind = cfg.get("_type") if isinstance(cfg, dict) else None
+    data = (cfg.get("_data") or {}) if isinstance(cfg, dict) else {}
+    try:
+        if kind == "IntxWeightOnlyConfig":
+            dtype = (data.get("weight_dtype") or {}).get("_data", "int8")
+            bits = int(str(dtype).removeprefix("int"))
+            gran = data.get("granularity") or {"_type": "PerAxis"}
+            group = gran["_data"]["group_size"] if gran.get("_type") == "PerGroup" else None
+            mapping = (data.get("mapping_type") or {}).get("_data", "SYMMETRIC")
+            return Option(bits, group_size=group, symmetric=mapping != "ASYMMETRIC")
+        if kind == "Int4WeightOnlyConfig":
+            return Option(4, group_size=int(data.get("group_size", 128)), symmetric=False)
+        if kind == "Int8WeightOnlyConfig":
+            gran = data.get("granularity") or {"_type": "PerRow"}
+            group = gran["_data"]["group_size"] if gran.get("_type") == "PerGroup" else None
+            return Option(8, group_size=group)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{source}: cannot read the torchao config of {key!r}: {exc}") from None
+    raise ExportError(
+        f"{source}: {key!r} has a {kind or type(cfg).__name__} config; mpsearch reads weight-only "
+        f"integer configs (IntxWeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig) or null"
+    )
+
+
+def to_torchao_config(plan: BitPlan):
+    """The plan as a ``torchao.quantization.FqnToConfig`` object (needs torchao)."""
+    try:
+        import torch
+        from torchao.quantization import (FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis,
+                                          PerGroup)
+    except ImportError as exc:
+        raise ExportError(
+            f"to_torchao_config needs torchao ({exc}); pip install torchao, or use the JSON form "
+            f"(export_plan(plan, 'torchao'))"
+        ) from None
+    from collections import OrderedDict
+
+    table = OrderedDict()
+    for lay in plan.layers:
+        opt = plan.option(lay)
+        if opt.is_keep:
+            table[lay] = None
+            continue
+        table[lay] = IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{opt.bits}"),
+            granularity=PerAxis(0) if opt.group_size is None else PerGroup(opt.group_size),
+            mapping_type=MappingType.SYMMETRIC if opt.symmetric else MappingType.ASYMMETRIC,
+        )
+    return FqnToConfig(table)
