@@ -38,6 +38,9 @@ class Context:
     progress: bool = True
     cost: dict = field(default_factory=dict)  # passes, probes... written into the metadata
     extra_metadata: dict = field(default_factory=dict)
+    seed: int = 0
+    checkpoint: object = None  # a cache.Checkpoint when the estimator has a cache_dir, else None
+    extra_columns: dict = field(default_factory=dict)  # name -> [L, K] array (e.g. damage_std)
 
     def count(self, key: str, n: int = 1) -> None:
         self.cost[key] = self.cost.get(key, 0) + n
@@ -105,9 +108,37 @@ class Estimator:
                 fuse_projections=fuse_projections,
                 exclude=exclude,
             )
-        ctx = Context(layers=layers, options=options, batches=batches, device=device, progress=progress)
+        ctx = Context(layers=layers, options=options, batches=batches, device=device,
+                      progress=progress, seed=self.seed)
+        cache_dir = getattr(self, "cache_dir", None)
+        if cache_dir:
+            from .cache import Checkpoint, cache_key
+
+            key = cache_key(self, model, batches, layers, options)
+            ctx.checkpoint = Checkpoint(cache_dir, f"{self.name}-{key}",
+                                        every=getattr(self, "cache_every", 0.0))
         t0 = time.perf_counter()
-        damage = np.asarray(self._damage(model, ctx), dtype=float)
+        done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
+        if done is not None:  # a finished earlier run with the same settings, model and data
+            damage = np.asarray(done["damage"], dtype=float)
+            ctx.cost.update(done["cost"], from_cache=True)
+            ctx.extra_metadata.update(done["extra_metadata"])
+            ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
+        else:
+            was_training = model.training
+            model.eval()
+            try:
+                damage = np.asarray(self._damage(model, ctx), dtype=float)
+            finally:
+                model.train(was_training)
+            if ctx.checkpoint is not None:
+                if ctx.checkpoint.previous_seconds:
+                    ctx.cost["resumed_after_seconds"] = round(ctx.checkpoint.previous_seconds, 4)
+                ctx.checkpoint.save_result({
+                    "damage": damage.tolist(), "cost": dict(ctx.cost),
+                    "extra_metadata": ctx.extra_metadata,
+                    "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
+                })
         seconds = time.perf_counter() - t0
         if damage.shape != (len(layers), len(options)):
             raise AssertionError(
@@ -122,16 +153,22 @@ class Estimator:
             "mpsearch": __version__,
             **ctx.extra_metadata,
         }
-        return build_table(layers, options, damage, metadata, act_bits=act_bits)
+        return build_table(layers, options, damage, metadata, act_bits=act_bits,
+                           extra_columns=ctx.extra_columns)
 
     def _damage(self, model: torch.nn.Module, ctx: Context) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
 
-def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16) -> CostTable:
-    """Assemble the long-form table from layers, options and a ``[L, K]`` damage array."""
+def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
+                extra_columns: dict | None = None) -> CostTable:
+    """Assemble the long-form table from layers, options and a ``[L, K]`` damage array.
+
+    ``extra_columns`` maps a column name (``damage_std``...) to another ``[L, K]`` array.
+    """
     rows = []
     damage = np.asarray(damage, dtype=float)
+    extra = {k: np.asarray(v, dtype=float) for k, v in (extra_columns or {}).items()}
     for i, lay in enumerate(layers):
         for k, opt in enumerate(options):
             row = {
@@ -142,6 +179,8 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16) -
                 "size_bits": opt.size_bits(lay.out_channels, lay.in_features),
                 "params": lay.params,
             }
+            for col, values in extra.items():
+                row[col] = float(values[i, k])
             if lay.macs is not None:
                 row["macs"] = lay.macs
                 row["bops"] = lay.macs * opt.bits * act_bits
@@ -152,6 +191,46 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16) -
     if "group" in frame:
         frame["group"] = frame["group"].where(frame["group"].notna(), None)
     return CostTable(frame, metadata)
+
+
+def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
+    """The weight parameter of a discovered layer."""
+    from ..layers import get_module
+
+    return get_module(model, layer.name).weight
+
+
+def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:
+    """``[L, K]`` squared rounding errors ``||Q_b(W_l) - W_l||^2`` (``/ ||W_l||^2`` if relative)."""
+    from ..quant import quantization_error
+
+    out = np.zeros((len(ctx.layers), len(ctx.options)))
+    for i, lay in enumerate(ctx.layers):
+        w = weight_of(model, lay)
+        norm = float(w.detach().float().pow(2).sum()) if relative else 1.0
+        for k, opt in enumerate(ctx.options):
+            err = float(quantization_error(w, opt, lay.kind, lay.name).pow(2).sum())
+            out[i, k] = err / norm if norm > 0 else 0.0
+    return out
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Refuse a setting that is not one of ``choices``, listing them."""
+    if value not in choices:
+        raise MpsearchError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+
+
+def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise MpsearchError(f"{name} must be {kind} {bound}, got {value!r}")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -186,3 +265,47 @@ def progress_bar(iterable, *, enabled: bool = True, desc: str = "", total=None):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False)
+
+
+class EstimatorWarning(UserWarning):
+    """Something an estimator had to decide for the user (negative traces, a fallback path)."""
+
+
+def probe_seed(seed: int, *indices: int) -> int:
+    """A reproducible seed for one unit of random work (a probe, a chunk), independent of order."""
+    h = hashlib.sha1(repr((int(seed),) + tuple(int(i) for i in indices)).encode()).hexdigest()
+    return int(h[:15], 16)
+
+
+class only_weights_require_grad:
+    """Context manager: ``requires_grad`` on the given weights only, restored on exit.
+
+    Gradients of biases and norms are never needed, and not building them saves time and memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, weights):
+        self.model, self.weights = model, list(weights)
+
+    def __enter__(self):
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        return False
+
+
+def math_attention():
+    """Run scaled-dot-product attention on the math path, which has a double backward."""
+    import contextlib
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)

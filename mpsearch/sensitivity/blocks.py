@@ -1,0 +1,168 @@
+"""Sequential blocks and prefix caching, for the output-distance and LIM estimators.
+
+Many models are a chain of blocks: the children of an ``nn.Sequential``, or a ``ModuleList`` of
+transformer layers (``encoder.layer``, ``model.layers``, ``transformer.h``) called one after the other.
+When only a layer of block k changes, blocks 0..k-1 compute what they computed at full precision, so
+their outputs can be cached: :class:`PrefixRunner` replaces block j's ``forward`` by "return the cached
+output of block j" for every j before the changed block, and the model runs only the suffix (the
+cheap part before the blocks, embeddings, still runs).
+
+This is correct when a block's input depends only on the previous block's output and on values that
+no block changes (masks, position ids). The runner checks it once per model on the first batch: the
+suffix run from every cached block must reproduce the full output; if not, it warns and falls back
+to full forward passes. The cache is bounded by ``max_cache_mb``: when all block outputs do not fit,
+evenly spaced ones are kept and a layer's suffix starts after the nearest cached block before it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import EstimatorWarning
+from .losses import forward
+
+
+@dataclass
+class BlockList:
+    """A container whose children run in sequence: its name and the children's full names."""
+
+    name: str
+    names: list[str]
+    modules: list[nn.Module]
+
+    def index_of(self, layer_name: str) -> int | None:
+        for k, n in enumerate(self.names):
+            if layer_name == n or layer_name.startswith(n + "."):
+                return k
+        return None
+
+
+def find_blocks(model: nn.Module, layer_names) -> BlockList | None:
+    """The ``nn.Sequential``/``ModuleList`` whose children hold the most quantizable layers.
+
+    Ties go to the outermost container; ``None`` when no container holds layers in two children.
+    """
+    best, best_key = None, None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Sequential, nn.ModuleList)) or len(mod) < 2:
+            continue
+        prefix = f"{name}." if name else ""
+        children = [(f"{prefix}{cn}", c) for cn, c in mod.named_children()]
+        blocks = BlockList(name, [n for n, _ in children], [c for _, c in children])
+        holding = {blocks.index_of(ln) for ln in layer_names} - {None}
+        key = (len(holding) >= 2, sum(blocks.index_of(ln) is not None for ln in layer_names), -name.count("."))
+        if key[0] and (best_key is None or key > best_key):
+            best, best_key = blocks, key
+    return best
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+class PrefixRunner:
+    """Runs a model from a block onwards, reusing cached block outputs of the current batch."""
+
+    def __init__(self, model: nn.Module, blocks: BlockList | None, *, max_cache_mb: float = 1024.0,
+                 enabled: bool = True):
+        self.model, self.blocks = model, blocks
+        self.limit = float(max_cache_mb) * 2**20
+        self.enabled = enabled and blocks is not None
+        self.cached: dict[int, object] = {}
+        self.cache_bytes = 0
+        self.verified = False
+        self.after_blocks: set[str] = set()  # layers outside the blocks that run after all of them
+        self.block_runs = 0  # blocks executed by suffix runs (for the cost report)
+
+    def start_of(self, layer_name: str) -> int:
+        """The first block a change in ``layer_name`` can affect (0: the whole model)."""
+        if self.blocks is None:
+            return 0
+        k = self.blocks.index_of(layer_name)
+        if k is not None:
+            return k
+        return len(self.blocks.names) if layer_name in self.after_blocks else 0
+
+    @torch.no_grad()
+    def reference(self, batch, layer_names=()):
+        """Full-precision forward of ``batch``: caches block outputs; returns (output, raw output)."""
+        self.cached, self.cache_bytes = {}, 0
+        if self.blocks is None:
+            return forward(self.model, batch)
+        n = len(self.blocks.modules)
+        order, handles, keep = [], [], {}
+
+        def block_hook(k):
+            def hook(mod, args, output):
+                order.append(("block", k))
+                if not self.enabled:
+                    return
+                size = _nbytes(output)
+                if "stride" not in keep:
+                    cap = int(self.limit // max(size, 1))
+                    keep["set"] = set(range(n)) if cap >= n else {round((i + 1) * n / cap) - 1 for i in range(cap)}
+                    keep["stride"] = True
+                if k in keep["set"] and self.cache_bytes + size <= self.limit:
+                    self.cached[k] = output
+                    self.cache_bytes += size
+            return hook
+
+        for k, mod in enumerate(self.blocks.modules):
+            handles.append(mod.register_forward_hook(block_hook(k)))
+        for name in layer_names:
+            if self.blocks.index_of(name) is None:
+                mod = self.model.get_submodule(name)
+                handles.append(mod.register_forward_hook(lambda m, a, o, name=name: order.append(("layer", name))))
+        try:
+            out = forward(self.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if layer_names:
+            last_block = max((i for i, (kind, _) in enumerate(order) if kind == "block"), default=-1)
+            self.after_blocks = {v for i, (kind, v) in enumerate(order) if kind == "layer" and i > last_block}
+        if self.enabled and not self.verified:
+            self._verify(batch, out[0])
+        return out
+
+    def _verify(self, batch, ref: torch.Tensor) -> None:
+        for j in sorted(self.cached):
+            got = self.run(batch, j + 1)[0]
+            if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-7):
+                warnings.warn(
+                    f"output-distance: the children of {self.blocks.name or 'the model'!r} do not run as a chain "
+                    f"(a suffix run from block {j + 1} does not reproduce the output); prefix caching is off",
+                    EstimatorWarning, stacklevel=4,
+                )
+                self.enabled, self.cached, self.cache_bytes = False, {}, 0
+                break
+        self.verified = True
+
+    @torch.no_grad()
+    def run(self, batch, start: int):
+        """Forward from block ``start`` on (blocks before it return cached outputs where possible)."""
+        j = max((k for k in self.cached if k < start), default=None)
+        n = len(self.blocks.modules) if self.blocks is not None else 0
+        if not self.enabled or j is None:
+            self.block_runs += n
+            return forward(self.model, batch)
+        cached = self.cached[j]
+        patched = self.blocks.modules[: j + 1]
+        for mod in patched:
+            mod.forward = lambda *a, _c=cached, **k: _c
+        try:
+            self.block_runs += n - j - 1
+            return forward(self.model, batch)
+        finally:
+            for mod in patched:
+                del mod.forward

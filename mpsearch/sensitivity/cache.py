@@ -1,0 +1,118 @@
+"""Resumable estimator caches.
+
+An estimator with a ``cache_dir`` gets a :class:`Checkpoint` in its context: a file
+``<cache_dir>/<estimator>-<key>.pt`` where ``key`` hashes everything the result depends on (the
+estimator's settings, the model's weights, the calibration data, the layers and options). Estimators
+save their partial state after each unit of work (a probe, a chunk of samples, a layer), at most once
+every ``cache_every`` seconds; a run that was interrupted loads the state and goes on from there.
+When the work is done the finished damage is stored too, so running again returns it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import split_batch
+
+_NOT_KEYED = {"cache_dir", "cache_every"}
+
+
+def data_fingerprint(batches) -> str:
+    """A hash of every tensor in the calibration batches (values, shapes, dtypes)."""
+    h = hashlib.sha1()
+
+    def feed(obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                feed(v)
+        else:
+            h.update(repr(obj).encode())
+
+    for batch in batches:
+        feed(split_batch(batch))
+    return h.hexdigest()[:16]
+
+
+def cache_key(estimator, model, batches, layers, options) -> str:
+    from .base import model_fingerprint
+
+    params = {k: v for k, v in estimator.get_params().items() if k not in _NOT_KEYED}
+    doc = {
+        "estimator": estimator.name,
+        "params": params,
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(batches),
+        "layers": [lay.name for lay in layers],
+        "options": [o.name for o in options],
+    }
+    return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """One estimator run's partial state on disk, written atomically."""
+
+    def __init__(self, directory, stem: str, every: float = 0.0):
+        self.path = Path(directory) / f"{stem}.pt"
+        self.every = float(every)
+        self._last_save = time.monotonic()
+        self._t0 = time.perf_counter()
+        self.previous_seconds = 0.0
+        self.saves = 0
+        self._state = None
+        if self.path.is_file():
+            try:
+                self._state = torch.load(self.path, weights_only=True)
+            except Exception:  # a corrupt or foreign file: start over
+                self._state = None
+        if self._state is not None:
+            self.previous_seconds = float(self._state.get("_seconds", 0.0))
+
+    def load(self) -> dict | None:
+        """The saved partial state (a dict), or ``None`` when there is none."""
+        if self._state is None or "state" not in self._state:
+            return None
+        return self._state["state"]
+
+    def result(self) -> dict | None:
+        """The finished result of an earlier run, or ``None``."""
+        return None if self._state is None else self._state.get("result")
+
+    def save(self, state: dict, *, force: bool = False) -> bool:
+        """Save ``state`` if ``cache_every`` seconds have passed since the last save (or ``force``)."""
+        if not force and time.monotonic() - self._last_save < self.every:
+            return False
+        self._write({"state": state})
+        return True
+
+    def save_result(self, result: dict) -> None:
+        self._write({"result": result})
+
+    def _write(self, doc: dict) -> None:
+        doc["_seconds"] = self.previous_seconds + time.perf_counter() - self._t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(doc, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._state = doc
+        self._last_save = time.monotonic()
+        self.saves += 1

@@ -1,0 +1,177 @@
+"""``fisher``: FIT-style empirical Fisher sensitivity from per-sample gradients.
+
+F_jj = E_n[(d loss_n / d W_j)^2] over the calibration samples (the mean of squared per-sample
+gradients, not the square of the batch-mean gradient), and damage(l, b) = sum_j F_jj * dW_j^2 with
+the real rounding error dW at b bits.
+
+Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``) over chunks of
+``chunk_size`` samples, so memory is bounded by the chunk, not by the number of samples.
+``per_sample="loop"`` uses one backward per sample instead; ``"auto"`` falls back to the loop (with a
+warning) where a model does not run under ``vmap``.
+
+Without targets (``loss="distill"``) the gradient of a distillation loss is zero at the
+full-precision weights, so targets are *sampled* from the model's own output instead: a class drawn
+from softmax(logits), or the embedding plus unit Gaussian noise with a squared-error loss. Their
+Fisher is the true Fisher (the Gauss-Newton matrix of the output) in expectation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import model_output_tensor, move_batch, split_batch
+from ..quant import quantization_error
+from .base import (
+    DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
+    probe_seed, progress_bar, weight_of,
+)
+from .losses import check_loss, check_output, cross_entropy, loss_value, output_kind, resolve_loss
+
+
+class FisherEstimator(Estimator):
+    """Diagonal empirical Fisher from per-sample gradients, weighted by the rounding error."""
+
+    name = "fisher"
+    needs_data = True
+
+    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, loss="auto",
+                 output: str = "auto", chunk_size: int = 16, per_sample: str = "auto",
+                 cache_dir=None, cache_every: float = 30.0):
+        super().__init__(options=options, seed=seed, device=device)
+        self.loss = loss
+        self.output = output
+        self.chunk_size = chunk_size
+        self.per_sample = per_sample
+        self.cache_dir = cache_dir
+        self.cache_every = cache_every
+
+    def _damage(self, model, ctx: Context) -> np.ndarray:
+        check_loss(self.loss)
+        check_output(self.output)
+        check_positive("chunk_size", self.chunk_size, integer=True)
+        check_choice("per_sample", self.per_sample, ("auto", "vmap", "loop"))
+        loss = resolve_loss(self.loss, ctx.batches)
+        weights = [weight_of(model, lay) for lay in ctx.layers]
+        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
+            "batch": 0, "chunk": 0, "samples": 0,
+            "sums": [torch.zeros(w.shape, dtype=torch.float64) for w in weights]}
+        method = "loop" if self.per_sample == "loop" else "vmap"
+        plan = [(bi, ci) for bi, b in enumerate(ctx.batches)
+                for ci in range(-(-_n(*split_batch(b)[:2]) // int(self.chunk_size)))]
+        todo = [(bi, ci) for bi, ci in plan if (bi, ci) >= (st["batch"], st["chunk"])]
+        with math_attention():
+            for bi, ci in progress_bar(todo, enabled=ctx.progress, desc="fisher chunks"):
+                args, kwargs, target = _chunk(move_batch(ctx.batches[bi], ctx.device), ci, int(self.chunk_size))
+                n = _n(args, kwargs)
+                target, lossfn = self._targets(model, args, kwargs, target, loss, ctx, bi, ci)
+                grads = None
+                if method == "vmap":
+                    try:
+                        grads = _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn)
+                    except Exception as exc:  # noqa: BLE001 - any vmap failure falls back
+                        if self.per_sample == "vmap":
+                            raise
+                        warnings.warn(f"fisher: vmap failed ({type(exc).__name__}: {str(exc)[:120]}); "
+                                      f"using a per-sample loop", EstimatorWarning, stacklevel=3)
+                        method = "loop"
+                if grads is None:
+                    grads = _loop_grads(model, weights, args, kwargs, target, lossfn)
+                ctx.count("forward_passes", n)
+                ctx.count("backward_passes", n)
+                for acc, g in zip(st["sums"], grads):
+                    acc += g.double().pow(2).sum(0).cpu()
+                st["samples"] += n
+                nxt = plan.index((bi, ci)) + 1
+                st["batch"], st["chunk"] = plan[nxt] if nxt < len(plan) else (len(ctx.batches), 0)
+                if ctx.checkpoint:
+                    ctx.checkpoint.save(st)
+        ctx.cost["samples"] = st["samples"]
+        ctx.cost["per_sample"] = method
+        out = np.zeros((len(ctx.layers), len(ctx.options)))
+        for i, lay in enumerate(ctx.layers):
+            fisher = (st["sums"][i] / max(st["samples"], 1)).float()
+            for k, opt in enumerate(ctx.options):
+                dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
+                out[i, k] = float((fisher * dw.pow(2)).sum())
+        return out
+
+    def _targets(self, model, args, kwargs, target, loss, ctx, bi, ci):
+        """The per-sample targets and loss: given ones, or sampled from the model for distill."""
+        if loss != "distill":
+            return target, (lambda out, t: loss_value(loss, out, t, None, "logits"))
+        with torch.no_grad():
+            raw = model(*args, **kwargs)
+        ctx.count("forward_passes")
+        out = model_output_tensor(raw).float()
+        gen = torch.Generator(device=out.device).manual_seed(probe_seed(ctx.seed, bi, ci))
+        if output_kind(raw, self.output) == "embedding":
+            sampled = out + torch.randn(out.shape, generator=gen, device=out.device)
+            return sampled, (lambda o, t: 0.5 * (o.float() - t).pow(2).sum())
+        probs = F.softmax(out.reshape(-1, out.shape[-1]), -1)
+        sampled = torch.multinomial(probs, 1, generator=gen).reshape(out.shape[:-1])
+        return sampled, cross_entropy
+
+
+def _n(args, kwargs) -> int:
+    """Samples in a batch's inputs."""
+    from ..layers import _batch_size
+
+    return _batch_size(args) if args else _batch_size(kwargs)
+
+
+def _slice(obj, lo, hi, n):
+    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == n:
+        return obj[lo:hi]
+    if isinstance(obj, dict):
+        return {k: _slice(v, lo, hi, n) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_slice(v, lo, hi, n) for v in obj)
+    return obj
+
+
+def _chunk(batch, ci: int, size: int):
+    """``(args, kwargs, target)`` of chunk ``ci`` of a batch (tensors cut along the first axis)."""
+    args, kwargs, target = split_batch(batch)
+    n = _n(args, kwargs)
+    lo, hi = ci * size, min((ci + 1) * size, n)
+    return _slice(args, lo, hi, n), _slice(kwargs, lo, hi, n), _slice(target, lo, hi, n)
+
+
+def _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn):
+    from torch.func import functional_call, grad, vmap
+
+    names = [lay.name + ".weight" for lay in ctx.layers]
+    fixed = {k: v.detach() for k, v in model.named_parameters(remove_duplicate=False)}
+    fixed.update(dict(model.named_buffers(remove_duplicate=False)))
+
+    def one(ws, a, kw, t):
+        a = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in a)
+        kw = {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        out = functional_call(model, {**fixed, **dict(zip(names, ws))}, a, kw)
+        return lossfn(model_output_tensor(out), None if t is None else t.unsqueeze(0))
+
+    t_dim = None if target is None else 0
+    return vmap(grad(one), in_dims=(None, 0, 0, t_dim))(
+        tuple(w.detach() for w in weights), args, kwargs, target)
+
+
+def _loop_grads(model, weights, args, kwargs, target, lossfn):
+    n = _n(args, kwargs)
+    out = [torch.empty((n,) + tuple(w.shape), dtype=w.dtype, device=w.device) for w in weights]
+    saved = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for i in range(n):
+            a, kw, t = _slice(args, i, i + 1, n), _slice(kwargs, i, i + 1, n), _slice(target, i, i + 1, n)
+            value = lossfn(model_output_tensor(model(*a, **kw)), t)
+            for dst, g in zip(out, torch.autograd.grad(value, weights)):
+                dst[i] = g
+    finally:
+        for w, flag in zip(weights, saved):
+            w.requires_grad_(flag)
+    return out

@@ -1,0 +1,195 @@
+"""``hessian``: HAWQ-V2/V3 Hessian-trace sensitivity with Hutchinson's estimator.
+
+For each calibration batch the loss graph is built once with ``create_graph=True``; each Rademacher
+probe ``v`` (over all quantized weights at once) then costs one Hessian-vector product of the whole
+model, and every layer's trace estimate comes from the same probe: ``v_l^T (Hv)_l``. Probes stop when
+every layer's standard error is within ``tol`` of its trace (relative; layers whose trace is below
+1e-3 of the largest one are held to 1e-3 of the largest), or at ``probes``. Batches are averaged,
+weighted by their size.
+
+- ``mode="trace"``: damage(l, b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3).
+- ``mode="diagonal"``: damage(l, b) = sum_j diag(H)_j * dW_j^2 with diag(H) ~ E[v * Hv].
+
+Each trace's standard error is in the metadata (``uncertainty``) and as a ``damage_std`` column.
+Negative traces (or diagonal entries) happen where the loss is not locally convex (a model away from
+a minimum, too few probes). ``negative="clamp"`` (default) sets them to 0 with a warning naming the
+layers: second-order terms then predict no damage, and the quantization noise itself is not signed;
+``"abs"`` takes the magnitude; ``"error"`` refuses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from ..data import move_batch
+from ..errors import MpsearchError
+from .base import (
+    DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
+    only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
+)
+from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
+from ..quant import quantization_error
+
+
+class HessianEstimator(Estimator):
+    """Per-layer Hessian traces (or diagonals) by Hutchinson probes sharing one HVP per probe."""
+
+    name = "hessian"
+    needs_data = True
+
+    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, probes: int = 64,
+                 min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
+                 output: str = "auto", negative: str = "clamp", cache_dir=None,
+                 cache_every: float = 30.0):
+        super().__init__(options=options, seed=seed, device=device)
+        self.probes = probes
+        self.min_probes = min_probes
+        self.tol = tol
+        self.mode = mode
+        self.loss = loss
+        self.output = output
+        self.negative = negative
+        self.cache_dir = cache_dir
+        self.cache_every = cache_every
+
+    def _check(self):
+        check_positive("probes", self.probes, integer=True)
+        check_positive("min_probes", self.min_probes, integer=True)
+        if self.min_probes < 2:
+            raise MpsearchError(f"min_probes must be at least 2 (a standard error needs two), got {self.min_probes}")
+        check_positive("tol", self.tol, allow_zero=True)
+        check_choice("mode", self.mode, ("trace", "diagonal"))
+        check_choice("negative", self.negative, ("clamp", "abs", "error"))
+        check_loss(self.loss)
+        check_output(self.output)
+
+    def _damage(self, model, ctx: Context) -> np.ndarray:
+        self._check()
+        loss = resolve_loss(self.loss, ctx.batches)
+        weights = [weight_of(model, lay) for lay in ctx.layers]
+        diagonal = self.mode == "diagonal"
+        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
+            "batch": 0, "done": [], "current": [], "diag_total": None, "diag_batch": None}
+        n_max = max(int(self.probes), int(self.min_probes))
+        bar = progress_bar(None, enabled=ctx.progress, desc="hessian probes",
+                           total=n_max * len(ctx.batches))
+        with only_weights_require_grad(model, weights), math_attention():
+            for bi in range(st["batch"], len(ctx.batches)):
+                batch = move_batch(ctx.batches[bi], ctx.device)
+                grads = self._gradient_graph(model, batch, loss, weights, ctx)
+                if diagonal and st["diag_batch"] is None:
+                    st["diag_batch"] = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+                for j in range(len(st["current"]), n_max):
+                    gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
+                    vs = [torch.randint(0, 2, w.shape, generator=gen, device=ctx.device).to(w.dtype) * 2 - 1
+                          for w in weights]
+                    hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+                    ctx.count("hvps")
+                    st["current"].append(torch.stack([(v * h).sum().double() for v, h in zip(vs, hv)]).cpu())
+                    if diagonal:
+                        for acc, v, h in zip(st["diag_batch"], vs, hv):
+                            acc += (v * h).double()
+                    bar.update(1)
+                    if ctx.checkpoint:
+                        ctx.checkpoint.save(st)
+                    if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
+                        break
+                del grads
+                size = _batch_size(ctx.batches[bi])
+                if diagonal:
+                    p = len(st["current"])
+                    part = [acc / p * size for acc in st["diag_batch"]]
+                    st["diag_total"] = part if st["diag_total"] is None else [
+                        a + b for a, b in zip(st["diag_total"], part)]
+                st["done"].append((size, torch.stack(st["current"])))
+                st.update(batch=bi + 1, current=[], diag_batch=None)
+                if ctx.checkpoint:
+                    ctx.checkpoint.save(st, force=True)
+        bar.close()
+        trace, stderr = _combine(st["done"])
+        n = np.array([w.numel() for w in weights], dtype=float)
+        trace = self._handle_negative(trace, [lay.name for lay in ctx.layers], "trace")
+        err2 = weight_errors(model, ctx)
+        probes_used = [int(t.shape[0]) for _, t in st["done"]]
+        ctx.cost["probes"] = sum(probes_used)
+        ctx.extra_metadata["uncertainty"] = {
+            "trace": {lay.name: float(t) for lay, t in zip(ctx.layers, trace)},
+            "trace_stderr": {lay.name: float(s) for lay, s in zip(ctx.layers, stderr)},
+            "probes_per_batch": probes_used,
+        }
+        ctx.extra_columns["damage_std"] = (stderr / n)[:, None] * err2
+        if not diagonal:
+            return (trace / n)[:, None] * err2
+        weight_sum = sum(size for size, _ in st["done"])
+        out = np.zeros((len(ctx.layers), len(ctx.options)))
+        diags = [(d / weight_sum).float().cpu() for d in st["diag_total"]]
+        neg = [lay.name for lay, d in zip(ctx.layers, diags) if bool((d < 0).any())]
+        if neg:
+            count = sum(int((d < 0).sum()) for d in diags)
+            self._negative_found(f"Hessian-diagonal entries ({count}, in {len(neg)} layer(s) from {neg[0]!r})")
+        for i, lay in enumerate(ctx.layers):
+            d = diags[i].clamp(min=0) if self.negative == "clamp" else diags[i].abs()
+            for k, opt in enumerate(ctx.options):
+                dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
+                out[i, k] = float((d * dw.pow(2)).sum())
+        return out
+
+    def _gradient_graph(self, model, batch, loss, weights, ctx):
+        ref = None
+        if loss == "distill":
+            with torch.no_grad():
+                ref = forward(model, batch)[0]
+            ctx.count("forward_passes")
+        from ..data import split_batch
+
+        out, raw = forward(model, batch)
+        value = loss_value(loss, out, split_batch(batch)[2], ref, output_kind(raw, self.output))
+        ctx.count("forward_passes")
+        ctx.count("backward_passes")
+        return torch.autograd.grad(value, weights, create_graph=True)
+
+    def _converged(self, traces: torch.Tensor) -> bool:
+        mean = traces.mean(0).abs()
+        se = traces.std(0) / traces.shape[0] ** 0.5
+        floor = 1e-3 * float(mean.max()) if mean.numel() else 0.0
+        return bool((se <= self.tol * torch.clamp(mean, min=floor)).all())
+
+    def _handle_negative(self, values: np.ndarray, names, what: str) -> np.ndarray:
+        """Apply the ``negative`` policy to ``values`` (one per name in ``names``)."""
+        values = np.asarray(values, dtype=float)
+        neg = np.flatnonzero(values < 0)
+        if len(neg):
+            self._negative_found(f"{what} in layer(s) " + ", ".join(repr(names[i]) for i in neg[:5])
+                                 + (" ..." if len(neg) > 5 else ""))
+        return np.maximum(values, 0.0) if self.negative == "clamp" else np.abs(values)
+
+    def _negative_found(self, where: str) -> None:
+        if self.negative == "error":
+            raise MpsearchError(
+                f"hessian: negative {where}: the loss is not locally convex there; use more probes, "
+                f"a trained model, loss='distill', or negative='clamp'"
+            )
+        warnings.warn(
+            f"hessian: negative {where}; "
+            + ("set to 0 (negative='clamp')" if self.negative == "clamp" else "using |value| (negative='abs')"),
+            EstimatorWarning, stacklevel=4,
+        )
+
+
+def _batch_size(batch) -> int:
+    from ..layers import _batch_size as size
+
+    return size(batch)
+
+
+def _combine(done) -> tuple[np.ndarray, np.ndarray]:
+    """Size-weighted mean of the per-batch traces and its standard error."""
+    sizes = np.array([s for s, _ in done], dtype=float)
+    means = np.stack([t.mean(0).numpy() for _, t in done])
+    ses = np.stack([(t.std(0) / t.shape[0] ** 0.5).numpy() if t.shape[0] > 1
+                    else np.full(t.shape[1], np.inf) for _, t in done])
+    w = sizes / sizes.sum()
+    return (w[:, None] * means).sum(0), np.sqrt((w[:, None] ** 2 * ses**2).sum(0))
