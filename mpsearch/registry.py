@@ -13,10 +13,20 @@ from .errors import MpsearchError, close_matches
 SOLVERS: dict[str, str] = {
     "greedy": "mpsearch.solvers.greedy:GreedySolver",
     "exhaustive": "mpsearch.solvers.exhaustive:ExhaustiveSolver",
+    "ilp": "mpsearch.solvers.ilp:ILPSolver",
+    "dp": "mpsearch.solvers.dp:DPSolver",
+    "baq": "mpsearch.solvers.baq:BAQSolver",
+    "evolutionary": "mpsearch.solvers.evolutionary:EvolutionarySolver",
+    "optuna": "mpsearch.solvers.optuna_solver:OptunaSolver",
 }
 
 ESTIMATORS: dict[str, str] = {
     "weight-error": "mpsearch.sensitivity.weight_error:WeightErrorEstimator",
+    "hessian": "mpsearch.sensitivity.hessian:HessianEstimator",
+    "fisher": "mpsearch.sensitivity.fisher:FisherEstimator",
+    "lrp": "mpsearch.sensitivity.lrp:LRPEstimator",
+    "output-distance": "mpsearch.sensitivity.output_distance:OutputDistanceEstimator",
+    "lim": "mpsearch.sensitivity.output_distance:LIMEstimator",
 }
 
 _KINDS = {"solver": SOLVERS, "estimator": ESTIMATORS}
