@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -77,25 +81,33 @@ def digits_split():
     return x[:1200], y[:1200], x[1200:], y[1200:]
 
 
-_DIGITS_MODEL = None
+_DIGITS_CACHE = Path(tempfile.gettempdir()) / "mpsearch-tests-digits-mlp-v1.pt"
 
 
 def digits_mlp() -> nn.Module:
-    """An MLP trained on digits (a few seconds; cached in-process). ~96% test accuracy."""
-    global _DIGITS_MODEL
-    if _DIGITS_MODEL is None:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-        xtr, ytr, _, _ = digits_split()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(150):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr), ytr).backward()
-            opt.step()
-        _DIGITS_MODEL = model.eval()
-    import copy
+    """A 4-layer MLP trained on digits (a few seconds; ~97% test accuracy).
 
-    return copy.deepcopy(_DIGITS_MODEL)
+    The weights are cached in the temp directory, so that CLI specs loading this file in the same
+    test session train it once.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+        nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+    if _DIGITS_CACHE.is_file():
+        model.load_state_dict(torch.load(_DIGITS_CACHE, weights_only=True))
+        return model.eval()
+    xtr, ytr, _, _ = digits_split()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xtr), ytr).backward()
+        opt.step()
+    tmp = _DIGITS_CACHE.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, _DIGITS_CACHE)
+    return model.eval()
 
 
 def digits_calib():
