@@ -16,31 +16,38 @@ from ..problem import Problem
 from .base import Solution, Solver
 
 
-def hull_segments(cost: np.ndarray, damage: np.ndarray, start: int) -> list[tuple[int, int, float]]:
-    """Lower-convex-hull upgrades of one item from option ``start``: ``(from, to, ratio)``."""
-    order = [k for k in np.lexsort((damage, cost)) if np.isfinite(damage[k])]
-    # Pareto points beyond the start: increasing cost, strictly decreasing damage
-    pts = [start]
-    for k in order:
-        if cost[k] >= cost[start] and damage[k] < damage[pts[-1]] and k != start:
-            if cost[k] == cost[pts[-1]]:
-                pts[-1] = k
-            else:
-                pts.append(k)
-    hull = [pts[0]]
-    for k in pts[1:]:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            r_ab = (damage[a] - damage[b]) / (cost[b] - cost[a])
-            r_bk = (damage[b] - damage[k]) / (cost[k] - cost[b])
-            if r_bk >= r_ab:
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return [
-        (a, b, (damage[a] - damage[b]) / (cost[b] - cost[a])) for a, b in zip(hull, hull[1:])
-    ]
+def hull_segments(cost: np.ndarray, damage: np.ndarray, start: np.ndarray):
+    """Lower-convex-hull upgrades of every item from option ``start`` (vectorised over items).
+
+    Gift wrapping: from the current vertex, the next one is the option with the largest damage saved
+    per unit of cost (ties: the cheaper one). Returns arrays ``(item, from, to, ratio)``.
+    """
+    N, K = cost.shape
+    idx = np.arange(N)
+    cur = start.copy()
+    items, frm, to, ratio = [], [], [], []
+    active = np.ones(N, dtype=bool)
+    for _ in range(K):
+        dc = cost - cost[idx, cur][:, None]
+        dd = damage[idx, cur][:, None] - damage
+        ok = (dc > 0) & (dd > 0) & np.isfinite(damage) & active[:, None]
+        r = np.where(ok, dd / np.where(ok, dc, 1.0), -np.inf)
+        best = r.max(axis=1)
+        has = np.isfinite(best)
+        if not has.any():
+            break
+        # among options of the best ratio, the cheapest
+        nxt = np.argmin(np.where(r >= best[:, None] * (1 - 1e-12), cost, np.inf), axis=1)
+        items.append(idx[has])
+        frm.append(cur[has])
+        to.append(nxt[has])
+        ratio.append(best[has])
+        cur = np.where(has, nxt, cur)
+        active &= has
+    if not items:
+        e = np.zeros(0, dtype=int)
+        return e, e, e, np.zeros(0)
+    return tuple(np.concatenate(a) for a in (items, frm, to, ratio))
 
 
 class GreedySolver(Solver):
@@ -73,19 +80,20 @@ class GreedySolver(Solver):
         used = cm[:, idx, choice].sum(axis=1)
         if np.any(used > caps * (1 + 1e-12) + 1e-12):
             return Solution(None, "infeasible", "the cheapest plan already breaks a constraint")
-        segs = []
-        for i in range(N):
-            for a, b, r in hull_segments(cost[i], damage[i], int(start[i])):
-                segs.append((r, i, a, b))
-        segs.sort(key=lambda s: (-s[0], s[1]))
+        seg_i, seg_a, seg_b, seg_r = hull_segments(cost, damage, start)
+        order = np.lexsort((seg_i, -seg_r))
+        deltas = (cm[:, seg_i, seg_b] - cm[:, seg_i, seg_a]).T[order].tolist()
         tol = caps * 1e-12 + 1e-12
-        for _, i, a, b in segs:
-            if choice[i] != a:
-                continue
-            delta = cm[:, i, b] - cm[:, i, a]
-            if np.all(used + delta <= caps + tol):
-                used += delta
-                choice[i] = b
+        room = (caps + tol - used).tolist()
+        C = len(room)
+        pick = choice.tolist()
+        for i, a, b, delta in zip(seg_i[order].tolist(), seg_a[order].tolist(), seg_b[order].tolist(), deltas):
+            if pick[i] == a and all(delta[c] <= room[c] for c in range(C)):
+                for c in range(C):
+                    room[c] -= delta[c]
+                pick[i] = b
+        choice = np.array(pick)
+        used = cm[:, idx, choice].sum(axis=1)
         if self.fill:
             finite = np.where(np.isfinite(damage), np.abs(damage), 0.0)
             thr = 1e-12 * float(finite.max())
