@@ -1,0 +1,238 @@
+"""ILP: the one-hot multiple-choice formulation, solved by HiGHS or by CBC through PuLP.
+
+Variables ``x[i, k]`` in {0, 1} for every allowed option k of item i (ties are items already; bounds
+and pins are the allowed mask)::
+
+    minimise    sum_ik  d[i, k] x[i, k]
+    subject to  sum_k   x[i, k] = 1                 for every item i
+                sum_ik  w_c[i, k] x[i, k] <= cap_c   for every constraint c (size, bops, latency...)
+
+Backends: ``"highs"`` (PuLP's HiGHS interface when ``highspy`` is installed, otherwise the HiGHS
+that ships inside scipy, through :func:`scipy.optimize.milp`) and ``"cbc"`` (PuLP's bundled CBC).
+``"auto"`` picks HiGHS, which is installed wherever scipy is: on 1,000 layers x 8 options with three
+constraints it proves optimality in about a second where CBC needs minutes (experiments/).
+
+For numerics each item's damage is measured from its least-damage option and scaled so that the
+largest is 1e6 (CBC prunes by an absolute cutoff increment), and each constraint row holds only the
+use above the items' cheapest options, divided by the room left. Totals are recomputed from the
+table. On a time limit the incumbent is returned with status ``time_limit`` and its gap to the best
+bound (the backend's bound, or the LP relaxation's); with CBC the greedy plan is a warm start, so an
+incumbent exists. The solve time includes building the model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import MpsearchError
+from ..problem import Problem
+from .base import Solution, Solver
+
+BACKENDS = ("auto", "highs", "cbc")
+OBJ_SCALE = 1e6
+
+
+def _pulp_available() -> list[str]:
+    import pulp
+
+    return pulp.listSolvers(onlyAvailable=True)
+
+
+class ILPSolver(Solver):
+    """Integer linear programming over the one-hot multiple-choice model.
+
+    Parameters
+    ----------
+    backend:
+        ``"auto"`` or ``"highs"``: HiGHS (through PuLP when ``highspy`` is installed, else scipy's
+        bundled HiGHS); ``"cbc"``: PuLP's CBC.
+    time_limit:
+        Seconds for the backend (``None``: no limit). On expiry the incumbent is returned with
+        status ``time_limit`` and its gap.
+    gap_rel:
+        Relative optimality gap at which the backend may stop; ``0`` proves optimality. A result
+        stopped on a positive gap is reported ``feasible``.
+    threads:
+        Backend threads (``None``: the backend's default).
+    warm_start:
+        Start from the greedy plan (CBC only).
+    msg:
+        Show the backend's log.
+    """
+
+    name = "ilp"
+    exact = True
+
+    def __init__(self, *, backend: str = "auto", time_limit: float | None = 60.0, gap_rel: float = 0.0,
+                 threads: int | None = None, warm_start: bool = True, msg: bool = False):
+        self.backend = backend
+        self.time_limit = time_limit
+        self.gap_rel = gap_rel
+        self.threads = threads
+        self.warm_start = warm_start
+        self.msg = msg
+
+    def _check(self):
+        if self.backend not in BACKENDS:
+            raise MpsearchError(f"ilp: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise MpsearchError(f"ilp: time_limit must be a positive number of seconds or None, got {self.time_limit!r}")
+        if not 0 <= self.gap_rel < 1:
+            raise MpsearchError(f"ilp: gap_rel must be in [0, 1), got {self.gap_rel!r}")
+
+    def _solve(self, problem: Problem) -> Solution:
+        self._check()
+        t0 = time.perf_counter()
+        model = _Model(problem)
+        backend = self.backend
+        if backend == "auto":
+            backend = "highs"
+        if backend == "highs":
+            if "HiGHS" in _pulp_available():
+                choice, status, stats = self._pulp(model, problem, "highs")
+            else:
+                choice, status, stats = self._scipy(model)
+        else:
+            choice, status, stats = self._pulp(model, problem, "cbc")
+        stats["time_s_backend"] = time.perf_counter() - t0
+        if status == "infeasible":
+            return Solution(None, "infeasible", "no plan meets all constraints together (proved by the ILP)", stats)
+        if (choice is None or not problem.is_feasible(choice)) and status == "time_limit":
+            from .greedy import GreedySolver
+
+            choice = GreedySolver()._solve(problem).choice  # the backend had no incumbent yet
+            stats["incumbent"] = "greedy"
+        if choice is None or not problem.is_feasible(choice):
+            return Solution(None, "infeasible",
+                            f"the ILP backend found no plan within the time limit ({stats.get('backend_status')})", stats)
+        if status == "optimal":
+            return Solution(choice, "optimal" if self.gap_rel == 0 else "feasible", stats=stats)
+        damage = float(problem.damage[np.arange(problem.n_items), choice].sum())
+        bound = stats.get("lower_bound")
+        if bound is None or not np.isfinite(bound):
+            bound = lp_relaxation_bound(problem)
+        gap = (damage - bound) / max(abs(damage), 1e-300)
+        stats.update(lower_bound=bound, gap=gap)
+        return Solution(choice, "time_limit", f"stopped at the time limit; gap to the best bound <= {gap:.3g}", stats)
+
+    def _scipy(self, m: "_Model"):
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        cons = [LinearConstraint(m.a_eq, 1, 1)]
+        if m.a_ub is not None:
+            cons.append(LinearConstraint(m.a_ub, -np.inf, m.b_ub))
+        options = {"mip_rel_gap": self.gap_rel, "disp": self.msg}
+        if self.time_limit is not None:
+            options["time_limit"] = float(self.time_limit)
+        res = milp(m.c, constraints=cons, integrality=np.ones(len(m.c)), bounds=Bounds(0, 1), options=options)
+        stats = {"backend": "highs (scipy)", "build_s": m.build_s, "variables": len(m.c),
+                 "backend_status": res.message}
+        if res.status == 2:
+            return None, "infeasible", stats
+        choice = m.decode(res.x) if res.x is not None else None
+        if res.status == 0:
+            return choice, "optimal", stats
+        if res.x is not None and getattr(res, "mip_dual_bound", None) is not None:
+            stats["lower_bound"] = m.unscale(float(res.mip_dual_bound))
+        return choice, "time_limit", stats
+
+    def _pulp(self, m: "_Model", problem: Problem, backend: str):
+        import pulp
+
+        t0 = time.perf_counter()
+        prob = pulp.LpProblem("mpsearch", pulp.LpMinimize)
+        xs = [pulp.LpVariable(f"x_{i}_{k}", cat=pulp.LpBinary) for i, k in zip(m.ii.tolist(), m.kk.tolist())]
+        prob += pulp.LpAffineExpression(zip(xs, m.c.tolist()))
+        starts = np.searchsorted(m.ii, np.arange(problem.n_items + 1))
+        for i in range(problem.n_items):
+            prob += pulp.LpAffineExpression((x, 1) for x in xs[starts[i]:starts[i + 1]]) == 1, f"one_{i}"
+        for c in range(0 if m.a_ub is None else m.a_ub.shape[0]):
+            row = m.a_ub[c]
+            prob += pulp.LpAffineExpression((xs[j], float(row[j])) for j in np.flatnonzero(row)) <= float(m.b_ub[c]), f"cap_{c}"
+        warm = False
+        if self.warm_start and backend == "cbc":
+            from .greedy import GreedySolver
+
+            g = GreedySolver()._solve(problem)
+            if g.choice is not None and problem.is_feasible(g.choice):
+                warm = True
+                for x, i, k in zip(xs, m.ii, m.kk):
+                    x.setInitialValue(1 if g.choice[i] == k else 0)
+        kw = {"msg": self.msg, "timeLimit": self.time_limit, "gapRel": self.gap_rel, "threads": self.threads}
+        if backend == "highs":
+            solver = pulp.HiGHS(**kw)
+        else:
+            # CBC's preprocessing wrongly fixes variables on some small models (seen: a wrong
+            # "optimal" on a 16-variable table); the ILPs here are easy enough without it
+            solver = pulp.PULP_CBC_CMD(warmStart=warm, gapAbs=0, options=["preprocess off"], **kw)
+        build_s = m.build_s + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        prob.solve(solver)
+        elapsed = time.perf_counter() - t1
+        status = pulp.LpStatus[prob.status]
+        stats = {"backend": f"{backend} (pulp)", "build_s": build_s, "variables": len(xs), "backend_status": status}
+        if status == "Infeasible":
+            return None, "infeasible", stats
+        values = np.array([x.varValue if x.varValue is not None else 0.0 for x in xs])
+        choice = m.decode(values)
+        hit_limit = self.time_limit is not None and elapsed >= 0.98 * self.time_limit
+        proved = status == "Optimal" and prob.sol_status == pulp.LpSolutionOptimal and not hit_limit
+        return choice, "optimal" if proved else "time_limit", stats
+
+
+class _Model:
+    """The scaled arrays of the one-hot model, shared by the backends."""
+
+    def __init__(self, problem: Problem):
+        t0 = time.perf_counter()
+        from scipy.sparse import coo_matrix
+
+        allowed = problem.allowed
+        self.n_items = problem.n_items
+        self.ii, self.kk = np.nonzero(allowed)
+        n = len(self.ii)
+        d = problem.damage
+        self.dmin = np.where(allowed, d, np.inf).min(axis=1)
+        rel = d[self.ii, self.kk] - self.dmin[self.ii]
+        self.dscale = float(rel.max()) / OBJ_SCALE if n and rel.max() > 0 else 1.0
+        self.c = rel / self.dscale
+        self.a_eq = coo_matrix((np.ones(n), (self.ii, np.arange(n))), shape=(problem.n_items, n)).tocsr()
+        rows, rhs = [], []
+        for c, w in enumerate(problem.constraint_matrix()):
+            use = w[self.ii, self.kk]
+            base = np.where(allowed, w, np.inf).min(axis=1)
+            room = problem.caps()[c] - base.sum()
+            scale = room if room > 0 else 1.0
+            rows.append((use - base[self.ii]) / scale)
+            rhs.append(room / scale)
+        self.a_ub = np.array(rows) if rows else None
+        self.b_ub = np.array(rhs) if rhs else None
+        self.build_s = time.perf_counter() - t0
+
+    def decode(self, x) -> np.ndarray | None:
+        choice = np.full(self.n_items, -1)
+        chosen = np.asarray(x) > 0.5
+        choice[self.ii[chosen]] = self.kk[chosen]
+        return None if (choice < 0).any() else choice
+
+    def unscale(self, objective: float) -> float:
+        return objective * self.dscale + float(self.dmin.sum())
+
+
+def lp_relaxation_bound(problem: Problem) -> float:
+    """Least damage of the LP relaxation (x in [0, 1]): a lower bound on every plan's damage."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    allowed = problem.allowed
+    ii, kk = np.nonzero(allowed)
+    n = len(ii)
+    c = problem.damage[ii, kk]
+    a_eq = coo_matrix((np.ones(n), (ii, np.arange(n))), shape=(problem.n_items, n))
+    cm = problem.constraint_matrix()
+    a_ub = np.stack([cm[j][ii, kk] for j in range(len(cm))]) if len(cm) else None
+    res = linprog(c, A_ub=a_ub, b_ub=problem.caps() if len(cm) else None, A_eq=a_eq,
+                  b_eq=np.ones(problem.n_items), bounds=(0, 1), method="highs")
+    return float(res.fun) if res.status == 0 else float("-inf")
