@@ -99,20 +99,24 @@ class ILPSolver(Solver):
         stats["time_s_backend"] = time.perf_counter() - t0
         if status == "infeasible":
             return Solution(None, "infeasible", "no plan meets all constraints together (proved by the ILP)", stats)
-        if (choice is None or not problem.is_feasible(choice)) and status == "time_limit":
+        if status == "time_limit":  # keep the better of the backend's incumbent and the greedy plan
             from .greedy import GreedySolver
 
-            choice = GreedySolver()._solve(problem).choice  # the backend had no incumbent yet
-            stats["incumbent"] = "greedy"
+            g = GreedySolver()._solve(problem).choice
+            idx = np.arange(problem.n_items)
+            if g is not None and problem.is_feasible(g) and (
+                choice is None or not problem.is_feasible(choice)
+                or problem.damage[idx, g].sum() < problem.damage[idx, choice].sum()
+            ):
+                choice = g
+                stats["incumbent"] = "greedy"
         if choice is None or not problem.is_feasible(choice):
             return Solution(None, "infeasible",
                             f"the ILP backend found no plan within the time limit ({stats.get('backend_status')})", stats)
         if status == "optimal":
             return Solution(choice, "optimal" if self.gap_rel == 0 else "feasible", stats=stats)
         damage = float(problem.damage[np.arange(problem.n_items), choice].sum())
-        bound = stats.get("lower_bound")
-        if bound is None or not np.isfinite(bound):
-            bound = lp_relaxation_bound(problem)
+        bound = max(stats.get("lower_bound", -np.inf), lp_relaxation_bound(problem))
         gap = (damage - bound) / max(abs(damage), 1e-300)
         stats.update(lower_bound=bound, gap=gap)
         return Solution(choice, "time_limit", f"stopped at the time limit; gap to the best bound <= {gap:.3g}", stats)
