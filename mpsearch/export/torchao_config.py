@@ -6,9 +6,10 @@ mapping_type=...)`` (torchao ``quantization/quant_api.py``): it covers 1-8 bits,
 GPU, for Linear and Conv2d weights. ``keep`` layers map to ``None`` (left as they are). Keys are the
 exact module FQNs, which torchao matches before any ``re:`` pattern.
 
-The JSON form is what ``torchao.core.config.config_to_dict`` writes (``{"_type", "_version",
-"_data"}`` objects, ``torchao/core/config.py``), so ``config_from_dict(json.load(f))`` rebuilds the
-object; it is written here without importing torchao. Apply it with
+The JSON form is made of the objects ``torchao.core.config.config_to_dict`` writes (``{"_type",
+"_version", "_data"}``, ``torchao/core/config.py``; the table once, without its legacy
+``module_fqn_to_config`` copy), so ``config_from_dict(json.load(f))`` rebuilds the object; it is
+written here without importing torchao. Apply it with
 ``quantize_(model, config, filter_fn=None)`` (torchao refuses a filter together with FqnToConfig).
 
 The importer reads this JSON or an ``FqnToConfig`` object, including configs written by hand:
@@ -59,8 +60,9 @@ class TorchaoExporter(Exporter):
     def build(self, plan: BitPlan) -> dict:
         table = {lay: (None if plan.option(lay).is_keep else _intx_dict(plan.option(lay)))
                  for lay in plan.layers}
-        return {"_type": "FqnToConfig", "_version": 1,
-                "_data": {"fqn_to_config": table, "module_fqn_to_config": dict(table)}}
+        # config_to_dict also repeats the table as the legacy "module_fqn_to_config"; FqnToConfig
+        # fills that alias itself, so the file carries the table once.
+        return {"_type": "FqnToConfig", "_version": 1, "_data": {"fqn_to_config": table}}
 
     def read(self, doc, layers, source) -> BitPlan:
         if type(doc).__name__ in ("FqnToConfig", "ModuleFqnToConfig"):
