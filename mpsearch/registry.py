@@ -13,6 +13,11 @@ from .errors import MpsearchError, close_matches
 SOLVERS: dict[str, str] = {
     "greedy": "mpsearch.solvers.greedy:GreedySolver",
     "exhaustive": "mpsearch.solvers.exhaustive:ExhaustiveSolver",
+    "ilp": "mpsearch.solvers.ilp:ILPSolver",
+    "dp": "mpsearch.solvers.dp:DPSolver",
+    "baq": "mpsearch.solvers.baq:BAQSolver",
+    "evolutionary": "mpsearch.solvers.evolutionary:EvolutionarySolver",
+    "optuna": "mpsearch.solvers.optuna_solver:OptunaSolver",
 }
 
 ESTIMATORS: dict[str, str] = {

@@ -1,0 +1,152 @@
+"""Optuna: TPE or NSGA-II over per-item option choices, resumable and shareable through storage.
+
+Each item (a layer, or a tie group named by its first layer) is one categorical parameter over its
+allowed options. The objective is the table's summed damage, or a user callable on the
+:class:`~mpsearch.BitPlan` (measured quality). Budgets are Optuna constraints
+(``use_c / cap_c − 1 <= 0``), which both samplers understand, and the answer is the best feasible
+trial. With ``storage`` (an Optuna storage URL such as ``sqlite:///study.db``) the study is created or
+loaded by name, so an interrupted search resumes where it stopped and several processes can work on
+one study: each runs until the study holds ``n_trials`` finished trials. Optuna is imported here,
+not by ``import mpsearch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from ..errors import MpsearchError
+from ..problem import Problem
+from .base import Solution, Solver, make_plan
+
+SAMPLERS = ("tpe", "nsga2")
+
+
+class OptunaSolver(Solver):
+    """Optuna search over the cost table (or a measured objective).
+
+    Parameters
+    ----------
+    sampler:
+        ``"tpe"`` or ``"nsga2"``.
+    n_trials:
+        Finished trials the study should hold (a resumed study runs only the remainder).
+    seed:
+        Sampler seed (runs without storage are deterministic).
+    storage, study_name:
+        Optuna storage URL and study name; the default name is derived from the problem, so the
+        same table and budget resume the same study.
+    timeout:
+        Seconds for this call's trials (``None``: no limit).
+    warm_start:
+        Enqueue the greedy plan and the uniform plans as the first trials of a new study.
+    objective:
+        Optional callable ``objective(plan: BitPlan) -> float`` (lower is better) replacing the
+        table's damage.
+    """
+
+    name = "optuna"
+
+    def __init__(self, *, sampler: str = "tpe", n_trials: int = 200, seed: int = 0, storage: str | None = None,
+                 study_name: str | None = None, timeout: float | None = None, warm_start: bool = True,
+                 objective=None):
+        self.sampler = sampler
+        self.n_trials = n_trials
+        self.seed = seed
+        self.storage = storage
+        self.study_name = study_name
+        self.timeout = timeout
+        self.warm_start = warm_start
+        self.objective = objective
+
+    def _check(self):
+        if self.sampler not in SAMPLERS:
+            raise MpsearchError(f"optuna: sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not isinstance(self.n_trials, int) or self.n_trials < 1:
+            raise MpsearchError(f"optuna: n_trials must be a positive integer, got {self.n_trials!r}")
+        if self.objective is not None and not callable(self.objective):
+            raise MpsearchError("optuna: objective must be a callable taking a BitPlan and returning a float")
+
+    def _solve(self, problem: Problem) -> Solution:
+        self._check()
+        try:
+            import optuna
+        except ImportError as exc:  # pragma: no cover - optuna is a dependency
+            raise MpsearchError("solver 'optuna' needs the optuna package: pip install optuna") from exc
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        N = problem.n_items
+        idx = np.arange(N)
+        names = [members[0] for members in problem.items]
+        choices = [[problem.option_names[k] for k in np.flatnonzero(row)] for row in problem.allowed]
+        opt_index = {o: k for k, o in enumerate(problem.option_names)}
+        caps = problem.caps()
+        cm = problem.constraint_matrix()
+        scale = np.maximum(np.abs(caps), 1e-300)
+
+        def objective(trial):
+            choice = np.array([opt_index[trial.suggest_categorical(n, c)] for n, c in zip(names, choices)])
+            use = cm[:, idx, choice].sum(axis=1) if len(cm) else np.zeros(0)
+            trial.set_user_attr("constraints", ((use - caps) / scale).tolist())
+            if self.objective is not None:
+                return float(self.objective(make_plan(problem, choice, solver=self)))
+            return float(problem.damage[idx, choice].sum())
+
+        def constraints(trial):
+            return trial.user_attrs.get("constraints", [1.0])
+
+        kw = {"seed": self.seed, "constraints_func": constraints}
+        sampler = optuna.samplers.TPESampler(**kw) if self.sampler == "tpe" else optuna.samplers.NSGAIISampler(**kw)
+        name = self.study_name or "mpsearch-" + _fingerprint(problem)
+        try:
+            study = optuna.create_study(storage=self.storage, study_name=name, sampler=sampler,
+                                        direction="minimize", load_if_exists=True)
+        except (ValueError, ImportError, RuntimeError) as exc:
+            raise MpsearchError(f"optuna: cannot open storage {self.storage!r}: {exc}") from None
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if self.warm_start and not study.trials:
+            for plan in _start_plans(problem):
+                study.enqueue_trial({n: problem.option_names[k] for n, k in zip(names, plan)})
+        remaining = self.n_trials - len(done)
+        if remaining > 0:
+            study.optimize(
+                objective, n_trials=remaining, timeout=self.timeout,
+                callbacks=[optuna.study.MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,))],
+            )
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        feasible = [t for t in done if all(v <= 1e-9 for v in t.user_attrs.get("constraints", [1.0]))]
+        stats = {"trials": len(done), "study_name": name, "resumed_from": len(done) - max(remaining, 0)}
+        if not feasible:
+            return Solution(None, "infeasible", f"none of {len(done)} trials met the budget; raise n_trials", stats)
+        best = min(feasible, key=lambda t: (t.value, t.number))
+        choice = np.array([opt_index[best.params[n]] for n in names])
+        if self.objective is not None:
+            stats["objective"] = float(best.value)
+        return Solution(choice, "feasible", stats=stats)
+
+
+def _start_plans(problem: Problem) -> list[np.ndarray]:
+    """The greedy plan (when constrained) and the uniform plans that fit the budget."""
+    K = problem.n_options
+    plans = []
+    if problem.constraints:
+        from .greedy import GreedySolver
+
+        g = GreedySolver()._solve(problem).choice
+        if g is not None:
+            plans.append(np.asarray(g))
+    for k in range(K):
+        near = np.abs(np.arange(K)[None, :] - k) + np.where(problem.allowed, 0, 10 * K)
+        plan = np.argmin(near, axis=1)
+        if problem.is_feasible(plan):
+            plans.append(plan)
+    return plans
+
+
+def _fingerprint(problem: Problem) -> str:
+    doc = {"items": problem.items, "options": problem.option_names, "caps": problem.caps().tolist(),
+           "allowed": problem.allowed.astype(int).tolist(),
+           "damage": np.round(np.where(problem.allowed, problem.damage, 0), 12).sum(axis=1).tolist()}
+    return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
