@@ -80,6 +80,7 @@ class PrefixRunner:
         self.enabled = enabled and blocks is not None
         self.cached: dict[int, object] = {}
         self.cache_bytes = 0
+        self.peak_blocks, self.peak_bytes = 0, 0  # the most the cache held for one batch
         self.verified = False
         self.after_blocks: set[str] = set()  # layers outside the blocks that run after all of them
         self.block_runs = 0  # blocks executed by suffix runs (for the cost report)
@@ -133,6 +134,8 @@ class PrefixRunner:
             self.after_blocks = {v for i, (kind, v) in enumerate(order) if kind == "layer" and i > last_block}
         if self.enabled and not self.verified:
             self._verify(batch, out[0])
+        self.peak_blocks = max(self.peak_blocks, len(self.cached))
+        self.peak_bytes = max(self.peak_bytes, self.cache_bytes)
         return out
 
     def _verify(self, batch, ref: torch.Tensor) -> None:
@@ -145,6 +148,7 @@ class PrefixRunner:
                     EstimatorWarning, stacklevel=4,
                 )
                 self.enabled, self.cached, self.cache_bytes = False, {}, 0
+                self.peak_blocks = self.peak_bytes = 0
                 break
         self.verified = True
 

@@ -24,7 +24,7 @@ anything else              gradient x input (bilinear products such as Q K^T and
 The output relevance is the target class logit (``target="label"``, needs targets), the top logit
 (``"top"``), or for an encoder the embedding itself (``"embedding"``: R = e * e); ``"auto"`` picks
 label, top or embedding. A layer's contribution score is its share of the total absolute relevance
-at the outputs of all quantized layers, summed over the calibration samples, and
+arriving at the outputs of all quantized layers (before its own epsilon rule passes it down), summed over the calibration samples, and
 damage(l, b) = score_l x ||Q_b(W_l) - W_l||^2 / ||W_l||^2.
 """
 

@@ -103,8 +103,8 @@ class OutputDistanceEstimator(Estimator):
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
-            prefix_cache=runner.enabled, cached_blocks=len(runner.cached),
-            cache_mb=round(runner.cache_bytes / 2**20, 3), block_evaluations=runner.block_runs,
+            prefix_cache=runner.enabled, cached_blocks=runner.peak_blocks,
+            cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
         )
         return (st["sums"] / max(st["weight"], 1e-300)).clamp(min=0).numpy()
 
