@@ -25,6 +25,7 @@ COMMANDS = {
     "solve": "solve",
     "apply": "apply",
     "validate": "validate",
+    "frontier": "frontier",
     "export": "export",
     "import": "import_",
 }

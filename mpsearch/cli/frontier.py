@@ -1,0 +1,74 @@
+"""``mpsearch frontier``: cost table -> Pareto frontier (CSV, optional plans and plot).
+
+The table path is :func:`frontier_from_table`, a function other entry points (a model-based path:
+estimate -> frontier -> apply and measure K plans) can call with their own table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ._common import add_budget_args, add_command, add_param_arg, budget_from_args, parse_params, say
+
+EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
+    --plans-dir plans/ --plot frontier.png"""
+
+
+def register(sub):
+    p = add_command(sub, "frontier", "Compute the size/damage Pareto frontier of a cost table.", EXAMPLE, run)
+    p.add_argument("--table", help="cost table (.csv or .json)")
+    p.add_argument("--solver", default="dp",
+                   help="dp (exact, one pass), ilp, baq, evolutionary, optuna, greedy, exhaustive (default: dp)")
+    p.add_argument("--points", type=int, default=None,
+                   help="number of budgets (default: every point for dp/evolutionary, 20 for the others)")
+    p.add_argument("--key", default=None,
+                   help="budget swept: avg_bits (default when the table has params), size_bits, size_mb or a column")
+    add_budget_args(p)
+    add_param_arg(p, "solver")
+    p.add_argument("-o", "--output", required=True, help="frontier CSV to write")
+    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per point into this folder")
+    p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
+    return p
+
+
+def frontier_from_table(table, args):
+    """Compute the frontier of ``table`` (a CostTable) with the solver, key, points and budget of ``args``."""
+    from ..frontier import compute_frontier
+    from ..registry import get_solver
+
+    key = args.key or ("avg_bits" if "params" in table.frame else "size_bits")
+    solver = get_solver(args.solver, **parse_params(args.param))
+    return compute_frontier(table, solver, points=args.points, key=key, budget=budget_from_args(args))
+
+
+def write_outputs(frontier, args) -> None:
+    """Write the CSV (plans and plot where asked) and print a summary."""
+    frontier.write(args.output, plans_dir=args.plans_dir)
+    if args.plot:
+        from ..plotting import save_frontier_plot
+
+        save_frontier_plot(frontier, args.plot)
+    pts = frontier.points
+    first, last = pts[0].predicted, pts[-1].predicted
+    unit = "avg_bits" if "avg_bits" in first else "size_bits"
+    say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
+        f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
+    say(f"wrote {args.output}" + (f", plans in {args.plans_dir}" if args.plans_dir else "")
+        + (f", plot {args.plot}" if args.plot else ""))
+
+
+def run(args) -> int:
+    from ..errors import MpsearchError
+    from ..table import CostTable
+    from . import EXIT_INFEASIBLE
+
+    if not args.table:
+        raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate')")
+    if args.points is not None and args.points < 1:
+        raise MpsearchError(f"--points must be a positive integer, got {args.points}")
+    frontier = frontier_from_table(CostTable.read(args.table), args)
+    if not frontier.points:
+        sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")
+        return EXIT_INFEASIBLE
+    write_outputs(frontier, args)
+    return 0
