@@ -13,7 +13,7 @@ import torch
 from ..data import move_batch, run_model
 from ..layers import get_module
 from ..quant import quantization_error, weight_matrix
-from .base import DEFAULT_OPTIONS, Context, Estimator, progress_bar
+from .base import DEFAULT_OPTIONS, Context, Estimator, progress_bar, weight_errors, weight_of
 
 
 class WeightErrorEstimator(Estimator):
@@ -30,16 +30,15 @@ class WeightErrorEstimator(Estimator):
         return self.weighted
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
-        moments = _input_moments(model, ctx) if self.weighted else {}
+        if not self.weighted:
+            return weight_errors(model, ctx)
+        moments = _input_moments(model, ctx)
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
-            w = get_module(model, lay.name).weight
+            w = weight_of(model, lay)
             for k, opt in enumerate(ctx.options):
                 err = weight_matrix(quantization_error(w, opt, lay.kind, lay.name), lay.kind)
-                if self.weighted:
-                    out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
-                else:
-                    out[i, k] = float(err.pow(2).sum())
+                out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
         return out
 
 
