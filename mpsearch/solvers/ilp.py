@@ -23,6 +23,7 @@ incumbent exists. The solve time includes building the model.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -147,7 +148,11 @@ class ILPSolver(Solver):
 
         t0 = time.perf_counter()
         prob = pulp.LpProblem("mpsearch", pulp.LpMinimize)
-        xs = [pulp.LpVariable(f"x_{i}_{k}", cat=pulp.LpBinary) for i, k in zip(m.ii.tolist(), m.kk.tolist())]
+        if hasattr(prob, "add_variable"):  # PuLP >= 3.3 attaches variables to the model
+            new_var = lambda name: prob.add_variable(name, 0, 1, cat=pulp.LpBinary)  # noqa: E731
+        else:
+            new_var = lambda name: pulp.LpVariable(name, cat=pulp.LpBinary)  # noqa: E731
+        xs = [new_var(f"x_{i}_{k}") for i, k in zip(m.ii.tolist(), m.kk.tolist())]
         prob += pulp.LpAffineExpression(zip(xs, m.c.tolist()))
         starts = np.searchsorted(m.ii, np.arange(problem.n_items + 1))
         for i in range(problem.n_items):
@@ -170,7 +175,9 @@ class ILPSolver(Solver):
         else:
             # CBC's preprocessing wrongly fixes variables on some small models (seen: a wrong
             # "optimal" on a 16-variable table); the ILPs here are easy enough without it
-            solver = pulp.PULP_CBC_CMD(warmStart=warm, gapAbs=0, options=["preprocess off"], **kw)
+            with warnings.catch_warnings():  # PuLP 3.3 deprecates the bundled-CBC class name
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(warmStart=warm, gapAbs=0, options=["preprocess off"], **kw)
         build_s = m.build_s + time.perf_counter() - t0
         t1 = time.perf_counter()
         prob.solve(solver)

@@ -89,7 +89,11 @@ class OptunaSolver(Solver):
         def objective(trial):
             choice = np.array([opt_index[trial.suggest_categorical(n, c)] for n, c in zip(names, choices)])
             use = cm[:, idx, choice].sum(axis=1) if len(cm) else np.zeros(0)
-            trial.set_user_attr("constraints", ((use - caps) / scale).tolist())
+            values = ((use - caps) / scale).tolist()
+            trial.set_user_attr("constraints", values)
+            if new_api:  # optuna >= 5: samplers read the trial's constraints
+                for c, v in zip(problem.constraints, values):
+                    trial.set_constraint(c.key, v)
             if self.objective is not None:
                 return float(self.objective(make_plan(problem, choice, solver=self)))
             return float(problem.damage[idx, choice].sum())
@@ -97,13 +101,14 @@ class OptunaSolver(Solver):
         def constraints(trial):
             return trial.user_attrs.get("constraints", [1.0])
 
-        kw = {"seed": self.seed, "constraints_func": constraints}
+        new_api = hasattr(optuna.trial.Trial, "set_constraint")
+        kw = {"seed": self.seed} if new_api else {"seed": self.seed, "constraints_func": constraints}
         sampler = optuna.samplers.TPESampler(**kw) if self.sampler == "tpe" else optuna.samplers.NSGAIISampler(**kw)
         name = self.study_name or "mpsearch-" + _fingerprint(problem)
         try:
             study = optuna.create_study(storage=self.storage, study_name=name, sampler=sampler,
                                         direction="minimize", load_if_exists=True)
-        except (ValueError, ImportError, RuntimeError) as exc:
+        except Exception as exc:  # bad URLs raise storage-specific errors (sqlalchemy, redis...)
             raise MpsearchError(f"optuna: cannot open storage {self.storage!r}: {exc}") from None
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if self.warm_start and not study.trials:
