@@ -8,7 +8,7 @@ model), measures uniform bit-widths alongside, and writes everything into ``--ou
 
 from __future__ import annotations
 
-from ._common import say
+from ._common import parse_params, say
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
@@ -62,7 +62,7 @@ def summarize(run) -> str:
     """A few lines: measured quality of mixed precision vs uniform at the same sizes, and the files."""
     q = f"measured_{run.metric}"
     lines = [f"all-MiniLM-L6-v2, {run.table.metadata.get('estimator')} estimator, "
-             f"{len(run.table.layers)} layers; quality = {run.metric_label} on held-out plays"]
+             f"{len(run.table.layers)} layers; quality = {run.metric_label} on held-out data"]
     uni = run.uniform.set_index("avg_bits")
     for _, row in run.validated().iterrows():
         u = uni[q].get(row["avg_bits"]) if row["avg_bits"] in uni.index else None
@@ -74,3 +74,72 @@ def summarize(run) -> str:
     for key, path in run.files.items():
         lines.append(f"  {key:18s} {path}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------- 'mpsearch frontier --model ...' (the model path)
+def add_model_frontier_args(p) -> None:
+    """The arguments of the model path of ``mpsearch frontier``."""
+    g = p.add_argument_group("measured frontier (instead of --table): estimate, solve, apply and measure")
+    g.add_argument("--model", help="model spec: HF directory, package.module:callable, file.py:callable, "
+                                   "or minilm / fashion-cnn / digits-mlp")
+    g.add_argument("--data", help="calibration data spec (text file, .pt, IDX file, callable, or a short name)")
+    g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
+                                       "required otherwise, as calibration and evaluation data are disjoint)")
+    g.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
+    g.add_argument("--bits", dest="options", default="2,3,4,5,6,8", help="options (default: 2,3,4,5,6,8)")
+    g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
+    g.add_argument("--metric", default=None,
+                   help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
+
+
+def _zoo_eval(spec: str, tokenizer):
+    from .. import zoo
+
+    if spec == "minilm":
+        return zoo.minilm_batches(zoo.shakespeare_lines(64, "eval", seed=1), 32, 48, tokenizer=tokenizer)
+    if spec == "fashion-cnn":
+        return zoo.fashion_batches("test", n=2000, batch_size=500)
+    if spec == "digits-mlp":
+        return zoo.digits_batches("test")
+    return None
+
+
+def run_model_frontier(args) -> int:
+    """Estimate -> frontier -> apply and measure K plans; ``-o`` names the output folder."""
+    from pathlib import Path
+
+    from ..data import first_batch
+    from ..errors import MpsearchError
+    from ..metrics import FunctionMetric, default_metric_name, make_metric
+    from ..pipeline import measured_frontier
+    from ..specs import _load_callable, load_data, load_model, load_tokenizer
+
+    model = load_model(args.model)
+    tokenizer = None
+    if args.model == "minilm" or Path(args.model).is_dir():
+        tokenizer = load_tokenizer(args.model)
+    calib = load_data(args.data, tokenizer=tokenizer) if args.data else None
+    if calib is None and args.model in ("minilm", "fashion-cnn", "digits-mlp"):
+        calib = load_data({"minilm": "shakespeare", "fashion-cnn": "fashion-mnist",
+                           "digits-mlp": "digits"}[args.model])
+    evals = load_data(args.eval_data, tokenizer=tokenizer) if args.eval_data else _zoo_eval(args.model, tokenizer)
+    if evals is None and not (args.metric and ":" in args.metric):
+        raise MpsearchError("--eval-data is required for this model: calibration and evaluation data "
+                            "must be disjoint (or give --metric package.module:callable)")
+    if args.metric and ":" in args.metric:
+        metric = FunctionMetric(_load_callable(args.metric, "metric"))
+    else:
+        name = args.metric or default_metric_name(model, first_batch(evals))
+        if name == "perplexity":
+            from ..data import as_batches
+
+            ids = [b["input_ids"].reshape(-1) for b in as_batches(evals)]
+            import torch
+
+            evals = torch.cat(ids)
+        metric = make_metric(name, evals)
+    run = measured_frontier(model, calib, metric, estimator=args.estimator, solver=args.solver,
+                            options=args.options, validate=args.validate, out=args.output,
+                            solver_params=parse_params(args.param), progress=True)
+    say(summarize(run).replace("all-MiniLM-L6-v2", str(args.model)))
+    return 0

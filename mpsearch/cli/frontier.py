@@ -28,6 +28,9 @@ def register(sub):
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write")
     p.add_argument("--plans-dir", default=None, help="also write one plan JSON per point into this folder")
     p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
+    from .demo import add_model_frontier_args
+
+    add_model_frontier_args(p)  # --model/--data/--estimator/--validate K: -o is then the output folder
     return p
 
 
@@ -62,8 +65,13 @@ def run(args) -> int:
     from ..table import CostTable
     from . import EXIT_INFEASIBLE
 
+    if args.model and not args.table:
+        from .demo import run_model_frontier
+
+        return run_model_frontier(args)
     if not args.table:
-        raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate')")
+        raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
+                            "or --model SPEC (estimate, solve and measure)")
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
     frontier = frontier_from_table(CostTable.read(args.table), args)
