@@ -88,7 +88,8 @@ def transformer_table(
 
     Few distinct shapes, as in real models, so size differences share a large common divisor and
     the ``dp`` solver is exact in integer units. ``size_bits`` is ``params * bits`` plus 16-bit scales
-    per output channel; damage falls as ``s * 2^(-2 bits)`` with noise; ``bops`` counts MACs per token.
+    per output channel; damage falls as ``s * 2^(-2 bits)`` with noise; ``bops`` counts MACs per token
+    x weight bits x 8; ``latency`` is a made-up per-layer speed x params x (bits + 4).
     """
     if n_layers < 1:
         raise MpsearchError(f"transformer_table: n_layers must be >= 1, got {n_layers}")
@@ -100,11 +101,13 @@ def transformer_table(
         name, fan_in, fan_out = shapes[i % len(shapes)]
         params = fan_in * fan_out
         s = float(rng.lognormal(0.0, 1.0)) * params * (1 + i // len(shapes)) ** -0.5
+        speed = float(rng.uniform(0.8, 1.25))  # kernels of one shape differ in speed per layer
         for b in sorted(int(x) for x in bits):
             rows.append({
                 "layer": f"blocks.{i // len(shapes)}.{name}", "bits": b, "params": params,
                 "damage": s * 2.0 ** (-2 * b) * float(np.exp(noise * rng.standard_normal())),
                 "size_bits": params * b + 16 * fan_out, "bops": params * b * 8,
+                "latency": round(speed * params * (b + 4) * 1e-6, 6),
             })
     return CostTable(pd.DataFrame(rows), {"estimator": "synthetic-transformer", "seed": seed, "d": d})
 

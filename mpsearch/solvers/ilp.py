@@ -116,6 +116,12 @@ class ILPSolver(Solver):
                             f"the ILP backend found no plan within the time limit ({stats.get('backend_status')})", stats)
         if status == "optimal":
             return Solution(choice, "optimal" if self.gap_rel == 0 else "feasible", stats=stats)
+        if status == "tolerance":  # HiGHS's optimum broke a cap within its feasibility tolerance
+            damage = float(problem.damage[np.arange(problem.n_items), choice].sum())
+            gap = max(damage - stats["lower_bound"], 0.0) / max(abs(damage), 1e-300)
+            stats["gap"] = gap
+            return Solution(choice, "feasible", f"the backend's optimum exceeded a cap within its tolerance; "
+                                                f"re-solved with tightened caps (gap <= {gap:.2g})", stats)
         damage = float(problem.damage[np.arange(problem.n_items), choice].sum())
         bound = max(stats.get("lower_bound", -np.inf), lp_relaxation_bound(problem))
         gap = (damage - bound) / max(abs(damage), 1e-300)
@@ -125,23 +131,45 @@ class ILPSolver(Solver):
     def _scipy(self, m: "_Model"):
         from scipy.optimize import Bounds, LinearConstraint, milp
 
-        cons = [LinearConstraint(m.a_eq, 1, 1)]
-        if m.a_ub is not None:
-            cons.append(LinearConstraint(m.a_ub, -np.inf, m.b_ub))
         options = {"mip_rel_gap": self.gap_rel, "disp": self.msg}
         if self.time_limit is not None:
             options["time_limit"] = float(self.time_limit)
-        res = milp(m.c, constraints=cons, integrality=np.ones(len(m.c)), bounds=Bounds(0, 1), options=options)
-        stats = {"backend": "highs (scipy)", "build_s": m.build_s, "variables": len(m.c),
-                 "backend_status": res.message}
-        if res.status == 2:
-            return None, "infeasible", stats
-        choice = m.decode(res.x) if res.x is not None else None
-        if res.status == 0:
-            return choice, "optimal", stats
-        if res.x is not None and getattr(res, "mip_dual_bound", None) is not None:
-            stats["lower_bound"] = m.unscale(float(res.mip_dual_bound))
-        return choice, "time_limit", stats
+        b_ub = None if m.b_ub is None else m.b_ub.copy()
+        stats = {"backend": "highs (scipy)", "build_s": m.build_s, "variables": len(m.c)}
+        best, bound = None, None
+        for attempt in range(4):
+            cons = [LinearConstraint(m.a_eq, 1, 1)]
+            if m.a_ub is not None:
+                cons.append(LinearConstraint(m.a_ub, -np.inf, b_ub))
+            with _quiet_stdout(not self.msg):  # scipy's HiGHS prints stray debug lines to stdout
+                res = milp(m.c, constraints=cons, integrality=np.ones(len(m.c)), bounds=Bounds(0, 1), options=options)
+            stats["backend_status"] = res.message
+            if res.status == 2:
+                break
+            choice = m.decode(res.x) if res.x is not None else None
+            if res.status != 0:  # time limit: the incumbent and the backend's bound
+                if res.x is not None and getattr(res, "mip_dual_bound", None) is not None and bound is None:
+                    stats["lower_bound"] = m.unscale(float(res.mip_dual_bound))
+                return (best if best is not None else choice), "time_limit", stats
+            if attempt == 0:
+                bound = m.unscale(float(res.fun))
+            if choice is not None and m.problem.is_feasible(choice):
+                if attempt == 0:
+                    return choice, "optimal", stats
+                best = choice
+                break
+            # HiGHS accepts rows violated within its feasibility tolerance (~1e-7 of the scaled row);
+            # tighten the violated rows by twice the violation and solve again
+            viol = m.a_ub @ res.x - b_ub
+            b_ub = b_ub - np.where(viol > 0, 2 * viol + 1e-12, 0.0)
+            stats["tightened"] = attempt + 1
+        if best is None and bound is not None:
+            last = m.decode(res.x) if res.x is not None else None
+            best = one_swap_repair(m.problem, last) if last is not None else None
+        if best is None:
+            return None, ("infeasible" if res.status == 2 and bound is None else "time_limit"), stats
+        stats["lower_bound"] = bound
+        return best, "tolerance", stats
 
     def _pulp(self, m: "_Model", problem: Problem, backend: str):
         import pulp
@@ -201,6 +229,7 @@ class _Model:
         from scipy.sparse import coo_matrix
 
         allowed = problem.allowed
+        self.problem = problem
         self.n_items = problem.n_items
         self.ii, self.kk = np.nonzero(allowed)
         n = len(self.ii)
@@ -230,6 +259,49 @@ class _Model:
 
     def unscale(self, objective: float) -> float:
         return objective * self.dscale + float(self.dmin.sum())
+
+
+def one_swap_repair(problem: Problem, choice: np.ndarray) -> np.ndarray | None:
+    """The feasible plan one option change away from ``choice`` that adds the least damage."""
+    idx = np.arange(problem.n_items)
+    cm = problem.constraint_matrix()
+    over = cm[:, idx, choice].sum(axis=1)
+    delta = cm - cm[:, idx, choice][:, :, None]  # [C, N, K]
+    fits = np.all(over[:, None, None] + delta <= problem.caps()[:, None, None], axis=0) & problem.allowed
+    added = np.where(fits, problem.damage - problem.damage[idx, choice][:, None], np.inf)
+    if not np.isfinite(added).any():
+        return None
+    i, k = np.unravel_index(np.argmin(added), added.shape)
+    fixed = choice.copy()
+    fixed[i] = k
+    return fixed if problem.is_feasible(fixed) else None
+
+
+class _quiet_stdout:
+    """Silence file descriptor 1 (C-level prints) while active."""
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            import os
+            import sys
+
+            sys.stdout.flush()
+            self.saved = os.dup(1)
+            self.null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(self.null, 1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            import os
+
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+            os.close(self.null)
+        return False
 
 
 def lp_relaxation_bound(problem: Problem) -> float:
