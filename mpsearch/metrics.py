@@ -189,8 +189,8 @@ class Perplexity(Metric):
     """Perplexity of a causal LM on a token stream, with a sliding window.
 
     Each window of ``window`` tokens advances by ``stride``; only the tokens new to a window are
-    scored (all of them in the first), so every token is predicted once with up to
-    ``window - stride`` tokens of context.
+    scored (all of them in the first), so every token is predicted once, with at least
+    ``window - stride`` (and at least one) tokens of context.
     """
 
     name = "perplexity"
@@ -207,15 +207,15 @@ class Perplexity(Metric):
         self.input_ids, self.window, self.stride, self.batch_size = ids, window, stride, batch_size
 
     def windows(self) -> list[tuple[int, int, int]]:
-        """``(start, end, first scored position)`` of every window."""
-        out, prev_end, n = [], 0, self.input_ids.numel()
-        for start in range(0, n - 1, self.stride):
+        """``(start, end, first scored position)`` of every window; a window starts at most one
+        token before the previous one ends, so each token is scored once, with context."""
+        out, start, prev_end, n = [], 0, 0, self.input_ids.numel()
+        while True:
             end = min(start + self.window, n)
             out.append((start, end, max(prev_end, start + 1)))
-            prev_end = end
             if end == n:
-                break
-        return out
+                return out
+            prev_end, start = end, min(start + self.stride, end - 1)
 
     def _measure(self, model):
         dev = _device(model)
