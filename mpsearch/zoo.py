@@ -64,6 +64,7 @@ def _offline_transformers():
     except ImportError:
         raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -13,7 +13,7 @@ from ._common import parse_params, say
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
 #: the default recipe (chosen from experiments/real_models.md)
-DEMO = {"estimator": "output-distance", "solver": "greedy", "options": "2,3,4,8",
+DEMO = {"estimator": "output-distance", "solver": "ilp", "options": "2,3,4,8",
         "calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
