@@ -133,7 +133,8 @@ def run_model_frontier(args) -> int:
         if name == "perplexity":
             from ..data import as_batches
 
-            ids = [b["input_ids"].reshape(-1) for b in as_batches(evals)]
+            ids = [b["input_ids"][b["attention_mask"].bool()] if "attention_mask" in b
+                   else b["input_ids"].reshape(-1) for b in as_batches(evals)]  # padding left out
             import torch
 
             evals = torch.cat(ids)
