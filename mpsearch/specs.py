@@ -122,7 +122,7 @@ def load_model(spec) -> torch.nn.Module:
     if spec in MODELS:
         return _check_model(MODELS[spec](), spec)
     path = Path(spec)
-    if ":" not in spec:
+    if ":" not in spec and (path.is_dir() or "/" in spec or spec.startswith(".")):
         if path.is_dir():
             return _check_model(_hf_model(path), spec)
         raise SpecError(
