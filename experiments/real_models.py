@@ -1,7 +1,7 @@
 """Measured quality of mixed precision vs uniform bit-widths on the packaged real models.
 
 For all-MiniLM-L6-v2 (embedding cosine to fp32 on passages from held-out plays) and the
-Fashion-MNIST CNN (test accuracy on 10,000 images), at the sizes of uniform 3, 4 and 5 bits
+Fashion-MNIST CNN (test accuracy on 10,000 test images; 2,000 with --quick), at the sizes of uniform 3, 4 and 5 bits
 (scales included): uniform, every estimator with the ILP solver, and the default pipeline (the
 `mpsearch demo` recipe). Writes experiments/real_models.md.
 
