@@ -26,12 +26,12 @@ import torch
 
 from ..data import move_batch
 from ..errors import MpsearchError
+from ..quant import quantization_error
 from .base import (
     DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
     only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
 )
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
-from ..quant import quantization_error
 
 
 class HessianEstimator(Estimator):
