@@ -59,6 +59,33 @@ def move_batch(batch, device):
     return batch
 
 
+def batch_size(batch) -> int:
+    """Samples in one batch (the first axis of its inputs)."""
+    from .layers import _batch_size
+
+    args, kwargs, _ = split_batch(batch)
+    return _batch_size(args) if args else _batch_size(kwargs)
+
+
+def slice_batch(obj, lo: int, hi: int, n: int):
+    """Samples ``lo:hi`` of every tensor in ``obj`` whose first axis has length ``n``."""
+    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == n:
+        return obj[lo:hi]
+    if isinstance(obj, dict):
+        return {k: slice_batch(v, lo, hi, n) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_batch(v, lo, hi, n) for v in obj)
+    return obj
+
+
+def micro_batches(batch, size: int | None) -> list:
+    """``batch`` cut into pieces of at most ``size`` samples (the batch itself when ``size`` is None)."""
+    n = batch_size(batch)
+    if not size or size >= n:
+        return [batch]
+    return [slice_batch(batch, lo, min(lo + size, n), n) for lo in range(0, n, size)]
+
+
 def run_model(model, batch):
     """Run ``model`` on one batch; returns the raw output."""
     args, kwargs, _ = split_batch(batch)

@@ -68,24 +68,28 @@ def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = Non
     dtype = matrix.dtype
     out, cols = matrix.shape
     grouped, pad = _grouped(matrix.detach().float(), option.group_size)
-    valid = ~torch.isnan(grouped)
+    valid = ~torch.isnan(grouped) if pad else None  # only padded groups hold NaN (the input is finite)
+
+    def fill(x, value):  # the padding excluded from a reduction
+        return x if valid is None else torch.where(valid, x, torch.full_like(x, value))
+
     b = option.bits
     if option.symmetric:
         if b == 1:
-            absw = torch.where(valid, grouped.abs(), torch.zeros_like(grouped))
-            scale = absw.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+            count = valid.sum(-1, keepdim=True).clamp(min=1) if pad else grouped.shape[-1]
+            scale = fill(grouped.abs(), 0.0).sum(-1, keepdim=True) / count
             q = torch.where(grouped >= 0, scale, -scale)
         else:
             qmax = 2 ** (b - 1) - 1
-            absmax = torch.where(valid, grouped.abs(), torch.zeros_like(grouped)).amax(-1, keepdim=True)
+            absmax = fill(grouped.abs(), 0.0).amax(-1, keepdim=True)
             scale = absmax / qmax
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             q = torch.clamp(torch.round(grouped / safe), -qmax, qmax) * safe
             q = torch.where(scale > 0, q, torch.zeros_like(q))
     else:
         levels = 2**b - 1
-        lo = torch.where(valid, grouped, torch.zeros_like(grouped)).amin(-1, keepdim=True).clamp(max=0)
-        hi = torch.where(valid, grouped, torch.zeros_like(grouped)).amax(-1, keepdim=True).clamp(min=0)
+        lo = fill(grouped, 0.0).amin(-1, keepdim=True).clamp(max=0)
+        hi = fill(grouped, 0.0).amax(-1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / levels
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-lo / safe)

@@ -92,6 +92,29 @@ def test_damage_is_trace_per_weight_times_rounding_error():
                 table.metadata["uncertainty"]["trace_stderr"][name] / w.numel() * err, rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["trace", "diagonal"])
+def test_micro_batches_give_the_whole_batch_result(mode):
+    """Each probe's v^T H v summed over micro-batches (size-weighted) is the whole batch's: the same
+    table to float rounding, with one micro-batch's graph held at a time (5 graphs for 16 + 8 samples)."""
+    model, batches = _mlp()
+    whole = _hutchinson(model, batches, probes=12, negative="abs", mode=mode)
+    micro = _hutchinson(model, batches, probes=12, negative="abs", mode=mode, micro_batch=5)
+    np.testing.assert_allclose(micro.frame["damage"], whole.frame["damage"], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(micro.frame["damage_std"], whole.frame["damage_std"], rtol=1e-4, atol=1e-12)
+    assert micro.metadata["uncertainty"]["probes_per_batch"] == [12, 12]
+    assert micro.metadata["cost"]["backward_passes"] == 4 + 2  # ceil(16/5) + ceil(8/5) graphs, one round
+    assert micro.metadata["cost"]["hvps"] == 12 * 6
+
+
+def test_micro_batches_stop_in_doubling_rounds():
+    model, batches = _mlp()
+    table = mpsearch.get_estimator("hessian", probes=64, min_probes=4, tol=0.5, micro_batch=8, options="2,4",
+                                   negative="abs").estimate(model, batches[:1], progress=False)
+    used = table.metadata["uncertainty"]["probes_per_batch"][0]
+    assert used in (4, 8, 16, 32, 64)  # rounds: min_probes, then twice the probes so far
+    assert table.metadata["cost"]["hvps"] == used * 2
+
+
 def test_diagonal_is_exact_when_the_hessian_is_diagonal():
     # y = W x with orthogonal inputs and a squared loss: H = 2/N * diag(x_j^2) per row, so every
     # probe gives v * Hv = diag(H) exactly, and the trace has zero variance.
@@ -167,6 +190,7 @@ def test_hf_bert_with_sdpa_attention_has_a_double_backward():
     ({"negative": "zero"}, "negative must be one of 'clamp', 'abs', 'error'"),
     ({"loss": "nll"}, "loss must be one of 'auto', 'ce', 'distill' or a callable"),
     ({"output": "probs"}, "output must be one of 'auto', 'logits', 'embedding'"),
+    ({"micro_batch": 0}, "micro_batch must be an integer > 0, got 0"),
 ])
 def test_bad_settings_are_refused(kw, msg):
     model, batches = _mlp()

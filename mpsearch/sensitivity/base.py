@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..data import as_batches
+from ..data import as_batches, move_batch
 from ..errors import MpsearchError
 from ..layers import Layer, discover_layers
 from ..options import Option, parse_options
@@ -102,7 +102,7 @@ class Estimator:
         if layers is None:
             layers = discover_layers(
                 model,
-                batches[0] if batches else None,
+                move_batch(batches[0], device) if batches else None,
                 include_embedding=include_embedding,
                 ties=ties,
                 fuse_projections=fuse_projections,

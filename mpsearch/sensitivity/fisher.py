@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import model_output_tensor, move_batch, split_batch
+from ..data import model_output_tensor, move_batch, slice_batch, split_batch
 from ..quant import quantization_error
 from .base import (
     DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
@@ -123,22 +123,12 @@ def _n(args, kwargs) -> int:
     return _batch_size(args) if args else _batch_size(kwargs)
 
 
-def _slice(obj, lo, hi, n):
-    if isinstance(obj, torch.Tensor) and obj.dim() and obj.shape[0] == n:
-        return obj[lo:hi]
-    if isinstance(obj, dict):
-        return {k: _slice(v, lo, hi, n) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_slice(v, lo, hi, n) for v in obj)
-    return obj
-
-
 def _chunk(batch, ci: int, size: int):
     """``(args, kwargs, target)`` of chunk ``ci`` of a batch (tensors cut along the first axis)."""
     args, kwargs, target = split_batch(batch)
     n = _n(args, kwargs)
     lo, hi = ci * size, min((ci + 1) * size, n)
-    return _slice(args, lo, hi, n), _slice(kwargs, lo, hi, n), _slice(target, lo, hi, n)
+    return slice_batch(args, lo, hi, n), slice_batch(kwargs, lo, hi, n), slice_batch(target, lo, hi, n)
 
 
 def _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn):
@@ -167,7 +157,7 @@ def _loop_grads(model, weights, args, kwargs, target, lossfn):
         w.requires_grad_(True)
     try:
         for i in range(n):
-            a, kw, t = _slice(args, i, i + 1, n), _slice(kwargs, i, i + 1, n), _slice(target, i, i + 1, n)
+            a, kw, t = (slice_batch(x, i, i + 1, n) for x in (args, kwargs, target))
             value = lossfn(model_output_tensor(model(*a, **kw)), t)
             for dst, g in zip(out, torch.autograd.grad(value, weights)):
                 dst[i] = g

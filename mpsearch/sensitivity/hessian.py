@@ -7,6 +7,11 @@ every layer's standard error is within ``tol`` of its trace (relative; layers wh
 1e-3 of the largest one are held to 1e-3 of the largest), or at ``probes``. Batches are averaged,
 weighted by their size.
 
+``micro_batch=k`` holds one gradient graph of at most ``k`` samples at a time (the double-backward
+graph is several times the memory of a training step): each round of probes runs through every
+micro-batch in turn and sums their size-weighted ``v^T H v``, which equals the whole batch's for a
+mean loss, so the result is the same up to float rounding at about 1/(batch/k) of the memory.
+
 - ``mode="trace"``: damage(l, b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3).
 - ``mode="diagonal"``: damage(l, b) = sum_j diag(H)_j * dW_j^2 with diag(H) ~ E[v * Hv].
 
@@ -24,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..data import move_batch
+from ..data import batch_size, micro_batches, move_batch
 from ..errors import MpsearchError
 from ..quant import quantization_error
 from .base import (
@@ -42,8 +47,8 @@ class HessianEstimator(Estimator):
 
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, probes: int = 64,
                  min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
-                 output: str = "auto", negative: str = "clamp", cache_dir=None,
-                 cache_every: float = 30.0):
+                 output: str = "auto", negative: str = "clamp", micro_batch: int | None = None,
+                 cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.probes = probes
         self.min_probes = min_probes
@@ -52,6 +57,7 @@ class HessianEstimator(Estimator):
         self.loss = loss
         self.output = output
         self.negative = negative
+        self.micro_batch = micro_batch
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
@@ -63,6 +69,8 @@ class HessianEstimator(Estimator):
         check_positive("tol", self.tol, allow_zero=True)
         check_choice("mode", self.mode, ("trace", "diagonal"))
         check_choice("negative", self.negative, ("clamp", "abs", "error"))
+        if self.micro_batch is not None:
+            check_positive("micro_batch", self.micro_batch, integer=True)
         check_loss(self.loss)
         check_output(self.output)
 
@@ -79,26 +87,14 @@ class HessianEstimator(Estimator):
         with only_weights_require_grad(model, weights), math_attention():
             for bi in range(st["batch"], len(ctx.batches)):
                 batch = move_batch(ctx.batches[bi], ctx.device)
-                grads = self._gradient_graph(model, batch, loss, weights, ctx)
                 if diagonal and st["diag_batch"] is None:
                     st["diag_batch"] = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
-                for j in range(len(st["current"]), n_max):
-                    gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
-                    vs = [torch.randint(0, 2, w.shape, generator=gen, device=ctx.device).to(w.dtype) * 2 - 1
-                          for w in weights]
-                    hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
-                    ctx.count("hvps")
-                    st["current"].append(torch.stack([(v * h).sum().double() for v, h in zip(vs, hv)]).cpu())
-                    if diagonal:
-                        for acc, v, h in zip(st["diag_batch"], vs, hv):
-                            acc += (v * h).double()
-                    bar.update(1)
-                    if ctx.checkpoint:
-                        ctx.checkpoint.save(st)
-                    if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
-                        break
-                del grads
-                size = _batch_size(ctx.batches[bi])
+                parts = micro_batches(batch, self.micro_batch)
+                if len(parts) == 1:
+                    self._probe_batch(model, batch, loss, weights, ctx, st, bi, n_max, bar)
+                else:
+                    self._probe_micro_batches(model, parts, loss, weights, ctx, st, bi, n_max, bar)
+                size = batch_size(ctx.batches[bi])
                 if diagonal:
                     p = len(st["current"])
                     part = [acc / p * size for acc in st["diag_batch"]]
@@ -136,6 +132,54 @@ class HessianEstimator(Estimator):
                 dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((d * dw.pow(2)).sum())
         return out
+
+    def _probe(self, grads, weights, ctx, bi, j, scale, st):
+        """One Hutchinson probe through one gradient graph: per-layer v^T H v (times ``scale``)."""
+        gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
+        vs = _rademacher(weights, gen, ctx.device)
+        hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+        ctx.count("hvps")
+        if st["diag_batch"] is not None:
+            for acc, v, h in zip(st["diag_batch"], vs, hv):
+                acc += (v * h).double() * scale
+        return torch.stack([(v * h).sum().double() for v, h in zip(vs, hv)]).cpu() * scale
+
+    def _probe_batch(self, model, batch, loss, weights, ctx, st, bi, n_max, bar):
+        """Probes through one gradient graph of the whole batch until converged or ``n_max``."""
+        grads = self._gradient_graph(model, batch, loss, weights, ctx)
+        for j in range(len(st["current"]), n_max):
+            st["current"].append(self._probe(grads, weights, ctx, bi, j, 1.0, st))
+            bar.update(1)
+            if ctx.checkpoint:
+                ctx.checkpoint.save(st)
+            if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
+                break
+
+    def _probe_micro_batches(self, model, parts, loss, weights, ctx, st, bi, n_max, bar):
+        """The same probes, with one micro-batch's gradient graph held at a time.
+
+        ``v^T H v`` of the batch (mean loss) is the size-weighted sum over its micro-batches, so each
+        round of probes runs through every micro-batch's graph in turn; rounds double (``min_probes``,
+        then twice the probes so far) until the traces converge or ``probes`` is reached. Memory is that
+        of one micro-batch; the HVP work is the same as for the whole batch.
+        """
+        sizes = [batch_size(p) for p in parts]
+        total = float(sum(sizes))
+        while len(st["current"]) < n_max:
+            lo = len(st["current"])
+            hi = min(n_max, max(int(self.min_probes), 2 * lo))
+            vals = [0.0] * (hi - lo)
+            for part, size in zip(parts, sizes):
+                grads = self._gradient_graph(model, part, loss, weights, ctx)
+                for j in range(lo, hi):
+                    vals[j - lo] = vals[j - lo] + self._probe(grads, weights, ctx, bi, j, size / total, st)
+                del grads
+            st["current"].extend(vals)
+            bar.update(hi - lo)
+            if ctx.checkpoint:  # a round is the unit of work kept across an interruption
+                ctx.checkpoint.save(st)
+            if hi >= self.min_probes and self._converged(torch.stack(st["current"])):
+                break
 
     def _gradient_graph(self, model, batch, loss, weights, ctx):
         ref = None
@@ -179,10 +223,12 @@ class HessianEstimator(Estimator):
         )
 
 
-def _batch_size(batch) -> int:
-    from ..layers import _batch_size as size
-
-    return size(batch)
+def _rademacher(weights, gen, device) -> list[torch.Tensor]:
+    """One Rademacher probe (+-1) per weight, drawn as one flat vector and split into views."""
+    flat = torch.randint(0, 2, (sum(w.numel() for w in weights),), generator=gen, device=device,
+                         dtype=weights[0].dtype).mul_(2).sub_(1)
+    views = [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in weights]), weights)]
+    return [v if v.dtype == w.dtype else v.to(w.dtype) for v, w in zip(views, weights)]
 
 
 def _combine(done) -> tuple[np.ndarray, np.ndarray]:
