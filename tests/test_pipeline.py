@@ -132,13 +132,25 @@ def fashion_cnn():
     return zoo.fashion_mnist_cnn(progress=False)  # trained once, then loaded from the disk cache
 
 
-def test_fashion_cnn_mixed_precision_holds_uniform_quality_at_3_bits(fashion_cnn, tmp_path):
+def test_fashion_cnn_default_recipe_beats_uniform_at_3_bits(fashion_cnn):
+    """The default recipe (output-distance + ilp, asymmetric per-channel options) against uniform
+    int3-asym at the same size, measured on 2,000 test images: strictly closer to the fp32 model
+    (KL, measured 0.017 vs 0.025 on 10,000 images) and no less accurate beyond noise."""
+    from mpsearch import apply_plan
+    from mpsearch.metrics import KLDivergence
+    from mpsearch.plan import BitPlan
+
     evals = zoo.fashion_batches("test", n=2000, batch_size=500)
     calib = zoo.fashion_batches("train", n=256, batch_size=128)
-    run = measured_frontier(fashion_cnn, calib, Accuracy(evals), estimator="output-distance",
-                            solver="ilp", options="2,3,4,8", validate=0, progress=False)
-    assert run.baseline > 85.0
-    u = run.uniform.set_index("bits")
-    at3 = run.validated().set_index("budget_avg_bits")["measured_accuracy"]
-    mixed = at3[np.isclose(at3.index, u.loc[3, "avg_bits"], atol=1e-6)].iloc[0]
-    assert mixed >= u.loc[3, "measured_accuracy"] - 0.5  # at least as good, within noise of 2000 images
+    run = measured_frontier(fashion_cnn, calib, KLDivergence(evals), estimator="output-distance", solver="ilp",
+                            options="int2-asym,int3-asym,int4-asym,int8-asym", validate=0, progress=False)
+    u = run.uniform.set_index("option")
+    val = run.validated()
+    hit = val[np.isclose(val["budget_avg_bits"], u.loc["int3-asym", "avg_bits"], atol=1e-6)]
+    assert len(hit) == 1 and hit["measured_avg_bits"].iloc[0] <= u.loc["int3-asym", "avg_bits"] + 1e-9
+    plan = run.plans[int(hit["point"].iloc[0])]
+    assert len({plan.option_name(lay) for lay in plan.layers}) > 1  # really mixed, not the uniform plan
+    assert hit["measured_kl"].iloc[0] < 0.8 * u.loc["int3-asym", "measured_kl"]
+    acc = Accuracy(evals)
+    uniform = apply_plan(fashion_cnn, BitPlan.uniform(plan.layers, "int3-asym"))
+    assert acc(apply_plan(fashion_cnn, plan)) >= acc(uniform) - 0.5  # 0.5 points: noise of 2,000 images

@@ -13,7 +13,8 @@ from ._common import parse_params, say
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
 #: the default recipe (chosen from experiments/real_models.md)
-DEMO = {"estimator": "output-distance", "solver": "ilp", "options": "2,3,4,8",
+DEMO = {"estimator": "output-distance", "solver": "ilp",
+        "options": "int2-asym,int3-asym,int4-asym,int5-asym,int6-asym,int8-asym",
         "calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
@@ -63,10 +64,10 @@ def summarize(run) -> str:
     q = f"measured_{run.metric}"
     lines = [f"all-MiniLM-L6-v2, {run.table.metadata.get('estimator')} estimator, "
              f"{len(run.table.layers)} layers; quality = {run.metric_label} on held-out data"]
-    uni = run.uniform.set_index("avg_bits")
     for _, row in run.validated().iterrows():
-        u = uni[q].get(row["avg_bits"]) if row["avg_bits"] in uni.index else None
-        tag = f"   uniform {u:.4f}" if u is not None else ""
+        # the plan solved at a uniform plan's exact size (its own size may be a little smaller)
+        same = run.uniform[(run.uniform["avg_bits"] - row["budget_avg_bits"]).abs() < 1e-6]
+        tag = f"   uniform {same[q].iloc[0]:.4f}" if len(same) else ""
         lines.append(f"  {row['avg_bits']:.3f} bits/weight: mixed {row[q]:.4f}{tag}")
     lines.append(f"proxy check: Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
                  + ("  (POOR)" if run.proxy["poor"] else ""))
