@@ -118,6 +118,23 @@ class Problem:
         return out
 
 
+def group_items(layers, group_of: dict) -> list[list[str]]:
+    """Layers gathered into decision items: one per tie group (members in layer order), one per
+    untied layer, in the order of first appearance."""
+    seen: dict[str, list[str]] = {}
+    items: list[list[str]] = []
+    for n in layers:
+        g = group_of.get(n)
+        if g is None:
+            items.append([n])
+        elif g in seen:
+            seen[g].append(n)
+        else:
+            seen[g] = [n]
+            items.append(seen[g])
+    return items
+
+
 def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
     """Check ``budget`` against ``table`` and build the dense problem."""
     budget = budget or Budget()
@@ -209,17 +226,7 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
             comps.setdefault(find(n), []).append(n)
         items = list(comps.values())
     else:
-        seen: dict[str, list[str]] = {}
-        items = []
-        for n in layers:
-            g = group_of.get(n)
-            if g is None:
-                items.append([n])
-            elif g in seen:
-                seen[g].append(n)
-            else:
-                seen[g] = [n]
-                items.append(seen[g])
+        items = group_items(layers, group_of)
     N = len(items)
     allowed = np.ones((N, K), dtype=bool)
     vals = {col: np.zeros((N, K)) for col in cols}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import MpsearchError
+from .problem import group_items
 from .table import CostTable
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
@@ -120,18 +121,7 @@ def exact_frontier(table: CostTable, column: str = "size_bits", max_plans: int =
     plans.
     """
     layers, options = table.layers, table.options
-    groups = table.groups
-    items: list[list[str]] = []
-    seen: dict[str, list[str]] = {}
-    for n in layers:
-        g = groups.get(n)
-        if g is None:
-            items.append([n])
-        elif g in seen:
-            seen[g].append(n)
-        else:
-            seen[g] = [n]
-            items.append(seen[g])
+    items = group_items(layers, table.groups)
     total = len(options) ** len(items)
     if total > max_plans:
         raise MpsearchError(f"exact_frontier: {total} plans is more than max_plans={max_plans}")
