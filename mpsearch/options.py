@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from .errors import MpsearchError
 
 KEEP_BITS = 16
+
+#: the option set of the default pipeline (``mpsearch demo``, ``mpsearch frontier --model``): asymmetric
+#: per-channel round-to-nearest at 2-8 bits. Symmetric 2-bit has only three levels (-s, 0, s), which
+#: leaves a 3-bit budget nothing worth trading (experiments/real_models.md).
+DEFAULT_SEARCH_OPTIONS = "int2-asym,int3-asym,int4-asym,int5-asym,int6-asym,int8-asym"
 _NAME = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym)?$")
 
 

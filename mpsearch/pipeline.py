@@ -33,11 +33,12 @@ import torch
 from .budget import Budget
 from .errors import MpsearchError
 from .metrics import Metric
+from .options import DEFAULT_SEARCH_OPTIONS
 from .plan import BitPlan
 from .registry import get_estimator, get_solver, load_class
 from .table import CostTable, atomic_write_text
 
-DEFAULT_OPTIONS = "2,3,4,5,6,8"
+DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
 
 
 class ProxyWarning(UserWarning):

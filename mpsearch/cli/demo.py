@@ -8,13 +8,14 @@ model), measures uniform bit-widths alongside, and writes everything into ``--ou
 
 from __future__ import annotations
 
+from ..options import DEFAULT_SEARCH_OPTIONS
 from ._common import parse_params, say
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
 #: the default recipe (chosen from experiments/real_models.md)
 DEMO = {"estimator": "output-distance", "solver": "ilp",
-        "options": "int2-asym,int3-asym,int4-asym,int5-asym,int6-asym,int8-asym",
+        "options": DEFAULT_SEARCH_OPTIONS,
         "calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
@@ -87,7 +88,8 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
     g.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
-    g.add_argument("--bits", dest="options", default="2,3,4,5,6,8", help="options (default: 2,3,4,5,6,8)")
+    g.add_argument("--bits", dest="options", default=DEFAULT_SEARCH_OPTIONS,
+                   help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
     g.add_argument("--metric", default=None,
                    help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
