@@ -198,14 +198,11 @@ def trace_difference(a, b) -> str:
 def pyhessian_trace(model, x, t, crit, probes, same_weights: bool, cuda: bool):
     from pyhessian import hessian
 
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    if same_weights:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in layer_weights(model):
-            w.requires_grad_(True)
+    from mpsearch.sensitivity.base import only_weights_require_grad
+
+    grads_on = only_weights_require_grad(model, layer_weights(model)) if same_weights else contextlib.nullcontext()
     try:
-        with math_attention():
+        with grads_on, math_attention():
             h = hessian(model, crit, data=(x, t), cuda=cuda)
             # tol=-inf: PyHessian's stop test ``abs(mean - last) / (last + 1e-6) < tol`` divides by the
             # running mean, so with tol=0.0 it stops early as soon as that mean is negative
@@ -214,8 +211,6 @@ def pyhessian_trace(model, x, t, crit, probes, same_weights: bool, cuda: bool):
         return float(np.mean(vals)), len(vals)
     finally:
         free_grads(model)
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 def breakdown(model, x, t, repeats, cuda) -> dict:

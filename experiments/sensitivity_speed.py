@@ -19,6 +19,7 @@ Writes experiments/sensitivity_speed.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import gc
 import subprocess
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mpsearch  # noqa: E402
-from mpsearch.sensitivity.base import EstimatorWarning, math_attention  # noqa: E402
+from mpsearch.sensitivity.base import EstimatorWarning, math_attention, only_weights_require_grad  # noqa: E402
 from sensitivity_common import fashion, markdown_table, minilm, timed  # noqa: E402
 
 warnings.simplefilter("ignore", EstimatorWarning)
@@ -79,13 +80,8 @@ def ours(model, x, t, crit, probes, micro_batch=None):
 
 
 def pyhessian_trace(model, x, t, crit, probes, same_weights: bool):
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    if same_weights:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for w in layer_weights(model):
-            w.requires_grad_(True)
-    try:
+    grads_on = only_weights_require_grad(model, layer_weights(model)) if same_weights else contextlib.nullcontext()
+    with grads_on:
         with math_attention():
             try:
                 from pyhessian import hessian
@@ -103,9 +99,6 @@ def pyhessian_trace(model, x, t, crit, probes, same_weights: bool):
                     hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
                     vals.append(float(sum((v * h).sum() for v, h in zip(vs, hv))))
                 return float(np.mean(vals))
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 # ------------------------------------------------------------------------ memory (child process)
