@@ -79,13 +79,16 @@ def test_unknown_format_and_setting():
     ("llama.cpp", "int7", r"llama.cpp cannot express the option of 1 layer\(s\): 'lm_head \(int7\)'; GGUF has types for 2, 3, 4, 5, 6 and 8"),
     ("llama.cpp", "int1", r"llama.cpp cannot express .*int1"),
     ("gptqmodel", "int5", r"gptqmodel cannot express .*'lm_head \(int5\)'; GPTQModel quantizes to 2, 3, 4 or 8 bits"),
-    ("modelopt", "int3", r"modelopt cannot express .*int3.*int4 and int8"),
-    ("modelopt", "int4-asym", r"modelopt cannot express .*int4-asym"),
+    ("modelopt", "int3", r"modelopt cannot express .*int3.*int8 per channel \(W8A16\) and int4 in groups \(W4A16_AWQ\)"),
+    ("modelopt", "int4-g32-asym", r"modelopt cannot express .*'lm_head \(int4-g32-asym\)'"),
+    ("modelopt", "int4", r"modelopt cannot express .*'lm_head \(int4\)'"),
+    ("modelopt", "int8-g32", r"modelopt cannot express .*'lm_head \(int8-g32\)'"),
     ("autoround", "int1", r"autoround cannot express .*int1.*2-8 bits"),
+    ("autoround", "int8-asym", r"autoround cannot express .*'lm_head \(int8-asym\)'; AutoRound refuses 8-bit asymmetric"),
     ("llm-compressor", "int1", r"llm-compressor cannot express .*int1.*2-8 bits"),
 ])
 def test_unexportable_option_is_refused(fmt, spec, msg):
-    choice = {n: "int4" for n in llama_names(1)}
+    choice = {n: "int4-g32" for n in llama_names(1)}
     choice["lm_head"] = spec
     with pytest.raises(ExportError, match=msg):
         export_plan(make_plan(choice), fmt)
@@ -99,14 +102,14 @@ def test_every_format_exports_what_it_can_express():
 
 # ----------------------------------------------------------------- runtime ties
 def test_fused_disagreement_is_refused_with_names_unless_forced():
-    choice = {n: "int4" for n in llama_names(2)}
+    choice = {n: "int4-g32" for n in llama_names(2)}
     choice["model.layers.1.self_attn.k_proj"] = "int8"
     plan = make_plan(choice)
     for fmt in ("gptqmodel", "llm-compressor", "autoround", "modelopt"):
         with pytest.raises(ExportError, match=(
                 rf"{re.escape(fmt)}: these layers are fused into one matrix by .*: "
-                r"model\.layers\.1\.self_attn\.q_proj=int4, model\.layers\.1\.self_attn\.k_proj=int8, "
-                r"model\.layers\.1\.self_attn\.v_proj=int4; re-solve with a tie .* or export anyway with --force")):
+                r"model\.layers\.1\.self_attn\.q_proj=int4-g32, model\.layers\.1\.self_attn\.k_proj=int8, "
+                r"model\.layers\.1\.self_attn\.v_proj=int4-g32; re-solve with a tie .* or export anyway with --force")):
             export_plan(plan, fmt)
         assert export_plan(plan, fmt, force=True)
     # torchao quantizes modules one by one and llama.cpp keeps attn_q/k/v apart: no refusal
@@ -310,7 +313,7 @@ def test_llmcompressor_recipe_schema():
 
 # ----------------------------------------------------------------- AutoRound and ModelOpt (schema)
 def test_autoround_layer_config_schema():
-    plan = tied_plan(specs=("int4-g32", "int8", "int2", "keep"), blocks=2)
+    plan = tied_plan(specs=("int4-g32", "int8", "int2", "int3-g32-asym", "keep"), blocks=2)
     doc = export_plan(plan, "autoround")
     # documented entries: {"bits", "group_size", "sym", "data_type"}; kept: {"bits": 16, "data_type": "float"}
     for name in plan.layers:
@@ -322,18 +325,31 @@ def test_autoround_layer_config_schema():
                                  "data_type": "int"}
 
 
+def test_autoround_8bit_asymmetric_only_when_allowed():
+    # AutoRound raises on an explicit 8-bit asymmetric entry unless its format serves it
+    plan = make_plan({n: ("int8-g32-asym" if "mlp" in n else "int4-g32") for n in llama_names(1)})
+    with pytest.raises(ExportError, match=r"autoround cannot express the option of 3 layer\(s\).*AR_ALLOW_W8_ASYM=1"):
+        export_plan(plan, "autoround")
+    doc = export_plan(plan, "autoround", w8_asym=True)
+    assert doc["model.layers.0.mlp.down_proj"] == {"bits": 8, "group_size": 32, "sym": False, "data_type": "int"}
+    with pytest.raises(ExportError, match="w8_asym must be True or False, got 'yes'"):
+        export_plan(plan, "autoround", w8_asym="yes")
+
+
 # TensorRT-LLM ``QuantAlgo`` members (tensorrt_llm/quantization/mode.py)
 QUANT_ALGOS = {"W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL",
                "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES", "INT8", "MIXED_PRECISION", "NVFP4", "NO_QUANT"}
 
 
 def test_modelopt_hf_quant_config_schema():
-    plan = tied_plan(specs=("int4-g32", "int8", "int4", "int4-g64-asym", "int8-g32", "keep"), blocks=4)
+    plan = tied_plan(specs=("int4-g32", "int8", "int4-g128", "keep"), blocks=4)
     doc = json.loads(export_text(plan, "modelopt"))
     q = doc["quantization"]
     assert q["quant_algo"] == "MIXED_PRECISION" and q["kv_cache_quant_algo"] is None
-    expect = {"int4-g32": ("W4A16_AWQ", 32), "int8": ("W8A16", None), "int4": ("W4A16", None),
-              "int4-g64-asym": ("W4A16_GPTQ", 64), "int8-g32": ("W8A16_GPTQ", 32)}
+    # the entries ModelOpt's own export writes (quant_utils.process_layer_quant_config)
+    awq = {"quant_algo": "W4A16_AWQ", "has_zero_point": False, "pre_quant_scale": True}
+    expect = {"int4-g32": {**awq, "group_size": 32}, "int4-g128": {**awq, "group_size": 128},
+              "int8": {"quant_algo": "W8A16"}}
     for name in plan.layers:
         o = plan.option(name)
         if o.is_keep:
@@ -341,7 +357,7 @@ def test_modelopt_hf_quant_config_schema():
             continue
         entry = q["quantized_layers"][name]
         assert entry["quant_algo"] in QUANT_ALGOS
-        assert (entry["quant_algo"], entry.get("group_size")) == expect[o.name]
+        assert entry == expect[o.name]
 
 
 def test_importers_only_where_the_format_carries_bits(tmp_path):

@@ -7,12 +7,19 @@ channel), ``sym`` and ``data_type: "int"``; a layer kept in floating point is ``
 ``quantization_config.json`` of its checkpoints). Every plan layer is written, so the global
 scheme does not matter for them. Integer bits 2-8 are written (AutoRound's exported kernels serve
 2, 3, 4 and 8). Use it as ``layer_config=json.load(open(FILE))``.
+
+AutoRound (0.16) refuses an entry that asks for 8-bit *asymmetric* weights (``ValueError``: vLLM's
+8-bit GPTQ-format kernels are symmetric only) unless the export format is
+``auto_round:llm_compressor`` or ``AR_ALLOW_W8_ASYM=1`` is set, so such plans are refused here
+unless ``w8_asym=True`` (``--opt w8_asym=True``) says one of those is in use. AutoRound also keeps,
+on its own, any layer whose weight has a dimension not divisible by 32 at 16 bits (with its usual
+integer weight-only schemes), and ``lm_head`` when the model ties it to the embeddings.
 """
 
 from __future__ import annotations
 
 from ..plan import BitPlan
-from ._base import Exporter, refuse
+from ._base import ExportError, Exporter, refuse
 
 
 class AutoRoundExporter(Exporter):
@@ -23,9 +30,18 @@ class AutoRoundExporter(Exporter):
     fused_runtime = True
     runtime = "AutoRound's serving back ends (vLLM, SGLang)"
 
+    def __init__(self, w8_asym: bool = False):
+        self.w8_asym = w8_asym
+
     def check(self, plan: BitPlan) -> None:
+        if not isinstance(self.w8_asym, bool):
+            raise ExportError(f"autoround: w8_asym must be True or False, got {self.w8_asym!r}")
         refuse(plan, self.name, lambda o: o.is_keep or 2 <= o.bits <= 8,
                "AutoRound integer schemes are 2-8 bits (or 16 to keep a layer)")
+        if not self.w8_asym:
+            refuse(plan, self.name, lambda o: o.is_keep or o.bits != 8 or o.symmetric,
+                   "AutoRound refuses 8-bit asymmetric weights unless its export format is "
+                   "'auto_round:llm_compressor' or AR_ALLOW_W8_ASYM=1 is set (then pass --opt w8_asym=True)")
 
     def build(self, plan: BitPlan) -> dict:
         out = {}

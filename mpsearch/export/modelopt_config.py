@@ -1,21 +1,22 @@
 """NVIDIA ModelOpt: ``hf_quant_config.json`` with ``quant_algo: MIXED_PRECISION`` and ``quantized_layers``.
 
-ModelOpt's unified HF export (``modelopt/torch/export/quant_utils.py``,
+ModelOpt's unified HF export (``modelopt/torch/export/quant_utils.py``: ``get_quant_config``,
 ``process_layer_quant_config``) writes ``{"producer": ..., "quantization": {"quant_algo":
 "MIXED_PRECISION", "kv_cache_quant_algo": null, "quantized_layers": {layer: {"quant_algo": ...,
-"group_size": ...}}, "exclude_modules": [...]}}``; TensorRT-LLM and vLLM read it. The integer
-weight-only algorithms of TensorRT-LLM's ``QuantAlgo`` that fit a plan's options are:
+...}}}}``; TensorRT-LLM and vLLM read it (and ModelOpt's ``convert_hf_quant_config_format`` turns
+it into the ``quantization_config`` of ``config.json``). ModelOpt has two integer weight-only
+formats, and this export writes exactly the entries ModelOpt itself writes for them:
 
-| option                      | quant_algo   | extra                                  |
-|-----------------------------|--------------|----------------------------------------|
-| int8, per channel, sym      | `W8A16`      |                                        |
-| int8-gG (sym or asym)       | `W8A16_GPTQ` | `group_size`, `has_zero_point`         |
-| int4, per channel, sym      | `W4A16`      |                                        |
-| int4-gG, sym                | `W4A16_AWQ`  | `group_size`, `has_zero_point: false`  |
-| int4-gG-asym                | `W4A16_GPTQ` | `group_size`, `has_zero_point: true`   |
-| keep                        | (none)       | listed in `exclude_modules`            |
+| option                      | ModelOpt format | entry                                                   |
+|-----------------------------|-----------------|---------------------------------------------------------|
+| int8, per channel, sym      | `int8_wo`       | `{"quant_algo": "W8A16"}`                               |
+| int4-gG, sym                | `int4_awq`      | `{"quant_algo": "W4A16_AWQ", "group_size": G, "has_zero_point": false, "pre_quant_scale": true}` |
+| keep                        | (none)          | not in `quantized_layers`; listed in `exclude_modules`  |
 
-Other bit-widths (and asymmetric per-channel) have no TensorRT-LLM kernel and are refused.
+Other options are refused: ModelOpt quantizes int4 only in groups (its export asserts block
+sizes), writes int8 as ``W8A16`` whatever its blocks (so a grouped int8 plan would be served per
+channel), has no zero points for integers, and neither its config converter nor TensorRT-LLM's
+PyTorch back end reads the ``W4A16`` / ``W4A16_GPTQ`` / ``W8A16_GPTQ`` algorithms.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from ._base import ExportError, Exporter, refuse
 
 
 def layer_algo(opt: Option) -> dict | None:
-    """The ``quantized_layers`` entry of an option, or None if TensorRT-LLM has none."""
-    if opt.bits not in (4, 8):
+    """The ``quantized_layers`` entry ModelOpt writes for an option, or None if it has none."""
+    if not opt.symmetric:
         return None
-    if opt.group_size is None:
-        return {"quant_algo": f"W{opt.bits}A16"} if opt.symmetric else None
-    algo = "W4A16_AWQ" if opt.bits == 4 and opt.symmetric else f"W{opt.bits}A16_GPTQ"
-    return {"quant_algo": algo, "group_size": opt.group_size, "has_zero_point": not opt.symmetric}
+    if opt.bits == 8 and opt.group_size is None:
+        return {"quant_algo": "W8A16"}
+    if opt.bits == 4 and opt.group_size is not None:
+        return {"quant_algo": "W4A16_AWQ", "group_size": opt.group_size, "has_zero_point": False,
+                "pre_quant_scale": True}
+    return None
 
 
 class ModelOptExporter(Exporter):
@@ -46,8 +49,8 @@ class ModelOptExporter(Exporter):
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or layer_algo(o) is not None,
-               "TensorRT-LLM's integer weight-only formats are int4 and int8 (per channel symmetric, "
-               "or grouped)")
+               "ModelOpt's integer weight-only formats are int8 per channel (W8A16) and int4 in "
+               "groups (W4A16_AWQ), both symmetric (or keep)")
 
     def build(self, plan: BitPlan) -> dict:
         layers = {lay: layer_algo(plan.option(lay)) for lay in plan.layers if not plan.option(lay).is_keep}
