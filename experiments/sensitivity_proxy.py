@@ -90,7 +90,7 @@ def run_model(name: str, quick: bool, n_plans: dict, fmt: str) -> tuple[list, li
     layers = tables["weight-error"].layers
     rows = []
     for rname, choices in RANGES.items():
-        plans = random_plans(layers, choices, n_plans[rname], seed=hash(rname) % 1000)
+        plans = random_plans(layers, choices, n_plans[rname], seed=list(RANGES).index(rname))
         measured = []
         for bits in plans:
             q = mpsearch.apply_plan(model, plan_of(bits, fmt))
