@@ -125,10 +125,7 @@ def non_dominated(frame, x: str = "size_bits", y: str = "damage"):
     for col in (x, y):
         if col not in frame:
             raise MpsearchError(f"non_dominated: the frame has no column {col!r}; columns: {list(frame.columns)}")
-    order = np.lexsort((frame[y].to_numpy(), frame[x].to_numpy()))
-    ys = frame[y].to_numpy()[order]
-    prev = np.r_[np.inf, np.minimum.accumulate(ys)[:-1]]
-    return frame.iloc[order[ys < prev]]
+    return frame.iloc[_pareto_indices(frame[x].to_numpy(), frame[y].to_numpy())]
 
 
 def _pareto_indices(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:

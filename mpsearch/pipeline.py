@@ -32,6 +32,7 @@ import torch
 
 from .budget import Budget
 from .errors import MpsearchError
+from .frontier import non_dominated
 from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
 from .plan import BitPlan
@@ -138,13 +139,7 @@ def sweep(table: CostTable, solver, budgets, base_budget: Budget | None = None, 
 
 def pareto(points: pd.DataFrame, x="size_bits", y="damage") -> pd.DataFrame:
     """The non-dominated rows (smaller ``x`` and smaller ``y`` are better), sorted by ``x``."""
-    pts = points.sort_values([x, y]).reset_index(drop=True)
-    keep, best = [], np.inf
-    for i, v in enumerate(pts[y].to_numpy()):
-        if v < best:
-            keep.append(i)
-            best = v
-    return pts.iloc[keep].reset_index(drop=True)
+    return non_dominated(points, x, y).reset_index(drop=True)
 
 
 def spread(values, k: int) -> list[int]:
