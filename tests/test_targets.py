@@ -146,8 +146,14 @@ def test_estimate_with_a_target_gives_each_layer_its_legal_options():
     q = apply_plan(model, res.plan)
     w = q[0].weight.detach().reshape(12, 2, 8)
     assert max(len(torch.unique(b)) for b in w.reshape(-1, 8)) <= 16
-    report = validate_plan(model, res.plan)
+    report = validate_plan(model, res.plan, target=TEST_TARGET)
     assert report.ok
+    from mpsearch.errors import PlanError
+    from mpsearch.plan import BitPlan
+
+    bad = BitPlan(bits={"0": 4, "2": 4, "4": 4}, options={n: {"name": "test_blk8", "format": "test_blk8", "bits": 4} for n in "024"})
+    with pytest.raises(PlanError, match=r"layer '2' \(16x12\) cannot take test_blk8: 12 columns"):
+        validate_plan(model, bad, target=TEST_TARGET)
     assert report.size_bits == pytest.approx(res.plan.predicted["size_bits"])
 
 
