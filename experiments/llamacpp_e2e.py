@@ -330,6 +330,104 @@ def hand_plans(model: str) -> dict[str, list[str]]:
     return out
 
 
+# ----------------------------------------------------------------------------- mpsearch vs mix
+def _mpsearch(*args: str) -> None:
+    cmd = [sys.executable, "-m", "mpsearch", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+
+
+def mix_block_bits(mix: str, model: str = "smollm2") -> tuple[int, str]:
+    """Bits the mix gives the transformer blocks' matrices (the tensors mpsearch plans), and the
+    type it gives token_embd (passed to the mpsearch plan, so both files hold the same embedding)."""
+    info = gguf_hparams(model_gguf(model))
+    types = mix_types(mix, info["tensors"], arch=info["arch"], n_layer=info["n_layer"],
+                      n_head=info["n_head"], n_head_kv=info["n_head_kv"])
+    shapes = dict((n, s) for n, s in info["tensors"])
+    bits = sum(8 * type_nbytes(t, shapes[n]) for n, t in types.items() if n.startswith("blk."))
+    return bits, types["token_embd.weight"]
+
+
+def _measured(label: str, chunks: int) -> dict | None:
+    """A run already measured (same label and chunks) in experiments/llamacpp_e2e/*.json."""
+    for f in sorted(RESULTS.glob("*.json")):
+        for r in json.loads(f.read_text()):
+            if r.get("label") == label and r.get("chunks") == chunks and r.get("mean_kld"):
+                return r
+    return None
+
+
+def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solver: str = "ilp",
+            chunks: int = 16, work: Path = WORK, params=()) -> list[dict]:
+    """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = str(ROOT / "experiments" / "llamacpp_e2e.py")
+    table = work / f"smollm2-llamacpp-{estimator}.csv"
+    if not table.exists():
+        extra = [] if estimator == "weight-error" else ["--data", f"{spec}:calib"]
+        for kv in params:
+            extra += ["--param", kv]
+        _mpsearch("estimate", "--model", f"{spec}:smollm2", "--estimator", estimator,
+                  "--target", "llama.cpp", "--no-progress", *extra, "-o", str(table))
+    out = []
+    for mix in mixes:
+        res = _measured(f"smollm2-{mix}", chunks)
+        if res is None:
+            res = builtin_mix("smollm2", mix, work=work)
+            res.update(kld("smollm2", Path(res["gguf"]), chunks=chunks, work=work))
+        out.append(res)
+        print(json.dumps(res), flush=True)
+        bits, embd = mix_block_bits(mix)
+        label = f"smollm2-mpsearch-{estimator}-{solver}-at-{mix}"
+        plan = work / f"{label}.json"
+        types = work / f"{label}.txt"
+        _mpsearch("solve", "--table", str(table), "--solver", solver, "--budget",
+                  f"size_bits={bits}", "-o", str(plan))
+        _mpsearch("export", "--plan", str(plan), "--to", "llama.cpp", "--opt",
+                  f"embed_type={embd}", "-o", str(types))
+        r = fidelity("smollm2", types, label=label, work=work)
+        r.update(kld("smollm2", Path(r["gguf"]), chunks=chunks, work=work))
+        r.update({"estimator": estimator, "solver": solver, "at_size_of": mix,
+                  "budget_size_bits": bits, "mix_real_file_size": res["real_file_size"]})
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"compare-{estimator}-{solver}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def report(path: Path = ROOT / "experiments" / "llamacpp_e2e.md", header: str = "") -> str:
+    """Markdown tables of every JSON result under experiments/llamacpp_e2e/ (appended to
+    ``header``, the hand-written part of the results page)."""
+    rows = []
+    for f in sorted(RESULTS.glob("*.json")):
+        rows.extend(json.loads(f.read_text()))
+    uniq = list({r["label"]: r for r in rows}.values())  # a label run twice: the last
+    fid = [r for r in uniq if "predicted_file_size" in r]
+    lines = ["| run | model | planned tensors | planned type != real | planned bytes != real (tensors) "
+             "| predicted file bytes | real file bytes | real / predicted - 1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in fid:
+        lines.append(f"| {r['label']} | {r['model']} | {r['n_planned']} | "
+                     f"{r['planned_type_mismatches']} | {r['byte_mismatches']} | "
+                     f"{r['predicted_file_size']:,} | {r['real_file_size']:,} | "
+                     f"{r['size_rel_err']:+.2e} |")
+    kl = [r for r in uniq if r.get("mean_kld") is not None]
+    lines += ["", "| run | file bytes | bits/weight (all tensors) | mean KLD | median KLD "
+              "| same top-1 % | PPL(Q) | PPL(base) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(kl, key=lambda r: r["real_file_size"]):
+        lines.append(f"| {r['label']} | {r['real_file_size']:,} | {r['bpw_all_tensors']:.4f} | "
+                     f"{r['mean_kld']:.6f} ± {r['mean_kld_err']:.6f} | {r['median_kld']:.6f} | "
+                     f"{r['same_top_p_pct']:.2f} | {r['ppl_q']:.4f} | {r['ppl_base']:.4f} |")
+    text = header + "\n".join(lines) + "\n"
+    if path is not None:
+        path.write_text(text)
+    return text
+
+
 # ----------------------------------------------------------------------------- driver
 def run_all(args) -> list[dict]:
     work = Path(args.work)
@@ -361,7 +459,8 @@ def run_all(args) -> list[dict]:
                 results.append(res)
                 print(json.dumps(res), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    name = "results-" + "-".join(args.models) + ".json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -388,7 +487,14 @@ def main(argv=None) -> None:
     m.add_argument("--mix", required=True)
     m.add_argument("--kld", action="store_true")
     m.add_argument("--chunks", type=int, default=16)
+    c = sub.add_parser("compare")
+    c.add_argument("--mixes", nargs="+", default=["Q3_K_M", "Q4_K_M"])
+    c.add_argument("--estimator", default="weight-error")
+    c.add_argument("--solver", default="ilp")
+    c.add_argument("--param", action="append", default=[])
+    c.add_argument("--chunks", type=int, default=16)
     sub.add_parser("check-weights")
+    sub.add_parser("report")
     args = ap.parse_args(argv)
     if args.cmd == "all":
         run_all(args)
@@ -403,6 +509,15 @@ def main(argv=None) -> None:
         if args.kld:
             res.update(kld(args.model, Path(res["gguf"]), chunks=args.chunks))
         print(json.dumps(res, indent=1))
+    elif args.cmd == "compare":
+        compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
+                params=args.param)
+    elif args.cmd == "report":
+        md = ROOT / "experiments" / "llamacpp_e2e.md"
+        text = md.read_text() if md.exists() else ""
+        mark = "<!-- tables below: python experiments/llamacpp_e2e.py report -->\n"
+        head = text.split(mark)[0] + mark if mark in text else mark
+        report(md, head)
     else:
         res = check_weights()
         bad = {n: r for n, r in res.items() if not r["bit_equal"]}
@@ -411,3 +526,29 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- mpsearch specs
+def smollm2():
+    """Model spec ``experiments/llamacpp_e2e.py:smollm2``: SmolLM2-135M from its GGUF, fp32
+    (transformers dequantizes the Q4_1/Q8_0 blocks; bit-equal to llama.cpp's, see check-weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = smollm2_gguf()
+    return AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                torch_dtype=torch.float32).eval()
+
+
+def calib(n: int = 32, max_length: int = 128):
+    """Data spec ``experiments/llamacpp_e2e.py:calib``: Shakespeare passages of the calibration
+    plays (disjoint from the evaluation plays of the KLD runs), SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mpsearch.zoo import shakespeare_lines, tokenize
+
+    src = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tokenize(tok, shakespeare_lines(n, "calib"), batch_size=8, max_length=max_length)

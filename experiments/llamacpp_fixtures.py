@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,26 @@ def run_quantize(inp: Path, out: Path, ftype: str, *, threads: int = 1, extra=()
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p.stdout + p.stderr
+
+
+_DRY_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), "
+                       r"size =[^(]*(?:\((\S+)\))?\s*$")
+
+
+def dry_run_types(inp: Path, ftype: str, *, threads: int = 1, llama_cpp: Path = LLAMA_CPP,
+                  extra=()) -> dict[str, str]:
+    """The types ``llama-quantize --dry-run`` reports (for mixes that need an imatrix to be
+    written: the choice is the same, only the quantization is refused)."""
+    from mpsearch.targets.llamacpp_mixes import canonical_type
+
+    log = run_quantize(inp, Path("/dev/null"), ftype, threads=threads, llama_cpp=llama_cpp,
+                       extra=["--dry-run", *extra])
+    out = {}
+    for line in log.splitlines():
+        m = _DRY_LINE.match(line.strip())
+        if m:
+            out[m.group(1)] = canonical_type(m.group(3) or m.group(2))
+    return out
 
 
 def _copy_tokenizer(writer, reader) -> None:
@@ -216,11 +237,19 @@ def smollm2_tensor_type_lines(n_layer: int = 30) -> list[str]:
     return lines
 
 
+#: the i-quant mixes: their choice is read from llama-quantize's --dry-run log (IQ3_XS gives some
+#: tensors iq3_xxs, which llama-quantize refuses to write without an imatrix; the others are slow
+#: to quantize on 2 cores). The --dry-run log is checked to equal a written file on Q4_K_M.
+DRY_RUN = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M", "IQ3_XS")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=FIXTURE)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mpsearch_mix_cache",
+                    help="per-run results kept here, so an interrupted run resumes")
     args = ap.parse_args(argv)
 
     fixture = {"llama_cpp": "llama-cpp-python 0.3.36 vendor/llama.cpp",
@@ -232,17 +261,35 @@ def main(argv=None) -> None:
         for key, path in (("smollm2", smollm2_gguf()), ("random_llama_256", small)):
             info = gguf_hparams(path)
             names = [n for n, _ in info["tensors"]]
-            mixes = {}
+            mixes, sources = {}, {}
             for ftype in FTYPES:
-                out = tmpd / f"{key}-{ftype}.gguf"
-                run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
-                types = gguf_types(out)
+                cached = args.cache / f"{key}-{ftype}.json"
+                if cached.exists():
+                    got = json.loads(cached.read_text())
+                    types, sources[ftype] = got["types"], got["source"]
+                elif ftype in DRY_RUN:  # needs an imatrix on some tensors to be written
+                    types = dry_run_types(path, ftype, threads=args.threads,
+                                          llama_cpp=args.llama_cpp)
+                    sources[ftype] = "llama-quantize --dry-run log"
+                else:
+                    out = tmpd / f"{key}-{ftype}.gguf"
+                    run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+                    types = gguf_types(out)
+                    sources[ftype] = "GGUFReader of the written file"
+                    out.unlink()
+                args.cache.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
                 mixes[ftype] = [types[n] for n in names]
-                out.unlink()
                 print(f"{key} {ftype}: " + ", ".join(
                     f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
-            info["input_types"] = [gguf_types(path)[n] for n in names]
+            given = gguf_types(path)
+            info["input_types"] = [given[n] for n in names]
             info["mixes"] = mixes
+            info["sources"] = sources
+            # the --dry-run log names the same types as the written file (checked on one mix)
+            dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
+            if [dry[n] for n in names] != mixes["Q4_K_M"]:
+                raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
             fixture["models"][key] = info
 
         # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type

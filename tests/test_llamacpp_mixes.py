@@ -52,7 +52,10 @@ def test_fixture_covers_the_requested_ftypes_and_real_mixes():
     # the fixture is not trivial: the mixes do mix, and the two models differ (fallbacks)
     small, smol = MODELS["random_llama_256"], MODELS["smollm2"]
     assert len(set(small["mixes"]["Q4_K_M"])) >= 4
-    assert "q4_K" in small["mixes"]["Q4_K_M"] and "q4_K" not in smol["mixes"]["Q4_K_M"]
+    smol_q = dict(zip([n for n, _ in smol["tensors"]], smol["mixes"]["Q4_K_M"]))
+    small_q = dict(zip([n for n, _ in small["tensors"]], small["mixes"]["Q4_K_M"]))
+    assert small_q["blk.3.attn_q.weight"] == "q4_K"  # 256 columns: the K-quant fits
+    assert smol_q["blk.3.attn_q.weight"] == "q5_0"   # 576 columns: llama.cpp's fallback
     assert "output.weight" in [n for n, _ in small["tensors"]]
     assert "output.weight" not in [n for n, _ in smol["tensors"]]
 
@@ -147,3 +150,43 @@ def test_bad_input(call, match):
 
 def test_aliases():
     assert canonical_ftype("q4_k") == "Q4_K_M" and canonical_ftype("Q3_K_s") == "Q3_K_S"
+
+
+def _hf_layers(model):
+    from types import SimpleNamespace
+
+    back = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+    layers = {}
+    for name, shape in model["tensors"]:
+        parts = name.split(".")
+        if name == "output.weight":
+            hf = "lm_head"
+        elif parts[0] == "blk" and parts[2] in back:
+            hf = f"model.layers.{parts[1]}.{back[parts[2]]}"
+        else:
+            continue
+        layers[hf] = name
+        yield SimpleNamespace(name=hf, out_channels=shape[0], in_features=shape[1]), name
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_recipes_for_layers_are_the_real_mixes(key):
+    from mpsearch.targets.llamacpp_mixes import RECIPE_FTYPES, recipes_for_layers
+
+    model = MODELS[key]
+    pairs = list(_hf_layers(model))
+    names = [n for n, _ in model["tensors"]]
+    recipes = recipes_for_layers([lay for lay, _ in pairs])
+    for ftype in RECIPE_FTYPES:
+        if ftype not in model["mixes"]:
+            continue
+        real = dict(zip(names, model["mixes"][ftype]))
+        want = {lay.name: ("keep" if real[g] in ("f16", "f32", "bf16") else real[g])
+                for lay, g in pairs}
+        assert recipes[ftype] == want, ftype
+    # a model that is not Llama-family gets no mixes
+    from types import SimpleNamespace
+    assert recipes_for_layers([SimpleNamespace(name="encoder.layer.0.x", out_channels=4,
+                                               in_features=32)]) == {}
