@@ -1,0 +1,251 @@
+"""Floating-point formats (FP8 E4M3, NVFP4) of compressed-tensors (vLLM) and ModelOpt, with their
+activation quantization.
+
+These formats quantize the layer's input too (``act_bits < 16``): :meth:`quantize_act` reproduces
+the consumer's activation fake-quantization. Where the consumer calibrates a static activation
+range (ModelOpt ``fp8``'s per-tensor ``amax``, NVFP4's per-tensor global scale), the format has a
+:meth:`calibrate` method that returns that range from calibration activations (the max of
+``|x|``, as the consumers' max / static-minmax observers compute it); without one,
+``quantize_act`` takes the range of the batch it is given (the dynamic approximation).
+
+Registered names and what they reproduce:
+
+- ``w8a8-fp8``: compressed-tensors ``FP8_DYNAMIC``: FP8 E4M3 weights with one scale per output
+  channel (``max|w| / 448``, in the weight dtype), dynamic per-token FP8 activations.
+  Storage (``float-quantized``): fp8 weight + 16-bit ``weight_scale [out, 1]``.
+- ``nvfp4``: compressed-tensors ``NVFP4``: FP4 E2M1 values in blocks of 16 with FP8 E4M3 block
+  scales and an fp32 per-tensor global scale ``448 * 6 / max|w|``; activations the same, with a
+  statically calibrated global scale (``input_global_scale``, observer ``static_minmax``) and
+  per-block scales computed on the fly. Storage: ``weight_packed`` uint8 ``[out, in/2]`` +
+  ``weight_scale`` fp8 ``[out, in/16]`` + ``weight_global_scale`` and ``input_global_scale`` fp32.
+- ``fp8``: ModelOpt ``FP8_DEFAULT_CFG``: FP8 E4M3 weights with one per-tensor ``amax``, static
+  per-tensor FP8 activations (``amax`` calibrated with the max calibrator). Storage: fp8 weight +
+  fp32 ``weight_scale`` + fp32 ``input_scale``.
+- ``nvfp4-modelopt``: ModelOpt ``NVFP4_DEFAULT_CFG`` as its export writes it
+  (``NVFP4QTensor.quantize``): block scales ``block_amax / (6 * weight_scale_2)`` with
+  ``weight_scale_2 = max|w| / (6 * 448)``, clamped to ``[2**-9, 448]`` in FP8. (ModelOpt's own
+  fake-quant of NVFP4 runs only on CUDA; on CPU this is checked against ``NVFP4QTensor``.)
+  Storage: as ``nvfp4``, with ``weight_scale_2`` and ``input_scale`` fp32.
+"""
+
+from __future__ import annotations
+
+from . import Format, register
+from .intq import _cdiv
+
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+
+
+def e2m1_round(x):
+    """Round to the nearest FP4 E2M1 value (ties to even), as compressed-tensors' ``cast_to_fp4``
+    and ModelOpt's ``NVFP4QTensor._cast_fp4``; ``x`` is already clamped to [-6, 6]."""
+    import torch
+
+    a = x.abs()
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=a.dtype)
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=x.dtype)
+    idx = torch.bucketize(a, bounds)
+    idx = idx + ((a == 0.75) | (a == 1.75) | (a == 3.5)).long()
+    return values[idx] * torch.sign(x)
+
+
+def to_e4m3(x):
+    """Round to FP8 E4M3 (saturating at +-448) and back to ``x``'s dtype."""
+    import torch
+
+    return torch.clamp(x, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+class FloatFormat(Format):
+    def __init__(self, name: str, bits: int, act_bits: int, level_group, description: str):
+        self.name = name
+        self.bits = bits
+        self.act_bits = act_bits
+        self.level_group = level_group
+        self.description = description
+
+    def calibrate(self, x):
+        """The static activation range (``max |x|``, a scalar in ``x``'s dtype) of calibration ``x``."""
+        import torch
+
+        return x.detach().abs().amax() if x.numel() else torch.tensor(0.0, dtype=x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# compressed-tensors
+# ------------------------------------------------------------------------------------------------
+
+def ct_fp8_qdq(x, scale):
+    """compressed-tensors ``_quantize_dequantize`` for FP8 args (symmetric, no zero-point shift)."""
+    import torch
+
+    scaled = x / scale
+    q = torch.clamp(scaled, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    return q.to(scale.dtype) * scale
+
+
+def ct_fp8_rowwise(x):
+    """compressed-tensors FP8, one scale per row of the last axis (channel / token strategy)."""
+    import torch
+
+    mn = torch.clamp(x.amin(-1, keepdim=True), max=0)
+    mx = torch.clamp(x.amax(-1, keepdim=True), min=0)
+    pos = torch.max(torch.abs(mn), torch.abs(mx))
+    bit_range = torch.tensor(E4M3_MAX) - torch.tensor(-E4M3_MAX)
+    scale = pos / (bit_range.to(pos.dtype) / 2)
+    eps = torch.finfo(scale.dtype).eps
+    scale = torch.where(scale == 0, torch.tensor(eps, dtype=scale.dtype), scale)
+    return ct_fp8_qdq(x, scale)
+
+
+def ct_nvfp4_global_scale(amax):
+    """compressed-tensors ``generate_gparam``: ``448 * 6 / amax`` (fp32), 1 where undefined."""
+    import torch
+
+    amax = torch.clamp(amax, min=torch.finfo(amax.dtype).tiny)
+    g = E4M3_MAX * E2M1_MAX / amax
+    return torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape([1])
+
+
+def ct_nvfp4_qdq(x, global_scale, group: int = 16):
+    """compressed-tensors NVFP4 (tensor_group strategy) on the last axis of ``x``."""
+    import torch
+
+    shape = x.shape
+    v = x.unflatten(-1, (shape[-1] // group, group))
+    mn = torch.clamp(v.amin(-1), max=0)
+    mx = torch.clamp(v.amax(-1), min=0)
+    pos = torch.max(torch.abs(mn), torch.abs(mx))
+    bit_range = torch.tensor(E2M1_MAX) - torch.tensor(-E2M1_MAX)
+    scales = pos / (bit_range.to(pos.dtype) / 2)
+    scales = global_scale * scales
+    finfo = torch.finfo(torch.float8_e4m3fn)
+    scales = torch.clamp(scales, finfo.min, finfo.max).to(torch.float8_e4m3fn).to(scales.dtype)
+    scales = torch.where(scales == 0, torch.tensor(0.125, dtype=scales.dtype), scales)
+    scale = (scales / global_scale).unsqueeze(-1)
+    scaled = v / scale
+    q = e2m1_round(torch.clamp(scaled, -E2M1_MAX, E2M1_MAX)).to(v.dtype)
+    out = q.to(scale.dtype) * scale
+    return out.flatten(start_dim=-2).to(x.dtype)
+
+
+class CTFp8Dynamic(FloatFormat):
+    consumer = "compressed-tensors"
+
+    def quantize(self, matrix):
+        return ct_fp8_rowwise(matrix)
+
+    def quantize_act(self, x, amax=None):
+        if x.numel() == 0:
+            return x
+        return ct_fp8_rowwise(x)
+
+    def size_bits(self, out_channels: int, in_features: int) -> int:
+        return 8 * out_channels * in_features + 16 * out_channels
+
+
+class CTNvfp4(FloatFormat):
+    consumer = "compressed-tensors"
+
+    def check_shape(self, out_channels: int, in_features: int) -> str | None:
+        if in_features % 16:
+            return f"NVFP4 needs in_features divisible by 16 (this weight has {in_features})"
+        return None
+
+    def quantize(self, matrix):
+        return ct_nvfp4_qdq(matrix, ct_nvfp4_global_scale(matrix.abs().amax()))
+
+    def quantize_act(self, x, amax=None):
+        if x.numel() == 0 or x.shape[-1] % 16:
+            return x
+        if amax is None:
+            amax = x.detach().abs().amax()
+        return ct_nvfp4_qdq(x, ct_nvfp4_global_scale(amax).to(x.device))
+
+    def size_bits(self, out_channels: int, in_features: int) -> int:
+        return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 16 + 64
+
+
+register(CTFp8Dynamic("w8a8-fp8", 8, 8, None,
+                      "compressed-tensors FP8_DYNAMIC: FP8 E4M3 weights per output channel, "
+                      "dynamic per-token FP8 activations"))
+register(CTNvfp4("nvfp4", 4, 4, 16,
+                 "compressed-tensors NVFP4 (W4A4): FP4 E2M1 in blocks of 16, FP8 E4M3 block scales, "
+                 "fp32 per-tensor global scale; activations with a calibrated global scale"))
+
+
+# ------------------------------------------------------------------------------------------------
+# ModelOpt
+# ------------------------------------------------------------------------------------------------
+
+def modelopt_fp8_qdq(x, amax):
+    """modelopt ``tensor_quant._fp8_eager`` (the CPU path of ``scaled_e4m3``)."""
+    import torch
+
+    dtype = x.dtype
+    amax = amax.to(torch.float32)
+    epsilon = 1.0 / (1 << 24)
+    safe = torch.where(amax <= epsilon, torch.ones_like(amax), amax)
+    scale = 448.0 / safe
+    scale_inv = 1 / scale
+    y = (x.to(torch.float32) * scale).clamp(min=-448.0, max=448.0)
+    y = y.to(torch.float8_e4m3fn)
+    return (y.to(torch.float32) * scale_inv).to(dtype)
+
+
+def modelopt_nvfp4_qdq(x, global_amax, group: int = 16):
+    """ModelOpt ``NVFP4QTensor.quantize`` then ``dequantize`` on the last axis of ``x``."""
+    import torch
+
+    dtype = x.dtype
+    shape = x.shape
+    wsf2 = global_amax.float() / (E2M1_MAX * E4M3_MAX)
+    v = x.view(*shape[:-1], shape[-1] // group, group)
+    block_amax = v.abs().amax(-1).float()
+    pbs = block_amax / (E2M1_MAX * wsf2)
+    pbs = torch.where(pbs == 0, torch.ones_like(pbs), pbs)
+    pbs = pbs.clamp(min=2**-9, max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = (pbs.to(torch.float32) * wsf2).unsqueeze(-1)
+    q = e2m1_round(v / scale)
+    out = q.to(torch.float32) * scale
+    return out.reshape(shape).to(dtype)
+
+
+class ModelOptFp8(FloatFormat):
+    consumer = "modelopt"
+
+    def quantize(self, matrix):
+        return modelopt_fp8_qdq(matrix, matrix.abs().amax())
+
+    def quantize_act(self, x, amax=None):
+        if x.numel() == 0:
+            return x
+        if amax is None:
+            amax = x.detach().abs().amax()
+        return modelopt_fp8_qdq(x, amax.to(x.device))
+
+    def size_bits(self, out_channels: int, in_features: int) -> int:
+        return 8 * out_channels * in_features + 64
+
+
+class ModelOptNvfp4(CTNvfp4):
+    consumer = "modelopt"
+
+    def quantize(self, matrix):
+        return modelopt_nvfp4_qdq(matrix, matrix.abs().amax())
+
+    def quantize_act(self, x, amax=None):
+        if x.numel() == 0 or x.shape[-1] % 16:
+            return x
+        if amax is None:
+            amax = x.detach().abs().amax()
+        return modelopt_nvfp4_qdq(x, amax.to(x.device))
+
+
+register(ModelOptFp8("fp8", 8, 8, None,
+                     "ModelOpt FP8_DEFAULT_CFG: FP8 E4M3 weights with a per-tensor amax, static "
+                     "per-tensor FP8 activations (calibrated amax)"))
+register(ModelOptNvfp4("nvfp4-modelopt", 4, 4, 16,
+                       "ModelOpt NVFP4_DEFAULT_CFG as exported (NVFP4QTensor): FP4 E2M1 blocks of 16, "
+                       "FP8 block scales, fp32 weight_scale_2; activations with a calibrated amax"))
