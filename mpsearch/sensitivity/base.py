@@ -211,7 +211,7 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
                 row[col] = float(values[i, k])
             if lay.macs is not None:
                 row["macs"] = lay.macs
-                row["bops"] = lay.macs * opt.bits * act_bits
+                row["bops"] = lay.macs * opt.bits * min(act_bits, opt.act_bits)
             if lay.group:
                 row["group"] = lay.group
             rows.append(row)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..apply import activation_quantized
 from ..data import model_output_tensor, move_batch
 from ..errors import MpsearchError
 from ..quant import quantize_weight
@@ -86,7 +87,8 @@ class OutputDistanceEstimator(Estimator):
                             continue
                         with torch.no_grad():
                             w.copy_(quantize_weight(saved, opt, lay.kind, lay.name))
-                        out = runner.run(batch, start)[0]
+                        with activation_quantized(model.get_submodule(lay.name), opt):
+                            out = runner.run(batch, start)[0]
                         ctx.count("suffix_passes")
                         st["sums"][li, k] += size * distance(out, ref, self.metric, kind)
                 finally:
