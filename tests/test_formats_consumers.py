@@ -153,11 +153,26 @@ def test_compressed_tensors_nvfp4_bit_exact(matrices):
           fmt.quantize_act(x, amax=amax), "nvfp4 act")
 
 
+def test_compressed_tensors_mxfp4_bit_exact(matrices):
+    scheme = preset_name_to_scheme("MXFP4", ["Linear"])
+    for w, label in matrices:
+        v = w.unflatten(-1, (w.shape[-1] // 32, 32))
+        scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights)
+        ref = fake_quantize(w, scale, zp, scheme.weights)
+        _same(ref, get_format("mxfp4").quantize(w), f"mxfp4 {label}")
+        _same(ref, get_format("mxfp4-w4a4").quantize(w), f"mxfp4-w4a4 {label}")
+    x = torch.randn(2, 7, 384, generator=torch.Generator().manual_seed(7)) * 2
+    s, z = compute_dynamic_scales_and_zp(x, scheme.input_activations, None)
+    _same(fake_quantize(x, s, z, scheme.input_activations), get_format("mxfp4-w4a4").quantize_act(x),
+          "mxfp4 act")
+    assert get_format("mxfp4").quantize_act(x) is x  # MXFP4A16 leaves activations alone
+
+
 def _bits(state_dict):
     return sum(t.numel() * t.element_size() * 8 for t in state_dict.values())
 
 
-@pytest.mark.parametrize("name", sorted(CT_INT) + ["w8a8-fp8", "nvfp4"])
+@pytest.mark.parametrize("name", sorted(CT_INT) + ["w8a8-fp8", "nvfp4", "mxfp4"])
 def test_compressed_tensors_sizes_are_the_checkpoint_tensors(name, minilm_weights):
     """size_bits == the bytes of compressed-tensors' compressed state dict of a bf16 layer."""
     from compressed_tensors.compressors import BaseCompressor
@@ -166,6 +181,8 @@ def test_compressed_tensors_sizes_are_the_checkpoint_tensors(name, minilm_weight
         scheme, fmt_name = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]), "float-quantized"
     elif name == "nvfp4":
         scheme, fmt_name = preset_name_to_scheme("NVFP4", ["Linear"]), "nvfp4-pack-quantized"
+    elif name == "mxfp4":
+        scheme, fmt_name = preset_name_to_scheme("MXFP4A16", ["Linear"]), "mxfp4-pack-quantized"
     elif name == "w8a8-int8":
         scheme, fmt_name = preset_name_to_scheme("W8A8", ["Linear"]), "int-quantized"
     else:
@@ -180,6 +197,10 @@ def test_compressed_tensors_sizes_are_the_checkpoint_tensors(name, minilm_weight
             v = w.unflatten(-1, (w.shape[-1] // 16, 16))
             s, z = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights, global_scale=gs)
             sd.update(weight_scale=s, weight_global_scale=gs, input_global_scale=torch.ones(1))
+        elif name == "mxfp4":
+            v = w.unflatten(-1, (w.shape[-1] // 32, 32))
+            s, z = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights)
+            sd.update(weight_scale=s)
         else:
             s, z = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
             sd.update(weight_scale=s.to(torch.bfloat16), weight_zero_point=z)
@@ -326,7 +347,7 @@ def test_gptq_equals_compressed_tensors_codes_with_fp16_scales(name, minilm_weig
 def test_registered_names_parse_and_round_trip():
     names = format_names()
     for name in ["w4a16-g128", "w4a16-g32", "w4a16-asym", "w8a16", "w8a8-int8", "w8a8-fp8", "nvfp4",
-                 "int8wo", "intx-4-g32-asym", "int4_awq", "int8_wo", "fp8", "nvfp4-modelopt",
+                 "mxfp4", "mxfp4-w4a4", "int8wo", "intx-4-g32-asym", "int4_awq", "int8_wo", "fp8", "nvfp4-modelopt",
                  "autoround-int4-g128", "gptq-int3-g128"]:
         assert name in names
         opt = parse_option(name)
@@ -341,6 +362,7 @@ def test_registered_names_parse_and_round_trip():
     ("w8a16", 8 + 16 / 128, 128),
     ("w8a8-int8", 8 + 16 / 4096, 0), ("w8a8-fp8", 8 + 16 / 4096, 0),
     ("nvfp4", 4 + 8 / 16, 64), ("nvfp4-modelopt", 4 + 8 / 16, 64), ("fp8", 8, 64),
+    ("mxfp4", 4 + 8 / 32, 0),
     ("int4_awq", 4 + 16 / 128, 16 * 4096), ("int8_wo", 8 + 16 / 4096, 0),  # pre_quant_scale [in]
     ("int8wo", 8 + 40 / 4096, 0), ("intx-4-g32", 4 + 24 / 32, 0),
     ("autoround-int4-g128", 4 + 16 / 128 + 4 / 128, 0),
@@ -368,7 +390,7 @@ def test_levels_per_group_respect_the_bits(minilm_weights):
 
     w = minilm_weights[0]
     for name in ["w4a16-g128", "w4a16-asym", "intx-3-g64-asym", "autoround-int2-g128", "gptq-int3-g128",
-                 "nvfp4", "int4_awq"]:
+                 "nvfp4", "mxfp4", "int4_awq"]:
         opt = parse_option(name)
         q = get_format(name).quantize(w)
         assert max_levels_per_group(q, opt) <= 2**opt.bits, name

@@ -1,4 +1,4 @@
-"""Floating-point formats (FP8 E4M3, NVFP4) of compressed-tensors (vLLM) and ModelOpt, with their
+"""Floating-point formats (FP8 E4M3, NVFP4, MXFP4) of compressed-tensors (vLLM) and ModelOpt, with their
 activation quantization.
 
 These formats quantize the layer's input too (``act_bits < 16``): :meth:`quantize_act` reproduces
@@ -18,6 +18,11 @@ Registered names and what they reproduce:
   statically calibrated global scale (``input_global_scale``, observer ``static_minmax``) and
   per-block scales computed on the fly. Storage: ``weight_packed`` uint8 ``[out, in/2]`` +
   ``weight_scale`` fp8 ``[out, in/16]`` + ``weight_global_scale`` and ``input_global_scale`` fp32.
+- ``mxfp4`` / ``mxfp4-w4a4``: compressed-tensors ``MXFP4A16`` / ``MXFP4``: FP4 E2M1 in groups of
+  32 with E8M0 power-of-two scales (``generate_mx_scales``: the group max rounded to a power of two,
+  exponent minus 2); ``-w4a4`` quantizes activations the same way, dynamically. Storage
+  (``mxfp4-pack-quantized``): ``weight_packed`` uint8 ``[out, in/2]`` + ``weight_scale`` uint8
+  ``[out, in/32]``.
 - ``fp8``: ModelOpt ``FP8_DEFAULT_CFG``: FP8 E4M3 weights with one per-tensor ``amax``, static
   per-tensor FP8 activations (``amax`` calibrated with the max calibrator). Storage: fp8 weight +
   fp32 ``weight_scale`` + fp32 ``input_scale``.
@@ -167,6 +172,72 @@ class CTNvfp4(FloatFormat):
         return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 16 + 64
 
 
+def ct_mx_scale(pos):
+    """compressed-tensors ``generate_mx_scales`` (E2M1 elements) and back to a float scale:
+    the group max rounded to a power of two (``round_to_power_2``), its exponent minus 2, as a
+    biased E8M0 byte, then ``2 ** (byte - 127)``."""
+    import torch
+
+    dtype = pos.dtype
+    if dtype == torch.bfloat16:
+        int_dtype, mantissa, exponent = torch.uint16, 7, 8
+    elif dtype == torch.float16:
+        int_dtype, mantissa, exponent = torch.uint16, 10, 5
+    elif dtype == torch.float32:
+        int_dtype, mantissa, exponent = torch.uint32, 23, 8
+    else:
+        raise TypeError(f"unsupported dtype {dtype}")
+    bits = pos.view(int_dtype).to(torch.int32) if int_dtype in (torch.uint16, torch.uint32) \
+        else pos.view(int_dtype).to(torch.int64)
+    add = 1 << (mantissa - 1 - 1)  # E2M1 has one mantissa bit
+    mask = ((1 << (exponent + 1)) - 1) << mantissa
+    p2 = torch.bitwise_and(bits + add, mask)
+    p2 = p2.to(int_dtype).view(dtype) if int_dtype is torch.uint16 else p2.view(dtype)
+    e = 127 + torch.floor(torch.log2(p2)) - 2
+    e = torch.round(torch.clamp(e, 0, 255)).to(torch.uint8).to(dtype)
+    scale = (2.00 ** ((e.to(torch.int32) - 127).to(torch.float))).to(dtype)
+    return torch.where(scale == 0, torch.tensor(1, dtype=dtype), scale)
+
+
+def ct_mxfp4_qdq(x, group: int = 32):
+    """compressed-tensors MXFP4 (group strategy, E8M0 scales) on the last axis of ``x``."""
+    import torch
+
+    shape = x.shape
+    v = x.unflatten(-1, (shape[-1] // group, group))
+    mn = torch.clamp(v.amin(-1), max=0)
+    mx = torch.clamp(v.amax(-1), min=0)
+    scale = ct_mx_scale(torch.max(torch.abs(mn), torch.abs(mx))).unsqueeze(-1)
+    q = e2m1_round(torch.clamp(v / scale, -E2M1_MAX, E2M1_MAX)).to(v.dtype)
+    return (q.to(scale.dtype) * scale).flatten(start_dim=-2).to(x.dtype)
+
+
+class CTMxfp4(FloatFormat):
+    consumer = "compressed-tensors"
+
+    def check_shape(self, out_channels: int, in_features: int) -> str | None:
+        if in_features % 32:
+            return f"MXFP4 needs in_features divisible by 32 (this weight has {in_features})"
+        return None
+
+    def quantize(self, matrix):
+        return ct_mxfp4_qdq(matrix)
+
+    def quantize_act(self, x, amax=None):
+        if self.act_bits >= 16 or x.numel() == 0 or x.shape[-1] % 32:
+            return x
+        return ct_mxfp4_qdq(x)
+
+    def size_bits(self, out_channels: int, in_features: int) -> int:
+        return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 32
+
+
+register(CTMxfp4("mxfp4", 4, 16, 32,
+                 "compressed-tensors MXFP4A16: FP4 E2M1 in groups of 32 with E8M0 (power-of-two) "
+                 "scales, 16-bit activations"))
+register(CTMxfp4("mxfp4-w4a4", 4, 4, 32,
+                 "compressed-tensors MXFP4: MXFP4A16's weights and dynamic MXFP4 activations "
+                 "(groups of 32 along the hidden axis)"))
 register(CTFp8Dynamic("w8a8-fp8", 8, 8, None,
                       "compressed-tensors FP8_DYNAMIC: FP8 E4M3 weights per output channel, "
                       "dynamic per-token FP8 activations"))
