@@ -491,3 +491,21 @@ def test_bops_count_activation_bits_and_output_distance_sees_them():
             weight_only = float((q(batch).double() - ref.double()).pow(2).mean())
             assert f.loc[("fc1", name), "damage"] == pytest.approx(with_act, rel=1e-9)
             assert with_act != pytest.approx(weight_only, rel=1e-3)
+
+
+def test_e2m1_rounding_ties_match_both_consumers():
+    """Every tie point (0.25, 0.75, ... 5.0) and a fine grid round as compressed-tensors' and
+    ModelOpt's FP4 casts do."""
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
+
+    from mpsearch.formats.fp import e2m1_round
+
+    x = torch.cat([torch.arange(-56, 57) / 8.0, torch.randn(2000, generator=torch.Generator().manual_seed(8)) * 3])
+    x = torch.clamp(x, -6, 6)
+    _same(FP4_E2M1_DATA.cast_to_fp4(x.clone()), e2m1_round(x), "compressed-tensors cast_to_fp4")
+    pytest.importorskip("modelopt")
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    codes = NVFP4QTensor._cast_fp4(x.clone()).long()
+    values = NVFP4QTensor.get_e2m1_values(x.device)  # 16 entries: code = sign bit << 3 | magnitude
+    assert torch.equal(values[codes].to(x.dtype), e2m1_round(x))

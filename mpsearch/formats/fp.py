@@ -44,15 +44,17 @@ E2M1_MAX = 6.0
 
 def e2m1_round(x):
     """Round to the nearest FP4 E2M1 value (ties to even), as compressed-tensors' ``cast_to_fp4``
-    and ModelOpt's ``NVFP4QTensor._cast_fp4``; ``x`` is already clamped to [-6, 6]."""
+    and ModelOpt's ``NVFP4QTensor._cast_fp4`` do; ``|x|`` above 6 gives 6.
+
+    The E2M1 grid is uniform within each binade (steps 0.5 below 2, 1 below 4, 2 up to 6), so
+    ``round(|x| / step) * step`` with round-half-to-even is exactly the nearest-even grid value
+    (next to a binade edge both steps give the same value, so the step's choice there is moot).
+    """
     import torch
 
-    a = x.abs()
-    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=a.dtype)
-    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=x.dtype)
-    idx = torch.bucketize(a, bounds)
-    idx = idx + ((a == 0.75) | (a == 1.75) | (a == 3.5)).long()
-    return values[idx] * torch.sign(x)
+    a = torch.clamp(x.abs(), max=E2M1_MAX)
+    step = torch.clamp(a, min=1.0).log2_().floor_().clamp_(max=2.0).exp2_().mul_(0.5)
+    return a.div_(step).round_().mul_(step).copysign_(x)
 
 
 def to_e4m3(x):
@@ -63,6 +65,11 @@ def to_e4m3(x):
 
 
 class FloatFormat(Format):
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """Storage per weight of a 4096-row layer of ``in_features`` (4096) inputs."""
+        n = in_features or 4096
+        return self.size_bits(4096, n) / (4096 * n)
+
     def __init__(self, name: str, bits: int, act_bits: int, level_group, description: str):
         self.name = name
         self.bits = bits

@@ -55,6 +55,12 @@ class IntFormat(Format):
         self.description = description
 
     # -- shape rules and storage ---------------------------------------------------------------
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """Storage per weight of a 4096-row layer of ``in_features`` (4096) inputs (per-layer and
+        packed-across-rows tensors make a one-row figure meaningless)."""
+        n = in_features or 4096
+        return self.size_bits(4096, n) / (4096 * n)
+
     def n_groups(self, out_channels: int, in_features: int) -> int:
         return 1 if self.group is None else _cdiv(in_features, self.group)
 
