@@ -13,9 +13,7 @@ sizes.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
-import warnings
 
 import pytest
 import torch
@@ -24,28 +22,24 @@ from mpsearch.formats import format_names, get_format
 from mpsearch.options import parse_option
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.quantization import (  # noqa: E402
-    QuantizationArgs,
-    QuantizationScheme,
-    preset_name_to_scheme,
-)
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize  # noqa: E402
-from compressed_tensors.quantization.utils import (  # noqa: E402
-    calculate_qparams,
-    compute_dynamic_scales_and_zp,
-    generate_gparam,
+from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
+from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp, generate_gparam  # noqa: E402
+
+from consumer_oracles import (  # noqa: E402  (tests/consumer_oracles.py)
+    autoround_function,
+    ct_qparams,
+    ct_scheme,
+    modelopt_linear,
+    reference,
+    torchao_quantized_weight,
 )
 
-CT_INT = {  # format -> (compressed-tensors preset, group size override)
-    "w4a16-g128": ("W4A16", None),
-    "w4a16-g32": ("W4A16", 32),
-    "w4a16-asym": ("W4A16_ASYM", None),
-    "w8a16": ("W8A16", None),
-    "w8a8-int8": ("W8A8", None),
-}
-TORCHAO = ["int8wo", "intx-2-g32", "intx-3-g64-asym", "intx-4-g32", "intx-4-g128-asym", "intx-8-g32"]
+CT_INT = ["w4a16-g128", "w4a16-g32", "w4a16-asym", "w8a16", "w8a8-int8"]
+TORCHAO = ["int8wo", "intx-1-g32", "intx-2-g32", "intx-3-g64-asym", "intx-4-g32", "intx-4-g128-asym",
+           "intx-5-g128", "intx-8-g32"]
 AUTOROUND = ["autoround-int2-g128", "autoround-int3-g32-asym", "autoround-int4-g128",
-             "autoround-int4-g128-asym", "autoround-int8-g32"]
+             "autoround-int4-g128-asym", "autoround-int5-g32", "autoround-int8-g32"]
 GPTQ = ["gptq-int2-g128", "gptq-int3-g128", "gptq-int4-g128", "gptq-int8-g128"]
 
 
@@ -88,37 +82,16 @@ def _same(ref, ours, label):
 
 
 # ------------------------------------------------------------------------ compressed-tensors
-def _ct_args(name):
-    preset, group = CT_INT[name]
-    args = preset_name_to_scheme(preset, ["Linear"]).weights
-    if group is not None:
-        args = QuantizationArgs(**{**args.model_dump(), "group_size": group})
-    return args
-
-
-def _ct_observe(w, args):
-    """llm-compressor's min/max observer: per group (or per output channel) of the weight."""
-    if args.group_size and args.group_size > 0:
-        v = w.unflatten(-1, (w.shape[-1] // args.group_size, args.group_size))
-        return v.amin(-1), v.amax(-1)
-    return w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-
-
-@pytest.mark.parametrize("name", sorted(CT_INT))
-def test_compressed_tensors_int_bit_exact(name, matrices):
-    args = _ct_args(name)
+@pytest.mark.parametrize("name", CT_INT + ["w8a8-fp8", "nvfp4", "mxfp4", "mxfp4-w4a4"])
+def test_compressed_tensors_weights_bit_exact(name, matrices):
     fmt = get_format(name)
     for w, label in matrices:
-        scale, zp = calculate_qparams(*_ct_observe(w, args), args)
-        _same(fake_quantize(w, scale, zp, args), fmt.quantize(w), f"{name} {label}")
+        _same(reference(name, w), fmt.quantize(w), f"{name} {label}")
 
 
-def test_compressed_tensors_fp8_dynamic_bit_exact(matrices):
+def test_compressed_tensors_fp8_dynamic_activations_bit_exact():
     scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     fmt = get_format("w8a8-fp8")
-    for w, label in matrices:
-        scale, zp = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
-        _same(fake_quantize(w, scale, zp, scheme.weights), fmt.quantize(w), f"w8a8-fp8 {label}")
     for dt in (torch.float32, torch.bfloat16):
         x = (torch.randn(2, 9, 384, generator=torch.Generator().manual_seed(1)) * 3).to(dt)
         x[0, 4] = 0.0  # an all-zero token
@@ -134,15 +107,9 @@ def test_compressed_tensors_int8_activations_bit_exact():
     _same(fake_quantize(x, s, z, args), fmt.quantize_act(x), "int8 act")
 
 
-def test_compressed_tensors_nvfp4_bit_exact(matrices):
+def test_compressed_tensors_nvfp4_activations_bit_exact():
     scheme = preset_name_to_scheme("NVFP4", ["Linear"])
     fmt = get_format("nvfp4")
-    for w, label in matrices:
-        gs = generate_gparam(w.amin(), w.amax())
-        v = w.unflatten(-1, (w.shape[-1] // 16, 16))
-        scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights, global_scale=gs)
-        _same(fake_quantize(w, scale, zp, scheme.weights, global_scale=gs), fmt.quantize(w),
-              f"nvfp4 {label}")
     # activations: the global scale from calibration data (static), block scales on the fly
     g = torch.Generator().manual_seed(3)
     calib, x = torch.randn(4, 8, 256, generator=g), torch.randn(2, 8, 256, generator=g) * 1.5
@@ -153,14 +120,8 @@ def test_compressed_tensors_nvfp4_bit_exact(matrices):
           fmt.quantize_act(x, amax=amax), "nvfp4 act")
 
 
-def test_compressed_tensors_mxfp4_bit_exact(matrices):
+def test_compressed_tensors_mxfp4_activations_bit_exact():
     scheme = preset_name_to_scheme("MXFP4", ["Linear"])
-    for w, label in matrices:
-        v = w.unflatten(-1, (w.shape[-1] // 32, 32))
-        scale, zp = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights)
-        ref = fake_quantize(w, scale, zp, scheme.weights)
-        _same(ref, get_format("mxfp4").quantize(w), f"mxfp4 {label}")
-        _same(ref, get_format("mxfp4-w4a4").quantize(w), f"mxfp4-w4a4 {label}")
     x = torch.randn(2, 7, 384, generator=torch.Generator().manual_seed(7)) * 2
     s, z = compute_dynamic_scales_and_zp(x, scheme.input_activations, None)
     _same(fake_quantize(x, s, z, scheme.input_activations), get_format("mxfp4-w4a4").quantize_act(x),
@@ -172,38 +133,23 @@ def _bits(state_dict):
     return sum(t.numel() * t.element_size() * 8 for t in state_dict.values())
 
 
-@pytest.mark.parametrize("name", sorted(CT_INT) + ["w8a8-fp8", "nvfp4", "mxfp4"])
+_CT_COMPRESSION = {"w8a8-fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized",
+                   "mxfp4": "mxfp4-pack-quantized", "w8a8-int8": "int-quantized"}
+
+
+@pytest.mark.parametrize("name", CT_INT + ["w8a8-fp8", "nvfp4", "mxfp4"])
 def test_compressed_tensors_sizes_are_the_checkpoint_tensors(name, minilm_weights):
     """size_bits == the bytes of compressed-tensors' compressed state dict of a bf16 layer."""
     from compressed_tensors.compressors import BaseCompressor
 
-    if name == "w8a8-fp8":
-        scheme, fmt_name = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]), "float-quantized"
-    elif name == "nvfp4":
-        scheme, fmt_name = preset_name_to_scheme("NVFP4", ["Linear"]), "nvfp4-pack-quantized"
-    elif name == "mxfp4":
-        scheme, fmt_name = preset_name_to_scheme("MXFP4A16", ["Linear"]), "mxfp4-pack-quantized"
-    elif name == "w8a8-int8":
-        scheme, fmt_name = preset_name_to_scheme("W8A8", ["Linear"]), "int-quantized"
-    else:
-        scheme = QuantizationScheme(targets=["Linear"], weights=_ct_args(name))
-        fmt_name = "pack-quantized"
-    compressor = BaseCompressor.get_value_from_registry(fmt_name)
+    scheme = ct_scheme(name)
+    compressor = BaseCompressor.get_value_from_registry(_CT_COMPRESSION.get(name, "pack-quantized"))
     for w in minilm_weights:
         w = w.to(torch.bfloat16)
-        sd = {"weight": w}
-        if name == "nvfp4":
-            gs = generate_gparam(w.amin(), w.amax())
-            v = w.unflatten(-1, (w.shape[-1] // 16, 16))
-            s, z = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights, global_scale=gs)
-            sd.update(weight_scale=s, weight_global_scale=gs, input_global_scale=torch.ones(1))
-        elif name == "mxfp4":
-            v = w.unflatten(-1, (w.shape[-1] // 32, 32))
-            s, z = calculate_qparams(v.amin(-1), v.amax(-1), scheme.weights)
-            sd.update(weight_scale=s)
-        else:
-            s, z = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
-            sd.update(weight_scale=s.to(torch.bfloat16), weight_zero_point=z)
+        scale, zp, gs = ct_qparams(w, scheme.weights)
+        sd = {"weight": w, "weight_scale": scale, "weight_zero_point": zp}
+        if gs is not None:
+            sd.update(weight_global_scale=gs, input_global_scale=torch.ones(1))
         packed = compressor.compress(sd, scheme)
         assert _bits(packed) == get_format(name).size_bits(*w.shape), (name, tuple(w.shape))
 
@@ -213,39 +159,22 @@ def test_compressed_tensors_packed_checkpoint_dequantizes_to_the_format(minilm_w
     from compressed_tensors.compressors import BaseCompressor
 
     for name in ("w4a16-g128", "w4a16-asym"):
-        scheme = QuantizationScheme(targets=["Linear"], weights=_ct_args(name))
+        scheme = ct_scheme(name)
         comp = BaseCompressor.get_value_from_registry("pack-quantized")
         w = minilm_weights[1]
-        s, z = calculate_qparams(*_ct_observe(w, scheme.weights), scheme.weights)
+        s, z, _ = ct_qparams(w, scheme.weights)
         packed = comp.compress({"weight": w, "weight_scale": s, "weight_zero_point": z}, scheme)
         back = comp.decompress(packed, scheme)["weight"]
         _same(back, get_format(name).quantize(w), name)
 
 
 # ------------------------------------------------------------------------------------ torchao
-def _torchao_config(name):
-    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType
-    from torchao.quantization.granularity import PerGroup
-
-    if name == "int8wo":
-        return Int8WeightOnlyConfig()
-    _, b, g, *asym = name.split("-")
-    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{b}"), granularity=PerGroup(int(g[1:])),
-                                mapping_type=MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC)
-
-
 @pytest.mark.parametrize("name", TORCHAO)
 def test_torchao_bit_exact(name, matrices):
     pytest.importorskip("torchao")
-    from torchao.quantization import quantize_
-
     fmt = get_format(name)
     for w, label in matrices:
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        quantize_(lin, _torchao_config(name))
-        q = lin.weight
+        q = torchao_quantized_weight(name, w)
         _same(q.dequantize(), fmt.quantize(w), f"{name} {label}")
         if name == "int8wo":  # the tensors torchao holds: int8 qdata, fp32 scale, int8 zero-point
             held = sum(getattr(q, k).numel() * getattr(q, k).element_size() * 8
@@ -257,19 +186,6 @@ def test_torchao_bit_exact(name, matrices):
 
 
 # ----------------------------------------------------------------------------------- ModelOpt
-def _modelopt_quantized_linear(w, cfg_name, calib):
-    mtq = pytest.importorskip("modelopt.torch.quantization")
-    cfg = copy.deepcopy(getattr(mtq, cfg_name))
-    cfg["algorithm"] = "max"  # round to nearest with max calibration (AWQ's search left out)
-    seq = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
-    with torch.no_grad():
-        seq[0].weight.copy_(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mtq.quantize(seq, cfg, forward_loop=lambda m: m(calib))
-    return seq[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,cfg", [("int4_awq", "INT4_AWQ_CFG"), ("int8_wo", "INT8_WEIGHT_ONLY_CFG"),
                                       ("fp8", "FP8_DEFAULT_CFG")])
@@ -277,7 +193,8 @@ def test_modelopt_fake_quant_bit_exact(name, cfg, minilm_weights):
     g = torch.Generator().manual_seed(4)
     for w in minilm_weights + [torch.randn(64, 256, generator=g) * 0.05]:
         calib = torch.randn(6, w.shape[1], generator=g)
-        m = _modelopt_quantized_linear(w, cfg, calib)
+        pytest.importorskip("modelopt")
+        m = modelopt_linear(w, cfg, calib)
         with torch.no_grad():
             _same(m.weight_quantizer(m.weight), get_format(name).quantize(w), f"{name} {tuple(w.shape)}")
             if name == "fp8":  # static per-tensor input amax from the calibration batch
@@ -293,8 +210,7 @@ def test_modelopt_nvfp4_matches_its_exported_tensor(matrices):
     fmt = get_format("nvfp4-modelopt")
     for w, label in matrices:
         qt, s1, s2 = NVFP4QTensor.quantize(w.clone(), 16)
-        ref = qt.dequantize(dtype=w.dtype, scale=s1, double_scale=s2, block_sizes={-1: 16})
-        _same(ref, fmt.quantize(w), f"nvfp4-modelopt {label}")
+        _same(reference("nvfp4-modelopt", w), fmt.quantize(w), f"nvfp4-modelopt {label}")
         packed_bits = (qt._quantized_data.numel() * 8 + s1.numel() * s1.element_size() * 8
                        + 32 + 32)  # weight_scale_2 and input_scale, fp32 scalars
         assert packed_bits == fmt.size_bits(*w.shape)
@@ -304,14 +220,11 @@ def test_modelopt_nvfp4_matches_its_exported_tensor(matrices):
 @pytest.mark.parametrize("name", AUTOROUND)
 def test_autoround_rtn_bit_exact(name, matrices):
     pytest.importorskip("auto_round")
-    from auto_round.data_type.utils import get_quant_func
-
     fmt = get_format(name)
     # the function AutoRound's RTN path (iters=0, disable_opt_rtn=True) picks for this scheme
-    fn, dtype = get_quant_func("int", fmt.bits, fmt.symmetric, disable_opt_rtn=True, iters=0)
-    assert dtype == ("rtn_int_sym" if fmt.symmetric else "int_asym")
+    assert autoround_function(fmt.bits, fmt.symmetric)[1] == ("rtn_int_sym" if fmt.symmetric else "int_asym")
     for w, label in matrices:
-        _same(fn(w, bits=fmt.bits, group_size=fmt.group)[0], fmt.quantize(w), f"{name} {label}")
+        _same(reference(name, w), fmt.quantize(w), f"{name} {label}")
 
 
 @pytest.mark.parametrize("name", ["autoround-int4-g128", "autoround-int3-g32-asym", "gptq-int4-g128",
@@ -330,17 +243,21 @@ def test_packed_gptq_layout_sizes(name, minilm_weights):
 
 # ---------------------------------------------------------------------------------- GPTQModel
 @pytest.mark.parametrize("name", GPTQ)
-def test_gptq_equals_compressed_tensors_codes_with_fp16_scales(name, minilm_weights):
+def test_gptq_equals_compressed_tensors_codes_with_fp16_scales(name, matrices):
     """GPTQ's symmetric grid is compressed-tensors' (scale = 2 max|w| / (2^b - 1), codes
     -2^(b-1)..2^(b-1)-1); GPTQModel's checkpoint holds the scale in fp16."""
     fmt = get_format(name)
-    args = QuantizationArgs(num_bits=fmt.bits, type="int", strategy="group", group_size=128, symmetric=True)
-    g = torch.Generator().manual_seed(5)
-    for w in minilm_weights + [torch.randn(64, 512, generator=g) * 0.02]:
-        scale, zp = calculate_qparams(*_ct_observe(w, args), args)
-        codes = quantize(w, scale, zp, args, dtype=torch.int8).float()
-        s16 = scale.to(torch.float16).float().repeat_interleave(128, dim=1)
-        _same(codes * s16, fmt.quantize(w), f"{name} {tuple(w.shape)}")
+    for w, label in matrices:
+        _same(reference(name, w), fmt.quantize(w), f"{name} {label}")
+
+
+def test_gptq_all_positive_group_quirk():
+    """GPTQModel's find_params only mirrors xmin when it is negative: a group with no negative
+    weight keeps scale = max/(2^b-1) and zero 2^(b-1), so its top codes clip at (2^(b-1)-1)·scale."""
+    w = torch.linspace(0.01, 1.0, 128).reshape(1, 128)
+    q = get_format("gptq-int4-g128").quantize(w)
+    s16 = torch.tensor(1.0 / 15).half().float()
+    assert torch.equal(q.max(), 7 * s16) and q.min() >= 0
 
 
 # ------------------------------------------------------------------------ registry, costs, rules

@@ -157,8 +157,6 @@ def ct_token_int8(x):
     hidden]`` input. (On a 2-D input compressed-tensors falls back to one scale for the tensor;
     vLLM quantizes per row there, which is what this does.)
     """
-    import torch
-
     if x.numel() == 0:
         return x
     scale, zp, lo, hi = ct_int_qparams(x, 8, True)
