@@ -107,12 +107,14 @@ class ActivationQuantizer:
             return None
         x = args[0]
         fmt = self.format
+        static = getattr(fmt, "act_static", False)
         if self.calibrating:
-            seen = fmt.calibrate(x) if hasattr(fmt, "calibrate") else x.detach().abs().amax()
-            self.amax = seen if self.amax is None else torch.maximum(self.amax, seen.to(self.amax))
+            if static:
+                seen = fmt.calibrate(x)
+                self.amax = seen if self.amax is None else torch.maximum(self.amax, seen.to(self.amax))
             return None
         with torch.no_grad():
-            q = fmt.quantize_act(x) if self.amax is None else fmt.quantize_act(x, amax=self.amax)
+            q = fmt.quantize_act(x, amax=self.amax) if static and self.amax is not None else fmt.quantize_act(x)
         if x.requires_grad:  # straight-through, so that gradient-based estimators still run
             q = x + (q - x).detach()
         return (q, *args[1:])
@@ -168,8 +170,8 @@ def calibrate_activations(model: torch.nn.Module, batches) -> dict[str, float]:
     """Fix each activation hook's static range to the largest ``|x|`` its layer sees on ``batches``.
 
     This is the consumers' calibration (ModelOpt's max calibrator, llm-compressor's static-minmax
-    observer for NVFP4's input global scale); dynamic formats ignore it. Returns the ranges by
-    layer.
+    observer for NVFP4's input global scale) for the formats whose ``act_static`` is true; dynamic
+    formats (per-token FP8/int8, MXFP4) ignore it. Returns the ranges by layer.
     """
     from .data import run_model
 

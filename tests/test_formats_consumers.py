@@ -227,6 +227,17 @@ def test_autoround_rtn_bit_exact(name, matrices):
         _same(reference(name, w), fmt.quantize(w), f"{name} {label}")
 
 
+def test_autoround_takes_a_last_partial_group():
+    """576 input features (SmolLM2's width) in groups of 128: AutoRound pads the last group."""
+    pytest.importorskip("auto_round")
+    w = torch.randn(64, 576, generator=torch.Generator().manual_seed(9)) * 0.05
+    for name in ("autoround-int4-g128", "autoround-int3-g128-asym"):
+        fmt = get_format(name)
+        assert fmt.check_shape(64, 576) is None
+        _same(reference(name, w), fmt.quantize(w), name)
+    assert "group size 128" in get_format("w4a16-g128").check_shape(64, 576)
+
+
 @pytest.mark.parametrize("name", ["autoround-int4-g128", "autoround-int3-g32-asym", "gptq-int4-g128",
                                   "gptq-int3-g128", "gptq-int8-g128"])
 def test_packed_gptq_layout_sizes(name, minilm_weights):
@@ -235,8 +246,9 @@ def test_packed_gptq_layout_sizes(name, minilm_weights):
     from auto_round_extension.torch.qlinear_torch import QuantLinear
 
     fmt = get_format(name)
-    for w in minilm_weights:
-        out, inp = w.shape
+    for out, inp in [tuple(w.shape) for w in minilm_weights] + [(192, 576)]:
+        if fmt.check_shape(out, inp):
+            continue
         layer = QuantLinear(fmt.bits, fmt.group, inp, out, bias=False, g_idx=name.startswith("gptq"))
         assert _bits(dict(layer.named_buffers())) == fmt.size_bits(out, inp), (name, (out, inp))
 
@@ -368,9 +380,10 @@ def test_static_activation_range_from_calibration():
 
     torch.manual_seed(1)
     model = _TinyMLP()
-    q = apply_plan(model, _plan({"fc1": "fp8"}))
+    q = apply_plan(model, _plan({"fc1": "fp8", "fc2": "w8a8-int8"}))
     calib = [torch.randn(4, 64), torch.randn(4, 64) * 5]
     ranges = calibrate_activations(q, calib)
+    assert set(ranges) == {"fc1"}  # per-token int8 is dynamic: nothing to calibrate
     assert ranges["fc1"] == pytest.approx(float(max(c.abs().max() for c in calib)))
     x = torch.randn(3, 64)
     fmt = get_format("fp8")

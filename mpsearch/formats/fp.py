@@ -65,6 +65,9 @@ def to_e4m3(x):
 
 
 class FloatFormat(Format):
+    #: the activation range is calibrated once (static) rather than taken from each batch
+    act_static = False
+
     def bits_per_weight(self, in_features: int | None = None) -> float:
         """Storage per weight of a 4096-row layer of ``in_features`` (4096) inputs."""
         n = in_features or 4096
@@ -159,6 +162,7 @@ class CTFp8Dynamic(FloatFormat):
 
 class CTNvfp4(FloatFormat):
     consumer = "compressed-tensors"
+    act_static = True  # input_global_scale is calibrated (observer static_minmax)
 
     def check_shape(self, out_channels: int, in_features: int) -> str | None:
         if in_features % 16:
@@ -292,6 +296,7 @@ def modelopt_nvfp4_qdq(x, global_amax, group: int = 16):
 
 class ModelOptFp8(FloatFormat):
     consumer = "modelopt"
+    act_static = True  # input amax from the max calibrator
 
     def quantize(self, matrix):
         return modelopt_fp8_qdq(matrix, matrix.abs().amax())

@@ -43,6 +43,9 @@ class IntFormat(Format):
     #: the consumer needs in_features (and for packed int32 layouts out_features) divisible by this
     align_in: int = 1
     align_out: int = 1
+    #: the consumer takes a last, shorter group (zero-padded: the padding cannot move a group's
+    #: min(w, 0) / max(w, 0), so it changes no scale)
+    partial_groups: bool = False
 
     def __init__(self, name: str, bits: int, group: int | None, symmetric: bool, description: str,
                  act_bits: int = 16):
@@ -65,7 +68,7 @@ class IntFormat(Format):
         return 1 if self.group is None else _cdiv(in_features, self.group)
 
     def check_shape(self, out_channels: int, in_features: int) -> str | None:
-        if self.group is not None and in_features % self.group:
+        if self.group is not None and in_features % self.group and not self.partial_groups:
             return (f"{self.consumer} needs in_features divisible by the group size {self.group} "
                     f"(this weight has {in_features})")
         if in_features % self.align_in:
@@ -76,10 +79,15 @@ class IntFormat(Format):
 
     # -- rounding -------------------------------------------------------------------------------
     def quantize(self, matrix):
+        import torch
+
         out, cols = matrix.shape
         g = cols if self.group is None else self.group
-        x = matrix.reshape(out, cols // g, g)
-        return self._qdq(x).reshape(out, cols)
+        pad = -cols % g
+        if pad:
+            matrix = torch.nn.functional.pad(matrix, (0, pad))
+        x = matrix.reshape(out, (cols + pad) // g, g)
+        return self._qdq(x).reshape(out, cols + pad)[:, :cols]
 
     def _qdq(self, x):  # pragma: no cover
         raise NotImplementedError
@@ -315,6 +323,7 @@ class AutoRoundInt(IntFormat):
     consumer = "autoround"
     align_in = 32
     align_out = 32
+    partial_groups = True  # reshape_pad_tensor_by_group_size pads the last group with zeros
 
     def _qdq(self, x):
         return autoround_int_qdq(x, self.bits, self.symmetric)
