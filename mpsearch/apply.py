@@ -80,6 +80,7 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
                 continue
             q = quantize_weight(module.weight, option, _kind(module), name)
             module.weight.copy_(q)
+            _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
             add_activation_hook(module, option)
     return target
 
@@ -143,15 +144,18 @@ def activation_hooks(model: torch.nn.Module) -> dict[str, list[ActivationQuantiz
     return out
 
 
+def _remove_module_hooks(m: torch.nn.Module) -> int:
+    n = 0
+    for handle, _hook in m.__dict__.pop(_HOOKS, []):
+        if handle.id in m._forward_pre_hooks:
+            n += 1
+        handle.remove()
+    return n
+
+
 def remove_activation_hooks(model: torch.nn.Module) -> int:
     """Remove every activation hook mpsearch installed on ``model``; returns how many."""
-    n = 0
-    for m in model.modules():
-        for handle, _hook in m.__dict__.pop(_HOOKS, []):
-            if handle.id in m._forward_pre_hooks:
-                n += 1
-            handle.remove()
-    return n
+    return sum(_remove_module_hooks(m) for m in model.modules())
 
 
 @contextlib.contextmanager

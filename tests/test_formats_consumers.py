@@ -360,6 +360,8 @@ def test_applier_quantizes_activations_and_hooks_come_off():
     x = torch.randn(2, 5, 64) * 3
     q = apply_plan(model, _plan({"fc1": "w8a8-fp8", "fc2": "w4a16-g32"}))
     assert set(activation_hooks(q)) == {"fc1"} and not activation_hooks(model)
+    again = apply_plan(q, _plan({"fc1": "w8a8-fp8"}), inplace=True)  # replaces, does not stack
+    assert again is q and len(activation_hooks(q)["fc1"]) == 1
     fmt = get_format("w8a8-fp8")
     w1 = quantize_weight(model.fc1.weight, parse_option("w8a8-fp8"))
     w2 = quantize_weight(model.fc2.weight, parse_option("w4a16-g32"))
