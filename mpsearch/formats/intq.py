@@ -48,7 +48,11 @@ class IntFormat(Format):
     partial_groups: bool = False
 
     def __init__(self, name: str, bits: int, group: int | None, symmetric: bool, description: str,
-                 act_bits: int = 16):
+                 act_bits: int = 16, **settings):
+        for key, value in settings.items():  # per-format storage settings the class declares
+            if not hasattr(type(self), key):
+                raise TypeError(f"{type(self).__name__} has no setting {key!r}")
+            setattr(self, key, value)
         self.name = name
         self.bits = bits
         self.group = group
@@ -137,6 +141,8 @@ def ct_int_qdq(x, scale, zp, bit_min, bit_max):
 
 class CompressedTensorsInt(IntFormat):
     consumer = "compressed-tensors"
+    #: "pack-quantized" (int32-packed weight + weight_shape) or "int-quantized" (an int8 weight)
+    layout = "pack-quantized"
 
     def _qdq(self, x):
         scale, zp, lo, hi = ct_int_qparams(x, self.bits, self.symmetric)
@@ -144,8 +150,8 @@ class CompressedTensorsInt(IntFormat):
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         n = self.n_groups(out_channels, in_features)
-        if self.name == "w8a8-int8":  # int-quantized: int8 weight + [out, 1] scale
-            return out_channels * in_features * 8 + out_channels * 16
+        if self.layout == "int-quantized":  # int8 weight + 16-bit weight_scale per group
+            return out_channels * in_features * 8 + out_channels * n * 16
         size = 32 * out_channels * _cdiv(in_features * self.bits, 32) + 16 * out_channels * n + 128
         if not self.symmetric:
             size += 32 * _cdiv(out_channels * self.bits, 32) * n
@@ -181,7 +187,8 @@ _CT_SPECS = [
                                      "int8 activations"),
 ]
 for _n, _b, _g, _s, _a, _d in _CT_SPECS:
-    register(CompressedTensorsInt(_n, _b, _g, _s, f"compressed-tensors {_d}", act_bits=_a))
+    register(CompressedTensorsInt(_n, _b, _g, _s, f"compressed-tensors {_d}", act_bits=_a,
+                                  layout="int-quantized" if _a < 16 else "pack-quantized"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,23 +223,27 @@ def torchao_int_qdq(x, bits: int, symmetric: bool, *, scale_dtype=None, eps: flo
 
 class TorchaoInt(IntFormat):
     consumer = "torchao"
+    #: Int8Tensor (Int8WeightOnlyConfig) keeps float32 scales and a float32 eps; Intx keeps the
+    #: weight's dtype and its smallest normal
+    float32_scales = False
 
     def _qdq(self, x):
         import torch
 
-        if self.name == "int8wo":  # Int8Tensor.from_hp: float32 scales, float32 eps
-            return torchao_int_qdq(x, 8, True, scale_dtype=torch.float32,
+        if self.float32_scales:
+            return torchao_int_qdq(x, self.bits, self.symmetric, scale_dtype=torch.float32,
                                    eps=torch.finfo(torch.float32).eps)
         return torchao_int_qdq(x, self.bits, self.symmetric)
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         n = self.n_groups(out_channels, in_features)
-        scale = 32 if self.name == "int8wo" else 16
+        scale = 32 if self.float32_scales else 16
         return out_channels * in_features * self.bits + out_channels * n * (scale + 8)
 
 
 register(TorchaoInt("int8wo", 8, None, True,
-                    "torchao Int8WeightOnlyConfig(): int8 symmetric per output channel, float32 scale"))
+                    "torchao Int8WeightOnlyConfig(): int8 symmetric per output channel, float32 scale",
+                    float32_scales=True))
 for _b in range(1, 9):
     for _g in (32, 64, 128):
         for _s in (True, False):
@@ -265,6 +276,8 @@ def modelopt_int_qdq(x, bits: int, amax):
 
 class ModelOptInt(IntFormat):
     consumer = "modelopt"
+    #: the checkpoint stores an fp16 AWQ pre_quant_scale per input feature
+    pre_quant_scale = False
 
     def _qdq(self, x):
         return modelopt_int_qdq(x, self.bits, x.abs().amax(-1, keepdim=True))
@@ -272,14 +285,14 @@ class ModelOptInt(IntFormat):
     def size_bits(self, out_channels: int, in_features: int) -> int:
         n = self.n_groups(out_channels, in_features)
         size = out_channels * in_features * self.bits + 16 * out_channels * n
-        if self.name == "int4_awq":
-            size += 16 * in_features  # pre_quant_scale
+        if self.pre_quant_scale:
+            size += 16 * in_features
         return size
 
 
 register(ModelOptInt("int4_awq", 4, 128, True,
                      "ModelOpt INT4_AWQ_CFG (W4A16_AWQ, block 128): the round-to-nearest part, "
-                     "per-block amax, pre_quant_scale = 1 (no AWQ search)"))
+                     "per-block amax, pre_quant_scale = 1 (no AWQ search)", pre_quant_scale=True))
 register(ModelOptInt("int8_wo", 8, None, True,
                      "ModelOpt INT8_WEIGHT_ONLY_CFG (W8A16): int8 per output channel, amax = max|w|"))
 
@@ -387,3 +400,5 @@ for _b in (2, 3, 4, 8):
     register(GPTQModelInt(f"gptq-int{_b}-g128", _b, 128, True,
                           f"GPTQModel bits={_b}, group_size=128, sym=True, round to nearest "
                           f"(no Hessian compensation), packed qweight/qzeros, fp16 scales, g_idx"))
+
+del _n, _b, _g, _s, _a, _d
