@@ -13,7 +13,9 @@ sizes.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import warnings
 
 import pytest
 import torch
@@ -216,6 +218,43 @@ def test_modelopt_nvfp4_matches_its_exported_tensor(matrices):
         assert packed_bits == fmt.size_bits(*w.shape)
 
 
+@pytest.mark.slow
+def test_modelopt_sizes_are_its_exported_checkpoint(tmp_path):
+    """size_bits == the bytes ModelOpt's ``export_hf_checkpoint`` writes for each linear layer
+    (weight, weight_scale, weight_scale_2, input_scale) of a small bf16 Llama."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.export import export_hf_checkpoint
+    from safetensors import safe_open
+    transformers = pytest.importorskip("transformers")
+
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+                                   architectures=["LlamaForCausalLM"])
+    for name, cfg_name in [("int4_awq", "INT4_AWQ_CFG"), ("int8_wo", "INT8_WEIGHT_ONLY_CFG"),
+                           ("fp8", "FP8_DEFAULT_CFG"), ("nvfp4-modelopt", "NVFP4_DEFAULT_CFG")]:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+        qcfg = copy.deepcopy(getattr(mtq, cfg_name))
+        qcfg["algorithm"] = "max"
+        ids = torch.randint(0, 128, (2, 16))
+        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
+                  if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mtq.quantize(model, qcfg, forward_loop=lambda m: m(ids))
+            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp_path / name)
+        (st_file,) = (tmp_path / name).glob("*.safetensors")
+        stored = dict.fromkeys(shapes, 0)
+        with safe_open(str(st_file), "pt") as st:
+            for key in st.keys():
+                layer = key.rsplit(".", 1)[0]
+                if layer in stored:
+                    t = st.get_tensor(key)
+                    stored[layer] += t.numel() * t.element_size() * 8
+        for layer, (out, inp) in shapes.items():
+            assert stored[layer] == get_format(name).size_bits(out, inp), (name, layer)
+
+
 # ---------------------------------------------------------------------------------- AutoRound
 @pytest.mark.parametrize("name", AUTOROUND)
 def test_autoround_rtn_bit_exact(name, matrices):
@@ -292,7 +331,7 @@ def test_registered_names_parse_and_round_trip():
     ("w8a8-int8", 8 + 16 / 4096, 0), ("w8a8-fp8", 8 + 16 / 4096, 0),
     ("nvfp4", 4 + 8 / 16, 64), ("nvfp4-modelopt", 4 + 8 / 16, 64), ("fp8", 8, 64),
     ("mxfp4", 4 + 8 / 32, 0),
-    ("int4_awq", 4 + 16 / 128, 16 * 4096), ("int8_wo", 8 + 16 / 4096, 0),  # pre_quant_scale [in]
+    ("int4_awq", 4 + 32 / 128, 0), ("int8_wo", 8 + 32 / 4096, 0),  # float32 scales
     ("int8wo", 8 + 40 / 4096, 0), ("intx-4-g32", 4 + 24 / 32, 0),
     ("autoround-int4-g128", 4 + 16 / 128 + 4 / 128, 0),
     ("gptq-int4-g128", 4 + 16 / 128 + 4 / 128, 32 * 4096),  # g_idx int32 [in]

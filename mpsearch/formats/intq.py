@@ -20,8 +20,10 @@ to it.
 - torchao: ``qdata`` at the nominal bits (``IntxUnpackedToInt8Tensor`` holds them one per int8 in
   memory; its packed/lowered forms hold ``b`` bits) + ``scale`` + ``zero_point`` int8 per group (stored
   for symmetric configs too); ``int8wo``'s scale is float32 (``Int8Tensor.from_hp``).
-- ModelOpt (TensorRT-LLM checkpoint): int4 packed + fp16 ``weights_scaling_factor`` per group +
-  fp16 ``pre_quant_scale`` ``[in]`` (``int4_awq``); int8 + fp16 per-channel scale (``int8_wo``).
+- ModelOpt (``export_hf_checkpoint``): ``int4_awq``: uint8-packed int4 + float32 ``weight_scale``
+  ``[out, in/128]`` (AWQ's ``pre_quant_scale`` is not stored for this round-to-nearest form, where
+  it is 1); ``int8_wo``: int8 + float32 ``weight_scale [out]`` (``get_scaling_factor``: "tensorrt_llm
+  uses float as the scaling_factors").
 - AutoRound ``auto_round`` format and GPTQModel: ``qweight`` int32 ``[in/32*b, out]`` + ``qzeros``
   int32 ``[groups, out/32*b]`` (stored for symmetric too) + ``scales`` fp16 ``[groups, out]``;
   GPTQModel adds ``g_idx`` int32 ``[in]`` (``auto_round_extension/torch/qlinear_torch.py``,
@@ -276,23 +278,18 @@ def modelopt_int_qdq(x, bits: int, amax):
 
 class ModelOptInt(IntFormat):
     consumer = "modelopt"
-    #: the checkpoint stores an fp16 AWQ pre_quant_scale per input feature
-    pre_quant_scale = False
 
     def _qdq(self, x):
         return modelopt_int_qdq(x, self.bits, x.abs().amax(-1, keepdim=True))
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         n = self.n_groups(out_channels, in_features)
-        size = out_channels * in_features * self.bits + 16 * out_channels * n
-        if self.pre_quant_scale:
-            size += 16 * in_features
-        return size
+        return out_channels * in_features * self.bits + 32 * out_channels * n
 
 
 register(ModelOptInt("int4_awq", 4, 128, True,
                      "ModelOpt INT4_AWQ_CFG (W4A16_AWQ, block 128): the round-to-nearest part, "
-                     "per-block amax, pre_quant_scale = 1 (no AWQ search)", pre_quant_scale=True))
+                     "per-block amax, pre_quant_scale = 1 (no AWQ search), float32 block scales"))
 register(ModelOptInt("int8_wo", 8, None, True,
                      "ModelOpt INT8_WEIGHT_ONLY_CFG (W8A16): int8 per output channel, amax = max|w|"))
 
