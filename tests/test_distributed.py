@@ -1,0 +1,178 @@
+"""Sharded estimators over torch.distributed (2 gloo processes on CPU), resume after a killed rank,
+Optuna workers sharing one SQLite study, and the pieces they are made of."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import dist_workers  # noqa: E402
+
+from mpsearch.distributed import Shard, assign, measure_plans, parse_device_map  # noqa: E402
+from mpsearch.errors import MpsearchError  # noqa: E402
+
+SPAWN = mp.get_context("spawn")
+
+
+def _launch(target, args_for_rank, world=2, timeout=120):
+    procs = [SPAWN.Process(target=target, args=args_for_rank(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def _single(cases, cache_dir=None):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same arithmetic
+    try:
+        return dist_workers.tables(cases, cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+EXACT = ["output-distance", "hessian", "hessian-micro"]
+CLOSE = ["hessian-diagonal", "fisher"]
+
+
+def test_two_gloo_ranks_give_the_single_process_tables(tmp_path):
+    cases = EXACT + CLOSE
+    codes = _launch(dist_workers.estimate_worker,
+                    lambda r: (r, 2, str(tmp_path / "rdv"), cases, str(tmp_path)))
+    assert codes == [0, 0]
+    ref = _single(cases)
+    for rank in (0, 1):
+        got = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        for case in cases:
+            frame, meta = got[case]
+            assert meta["distributed"]["world"] == 2 and meta["distributed"]["backend"] == "gloo"
+            want = ref[case][0]
+            assert list(frame["layer"]) == list(want["layer"])
+            if case in EXACT:  # each unit computed once, reduced exactly: bit for bit
+                assert np.array_equal(frame["damage"].to_numpy(), want["damage"].to_numpy()), case
+            else:  # partial float64 sums added in another order, then float32 products
+                np.testing.assert_allclose(frame["damage"], want["damage"], rtol=1e-6, atol=0, err_msg=case)
+            assert (frame["damage"] > 0).any()
+    # the work was split: each rank ran part of the suffix passes / probes / chunks, and together all
+    meta = got["output-distance"][1]
+    passes = [r["cost"]["suffix_passes"] for r in meta["distributed"]["ranks"]]
+    assert min(passes) > 0 and sum(passes) == ref["output-distance"][1]["cost"]["suffix_passes"]
+    hvps = [r["cost"]["hvps"] for r in got["hessian"][1]["distributed"]["ranks"]]
+    assert min(hvps) > 0
+    assert got["hessian"][1]["cost"]["probes"] == ref["hessian"][1]["cost"]["probes"]
+    samples = [r["cost"]["forward_passes"] for r in got["fisher"][1]["distributed"]["ranks"]]
+    assert min(samples) > 0
+
+
+def test_a_killed_rank_resumes_and_only_unfinished_units_are_recomputed(tmp_path):
+    cache = tmp_path / "cache"
+    case = ["output-distance"]
+    # run 1: rank 1 is SIGKILLed at its 12th model forward; rank 0 is then stopped too
+    codes = _launch(dist_workers.estimate_worker,
+                    lambda r: (r, 2, str(tmp_path / "rdv1"), case, str(tmp_path), str(cache), 12),
+                    timeout=30)
+    assert codes[1] == -9
+    files = sorted(cache.glob("output-distance-*-rank*of2.pt"))
+    assert [f.name[-11:] for f in files] == ["rank0of2.pt", "rank1of2.pt"]
+    done = [int(torch.load(f, weights_only=True)["state"]["done"].sum()) for f in files]
+    assert done[1] > 0  # rank 1 had saved some of its units before it died
+    # run 2: both ranks restart on the same cache
+    codes = _launch(dist_workers.estimate_worker,
+                    lambda r: (r, 2, str(tmp_path / "rdv2"), case, str(tmp_path), str(cache)))
+    assert codes == [0, 0]
+    frame, meta = pickle.loads((tmp_path / "rank0.pkl").read_bytes())[case[0]]
+    ref = _single(case)[case[0]]
+    assert np.array_equal(frame["damage"].to_numpy(), ref[0]["damage"].to_numpy())
+    passes = [r["cost"].get("suffix_passes", 0) for r in meta["distributed"]["ranks"]]
+    assert sum(passes) == ref[1]["cost"]["suffix_passes"] - sum(done)  # only what was unfinished
+
+
+def test_two_optuna_workers_share_one_sqlite_study(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    log = tmp_path / "measured.log"
+    n = 16
+    codes = _launch(dist_workers.optuna_worker, lambda w: (w, url, n, str(log), str(tmp_path)))
+    assert codes == [0, 0]
+    study = optuna.load_study(study_name="shared", storage=url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == n
+    assert len({t.number for t in complete}) == n
+    lines = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    pids = {pid for pid, _ in lines}
+    plans = [plan for _, plan in lines]
+    assert len(pids) == 2  # both workers measured plans
+    assert len(plans) == len(set(plans))  # no plan measured twice
+    reused = [t for t in complete if "same_as" in t.user_attrs]
+    assert len(plans) + len(reused) == n
+    results = [pickle.loads((tmp_path / f"worker{w}.pkl").read_bytes()) for w in (0, 1)]
+    assert results[0]["status"] == results[1]["status"] == "feasible"
+
+
+# ------------------------------------------------------------------------------- the pieces
+
+
+def test_assign_is_longest_first_to_the_least_loaded_rank():
+    owners = assign([5, 4, 3, 3, 3], 2)
+    # 5->0, 4->1, 3->1 (load 4<5), 3->0 (5<7), 3->0 or 1: loads 8 vs 7 -> 1
+    assert owners.tolist() == [0, 1, 1, 0, 1]
+    assert assign([1, 2, 3], 1).tolist() == [0, 0, 0]
+    costs = np.arange(1, 41, dtype=float)[::-1]  # early layers cost more
+    loads = np.bincount(assign(costs, 4), weights=costs, minlength=4)
+    assert loads.max() - loads.min() <= costs.min() + 1e-9  # LPT on 1..40 balances within one unit
+    with pytest.raises(MpsearchError, match="world size"):
+        assign([1.0], 0)
+
+
+def test_one_process_shard_owns_everything_and_sums_nothing():
+    shard = Shard()
+    assert not shard.enabled and shard.is_main and shard.suffix() == ""
+    assert shard.assign([3, 1, 2]).all()
+    t = torch.arange(3.0)
+    assert shard.sum(t) is t
+    assert shard.min_int([4, -2]) == [4, -2]
+
+
+def test_measure_plans_in_worker_processes_keeps_the_order():
+    model = torch.nn.Linear(2, 2)
+    plans = list(range(7))
+    got = measure_plans(model, plans, _square_pid, workers=3)
+    assert [v for v, _ in got] == [p * p for p in plans]
+    assert os.getpid() not in {pid for _, pid in got}  # measured in the worker processes
+    assert [v for v, _ in measure_plans(model, plans, _square_pid, workers=1)] == [p * p for p in plans]
+    with pytest.raises(MpsearchError, match="workers must be"):
+        measure_plans(model, plans, _square_pid, workers=0)
+
+
+def _square_pid(model, plan):
+    return plan * plan, os.getpid()
+
+
+def test_parse_device_map():
+    assert parse_device_map("auto") == "auto"
+    assert parse_device_map('{"a": 0, "b": "cpu"}') == {"a": 0, "b": "cpu"}
+    with pytest.raises(MpsearchError, match="--device-map 'nope'"):
+        parse_device_map("nope")
+    with pytest.raises(MpsearchError, match="must be an object"):
+        parse_device_map("[1, 2]")
+
+
+def test_frame_columns_equal_between_single_runs():  # the reference itself is deterministic
+    a = _single(["output-distance"])["output-distance"][0]
+    b = _single(["output-distance"])["output-distance"][0]
+    pd.testing.assert_frame_equal(a, b)
