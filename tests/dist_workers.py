@@ -128,3 +128,13 @@ def optuna_worker(worker, url, n_trials, log, out_dir):
     result = solver.solve(table, Budget.parse(["avg_bits=4"]))
     with open(os.path.join(out_dir, f"worker{worker}.pkl"), "wb") as f:
         pickle.dump({"status": result.status, "bits": result.plan.bits if result.plan else None}, f)
+
+
+def lm_model():
+    """Model spec for the CLI test: ``tests/dist_workers.py:lm_model``."""
+    return lm_setup()[0]
+
+
+def lm_data():
+    """Data spec for the CLI test: ``tests/dist_workers.py:lm_data``."""
+    return lm_setup()[1]
