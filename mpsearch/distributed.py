@@ -256,7 +256,7 @@ def check_resident(model: torch.nn.Module) -> None:
     """Refuse a model whose quantizable weights are offloaded (on the meta device between forwards)."""
     from .layers import iter_quantizable
 
-    for name, mod in iter_quantizable(model):
+    for name, mod, _kind in iter_quantizable(model, include_embedding=True):
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and w.device.type == "meta":
             raise MpsearchError(

@@ -190,3 +190,36 @@ def test_frontier_measured_by_two_worker_processes_equals_one(tmp_path):
     pd.testing.assert_frame_equal(one.uniform, two.uniform)
     cached = [json.loads((tmp_path / d / "measured.json").read_text())["results"] for d in ("one", "two")]
     assert cached[0] == cached[1] and len(cached[1]) >= 3  # the parent cached every worker's result
+
+
+def test_estimators_keep_accelerate_device_hooks_and_their_tables():
+    """A model dispatched by accelerate carries an AlignDevicesHook per module (moving inputs to the
+    module's device); output-distance patches block forwards and must put the hooks back. On CPU every
+    execution device is the CPU, so the tables must equal the plain model's exactly."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from mpsearch import get_estimator
+
+    plain, batches = dist_workers.lm_setup()
+    hooked, _ = dist_workers.lm_setup()
+    for blk in hooked.layers:
+        hooks.add_hook_to_module(blk, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    hooks.add_hook_to_module(hooked.head, hooks.AlignDevicesHook(execution_device="cpu"))
+    wrapped = [blk.__dict__["forward"] for blk in hooked.layers]
+    for name, params in [("output-distance", {"options": "2,4"}),
+                         ("hessian", {"options": "2,4", "probes": 4, "min_probes": 2})]:
+        a = get_estimator(name, **params).estimate(plain, batches, progress=False).frame
+        b = get_estimator(name, **params).estimate(hooked, batches, progress=False).frame
+        assert np.array_equal(a["damage"].to_numpy(), b["damage"].to_numpy()), name
+    assert [blk.__dict__.get("forward") for blk in hooked.layers] == wrapped  # hooks still in place
+
+
+def test_offloaded_weights_are_refused():
+    from mpsearch.distributed import check_resident, follow
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(MpsearchError, match="layer '1' is offloaded by the device map"):
+        check_resident(model)
+    check_resident(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    w = torch.zeros(2, dtype=torch.float16)
+    v = torch.ones(2)
+    assert follow(v, w).dtype == torch.float16 and follow(w, w) is w
