@@ -89,7 +89,7 @@ class OutputDistanceEstimator(Estimator):
                 saved = w.detach().clone()
                 start = runner.start_of(lay.name)
                 try:
-                    for k, opt in enumerate(ctx.options):
+                    for k, opt in ctx.layer_options(li):
                         if opt.is_keep or not mine[bi, li, k]:
                             continue
                         with torch.no_grad():
@@ -132,6 +132,8 @@ def _my_units(runner, ctx: Context, names, st) -> torch.Tensor:
     """
     B, L, K = len(ctx.batches), len(ctx.layers), len(ctx.options)
     work = torch.tensor([not o.is_keep for o in ctx.options]).expand(B, L, K).clone()
+    if getattr(ctx, "legal", None) is not None:  # a target's per-layer options
+        work &= torch.as_tensor(np.asarray(ctx.legal, dtype=bool))[None]
     if ctx.shard.enabled:
         runner.reference(move_batch(ctx.batches[0], ctx.device), names)  # the cache layout, for costs
         n = len(runner.blocks.names) if runner.blocks is not None else 0
