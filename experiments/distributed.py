@@ -15,8 +15,8 @@ token batches, runs the estimator, and reports:
   and whether the 1-rank torchrun table equals the plain process's.
 
 ``--device-map``: one process with the model spread over devices by accelerate: over all GPUs when
-there are two or more (``balanced``), over ``cuda:0`` and the CPU when there is one (half the blocks
-each, CPU blocks computing on the CPU), skipped without a GPU; its time and its table against the
+there are two or more (contiguous blocks per GPU), over ``cuda:0`` and the CPU when there is one (the
+last decoder layer on the CPU, computing there; the rest on the GPU), skipped without a GPU; its time and its table against the
 unsplit model's (GPU and CPU arithmetic differ: the largest relative difference is reported).
 
 Shapes: ``tiny`` (4 layers, hidden 64; the CPU smoke test), ``llama-1.1b`` (TinyLlama: 22 layers,
@@ -114,7 +114,12 @@ def worker(args) -> None:
     warnings.simplefilter("ignore", EstimatorWarning)
     shard = current()
     cuda = torch.cuda.is_available()
-    device = shard.device if shard.backend == "nccl" else torch.device("cuda" if cuda else "cpu")
+    if shard.backend == "nccl":
+        device = shard.device
+    else:  # gloo: ranks take the GPUs in turn (several per GPU when there are more ranks than GPUs)
+        device = torch.device("cuda", shard.rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     model = build_model(args.shape, dtype, device)
@@ -168,8 +173,8 @@ def split_model(model):
         dmap.update({"model.norm": gpus - 1, "lm_head": gpus - 1})
         return dispatch(model, dmap)
     dmap = {"model.embed_tokens": 0, "model.rotary_emb": 0}
-    dmap.update({f"model.layers.{i}": (0 if i < n // 2 else "cpu") for i in range(n)})
-    dmap.update({"model.norm": "cpu", "lm_head": "cpu"})
+    dmap.update({f"model.layers.{i}": (0 if i < n - 1 else "cpu") for i in range(n)})  # the last on the CPU
+    dmap.update({"model.norm": 0, "lm_head": 0})
     return dispatch(model, dmap, main_device="cpu")
 
 
@@ -188,6 +193,8 @@ def launch(args, shape, estimator, world, result, *, torchrun=True, split=False,
         cmd += ["--micro-batch", str(args.micro_batch)]
     if split:
         cmd += ["--split"]
+    if args.backend:
+        os.environ["MPSEARCH_BACKEND"] = args.backend
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off
     if not torchrun:
@@ -224,6 +231,8 @@ def main(argv=None):
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--device-map", action="store_true", help="also the model spread over devices")
+    p.add_argument("--backend", default=None, choices=("nccl", "gloo"),
+                   help="force a backend (gloo lets several ranks share one GPU: a check, not a speed-up)")
     p.add_argument("-o", "--output", default=str(Path(__file__).with_suffix(".md")))
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -251,6 +260,7 @@ def main(argv=None):
                     if base is None:
                         base = (doc, t)
                     rows.append(row(shape, est, n, doc, t, base, plain, plain_t))
+                    print(f"{shape} {est} ranks={n}: {rows[-1]}", file=sys.stderr, flush=True)
                 if args.device_map and torch.cuda.is_available():
                     doc, t = launch(args, shape, est, 1, Path(tmp) / "split.json", torchrun=False, split=True)
                     split_rows.append({"shape": shape, "estimator": est, "devices": ", ".join(doc["devices"]),
@@ -273,7 +283,8 @@ def row(shape, est, n, doc, t, base, plain, plain_t) -> dict:
         "idle s per rank": ", ".join(f"{max(busy) - b:.2f}" for b in busy),
         "reduce+wait s per rank": ", ".join(f"{w:.3f}" for w in wait),
         "reduction s": "-" if doc["reduce_seconds"] is None else f"{doc['reduce_seconds']:.4f}",
-        "peak GiB per GPU": "-" if not doc["peak_gib"] else ", ".join(str(x) for x in doc["peak_gib"]),
+        "peak GiB per rank": ", ".join(str(r.get("peak_gib")) for r in ranks) if ranks else
+        ("-" if not doc["peak_gib"] else ", ".join(str(x) for x in doc["peak_gib"])),
         "table vs 1 rank": compare(t, base[1]),
         "1 rank vs plain": compare(base[1], plain_t) if n == base[0]["world"] else "",
     }

@@ -153,7 +153,8 @@ def current() -> Shard:
 
     Inside an initialised ``torch.distributed`` group: its rank and size. Otherwise, under ``torchrun``
     (``WORLD_SIZE`` > 1): the group is initialised here from the environment (``nccl`` when CUDA is
-    available, else ``gloo``). Otherwise: rank 0 of 1.
+    available, else ``gloo``; ``MPSEARCH_BACKEND=gloo`` forces gloo, e.g. for several ranks sharing one
+    GPU). Otherwise: rank 0 of 1.
     """
     import torch.distributed as dist
 
@@ -191,7 +192,9 @@ def init_from_env(backend: str | None = None) -> None:
                 f"(torchrun --nproc-per-node N -m mpsearch ...) or unset WORLD_SIZE"
             )
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = os.environ.get("MPSEARCH_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise MpsearchError(f"MPSEARCH_BACKEND must be nccl or gloo, got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
@@ -221,8 +224,8 @@ def stats(shard: Shard, busy_seconds: float, extra: dict | None = None) -> dict 
     if not shard.enabled:
         return None
     peak = None
-    if shard.backend == "nccl":
-        peak = round(torch.cuda.max_memory_allocated(shard.device) / 2**30, 4)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's GPU
+        peak = round(torch.cuda.max_memory_allocated(torch.cuda.current_device()) / 2**30, 4)
     mine = {"rank": shard.rank, "busy_seconds": round(busy_seconds - shard.reduce_seconds, 4),
             "reduce_seconds": round(shard.reduce_seconds, 4), "reductions": shard.reductions,
             "peak_gib": peak, **(extra or {})}
@@ -335,11 +338,17 @@ def optuna_storage(url: str):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                          if url.startswith("sqlite") else None)
-    except Exception as exc:  # sqlalchemy raises its own errors for bad URLs
-        raise MpsearchError(f"optuna: cannot open storage {url!r}: {exc}") from None
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as exc:  # sqlalchemy raises its own errors for bad URLs
+            # workers creating one new database at once race on its schema: the loser retries
+            if "UNIQUE constraint" in str(exc) or "already exists" in str(exc) or "locked" in str(exc):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise MpsearchError(f"optuna: cannot open storage {url!r}: {exc}") from None
+    raise MpsearchError(f"optuna: cannot open storage {url!r}: its schema could not be created")
 
 
 def measure_plans(model, plans: list, measure, *, workers: int = 1, shard: Shard | None = None) -> list:
