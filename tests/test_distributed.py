@@ -223,3 +223,31 @@ def test_offloaded_weights_are_refused():
     w = torch.zeros(2, dtype=torch.float16)
     v = torch.ones(2)
     assert follow(v, w).dtype == torch.float16 and follow(w, w) is w
+
+
+@pytest.mark.slow
+def test_torchrun_cli_estimate_rank0_writes_the_single_process_table(tmp_path):
+    import socket
+    import subprocess
+
+    from mpsearch.table import CostTable
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = f"{Path(__file__).parent / 'dist_workers.py'}"
+    args = ["estimate", "--model", f"{spec}:lm_model", "--data", f"{spec}:lm_data",
+            "--estimator", "output-distance", "--bits", "2,4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), "-m", "mpsearch", *args, "-o", str(tmp_path / "two.csv")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone prints
+    one = subprocess.run([sys.executable, "-m", "mpsearch", *args, "-o", str(tmp_path / "one.csv")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = CostTable.read(tmp_path / "one.csv"), CostTable.read(tmp_path / "two.csv")
+    assert np.array_equal(a.frame["damage"].to_numpy(), b.frame["damage"].to_numpy())
+    assert b.metadata["distributed"]["world"] == 2 and "distributed" not in a.metadata
