@@ -340,8 +340,9 @@ def optuna_storage(url: str):
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        try:  # heartbeats: a trial of a worker that died is marked failed, not left running
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30,
+                                              grace_period=120)
         except Exception as exc:  # sqlalchemy raises its own errors for bad URLs
             # workers creating one new database at once race on its schema: the loser retries
             if "UNIQUE constraint" in str(exc) or "already exists" in str(exc) or "locked" in str(exc):

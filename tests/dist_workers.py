@@ -118,11 +118,12 @@ class LoggedObjective:
         return sum(self.damage[(n, b)] for n, b in plan.bits.items())
 
 
-def optuna_worker(worker, url, n_trials, log, out_dir):
+def optuna_worker(worker, url, n_trials, log, out_dir, barrier):
     from mpsearch import Budget, get_solver
 
     torch.set_num_threads(1)
     table = optuna_table()
+    barrier.wait(60)  # both workers start together (imports take seconds on a loaded machine)
     solver = get_solver("optuna", n_trials=n_trials, storage=url, study_name="shared",
                         objective=LoggedObjective(log, table), worker=worker)
     result = solver.solve(table, Budget.parse(["avg_bits=4"]))

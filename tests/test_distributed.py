@@ -111,7 +111,8 @@ def test_two_optuna_workers_share_one_sqlite_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     log = tmp_path / "measured.log"
     n = 16
-    codes = _launch(dist_workers.optuna_worker, lambda w: (w, url, n, str(log), str(tmp_path)))
+    barrier = SPAWN.Barrier(2)
+    codes = _launch(dist_workers.optuna_worker, lambda w: (w, url, n, str(log), str(tmp_path), barrier))
     assert codes == [0, 0]
     study = optuna.load_study(study_name="shared", storage=url)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
