@@ -252,3 +252,35 @@ def test_torchrun_cli_estimate_rank0_writes_the_single_process_table(tmp_path):
     a, b = CostTable.read(tmp_path / "one.csv"), CostTable.read(tmp_path / "two.csv")
     assert np.array_equal(a.frame["damage"].to_numpy(), b.frame["damage"].to_numpy())
     assert b.metadata["distributed"]["world"] == 2 and "distributed" not in a.metadata
+
+
+class _BehindShard:
+    """A stand-in shard whose other rank saved its cache at an earlier point (progress ``low``)."""
+
+    def __init__(self, low):
+        self.low = low
+
+    def min_int(self, values):
+        mine = values[0]
+        return [min(mine, self.low), -max(mine, self.low)]
+
+
+def test_hessian_resume_brings_ranks_to_the_least_advanced_state():
+    from mpsearch.sensitivity.hessian import _agree
+
+    rows = [torch.full((2,), float(j)) for j in range(4)]
+    n_max = 4
+    ahead = {"batch": 1, "done": [(3, torch.stack(rows))], "current": rows[:1], "diag_total": None,
+             "diag_batch": None}
+    # the other rank had finished 2 probes of batch 0: progress 0 * (n_max + 1) + 2
+    got = _agree(ahead, _BehindShard(2), n_max, diagonal=False)
+    assert got["batch"] == 0 and got["done"] == []
+    assert torch.equal(torch.stack(got["current"]), torch.stack(rows[:2]))
+    # the other rank is at batch 1 with no probe yet: batch 0 stays done, the current probe is dropped
+    got = _agree(ahead, _BehindShard(1 * (n_max + 1)), n_max, diagonal=False)
+    assert got["batch"] == 1 and len(got["done"]) == 1 and got["current"] == []
+    same = _agree(ahead, _BehindShard(1 * (n_max + 1) + 1), n_max, diagonal=False)
+    assert same is ahead  # equal progress: nothing changes
+    with pytest.warns(UserWarning, match="diagonal mode starts over"):
+        fresh = _agree(ahead, _BehindShard(2), n_max, diagonal=True)
+    assert fresh["batch"] == 0 and fresh["done"] == [] and fresh["current"] == []
