@@ -14,8 +14,8 @@ Two calls are all an estimator needs: :meth:`Shard.assign` ("which of these unit
 :meth:`Shard.sum` (reduce). Where each unit's value is owned by one rank and the others hold exact
 zeros, the sum is exact, so output-distance and hessian (trace) tables equal the single-process
 table bit for bit; fisher and hessian's diagonal mode sum per-rank partial float64 sums, equal to the
-single-process table within a relative 1e-6 (float64 sums in another order, then float32 products). Every rank ends with the whole table; rank 0 alone
-writes it and prints. ``nccl`` on GPUs (rank ``r`` uses ``cuda:LOCAL_RANK``), ``gloo`` on CPU.
+single-process table within a relative 1e-6 (float64 sums in another order, then float32 products).
+Every rank ends with the whole table; rank 0 alone writes it and prints. ``nccl`` on GPUs (rank ``r`` uses ``cuda:LOCAL_RANK``), ``gloo`` on CPU.
 The estimator cache is per rank (``...-rank1of2.pt``): a rank that is killed and restarted
 recomputes only its own unfinished units.
 
