@@ -14,7 +14,8 @@ token batches, runs the estimator, and reports:
 - whether the N-rank table equals the 1-rank one (bit for bit, else the largest relative difference),
   and whether the 1-rank torchrun table equals the plain process's.
 
-``--device-map``: one process with the model spread over devices by accelerate: over all GPUs when
+``--device-map``: one process with the model spread over devices by accelerate (the first shape,
+output-distance): over all GPUs when
 there are two or more (contiguous blocks per GPU), over ``cuda:0`` and the CPU when there is one (the
 last decoder layer on the CPU, computing there; the rest on the GPU), skipped without a GPU; its time and its table against the
 unsplit model's (GPU and CPU arithmetic differ: the largest relative difference is reported).
@@ -261,7 +262,8 @@ def main(argv=None):
                         base = (doc, t)
                     rows.append(row(shape, est, n, doc, t, base, plain, plain_t))
                     print(f"{shape} {est} ranks={n}: {rows[-1]}", file=sys.stderr, flush=True)
-                if args.device_map and torch.cuda.is_available():
+                split_here = shape == args.shapes.split(",")[0] and est == "output-distance"
+                if args.device_map and torch.cuda.is_available() and split_here:
                     doc, t = launch(args, shape, est, 1, Path(tmp) / "split.json", torchrun=False, split=True)
                     split_rows.append({"shape": shape, "estimator": est, "devices": ", ".join(doc["devices"]),
                                        "seconds": round(doc["wall"], 3),
@@ -283,7 +285,7 @@ def row(shape, est, n, doc, t, base, plain, plain_t) -> dict:
         "idle s per rank": ", ".join(f"{max(busy) - b:.2f}" for b in busy),
         "reduce+wait s per rank": ", ".join(f"{w:.3f}" for w in wait),
         "reduction s": "-" if doc["reduce_seconds"] is None else f"{doc['reduce_seconds']:.4f}",
-        "peak GiB per rank": ", ".join(str(r.get("peak_gib")) for r in ranks) if ranks else
+        "peak GiB per rank": ", ".join(str(r.get("peak_gib") or "-") for r in ranks) if ranks else
         ("-" if not doc["peak_gib"] else ", ".join(str(x) for x in doc["peak_gib"])),
         "table vs 1 rank": compare(t, base[1]),
         "1 rank vs plain": compare(base[1], plain_t) if n == base[0]["world"] else "",

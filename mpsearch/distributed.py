@@ -273,7 +273,6 @@ def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> 
     """Load a Hugging Face model directory spread over devices with accelerate's ``device_map``."""
     from pathlib import Path
 
-    from .specs import _hf_model  # noqa: F401 - the same architecture choice as plain loading
     from .zoo import _offline_transformers
 
     device_map = parse_device_map(device_map)
