@@ -284,3 +284,29 @@ def test_hessian_resume_brings_ranks_to_the_least_advanced_state():
     with pytest.warns(UserWarning, match="diagonal mode starts over"):
         fresh = _agree(ahead, _BehindShard(2), n_max, diagonal=True)
     assert fresh["batch"] == 0 and fresh["done"] == [] and fresh["current"] == []
+
+
+def test_cli_estimate_with_a_device_map(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from mpsearch.cli import main
+    from mpsearch.table import CostTable
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    torch.save([torch.randint(0, 64, (2, 6))], tmp_path / "calib.pt")
+    base = ["estimate", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "calib.pt"),
+            "--estimator", "output-distance", "--bits", "2,4", "--no-progress"]
+    assert main(base + ["--device-map", "auto", "-o", str(tmp_path / "mapped.csv")]) == 0
+    assert main(base + ["-o", str(tmp_path / "plain.csv")]) == 0
+    a, b = CostTable.read(tmp_path / "mapped.csv"), CostTable.read(tmp_path / "plain.csv")
+    assert np.array_equal(a.frame["damage"].to_numpy(), b.frame["damage"].to_numpy())
+    capsys.readouterr()
+    assert main(base + ["--device-map", "everywhere", "-o", str(tmp_path / "bad.csv")]) == 2
+    assert "--device-map 'everywhere': write auto, balanced" in capsys.readouterr().err
+    spec = f"{Path(__file__).parent / 'dist_workers.py'}:lm_model"
+    assert main(["estimate", "--model", spec, "--device-map", "auto", "-o", str(tmp_path / "bad.csv")]) == 2
+    assert "--device-map needs a local Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()
