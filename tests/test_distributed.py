@@ -74,6 +74,10 @@ def test_two_gloo_ranks_give_the_single_process_tables(tmp_path):
     meta = got["output-distance"][1]
     passes = [r["cost"]["suffix_passes"] for r in meta["distributed"]["ranks"]]
     assert min(passes) > 0 and sum(passes) == ref["output-distance"][1]["cost"]["suffix_passes"]
+    # balanced by suffix length: a unit costs the blocks its suffix runs + 1 (the rest of the model);
+    # the ranks' totals differ by at most one unit's cost (4: a layer of the first of the 3 blocks)
+    cost = [r["cost"]["block_evaluations"] + r["cost"]["suffix_passes"] for r in meta["distributed"]["ranks"]]
+    assert abs(cost[0] - cost[1]) <= 4, (cost, passes)
     hvps = [r["cost"]["hvps"] for r in got["hessian"][1]["distributed"]["ranks"]]
     assert min(hvps) > 0
     assert got["hessian"][1]["cost"]["probes"] == ref["hessian"][1]["cost"]["probes"]
