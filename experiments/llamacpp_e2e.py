@@ -360,8 +360,11 @@ def _measured(label: str, chunks: int) -> dict | None:
 
 
 def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solver: str = "ilp",
-            chunks: int = 16, work: Path = WORK, params=()) -> list[dict]:
-    """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix."""
+            chunks: int = 16, work: Path = WORK, params=(), drop=()) -> list[dict]:
+    """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix.
+
+    ``drop``: options removed from the table before solving (``q4_1`` is SmolLM2's own storage
+    grid, so it is lossless on this model and a plan that uses it is not a fair comparison)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = str(ROOT / "experiments" / "llamacpp_e2e.py")
     table = work / f"smollm2-llamacpp-{estimator}.csv"
@@ -371,6 +374,15 @@ def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solv
             extra += ["--param", kv]
         _mpsearch("estimate", "--model", f"{spec}:smollm2", "--estimator", estimator,
                   "--target", "llama.cpp", "--no-progress", *extra, "-o", str(table))
+    tag = f"{estimator}-{solver}"
+    if drop:
+        lines = table.read_text().splitlines(keepends=True)
+        header = [ln for ln in lines if ln.startswith("#")]
+        body = [ln for ln in lines if not ln.startswith("#")]
+        keep = [body[0]] + [ln for ln in body[1:] if ln.split(",")[1] not in drop]
+        tag += "-no-" + "-".join(drop)
+        table = work / f"smollm2-llamacpp-{estimator}-no-{'-'.join(drop)}.csv"
+        table.write_text("".join(header + keep))
     out = []
     for mix in mixes:
         res = _measured(f"smollm2-{mix}", chunks)
@@ -380,7 +392,7 @@ def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solv
         out.append(res)
         print(json.dumps(res), flush=True)
         bits, embd = mix_block_bits(mix)
-        label = f"smollm2-mpsearch-{estimator}-{solver}-at-{mix}"
+        label = f"smollm2-mpsearch-{tag}-at-{mix}"
         plan = work / f"{label}.json"
         types = work / f"{label}.txt"
         _mpsearch("solve", "--table", str(table), "--solver", solver, "--budget",
@@ -389,12 +401,12 @@ def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solv
                   f"embed_type={embd}", "-o", str(types))
         r = fidelity("smollm2", types, label=label, work=work)
         r.update(kld("smollm2", Path(r["gguf"]), chunks=chunks, work=work))
-        r.update({"estimator": estimator, "solver": solver, "at_size_of": mix,
+        r.update({"estimator": estimator, "solver": solver, "dropped": list(drop), "at_size_of": mix,
                   "budget_size_bits": bits, "mix_real_file_size": res["real_file_size"]})
         out.append(r)
         print(json.dumps(r), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"compare-{estimator}-{solver}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"compare-{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -422,6 +434,20 @@ def report(path: Path = ROOT / "experiments" / "llamacpp_e2e.md", header: str = 
         lines.append(f"| {r['label']} | {r['real_file_size']:,} | {r['bpw_all_tensors']:.4f} | "
                      f"{r['mean_kld']:.6f} ± {r['mean_kld_err']:.6f} | {r['median_kld']:.6f} | "
                      f"{r['same_top_p_pct']:.2f} | {r['ppl_q']:.4f} | {r['ppl_base']:.4f} |")
+    by_label = {r["label"]: r for r in uniq}
+    cmp_rows = [r for r in kl if r.get("at_size_of")]
+    if cmp_rows:
+        lines += ["", "| mpsearch plan (estimator, solver, options dropped) | at the size of | plan file bytes "
+                  "| mix file bytes | plan mean KLD | mix mean KLD | KLD change |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in cmp_rows:
+            mix = by_label.get(f"smollm2-{r['at_size_of']}")
+            if mix is None or mix.get("mean_kld") is None:
+                continue
+            change = (r["mean_kld"] - mix["mean_kld"]) / mix["mean_kld"]
+            lines.append(f"| {r['estimator']}, {r['solver']}, {','.join(r.get('dropped') or []) or '-'} "
+                         f"| {r['at_size_of']} | {r['real_file_size']:,} | {mix['real_file_size']:,} "
+                         f"| {r['mean_kld']:.6f} | {mix['mean_kld']:.6f} | {100 * change:+.1f}% |")
     text = header + "\n".join(lines) + "\n"
     if path is not None:
         path.write_text(text)
@@ -493,6 +519,7 @@ def main(argv=None) -> None:
     c.add_argument("--solver", default="ilp")
     c.add_argument("--param", action="append", default=[])
     c.add_argument("--chunks", type=int, default=16)
+    c.add_argument("--drop", nargs="*", default=[], help="options taken out of the table (q4_1)")
     sub.add_parser("check-weights")
     sub.add_parser("report")
     args = ap.parse_args(argv)
@@ -511,7 +538,7 @@ def main(argv=None) -> None:
         print(json.dumps(res, indent=1))
     elif args.cmd == "compare":
         compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
-                params=args.param)
+                params=args.param, drop=tuple(args.drop))
     elif args.cmd == "report":
         md = ROOT / "experiments" / "llamacpp_e2e.md"
         text = md.read_text() if md.exists() else ""
