@@ -66,6 +66,7 @@ class OutputDistanceEstimator(Estimator):
         L, K = len(ctx.layers), len(ctx.options)
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
             "batch": 0, "layer": 0, "sums": torch.zeros(L, K, dtype=torch.float64), "weight": 0.0}
+        st.setdefault("sq", torch.zeros(L, K, dtype=torch.float64))  # for damage_std across batches
         total = len(ctx.batches) * L
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
         bar.update(st["batch"] * L + st["layer"])
@@ -88,7 +89,9 @@ class OutputDistanceEstimator(Estimator):
                             w.copy_(quantize_weight(saved, opt, lay.kind, lay.name))
                         out = runner.run(batch, start)[0]
                         ctx.count("suffix_passes")
-                        st["sums"][li, k] += size * distance(out, ref, self.metric, kind)
+                        dist = distance(out, ref, self.metric, kind)
+                        st["sums"][li, k] += size * dist
+                        st["sq"][li, k] += size * dist ** 2
                 finally:
                     with torch.no_grad():
                         w.copy_(saved)
@@ -106,7 +109,11 @@ class OutputDistanceEstimator(Estimator):
             prefix_cache=runner.enabled, cached_blocks=runner.peak_blocks,
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
         )
-        return (st["sums"] / max(st["weight"], 1e-300)).clamp(min=0).numpy()
+        mean = st["sums"] / max(st["weight"], 1e-300)
+        nb = len(ctx.batches)  # standard error of the batch mean (0 with one batch)
+        var = (st["sq"] / max(st["weight"], 1e-300) - mean ** 2).clamp(min=0)
+        ctx.extra_columns["damage_std"] = (var / (nb - 1)).sqrt().numpy() if nb > 1 else np.zeros((L, K))
+        return mean.clamp(min=0).numpy()
 
 
 def _block_input(args, kwargs):
