@@ -155,13 +155,13 @@ def rows_of(run, model_name, est, method, secs, losers):
     f = run.frontier
     rows = []
     for _, r in run.recommended.iterrows():
-        t = r["target"]
+        t = r["budget"]
         if t not in TARGETS:
             continue
-        mixed = f[f["target"].str.split(",").apply(lambda xs: t in xs)]
+        mixed = f[f["at_budget"].str.split(",").apply(lambda xs: t in xs)]
         ul = float(u.loc[t, "measured_loss"])
         ml = float(mixed["measured_loss"].iloc[0]) if len(mixed) else float("nan")
-        evals = int(run.refinement[run.refinement["target"] == t]["evals"].sum()) if len(run.refinement) else 0
+        evals = int(run.refinement[run.refinement["budget"] == t]["evals"].sum()) if len(run.refinement) else 0
         rows.append({"model": model_name, "estimator": est, "method": method or "none", "target": t,
                      "avg_bits": float(u.loc[t, "avg_bits"]), "uniform_loss": ul, "mixed_loss": ml,
                      "recommended_loss": float(r["measured_loss"]), "status": r["status"],
@@ -183,7 +183,7 @@ def additivity(model, metric, run, n=6, seed=0):
     rng = np.random.default_rng(seed)
     out = []
     for t in TARGETS:
-        v = run.recommended.set_index("target").loc[t, "target_avg_bits"]
+        v = run.recommended.set_index("budget").loc[t, "budget_avg_bits"]
         problem = compile_problem(run.table, Budget(constraints={"avg_bits": float(v)}))
         bits = problem.option_bits
         tb = int(run.table.option_bits()[t])
@@ -223,13 +223,13 @@ def interaction(model, calib_loss, metric, run, targets=("int3-asym", "int4-asym
     secs = time.perf_counter() - t0
     vals = np.array([v for *_, v in inter])
     out = []
-    rec = run.recommended.set_index("target")
+    rec = run.recommended.set_index("budget")
     for t in targets:
-        v = float(rec.loc[t, "target_avg_bits"])
+        v = float(rec.loc[t, "budget_avg_bits"])
         problem = compile_problem(run.table, Budget(constraints={"avg_bits": v}))
         sol = solve_pairwise(problem, pair_terms(problem, inter))
         plan = make_plan(problem, sol.choice, solver="ilp-pairwise")
-        add = run.frontier[run.frontier["target"].str.split(",").apply(lambda xs: t in xs)]
+        add = run.frontier[run.frontier["at_budget"].str.split(",").apply(lambda xs: t in xs)]
         pl = metric.loss(measure(model, plan, metric)["quality"], run.baseline)
         out.append({"target": t, "additive_loss": float(add["measured_loss"].iloc[0]), "pairwise_loss": float(pl),
                     "pairs": len(pairs), "measurements": len(inter), "seconds": secs,

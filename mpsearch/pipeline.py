@@ -251,10 +251,14 @@ def _key_of(table: CostTable, key: str, budget: Budget):
 
 
 def uniform_plans(table: CostTable, key: str = "avg_bits", budget: Budget | None = None) -> dict:
-    """option -> (uniform plan, its use of ``key`` in the user's units)."""
+    """option -> (uniform plan, its use of ``key`` in the user's units), for every option that
+    every layer offers (a ragged table's per-layer options have no uniform plan)."""
     problem, con = _key_of(table, key, budget or Budget())
+    offered = table.frame.groupby("option")["layer"].nunique()
     out = {}
     for k, opt in enumerate(problem.option_names):
+        if offered.get(opt, 0) < len(table.layers):
+            continue
         use = sum(float(problem.resources[con.column][i, k]) for i in range(problem.n_items))
         out[opt] = (BitPlan.uniform(table.layers, opt), con.to_user(use))
     return out
@@ -273,8 +277,8 @@ def predicted_frontier(table: CostTable, solver, *, key: str = "avg_bits", point
     """The predicted frontier (:func:`~mpsearch.frontier.compute_frontier`) plus one solve at each
     target budget (label -> value of ``key``), kept even when another point dominates it.
 
-    Returns ``(frame, plans, results)``: one row per point sorted by size (``target`` names the
-    target a row was solved for, empty otherwise), the plans in row order, and the
+    Returns ``(frame, plans, results)``: one row per point sorted by size (``at_budget`` names the
+    target budgets a row was solved for, empty otherwise), the plans in row order, and the
     :class:`~mpsearch.SolveResult` of each target. An infeasible target raises
     :class:`InfeasibleBudget` naming the smallest achievable value.
     """
@@ -288,7 +292,7 @@ def predicted_frontier(table: CostTable, solver, *, key: str = "avg_bits", point
     fr = compute_frontier(table, solver, points=points, key=key, budget=budget)
     if fr.status == "infeasible":
         raise InfeasibleBudget(f"no plan meets the budget: {fr.message}")
-    rows = [_row(p.predicted, budget=p.budget, status=p.status, target="") for p in fr.points]
+    rows = [_row(p.predicted, budget=p.budget, status=p.status, at_budget="") for p in fr.points]
     plans = [p.plan for p in fr.points]
     results = {}
     for label, value in progress_bar(list((targets or {}).items()), enabled=progress, desc="solve targets"):
@@ -297,17 +301,17 @@ def predicted_frontier(table: CostTable, solver, *, key: str = "avg_bits", point
         if res.plan is None:
             raise InfeasibleBudget(f"budget {key}={value:g} ({label}): {res.message}")
         results[label] = res
-        rows.append(_row(res.plan.predicted, budget=f"{key}<={value:.6g}", status=res.status, target=label))
+        rows.append(_row(res.plan.predicted, budget=f"{key}<={value:.6g}", status=res.status, at_budget=label))
         plans.append(res.plan)
     allpts = pd.DataFrame(rows).assign(_i=range(len(rows)))
     front = pareto(allpts)
-    extra = allpts[(allpts["target"] != "") & ~allpts["_i"].isin(front["_i"])]
+    extra = allpts[(allpts["at_budget"] != "") & ~allpts["_i"].isin(front["_i"])]
     front = pd.concat([front, extra])
     # a plan solved for several targets (or also a frontier point) keeps one row naming them all
     front["_key"] = [plan_key(plans[i]) for i in front["_i"]]
-    names = front.groupby("_key")["target"].agg(lambda s: ",".join(t for t in dict.fromkeys(s) if t))
+    names = front.groupby("_key")["at_budget"].agg(lambda s: ",".join(t for t in dict.fromkeys(s) if t))
     front = front.drop_duplicates("_key").copy()
-    front["target"] = front["_key"].map(names)
+    front["at_budget"] = front["_key"].map(names)
     front = front.sort_values(["size_bits", "damage"], kind="stable").reset_index(drop=True)
     ordered = [plans[i] for i in front["_i"]]
     return front.drop(columns=["_i", "_key"]), ordered, results
@@ -379,13 +383,13 @@ def recommend(candidates: list, problems: dict) -> pd.DataFrame:
             if ok and np.isfinite(m["measured_loss"]):
                 fit.append((m["measured_loss"], ref, source, m))
         if not fit:
-            rows.append({"target": label, "status": "none"})
+            rows.append({"budget": label, "status": "none"})
             continue
         loss, ref, source, m = min(fit, key=lambda e: e[0])
         mixed = [e for e in fit if e[2] != "uniform"]
         uni = [e for e in fit if e[2] == "uniform"]
         status = ("uniform_only" if not mixed else "uniform_better" if source == "uniform" else "mixed")
-        rows.append({"target": label, "plan": ref, "source": source, "status": status,
+        rows.append({"budget": label, "plan": ref, "source": source, "status": status,
                      "measured_loss": loss, "quality": m["quality"], "avg_bits": m["avg_bits"],
                      "size_bits": m["size_bits"],
                      "best_mixed_loss": min((e[0] for e in mixed), default=np.nan),
@@ -562,7 +566,7 @@ def measured_frontier(
     targets, base = _targets(table, key, budget, uniform, budgets, match_uniform)
     front, plans, results = predicted_frontier(table, slv, key=key, points=points, budget=base, targets=targets,
                                                progress=progress)
-    chosen = set(spread(front["avg_bits"], validate)) | set(front.index[front["target"] != ""])
+    chosen = set(spread(front["avg_bits"], validate)) | set(front.index[front["at_budget"] != ""])
 
     metric.fit(model)
     baseline = float(metric(model))
@@ -592,7 +596,7 @@ def measured_frontier(
     problems = {t: compile_problem(table, base.with_constraints(**{key: v})) for t, v in targets.items()}
     rec = recommend(cands, problems)
     if len(rec):
-        rec.insert(1, f"target_{key}", [targets[t] for t in rec["target"]])
+        rec.insert(1, f"budget_{key}", [targets[t] for t in rec["budget"]])
     run = FrontierRun(table=table, frontier=front, uniform=uframe, baseline=baseline, metric=metric.name,
                       metric_label=metric.label, higher_is_better=metric.higher_is_better, proxy=proxy,
                       plans={int(front.loc[i, "point"]): plans[i] for i in front.index}, recommended=rec,

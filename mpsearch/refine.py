@@ -285,7 +285,7 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
                     local_search(cal_prob, _choice_of(prob, start), known[plan_key(start)], lossf, rounds=1,
                                  swaps=swaps, max_evals=left(), tried=tried[t])
             after, best = best_fitting(t)
-            out.log.append({"round": r, "target": t, "method": method, "evals": out.evals - spent0,
+            out.log.append({"round": r, "budget": t, "method": method, "evals": out.evals - spent0,
                             "evals_total": out.evals, "loss_before": before, "loss_after": after,
                             "gain": (before - after) if np.isfinite(before) else np.nan})
             out.best[t] = (best, after)

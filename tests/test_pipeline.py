@@ -45,8 +45,8 @@ def test_measured_frontier_on_digits(digits, tmp_path):
     assert abs(run.uniform.set_index("bits").loc[8, "measured_accuracy"] - run.baseline) <= 1.0
     # a plan is validated at the size of each inner uniform bit-width, and recommended there
     for opt in run.uniform["option"].iloc[1:-1]:
-        assert (val["target"].str.split(",").apply(lambda xs: opt in xs)).sum() == 1
-    assert list(run.recommended["target"]) == list(run.uniform["option"].iloc[1:-1])
+        assert (val["at_budget"].str.split(",").apply(lambda xs: opt in xs)).sum() == 1
+    assert list(run.recommended["budget"]) == list(run.uniform["option"].iloc[1:-1])
     for name in ("table.csv", "frontier.csv", "uniform.csv", "summary.json", "frontier.png",
                  "plan_bits.png", "sensitivity.png"):
         assert (tmp_path / name).is_file(), name
@@ -148,7 +148,7 @@ def test_fashion_cnn_default_recipe_beats_uniform_at_3_bits(fashion_cnn):
                             options="int2-asym,int3-asym,int4-asym,int8-asym", validate=0, progress=False)
     u = run.uniform.set_index("option")
     val = run.validated()
-    hit = val[val["target"].str.split(",").apply(lambda xs: "int3-asym" in xs)]
+    hit = val[val["at_budget"].str.split(",").apply(lambda xs: "int3-asym" in xs)]
     assert len(hit) == 1 and hit["measured_avg_bits"].iloc[0] <= u.loc["int3-asym", "avg_bits"] + 1e-9
     plan = run.plans[int(hit["point"].iloc[0])]
     assert len({plan.option_name(lay) for lay in plan.layers}) > 1  # really mixed, not the uniform plan
@@ -168,7 +168,7 @@ def test_recommended_plan_never_worse_than_uniform(digits):
     run = measured_frontier(model, calib, KLDivergence(evals), estimator="weight-error", solver="ilp",
                             options="2,3,4,8", validate=2, points=6, progress=False)
     u = run.uniform.set_index("option")
-    rec = run.recommended.set_index("target")
+    rec = run.recommended.set_index("budget")
     assert set(rec.index) == {"int3", "int4"}
     for opt, r in rec.iterrows():
         assert r["measured_loss"] <= u.loc[opt, "measured_loss"] + 1e-12
@@ -191,13 +191,13 @@ def test_uniform_better_status_when_mixed_plans_lose(digits, tmp_path):
         run = measured_frontier(model, calib, FunctionMetric(mixing_penalty), estimator="weight-error",
                                 solver="ilp", options="2,4,8", validate=0, points=4, budgets=(5.0,),
                                 match_uniform=False, out=tmp_path, plots=False, progress=False)
-    rec = run.recommended.set_index("target").loc["avg_bits=5"]
+    rec = run.recommended.set_index("budget").loc["avg_bits=5"]
     u = run.uniform.set_index("option")
     best_uniform = u.loc[u["avg_bits"] <= 5, "measured_loss"].idxmin()  # int2 or int4, whichever measured better
     assert rec["status"] == "uniform_better" and rec["plan"] == f"uniform-{best_uniform}"
     assert rec["measured_loss"] == u.loc[best_uniform, "measured_loss"] < rec["best_mixed_loss"]
     assert len(set(run.plan_of(rec["plan"]).bits.values())) == 1
-    mixed = run.frontier[run.frontier["target"] == "avg_bits=5"].iloc[0]
+    mixed = run.frontier[run.frontier["at_budget"] == "avg_bits=5"].iloc[0]
     assert mixed["beats_uniform"] == False and mixed["uniform_at_size"] == best_uniform  # noqa: E712
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["recommended"][0]["status"] == "uniform_better" and summary["uniform_check"]["loses"] >= 1
@@ -216,7 +216,7 @@ def test_refinement_never_worse_and_within_its_measurement_budget(digits, tmp_pa
         run = measured_frontier(model, calib, KLDivergence(evals), refine=2, refine_method=method, refine_evals=5,
                                 refine_params={"swaps": 2}, **kw)
         assert run.refinement["evals"].sum() <= 5 and len(run.refined) <= 5
-        b, r = base.recommended.set_index("target"), run.recommended.set_index("target")
+        b, r = base.recommended.set_index("budget"), run.recommended.set_index("budget")
         assert (r["measured_loss"] <= b["measured_loss"] + 1e-12).all()
         assert (run.refinement["gain"] >= 0).all()
 
@@ -241,7 +241,7 @@ def test_cli_frontier_model_honours_every_flag(tmp_path, capsys):
     for f in (tmp_path / "plans").glob("*.json"):
         assert BitPlan.load(f).bits["4"] == 8  # the pin holds at every point, refined ones too
     rec = pd.read_csv(out / "recommended.csv")
-    assert "avg_bits=5" in set(rec["target"]) and (rec["avg_bits"] <= 5 + 1e-9).all()
+    assert "avg_bits=5" in set(rec["budget"]) and (rec["avg_bits"] <= 5 + 1e-9).all()
     from mpsearch.table import CostTable
 
     assert CostTable.read(out / "table.csv").metadata["params"]["weighted"] is True  # --estimator-param

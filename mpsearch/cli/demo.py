@@ -51,12 +51,12 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
     uni = run.uniform.set_index("option") if len(run.uniform) else None
     for _, r in run.recommended.iterrows():
         if r["status"] == "none":
-            lines.append(f"  {r['target']}: no measured plan fits")
+            lines.append(f"  {r['budget']}: no measured plan fits")
             continue
         tag = ""
-        if uni is not None and r["target"] in uni.index:
-            tag = f"   uniform {r['target']} {uni.loc[r['target'], q]:.4f}"
-        lines.append(f"  {r['avg_bits']:.3f} bits/weight ({r['target']}): recommended {r['plan']} "
+        if uni is not None and r["budget"] in uni.index:
+            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4f}"
+        lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
                      f"{r['quality']:.4f} [{r['status']}]{tag}")
     chk = run.uniform_check
     lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
