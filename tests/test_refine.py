@@ -206,3 +206,27 @@ def test_risk_adjusted_ilp_prefers_the_certain_option():
         risk_adjusted(table_of(damage2, names=["x", "y"]), 1.0)
     with pytest.raises(MpsearchError, match="risk=1.0: solve a table"):
         ILPSolver(risk=1.0).solve_problem(compile_problem(table, budget))
+
+
+def test_frontier_csv_and_plot_carry_damage_std(tmp_path):
+    """frontier --table on a table with damage_std: each point's damage_std is the quadrature sum of
+    its layers' (hand-computed here), and the plot draws error bars from it."""
+    from mpsearch.cli import main
+    from mpsearch.plotting import frontier_plot_data
+
+    damage = np.array([[4.0, 1.0, 0.0], [2.0, 0.5, 0.0]])
+    std = np.array([[0.3, 0.4, 0.0], [1.2, 0.5, 0.0]])
+    table = table_of(damage, names=["x", "y"], std=std)
+    table.write(tmp_path / "t.csv")
+    rc = main(["frontier", "--table", str(tmp_path / "t.csv"), "--solver", "exhaustive", "--points", "9",
+               "-o", str(tmp_path / "f.csv"), "--plot", str(tmp_path / "f.png")])
+    assert rc == 0 and (tmp_path / "f.png").is_file()
+    f = pd.read_csv(tmp_path / "f.csv")
+    import json
+
+    for _, r in f.iterrows():
+        bits = json.loads(r["plan"])
+        ks = [{2: 0, 4: 1, 8: 2}[bits[n]] for n in ("x", "y")]
+        assert r["damage_std"] == pytest.approx(np.hypot(std[0, ks[0]], std[1, ks[1]]))
+    d = frontier_plot_data(f)
+    assert d["yerr"] is not None and len(d["yerr"]) == len(d["y"])

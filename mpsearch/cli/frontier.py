@@ -81,9 +81,15 @@ def run(args) -> int:
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
-    frontier = frontier_from_table(CostTable.read(args.table), args)
+    table = CostTable.read(args.table)
+    frontier = frontier_from_table(table, args)
     if not frontier.points:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")
         return EXIT_INFEASIBLE
+    if "damage_std" in table.frame and len(frontier.points) <= 2000:  # error bars in the CSV and plot
+        from ..pipeline import plan_damage_std
+
+        for p in frontier.points:
+            p.predicted["damage_std"] = plan_damage_std(table, p.plan)
     write_outputs(frontier, args)
     return 0
