@@ -267,7 +267,8 @@ def main():
 
         ilp._pulp_available = lambda: []
     model, calib, metric, desc = load(args.model, args.device, args)
-    doc = {"model": args.model, "device": args.device, "data": desc, "rounds": args.rounds, "rows": [],
+    doc = {"model": args.model, "device": args.device, "data": desc, "rounds": args.rounds, "swaps": args.swaps,
+           "rows": [],
            "additivity": {}, "torch": torch.__version__}
     work = Path(os.environ.get("MEASURED_LOOP_WORK", "/tmp/measured_loop")) / args.model
     for est in args.estimators.split(","):
@@ -302,7 +303,8 @@ def report(res: Path):
     lines = []
     for f in sorted(res.glob("*.json")):
         doc = json.loads(f.read_text())
-        lines += [f"### {doc['model']} ({doc['device']})", "", doc["data"] + f"; refinement rounds: {doc['rounds']}", "",
+        lines += [f"### {doc['model']} ({doc['device']})", "", doc["data"] + f"; refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per "
+                  f"local round, measured plans counted per size", "",
                   "| estimator | refine | target | avg bits | uniform loss | solver's mixed | recommended | status "
                   "| gap closed (mixed / recommended) | measured plans | never worse |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
