@@ -554,7 +554,7 @@ def measured_frontier(
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
     out = Path(out) if out is not None else None
     if out is not None:
-        (out / "plans").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     table = estimate_cached(model, calib, estimator=estimator, options=options,
                             estimator_params=estimator_params, progress=progress,
                             cache=out / "table.csv" if out else None, **(estimate_kwargs or {}))
@@ -624,25 +624,31 @@ def _extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
 
 
 def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
+    """Plans go to a staging folder renamed to ``plans/`` last, so a failure leaves no partial set."""
+    import shutil
+
+    stage = out / ".plans.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     front = run.frontier.copy()
     front["plan"] = ""
     for i, row in front.iterrows():
-        name = f"plans/point-{int(row['point']):02d}-{row['avg_bits']:.3f}bits.json"
-        run.plans[int(row["point"])].save(out / name)
-        front.loc[i, "plan"] = name
+        name = f"point-{int(row['point']):02d}-{row['avg_bits']:.3f}bits.json"
+        run.plans[int(row["point"])].save(stage / name)
+        front.loc[i, "plan"] = f"plans/{name}"
     for ref, plan in run.refined.items():
-        plan.save(out / "plans" / f"{ref}.json")
+        plan.save(stage / f"{ref}.json")
     run.frontier = front
     files = {"table": "table.csv", "frontier": "frontier.csv", "uniform": "uniform.csv",
              "recommended": "recommended.csv", "plans": "plans/"}
+    if plots:
+        files.update(_plots(run, out))
     if len(run.refined_frame):
         atomic_write_text(out / "refined.csv", run.refined_frame.to_csv(index=False))
         atomic_write_text(out / "refinement.csv", run.refinement.to_csv(index=False))
         files.update(refined="refined.csv", refinement="refinement.csv")
     atomic_write_text(out / "uniform.csv", run.uniform.to_csv(index=False))
     atomic_write_text(out / "recommended.csv", run.recommended.to_csv(index=False))
-    if plots:
-        files.update(_plots(run, out))
     summary = {"metric": run.metric, "metric_label": run.metric_label, "baseline": run.baseline,
                "higher_is_better": run.higher_is_better, "proxy": run.proxy, "settings": settings,
                "points": len(front), "validated": int(front["validated"].sum()),
@@ -652,6 +658,8 @@ def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
                "recommended": _records(run.recommended, list(run.recommended.columns)),
                "refinement": _records(run.refinement, list(run.refinement.columns)),
                "files": files}
+    shutil.rmtree(out / "plans", ignore_errors=True)
+    stage.rename(out / "plans")
     atomic_write_text(out / "frontier.csv", front.to_csv(index=False))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
     run.files = {k: str(out / v) for k, v in files.items()}

@@ -251,3 +251,17 @@ def test_cli_frontier_model_infeasible_budget_exit_3(tmp_path, capsys):
                "weight-error", "--budget", "avg_bits=1", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 3 and "smallest achievable" in err
+
+
+def test_failure_while_writing_leaves_no_partial_outputs(digits, tmp_path, monkeypatch):
+    model, calib, evals = digits
+
+    def boom(run, ax=None):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr("mpsearch.plotting.plot_measured_frontier", boom)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        measured_frontier(model, calib, Accuracy(evals), estimator="weight-error", solver="greedy", options="2,4,8",
+                          validate=2, points=4, out=tmp_path, progress=False)
+    for name in ("plans", "frontier.csv", "summary.json", "recommended.csv"):
+        assert not (tmp_path / name).exists(), name
