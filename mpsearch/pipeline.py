@@ -213,6 +213,23 @@ class _MeasureCache:
             atomic_write_text(self.path, json.dumps({"context": self.context, "results": self.data}))
 
 
+def _metric_key(metric: Metric) -> str:
+    """What a measurement depends on besides the plan: the metric's class, settings and data."""
+    from .sensitivity.cache import data_fingerprint
+
+    parts = {"class": type(metric).__name__}
+    for k, v in sorted(vars(metric).items()):
+        if k.startswith("_"):
+            continue  # derived state (the fitted reference)
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            parts[k] = repr(v)
+        elif isinstance(v, (torch.Tensor, list, tuple, dict)):
+            parts[k] = data_fingerprint(v)
+        elif callable(v):
+            parts[k] = f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
+    return json.dumps(parts, sort_keys=True)
+
+
 def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = None) -> dict:
     """Apply ``plan``, check it (levels per scale group), and measure its size and quality."""
     from .validate import validate_plan
@@ -569,7 +586,8 @@ def measured_frontier(
     metric.fit(model)
     baseline = float(metric(model))
     context = json.dumps({"table": table.metadata.get("pipeline_key"), "metric": metric.name,
-                          "model": table.metadata.get("model", {}).get("fingerprint")})
+                          "model": table.metadata.get("model", {}).get("fingerprint"),
+                          "eval": _metric_key(metric), "baseline": repr(baseline)})
     mcache = _MeasureCache(out / "measured.json" if out else None, context)
     measured = _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress)
     front, uframe = _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans)

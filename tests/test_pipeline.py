@@ -265,3 +265,19 @@ def test_failure_while_writing_leaves_no_partial_outputs(digits, tmp_path, monke
                           validate=2, points=4, out=tmp_path, progress=False)
     for name in ("plans", "frontier.csv", "summary.json", "recommended.csv"):
         assert not (tmp_path / name).exists(), name
+
+
+def test_measurement_cache_is_keyed_by_the_evaluation_data(digits, tmp_path):
+    """A second run on other evaluation data must measure again, not read the first run's numbers."""
+    from mpsearch.metrics import KLDivergence
+
+    model, calib, evals = digits
+    kw = dict(estimator="weight-error", solver="greedy", options="2,4,8", validate=1, points=3, out=tmp_path,
+              plots=False, progress=False)
+    a = measured_frontier(model, calib, KLDivergence(evals), **kw)
+    b = measured_frontier(model, calib, KLDivergence(calib), **kw)  # other data, same out folder
+    ua, ub = a.uniform.set_index("option"), b.uniform.set_index("option")
+    assert ua.loc["int2", "measured_kl"] != ub.loc["int2", "measured_kl"]
+    assert ub.loc["int2", "measured_kl"] == pytest.approx(
+        measured_frontier(model, calib, KLDivergence(calib), **{**kw, "out": None}).uniform
+        .set_index("option").loc["int2", "measured_kl"])
