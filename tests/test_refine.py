@@ -230,3 +230,23 @@ def test_frontier_csv_and_plot_carry_damage_std(tmp_path):
         assert r["damage_std"] == pytest.approx(np.hypot(std[0, ks[0]], std[1, ks[1]]))
     d = frontier_plot_data(f)
     assert d["yerr"] is not None and len(d["yerr"]) == len(d["y"])
+
+
+def test_frontier_table_ilp_risk_sweeps_the_risk_adjusted_damage(tmp_path):
+    from mpsearch.cli import main
+
+    damage = np.array([[2.0, 1.0, 0.0], [2.0, 0.9, 0.0]])
+    std = np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    table_of(damage, names=["x", "y"], std=std).write(tmp_path / "t.csv")
+    rc = main(["frontier", "--table", str(tmp_path / "t.csv"), "--solver", "ilp", "--param", "risk=1.0",
+               "--points", "7", "-o", str(tmp_path / "f.csv")])
+    assert rc == 0
+    f = pd.read_csv(tmp_path / "f.csv")
+    import json
+
+    at6 = [json.loads(p) for p, a in zip(f["plan"], f["avg_bits"]) if abs(a - 6) < 1e-9]
+    assert at6 == [{"x": 4, "y": 8}]  # the certain layer takes the 4 bits (risk 0: y would)
+    rc = main(["frontier", "--table", str(tmp_path / "t.csv"), "--solver", "ilp", "--points", "7",
+               "-o", str(tmp_path / "g.csv")])
+    g = pd.read_csv(tmp_path / "g.csv")
+    assert [json.loads(p) for p, a in zip(g["plan"], g["avg_bits"]) if abs(a - 6) < 1e-9] == [{"x": 8, "y": 4}]
