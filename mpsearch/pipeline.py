@@ -154,7 +154,7 @@ def estimate_cached(model, calib, *, estimator="weight-error", options=DEFAULT_O
             pass  # unreadable or stale: estimate again
     table = est.estimate(model, batches, progress=progress, **estimate_kwargs)
     table.metadata["pipeline_key"] = key
-    if cache is not None:
+    if cache is not None and _is_main():
         table.write(cache)
     return table
 
@@ -245,6 +245,38 @@ def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = 
     if cache is not None:
         cache.put(key, result)
     return result
+
+
+def _is_main() -> bool:
+    from .distributed import current
+
+    return current().is_main
+
+
+def measure_spread(model, plans, metric: Metric, cache: _MeasureCache | None = None, *, workers: int = 1,
+                   progress: bool = False) -> list[dict]:
+    """:func:`measure` for every plan, spread over ``workers`` processes or ``torchrun`` ranks
+    (:func:`mpsearch.distributed.measure_plans`); cached results are reused, new ones cached (by rank 0)."""
+    from .distributed import current, measure_plans
+    from .sensitivity.base import progress_bar
+
+    keys = [plan_key(p) for p in plans]
+    missing = [i for i, k in enumerate(keys) if cache is None or cache.get(k) is None]
+    if current().enabled or int(workers) != 1:
+        got = measure_plans(model, [plans[i] for i in missing], lambda m, p: measure(m, p, metric),
+                            workers=workers)
+    else:  # one process: with a progress bar, each result cached as it comes
+        got = [measure(model, plans[i], metric, cache)
+               for i in progress_bar(missing, enabled=progress, desc="apply & measure")]
+    for i, result in zip(missing, got):
+        if cache is not None:
+            if _is_main():
+                cache.put(keys[i], result)
+            else:
+                cache.data[keys[i]] = result
+    if cache is None:
+        return got
+    return [cache.get(k) for k in keys]
 
 
 def rank_correlation(predicted, measured) -> float:
@@ -449,15 +481,10 @@ def _targets(table, key, budget, uniform, budgets, match_uniform):
     return targets, budget
 
 
-def _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress):
-    from .sensitivity.base import progress_bar
-
+def _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress, workers=1):
     work = [("point", i) for i in sorted(chosen)] + [("uniform", o) for o in uniform]
-    measured = {}
-    for kind, ref in progress_bar(work, enabled=progress, desc="apply & measure"):
-        plan = plans[ref] if kind == "point" else uniform[ref][0]
-        measured[(kind, ref)] = measure(model, plan, metric, mcache)
-    return measured
+    todo = [plans[ref] if kind == "point" else uniform[ref][0] for kind, ref in work]
+    return dict(zip(work, measure_spread(model, todo, metric, mcache, workers=workers, progress=progress)))
 
 
 def plan_damage_std(table: CostTable, plan: BitPlan) -> float:
@@ -557,7 +584,7 @@ def measured_frontier(
     estimate_kwargs: dict | None = None, min_rank_correlation: float = 0.5,
     refine: int = DEFAULT_RECIPE["refine"], refine_method: str = DEFAULT_RECIPE["refine_method"],
     refine_evals: int | None = None, refine_params: dict | None = None, out=None, plans_dir=None, plot=None,
-    plots: bool = True, progress: bool = True, n_points: int | None = None,
+    plots: bool = True, progress: bool = True, n_points: int | None = None, workers: int = 1,
 ) -> FrontierRun:
     """Estimate, solve, measure, compare with uniform, refine and recommend (see the module doc).
 
@@ -566,6 +593,7 @@ def measured_frontier(
     uniform sizes when ``match_uniform``); ``refine`` rounds of ``refine_method`` (``calibrate``,
     ``local``, ``both``) within ``refine_evals`` measured plans, ``refine_params`` for
     :func:`mpsearch.refine.refine`; ``plans_dir``/``plot``: extra copies of the plans and the plot.
+    ``workers``: processes measuring plans (under ``torchrun`` the ranks share them; rank 0 writes).
     """
     points = n_points if n_points is not None else points
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
@@ -589,7 +617,7 @@ def measured_frontier(
                           "model": table.metadata.get("model", {}).get("fingerprint"),
                           "eval": _metric_key(metric), "baseline": repr(baseline)})
     mcache = _MeasureCache(out / "measured.json" if out else None, context)
-    measured = _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress)
+    measured = _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress, workers)
     front, uframe = _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans)
     front = compare_with_uniform(front, uframe)
     losers = _warn_losers(front, metric.name)
@@ -611,12 +639,13 @@ def measured_frontier(
                                      **front["beats_uniform"].map({True: "beats_uniform", False: "loses"})
                                      .value_counts().reindex(["beats_uniform", "loses"], fill_value=0)
                                      .astype(int).to_dict()})
-    if out is not None:
+    if out is not None and _is_main():
         _write(run, out, plots=plots, settings={"estimator": estimator, "solver": solver, "options": str(options),
                                                 "validate": validate, "points": points, "key": key,
                                                 "budget": base.to_dict(), "refine": refine,
                                                 "refine_method": refine_method, "refine_evals": refine_evals})
-    _extra_outputs(run, plans_dir, plot)
+    if _is_main():
+        _extra_outputs(run, plans_dir, plot)
     return run
 
 
@@ -757,13 +786,16 @@ def build_metric(name, model, evals):
 
 
 def model_frontier(model: str, *, data: str | None = None, eval_data: str | None = None,
-                   metric: str | None = None, **kwargs) -> FrontierRun:
+                   metric: str | None = None, device_map=None, **kwargs) -> FrontierRun:
     """:func:`measured_frontier` from specs: a model spec (HF directory, ``package.module:callable``,
     ``file.py:callable`` or a zoo name), calibration and evaluation data specs (defaults for the zoo
-    models), a metric name; ``kwargs`` go to :func:`measured_frontier`."""
+    models), a metric name, an accelerate ``device_map`` (``auto``, ``balanced``, JSON); ``kwargs``
+    go to :func:`measured_frontier`."""
+    from .distributed import current, load_device_map, place_model
     from .specs import load_data, load_model, load_tokenizer
 
-    net = load_model(model)
+    net = load_device_map(model, device_map) if device_map else load_model(model)
+    place_model(net, current())  # under torchrun: ranks share the estimate and the measurements
     tokenizer = load_tokenizer(model) if model == "minilm" or Path(model).is_dir() else None
     calib = load_data(data, tokenizer=tokenizer) if data else None
     if calib is None and model in ZOO_DATA:

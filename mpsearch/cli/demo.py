@@ -90,6 +90,10 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--bits", dest="options", default=DEFAULT_RECIPE["options"],
                    help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes measuring the K plans on a CPU host (under torchrun the ranks share them)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate (auto, balanced, JSON)")
     g.add_argument("--metric", default=None,
                    help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
     g.add_argument("--refine", type=int, default=DEFAULT_RECIPE["refine"], metavar="R",
@@ -115,11 +119,14 @@ def run_model_frontier(args) -> int:
             options=args.options, validate=args.validate, points=args.points, key=args.key or "avg_bits",
             budget=budget_from_args(args), refine=args.refine, refine_method=args.refine_method,
             refine_evals=args.refine_evals, out=args.output, plans_dir=args.plans_dir, plot=args.plot,
-            progress=True)
+            progress=True, workers=args.workers, device_map=args.device_map)
     except InfeasibleBudget as exc:
         import sys
 
         sys.stderr.write(f"mpsearch frontier: infeasible: {exc}\n")
         return EXIT_INFEASIBLE
-    say(summarize(run, str(args.model)))
+    from ..distributed import current
+
+    if current().is_main:
+        say(summarize(run, str(args.model)))
     return 0
