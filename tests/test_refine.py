@@ -250,3 +250,23 @@ def test_frontier_table_ilp_risk_sweeps_the_risk_adjusted_damage(tmp_path):
                "-o", str(tmp_path / "g.csv")])
     g = pd.read_csv(tmp_path / "g.csv")
     assert [json.loads(p) for p, a in zip(g["plan"], g["avg_bits"]) if abs(a - 6) < 1e-9] == [{"x": 8, "y": 4}]
+
+
+def test_output_distance_damage_std_is_the_standard_error_across_batches():
+    """Two batches of different sizes: each single-batch table gives that batch's distances; the
+    two-batch table's damage is their size-weighted mean and damage_std its standard error."""
+    import torch
+
+    from mpsearch import get_estimator, zoo
+
+    model = zoo.digits_mlp()
+    x, y = zoo.digits("train")
+    b1, b2 = (x[:40], y[:40]), (x[40:100], y[40:100])
+    est = get_estimator("output-distance", options="2,4,8")
+    t1, t2 = (est.estimate(model, [b], progress=False).pivot() for b in (b1, b2))
+    both = est.estimate(model, [b1, b2], progress=False)
+    mean = (40 * t1 + 60 * t2) / 100
+    var = (40 * (t1 - mean) ** 2 + 60 * (t2 - mean) ** 2) / 100
+    np.testing.assert_allclose(both.pivot().to_numpy(), mean.to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(both.pivot("damage_std").to_numpy(), np.sqrt(var / (2 - 1)).to_numpy(), rtol=1e-9)
+    assert (both.pivot("damage_std").to_numpy() > 0).all()
