@@ -255,8 +255,6 @@ def test_frontier_table_ilp_risk_sweeps_the_risk_adjusted_damage(tmp_path):
 def test_output_distance_damage_std_is_the_standard_error_across_batches():
     """Two batches of different sizes: each single-batch table gives that batch's distances; the
     two-batch table's damage is their size-weighted mean and damage_std its standard error."""
-    import torch
-
     from mpsearch import get_estimator, zoo
 
     model = zoo.digits_mlp()
