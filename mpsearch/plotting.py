@@ -151,7 +151,7 @@ def plot_plan_bits(plan, table=None, ax=None):
     ax.set_xlabel("layer (model order; colour: log parameter count)")
     ax.set_ylabel("weight bits")
     avg = plan.predicted.get("avg_bits")
-    ax.set_title(f"per-layer bit-widths" + (f" (average {avg:.2f} bits/weight)" if avg else ""), fontsize=9)
+    ax.set_title("per-layer bit-widths" + (f" (average {avg:.2f} bits/weight)" if avg else ""), fontsize=9)
     return fig
 
 
