@@ -230,8 +230,39 @@ def check(ggml: Ggml) -> int:
             bad_w += int((mine != y).sum())
             bad_b += int((b != q).sum())
         failures += bad_w + bad_b
-        print(f"| {name} | {n_t} | {n_w} | {bad_w} | {bad_b} | {t_torch:.1f} | {t_ggml:.1f} |")
+        print(f"| {name} | {n_t} | {n_w} | {bad_w} | {bad_b} | {t_torch:.1f} | {t_ggml:.1f} |", flush=True)
     return 1 if failures else 0
+
+
+def speed(shape=(4096, 14336), devices=("cpu",), repeat=1) -> None:
+    """Seconds per quantize of a random-normal matrix of ``shape`` (values and bytes), per type."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from mpsearch.formats import ggml as fmts
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    head = " | ".join(f"{d} quantize s | {d} to_bytes s" for d in devices)
+    print(f"{shape[0]}x{shape[1]} float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"| type | {head} |")
+    print("|---|" + "---|---|" * len(devices))
+    for name, fmt in fmts.FORMATS.items():
+        cells = []
+        for dev in devices:
+            x = w.to(dev)
+            for fn in (fmt.quantize, fmt.to_bytes):
+                best = float("inf")
+                for _ in range(repeat):
+                    if dev != "cpu":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = fn(x)
+                    if dev != "cpu":
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - t0)
+                cells.append(f"{best:.2f}")
+                del out
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -241,7 +272,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--check", action="store_true",
                    help="compare mpsearch's torch quantizers with llama.cpp on all SmolLM2 tensors")
+    p.add_argument("--speed", action="store_true",
+                   help="time the torch quantizers on a 4096x14336 matrix (no library needed)")
+    p.add_argument("--devices", default="cpu", help="devices for --speed, e.g. cpu,cuda")
     args = p.parse_args(argv)
+    if args.speed:
+        speed(devices=tuple(args.devices.split(",")))
+        return 0
     if not Path(args.lib).is_file():
         print(f"{args.lib}: no such library; build llama.cpp or pass --lib", file=sys.stderr)
         return 2

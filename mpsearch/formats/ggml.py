@@ -105,12 +105,13 @@ class GgmlFormat(Format):
         reason = self.check_shape(*matrix.shape)
         if reason:
             raise QuantizationError(reason)
-        return matrix.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1, self.block)
+        return matrix.detach().to(torch.float32).contiguous().reshape(-1, self.block)
 
     def _fields(self, matrix):
         """Yield the quantized fields of consecutive chunks of blocks (bounded memory)."""
         x = self._blocks(matrix)
-        step = max(1, _CHUNK_WEIGHTS // self.block)
+        chunk = _CHUNK_WEIGHTS if x.device.type == "cpu" else 16 * _CHUNK_WEIGHTS
+        step = max(1, chunk // self.block)
         for i in range(0, x.shape[0], step):
             yield _KERNELS[self.name][0](x[i:i + step])
 
@@ -121,7 +122,7 @@ class GgmlFormat(Format):
         deq = _KERNELS[self.name][1]
         parts = [deq(f) for f in self._fields(matrix)]
         out = torch.cat(parts) if parts else matrix.new_zeros((0, self.block), dtype=torch.float32)
-        return out.reshape(matrix.shape).to(matrix.device)
+        return out.reshape(matrix.shape)
 
     def to_bytes(self, matrix):
         """The GGML blocks of ``matrix``: a uint8 tensor ``[out_channels, row_size]``."""
@@ -129,7 +130,7 @@ class GgmlFormat(Format):
 
         pack = _KERNELS[self.name][2]
         parts = [pack(f) for f in self._fields(matrix)]
-        out = torch.cat(parts) if parts else torch.zeros((0, self.type_size), dtype=torch.uint8)
+        out = torch.cat(parts) if parts else torch.zeros((0, self.type_size), dtype=torch.uint8, device=matrix.device)
         return out.reshape(matrix.shape[0], self.row_size(matrix.shape[1]))
 
 
@@ -176,9 +177,19 @@ def _seqsum(terms):
     """``float s = 0; for (i...) s += terms[i];`` over the last axis, in that order."""
     import torch
 
-    acc = torch.zeros(terms.shape[0], dtype=torch.float32)
+    acc = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
     for col in terms.t().contiguous():
         acc = acc + col
+    return acc
+
+
+def _seqsum_t(terms_t):
+    """:func:`_seqsum` of terms already laid out ``[n, blocks]`` (one row per term index)."""
+    import torch
+
+    acc = torch.zeros(terms_t.shape[1], dtype=torch.float32, device=terms_t.device)
+    for row in terms_t:
+        acc = acc + row
     return acc
 
 
@@ -324,7 +335,7 @@ def _qh_32(q):
     import torch
 
     bits = (q >> 4) & 1
-    word = torch.zeros(q.shape[0], dtype=torch.int64)
+    word = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
     for j in range(32):
         word = word | (bits[:, j].to(torch.int64) << j)
     return _u8(torch.stack([(word >> (8 * k)) & 0xFF for k in range(4)], dim=1))
@@ -355,55 +366,67 @@ def _q5_1_pack(f):
                      dim=1)
 
 
-def _best_index_iq4nl(al, values):
-    """``best_index_int8(16, kvalues_iq4nl, al)``: the nearest level, ties to the upper one
-    unless strictly closer to the lower (``x - v[mu-1] < v[mu] - x ? mu-1 : mu``)."""
+_IQ4NL_LO = IQ4NL_VALUES[0] + IQ4NL_VALUES[1] - 1  # 2 * (first midpoint) - 1
+_IQ4NL_HI = IQ4NL_VALUES[-2] + IQ4NL_VALUES[-1]  # 2 * (last midpoint)
+
+
+def _iq4nl_tables(device):
+    """Index and level of ``best_index_int8(16, kvalues_iq4nl, al)`` for each ``floor(2 * al)``.
+
+    The C code picks level k+1 over k unless ``al - v[k] < v[k+1] - al``. Both differences are
+    exact wherever they are close (integer levels; each midpoint lies in the binade of half the
+    gap or above), so the pick is "al >= (v[k] + v[k+1]) / 2", a tie going up. The midpoints are
+    half-integers: the answer depends on ``floor(2 * al)`` only."""
     import torch
 
-    mu = (al.unsqueeze(-1) >= values).sum(dim=-1).clamp(1, 15)
-    lo = values[mu - 1]
-    hi = values[mu]
-    idx = torch.where((al - lo) < (hi - al), mu - 1, mu)
-    idx = torch.where(al <= values[0], torch.zeros_like(idx), idx)
-    return torch.where(al >= values[15], torch.full_like(idx, 15), idx)
+    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=device)
+    twice = torch.arange(_IQ4NL_LO, _IQ4NL_HI + 1, dtype=torch.float32, device=device)
+    idx = ((values[:-1] + values[1:])[None, :] <= twice[:, None]).sum(dim=1)
+    return idx.to(torch.int32), values[idx]
+
+
+def _iq4nl_lookup(al, table):
+    """``table[floor(2 * al)]`` (clamped to the table), without a float -> int conversion pass."""
+    import torch
+
+    t = torch.clamp(torch.floor(al * 2.0), _IQ4NL_LO, _IQ4NL_HI) + float(12582912 - _IQ4NL_LO)
+    pos = (t.view(torch.int32) - 0x4B400000).clamp_(0, table.shape[0] - 1)  # NaN (empty blocks)
+    return torch.index_select(table, 0, pos.reshape(-1)).reshape(al.shape)
 
 
 def _iq4_nl(x):
     """``quantize_iq4_nl`` with no imatrix: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``."""
     import torch
 
-    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
-    w = x * x
+    idx_table, level_table = _iq4nl_tables(x.device)
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
+    xt = x.t().contiguous()
+    w = xt * xt
+
+    def sums(id_):
+        q = _iq4nl_lookup(xt * id_, level_table)
+        wq = w * q
+        return _seqsum_t(wq * xt), _seqsum_t(wq * q)
+
     d = (-mx) / _full(mx, IQ4NL_VALUES[0])
-    id_ = torch.ones_like(d) / d
-    idx = _best_index_iq4nl(x * id_[:, None], values)
-    q = values[idx]
-    wq = w * q
-    sumqx = _seqsum(wq * x)
-    sumq2 = _seqsum(wq * q)
+    sumqx, sumq2 = sums(torch.ones_like(d) / d)
     d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
     best = d * sumqx
     for itry in range(-7, 8):
-        id_ = _full(mx, itry + IQ4NL_VALUES[0]) / mx
-        q = values[_best_index_iq4nl(x * id_[:, None], values)]
-        wq = w * q
-        sumqx = _seqsum(wq * x)
-        sumq2 = _seqsum(wq * q)
+        sumqx, sumq2 = sums(_full(mx, itry + IQ4NL_VALUES[0]) / mx)
         upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(upd, sumqx / sumq2, d)
         best = torch.where(upd, d * sumqx, best)
     d = torch.where(zero, torch.zeros_like(d), d)
-    id_ = _recip_or_zero(d)
-    idx = _best_index_iq4nl(x * id_[:, None], values)
-    return {"d": _fp16(d), "q": idx.to(torch.int32)}
+    idx = _iq4nl_lookup(x * _recip_or_zero(d)[:, None], idx_table)
+    return {"d": _fp16(d), "q": idx}
 
 
 def _iq4_nl_deq(f):
     import torch
 
-    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
+    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=f["d"].device)
     return f["d"].float()[:, None] * values[f["q"].long()]
 
 
@@ -417,12 +440,13 @@ def _make_qx_quants(x, nmax):
 
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
+    xt = x.t().contiguous()
+    w = xt * xt
+    wx = w * xt
 
-    def pass_(iscale):
-        l = torch.clamp(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).float()
-        return l, _seqsum(wx * l), _seqsum((w * l) * l)
+    def pass_(iscale):  # |iscale * x| <= nmax + 1 here: nearest_int is round-half-even
+        l = torch.clamp(torch.round(iscale * xt), -nmax, nmax - 1)
+        return l, _seqsum_t(wx * l), _seqsum_t((w * l) * l)
 
     l, sumlx, suml2 = pass_(_full(mx, -nmax) / mx)
     L = l + nmax
@@ -434,12 +458,12 @@ def _make_qx_quants(x, nmax):
         s = _f32(_c_f32(nmax) + _c_f32(0.1) * _c_f32(is_))
         l, sumlx, suml2 = pass_(_full(mx, -s) / mx)
         upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(upd[:, None], l + nmax, L)
+        L = torch.where(upd, l + nmax, L)
         scale = torch.where(upd, sumlx / suml2, scale)
         best = torch.where(upd, scale * sumlx, best)
-    L = torch.where(zero[:, None], torch.zeros_like(L), L)
+    L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L.to(torch.int32)
+    return scale, L.t().to(torch.int32)
 
 
 def _c_f32(v):
@@ -489,12 +513,11 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     """``make_qkx2_quants``: returns (scale, L in 0..nmax, the_min = -min)."""
     import torch
 
-    n = x.shape[1]
     xt = x.t().contiguous()
     wt = w.t().contiguous()
     sum_w = wt[0].clone()
     sum_x = sum_w * xt[0]
-    for i in range(1, n):
+    for i in range(1, xt.shape[0]):
         sum_w = sum_w + wt[i]
         sum_x = sum_x + wt[i] * xt[i]
     mn = x.amin(dim=1)
@@ -503,23 +526,25 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     mn = torch.where(mn > 0, zero, mn)
     flat = mx == mn
 
+    def levels(iscale, mn_):  # 0 <= iscale * (x - min) <= nmax + 1: nearest_int is round-half-even
+        return torch.clamp(torch.round(iscale * (xt - mn_)), 0, nmax)
+
     def err(scale, L, mn_):
-        diff = (scale[:, None] * L + mn_[:, None]) - x
+        diff = (scale * L + mn_) - xt
         diff = diff.abs() if use_mad else diff * diff
-        return _seqsum(w * diff)
+        return _seqsum_t(wt * diff)
 
     iscale = _full(mx, nmax) / (mx - mn)
     scale = torch.ones_like(iscale) / iscale
-    L = torch.clamp(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).float()
+    L = levels(iscale, mn)
     best_error = err(scale, L, mn)
     for is_ in range(nstep + 1):
         num = _f32(_c_f32(rmin) + _c_f32(rdelta) * _c_f32(is_) + _c_f32(nmax))
-        iscale = _full(mx, num) / (mx - mn)
-        Laux = torch.clamp(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).float()
-        wl = w * Laux
-        sum_l = _seqsum(wl)
-        sum_l2 = _seqsum(wl * Laux)
-        sum_xl = _seqsum(wl * x)
+        Laux = levels(_full(mx, num) / (mx - mn), mn)
+        wl = wt * Laux
+        sum_l = _seqsum_t(wl)
+        sum_l2 = _seqsum_t(wl * Laux)
+        sum_xl = _seqsum_t(wl * xt)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -528,13 +553,13 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         cur = err(this_scale, Laux, this_min)
         better = (D > 0) & (cur < best_error) & ~flat
-        L = torch.where(better[:, None], Laux, L)
+        L = torch.where(better, Laux, L)
         best_error = torch.where(better, cur, best_error)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
     scale = torch.where(flat, zero, scale)
-    L = torch.where(flat[:, None], torch.zeros_like(L), L)
-    return scale, L.to(torch.int32), -mn
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return scale, L.t().to(torch.int32), -mn
 
 
 def _positive_max(v):
@@ -628,12 +653,12 @@ def _q3_K_pack(f):
     import torch
 
     L, ls = f["L"], f["ls"]
-    hmask = torch.zeros(L.shape[0], 32, dtype=torch.int32)
+    hmask = torch.zeros(L.shape[0], 32, dtype=torch.int32, device=L.device)
     for bit in range(8):
         hmask = hmask | (((L[:, 32 * bit:32 * bit + 32] >> 2) & 1) << bit)
     low = L & 3
     sc_low = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
-    sc_high = torch.zeros(L.shape[0], 4, dtype=torch.int32)
+    sc_high = torch.zeros(L.shape[0], 4, dtype=torch.int32, device=L.device)
     for g in range(4):
         sc_high = sc_high | ((ls[:, 4 * g:4 * g + 4] >> 4) << (2 * g))
     return torch.cat([_u8(hmask), _pack_2bit(low), _u8(sc_low), _u8(sc_high), _half_bytes(f["d"])], dim=1)
@@ -646,7 +671,7 @@ def _qkx_K(x, nmax, rmin, nstep):
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
     st = sub.t().contiguous()
-    sum_x2 = torch.zeros(sub.shape[0], dtype=torch.float32)
+    sum_x2 = torch.zeros(sub.shape[0], dtype=torch.float32, device=sub.device)
     for row in st:
         sum_x2 = sum_x2 + row * row
     av_x = torch.sqrt(sum_x2 / _full(sum_x2, 32))
@@ -713,7 +738,7 @@ def _q5_K_pack(f):
 
     L = f["L"]
     b = L.reshape(L.shape[0], 4, 2, 32)
-    qh = torch.zeros(L.shape[0], 32, dtype=torch.int32)
+    qh = torch.zeros(L.shape[0], 32, dtype=torch.int32, device=L.device)
     for k in range(4):
         qh = qh | (((b[:, k, 0] >> 4) & 1) << (2 * k)) | (((b[:, k, 1] >> 4) & 1) << (2 * k + 1))
     return torch.cat([_half_bytes(f["d"]), _half_bytes(f["dmin"]), _k4_scales(f["ls"], f["lm"]),
