@@ -127,3 +127,61 @@ def get_target(name: str | Target | None) -> Target:
 
 def target_names() -> list[str]:
     return list(TARGETS)
+
+
+#: fused-projection siblings as tie regexes (one capture: the parent module), for runtimes that fuse
+_FUSED_TIES = (
+    r"^(.*)\.(?:q_proj|k_proj|v_proj)$",
+    r"^(.*)\.(?:query|key|value)$",
+    r"^(.*)\.(?:gate_proj|up_proj)$",
+    r"^(.*)\.(?:w1|w3)$",
+)
+
+
+def runtime_ties(target) -> list[str]:
+    """Tie regexes for the target's runtime (fused q/k/v and gate/up), applied at solve time."""
+    return list(_FUSED_TIES) if get_target(target).fused_runtime else []
+
+
+def table_target(table, target=None) -> Target:
+    """The target a table is solved for: ``target`` if given (checked against the table's own),
+    else the one the table was estimated for (``mpsearch`` for tables made without one). Every
+    option of the table must be one the target executes."""
+    made_for = table.metadata.get("target") if isinstance(table.metadata, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    if made_for and target is not None and get_target(made_for).name != chosen.name:
+        raise MpsearchError(
+            f"the table was estimated for target {made_for!r}, not {chosen.name!r}: re-estimate with "
+            f"--target {chosen.name} (options, sizes and rounding differ between targets)"
+        )
+    if chosen.name != DEFAULT_TARGET:
+        chosen.parsed_options(list(table.options))
+    return chosen
+
+
+def solve_budget(table, budget, target=None):
+    """``budget`` with the target's runtime ties added (a new Budget; the input is unchanged)."""
+    import copy
+
+    chosen = table_target(table, target)
+    ties = runtime_ties(chosen)
+    if not ties:
+        return budget
+    out = copy.deepcopy(budget)
+    out.ties = list(out.ties) + [t for t in ties if t not in out.ties]
+    return out
+
+
+def export_format(plan, to=None, target=None) -> str:
+    """The export format for ``plan``: ``to`` if given, else the format of ``target``, else of the
+    target the plan was solved for."""
+    if to:
+        return to
+    made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    if not chosen.exporter:
+        raise MpsearchError(
+            f"target {chosen.name!r} has no consumer file to write: name one with --to "
+            f"(torchao, gptqmodel, llm-compressor, llama.cpp, autoround, modelopt)"
+        )
+    return chosen.exporter
