@@ -16,6 +16,7 @@ outlier, tiny values, ties, sparse, one-signed). Writes, under tests/fixtures/gg
     python experiments/ggml_fixtures.py [--lib PATH/libggml-base.so] [--out tests/fixtures/ggml]
     python experiments/ggml_fixtures.py --check   # compare mpsearch's torch quantizers with llama.cpp
                                                   # on whole SmolLM2 tensors (nothing written)
+    python experiments/ggml_fixtures.py --speed [--shape 4096x14336] [--devices cpu,cuda]
 
 The library path can also come from ``MPSEARCH_LIBGGML``; the default is the llama.cpp build of this
 workspace.
@@ -107,7 +108,13 @@ def smollm2_state():
     folder = spec.submodule_search_locations[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:  # the tied lm_head is the token embedding (one tensor in GGUF)
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().float().numpy()
+    return out
 
 
 def real_cases(state) -> dict[str, np.ndarray]:
@@ -120,6 +127,26 @@ def real_cases(state) -> dict[str, np.ndarray]:
         "smollm2_down_proj_1536": np.concatenate(
             [rows(f"model.layers.{i}.mlp.down_proj.weight", slice(0, 4)) for i in (0, 15, 29)]),
     }
+
+
+def sqrt_hard_blocks(state, limit: int = 16) -> np.ndarray:
+    """Super-blocks of 256 SmolLM2 down_proj weights where float32 ``torch.sqrt`` of a sub-block's
+    ``sum(x*x)/32`` (q4_K/q5_K's weights) is not the correctly rounded ``sqrtf`` of C."""
+    import torch
+
+    found = []
+    for i in range(30):
+        w = state[f"model.layers.{i}.mlp.down_proj.weight"].reshape(-1, 256)
+        sub = torch.from_numpy(w.reshape(-1, 32))
+        s2 = torch.zeros(sub.shape[0])
+        for col in sub.t():
+            s2 = s2 + col * col
+        v = s2 / torch.full_like(s2, 32)
+        off = (torch.sqrt(v) != torch.sqrt(v.double()).float()).reshape(-1, 8).any(dim=1)
+        found += [w[j] for j in torch.nonzero(off).flatten().tolist()[:2]]
+        if len(found) >= limit:
+            break
+    return np.stack(found[:limit]).astype(np.float32)
 
 
 def synthetic_cases(seed: int = 0) -> dict[str, np.ndarray]:
@@ -164,7 +191,8 @@ def build(ggml: Ggml, out: Path) -> None:
     import gguf
     import gguf.quants
 
-    cases = {**real_cases(smollm2_state()), **synthetic_cases()}
+    state = smollm2_state()
+    cases = {**real_cases(state), "smollm2_sqrt_hard_256": sqrt_hard_blocks(state), **synthetic_cases()}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "inputs.npz.tmp.npz"
     np.savez_compressed(tmp, **cases)
@@ -275,9 +303,10 @@ def main(argv=None) -> int:
     p.add_argument("--speed", action="store_true",
                    help="time the torch quantizers on a 4096x14336 matrix (no library needed)")
     p.add_argument("--devices", default="cpu", help="devices for --speed, e.g. cpu,cuda")
+    p.add_argument("--shape", default="4096x14336", help="matrix shape for --speed (OUTxIN)")
     args = p.parse_args(argv)
     if args.speed:
-        speed(devices=tuple(args.devices.split(",")))
+        speed(shape=tuple(int(v) for v in args.shape.split("x")), devices=tuple(args.devices.split(",")))
         return 0
     if not Path(args.lib).is_file():
         print(f"{args.lib}: no such library; build llama.cpp or pass --lib", file=sys.stderr)

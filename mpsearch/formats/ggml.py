@@ -165,6 +165,12 @@ def _nearest_int(f):
     return ((f + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
 
 
+def _round_small(f):
+    """``nearest_int`` as a float for ``|f| < 2**22``: ``(f + 1.5 * 2**23) - 1.5 * 2**23`` rounds to
+    the nearest integer, ties to even, in two float32 additions (faster than torch.round)."""
+    return (f + 12582912.0) - 12582912.0
+
+
 def _roundf(f):
     """C ``roundf``: half away from zero."""
     import torch
@@ -445,7 +451,7 @@ def _make_qx_quants(x, nmax):
     wx = w * xt
 
     def pass_(iscale):  # |iscale * x| <= nmax + 1 here: nearest_int is round-half-even
-        l = torch.clamp(torch.round(iscale * xt), -nmax, nmax - 1)
+        l = torch.clamp(_round_small(iscale * xt), -nmax, nmax - 1)
         return l, _seqsum_t(wx * l), _seqsum_t((w * l) * l)
 
     l, sumlx, suml2 = pass_(_full(mx, -nmax) / mx)
@@ -527,7 +533,7 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     flat = mx == mn
 
     def levels(iscale, mn_):  # 0 <= iscale * (x - min) <= nmax + 1: nearest_int is round-half-even
-        return torch.clamp(torch.round(iscale * (xt - mn_)), 0, nmax)
+        return torch.clamp(_round_small(iscale * (xt - mn_)), 0, nmax)
 
     def err(scale, L, mn_):
         diff = (scale * L + mn_) - xt
@@ -674,7 +680,9 @@ def _qkx_K(x, nmax, rmin, nstep):
     sum_x2 = torch.zeros(sub.shape[0], dtype=torch.float32, device=sub.device)
     for row in st:
         sum_x2 = sum_x2 + row * row
-    av_x = torch.sqrt(sum_x2 / _full(sum_x2, 32))
+    # sqrtf: torch's float32 sqrt is not always correctly rounded (off by one ulp on some values);
+    # the float64 root rounded to float32 is (53 >= 2 * 24 + 2 bits)
+    av_x = torch.sqrt((sum_x2 / _full(sum_x2, 32)).double()).float()
     weights = av_x[:, None] + sub.abs()
     scales, L, mins = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
     scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 256)
