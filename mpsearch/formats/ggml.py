@@ -11,7 +11,10 @@ truncate and wrap as x86 does, fp16 scales round through ``torch.float16`` (roun
 even, as ggml's conversion does), and the searches of ``make_qx_quants``, ``make_q3_quants`` and
 ``make_qkx2_quants`` loop over their fixed small grids with all blocks at once. ggml-base is
 compiled without FMA contraction (no -march flags), so every product and sum rounds on its own, as
-it does in torch's eager CPU kernels.
+it does in torch's eager CPU kernels. Two torch habits would break exactness and are avoided:
+``scalar / tensor`` is computed as ``reciprocal * scalar`` (so every division here is tensor by
+tensor), and float32 ``torch.sqrt`` is not always correctly rounded (``sqrtf`` goes through
+float64).
 
 :meth:`GgmlFormat.quantize` returns the float32 values llama.cpp's ``dequantize_row_<type>``
 computes from those bytes, and :func:`to_bytes` the GGML blocks themselves (what a GGUF file
@@ -130,7 +133,9 @@ class GgmlFormat(Format):
 
         pack = _KERNELS[self.name][2]
         parts = [pack(f) for f in self._fields(matrix)]
-        out = torch.cat(parts) if parts else torch.zeros((0, self.type_size), dtype=torch.uint8, device=matrix.device)
+        if not parts:
+            return torch.zeros((0, self.row_size(matrix.shape[1])), dtype=torch.uint8, device=matrix.device)
+        out = torch.cat(parts)
         return out.reshape(matrix.shape[0], self.row_size(matrix.shape[1]))
 
 
@@ -148,6 +153,13 @@ def _f32(v) -> float:
     import numpy as np
 
     return float(np.float32(v))
+
+
+def _c_f32(v):
+    """A numpy float32, for scalar constants the C code computes in float (``nmax + 0.1f*is``)."""
+    import numpy as np
+
+    return np.float32(v)
 
 
 def _full(like, v):
@@ -470,12 +482,6 @@ def _make_qx_quants(x, nmax):
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L.t().to(torch.int32)
-
-
-def _c_f32(v):
-    import numpy as np
-
-    return np.float32(v)
 
 
 def _make_q3_quants(x, nmax):
