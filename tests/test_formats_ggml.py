@@ -198,3 +198,39 @@ def test_cuda_gives_the_same_values_and_bytes(name, inputs):
         assert got.device == x.device
         assert torch.equal(_bits(got.cpu()), _bits(torch.from_numpy(data[f"{case}__y"]))), case
         assert torch.equal(ggml.to_bytes(name, x).cpu(), torch.from_numpy(data[f"{case}__q"])), case
+
+
+def _libggml():
+    import importlib.util
+    import os
+
+    path = os.environ.get("MPSEARCH_LIBGGML",
+                          "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/libggml-base.so")
+    if not Path(path).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "ggml_fixtures", Path(__file__).parents[1] / "experiments" / "ggml_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.Ggml(path)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_fresh_random_rows_against_libggml_when_it_is_built(name):
+    """Beyond the fixtures: new random rows (scales 1e-7..1e3, heavy tails, sparse blocks) straight
+    against llama.cpp's library, where it is built (set MPSEARCH_LIBGGML; CI reads the fixtures)."""
+    lib = _libggml()
+    if lib is None:
+        pytest.skip("libggml-base.so not built here")
+    rng = np.random.default_rng(1234 + TYPES.index(name))
+    rows = []
+    for scale in (1e-7, 1e-3, 0.02, 1.0, 1e3):
+        rows.append(rng.standard_normal(512) * scale)
+        rows.append(rng.standard_t(2, 512) * scale)
+        rows.append(np.where(rng.random(512) < 0.1, rng.standard_normal(512) * scale, 0.0))
+    x = np.stack(rows).astype(np.float32)
+    q = lib.quantize(name, x)
+    y = lib.dequantize(name, q, x.shape[1])
+    got = get_format(name).quantize(torch.from_numpy(x))
+    assert torch.equal(_bits(got), _bits(torch.from_numpy(y)))
+    assert torch.equal(ggml.to_bytes(name, torch.from_numpy(x)), torch.from_numpy(q))
