@@ -141,11 +141,12 @@ def calib_metric(name, calib, model):
 
 
 # ------------------------------------------------------------------------------ runs
-def run_one(model, calib, metric, est, out, method=None, rounds=0, evals=None, solver="ilp"):
+def run_one(model, calib, metric, est, out, method=None, rounds=0, evals=None, solver="ilp", options=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UniformWarning)
         t0 = time.perf_counter()
         run = measured_frontier(model, calib, metric, estimator=est, solver=solver, validate=0, points=4,
+                                **({"options": options} if options else {}),
                                 refine=rounds, refine_method=method or "calibrate", refine_evals=evals,
                                 out=out, plots=False, progress=False)
         secs = time.perf_counter() - t0
@@ -252,6 +253,8 @@ def main():
     ap.add_argument("--additivity", type=int, default=6, help="random plans per size (0: skip)")
     ap.add_argument("--interaction", action="store_true", help="measure q/k/v, gate/up/down pairs (output-distance)")
     ap.add_argument("--methods", default=",".join(METHODS), help="refinement methods to compare")
+    ap.add_argument("--options", default=None, help="options (default: the recipe's int2-asym..int8-asym); the "
+                                                    "targets stay the sizes of uniform int3-int6-asym")
     ap.add_argument("--eval-n", type=int, default=256, help="MiniLM evaluation passages")
     ap.add_argument("--calib-n", type=int, default=8, help="SmolLM2 calibration windows of 256 tokens")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="SmolLM2 evaluation tokens")
@@ -268,12 +271,13 @@ def main():
         ilp._pulp_available = lambda: []
     model, calib, metric, desc = load(args.model, args.device, args)
     doc = {"model": args.model, "device": args.device, "data": desc, "rounds": args.rounds, "swaps": args.swaps,
+           "options": args.options,
            "rows": [],
            "additivity": {}, "torch": torch.__version__}
     work = Path(os.environ.get("MEASURED_LOOP_WORK", "/tmp/measured_loop")) / args.model
     for est in args.estimators.split(","):
         out = work / est
-        run, secs, losers = run_one(model, calib, metric, est, out)
+        run, secs, losers = run_one(model, calib, metric, est, out, options=args.options)
         doc["rows"] += rows_of(run, args.model, est, None, secs, losers)
         print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} base done", flush=True)
         if args.additivity:
@@ -286,7 +290,8 @@ def main():
         for method in args.methods.split(","):
             per_round = 1 if method == "calibrate" else args.swaps + (1 if method == "both" else 0)
             budget = args.rounds * per_round * len(TARGETS)
-            r2, secs, losers = run_one(model, calib, metric, est, out, method, args.rounds, budget)
+            r2, secs, losers = run_one(model, calib, metric, est, out, method, args.rounds, budget,
+                                       options=args.options)
             doc["rows"] += rows_of(r2, args.model, est, method, secs, losers)
             doc.setdefault("refinement", {})[f"{est}/{method}"] = r2.refinement.to_dict("records")
             print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} {method} done", flush=True)
