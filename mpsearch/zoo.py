@@ -295,9 +295,10 @@ def _cached(recipe: dict, build, train, name: str) -> nn.Module:
             pass
     torch.manual_seed(recipe["seed"])
     model = train(build())
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    from .fileio import atomic_write
+
+    with atomic_write(path, None) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model.eval()
 
 
