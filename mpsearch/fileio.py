@@ -135,11 +135,12 @@ def staged_dir_name(dest) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest, *, keep_on_interrupt: bool = True):
+def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=None):
     """Build a folder of outputs beside ``dest`` and put it in place last.
 
     Yields the staging folder (``.NAME.partial`` beside ``dest``). If ``dest`` already exists, the
-    staging folder starts as a copy of it (so caches in it are reused) and, on success, each new or
+    staging folder starts as a copy of it, or of its entries named in ``seed`` (so caches in it are
+    reused) and, on success, each new or
     changed file is moved into ``dest`` (files of ``dest`` that were not rewritten stay); otherwise
     the staging folder is renamed to ``dest``. On an error the staging folder is removed; on
     Ctrl-C it is kept (``keep_on_interrupt``) so a rerun resumes the cached work in it.
@@ -149,10 +150,16 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True):
     if stage.exists() and not stage.is_dir():
         stage.unlink()
     if not stage.exists():
-        if dest.is_dir():
+        if dest.is_dir() and seed is None:
             shutil.copytree(dest, stage, symlinks=True)
         else:
             stage.mkdir(parents=True)
+            for name in seed or ():
+                src = dest / name
+                if src.is_dir():
+                    shutil.copytree(src, stage / name, symlinks=True)
+                elif src.is_file():
+                    shutil.copy2(src, stage / name)
     try:
         yield stage
     except KeyboardInterrupt:
@@ -173,7 +180,7 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True):
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def atomic_output_dir(arg: str = "out"):
+def atomic_output_dir(arg: str = "out", seed=None):
     """Decorator: the keyword argument ``arg`` (a folder) is built with :func:`atomic_dir`.
 
     The function receives the staging folder; when it returns, the folder is put in place and any
@@ -187,7 +194,7 @@ def atomic_output_dir(arg: str = "out"):
             if dest is None:
                 return fn(*args, **kwargs)
             dest = check_output_path(dest, flag=arg, kind="dir")
-            with atomic_dir(dest) as stage:
+            with atomic_dir(dest, seed=seed) as stage:
                 kwargs[arg] = stage
                 result = fn(*args, **kwargs)
             _relocate(result, stage, dest)

@@ -37,6 +37,7 @@ from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
 from .plan import BitPlan
 from .registry import get_estimator, get_solver, load_class
+from .fileio import atomic_output_dir
 from .table import CostTable, atomic_write_text
 
 DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
@@ -213,6 +214,8 @@ def rank_correlation(predicted, measured) -> float:
 
 
 # -------------------------------------------------------------------------------- pipeline
+# the folder is built beside ``out`` and put in place last; its caches seed the build
+@atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache"))
 def measured_frontier(
     model: torch.nn.Module,
     calib,

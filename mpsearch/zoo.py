@@ -59,6 +59,9 @@ def minilm_path() -> Path:
 def _offline_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from ._quiet import preload_torchao
+
+    preload_torchao()  # transformers imports torchao, whose import logs native-library warnings
     try:
         import transformers
     except ImportError:

@@ -28,6 +28,7 @@ COMMANDS = {
     "frontier": "frontier",
     "export": "export",
     "import": "import_",
+    "list": "list_",
     "demo": "demo",
 }
 

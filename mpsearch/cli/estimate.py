@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_param_arg, parse_params, say
+from ._common import add_command, add_param_arg, check_outputs, parse_params, say
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv"""
@@ -12,7 +12,11 @@ def register(sub):
     p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
     p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
-    p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
+    from ..registry import estimator_names
+
+    p.add_argument("--estimator", default="weight-error", metavar="ESTIMATOR",
+                   help=f"{' | '.join(estimator_names())} (default: weight-error; settings: "
+                        f"'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default="2,3,4,8",
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8 (default: 2,3,4,8)")
     p.add_argument("--seed", type=int, default=0)
@@ -27,9 +31,15 @@ def register(sub):
 
 
 def run(args) -> int:
+    from ..budget import check_patterns
+    from ..options import parse_options
     from ..registry import get_estimator
     from ..specs import load_data, load_model
 
+    check_outputs(files=[("-o", args.output)])
+    parse_options(args.options)
+    check_patterns(args.exclude, "--exclude")
+    check_patterns(args.tie, "--tie")
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     estimator = get_estimator(args.estimator, options=args.options, **params)

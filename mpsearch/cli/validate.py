@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, dump_json, say
+from ._common import add_command, check_outputs, dump_json, say
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -19,9 +19,10 @@ def register(sub):
 def run(args) -> int:
     from ..plan import BitPlan
     from ..specs import _load_callable, load_model
-    from ..table import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..validate import validate_plan
 
+    check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model(args.model)
     metric = _load_callable(args.metric, "metric") if args.metric else None

@@ -66,6 +66,9 @@ class TorchaoExporter(Exporter):
 
     def read(self, doc, layers, source) -> BitPlan:
         if type(doc).__name__ in ("FqnToConfig", "ModuleFqnToConfig"):
+            from .._quiet import preload_torchao
+
+            preload_torchao()
             from torchao.core.config import config_to_dict
 
             doc = config_to_dict(doc)
@@ -126,6 +129,9 @@ def _read_config(cfg, key: str, source: str) -> Option:
 
 def to_torchao_config(plan: BitPlan):
     """The plan as a ``torchao.quantization.FqnToConfig`` object (needs torchao)."""
+    from .._quiet import preload_torchao
+
+    preload_torchao()
     try:
         import torch
         from torchao.quantization import (FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis,
