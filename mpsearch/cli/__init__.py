@@ -30,6 +30,7 @@ COMMANDS = {
     "import": "import_",
     "list": "list_",
     "demo": "demo",
+    "targets": "targets",
 }
 
 
