@@ -84,6 +84,23 @@ def _writable(directory: Path) -> bool:
     return True
 
 
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing ancestors; return those created, deepest first."""
+    missing = []
+    d = Path(directory)
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(dirs) -> None:
+    for d in dirs:  # deepest first; a folder another writer filled meanwhile stays
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _mode_of_new_file() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -100,8 +117,12 @@ def atomic_write(path, mode: str = "w", **open_kw):
     file name, such as ``torch.save`` or ``savefig``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    created = _make_parents(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         if mode is None:
             os.close(fd)
@@ -114,6 +135,7 @@ def atomic_write(path, mode: str = "w", **open_kw):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _remove_empty(created)
         raise
 
 
@@ -149,6 +171,7 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=None):
     stage = staged_dir_name(dest)
     if stage.exists() and not stage.is_dir():
         stage.unlink()
+    created = _make_parents(stage.parent)
     if not stage.exists():
         if dest.is_dir() and seed is None:
             shutil.copytree(dest, stage, symlinks=True)
@@ -165,9 +188,11 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=None):
     except KeyboardInterrupt:
         if not keep_on_interrupt:
             shutil.rmtree(stage, ignore_errors=True)
+            _remove_empty(created)
         raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
         raise
     if not dest.exists():
         os.replace(stage, dest)

@@ -276,9 +276,14 @@ def _numeric(column: pd.Series) -> pd.Series:
         return pd.Series(np.nan, index=column.index)
 
 
+def _py(value):
+    """A cell as a plain Python value (``4``, not ``np.int64(4)``) for messages."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _row(frame: pd.DataFrame, i) -> str:
     r = frame.loc[i]
-    return f"row {int(i) + 1} (layer {r['layer']!r}, bits {r['bits']!r})"
+    return f"row {int(i) + 1} (layer {_py(r['layer'])!r}, bits {_py(r['bits'])!r})"
 
 
 def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
@@ -311,7 +316,7 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
     bad = df.index[bits.isna() | (bits != bits.round()) | (bits < 1) | (bits > 32)]
     if len(bad):
         raise TableError(
-            f"{_row(df, bad[0])}: 'bits' must be an integer from 1 to 32, got {df.loc[bad[0], 'bits']!r}"
+            f"{_row(df, bad[0])}: 'bits' must be an integer from 1 to 32, got {_py(df.loc[bad[0], 'bits'])!r}"
         )
     df["bits"] = bits.astype(int)
     # numeric columns
@@ -322,7 +327,7 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
         if len(bad):
             raise TableError(
                 f"{_row(df, bad[0])}: column {col!r} must hold finite numbers, "
-                f"got {df.loc[bad[0], col]!r}"
+                f"got {_py(df.loc[bad[0], col])!r}"
             )
         with np.errstate(over="ignore", invalid="ignore"):
             total = float(np.abs(values.to_numpy(dtype=float)).sum())
@@ -337,7 +342,7 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
         bad = df.index[df[col] < 0]
         if len(bad):
             raise TableError(
-                f"{_row(df, bad[0])}: {col!r} must be >= 0, got {df.loc[bad[0], col]!r}"
+                f"{_row(df, bad[0])}: {col!r} must be >= 0, got {_py(df.loc[bad[0], col])!r}"
             )
     # option names
     default = df["bits"].map(default_option_name)

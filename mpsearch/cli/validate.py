@@ -26,7 +26,11 @@ def run(args) -> int:
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model(args.model)
-    metric = _load_callable(args.metric, "metric") if args.metric else None
+    metric = None
+    if args.metric:
+        from ..metrics import FunctionMetric
+
+        metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
     report = validate_plan(model, plan, metric=metric, target=args.target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
