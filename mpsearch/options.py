@@ -166,7 +166,9 @@ class Option:
                 symmetric=bool(d.get("symmetric", True)),
                 scale_bits=int(d.get("scale_bits", 16)),
             )
-        except (KeyError, TypeError) as exc:
+        except MpsearchError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MpsearchError(
                 f"an option must be a dict with at least 'bits' (and optionally 'group_size', "
                 f"'symmetric'), got {d!r}"

@@ -570,28 +570,38 @@ def test_two_processes_writing_one_output_leave_a_valid_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "setuid"), reason="needs POSIX users")
-def test_read_only_directory_is_refused_before_any_work(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    (tmp_path / "t.csv").write_text(GOOD)
-    (tmp_path / "plan.json").write_text(json.dumps(plan_doc()))
-    os.chmod(ro, 0o555)
-    os.chmod(tmp_path, 0o755)
-    for f in ("t.csv", "plan.json"):
-        os.chmod(tmp_path / f, 0o644)
-    script = f"""
-import os, sys
-if os.geteuid() == 0:  # root writes anywhere: drop to an unprivileged user
+def test_read_only_directory_is_refused_before_any_work():
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="mpsearch-ro-", dir="/tmp"))
+    try:
+        ro = base / "ro"
+        ro.mkdir()
+        (base / "t.csv").write_text(GOOD)
+        (base / "plan.json").write_text(json.dumps(plan_doc()))
+        os.chmod(base, 0o755)
+        os.chmod(ro, 0o555)
+        script = f"""
+import os
+from mpsearch.cli import build_parser, main
+import argparse, json, pandas, numpy, matplotlib.backend_bases
+import mpsearch.table, mpsearch.plan, mpsearch.export, mpsearch.frontier, mpsearch.fileio
+import mpsearch.cli.solve, mpsearch.cli.export, mpsearch.cli.frontier, mpsearch.solvers.greedy, mpsearch.solvers.dp
+build_parser()
+if os.geteuid() == 0:  # root writes anywhere: drop to an unprivileged user (everything is imported)
     os.setgid(65534); os.setuid(65534)
-from mpsearch.cli import main
-codes = [main(["solve", "--table", "{tmp_path}/t.csv", "--budget", "avg_bits=4", "-o", "{ro}/p.json"]),
-         main(["export", "--plan", "{tmp_path}/plan.json", "--to", "torchao", "-o", "{ro}/sub/x.json"]),
-         main(["frontier", "--table", "{tmp_path}/t.csv", "-o", "{ro}/f.csv"])]
+codes = [main(["solve", "--table", "{base}/t.csv", "--budget", "avg_bits=4", "-o", "{ro}/p.json"]),
+         main(["export", "--plan", "{base}/plan.json", "--to", "torchao", "-o", "{ro}/sub/x.json"]),
+         main(["frontier", "--table", "{base}/t.csv", "-o", "{ro}/f.csv"])]
 print(codes)
 """
-    res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
-                         cwd="/")
-    assert res.stdout.strip() == "[2, 2, 2]", res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 3 and all("is not writable" in line for line in lines), res.stderr
-    assert os.listdir(ro) == []
+        res = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
+                             cwd="/")
+        assert res.stdout.strip() == "[2, 2, 2]", res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 3 and all("is not writable" in line for line in lines), res.stderr
+        assert os.listdir(ro) == []
+    finally:
+        os.chmod(base / "ro", 0o755)
+        shutil.rmtree(base, ignore_errors=True)
