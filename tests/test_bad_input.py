@@ -86,6 +86,7 @@ def check(tmp_path, capsys, argv, code, msg, files=None):
     make_inputs(d)
     for name, content in (files or {}).items():
         p = d / name
+        p.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             p.write_bytes(content)
         else:
@@ -145,6 +146,8 @@ case("frontier-model-o-is-a-file", ["frontier", "--model", "{m}:mlp", "--data", 
                                     "-o", "{d}/file.txt"], r"-o .* is an existing file; give a folder")
 case("frontier-model-plans-dir-file", ["frontier", "--model", "{m}:mlp", "--data", "{m}:data", "-o", "{o}",
                                        "--plans-dir", "{d}/file.txt"], r"--plans-dir .* is an existing file")
+case("estimate-sidecar-is-a-dir", COMMANDS["estimate"] + ["-o", "{d}/adir/../t2.csv"] , r"its metadata file\) .* is an existing directory",
+     files={"t2.csv.meta.json/x": "x"})
 case("demo-out-is-a-file", ["demo", "--out", "{d}/file.txt"], r"--out .* is an existing file")
 case("demo-out-empty", ["demo", "--out", ""], r"--out: the output path is empty")
 case("demo-out-below-file", ["demo", "--out", "{d}/file.txt/demo"], r"is a regular file, not a directory")

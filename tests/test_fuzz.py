@@ -41,7 +41,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
 json_values = st.recursive(json_scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                                   st.dictionaries(st.text(max_size=8), kids, max_size=4)),
-                           max_leaves=12)
+                           max_leaves=8)
 
 
 def accepts_or_refuses(fn, *args, **kw):

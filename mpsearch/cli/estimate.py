@@ -40,7 +40,12 @@ def run(args) -> int:
     from ..registry import get_estimator
     from ..specs import load_data, load_model
 
-    check_outputs(files=[("-o", args.output)])
+    from ..table import sidecar_path
+
+    outputs = [("-o", args.output)]
+    if args.output and not str(args.output).lower().endswith(".json"):
+        outputs.append(("-o (its metadata file)", str(sidecar_path(args.output))))
+    check_outputs(files=outputs)
     if args.options is not None and getattr(args, "target", None) is None:
         parse_options(args.options)
     check_patterns(args.exclude, "--exclude")
