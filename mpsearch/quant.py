@@ -111,9 +111,23 @@ def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = Non
 def quantize_weight(
     weight: torch.Tensor, option: Option, kind: str = "linear", name: str | None = None
 ) -> torch.Tensor:
-    """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor."""
+    """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor.
+
+    Inside :func:`mpsearch.gptq.gptq_rounding`, a layer it holds a Hessian for is rounded with GPTQ.
+    """
     with torch.no_grad():
         m = weight_matrix(weight.detach(), kind)
+        if not option.is_keep:
+            from .gptq import active_hessian
+
+            active = active_hessian(name)
+            if active is not None:
+                from .gptq import gptq_quantize_matrix
+
+                check_finite(m, name)
+                H, block, damp = active
+                q = gptq_quantize_matrix(m.float(), H, option, block=block, damp=damp).to(m.dtype)
+                return from_weight_matrix(q, weight, kind)
         return from_weight_matrix(quantize_matrix(m, option, name), weight, kind)
 
 

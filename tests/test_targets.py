@@ -8,44 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from mpsearch import formats
 from mpsearch.budget import Budget
 from mpsearch.errors import MpsearchError
 from mpsearch.options import Option, parse_option
 from mpsearch.registry import get_estimator, get_solver, solver_names
 from mpsearch.synthetic import random_table
 from mpsearch.table import CostTable
-from mpsearch.targets import Target, get_target, target_names
-
-
-class Block8(formats.Format):
-    """A test format: int4 symmetric in blocks of 8 columns, one fp16 scale per block."""
-
-    name = "test_blk8"
-    bits = 4
-    consumer = "tests"
-    level_group = 8
-
-    def size_bits(self, out_channels, in_features):
-        return out_channels * in_features * 4 + out_channels * (in_features // 8) * 16
-
-    def check_shape(self, out_channels, in_features):
-        return None if in_features % 8 == 0 else f"{in_features} columns are not a multiple of 8"
-
-    def quantize(self, m):
-        g = m.reshape(m.shape[0], -1, 8)
-        s = g.abs().amax(-1, keepdim=True) / 7
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        return (torch.clamp(torch.round(g / s), -7, 7) * s).reshape(m.shape)
-
-
-formats.register(Block8())
-
-
-class TestTarget(Target):
-    name = "test-target"
-    options = ("test_blk8", "int8", "keep")
-    default_options = ("test_blk8", "int8")
+from mpsearch.targets import get_target, target_names
+from target_fixtures import TEST_TARGET, TestTarget
 
 
 def ragged(seed, n=5):
@@ -177,5 +147,3 @@ def test_a_layer_with_no_legal_option_is_refused():
     with pytest.raises(MpsearchError, match=r"layer '2' \(16x12\) can take none of the options.*not a multiple of 8"):
         get_estimator("weight-error").estimate(mlp(), torch.randn(4, 16), progress=False, target=Only8())
 
-
-TEST_TARGET = TestTarget()

@@ -23,6 +23,9 @@ def register(sub):
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
                         "own (q4_K,q5_0...) (default: 2,3,4,8; with --target, the target's default set)")
     add_target_arg(p)
+    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
+                        "(Hessian-compensated, as GPTQModel/llm-compressor run it; integer options)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="append", default=[], metavar="REGEX", help="tie layers (group column)")
     p.add_argument("--fuse-projections", action="store_true",
@@ -60,7 +63,7 @@ def run(args) -> int:
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
-        progress=not args.no_progress, target=args.target,
+        progress=not args.no_progress, target=args.target, quantizer=args.quantizer,
     )
     table.metadata.setdefault("model_spec", args.model)
     if args.data:

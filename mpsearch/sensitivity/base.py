@@ -99,6 +99,7 @@ class Estimator:
         progress: bool = True,
         act_bits: int = 16,
         target=None,
+        quantizer: str = "rtn",
     ) -> CostTable:
         """Fill a cost table for ``model``.
 
@@ -118,6 +119,9 @@ class Estimator:
 
         target_obj = get_target(target)
         options = self.parsed_options(target_obj)
+        check_choice("quantizer", quantizer, ("rtn", "gptq"))
+        if quantizer == "gptq" and not batches:
+            raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
         fuse_projections = fuse_projections or target_obj.fused_runtime
         device = torch.device(self.device) if self.device else _model_device(model)
         torch.manual_seed(self.seed)
@@ -143,7 +147,8 @@ class Estimator:
             from .cache import Checkpoint, cache_key
 
             key = cache_key(self, model, batches, layers, options)
-            ctx.checkpoint = Checkpoint(cache_dir, f"{self.name}-{key}",
+            stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
+            ctx.checkpoint = Checkpoint(cache_dir, stem,
                                         every=getattr(self, "cache_every", 0.0))
         t0 = time.perf_counter()
         done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
@@ -156,7 +161,8 @@ class Estimator:
             was_training = model.training
             model.eval()
             try:
-                damage = np.asarray(self._damage(model, ctx), dtype=float)
+                with _rounding(model, ctx, quantizer):
+                    damage = np.asarray(self._damage(model, ctx), dtype=float)
             finally:
                 model.train(was_training)
             if ctx.checkpoint is not None:
@@ -180,6 +186,7 @@ class Estimator:
             "cost": {"seconds": round(seconds, 4), **ctx.cost},
             "mpsearch": __version__,
             "target": target_obj.name,
+            "quantizer": quantizer,
             **ctx.extra_metadata,
         }
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
@@ -223,6 +230,19 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
     if "group" in frame:
         frame["group"] = frame["group"].where(frame["group"].notna(), None)
     return CostTable(frame, metadata, complete=legal is None)
+
+
+def _rounding(model, ctx: Context, quantizer: str):
+    """The rounding the damage is measured with (GPTQ: the layers' input Hessians, collected once)."""
+    import contextlib
+
+    if quantizer != "gptq":
+        return contextlib.nullcontext()
+    from ..gptq import gptq_rounding, input_hessians
+
+    hessians = input_hessians(model, ctx.layers, ctx.batches, ctx.device)
+    ctx.count("forward_passes", len(ctx.batches))
+    return gptq_rounding(hessians)
 
 
 def _target_layers(model, layers, options, target_name):
