@@ -45,10 +45,9 @@ def run(args) -> int:
 
     from ..table import sidecar_path
 
-    outputs = [("-o", args.output)]
-    if args.output and not str(args.output).lower().endswith(".json"):
-        outputs.append(("-o (its metadata file)", str(sidecar_path(args.output))))
-    check_outputs(files=outputs)
+    check_outputs(files=[("-o", args.output)])
+    if not str(args.output).lower().endswith(".json"):
+        check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
     if args.options is not None and getattr(args, "target", None) is None:
         parse_options(args.options)
     check_patterns(args.exclude, "--exclude")
