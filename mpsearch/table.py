@@ -48,8 +48,9 @@ FORMAT = "mpsearch.table"
 VERSION = 2
 READ_VERSIONS = (1, 2)
 SIDECAR_SUFFIX = ".meta.json"
-#: the largest sum of a numeric column over a table's rows (totals beyond it would overflow floats)
-MAX_TOTAL = 1e300
+#: the largest sum of a numeric column over a table's rows: totals stay far from float overflow even
+#: in the solvers' intermediate products (squares, 2^(2b) scalings)
+MAX_TOTAL = 1e100
 REQUIRED = ("layer", "bits", "damage", "size_bits")
 _NON_RESOURCE = {"layer", "option", "bits", "group"}
 
