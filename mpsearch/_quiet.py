@@ -42,3 +42,14 @@ def preload_torchao() -> None:
         with contextlib.suppress(Exception):
             import_quietly("torchao")
             import_quietly("torchao.quantization")
+
+
+def import_transformers_quietly():
+    """``import transformers`` plus its quantizer registry (which imports torchao), silenced."""
+    preload_torchao()
+    with quiet_loggers():
+        import transformers
+
+        with contextlib.suppress(Exception):
+            importlib.import_module("transformers.quantizers.auto")
+    return transformers

@@ -59,11 +59,10 @@ def minilm_path() -> Path:
 def _offline_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from ._quiet import preload_torchao
+    from ._quiet import import_transformers_quietly
 
-    preload_torchao()  # transformers imports torchao, whose import logs native-library warnings
-    try:
-        import transformers
+    try:  # transformers imports torchao, whose import logs native-library and pytree warnings
+        transformers = import_transformers_quietly()
     except ImportError:
         raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
     transformers.logging.set_verbosity_error()

