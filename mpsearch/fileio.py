@@ -157,12 +157,12 @@ def staged_dir_name(dest) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=None):
+def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=()):
     """Build a folder of outputs beside ``dest`` and put it in place last.
 
     Yields the staging folder (``.NAME.partial`` beside ``dest``). If ``dest`` already exists, the
-    staging folder starts as a copy of it, or of its entries named in ``seed`` (so caches in it are
-    reused) and, on success, each new or
+    staging folder starts with a copy of its entries named in ``seed`` (caches to reuse; ``None``:
+    all of it) and, on success, each new or
     changed file is moved into ``dest`` (files of ``dest`` that were not rewritten stay); otherwise
     the staging folder is renamed to ``dest``. On an error the staging folder is removed; on
     Ctrl-C it is kept (``keep_on_interrupt``) so a rerun resumes the cached work in it.
@@ -205,7 +205,7 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=None):
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def atomic_output_dir(arg: str = "out", seed=None):
+def atomic_output_dir(arg: str = "out", seed=()):
     """Decorator: the keyword argument ``arg`` (a folder) is built with :func:`atomic_dir`.
 
     The function receives the staging folder; when it returns, the folder is put in place and any
