@@ -26,9 +26,10 @@ import numpy as np
 
 from .budget import Budget
 from .errors import BudgetError, MpsearchError
+from .fileio import atomic_write_text
 from .plan import BitPlan
 from .problem import compile_problem
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
 DEFAULT_POINTS = 20

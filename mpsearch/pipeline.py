@@ -32,13 +32,13 @@ import torch
 
 from .budget import Budget
 from .errors import MpsearchError
+from .fileio import atomic_output_dir, atomic_write_text
 from .frontier import non_dominated
 from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
 from .plan import BitPlan
 from .registry import get_estimator, get_solver, load_class
-from .fileio import atomic_output_dir
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
 

@@ -96,7 +96,7 @@ def export_text(plan: BitPlan, fmt: str, *, force: bool = False, **opts) -> str:
 
 def save_export(plan: BitPlan, fmt: str, path: str | os.PathLike, *, force: bool = False, **opts) -> Path:
     """Write the consumer's file atomically (nothing is written if the plan is refused)."""
-    from ..table import atomic_write_text
+    from ..fileio import atomic_write_text
 
     text = export_text(plan, fmt, force=force, **opts)
     atomic_write_text(path, text)
