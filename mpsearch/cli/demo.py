@@ -107,6 +107,10 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--bits", dest="options", default=DEFAULT_SEARCH_OPTIONS,
                    help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes measuring the K plans on a CPU host (under torchrun the ranks share them)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate (auto, balanced, JSON)")
     g.add_argument("--metric", default=None,
                    help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
 
@@ -133,7 +137,11 @@ def run_model_frontier(args) -> int:
     from ..pipeline import measured_frontier
     from ..specs import _load_callable, load_data, load_model, load_tokenizer
 
-    model = load_model(args.model)
+    from ..distributed import current, load_device_map, place_model
+
+    shard = current()  # under torchrun: ranks share the estimate and the measurements; rank 0 writes
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model(args.model)
+    place_model(model, shard)
     tokenizer = None
     if args.model == "minilm" or Path(args.model).is_dir():
         tokenizer = load_tokenizer(args.model)
@@ -160,6 +168,7 @@ def run_model_frontier(args) -> int:
         metric = make_metric(name, evals)
     run = measured_frontier(model, calib, metric, estimator=args.estimator, solver=args.solver,
                             options=args.options, validate=args.validate, out=args.output,
-                            solver_params=parse_params(args.param), progress=True)
+                            solver_params=parse_params(args.param), progress=True,
+                            workers=args.workers)
     say(summarize(run).replace("all-MiniLM-L6-v2", str(args.model)))
     return 0
