@@ -216,8 +216,8 @@ def atomic_output_dir(arg: str = "out", seed=()):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             dest = kwargs.get(arg)
-            if dest is None:
-                return fn(*args, **kwargs)
+            if dest is None or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                return fn(*args, **kwargs)  # under torchrun the ranks share the folder (rank 0 writes)
             dest = check_output_path(dest, flag=arg, kind="dir")
             with atomic_dir(dest, seed=seed) as stage:
                 kwargs[arg] = stage

@@ -119,8 +119,9 @@ def check_outputs(*, files=(), dirs=(), plots=()) -> None:
             seen[key] = flag
 
 
-def make_solver(args):
-    """The solver of ``--solver``/``--param``, its settings checked (call it before any work)."""
+def make_solver(args, default: str = "dp"):
+    """The solver of ``--solver``/``--param`` (``default`` when not given), its settings checked
+    (call it before any work)."""
     from ..registry import get_solver
 
-    return get_solver(args.solver, **parse_params(args.param))
+    return get_solver(args.solver or default, **parse_params(args.param))

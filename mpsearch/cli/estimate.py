@@ -16,12 +16,13 @@ def register(sub):
     p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
     from ..registry import estimator_names
 
-    p.add_argument("--estimator", default="weight-error", metavar="ESTIMATOR",
-                   help=f"{' | '.join(estimator_names())} (default: weight-error; settings: "
-                        f"'mpsearch list estimators')")
+    p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
+                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, "
+                        f"weight-error without; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
-                        "own (q4_K,q5_0...) (default: 2,3,4,8; with --target, the target's default set)")
+                        "own (q4_K,q5_0...) (default: the default recipe's int2-asym..int8-asym; with --target, the target's "
+                        "default set)")
     add_target_arg(p)
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
@@ -58,9 +59,13 @@ def run(args) -> int:
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     from ..distributed import current, load_device_map, place_model
+    from ..pipeline import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
 
     if args.options is not None:
         params["options"] = args.options
+    elif args.target is None:
+        params["options"] = DEFAULT_RECIPE["options"]
+    args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
     estimator = get_estimator(args.estimator, **params)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model(args.model)
