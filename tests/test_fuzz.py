@@ -8,8 +8,10 @@ field replaced by an arbitrary JSON value), which reach the deeper checks.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,6 +38,7 @@ def fuzz(share: int = 1):
 
 FUZZ = fuzz()
 DIR = Path(tempfile.mkdtemp(prefix="mpsearch-fuzz-"))
+atexit.register(shutil.rmtree, DIR, True)  # the files the examples are written to
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
