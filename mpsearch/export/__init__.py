@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import close_matches
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, check_fused
+from ._base import ExportError, Exporter, check_consumers, check_fused
 
 #: format name -> "module:Class" (loaded lazily)
 FORMATS: dict[str, str] = {
@@ -82,6 +82,7 @@ def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
     if not isinstance(plan, BitPlan):
         raise ExportError(f"export_plan needs a BitPlan, got {type(plan).__name__}")
     exporter = get_exporter(fmt, **opts)
+    check_consumers(plan, exporter)
     if exporter.fused_runtime and not force:
         check_fused(plan, exporter)
     exporter.check(plan)
