@@ -163,7 +163,7 @@ def test_compressed_tensors_applies_every_planned_scheme_and_fake_quantizes_as_t
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from consumer_oracles import ct_qparams, ct_scheme
 
-    model = TinyLlama()
+    model = tiny_hf_llama()
     plan = format_plan(model, CT + ["keep"], seed)
     used = {plan.option(n).name for n in plan.layers}
     if seed is None:
@@ -220,7 +220,7 @@ def test_torchao_quantize_dequantizes_as_the_format_and_reads_back(seed):
 
     from mpsearch.export.torchao_config import to_torchao_config
 
-    model = TinyLlama()
+    model = tiny_hf_llama()
     choices = ["int8wo", "keep"] + random.Random(seed).sample([n for n in TORCHAO if n != "int8wo"], 10)
     plan = format_plan(model, choices, seed=None)
     assert "int8wo" in {plan.option(n).name for n in plan.layers}
@@ -337,6 +337,7 @@ MODELOPT_CFG = {"int4_awq": "INT4_AWQ_CFG", "int8_wo": "INT8_WEIGHT_ONLY_CFG", "
                 "nvfp4-modelopt": "NVFP4_DEFAULT_CFG"}
 
 
+@pytest.mark.slow  # a child interpreter imports ModelOpt (~15 s)
 def test_modelopt_formats_are_the_entries_modelopt_writes(tmp_path):
     assert sorted(MODELOPT_CFG) == sorted(names_of("modelopt"))
     model = TinyLlama()
