@@ -366,3 +366,25 @@ def test_llamacpp_formats_round_trip():
     assert sorted(set(doc.values()) - {"f16"}) == sorted({plan.option(n).fmt for n in plan.layers} - {None})
     back = import_plan(doc, "llama.cpp")
     assert {n: back.option(n).name for n in back.layers} == {n: plan.option(n).name for n in plan.layers}
+
+
+# ----------------------------------------------------------------- solve time and export agree
+def test_every_option_a_target_offers_is_exported_by_its_exporter():
+    from mpsearch.targets import get_target, target_names
+
+    model = TinyLlama()
+    seen = 0
+    for tname in target_names():
+        target = get_target(tname)
+        if not target.exporter:
+            continue
+        for spec in target.options:
+            if spec == "keep" or get_format(spec) is None:  # llama.cpp's types need mpsearch/formats/ggml.py
+                continue
+            assert fits(model, ["model.layers.0.mlp.down_proj"], spec), spec  # 128 inputs, 64 outputs
+            plan = plan_of({"model.layers.0.mlp.down_proj": spec, "model.layers.0.self_attn.o_proj": "keep"})
+            opts = {"w8_asym": True} if target.exporter == "autoround" and get_format(spec).bits == 8 \
+                and not get_format(spec).symmetric else {}
+            assert export_plan(plan, target.exporter, **opts), (tname, spec)
+            seen += 1
+    assert seen >= 9 + 49 + 4 + 28 + 4
