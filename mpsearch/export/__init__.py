@@ -18,6 +18,11 @@ One plan, every consumer's own per-layer format::
 
 Formats served by runtimes that fuse q/k/v and gate/up (vLLM, SGLang, TensorRT-LLM) refuse plans
 whose fused siblings disagree unless ``force=True``.
+
+Each exporter declares the consumers whose formats (:mod:`mpsearch.formats`) it writes exactly
+(``Exporter.consumers``): llm-compressor the compressed-tensors formats, torchao, modelopt,
+autoround, gptqmodel and llama.cpp their own. A plan naming another consumer's format is refused with
+the ``--to`` that writes it; integer formats are written as their exact bits, group and symmetry.
 """
 
 from __future__ import annotations
