@@ -16,6 +16,9 @@ ModelOpt itself writes (``process_layer_quant_config``) for its formats (the opt
 | `nvfp4-modelopt`                 | `nvfp4`          | `{"quant_algo": "NVFP4", "group_size": 16}`        |
 | keep                             | (none)           | not in `quantized_layers`; listed in `exclude_modules` |
 
+A plan of one format (besides keep) is written as ModelOpt writes it: that entry's fields at the top
+of ``quantization`` (``"quant_algo": "FP8"``...), no ``quantized_layers``.
+
 ``pre_quant_scale: true`` is what ModelOpt writes for every ``int4_awq`` layer: the AWQ smoothing
 factor a reader divides the input by. The ``int4_awq`` format is AWQ's round-to-nearest part
 (ModelOpt's ``max`` calibration, no AWQ search), for which that factor is 1 everywhere: the
@@ -74,12 +77,12 @@ class ModelOptExporter(Exporter):
         layers = {lay: layer_algo(plan.option(lay)) for lay in plan.layers if not plan.option(lay).is_keep}
         if not layers:
             raise ExportError("modelopt: the plan keeps every layer at 16 bits; there is nothing to quantize")
-        return {
-            "producer": {"name": "mpsearch", "version": __version__},
-            "quantization": {
-                "quant_algo": "MIXED_PRECISION",
-                "kv_cache_quant_algo": None,
-                "quantized_layers": layers,
-                "exclude_modules": [lay for lay in plan.layers if plan.option(lay).is_keep],
-            },
-        }
+        keep = [lay for lay in plan.layers if plan.option(lay).is_keep]
+        entries = {str(e): e for e in layers.values()}
+        if len(entries) == 1:  # one format: ModelOpt writes it as the model's quant_algo, no per-layer table
+            (entry,) = entries.values()
+            quant = {**entry, "kv_cache_quant_algo": None, "exclude_modules": keep}
+        else:
+            quant = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers,
+                     "exclude_modules": keep}
+        return {"producer": {"name": "mpsearch", "version": __version__}, "quantization": quant}
