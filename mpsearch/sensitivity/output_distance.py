@@ -6,7 +6,8 @@ size): ``metric="cosine"`` (1 - cos of output rows, for embeddings), ``"mse"``, 
 (KL(p_fp || p_q) of logits), or ``"auto"`` (cosine for embeddings, KL for logits). For models made of
 sequential blocks only the suffix after the changed block runs, from cached block outputs
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
-``max_cache_mb`` bounds the cache.
+``max_cache_mb`` bounds the cache. ``damage_std`` is the standard error of that mean across the
+batches (0 with one batch).
 
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
@@ -123,7 +124,11 @@ class OutputDistanceEstimator(Estimator):
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
         )
         weight = float(sum(_size(b) for b in ctx.batches))
-        return (sums / max(weight, 1e-300)).clamp(min=0).numpy()
+        mean = sums / max(weight, 1e-300)
+        wb = torch.tensor([float(_size(b)) for b in ctx.batches], dtype=torch.float64)[:, None, None]
+        var = (wb * (values - mean) ** 2).sum(0) / max(weight, 1e-300)  # across batches
+        ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
+        return mean.clamp(min=0).numpy()
 
 
 def _my_units(runner, ctx: Context, names, st) -> torch.Tensor:
