@@ -55,7 +55,10 @@ def tied_plan(specs=("int4-g32", "int8", "int2", "int3-g32-asym", "keep", "int4"
 
 
 def options_of(plan):
-    return {n: (o.bits, o.group_size, o.symmetric) for n, o in ((n, plan.option(n)) for n in plan.layers)}
+    """Each layer's exact integer settings (a consumer's integer format counts as its settings)."""
+    from mpsearch.export._base import int_settings
+
+    return {n: (o.bits, o.group_size, o.symmetric) for n, o in ((n, int_settings(plan.option(n))) for n in plan.layers)}
 
 
 # ----------------------------------------------------------------- registry and checks

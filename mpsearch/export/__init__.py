@@ -18,6 +18,11 @@ One plan, every consumer's own per-layer format::
 
 Formats served by runtimes that fuse q/k/v and gate/up (vLLM, SGLang, TensorRT-LLM) refuse plans
 whose fused siblings disagree unless ``force=True``.
+
+Each exporter declares the consumers whose formats (:mod:`mpsearch.formats`) it writes exactly
+(``Exporter.consumers``): llm-compressor the compressed-tensors formats, torchao, modelopt,
+autoround, gptqmodel and llama.cpp their own. A plan naming another consumer's format is refused with
+the ``--to`` that writes it; integer formats are written as their exact bits, group and symmetry.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 from ..errors import MpsearchError, close_matches
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, check_fused
+from ._base import ExportError, Exporter, check_consumers, check_fused
 
 #: format name -> "module:Class" (loaded lazily)
 FORMATS: dict[str, str] = {
@@ -82,6 +87,7 @@ def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
     if not isinstance(plan, BitPlan):
         raise ExportError(f"export_plan needs a BitPlan, got {type(plan).__name__}")
     exporter = get_exporter(fmt, **opts)
+    check_consumers(plan, exporter)
     if exporter.fused_runtime and not force:
         check_fused(plan, exporter)
     exporter.check(plan)

@@ -31,9 +31,14 @@ class Exporter:
     - ``fused_runtime``: the runtime that serves this format fuses sibling projections (q/k/v,
       gate/up) into one matrix, so they must share one option; ``runtime`` names it in messages.
     - ``can_import``: whether :meth:`read` turns a document back into a plan.
+    - ``consumers``: the consumers (:attr:`mpsearch.formats.Format.consumer`) whose formats this
+      exporter writes exactly; a plan option of another consumer's format is refused before
+      :meth:`check` (see :func:`check_consumers`). mpsearch's own integer options (``fmt`` None)
+      are each exporter's to accept or refuse, as before.
     """
 
     name = ""
+    consumers: tuple[str, ...] = ()
     suffix = ".json"
     fused_runtime = False
     runtime = ""
@@ -67,6 +72,54 @@ def _importable() -> list[str]:
     from . import FORMATS, get_exporter
 
     return [n for n in FORMATS if get_exporter(n).can_import]
+
+
+# ---------------------------------------------------------------------- consumer formats
+def exporter_for_consumer(consumer: str) -> str | None:
+    """The ``--to`` name of the exporter that declares ``consumer`` (None if none does)."""
+    from . import FORMATS, get_exporter
+
+    return next((n for n in FORMATS if consumer in get_exporter(n).consumers), None)
+
+
+def check_consumers(plan: BitPlan, exporter: Exporter) -> None:
+    """Refuse a plan naming a format that another consumer executes (one line: layer, format, ``--to``)."""
+    bad = []
+    for lay in plan.layers:
+        fmt = plan.option(lay).format
+        if fmt is not None and fmt.consumer not in exporter.consumers:
+            bad.append((lay, fmt))
+    if not bad:
+        return
+    lay, fmt = bad[0]
+    to = exporter_for_consumer(fmt.consumer)
+    fix = f"export it with --to {to}" if to else "no exporter writes that consumer's format"
+    more = f" ({len(bad) - 1} more layer(s) name formats {exporter.name} does not write)" if len(bad) > 1 else ""
+    raise ExportError(f"{exporter.name}: layer {lay!r} has {fmt.name!r}, a {fmt.consumer} format: {fix}{more}")
+
+
+def int_settings(opt: Option) -> Option:
+    """The option as plain integer settings: an integer format (``IntFormat``: ``bits``, ``group``,
+    ``symmetric``) becomes the equivalent mpsearch option, so an exporter reads its exact bits, group
+    size and symmetry; other options are returned as they are."""
+    fmt = opt.format
+    if fmt is not None and all(hasattr(fmt, a) for a in ("group", "symmetric")):
+        return Option(fmt.bits, group_size=fmt.group, symmetric=fmt.symmetric)
+    return opt
+
+
+def format_name(opt: Option, consumer: str) -> str | None:
+    """The option's format name if it is a format of ``consumer``, else None."""
+    fmt = opt.format
+    return fmt.name if fmt is not None and fmt.consumer == consumer else None
+
+
+def format_option(name: str) -> Option:
+    """The plan option of a registered format."""
+    from ..formats import get_format
+
+    fmt = get_format(name)
+    return Option(bits=fmt.bits, fmt=fmt.name)
 
 
 # ---------------------------------------------------------------------- checks

@@ -14,12 +14,15 @@ AutoRound (0.16) refuses an entry that asks for 8-bit *asymmetric* weights (``Va
 unless ``w8_asym=True`` (``--opt w8_asym=True``) says one of those is in use. AutoRound also keeps,
 on its own, any layer whose weight has a dimension not divisible by 32 at 16 bits (with its usual
 integer weight-only schemes), and ``lm_head`` when the model ties it to the embeddings.
+
+The AutoRound formats of ``--target autoround`` (``autoround-intB-gG[-asym]``) are written as
+``{"bits": B, "group_size": G, "sym": ..., "data_type": "int"}``, mpsearch's own options likewise.
 """
 
 from __future__ import annotations
 
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, refuse
+from ._base import ExportError, Exporter, int_settings, refuse
 
 
 class AutoRoundExporter(Exporter):
@@ -29,6 +32,7 @@ class AutoRoundExporter(Exporter):
     suffix = ".json"
     fused_runtime = True
     runtime = "AutoRound's serving back ends (vLLM, SGLang)"
+    consumers = ("autoround",)
 
     def __init__(self, w8_asym: bool = False):
         self.w8_asym = w8_asym
@@ -36,17 +40,17 @@ class AutoRoundExporter(Exporter):
     def check(self, plan: BitPlan) -> None:
         if not isinstance(self.w8_asym, bool):
             raise ExportError(f"autoround: w8_asym must be True or False, got {self.w8_asym!r}")
-        refuse(plan, self.name, lambda o: o.is_keep or 2 <= o.bits <= 8,
+        refuse(plan, self.name, lambda o: o.is_keep or 2 <= int_settings(o).bits <= 8,
                "AutoRound integer schemes are 2-8 bits (or 16 to keep a layer)")
         if not self.w8_asym:
-            refuse(plan, self.name, lambda o: o.is_keep or o.bits != 8 or o.symmetric,
+            refuse(plan, self.name, lambda o: o.is_keep or int_settings(o).bits != 8 or int_settings(o).symmetric,
                    "AutoRound refuses 8-bit asymmetric weights unless its export format is "
                    "'auto_round:llm_compressor' or AR_ALLOW_W8_ASYM=1 is set (then pass --opt w8_asym=True)")
 
     def build(self, plan: BitPlan) -> dict:
         out = {}
         for lay in plan.layers:
-            opt = plan.option(lay)
+            opt = int_settings(plan.option(lay))
             if opt.is_keep:
                 out[lay] = {"bits": 16, "data_type": "float"}
             else:

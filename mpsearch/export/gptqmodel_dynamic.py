@@ -11,8 +11,10 @@ other option (one key for all the layers that share it, however many), plus one 
 ``keep`` layers. ``lm_head`` is only quantized by GPTQModel with ``lm_head=True``, which is set when
 the plan quantizes a layer named ``lm_head``. Use it as ``QuantizeConfig(**json.load(f))``.
 
-The importer resolves each given layer name with the same rules; it needs the layer names because
-the keys are regexes.
+The GPTQModel formats of ``--target gptqmodel`` (``gptq-intB-g128``) are written as ``bits: B,
+group_size: 128, sym: true``. The importer resolves each given layer name with the same rules; it
+needs the layer names because the keys are regexes. A layer whose resolved settings are exactly a
+GPTQModel format's reads back as that format (``gptq-int4-g128``), else as the integer option.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from collections import Counter
 
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import (ExportError, Exporter, compact_pattern, expect, group_by_option, need_layers, plan_from_options,
-                    refuse)
+from ._base import (ExportError, Exporter, compact_pattern, expect, format_option, group_by_option, int_settings,
+                    need_layers, plan_from_options, refuse)
 
 BITS = (2, 3, 4, 8)
 
 
 def _fields(opt: Option) -> dict:
+    opt = int_settings(opt)
     return {"bits": opt.bits, "group_size": -1 if opt.group_size is None else opt.group_size,
             "sym": opt.symmetric}
 
@@ -59,9 +62,10 @@ class GPTQModelExporter(Exporter):
     fused_runtime = True
     runtime = "GPTQModel's serving back ends (vLLM, SGLang)"
     can_import = True
+    consumers = ("gptqmodel",)
 
     def check(self, plan: BitPlan) -> None:
-        refuse(plan, self.name, lambda o: o.is_keep or o.bits in BITS,
+        refuse(plan, self.name, lambda o: o.is_keep or int_settings(o).bits in BITS,
                "GPTQModel quantizes to 2, 3, 4 or 8 bits (or keeps 16)")
 
     def build(self, plan: BitPlan) -> dict:
@@ -94,13 +98,24 @@ class GPTQModelExporter(Exporter):
         check_shape(doc, source)
         names = need_layers(layers, self.name, source)
         try:
-            options = {name: resolve(doc, name) for name in names}
+            options = {name: _as_format(resolve(doc, name)) for name in names}
         except (re.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ExportError(f"{source}: cannot read the GPTQModel config: {exc}") from None
         return plan_from_options(options, self.name, source)
 
 
+def _as_format(opt: Option) -> Option:
+    """The GPTQModel format with exactly these settings (``gptq-int4-g128``), else ``opt``."""
+    from ..formats import get_format
+
+    if opt.is_keep or opt.group_size != 128 or not opt.symmetric:
+        return opt
+    fmt = get_format(f"gptq-int{opt.bits}-g128")
+    return format_option(fmt.name) if fmt is not None and fmt.consumer == "gptqmodel" else opt
+
+
 def _option_kwargs(opt: Option) -> dict:
+    opt = int_settings(opt)
     return {"bits": opt.bits, "group_size": opt.group_size, "symmetric": opt.symmetric}
 
 

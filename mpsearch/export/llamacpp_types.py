@@ -32,7 +32,7 @@ import re
 
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, plan_from_options, refuse
+from ._base import ExportError, Exporter, format_name, plan_from_options, refuse
 
 TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0"}
 KEEP_TYPES = ("f16", "bf16", "f32")
@@ -78,6 +78,7 @@ class LlamaCppExporter(Exporter):
     name = "llama.cpp"
     suffix = ".txt"
     can_import = True
+    consumers = ("llama.cpp",)
 
     def __init__(self, arch: str = "llama", keep_type: str = "f16", embed_type: str | None = None):
         self.arch = arch
@@ -210,8 +211,7 @@ def _import_option(qtype: str, bits: int) -> Option:
 
 def _ggml_type(option: Option) -> str | None:
     """The GGML type an option of the llama.cpp target names (``None`` for other options)."""
-    fmt = option.format
-    return fmt.name if fmt is not None and fmt.consumer == "llama.cpp" else None
+    return format_name(option, "llama.cpp")
 
 
 def _exact_tensor(pattern: str) -> str | None:

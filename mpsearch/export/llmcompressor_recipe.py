@@ -3,25 +3,80 @@
 The recipe layout is llm-compressor's (``quant_stage: quant_modifiers: <Modifier>: {...}``); each
 group is a compressed-tensors ``QuantizationScheme`` (``compressed_tensors/quantization/
 quant_scheme.py``): ``targets`` (here the exact module names, which compressed-tensors matches by
-equality) and ``weights`` = ``QuantizationArgs`` (``num_bits``, ``type: int``, ``symmetric``,
-``strategy: channel`` or ``group`` with ``group_size``, ``dynamic: false``). ``keep`` layers go to
-``ignore``. The modifier defaults to ``GPTQModifier``; ``modifier="QuantizationModifier"`` gives
-round-to-nearest. Weight bits 2-8 are written (vLLM's kernels serve 4 and 8).
+equality), ``weights`` and, for formats that quantize activations, ``input_activations``
+(``QuantizationArgs``). ``keep`` layers go to ``ignore``. The modifier defaults to
+``GPTQModifier``; ``modifier="QuantizationModifier"`` gives round-to-nearest, which is what the
+formats' fake quantizers model.
+
+The compressed-tensors formats of ``--target vllm`` are written as compressed-tensors' own preset
+schemes (``PRESET_SCHEMES``), field for field:
+
+| format        | preset        | weights                                  | input_activations              |
+|---------------|---------------|------------------------------------------|--------------------------------|
+| `w4a16-g128`  | W4A16         | int4 sym, group 128                      |                                |
+| `w4a16-g32`   | W4A16, g32    | int4 sym, group 32                       |                                |
+| `w4a16-asym`  | W4A16_ASYM    | int4 asym, group 128                     |                                |
+| `w8a16`       | W8A16         | int8 sym, group 128                      |                                |
+| `w8a8-int8`   | W8A8          | int8 sym, channel                        | int8 sym, token, dynamic       |
+| `w8a8-fp8`    | FP8_DYNAMIC   | fp8 (E4M3), channel                      | fp8, token, dynamic            |
+| `nvfp4`       | NVFP4         | fp4, tensor_group 16, fp8 scales         | fp4, tensor_group 16, dynamic "local", static_minmax observer (global scale) |
+| `mxfp4`       | MXFP4A16      | fp4, group 32, uint8 (E8M0) scales/zp    |                                |
+| `mxfp4-w4a4`  | MXFP4         | fp4, group 32, uint8 (E8M0) scales       | fp4, group 32, dynamic         |
+
+mpsearch's own integer options (``int4-g128``...) are written as ``num_bits``, ``type: int``,
+``symmetric``, ``strategy: channel`` or ``group`` with ``group_size``, ``dynamic: false``; weight
+bits 2-8 (vLLM's kernels serve 4 and 8).
 """
 
 from __future__ import annotations
 
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, group_by_option, refuse
+from ._base import ExportError, Exporter, format_name, group_by_option, int_settings, refuse
 
 
 def weight_args(opt) -> dict:
+    """QuantizationArgs of an integer option's weights (channel or group strategy)."""
     args = {"num_bits": opt.bits, "type": "int", "symmetric": opt.symmetric,
             "strategy": "channel" if opt.group_size is None else "group"}
     if opt.group_size is not None:
         args["group_size"] = opt.group_size
     args["dynamic"] = False
     return args
+
+
+def _fp(bits: int, strategy: str, group: int | None = None, dynamic=False, **extra) -> dict:
+    args = {"num_bits": bits, "type": "float", "symmetric": True, "strategy": strategy}
+    if group is not None:
+        args["group_size"] = group
+    args["dynamic"] = dynamic
+    return {**args, **extra}
+
+
+#: the integer formats' dynamic per-token int8 activations (compressed-tensors W8A8)
+INT8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+#: float formats -> (weights, input_activations) as compressed-tensors' presets have them
+FLOAT_SCHEMES = {
+    "w8a8-fp8": (_fp(8, "channel"), _fp(8, "token", dynamic=True)),
+    "nvfp4": (_fp(4, "tensor_group", 16, scale_dtype="torch.float8_e4m3fn"),
+              _fp(4, "tensor_group", 16, dynamic="local", scale_dtype="torch.float8_e4m3fn",
+                  observer="static_minmax")),
+    "mxfp4": (_fp(4, "group", 32, scale_dtype="torch.uint8", zp_dtype="torch.uint8"), None),
+    "mxfp4-w4a4": (_fp(4, "group", 32, scale_dtype="torch.uint8", zp_dtype="torch.uint8"),
+                   _fp(4, "group", 32, dynamic=True, scale_dtype="torch.uint8", zp_dtype="torch.uint8")),
+}
+
+
+def scheme_args(opt) -> dict:
+    """The ``weights`` (and ``input_activations``) of the scheme that executes ``opt``."""
+    name = format_name(opt, "compressed-tensors")
+    if name in FLOAT_SCHEMES:
+        weights, acts = FLOAT_SCHEMES[name]
+        return {"weights": dict(weights), **({"input_activations": dict(acts)} if acts else {})}
+    out = {"weights": weight_args(int_settings(opt))}
+    if name is not None and opt.format.act_bits == 8:  # W8A8: dynamic per-token int8 inputs
+        out["input_activations"] = dict(INT8_TOKEN)
+    return out
 
 
 class LLMCompressorExporter(Exporter):
@@ -31,6 +86,7 @@ class LLMCompressorExporter(Exporter):
     suffix = ".yaml"
     fused_runtime = True
     runtime = "vLLM (which serves compressed-tensors checkpoints)"
+    consumers = ("compressed-tensors",)
 
     def __init__(self, modifier: str = "GPTQModifier"):
         self.modifier = modifier
@@ -39,7 +95,7 @@ class LLMCompressorExporter(Exporter):
         if not isinstance(self.modifier, str) or not self.modifier.isidentifier():
             raise ExportError(f"llm-compressor: modifier must be a class name such as "
                               f"'GPTQModifier' or 'QuantizationModifier', got {self.modifier!r}")
-        refuse(plan, self.name, lambda o: o.is_keep or 2 <= o.bits <= 8,
+        refuse(plan, self.name, lambda o: o.is_keep or o.fmt is not None or 2 <= o.bits <= 8,
                "compressed-tensors integer weights here are 2-8 bits (or keep)")
 
     def build(self, plan: BitPlan) -> dict:
@@ -48,7 +104,7 @@ class LLMCompressorExporter(Exporter):
             if opt.is_keep:
                 ignore.extend(names)
             else:
-                groups[f"group_{len(groups)}"] = {"targets": list(names), "weights": weight_args(opt)}
+                groups[f"group_{len(groups)}"] = {"targets": list(names), **scheme_args(opt)}
         if not groups:
             raise ExportError("llm-compressor: the plan keeps every layer at 16 bits; there is nothing to quantize")
         body = {"ignore": ignore, "config_groups": groups}

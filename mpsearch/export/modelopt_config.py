@@ -4,14 +4,27 @@ ModelOpt's unified HF export (``modelopt/torch/export/quant_utils.py``: ``get_qu
 ``process_layer_quant_config``) writes ``{"producer": ..., "quantization": {"quant_algo":
 "MIXED_PRECISION", "kv_cache_quant_algo": null, "quantized_layers": {layer: {"quant_algo": ...,
 ...}}}}``; TensorRT-LLM and vLLM read it (and ModelOpt's ``convert_hf_quant_config_format`` turns
-it into the ``quantization_config`` of ``config.json``). ModelOpt has two integer weight-only
-formats, and this export writes exactly the entries ModelOpt itself writes for them:
+it into the ``quantization_config`` of ``config.json``). This export writes exactly the entries
+ModelOpt itself writes (``process_layer_quant_config``) for its formats (the options of
+``--target modelopt``) and for the mpsearch integer options that are one of them:
 
-| option                      | ModelOpt format | entry                                                   |
-|-----------------------------|-----------------|---------------------------------------------------------|
-| int8, per channel, sym      | `int8_wo`       | `{"quant_algo": "W8A16"}`                               |
-| int4-gG, sym                | `int4_awq`      | `{"quant_algo": "W4A16_AWQ", "group_size": G, "has_zero_point": false, "pre_quant_scale": true}` |
-| keep                        | (none)          | not in `quantized_layers`; listed in `exclude_modules`  |
+| option                           | ModelOpt format  | entry                                              |
+|----------------------------------|------------------|----------------------------------------------------|
+| `int8_wo`; int8, per channel, sym| `int8_wo`        | `{"quant_algo": "W8A16"}`                          |
+| `int4_awq`; int4-gG, sym         | `int4_awq`       | `{"quant_algo": "W4A16_AWQ", "group_size": G, "has_zero_point": false, "pre_quant_scale": true}` |
+| `fp8`                            | `fp8`            | `{"quant_algo": "FP8"}`                            |
+| `nvfp4-modelopt`                 | `nvfp4`          | `{"quant_algo": "NVFP4", "group_size": 16}`        |
+| keep                             | (none)           | not in `quantized_layers`; listed in `exclude_modules` |
+
+A plan of one format (besides keep) is written as ModelOpt writes it: that entry's fields at the top
+of ``quantization`` (``"quant_algo": "FP8"``...), no ``quantized_layers``.
+
+``pre_quant_scale: true`` is what ModelOpt writes for every ``int4_awq`` layer: the AWQ smoothing
+factor a reader divides the input by. The ``int4_awq`` format is AWQ's round-to-nearest part
+(ModelOpt's ``max`` calibration, no AWQ search), for which that factor is 1 everywhere: the
+flag changes no value (and ``export_hf_checkpoint`` stores no ``pre_quant_scale`` tensor then).
+``fp8`` and ``nvfp4-modelopt`` also quantize activations with a calibrated static range
+(``input_scale``), which ModelOpt's calibration computes, not this file.
 
 Other options are refused: ModelOpt quantizes int4 only in groups (its export asserts block
 sizes), writes int8 as ``W8A16`` whatever its blocks (so a grouped int8 plan would be served per
@@ -24,11 +37,18 @@ from __future__ import annotations
 from .. import __version__
 from ..options import Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, refuse
+from ._base import ExportError, Exporter, format_name, int_settings, refuse
+
+#: ModelOpt float formats -> the entry ModelOpt writes for them
+FLOAT_ENTRIES = {"fp8": {"quant_algo": "FP8"}, "nvfp4-modelopt": {"quant_algo": "NVFP4", "group_size": 16}}
 
 
 def layer_algo(opt: Option) -> dict | None:
     """The ``quantized_layers`` entry ModelOpt writes for an option, or None if it has none."""
+    name = format_name(opt, "modelopt")
+    if name in FLOAT_ENTRIES:
+        return dict(FLOAT_ENTRIES[name])
+    opt = int_settings(opt)
     if not opt.symmetric:
         return None
     if opt.bits == 8 and opt.group_size is None:
@@ -46,22 +66,23 @@ class ModelOptExporter(Exporter):
     suffix = ".json"
     fused_runtime = True
     runtime = "TensorRT-LLM / vLLM (which serve ModelOpt checkpoints)"
+    consumers = ("modelopt",)
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or layer_algo(o) is not None,
                "ModelOpt's integer weight-only formats are int8 per channel (W8A16) and int4 in "
-               "groups (W4A16_AWQ), both symmetric (or keep)")
+               "groups (W4A16_AWQ), both symmetric (or keep), besides its fp8 and nvfp4-modelopt formats")
 
     def build(self, plan: BitPlan) -> dict:
         layers = {lay: layer_algo(plan.option(lay)) for lay in plan.layers if not plan.option(lay).is_keep}
         if not layers:
             raise ExportError("modelopt: the plan keeps every layer at 16 bits; there is nothing to quantize")
-        return {
-            "producer": {"name": "mpsearch", "version": __version__},
-            "quantization": {
-                "quant_algo": "MIXED_PRECISION",
-                "kv_cache_quant_algo": None,
-                "quantized_layers": layers,
-                "exclude_modules": [lay for lay in plan.layers if plan.option(lay).is_keep],
-            },
-        }
+        keep = [lay for lay in plan.layers if plan.option(lay).is_keep]
+        entries = {str(e): e for e in layers.values()}
+        if len(entries) == 1:  # one format: ModelOpt writes it as the model's quant_algo, no per-layer table
+            (entry,) = entries.values()
+            quant = {**entry, "kv_cache_quant_algo": None, "exclude_modules": keep}
+        else:
+            quant = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quantized_layers": layers,
+                     "exclude_modules": keep}
+        return {"producer": {"name": "mpsearch", "version": __version__}, "quantization": quant}

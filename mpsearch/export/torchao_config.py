@@ -12,11 +12,20 @@ The JSON form is made of the objects ``torchao.core.config.config_to_dict`` writ
 written here without importing torchao. Apply it with
 ``quantize_(model, config, filter_fn=None)`` (torchao refuses a filter together with FqnToConfig).
 
+The torchao formats of ``--target torchao`` are written as the configs their fake quantizers
+reproduce: ``intx-B-gG[-asym]`` -> ``IntxWeightOnlyConfig(weight_dtype=torch.intB,
+granularity=PerGroup(G), mapping_type=SYMMETRIC/ASYMMETRIC)`` with torchao's defaults for the rest
+(``scale_dtype=None``: scales in the weight's dtype; ``UNPACKED_TO_INT8``; ``AFFINE`` qparams, so
+a zero point per group, 0 for symmetric), and ``int8wo`` -> ``Int8WeightOnlyConfig()`` (per row,
+float32 scales). mpsearch's own options (``int4-g32``...) get ``IntxWeightOnlyConfig`` as above,
+``PerAxis(0)`` when per channel.
+
 The importer reads this JSON or an ``FqnToConfig`` object, including configs written by hand:
 ``IntxWeightOnlyConfig``, ``Int4WeightOnlyConfig`` (4-bit, its ``group_size``, asymmetric) and
 ``Int8WeightOnlyConfig`` (8-bit per channel); ``re:`` keys and ``_default`` are resolved with
 torchao's precedence (exact name, then the first fully-matching regex, then ``_default``) over the
-layer names given.
+layer names given. A config equal to the one written for a torchao format (above) reads back as
+that format's option (``intx-4-g32``, ``int8wo``); any other as the integer option (``int4-g64``).
 """
 
 from __future__ import annotations
@@ -25,13 +34,26 @@ import re
 
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, expect, need_layers, plan_from_options
+from ._base import ExportError, Exporter, expect, format_name, format_option, int_settings, need_layers, plan_from_options
+
+#: ``Int8WeightOnlyConfig()`` as ``config_to_dict`` writes it (torchao 0.18)
+INT8WO = {"_type": "Int8WeightOnlyConfig", "_version": 2,
+          "_data": {"group_size": None, "granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}},
+                    "set_inductor_config": True}}
 
 
 def _granularity(opt: Option) -> dict:
     if opt.group_size is None:
         return {"_type": "PerAxis", "_version": 1, "_data": {"axis": 0}}
     return {"_type": "PerGroup", "_version": 1, "_data": {"group_size": opt.group_size}}
+
+
+def _config_dict(opt: Option) -> dict | None:
+    if opt.is_keep:
+        return None
+    if format_name(opt, "torchao") == "int8wo":
+        return {**INT8WO, "_data": {**INT8WO["_data"]}}
+    return _intx_dict(int_settings(opt))
 
 
 def _intx_dict(opt: Option) -> dict:
@@ -56,10 +78,10 @@ class TorchaoExporter(Exporter):
     name = "torchao"
     suffix = ".json"
     can_import = True
+    consumers = ("torchao",)
 
     def build(self, plan: BitPlan) -> dict:
-        table = {lay: (None if plan.option(lay).is_keep else _intx_dict(plan.option(lay)))
-                 for lay in plan.layers}
+        table = {lay: _config_dict(plan.option(lay)) for lay in plan.layers}
         # config_to_dict also repeats the table as the legacy "module_fqn_to_config"; FqnToConfig
         # fills that alias itself, so the file carries the table once.
         return {"_type": "FqnToConfig", "_version": 1, "_data": {"fqn_to_config": table}}
@@ -106,6 +128,20 @@ class TorchaoExporter(Exporter):
 def _read_config(cfg, key: str, source: str) -> Option:
     if cfg is None:
         return KEEP
+    opt = _read_int_config(cfg, key, source)
+    # the torchao format whose exported config this is, exactly, if there is one
+    from ..formats import format_names, get_format
+
+    for name in format_names():
+        fmt = get_format(name)
+        if fmt.consumer == "torchao" and fmt.bits == opt.bits:
+            candidate = format_option(name)
+            if _config_dict(candidate) == cfg:
+                return candidate
+    return opt
+
+
+def _read_int_config(cfg, key: str, source: str) -> Option:
     expect(cfg, dict, f"the config of {key!r}", source)
     kind = cfg.get("_type")
     data = expect(cfg.get("_data") or {}, dict, f"'_data' of the config of {key!r}", source)
@@ -114,7 +150,7 @@ def _read_config(cfg, key: str, source: str) -> Option:
             sub = expect(data[field], dict, f"{field!r} of {key!r} (a {{'_type', '_data'}} object)", source)
             if field == "granularity" and sub.get("_data") is not None:
                 expect(sub["_data"], dict, f"'granularity._data' of {key!r}", source)
-    if "group_size" in data:
+    if data.get("group_size") is not None:  # torchao's own Int8WeightOnlyConfig() writes None
         expect(data["group_size"], int, f"'group_size' of {key!r}", source)
     try:
         if kind == "IntxWeightOnlyConfig":
@@ -160,6 +196,12 @@ def to_torchao_config(plan: BitPlan):
         if opt.is_keep:
             table[lay] = None
             continue
+        if format_name(opt, "torchao") == "int8wo":
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            table[lay] = Int8WeightOnlyConfig()
+            continue
+        opt = int_settings(opt)
         table[lay] = IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{opt.bits}"),
             granularity=PerAxis(0) if opt.group_size is None else PerGroup(opt.group_size),
