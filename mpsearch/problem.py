@@ -109,6 +109,16 @@ class Problem:
                 )
         return "; ".join(msgs) if msgs else None
 
+    def uniform_choices(self) -> list[np.ndarray]:
+        """One choice vector per option k: every item at option k, or at its nearest allowed option
+        (by option index) where k is not allowed. The uniform plans solvers start from."""
+        K = self.n_options
+        out = []
+        for k in range(K):
+            near = np.abs(np.arange(K)[None, :] - k) + np.where(self.allowed, 0, 10 * K)
+            out.append(np.argmin(near, axis=1))
+        return out
+
     def decode(self, choice) -> dict[str, str]:
         """layer -> option name."""
         out = {}

@@ -7,6 +7,7 @@ estimate -> frontier -> apply and measure K plans) can call with their own table
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ._common import add_budget_args, add_command, add_param_arg, budget_from_args, parse_params, say
 
@@ -26,7 +27,10 @@ def register(sub):
     add_budget_args(p)
     add_param_arg(p, "solver")
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write")
-    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per point into this folder")
+    p.add_argument("--max-points", type=int, default=None,
+                   help="most rows written to the CSV (and plans): the best point under each of that many "
+                        "evenly spaced sizes; every point goes to the .npz beside the CSV (default: 200)")
+    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per CSV row into this folder")
     p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
     from .demo import add_model_frontier_args
 
@@ -46,7 +50,10 @@ def frontier_from_table(table, args):
 
 def write_outputs(frontier, args) -> None:
     """Write the CSV (plans and plot where asked) and print a summary."""
-    frontier.write(args.output, plans_dir=args.plans_dir)
+    from ..frontier import DEFAULT_MAX_POINTS
+
+    max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
+    frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
     if args.plot:
         from ..plotting import save_frontier_plot
 
@@ -56,7 +63,9 @@ def write_outputs(frontier, args) -> None:
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
     say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
         f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
-    say(f"wrote {args.output}" + (f", plans in {args.plans_dir}" if args.plans_dir else "")
+    shown = min(len(pts), max_points)
+    say(f"wrote {args.output} ({shown} rows; every point in {Path(args.output).with_suffix('.npz')})"
+        + (f", plans in {args.plans_dir}" if args.plans_dir else "")
         + (f", plot {args.plot}" if args.plot else ""))
 
 
@@ -74,6 +83,8 @@ def run(args) -> int:
                             "or --model SPEC (estimate, solve and measure)")
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
+    if args.max_points is not None and args.max_points < 1:
+        raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
     frontier = frontier_from_table(CostTable.read(args.table), args)
     if not frontier.points:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")

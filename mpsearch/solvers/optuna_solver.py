@@ -134,20 +134,14 @@ class OptunaSolver(Solver):
 
 def _start_plans(problem: Problem) -> list[np.ndarray]:
     """The greedy plan (when constrained) and the uniform plans that fit the budget."""
-    K = problem.n_options
     plans = []
     if problem.constraints:
-        from .greedy import GreedySolver
+        from .greedy import greedy_choice
 
-        g = GreedySolver()._solve(problem).choice
+        g = greedy_choice(problem)
         if g is not None:
             plans.append(np.asarray(g))
-    for k in range(K):
-        near = np.abs(np.arange(K)[None, :] - k) + np.where(problem.allowed, 0, 10 * K)
-        plan = np.argmin(near, axis=1)
-        if problem.is_feasible(plan):
-            plans.append(plan)
-    return plans
+    return plans + [plan for plan in problem.uniform_choices() if problem.is_feasible(plan)]
 
 
 def _fingerprint(problem: Problem) -> str:
