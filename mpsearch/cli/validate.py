@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, dump_json, say
+from ._common import add_command, add_target_arg, dump_json, say
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -13,6 +13,7 @@ def register(sub):
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
     p.add_argument("--metric", help="quality: package.module:callable taking the model, returning a float")
+    add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -25,7 +26,7 @@ def run(args) -> int:
     plan = BitPlan.load(args.plan)
     model = load_model(args.model)
     metric = _load_callable(args.metric, "metric") if args.metric else None
-    report = validate_plan(model, plan, metric=metric)
+    report = validate_plan(model, plan, metric=metric, target=args.target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:

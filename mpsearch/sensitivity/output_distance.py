@@ -81,7 +81,7 @@ class OutputDistanceEstimator(Estimator):
                 saved = w.detach().clone()
                 start = runner.start_of(lay.name)
                 try:
-                    for k, opt in enumerate(ctx.options):
+                    for k, opt in ctx.layer_options(li):
                         if opt.is_keep:
                             continue
                         with torch.no_grad():
