@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
+from .data import run_model
 from .errors import MpsearchError
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
 
@@ -77,18 +79,6 @@ def iter_quantizable(model: nn.Module, include_embedding: bool = False):
         yield name, module, kind
 
 
-def _batch_size(inputs) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    if isinstance(inputs, dict):
-        for v in inputs.values():
-            if isinstance(v, torch.Tensor):
-                return _batch_size(v)
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return _batch_size(inputs[0])
-    return 1
-
-
 def discover_layers(
     model: nn.Module,
     example_inputs=None,
@@ -127,8 +117,6 @@ def discover_layers(
         )
     macs: dict[str, int] = {}
     if example_inputs is not None:
-        from .data import run_model
-
         n = _batch_size(example_inputs)
         handles = []
 

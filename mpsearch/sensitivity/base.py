@@ -23,6 +23,7 @@ from ..errors import MpsearchError
 from ..layers import Layer, discover_layers
 from ..options import Option, parse_options
 from ..table import CostTable
+from .cache import model_fingerprint  # noqa: F401  (re-exported)
 
 DEFAULT_OPTIONS = "2,3,4,8"
 
@@ -309,16 +310,6 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
         kind = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
         raise MpsearchError(f"{name} must be {kind} {bound}, got {value!r}")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's parameter names, shapes and values (cheap summaries)."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach().float()
-            h.update(f"{name}:{tuple(t.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
 
 
 def describe_data(batches) -> dict:
