@@ -139,37 +139,9 @@ class Estimator:
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress, seed=self.seed, legal=legal)
-        cache_dir = getattr(self, "cache_dir", None)
-        if cache_dir:
-            from .cache import Checkpoint, cache_key
-
-            key = cache_key(self, model, batches, layers, options)
-            stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
-            ctx.checkpoint = Checkpoint(cache_dir, stem,
-                                        every=getattr(self, "cache_every", 0.0))
+        ctx.checkpoint = self._checkpoint(model, batches, layers, options, quantizer)
         t0 = time.perf_counter()
-        done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
-        if done is not None:  # a finished earlier run with the same settings, model and data
-            damage = np.asarray(done["damage"], dtype=float)
-            ctx.cost.update(done["cost"], from_cache=True)
-            ctx.extra_metadata.update(done["extra_metadata"])
-            ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
-        else:
-            was_training = model.training
-            model.eval()
-            try:
-                with _rounding(model, ctx, quantizer):
-                    damage = np.asarray(self._damage(model, ctx), dtype=float)
-            finally:
-                model.train(was_training)
-            if ctx.checkpoint is not None:
-                if ctx.checkpoint.previous_seconds:
-                    ctx.cost["resumed_after_seconds"] = round(ctx.checkpoint.previous_seconds, 4)
-                ctx.checkpoint.save_result({
-                    "damage": damage.tolist(), "cost": dict(ctx.cost),
-                    "extra_metadata": ctx.extra_metadata,
-                    "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
-                })
+        damage = self._damage_or_resume(model, ctx, quantizer)
         seconds = time.perf_counter() - t0
         if damage.shape != (len(layers), len(options)):
             raise AssertionError(
@@ -188,6 +160,43 @@ class Estimator:
         }
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
                            extra_columns=ctx.extra_columns, legal=legal)
+
+    def _checkpoint(self, model, batches, layers, options, quantizer):
+        """The run's cache file when the estimator has a ``cache_dir``, else ``None``."""
+        cache_dir = getattr(self, "cache_dir", None)
+        if not cache_dir:
+            return None
+        from .cache import Checkpoint, cache_key
+
+        key = cache_key(self, model, batches, layers, options)
+        stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
+        return Checkpoint(cache_dir, stem, every=getattr(self, "cache_every", 0.0))
+
+    def _damage_or_resume(self, model, ctx: Context, quantizer: str) -> np.ndarray:
+        """The damage matrix: from a finished earlier run with the same settings, model and data,
+        or computed (resuming partial state) and stored."""
+        done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
+        if done is not None:
+            ctx.cost.update(done["cost"], from_cache=True)
+            ctx.extra_metadata.update(done["extra_metadata"])
+            ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
+            return np.asarray(done["damage"], dtype=float)
+        was_training = model.training
+        model.eval()
+        try:
+            with _rounding(model, ctx, quantizer):
+                damage = np.asarray(self._damage(model, ctx), dtype=float)
+        finally:
+            model.train(was_training)
+        if ctx.checkpoint is not None:
+            if ctx.checkpoint.previous_seconds:
+                ctx.cost["resumed_after_seconds"] = round(ctx.checkpoint.previous_seconds, 4)
+            ctx.checkpoint.save_result({
+                "damage": damage.tolist(), "cost": dict(ctx.cost),
+                "extra_metadata": ctx.extra_metadata,
+                "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
+            })
+        return damage
 
     def _damage(self, model: torch.nn.Module, ctx: Context) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
