@@ -28,9 +28,24 @@ def on_known(frame, known, column="size_bits"):
 
 
 def test_tiny_table_ships_its_exact_frontier():
+    """Against a plain enumeration of the 81 plans with a pairwise dominance test."""
+    import itertools
+
     table, known = tiny_table()
-    assert len(table.layers) == 4 and len(known) >= 10
-    assert np.all(np.diff(known["size_bits"]) > 0) and np.all(np.diff(known["damage"]) < 0)
+    rows = table.frame.set_index(["layer", "option"])
+    plans = []
+    for combo in itertools.product(table.options, repeat=len(table.layers)):
+        pick = dict(zip(table.layers, combo))
+        plans.append((sum(rows.loc[k, "size_bits"] for k in pick.items()),
+                      sum(rows.loc[k, "damage"] for k in pick.items()), pick))
+    front = [p for p in plans
+             if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in plans)]
+    front = sorted({(s, d): pick for s, d, pick in front}.items())  # equal points once
+    assert len(table.layers) == 4 and len(known) == len(front) >= 10
+    assert known["size_bits"].tolist() == [s for (s, _), _ in front]
+    assert known["damage"].tolist() == pytest.approx([d for (_, d), _ in front], rel=1e-12)
+    for plan, (_, pick) in zip(known["plan"], front):
+        assert _independent_sums(table, plan) == _independent_sums(table, pick)
 
 
 @pytest.mark.parametrize("seed", range(15))
