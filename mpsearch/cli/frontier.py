@@ -1,7 +1,9 @@
-"""``mpsearch frontier``: cost table -> Pareto frontier (CSV, optional plans and plot).
+"""``mpsearch frontier``: cost table -> Pareto frontier (CSV of at most ``--max-points`` rows, every
+point in the ``.npz`` beside it, optional plans and plot).
 
-The table path is :func:`frontier_from_table`, a function other entry points (a model-based path:
-estimate -> frontier -> apply and measure K plans) can call with their own table.
+With ``--table`` the command reads the table, calls :func:`mpsearch.frontier.compute_frontier` and
+writes :meth:`~mpsearch.frontier.Frontier.write`'s outputs (all or nothing); with ``--model`` it hands
+over to the model pipeline of ``mpsearch demo`` (estimate, solve, apply and measure).
 """
 
 from __future__ import annotations
