@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,7 +356,8 @@ def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
     if plots:
         import matplotlib
 
-        matplotlib.use("Agg", force=False)
+        if "matplotlib.pyplot" not in sys.modules:  # headless default; keep a notebook's own backend
+            matplotlib.use("Agg")
         from . import plotting
 
         fig = plotting.plot_measured_frontier(run)
