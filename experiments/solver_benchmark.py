@@ -8,7 +8,7 @@ and a three-constraint ILP. Writes experiments/solver_benchmark.md (every number
 
 Tables (mpsearch.synthetic): ``transformer`` stacks (q/k/v/o and MLP shapes, 1-8 bits: few shapes, so
 the DP is exact in integer units) and ``random`` layers (arbitrary sizes, 1-6, 8 bits and keep: the
-DP discretises and states its bound). Gaps are relative to the proved ILP optimum (HiGHS).
+DP's whole-frontier pass discretises and states its bound; single budgets are proved). Gaps are relative to the proved ILP optimum (HiGHS).
 Times are medians over repeats of ``solve()`` wall time, which includes compiling the table.
 """
 
@@ -223,7 +223,7 @@ def main(argv=None):
         f"Python {sys.version.split()[0]}, numpy {np.__version__}.",
         "Tables from `mpsearch.synthetic`: **transformer** (q/k/v/o/gate/up/down shapes, options int1–int8;",
         "few shapes, so `dp` is exact in integer units) and **random** (arbitrary layer sizes, int1–int6,",
-        "int8 and keep; `dp` discretises to 32768 units and states its bound). Gap = damage / best ILP",
+        "int8 and keep; `dp`'s whole-frontier pass discretises to 32768 units, each single budget is still proved). Gap = damage / best ILP",
         "plan (HiGHS or CBC; see their statuses: `optimal` is proved) − 1. `time` = median wall time of `solve(table, budget)` (includes compiling the",
         "table); `solver time` = the solver's own `stats['time_s']` (model building included).",
         "",
