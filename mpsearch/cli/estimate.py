@@ -14,10 +14,12 @@ def register(sub):
     p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
     p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
-    p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
+    p.add_argument("--estimator", default=None,
+                   help="estimator name (default recipe: output-distance with --data, weight-error without)")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
-                        "own (q4_K,q5_0...) (default: 2,3,4,8; with --target, the target's default set)")
+                        "own (q4_K,q5_0...) (default: the default recipe's int2-asym..int8-asym; with --target, the target's "
+                        "default set)")
     add_target_arg(p)
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
@@ -29,6 +31,9 @@ def register(sub):
     p.add_argument("--include-embedding", action="store_true", help="also cost Embedding layers")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave layers out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
+                        "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
     add_param_arg(p, "estimator")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
 
@@ -39,16 +44,26 @@ def run(args) -> int:
 
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
+    from ..distributed import current, load_device_map, place_model
+    from ..pipeline import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
+
     if args.options is not None:
         params["options"] = args.options
+    elif args.target is None:
+        params["options"] = DEFAULT_RECIPE["options"]
+    args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
     estimator = get_estimator(args.estimator, **params)
-    model = load_model(args.model)
+    shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model(args.model)
+    place_model(model, shard)
     data = load_data(args.data)
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
         progress=not args.no_progress, target=args.target, quantizer=args.quantizer,
     )
+    if not shard.is_main:
+        return 0
     table.metadata.setdefault("model_spec", args.model)
     if args.data:
         table.metadata.setdefault("data_spec", args.data)

@@ -1,10 +1,8 @@
 """``mpsearch frontier``: cost table -> Pareto frontier (CSV of at most ``--max-points`` rows, every
-point in the ``.npz`` beside it, optional plans and plot).
-
-With ``--table`` the command reads the table, calls :func:`mpsearch.frontier.compute_frontier` and
-writes :meth:`~mpsearch.frontier.Frontier.write`'s outputs (all or nothing); with ``--model`` it hands
-over to the model pipeline of ``mpsearch demo`` (estimate, solve, apply and measure).
-"""
+point in the ``.npz`` beside it, optional plans and plot; all or nothing), or, with ``--model``, the
+measured frontier (:func:`mpsearch.pipeline.model_frontier`: estimate, solve, apply and measure,
+compare with uniform, refine, recommend). Both paths take the same solver, key, points, budget,
+bound, pin and tie flags."""
 
 from __future__ import annotations
 
@@ -14,25 +12,29 @@ from pathlib import Path
 from ._common import add_budget_args, add_command, add_param_arg, budget_from_args, parse_params, say
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
-    --plans-dir plans/ --plot frontier.png"""
+    --plans-dir plans/ --plot frontier.png
+mpsearch frontier --model fashion-cnn --budget avg_bits=4 --refine 2 --refine-evals 8 -o out/"""
 
 
 def register(sub):
     p = add_command(sub, "frontier", "Compute the size/damage Pareto frontier of a cost table.", EXAMPLE, run)
     p.add_argument("--table", help="cost table (.csv or .json)")
-    p.add_argument("--solver", default="dp",
-                   help="dp (exact, one pass), ilp, baq, evolutionary, optuna, greedy, exhaustive (default: dp)")
+    p.add_argument("--solver", default=None,
+                   help="dp (exact, one pass), ilp, baq, evolutionary, optuna, greedy, exhaustive "
+                        "(default: dp with --table, the default recipe's with --model)")
     p.add_argument("--points", type=int, default=None,
-                   help="number of budgets (default: every point for dp/evolutionary, 20 for the others)")
+                   help="number of budgets (default: every point for dp/evolutionary, 20 for the others; "
+                        "24 with --model)")
     p.add_argument("--key", default=None,
                    help="budget swept: avg_bits (default when the table has params), size_bits, size_mb or a column")
     add_budget_args(p)
     add_param_arg(p, "solver")
-    p.add_argument("-o", "--output", required=True, help="frontier CSV to write")
+    p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
                         "evenly spaced sizes; every point goes to the .npz beside the CSV (default: 200)")
-    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per CSV row into this folder")
+    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per CSV row into this folder "
+                                                     "(with --model the plans are always in OUTPUT/plans/)")
     p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
     from .demo import add_model_frontier_args
 
@@ -46,7 +48,11 @@ def frontier_from_table(table, args):
     from ..registry import get_solver
 
     key = args.key or ("avg_bits" if "params" in table.frame else "size_bits")
-    solver = get_solver(args.solver, **parse_params(args.param))
+    solver = get_solver(args.solver or "dp", **parse_params(args.param))
+    if getattr(solver, "risk", 0):  # ilp --param risk=λ: the frontier of damage + λ·damage_std
+        from ..solvers.ilp import risk_adjusted
+
+        table = risk_adjusted(table, solver.risk)
     return compute_frontier(table, solver, points=args.points, key=key, budget=budget_from_args(args))
 
 
@@ -76,6 +82,8 @@ def run(args) -> int:
     from ..table import CostTable
     from . import EXIT_INFEASIBLE
 
+    if args.points is not None and args.points < 1:
+        raise MpsearchError(f"--points must be a positive integer, got {args.points}")
     if args.model and not args.table:
         from .demo import run_model_frontier
 
@@ -83,13 +91,17 @@ def run(args) -> int:
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
-    if args.points is not None and args.points < 1:
-        raise MpsearchError(f"--points must be a positive integer, got {args.points}")
     if args.max_points is not None and args.max_points < 1:
         raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
-    frontier = frontier_from_table(CostTable.read(args.table), args)
+    table = CostTable.read(args.table)
+    frontier = frontier_from_table(table, args)
     if not frontier.points:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")
         return EXIT_INFEASIBLE
+    if "damage_std" in table.frame and len(frontier.points) <= 2000:  # error bars in the CSV and plot
+        from ..pipeline import plan_damage_std
+
+        for p in frontier.points:
+            p.predicted["damage_std"] = plan_damage_std(table, p.plan)
     write_outputs(frontier, args)
     return 0

@@ -162,11 +162,16 @@ class PrefixRunner:
             return forward(self.model, batch)
         cached = self.cached[j]
         patched = self.blocks.modules[: j + 1]
+        # a forward set on the instance (accelerate's device-map hooks) is put back afterwards
+        saved = [mod.__dict__.get("forward") for mod in patched]
         for mod in patched:
             mod.forward = lambda *a, _c=cached, **k: _c
         try:
             self.block_runs += n - j - 1
             return forward(self.model, batch)
         finally:
-            for mod in patched:
-                del mod.forward
+            for mod, prev in zip(patched, saved):
+                if prev is None:
+                    del mod.forward
+                else:
+                    mod.forward = prev

@@ -6,7 +6,8 @@ size): ``metric="cosine"`` (1 - cos of output rows, for embeddings), ``"mse"``, 
 (KL(p_fp || p_q) of logits), or ``"auto"`` (cosine for embeddings, KL for logits). For models made of
 sequential blocks only the suffix after the changed block runs, from cached block outputs
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
-``max_cache_mb`` bounds the cache.
+``max_cache_mb`` bounds the cache. ``damage_std`` is the standard error of that mean across the
+batches (0 with one batch).
 
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..apply import activation_quantized
 from ..data import model_output_tensor, move_batch
+from ..distributed import assign
 from ..errors import MpsearchError
 from ..quant import quantize_weight
 from .base import (
@@ -63,50 +66,94 @@ class OutputDistanceEstimator(Estimator):
         names = [lay.name for lay in ctx.layers]
         runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=self.max_cache_mb,
                               enabled=bool(self.prefix_cache))
-        L, K = len(ctx.layers), len(ctx.options)
-        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
-            "batch": 0, "layer": 0, "sums": torch.zeros(L, K, dtype=torch.float64), "weight": 0.0}
-        total = len(ctx.batches) * L
+        L, K, B = len(ctx.layers), len(ctx.options), len(ctx.batches)
+        st = ctx.checkpoint.load() if ctx.checkpoint else None
+        if not st or "values" not in st:  # none, or from an older layout: start over
+            st = {"batch": 0, "layer": 0, "values": torch.zeros(B, L, K, dtype=torch.float64),
+                  "done": torch.zeros(B, L, K, dtype=torch.bool)}
+        mine = _my_units(runner, ctx, names, st)
+        total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
-        bar.update(st["batch"] * L + st["layer"])
-        for bi in range(st["batch"], len(ctx.batches)):
+        bar.update(int(st["done"].sum()))
+        for bi in range(st["batch"], B):
+            if not mine[bi].any():
+                st.update(batch=bi + 1, layer=0)
+                continue
             batch = move_batch(ctx.batches[bi], ctx.device)
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
-            size = _size(ctx.batches[bi])
             for li in range(st["layer"], L):
+                if not mine[bi, li].any():
+                    continue
                 lay = ctx.layers[li]
                 w = weight_of(model, lay)
                 saved = w.detach().clone()
                 start = runner.start_of(lay.name)
                 try:
                     for k, opt in ctx.layer_options(li):
-                        if opt.is_keep:
+                        if opt.is_keep or not mine[bi, li, k]:
                             continue
                         with torch.no_grad():
                             w.copy_(quantize_weight(saved, opt, lay.kind, lay.name))
-                        out = runner.run(batch, start)[0]
+                        with activation_quantized(model.get_submodule(lay.name), opt):
+                            out = runner.run(batch, start)[0]
                         ctx.count("suffix_passes")
-                        st["sums"][li, k] += size * distance(out, ref, self.metric, kind)
+                        st["values"][bi, li, k] = distance(out, ref, self.metric, kind)
+                        st["done"][bi, li, k] = True
+                        bar.update(1)
                 finally:
                     with torch.no_grad():
                         w.copy_(saved)
                 st["layer"] = li + 1
-                bar.update(1)
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
-            st.update(batch=bi + 1, layer=0, weight=st["weight"] + size)
+            st.update(batch=bi + 1, layer=0)
             if ctx.checkpoint:
                 ctx.checkpoint.save(st, force=True)
         bar.close()
+        # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
+        values = ctx.shard.sum(st["values"])
+        sums = torch.zeros(L, K, dtype=torch.float64)
+        for bi in range(B):  # batches in order, as one process adds them
+            sums += _size(ctx.batches[bi]) * values[bi]
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
             prefix_cache=runner.enabled, cached_blocks=runner.peak_blocks,
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
         )
-        return (st["sums"] / max(st["weight"], 1e-300)).clamp(min=0).numpy()
+        weight = float(sum(_size(b) for b in ctx.batches))
+        mean = sums / max(weight, 1e-300)
+        wb = torch.tensor([float(_size(b)) for b in ctx.batches], dtype=torch.float64)[:, None, None]
+        var = (wb * (values - mean) ** 2).sum(0) / max(weight, 1e-300)  # across batches
+        ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
+        return mean.clamp(min=0).numpy()
+
+
+def _my_units(runner, ctx: Context, names, st) -> torch.Tensor:
+    """``[B, L, K]`` mask of the (batch, layer, option) units this rank computes (and has not yet).
+
+    A unit costs one suffix run: the blocks after the nearest cached block before the layer, plus the
+    rest of the model (counted as one block). Keep options cost nothing.
+    """
+    B, L, K = len(ctx.batches), len(ctx.layers), len(ctx.options)
+    work = torch.tensor([not o.is_keep for o in ctx.options]).expand(B, L, K).clone()
+    if getattr(ctx, "legal", None) is not None:  # a target's per-layer options
+        work &= torch.as_tensor(np.asarray(ctx.legal, dtype=bool))[None]
+    if ctx.shard.enabled:
+        runner.reference(move_batch(ctx.batches[0], ctx.device), names)  # the cache layout, for costs
+        n = len(runner.blocks.names) if runner.blocks is not None else 0
+        per_layer = []
+        for lay in ctx.layers:
+            start = runner.start_of(lay.name)
+            j = max((k for k in runner.cached if k < start), default=-1) if runner.enabled else -1
+            per_layer.append(n - j)
+        cost = torch.tensor(per_layer, dtype=torch.float64)[None, :, None].expand(B, L, K)
+        owners = ctx.shard.broadcast(assign(torch.where(work, cost, 0.0).numpy(), ctx.shard.world))
+        owners = torch.from_numpy(owners.copy()).reshape(B, L, K)
+        work &= owners == ctx.shard.rank
+    return work & ~st["done"]
 
 
 def _block_input(args, kwargs):
