@@ -146,9 +146,9 @@ class Estimator:
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         ctx.checkpoint = self._checkpoint(model, batches, layers, options, quantizer, shard)
         t0 = time.perf_counter()
-        damage = self._damage_or_resume(model, ctx, quantizer)
+        damage, cached = self._damage_or_resume(model, ctx, quantizer)
         seconds = time.perf_counter() - t0
-        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if done is None else None
+        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if not cached else None
         if spread is not None:
             ctx.extra_metadata["distributed"] = spread
         if damage.shape != (len(layers), len(options)):
@@ -180,9 +180,9 @@ class Estimator:
         stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
         return Checkpoint(cache_dir, stem + shard.suffix(), every=getattr(self, "cache_every", 0.0))
 
-    def _damage_or_resume(self, model, ctx: Context, quantizer: str) -> np.ndarray:
-        """The damage matrix: from a finished earlier run with the same settings, model and data,
-        or computed (resuming partial state) and stored."""
+    def _damage_or_resume(self, model, ctx: Context, quantizer: str) -> tuple[np.ndarray, bool]:
+        """The damage matrix and whether it came from a finished earlier run with the same
+        settings, model and data; otherwise it is computed (resuming partial state) and stored."""
         done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
         if ctx.shard.enabled and not ctx.shard.min_int([done is not None])[0]:
             done = None  # every rank takes the cached result, or none does
@@ -190,7 +190,7 @@ class Estimator:
             ctx.cost.update(done["cost"], from_cache=True)
             ctx.extra_metadata.update(done["extra_metadata"])
             ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
-            return np.asarray(done["damage"], dtype=float)
+            return np.asarray(done["damage"], dtype=float), True
         was_training = model.training
         model.eval()
         try:
@@ -206,7 +206,7 @@ class Estimator:
                 "extra_metadata": ctx.extra_metadata,
                 "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
             })
-        return damage
+        return damage, False
 
     def _damage(self, model: torch.nn.Module, ctx: Context) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
