@@ -26,12 +26,11 @@ so a failure leaves no partial output.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +38,10 @@ import numpy as np
 
 from .budget import Budget
 from .errors import BudgetError, MpsearchError
+from .fileio import atomic_write_text
 from .plan import BitPlan
 from .problem import Problem, compile_problem
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
 DEFAULT_POINTS = 20
@@ -184,42 +184,23 @@ class Frontier:
         if max_points is not None and (not isinstance(max_points, (int, np.integer)) or max_points < 1):
             raise MpsearchError(f"max_points must be a positive integer or None, got {max_points!r}")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .fileio import atomic_dir, atomic_write, atomic_write_text
+
         rows = self.thin(max_points) if max_points else np.arange(len(self.points))
-        temps: list[Path] = []
-        try:
+        with contextlib.ExitStack() as stack:  # on an error nothing below is put in place
             refs = None
             if plans_dir is not None:
                 plans_dir = Path(plans_dir)
-                plans_dir.parent.mkdir(parents=True, exist_ok=True)
-                tmp_dir = Path(tempfile.mkdtemp(dir=plans_dir.parent, prefix=f".{plans_dir.name}."))
-                temps.append(tmp_dir)
-                _chmod_default(tmp_dir, 0o777)
+                stage = stack.enter_context(atomic_dir(plans_dir))
                 refs = []
                 for j, i in enumerate(rows):
                     name = f"point_{j:04d}.json"
-                    self.points[i].plan.save(tmp_dir / name)
+                    self.points[i].plan.save(stage / name)
                     refs.append(_relative(plans_dir / name, path))
-            npz_tmp = None
             if self.choices is not None and self.problem is not None:
-                fd, npz_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-                os.close(fd)
-                npz_tmp = Path(npz_tmp)
-                temps.append(npz_tmp)
-                self._save_npz(npz_tmp)
-                _chmod_default(npz_tmp, 0o666)
+                self._save_npz(stack.enter_context(atomic_write(path.with_suffix(".npz"), "wb")))
             text = self.to_frame(refs, rows).to_csv(index=False)
-            if plans_dir is not None:
-                _replace_dir(temps[0], plans_dir)
-            if npz_tmp is not None:
-                os.replace(npz_tmp, path.with_suffix(".npz"))
-            atomic_write_text(path, text)
-        finally:
-            for t in temps:
-                if t.is_dir():
-                    shutil.rmtree(t, ignore_errors=True)
-                elif t.exists():
-                    t.unlink()
+        atomic_write_text(path, text)  # the CSV last
         return path
 
     def _save_npz(self, target: Path) -> None:
@@ -255,13 +236,6 @@ def read_points(path: str | os.PathLike):
     return frame, plan_options
 
 
-def _chmod_default(path: Path, mode: int) -> None:
-    """Give a temporary (mkstemp/mkdtemp: owner only) the permissions a plain new file would get."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
 def _relative(target: Path, csv: Path) -> str:
     try:
         return os.path.relpath(target, csv.parent.resolve() if csv.parent != Path("") else Path.cwd())
@@ -269,18 +243,6 @@ def _relative(target: Path, csv: Path) -> str:
         return str(target.resolve())
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing what was there."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
-        os.replace(dst, old / "d")
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------ compute_frontier
 def compute_frontier(table: CostTable, solver="dp", points: int | None = None, key: str = "avg_bits",
                      budget: Budget | None = None) -> Frontier:
     """The frontier of ``table`` over budgets of ``key``, from ``solver`` (a name or a Solver).

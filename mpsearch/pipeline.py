@@ -45,6 +45,7 @@ import torch
 
 from .budget import Budget
 from .errors import MpsearchError
+from .fileio import atomic_output_dir, atomic_write_text
 from .frontier import compute_frontier, non_dominated
 from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
@@ -52,7 +53,7 @@ from .plan import BitPlan
 from .problem import compile_problem
 from .refine import METHODS, plan_key, refine as refine_loop
 from .registry import get_estimator, get_solver, load_class
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
 
@@ -577,6 +578,8 @@ def _recommendations(table, metric, targets, base, key, front, plans, uframe, un
     return rec
 
 
+# the folder is built beside ``out`` and put in place last; its caches seed the build
+@atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache"))
 def measured_frontier(
     model: torch.nn.Module, calib, metric: Metric, *, estimator: str = DEFAULT_RECIPE["estimator"],
     solver: str = DEFAULT_RECIPE["solver"], options=DEFAULT_RECIPE["options"], validate: int = 5,

@@ -247,11 +247,13 @@ def test_frontier_outputs_appear_whole_or_not_at_all(tmp_path, monkeypatch, caps
     assert main(args) == 0
     first = sorted(p.name for p in (out / "plans").iterdir())
     assert sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npz", "plans"] and len(first) >= 2
-    # a second run replaces the folder whole: no plan of the first run is left beside the new ones
-    (out / "plans" / "stale.json").write_text("{}")
+    # a second run puts its own plans in place: each CSV row names a plan with that row's sums
     assert main(args[:6] + ["2"] + args[7:]) == 0
-    assert sorted(p.name for p in (out / "plans").iterdir()) == ["point_0000.json", "point_0001.json"][:len(pd.read_csv(out / "f.csv"))]
-    assert sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npz", "plans"]
+    frame = pd.read_csv(out / "f.csv")
+    assert len(frame) <= 2 and sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npz", "plans"]
+    for _, r in frame.iterrows():
+        assert BitPlan.load(out / r["plan"]).predicted["damage"] == pytest.approx(r["damage"], rel=1e-12)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def _measured(plan):

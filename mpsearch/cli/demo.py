@@ -32,9 +32,26 @@ def register(sub):
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def check_run_args(args, out_flag: str, out: str) -> None:
+    """Settings and output paths of the model path, before any heavy import or work."""
+    from ..errors import MpsearchError
+    from ..options import parse_options
+    from ..registry import check_settings, get_solver
+    from ._common import check_outputs
+
+    if args.validate < 0:
+        raise MpsearchError(f"--validate must be an integer >= 0 (plans to measure), got {args.validate}")
+    check_outputs(dirs=[(out_flag, out)])
+    estimator = args.estimator or DEFAULT_RECIPE["estimator"]
+    check_settings("estimator", estimator, parse_params(getattr(args, "estimator_param", [])))
+    get_solver(args.solver or DEFAULT_RECIPE["solver"], **parse_params(getattr(args, "param", [])))
+    parse_options(getattr(args, "options", None) or DEFAULT_RECIPE["options"])
+
+
 def run(args) -> int:
     import time
 
+    check_run_args(args, "--out", args.out)
     t0 = time.perf_counter()
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
                       progress=not args.no_progress)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_param_arg, add_target_arg, parse_params, say
+from ._common import add_command, add_param_arg, add_target_arg, check_outputs, parse_params, say
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -14,8 +14,11 @@ def register(sub):
     p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
     p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
-    p.add_argument("--estimator", default=None,
-                   help="estimator name (default recipe: output-distance with --data, weight-error without)")
+    from ..registry import estimator_names
+
+    p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
+                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, "
+                        f"weight-error without; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
                         "own (q4_K,q5_0...) (default: the default recipe's int2-asym..int8-asym; with --target, the target's "
@@ -39,9 +42,20 @@ def register(sub):
 
 
 def run(args) -> int:
+    from ..budget import check_patterns
+    from ..options import parse_options
     from ..registry import get_estimator
     from ..specs import load_data, load_model
 
+    from ..table import sidecar_path
+
+    check_outputs(files=[("-o", args.output)])
+    if not str(args.output).lower().endswith(".json"):
+        check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
+    if args.options is not None and getattr(args, "target", None) is None:
+        parse_options(args.options)
+    check_patterns(args.exclude, "--exclude")
+    check_patterns(args.tie, "--tie")
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     from ..distributed import current, load_device_map, place_model

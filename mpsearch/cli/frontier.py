@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import add_budget_args, add_command, add_param_arg, budget_from_args, parse_params, say
+from ._common import (add_budget_args, add_command, add_param_arg, budget_from_args, check_outputs,
+                      make_solver, say)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -45,10 +46,9 @@ def register(sub):
 def frontier_from_table(table, args):
     """Compute the frontier of ``table`` (a CostTable) with the solver, key, points and budget of ``args``."""
     from ..frontier import compute_frontier
-    from ..registry import get_solver
 
     key = args.key or ("avg_bits" if "params" in table.frame else "size_bits")
-    solver = get_solver(args.solver or "dp", **parse_params(args.param))
+    solver = make_solver(args)
     if getattr(solver, "risk", 0):  # ilp --param risk=λ: the frontier of damage + λ·damage_std
         from ..solvers.ilp import risk_adjusted
 
@@ -61,11 +61,13 @@ def write_outputs(frontier, args) -> None:
     from ..frontier import DEFAULT_MAX_POINTS
 
     max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
-    frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
-    if args.plot:
+    if args.plot:  # first: drawing is what fails most (a missing backend), before the CSV exists
+        from ..fileio import atomic_write
         from ..plotting import save_frontier_plot
 
-        save_frontier_plot(frontier, args.plot)
+        with atomic_write(args.plot, None) as tmp:
+            save_frontier_plot(frontier, tmp)
+    frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
     pts = frontier.points
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
@@ -85,14 +87,20 @@ def run(args) -> int:
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
     if args.model and not args.table:
-        from .demo import run_model_frontier
+        from .demo import check_run_args, run_model_frontier
 
+        check_run_args(args, "-o", args.output)
+        check_outputs(dirs=[("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
         return run_model_frontier(args)
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
     if args.max_points is not None and args.max_points < 1:
         raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
+    check_outputs(files=[("-o", args.output)], dirs=[("--plans-dir", args.plans_dir)],
+                  plots=[("--plot", args.plot)])
+    make_solver(args)  # the solver's settings, before reading the table
+    budget_from_args(args)
     table = CostTable.read(args.table)
     frontier = frontier_from_table(table, args)
     if not frontier.points:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_target_arg, dump_json, say
+from ._common import add_command, add_target_arg, check_outputs, dump_json, say
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -20,12 +20,17 @@ def register(sub):
 def run(args) -> int:
     from ..plan import BitPlan
     from ..specs import _load_callable, load_model
-    from ..table import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..validate import validate_plan
 
+    check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model(args.model)
-    metric = _load_callable(args.metric, "metric") if args.metric else None
+    metric = None
+    if args.metric:
+        from ..metrics import FunctionMetric
+
+        metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
     report = validate_plan(model, plan, metric=metric, target=args.target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
