@@ -193,7 +193,7 @@ def main(argv=None):
                     help="run only the big-frontier section and replace it in the existing output file")
     args = ap.parse_args(argv)
     if args.only_big:
-        lines, _ = big_frontier(args.quick)
+        lines, big_targets = big_frontier(args.quick)
         out = Path(args.output)
         text = out.read_text() if out.exists() else ""
         if BIG_SECTION in text:
@@ -203,6 +203,12 @@ def main(argv=None):
         else:  # a file from before this section: put it before the targets
             i = text.find("## Targets")
             head, tail = (text[:i], text[i:]) if i >= 0 else (text + "\n", "")
+        import re
+
+        for name, v in big_targets.items():  # and its rows of the targets table
+            shown = f"{v:.2f} GB" if "GB" in name else fmt_t(v)
+            met = "yes" if v < (1.0 if "GB" in name else 5.0) else "no"
+            tail = re.sub(rf"^\| {re.escape(name)} \|.*$", f"| {name} | {shown} | {met} |", tail, flags=re.M)
         out.write_text(head + "\n".join(lines) + "\n" + tail)
         print("\n".join(lines))
         return
