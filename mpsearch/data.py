@@ -61,10 +61,9 @@ def move_batch(batch, device):
 
 def batch_size(batch) -> int:
     """Samples in one batch (the first axis of its inputs)."""
-    from .layers import _batch_size
 
     args, kwargs, _ = split_batch(batch)
-    return _batch_size(args) if args else _batch_size(kwargs)
+    return leading_size(args) if args else leading_size(kwargs)
 
 
 def slice_batch(obj, lo: int, hi: int, n: int):
@@ -130,3 +129,16 @@ def first_batch(data):
     if not batches:
         raise MpsearchError("the data holds no batch")
     return batches[0]
+
+
+def leading_size(inputs) -> int:
+    """The leading dimension of the first tensor in ``inputs`` (a tensor, dict, list or tuple); 1 if none."""
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    if isinstance(inputs, dict):
+        for v in inputs.values():
+            if isinstance(v, torch.Tensor):
+                return leading_size(v)
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return leading_size(inputs[0])
+    return 1

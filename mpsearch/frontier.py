@@ -1,22 +1,34 @@
 """Frontiers: the non-dominated plans of a table over a range of budgets.
 
 :func:`compute_frontier` asks a solver for plans across budgets of one key (``avg_bits``,
-``size_bits``, ``size_mb`` or any numeric column). Solvers with a ``frontier(problem, column)``
-method (``dp``: the exact frontier in one pass; ``evolutionary``: one multi-objective run) give all
-their points at once; the others are swept over ``points`` evenly spaced budgets between the
-smallest achievable use and the use of the least-damage plan. Other constraints, bounds, pins and
-ties of ``budget`` hold at every point.
+``size_bits``, ``size_mb`` or any numeric column). Solvers that declare ``whole_frontier`` (``dp``:
+every point in one pass; ``evolutionary``: one multi-objective run) give all their points at once;
+the others are swept over ``points`` evenly spaced budgets between the smallest achievable use and
+the use of the least-damage plan. Other constraints, bounds, pins and ties of ``budget`` hold at
+every point (a ``single_resource`` solver is then swept instead).
 
-The CSV contract (:meth:`Frontier.write`): one row per non-dominated point, sorted by size, with the
-predicted sums (``damage``, ``size_bits``, ``avg_bits``, other cost columns), measured quality columns
-``measured_<name>`` where points were validated, the ``budget`` that produced the point, and
-``plan``: the plan's file (relative to the CSV) when ``plans_dir`` is given, otherwise the plan's
-``bits`` mapping as compact JSON.
+A frontier keeps its points compactly: an integer choice matrix (point x item) and the column sums;
+plans are built only when asked for. :meth:`Frontier.write` writes
+
+- the CSV: at most ``max_points`` rows (default :data:`DEFAULT_MAX_POINTS`; the best point under
+  each of that many evenly spaced budgets), one per point, sorted by size, with the predicted sums
+  (``damage``, ``size_bits``, ``avg_bits``, other cost columns), ``damage_bound`` (a lower bound on
+  the damage of any plan of that size, where the solver gives one), measured quality columns
+  ``measured_<name>``, the ``budget`` that produced the point, its ``status``, ``index`` (its row in
+  the ``.npz``) and ``plan``: the plan's file (relative to the CSV) when ``plans_dir`` is given,
+  otherwise the plan's ``bits`` mapping as compact JSON;
+- beside it, ``<name>.npz``: every point (``choices``, the sums, statuses, the items and option
+  names), read back by :func:`read_points`.
+
+Everything is written to temporary siblings first and moved into place last (the CSV last of all),
+so a failure leaves no partial output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -28,11 +40,47 @@ from .budget import Budget
 from .errors import BudgetError, MpsearchError
 from .fileio import atomic_write_text
 from .plan import BitPlan
-from .problem import compile_problem
+from .problem import Problem, compile_problem
 from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
 DEFAULT_POINTS = 20
+#: rows written to a frontier CSV by default (every point goes to the .npz beside it)
+DEFAULT_MAX_POINTS = 200
+
+
+def pareto_indices(cost, damage) -> np.ndarray:
+    """Indices of the non-dominated points (lower ``cost`` and lower ``damage`` are better), sorted
+    by cost; of equal points the first is kept. The one Pareto filter of the package."""
+    cost, damage = np.asarray(cost, dtype=float), np.asarray(damage, dtype=float)
+    order = np.lexsort((damage, cost))
+    d = damage[order]
+    prev = np.r_[np.inf, np.minimum.accumulate(d)[:-1]]
+    return order[d < prev]
+
+
+_pareto_indices = pareto_indices  # the name pipeline.py imports
+
+
+def best_under(cost, damage, budgets) -> np.ndarray:
+    """For each budget, the index of the least-damage point whose cost fits it (budgets no point
+    fits are skipped); unique indices, sorted."""
+    cost, damage = np.asarray(cost, dtype=float), np.asarray(damage, dtype=float)
+    picks = []
+    for v in np.asarray(budgets, dtype=float):
+        ok = np.flatnonzero(cost <= v * (1 + 1e-12) + 1e-9)
+        if len(ok):
+            picks.append(ok[np.argmin(damage[ok])])
+    return np.unique(np.asarray(picks, dtype=np.int64))
+
+
+def non_dominated(frame, x: str = "size_bits", y: str = "damage"):
+    """The rows of ``frame`` that no other row beats on both ``x`` and ``y`` (lower is better),
+    sorted by ``x``; of equal points the first is kept."""
+    for col in (x, y):
+        if col not in frame:
+            raise MpsearchError(f"non_dominated: the frame has no column {col!r}; columns: {list(frame.columns)}")
+    return frame.iloc[pareto_indices(frame[x].to_numpy(), frame[y].to_numpy())]
 
 
 class FrontierPoint:
@@ -42,13 +90,14 @@ class FrontierPoint:
     thousands of points; their plans are made only when asked for)."""
 
     def __init__(self, predicted: dict, plan: BitPlan | None = None, *, measured: dict | None = None,
-                 budget: str = "", status: str = "", factory=None):
+                 budget: str = "", status: str = "", factory=None, bound: float | None = None):
         if plan is None and factory is None:
             raise MpsearchError("a FrontierPoint needs a plan or a factory that makes it")
         self.predicted = dict(predicted)
         self.measured = dict(measured or {})
         self.budget = budget
         self.status = status
+        self.bound = bound
         self._plan = plan
         self._factory = factory
 
@@ -65,7 +114,8 @@ class FrontierPoint:
 @dataclass
 class Frontier:
     """Non-dominated plans sorted by size. ``status`` is ``infeasible`` (with ``message``) when the
-    budget's other constraints, bounds or pins leave no plan."""
+    budget's other constraints, bounds or pins leave no plan. ``choices`` (point x item option
+    indices) and ``problem`` are there when the frontier came from :func:`compute_frontier`."""
 
     points: list[FrontierPoint]
     key: str = "size_bits"
@@ -73,6 +123,8 @@ class Frontier:
     status: str = "ok"
     message: str = ""
     stats: dict = field(default_factory=dict)
+    choices: np.ndarray | None = None
+    problem: Problem | None = None
 
     def __len__(self) -> int:
         return len(self.points)
@@ -81,75 +133,126 @@ class Frontier:
         """Record measured quality (``accuracy=0.91``, ``perplexity=21.3``) of point ``index``."""
         self.points[index].measured.update({k: float(v) for k, v in values.items()})
 
-    def to_frame(self, plan_refs: list[str] | None = None):
-        """One row per point: predicted sums, ``measured_*`` columns, budget, status and ``plan``."""
+    def bits(self, index: int) -> dict[str, int]:
+        """Point ``index``'s layer -> bit-width (from the choice matrix, without building its plan)."""
+        p = self.points[index]
+        if p._plan is not None or self.choices is None or self.problem is None:
+            return p.plan.bits
+        bits = self.problem.option_bits
+        return {m: int(bits[k]) for it, k in zip(self.problem.items, self.choices[index].tolist()) for m in it}
+
+    def thin(self, max_points: int) -> np.ndarray:
+        """Indices of at most ``max_points`` points: the best under each of ``max_points`` evenly
+        spaced sizes from the smallest to the largest point (all points when there are fewer)."""
+        if len(self.points) <= max_points:
+            return np.arange(len(self.points))
+        size = np.array([p.predicted.get("size_bits", 0.0) for p in self.points])
+        damage = np.array([p.predicted["damage"] for p in self.points])
+        return best_under(size, damage, np.linspace(size.min(), size.max(), max_points))
+
+    def to_frame(self, plan_refs: list[str] | None = None, rows=None):
+        """One row per point (or per index of ``rows``): predicted sums, ``damage_bound``,
+        ``measured_*`` columns, budget, status, index and ``plan``."""
         import pandas as pd
 
-        rows = []
-        for i, p in enumerate(self.points):
-            row = {"point": i}
+        rows = range(len(self.points)) if rows is None else rows
+        out = []
+        for j, i in enumerate(rows):
+            p = self.points[i]
+            row = {"point": j}
             row.update({k: v for k, v in p.predicted.items() if k != "params"})
+            if p.bound is not None:
+                row["damage_bound"] = p.bound
             row.update({f"measured_{k}": v for k, v in p.measured.items()})
             row["budget"] = p.budget
             row["status"] = p.status
-            row["plan"] = plan_refs[i] if plan_refs else json.dumps(p.plan.bits, separators=(",", ":"))
-            rows.append(row)
+            row["index"] = int(i)
+            row["plan"] = plan_refs[j] if plan_refs else json.dumps(self.bits(i), separators=(",", ":"))
+            out.append(row)
         cols = ["point", "damage", "size_bits", "avg_bits"]
-        frame = pd.DataFrame(rows)
+        last = ["budget", "status", "index", "plan"]
+        frame = pd.DataFrame(out)
         if frame.empty:
-            return pd.DataFrame(columns=cols + ["budget", "status", "plan"])
+            return pd.DataFrame(columns=cols + last)
         first = [c for c in cols if c in frame]
-        last = ["budget", "status", "plan"]
         return frame[first + [c for c in frame if c not in first + last] + last]
 
-    def write(self, path: str | os.PathLike, plans_dir: str | os.PathLike | None = None) -> Path:
-        """Write the CSV (and one plan JSON per point into ``plans_dir``), atomically."""
+    def write(self, path: str | os.PathLike, plans_dir: str | os.PathLike | None = None,
+              max_points: int | None = DEFAULT_MAX_POINTS) -> Path:
+        """Write the CSV (at most ``max_points`` rows; ``None``: all), every point into the
+        ``.npz`` beside it, and one plan JSON per CSV row into ``plans_dir``; all or nothing."""
+        if max_points is not None and (not isinstance(max_points, (int, np.integer)) or max_points < 1):
+            raise MpsearchError(f"max_points must be a positive integer or None, got {max_points!r}")
         path = Path(path)
-        refs = None
-        if plans_dir is not None:
-            from .fileio import atomic_dir
+        from .fileio import atomic_dir, atomic_write, atomic_write_text
 
-            plans_dir = Path(plans_dir)
-            refs = []
-            with atomic_dir(plans_dir) as stage:  # the folder appears whole, then the CSV
-                for i, p in enumerate(self.points):
-                    p.plan.save(stage / f"point_{i:04d}.json")
-            for i, _p in enumerate(self.points):
-                f = plans_dir / f"point_{i:04d}.json"
-                try:
-                    refs.append(os.path.relpath(f, path.parent.resolve() if path.parent != Path("") else Path.cwd()))
-                except ValueError:  # another drive
-                    refs.append(str(f.resolve()))
-        atomic_write_text(path, self.to_frame(refs).to_csv(index=False))
+        rows = self.thin(max_points) if max_points else np.arange(len(self.points))
+        with contextlib.ExitStack() as stack:  # on an error nothing below is put in place
+            refs = None
+            if plans_dir is not None:
+                plans_dir = Path(plans_dir)
+                stage = stack.enter_context(atomic_dir(plans_dir))
+                refs = []
+                for j, i in enumerate(rows):
+                    name = f"point_{j:04d}.json"
+                    self.points[i].plan.save(stage / name)
+                    refs.append(_relative(plans_dir / name, path))
+            if self.choices is not None and self.problem is not None:
+                self._save_npz(stack.enter_context(atomic_write(path.with_suffix(".npz"), "wb")))
+            text = self.to_frame(refs, rows).to_csv(index=False)
+        atomic_write_text(path, text)  # the CSV last
         return path
 
+    def _save_npz(self, target: Path) -> None:
+        pts = self.points
+        arrays = {f"sum_{k}": np.array([p.predicted.get(k, np.nan) for p in pts]) for k in pts[0].predicted} if pts else {}
+        np.savez(
+            target, choices=self.choices, **arrays,
+            status=np.array([p.status for p in pts]), budget=np.array([p.budget for p in pts]),
+            bound=np.array([np.nan if p.bound is None else p.bound for p in pts]),
+            options=np.array(self.problem.option_names),
+            items=np.array(json.dumps(self.problem.items)), key=np.array(self.key), solver=np.array(self.solver),
+        )
 
-def non_dominated(frame, x: str = "size_bits", y: str = "damage"):
-    """The rows of ``frame`` that no other row beats on both ``x`` and ``y`` (lower is better),
-    sorted by ``x``; of equal points the first is kept."""
-    for col in (x, y):
-        if col not in frame:
-            raise MpsearchError(f"non_dominated: the frame has no column {col!r}; columns: {list(frame.columns)}")
-    return frame.iloc[_pareto_indices(frame[x].to_numpy(), frame[y].to_numpy())]
+
+def read_points(path: str | os.PathLike):
+    """Every point of a frontier from its ``.npz`` (or the CSV beside it): ``(frame, options)``
+    where ``frame`` holds one row per point (sums, ``damage_bound``, status, budget) and
+    ``options(i)`` gives point ``i``'s plan as ``{layer: option name}``."""
+    import pandas as pd
+
+    path = Path(path).with_suffix(".npz")
+    if not path.exists():
+        raise MpsearchError(f"{path}: no such frontier file; write one with 'mpsearch frontier'")
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    frame = pd.DataFrame({k[4:]: v for k, v in data.items() if k.startswith("sum_")})
+    frame["damage_bound"], frame["status"], frame["budget"] = data["bound"], data["status"], data["budget"]
+    items, options, choices = json.loads(str(data["items"])), data["options"].tolist(), data["choices"]
+
+    def plan_options(i: int) -> dict[str, str]:
+        return {m: options[int(k)] for it, k in zip(items, choices[i]) for m in it}
+
+    return frame, plan_options
 
 
-def _pareto_indices(cost: np.ndarray, damage: np.ndarray) -> np.ndarray:
-    order = np.lexsort((damage, cost))
-    d = damage[order]
-    prev = np.r_[np.inf, np.minimum.accumulate(d)[:-1]]
-    return order[d < prev]
+def _relative(target: Path, csv: Path) -> str:
+    try:
+        return os.path.relpath(target, csv.parent.resolve() if csv.parent != Path("") else Path.cwd())
+    except ValueError:  # another drive
+        return str(target.resolve())
 
 
 def compute_frontier(table: CostTable, solver="dp", points: int | None = None, key: str = "avg_bits",
                      budget: Budget | None = None) -> Frontier:
     """The frontier of ``table`` over budgets of ``key``, from ``solver`` (a name or a Solver).
 
-    ``points``: for one-pass solvers, thin the whole frontier to the best plan under each of
-    ``points`` evenly spaced budgets (``None``: every point); for the others, the number of budgets
-    swept (default 20). ``budget``: other constraints, bounds, pins and ties that every point meets.
+    ``points``: for whole-frontier solvers, the best plan under each of ``points`` evenly spaced
+    budgets (``None``: every point; ``dp`` proves each such point optimal); for the others, the
+    number of budgets swept (default 20). ``budget``: other constraints, bounds, pins and ties that
+    every point meets.
     """
     from .registry import get_solver
-    from .solvers.base import make_plan
 
     if isinstance(solver, str):
         solver = get_solver(solver)
@@ -157,70 +260,94 @@ def compute_frontier(table: CostTable, solver="dp", points: int | None = None, k
         raise MpsearchError(f"points must be a positive integer, got {points!r}")
     budget = budget or Budget()
     if key in budget.constraints:
-        raise BudgetError(
-            f"the frontier sweeps {key}; drop it from the budget (the other constraints stay)"
-        )
-    loose = budget.with_constraints(**{key: 1e300})
-    problem = compile_problem(table, loose)
+        raise BudgetError(f"the frontier sweeps {key}; drop it from the budget (the other constraints stay)")
+    problem = compile_problem(table, budget.with_constraints(**{key: 1e300}))
     j = next(i for i, c in enumerate(problem.constraints) if c.key == key)
     con = problem.constraints[j]
     others = dataclasses.replace(problem, constraints=[c for i, c in enumerate(problem.constraints) if i != j])
     reason = others.infeasibility()
     if reason:
         return Frontier([], key, solver.name, "infeasible", reason)
-    w = problem.resources[con.column]
-    lo = float(np.where(problem.allowed, w, np.inf).min(axis=1).sum())
-    idx = np.arange(problem.n_items)
-    best = np.where(problem.damage <= problem.damage.min(axis=1, keepdims=True), w, np.inf)
-    hi = float(best.min(axis=1).sum())
-    results = []  # (choice, budget label, status)
-    one_pass = hasattr(solver, "frontier") and not (solver.name == "dp" and others.constraints)
-    stats = {}
+    lo, hi = sweep_range(problem, con.column)
+    one_pass = getattr(solver, "whole_frontier", False) and not (
+        getattr(solver, "single_resource", False) and others.constraints)
     if one_pass:
-        fr = solver.frontier(problem, con.column)
+        grid = np.linspace(lo, hi, points) if points is not None else None
+        fr = solver.frontier(problem, con.column, budgets=grid)
+        n = len(fr["cost"])
+        results = (np.asarray(fr["choices"]), fr.get("status", np.full(n, "feasible")),
+                   fr.get("bound", np.full(n, np.nan)))
         stats = dict(fr.get("stats", {}))
-        choices, cost = fr["choices"], fr["cost"]
-        if points is not None:
-            picks = []
-            for v in np.linspace(lo, hi, points):
-                ok = np.flatnonzero(cost <= v * (1 + 1e-12) + 1e-9)
-                if len(ok):
-                    picks.append(ok[np.argmin(fr["damage"][ok])])
-            sel = sorted(set(picks))
-        else:
-            sel = range(len(cost))
-        for s in sel:
-            results.append((np.asarray(choices[s], dtype=int), f"{key}<={con.to_user(cost[s]):.6g}", "optimal" if stats.get("mode") == "exact" else "feasible"))
     else:
-        for v in np.linspace(lo, hi, points or DEFAULT_POINTS):
-            caps = list(problem.constraints)
-            caps[j] = dataclasses.replace(con, cap=float(v))
-            sub = dataclasses.replace(problem, constraints=caps)
-            res = solver.solve_problem(sub, budget.with_constraints(**{key: con.to_user(v)}))
-            if res.plan is not None:
-                choice = np.array([problem.option_names.index(res.plan.options[m[0]]["name"]) for m in problem.items])
-                results.append((choice, f"{key}<={con.to_user(v):.6g}", res.status))
-    if not results:
+        results, stats = _sweep(problem, j, solver, budget, np.linspace(lo, hi, points or DEFAULT_POINTS)), {}
+    if not len(results[0]):
         return Frontier([], key, solver.name, "infeasible", "the solver found no plan for any budget of the sweep")
-    all_choices = np.array([c for c, _, _ in results])
-    sums = {"damage": problem.damage[idx, all_choices].sum(axis=1)}
-    for col, mat in problem.resources.items():
-        sums[col] = mat[idx, all_choices].sum(axis=1)
-    cost, damage = sums[con.column], sums["damage"]
-    pts = []
-    for i in _pareto_indices(cost, damage):
-        choice, label, status = results[i]
-        used = con.to_user(cost[i])
+    return _build(problem, con, key, solver, budget, *results, stats=stats)
 
-        def factory(choice=choice, status=status, used=used):
-            plan = make_plan(problem, choice, solver=solver, budget=budget, status=status)
-            plan.provenance["budget"]["constraints"][key] = used
-            return plan
 
-        predicted = {col: float(v[i]) for col, v in sums.items()}
-        if problem.total_params and "size_bits" in predicted:
-            predicted["avg_bits"] = predicted["size_bits"] / problem.total_params
-        pts.append(FrontierPoint(predicted, budget=label, status=status, factory=factory))
-    size = np.array([p.predicted.get("size_bits", 0.0) for p in pts])
-    order = np.lexsort((np.array([p.predicted["damage"] for p in pts]), size))
-    return Frontier([pts[i] for i in order], key, solver.name, stats=stats)
+def sweep_range(problem: Problem, column: str) -> tuple[float, float]:
+    """The smallest achievable sum of ``column`` and the sum of the least-damage plan (cheapest)."""
+    w = problem.resources[column]
+    lo = float(np.where(problem.allowed, w, np.inf).min(axis=1).sum())
+    best = np.where(problem.damage <= problem.damage.min(axis=1, keepdims=True), w, np.inf)
+    return lo, float(best.min(axis=1).sum())
+
+
+def _sweep(problem: Problem, j: int, solver, budget: Budget, caps):
+    """Solve once per cap of constraint ``j``: (choices, statuses, bounds) of the plans found."""
+    con = problem.constraints[j]
+    index = {name: k for k, name in enumerate(problem.option_names)}
+    choices, statuses = [], []
+    for v in caps:
+        cons = list(problem.constraints)
+        cons[j] = dataclasses.replace(con, cap=float(v))
+        res = solver.solve_problem(dataclasses.replace(problem, constraints=cons),
+                                   budget.with_constraints(**{con.key: con.to_user(v)}))
+        if res.plan is not None:
+            choices.append([index[res.plan.options[m[0]]["name"]] for m in problem.items])
+            statuses.append(res.status)
+    ch = np.array(choices, dtype=_choice_dtype(problem)).reshape(len(choices), problem.n_items)
+    return ch, np.array(statuses), np.full(len(choices), np.nan)
+
+
+def _choice_dtype(problem: Problem):
+    return np.uint8 if problem.n_options < 256 else np.int32
+
+
+def column_sums(mats: dict[str, np.ndarray], choices: np.ndarray) -> dict[str, np.ndarray]:
+    """Each [item, option] matrix of ``mats`` summed over items, per row of ``choices`` [P, N]
+    (item by item, so memory stays proportional to the number of points)."""
+    cols = np.ascontiguousarray(np.asarray(choices).T)  # one contiguous row per item
+    sums = {k: np.zeros(cols.shape[1]) for k in mats}
+    for i, col in enumerate(cols):
+        for k, m in mats.items():
+            sums[k] += m[i].take(col)
+    return sums
+
+
+def _build(problem, con, key, solver, budget, choices, statuses, bounds, *, stats) -> Frontier:
+    """The Frontier of the non-dominated rows of ``choices``, sorted by size."""
+    from .solvers.base import make_plan
+
+    choices = np.asarray(choices).astype(_choice_dtype(problem), copy=False)
+    sums = column_sums({"damage": problem.damage, **problem.resources}, choices)
+    keep = pareto_indices(sums[con.column], sums["damage"])
+    if "size_bits" in sums:  # sorted by size (equal to the swept order unless another key is swept)
+        keep = keep[np.lexsort((sums["damage"][keep], sums["size_bits"][keep]))]
+    choices = choices[keep]
+    if problem.total_params and "size_bits" in sums:
+        sums["avg_bits"] = sums["size_bits"] / problem.total_params
+    names = list(sums)
+    rows = zip(*(sums[c][keep].tolist() for c in names))
+    used = (sums[con.column][keep] / con.unit_scale).tolist()
+    bounds = [None if b != b else b for b in np.asarray(bounds, dtype=float)[keep].tolist()]
+
+    def factory(j, status, used):
+        plan = make_plan(problem, choices[j].astype(int), solver=solver, budget=budget, status=status)
+        plan.provenance["budget"]["constraints"][key] = used
+        return plan
+
+    pts = [FrontierPoint(dict(zip(names, row)), budget=f"{key}<={u:.6g}", status=st, bound=b,
+                         factory=functools.partial(factory, j, st, u))
+           for j, (row, u, st, b) in enumerate(zip(rows, used, np.asarray(statuses)[keep].tolist(), bounds))]
+    return Frontier(pts, key, solver.name, stats=stats, choices=choices, problem=problem)

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
+from .data import run_model
 from .errors import MpsearchError
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
 
@@ -76,18 +78,6 @@ def iter_quantizable(model: nn.Module, include_embedding: bool = False):
         yield name, module, kind
 
 
-def _batch_size(inputs) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    if isinstance(inputs, dict):
-        for v in inputs.values():
-            if isinstance(v, torch.Tensor):
-                return _batch_size(v)
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return _batch_size(inputs[0])
-    return 1
-
-
 def discover_layers(
     model: nn.Module,
     example_inputs=None,
@@ -126,39 +116,7 @@ def discover_layers(
             + (", Embedding" if include_embedding else "")
             + "): nothing to allocate bits to"
         )
-    macs: dict[str, int] = {}
-    if example_inputs is not None:
-        from .data import run_model
-
-        n = _batch_size(example_inputs)
-        handles = []
-
-        def hook_for(lname, kind, module, in_f):
-            def hook(mod, args, output):
-                out = output[0] if isinstance(output, (tuple, list)) else output
-                if kind == "embedding":
-                    macs[lname] = 0
-                    return
-                if kind in ("conv1d", "conv2d"):
-                    per_out = in_f  # in_channels/groups * kernel elements
-                    total = out.numel() * per_out
-                else:  # linear, conv1d_hf: each output element takes in_features MACs
-                    total = out.numel() * in_f
-                macs[lname] = macs.get(lname, 0) + total // max(n, 1)
-
-            return hook
-
-        for name, module, kind, out_c, in_f in found:
-            handles.append(module.register_forward_hook(hook_for(name, kind, module, in_f)))
-        try:
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                run_model(model, example_inputs)
-            model.train(was_training)
-        finally:
-            for h in handles:
-                h.remove()
+    macs = measure_macs(model, example_inputs, found) if example_inputs is not None else {}
     layers = [
         Layer(
             name=name,
@@ -175,6 +133,34 @@ def discover_layers(
     for lay in layers:
         lay.group = groups.get(lay.name)
     return layers
+
+
+def measure_macs(model: nn.Module, example_inputs, found) -> dict[str, int]:
+    """MACs per sample of each ``(name, module, kind, out_c, in_f)`` in ``found``, from one forward
+    pass of ``example_inputs`` in ``torch.no_grad()`` with hooks on those modules."""
+    n = max(_batch_size(example_inputs), 1)
+    macs: dict[str, int] = {}
+
+    def hook_for(lname, kind, in_f):
+        def hook(mod, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            # a lookup costs nothing; every output element of a linear or convolution takes in_f
+            # MACs (in_channels/groups x kernel elements for convolutions)
+            macs[lname] = 0 if kind == "embedding" else macs.get(lname, 0) + out.numel() * in_f // n
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name, kind, in_f)) for name, module, kind, _, in_f in found]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,7 +664,8 @@ def _extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
     if plot is not None:
         import matplotlib
 
-        matplotlib.use("Agg", force=False)
+        if "matplotlib.pyplot" not in sys.modules:  # headless default; keep a notebook's own backend
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         from . import plotting

@@ -3,6 +3,8 @@ only inside the drawing functions, so ``import mpsearch`` never loads it."""
 
 from __future__ import annotations
 
+import sys
+
 from .errors import MpsearchError
 
 
@@ -73,7 +75,8 @@ def save_frontier_plot(frontiers, path, **kw) -> None:
     """Draw with :func:`plot_frontier` on a non-interactive canvas and save to ``path``."""
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "matplotlib.pyplot" not in sys.modules:  # headless default; keep a notebook's own backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ax = plot_frontier(frontiers, **kw)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .budget import Budget, matches
 from .errors import BudgetError, close_matches, name_list
-from .ties import tie_groups
+from .ties import connected_groups, groups_of, tie_groups
 from .table import CostTable
 
 
@@ -109,6 +109,16 @@ class Problem:
                 )
         return "; ".join(msgs) if msgs else None
 
+    def uniform_choices(self) -> list[np.ndarray]:
+        """One choice vector per option k: every item at option k, or at its nearest allowed option
+        (by option index) where k is not allowed. The uniform plans solvers start from."""
+        K = self.n_options
+        out = []
+        for k in range(K):
+            near = np.abs(np.arange(K)[None, :] - k) + np.where(self.allowed, 0, 10 * K)
+            out.append(np.argmin(near, axis=1))
+        return out
+
     def decode(self, choice) -> dict[str, str]:
         """layer -> option name."""
         out = {}
@@ -121,46 +131,56 @@ class Problem:
 def group_items(layers, group_of: dict) -> list[list[str]]:
     """Layers gathered into decision items: one per tie group (members in layer order), one per
     untied layer, in the order of first appearance."""
-    seen: dict[str, list[str]] = {}
-    items: list[list[str]] = []
-    for n in layers:
-        g = group_of.get(n)
-        if g is None:
-            items.append([n])
-        elif g in seen:
-            seen[g].append(n)
-        else:
-            seen[g] = [n]
-            items.append(seen[g])
-    return items
+    return connected_groups(layers, groups_of(group_of))
 
 
 def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
     """Check ``budget`` against ``table`` and build the dense problem."""
     budget = budget or Budget()
-    frame = table.frame
-    layers = table.layers
-    options = table.options
-    opt_index = {o: k for k, o in enumerate(options)}
-    layer_index = {n: i for i, n in enumerate(layers)}
-    K = len(options)
+    layers, options = table.layers, table.options
     bits_of = table.option_bits()
     option_bits = np.array([bits_of[o] for o in options], dtype=int)
-
-    # ------------------------------------------------------------- per-layer arrays
-    L = len(layers)
-    li = frame["layer"].map(layer_index).to_numpy()
-    ki = frame["option"].map(opt_index).to_numpy()
-    layer_allowed = np.zeros((L, K), dtype=bool)
-    layer_allowed[li, ki] = True
     cols = ["damage"] + table.resource_columns
-    layer_vals = {}
-    for col in cols:
-        m = np.zeros((L, K))
-        m[li, ki] = frame[col].to_numpy(dtype=float)
-        layer_vals[col] = m
+    layer_allowed, layer_vals = _layer_arrays(table, cols)
+    layer_allowed &= _rule_mask(budget, layers, options, option_bits)
+    extra = tie_groups(layers, ties=budget.ties) if budget.ties else {}
+    # layers that share a table group or a tie-regex group end up in one item
+    items = connected_groups(layers, groups_of(dict(table.groups)) + groups_of(extra))
+    allowed, vals = _item_arrays(items, {n: i for i, n in enumerate(layers)}, layer_allowed, layer_vals)
+    damage = np.where(allowed, vals.pop("damage"), np.inf)
+    params = table.layer_params()
+    total_params = float(sum(params.values())) if params else None
+    return Problem(
+        items=items,
+        option_names=list(options),
+        option_bits=option_bits,
+        allowed=allowed,
+        damage=damage,
+        resources=vals,
+        constraints=_constraints(budget, total_params, list(vals)),
+        total_params=total_params,
+        table_metadata=dict(table.metadata),
+    )
 
-    # ------------------------------------------------------------- bounds and pins
+
+def _layer_arrays(table: CostTable, cols: list[str]):
+    """Per layer x option: which options the table offers, and each column's values."""
+    frame = table.frame
+    li = frame["layer"].map({n: i for i, n in enumerate(table.layers)}).to_numpy()
+    ki = frame["option"].map({o: k for k, o in enumerate(table.options)}).to_numpy()
+    shape = (len(table.layers), len(table.options))
+    offered = np.zeros(shape, dtype=bool)
+    offered[li, ki] = True
+    vals = {}
+    for col in cols:
+        m = np.zeros(shape)
+        m[li, ki] = frame[col].to_numpy(dtype=float)
+        vals[col] = m
+    return offered, vals
+
+
+def _rule_mask(budget: Budget, layers: list[str], options: list[str], option_bits: np.ndarray) -> np.ndarray:
+    """Per layer x option: allowed by the budget's --min-bits, --max-bits and --pin rules."""
     for rule, name in ((budget.min_bits, "min_bits"), (budget.max_bits, "max_bits"), (budget.pins, "pin")):
         for pattern in rule:
             if not any(matches(pattern, n) for n in layers):
@@ -168,68 +188,49 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
                     f"{name} rule {pattern!r} matches no layer of the table"
                     f"{close_matches(pattern, layers)}"
                 )
+    pins = {pattern: _pin_mask(pattern, pin, options, option_bits) for pattern, pin in budget.pins.items()}
+    mask = np.ones((len(layers), len(options)), dtype=bool)
     for i, n in enumerate(layers):
         for pattern, b in budget.min_bits.items():
             if matches(pattern, n):
-                layer_allowed[i] &= option_bits >= b
+                mask[i] &= option_bits >= b
         for pattern, b in budget.max_bits.items():
             if matches(pattern, n):
-                layer_allowed[i] &= option_bits <= b
-        for pattern, pin in budget.pins.items():
+                mask[i] &= option_bits <= b
+        for pattern, pin in pins.items():
             if matches(pattern, n):
-                pin_s = str(pin).strip()
-                if pin_s in opt_index:
-                    mask = np.arange(K) == opt_index[pin_s]
-                elif pin_s.isdigit():
-                    mask = option_bits == int(pin_s)
-                elif pin_s.lower() == "keep":
-                    mask = option_bits == 16
-                else:
-                    raise BudgetError(
-                        f"pin {pattern}={pin}: the table has no option {pin!r}; options: "
-                        f"{name_list(options)}"
-                    )
-                if not mask.any():
-                    raise BudgetError(
-                        f"pin {pattern}={pin}: the table has no option with that bit-width; "
-                        f"options: {name_list(options)}"
-                    )
-                layer_allowed[i] &= mask
-        if not layer_allowed[i].any():
-            raise BudgetError(
-                f"layer {n!r}: the per-layer bounds and pins leave it no option; loosen "
-                f"--min-bits/--max-bits/--pin"
-            )
+                mask[i] &= pin
+    return mask
 
-    # ------------------------------------------------------------- ties -> items
-    group_of = dict(table.groups)
-    extra = tie_groups(layers, ties=budget.ties) if budget.ties else {}
-    if extra:
-        # merge: layers that share either a table group or a regex group end up together
-        parent = {n: n for n in layers}
 
-        def find(x):
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for mapping in (group_of, extra):
-            first: dict[str, str] = {}
-            for n, g in mapping.items():
-                if g in first:
-                    parent[find(n)] = find(first[g])
-                else:
-                    first[g] = n
-        comps: dict[str, list[str]] = {}
-        for n in layers:
-            comps.setdefault(find(n), []).append(n)
-        items = list(comps.values())
+def _pin_mask(pattern: str, pin, options: list[str], option_bits: np.ndarray) -> np.ndarray:
+    """The options a pin names: an option name, a bit-width, or ``keep``."""
+    pin_s = str(pin).strip()
+    if pin_s in options:
+        mask = np.array([o == pin_s for o in options])
+    elif pin_s.isdigit():
+        mask = option_bits == int(pin_s)
+    elif pin_s.lower() == "keep":
+        mask = option_bits == 16
     else:
-        items = group_items(layers, group_of)
-    N = len(items)
+        raise BudgetError(f"pin {pattern}={pin}: the table has no option {pin!r}; options: {name_list(options)}")
+    if not mask.any():
+        raise BudgetError(
+            f"pin {pattern}={pin}: the table has no option with that bit-width; options: {name_list(options)}"
+        )
+    return mask
+
+
+def _item_arrays(items, layer_index: dict, layer_allowed: np.ndarray, layer_vals: dict):
+    """Per item x option: allowed for every member, and each column summed over the members."""
+    for i in np.flatnonzero(~layer_allowed.any(axis=1)):
+        raise BudgetError(
+            f"layer {list(layer_index)[i]!r}: the per-layer bounds and pins leave it no option; loosen "
+            f"--min-bits/--max-bits/--pin"
+        )
+    N, K = len(items), layer_allowed.shape[1]
     allowed = np.ones((N, K), dtype=bool)
-    vals = {col: np.zeros((N, K)) for col in cols}
+    vals = {col: np.zeros((N, K)) for col in layer_vals}
     for j, members in enumerate(items):
         idx = [layer_index[m] for m in members]
         allowed[j] = layer_allowed[idx].all(axis=0)
@@ -238,13 +239,13 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
                 f"tied layers {name_list(members)} have no option in common after bounds and pins; "
                 f"give tied layers the same bounds"
             )
-        for col in cols:
+        for col in layer_vals:
             vals[col][j] = layer_vals[col][idx].sum(axis=0)
-    damage = np.where(allowed, vals.pop("damage"), np.inf)
+    return allowed, vals
 
-    # ------------------------------------------------------------- constraints
-    params = table.layer_params()
-    total_params = float(sum(params.values())) if params else None
+
+def _constraints(budget: Budget, total_params: float | None, columns: list[str]) -> list[Constraint]:
+    """The budget's "sum <= cap" constraints in column units."""
     constraints = []
     for key, value in budget.constraints.items():
         if key == "avg_bits":
@@ -256,22 +257,12 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
             constraints.append(Constraint(key, "size_bits", value * total_params, total_params))
         elif key == "size_mb":
             constraints.append(Constraint(key, "size_bits", value * 8e6, 8e6))
-        elif key in vals:
+        elif key in columns:
             constraints.append(Constraint(key, key, value))
         else:
-            valid = ["avg_bits", "size_mb"] + list(vals)
+            valid = ["avg_bits", "size_mb"] + columns
             raise BudgetError(
                 f"budget key {key!r} is not a column of the table{close_matches(key, valid)}; "
                 f"valid keys: {name_list(valid)}"
             )
-    return Problem(
-        items=items,
-        option_names=list(options),
-        option_bits=option_bits,
-        allowed=allowed,
-        damage=damage,
-        resources=vals,
-        constraints=constraints,
-        total_params=total_params,
-        table_metadata=dict(table.metadata),
-    )
+    return constraints

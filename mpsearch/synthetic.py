@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import MpsearchError
+from .frontier import pareto_indices
 from .problem import group_items
 from .table import CostTable
 
@@ -136,12 +137,7 @@ def exact_frontier(table: CostTable, column: str = "size_bits", max_plans: int =
     ar = np.arange(len(items))
     d = d_item[ar, combos].sum(axis=1)
     r = r_item[ar, combos].sum(axis=1)
-    order = np.lexsort((d, r))
-    keep, best = [], np.inf
-    for j in order:
-        if d[j] < best * (1 - 1e-12) - 1e-300:
-            keep.append(j)
-            best = d[j]
+    keep = pareto_indices(r, d)
     return pd.DataFrame(
         {
             column: r[keep],

@@ -47,27 +47,43 @@ def tie_groups(
             if m:
                 key = f"tie{i}:" + "|".join(g or "" for g in m.groups()) if m.groups() else f"tie{i}"
                 members.setdefault(key, []).append(name)
-    # merge groups sharing a layer (union-find over names)
-    parent: dict[str, str] = {}
+    result = {}
+    for comp in connected_groups(names, members.values()):
+        if len(comp) > 1:
+            gid = comp[0] + "+" + str(len(comp) - 1)
+            for n in comp:
+                result[n] = gid
+    return result
+
+
+def connected_groups(names: Sequence[str], groups: Iterable[Iterable[str]]) -> list[list[str]]:
+    """Every name of ``names`` in exactly one component: names that share a group, directly or
+    through a chain of groups, end up together (union-find). Components are ordered by their first
+    name's position in ``names``, members in ``names`` order; an ungrouped name is its own."""
+    names = list(names)
+    parent = {n: n for n in names}
 
     def find(x):
-        while parent.setdefault(x, x) != x:
+        while parent[x] != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
 
-    for group in members.values():
+    for group in groups:
+        group = [n for n in group if n in parent]
         for other in group[1:]:
-            parent[find(other)] = find(group[0])
+            a, b = find(other), find(group[0])
+            if a != b:
+                parent[a] = b
     comps: dict[str, list[str]] = {}
-    for group in members.values():
-        for n in group:
-            comps.setdefault(find(n), []).append(n)
-    result = {}
-    for comp in comps.values():
-        uniq = [n for n in names if n in set(comp)]
-        if len(uniq) > 1:
-            gid = uniq[0] + "+" + str(len(uniq) - 1)
-            for n in uniq:
-                result[n] = gid
-    return result
+    for n in names:
+        comps.setdefault(find(n), []).append(n)
+    return list(comps.values())
+
+
+def groups_of(mapping: dict) -> list[list[str]]:
+    """``{name: group id}`` -> the lists of names per group id."""
+    out: dict = {}
+    for n, g in mapping.items():
+        out.setdefault(g, []).append(n)
+    return list(out.values())

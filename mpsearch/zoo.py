@@ -24,6 +24,7 @@ import json
 import os
 import random
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,33 @@ def _offline_transformers():
         raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    _import_torchao_quietly()
     return transformers
+
+
+def _import_torchao_quietly() -> None:
+    """Import torchao (when installed) before transformers does so on its first model load.
+
+    On import, torchao logs a warning for each CUDA-only kernel library that a CPU build of torch
+    cannot load ("Failed to load ..._C_mxfp8...so"), and torch's pytree logs a deprecation for each
+    Enum torchao registers. Those two loggers are raised to ERROR for this import only.
+    """
+    import importlib.util
+    import logging
+
+    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import transformers.quantizers.auto  # noqa: F401  (what imports torchao's submodules)
+    except Exception:  # noqa: BLE001 - a broken optional torchao must not stop a model load
+        pass
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def load_minilm(eager_attention: bool = False):

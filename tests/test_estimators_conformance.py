@@ -1,5 +1,6 @@
-"""One conformance suite over every registered estimator: table shape, finite non-negative damage,
-seeded determinism, metadata, keep costs nothing, and fewer bits never cost less in total."""
+"""The shipped estimator conformance suite (mpsearch.testing) over every registered estimator and a
+toy plugin: table shape, finite non-negative damage, keep costs nothing, fewer bits cost more in total,
+seeded determinism (and another seed changes what is drawn at random), metadata, refusing no data."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import mpsearch
-from mpsearch.registry import estimator_names
+from mpsearch.registry import ESTIMATORS, estimator_names, register
 from mpsearch.sensitivity.base import EstimatorWarning
+from mpsearch.testing import check_estimator, estimator_checks
 
 from sensitivity_models import cnn_batches, lm_batches
 
@@ -28,57 +30,29 @@ def _estimate(name, case, seed=0):
         return est.estimate(model, batches, progress=False), model
 
 
-@pytest.fixture(scope="module")
-def tables():
-    return {}
+#: estimators that draw random probes or samples: another seed must change their table
+SEEDED = {"hessian"}
 
 
-def _get(tables, name, case):
-    if (name, case) not in tables:
-        tables[(name, case)] = _estimate(name, case)
-    return tables[(name, case)]
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("check", estimator_checks(), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name", estimator_names())
-def test_table_shape_and_damage(tables, name, case):
-    table, model = _get(tables, name, case)
-    layers = [n for n, _m, _k in mpsearch.layers.iter_quantizable(model)]
-    assert table.layers == layers
-    assert table.options == ["int2", "int4", "int8", "keep"]
-    d = table.pivot("damage").to_numpy()
-    assert np.isfinite(d).all() and (d >= 0).all()
-    assert (d[:, -1] == 0).all()  # keep changes nothing
-    assert d[:, 0].sum() >= d[:, 2].sum() > 0  # 2 bits cost more than 8 bits, and something
+def test_conformance(name, check):
+    extra = {"seed_matters": name in SEEDED} if check.__name__ == "check_seeded_determinism" else {}
+    check(name, **extra, **FAST.get(name, {}))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", estimator_names())
-def test_seeded_determinism(tables, name, case):
-    first, _ = _get(tables, name, case)
-    again, _ = _estimate(name, case)
-    assert np.array_equal(first.frame["damage"].to_numpy(), again.frame["damage"].to_numpy())
-
-
-@pytest.mark.parametrize("name", estimator_names())
-def test_metadata(tables, name):
-    table, model = _get(tables, name, "cnn")
-    md = table.metadata
-    assert md["estimator"] == name
-    assert md["params"]["seed"] == 0 and md["params"]["options"] == "2,4,8,keep"
-    assert md["model"]["fingerprint"] == mpsearch.sensitivity.model_fingerprint(model)
-    assert md["data"]["batches"] == 2
-    assert md["cost"]["seconds"] >= 0
-    if name != "weight-error":
-        assert md["data"]["targets"] is True
-        assert md["cost"].get("forward_passes", 0) >= 1
-
-
-@pytest.mark.parametrize("name", [n for n in estimator_names() if n != "weight-error"])
-def test_data_driven_estimators_refuse_no_data(name):
-    model, _ = cnn_batches()
-    with pytest.raises(mpsearch.MpsearchError, match=f"estimator '{name}' needs calibration data"):
-        mpsearch.get_estimator(name).estimate(model, None, progress=False)
+def test_a_registered_plugin_runs_the_shipped_suite():
+    register("estimator", "toy-weight-error", "toy_plugins:ToyWeightError")
+    register("estimator", "toy-inverted", "toy_plugins:ToyInverted")
+    try:
+        check_estimator("toy-weight-error")
+        with pytest.raises(AssertionError, match=r"toy-inverted \(cnn\): keep must cost nothing"):
+            check_estimator("toy-inverted")
+        with pytest.raises(AssertionError, match="another seed gave the same table"):
+            check_estimator("toy-weight-error", seed_matters=True)  # it draws nothing at random
+    finally:
+        ESTIMATORS.pop("toy-weight-error", None)
+        ESTIMATORS.pop("toy-inverted", None)
 
 
 @pytest.mark.parametrize("name", ["hessian", "fisher", "output-distance"])

@@ -12,7 +12,7 @@ import pytest
 from mpsearch.budget import Budget
 from mpsearch.cli import main
 from mpsearch.errors import BudgetError, MpsearchError
-from mpsearch.frontier import Frontier, FrontierPoint, compute_frontier, non_dominated
+from mpsearch.frontier import Frontier, FrontierPoint, compute_frontier, non_dominated, read_points
 from mpsearch.plan import BitPlan
 from mpsearch.plotting import frontier_plot_data, save_frontier_plot
 from mpsearch.problem import compile_problem
@@ -28,9 +28,24 @@ def on_known(frame, known, column="size_bits"):
 
 
 def test_tiny_table_ships_its_exact_frontier():
+    """Against a plain enumeration of the 81 plans with a pairwise dominance test."""
+    import itertools
+
     table, known = tiny_table()
-    assert len(table.layers) == 4 and len(known) >= 10
-    assert np.all(np.diff(known["size_bits"]) > 0) and np.all(np.diff(known["damage"]) < 0)
+    rows = table.frame.set_index(["layer", "option"])
+    plans = []
+    for combo in itertools.product(table.options, repeat=len(table.layers)):
+        pick = dict(zip(table.layers, combo))
+        plans.append((sum(rows.loc[k, "size_bits"] for k in pick.items()),
+                      sum(rows.loc[k, "damage"] for k in pick.items()), pick))
+    front = [p for p in plans
+             if not any(q[0] <= p[0] and q[1] <= p[1] and (q[0] < p[0] or q[1] < p[1]) for q in plans)]
+    front = sorted({(s, d): pick for s, d, pick in front}.items())  # equal points once
+    assert len(table.layers) == 4 and len(known) == len(front) >= 10
+    assert known["size_bits"].tolist() == [s for (s, _), _ in front]
+    assert known["damage"].tolist() == pytest.approx([d for (_, d), _ in front], rel=1e-12)
+    for plan, (_, pick) in zip(known["plan"], front):
+        assert _independent_sums(table, plan) == _independent_sums(table, pick)
 
 
 @pytest.mark.parametrize("seed", range(15))
@@ -167,6 +182,78 @@ def test_cli_frontier(tmp_path, capsys):
     assert rc == 2 and "--points must be a positive integer" in capsys.readouterr().err
     rc = main(["frontier", "-o", str(tmp_path / "h.csv")])
     assert rc == 2 and "frontier needs --table" in capsys.readouterr().err
+
+
+def _independent_sums(table, options: dict) -> tuple[float, float]:
+    rows = table.frame.set_index(["layer", "option"])
+    return (float(sum(rows.loc[(n, o), "size_bits"] for n, o in options.items())),
+            float(sum(rows.loc[(n, o), "damage"] for n, o in options.items())))
+
+
+def test_big_frontier_writes_a_bounded_csv_and_every_point_to_the_npz(tmp_path):
+    table = random_table(40, seed=8, min_params=16, max_params=3000)
+    fr = compute_frontier(table, "dp", key="size_bits")
+    assert len(fr) > 50
+    path = fr.write(tmp_path / "f.csv", max_points=12)
+    frame = pd.read_csv(path)
+    assert len(frame) <= 12 and frame["size_bits"].is_monotonic_increasing
+    points, options = read_points(path)
+    assert len(points) == len(fr) and (points["damage"].diff().dropna() < 0).all()
+    for i in (0, len(points) // 2, len(points) - 1):  # the npz's plans have the sums it states
+        size, dmg = _independent_sums(table, options(i))
+        assert size == points.loc[i, "size_bits"] and dmg == pytest.approx(points.loc[i, "damage"], rel=1e-12)
+    for _, r in frame.iterrows():  # each CSV row is the npz point it names
+        assert points.loc[r["index"], "size_bits"] == r["size_bits"]
+    with pytest.raises(MpsearchError, match="max_points must be a positive integer"):
+        fr.write(tmp_path / "g.csv", max_points=0)
+
+
+def test_discretised_dp_frontier_states_true_bounds_and_exact_points_per_budget():
+    table = random_table(6, bits=(2, 3, 4, 8), seed=12, min_params=16, max_params=300)
+    known = exact_frontier(table, "size_bits")
+    solver = get_solver("dp", max_units=25)
+    whole = compute_frontier(table, solver, key="size_bits")
+    assert whole.stats["mode"] == "discretised"
+    for p in whole.points:  # no plan of that size beats the stated bound
+        best = known[known["size_bits"] <= p.predicted["size_bits"]]["damage"].min()
+        assert p.bound <= best * (1 + 1e-12) and p.predicted["damage"] >= best * (1 - 1e-12)
+        assert p.status == "optimal" or p.predicted["damage"] > p.bound
+    lo, hi = known["size_bits"].min(), known["size_bits"].max()
+    thin = compute_frontier(table, solver, points=9, key="size_bits")
+    assert all(p.status == "optimal" for p in thin.points)
+    frame = thin.to_frame()
+    for v in np.linspace(lo, hi, 9):
+        best = known[known["size_bits"] <= v + 1e-9]["damage"].min()
+        assert frame[frame["size_bits"] <= v + 1e-9]["damage"].min() == pytest.approx(best, rel=1e-12)
+
+
+def test_frontier_outputs_appear_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    table = random_table(12, seed=3, min_params=16, max_params=300).write(tmp_path / "t.csv")
+    out = tmp_path / "out"
+    args = ["frontier", "--table", str(table), "--solver", "dp", "--points", "6", "-o", str(out / "f.csv"),
+            "--plans-dir", str(out / "plans")]
+    real_save, calls = BitPlan.save, []
+
+    def failing_save(self, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise MpsearchError("disk full (simulated)")
+        return real_save(self, path)
+
+    monkeypatch.setattr(BitPlan, "save", failing_save)
+    assert main(args) == 2 and "disk full" in capsys.readouterr().err
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+    monkeypatch.setattr(BitPlan, "save", real_save)
+    assert main(args) == 0
+    first = sorted(p.name for p in (out / "plans").iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npz", "plans"] and len(first) >= 2
+    # a second run puts its own plans in place: each CSV row names a plan with that row's sums
+    assert main(args[:6] + ["2"] + args[7:]) == 0
+    frame = pd.read_csv(out / "f.csv")
+    assert len(frame) <= 2 and sorted(p.name for p in out.iterdir()) == ["f.csv", "f.npz", "plans"]
+    for _, r in frame.iterrows():
+        assert BitPlan.load(out / r["plan"]).predicted["damage"] == pytest.approx(r["damage"], rel=1e-12)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def _measured(plan):

@@ -105,13 +105,19 @@ def test_embedding_cosine_masked_mean_pool():
     ref = Seq()
     m = EmbeddingCosine([batch]).fit(ref)
     assert m(ref) == pytest.approx(1.0, abs=1e-6)
-    other = Seq()
-    with torch.no_grad():
-        other.lin.weight.copy_(ref.lin.weight)
-        other.lin.bias.copy_(ref.lin.bias)
-    with torch.no_grad():  # change what only the masked token would see: no effect expected
-        h_ref = ref.lin(torch.tensor([[1.0], [2.0]])).mean(0)
-    assert m(other) == pytest.approx(1.0, abs=1e-6) and h_ref.shape == (2,)
+
+    class Shifted(Seq):  # the reference, except for the embedding of one token id
+        def __init__(self, token):
+            super().__init__()
+            self.token = token
+            self.load_state_dict(ref.state_dict())
+
+        def forward(self, input_ids, attention_mask=None):
+            out = super().forward(input_ids, attention_mask)
+            return out + 100.0 * (input_ids == self.token)[..., None] * torch.tensor([1.0, -1.0])
+
+    assert m(Shifted(9)) == pytest.approx(1.0, abs=1e-6)  # 9 sits only under the mask: ignored
+    assert m(Shifted(5)) < 0.9  # 5 is a real token: the pooled embedding moves
 
 
 def test_metric_errors():

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+import mpsearch
 from mpsearch.errors import MpsearchError, QuantizationError
 from mpsearch.options import KEEP, Option, parse_option, parse_options
-from mpsearch.quant import max_levels_per_group, quantize_weight
+from mpsearch.quant import max_levels_per_group, quantize_matrix, quantize_weight
 
 
 @pytest.mark.parametrize("name", ["keep", "int1", "int4", "int4-g128", "int3-asym", "int2-g32-asym", "int8"])
@@ -106,3 +107,45 @@ def test_nan_and_inf_are_refused_naming_the_layer():
     w[1, 2] = float("inf")
     with pytest.raises(QuantizationError, match="NaN or Inf"):
         quantize_weight(w, Option(8))
+
+
+# ------------------------------------------------------------------ exact answers, by hand
+@pytest.mark.parametrize("option,row,want", [
+    # int3: qmax 3, s = max|w| / 3 = 1: round to nearest, half to even (0.5 -> 0, 1.6 -> 2)
+    ("int3", [3.0, -1.0, 0.5, 1.6], [3.0, -1.0, 0.0, 2.0]),
+    # int2: qmax 1, s = 2: w/s = 1, -0.45, 0.55, -1
+    ("int2", [2.0, -0.9, 1.1, -2.0], [2.0, 0.0, 2.0, -2.0]),
+    # int1: +-mean|w| = +-2
+    ("int1", [1.0, -3.0, 2.0, -2.0], [2.0, -2.0, 2.0, -2.0]),
+    # int2-asym: 3 steps over [min(w,0), max(w,0)] = [-1, 2]: scale 1, zero-point 1
+    ("int2-asym", [-1.0, 0.0, 2.0, 0.4], [-1.0, 0.0, 2.0, 0.0]),
+    # all positive: the range starts at 0 (zero stays exact): scale 1, zero-point 0; 0.5 -> 0
+    ("int2-asym", [1.0, 2.0, 3.0, 0.5], [1.0, 2.0, 3.0, 0.0]),
+    # int2-g2: groups [4, 1] (s = 4) and [0.5, -0.25] (s = 0.5; -0.5 rounds to 0)
+    ("int2-g2", [4.0, 1.0, 0.5, -0.25], [4.0, 0.0, 0.5, 0.0]),
+    ("keep", [0.3, -0.7, 0.1, 0.9], [0.3, -0.7, 0.1, 0.9]),
+])
+def test_quantizer_levels_by_hand(option, row, want):
+    w = torch.tensor([row, [0.0, 0.0, 0.0, 0.0]])
+    q = quantize_matrix(w, parse_option(option))
+    assert q[0].tolist() == pytest.approx(want, abs=1e-6)
+    assert q[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_weight_error_estimator_by_hand():
+    """damage = sum (Q(W) - W)^2; weighted: each column's squared error times E[x_j^2]."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, -1.0, 0.5, 1.6], [2.0, -0.9, 1.1, -2.0]]))
+    table = mpsearch.get_estimator("weight-error", options="int3,int2,keep").estimate(model, None, progress=False)
+    d = table.pivot("damage").loc["0"]
+    # int3: row 0 errors (0, 0, 0.5, 0.4); row 1 (s = 2/3): Q = (2, -2/3, 4/3, -2)
+    int3 = 0.25 + 0.16 + (0.9 - 2 / 3) ** 2 + (4 / 3 - 1.1) ** 2
+    # int2: row 0 (s = 3): Q = (3, 0, 0, 3); row 1: Q = (2, 0, 2, -2)
+    int2 = 1.0 + 0.25 + 1.4**2 + 0.9**2 + 0.9**2
+    assert [d["int3"], d["int2"], d["keep"]] == pytest.approx([int3, int2, 0.0], rel=1e-5)
+    x = torch.tensor([[1.0, 0.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0]])  # E[x^2] = (1, 0, 0, 2)
+    weighted = mpsearch.get_estimator("weight-error", options="int3,int2", weighted=True).estimate(
+        model, [x], progress=False).pivot("damage").loc["0"]
+    assert weighted["int3"] == pytest.approx(0.16 * 2, rel=1e-5)  # only column 3 of row 0 errs there
+    assert weighted["int2"] == pytest.approx(1.4**2 * 2, rel=1e-5)  # row 0, column 3; row 1 errs on 1, 2

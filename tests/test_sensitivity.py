@@ -206,16 +206,21 @@ def test_lim_scores_are_one_minus_cosine_of_block_input_and_output():
     table = mpsearch.get_estimator("lim", options="2,4").estimate(model, [x], progress=False)
     scores = table.metadata["lim"]["scores"]
     assert scores == pytest.approx({"0": 0.0, "1": 2.0, "2": 1.0}, abs=1e-9)
-    rel = mpsearch.sensitivity.base.weight_errors(model, _ctx(model, table), relative=True)
+    rel = _relative_errors(model, table)
     np.testing.assert_allclose(_damage(table), np.array([[0.0], [2.0], [1.0]]) * rel, atol=1e-12)
 
 
-def _ctx(model, table):
-    from mpsearch.sensitivity.base import Context
+def _relative_errors(model, table):
+    """||Q_b(W) - W||^2 / ||W||^2 per layer and option, from the quantizer alone (itself checked
+    against hand-computed levels in test_options_quant.py), not from the estimators' helper."""
+    from mpsearch.quant import quantize_weight
 
-    layers = mpsearch.discover_layers(model)
-    return Context(layers=layers, options=[mpsearch.parse_option(o) for o in table.options], batches=[],
-                   device=torch.device("cpu"))
+    rows = []
+    for _name, module, kind in mpsearch.layers.iter_quantizable(model):
+        w = module.weight.detach().float()
+        rows.append([float((quantize_weight(w, mpsearch.parse_option(o), kind) - w).pow(2).sum() / w.pow(2).sum())
+                     for o in table.options])
+    return np.array(rows)
 
 
 def test_lim_on_hf_bert_scores_every_encoder_layer():
@@ -249,7 +254,7 @@ def test_lrp_epsilon_matches_a_hand_written_propagation():
     want = np.array([float(r_z1.abs().sum()), float(r2.abs().sum())])
     share = table.metadata["lrp"]["share"]
     assert [share["0"], share["2"]] == pytest.approx((want / want.sum()).tolist(), rel=1e-5)
-    rel = mpsearch.sensitivity.base.weight_errors(model, _ctx(model, table), relative=True)
+    rel = _relative_errors(model, table)
     np.testing.assert_allclose(_damage(table), (want / want.sum())[:, None] * rel, rtol=1e-5)
 
 

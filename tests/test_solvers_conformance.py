@@ -1,29 +1,23 @@
-"""One conformance suite over every registered solver: budget respected, every layer assigned, ties,
-bounds and pins honoured, seeded determinism, infeasible budgets as a status (CLI exit 3), and the
-heuristics within stated tolerances of the exhaustive oracle."""
+"""The shipped conformance suite (mpsearch.testing) over every registered solver and over a toy
+plugin registered like a third party's; the CLI's exit 3; the heuristics within stated tolerances of
+the exhaustive oracle."""
 
 import numpy as np
 import pytest
 
 from mpsearch.budget import Budget
 from mpsearch.cli import main
-from mpsearch.registry import get_solver, solver_names
+from mpsearch.registry import SOLVERS, get_solver, register, solver_names
 from mpsearch.synthetic import random_table
+from mpsearch.testing import check_solver, solver_checks
 
 #: fast settings for the stochastic solvers
 SETTINGS = {"evolutionary": {"generations": 60}, "optuna": {"n_trials": 25}}
-#: solvers that model one resource only
-SINGLE = {"dp", "baq"}
 ALL = solver_names()
 
 
 def solver(name, **kw):
     return get_solver(name, **{**SETTINGS.get(name, {}), **kw})
-
-
-def usage(table, plan, column):
-    f = table.frame.set_index(["layer", "option"])
-    return sum(f.loc[(layer, plan.option_name(layer)), column] for layer in plan.bits)
 
 
 def small(seed, **kw):
@@ -34,56 +28,31 @@ def test_every_solver_is_registered():
     assert {"greedy", "exhaustive", "ilp", "dp", "baq", "evolutionary", "optuna"} <= set(ALL)
 
 
+@pytest.mark.parametrize("check", solver_checks(), ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name", ALL)
-def test_budget_respected_and_every_layer_assigned(name):
-    for seed in range(3):
-        table = small(seed)
-        params = sum(table.layer_params().values())
-        budgets = [["avg_bits=3.2"], ["size_bits=%d" % (params * 4)]]
-        if name not in SINGLE:
-            budgets.append(["avg_bits=4", "bops=%d" % (table.frame.groupby("layer").bops.max().sum() * 0.4)])
-        for items in budgets:
-            res = solver(name).solve(table, Budget.parse(items))
-            assert res.ok, (name, items, res)
-            plan = res.plan
-            assert set(plan.bits) == set(table.layers)
-            assert all(plan.option_name(n) in table.options for n in plan.bits)
-            for key, cap in Budget.parse(items).constraints.items():
-                if key == "avg_bits":
-                    assert usage(table, plan, "size_bits") / params <= cap + 1e-9
-                else:
-                    assert usage(table, plan, key) <= cap * (1 + 1e-9)
-            assert plan.predicted["damage"] == pytest.approx(usage(table, plan, "damage"), rel=1e-9)
-            assert plan.provenance["solver"] == name
+def test_conformance(name, check):
+    check(name, **SETTINGS.get(name, {}))
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_ties_bounds_and_pins_are_honoured(name):
-    table = random_table(6, bits=(2, 3, 4, 8), seed=3, groups=1, min_params=16, max_params=256)
-    budget = Budget.parse(["avg_bits=3.5"], ties=[r"layer000[45]"], min_bits=["layer0002=3"],
-                          pins=["layer0003=int8"])
-    plan = solver(name).solve(table, budget).plan
-    assert plan.bits["layer0000"] == plan.bits["layer0001"]  # table group
-    assert plan.bits["layer0004"] == plan.bits["layer0005"]  # tie regex
-    assert plan.bits["layer0002"] >= 3
-    assert plan.bits["layer0003"] == 8
+@pytest.fixture
+def plugins():
+    register("solver", "toy-greedy", "toy_plugins:ToyGreedy")
+    register("solver", "toy-broken", "toy_plugins:IgnoresTheBudget")
+    register("solver", "toy-false-exact", "toy_plugins:ClaimsExactness")
+    register("solver", "toy-seedless", "toy_plugins:IgnoresItsSeed")
+    yield
+    for name in ("toy-greedy", "toy-broken", "toy-false-exact", "toy-seedless"):
+        SOLVERS.pop(name, None)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_seeded_determinism(name):
-    table = random_table(8, bits=(2, 3, 4, 6, 8), seed=5, min_params=16, max_params=256)
-    budget = Budget.parse(["avg_bits=3.7"])
-    first = solver(name).solve(table, budget).plan
-    second = solver(name).solve(table, budget).plan
-    assert first.bits == second.bits and first.predicted == second.predicted
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_infeasible_budget_is_a_status_naming_the_smallest_value(name):
-    table = small(1)
-    res = solver(name).solve(table, Budget.parse(["avg_bits=1.5"]))
-    assert res.status == "infeasible" and res.plan is None and not res.ok
-    assert "smallest achievable avg_bits is 2." in res.message
+def test_a_registered_plugin_runs_the_shipped_suite(plugins):
+    check_solver("toy-greedy")  # a correct heuristic passes every check
+    with pytest.raises(AssertionError, match="breaks the budget|toy-broken"):
+        check_solver("toy-broken")
+    with pytest.raises(AssertionError, match=r"toy-false-exact \(exact\)"):
+        check_solver("toy-false-exact")
+    with pytest.raises(AssertionError, match="toy-seedless: four seeds gave one result"):
+        check_solver("toy-seedless")
 
 
 @pytest.mark.parametrize("name", ["ilp", "dp", "baq", "evolutionary"])
@@ -97,23 +66,6 @@ def test_cli_solve_exits_3_on_infeasible_budget(name, tmp_path, capsys):
     rc = main(["solve", "--table", str(path), "--solver", name, "--budget", "avg_bits=4",
                "-o", str(tmp_path / "plan.json")])
     assert rc == 0 and (tmp_path / "plan.json").exists()
-
-
-def test_multi_constraint_infeasible_together_is_a_status():
-    """Each constraint can be met alone but not both: exact solvers prove it; nobody crashes."""
-    table = small(4)
-    f = table.frame
-    # bops of the cheapest-size plan is high; ask for a tiny size and a tiny bops at the same time,
-    # each achievable alone but (by construction of the check below) not together
-    params = sum(table.layer_params().values())
-    min_size = f.groupby("layer").size_bits.min().sum()
-    budget = Budget.parse([f"size_bits={min_size}", f"bops={f.groupby('layer').bops.min().sum()}"])
-    ex = get_solver("exhaustive").solve(table, budget)
-    res = get_solver("ilp").solve(table, budget)
-    assert res.status == ex.status
-    if ex.plan is not None:
-        assert res.plan.predicted["damage"] == pytest.approx(ex.plan.predicted["damage"], rel=1e-7)
-    assert params > 0
 
 
 def _gaps(name, n_tables=24, **kw):
@@ -130,8 +82,9 @@ def _gaps(name, n_tables=24, **kw):
 
 # Stated tolerances of the heuristics (relative damage gap to the exhaustive optimum over 24 random
 # 6-layer x 6-option tables): greedy and baq, median <= 1% and 90th percentile <= 15%;
-# evolutionary (warm or cold start), every table within 1%; optuna (warm-started) never worse than
-# greedy on any table.
+# evolutionary (warm or cold start), every table within 1%; optuna from a cold start (100 TPE
+# trials over 46,656 plans) finds a feasible plan on every table, median gap <= 75% (measured 51%:
+# on tables TPE learns little; its warm start is the greedy plan, see below).
 @pytest.mark.parametrize("name", ["greedy", "baq"])
 def test_convex_heuristics_within_tolerance(name):
     g = _gaps(name)
@@ -145,7 +98,23 @@ def test_evolutionary_within_tolerance(warm):
     assert g.min() >= -1e-9 and g.max() <= 0.01, g
 
 
-def test_optuna_never_worse_than_greedy():
-    g = _gaps("optuna", n_tables=9, n_trials=20)
-    greedy = _gaps("greedy", n_tables=9)
-    assert np.all(g <= greedy + 1e-12), (g, greedy)
+@pytest.mark.slow
+def test_optuna_cold_start_within_tolerance():
+    g = _gaps("optuna", n_tables=9, n_trials=100, warm_start=False)
+    assert np.isfinite(g).all() and g.min() >= -1e-9 and np.median(g) <= 0.75, g
+
+
+def test_optuna_warm_start_enqueues_the_greedy_and_uniform_plans(tmp_path):
+    import optuna
+
+    table = random_table(6, bits=(2, 3, 4, 8), seed=11, min_params=16, max_params=256)
+    budget = Budget.parse(["avg_bits=4.5"])
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    res = get_solver("optuna", n_trials=6, storage=storage, study_name="w").solve(table, budget)
+    trials = optuna.load_study(study_name="w", storage=storage).trials
+    greedy = get_solver("greedy").solve(table, budget).plan
+    assert trials[0].params == {n: greedy.option_name(n) for n in table.layers}
+    fitting = [o for o in table.options if table.frame[table.frame.option == o].size_bits.sum()
+               <= 4.5 * sum(table.layer_params().values())]
+    assert [set(t.params.values()) for t in trials[1:1 + len(fitting)]] == [{o} for o in fitting]
+    assert res.plan.predicted["damage"] <= greedy.predicted["damage"]

@@ -1,11 +1,13 @@
-"""``mpsearch frontier``: cost table -> Pareto frontier (CSV, optional plans and plot), or, with
-``--model``, the measured frontier (:func:`mpsearch.pipeline.model_frontier`: estimate, solve, apply
-and measure, compare with uniform, refine, recommend). Both paths take the same solver, key, points,
-budget, bound, pin and tie flags."""
+"""``mpsearch frontier``: cost table -> Pareto frontier (CSV of at most ``--max-points`` rows, every
+point in the ``.npz`` beside it, optional plans and plot; all or nothing), or, with ``--model``, the
+measured frontier (:func:`mpsearch.pipeline.model_frontier`: estimate, solve, apply and measure,
+compare with uniform, refine, recommend). Both paths take the same solver, key, points, budget,
+bound, pin and tie flags."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ._common import (add_budget_args, add_command, add_param_arg, budget_from_args, check_outputs,
                       make_solver, say)
@@ -29,7 +31,10 @@ def register(sub):
     add_budget_args(p)
     add_param_arg(p, "solver")
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
-    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per point into this folder "
+    p.add_argument("--max-points", type=int, default=None,
+                   help="most rows written to the CSV (and plans): the best point under each of that many "
+                        "evenly spaced sizes; every point goes to the .npz beside the CSV (default: 200)")
+    p.add_argument("--plans-dir", default=None, help="also write one plan JSON per CSV row into this folder "
                                                      "(with --model the plans are always in OUTPUT/plans/)")
     p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
     from .demo import add_model_frontier_args
@@ -53,19 +58,24 @@ def frontier_from_table(table, args):
 
 def write_outputs(frontier, args) -> None:
     """Write the CSV (plans and plot where asked) and print a summary."""
+    from ..frontier import DEFAULT_MAX_POINTS
+
+    max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
     if args.plot:  # first: drawing is what fails most (a missing backend), before the CSV exists
         from ..fileio import atomic_write
         from ..plotting import save_frontier_plot
 
         with atomic_write(args.plot, None) as tmp:
             save_frontier_plot(frontier, tmp)
-    frontier.write(args.output, plans_dir=args.plans_dir)
+    frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
     pts = frontier.points
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
     say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
         f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
-    say(f"wrote {args.output}" + (f", plans in {args.plans_dir}" if args.plans_dir else "")
+    shown = min(len(pts), max_points)
+    say(f"wrote {args.output} ({shown} rows; every point in {Path(args.output).with_suffix('.npz')})"
+        + (f", plans in {args.plans_dir}" if args.plans_dir else "")
         + (f", plot {args.plot}" if args.plot else ""))
 
 
@@ -85,6 +95,8 @@ def run(args) -> int:
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
+    if args.max_points is not None and args.max_points < 1:
+        raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
     check_outputs(files=[("-o", args.output)], dirs=[("--plans-dir", args.plans_dir)],
                   plots=[("--plot", args.plot)])
     make_solver(args)  # the solver's settings, before reading the table

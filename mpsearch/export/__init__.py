@@ -119,7 +119,9 @@ def import_plan(source, fmt: str, *, layers=None, **opts) -> BitPlan:
     """
     exporter = get_exporter(fmt, **opts)
     if not exporter.can_import:
-        exporter.read(None, None, str(fmt))  # raises with the list of importable formats
+        importable = [n for n in FORMATS if get_exporter(n).can_import]
+        raise ExportError(f"format {exporter.name!r} has no importer; plans can be read back from "
+                          f"{', '.join(repr(n) for n in importable)}")
     layers = _layer_names(layers)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)

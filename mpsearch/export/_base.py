@@ -62,16 +62,7 @@ class Exporter:
             raise ExportError(f"{source}: not valid JSON ({exc})") from None
 
     def read(self, doc, layers: list[str] | None, source: str) -> BitPlan:
-        raise ExportError(
-            f"format {self.name!r} has no importer; plans can be read back from "
-            f"{', '.join(repr(n) for n in _importable())}"
-        )
-
-
-def _importable() -> list[str]:
-    from . import FORMATS, get_exporter
-
-    return [n for n in FORMATS if get_exporter(n).can_import]
+        raise ExportError(f"format {self.name!r} has no importer")  # import_plan names the ones that have
 
 
 # ---------------------------------------------------------------------- consumer formats

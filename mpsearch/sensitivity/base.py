@@ -24,6 +24,7 @@ from ..errors import MpsearchError
 from ..layers import Layer, discover_layers
 from ..options import Option, parse_options
 from ..table import CostTable
+from .cache import model_fingerprint  # noqa: F401  (re-exported)
 
 DEFAULT_OPTIONS = "2,3,4,8"
 
@@ -147,41 +148,11 @@ class Estimator:
         check_weights(model, [lay.name for lay in layers])
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
-        cache_dir = getattr(self, "cache_dir", None)
-        if cache_dir:
-            from .cache import Checkpoint, cache_key
-
-            key = cache_key(self, model, batches, layers, options)
-            stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
-            ctx.checkpoint = Checkpoint(cache_dir, stem + shard.suffix(),
-                                        every=getattr(self, "cache_every", 0.0))
+        ctx.checkpoint = self._checkpoint(model, batches, layers, options, quantizer, shard)
         t0 = time.perf_counter()
-        done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
-        if shard.enabled and not shard.min_int([done is not None])[0]:
-            done = None  # every rank takes the cached result, or none does
-        if done is not None:  # a finished earlier run with the same settings, model and data
-            damage = np.asarray(done["damage"], dtype=float)
-            ctx.cost.update(done["cost"], from_cache=True)
-            ctx.extra_metadata.update(done["extra_metadata"])
-            ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
-        else:
-            was_training = model.training
-            model.eval()
-            try:
-                with _rounding(model, ctx, quantizer):
-                    damage = np.asarray(self._damage(model, ctx), dtype=float)
-            finally:
-                model.train(was_training)
-            if ctx.checkpoint is not None:
-                if ctx.checkpoint.previous_seconds:
-                    ctx.cost["resumed_after_seconds"] = round(ctx.checkpoint.previous_seconds, 4)
-                ctx.checkpoint.save_result({
-                    "damage": damage.tolist(), "cost": dict(ctx.cost),
-                    "extra_metadata": ctx.extra_metadata,
-                    "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
-                })
+        damage, cached = self._damage_or_resume(model, ctx, quantizer)
         seconds = time.perf_counter() - t0
-        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if done is None else None
+        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if not cached else None
         if spread is not None:
             ctx.extra_metadata["distributed"] = spread
         if damage.shape != (len(layers), len(options)):
@@ -202,6 +173,45 @@ class Estimator:
         }
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
                            extra_columns=ctx.extra_columns, legal=legal)
+
+    def _checkpoint(self, model, batches, layers, options, quantizer, shard):
+        """The run's cache file (one per shard) when the estimator has a ``cache_dir``, else ``None``."""
+        cache_dir = getattr(self, "cache_dir", None)
+        if not cache_dir:
+            return None
+        from .cache import Checkpoint, cache_key
+
+        key = cache_key(self, model, batches, layers, options)
+        stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
+        return Checkpoint(cache_dir, stem + shard.suffix(), every=getattr(self, "cache_every", 0.0))
+
+    def _damage_or_resume(self, model, ctx: Context, quantizer: str) -> tuple[np.ndarray, bool]:
+        """The damage matrix and whether it came from a finished earlier run with the same
+        settings, model and data; otherwise it is computed (resuming partial state) and stored."""
+        done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
+        if ctx.shard.enabled and not ctx.shard.min_int([done is not None])[0]:
+            done = None  # every rank takes the cached result, or none does
+        if done is not None:
+            ctx.cost.update(done["cost"], from_cache=True)
+            ctx.extra_metadata.update(done["extra_metadata"])
+            ctx.extra_columns.update({k: np.asarray(v) for k, v in done["extra_columns"].items()})
+            return np.asarray(done["damage"], dtype=float), True
+        was_training = model.training
+        model.eval()
+        try:
+            with _rounding(model, ctx, quantizer):
+                damage = np.asarray(self._damage(model, ctx), dtype=float)
+        finally:
+            model.train(was_training)
+        if ctx.checkpoint is not None:
+            if ctx.checkpoint.previous_seconds:
+                ctx.cost["resumed_after_seconds"] = round(ctx.checkpoint.previous_seconds, 4)
+            ctx.checkpoint.save_result({
+                "damage": damage.tolist(), "cost": dict(ctx.cost),
+                "extra_metadata": ctx.extra_metadata,
+                "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
+            })
+        return damage, False
 
     def _damage(self, model: torch.nn.Module, ctx: Context) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -324,16 +334,6 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
         kind = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
         raise MpsearchError(f"{name} must be {kind} {bound}, got {value!r}")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's parameter names, shapes and values (cheap summaries)."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            t = p.detach().float()
-            h.update(f"{name}:{tuple(t.shape)}:{float(t.sum()):.6e}:{float(t.abs().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
 
 
 def describe_data(batches) -> dict:

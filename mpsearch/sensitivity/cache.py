@@ -22,15 +22,33 @@ from ..data import split_batch
 _NOT_KEYED = {"cache_dir", "cache_every"}
 
 
+def _feed_tensor(h, t: torch.Tensor) -> None:
+    """Hash a tensor's dtype, shape and the bytes of its values."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's parameters and buffers: names, dtypes, shapes and the bytes of
+    every value (two models share it only when their weights are bit for bit the same)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+            for name, t in named:
+                h.update(f"{kind}:{name}:".encode())
+                _feed_tensor(h, t)
+    return h.hexdigest()[:16]
+
+
 def data_fingerprint(batches) -> str:
     """A hash of every tensor in the calibration batches (values, shapes, dtypes)."""
     h = hashlib.sha1()
 
     def feed(obj):
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            _feed_tensor(h, obj)
         elif isinstance(obj, dict):
             for k in sorted(obj):
                 h.update(str(k).encode())
@@ -47,8 +65,6 @@ def data_fingerprint(batches) -> str:
 
 
 def cache_key(estimator, model, batches, layers, options) -> str:
-    from .base import model_fingerprint
-
     params = {k: v for k, v in estimator.get_params().items() if k not in _NOT_KEYED}
     doc = {
         "estimator": estimator.name,

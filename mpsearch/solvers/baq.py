@@ -44,6 +44,7 @@ class BAQSolver(Solver):
     """
 
     name = "baq"
+    single_resource = True
 
     def __init__(self, *, repair_passes: int = 1000):
         self.repair_passes = repair_passes

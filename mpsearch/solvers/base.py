@@ -55,11 +55,16 @@ class Solution:
 
 
 class Solver:
-    """Base class. Subclasses set ``name`` and ``exact`` and implement :meth:`_solve`."""
+    """Base class. Subclasses set ``name`` and their abilities and implement :meth:`_solve`."""
 
     name = "base"
-    #: the solver proves optimality (its results are compared with the exhaustive oracle)
+    #: a result with status ``optimal`` is proved optimal (the conformance suite compares the
+    #: solver with the exhaustive oracle); a result it cannot prove has another status
     exact = False
+    #: the solver takes one budget constraint only (several raise an error naming the alternatives)
+    single_resource = False
+    #: ``frontier(problem, column, budgets=None)`` gives many non-dominated points in one run
+    whole_frontier = False
 
     def get_params(self) -> dict:
         sig = inspect.signature(type(self).__init__)
@@ -103,15 +108,15 @@ def make_plan(problem: Problem, choice, *, solver=None, budget: Budget | None = 
     """Turn a choice vector into a BitPlan with predicted totals and provenance."""
     names = problem.decode(choice)
     bits_by_option = dict(zip(problem.option_names, problem.option_bits.tolist()))
-    options = {}
     from ..options import parse_option
 
-    for layer, opt in names.items():
+    described: dict[str, dict] = {}  # one description per option name, copied per layer
+    for opt in set(names.values()):
         try:
-            options[layer] = parse_option(opt).to_dict()
-            options[layer]["name"] = opt
+            described[opt] = {**parse_option(opt).to_dict(), "name": opt}
         except ValueError:
-            options[layer] = {"name": opt, "bits": bits_by_option[opt]}
+            described[opt] = {"name": opt, "bits": bits_by_option[opt]}
+    options = {layer: dict(described[opt]) for layer, opt in names.items()}
     predicted = problem.totals(choice)
     provenance = {
         "mpsearch": __version__,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MpsearchError
+from ..frontier import best_under
 from ..problem import Problem
 from .base import Solution, Solver, make_plan
 
@@ -42,6 +43,7 @@ class EvolutionarySolver(Solver):
     """
 
     name = "evolutionary"
+    whole_frontier = True
 
     def __init__(self, *, population: int = 64, generations: int = 150, mutation: float | None = None,
                  seed: int = 0, warm_start: bool = True, objective=None):
@@ -64,8 +66,9 @@ class EvolutionarySolver(Solver):
             stats["objective"] = float(F[j, 0])
         return Solution(G[j], "feasible", stats=stats)
 
-    def frontier(self, problem: Problem, column: str | None = None) -> dict:
-        """Non-dominated (cost, damage, choice) points found by minimising both together."""
+    def frontier(self, problem: Problem, column: str | None = None, budgets=None) -> dict:
+        """Non-dominated (cost, damage, choice) points found by minimising both together
+        (with ``budgets``: the best of them under each budget)."""
         if column is None:
             cols = {c.column for c in problem.constraints}
             if len(cols) != 1:
@@ -79,8 +82,10 @@ class EvolutionarySolver(Solver):
         _, uniq = np.unique(F[:, 1], return_index=True)
         idx = np.arange(problem.n_items)
         dmg = problem.damage[idx, G[uniq]].sum(axis=1)
-        return {"choices": G[uniq], "cost": F[uniq, 1], "damage": dmg,
-                "objective": F[uniq, 0], "stats": {"evaluations": self._evals}}
+        sel = np.arange(len(uniq)) if budgets is None else best_under(F[uniq, 1], dmg, budgets)
+        uniq = uniq[sel]
+        return {"choices": G[uniq], "cost": F[uniq, 1], "damage": dmg[sel], "objective": F[uniq, 0],
+                "status": np.full(len(uniq), "feasible"), "stats": {"evaluations": self._evals}}
 
     # ----------------------------------------------------------------- engine
     def _check(self, problem):
@@ -96,7 +101,7 @@ class EvolutionarySolver(Solver):
     def _evolve(self, problem: Problem, column: str | None):
         self._check(problem)
         rng = np.random.default_rng(self.seed)
-        N, K = problem.damage.shape
+        N = problem.damage.shape[0]
         allowed = problem.allowed
         counts = allowed.sum(axis=1)
         alist = np.argsort(~allowed, axis=1, kind="stable")  # allowed options first, per item
@@ -138,13 +143,11 @@ class EvolutionarySolver(Solver):
         if self.warm_start:
             cost0 = np.where(allowed, cm.sum(axis=0) if len(cm) else problem.damage * 0, np.inf)
             seeds.append(np.argmin(np.where(allowed, cost0, np.inf), axis=1))  # the cheapest plan
-            for k in range(K):
-                near = np.abs(np.arange(K)[None, :] - k) + np.where(allowed, 0, 10 * K)
-                seeds.append(np.argmin(near, axis=1))  # uniform plans (nearest allowed option)
+            seeds.extend(problem.uniform_choices())  # uniform plans (nearest allowed option)
             if len(cm):
-                from .greedy import GreedySolver
+                from .greedy import greedy_choice
 
-                g = GreedySolver()._solve(problem).choice
+                g = greedy_choice(problem)
                 if g is not None:
                     seeds.append(np.asarray(g))
         for j, s in enumerate(seeds[:P]):

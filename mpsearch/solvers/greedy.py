@@ -65,53 +65,65 @@ class GreedySolver(Solver):
         self.fill = fill
 
     def _solve(self, problem: Problem) -> Solution:
-        damage = problem.damage
-        N, K = damage.shape
-        idx = np.arange(N)
         if not problem.constraints:
-            return Solution(np.argmin(damage, axis=1), "optimal", "no constraint: least damage everywhere")
-        cm = problem.constraint_matrix()  # [C, N, K]
-        caps = problem.caps()
-        weights = 1.0 / np.maximum(np.abs(caps), 1e-300)
-        cost = np.tensordot(weights, np.where(np.isfinite(cm), cm, 0.0), axes=1)
-        cost = np.where(problem.allowed, cost, np.inf)
-        start = _argmin_lex(cost, damage)
-        choice = start.copy()
-        used = cm[:, idx, choice].sum(axis=1)
-        if np.any(used > caps * (1 + 1e-12) + 1e-12):
+            return Solution(np.argmin(problem.damage, axis=1), "optimal", "no constraint: least damage everywhere")
+        choice = greedy_choice(problem, fill=self.fill)
+        if choice is None:
             return Solution(None, "infeasible", "the cheapest plan already breaks a constraint")
-        seg_i, seg_a, seg_b, seg_r = hull_segments(cost, damage, start)
-        order = np.lexsort((seg_i, -seg_r))
-        deltas = (cm[:, seg_i, seg_b] - cm[:, seg_i, seg_a]).T[order].tolist()
-        tol = caps * 1e-12 + 1e-12
-        room = (caps + tol - used).tolist()
-        C = len(room)
-        pick = choice.tolist()
-        for i, a, b, delta in zip(seg_i[order].tolist(), seg_a[order].tolist(), seg_b[order].tolist(), deltas):
-            if pick[i] == a and all(delta[c] <= room[c] for c in range(C)):
-                for c in range(C):
-                    room[c] -= delta[c]
-                pick[i] = b
-        choice = np.array(pick)
-        used = cm[:, idx, choice].sum(axis=1)
-        if self.fill:
-            finite = np.where(np.isfinite(damage), np.abs(damage), 0.0)
-            thr = 1e-12 * float(finite.max())
-            for _ in range(N * K):
-                gain = damage[idx, choice][:, None] - damage  # [N, K]
-                delta = cm - cm[:, idx, choice][:, :, None]  # [C, N, K]
-                fits = np.all(used[:, None, None] + delta <= (caps + tol)[:, None, None], axis=0)
-                gain = np.where(fits & problem.allowed & (gain > thr), gain, -np.inf)
-                flat = int(np.argmax(gain))
-                if not np.isfinite(gain.flat[flat]):
-                    break
-                i, k = divmod(flat, K)
-                used += delta[:, i, k]
-                choice[i] = k
         return Solution(choice, "feasible")
 
 
-def _argmin_lex(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+def greedy_choice(problem: Problem, fill: bool = True) -> np.ndarray | None:
+    """The greedy plan of ``problem`` (option index per item), or ``None`` when even the cheapest
+    plan breaks a constraint. The start other solvers warm-start from (ilp, evolutionary, optuna).
+    """
+    damage = problem.damage
+    N, K = damage.shape
+    idx = np.arange(N)
+    if not problem.constraints:
+        return np.argmin(damage, axis=1)
+    cm = problem.constraint_matrix()  # [C, N, K]
+    caps = problem.caps()
+    weights = 1.0 / np.maximum(np.abs(caps), 1e-300)
+    cost = np.tensordot(weights, np.where(np.isfinite(cm), cm, 0.0), axes=1)
+    cost = np.where(problem.allowed, cost, np.inf)
+    start = argmin_lex(cost, damage)
+    choice = start.copy()
+    used = cm[:, idx, choice].sum(axis=1)
+    if np.any(used > caps * (1 + 1e-12) + 1e-12):
+        return None
+    seg_i, seg_a, seg_b, seg_r = hull_segments(cost, damage, start)
+    order = np.lexsort((seg_i, -seg_r))
+    deltas = (cm[:, seg_i, seg_b] - cm[:, seg_i, seg_a]).T[order].tolist()
+    tol = caps * 1e-12 + 1e-12
+    room = (caps + tol - used).tolist()
+    C = len(room)
+    pick = choice.tolist()
+    for i, a, b, delta in zip(seg_i[order].tolist(), seg_a[order].tolist(), seg_b[order].tolist(), deltas):
+        if pick[i] == a and all(delta[c] <= room[c] for c in range(C)):
+            for c in range(C):
+                room[c] -= delta[c]
+            pick[i] = b
+    choice = np.array(pick)
+    used = cm[:, idx, choice].sum(axis=1)
+    if fill:
+        finite = np.where(np.isfinite(damage), np.abs(damage), 0.0)
+        thr = 1e-12 * float(finite.max())
+        for _ in range(N * K):
+            gain = damage[idx, choice][:, None] - damage  # [N, K]
+            delta = cm - cm[:, idx, choice][:, :, None]  # [C, N, K]
+            fits = np.all(used[:, None, None] + delta <= (caps + tol)[:, None, None], axis=0)
+            gain = np.where(fits & problem.allowed & (gain > thr), gain, -np.inf)
+            flat = int(np.argmax(gain))
+            if not np.isfinite(gain.flat[flat]):
+                break
+            i, k = divmod(flat, K)
+            used += delta[:, i, k]
+            choice[i] = k
+    return choice
+
+
+def argmin_lex(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
     """Per row, the index of the smallest ``primary``, ties broken by the smallest ``secondary``."""
     best = primary.min(axis=1, keepdims=True)
     sec = np.where(primary <= best, secondary, np.inf)

@@ -123,9 +123,9 @@ class ILPSolver(Solver):
         if status == "infeasible":
             return Solution(None, "infeasible", "no plan meets all constraints together (proved by the ILP)", stats)
         if status == "time_limit":  # keep the better of the backend's incumbent and the greedy plan
-            from .greedy import GreedySolver
+            from .greedy import greedy_choice
 
-            g = GreedySolver()._solve(problem).choice
+            g = greedy_choice(problem)
             idx = np.arange(problem.n_items)
             if g is not None and problem.is_feasible(g) and (
                 choice is None or not problem.is_feasible(choice)
@@ -212,13 +212,13 @@ class ILPSolver(Solver):
             prob += pulp.LpAffineExpression((xs[j], float(row[j])) for j in np.flatnonzero(row)) <= float(m.b_ub[c]), f"cap_{c}"
         warm = False
         if self.warm_start and backend == "cbc":
-            from .greedy import GreedySolver
+            from .greedy import greedy_choice
 
-            g = GreedySolver()._solve(problem)
-            if g.choice is not None and problem.is_feasible(g.choice):
+            g = greedy_choice(problem)
+            if g is not None and problem.is_feasible(g):
                 warm = True
                 for x, i, k in zip(xs, m.ii, m.kk):
-                    x.setInitialValue(1 if g.choice[i] == k else 0)
+                    x.setInitialValue(1 if g[i] == k else 0)
         kw = {"msg": self.msg, "timeLimit": self.time_limit, "gapRel": self.gap_rel, "threads": self.threads}
         if backend == "highs":
             solver = pulp.HiGHS(**kw)
@@ -262,13 +262,23 @@ class _Model:
         self.c = rel / self.dscale
         self.a_eq = coo_matrix((np.ones(n), (self.ii, np.arange(n))), shape=(problem.n_items, n)).tocsr()
         rows, rhs = [], []
+        self.integral = []
         for c, w in enumerate(problem.constraint_matrix()):
             use = w[self.ii, self.kk]
             base = np.where(allowed, w, np.inf).min(axis=1)
+            extra = use - base[self.ii]
             room = problem.caps()[c] - base.sum()
-            scale = room if room > 0 else 1.0
-            rows.append((use - base[self.ii]) / scale)
-            rhs.append(room / scale)
+            g = _common_divisor(extra)
+            if g is not None and room >= 0:
+                # integer rows: a plan over the cap is over by a whole unit, far beyond the
+                # backend's feasibility tolerance, and a plan exactly at the cap stays feasible
+                rows.append(np.round(extra / g))
+                rhs.append(float(np.floor(room / g * (1 + 1e-12) + 1e-9)))
+            else:
+                scale = room if room > 0 else 1.0
+                rows.append(extra / scale)
+                rhs.append(room / scale)
+            self.integral.append(g is not None)
         self.a_ub = np.array(rows) if rows else None
         self.b_ub = np.array(rhs) if rhs else None
         self.build_s = time.perf_counter() - t0
@@ -281,6 +291,16 @@ class _Model:
 
     def unscale(self, objective: float) -> float:
         return objective * self.dscale + float(self.dmin.sum())
+
+
+def _common_divisor(values: np.ndarray) -> float | None:
+    """The greatest common divisor of integer ``values`` (1 when all are 0), or ``None`` when some
+    are not integers or the scaled values are too large for exact floating point."""
+    r = np.round(values)
+    if not np.all(np.abs(values - r) <= 1e-9 * np.maximum(1.0, np.abs(values))) or np.abs(r).max(initial=0) > 2**50:
+        return None
+    g = int(np.gcd.reduce(r.astype(np.int64))) if len(r) else 1
+    return float(g or 1)
 
 
 def one_swap_repair(problem: Problem, choice: np.ndarray) -> np.ndarray | None:

@@ -128,36 +128,11 @@ class OptunaSolver(Solver):
 
         new_api = hasattr(optuna.trial.Trial, "set_constraint")
         shared = self.storage is not None
-        seed = self.seed
-        if shared:
-            from .. import distributed
-            from ..sensitivity.base import probe_seed
-
-            worker = self.worker
-            if worker is None:
-                shard = distributed.current()
-                worker = shard.rank if shard.enabled else os.getpid()
-            seed = probe_seed(self.seed, int(worker)) % (2**32)
+        seed = self._worker_seed() if shared else self.seed
         kw = {"seed": seed} if new_api else {"seed": seed, "constraints_func": constraints}
         sampler = optuna.samplers.TPESampler(**kw) if self.sampler == "tpe" else optuna.samplers.NSGAIISampler(**kw)
         name = self.study_name or "mpsearch-" + _fingerprint(problem)
-        try:
-            storage = self.storage
-            if isinstance(storage, str):
-                from ..distributed import optuna_storage
-
-                storage = optuna_storage(storage)
-            created = True
-            try:
-                study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                            direction="minimize")
-            except optuna.exceptions.DuplicatedStudyError:
-                created = False
-                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        except MpsearchError:
-            raise
-        except Exception as exc:  # bad URLs raise storage-specific errors (sqlalchemy, redis...)
-            raise MpsearchError(f"optuna: cannot open storage {self.storage!r}: {exc}") from None
+        study, created = self._open_study(optuna, name, sampler)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if self.warm_start and not shared and not study.trials:
             for plan in _start_plans(problem):
@@ -195,6 +170,35 @@ class OptunaSolver(Solver):
             stats["objective"] = float(best.value)
         return Solution(choice, "feasible", stats=stats)
 
+    def _worker_seed(self) -> int:
+        """A shared study's sampler seed: distinct per worker (rank, or process id), reproducible."""
+        from .. import distributed
+        from ..sensitivity.base import probe_seed
+
+        worker = self.worker
+        if worker is None:
+            shard = distributed.current()
+            worker = shard.rank if shard.enabled else os.getpid()
+        return probe_seed(self.seed, int(worker)) % (2**32)
+
+    def _open_study(self, optuna, name: str, sampler):
+        """The study ``name`` in the storage (created, or loaded when it exists): ``(study, created)``."""
+        try:
+            storage = self.storage
+            if isinstance(storage, str):
+                from ..distributed import optuna_storage
+
+                storage = optuna_storage(storage)
+            try:
+                return optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                           direction="minimize"), True
+            except optuna.exceptions.DuplicatedStudyError:
+                return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+        except MpsearchError:
+            raise
+        except Exception as exc:  # bad URLs raise storage-specific errors (sqlalchemy, redis...)
+            raise MpsearchError(f"optuna: cannot open storage {self.storage!r}: {exc}") from None
+
 
 def _claim(trial, n_trials: int, optuna):
     """For a shared study: ``None`` to measure this trial, or the value of the same plan measured
@@ -226,20 +230,14 @@ def _plan_of(t) -> dict:
 
 def _start_plans(problem: Problem) -> list[np.ndarray]:
     """The greedy plan (when constrained) and the uniform plans that fit the budget."""
-    K = problem.n_options
     plans = []
     if problem.constraints:
-        from .greedy import GreedySolver
+        from .greedy import greedy_choice
 
-        g = GreedySolver()._solve(problem).choice
+        g = greedy_choice(problem)
         if g is not None:
             plans.append(np.asarray(g))
-    for k in range(K):
-        near = np.abs(np.arange(K)[None, :] - k) + np.where(problem.allowed, 0, 10 * K)
-        plan = np.argmin(near, axis=1)
-        if problem.is_feasible(plan):
-            plans.append(plan)
-    return plans
+    return plans + [plan for plan in problem.uniform_choices() if problem.is_feasible(plan)]
 
 
 def _fingerprint(problem: Problem) -> str:

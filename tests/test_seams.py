@@ -1,0 +1,157 @@
+"""The seams between parts: no import cycles, one union-find, model fingerprints of the weights
+themselves, and solver abilities read from declarations (not names)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpsearch.budget import Budget
+from mpsearch.frontier import compute_frontier
+from mpsearch.problem import compile_problem
+from mpsearch.sensitivity import model_fingerprint
+from mpsearch.solvers.base import Solver
+from mpsearch.solvers.greedy import GreedySolver, greedy_choice
+from mpsearch.synthetic import random_table
+from mpsearch.ties import connected_groups
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mpsearch"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the mpsearch modules it imports anywhere in its source (top level or in functions)."""
+    mods = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(PACKAGE.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for mod, f in mods.items():
+        is_pkg = f.name == "__init__.py"
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = mod.split(".")[: len(mod.split(".")) - (node.level - 1) - (0 if is_pkg else 1)]
+                    base = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for t in targets:
+                while t not in mods and "." in t:
+                    t = t.rsplit(".", 1)[0]
+                if t in mods and t != mod:
+                    deps.add(t)
+        graph[mod] = deps
+    return graph
+
+
+def cycles(graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = import_graph()
+    assert "mpsearch.data" in graph["mpsearch.layers"]  # it sees imports
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_one_union_find_merges_chains_of_groups():
+    names = ["a", "b", "c", "d", "e"]
+    assert connected_groups(names, [["d", "b"], ["e", "d"]]) == [["a"], ["b", "d", "e"], ["c"]]
+    table = random_table(6, seed=1, groups=1)  # layer0000 and layer0001 share a table group
+    problem = compile_problem(table, Budget(ties=["layer000[12]"]))
+    assert problem.items[0] == ["layer0000", "layer0001", "layer0002"]  # table group + tie regex
+
+
+def test_model_fingerprint_hashes_the_weights_themselves():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():  # swap two weights: the sums and absolute sums stay the same
+        w = b[0].weight
+        w[0, 0], w[0, 1] = w[0, 1].clone(), w[0, 0].clone()
+    assert float(a[0].weight.detach().sum()) == float(b[0].weight.detach().sum()) and model_fingerprint(a) != model_fingerprint(b)
+    bn_a, bn_b = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    bn_b.running_mean += 1  # a buffer is part of the model
+    assert model_fingerprint(bn_a) != model_fingerprint(bn_b)
+
+
+def test_greedy_start_is_public_and_is_the_greedy_plan():
+    table = random_table(10, seed=2)
+    problem = compile_problem(table, Budget.parse(["avg_bits=4"]))
+    assert np.array_equal(greedy_choice(problem), GreedySolver()._solve(problem).choice)
+    uniform = problem.uniform_choices()
+    assert len(uniform) == problem.n_options and all((u == k).all() for k, u in enumerate(uniform))
+
+
+class _OnePass(Solver):
+    """Declares a whole frontier; records how it was used."""
+
+    name = "one-pass"
+    whole_frontier = True
+    single_resource = True
+    calls: list = []
+
+    def frontier(self, problem, column=None, budgets=None):
+        self.calls.append("frontier")
+        cheapest = np.argmin(np.where(problem.allowed, problem.resources[column], np.inf), axis=1)
+        choices = np.array([cheapest, np.argmin(problem.damage, axis=1)])
+        idx = np.arange(problem.n_items)
+        return {"choices": choices, "cost": problem.resources[column][idx, choices].sum(axis=1),
+                "damage": problem.damage[idx, choices].sum(axis=1)}
+
+    def _solve(self, problem):
+        self.calls.append("solve")
+        return GreedySolver()._solve(problem)
+
+
+def test_frontier_reads_declared_abilities_not_names():
+    table = random_table(6, seed=3)
+    _OnePass.calls = []
+    fr = compute_frontier(table, _OnePass(), key="size_bits")
+    assert _OnePass.calls == ["frontier"] and len(fr) == 2
+    _OnePass.calls = []  # single_resource + another constraint: swept one budget at a time instead
+    bops = float(table.frame.groupby("layer").bops.max().sum())
+    compute_frontier(table, _OnePass(), key="size_bits", points=3, budget=Budget.parse([f"bops={bops}"]))
+    assert _OnePass.calls == ["solve"] * 3
+    source = "\n".join(f.read_text() for f in PACKAGE.rglob("*.py"))
+    assert 'name == "dp"' not in source and 'hasattr(solver, "frontier")' not in source
