@@ -179,3 +179,18 @@ def test_solve_budget_adds_runtime_ties_and_checks_the_table_target():
         solve_budget(table, Budget(), "torchao")
     with pytest.raises(MpsearchError, match="target 'torchao' cannot execute option"):
         solve_budget(CostTable(frame), Budget(), "torchao")
+
+
+def test_llmcompressor_modifier_follows_the_rounding_the_table_measured():
+    from mpsearch.export import export_plan
+    from mpsearch.plan import BitPlan
+
+    def plan(quantizer):
+        table = {"target": "vllm", **({"quantizer": quantizer} if quantizer else {})}
+        return BitPlan(bits={"m.q_proj": 4}, options={"m.q_proj": {"name": "w4a16-g128", "format": "w4a16-g128", "bits": 4}},
+                       provenance={"table": table})
+
+    mods = {q: next(iter(export_plan(plan(q), "llm-compressor")["quant_stage"]["quant_modifiers"])) for q in ("rtn", "gptq", None)}
+    assert mods == {"rtn": "QuantizationModifier", "gptq": "GPTQModifier", None: "GPTQModifier"}
+    doc = export_plan(plan("rtn"), "llm-compressor", modifier="GPTQModifier")
+    assert "GPTQModifier" in doc["quant_stage"]["quant_modifiers"]

@@ -4,8 +4,9 @@ The recipe layout is llm-compressor's (``quant_stage: quant_modifiers: <Modifier
 group is a compressed-tensors ``QuantizationScheme`` (``compressed_tensors/quantization/
 quant_scheme.py``): ``targets`` (here the exact module names, which compressed-tensors matches by
 equality), ``weights`` and, for formats that quantize activations, ``input_activations``
-(``QuantizationArgs``). ``keep`` layers go to ``ignore``. The modifier defaults to
-``GPTQModifier``; ``modifier="QuantizationModifier"`` gives round-to-nearest, which is what the
+(``QuantizationArgs``). ``keep`` layers go to ``ignore``. The modifier follows the rounding
+the plan's table was measured with (``QuantizationModifier`` for round to nearest, ``GPTQModifier``
+for ``--quantizer gptq`` and for plans that do not say); ``modifier="QuantizationModifier"`` gives round-to-nearest, which is what the
 formats' fake quantizers model.
 
 The compressed-tensors formats of ``--target vllm`` are written as compressed-tensors' own preset
@@ -88,11 +89,21 @@ class LLMCompressorExporter(Exporter):
     runtime = "vLLM (which serves compressed-tensors checkpoints)"
     consumers = ("compressed-tensors",)
 
-    def __init__(self, modifier: str = "GPTQModifier"):
+    def __init__(self, modifier: str | None = None):
         self.modifier = modifier
 
+    def modifier_for(self, plan: BitPlan) -> str:
+        """``modifier`` if given; else the rounding the plan's damage was measured with:
+        ``QuantizationModifier`` (round to nearest) for ``quantizer: rtn``, ``GPTQModifier`` for
+        ``gptq`` and for plans that do not say (the historical default)."""
+        if self.modifier is not None:
+            return self.modifier
+        table = plan.provenance.get("table") if isinstance(plan.provenance, dict) else None
+        quantizer = table.get("quantizer") if isinstance(table, dict) else None
+        return "QuantizationModifier" if quantizer == "rtn" else "GPTQModifier"
+
     def check(self, plan: BitPlan) -> None:
-        if not isinstance(self.modifier, str) or not self.modifier.isidentifier():
+        if self.modifier is not None and (not isinstance(self.modifier, str) or not self.modifier.isidentifier()):
             raise ExportError(f"llm-compressor: modifier must be a class name such as "
                               f"'GPTQModifier' or 'QuantizationModifier', got {self.modifier!r}")
         refuse(plan, self.name, lambda o: o.is_keep or o.fmt is not None or 2 <= o.bits <= 8,
@@ -108,7 +119,7 @@ class LLMCompressorExporter(Exporter):
         if not groups:
             raise ExportError("llm-compressor: the plan keeps every layer at 16 bits; there is nothing to quantize")
         body = {"ignore": ignore, "config_groups": groups}
-        return {"quant_stage": {"quant_modifiers": {self.modifier: body}}}
+        return {"quant_stage": {"quant_modifiers": {self.modifier_for(plan): body}}}
 
     def dumps(self, doc) -> str:
         import yaml

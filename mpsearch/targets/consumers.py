@@ -70,7 +70,9 @@ AUTOROUND = ConsumerTarget(
     "autoround", "AutoRound (layer_config), round-to-nearest path",
     "AutoRound integer weights 2-8 bits in groups of 32 or 128, symmetric or asymmetric",
     "autoround",
-    tuple(f"autoround-int{b}-g{g}{s}" for b in range(2, 9) for g in (32, 128) for s in ("", "-asym")),
+    # AutoRound refuses 8-bit asymmetric layers (unless AR_ALLOW_W8_ASYM=1), so they are not offered
+    tuple(f"autoround-int{b}-g{g}{s}" for b in range(2, 9) for g in (32, 128) for s in ("", "-asym")
+          if not (b == 8 and s)),
     tuple(f"autoround-int{b}-g128" for b in (2, 3, 4, 8)),
     "in and out features are packed in multiples of 32; q/k/v and gate/up share bits",
 )
