@@ -8,6 +8,17 @@ sequential blocks only the suffix after the changed block runs, from cached bloc
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
 ``max_cache_mb`` bounds the cache.
 
+Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
+``stack_options=k`` per pass; ``1`` is one pass per option): the batch is repeated once per option
+along the batch axis and the layer, for that pass only, multiplies copy ``i`` of its input by option
+``i``'s quantized weight (Linear, Conv1d/2d, transformers' Conv1D, Embedding; other kinds take one
+pass per option). The first stacked layer is checked once against separate passes (a model that
+mixes samples across the batch axis is detected, warned about, and measured one option per pass).
+Distances accumulate on the device (float64 on CPU, float32 on GPU, from the model's own dtype: bf16
+compute for a bf16 model) and reach the host once, at the end. ``micro_batch=k`` measures
+each calibration batch in pieces of at most ``k`` samples (the same weighted mean, a fraction of the
+memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
+
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
 its input matters less). When a block changes the shape of its input, the cosine between the
@@ -22,15 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import model_output_tensor, move_batch
+from ..data import micro_batches, model_output_tensor, move_batch
+from ..layers import get_module
 from ..errors import MpsearchError
 from ..quant import quantize_weight
 from .base import (
     DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
-    weight_of,
 )
 from .blocks import PrefixRunner, find_blocks
-from .losses import METRICS, check_output, distance, output_kind
+from .losses import METRICS, check_output, output_kind
 
 
 def _size(batch) -> int:
@@ -47,51 +58,51 @@ class OutputDistanceEstimator(Estimator):
 
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float = 1024.0,
+                 stack_options: int | None = None, micro_batch: int | None = None,
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.metric = metric
         self.output = output
         self.prefix_cache = prefix_cache
         self.max_cache_mb = max_cache_mb
+        self.stack_options = stack_options
+        self.micro_batch = micro_batch
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
-    def _damage(self, model, ctx: Context) -> np.ndarray:
+    def _check(self):
         check_choice("metric", self.metric, METRICS)
         check_output(self.output)
         check_positive("max_cache_mb", self.max_cache_mb, allow_zero=True)
+        if self.stack_options is not None:
+            check_positive("stack_options", self.stack_options, integer=True)
+        if self.micro_batch is not None:
+            check_positive("micro_batch", self.micro_batch, integer=True)
+
+    def _damage(self, model, ctx: Context) -> np.ndarray:
+        self._check()
         names = [lay.name for lay in ctx.layers]
         runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=self.max_cache_mb,
                               enabled=bool(self.prefix_cache))
+        units = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
         L, K = len(ctx.layers), len(ctx.options)
+        acc = torch.float64 if ctx.device.type == "cpu" else torch.float32
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
             "batch": 0, "layer": 0, "sums": torch.zeros(L, K, dtype=torch.float64), "weight": 0.0}
-        total = len(ctx.batches) * L
-        bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
+        sums = st["sums"] = st["sums"].to(ctx.device, acc)  # stays on the device (no host sync)
+        self._stack_checked, self._stack_ok = False, True  # run state: the stacked pass is checked once
+        bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=len(units) * L)
         bar.update(st["batch"] * L + st["layer"])
-        for bi in range(st["batch"], len(ctx.batches)):
-            batch = move_batch(ctx.batches[bi], ctx.device)
+        for bi in range(st["batch"], len(units)):
+            batch = move_batch(units[bi], ctx.device)
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
-            size = _size(ctx.batches[bi])
+            target = _prepare(ref, self.metric, kind, acc)
+            size = _size(units[bi])
             for li in range(st["layer"], L):
-                lay = ctx.layers[li]
-                w = weight_of(model, lay)
-                saved = w.detach().clone()
-                start = runner.start_of(lay.name)
-                try:
-                    for k, opt in enumerate(ctx.options):
-                        if opt.is_keep:
-                            continue
-                        with torch.no_grad():
-                            w.copy_(quantize_weight(saved, opt, lay.kind, lay.name))
-                        out = runner.run(batch, start)[0]
-                        ctx.count("suffix_passes")
-                        st["sums"][li, k] += size * distance(out, ref, self.metric, kind)
-                finally:
-                    with torch.no_grad():
-                        w.copy_(saved)
+                sums[li] += size * self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
+                                                        target, kind, acc)
                 st["layer"] = li + 1
                 bar.update(1)
                 if ctx.checkpoint:
@@ -99,14 +110,141 @@ class OutputDistanceEstimator(Estimator):
             st.update(batch=bi + 1, layer=0, weight=st["weight"] + size)
             if ctx.checkpoint:
                 ctx.checkpoint.save(st, force=True)
+            runner.release()
         bar.close()
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
             prefix_cache=runner.enabled, cached_blocks=runner.peak_blocks,
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
+            stacked_options=bool(getattr(self, "_stack_ok", False)),
         )
-        return (st["sums"] / max(st["weight"], 1e-300)).clamp(min=0).numpy()
+        return (sums.to("cpu", torch.float64) / max(st["weight"], 1e-300)).clamp(min=0).numpy()
+
+    def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
+                        acc=torch.float64) -> torch.Tensor:
+        """The unit of work: the output distance of ``batch`` with ``layer`` at each option
+        (a ``[K]`` tensor on the device, 0 for ``keep``), from the runner's cached prefix."""
+        module = get_module(model, layer.name)
+        w = module.weight
+        active = [k for k, opt in enumerate(ctx.options) if not opt.is_keep]
+        out = torch.zeros(len(ctx.options), dtype=acc, device=ctx.device)
+        if not active:
+            return out
+        start = runner.start_of(layer.name)
+        variants = {k: quantize_weight(w, ctx.options[k], layer.kind, layer.name) for k in active}
+        stack = len(active) if self.stack_options is None else int(self.stack_options)
+        if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
+            stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
+                                    target, kind, acc, ctx)
+            if not self._stack_checked:  # once: the stacked pass must equal separate passes
+                self._stack_checked = True
+                single = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+                self._stack_ok = bool(torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))) or \
+                    _warn_stack(layer.name, stacked, single)
+                stacked = stacked if self._stack_ok else single
+            out[active] = stacked
+        else:
+            out[active] = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+        return out
+
+    def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx):
+        """One suffix pass per option, the layer's weight overwritten (and restored)."""
+        saved = w.detach().clone()
+        vals = []
+        try:
+            for k in active:
+                with torch.no_grad():
+                    w.copy_(variants[k])
+                out = runner.run(batch, start)[0]
+                ctx.count("suffix_passes")
+                vals.append(_distance(out, target, self.metric, kind, acc))
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+        return torch.stack(vals)
+
+    def _stacked(self, module, layer, runner, batch, start, active, variants, stack, target, kind, acc, ctx):
+        """Options in groups of ``stack`` per suffix pass, stacked along the batch axis."""
+        vals = []
+        for g in range(0, len(active), stack):
+            group = active[g : g + stack]
+            n = len(group)
+            with stacked_weights(module, layer.kind, [variants[k] for k in group]):
+                out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
+            ctx.count("suffix_passes")
+            vals.extend(_distance(o, target, self.metric, kind, acc) for o in out.chunk(n))
+        return torch.stack(vals)
+
+
+_STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
+
+
+def _warn_stack(name, stacked, single) -> bool:
+    import warnings
+
+    from .base import EstimatorWarning
+
+    warnings.warn(
+        f"output-distance: measuring the options of {name!r} stacked along the batch axis gave "
+        f"{stacked.tolist()} instead of {single.tolist()} (the model mixes samples across the batch?); "
+        f"measuring one option per pass", EstimatorWarning, stacklevel=4)
+    return False
+
+
+class stacked_weights:
+    """Context manager: copy ``i`` of the layer's input (along the batch axis, in ``len(weights)``
+    equal chunks) is multiplied by ``weights[i]``; the module's own weight is untouched."""
+
+    def __init__(self, module, kind: str, weights):
+        self.module, self.kind, self.weights = module, kind, list(weights)
+
+    def _one(self, x, w):
+        m = self.module
+        if self.kind == "linear":
+            return F.linear(x, w, m.bias)
+        if self.kind in ("conv1d", "conv2d"):
+            return m._conv_forward(x, w, m.bias)
+        if self.kind == "embedding":
+            return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        size = x.size()[:-1] + (m.nf,)  # transformers' Conv1D: weight [in, out]
+        return torch.addmm(m.bias, x.reshape(-1, x.size(-1)), w).view(size)
+
+    def __enter__(self):
+        n = len(self.weights)
+
+        def forward(x, *args, **kwargs):
+            return torch.cat([self._one(xc, w) for xc, w in zip(x.chunk(n), self.weights)])
+
+        self.module.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.module.forward
+        return False
+
+
+def _prepare(ref: torch.Tensor, metric: str, kind: str, acc) -> dict:
+    """What the distance compares with, computed once per batch from the reference output."""
+    metric = ("cosine" if kind == "embedding" else "kl") if metric == "auto" else metric
+    b = ref.reshape(-1, ref.shape[-1]).to(acc)
+    if metric == "cosine":
+        return {"metric": metric, "ref": b}
+    if metric == "mse":
+        return {"metric": metric, "ref": b}
+    return {"metric": metric, "ref": F.log_softmax(b, -1)}
+
+
+def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> torch.Tensor:
+    """The distance of one output to the prepared reference, as a 0-d tensor on the device
+    (the same numbers as :func:`mpsearch.sensitivity.losses.distance`)."""
+    a = out.reshape(-1, out.shape[-1]).to(acc)
+    b = target["ref"]
+    if target["metric"] == "cosine":
+        return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
+    if target["metric"] == "mse":
+        return (a - b).pow(2).mean()
+    return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
 
 
 def _block_input(args, kwargs):
