@@ -196,7 +196,8 @@ def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = 
     size = sum(r["size_bits"] for r in report.layers)
     params = sum(r["params"] for r in report.layers)
     result = {"quality": report.quality, "size_bits": size, "avg_bits": size / params,
-              "model_size_mb": report.size_mb, "levels_ok": report.ok}
+              "model_size_mb": report.size_mb, "levels_ok": report.ok,
+              **{f"measured_{k}": v for k, v in report.metrics.items()}}  # e.g. kld, kld_p99, top1, perplexity
     if cache is not None:
         cache.put(key, result)
     return result
@@ -306,6 +307,8 @@ def measured_frontier(
     front[qcol] = [measured.get(("frontier", i), {}).get("quality", np.nan) for i in front.index]
     front["measured_loss"] = [metric.loss(q, baseline) if np.isfinite(q) else np.nan for q in front[qcol]]
     front["measured_avg_bits"] = [measured.get(("frontier", i), {}).get("avg_bits", np.nan) for i in front.index]
+    for key in sorted({k for m in measured.values() for k in m if k.startswith("measured_")} - {qcol}):
+        front[key] = [measured.get(("frontier", i), {}).get(key, np.nan) for i in front.index]
     front.insert(0, "point", range(len(front)))
     urows = []
     if uniform:
@@ -313,7 +316,8 @@ def measured_frontier(
             m = measured[("uniform", opt)]
             urows.append({"option": opt, "bits": table.option_bits()[opt], "avg_bits": avg,
                           "size_bits": m["size_bits"], "damage": float(table.frame.loc[table.frame["option"] == opt, "damage"].sum()),
-                          qcol: m["quality"], "measured_loss": metric.loss(m["quality"], baseline)})
+                          qcol: m["quality"], "measured_loss": metric.loss(m["quality"], baseline),
+                          **{k: v for k, v in m.items() if k.startswith("measured_") and k != qcol}})
     uframe = pd.DataFrame(urows)
 
     # proxy check over validated points (frontier and uniform together)

@@ -169,9 +169,8 @@ def tokenizer_for(spec):
 
 
 def is_causal_lm(model) -> bool:
-    """A causal LM: a transformers ``*ForCausalLM``/``*LMHeadModel`` (or ``config.is_decoder``)."""
-    cls = type(model).__name__
-    return cls.endswith(("ForCausalLM", "LMHeadModel"))
+    """A causal LM: a transformers ``*ForCausalLM``/``*LMHeadModel``."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def _check_model(model, spec) -> torch.nn.Module:
@@ -298,3 +297,115 @@ def load_data(spec, *, tokenizer=None, batch_size: int = 16, max_length: int = 6
     if data is None:
         raise SpecError(f"data spec {spec!r} returned None; return a batch or a list of batches")
     return data
+
+
+# ------------------------------------------------------------- LLM data: calibration and evaluation
+#: sizes of tokenized text for causal LMs: on a GPU 128 windows x 512 tokens of calibration (the
+#: GPTQ/AWQ practice) and 32k evaluation tokens; on a CPU smaller ones that run in minutes
+LLM_DEFAULTS = {"cuda": {"seq_len": 512, "calib_samples": 128, "eval_tokens": 32768},
+                "cpu": {"seq_len": 128, "calib_samples": 16, "eval_tokens": 4096}}
+#: encoders keep the line-per-text defaults (64 tokens, every line)
+ENCODER_DEFAULTS = {"seq_len": 64, "calib_samples": None}
+
+
+def text_defaults(model, device=None) -> dict:
+    """The default ``seq_len``/``calib_samples``/``eval_tokens`` for ``model`` on ``device``."""
+    dev = resolve_device(device) or _model_device(model)
+    if is_causal_lm(model):
+        return dict(LLM_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
+    return dict(ENCODER_DEFAULTS, eval_tokens=None)
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_size(name, value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise SpecError(f"{name} must be a positive integer, got {value!r}")
+
+
+def load_calibration(spec, model, model_spec=None, *, seq_len=None, samples=None, batch_size=8,
+                     tokenizer=None):
+    """Calibration batches for ``model`` from a data spec; text is tokenized with the model's
+    tokenizer (``tokenizer``, or the one of ``model_spec``): a causal LM gets ``samples`` windows of
+    ``seq_len`` tokens of one token stream, an encoder one text per line (at most ``seq_len``
+    tokens). Unset sizes take :func:`text_defaults`."""
+    if spec is None:
+        return None
+    for name, v in (("seq_len", seq_len), ("calib_samples", samples), ("batch_size", batch_size)):
+        _check_size(name, v)
+    d = text_defaults(model)
+    tok = tokenizer if tokenizer is not None else (
+        tokenizer_for(model_spec) if _is_text(spec) else None)
+    return load_data(spec, tokenizer=tok, batch_size=batch_size, max_length=seq_len or d["seq_len"],
+                     causal=is_causal_lm(model), samples=samples or d["calib_samples"])
+
+
+def _is_text(spec) -> bool:
+    return isinstance(spec, (str, Path)) and (str(spec).endswith(".txt") or str(spec) == "shakespeare")
+
+
+def eval_token_ids(spec, model, model_spec=None, *, eval_tokens=None, tokenizer=None) -> torch.Tensor:
+    """A 1-D stream of ``eval_tokens`` evaluation token ids for a causal LM: a text file (or
+    ``shakespeare``: the held-out plays) tokenized with the model's tokenizer, or the non-padding
+    ``input_ids`` of batches (``.pt``, a callable)."""
+    _check_size("eval_tokens", eval_tokens)
+    n = eval_tokens or text_defaults(model)["eval_tokens"]
+    if _is_text(spec):
+        from .zoo import shakespeare_text, token_stream
+
+        tok = tokenizer if tokenizer is not None else tokenizer_for(model_spec)
+        if tok is None:
+            raise SpecError(f"eval data {str(spec)!r} is text: it needs the model's tokenizer; use a Hugging "
+                            f"Face directory, 'minilm' or 'smollm2' as the model, or give token ids (.pt)")
+        text = shakespeare_text("eval") if str(spec) == "shakespeare" else read_text_file(Path(spec))
+        return token_stream(tok, text, n, source=str(spec))
+    from .data import as_batches
+
+    ids = []
+    for b in as_batches(load_data(spec)):
+        if isinstance(b, dict) and "input_ids" in b:
+            x = b["input_ids"]
+            ids.append(x[b["attention_mask"].bool()] if "attention_mask" in b else x.reshape(-1))
+        elif isinstance(b, torch.Tensor) and not b.is_floating_point():
+            ids.append(b.reshape(-1))
+        else:
+            raise SpecError(f"eval data {str(spec)!r}: a causal LM needs token ids (a text file, a tensor of "
+                            f"ids, or batches with input_ids)")
+    out = torch.cat(ids).long()
+    return out[:n] if n else out
+
+
+def load_metric(name, eval_spec, model, model_spec=None, *, eval_tokens=None, window=None, stride=None,
+                batch_size=8, seq_len=None, tokenizer=None, cache_dir=None):
+    """The quality metric of ``validate`` and ``frontier --model``: ``name`` (a metric name,
+    ``package.module:callable``, or ``None`` for the model's default: ``kld`` for causal LMs, which
+    also reports top-1 agreement and perplexity) on the evaluation data ``eval_spec``.
+
+    Causal LMs are measured on ``eval_tokens`` tokens in windows of ``window`` tokens (default
+    ``seq_len``, else the device default) advancing by ``stride`` (default: ``window``)."""
+    from .metrics import CAUSAL_METRICS, FunctionMetric, default_metric_name, make_metric
+
+    if name and ":" in str(name):
+        return FunctionMetric(_load_callable(str(name), "metric"))
+    if eval_spec is None:
+        raise SpecError("measuring quality needs evaluation data (--eval-data), disjoint from the "
+                        "calibration data, or --metric package.module:callable")
+    for key, v in (("eval_window", window), ("eval_stride", stride), ("batch_size", batch_size)):
+        _check_size(key, v)
+    if is_causal_lm(model):
+        name = name or default_metric_name(model)
+        if name not in CAUSAL_METRICS:
+            raise SpecError(f"metric {name!r} is not one for a causal LM: use {', '.join(CAUSAL_METRICS)}")
+        ids = eval_token_ids(eval_spec, model, model_spec, eval_tokens=eval_tokens, tokenizer=tokenizer)
+        window = window or seq_len or text_defaults(model)["seq_len"]
+        return make_metric(name, ids, window=min(window, max(ids.numel(), 2)), stride=stride,
+                           batch_size=batch_size, cache_dir=cache_dir)
+    evals = load_calibration(eval_spec, model, model_spec, seq_len=seq_len, batch_size=32, tokenizer=tokenizer)
+    from .data import first_batch
+
+    name = name or default_metric_name(model, first_batch(evals))
+    return make_metric(name, evals)

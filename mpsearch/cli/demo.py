@@ -28,10 +28,13 @@ def register(sub):
     p.add_argument("--solver", default=DEMO["solver"], help=f"solver (default: {DEMO['solver']})")
     p.add_argument("--validate", type=int, default=DEMO["validate"], help="plans to measure along the frontier")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from ._common import add_device_args
+
+    add_device_args(p)
 
 
 def run_demo(out="mpsearch-demo", *, estimator=DEMO["estimator"], solver=DEMO["solver"],
-             validate=DEMO["validate"], progress=True):
+             validate=DEMO["validate"], progress=True, device=None, dtype=None):
     """The demo as a library call; returns the :class:`~mpsearch.pipeline.FrontierRun`."""
     import torch
 
@@ -40,7 +43,10 @@ def run_demo(out="mpsearch-demo", *, estimator=DEMO["estimator"], solver=DEMO["s
     from ..pipeline import measured_frontier
 
     torch.manual_seed(0)
+    from ..specs import load_model
+
     model, tok = zoo.load_minilm()
+    model = load_model(model, device=device, dtype=dtype)
     calib = zoo.minilm_batches(zoo.shakespeare_lines(DEMO["calib"], "calib"), 16,
                                DEMO["max_length"], tokenizer=tok)
     evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO["eval"], "eval", seed=1), 32,
@@ -54,7 +60,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, device=args.device, dtype=args.dtype)
     say(summarize(result))
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -83,8 +89,12 @@ def add_model_frontier_args(p) -> None:
     """The arguments of the model path of ``mpsearch frontier``."""
     g = p.add_argument_group("measured frontier (instead of --table): estimate, solve, apply and measure")
     g.add_argument("--model", help="model spec: HF directory, package.module:callable, file.py:callable, "
-                                   "or minilm / fashion-cnn / digits-mlp")
+                                   "or minilm / smollm2 / fashion-cnn / digits-mlp")
     g.add_argument("--data", help="calibration data spec (text file, .pt, IDX file, callable, or a short name)")
+    from ._common import add_device_args, add_text_args
+
+    add_device_args(g)
+    add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
     g.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
@@ -92,7 +102,8 @@ def add_model_frontier_args(p) -> None:
                    help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
     g.add_argument("--metric", default=None,
-                   help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
+                   help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
+                        "kl, or package.module:callable (default: by model)")
 
 
 def _zoo_eval(spec: str, tokenizer):
@@ -109,39 +120,34 @@ def _zoo_eval(spec: str, tokenizer):
 
 def run_model_frontier(args) -> int:
     """Estimate -> frontier -> apply and measure K plans; ``-o`` names the output folder."""
-    from pathlib import Path
-
-    from ..data import first_batch
     from ..errors import MpsearchError
-    from ..metrics import FunctionMetric, default_metric_name, make_metric
     from ..pipeline import measured_frontier
-    from ..specs import _load_callable, load_data, load_model, load_tokenizer
+    from ..specs import is_causal_lm, load_calibration, load_data, load_metric, tokenizer_for
+    from ._common import load_model_args
 
-    model = load_model(args.model)
-    tokenizer = None
-    if args.model == "minilm" or Path(args.model).is_dir():
-        tokenizer = load_tokenizer(args.model)
-    calib = load_data(args.data, tokenizer=tokenizer) if args.data else None
-    if calib is None and args.model in ("minilm", "fashion-cnn", "digits-mlp"):
-        calib = load_data({"minilm": "shakespeare", "fashion-cnn": "fashion-mnist",
-                           "digits-mlp": "digits"}[args.model])
-    evals = load_data(args.eval_data, tokenizer=tokenizer) if args.eval_data else _zoo_eval(args.model, tokenizer)
-    if evals is None and not (args.metric and ":" in args.metric):
-        raise MpsearchError("--eval-data is required for this model: calibration and evaluation data "
-                            "must be disjoint (or give --metric package.module:callable)")
-    if args.metric and ":" in args.metric:
-        metric = FunctionMetric(_load_callable(args.metric, "metric"))
+    model = load_model_args(args)
+    tokenizer = tokenizer_for(args.model)
+    sizes = dict(seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tokenizer)
+    data = args.data or {"minilm": "shakespeare", "smollm2": "shakespeare"}.get(args.model)
+    if data is not None:
+        calib = load_calibration(data, model, args.model, samples=args.calib_samples, **sizes)
     else:
-        name = args.metric or default_metric_name(model, first_batch(evals))
-        if name == "perplexity":
-            from ..data import as_batches
+        calib = load_data({"fashion-cnn": "fashion-mnist", "digits-mlp": "digits"}.get(args.model))
+    if args.metric and ":" in args.metric:
+        metric = load_metric(args.metric, None, model)
+    elif args.eval_data or is_causal_lm(model) and args.model == "smollm2":
+        metric = load_metric(args.metric, args.eval_data or "shakespeare", model, args.model,
+                             eval_tokens=args.eval_tokens, window=args.eval_window, stride=args.eval_stride,
+                             **sizes)
+    else:
+        evals = _zoo_eval(args.model, tokenizer)
+        if evals is None:
+            raise MpsearchError("--eval-data is required for this model: calibration and evaluation data "
+                                "must be disjoint (or give --metric package.module:callable)")
+        from ..data import first_batch
+        from ..metrics import default_metric_name, make_metric
 
-            ids = [b["input_ids"][b["attention_mask"].bool()] if "attention_mask" in b
-                   else b["input_ids"].reshape(-1) for b in as_batches(evals)]  # padding left out
-            import torch
-
-            evals = torch.cat(ids)
-        metric = make_metric(name, evals)
+        metric = make_metric(args.metric or default_metric_name(model, first_batch(evals)), evals)
     run = measured_frontier(model, calib, metric, estimator=args.estimator, solver=args.solver,
                             options=args.options, validate=args.validate, out=args.output,
                             solver_params=parse_params(args.param), progress=True)

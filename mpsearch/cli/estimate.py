@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_param_arg, parse_params, say
+from ._common import add_command, add_device_args, add_param_arg, add_text_args, load_model_args, parse_params, say
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv"""
@@ -10,8 +10,12 @@ EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:cali
 
 def register(sub):
     p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
-    p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
-    p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
+    p.add_argument("--model", required=True,
+                   help="model spec: HF directory, smollm2, minilm, package.module:callable or file.py:callable")
+    p.add_argument("--data", help="calibration data spec: a text file (tokenized with the model's tokenizer), "
+                                  ".pt, callable or short name (needed by data-driven estimators and for MACs/BOPs)")
+    add_device_args(p)
+    add_text_args(p, evaluation=False)
     p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
     p.add_argument("--bits", "--options", dest="options", default="2,3,4,8",
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8 (default: 2,3,4,8)")
@@ -28,13 +32,14 @@ def register(sub):
 
 def run(args) -> int:
     from ..registry import get_estimator
-    from ..specs import load_data, load_model
+    from ..specs import load_calibration
 
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     estimator = get_estimator(args.estimator, options=args.options, **params)
-    model = load_model(args.model)
-    data = load_data(args.data)
+    model = load_model_args(args)
+    data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
+                            batch_size=args.batch_size)
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,

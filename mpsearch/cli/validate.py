@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, dump_json, say
+from ._common import add_command, add_device_args, add_text_args, dump_json, load_model_args, say
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -12,24 +12,35 @@ def register(sub):
     p = add_command(sub, "validate", "Apply a plan, check every layer's levels, measure size and quality.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
-    p.add_argument("--metric", help="quality: package.module:callable taking the model, returning a float")
+    p.add_argument("--metric", help="quality: kld, top1, perplexity (causal LMs; default kld), cosine, accuracy, "
+                                    "agreement, kl, or package.module:callable taking the model, returning a float")
+    p.add_argument("--eval-data", help="evaluation data spec (text file, .pt, callable, short name) for --metric NAME")
+    add_device_args(p)
+    add_text_args(p, calib=False)
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
 def run(args) -> int:
     from ..plan import BitPlan
-    from ..specs import _load_callable, load_model
+    from ..specs import _load_callable, load_metric
     from ..table import atomic_write_text
     from ..validate import validate_plan
 
     plan = BitPlan.load(args.plan)
-    model = load_model(args.model)
-    metric = _load_callable(args.metric, "metric") if args.metric else None
+    model = load_model_args(args)
+    if args.eval_data:
+        metric = load_metric(args.metric, args.eval_data, model, args.model, eval_tokens=args.eval_tokens,
+                             window=args.eval_window, stride=args.eval_stride, batch_size=args.batch_size,
+                             seq_len=args.seq_len)
+    else:
+        metric = _load_callable(args.metric, "metric") if args.metric else None
     report = validate_plan(model, plan, metric=metric)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:
         say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")
+        for key, value in (report.metrics or {}).items():
+            say(f"  {key}: {value:.6g} (full precision: {report.baseline_metrics.get(key, float('nan')):.6g})")
     if args.output:
         atomic_write_text(args.output, dump_json(report.to_dict()) + "\n")
         say(f"wrote {args.output}")
