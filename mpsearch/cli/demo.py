@@ -74,8 +74,8 @@ def summarize(run) -> str:
     for _, row in run.validated().iterrows():
         # the plan solved at a uniform plan's exact size (its own size may be a little smaller)
         same = run.uniform[(run.uniform["avg_bits"] - row["budget_avg_bits"]).abs() < 1e-6]
-        tag = f"   uniform {same[q].iloc[0]:.4f}" if len(same) else ""
-        lines.append(f"  {row['avg_bits']:.3f} bits/weight: mixed {row[q]:.4f}{tag}")
+        tag = f"   uniform {same[q].iloc[0]:.4g}" if len(same) else ""
+        lines.append(f"  {row['avg_bits']:.3f} bits/weight: mixed {row[q]:.4g}{tag}")
     lines.append(f"proxy check: Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
                  + ("  (POOR)" if run.proxy["poor"] else ""))
     lines.append(f"outputs in {run.out}/:")
@@ -122,20 +122,21 @@ def run_model_frontier(args) -> int:
     """Estimate -> frontier -> apply and measure K plans; ``-o`` names the output folder."""
     from ..errors import MpsearchError
     from ..pipeline import measured_frontier
-    from ..specs import is_causal_lm, load_calibration, load_data, load_metric, tokenizer_for
+    from ..specs import _is_text, load_calibration, load_data, load_metric, tokenizer_for
     from ._common import load_model_args
 
     model = load_model_args(args)
-    tokenizer = tokenizer_for(args.model)
-    sizes = dict(seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tokenizer)
     data = args.data or {"minilm": "shakespeare", "smollm2": "shakespeare"}.get(args.model)
+    text = _is_text(data) or _is_text(args.eval_data) or args.model == "smollm2" and not args.eval_data
+    tokenizer = tokenizer_for(args.model) if text else None  # read once, only for text data
+    sizes = dict(seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tokenizer)
     if data is not None:
         calib = load_calibration(data, model, args.model, samples=args.calib_samples, **sizes)
     else:
         calib = load_data({"fashion-cnn": "fashion-mnist", "digits-mlp": "digits"}.get(args.model))
     if args.metric and ":" in args.metric:
         metric = load_metric(args.metric, None, model)
-    elif args.eval_data or is_causal_lm(model) and args.model == "smollm2":
+    elif args.eval_data or args.model == "smollm2":
         metric = load_metric(args.metric, args.eval_data or "shakespeare", model, args.model,
                              eval_tokens=args.eval_tokens, window=args.eval_window, stride=args.eval_stride,
                              **sizes)
