@@ -35,7 +35,7 @@ CONFIG = {
     "tiny": dict(calib=4, seq=64, eval=1024, probes=8, micro=None, probe_batch=4, cli=True),
     "smollm2-135m": dict(calib=16, seq=512, eval=32768, probes=16, micro=None, probe_batch=4, cli=True),
     "llama-1.1b": dict(calib=16, seq=512, eval=32768, probes=16, micro=4, probe_batch=2, cli=True),
-    "llama-3-8b": dict(calib=16, seq=512, eval=32768, probes=16, micro=2, probe_batch=1, cli=False),
+    "llama-3-8b": dict(calib=16, seq=512, eval=32768, probes=8, micro=2, probe_batch=1, cli=False),
 }
 
 

@@ -223,9 +223,11 @@ LLAMA_SHAPES = {
 }
 
 
-def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0, **overrides) -> nn.Module:
+def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0, attn: str = "sdpa",
+                 **overrides) -> nn.Module:
     """A random-initialised ``LlamaForCausalLM`` of a :data:`LLAMA_SHAPES` shape, built directly on
-    ``device`` in ``dtype`` (eager attention, so Hessian-vector products go through it)."""
+    ``device`` in ``dtype`` (``attn``: transformers' attention implementation; the hessian estimator
+    runs SDPA on its math path, which has a double backward)."""
     if shape not in LLAMA_SHAPES:
         raise SpecError(f"unknown Llama shape {shape!r}; available: {', '.join(LLAMA_SHAPES)}")
     transformers = _offline_transformers()
@@ -234,7 +236,7 @@ def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0,
     dev = resolve_device(device) or torch.device("cpu")
     dt = resolve_dtype(dtype)
     dt = torch.float32 if dt in (None, "auto") else dt
-    config = transformers.LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides}, attn_implementation="eager")
+    config = transformers.LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides}, attn_implementation=attn)
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dt)

