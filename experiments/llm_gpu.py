@@ -73,11 +73,13 @@ def prepare(out: Path):
 
 
 def _commit():
+    if os.environ.get("MPSEARCH_COMMIT"):  # a copy of the tree (the GPU machine) names its commit
+        return os.environ["MPSEARCH_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip() or os.environ.get("MPSEARCH_COMMIT")
+                              text=True).stdout.strip()
     except OSError:
-        return os.environ.get("MPSEARCH_COMMIT")
+        return None
 
 
 # --------------------------------------------------------------------------------------- GPU
@@ -214,7 +216,7 @@ def cli_frontier(model, shape, tok, calib_ids, eval_ids, cfg, out: Path, device=
 
 
 # --------------------------------------------------------------------------------------- CPU
-def cpu_part(out: Path, calib_n=2, seq=64, eval_tokens=2048):
+def cpu_part(out: Path, calib_n=1, seq=64, eval_tokens=2048):
     from mpsearch import zoo
     from mpsearch.budget import Budget
     from mpsearch.metrics import NextTokenKL
@@ -225,6 +227,7 @@ def cpu_part(out: Path, calib_n=2, seq=64, eval_tokens=2048):
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rec = {"part": "cpu", "shape": "smollm2-135m (real weights)", "threads": torch.get_num_threads(),
+           "commit": _commit(),
            "calib": calib_n, "seq": seq, "eval": eval_tokens}
     t = now(False)
     model = load_model("smollm2", device="cpu", dtype="float32")

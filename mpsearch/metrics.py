@@ -213,7 +213,7 @@ class CausalLMMetric(Metric):
     - ``perplexity``: exp of the mean negative log-likelihood of the actual next tokens.
 
     The reference is computed once by :meth:`fit` and kept: ``reference="full"`` keeps every scored
-    token's fp32 log-probabilities (exact KL), ``"topk"`` keeps the ``topk`` most likely tokens'
+    token's fp32 logits (exact KL, computed from logit differences), ``"topk"`` keeps the ``topk`` most likely tokens'
     log-probabilities plus the mass of the rest (the KL of the distributions with the tail merged into
     one outcome: a lower bound of the exact KL, equal when ``topk`` covers the vocabulary), ``"auto"``
     the full form when it fits in ``max_reference_mb``, else top-k. With ``cache_dir`` the reference
@@ -270,7 +270,7 @@ class CausalLMMetric(Metric):
         return out
 
     def _scored(self, model):
-        """Yield ``(log-probs [N, V] fp32, targets [N])`` of the scored tokens, batch by batch."""
+        """Yield ``(logits [N, V] fp32, targets [N])`` of the scored tokens, batch by batch."""
         dev = _device(model)
         ids = self.input_ids.to(dev)
         kwargs = _lm_kwargs(model)
@@ -280,7 +280,7 @@ class CausalLMMetric(Metric):
             logits = model_output_tensor(out)[:, :-1]
             pos = torch.arange(length - 1, device=dev)
             keep = pos[None, :] >= torch.tensor(offsets, device=dev)[:, None]
-            yield F.log_softmax(logits[keep].float(), -1), x[:, 1:][keep]
+            yield logits[keep].float(), x[:, 1:][keep]
 
     # ------------------------------------------------------------------------- reference
     def fit(self, reference):
@@ -305,12 +305,13 @@ class CausalLMMetric(Metric):
 
     def _make_reference(self, model) -> list[dict]:
         refs, form = [], None
-        for logp, _tgt in self._scored(model):
-            form = form or self._form(logp.shape[-1])
-            entry = {"top1": logp.argmax(-1)}
-            if form == "full" or self.topk >= logp.shape[-1]:
-                entry["logp"] = logp
+        for z, _tgt in self._scored(model):
+            form = form or self._form(z.shape[-1])
+            entry = {"top1": z.argmax(-1)}
+            if form == "full" or self.topk >= z.shape[-1]:
+                entry["logits"] = z
             else:
+                logp = F.log_softmax(z, -1)
                 val, idx = logp.topk(self.topk, dim=-1)
                 entry.update(logp_top=val, idx=idx, log_tail=_log1mexp(torch.logsumexp(val, -1)))
             refs.append(entry)
@@ -366,14 +367,15 @@ class CausalLMMetric(Metric):
         hits = torch.zeros((), dtype=torch.float64, device=dev)
         kls, count = [], 0
         refs = self._ref if self._fitted else None
-        for i, (logp, tgt) in enumerate(self._scored(model)):
+        for i, (z, tgt) in enumerate(self._scored(model)):
+            logp = F.log_softmax(z, -1)
             nll -= logp.gather(-1, tgt[:, None])[:, 0].double().sum()
             count += tgt.numel()
             if refs is None:
                 continue
             ref = refs[i]
-            hits += (logp.argmax(-1) == ref["top1"]).double().sum()
-            kls.append(_kl_rows(ref, logp))
+            hits += (z.argmax(-1) == ref["top1"]).double().sum()
+            kls.append(_kl_rows(ref, z, logp))
         values = {"perplexity": float(torch.exp(nll / count))}
         if refs is not None:
             kl = torch.cat(kls)
@@ -390,12 +392,13 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.clamp(-torch.expm1(x), min=1e-30))
 
 
-def _kl_rows(ref: dict, logq: torch.Tensor) -> torch.Tensor:
-    """Per-row KL(p_ref || q) (fp32 terms, as precise as the fp32 log-probabilities they come from),
-    exact with a full reference, with the tail merged into one outcome with a top-k one."""
-    if "logp" in ref:
-        logp = ref["logp"]
-        return (logp.exp() * (logp - logq)).sum(-1).double().clamp(min=0)
+def _kl_rows(ref: dict, z: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p_ref || q): exact with a full reference (from the logit differences, accurate in
+    float32 for nearby distributions), with the tail merged into one outcome with a top-k one."""
+    if "logits" in ref:
+        from .sensitivity.output_distance import kl_from_logits
+
+        return kl_from_logits(ref["logits"], z).double()
     lp = ref["logp_top"]
     lq = logq.gather(-1, ref["idx"])
     lq_tail = _log1mexp(torch.logsumexp(lq, -1))

@@ -143,6 +143,26 @@ def test_reference_is_cached_on_disk_and_read_back(tmp_path):
     assert again(q) == first(q)
 
 
+def test_float32_kl_from_logits_is_accurate_for_nearby_distributions():
+    from mpsearch.sensitivity.output_distance import _distance, _prepare, kl_from_logits
+
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(64, 5000, generator=g, dtype=torch.float64) * 3
+    out = ref + 1e-4 * torch.randn(64, 5000, generator=g, dtype=torch.float64)  # an 8-bit-like change
+    ref, out = ref.float().double(), out.float().double()  # float32 inputs, exactly
+    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
+    exact = (lp.exp() * (lp - lq)).sum(-1)  # float64: the reference answer, ~5e-9 nats a row
+    got = kl_from_logits(ref.float(), out.float())
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double(), exact, rtol=1e-4)
+    naive = (lp.float().exp() * (lp.float() - lq.float())).sum(-1)  # float32 log-prob differences
+    assert float((naive.double() - exact).abs().max() / exact.abs().max()) > 1e-2  # why the formula matters
+    kind = "logits"
+    d32 = _distance(out.float(), _prepare(ref.float(), "kl", kind, torch.float32), "kl", kind, torch.float32)
+    d64 = _distance(out, _prepare(ref, "kl", kind, torch.float64), "kl", kind, torch.float64)
+    assert float(d32) == pytest.approx(float(d64), rel=1e-4) and float(d64) == pytest.approx(float(exact.mean()), rel=1e-9)
+
+
 def test_causal_metric_settings_are_checked():
     with pytest.raises(MpsearchError, match="stride <= window"):
         NextTokenKL(torch.arange(10), window=4, stride=5)
@@ -323,10 +343,13 @@ def test_cuda_hf_directory_loads_on_the_gpu_in_bf16(tiny_dir):
 
 @cuda
 def test_cuda_metrics_and_stacked_estimator_match_the_cpu():
-    cpu = zoo.random_llama("tiny", vocab_size=100, seed=2)
-    gpu = zoo.random_llama("tiny", vocab_size=100, seed=2, device="cuda")
+    import copy
+
+    cpu = zoo.random_llama("tiny", vocab_size=100, seed=2)  # the same weights (CUDA draws other numbers)
+    gpu = copy.deepcopy(cpu).to("cuda")
     ids = _ids(300, 100)
-    q_cpu, q_gpu = [zoo.random_llama("tiny", vocab_size=100, seed=3, device=d) for d in ("cpu", "cuda")]
+    q_cpu = zoo.random_llama("tiny", vocab_size=100, seed=3)
+    q_gpu = copy.deepcopy(q_cpu).to("cuda")
     a = NextTokenKL(ids, window=64).fit(cpu)
     b = NextTokenKL(ids, window=64).fit(gpu)
     assert b(q_gpu) == pytest.approx(a(q_cpu), rel=1e-3)

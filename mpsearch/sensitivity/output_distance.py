@@ -14,8 +14,9 @@ along the batch axis and the layer, for that pass only, multiplies copy ``i`` of
 ``i``'s quantized weight (Linear, Conv1d/2d, transformers' Conv1D, Embedding; other kinds take one
 pass per option). The first stacked layer is checked once against separate passes (a model that
 mixes samples across the batch axis is detected, warned about, and measured one option per pass).
-Distances accumulate on the device (float64 on CPU, float32 on GPU, from the model's own dtype: bf16
-compute for a bf16 model) and reach the host once, at the end. ``micro_batch=k`` measures
+Distances accumulate on the device (float64 on CPU, float32 on GPU, where KL is computed from logit
+differences, :func:`kl_from_logits`, to stay accurate for nearby distributions; the forward passes
+run in the model's own dtype: bf16 compute for a bf16 model) and reach the host once, at the end. ``micro_batch=k`` measures
 each calibration batch in pieces of at most ``k`` samples (the same weighted mean, a fraction of the
 memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
 
@@ -235,7 +236,9 @@ def _prepare(ref: torch.Tensor, metric: str, kind: str, acc) -> dict:
         return {"metric": metric, "ref": b}
     if metric == "mse":
         return {"metric": metric, "ref": b}
-    return {"metric": metric, "ref": F.log_softmax(b, -1)}
+    if acc == torch.float64:
+        return {"metric": metric, "ref": F.log_softmax(b, -1)}
+    return {"metric": "kl-logits", "ref": b, "p": torch.softmax(b, -1)}
 
 
 def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> torch.Tensor:
@@ -247,7 +250,30 @@ def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> t
         return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
     if target["metric"] == "mse":
         return (a - b).pow(2).mean()
+    if target["metric"] == "kl-logits":
+        return kl_from_logits(b, a, target["p"]).mean()
     return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
+
+
+def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row KL(softmax(ref) || softmax(logits)), accurate in float32 for nearby distributions.
+
+    With p = softmax(ref), d = logits - ref centred by its p-mean and r = E_p[d] (zero but for
+    rounding): KL = log E_p[exp(d)] + r = log1p(r + E_p[exp(d) - 1 - d]) - r, where exp(d) - 1 - d is
+    evaluated by its series for small d. Everything is computed from the small logit differences, none
+    of it from differences of large log-probabilities (whose float32 rounding, ~1e-7 of |log p|, is as
+    large as the KL of an 8-bit layer)."""
+    p = torch.softmax(ref_logits, -1) if p is None else p
+    d = logits - ref_logits
+    d = d - (p * d).sum(-1, keepdim=True)
+    r = (p * d).sum(-1)
+    return (torch.log1p(r + (p * _expm1mx(d)).sum(-1)) - r).clamp(min=0)
+
+
+def _expm1mx(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1 - x without cancellation (a series below |x| = 0.01)."""
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x / 120)))
+    return torch.where(x.abs() < 1e-2, series, torch.expm1(x) - x)
 
 
 def _block_input(args, kwargs):
