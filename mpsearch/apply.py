@@ -39,11 +39,31 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
     return [n for n, _m, _k in iter_quantizable(model, include_embedding=True) if n not in named]
 
 
-def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False) -> torch.nn.Module:
-    """Fake-quantize the layers named by ``plan`` (round to nearest, per the layer's option)."""
+def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
+               quantizer: str = "rtn", data=None) -> torch.nn.Module:
+    """Fake-quantize the layers named by ``plan`` (per the layer's option), rounding to nearest or,
+    with ``quantizer="gptq"`` and calibration ``data``, with GPTQ (:mod:`mpsearch.gptq`; each
+    layer's input Hessian is taken from the full-precision model)."""
+    import contextlib
+
     check_plan(model, plan)
+    rounding = contextlib.nullcontext()
+    if quantizer == "gptq":
+        from .data import as_batches
+        from .gptq import gptq_rounding, input_hessians
+        from .layers import discover_layers
+
+        batches = as_batches(data)
+        if not batches:
+            raise PlanError("apply_plan(quantizer='gptq') needs calibration data (data=...)")
+        names = {n for n in plan.bits if not plan.option(n).is_keep}
+        layers = [lay for lay in discover_layers(model, include_embedding=True) if lay.name in names]
+        device = next(model.parameters()).device
+        rounding = gptq_rounding(input_hessians(model, layers, batches, device))
+    elif quantizer != "rtn":
+        raise PlanError(f"quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
     target = model if inplace else copy.deepcopy(model)
-    with torch.no_grad():
+    with torch.no_grad(), rounding:
         for name in plan.bits:
             module = target.get_submodule(name)
             option = plan.option(name)

@@ -8,6 +8,7 @@ names that round-trip through :func:`parse_option`::
     int4            4-bit, symmetric, one scale per output channel
     int4-g128       4-bit, symmetric, one scale per 128 input elements of a row
     int4-g128-asym  4-bit, asymmetric (scale and zero-point per group)
+    q4_K            a consumer's own format (see :mod:`mpsearch.formats`), by its consumer's name
 
 Storage counts the scales (``scale_bits`` each, 16 by default) and, for asymmetric options, the
 zero-points (``bits`` each): int4-g128 costs 4 + 16/128 = 4.125 bits per weight.
@@ -44,12 +45,17 @@ class Option:
         Symmetric (zero-point fixed at 0) or asymmetric (a zero-point per group) quantization.
     scale_bits:
         Storage of one scale (and the overhead of the format); 16 for fp16 scales.
+    fmt:
+        The name of a consumer format (:mod:`mpsearch.formats`: ``q4_K``, ``w4a16-g128``...);
+        it then decides the rounding, the storage and the option's name, and ``bits`` is its
+        nominal bit-width. ``None`` for mpsearch's own integer options.
     """
 
     bits: int
     group_size: int | None = None
     symmetric: bool = True
     scale_bits: int = 16
+    fmt: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
@@ -64,6 +70,28 @@ class Option:
             raise MpsearchError(
                 f"option group_size must be a positive integer or None, got {self.group_size!r}"
             )
+        if self.fmt is not None:
+            f = self.format
+            if f is None:
+                raise MpsearchError(f"unknown format {self.fmt!r}{_format_hint(self.fmt)}")
+            if f.bits != self.bits:
+                raise MpsearchError(
+                    f"format {f.name!r} stores {f.bits}-bit weights, not {self.bits}"
+                )
+
+    @property
+    def format(self):
+        """The consumer :class:`~mpsearch.formats.Format` of this option (``None`` for intB)."""
+        if self.fmt is None:
+            return None
+        from .formats import get_format
+
+        return get_format(self.fmt)
+
+    @property
+    def act_bits(self) -> int:
+        """Activation bits the option quantizes the layer's input to (16: not quantized)."""
+        return self.format.act_bits if self.fmt is not None else KEEP_BITS
 
     @property
     def is_keep(self) -> bool:
@@ -71,6 +99,8 @@ class Option:
 
     @property
     def name(self) -> str:
+        if self.fmt is not None:
+            return self.format.name
         if self.is_keep:
             return "keep"
         name = f"int{self.bits}"
@@ -93,13 +123,23 @@ class Option:
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         """Storage of a weight of ``out_channels x in_features``, scales and zero-points included."""
+        if self.fmt is not None:
+            return int(self.format.size_bits(out_channels, in_features))
         params = out_channels * in_features
         if self.is_keep:
             return params * KEEP_BITS
         per_group = self.scale_bits + (0 if self.symmetric else self.bits)
         return params * self.bits + self.n_groups(out_channels, in_features) * per_group
 
+    def check_shape(self, out_channels: int, in_features: int) -> str | None:
+        """``None`` if this option can store a weight of this shape, else the reason."""
+        if self.fmt is not None:
+            return self.format.check_shape(out_channels, in_features)
+        return None
+
     def to_dict(self) -> dict:
+        if self.fmt is not None:
+            return {"name": self.name, "bits": self.bits, "format": self.name}
         return {
             "name": self.name,
             "bits": self.bits,
@@ -110,6 +150,13 @@ class Option:
 
     @classmethod
     def from_dict(cls, d: dict) -> Option:
+        if d.get("format"):
+            opt = parse_option(str(d["format"]))
+            if "bits" in d and opt.bits != d["bits"]:
+                raise MpsearchError(
+                    f"option {d!r}: format {opt.name!r} stores {opt.bits}-bit weights, not {d['bits']!r}"
+                )
+            return opt
         if "name" in d and not any(k in d for k in ("group_size", "symmetric")):
             return parse_option(d["name"])
         try:
@@ -132,7 +179,7 @@ KEEP = Option(KEEP_BITS)
 def option_sort_key(option: Option) -> tuple:
     """Order options by bits, then finer groups last, symmetric before asymmetric."""
     g = option.group_size if option.group_size is not None else 1 << 30
-    return (option.bits, -g, not option.symmetric, option.scale_bits)
+    return (option.bits, -g, not option.symmetric, option.scale_bits, option.fmt or "")
 
 
 def parse_option(spec: str | int | Option) -> Option:
@@ -150,15 +197,28 @@ def parse_option(spec: str | int | Option) -> Option:
         return Option(int(text))
     m = _NAME.match(text)
     if not m:
+        from .formats import get_format
+
+        f = get_format(text)
+        if f is not None:
+            return Option(bits=f.bits, fmt=f.name)
         raise MpsearchError(
             f"unknown option {spec!r}: write 'keep', 'intB', 'intB-gG' or 'intB-gG-asym' "
-            f"(for example 'int4-g128'), or a bare bit-width such as '4'"
+            f"(for example 'int4-g128'), a bare bit-width such as '4', or a consumer format "
+            f"such as 'q4_K' ('mpsearch targets' lists them){_format_hint(text)}"
         )
     return Option(
         bits=int(m["bits"]),
         group_size=int(m["g"]) if m["g"] else None,
         symmetric=m["asym"] is None,
     )
+
+
+def _format_hint(name: str) -> str:
+    from .errors import close_matches
+    from .formats import format_names
+
+    return close_matches(str(name), format_names())
 
 
 def parse_options(spec: str | list) -> list[Option]:

@@ -66,6 +66,13 @@ def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = Non
         return matrix.clone()
     check_finite(matrix, name)
     dtype = matrix.dtype
+    if option.fmt is not None:  # a consumer's own format reproduces the consumer's rounding
+        fmt = option.format
+        reason = fmt.check_shape(*matrix.shape)
+        if reason:
+            where = f"layer {name!r}" if name else "the weight"
+            raise QuantizationError(f"{where} cannot take {fmt.name}: {reason}")
+        return fmt.quantize(matrix.detach().float()).to(dtype)
     out, cols = matrix.shape
     grouped, pad = _grouped(matrix.detach().float(), option.group_size)
     valid = ~torch.isnan(grouped) if pad else None  # only padded groups hold NaN (the input is finite)
@@ -104,9 +111,23 @@ def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = Non
 def quantize_weight(
     weight: torch.Tensor, option: Option, kind: str = "linear", name: str | None = None
 ) -> torch.Tensor:
-    """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor."""
+    """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor.
+
+    Inside :func:`mpsearch.gptq.gptq_rounding`, a layer it holds a Hessian for is rounded with GPTQ.
+    """
     with torch.no_grad():
         m = weight_matrix(weight.detach(), kind)
+        if not option.is_keep:
+            from .gptq import active_hessian
+
+            active = active_hessian(name)
+            if active is not None:
+                from .gptq import gptq_quantize_matrix
+
+                check_finite(m, name)
+                H, block, damp = active
+                q = gptq_quantize_matrix(m.float(), H, option, block=block, damp=damp).to(m.dtype)
+                return from_weight_matrix(q, weight, kind)
         return from_weight_matrix(quantize_matrix(m, option, name), weight, kind)
 
 
@@ -121,7 +142,8 @@ def quantization_error(
 def max_levels_per_group(weight: torch.Tensor, option: Option, kind: str = "linear") -> int:
     """The largest number of distinct values held by one scale group of ``weight``."""
     m = weight_matrix(weight.detach(), kind).float()
-    grouped, _ = _grouped(m, option.group_size if not option.is_keep else None)
+    group = option.format.level_group if option.fmt is not None else option.group_size
+    grouped, _ = _grouped(m, group if not option.is_keep else None)
     flat = grouped.reshape(-1, grouped.shape[-1])
     srt, _ = torch.sort(flat, dim=-1)  # NaN padding sorts last
     valid = ~torch.isnan(srt)

@@ -9,13 +9,16 @@ column         required  meaning
 ``bits``       yes       weight bit-width of the option (16 = keep)
 ``damage``     yes       estimated quality loss if only this layer takes this option (>= 0)
 ``size_bits``  yes       storage of the layer's weight under this option, scales included
-``option``     no        option name when several options share a bit-width (default ``intB``/``keep``)
+``option``     no        option name when several options share a bit-width (default ``intB``/``keep``),
+                         or a consumer format (``q4_K``, ``w4a16-g128``: see mpsearch.formats)
 ``params``     no        weight elements of the layer (needed for ``avg_bits`` budgets)
 ``group``      no        rows whose layers share a group value must take the same option
 any other      no        numeric cost columns (``bops``, ``latency``...), usable in budgets
 =============  ========  =========================================================================
 
-Columns whose names start with ``damage`` (such as ``damage_std``) describe the estimate and are not
+A layer lists the options legal for it (a consumer target gives layers of different shapes different
+options): every layer offers at least one option, and tied layers (one ``group``) offer the same ones.
+``complete=True`` asks for the old rule (every layer the same options). Columns whose names start with ``damage`` (such as ``damage_std``) describe the estimate and are not
 budget columns. A first line ``# mpsearch.table {json}`` carries the metadata (estimator and its
 settings, model fingerprint, data, cost); ``pandas.read_csv(path, comment="#")`` reads the rows.
 """
@@ -58,7 +61,7 @@ class CostTable:
     (:meth:`read`), or let an estimator make it. ``to_frame()`` returns a copy for pandas work.
     """
 
-    def __init__(self, frame: pd.DataFrame, metadata: dict | None = None, *, complete: bool = True):
+    def __init__(self, frame: pd.DataFrame, metadata: dict | None = None, *, complete: bool = False):
         self.metadata = dict(metadata or {})
         self._frame = _validated(frame, complete=complete)
         self.layers: list[str] = list(dict.fromkeys(self._frame["layer"]))
@@ -120,7 +123,7 @@ class CostTable:
 
     # ----------------------------------------------------------------- I/O
     @classmethod
-    def read(cls, path: str | os.PathLike, *, complete: bool = True) -> CostTable:
+    def read(cls, path: str | os.PathLike, *, complete: bool = False) -> CostTable:
         """Read a table from ``.csv`` (with optional metadata line) or ``.json``."""
         path = Path(path)
         if not path.is_file():

@@ -57,6 +57,23 @@ class ValidationReport:
         }
 
 
+def _check_target(model, plan: BitPlan, target) -> None:
+    from .targets import DEFAULT_TARGET, get_target
+
+    made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    for name in plan.layers:
+        option = plan.option(name)
+        if chosen.name != DEFAULT_TARGET and option.name not in chosen.options:
+            raise PlanError(f"layer {name!r} has option {option.name!r}, which target {chosen.name!r} "
+                            f"does not execute; its options: {', '.join(chosen.options)}")
+        module = model.get_submodule(name)
+        out_c, in_f = _matrix_shape(_kind(module), module.weight)
+        reason = option.check_shape(out_c, in_f)
+        if reason:
+            raise PlanError(f"layer {name!r} ({out_c}x{in_f}) cannot take {option.name}: {reason}")
+
+
 def validate_plan(
     model: torch.nn.Module,
     plan: BitPlan,
@@ -64,6 +81,7 @@ def validate_plan(
     quantized: torch.nn.Module | None = None,
     metric: Callable[[torch.nn.Module], float] | None = None,
     baseline: bool = True,
+    target=None,
 ) -> ValidationReport:
     """Check ``plan`` against ``model`` and measure it.
 
@@ -77,8 +95,11 @@ def validate_plan(
       first fitted on ``model`` when it is not yet, and a metric measuring several values at once
       (the causal-LM metrics: KL, its 99th percentile, top-1 agreement, perplexity) reports them all
       in ``metrics``.
+    - ``target`` (default: the plan's own): every layer's option is one the target can execute for
+      that layer's shape, so the consumer will store exactly what was planned (no fallback).
     """
     unplanned = check_plan(model, plan)
+    _check_target(model, plan, target)
     if quantized is None:
         quantized = apply_plan(model, plan)
     report = ValidationReport(unplanned=unplanned)

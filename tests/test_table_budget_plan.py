@@ -55,7 +55,6 @@ def test_table_read_without_metadata_line(tmp_path):
         (lambda f: f.assign(damage=f.damage.where(f.index != 4, np.nan)), r"row 5 \(layer 'b'.*'damage' must hold finite"),
         (lambda f: f.assign(damage=f.damage.where(f.index != 2, -1.0)), r"row 3 .*'damage' must be >= 0"),
         (lambda f: pd.concat([f, f.iloc[[1]]]), "layer 'a' has option 'int4' twice"),
-        (lambda f: f.drop(index=5), "layer 'b' lacks option.*'int8'"),
         (lambda f: f.assign(bits=f.bits.where(f.index != 0, 2.5)), "'bits' must be an integer"),
         (lambda f: f.assign(size_bits=f.size_bits.astype(object).where(f.index != 7, "big")), "'size_bits' must hold finite"),
         (lambda f: f.iloc[0:0], "no rows"),
@@ -65,6 +64,15 @@ def test_table_read_without_metadata_line(tmp_path):
 def test_bad_tables_name_the_row(mutate, msg):
     with pytest.raises(TableError, match=msg):
         CostTable(mutate(make_frame()))
+
+
+def test_ragged_option_sets_are_a_table_unless_complete_is_asked():
+    f = make_frame().drop(index=5)  # layer 'b' has no int8 row
+    t = CostTable(f)
+    assert sorted(t.frame[t.frame.layer == "b"]["option"]) == ["int2", "int4"]
+    assert np.isnan(t.pivot().loc["b", "int8"])
+    with pytest.raises(TableError, match="layer 'b' lacks option.*'int8'"):
+        CostTable(f, complete=True)
 
 
 def test_group_members_must_share_options():

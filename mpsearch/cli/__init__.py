@@ -29,6 +29,7 @@ COMMANDS = {
     "export": "export",
     "import": "import_",
     "demo": "demo",
+    "targets": "targets",
 }
 
 

@@ -44,6 +44,12 @@ def add_param_arg(p, what: str):
     )
 
 
+def add_target_arg(p, what: str = "the options, their sizes and rounding, and each layer's legal options"):
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help=f"the quantizer that will execute the plan; it decides {what} "
+                        f"('mpsearch targets' lists them; default: the table's own, else mpsearch)")
+
+
 def add_budget_args(p):
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="a constraint: avg_bits=4, size_mb=10, or any numeric column (sum <= value); repeatable")

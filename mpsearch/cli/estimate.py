@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, add_param_arg, add_text_args, load_model_args, parse_params, say
+from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, load_model_args,
+                      parse_params, say)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
-    --estimator weight-error --bits 2,3,4,8 -o table.csv"""
+    --estimator weight-error --bits 2,3,4,8 -o table.csv
+mpsearch estimate --model path/to/hf-dir --data calib.txt --estimator output-distance \
+    --target llama.cpp -o table.csv     # llama.cpp's GGML types, legal per tensor"""
 
 
 def register(sub):
@@ -17,8 +20,13 @@ def register(sub):
     add_device_args(p)
     add_text_args(p, evaluation=False)
     p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
-    p.add_argument("--bits", "--options", dest="options", default="2,3,4,8",
-                   help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8 (default: 2,3,4,8)")
+    p.add_argument("--bits", "--options", dest="options", default=None,
+                   help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
+                        "own (q4_K,q5_0...) (default: 2,3,4,8; with --target, the target's default set)")
+    add_target_arg(p)
+    p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
+                        "(Hessian-compensated, as GPTQModel/llm-compressor run it; integer options)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="append", default=[], metavar="REGEX", help="tie layers (group column)")
     p.add_argument("--fuse-projections", action="store_true",
@@ -36,14 +44,16 @@ def run(args) -> int:
 
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
-    estimator = get_estimator(args.estimator, options=args.options, **params)
+    if args.options is not None:
+        params["options"] = args.options
+    estimator = get_estimator(args.estimator, **params)
     model = load_model_args(args)
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
-        progress=not args.no_progress,
+        progress=not args.no_progress, target=args.target, quantizer=args.quantizer,
     )
     table.metadata.setdefault("model_spec", args.model)
     if args.data:

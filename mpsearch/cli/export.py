@@ -6,14 +6,17 @@ from ._common import add_command, parse_params, say
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
+mpsearch export --plan plan.json -o tensor_types.txt    # the plan's own target's format
 formats: torchao, gptqmodel, llm-compressor, llama.cpp, autoround, modelopt"""
 
 
 def register(sub):
     p = add_command(sub, "export", "Write a plan in the per-layer format of another quantizer.", EXAMPLE, run)
     p.add_argument("--plan", required=True, help="plan (.json)")
-    p.add_argument("--to", required=True, metavar="FORMAT",
-                   help="torchao | gptqmodel | llm-compressor | llama.cpp | autoround | modelopt")
+    p.add_argument("--to", default=None, metavar="FORMAT",
+                   help="torchao | gptqmodel | llm-compressor | llama.cpp | autoround | modelopt "
+                        "(default: the format of --target, or of the target the plan was solved for)")
+    p.add_argument("--target", default=None, metavar="NAME", help="write the format of this target")
     p.add_argument("-o", "--output", required=True, help="where to write the consumer's file")
     p.add_argument("--force", action="store_true",
                    help="export even if fused layers (q/k/v, gate/up) have different options")
@@ -25,7 +28,10 @@ def run(args) -> int:
     from ..export import save_export
     from ..plan import BitPlan
 
+    from ..targets import export_format
+
     plan = BitPlan.load(args.plan)
-    path = save_export(plan, args.to, args.output, force=args.force, **parse_params(args.opt))
-    say(f"wrote {path} ({args.to}, {len(plan.layers)} layers)")
+    fmt = export_format(plan, args.to, args.target)
+    path = save_export(plan, fmt, args.output, force=args.force, **parse_params(args.opt))
+    say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
     return 0

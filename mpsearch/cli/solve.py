@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_budget_args, add_command, add_param_arg, budget_from_args, parse_params, say
+from ._common import add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, parse_params, say
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -14,6 +14,7 @@ def register(sub):
     p.add_argument("--table", required=True, help="cost table (.csv or .json)")
     p.add_argument("--solver", default="greedy", help="solver name (default: greedy)")
     add_budget_args(p)
+    add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
@@ -23,8 +24,10 @@ def run(args) -> int:
     from ..table import CostTable
     from . import EXIT_INFEASIBLE
 
+    from ..targets import solve_budget
+
     table = CostTable.read(args.table)
-    budget = budget_from_args(args)
+    budget = solve_budget(table, budget_from_args(args), args.target)
     solver = get_solver(args.solver, **parse_params(args.param))
     result = solver.solve(table, budget)
     if result.plan is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, add_text_args, dump_json, load_model_args, say
+from ._common import add_command, add_device_args, add_target_arg, add_text_args, dump_json, load_model_args, say
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -17,6 +17,7 @@ def register(sub):
     p.add_argument("--eval-data", help="evaluation data spec (text file, .pt, callable, short name) for --metric NAME")
     add_device_args(p)
     add_text_args(p, calib=False)
+    add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -34,7 +35,7 @@ def run(args) -> int:
                              seq_len=args.seq_len)
     else:
         metric = _load_callable(args.metric, "metric") if args.metric else None
-    report = validate_plan(model, plan, metric=metric)
+    report = validate_plan(model, plan, metric=metric, target=args.target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:

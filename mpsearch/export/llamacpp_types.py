@@ -18,7 +18,10 @@ plan's group size and symmetry are not carried; ``keep`` -> ``keep_type``, f16 b
 |------|-------|-------|-------|-------|-------|-------|------------------|
 | type | q2_K  | q3_K  | q4_K  | q5_K  | q6_K  | q8_0  | f16 / bf16 / f32 |
 
-1 and 7 bits have no such type and are refused. The importer maps every GGML type back to its
+1 and 7 bits have no such type and are refused. A plan made for ``--target llama.cpp`` names GGML
+types itself (``q5_0``, ``q4_K``...): each is written as it is, so the file is exactly the plan. Such
+plans give every tensor a legal type, so ``llama-quantize`` applies no fallback. ``embed_type``
+(``--opt embed_type=q8_0``) adds a line for ``token_embd`` when the plan does not name it. The importer maps every GGML type back to its
 nominal bits (q4_0, q4_1, iq4_xs... -> 4; f16, bf16, f32 -> keep), so a round trip keeps the bits.
 llama.cpp keeps Llama's q/k/v and gate/up as separate tensors, so fused siblings may differ.
 """
@@ -76,9 +79,10 @@ class LlamaCppExporter(Exporter):
     suffix = ".txt"
     can_import = True
 
-    def __init__(self, arch: str = "llama", keep_type: str = "f16"):
+    def __init__(self, arch: str = "llama", keep_type: str = "f16", embed_type: str | None = None):
         self.arch = arch
         self.keep_type = keep_type
+        self.embed_type = embed_type
 
     # -------------------------------------------------------------- names
     def _namer(self, names: list[str]):
@@ -122,8 +126,12 @@ class LlamaCppExporter(Exporter):
     def check(self, plan: BitPlan) -> None:
         if self.keep_type not in KEEP_TYPES:
             raise ExportError(f"llama.cpp: keep_type must be one of {', '.join(KEEP_TYPES)}, got {self.keep_type!r}")
-        refuse(plan, self.name, lambda o: o.is_keep or o.bits in TYPES,
-               "GGUF has types for 2, 3, 4, 5, 6 and 8 bits (q2_K..q6_K, q8_0) and 16 (keep)")
+        if self.embed_type is not None and str(self.embed_type).lower() not in TYPE_BITS:
+            raise ExportError(f"llama.cpp: embed_type {self.embed_type!r} is not a GGML type; known: "
+                              f"{', '.join(sorted(TYPE_BITS))}")
+        refuse(plan, self.name, lambda o: o.is_keep or _ggml_type(o) is not None or (o.fmt is None and o.bits in TYPES),
+               "GGUF has types for 2, 3, 4, 5, 6 and 8 bits (q2_K..q6_K, q8_0), 16 (keep), and the "
+               "GGML types of --target llama.cpp")
 
     def build(self, plan: BitPlan) -> dict:
         names = self._names(plan.layers)
@@ -131,7 +139,9 @@ class LlamaCppExporter(Exporter):
         for lay in plan.layers:
             opt = plan.option(lay)
             tensor = re.escape(names[lay] + ".weight")
-            doc[f"^{tensor}$"] = self.keep_type if opt.is_keep else TYPES[opt.bits]
+            doc[f"^{tensor}$"] = self.keep_type if opt.is_keep else (_ggml_type(opt) or TYPES[opt.bits])
+        if self.embed_type is not None and "token_embd" not in names.values():
+            doc[r"^token_embd\.weight$"] = str(self.embed_type)
         return doc
 
     def dumps(self, doc) -> str:
@@ -161,7 +171,7 @@ class LlamaCppExporter(Exporter):
                 raise ExportError(f"{source}: unknown GGML type {qtype!r} for {pattern!r}; known: "
                                   f"{', '.join(sorted(TYPE_BITS))}")
             try:
-                rules.append((re.compile(pattern), KEEP if bits == 16 else Option(bits)))
+                rules.append((re.compile(pattern), KEEP if bits == 16 else _import_option(qtype, bits)))
             except re.error as exc:
                 raise ExportError(f"{source}: pattern {pattern!r} is not a regex: {exc}") from None
         if layers is not None:
@@ -186,6 +196,22 @@ class LlamaCppExporter(Exporter):
                 )
             options.setdefault(hf, opt)
         return plan_from_options(options, self.name, source)
+
+
+def _import_option(qtype: str, bits: int) -> Option:
+    """The llama.cpp target's option for a GGML type where mpsearch has its format, else intB."""
+    from ..formats import get_format
+
+    fmt = get_format(qtype)
+    if fmt is not None and fmt.consumer == "llama.cpp":
+        return Option(bits=fmt.bits, fmt=fmt.name)
+    return Option(bits)
+
+
+def _ggml_type(option: Option) -> str | None:
+    """The GGML type an option of the llama.cpp target names (``None`` for other options)."""
+    fmt = option.format
+    return fmt.name if fmt is not None and fmt.consumer == "llama.cpp" else None
 
 
 def _exact_tensor(pattern: str) -> str | None:

@@ -41,9 +41,17 @@ class Context:
     seed: int = 0
     checkpoint: object = None  # a cache.Checkpoint when the estimator has a cache_dir, else None
     extra_columns: dict = field(default_factory=dict)  # name -> [L, K] array (e.g. damage_std)
+    legal: np.ndarray | None = None  # [L, K] bool: the options each layer may take (None: all)
 
     def count(self, key: str, n: int = 1) -> None:
         self.cost[key] = self.cost.get(key, 0) + n
+
+    def layer_options(self, i: int):
+        """``(k, option)`` for the options layer ``i`` may take (the target's per-tensor rules);
+        damage of the others is never computed and their rows are left out of the table."""
+        for k, opt in enumerate(self.options):
+            if self.legal is None or self.legal[i, k]:
+                yield k, opt
 
 
 class Estimator:
@@ -67,8 +75,16 @@ class Estimator:
                 params[p] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
         return params
 
-    def parsed_options(self) -> list[Option]:
-        return parse_options(self.options)
+    def parsed_options(self, target=None) -> list[Option]:
+        """The options to estimate, checked against ``target``; a consumer target whose options
+        were left at the estimator's default (``2,3,4,8``) gets its own default set."""
+        from ..targets import DEFAULT_TARGET, get_target
+
+        target = get_target(target)
+        if target.name == DEFAULT_TARGET:
+            return parse_options(self.options)
+        same = self.options is None or str(self.options).replace(" ", "") == DEFAULT_OPTIONS
+        return target.parsed_options(None if same else self.options)
 
     def estimate(
         self,
@@ -82,11 +98,15 @@ class Estimator:
         exclude=(),
         progress: bool = True,
         act_bits: int = 16,
+        target=None,
+        quantizer: str = "rtn",
     ) -> CostTable:
         """Fill a cost table for ``model``.
 
         ``data`` is a batch or an iterable of batches (see :mod:`mpsearch.data`); the first batch
-        also measures MACs. ``ties``/``fuse_projections`` write the ``group`` column.
+        also measures MACs. ``ties``/``fuse_projections`` write the ``group`` column. ``target``
+        (a name from :mod:`mpsearch.targets`) decides the options, which layers are planned, which
+        options each layer may take (the table is then ragged) and the runtime ties.
         """
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
@@ -95,7 +115,14 @@ class Estimator:
             raise MpsearchError(
                 f"estimator {self.name!r} needs calibration data: pass data (or --data on the CLI)"
             )
-        options = self.parsed_options()
+        from ..targets import get_target
+
+        target_obj = get_target(target)
+        options = self.parsed_options(target_obj)
+        check_choice("quantizer", quantizer, ("rtn", "gptq"))
+        if quantizer == "gptq" and not batches:
+            raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
+        fuse_projections = fuse_projections or target_obj.fused_runtime
         device = torch.device(self.device) if self.device else _model_device(model)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
@@ -108,14 +135,16 @@ class Estimator:
                 fuse_projections=fuse_projections,
                 exclude=exclude,
             )
+        layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
-                      progress=progress, seed=self.seed)
+                      progress=progress, seed=self.seed, legal=legal)
         cache_dir = getattr(self, "cache_dir", None)
         if cache_dir:
             from .cache import Checkpoint, cache_key
 
             key = cache_key(self, model, batches, layers, options)
-            ctx.checkpoint = Checkpoint(cache_dir, f"{self.name}-{key}",
+            stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
+            ctx.checkpoint = Checkpoint(cache_dir, stem,
                                         every=getattr(self, "cache_every", 0.0))
         t0 = time.perf_counter()
         done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
@@ -128,7 +157,8 @@ class Estimator:
             was_training = model.training
             model.eval()
             try:
-                damage = np.asarray(self._damage(model, ctx), dtype=float)
+                with _rounding(model, ctx, quantizer):
+                    damage = np.asarray(self._damage(model, ctx), dtype=float)
             finally:
                 model.train(was_training)
             if ctx.checkpoint is not None:
@@ -151,26 +181,31 @@ class Estimator:
             "data": describe_data(batches),
             "cost": {"seconds": round(seconds, 4), **ctx.cost},
             "mpsearch": __version__,
+            "target": target_obj.name,
+            "quantizer": quantizer,
             **ctx.extra_metadata,
         }
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
-                           extra_columns=ctx.extra_columns)
+                           extra_columns=ctx.extra_columns, legal=legal)
 
     def _damage(self, model: torch.nn.Module, ctx: Context) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
 
 def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
-                extra_columns: dict | None = None) -> CostTable:
+                extra_columns: dict | None = None, legal=None) -> CostTable:
     """Assemble the long-form table from layers, options and a ``[L, K]`` damage array.
 
-    ``extra_columns`` maps a column name (``damage_std``...) to another ``[L, K]`` array.
+    ``extra_columns`` maps a column name (``damage_std``...) to another ``[L, K]`` array; ``legal``
+    (``[L, K]`` bool) leaves out the rows of options a layer may not take (a ragged table).
     """
     rows = []
     damage = np.asarray(damage, dtype=float)
     extra = {k: np.asarray(v, dtype=float) for k, v in (extra_columns or {}).items()}
     for i, lay in enumerate(layers):
         for k, opt in enumerate(options):
+            if legal is not None and not legal[i, k]:
+                continue
             row = {
                 "layer": lay.name,
                 "option": opt.name,
@@ -190,7 +225,50 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
     frame = pd.DataFrame(rows)
     if "group" in frame:
         frame["group"] = frame["group"].where(frame["group"].notna(), None)
-    return CostTable(frame, metadata)
+    return CostTable(frame, metadata, complete=legal is None)
+
+
+def _rounding(model, ctx: Context, quantizer: str):
+    """The rounding the damage is measured with (GPTQ: the layers' input Hessians, collected once)."""
+    import contextlib
+
+    if quantizer != "gptq":
+        return contextlib.nullcontext()
+    from ..gptq import gptq_rounding, input_hessians
+
+    hessians = input_hessians(model, ctx.layers, ctx.batches, ctx.device)
+    ctx.count("forward_passes", len(ctx.batches))
+    return gptq_rounding(hessians)
+
+
+def _target_layers(model, layers, options, target_name):
+    """The layers ``target_name`` plans, and the ``[L, K]`` mask of options each may take (tied
+    layers share the options all of them may take). Refuses a layer left with no option."""
+    from ..targets import get_target
+
+    target = get_target(target_name)
+    layers = [lay for lay in layers if target.plans_layer(lay, model)]
+    if not layers:
+        raise MpsearchError(f"target {target.name!r} plans none of the model's quantizable layers")
+    legal = np.array([[target.option_reason(lay, o) is None for o in options] for lay in layers],
+                     dtype=bool).reshape(len(layers), len(options))
+    groups: dict[str, list[int]] = {}
+    for i, lay in enumerate(layers):
+        if lay.group:
+            groups.setdefault(lay.group, []).append(i)
+    for members in groups.values():
+        legal[members] = legal[members].all(axis=0)
+    for i, lay in enumerate(layers):
+        if not legal[i].any():
+            reasons = "; ".join(
+                f"{o.name}: {target.option_reason(lay, o) or 'not shared by its tied layers'}"
+                for o in options
+            )
+            raise MpsearchError(
+                f"layer {lay.name!r} ({lay.out_channels}x{lay.in_features}) can take none of the "
+                f"options under target {target.name!r} ({reasons}); add a legal option or --exclude it"
+            )
+    return layers, (None if legal.all() else legal), target
 
 
 def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
@@ -208,7 +286,7 @@ def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = Fals
     for i, lay in enumerate(ctx.layers):
         w = weight_of(model, lay)
         norm = float(w.detach().float().pow(2).sum()) if relative else 1.0
-        for k, opt in enumerate(ctx.options):
+        for k, opt in ctx.layer_options(i):
             err = float(quantization_error(w, opt, lay.kind, lay.name).pow(2).sum())
             out[i, k] = err / norm if norm > 0 else 0.0
     return out

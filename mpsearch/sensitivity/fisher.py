@@ -94,7 +94,7 @@ class FisherEstimator(Estimator):
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(ctx.layers):
             fisher = (st["sums"][i] / max(st["samples"], 1)).float()
-            for k, opt in enumerate(ctx.options):
+            for k, opt in ctx.layer_options(i):
                 dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((fisher * dw.pow(2)).sum())
         return out

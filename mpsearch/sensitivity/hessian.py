@@ -137,7 +137,7 @@ class HessianEstimator(Estimator):
             self._negative_found(f"Hessian-diagonal entries ({count}, in {len(neg)} layer(s) from {neg[0]!r})")
         for i, lay in enumerate(ctx.layers):
             d = diags[i].clamp(min=0) if self.negative == "clamp" else diags[i].abs()
-            for k, opt in enumerate(ctx.options):
+            for k, opt in ctx.layer_options(i):
                 dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((d * dw.pow(2)).sum())
         return out

@@ -105,7 +105,7 @@ class OutputDistanceEstimator(Estimator):
             size = _size(units[bi])
             for li in range(st["layer"], L):
                 sums[li] += size * self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
-                                                        target, kind, acc)
+                                                        target, kind, acc, li)
                 st["layer"] = li + 1
                 bar.update(1)
                 if ctx.checkpoint:
@@ -125,12 +125,14 @@ class OutputDistanceEstimator(Estimator):
         return (sums.to("cpu", torch.float64) / max(st["weight"], 1e-300)).clamp(min=0).numpy()
 
     def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
-                        acc=torch.float64) -> torch.Tensor:
-        """The unit of work: the output distance of ``batch`` with ``layer`` at each option
-        (a ``[K]`` tensor on the device, 0 for ``keep``), from the runner's cached prefix."""
+                        acc=torch.float64, index: int | None = None) -> torch.Tensor:
+        """The unit of work: the output distance of ``batch`` with ``layer`` (number ``index`` of
+        ``ctx.layers``) at each option it may take (a ``[K]`` tensor on the device, 0 for ``keep`` and
+        for options the layer may not take), from the runner's cached prefix."""
         module = get_module(model, layer.name)
         w = module.weight
-        active = [k for k, opt in enumerate(ctx.options) if not opt.is_keep]
+        index = ctx.layers.index(layer) if index is None else index
+        active = [k for k, opt in ctx.layer_options(index) if not opt.is_keep]
         out = torch.zeros(len(ctx.options), dtype=acc, device=ctx.device)
         if not active:
             return out

@@ -36,7 +36,7 @@ class WeightErrorEstimator(Estimator):
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
             w = weight_of(model, lay)
-            for k, opt in enumerate(ctx.options):
+            for k, opt in ctx.layer_options(i):
                 err = weight_matrix(quantization_error(w, opt, lay.kind, lay.name), lay.kind)
                 out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
         return out

@@ -1,0 +1,34 @@
+"""``mpsearch targets``: the quantizers a plan can be made for, their options and costs."""
+
+from __future__ import annotations
+
+from ._common import add_command, say
+
+EXAMPLE = """mpsearch targets              # every target and its options
+mpsearch targets llama.cpp    # one target: options, bits per weight, defaults"""
+
+
+def register(sub):
+    p = add_command(sub, "targets", "List the targets (consumers), their options and storage costs.", EXAMPLE, run)
+    p.add_argument("name", nargs="?", help="one target to describe")
+
+
+def run(args) -> int:
+    from ..targets import get_target, target_names
+
+    names = [args.name] if args.name else target_names()
+    for name in names:
+        t = get_target(name)
+        say(f"{t.name}: {t.description}")
+        say(f"  executes with: {t.consumer}; export: {t.exporter or '(none: mpsearch apply)'}"
+            f"{'; fuses q/k/v and gate/up (tied at solve time)' if t.fused_runtime else ''}")
+        if t.notes:
+            say(f"  rules: {t.notes}")
+        if not args.name:
+            say(f"  options: {', '.join(t.options)}")
+            continue
+        say(f"  {'option':<20} {'bits':>4} {'bits/weight':>11} {'act':>4}  default")
+        for row in t.describe():
+            say(f"  {row['option']:<20} {row['bits']:>4} {row['bits_per_weight']:>11.4f} "
+                f"{row['act_bits']:>4}  {'yes' if row['default'] else ''}")
+    return 0

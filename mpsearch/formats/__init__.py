@@ -1,0 +1,106 @@
+"""Consumer formats: the storage formats that real quantizers execute, with their exact costs.
+
+A :class:`Format` is one way a consumer stores a weight matrix (llama.cpp's ``q4_K``, compressed-
+tensors' ``w4a16-g128``, ModelOpt's ``fp8``...). It knows
+
+- its nominal weight bit-width ``bits`` (the cost table's ``bits`` column) and, where it quantizes
+  the layer's input too, ``act_bits``;
+- :meth:`Format.size_bits`: the exact storage of an ``out_channels x in_features`` weight in the
+  consumer's own accounting (block scales, mins, super-block scales, zero-points);
+- :meth:`Format.check_shape`: whether the consumer can store a matrix of that shape at all;
+- :meth:`Format.quantize`: a torch fake-quantizer reproducing the consumer's rounding (float32 in,
+  float32 out, the dequantized values the consumer would compute);
+- :meth:`Format.quantize_act`: the activation quantizer for formats that quantize inputs.
+
+Formats are registered by name in modules of this package (one per consumer family) that are
+imported on first lookup. Module tops stay torch-free so that option parsing stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: modules of this package that register formats, imported on the first lookup
+_MODULES = ("ggml", "intq", "fp")
+
+_REGISTRY: dict[str, "Format"] = {}
+_LOWER: dict[str, str] = {}
+_loaded = False
+
+
+class Format:
+    """Base class. Subclasses set the class attributes and implement :meth:`quantize`.
+
+    ``level_group`` is the number of consecutive weights of a row that share one set of levels
+    (the block or sub-block a scale applies to; ``None`` for the whole row): the validator checks
+    that each such group holds at most ``2 ** bits`` distinct values.
+    """
+
+    name: str = ""
+    bits: int = 0
+    act_bits: int = 16
+    consumer: str = ""
+    level_group: int | None = None
+    description: str = ""
+
+    def bits_per_weight(self, in_features: int | None = None) -> float:
+        """Storage per weight of a long row (of ``in_features`` where it matters)."""
+        n = in_features or 4096
+        return self.size_bits(1, n) / n
+
+    def size_bits(self, out_channels: int, in_features: int) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_shape(self, out_channels: int, in_features: int) -> str | None:
+        """``None`` if the consumer can store this shape, else the reason it cannot."""
+        return None
+
+    def quantize(self, matrix):  # pragma: no cover
+        """Fake-quantize a float32 ``[out_channels, in_features]`` matrix; returns float32."""
+        raise NotImplementedError
+
+    def quantize_act(self, x):
+        """Fake-quantize a layer's input activation (identity for weight-only formats)."""
+        return x
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits < 16
+
+    def __repr__(self) -> str:
+        return f"<format {self.name} ({self.consumer}, {self.bits}-bit)>"
+
+
+def register(fmt: Format) -> Format:
+    """Add a format to the registry (its name must be new, case-insensitively)."""
+    key = fmt.name.lower()
+    if key in _LOWER and _REGISTRY[_LOWER[key]] is not fmt:
+        raise ValueError(f"format {fmt.name!r} is registered twice")
+    _REGISTRY[fmt.name] = fmt
+    _LOWER[key] = fmt.name
+    return fmt
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f".{mod}", __name__)
+        except ModuleNotFoundError as exc:  # a module of this package not written yet
+            if exc.name != f"{__name__}.{mod}":
+                raise
+
+
+def get_format(name: str) -> Format | None:
+    """The registered format called ``name`` (case-insensitive), or ``None``."""
+    _load()
+    canonical = _LOWER.get(str(name).strip().lower())
+    return _REGISTRY[canonical] if canonical else None
+
+
+def format_names() -> list[str]:
+    _load()
+    return list(_REGISTRY)

@@ -1,0 +1,187 @@
+"""Targets: the quantizer that will execute the plan decides the options.
+
+A :class:`Target` describes one consumer (llama.cpp, GPTQModel, vLLM, torchao, ModelOpt, AutoRound,
+or ``mpsearch``'s own integer options, the default):
+
+- ``options``: every option it can execute, named as the consumer names them, and
+  ``default_options``, the set a search uses unless told otherwise;
+- the per-tensor rules (:meth:`Target.legal_options`): which options a weight of a given shape may
+  take (K-quants need columns divisible by 256; group sizes must divide the input features...);
+- which layers it plans (:meth:`Target.plans_layer`): a tied ``lm_head`` is one tensor in GGUF;
+- its runtime ties (``fused_runtime``: q/k/v and gate/up fused into one matrix), applied when the
+  table is built so that every solver honours them;
+- ``exporter``: the ``mpsearch export --to`` format that writes what the consumer reads;
+- :meth:`Target.recipes`: the consumer's own default recipes (uniform types, built-in mixes) as
+  ``{layer: option}`` plans, measured beside mpsearch's frontier.
+
+Each option's exact storage, rounding and shape rule live in its :mod:`mpsearch.formats` format, so
+a target is mostly data: which formats, for which layers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MpsearchError, close_matches, name_list
+from ..options import Option, parse_option
+
+#: target name -> "module:attribute" of its Target instance (imported on first use)
+TARGETS: dict[str, str] = {
+    "mpsearch": "mpsearch.targets.generic:MPSEARCH",
+    "llama.cpp": "mpsearch.targets.llamacpp:LLAMACPP",
+}
+
+DEFAULT_TARGET = "mpsearch"
+
+
+class Target:
+    """One consumer. Subclasses (or instances) set the attributes; methods hold the rules."""
+
+    name: str = ""
+    consumer: str = ""
+    description: str = ""
+    exporter: str | None = None
+    options: tuple[str, ...] = ()
+    default_options: tuple[str, ...] = ()
+    fused_runtime: bool = False
+    notes: str = ""
+
+    # ------------------------------------------------------------------ options
+    def parsed_options(self, names=None) -> list[Option]:
+        """The target's options (``names``: a subset, as a comma list or list), checked."""
+        if names is None:
+            names = self.default_options or self.options
+        items = [s.strip() for s in names.split(",") if s.strip()] if isinstance(names, str) else list(names)
+        if not items:
+            raise MpsearchError(f"target {self.name!r}: the option list is empty")
+        out, seen = [], set()
+        for item in items:
+            opt = parse_option(item)
+            if opt.name not in self.options:
+                raise MpsearchError(
+                    f"target {self.name!r} cannot execute option {opt.name!r}"
+                    f"{close_matches(opt.name, self.options)}; its options: {name_list(self.options, 20)}"
+                )
+            if opt.name not in seen:
+                seen.add(opt.name)
+                out.append(opt)
+        return out
+
+    def legal_options(self, layer, options: list[Option]) -> list[Option]:
+        """The options of ``options`` that ``layer`` may take under this target's rules."""
+        return [o for o in options if self.option_reason(layer, o) is None]
+
+    def option_reason(self, layer, option: Option) -> str | None:
+        """``None`` if ``layer`` may take ``option``, else why not."""
+        return option.check_shape(layer.out_channels, layer.in_features)
+
+    def plans_layer(self, layer, model=None) -> bool:
+        """Whether this target stores ``layer`` as a tensor of its own (and so plans it)."""
+        return True
+
+    def recipes(self, layers) -> dict[str, dict[str, str]]:
+        """The consumer's own recipes: recipe name -> {layer: option name}. Uniform by default."""
+        out = {}
+        for name in self.default_options or self.options:
+            opt = parse_option(name)
+            if all(self.option_reason(lay, opt) is None for lay in layers):
+                out[f"uniform-{opt.name}"] = {lay.name: opt.name for lay in layers}
+        return out
+
+    def describe(self) -> list[dict]:
+        """One row per option: name, nominal bits, bits per weight (for a 4096-wide row), notes."""
+        rows = []
+        for name in self.options:
+            opt = parse_option(name)
+            fmt = opt.format
+            bpw = fmt.bits_per_weight() if fmt is not None else opt.size_bits(1, 4096) / 4096
+            rows.append({
+                "option": opt.name, "bits": opt.bits,
+                "bits_per_weight": round(bpw, 6),
+                "act_bits": opt.act_bits,
+                "default": name in self.default_options,
+                "about": fmt.description if fmt is not None else "",
+            })
+        return rows
+
+    def __repr__(self) -> str:
+        return f"<target {self.name}>"
+
+
+def get_target(name: str | Target | None) -> Target:
+    """The target called ``name`` (``None``: the default, mpsearch's own integer options)."""
+    if isinstance(name, Target):
+        return name
+    key = DEFAULT_TARGET if name is None else str(name).strip()
+    lowered = {k.lower(): k for k in TARGETS}
+    aliases = {"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llm-compressor": "vllm",
+               "compressed-tensors": "vllm", "gptq": "gptqmodel"}
+    key = lowered.get(key.lower()) or aliases.get(key.lower()) or key
+    if key not in TARGETS:
+        raise MpsearchError(
+            f"unknown target {name!r}{close_matches(str(name), TARGETS)}; targets: {', '.join(TARGETS)}"
+        )
+    module, _, attr = TARGETS[key].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def target_names() -> list[str]:
+    return list(TARGETS)
+
+
+#: fused-projection siblings as tie regexes (one capture: the parent module), for runtimes that fuse
+_FUSED_TIES = (
+    r"^(.*)\.(?:q_proj|k_proj|v_proj)$",
+    r"^(.*)\.(?:query|key|value)$",
+    r"^(.*)\.(?:gate_proj|up_proj)$",
+    r"^(.*)\.(?:w1|w3)$",
+)
+
+
+def runtime_ties(target) -> list[str]:
+    """Tie regexes for the target's runtime (fused q/k/v and gate/up), applied at solve time."""
+    return list(_FUSED_TIES) if get_target(target).fused_runtime else []
+
+
+def table_target(table, target=None) -> Target:
+    """The target a table is solved for: ``target`` if given (checked against the table's own),
+    else the one the table was estimated for (``mpsearch`` for tables made without one). Every
+    option of the table must be one the target executes."""
+    made_for = table.metadata.get("target") if isinstance(table.metadata, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    if made_for and target is not None and get_target(made_for).name != chosen.name:
+        raise MpsearchError(
+            f"the table was estimated for target {made_for!r}, not {chosen.name!r}: re-estimate with "
+            f"--target {chosen.name} (options, sizes and rounding differ between targets)"
+        )
+    if chosen.name != DEFAULT_TARGET:
+        chosen.parsed_options(list(table.options))
+    return chosen
+
+
+def solve_budget(table, budget, target=None):
+    """``budget`` with the target's runtime ties added (a new Budget; the input is unchanged)."""
+    import copy
+
+    chosen = table_target(table, target)
+    ties = runtime_ties(chosen)
+    if not ties:
+        return budget
+    out = copy.deepcopy(budget)
+    out.ties = list(out.ties) + [t for t in ties if t not in out.ties]
+    return out
+
+
+def export_format(plan, to=None, target=None) -> str:
+    """The export format for ``plan``: ``to`` if given, else the format of ``target``, else of the
+    target the plan was solved for."""
+    if to:
+        return to
+    made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    if not chosen.exporter:
+        raise MpsearchError(
+            f"target {chosen.name!r} has no consumer file to write: name one with --to "
+            f"(torchao, gptqmodel, llm-compressor, llama.cpp, autoround, modelopt)"
+        )
+    return chosen.exporter

@@ -1,0 +1,149 @@
+"""Targets and ragged tables: per-layer option sets through estimators, every solver, the applier
+and the validator; exact solvers against a brute force over each layer's own options."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpsearch.budget import Budget
+from mpsearch.errors import MpsearchError
+from mpsearch.options import Option, parse_option
+from mpsearch.registry import get_estimator, get_solver, solver_names
+from mpsearch.synthetic import random_table
+from mpsearch.table import CostTable
+from mpsearch.targets import get_target, target_names
+from target_fixtures import TEST_TARGET, TestTarget
+
+
+def ragged(seed, n=5):
+    """A random table with some options removed per layer (>= 1 left; tied layers alike)."""
+    rng = np.random.default_rng(seed)
+    t = random_table(n, bits=[2, 3, 4, 6, 8], seed=seed, groups=int(rng.integers(0, 2)),
+                     min_params=16, max_params=300)
+    f = t.to_frame()
+    groups = f.drop_duplicates("layer").set_index("layer")["group"] if "group" in f else None
+    keep_for = {}
+    for lay in t.layers:
+        key = groups[lay] if groups is not None and isinstance(groups[lay], str) else lay
+        if key not in keep_for:
+            k = int(rng.integers(1, len(t.options) + 1))
+            keep_for[key] = set(rng.choice(t.options, size=k, replace=False))
+        keep = keep_for[key]
+        f = f[(f.layer != lay) | f.option.isin(keep)]
+    return CostTable(f, t.metadata), rng
+
+
+def brute_force(table, cap):
+    """Least damage over every combination of each layer's own options (ties: one choice per group)."""
+    f = table.frame
+    groups = table.groups
+    items = {}
+    for lay in table.layers:
+        items.setdefault(groups.get(lay, lay), []).append(lay)
+    choices = [sorted(set(f[f.layer == members[0]].option)) for members in items.values()]
+    best = None
+    for combo in itertools.product(*choices):
+        rows = [f[(f.layer == m) & (f.option == o)].iloc[0] for members, o in zip(items.values(), combo) for m in members]
+        size = sum(r.size_bits for r in rows)
+        dmg = sum(r.damage for r in rows)
+        if size <= cap * (1 + 1e-12) and (best is None or dmg < best):
+            best = dmg
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_exact_solvers_equal_brute_force_on_ragged_tables(seed):
+    table, rng = ragged(seed)
+    f = table.frame.groupby("layer")
+    lo, hi = f.size_bits.min().sum(), f.size_bits.max().sum()
+    cap = float(lo + rng.uniform(0.0, 1.0) * (hi - lo))
+    want = brute_force(table, cap)
+    for name in ("exhaustive", "ilp", "dp"):
+        res = get_solver(name).solve(table, Budget.parse([f"size_bits={cap!r}"]))
+        got = None if res.plan is None else res.plan.predicted["damage"]
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("name", [n for n in solver_names() if n != "exhaustive"])
+def test_every_solver_picks_only_options_a_layer_offers(name):
+    table, _ = ragged(7, n=6)
+    f = table.frame.groupby("layer")
+    cap = float(f.size_bits.min().sum() + 0.6 * (f.size_bits.max().sum() - f.size_bits.min().sum()))
+    params = {"n_trials": 40} if name == "optuna" else {}
+    res = get_solver(name, **params).solve(table, Budget.parse([f"size_bits={cap!r}"]))
+    assert res.plan is not None
+    offered = table.frame.groupby("layer")["option"].apply(set)
+    for lay in table.layers:
+        assert res.plan.option(lay).name in offered[lay], (name, lay)
+    assert res.plan.predicted["size_bits"] <= cap * (1 + 1e-9)
+
+
+def test_the_test_format_rounds_as_hand_computed():
+    m = torch.tensor([[7.0, -3.5, 1.0, 0.0, 0.2, 0.9, -7.0, 2.6] * 2])
+    q = parse_option("test_blk8").format.quantize(m)
+    # scale 1: round half to even on -3.5 -> -4, 0.2 -> 0, 0.9 -> 1, 2.6 -> 3
+    assert q[0, :8].tolist() == [7.0, -4.0, 1.0, 0.0, 0.0, 1.0, -7.0, 3.0]
+    assert parse_option("TEST_BLK8") == Option(bits=4, fmt="test_blk8")
+    assert parse_option("test_blk8").size_bits(3, 16) == 3 * 16 * 4 + 3 * 2 * 16
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_estimate_with_a_target_gives_each_layer_its_legal_options():
+    model, x = mlp(), torch.randn(32, 16)
+    for est in ("weight-error", "hessian", "output-distance", "fisher"):
+        kw = {"probes": 4} if est == "hessian" else {}
+        data = (x, torch.randint(0, 4, (32,))) if est == "fisher" else x
+        table = get_estimator(est, **kw).estimate(model, data, progress=False, target=TEST_TARGET)
+        offered = table.frame.groupby("layer")["option"].apply(set).to_dict()
+        assert offered == {"0": {"test_blk8", "int8"}, "2": {"int8"}, "4": {"test_blk8", "int8"}}, est
+        assert table.metadata["target"] == "test-target"
+    # the 12-column layer cannot take the format; solving and applying respect it
+    res = get_solver("ilp").solve(table, Budget.parse(["avg_bits=7.5"]))
+    assert res.plan.option("2").name == "int8"
+    assert {res.plan.option("0").name, res.plan.option("4").name} == {"test_blk8"}
+    from mpsearch.apply import apply_plan
+    from mpsearch.validate import validate_plan
+
+    q = apply_plan(model, res.plan)
+    w = q[0].weight.detach().reshape(12, 2, 8)
+    assert max(len(torch.unique(b)) for b in w.reshape(-1, 8)) <= 16
+    report = validate_plan(model, res.plan, target=TEST_TARGET)
+    assert report.ok
+    from mpsearch.errors import PlanError
+    from mpsearch.plan import BitPlan
+
+    bad = BitPlan(bits={"0": 4, "2": 4, "4": 4}, options={n: {"name": "test_blk8", "format": "test_blk8", "bits": 4} for n in "024"})
+    with pytest.raises(PlanError, match=r"layer '2' \(16x12\) cannot take test_blk8: 12 columns"):
+        validate_plan(model, bad, target=TEST_TARGET)
+    assert report.size_bits == pytest.approx(res.plan.predicted["size_bits"])
+
+
+def test_targets_refuse_foreign_options_and_unknown_names():
+    with pytest.raises(MpsearchError, match="cannot execute option 'int4'"):
+        TEST_TARGET.parsed_options("test_blk8,int4")
+    with pytest.raises(MpsearchError, match="unknown target 'lama.cpp'.*did you mean 'llama.cpp'"):
+        get_target("lama.cpp")
+    with pytest.raises(MpsearchError, match="takes mpsearch's integer options"):
+        get_target("mpsearch").parsed_options("test_blk8")
+    assert get_target(None).name == "mpsearch" and "llama.cpp" in target_names()
+    assert get_target("gguf").name == "llama.cpp"
+
+
+def test_a_layer_with_no_legal_option_is_refused():
+    class Only8(TestTarget):
+        name = "only8"
+        options = ("test_blk8",)
+        default_options = ("test_blk8",)
+
+    with pytest.raises(MpsearchError, match=r"layer '2' \(16x12\) can take none of the options.*not a multiple of 8"):
+        get_estimator("weight-error").estimate(mlp(), torch.randn(4, 16), progress=False, target=Only8())
+
