@@ -307,6 +307,20 @@ def test_cli_estimate_and_validate_read_text_with_the_model_tokenizer(tiny_dir, 
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_cli_apply_and_validate_take_device_and_dtype(tiny_dir, tmp_path, capsys):
+    from mpsearch.plan import BitPlan
+
+    names = [n for n, m in load_model(tiny_dir).named_modules() if isinstance(m, nn.Linear)]
+    BitPlan({n: 4 for n in names}).save(tmp_path / "p.json")
+    out = tmp_path / "q.pt"
+    assert main(["apply", "--model", str(tiny_dir), "--plan", str(tmp_path / "p.json"), "--device", "cpu",
+                 "--dtype", "bfloat16", "-o", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    assert {v.dtype for k, v in state.items() if k.endswith("proj.weight")} == {torch.bfloat16}
+    assert main(["validate", "--model", str(tiny_dir), "--plan", str(tmp_path / "p.json"), "--metric", "kld"]) == 2
+    assert "needs evaluation data (--eval-data)" in capsys.readouterr().err
+
+
 def test_cli_bad_llm_flags_exit_2(tiny_dir, texts, tmp_path, capsys):
     base = ["estimate", "--model", str(tiny_dir), "--data", str(texts / "calib.txt"), "-o", str(tmp_path / "t.csv")]
     assert main(base + ["--device", "tpu"]) == 2
