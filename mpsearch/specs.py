@@ -272,7 +272,10 @@ def load_data(spec, *, tokenizer=None, batch_size: int = 16, max_length: int = 6
     spec = str(spec)
     from .zoo import DATASETS, shakespeare_text, token_windows
 
-    if spec == "shakespeare" and tokenizer is not None and causal:
+    if spec == "shakespeare" and causal:
+        if tokenizer is None:
+            raise SpecError("data 'shakespeare' for a causal LM needs the model's tokenizer: use a Hugging Face "
+                            "directory or 'smollm2' as the model, or give token ids (.pt)")
         return token_windows(tokenizer, shakespeare_text("calib"), max_length, samples, batch_size,
                              source="shakespeare")
     if spec in DATASETS:

@@ -382,3 +382,23 @@ def test_cuda_bf16_stacked_equals_single_passes():
     single = OutputDistanceEstimator(options="2,4,8", stack_options=1).estimate(model, data, progress=False)
     t = OutputDistanceEstimator(options="2,4,8").estimate(model, data, progress=False)
     np.testing.assert_allclose(t.frame["damage"], single.frame["damage"], rtol=5e-2)
+
+
+def test_stacking_keeps_an_instance_level_forward():
+    """Hooks that wrap a module's forward as an instance attribute (accelerate's device_map) survive."""
+    from mpsearch.sensitivity.output_distance import stacked_weights
+
+    lin = nn.Linear(3, 2)
+    calls = []
+
+    def hooked(x):
+        calls.append(1)
+        return nn.Linear.forward(lin, x)
+
+    lin.forward = hooked
+    w = [torch.zeros(2, 3), torch.ones(2, 3)]
+    with stacked_weights(lin, "linear", w):
+        y = lin(torch.ones(2, 3))
+    torch.testing.assert_close(y, torch.stack([lin.bias, lin.bias + 3]).detach())
+    lin(torch.ones(1, 3))
+    assert lin.forward is hooked and calls == [1]

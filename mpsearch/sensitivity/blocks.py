@@ -214,11 +214,15 @@ class PrefixRunner:
                 self._repeated = {key: repeat_along_batch(cached, repeat, size)}
             cached = self._repeated[key]
         patched = self.blocks.modules[: j + 1]
+        saved = [mod.__dict__.get("forward") for mod in patched]  # instance-level forwards (hooks) stay
         for mod in patched:
             mod.forward = lambda *a, _c=cached, **k: _c
         try:
             self.block_runs += (n - j - 1) * repeat
             return forward(self.model, batch)
         finally:
-            for mod in patched:
-                del mod.forward
+            for mod, old in zip(patched, saved):
+                if old is not None:
+                    mod.forward = old
+                else:
+                    del mod.forward

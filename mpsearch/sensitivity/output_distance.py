@@ -222,11 +222,15 @@ class stacked_weights:
         def forward(x, *args, **kwargs):
             return torch.cat([self._one(xc, w) for xc, w in zip(x.chunk(n), self.weights)])
 
+        self._saved = self.module.__dict__.get("forward")  # an instance-level forward (hooks) stays
         self.module.forward = forward
         return self
 
     def __exit__(self, *exc):
-        del self.module.forward
+        if self._saved is not None:
+            self.module.forward = self._saved
+        else:
+            del self.module.forward
         return False
 
 
