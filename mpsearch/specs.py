@@ -149,10 +149,15 @@ def load_tokenizer(spec):
     if not path.is_dir():
         raise SpecError(f"text data needs a tokenizer: {str(spec)!r} is not a Hugging Face directory, "
                         f"'minilm' or 'smollm2'")
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+    if not any((path / f).is_file() for f in files):
+        raise SpecError(f"text data needs the model's tokenizer, and {str(path)!r} holds none ({', '.join(files)}); "
+                        f"save the tokenizer there or give token ids (.pt)")
     try:
         tok = _offline_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise SpecError(f"cannot load a tokenizer from {str(path)!r}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"cannot load a tokenizer from {str(path)!r}: {first}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

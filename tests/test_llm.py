@@ -328,6 +328,11 @@ def test_cli_bad_llm_flags_exit_2(tiny_dir, texts, tmp_path, capsys):
     assert main(base + ["--seq-len", "0"]) == 2
     assert "seq_len must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
+    bare = tmp_path / "bare"
+    load_model(tiny_dir).save_pretrained(bare)  # weights and config, no tokenizer
+    assert main(["estimate", "--model", str(bare), "--data", str(texts / "calib.txt"), "-o", str(tmp_path / "t.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "holds none" in err and "give token ids (.pt)" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
