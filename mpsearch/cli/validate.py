@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, add_target_arg, add_text_args, dump_json, load_model_args, say
+from ._common import (add_command, add_device_args, add_target_arg, add_text_args, dump_json, load_model_args,
+                      say)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""

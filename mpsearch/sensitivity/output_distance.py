@@ -16,9 +16,9 @@ pass per option). The first stacked layer is checked once against separate passe
 mixes samples across the batch axis is detected, warned about, and measured one option per pass).
 Distances accumulate on the device (float64 on CPU, float32 on GPU, where KL is computed from logit
 differences, :func:`kl_from_logits`, to stay accurate for nearby distributions; the forward passes
-run in the model's own dtype: bf16 compute for a bf16 model) and reach the host once, at the end. ``micro_batch=k`` measures
-each calibration batch in pieces of at most ``k`` samples (the same weighted mean, a fraction of the
-memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
+run in the model's own dtype: bf16 compute for a bf16 model) and reach the host once, at the end.
+``micro_batch=k`` measures each calibration batch in pieces of at most ``k`` samples (the same
+weighted mean, a fraction of the memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
 
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
@@ -84,7 +84,9 @@ class OutputDistanceEstimator(Estimator):
     def _damage(self, model, ctx: Context) -> np.ndarray:
         self._check()
         names = [lay.name for lay in ctx.layers]
-        limit = self.max_cache_mb if self.max_cache_mb is not None else _DEFAULT_CACHE_MB[ctx.device.type == "cuda"]
+        limit = self.max_cache_mb
+        if limit is None:
+            limit = _DEFAULT_CACHE_MB[ctx.device.type == "cuda"]
         runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=limit,
                               enabled=bool(self.prefix_cache))
         units = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
@@ -145,8 +147,8 @@ class OutputDistanceEstimator(Estimator):
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
                 single = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
-                self._stack_ok = bool(torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))) or \
-                    _warn_stack(layer.name, stacked, single)
+                close = torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))
+                self._stack_ok = bool(close) or _warn_stack(layer.name, stacked, single)
                 stacked = stacked if self._stack_ok else single
             out[active] = stacked
         else:
