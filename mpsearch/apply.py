@@ -2,10 +2,19 @@
 
 :func:`apply_plan` returns a new model (a deep copy) unless ``inplace=True``; only the layers the
 plan names are touched, and ``keep`` (16 bits) leaves a layer as it is.
+
+Options whose format quantizes activations (``option.act_bits < 16``: ``w8a8-int8``, ``w8a8-fp8``,
+``nvfp4``, ModelOpt's ``fp8``...) also get a forward pre-hook on their layer that fake-quantizes
+the layer's input as the consumer does (:meth:`mpsearch.formats.Format.quantize_act`). The hook
+takes the range of each batch it sees (dynamic) until :func:`calibrate_activations` fixes a static
+range from calibration batches (the consumers' static per-tensor ``amax`` / global scale).
+:func:`remove_activation_hooks` takes them off. Hooks live on the module objects: a saved
+``state_dict`` does not carry them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -71,4 +80,115 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
                 continue
             q = quantize_weight(module.weight, option, _kind(module), name)
             module.weight.copy_(q)
+            _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
+            add_activation_hook(module, option)
     return target
+
+
+class ActivationQuantizer:
+    """A forward pre-hook that fake-quantizes a layer's (floating-point) input with a format.
+
+    ``amax`` is the static range (``None``: each batch's own); while ``calibrating`` it records the
+    largest range seen instead of quantizing.
+    """
+
+    def __init__(self, fmt_name: str, amax=None):
+        self.fmt_name = fmt_name
+        self.amax = amax
+        self.calibrating = False
+
+    @property
+    def format(self):
+        from .formats import get_format
+
+        return get_format(self.fmt_name)
+
+    def __call__(self, module, args):
+        if not args or not torch.is_tensor(args[0]) or not torch.is_floating_point(args[0]):
+            return None
+        x = args[0]
+        fmt = self.format
+        static = getattr(fmt, "act_static", False)
+        if self.calibrating:
+            if static:
+                seen = fmt.calibrate(x)
+                self.amax = seen if self.amax is None else torch.maximum(self.amax, seen.to(self.amax))
+            return None
+        with torch.no_grad():
+            q = fmt.quantize_act(x, amax=self.amax) if static and self.amax is not None else fmt.quantize_act(x)
+        if x.requires_grad:  # straight-through, so that gradient-based estimators still run
+            q = x + (q - x).detach()
+        return (q, *args[1:])
+
+
+_HOOKS = "_mpsearch_act_hooks"
+
+
+def add_activation_hook(module: torch.nn.Module, option, amax=None):
+    """Install the activation fake-quantizer of ``option`` on ``module``; ``None`` if it has none."""
+    if option.act_bits >= 16 or option.fmt is None:
+        return None
+    hook = ActivationQuantizer(option.format.name, amax)
+    handle = module.register_forward_pre_hook(hook)
+    module.__dict__.setdefault(_HOOKS, []).append((handle, hook))
+    return handle
+
+
+def activation_hooks(model: torch.nn.Module) -> dict[str, list[ActivationQuantizer]]:
+    """The activation quantizers installed by mpsearch, by module name."""
+    out = {}
+    for name, m in model.named_modules():
+        hooks = [h for handle, h in m.__dict__.get(_HOOKS, []) if handle.id in m._forward_pre_hooks]
+        if hooks:
+            out[name] = hooks
+    return out
+
+
+def _remove_module_hooks(m: torch.nn.Module) -> int:
+    n = 0
+    for handle, _hook in m.__dict__.pop(_HOOKS, []):
+        if handle.id in m._forward_pre_hooks:
+            n += 1
+        handle.remove()
+    return n
+
+
+def remove_activation_hooks(model: torch.nn.Module) -> int:
+    """Remove every activation hook mpsearch installed on ``model``; returns how many."""
+    return sum(_remove_module_hooks(m) for m in model.modules())
+
+
+@contextlib.contextmanager
+def activation_quantized(module: torch.nn.Module, option, amax=None):
+    """Within the block, ``module``'s input is fake-quantized as ``option``'s format does it."""
+    handle = add_activation_hook(module, option, amax)
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()
+            module.__dict__[_HOOKS] = [(h, k) for h, k in module.__dict__.get(_HOOKS, []) if h is not handle]
+
+
+def calibrate_activations(model: torch.nn.Module, batches) -> dict[str, float]:
+    """Fix each activation hook's static range to the largest ``|x|`` its layer sees on ``batches``.
+
+    This is the consumers' calibration (ModelOpt's max calibrator, llm-compressor's static-minmax
+    observer for NVFP4's input global scale) for the formats whose ``act_static`` is true; dynamic
+    formats (per-token FP8/int8, MXFP4) ignore it. Returns the ranges by layer.
+    """
+    from .data import run_model
+
+    hooks = activation_hooks(model)
+    for hs in hooks.values():
+        for h in hs:
+            h.amax, h.calibrating = None, True
+    try:
+        with torch.no_grad():
+            for batch in batches if isinstance(batches, (list, tuple)) else [batches]:
+                run_model(model, batch)
+    finally:
+        for hs in hooks.values():
+            for h in hs:
+                h.calibrating = False
+    return {name: float(hs[0].amax) for name, hs in hooks.items() if hs[0].amax is not None}

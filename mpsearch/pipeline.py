@@ -108,7 +108,7 @@ def estimate_cached(model, calib, *, estimator="weight-error", options=DEFAULT_O
             pass  # unreadable or stale: estimate again
     table = est.estimate(model, batches, progress=progress, **estimate_kwargs)
     table.metadata["pipeline_key"] = key
-    if cache is not None:
+    if cache is not None and _is_main():
         table.write(cache)
     return table
 
@@ -203,6 +203,38 @@ def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = 
     return result
 
 
+def _is_main() -> bool:
+    from .distributed import current
+
+    return current().is_main
+
+
+def measure_spread(model, plans, metric: Metric, cache: _MeasureCache | None = None, *, workers: int = 1,
+                   progress: bool = False) -> list[dict]:
+    """:func:`measure` for every plan, spread over ``workers`` processes or ``torchrun`` ranks
+    (:func:`mpsearch.distributed.measure_plans`); cached results are reused, new ones cached (by rank 0)."""
+    from .distributed import current, measure_plans
+    from .sensitivity.base import progress_bar
+
+    keys = [_plan_key(p) for p in plans]
+    missing = [i for i, k in enumerate(keys) if cache is None or cache.get(k) is None]
+    if current().enabled or int(workers) != 1:
+        got = measure_plans(model, [plans[i] for i in missing], lambda m, p: measure(m, p, metric),
+                            workers=workers)
+    else:  # one process: with a progress bar, each result cached as it comes
+        got = [measure(model, plans[i], metric, cache)
+               for i in progress_bar(missing, enabled=progress, desc="apply & measure")]
+    for i, result in zip(missing, got):
+        if cache is not None:
+            if _is_main():
+                cache.put(keys[i], result)
+            else:
+                cache.data[keys[i]] = result
+    if cache is None:
+        return got
+    return [cache.get(k) for k in keys]
+
+
 def rank_correlation(predicted, measured) -> float:
     """Spearman rank correlation (NaN with fewer than 3 points or no variation)."""
     from scipy.stats import spearmanr
@@ -235,14 +267,15 @@ def measured_frontier(
     out=None,
     plots: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> FrontierRun:
     """Estimate, solve the frontier, then apply and measure plans along it (see the module doc).
 
     ``budgets``: extra average-bit budgets whose plans are always validated. ``match_uniform``:
     also validate a plan at the exact size of each uniform bit-width (the fair comparison).
-    ``budget``: extra constraints, bounds and pins applied to every point.
+    ``budget``: extra constraints, bounds and pins applied to every point. ``workers``: processes
+    measuring plans (or, under ``torchrun``, the ranks share them; see :func:`measure_spread`).
     """
-    from .sensitivity.base import progress_bar
 
     if not isinstance(metric, Metric):
         raise MpsearchError(f"metric must be an mpsearch.metrics.Metric, got {type(metric).__name__}; "
@@ -297,10 +330,10 @@ def measured_frontier(
                           "model": table.metadata.get("model", {}).get("fingerprint")})
     mcache = _MeasureCache(out / "measured.json" if out else None, context)
     work = [("frontier", i) for i in sorted(chosen)] + ([("uniform", o) for o in uniform_plans] if uniform else [])
-    measured = {}
-    for kind, ref in progress_bar(work, enabled=progress, desc="apply & measure"):
-        plan = plans[int(front.loc[ref, "_i"])] if kind == "frontier" else uniform_plans[ref][0]
-        measured[(kind, ref)] = measure(model, plan, metric, mcache)
+    todo = [plans[int(front.loc[ref, "_i"])] if kind == "frontier" else uniform_plans[ref][0]
+            for kind, ref in work]
+    measured = dict(zip(work, measure_spread(model, todo, metric, mcache, workers=workers,
+                                             progress=progress)))
 
     qcol = f"measured_{metric.name}"
     front["validated"] = [i in chosen for i in front.index]
@@ -339,7 +372,7 @@ def measured_frontier(
     run = FrontierRun(table=table, frontier=front, uniform=uframe, baseline=baseline, metric=metric.name,
                       metric_label=metric.label, higher_is_better=metric.higher_is_better, proxy=proxy,
                       plans=plan_map, out=out)
-    if out is not None:
+    if out is not None and _is_main():
         _write(run, out, plots=plots, settings={"estimator": estimator, "solver": solver,
                                                 "options": str(options), "validate": validate})
     return run

@@ -147,3 +147,35 @@ def test_a_layer_with_no_legal_option_is_refused():
     with pytest.raises(MpsearchError, match=r"layer '2' \(16x12\) can take none of the options.*not a multiple of 8"):
         get_estimator("weight-error").estimate(mlp(), torch.randn(4, 16), progress=False, target=Only8())
 
+
+
+def test_consumer_targets_list_their_consumers_formats():
+    from mpsearch.targets import get_target
+
+    for name, consumer in [("vllm", "compressed-tensors"), ("gptqmodel", "gptqmodel"), ("torchao", "torchao"),
+                           ("modelopt", "modelopt"), ("autoround", "autoround")]:
+        t = get_target(name)
+        for opt in t.parsed_options(list(t.options)):
+            assert opt.is_keep or opt.format.consumer == consumer, (name, opt.name)
+        assert {o.name for o in t.parsed_options()} <= set(t.options)
+    assert get_target("vllm").fused_runtime and not get_target("torchao").fused_runtime
+    # exact costs in the consumer's accounting (4096 x 4096 layer)
+    assert parse_option("w4a16-g128").size_bits(4096, 4096) / 4096**2 == pytest.approx(4.125, abs=2e-5)
+    assert get_target("vllm").describe()[0]["option"] == "w4a16-g128"
+
+
+def test_solve_budget_adds_runtime_ties_and_checks_the_table_target():
+    from mpsearch.targets import solve_budget
+
+    t = random_table(4, bits=[4, 8], seed=0)
+    frame = t.to_frame()
+    frame["layer"] = frame["layer"].map(dict(zip(t.layers, ["m.q_proj", "m.k_proj", "m.v_proj", "m.o_proj"])))
+    frame["option"] = frame["bits"].map({4: "w4a16-g128", 8: "w8a16"})
+    table = CostTable(frame, {"target": "vllm"})
+    budget = solve_budget(table, Budget.parse(["avg_bits=6"]))
+    res = get_solver("ilp").solve(table, budget)
+    assert len({res.plan.option(n).name for n in ("m.q_proj", "m.k_proj", "m.v_proj")}) == 1
+    with pytest.raises(MpsearchError, match="estimated for target 'vllm', not 'torchao'"):
+        solve_budget(table, Budget(), "torchao")
+    with pytest.raises(MpsearchError, match="target 'torchao' cannot execute option"):
+        solve_budget(CostTable(frame), Budget(), "torchao")

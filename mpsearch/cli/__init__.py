@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (and writes)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         return int(args.run(args) or 0)
     except MpsearchError as exc:

@@ -101,6 +101,10 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--bits", dest="options", default=DEFAULT_SEARCH_OPTIONS,
                    help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes measuring the K plans on a CPU host (under torchrun the ranks share them)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate (auto, balanced, JSON)")
     g.add_argument("--metric", default=None,
                    help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
                         "kl, or package.module:callable (default: by model)")
@@ -120,12 +124,15 @@ def _zoo_eval(spec: str, tokenizer):
 
 def run_model_frontier(args) -> int:
     """Estimate -> frontier -> apply and measure K plans; ``-o`` names the output folder."""
+    from ..distributed import current, load_device_map, place_model
     from ..errors import MpsearchError
     from ..pipeline import measured_frontier
     from ..specs import _is_text, load_calibration, load_data, load_metric, tokenizer_for
     from ._common import load_model_args
 
-    model = load_model_args(args)
+    shard = current()  # under torchrun: ranks share the estimate and the measurements; rank 0 writes
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
+    place_model(model, shard)
     data = args.data or {"minilm": "shakespeare", "smollm2": "shakespeare"}.get(args.model)
     text = _is_text(data) or _is_text(args.eval_data) or args.model == "smollm2" and not args.eval_data
     tokenizer = tokenizer_for(args.model) if text else None  # read once, only for text data
@@ -151,6 +158,7 @@ def run_model_frontier(args) -> int:
         metric = make_metric(args.metric or default_metric_name(model, first_batch(evals)), evals)
     run = measured_frontier(model, calib, metric, estimator=args.estimator, solver=args.solver,
                             options=args.options, validate=args.validate, out=args.output,
-                            solver_params=parse_params(args.param), progress=True)
+                            solver_params=parse_params(args.param), progress=True,
+                            workers=args.workers)
     say(summarize(run).replace("all-MiniLM-L6-v2", str(args.model)))
     return 0

@@ -34,6 +34,9 @@ def register(sub):
     p.add_argument("--include-embedding", action="store_true", help="also cost Embedding layers")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave layers out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
+                        "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
     add_param_arg(p, "estimator")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
 
@@ -44,10 +47,14 @@ def run(args) -> int:
 
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
+    from ..distributed import current, load_device_map, place_model
+
     if args.options is not None:
         params["options"] = args.options
     estimator = get_estimator(args.estimator, **params)
-    model = load_model_args(args)
+    shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
+    place_model(model, shard)
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
@@ -55,6 +62,8 @@ def run(args) -> int:
         include_embedding=args.include_embedding, exclude=args.exclude,
         progress=not args.no_progress, target=args.target, quantizer=args.quantizer,
     )
+    if not shard.is_main:
+        return 0
     table.metadata.setdefault("model_spec", args.model)
     if args.data:
         table.metadata.setdefault("data_spec", args.data)

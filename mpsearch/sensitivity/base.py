@@ -19,6 +19,7 @@ import torch
 
 from .. import __version__
 from ..data import as_batches, move_batch
+from ..distributed import Shard
 from ..errors import MpsearchError
 from ..layers import Layer, discover_layers
 from ..options import Option, parse_options
@@ -42,6 +43,7 @@ class Context:
     checkpoint: object = None  # a cache.Checkpoint when the estimator has a cache_dir, else None
     extra_columns: dict = field(default_factory=dict)  # name -> [L, K] array (e.g. damage_std)
     legal: np.ndarray | None = None  # [L, K] bool: the options each layer may take (None: all)
+    shard: Shard = field(default_factory=Shard)  # a distributed.Shard: which work units are this rank's, and the reduction
 
     def count(self, key: str, n: int = 1) -> None:
         self.cost[key] = self.cost.get(key, 0) + n
@@ -135,19 +137,24 @@ class Estimator:
                 fuse_projections=fuse_projections,
                 exclude=exclude,
             )
+        from ..distributed import current, stats
+
+        shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
-                      progress=progress, seed=self.seed, legal=legal)
+                      progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         cache_dir = getattr(self, "cache_dir", None)
         if cache_dir:
             from .cache import Checkpoint, cache_key
 
             key = cache_key(self, model, batches, layers, options)
             stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
-            ctx.checkpoint = Checkpoint(cache_dir, stem,
+            ctx.checkpoint = Checkpoint(cache_dir, stem + shard.suffix(),
                                         every=getattr(self, "cache_every", 0.0))
         t0 = time.perf_counter()
         done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
+        if shard.enabled and not shard.min_int([done is not None])[0]:
+            done = None  # every rank takes the cached result, or none does
         if done is not None:  # a finished earlier run with the same settings, model and data
             damage = np.asarray(done["damage"], dtype=float)
             ctx.cost.update(done["cost"], from_cache=True)
@@ -170,6 +177,9 @@ class Estimator:
                     "extra_columns": {k: np.asarray(v).tolist() for k, v in ctx.extra_columns.items()},
                 })
         seconds = time.perf_counter() - t0
+        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if done is None else None
+        if spread is not None:
+            ctx.extra_metadata["distributed"] = spread
         if damage.shape != (len(layers), len(options)):
             raise AssertionError(
                 f"{self.name}: damage has shape {damage.shape}, expected {(len(layers), len(options))}"
@@ -218,7 +228,7 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
                 row[col] = float(values[i, k])
             if lay.macs is not None:
                 row["macs"] = lay.macs
-                row["bops"] = lay.macs * opt.bits * act_bits
+                row["bops"] = lay.macs * opt.bits * min(act_bits, opt.act_bits)
             if lay.group:
                 row["group"] = lay.group
             rows.append(row)

@@ -214,15 +214,16 @@ class PrefixRunner:
                 self._repeated = {key: repeat_along_batch(cached, repeat, size)}
             cached = self._repeated[key]
         patched = self.blocks.modules[: j + 1]
-        saved = [mod.__dict__.get("forward") for mod in patched]  # instance-level forwards (hooks) stay
+        # a forward set on the instance (accelerate's device-map hooks) is put back afterwards
+        saved = [mod.__dict__.get("forward") for mod in patched]
         for mod in patched:
             mod.forward = lambda *a, _c=cached, **k: _c
         try:
             self.block_runs += (n - j - 1) * repeat
             return forward(self.model, batch)
         finally:
-            for mod, old in zip(patched, saved):
-                if old is not None:
-                    mod.forward = old
-                else:
+            for mod, prev in zip(patched, saved):
+                if prev is None:
                     del mod.forward
+                else:
+                    mod.forward = prev

@@ -60,8 +60,11 @@ class FisherEstimator(Estimator):
             "batch": 0, "chunk": 0, "samples": 0,
             "sums": [torch.zeros(w.shape, dtype=torch.float64) for w in weights]}
         method = "loop" if self.per_sample == "loop" else "vmap"
-        plan = [(bi, ci) for bi, b in enumerate(ctx.batches)
-                for ci in range(-(-_n(*split_batch(b)[:2]) // int(self.chunk_size)))]
+        chunks = [(bi, ci, min(int(self.chunk_size), n - ci * int(self.chunk_size)))
+                  for bi, b in enumerate(ctx.batches) for n in [_n(*split_batch(b)[:2])]
+                  for ci in range(-(-n // int(self.chunk_size)))]
+        mine = ctx.shard.assign([size for _, _, size in chunks])  # every chunk when one process
+        plan = [(bi, ci) for (bi, ci, _), m in zip(chunks, mine) if m]
         todo = [(bi, ci) for bi, ci in plan if (bi, ci) >= (st["batch"], st["chunk"])]
         with math_attention():
             for bi, ci in progress_bar(todo, enabled=ctx.progress, desc="fisher chunks"):
@@ -89,11 +92,15 @@ class FisherEstimator(Estimator):
                 st["batch"], st["chunk"] = plan[nxt] if nxt < len(plan) else (len(ctx.batches), 0)
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
-        ctx.cost["samples"] = st["samples"]
+        sums, samples = st["sums"], st["samples"]
+        if ctx.shard.enabled:  # partial float64 sums of each rank's chunks
+            sums = [ctx.shard.sum(acc) for acc in sums]
+            samples = int(ctx.shard.sum(torch.tensor([samples], dtype=torch.int64))[0])
+        ctx.cost["samples"] = samples
         ctx.cost["per_sample"] = method
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(ctx.layers):
-            fisher = (st["sums"][i] / max(st["samples"], 1)).float()
+            fisher = (sums[i] / max(samples, 1)).float()
             for k, opt in ctx.layer_options(i):
                 dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((fisher * dw.pow(2)).sum())

@@ -54,7 +54,8 @@ class HessianEstimator(Estimator):
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, probes: int = 64,
                  min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
                  output: str = "auto", negative: str = "clamp", micro_batch: int | None = None,
-                 probe_batch: int = 1, cache_dir=None, cache_every: float = 30.0):
+                 probe_batch: int = 1,
+                 cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.probes = probes
         self.min_probes = min_probes
@@ -88,9 +89,10 @@ class HessianEstimator(Estimator):
         loss = resolve_loss(self.loss, ctx.batches)
         weights = [weight_of(model, lay) for lay in ctx.layers]
         diagonal = self.mode == "diagonal"
-        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
-            "batch": 0, "done": [], "current": [], "diag_total": None, "diag_batch": None}
         n_max = max(int(self.probes), int(self.min_probes))
+        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or _fresh()
+        if ctx.shard.enabled:
+            st = _agree(st, ctx.shard, n_max, diagonal)
         bar = progress_bar(None, enabled=ctx.progress, desc="hessian probes",
                            total=n_max * len(ctx.batches))
         with only_weights_require_grad(model, weights), math_attention():
@@ -105,6 +107,8 @@ class HessianEstimator(Estimator):
                     self._probe_micro_batches(model, parts, loss, weights, ctx, st, bi, n_max, bar)
                 size = batch_size(ctx.batches[bi])
                 if diagonal:
+                    if ctx.shard.enabled:  # every rank's probes of this batch
+                        st["diag_batch"] = [ctx.shard.sum(acc) for acc in st["diag_batch"]]
                     p = len(st["current"])
                     part = [acc / p * size for acc in st["diag_batch"]]
                     st["diag_total"] = part if st["diag_total"] is None else [
@@ -142,32 +146,43 @@ class HessianEstimator(Estimator):
                 out[i, k] = float((d * dw.pow(2)).sum())
         return out
 
-    def _probe(self, grads, weights, ctx, bi, j, scale, st):
-        """One Hutchinson probe through one gradient graph: per-layer v^T H v (times ``scale``)."""
-        return self._probes(grads, weights, ctx, bi, [j], scale, st)[0]
+    def _probe(self, grads, weights, ctx, bi, j, scale, diag=None):
+        """One Hutchinson probe through one gradient graph: per-layer v^T H v (times ``scale``).
 
-    def _probes(self, grads, weights, ctx, bi, js, scale, st) -> list[torch.Tensor]:
-        """Probes ``js`` through one gradient graph, in one batched HVP where possible."""
+        With ``diag`` (a list of float64 tensors), ``v * Hv * scale`` is added into it; with
+        ``diag=[]``, the products ``v * Hv`` are appended to it instead (kept for later).
+        """
+        gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
+        vs = _rademacher(weights, gen, ctx.device)
+        hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+        ctx.count("hvps")
+        if diag is not None and not diag:
+            diag.extend(v * h for v, h in zip(vs, hv))
+        elif diag is not None:
+            for acc, v, h in zip(diag, vs, hv):
+                acc += (v * h).double() * scale
+        return torch.stack([(v * h).sum().double().cpu() for v, h in zip(vs, hv)]) * scale
+
+    def _probes(self, grads, weights, ctx, bi, js, scale, diag=None):
+        """Probes ``js`` through one gradient graph, in one batched HVP (``is_grads_batched``) where
+        possible: ``(rows, prods)``, one ``v^T H v`` row per probe and, with ``diag=[]``, each probe's
+        ``v * Hv`` products (``diag`` as in :meth:`_probe` otherwise)."""
+        collect = diag is not None and not diag
         if len(js) > 1 and self._batched:
             try:
-                return self._probes_batched(grads, weights, ctx, bi, js, scale, st)
+                return self._probes_batched(grads, weights, ctx, bi, js, scale, diag, collect)
             except RuntimeError as exc:
                 self._batched = False
                 warnings.warn(f"hessian: batched Hessian-vector products failed ({str(exc)[:120]}); "
                               f"one probe at a time", EstimatorWarning, stacklevel=4)
-        out = []
+        rows, prods = [], []
         for j in js:
-            gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
-            vs = _rademacher(weights, gen, ctx.device)
-            hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
-            ctx.count("hvps")
-            if st["diag_batch"] is not None:
-                for acc, v, h in zip(st["diag_batch"], vs, hv):
-                    acc += (v * h).double() * scale
-            out.append(torch.stack([(v * h).sum().double() for v, h in zip(vs, hv)]).cpu() * scale)
-        return out
+            pr = [] if collect else diag
+            rows.append(self._probe(grads, weights, ctx, bi, j, scale, pr))
+            prods.append(pr if collect else None)
+        return rows, prods
 
-    def _probes_batched(self, grads, weights, ctx, bi, js, scale, st) -> list[torch.Tensor]:
+    def _probes_batched(self, grads, weights, ctx, bi, js, scale, diag, collect):
         probes = []
         for j in js:
             gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
@@ -176,26 +191,48 @@ class HessianEstimator(Estimator):
         hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
         ctx.count("hvps", len(js))
         ctx.count("batched_hvp_calls")
-        if st["diag_batch"] is not None:
-            for acc, v, h in zip(st["diag_batch"], vs, hv):
+        prods = [None] * len(js)
+        if collect:
+            prods = [[v[i] * h[i] for v, h in zip(vs, hv)] for i in range(len(js))]
+        elif diag is not None:
+            for acc, v, h in zip(diag, vs, hv):
                 acc += (v * h).double().sum(0) * scale
         per = torch.stack([(v * h).reshape(len(js), -1).sum(-1).double() for v, h in zip(vs, hv)], 1).cpu()
-        return [row * scale for row in per]
+        return [row * scale for row in per], prods
 
     def _probe_batch(self, model, batch, loss, weights, ctx, st, bi, n_max, bar):
-        """Probes through one gradient graph of the whole batch until converged or ``n_max``."""
+        """Probes through one gradient graph of the whole batch until converged or ``n_max``.
+
+        Probes run in rounds of one per rank (probe ``j`` on rank ``j % world``); the gathered round
+        is read in order and the stopping rule applied after each probe, as with one process.
+        """
+        shard = ctx.shard
         grads = self._gradient_graph(model, batch, loss, weights, ctx)
         p = max(int(self.probe_batch), 1)
-        j = len(st["current"])
-        while j < n_max:
-            # a group never crosses min_probes, so convergence is checked where the loop would check it
-            hi = min(n_max, j + p, self.min_probes if j < self.min_probes else n_max)
-            st["current"].extend(self._probes(grads, weights, ctx, bi, list(range(j, hi)), 1.0, st))
-            bar.update(hi - j)
-            j = hi
+        while len(st["current"]) < n_max:
+            lo = len(st["current"])
+            hi = min(n_max, lo + shard.world * p)  # p probes per rank, in one batched HVP
+            rows = torch.zeros(hi - lo, len(weights), dtype=torch.float64)
+            js = [j for j in range(lo, hi) if j % shard.world == shard.rank]
+            got, prods = self._probes(grads, weights, ctx, bi, js, 1.0,
+                                      [] if st["diag_batch"] is not None else None) if js else ([], [])
+            for j, row in zip(js, got):
+                rows[j - lo] = row
+            rows = shard.sum(rows)  # each row is one rank's, zeros elsewhere: exact
+            stop = False
+            for j in range(lo, hi):
+                st["current"].append(rows[j - lo])
+                bar.update(1)
+                if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
+                    stop = True
+                    break
+            for j, pr in zip(js, prods):  # a probe past the stopping point is dropped
+                if pr and j < len(st["current"]):
+                    for acc, x in zip(st["diag_batch"], pr):
+                        acc += x.double()
             if ctx.checkpoint:
                 ctx.checkpoint.save(st)
-            if j >= self.min_probes and self._converged(torch.stack(st["current"])):
+            if stop:
                 break
 
     def _probe_micro_batches(self, model, parts, loss, weights, ctx, st, bi, n_max, bar):
@@ -204,23 +241,28 @@ class HessianEstimator(Estimator):
         ``v^T H v`` of the batch (mean loss) is the size-weighted sum over its micro-batches, so each
         round of probes runs through every micro-batch's graph in turn; rounds double (``min_probes``,
         then twice the probes so far) until the traces converge or ``probes`` is reached. Memory is that
-        of one micro-batch; the HVP work is the same as for the whole batch.
+        of one micro-batch; the HVP work is the same as for the whole batch. A round's probes are
+        shared between ranks (probe ``j`` on rank ``j % world``).
         """
-        sizes = [batch_size(p) for p in parts]
+        shard = ctx.shard
+        sizes = [batch_size(part) for part in parts]
         total = float(sum(sizes))
         p = max(int(self.probe_batch), 1)
         while len(st["current"]) < n_max:
             lo = len(st["current"])
             hi = min(n_max, max(int(self.min_probes), 2 * lo))
-            vals = [0.0] * (hi - lo)
-            for part, size in zip(parts, sizes):
+            vals = torch.zeros(hi - lo, len(weights), dtype=torch.float64)
+            mine = [j for j in range(lo, hi) if j % shard.world == shard.rank]
+            for part, size in zip(parts, sizes) if mine else ():
                 grads = self._gradient_graph(model, part, loss, weights, ctx)
-                for g in range(lo, hi, p):
-                    js = list(range(g, min(g + p, hi)))
-                    for j, v in zip(js, self._probes(grads, weights, ctx, bi, js, size / total, st)):
-                        vals[j - lo] = vals[j - lo] + v
+                for g in range(0, len(mine), p):  # p probes per batched HVP
+                    js = mine[g : g + p]
+                    for j, row in zip(js, self._probes(grads, weights, ctx, bi, js, size / total,
+                                                       st["diag_batch"])[0]):
+                        vals[j - lo] = vals[j - lo] + row
                 del grads
-            st["current"].extend(vals)
+            vals = shard.sum(vals)
+            st["current"].extend(list(vals))
             bar.update(hi - lo)
             if ctx.checkpoint:  # a round is the unit of work kept across an interruption
                 ctx.checkpoint.save(st)
@@ -269,12 +311,38 @@ class HessianEstimator(Estimator):
         )
 
 
+def _fresh() -> dict:
+    return {"batch": 0, "done": [], "current": [], "diag_total": None, "diag_batch": None}
+
+
+def _agree(st: dict, shard, n_max: int, diagonal: bool) -> dict:
+    """Bring every rank's resumed state to the least advanced rank's (probes are the same everywhere).
+
+    Progress is (batch, probes of the current batch); a rank ahead drops what the others lack. In
+    diagonal mode each rank's partial diagonal sums cannot be cut back, so unequal states start over.
+    """
+    mine = st["batch"] * (n_max + 1) + len(st["current"])
+    low, neg_high = shard.min_int([mine, -mine])
+    if low == -neg_high:
+        return st
+    if diagonal:
+        warnings.warn("hessian: the ranks' caches were saved at different points; diagonal mode starts "
+                      "over", EstimatorWarning, stacklevel=4)
+        return _fresh()
+    b, c = divmod(low, n_max + 1)
+    current = list(st["current"]) if st["batch"] == b else list(st["done"][b][1])
+    return {**_fresh(), "batch": b, "done": list(st["done"][:b]), "current": current[:c]}
+
+
 def _rademacher(weights, gen, device) -> list[torch.Tensor]:
-    """One Rademacher probe (+-1) per weight, drawn as one flat vector and split into views."""
+    """One Rademacher probe (+-1) per weight, drawn as one flat vector on ``device`` and split into
+    views; each view follows its weight's device and dtype (a model spread over devices)."""
+    from ..distributed import follow
+
     flat = torch.randint(0, 2, (sum(w.numel() for w in weights),), generator=gen, device=device,
                          dtype=weights[0].dtype).mul_(2).sub_(1)
     views = [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in weights]), weights)]
-    return [v if v.dtype == w.dtype else v.to(w.dtype) for v, w in zip(views, weights)]
+    return [follow(v, w) for v, w in zip(views, weights)]
 
 
 def _combine(done) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..apply import activation_quantized
 from ..data import micro_batches, model_output_tensor, move_batch
+from ..distributed import assign
 from ..layers import get_module
 from ..errors import MpsearchError
 from ..quant import quantize_weight
@@ -89,34 +91,48 @@ class OutputDistanceEstimator(Estimator):
             limit = _DEFAULT_CACHE_MB[ctx.device.type == "cuda"]
         runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=limit,
                               enabled=bool(self.prefix_cache))
-        units = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
-        L, K = len(ctx.layers), len(ctx.options)
+        batches = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
+        L, K, B = len(ctx.layers), len(ctx.options), len(batches)
         acc = torch.float64 if ctx.device.type == "cpu" else torch.float32
-        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
-            "batch": 0, "layer": 0, "sums": torch.zeros(L, K, dtype=torch.float64), "weight": 0.0}
-        sums = st["sums"] = st["sums"].to(ctx.device, acc)  # stays on the device (no host sync)
+        st = ctx.checkpoint.load() if ctx.checkpoint else None
+        if not st or "values" not in st:  # none, or from an older layout: start over
+            st = {"batch": 0, "layer": 0, "values": torch.zeros(B, L, K, dtype=torch.float64),
+                  "done": torch.zeros(B, L, K, dtype=torch.bool)}
+        st["values"] = st["values"].to(ctx.device, acc)  # stays on the device (no host sync)
+        mine = _my_units(runner, ctx, names, st, batches)
         self._stack_checked, self._stack_ok = False, True  # run state: the stacked pass is checked once
-        bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=len(units) * L)
-        bar.update(st["batch"] * L + st["layer"])
-        for bi in range(st["batch"], len(units)):
-            batch = move_batch(units[bi], ctx.device)
+        total = int(mine.sum()) + int(st["done"].sum())
+        bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
+        bar.update(int(st["done"].sum()))
+        for bi in range(st["batch"], B):
+            if not mine[bi].any():
+                st.update(batch=bi + 1, layer=0)
+                continue
+            batch = move_batch(batches[bi], ctx.device)
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
             target = _prepare(ref, self.metric, kind, acc)
-            size = _size(units[bi])
             for li in range(st["layer"], L):
-                sums[li] += size * self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
-                                                        target, kind, acc, li)
+                todo = [k for k in range(K) if mine[bi, li, k]]
+                if todo:
+                    st["values"][bi, li] += self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
+                                                                 target, kind, acc, li, todo)
+                    st["done"][bi, li, todo] = True
+                    bar.update(len(todo))
                 st["layer"] = li + 1
-                bar.update(1)
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
-            st.update(batch=bi + 1, layer=0, weight=st["weight"] + size)
+            st.update(batch=bi + 1, layer=0)
             if ctx.checkpoint:
                 ctx.checkpoint.save(st, force=True)
             runner.release()
         bar.close()
+        # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
+        values = ctx.shard.sum(st["values"].to("cpu", torch.float64))
+        sums = torch.zeros(L, K, dtype=torch.float64)
+        for bi in range(B):  # batches in order, as one process adds them
+            sums += _size(batches[bi]) * values[bi]
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
@@ -124,29 +140,45 @@ class OutputDistanceEstimator(Estimator):
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
             stacked_options=bool(self._stack_checked and self._stack_ok),
         )
-        return (sums.to("cpu", torch.float64) / max(st["weight"], 1e-300)).clamp(min=0).numpy()
+        weight = float(sum(_size(b) for b in batches))
+        return (sums / max(weight, 1e-300)).clamp(min=0).numpy()
 
     def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
-                        acc=torch.float64, index: int | None = None) -> torch.Tensor:
+                        acc=torch.float64, index: int | None = None, options=None) -> torch.Tensor:
         """The unit of work: the output distance of ``batch`` with ``layer`` (number ``index`` of
-        ``ctx.layers``) at each option it may take (a ``[K]`` tensor on the device, 0 for ``keep`` and
-        for options the layer may not take), from the runner's cached prefix."""
+        ``ctx.layers``) at each option it may take (those of ``options``, indices, when given): a
+        ``[K]`` tensor on the device, 0 for ``keep`` and for options not measured, from the runner's
+        cached prefix. Weight-only options share stacked passes; options that also quantize the
+        layer's input activations take one pass each."""
         module = get_module(model, layer.name)
         w = module.weight
         index = ctx.layers.index(layer) if index is None else index
-        active = [k for k, opt in ctx.layer_options(index) if not opt.is_keep]
+        wanted = None if options is None else set(options)
+        active = [k for k, opt in ctx.layer_options(index)
+                  if not opt.is_keep and (wanted is None or k in wanted)]
         out = torch.zeros(len(ctx.options), dtype=acc, device=ctx.device)
         if not active:
             return out
         start = runner.start_of(layer.name)
         variants = {k: quantize_weight(w, ctx.options[k], layer.kind, layer.name) for k in active}
+        acts = [k for k in active if _quantizes_activations(ctx.options[k])]
+        if acts:
+            out[acts] = self._single(w, runner, batch, start, acts, variants, target, kind, acc, ctx, module)
+            active = [k for k in active if k not in acts]
+            if not active:
+                return out
         stack = len(active) if self.stack_options is None else int(self.stack_options)
         if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
             stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
                                     target, kind, acc, ctx)
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
+                runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
                 single = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+                # the check is counted apart from the work (which it repeats)
+                ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
+                ctx.count("check_block_evaluations", runner.block_runs - runs)
+                ctx.cost["suffix_passes"], runner.block_runs = passes, runs
                 close = torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))
                 self._stack_ok = bool(close) or _warn_stack(layer.name, stacked, single)
                 stacked = stacked if self._stack_ok else single
@@ -155,15 +187,20 @@ class OutputDistanceEstimator(Estimator):
             out[active] = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
         return out
 
-    def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx):
-        """One suffix pass per option, the layer's weight overwritten (and restored)."""
+    def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx, module=None):
+        """One suffix pass per option, the layer's weight overwritten (and restored); with
+        ``module``, its input activations are quantized as each option says."""
         saved = w.detach().clone()
         vals = []
         try:
             for k in active:
                 with torch.no_grad():
                     w.copy_(variants[k])
-                out = runner.run(batch, start)[0]
+                if module is not None:
+                    with activation_quantized(module, ctx.options[k]):
+                        out = runner.run(batch, start)[0]
+                else:
+                    out = runner.run(batch, start)[0]
                 ctx.count("suffix_passes")
                 vals.append(_distance(out, target, self.metric, kind, acc))
         finally:
@@ -185,6 +222,10 @@ class OutputDistanceEstimator(Estimator):
 
 
 _DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
+
+
+def _quantizes_activations(opt) -> bool:
+    return getattr(opt, "act_bits", 16) < 16 and getattr(opt, "fmt", None) is not None
 _STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
 
 
@@ -282,6 +323,31 @@ def _expm1mx(x: torch.Tensor) -> torch.Tensor:
     """exp(x) - 1 - x without cancellation (a series below |x| = 0.01)."""
     series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x / 120)))
     return torch.where(x.abs() < 1e-2, series, torch.expm1(x) - x)
+
+
+def _my_units(runner, ctx: Context, names, st, batches) -> torch.Tensor:
+    """``[B, L, K]`` mask of the (batch, layer, option) measurements this rank computes (and has not
+    yet). Ranks own whole (batch, layer) units, whose options run in shared stacked passes; a unit
+    costs its options times one suffix run: the blocks after the nearest cached block before the
+    layer, plus the rest of the model (counted as one block). Keep options cost nothing.
+    """
+    B, L, K = len(batches), len(ctx.layers), len(ctx.options)
+    work = torch.tensor([not o.is_keep for o in ctx.options]).expand(B, L, K).clone()
+    if getattr(ctx, "legal", None) is not None:  # a target's per-layer options
+        work &= torch.as_tensor(np.asarray(ctx.legal, dtype=bool))[None]
+    if ctx.shard.enabled:  # a unit is one (batch, layer): its options share stacked suffix passes
+        runner.reference(move_batch(batches[0], ctx.device), names)  # the cache layout, for costs
+        n = len(runner.blocks.names) if runner.blocks is not None else 0
+        per_layer = []
+        for lay in ctx.layers:
+            start = runner.start_of(lay.name)
+            j = max((k for k in runner.cached if k < start), default=-1) if runner.enabled else -1
+            per_layer.append(n - j)
+        cost = torch.tensor(per_layer, dtype=torch.float64)[None, :] * work.sum(-1)  # [B, L]
+        owners = ctx.shard.broadcast(assign(cost.numpy(), ctx.shard.world))
+        owners = torch.from_numpy(owners.copy()).reshape(B, L, 1)
+        work &= owners == ctx.shard.rank
+    return work & ~st["done"]
 
 
 def _block_input(args, kwargs):

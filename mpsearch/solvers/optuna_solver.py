@@ -8,12 +8,23 @@ trial. With ``storage`` (an Optuna storage URL such as ``sqlite:///study.db``) t
 loaded by name, so an interrupted search resumes where it stopped and several processes can work on
 one study: each runs until the study holds ``n_trials`` finished trials. Optuna is imported here,
 not by ``import mpsearch``.
+
+Several workers (processes, or ranks of a ``torchrun`` job) on one storage complete exactly
+``n_trials`` trials between them: a trial numbered after ``n_trials`` complete-or-running ones is
+pruned unmeasured and stops its worker; a plan already measured in the study (or being measured by
+a trial numbered before it) is not measured again, its value is reused (``user_attrs["same_as"]``);
+each worker's sampler is seeded from ``(seed, worker)`` so workers do not propose the same plans;
+the worker that creates the study evaluates the warm-start plans and adds them as finished trials
+(enqueued trials popped by several workers of one RDB study race: optuna#4621).
+``storage`` is an RDB URL (``sqlite:///study.db``, ``postgresql://...``) or ``journal:PATH`` for
+Optuna's JournalStorage on a shared file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 
@@ -45,13 +56,17 @@ class OptunaSolver(Solver):
     objective:
         Optional callable ``objective(plan: BitPlan) -> float`` (lower is better) replacing the
         table's damage.
+    worker:
+        This worker's number when several share a study (seeds its sampler); default: the
+        ``torchrun`` rank, else the process id, when ``storage`` is set.
     """
 
     name = "optuna"
 
     def __init__(self, *, sampler: str = "tpe", n_trials: int = 200, seed: int = 0, storage: str | None = None,
                  study_name: str | None = None, timeout: float | None = None, warm_start: bool = True,
-                 objective=None):
+                 objective=None, worker: int | None = None):
+        self.worker = worker
         self.sampler = sampler
         self.n_trials = n_trials
         self.seed = seed
@@ -86,34 +101,83 @@ class OptunaSolver(Solver):
         cm = problem.constraint_matrix()
         scale = np.maximum(np.abs(caps), 1e-300)
 
+        def violations(choice):
+            use = cm[:, idx, choice].sum(axis=1) if len(cm) else np.zeros(0)
+            return ((use - caps) / scale).tolist()
+
+        def evaluate(choice):
+            if self.objective is not None:
+                return float(self.objective(make_plan(problem, choice, solver=self)))
+            return float(problem.damage[idx, choice].sum())
+
         def objective(trial):
             choice = np.array([opt_index[trial.suggest_categorical(n, c)] for n, c in zip(names, choices)])
-            use = cm[:, idx, choice].sum(axis=1) if len(cm) else np.zeros(0)
-            values = ((use - caps) / scale).tolist()
+            values = violations(choice)
             trial.set_user_attr("constraints", values)
             if new_api:  # optuna >= 5: samplers read the trial's constraints
                 for c, v in zip(problem.constraints, values):
                     trial.set_constraint(c.key, v)
-            if self.objective is not None:
-                return float(self.objective(make_plan(problem, choice, solver=self)))
-            return float(problem.damage[idx, choice].sum())
+            if shared:
+                reused = _claim(trial, self.n_trials, optuna)
+                if reused is not None:
+                    return reused
+            return evaluate(choice)
 
         def constraints(trial):
             return trial.user_attrs.get("constraints", [1.0])
 
         new_api = hasattr(optuna.trial.Trial, "set_constraint")
-        kw = {"seed": self.seed} if new_api else {"seed": self.seed, "constraints_func": constraints}
+        shared = self.storage is not None
+        seed = self.seed
+        if shared:
+            from .. import distributed
+            from ..sensitivity.base import probe_seed
+
+            worker = self.worker
+            if worker is None:
+                shard = distributed.current()
+                worker = shard.rank if shard.enabled else os.getpid()
+            seed = probe_seed(self.seed, int(worker)) % (2**32)
+        kw = {"seed": seed} if new_api else {"seed": seed, "constraints_func": constraints}
         sampler = optuna.samplers.TPESampler(**kw) if self.sampler == "tpe" else optuna.samplers.NSGAIISampler(**kw)
         name = self.study_name or "mpsearch-" + _fingerprint(problem)
         try:
-            study = optuna.create_study(storage=self.storage, study_name=name, sampler=sampler,
-                                        direction="minimize", load_if_exists=True)
+            storage = self.storage
+            if isinstance(storage, str):
+                from ..distributed import optuna_storage
+
+                storage = optuna_storage(storage)
+            created = True
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                            direction="minimize")
+            except optuna.exceptions.DuplicatedStudyError:
+                created = False
+                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        except MpsearchError:
+            raise
         except Exception as exc:  # bad URLs raise storage-specific errors (sqlalchemy, redis...)
             raise MpsearchError(f"optuna: cannot open storage {self.storage!r}: {exc}") from None
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if self.warm_start and not study.trials:
+        if self.warm_start and not shared and not study.trials:
             for plan in _start_plans(problem):
                 study.enqueue_trial({n: problem.option_names[k] for n, k in zip(names, plan)})
+        elif self.warm_start and shared and created:
+            # Several workers popping enqueued trials of one RDB study race (optuna#4621), so the
+            # worker that created the study evaluates the start plans itself and adds them whole.
+            dists = {n: optuna.distributions.CategoricalDistribution(c) for n, c in zip(names, choices)}
+            live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+            for plan in _start_plans(problem):
+                params = {n: problem.option_names[k] for n, k in zip(names, plan)}
+                trials = study.get_trials(deepcopy=False, states=live)
+                if len(trials) >= self.n_trials:
+                    break
+                if any(t.params == params for t in trials):
+                    continue
+                study.add_trial(optuna.trial.create_trial(
+                    params=params, distributions=dists, value=evaluate(np.asarray(plan)),
+                    user_attrs={"constraints": violations(np.asarray(plan))}))
+            done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         remaining = self.n_trials - len(done)
         if remaining > 0:
             study.optimize(
@@ -130,6 +194,34 @@ class OptunaSolver(Solver):
         if self.objective is not None:
             stats["objective"] = float(best.value)
         return Solution(choice, "feasible", stats=stats)
+
+
+def _claim(trial, n_trials: int, optuna):
+    """For a shared study: ``None`` to measure this trial, or the value of the same plan measured
+    before; prunes (and stops this worker) once ``n_trials`` trials are complete or running."""
+    import time
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    deadline = time.monotonic() + 600.0  # a worker that died mid-trial is not waited for longer
+    while True:
+        others = [t for t in trial.study.get_trials(deepcopy=False, states=states) if t.number < trial.number]
+        if len(others) >= n_trials:
+            trial.study.stop()
+            raise optuna.TrialPruned(f"the study already has {n_trials} trials")
+        same = [t for t in others if _plan_of(t) == trial.params]
+        done = [t for t in same if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            trial.set_user_attr("same_as", done[0].number)
+            return float(done[0].value)
+        if not same or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)  # an earlier trial is measuring this very plan: wait for its value
+
+
+def _plan_of(t) -> dict:
+    """A trial's plan: its parameters, or, for an enqueued trial still suggesting them, the fixed ones."""
+    fixed = t.system_attrs.get("fixed_params") if t.state.name == "RUNNING" else None
+    return {**fixed, **t.params} if fixed else t.params
 
 
 def _start_plans(problem: Problem) -> list[np.ndarray]:

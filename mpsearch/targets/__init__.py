@@ -29,6 +29,11 @@ from ..options import Option, parse_option
 TARGETS: dict[str, str] = {
     "mpsearch": "mpsearch.targets.generic:MPSEARCH",
     "llama.cpp": "mpsearch.targets.llamacpp:LLAMACPP",
+    "vllm": "mpsearch.targets.consumers:VLLM",
+    "gptqmodel": "mpsearch.targets.consumers:GPTQMODEL",
+    "torchao": "mpsearch.targets.consumers:TORCHAO",
+    "modelopt": "mpsearch.targets.consumers:MODELOPT",
+    "autoround": "mpsearch.targets.consumers:AUTOROUND",
 }
 
 DEFAULT_TARGET = "mpsearch"
