@@ -69,7 +69,7 @@ def run_recipe(model, calib, metric, extra, est, slv, options, option_fmt):
     plans, uplans = [], []
     for b in BITS:
         opt = option_fmt.format(b)
-        hit = val[np.isclose(val["budget_avg_bits"], uni.loc[opt, "avg_bits"], atol=1e-6)]
+        hit = val[val["at_budget"].str.split(",").apply(lambda xs, opt=opt: opt in xs)]  # solved at its size
         plans.append(run.plans[int(hit["point"].iloc[0])])
         uplans.append(BitPlan.uniform(run.table.layers, opt))
     metrics = [metric] + extra

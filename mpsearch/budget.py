@@ -23,6 +23,8 @@ from .errors import BudgetError
 
 #: keys that are not table columns
 DERIVED_KEYS = ("avg_bits", "size_mb")
+#: the largest budget value (larger ones overflow once converted to bits)
+MAX_VALUE = 1e300
 
 
 def _number(text: str, what: str) -> float:
@@ -32,6 +34,8 @@ def _number(text: str, what: str) -> float:
         raise BudgetError(f"{what}: {text!r} is not a number") from None
     if not math.isfinite(value):
         raise BudgetError(f"{what}: the value must be finite, got {text!r}")
+    if abs(value) > MAX_VALUE:
+        raise BudgetError(f"{what}: {text!r} is too large (at most {MAX_VALUE:g}); use smaller units")
     return value
 
 
@@ -53,13 +57,15 @@ class Budget:
             if v < 0:
                 raise BudgetError(f"budget {key}={value}: the value must be >= 0")
             self.constraints[key] = v
+        if isinstance(self.ties, str) or not all(isinstance(t, str) for t in self.ties):
+            raise BudgetError(f"ties must be a list of regexes, got {self.ties!r}")
+        check_patterns(self.ties, "tie regex")
         for rule in (self.min_bits, self.max_bits, self.pins):
             for pattern in rule:
+                if not isinstance(pattern, str) or not pattern:
+                    raise BudgetError(f"a layer pattern must be a non-empty string, got {pattern!r}")
                 if pattern.startswith("re:"):
-                    try:
-                        re.compile(pattern[3:])
-                    except re.error as exc:
-                        raise BudgetError(f"layer pattern {pattern!r} does not compile: {exc}") from None
+                    compile_regex(pattern[3:], f"layer pattern {pattern!r}:")
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -138,8 +144,25 @@ def _bit_rules(items, flag: str) -> dict[str, int]:
             bits = int(value)
         except ValueError:
             raise BudgetError(f"{flag} {item!r}: the bit-width must be an integer") from None
+        if not 1 <= bits <= 32:
+            raise BudgetError(f"{flag} {item!r}: the bit-width must be from 1 to 32 (16 = keep)")
         rules[pattern] = bits
     return rules
+
+
+def compile_regex(pattern, what: str = "pattern") -> re.Pattern:
+    """``re.compile(pattern)``, or a :class:`BudgetError` naming ``what`` and the regex error."""
+    if not isinstance(pattern, str):
+        raise BudgetError(f"{what} {pattern!r}: a regex must be a string")
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise BudgetError(f"{what} {pattern!r} does not compile as a regular expression: {exc}") from None
+
+
+def check_patterns(patterns, what: str = "pattern") -> list:
+    """Compile every regex of ``patterns`` (refusing bad ones with one line)."""
+    return [compile_regex(p, what) for p in patterns or ()]
 
 
 def matches(pattern: str, layer: str) -> bool:

@@ -51,3 +51,11 @@ def name_list(names: Iterable[str], limit: int = 8) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     return shown
+
+
+class OutputError(MpsearchError):
+    """An output path that cannot be written (checked before any work starts)."""
+
+
+class SettingsError(MpsearchError):
+    """An unknown or ill-typed setting of an estimator, solver or format."""

@@ -26,9 +26,10 @@ import numpy as np
 
 from .budget import Budget
 from .errors import BudgetError, MpsearchError
+from .fileio import atomic_write_text
 from .plan import BitPlan
 from .problem import compile_problem
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
 DEFAULT_POINTS = 20
@@ -106,11 +107,15 @@ class Frontier:
         path = Path(path)
         refs = None
         if plans_dir is not None:
+            from .fileio import atomic_dir
+
             plans_dir = Path(plans_dir)
-            plans_dir.mkdir(parents=True, exist_ok=True)
             refs = []
-            for i, p in enumerate(self.points):
-                f = p.plan.save(plans_dir / f"point_{i:04d}.json")
+            with atomic_dir(plans_dir) as stage:  # the folder appears whole, then the CSV
+                for i, p in enumerate(self.points):
+                    p.plan.save(stage / f"point_{i:04d}.json")
+            for i, _p in enumerate(self.points):
+                f = plans_dir / f"point_{i:04d}.json"
                 try:
                     refs.append(os.path.relpath(f, path.parent.resolve() if path.parent != Path("") else Path.cwd()))
                 except ValueError:  # another drive

@@ -10,7 +10,6 @@ common transformer blocks (q/k/v, gate/up) and layers matched by user regexes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -112,7 +111,9 @@ def discover_layers(
     exclude:
         Regexes of layer names to leave out (matched with ``re.search``).
     """
-    excl = [re.compile(p) for p in exclude]
+    from .budget import check_patterns
+
+    excl = check_patterns(exclude, "exclude regex")
     found = []
     for name, module, kind in iter_quantizable(model, include_embedding):
         if any(p.search(name) for p in excl):

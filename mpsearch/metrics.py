@@ -249,7 +249,7 @@ class CausalLMMetric(Metric):
         self.input_ids, self.window, self.stride, self.batch_size = ids, window, stride, batch_size
         self.reference, self.topk, self.max_reference_mb = reference, topk, float(max_reference_mb)
         self.cache_dir = cache_dir
-        self.values: dict[str, float] = {}
+        self._values: dict[str, float] = {}
         self._ref: list[dict] | None = None
         self.reference_form: str | None = None
 
@@ -381,8 +381,13 @@ class CausalLMMetric(Metric):
             kl = torch.cat(kls)
             values.update(kld=float(kl.mean()), kld_p99=float(torch.quantile(kl.float(), 0.99)),
                           top1=float(100.0 * hits / count))
-        self.values = values
+        self._values = values
         return values[self.value_key]
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Every value of the last measurement: ``kld``, ``kld_p99``, ``top1``, ``perplexity``."""
+        return dict(self._values)
 
     value_key = "kld"
 

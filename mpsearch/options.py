@@ -28,7 +28,7 @@ KEEP_BITS = 16
 #: per-channel round-to-nearest at 2-8 bits. Symmetric 2-bit has only three levels (-s, 0, s), which
 #: leaves a 3-bit budget nothing worth trading (experiments/real_models.md).
 DEFAULT_SEARCH_OPTIONS = "int2-asym,int3-asym,int4-asym,int5-asym,int6-asym,int8-asym"
-_NAME = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym)?$")
+_NAME = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym)?$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,9 @@ class Option:
                 symmetric=bool(d.get("symmetric", True)),
                 scale_bits=int(d.get("scale_bits", 16)),
             )
-        except (KeyError, TypeError) as exc:
+        except MpsearchError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise MpsearchError(
                 f"an option must be a dict with at least 'bits' (and optionally 'group_size', "
                 f"'symmetric'), got {d!r}"
@@ -193,7 +195,7 @@ def parse_option(spec: str | int | Option) -> Option:
     text = str(spec).strip().lower()
     if text in ("keep", "fp16", "bf16", "16"):
         return KEEP
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return Option(int(text))
     m = _NAME.match(text)
     if not m:

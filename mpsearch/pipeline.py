@@ -4,18 +4,30 @@
 
 1. **estimate** a cost table with any registered estimator (cached: an interrupted run, or a second
    run with the same settings, reads the table back instead of estimating again);
-2. **solve** with any registered solver at ``n_points`` average-bit budgets spread between the
-   smallest and largest achievable sizes, and keep the non-dominated plans (the predicted frontier);
-3. **validate** ``validate`` plans spread along it, plus one plan at the size of each uniform
-   bit-width: apply, check the enforced levels, count the real size, and measure quality with the
-   metric on held-out data (cached per plan);
-4. measure the **uniform** bit-widths alongside as the baseline curve;
-5. **proxy check**: the Spearman rank correlation between predicted damage and measured loss over
-   the validated points, with a warning when it is below ``min_rank_correlation``.
+2. **solve** the predicted frontier with :func:`mpsearch.frontier.compute_frontier` (any solver, any
+   budget key, the budget's other constraints, bounds, pins and ties at every point), plus one
+   solve at the exact size of each uniform option and at each requested budget (their
+   :class:`~mpsearch.SolveResult` kept);
+3. **validate** ``validate`` plans spread along it plus the plans at the uniform sizes: apply, check
+   the enforced levels, count the real size, measure quality on held-out data (cached per plan);
+4. measure the **uniform** options alongside, and **compare**: each measured mixed plan against the
+   best measured uniform plan of equal or smaller size (``uniform_at_size``, ``beats_uniform``) and
+   against the straight line between its two neighbouring uniform points (``vs_uniform_line``,
+   negative = better than the line), with a :class:`UniformWarning` when a mixed plan loses;
+5. optionally **refine** (``refine=R``): R rounds of measure -> recalibrate -> re-solve
+   (:mod:`mpsearch.refine`) within ``refine_evals`` measured plans;
+6. **recommend** at each target budget the best *measured* plan that fits it, uniform plans
+   included, with an explicit status (``mixed``, ``uniform_better``, ``uniform_only``);
+7. **proxy check** (information): the Spearman rank correlation between predicted damage and
+   measured loss over the validated points, with a :class:`ProxyWarning` below
+   ``min_rank_correlation``.
 
 With ``out`` set it writes ``table.csv``, ``frontier.csv`` (predicted and measured), ``uniform.csv``,
-``plans/*.json``, ``summary.json`` and the plots ``frontier.png``, ``plan_bits.png``,
-``sensitivity.png``.
+``recommended.csv``, ``refined.csv`` (with ``refine``), ``plans/*.json``, ``summary.json`` and the
+plots ``frontier.png``, ``plan_bits.png``, ``sensitivity.png``.
+
+:func:`model_frontier` is the same job from specs (a model spec, data specs, a metric name), the
+library side of ``mpsearch frontier --model``; :func:`run_demo` is ``mpsearch demo``.
 """
 
 from __future__ import annotations
@@ -32,18 +44,37 @@ import torch
 
 from .budget import Budget
 from .errors import MpsearchError
-from .frontier import non_dominated
+from .fileio import atomic_output_dir, atomic_write_text
+from .frontier import compute_frontier, non_dominated
 from .metrics import Metric
 from .options import DEFAULT_SEARCH_OPTIONS
 from .plan import BitPlan
+from .problem import compile_problem
+from .refine import METHODS, plan_key, refine as refine_loop
 from .registry import get_estimator, get_solver, load_class
-from .table import CostTable, atomic_write_text
+from .table import CostTable
 
 DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
+
+#: the one default recipe of ``frontier --model``, ``estimate`` and ``demo`` (evidence:
+#: experiments/measured_loop.md)
+DEFAULT_RECIPE = {"estimator": "output-distance", "solver": "ilp", "options": DEFAULT_SEARCH_OPTIONS,
+                  "refine": 0, "refine_method": "calibrate"}
+
+#: frontier points solved when none are asked for
+DEFAULT_POINTS = 24
 
 
 class ProxyWarning(UserWarning):
     """The predicted damage ranks the validated plans poorly against their measured quality."""
+
+
+class UniformWarning(UserWarning):
+    """A measured mixed-precision plan lost to a measured uniform plan of equal or smaller size."""
+
+
+class InfeasibleBudget(MpsearchError):
+    """A requested budget admits no plan (the CLI exits with code 3)."""
 
 
 @dataclass
@@ -52,13 +83,20 @@ class FrontierRun:
 
     table: CostTable
     frontier: pd.DataFrame  # one row per frontier point, predicted + measured where validated
-    uniform: pd.DataFrame  # one row per uniform bit-width, measured
+    uniform: pd.DataFrame  # one row per uniform option, measured
     baseline: float  # the metric on the full-precision model
     metric: str
     metric_label: str
     higher_is_better: bool
     proxy: dict
     plans: dict[int, BitPlan] = field(default_factory=dict)  # frontier point -> plan
+    recommended: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per target budget
+    refinement: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per round x target
+    refined: dict[str, BitPlan] = field(default_factory=dict)  # "refined-N" -> plan
+    refined_frame: pd.DataFrame = field(default_factory=pd.DataFrame)  # refined plans, measured
+    results: dict = field(default_factory=dict)  # target label -> SolveResult at that budget
+    uniform_check: dict = field(default_factory=dict)  # counts of mixed plans beating / losing to uniform
+    key: str = "avg_bits"
     out: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
 
@@ -70,6 +108,15 @@ class FrontierRun:
 
     def validated(self) -> pd.DataFrame:
         return self.frontier[self.frontier["validated"]]
+
+    def plan_of(self, ref: str) -> BitPlan:
+        """The plan a ``recommended`` row names: ``point-N``, ``uniform-OPTION`` or ``refined-N``."""
+        kind, _, name = ref.partition("-")
+        if kind == "point":
+            return self.plans[int(name)]
+        if kind == "uniform":
+            return BitPlan.uniform(self.table.layers, name)
+        return self.refined[ref]
 
 
 # ------------------------------------------------------------------------------- estimate
@@ -124,19 +171,6 @@ def avg_bits_range(table: CostTable) -> tuple[float, float]:
     return float(per_layer.min().sum()) / total, float(per_layer.max().sum()) / total
 
 
-def sweep(table: CostTable, solver, budgets, base_budget: Budget | None = None, progress=False):
-    """Solve at each average-bit budget; returns ``[(budget, SolveResult)]``."""
-    from .sensitivity.base import progress_bar
-
-    base = base_budget or Budget()
-    out = []
-    for b in progress_bar(list(budgets), enabled=progress, desc="solve frontier"):
-        budget = Budget(constraints={**base.constraints, "avg_bits": float(b)}, min_bits=base.min_bits,
-                        max_bits=base.max_bits, pins=base.pins, ties=base.ties)
-        out.append((float(b), solver.solve(table, budget)))
-    return out
-
-
 def pareto(points: pd.DataFrame, x="size_bits", y="damage") -> pd.DataFrame:
     """The non-dominated rows (smaller ``x`` and smaller ``y`` are better), sorted by ``x``."""
     return non_dominated(points, x, y).reset_index(drop=True)
@@ -158,11 +192,6 @@ def spread(values, k: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------- measure
-def _plan_key(plan: BitPlan) -> str:
-    doc = {n: plan.option_name(n) for n in sorted(plan.bits)}
-    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:16]
-
-
 class _MeasureCache:
     """Measured results by plan, kept in ``measured.json`` so an interrupted run resumes."""
 
@@ -185,11 +214,28 @@ class _MeasureCache:
             atomic_write_text(self.path, json.dumps({"context": self.context, "results": self.data}))
 
 
+def _metric_key(metric: Metric) -> str:
+    """What a measurement depends on besides the plan: the metric's class, settings and data."""
+    from .sensitivity.cache import data_fingerprint
+
+    parts = {"class": type(metric).__name__}
+    for k, v in sorted(vars(metric).items()):
+        if k.startswith("_"):
+            continue  # derived state (the fitted reference)
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            parts[k] = repr(v)
+        elif isinstance(v, (torch.Tensor, list, tuple, dict)):
+            parts[k] = data_fingerprint([v] if isinstance(v, torch.Tensor) else v)  # a tensor is one batch
+        elif callable(v):
+            parts[k] = f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
+    return json.dumps(parts, sort_keys=True)
+
+
 def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = None) -> dict:
     """Apply ``plan``, check it (levels per scale group), and measure its size and quality."""
     from .validate import validate_plan
 
-    key = _plan_key(plan)
+    key = plan_key(plan)
     if cache is not None and cache.get(key) is not None:
         return cache.get(key)
     report = validate_plan(model, plan, metric=metric, baseline=False)
@@ -216,7 +262,7 @@ def measure_spread(model, plans, metric: Metric, cache: _MeasureCache | None = N
     from .distributed import current, measure_plans
     from .sensitivity.base import progress_bar
 
-    keys = [_plan_key(p) for p in plans]
+    keys = [plan_key(p) for p in plans]
     missing = [i for i, k in enumerate(keys) if cache is None or cache.get(k) is None]
     if current().enabled or int(workers) != 1:
         got = measure_plans(model, [plans[i] for i in missing], lambda m, p: measure(m, p, metric),
@@ -245,171 +291,566 @@ def rank_correlation(predicted, measured) -> float:
     return float(spearmanr(p, m).statistic)
 
 
-# -------------------------------------------------------------------------------- pipeline
-def measured_frontier(
-    model: torch.nn.Module,
-    calib,
-    metric: Metric,
-    *,
-    estimator: str = "weight-error",
-    solver: str = "greedy",
-    options=DEFAULT_OPTIONS,
-    validate: int = 5,
-    n_points: int = 24,
-    budgets=(),
-    match_uniform: bool = True,
-    uniform: bool = True,
-    budget: Budget | None = None,
-    estimator_params: dict | None = None,
-    solver_params: dict | None = None,
-    estimate_kwargs: dict | None = None,
-    min_rank_correlation: float = 0.5,
-    out=None,
-    plots: bool = True,
-    progress: bool = True,
-    workers: int = 1,
-) -> FrontierRun:
-    """Estimate, solve the frontier, then apply and measure plans along it (see the module doc).
 
-    ``budgets``: extra average-bit budgets whose plans are always validated. ``match_uniform``:
-    also validate a plan at the exact size of each uniform bit-width (the fair comparison).
-    ``budget``: extra constraints, bounds and pins applied to every point. ``workers``: processes
-    measuring plans (or, under ``torchrun``, the ranks share them; see :func:`measure_spread`).
+
+# ------------------------------------------------------------------------- predicted frontier
+def _key_of(table: CostTable, key: str, budget: Budget):
+    """The compiled problem with ``key`` unconstrained, and the constraint that measures ``key``."""
+    problem = compile_problem(table, budget.with_constraints(**{key: 1e300}))
+    con = next(c for c in problem.constraints if c.key == key)
+    return problem, con
+
+
+def uniform_plans(table: CostTable, key: str = "avg_bits", budget: Budget | None = None) -> dict:
+    """option -> (uniform plan, its use of ``key`` in the user's units), for every option that
+    every layer offers (a ragged table's per-layer options have no uniform plan)."""
+    problem, con = _key_of(table, key, budget or Budget())
+    offered = table.frame.groupby("option")["layer"].nunique()
+    out = {}
+    for k, opt in enumerate(problem.option_names):
+        if offered.get(opt, 0) < len(table.layers):
+            continue
+        use = sum(float(problem.resources[con.column][i, k]) for i in range(problem.n_items))
+        out[opt] = (BitPlan.uniform(table.layers, opt), con.to_user(use))
+    return out
+
+
+def _row(predicted: dict, **extra) -> dict:
+    row = {"damage": predicted.get("damage"), "size_bits": predicted.get("size_bits"),
+           "avg_bits": predicted.get("avg_bits")}
+    row.update({k: v for k, v in predicted.items() if k not in row and k != "params"})
+    row.update(extra)
+    return row
+
+
+def predicted_frontier(table: CostTable, solver, *, key: str = "avg_bits", points: int | None = DEFAULT_POINTS,
+                       budget: Budget | None = None, targets: dict | None = None, progress: bool = False):
+    """The predicted frontier (:func:`~mpsearch.frontier.compute_frontier`) plus one solve at each
+    target budget (label -> value of ``key``), kept even when another point dominates it.
+
+    Returns ``(frame, plans, results)``: one row per point sorted by size (``at_budget`` names the
+    target budgets a row was solved for, empty otherwise), the plans in row order, and the
+    :class:`~mpsearch.SolveResult` of each target. An infeasible target raises
+    :class:`InfeasibleBudget` naming the smallest achievable value.
     """
+    from .sensitivity.base import progress_bar
 
+    budget = budget or Budget()
+    if getattr(solver, "risk", 0):  # ilp risk=λ: the frontier of damage + λ·damage_std
+        from .solvers.ilp import risk_adjusted
+
+        table = risk_adjusted(table, solver.risk)
+    fr = compute_frontier(table, solver, points=points, key=key, budget=budget)
+    if fr.status == "infeasible":
+        raise InfeasibleBudget(f"no plan meets the budget: {fr.message}")
+    rows = [_row(p.predicted, budget=p.budget, status=p.status, at_budget="") for p in fr.points]
+    plans = [p.plan for p in fr.points]
+    results = {}
+    for label, value in progress_bar(list((targets or {}).items()), enabled=progress, desc="solve targets"):
+        b = budget.with_constraints(**{key: float(value)})
+        res = solver.solve_problem(compile_problem(table, b), b)
+        if res.plan is None:
+            raise InfeasibleBudget(f"budget {key}={value:g} ({label}): {res.message}")
+        results[label] = res
+        rows.append(_row(res.plan.predicted, budget=f"{key}<={value:.6g}", status=res.status, at_budget=label))
+        plans.append(res.plan)
+    allpts = pd.DataFrame(rows).assign(_i=range(len(rows)))
+    front = pareto(allpts)
+    extra = allpts[(allpts["at_budget"] != "") & ~allpts["_i"].isin(front["_i"])]
+    front = pd.concat([front, extra])
+    # a plan solved for several targets (or also a frontier point) keeps one row naming them all
+    front["_key"] = [plan_key(plans[i]) for i in front["_i"]]
+    names = front.groupby("_key")["at_budget"].agg(lambda s: ",".join(t for t in dict.fromkeys(s) if t))
+    front = front.drop_duplicates("_key").copy()
+    front["at_budget"] = front["_key"].map(names)
+    front = front.sort_values(["size_bits", "damage"], kind="stable").reset_index(drop=True)
+    ordered = [plans[i] for i in front["_i"]]
+    return front.drop(columns=["_i", "_key"]), ordered, results
+
+
+# ---------------------------------------------------------------------- uniform comparison
+def compare_with_uniform(frame: pd.DataFrame, uniform: pd.DataFrame, size: str = "measured_size_bits",
+                         loss: str = "measured_loss") -> pd.DataFrame:
+    """Each measured row of ``frame`` against the measured uniform plans (``uniform``: ``size_bits``,
+    ``measured_loss``, ``option``).
+
+    Adds ``uniform_at_size`` (the best uniform option of equal or smaller size), its
+    ``uniform_loss``, ``beats_uniform`` (measured loss at most that uniform's; True where no uniform
+    plan is as small), and ``vs_uniform_line`` (measured loss minus the straight line between the
+    two neighbouring uniform points at this size; negative = better; NaN outside their range).
+    """
+    out = frame.copy()
+    u = uniform.dropna(subset=["measured_loss"]).sort_values("size_bits") if len(uniform) else uniform
+    at, uloss, beats, line = [], [], [], []
+    for s, lo in zip(out[size], out[loss]):
+        if not np.isfinite(lo) or not len(u):
+            at.append(""); uloss.append(np.nan); beats.append(None); line.append(np.nan)
+            continue
+        fit = u[u["size_bits"] <= s * (1 + 1e-9)]
+        if len(fit):
+            best = fit.loc[fit["measured_loss"].idxmin()]
+            at.append(str(best["option"])); uloss.append(float(best["measured_loss"]))
+            beats.append(bool(lo <= best["measured_loss"] + 1e-12))
+        else:
+            at.append(""); uloss.append(np.nan); beats.append(True)
+        xs, ys = u["size_bits"].to_numpy(float), u["measured_loss"].to_numpy(float)
+        inside = len(xs) >= 2 and xs[0] <= s <= xs[-1]
+        line.append(float(lo - np.interp(s, xs, ys)) if inside else np.nan)
+    out["uniform_at_size"], out["uniform_loss"] = at, uloss
+    out["beats_uniform"], out["vs_uniform_line"] = beats, line
+    return out
+
+
+def _warn_losers(front: pd.DataFrame, metric_label: str) -> list[str]:
+    msgs = []
+    for _, r in front[front["beats_uniform"].eq(False)].iterrows():
+        msgs.append(f"the mixed plan at {r['avg_bits']:.3f} bits/weight measured worse ({metric_label} loss "
+                    f"{r['measured_loss']:.4g}) than uniform {r['uniform_at_size']} (loss {r['uniform_loss']:.4g}) "
+                    f"of equal or smaller size: the recommendation there falls back to the better plan")
+    for m in msgs:
+        warnings.warn(m, UniformWarning, stacklevel=3)
+    return msgs
+
+
+def recommend(candidates: list, problems: dict) -> pd.DataFrame:
+    """The best measured plan fitting each target budget, uniform plans included.
+
+    ``candidates``: ``(ref, source, plan, measured dict with quality/measured_loss/avg_bits/size_bits)``
+    with source ``mixed``, ``refined`` or ``uniform``. ``problems``: target label -> compiled problem
+    of that budget (its caps, bounds, pins and ties decide what fits). Status: ``mixed`` when a mixed
+    (or refined) plan measured best, ``uniform_better`` when a uniform plan beat every mixed plan
+    that fits, ``uniform_only`` when no mixed plan that fits was measured, ``none`` when nothing fits.
+    """
+    from .refine import _choice_of
+
+    rows = []
+    for label, problem in problems.items():
+        fit = []
+        for ref, source, plan, m in candidates:
+            try:
+                ok = problem.is_feasible(_choice_of(problem, plan))
+            except ValueError:
+                ok = False
+            if ok and np.isfinite(m["measured_loss"]):
+                fit.append((m["measured_loss"], ref, source, m))
+        if not fit:
+            rows.append({"budget": label, "status": "none"})
+            continue
+        loss, ref, source, m = min(fit, key=lambda e: e[0])
+        mixed = [e for e in fit if e[2] != "uniform"]
+        uni = [e for e in fit if e[2] == "uniform"]
+        status = ("uniform_only" if not mixed else "uniform_better" if source == "uniform" else "mixed")
+        rows.append({"budget": label, "plan": ref, "source": source, "status": status,
+                     "measured_loss": loss, "quality": m["quality"], "avg_bits": m["avg_bits"],
+                     "size_bits": m["size_bits"],
+                     "best_mixed_loss": min((e[0] for e in mixed), default=np.nan),
+                     "best_uniform_loss": min((e[0] for e in uni), default=np.nan)})
+    return pd.DataFrame(rows)
+
+
+# -------------------------------------------------------------------------------- pipeline
+def _check_args(metric, validate, points, refine, refine_method, refine_evals):
     if not isinstance(metric, Metric):
         raise MpsearchError(f"metric must be an mpsearch.metrics.Metric, got {type(metric).__name__}; "
                             f"build one with mpsearch.metrics.make_metric")
     if int(validate) != validate or validate < 0:
         raise MpsearchError(f"validate must be an integer >= 0 (plans to measure), got {validate!r}")
-    if n_points < 2:
-        raise MpsearchError(f"n_points must be >= 2, got {n_points}")
-    out = Path(out) if out is not None else None
-    if out is not None:
-        (out / "plans").mkdir(parents=True, exist_ok=True)
-    table = estimate_cached(model, calib, estimator=estimator, options=options,
-                            estimator_params=estimator_params, progress=progress,
-                            cache=out / "table.csv" if out else None, **(estimate_kwargs or {}))
-    slv = get_solver(solver, **(solver_params or {}))
+    if points is not None and (int(points) != points or points < 2):
+        raise MpsearchError(f"points must be an integer >= 2, got {points!r}")
+    if int(refine) != refine or refine < 0:
+        raise MpsearchError(f"refine must be an integer >= 0 (rounds), got {refine!r}")
+    if refine_method not in METHODS:
+        raise MpsearchError(f"refine_method must be one of {', '.join(METHODS)}, got {refine_method!r}")
+    if refine_evals is not None and (int(refine_evals) != refine_evals or refine_evals < 0):
+        raise MpsearchError(f"refine_evals must be an integer >= 0 (measured plans), got {refine_evals!r}")
 
-    # predicted frontier over a sweep of average-bit budgets (+ the requested ones)
-    lo, hi = avg_bits_range(table)
-    uniform_plans = {}
-    for opt in table.options:
-        u = BitPlan.uniform(table.layers, opt)
-        sub = table.frame[table.frame["option"] == opt]
-        uniform_plans[opt] = (u, float(sub["size_bits"].sum()) / float(sub["params"].sum()))
-    must = [float(b) for b in budgets]
+
+def _targets(table, key, budget, uniform, budgets, match_uniform):
+    """Target budgets (label -> value of ``key``) and the budget without ``key``."""
+    values = [float(b) for b in budgets]
+    if key in budget.constraints:  # --budget avg_bits=4 on the model path: a target, not a sweep cap
+        values.append(budget.constraints[key])
+        budget = Budget.from_dict({**budget.to_dict(), "constraints": {k: v for k, v in budget.constraints.items()
+                                                                      if k != key}})
+    targets = {f"{key}={v:g}": v for v in values}
     if match_uniform:
-        must += [avg for _opt, (_u, avg) in uniform_plans.items() if lo + 1e-9 < avg < hi - 1e-9]
-    grid = sorted(set(np.linspace(lo, hi, n_points).round(6).tolist()) | set(must))
-    rows, plans = [], []
-    for b, res in sweep(table, slv, grid, budget, progress=progress):
-        if res.plan is None:
-            if b in must:
-                raise MpsearchError(f"budget avg_bits={b:g}: {res.message}")
-            continue
-        p = res.plan.predicted
-        rows.append({"budget_avg_bits": b, "damage": p.get("damage"), "size_bits": p.get("size_bits"),
-                     "avg_bits": p.get("avg_bits"), "status": res.status, "must": b in must,
-                     **{k: v for k, v in p.items() if k not in ("damage", "size_bits", "avg_bits")},
-                     "_i": len(plans)})
-        plans.append(res.plan)
-    allpts = pd.DataFrame(rows)
-    front = pareto(allpts)
-    # requested budgets stay even when another point dominates them (same plan at a smaller size)
-    extra = allpts[allpts["must"] & ~allpts["_i"].isin(front["_i"])]
-    front = pd.concat([front, extra]).drop_duplicates("_i").sort_values(["size_bits", "damage"])
-    front = front.reset_index(drop=True)
-    chosen = set(spread(front["avg_bits"], validate)) | set(front.index[front["must"]])
+        problem, con = _key_of(table, key, budget)
+        w = np.where(problem.allowed, problem.resources[con.column], np.nan)
+        lo, hi = con.to_user(np.nanmin(w, axis=1).sum()), con.to_user(np.nanmax(w, axis=1).sum())
+        for opt, (_plan, use) in uniform.items():
+            if lo * (1 + 1e-9) < use < hi * (1 - 1e-9):
+                targets[opt] = use
+    return targets, budget
 
-    # measure: baseline, chosen frontier plans, uniform plans
-    metric.fit(model)
-    baseline = float(metric(model))
-    context = json.dumps({"table": table.metadata.get("pipeline_key"), "metric": metric.name,
-                          "model": table.metadata.get("model", {}).get("fingerprint")})
-    mcache = _MeasureCache(out / "measured.json" if out else None, context)
-    work = [("frontier", i) for i in sorted(chosen)] + ([("uniform", o) for o in uniform_plans] if uniform else [])
-    todo = [plans[int(front.loc[ref, "_i"])] if kind == "frontier" else uniform_plans[ref][0]
-            for kind, ref in work]
-    measured = dict(zip(work, measure_spread(model, todo, metric, mcache, workers=workers,
-                                             progress=progress)))
 
+def _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress, workers=1):
+    work = [("point", i) for i in sorted(chosen)] + [("uniform", o) for o in uniform]
+    todo = [plans[ref] if kind == "point" else uniform[ref][0] for kind, ref in work]
+    return dict(zip(work, measure_spread(model, todo, metric, mcache, workers=workers, progress=progress)))
+
+
+def plan_damage_std(table: CostTable, plan: BitPlan) -> float:
+    """sqrt(sum of the plan's layers' ``damage_std`` squared): the spread of its predicted damage."""
+    std = table.frame.set_index(["layer", "option"])["damage_std"]
+    return float(np.sqrt(sum(float(std[(n, plan.option_name(n))]) ** 2 for n in plan.bits)))
+
+
+def _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans):
     qcol = f"measured_{metric.name}"
+    front = front.copy()
+    got = [measured.get(("point", i), {}) for i in front.index]
     front["validated"] = [i in chosen for i in front.index]
-    front[qcol] = [measured.get(("frontier", i), {}).get("quality", np.nan) for i in front.index]
+    front[qcol] = [m.get("quality", np.nan) for m in got]
     front["measured_loss"] = [metric.loss(q, baseline) if np.isfinite(q) else np.nan for q in front[qcol]]
-    front["measured_avg_bits"] = [measured.get(("frontier", i), {}).get("avg_bits", np.nan) for i in front.index]
-    for key in sorted({k for m in measured.values() for k in m if k.startswith("measured_")} - {qcol}):
-        front[key] = [measured.get(("frontier", i), {}).get(key, np.nan) for i in front.index]
+    front["measured_avg_bits"] = [m.get("avg_bits", np.nan) for m in got]
+    front["measured_size_bits"] = [m.get("size_bits", np.nan) for m in got]
+    for extra in sorted({k for m in got for k in m if k.startswith("measured_")} - {qcol}):
+        front[extra] = [m.get(extra, np.nan) for m in got]  # every value of a multi-value metric
     front.insert(0, "point", range(len(front)))
+    if "damage_std" in table.frame:  # independent layers: the plan's std adds in quadrature
+        front["damage_std"] = [plan_damage_std(table, p) for p in plans]
     urows = []
-    if uniform:
-        for opt, (u, avg) in uniform_plans.items():
-            m = measured[("uniform", opt)]
-            urows.append({"option": opt, "bits": table.option_bits()[opt], "avg_bits": avg,
-                          "size_bits": m["size_bits"], "damage": float(table.frame.loc[table.frame["option"] == opt, "damage"].sum()),
-                          qcol: m["quality"], "measured_loss": metric.loss(m["quality"], baseline),
-                          **{k: v for k, v in m.items() if k.startswith("measured_") and k != qcol}})
-    uframe = pd.DataFrame(urows)
+    for opt, (_u, use) in uniform.items():
+        m = measured[("uniform", opt)]
+        sub = table.frame[table.frame["option"] == opt]
+        urows.append({"option": opt, "bits": table.option_bits()[opt], "avg_bits": m["avg_bits"],
+                      **({key: use} if key != "avg_bits" else {}), "size_bits": m["size_bits"],
+                      "damage": float(sub["damage"].sum()), qcol: m["quality"],
+                      "measured_loss": metric.loss(m["quality"], baseline),
+                      **{k: v for k, v in m.items() if k.startswith("measured_") and k != qcol}})
+    return front, pd.DataFrame(urows)
 
-    # proxy check over validated points (frontier and uniform together)
+
+def proxy_check(front, uframe, estimator, threshold) -> dict:
+    """Spearman(predicted damage, measured loss) over the validated and uniform points (information)."""
     val = front[front["validated"]]
     pred = list(val["damage"]) + list(uframe.get("damage", []))
     loss = list(val["measured_loss"]) + list(uframe.get("measured_loss", []))
     rho = rank_correlation(pred, loss)
-    proxy = {"spearman": rho, "points": len(pred), "threshold": min_rank_correlation, "poor": False}
-    if not np.isfinite(rho) or rho < min_rank_correlation:
+    proxy = {"spearman": rho, "points": len(pred), "threshold": threshold, "poor": False}
+    if not np.isfinite(rho) or rho < threshold:
         proxy["poor"] = True
         proxy["message"] = (
             f"the predicted damage of {estimator!r} ranks the {len(pred)} measured plans poorly "
-            f"(Spearman {rho:.2f} < {min_rank_correlation}): trust measured quality, or try another estimator"
+            f"(Spearman {rho:.2f} < {threshold}): trust measured quality, or try another estimator"
         )
-        warnings.warn(proxy["message"], ProxyWarning, stacklevel=2)
+        warnings.warn(proxy["message"], ProxyWarning, stacklevel=3)
+    return proxy
 
-    plan_map = {int(front.loc[i, "point"]): plans[int(front.loc[i, "_i"])] for i in front.index}
-    front = front.drop(columns=["_i", "must"])
+
+def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, front, plans, uniform,
+            measured, rounds, method, max_evals, params):
+    """Run :func:`mpsearch.refine.refine`; returns (refined plans, their measured rows, round log)."""
+    def loss_of(plan):
+        return metric.loss(measure(model, plan, metric, mcache)["quality"], baseline)
+
+    history = [(plans[i], float(front.loc[i, "measured_loss"])) for i in front.index[front["validated"]]]
+    history += [(u, metric.loss(measured[("uniform", o)]["quality"], baseline)) for o, (u, _) in uniform.items()]
+    n0 = len(history)
+    res = refine_loop(table, slv, targets, history, loss_of, rounds=rounds, method=method, max_evals=max_evals,
+                      base_budget=base, key=key, **params)
+    refined, rows = {}, []
+    problem = compile_problem(table, base)
+    from .refine import _choice_of
+
+    for j, (plan, loss) in enumerate(history[n0:]):
+        ref = f"refined-{j}"
+        m = measure(model, plan, metric, mcache)
+        pred = problem.totals(_choice_of(problem, plan))
+        plan.predicted = pred
+        refined[ref] = plan
+        rows.append({"plan": ref, "method": plan.provenance.get("refine", "local"), "damage": pred["damage"],
+                     "avg_bits": m["avg_bits"], f"measured_{metric.name}": m["quality"], "measured_loss": loss,
+                     "measured_size_bits": m["size_bits"]})
+    return refined, pd.DataFrame(rows), pd.DataFrame(res.log)
+
+
+def _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe):
+    """:func:`recommend` over every measured plan: validated frontier points, uniform, refined."""
+    cands = [(f"point-{int(r['point'])}", "mixed", plans[i], r) for i, r in front[front["validated"]].iterrows()]
+    cands += [(f"uniform-{r['option']}", "uniform", uniform[r["option"]][0], r) for _, r in uframe.iterrows()]
+    cands += [(r["plan"], "refined", refined[r["plan"]], r) for _, r in rframe.iterrows()]
+    cands = [(ref, src, p, {"measured_loss": float(r["measured_loss"]), "quality": float(r[f"measured_{metric.name}"]),
+                            "avg_bits": float(r["measured_avg_bits"] if "measured_avg_bits" in r else r["avg_bits"]),
+                            "size_bits": float(r["measured_size_bits"] if "measured_size_bits" in r else r["size_bits"])})
+             for ref, src, p, r in cands]
+    problems = {t: compile_problem(table, base.with_constraints(**{key: v})) for t, v in targets.items()}
+    rec = recommend(cands, problems)
+    if len(rec):
+        rec.insert(1, f"budget_{key}", [targets[t] for t in rec["budget"]])
+    return rec
+
+
+# the folder is built beside ``out`` and put in place last; its caches seed the build
+@atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache"))
+def measured_frontier(
+    model: torch.nn.Module, calib, metric: Metric, *, estimator: str = DEFAULT_RECIPE["estimator"],
+    solver: str = DEFAULT_RECIPE["solver"], options=DEFAULT_RECIPE["options"], validate: int = 5,
+    points: int | None = DEFAULT_POINTS, key: str = "avg_bits", budget: Budget | None = None, budgets=(),
+    match_uniform: bool = True, estimator_params: dict | None = None, solver_params: dict | None = None,
+    estimate_kwargs: dict | None = None, min_rank_correlation: float = 0.5,
+    refine: int = DEFAULT_RECIPE["refine"], refine_method: str = DEFAULT_RECIPE["refine_method"],
+    refine_evals: int | None = None, refine_params: dict | None = None, out=None, plans_dir=None, plot=None,
+    plots: bool = True, progress: bool = True, n_points: int | None = None, workers: int = 1,
+) -> FrontierRun:
+    """Estimate, solve, measure, compare with uniform, refine and recommend (see the module doc).
+
+    ``points`` (old name ``n_points``) frontier budgets of ``key``; ``budget``: constraints, bounds,
+    pins, ties at every point (its ``key`` constraint and ``budgets`` are target budgets, like the
+    uniform sizes when ``match_uniform``); ``refine`` rounds of ``refine_method`` (``calibrate``,
+    ``local``, ``both``) within ``refine_evals`` measured plans, ``refine_params`` for
+    :func:`mpsearch.refine.refine`; ``plans_dir``/``plot``: extra copies of the plans and the plot.
+    ``workers``: processes measuring plans (under ``torchrun`` the ranks share them; rank 0 writes).
+    """
+    points = n_points if n_points is not None else points
+    _check_args(metric, validate, points, refine, refine_method, refine_evals)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    table = estimate_cached(model, calib, estimator=estimator, options=options,
+                            estimator_params=estimator_params, progress=progress,
+                            cache=out / "table.csv" if out else None, **(estimate_kwargs or {}))
+    slv = get_solver(solver, **(solver_params or {}))
+    budget = budget or Budget()
+    uniform = uniform_plans(table, key, Budget(constraints={k: v for k, v in budget.constraints.items() if k != key}))
+    targets, base = _targets(table, key, budget, uniform, budgets, match_uniform)
+    front, plans, results = predicted_frontier(table, slv, key=key, points=points, budget=base, targets=targets,
+                                               progress=progress)
+    chosen = set(spread(front["avg_bits"], validate)) | set(front.index[front["at_budget"] != ""])
+
+    metric.fit(model)
+    baseline = float(metric(model))
+    context = json.dumps({"table": table.metadata.get("pipeline_key"), "metric": metric.name,
+                          "model": table.metadata.get("model", {}).get("fingerprint"),
+                          "eval": _metric_key(metric), "baseline": repr(baseline)})
+    mcache = _MeasureCache(out / "measured.json" if out else None, context)
+    measured = _measure_all(model, metric, front, plans, uniform, chosen, mcache, progress, workers)
+    front, uframe = _frames(table, metric, baseline, front, measured, chosen, uniform, key, plans)
+    front = compare_with_uniform(front, uframe)
+    losers = _warn_losers(front, metric.name)
+    proxy = proxy_check(front, uframe, estimator, min_rank_correlation)
+
+    refined, rframe, log = {}, pd.DataFrame(), pd.DataFrame()
+    if refine and targets:
+        refined, rframe, log = _refine(table, slv, targets, base, key, model, metric, baseline, mcache, front,
+                                       plans, uniform, measured, refine, refine_method, refine_evals,
+                                       dict(refine_params or {}))
+        if len(rframe):
+            rframe = compare_with_uniform(rframe, uframe)
+    rec = _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe)
     run = FrontierRun(table=table, frontier=front, uniform=uframe, baseline=baseline, metric=metric.name,
                       metric_label=metric.label, higher_is_better=metric.higher_is_better, proxy=proxy,
-                      plans=plan_map, out=out)
+                      plans={int(front.loc[i, "point"]): plans[i] for i in front.index}, recommended=rec,
+                      refinement=log, refined=refined, refined_frame=rframe, results=results, key=key, out=out,
+                      uniform_check={"validated": int(front["validated"].sum()), "warnings": losers,
+                                     **front["beats_uniform"].map({True: "beats_uniform", False: "loses"})
+                                     .value_counts().reindex(["beats_uniform", "loses"], fill_value=0)
+                                     .astype(int).to_dict()})
     if out is not None and _is_main():
-        _write(run, out, plots=plots, settings={"estimator": estimator, "solver": solver,
-                                                "options": str(options), "validate": validate})
+        _write(run, out, plots=plots, settings={"estimator": estimator, "solver": solver, "options": str(options),
+                                                "validate": validate, "points": points, "key": key,
+                                                "budget": base.to_dict(), "refine": refine,
+                                                "refine_method": refine_method, "refine_evals": refine_evals})
+    if _is_main():
+        _extra_outputs(run, plans_dir, plot)
     return run
 
 
-def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
-    front = run.frontier.copy()
-    front["plan"] = ""
-    for i, row in front.iterrows():
-        name = f"plans/point-{int(row['point']):02d}-{row['avg_bits']:.3f}bits.json"
-        run.plans[int(row["point"])].save(out / name)
-        front.loc[i, "plan"] = name
-    run.frontier = front
-    front.to_csv(out / "frontier.csv", index=False)
-    run.uniform.to_csv(out / "uniform.csv", index=False)
-    files = {"table": "table.csv", "frontier": "frontier.csv", "uniform": "uniform.csv", "plans": "plans/"}
-    if plots:
+def _extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
+    if plans_dir is not None:
+        d = Path(plans_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for point, plan in run.plans.items():
+            plan.save(d / f"point_{point:04d}.json")
+        for ref, plan in run.refined.items():
+            plan.save(d / f"{ref}.json")
+    if plot is not None:
         import matplotlib
 
         matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
         from . import plotting
 
         fig = plotting.plot_measured_frontier(run)
-        fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")
-        val = front[front["validated"]]
-        best = val.iloc[len(val) // 2] if len(val) else front.iloc[len(front) // 2]
-        fig2 = plotting.plot_plan_bits(run.plans[int(best["point"])], run.table)
-        fig2.savefig(out / "plan_bits.png", dpi=110, bbox_inches="tight")
-        fig3 = plotting.plot_sensitivity(run.table)
-        fig3.savefig(out / "sensitivity.png", dpi=110, bbox_inches="tight")
-        import matplotlib.pyplot as plt
+        fig.savefig(plot, dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
-        for f in (fig, fig2, fig3):
-            plt.close(f)
-        files.update(frontier_plot="frontier.png", plan_plot="plan_bits.png", sensitivity_plot="sensitivity.png")
+
+def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
+    """Plans go to a staging folder renamed to ``plans/`` last, so a failure leaves no partial set."""
+    import shutil
+
+    stage = out / ".plans.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    front = run.frontier.copy()
+    front["plan"] = ""
+    for i, row in front.iterrows():
+        name = f"point-{int(row['point']):02d}-{row['avg_bits']:.3f}bits.json"
+        run.plans[int(row["point"])].save(stage / name)
+        front.loc[i, "plan"] = f"plans/{name}"
+    for ref, plan in run.refined.items():
+        plan.save(stage / f"{ref}.json")
+    run.frontier = front
+    files = {"table": "table.csv", "frontier": "frontier.csv", "uniform": "uniform.csv",
+             "recommended": "recommended.csv", "plans": "plans/"}
+    if plots:
+        files.update(_plots(run, out))
+    if len(run.refined_frame):
+        atomic_write_text(out / "refined.csv", run.refined_frame.to_csv(index=False))
+        atomic_write_text(out / "refinement.csv", run.refinement.to_csv(index=False))
+        files.update(refined="refined.csv", refinement="refinement.csv")
+    atomic_write_text(out / "uniform.csv", run.uniform.to_csv(index=False))
+    atomic_write_text(out / "recommended.csv", run.recommended.to_csv(index=False))
     summary = {"metric": run.metric, "metric_label": run.metric_label, "baseline": run.baseline,
                "higher_is_better": run.higher_is_better, "proxy": run.proxy, "settings": settings,
-               "points": len(front), "validated": int(front["validated"].sum()), "files": files}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+               "points": len(front), "validated": int(front["validated"].sum()),
+               "uniform_check": run.uniform_check,
+               "per_point": _records(front[front["validated"]], ["point", "avg_bits", "measured_loss", "beats_uniform",
+                                                                 "uniform_at_size", "uniform_loss", "vs_uniform_line"]),
+               "recommended": _records(run.recommended, list(run.recommended.columns)),
+               "refinement": _records(run.refinement, list(run.refinement.columns)),
+               "files": files}
+    shutil.rmtree(out / "plans", ignore_errors=True)
+    stage.rename(out / "plans")
+    atomic_write_text(out / "frontier.csv", front.to_csv(index=False))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
     run.files = {k: str(out / v) for k, v in files.items()}
+
+
+def _jsonable(v):
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    return float(v)
+
+
+def _records(frame: pd.DataFrame, cols) -> list:
+    if not len(frame):
+        return []
+    sub = frame[[c for c in cols if c in frame]].astype(object)
+    return sub.where(pd.notna(sub), None).to_dict("records")
+
+
+def _plots(run: FrontierRun, out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    front = run.frontier
+    fig = plotting.plot_measured_frontier(run)
+    fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")
+    val = front[front["validated"]]
+    best = val.iloc[len(val) // 2] if len(val) else front.iloc[len(front) // 2]
+    fig2 = plotting.plot_plan_bits(run.plans[int(best["point"])], run.table)
+    fig2.savefig(out / "plan_bits.png", dpi=110, bbox_inches="tight")
+    fig3 = plotting.plot_sensitivity(run.table)
+    fig3.savefig(out / "sensitivity.png", dpi=110, bbox_inches="tight")
+    for f in (fig, fig2, fig3):
+        plt.close(f)
+    return {"frontier_plot": "frontier.png", "plan_plot": "plan_bits.png", "sensitivity_plot": "sensitivity.png"}
+
+
+# ----------------------------------------------------------------------- from specs (the CLI)
+ZOO_DATA = {"minilm": "shakespeare", "fashion-cnn": "fashion-mnist", "digits-mlp": "digits"}
+
+
+def _zoo_eval(spec: str, tokenizer):
+    from . import zoo
+
+    if spec == "minilm":
+        return zoo.minilm_batches(zoo.shakespeare_lines(64, "eval", seed=1), 32, 48, tokenizer=tokenizer)
+    if spec == "fashion-cnn":
+        return zoo.fashion_batches("test", n=2000, batch_size=500)
+    if spec == "digits-mlp":
+        return zoo.digits_batches("test")
+    return None
+
+
+def build_metric(name, model, evals):
+    """A :class:`~mpsearch.metrics.Metric` from a name (``None``: by model), or a
+    ``package.module:callable`` returning ``fn(model) -> float``."""
+    from .data import as_batches, first_batch
+    from .metrics import FunctionMetric, default_metric_name, make_metric
+    from .specs import _load_callable
+
+    if name and ":" in name:
+        return FunctionMetric(_load_callable(name, "metric"))
+    if evals is None:
+        raise MpsearchError("evaluation data is required for this model: calibration and evaluation data "
+                            "must be disjoint (give --eval-data, or --metric package.module:callable)")
+    name = name or default_metric_name(model, first_batch(evals))
+    if name == "perplexity":
+        ids = [b["input_ids"][b["attention_mask"].bool()] if "attention_mask" in b
+               else b["input_ids"].reshape(-1) for b in as_batches(evals)]  # padding left out
+        evals = torch.cat(ids)
+    return make_metric(name, evals)
+
+
+def model_frontier(model: str, *, data: str | None = None, eval_data: str | None = None,
+                   metric: str | None = None, device_map=None, device=None, dtype=None, seq_len=None,
+                   calib_samples=None, eval_tokens=None, eval_window=None, eval_stride=None, batch_size=8,
+                   **kwargs) -> FrontierRun:
+    """:func:`measured_frontier` from specs: a model spec (HF directory, ``package.module:callable``,
+    ``file.py:callable`` or a zoo name), calibration and evaluation data specs (defaults for the zoo
+    models), a metric name, an accelerate ``device_map`` (``auto``, ``balanced``, JSON), the model's
+    ``device``/``dtype`` and the sizes of tokenized text (see :func:`mpsearch.specs.load_calibration`,
+    :func:`mpsearch.specs.load_metric`); ``kwargs`` go to :func:`measured_frontier`."""
+    from .distributed import current, load_device_map, place_model
+    from .specs import _is_text, load_calibration, load_data, load_metric, load_model, tokenizer_for
+
+    net = load_device_map(model, device_map) if device_map else load_model(model, device=device, dtype=dtype)
+    place_model(net, current())  # under torchrun: ranks share the estimate and the measurements
+    if model == "smollm2" or _is_text(data) or _is_text(eval_data):  # text: the model's own tokenizer
+        tok = tokenizer_for(model)
+        sizes = dict(seq_len=seq_len, batch_size=batch_size, tokenizer=tok)
+        calib = load_calibration(data or "shakespeare", net, model, samples=calib_samples, **sizes)
+        if metric and ":" in str(metric):
+            m = build_metric(metric, net, None)
+        else:
+            m = load_metric(metric, eval_data or ("shakespeare" if model == "smollm2" else None), net, model,
+                            eval_tokens=eval_tokens, window=eval_window, stride=eval_stride, **sizes)
+        return measured_frontier(net, calib, m, **kwargs)
+    from .specs import is_causal_lm
+
+    if is_causal_lm(net) and eval_data and not (metric and ":" in str(metric)):  # token ids (.pt, callables)
+        calib = load_calibration(data, net, model, seq_len=seq_len, samples=calib_samples, batch_size=batch_size)
+        m = load_metric(metric, eval_data, net, model, eval_tokens=eval_tokens, window=eval_window,
+                        stride=eval_stride, batch_size=batch_size, seq_len=seq_len)
+        return measured_frontier(net, calib, m, **kwargs)
+    tokenizer = load_tokenizer(model) if model == "minilm" or Path(model).is_dir() else None
+    calib = load_data(data, tokenizer=tokenizer) if data else None
+    if calib is None and model in ZOO_DATA:
+        calib = load_data(ZOO_DATA[model])
+    evals = load_data(eval_data, tokenizer=tokenizer) if eval_data else _zoo_eval(model, tokenizer)
+    return measured_frontier(net, calib, build_metric(metric, net, evals), **kwargs)
+
+
+#: the demo's data sizes (all-MiniLM-L6-v2, Shakespeare passages of disjoint plays)
+DEMO_DATA = {"calib": 16, "eval": 64, "max_length": 48, "validate": 5}
+
+
+def run_demo(out="mpsearch-demo", *, estimator=DEFAULT_RECIPE["estimator"], solver=DEFAULT_RECIPE["solver"],
+             validate=DEMO_DATA["validate"], progress=True, device=None, dtype=None, **kwargs) -> FrontierRun:
+    """``mpsearch demo``: the default recipe on all-MiniLM-L6-v2 with Shakespeare text (calibration and
+    evaluation passages from different plays; quality = embedding cosine to the fp32 model)."""
+    from . import zoo
+    from .metrics import EmbeddingCosine
+
+    torch.manual_seed(0)
+    from .specs import load_model
+
+    model, tok = zoo.load_minilm()
+    model = load_model(model, device=device, dtype=dtype)
+    calib = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["calib"], "calib"), 16,
+                               DEMO_DATA["max_length"], tokenizer=tok)
+    evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["eval"], "eval", seed=1), 32,
+                               DEMO_DATA["max_length"], tokenizer=tok)
+    kwargs.setdefault("options", DEFAULT_RECIPE["options"])
+    return measured_frontier(model, calib, EmbeddingCosine(evals), estimator=estimator, solver=solver,
+                             validate=validate, out=out, progress=progress, **kwargs)

@@ -16,11 +16,12 @@ each layer (16 bits means ``keep``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PlanError
+from .errors import MpsearchError, PlanError
 from .options import Option, default_option_for_bits, parse_option
 
 FORMAT = "mpsearch.plan"
@@ -43,25 +44,22 @@ class BitPlan:
         for layer, b in self.bits.items():
             if not isinstance(layer, str) or not layer:
                 raise PlanError(f"plan layer names must be non-empty strings, got {layer!r}")
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or int(b) != b or not 1 <= b <= 32:
-                raise PlanError(f"plan: layer {layer!r} has bits {b!r}; bits must be an integer 1-32")
-            clean[layer] = int(b)
+            clean[layer] = _int_field(b, layer, "bits", 1, 32, label="bits")
         self.bits = clean
         if not isinstance(self.options, dict):
             raise PlanError("plan 'options' must be a mapping of layer name -> option")
         unknown = set(self.options) - set(self.bits)
         if unknown:
-            raise PlanError(f"plan 'options' names layers absent from 'bits': {sorted(unknown)[:5]}")
+            raise PlanError(f"plan 'options' names layers absent from 'bits': {sorted(map(str, unknown))[:5]}")
         for layer, opt in self.options.items():
-            if not isinstance(opt, dict):
-                raise PlanError(f"plan: option of layer {layer!r} must be an object, got {opt!r}")
-            if "bits" in opt and int(opt["bits"]) != self.bits[layer]:
-                raise PlanError(
-                    f"plan: layer {layer!r} has bits {self.bits[layer]} but its option says "
-                    f"{opt['bits']}"
-                )
+            _check_option(layer, opt, self.bits[layer])
         if not isinstance(self.predicted, dict):
             raise PlanError("plan 'predicted' must be a mapping of name -> number")
+        for key, value in self.predicted.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise PlanError(f"plan 'predicted' {key!r} must be a number, got {value!r}")
+        if not isinstance(self.provenance, dict):
+            raise PlanError("plan 'provenance' must be a mapping (JSON object)")
 
     # ----------------------------------------------------------------- access
     @property
@@ -112,7 +110,7 @@ class BitPlan:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .table import atomic_write_text
+        from .fileio import atomic_write_text
 
         atomic_write_text(path, self.to_json() + "\n")
         return Path(path)
@@ -126,7 +124,7 @@ class BitPlan:
                 f"{source}: not an mpsearch plan (expected \"format\": \"{FORMAT}\", "
                 f"got {doc.get('format')!r})"
             )
-        if doc.get("version") != VERSION:
+        if doc.get("version") != VERSION or isinstance(doc.get("version"), bool):
             raise PlanError(
                 f"{source}: plan version {doc.get('version')!r} is not supported (this mpsearch "
                 f"reads version {VERSION}); upgrade mpsearch or re-create the plan"
@@ -149,9 +147,11 @@ class BitPlan:
         if not path.is_file():
             raise PlanError(f"plan file {str(path)!r} does not exist")
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path}: not valid JSON ({exc})") from None
+        except (OSError, RecursionError) as exc:
+            raise PlanError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
         return cls.from_dict(doc, source=str(path))
 
     @classmethod
@@ -164,3 +164,54 @@ class BitPlan:
             options={n: opt.to_dict() for n in names},
             provenance={"solver": "uniform", **provenance},
         )
+
+
+#: the fields of an option entry this module checks (others, such as a target's, pass through)
+OPTION_FIELDS = ("name", "bits", "group_size", "symmetric", "scale_bits")
+
+
+def _int_field(value, layer: str, field: str, lo: int, hi: int | None, label: str | None = None) -> int:
+    """``value`` as an integer in [lo, hi], or a PlanError naming the layer and the field."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and int(value) == value and value >= lo and (hi is None or value <= hi))
+    if not ok:
+        span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        label = label or f"option field {field!r}"
+        raise PlanError(f"layer {layer!r}: {label} must be an integer {span}, got {value!r}")
+    return int(value)
+
+
+def _check_option(layer: str, opt, bits: int) -> None:
+    """Every field of one ``options`` entry, and that its name, bits and format agree."""
+    if not isinstance(opt, dict):
+        raise PlanError(f"layer {layer!r}: its option must be an object (name, bits, group_size, "
+                        f"symmetric), got {opt!r}")
+    if "bits" in opt:
+        b = _int_field(opt["bits"], layer, "bits", 1, 32)
+        if b != bits:
+            raise PlanError(f"layer {layer!r} has bits {bits} but its option says {b}")
+    if opt.get("group_size") is not None:
+        _int_field(opt["group_size"], layer, "group_size", 1, None)
+    if "scale_bits" in opt and opt["scale_bits"] is not None:
+        _int_field(opt["scale_bits"], layer, "scale_bits", 1, 64)
+    if "symmetric" in opt and not isinstance(opt["symmetric"], bool):
+        raise PlanError(f"layer {layer!r}: its option field 'symmetric' must be true or false, "
+                        f"got {opt['symmetric']!r}")
+    name = opt.get("name")
+    if name is None:
+        return
+    if not isinstance(name, str) or not name.strip():
+        raise PlanError(f"layer {layer!r}: its option field 'name' must be a non-empty string, got {name!r}")
+    try:
+        named = parse_option(name)
+    except MpsearchError:
+        return  # a consumer's own format name (q4_K, nvfp4...): checked by its target
+    if named.bits != bits:
+        raise PlanError(f"layer {layer!r}: its option name {name!r} means {named.bits} bits but the "
+                        f"plan gives the layer {bits} bits; fix the name or the bits")
+    if "group_size" in opt and opt["group_size"] != named.group_size:
+        raise PlanError(f"layer {layer!r}: its option name {name!r} contradicts its group_size "
+                        f"{opt['group_size']!r}")
+    if "symmetric" in opt and opt["symmetric"] != named.symmetric:
+        raise PlanError(f"layer {layer!r}: its option name {name!r} contradicts symmetric="
+                        f"{opt['symmetric']!r}")

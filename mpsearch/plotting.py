@@ -7,7 +7,8 @@ from .errors import MpsearchError
 
 
 def frontier_plot_data(frontier, x: str | None = None, y: str = "damage") -> dict:
-    """The arrays a frontier plot draws: ``{"x", "y", "x_label", "y_label"}``.
+    """The arrays a frontier plot draws: ``{"x", "y", "x_label", "y_label", "yerr"}`` (``yerr``:
+    the ``damage_std`` column where the frame has one and ``y`` is the damage, else None).
 
     ``frontier``: a :class:`~mpsearch.frontier.Frontier` or its ``to_frame()``. ``x`` defaults to
     ``avg_bits`` when present, else ``size_bits`` (shown in MB). ``y`` may be a measured column
@@ -19,13 +20,15 @@ def frontier_plot_data(frontier, x: str | None = None, y: str = "damage") -> dic
     for col in (x, y):
         if col not in frame:
             raise MpsearchError(f"frontier plot: no column {col!r}; columns: {', '.join(map(str, frame.columns))}")
-    sub = frame[[x, y]].dropna().sort_values(x)
+    err = "damage_std" if y == "damage" and "damage_std" in frame else None
+    sub = frame[[x, y] + ([err] if err else [])].dropna(subset=[x, y]).sort_values(x)
     xs = sub[x].to_numpy(dtype=float)
     x_label = {"avg_bits": "average bits per weight", "size_bits": "size (MB)"}.get(x, x)
     if x == "size_bits":
         xs = xs / 8e6
     y_label = "predicted damage" if y == "damage" else y.replace("measured_", "measured ")
-    return {"x": xs, "y": sub[y].to_numpy(dtype=float), "x_label": x_label, "y_label": y_label}
+    yerr = sub[err].to_numpy(dtype=float) if err else None
+    return {"x": xs, "y": sub[y].to_numpy(dtype=float), "x_label": x_label, "y_label": y_label, "yerr": yerr}
 
 
 def plot_frontier(frontiers, x: str | None = None, y: str = "damage", ax=None, log_y: bool | None = None,
@@ -48,6 +51,9 @@ def plot_frontier(frontiers, x: str | None = None, y: str = "damage", ax=None, l
             continue
         ax.step(d["x"], d["y"], where="post", label=label)
         ax.plot(d["x"], d["y"], ".", ms=3, color=ax.lines[-1].get_color())
+        if d.get("yerr") is not None:  # the table's damage_std, summed over layers in quadrature
+            ax.errorbar(d["x"], d["y"], yerr=d["yerr"], fmt="none", lw=0.8, capsize=2,
+                        color=ax.lines[-1].get_color(), alpha=0.7)
         pos = d["y"][d["y"] > 0]
         if len(pos):
             span = max(span, pos.max() / pos.min())
@@ -87,6 +93,7 @@ def measured_frontier_data(run) -> dict:
     val = f[f["validated"]]
     return {
         "predicted": (f["avg_bits"].to_numpy(), f["damage"].to_numpy()),
+        "predicted_std": f["damage_std"].to_numpy() if "damage_std" in f else None,
         "measured": (val["avg_bits"].to_numpy(), val[q].to_numpy()),
         "uniform": (u["avg_bits"].to_numpy(), u[q].to_numpy()) if len(u) else None,
         "uniform_labels": list(u["option"]) if len(u) else [],
@@ -113,6 +120,8 @@ def plot_measured_frontier(run, ax=None):
     ax.set_ylabel(d["ylabel"])
     ax2 = ax.twinx()
     ax2.plot(*d["predicted"], ".", color="C2", alpha=0.6, label="predicted damage (right axis)")
+    if d.get("predicted_std") is not None:
+        ax2.errorbar(*d["predicted"], yerr=d["predicted_std"], fmt="none", color="C2", alpha=0.5, lw=0.8, capsize=2)
     ax2.set_yscale("symlog", linthresh=max(float(min(d["predicted"][1][d["predicted"][1] > 0], default=1e-6)), 1e-12))
     ax2.set_ylabel("predicted damage (estimator units)")
     h1, l1 = ax.get_legend_handles_labels()
@@ -142,7 +151,7 @@ def plot_plan_bits(plan, table=None, ax=None):
     ax.set_xlabel("layer (model order; colour: log parameter count)")
     ax.set_ylabel("weight bits")
     avg = plan.predicted.get("avg_bits")
-    ax.set_title(f"per-layer bit-widths" + (f" (average {avg:.2f} bits/weight)" if avg else ""), fontsize=9)
+    ax.set_title("per-layer bit-widths" + (f" (average {avg:.2f} bits/weight)" if avg else ""), fontsize=9)
     return fig
 
 

@@ -7,8 +7,13 @@ Entries are ``"module:Class"`` strings so that listing names never imports optio
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass
 
-from .errors import MpsearchError, close_matches
+from .errors import MpsearchError, SettingsError, close_matches
 
 SOLVERS: dict[str, str] = {
     "greedy": "mpsearch.solvers.greedy:GreedySolver",
@@ -29,7 +34,20 @@ ESTIMATORS: dict[str, str] = {
     "lim": "mpsearch.sensitivity.output_distance:LIMEstimator",
 }
 
-_KINDS = {"solver": SOLVERS, "estimator": ESTIMATORS}
+#: metric name -> "module:Class" (the ``--metric`` names of ``frontier --model``)
+METRICS: dict[str, str] = {
+    "cosine": "mpsearch.metrics:EmbeddingCosine",
+    "accuracy": "mpsearch.metrics:Accuracy",
+    "agreement": "mpsearch.metrics:Top1Agreement",
+    "kl": "mpsearch.metrics:KLDivergence",
+    "perplexity": "mpsearch.metrics:Perplexity",
+}
+
+_KINDS = {"solver": SOLVERS, "estimator": ESTIMATORS, "metric": METRICS}
+
+#: extra sections of ``mpsearch list`` (title -> callable returning [(name, [Setting...]), ...]);
+#: the targets of mpsearch.targets can add theirs here
+LIST_SECTIONS: dict = {}
 
 
 def register(kind: str, name: str, target: str) -> None:
@@ -47,17 +65,140 @@ def load_class(kind: str, name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting of an estimator or solver: its name, declared type and default."""
+
+    name: str
+    type: object = None  # the annotation (``int``, ``float | None``...); None: any value
+    default: object = inspect.Parameter.empty
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+    def describe(self) -> str:
+        default = "(required)" if self.required else f"= {self.default!r}"
+        return f"{self.name}: {self.type_name} {default}"
+
+
+def settings_of(cls) -> list[Setting]:
+    """The settings a class declares: the keyword parameters of its ``__init__``, with their type
+    annotations and defaults (the one declaration, scikit-learn style; ``get_params`` reads the same)."""
+    sig = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate: leave those settings untyped
+        hints = {}
+    out = []
+    for name, p in sig.parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        out.append(Setting(name, hints.get(name), p.default))
+    return out
+
+
+def settings(kind: str, name: str) -> list[Setting]:
+    """The declared settings of solver or estimator ``name``."""
+    return settings_of(load_class(kind, name))
+
+
+def check_settings(kind: str, name: str, params: dict, cls=None) -> dict:
+    """Refuse unknown settings (with close matches) and values of the wrong type, before any work.
+
+    Returns the params with CLI-friendly conversions applied (``3`` for a float setting becomes
+    ``3.0``, ``"true"`` for a bool ``True``). Raises :class:`SettingsError`.
+    """
+    cls = cls or load_class(kind, name)
+    declared = {s.name: s for s in settings_of(cls)}
+    out = {}
+    for key, value in params.items():
+        if key not in declared:
+            raise SettingsError(
+                f"{kind} {name!r} has no setting {key!r}{close_matches(str(key), declared)}; "
+                f"its settings: {', '.join(declared) or 'none'} (see 'mpsearch list')"
+            )
+        s = declared[key]
+        ok, converted = _conform(value, s.type)
+        if not ok:
+            raise SettingsError(
+                f"{kind} {name!r}: setting {key!r} must be {s.type_name}, got {value!r} "
+                f"({type(value).__name__})" + ("" if s.required else f"; default {s.default!r}")
+            )
+        out[key] = converted
+    missing = [s.name for s in declared.values() if s.required and s.name not in out]
+    if missing:
+        raise SettingsError(f"{kind} {name!r} needs the setting(s) {', '.join(missing)}")
+    return out
+
+
 def _make(kind: str, name: str, params: dict):
     cls = load_class(kind, name)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        import inspect
+    params = check_settings(kind, name, params, cls)
+    obj = cls(**params)
+    check = getattr(obj, "_check", None)  # value checks a class declares (choices, ranges)
+    if callable(check) and not any(
+        p.default is inspect.Parameter.empty for p in inspect.signature(check).parameters.values()
+    ):
+        try:
+            check()
+        except MpsearchError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"{kind} {name!r}: invalid settings: {exc}") from None
+    return obj
 
-        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise MpsearchError(
-            f"{kind} {name!r} does not take these settings: {exc}; it takes: {', '.join(valid) or 'none'}"
-        ) from None
+
+def _type_name(hint) -> str:
+    if hint is None:
+        return "any"
+    if hint is type(None):
+        return "None"
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _conform(value, hint):
+    """(ok, value converted) for ``value`` against a type annotation."""
+    if hint is None or hint is typing.Any:
+        return True, value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, v = _conform(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        if isinstance(value, bool):
+            return True, value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return True, value.lower() in ("true", "yes")
+        return False, value
+    if hint is int:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return True, int(value)
+        return False, value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return True, float(value)
+    if hint is str:
+        return isinstance(value, str), value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value  # Callable, generics: not checked here
 
 
 def get_solver(name: str, **params):

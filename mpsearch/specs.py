@@ -65,6 +65,8 @@ def _load_callable(spec: str, what: str):
             module = importlib.import_module(target)
         except ImportError as exc:
             raise SpecError(f"{what} spec {spec!r}: cannot import {target!r} ({exc})") from exc
+        except (TypeError, ValueError) as exc:  # relative or malformed module names
+            raise SpecError(f"{what} spec {spec!r}: {target!r} is not a module name ({exc})") from None
     fn = getattr(module, attr, None)
     if fn is None:
         raise SpecError(f"{what} spec {spec!r}: module {target!r} has no attribute {attr!r}")

@@ -18,9 +18,14 @@ any other      no        numeric cost columns (``bops``, ``latency``...), usable
 
 A layer lists the options legal for it (a consumer target gives layers of different shapes different
 options): every layer offers at least one option, and tied layers (one ``group``) offer the same ones.
-``complete=True`` asks for the old rule (every layer the same options). Columns whose names start with ``damage`` (such as ``damage_std``) describe the estimate and are not
-budget columns. A first line ``# mpsearch.table {json}`` carries the metadata (estimator and its
-settings, model fingerprint, data, cost); ``pandas.read_csv(path, comment="#")`` reads the rows.
+``complete=True`` asks for the old rule (every layer the same options). Columns whose names start
+with ``damage`` (such as ``damage_std``) describe the estimate and are not budget columns.
+
+The CSV is plain (``pandas.read_csv("table.csv")`` reads it with no options); the metadata (estimator
+and its settings, model fingerprint, data, cost) lives in a sidecar JSON file beside it,
+``table.csv.meta.json``: ``{"format": "mpsearch.table", "version": 2, "metadata": {...}}``. Version 1
+files, whose first line is ``# mpsearch.table {json}``, still load. Column totals must stay finite: a
+numeric column whose sum over the table exceeds ``MAX_TOTAL`` is refused (rescale it).
 """
 
 from __future__ import annotations
@@ -28,17 +33,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .errors import TableError, close_matches, name_list
+from .fileio import atomic_write_text
 from .options import KEEP_BITS, option_sort_key, parse_option
 
 FORMAT = "mpsearch.table"
-VERSION = 1
+#: version 2: plain CSV with the metadata in a sidecar ``NAME.meta.json`` (version 1: a first-line
+#: ``# mpsearch.table {json}`` comment); both are read
+VERSION = 2
+READ_VERSIONS = (1, 2)
+SIDECAR_SUFFIX = ".meta.json"
+#: the largest sum of a numeric column over a table's rows: totals stay far from float overflow even
+#: in the solvers' intermediate products (squares, 2^(2b) scalings)
+MAX_TOTAL = 1e100
 REQUIRED = ("layer", "bits", "damage", "size_bits")
 _NON_RESOURCE = {"layer", "option", "bits", "group"}
 
@@ -124,40 +136,49 @@ class CostTable:
     # ----------------------------------------------------------------- I/O
     @classmethod
     def read(cls, path: str | os.PathLike, *, complete: bool = False) -> CostTable:
-        """Read a table from ``.csv`` (with optional metadata line) or ``.json``."""
+        """Read a table from ``.csv`` (metadata from the sidecar or a version-1 first line) or ``.json``."""
         path = Path(path)
         if not path.is_file():
             raise TableError(f"cost table {str(path)!r} does not exist")
         try:
             if path.suffix.lower() == ".json":
-                doc = json.loads(path.read_text())
+                doc = json.loads(path.read_text(encoding="utf-8-sig"))
                 if not isinstance(doc, dict) or doc.get("format") != FORMAT:
                     raise TableError(
                         f"{path}: not an mpsearch table (expected a JSON object with "
                         f"\"format\": \"{FORMAT}\")"
                     )
                 _check_version(doc.get("version"), path)
-                return cls(pd.DataFrame(doc.get("rows", [])), doc.get("metadata"), complete=complete)
-            with path.open() as fh:
+                rows = doc.get("rows", [])
+                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                    raise TableError(f"{path}: 'rows' must be a list of objects (one per layer x option)")
+                return cls(pd.DataFrame(rows), _metadata_of(doc, path), complete=complete)
+            with path.open(encoding="utf-8-sig") as fh:
                 first = fh.readline()
             metadata = {}
             skip = 0
-            if first.startswith("#"):
+            if first.startswith("#"):  # version 1: the metadata on the first line
                 skip = 1
                 head = first[1:].strip()
                 if head.startswith(FORMAT):
-                    doc = json.loads(head[len(FORMAT):].strip() or "{}")
-                    _check_version(doc.get("version"), path)
-                    metadata = doc.get("metadata", {})
-            frame = pd.read_csv(path, skiprows=skip)
+                    try:
+                        doc = json.loads(head[len(FORMAT):].strip() or "{}")
+                    except json.JSONDecodeError as exc:
+                        raise TableError(f"{path}: the '# {FORMAT}' line is not valid JSON ({exc})") from None
+                    metadata = _metadata_of(doc, path, where=f"the '# {FORMAT}' line")
+            sidecar = sidecar_path(path)
+            if sidecar.is_file():
+                metadata = read_sidecar(sidecar)
+            frame = pd.read_csv(path, skiprows=skip, encoding="utf-8-sig")
         except TableError:
             raise
-        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise TableError(f"{path}: cannot be read as a cost table: {exc}") from exc
+        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+                OSError) as exc:
+            raise TableError(f"{path}: cannot be read as a cost table: {_one_line(exc)}") from None
         return cls(frame, metadata, complete=complete)
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write to ``.csv`` (metadata on the first line) or ``.json``, atomically."""
+        """Write to ``.json``, or to a plain ``.csv`` plus its ``.meta.json`` sidecar, atomically."""
         path = Path(path)
         if path.suffix.lower() == ".json":
             doc = {
@@ -166,11 +187,12 @@ class CostTable:
                 "metadata": self.metadata,
                 "rows": json.loads(self._frame.to_json(orient="records")),
             }
-            text = json.dumps(doc, indent=1, default=_json_default)
-        else:
-            head = json.dumps({"version": VERSION, "metadata": self.metadata}, default=_json_default)
-            text = f"# {FORMAT} {head}\n" + self._frame.to_csv(index=False)
-        atomic_write_text(path, text)
+            atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default))
+            return path
+        meta = {"format": FORMAT, "version": VERSION, "table": path.name, "metadata": self.metadata}
+        # the sidecar first: a reader that finds the new CSV finds its metadata
+        atomic_write_text(sidecar_path(path), json.dumps(meta, indent=1, default=_json_default) + "\n")
+        atomic_write_text(path, self._frame.to_csv(index=False))
         return path
 
     to_csv = write
@@ -197,31 +219,72 @@ def _json_default(obj):
 
 
 def _check_version(version, path) -> None:
-    if version is not None and version != VERSION:
+    if version is not None and (isinstance(version, bool) or version not in READ_VERSIONS):
         raise TableError(
             f"{path}: cost table version {version!r} is not supported (this mpsearch reads "
-            f"version {VERSION}); upgrade mpsearch or re-create the table"
+            f"versions {', '.join(map(str, READ_VERSIONS))}); upgrade mpsearch or re-create the table"
         )
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so no half-written file is left."""
+def _metadata_of(doc, path, where: str = "the table") -> dict:
+    """The ``metadata`` object of a table document (or ``{}``), its shape checked."""
+    if not isinstance(doc, dict):
+        raise TableError(f"{path}: {where} must hold a JSON object, got {type(doc).__name__}")
+    _check_version(doc.get("version"), path)
+    meta = doc.get("metadata")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TableError(f"{path}: {where}: 'metadata' must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def sidecar_path(path) -> Path:
+    """Where the metadata of the CSV table ``path`` lives: ``table.csv`` -> ``table.csv.meta.json``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def read_sidecar(path) -> dict:
+    """The metadata of a sidecar file (checked: a JSON object of this format and a known version)."""
+    path = Path(path)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path}: the table's metadata file is not valid JSON ({_one_line(exc)}); "
+                         f"fix or delete it") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise TableError(f"{path}: not an mpsearch table metadata file (expected a JSON object with "
+                         f"\"format\": \"{FORMAT}\"); fix or delete it")
+    return _metadata_of(doc, path, where="the metadata file")
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _numeric(column: pd.Series) -> pd.Series:
+    """A column as floats, NaN where a cell is not a number (booleans and objects included)."""
+    def one(v):
+        if isinstance(v, bool) or isinstance(v, (list, dict, set, tuple)):
+            return np.nan
+        return v
+
+    try:
+        out = pd.to_numeric(column.map(one), errors="coerce")
+        return out if out.dtype.kind in "iuf" else out.astype(float)
+    except (TypeError, ValueError, OverflowError):
+        return pd.Series(np.nan, index=column.index)
+
+
+def _py(value):
+    """A cell as a plain Python value (``4``, not ``np.int64(4)``) for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _row(frame: pd.DataFrame, i) -> str:
     r = frame.loc[i]
-    return f"row {int(i) + 1} (layer {r['layer']!r}, bits {r['bits']!r})"
+    return f"row {int(i) + 1} (layer {_py(r['layer'])!r}, bits {_py(r['bits'])!r})"
 
 
 def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
@@ -236,35 +299,51 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
     if frame.empty:
         raise TableError("the cost table has no rows")
     df = frame.reset_index(drop=True).copy()
+    df.columns = [str(c) for c in df.columns]
+    if df.columns.duplicated().any():
+        raise TableError(f"the cost table has the column {df.columns[df.columns.duplicated()][0]!r} twice")
+    for col in ("layer", "option", "group"):  # text columns: cells that are lists or objects are refused
+        if col in df.columns:
+            odd = df.index[df[col].map(lambda v: isinstance(v, (list, dict, set, tuple)))]
+            if len(odd):
+                raise TableError(f"row {int(odd[0]) + 1}: column {col!r} must hold text, got {df.loc[odd[0], col]!r}")
     # layer names
     bad = df.index[df["layer"].isna() | (df["layer"].astype(str).str.strip() == "")]
     if len(bad):
         raise TableError(f"row {int(bad[0]) + 1}: the 'layer' column is empty")
     df["layer"] = df["layer"].astype(str)
     # bits
-    bits = pd.to_numeric(df["bits"], errors="coerce")
+    bits = _numeric(df["bits"])
     bad = df.index[bits.isna() | (bits != bits.round()) | (bits < 1) | (bits > 32)]
     if len(bad):
         raise TableError(
-            f"{_row(df, bad[0])}: 'bits' must be an integer from 1 to 32, got {df.loc[bad[0], 'bits']!r}"
+            f"{_row(df, bad[0])}: 'bits' must be an integer from 1 to 32, got {_py(df.loc[bad[0], 'bits'])!r}"
         )
     df["bits"] = bits.astype(int)
     # numeric columns
     numeric = [c for c in df.columns if c not in ("layer", "option", "group")]
     for col in numeric:
-        values = pd.to_numeric(df[col], errors="coerce")
+        values = _numeric(df[col])
         bad = df.index[values.isna() | ~np.isfinite(values.fillna(0).to_numpy(dtype=float))]
         if len(bad):
             raise TableError(
                 f"{_row(df, bad[0])}: column {col!r} must hold finite numbers, "
-                f"got {df.loc[bad[0], col]!r}"
+                f"got {_py(df.loc[bad[0], col])!r}"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(np.abs(values.to_numpy(dtype=float)).sum())
+        if not total <= MAX_TOTAL:
+            raise TableError(
+                f"column {col!r} sums to more than {MAX_TOTAL:g} over the table's rows, so plan totals "
+                f"would overflow; rescale it (smaller units) so that its values stay below "
+                f"{MAX_TOTAL / len(df):.3g} per row"
             )
         df[col] = values
     for col in ("damage", "size_bits"):
         bad = df.index[df[col] < 0]
         if len(bad):
             raise TableError(
-                f"{_row(df, bad[0])}: {col!r} must be >= 0, got {df.loc[bad[0], col]!r}"
+                f"{_row(df, bad[0])}: {col!r} must be >= 0, got {_py(df.loc[bad[0], col])!r}"
             )
     # option names
     default = df["bits"].map(default_option_name)

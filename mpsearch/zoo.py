@@ -66,8 +66,10 @@ def minilm_path() -> Path:
 def _offline_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
+    from ._quiet import import_transformers_quietly
+
+    try:  # transformers imports torchao, whose import logs native-library and pytree warnings
+        transformers = import_transformers_quietly()
     except ImportError:
         raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
     transformers.logging.set_verbosity_error()
@@ -449,9 +451,10 @@ def _cached(recipe: dict, build, train, name: str) -> nn.Module:
             pass
     torch.manual_seed(recipe["seed"])
     model = train(build())
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    from .fileio import atomic_write
+
+    with atomic_write(path, None) as tmp:
+        torch.save(model.state_dict(), tmp)
     return model.eval()
 
 

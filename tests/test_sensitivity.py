@@ -343,4 +343,4 @@ def test_cli_estimate_with_params(tmp_path, capsys):
     assert "damage_std" in table.frame and set(table.metadata["uncertainty"]["trace"]) == set(table.layers)
     code = main(["estimate", "--model", f"{models}:digits_mlp", "--data", f"{models}:digits_calib",
                  "--estimator", "fisher", "--param", "chunk=4", "-o", str(tmp_path / "f.csv")])
-    assert code == 2 and "does not take these settings" in capsys.readouterr().err
+    assert code == 2 and "has no setting 'chunk' (did you mean 'chunk_size'?)" in capsys.readouterr().err

@@ -88,8 +88,8 @@ def test_unreadable_and_wrong_version_files(tmp_path):
     with pytest.raises(TableError, match="does not exist"):
         CostTable.read(tmp_path / "nope.csv")
     bad = tmp_path / "v2.csv"
-    bad.write_text('# mpsearch.table {"version": 2}\nlayer,bits,damage,size_bits\na,4,0.1,10\n')
-    with pytest.raises(TableError, match="version 2 is not supported"):
+    bad.write_text('# mpsearch.table {"version": 3}\nlayer,bits,damage,size_bits\na,4,0.1,10\n')
+    with pytest.raises(TableError, match="version 3 is not supported"):
         CostTable.read(bad)
     j = tmp_path / "x.json"
     j.write_text(json.dumps({"rows": []}))

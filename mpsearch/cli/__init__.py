@@ -28,6 +28,7 @@ COMMANDS = {
     "frontier": "frontier",
     "export": "export",
     "import": "import_",
+    "list": "list_",
     "demo": "demo",
     "targets": "targets",
 }
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     try:
         return int(args.run(args) or 0)
     except MpsearchError as exc:
-        sys.stderr.write(f"mpsearch {args.command}: error: {exc}\n")
+        text = " ".join(str(exc).split())  # one line, whatever the message held
+        sys.stderr.write(f"mpsearch {args.command}: error: {text}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write(f"mpsearch {args.command}: interrupted (cached work is kept)\n")

@@ -30,9 +30,11 @@ def parse_params(items) -> dict:
             raise MpsearchError(f"--param {item!r}: write KEY=VALUE, for example --param probes=16")
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise MpsearchError(f"--param {item!r}: {key!r} is not a setting name; write KEY=VALUE")
         try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             out[key] = value
     return out
 
@@ -77,6 +79,52 @@ def say(text: str = "") -> None:
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+#: image formats ``--plot`` can write (matplotlib's own list where it is installed)
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def plot_suffixes() -> set:
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        return {"." + s for s in FigureCanvasBase.get_supported_filetypes()}
+    except ImportError:  # pragma: no cover - matplotlib is a dependency of the plots
+        return set(PLOT_SUFFIXES)
+
+
+def check_outputs(*, files=(), dirs=(), plots=()) -> None:
+    """Check every output path of a command before any work (one line, exit 2, on a bad one).
+
+    ``files``/``dirs``/``plots``: ``(flag, path)`` pairs; ``None`` paths are skipped. Two outputs
+    naming the same path are refused too.
+    """
+    from pathlib import Path
+
+    from ..fileio import check_output_path
+
+    seen = {}
+    for kind, items in (("file", files), ("dir", dirs), ("plot", plots)):
+        for flag, path in items:
+            if path is None:
+                continue
+            if kind == "plot":
+                p = check_output_path(path, flag=flag, kind="file", suffixes=plot_suffixes())
+            else:
+                p = check_output_path(path, flag=flag, kind=kind)
+            key = Path(p).resolve()
+            if key in seen:
+                raise MpsearchError(f"{flag} and {seen[key]} name the same path {str(path)!r}; give each its own")
+            seen[key] = flag
+
+
+def make_solver(args, default: str = "dp"):
+    """The solver of ``--solver``/``--param`` (``default`` when not given), its settings checked
+    (call it before any work)."""
+    from ..registry import get_solver
+
+    return get_solver(args.solver or default, **parse_params(args.param))
 
 
 def add_device_args(p):

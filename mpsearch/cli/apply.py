@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, load_model_args, say
+from ._common import add_command, add_device_args, check_outputs, load_model_args, say
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -16,26 +16,20 @@ def register(sub):
 
 
 def run(args) -> int:
-    import os
-    import tempfile
     from pathlib import Path
 
-    import torch
-
     from ..apply import apply_plan
+    from ..fileio import atomic_write
     from ..plan import BitPlan
+
+    check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model_args(args)
     quantized = apply_plan(model, plan, inplace=True)
+    import torch
+
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(out, None) as tmp:
         torch.save(quantized.state_dict(), tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     say(f"quantized {len(plan.bits)} layers; wrote {out}")
     return 0

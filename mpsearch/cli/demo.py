@@ -1,22 +1,24 @@
-"""``mpsearch demo``: the whole job on all-MiniLM-L6-v2 with Shakespeare text.
+"""``mpsearch demo``: the whole job on all-MiniLM-L6-v2 with Shakespeare text, and the arguments of
+``mpsearch frontier --model``. Both parse, make one library call (:func:`mpsearch.pipeline.run_demo`,
+:func:`mpsearch.pipeline.model_frontier`) and print.
 
-Estimates a cost table on passages from some plays, solves the size/quality frontier, applies and
-measures plans along it on passages from *other* plays (embedding cosine to the full-precision
-model), measures uniform bit-widths alongside, and writes everything into ``--out``. A second run
-(or one after an interruption) reads the cached table and measurements back.
+The demo estimates a cost table on passages from some plays, solves the size/quality frontier,
+applies and measures plans along it on passages from *other* plays (embedding cosine to the
+full-precision model), measures uniform options alongside, recommends at each uniform size the best
+measured plan, and writes everything into ``--out``. A second run (or one after an interruption)
+reads the cached table and measurements back.
 """
 
 from __future__ import annotations
 
-from ..options import DEFAULT_SEARCH_OPTIONS
+from ..pipeline import DEFAULT_RECIPE, DEMO_DATA
+from ..pipeline import run_demo as run_demo  # noqa: PLC0414  (the notebook's import)
 from ._common import parse_params, say
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
-#: the default recipe (chosen from experiments/real_models.md)
-DEMO = {"estimator": "output-distance", "solver": "ilp",
-        "options": DEFAULT_SEARCH_OPTIONS,
-        "calib": 16, "eval": 64, "max_length": 48, "validate": 5}
+#: the default recipe and the demo's data sizes (chosen from experiments/measured_loop.md)
+DEMO = {**DEFAULT_RECIPE, **DEMO_DATA}
 
 
 def register(sub):
@@ -33,31 +35,26 @@ def register(sub):
     add_device_args(p)
 
 
-def run_demo(out="mpsearch-demo", *, estimator=DEMO["estimator"], solver=DEMO["solver"],
-             validate=DEMO["validate"], progress=True, device=None, dtype=None):
-    """The demo as a library call; returns the :class:`~mpsearch.pipeline.FrontierRun`."""
-    import torch
+def check_run_args(args, out_flag: str, out: str) -> None:
+    """Settings and output paths of the model path, before any heavy import or work."""
+    from ..errors import MpsearchError
+    from ..options import parse_options
+    from ..registry import check_settings, get_solver
+    from ._common import check_outputs
 
-    from .. import zoo
-    from ..metrics import EmbeddingCosine
-    from ..pipeline import measured_frontier
-
-    torch.manual_seed(0)
-    from ..specs import load_model
-
-    model, tok = zoo.load_minilm()
-    model = load_model(model, device=device, dtype=dtype)
-    calib = zoo.minilm_batches(zoo.shakespeare_lines(DEMO["calib"], "calib"), 16,
-                               DEMO["max_length"], tokenizer=tok)
-    evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO["eval"], "eval", seed=1), 32,
-                               DEMO["max_length"], tokenizer=tok)
-    return measured_frontier(model, calib, EmbeddingCosine(evals), estimator=estimator, solver=solver,
-                             options=DEMO["options"], validate=validate, out=out, progress=progress)
+    if args.validate < 0:
+        raise MpsearchError(f"--validate must be an integer >= 0 (plans to measure), got {args.validate}")
+    check_outputs(dirs=[(out_flag, out)])
+    estimator = args.estimator or DEFAULT_RECIPE["estimator"]
+    check_settings("estimator", estimator, parse_params(getattr(args, "estimator_param", [])))
+    get_solver(args.solver or DEFAULT_RECIPE["solver"], **parse_params(getattr(args, "param", [])))
+    parse_options(getattr(args, "options", None) or DEFAULT_RECIPE["options"])
 
 
 def run(args) -> int:
     import time
 
+    check_run_args(args, "--out", args.out)
     t0 = time.perf_counter()
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
                       progress=not args.no_progress, device=args.device, dtype=args.dtype)
@@ -66,17 +63,30 @@ def run(args) -> int:
     return 0
 
 
-def summarize(run) -> str:
-    """A few lines: measured quality of mixed precision vs uniform at the same sizes, and the files."""
-    q = f"measured_{run.metric}"
-    lines = [f"all-MiniLM-L6-v2, {run.table.metadata.get('estimator')} estimator, "
+def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
+    """A few lines: the recommended plan at each target against uniform, the proxy check, the files."""
+    lines = [f"{name}, {run.table.metadata.get('estimator')} estimator, "
              f"{len(run.table.layers)} layers; quality = {run.metric_label} on held-out data"]
-    for _, row in run.validated().iterrows():
-        # the plan solved at a uniform plan's exact size (its own size may be a little smaller)
-        same = run.uniform[(run.uniform["avg_bits"] - row["budget_avg_bits"]).abs() < 1e-6]
-        tag = f"   uniform {same[q].iloc[0]:.4g}" if len(same) else ""
-        lines.append(f"  {row['avg_bits']:.3f} bits/weight: mixed {row[q]:.4g}{tag}")
-    lines.append(f"proxy check: Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
+    q = f"measured_{run.metric}"
+    uni = run.uniform.set_index("option") if len(run.uniform) else None
+    for _, r in run.recommended.iterrows():
+        if r["status"] == "none":
+            lines.append(f"  {r['budget']}: no measured plan fits")
+            continue
+        tag = ""
+        if uni is not None and r["budget"] in uni.index:
+            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4g}"
+        lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
+                     f"{r['quality']:.4g} [{r['status']}]{tag}")
+    chk = run.uniform_check
+    lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
+                 f"at least as good as uniform of equal or smaller size" + (
+                     f"; {chk['loses']} LOSE (see warnings)" if chk.get("loses") else ""))
+    if len(run.refinement):
+        gain = run.refinement.groupby("round")["gain"].sum()
+        lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
+                     + ", ".join(f"{g:.4g}" for g in gain))
+    lines.append(f"proxy check (information): Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
                  + ("  (POOR)" if run.proxy["poor"] else ""))
     lines.append(f"outputs in {run.out}/:")
     for key, path in run.files.items():
@@ -97,8 +107,11 @@ def add_model_frontier_args(p) -> None:
     add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
-    g.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
-    g.add_argument("--bits", dest="options", default=DEFAULT_SEARCH_OPTIONS,
+    g.add_argument("--estimator", default=DEFAULT_RECIPE["estimator"],
+                   help=f"estimator name (default: {DEFAULT_RECIPE['estimator']})")
+    g.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
+    g.add_argument("--bits", dest="options", default=DEFAULT_RECIPE["options"],
                    help="options, e.g. 2,3,4,8 or int4-g128 (default: asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
     g.add_argument("--workers", type=int, default=1, metavar="N",
@@ -108,57 +121,39 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--metric", default=None,
                    help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
                         "kl, or package.module:callable (default: by model)")
-
-
-def _zoo_eval(spec: str, tokenizer):
-    from .. import zoo
-
-    if spec == "minilm":
-        return zoo.minilm_batches(zoo.shakespeare_lines(64, "eval", seed=1), 32, 48, tokenizer=tokenizer)
-    if spec == "fashion-cnn":
-        return zoo.fashion_batches("test", n=2000, batch_size=500)
-    if spec == "digits-mlp":
-        return zoo.digits_batches("test")
-    return None
+    g.add_argument("--refine", type=int, default=DEFAULT_RECIPE["refine"], metavar="R",
+                   help=f"rounds of measured refinement at each target budget (default: {DEFAULT_RECIPE['refine']})")
+    g.add_argument("--refine-method", default=DEFAULT_RECIPE["refine_method"], choices=("calibrate", "local", "both"),
+                   help="calibrate: NNLS damage multipliers, re-solve; local: measured swaps; both "
+                        f"(default: {DEFAULT_RECIPE['refine_method']})")
+    g.add_argument("--refine-evals", type=int, default=None, metavar="N",
+                   help="at most N plans measured by the refinement in all (default: no limit beyond --refine)")
 
 
 def run_model_frontier(args) -> int:
-    """Estimate -> frontier -> apply and measure K plans; ``-o`` names the output folder."""
-    from ..distributed import current, load_device_map, place_model
-    from ..errors import MpsearchError
-    from ..pipeline import measured_frontier
-    from ..specs import _is_text, load_calibration, load_data, load_metric, tokenizer_for
-    from ._common import load_model_args
+    """Estimate -> frontier -> measure, compare, refine, recommend; ``-o`` names the output folder."""
+    from ..pipeline import InfeasibleBudget, model_frontier
+    from . import EXIT_INFEASIBLE
+    from ._common import budget_from_args
 
-    shard = current()  # under torchrun: ranks share the estimate and the measurements; rank 0 writes
-    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
-    place_model(model, shard)
-    data = args.data or {"minilm": "shakespeare", "smollm2": "shakespeare"}.get(args.model)
-    text = _is_text(data) or _is_text(args.eval_data) or args.model == "smollm2" and not args.eval_data
-    tokenizer = tokenizer_for(args.model) if text else None  # read once, only for text data
-    sizes = dict(seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tokenizer)
-    if data is not None:
-        calib = load_calibration(data, model, args.model, samples=args.calib_samples, **sizes)
-    else:
-        calib = load_data({"fashion-cnn": "fashion-mnist", "digits-mlp": "digits"}.get(args.model))
-    if args.metric and ":" in args.metric:
-        metric = load_metric(args.metric, None, model)
-    elif args.eval_data or args.model == "smollm2":
-        metric = load_metric(args.metric, args.eval_data or "shakespeare", model, args.model,
-                             eval_tokens=args.eval_tokens, window=args.eval_window, stride=args.eval_stride,
-                             **sizes)
-    else:
-        evals = _zoo_eval(args.model, tokenizer)
-        if evals is None:
-            raise MpsearchError("--eval-data is required for this model: calibration and evaluation data "
-                                "must be disjoint (or give --metric package.module:callable)")
-        from ..data import first_batch
-        from ..metrics import default_metric_name, make_metric
+    try:
+        run = model_frontier(
+            args.model, data=args.data, eval_data=args.eval_data, metric=args.metric,
+            estimator=args.estimator, estimator_params=parse_params(args.estimator_param),
+            solver=args.solver or DEFAULT_RECIPE["solver"], solver_params=parse_params(args.param),
+            options=args.options, validate=args.validate, points=args.points, key=args.key or "avg_bits",
+            budget=budget_from_args(args), refine=args.refine, refine_method=args.refine_method,
+            refine_evals=args.refine_evals, out=args.output, plans_dir=args.plans_dir, plot=args.plot,
+            progress=True, workers=args.workers, device_map=args.device_map, device=args.device,
+            dtype=args.dtype, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
+            eval_window=args.eval_window, eval_stride=args.eval_stride, batch_size=args.batch_size)
+    except InfeasibleBudget as exc:
+        import sys
 
-        metric = make_metric(args.metric or default_metric_name(model, first_batch(evals)), evals)
-    run = measured_frontier(model, calib, metric, estimator=args.estimator, solver=args.solver,
-                            options=args.options, validate=args.validate, out=args.output,
-                            solver_params=parse_params(args.param), progress=True,
-                            workers=args.workers)
-    say(summarize(run).replace("all-MiniLM-L6-v2", str(args.model)))
+        sys.stderr.write(f"mpsearch frontier: infeasible: {exc}\n")
+        return EXIT_INFEASIBLE
+    from ..distributed import current
+
+    if current().is_main:
+        say(summarize(run, str(args.model)))
     return 0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, load_model_args,
-                      parse_params, say)
+from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
+                      load_model_args, parse_params, say)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -19,10 +19,15 @@ def register(sub):
                                   ".pt, callable or short name (needed by data-driven estimators and for MACs/BOPs)")
     add_device_args(p)
     add_text_args(p, evaluation=False)
-    p.add_argument("--estimator", default="weight-error", help="estimator name (default: weight-error)")
+    from ..registry import estimator_names
+
+    p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
+                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, "
+                        f"weight-error without; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
-                        "own (q4_K,q5_0...) (default: 2,3,4,8; with --target, the target's default set)")
+                        "own (q4_K,q5_0...) (default: the default recipe's int2-asym..int8-asym; with --target, the target's "
+                        "default set)")
     add_target_arg(p)
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
@@ -42,15 +47,30 @@ def register(sub):
 
 
 def run(args) -> int:
+    from ..budget import check_patterns
+    from ..options import parse_options
     from ..registry import get_estimator
     from ..specs import load_calibration
 
+    from ..table import sidecar_path
+
+    check_outputs(files=[("-o", args.output)])
+    if not str(args.output).lower().endswith(".json"):
+        check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
+    if args.options is not None and getattr(args, "target", None) is None:
+        parse_options(args.options)
+    check_patterns(args.exclude, "--exclude")
+    check_patterns(args.tie, "--tie")
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     from ..distributed import current, load_device_map, place_model
+    from ..pipeline import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
 
     if args.options is not None:
         params["options"] = args.options
+    elif args.target is None:
+        params["options"] = DEFAULT_RECIPE["options"]
+    args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
     estimator = get_estimator(args.estimator, **params)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, parse_params, say
+from ._common import add_command, check_outputs, parse_params, say
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
@@ -25,13 +25,17 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..export import save_export
+    from ..export import get_exporter, save_export
     from ..plan import BitPlan
 
     from ..targets import export_format
 
+    check_outputs(files=[("-o", args.output)])
+    opts = parse_params(args.opt)
+    if args.to is not None:
+        get_exporter(args.to, **opts)  # the format and its settings, before reading anything
     plan = BitPlan.load(args.plan)
     fmt = export_format(plan, args.to, args.target)
-    path = save_export(plan, fmt, args.output, force=args.force, **parse_params(args.opt))
+    path = save_export(plan, fmt, args.output, force=args.force, **opts)
     say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
     return 0

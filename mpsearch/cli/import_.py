@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, parse_params, say
+from ._common import add_command, check_outputs, parse_params, say
 
 EXAMPLE = """mpsearch import --from llama.cpp tensor_types.txt -o plan.json
 mpsearch import --from gptqmodel quantize_config.json --layers plan.json -o plan2.json"""
@@ -39,8 +39,11 @@ def _read_layers(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..export import import_plan
+    from ..export import get_exporter, import_plan
 
+    check_outputs(files=[("-o", args.output)])
+    opts = parse_params(args.opt)
+    get_exporter(args.fmt, **opts)
     layers = None
     if args.layers:
         layers = _read_layers(args.layers)
@@ -48,7 +51,7 @@ def run(args) -> int:
         from ..specs import load_model
 
         layers = load_model(args.model)
-    plan = import_plan(args.file, args.fmt, layers=layers, **parse_params(args.opt))
+    plan = import_plan(args.file, args.fmt, layers=layers, **opts)
     plan.save(args.output)
     say(f"wrote {args.output} ({len(plan.layers)} layers from {args.fmt})")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, parse_params, say
+from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args,
+                      check_outputs, make_solver, say)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -12,7 +13,10 @@ EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=
 def register(sub):
     p = add_command(sub, "solve", "Choose each layer's bit-width under a budget; write a plan.", EXAMPLE, run)
     p.add_argument("--table", required=True, help="cost table (.csv or .json)")
-    p.add_argument("--solver", default="greedy", help="solver name (default: greedy)")
+    from ..registry import solver_names
+
+    p.add_argument("--solver", default="greedy", metavar="SOLVER",
+                   help=f"{' | '.join(solver_names())} (default: greedy; settings: 'mpsearch list solvers')")
     add_budget_args(p)
     add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
@@ -20,15 +24,16 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..registry import get_solver
     from ..table import CostTable
     from . import EXIT_INFEASIBLE
 
     from ..targets import solve_budget
 
+    check_outputs(files=[("-o", args.output)])
+    solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
+    budget = budget_from_args(args)
     table = CostTable.read(args.table)
-    budget = solve_budget(table, budget_from_args(args), args.target)
-    solver = get_solver(args.solver, **parse_params(args.param))
+    budget = solve_budget(table, budget, args.target)
     result = solver.solve(table, budget)
     if result.plan is None:
         sys.stderr.write(f"mpsearch solve: {result.status}: {result.message}\n")

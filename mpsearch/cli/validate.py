@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_target_arg, add_text_args, dump_json, load_model_args,
-                      say)
+from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
+                      load_model_args, say)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -25,17 +25,21 @@ def register(sub):
 def run(args) -> int:
     from ..plan import BitPlan
     from ..specs import _load_callable, load_metric
-    from ..table import atomic_write_text
+    from ..fileio import atomic_write_text
     from ..validate import validate_plan
 
+    check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model_args(args)
+    metric = None
     if args.eval_data or (args.metric and ":" not in args.metric):  # a named metric needs --eval-data
         metric = load_metric(args.metric, args.eval_data, model, args.model, eval_tokens=args.eval_tokens,
                              window=args.eval_window, stride=args.eval_stride, batch_size=args.batch_size,
                              seq_len=args.seq_len)
-    else:
-        metric = _load_callable(args.metric, "metric") if args.metric else None
+    elif args.metric:
+        from ..metrics import FunctionMetric
+
+        metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
     report = validate_plan(model, plan, metric=metric, target=args.target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")

@@ -26,7 +26,7 @@ import importlib
 import os
 from pathlib import Path
 
-from ..errors import close_matches
+from ..errors import MpsearchError, close_matches
 from ..plan import BitPlan
 from ._base import ExportError, Exporter, check_fused
 
@@ -96,7 +96,7 @@ def export_text(plan: BitPlan, fmt: str, *, force: bool = False, **opts) -> str:
 
 def save_export(plan: BitPlan, fmt: str, path: str | os.PathLike, *, force: bool = False, **opts) -> Path:
     """Write the consumer's file atomically (nothing is written if the plan is refused)."""
-    from ..table import atomic_write_text
+    from ..fileio import atomic_write_text
 
     text = export_text(plan, fmt, force=force, **opts)
     atomic_write_text(path, text)
@@ -120,11 +120,26 @@ def import_plan(source, fmt: str, *, layers=None, **opts) -> BitPlan:
         if not path.is_file():
             raise ExportError(f"{fmt} file {str(path)!r} does not exist")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise ExportError(f"{path}: not a text file") from None
-        return exporter.read(exporter.loads(text, str(path)), layers, str(path))
-    return exporter.read(source, layers, f"{fmt} document")
+        return _read(exporter, lambda: exporter.read(exporter.loads(text, str(path)), layers, str(path)),
+                     str(path))
+    return _read(exporter, lambda: exporter.read(source, layers, f"{fmt} document"), f"{fmt} document")
+
+
+def _read(exporter, read, source: str) -> BitPlan:
+    """Run an importer; a document whose shape its checks missed still gives one clear line."""
+    import re
+
+    try:
+        return read()
+    except MpsearchError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, re.error, RecursionError,
+            OverflowError) as exc:
+        raise ExportError(f"{source}: not a {exporter.name} document mpsearch can read "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 def _layer_names(layers):

@@ -53,7 +53,7 @@ class Exporter:
     def loads(self, text: str, source: str):
         try:
             return json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ExportError(f"{source}: not valid JSON ({exc})") from None
 
     def read(self, doc, layers: list[str] | None, source: str) -> BitPlan:
@@ -164,3 +164,18 @@ def compact_pattern(names: Iterable[str]) -> str:
         tail = tails[0] if len(tails) == 1 else "(?:" + "|".join(tails) + ")"
         alts.append(head + num + tail)
     return "^(?:" + "|".join(alts) + ")$" if len(alts) > 1 else "^" + alts[0] + "$"
+
+
+_KIND = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true or false",
+         float: "a number", type(None): "null"}
+
+
+def expect(value, types, what: str, source: str):
+    """``value`` if it is one of ``types`` (booleans are not integers), else an ExportError naming
+    ``what`` in ``source`` (the importers check a document's shape with it before reading it)."""
+    types = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        want = " or ".join(_KIND.get(t, t.__name__) for t in types)
+        raise ExportError(f"{source}: {what} must be {want}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value

@@ -22,7 +22,8 @@ from collections import Counter
 
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, compact_pattern, group_by_option, need_layers, plan_from_options, refuse
+from ._base import (ExportError, Exporter, compact_pattern, expect, group_by_option, need_layers, plan_from_options,
+                    refuse)
 
 BITS = (2, 3, 4, 8)
 
@@ -90,13 +91,33 @@ class GPTQModelExporter(Exporter):
                 f"{source}: not a GPTQModel QuantizeConfig (expected a JSON object with 'bits', "
                 f"'group_size', 'sym' and 'dynamic')"
             )
+        check_shape(doc, source)
         names = need_layers(layers, self.name, source)
         try:
             options = {name: resolve(doc, name) for name in names}
-        except (re.error, TypeError, ValueError) as exc:
+        except (re.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ExportError(f"{source}: cannot read the GPTQModel config: {exc}") from None
         return plan_from_options(options, self.name, source)
 
 
 def _option_kwargs(opt: Option) -> dict:
     return {"bits": opt.bits, "group_size": opt.group_size, "symmetric": opt.symmetric}
+
+
+def check_shape(doc: dict, source: str) -> None:
+    """The fields a GPTQModel config must have the types of, before any is read."""
+    for key, types in (("bits", int), ("group_size", int), ("sym", bool), ("lm_head", bool)):
+        if key in doc:
+            expect(doc[key], types, f"{key!r}", source)
+    dynamic = doc.get("dynamic")
+    if dynamic is None:
+        return
+    expect(dynamic, dict, "'dynamic'", source)
+    for key, override in dynamic.items():
+        expect(key, str, "a 'dynamic' key", source)
+        if override is None:
+            continue
+        expect(override, dict, f"the 'dynamic' override of {key!r}", source)
+        for field, types in (("bits", int), ("group_size", int), ("sym", bool)):
+            if field in override:
+                expect(override[field], types, f"{field!r} of the 'dynamic' override {key!r}", source)

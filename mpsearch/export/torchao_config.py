@@ -25,7 +25,7 @@ import re
 
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, need_layers, plan_from_options
+from ._base import ExportError, Exporter, expect, need_layers, plan_from_options
 
 
 def _granularity(opt: Option) -> dict:
@@ -66,6 +66,9 @@ class TorchaoExporter(Exporter):
 
     def read(self, doc, layers, source) -> BitPlan:
         if type(doc).__name__ in ("FqnToConfig", "ModuleFqnToConfig"):
+            from .._quiet import preload_torchao
+
+            preload_torchao()
             from torchao.core.config import config_to_dict
 
             doc = config_to_dict(doc)
@@ -75,9 +78,12 @@ class TorchaoExporter(Exporter):
                 f"\"_type\": \"FqnToConfig\", got {type(doc).__name__} "
                 f"{doc.get('_type') if isinstance(doc, dict) else ''})"
             )
-        data = doc.get("_data") or {}
+        data = expect(doc.get("_data") or {}, dict, "'_data'", source)
         table = data.get("fqn_to_config") or data.get("module_fqn_to_config") or {}
-        if not isinstance(table, dict) or not table:
+        expect(table, dict, "'fqn_to_config'", source)
+        for key in table:
+            expect(key, str, "an 'fqn_to_config' key", source)
+        if not table:
             raise ExportError(f"{source}: the FqnToConfig has an empty 'fqn_to_config'")
         parsed = {key: _read_config(cfg, key, source) for key, cfg in table.items()}
         exact = {k: v for k, v in parsed.items() if not k.startswith("re:") and k != "_default"}
@@ -100,8 +106,16 @@ class TorchaoExporter(Exporter):
 def _read_config(cfg, key: str, source: str) -> Option:
     if cfg is None:
         return KEEP
-    kind = cfg.get("_type") if isinstance(cfg, dict) else None
-    data = (cfg.get("_data") or {}) if isinstance(cfg, dict) else {}
+    expect(cfg, dict, f"the config of {key!r}", source)
+    kind = cfg.get("_type")
+    data = expect(cfg.get("_data") or {}, dict, f"'_data' of the config of {key!r}", source)
+    for field in ("weight_dtype", "granularity", "mapping_type"):
+        if data.get(field) is not None:
+            sub = expect(data[field], dict, f"{field!r} of {key!r} (a {{'_type', '_data'}} object)", source)
+            if field == "granularity" and sub.get("_data") is not None:
+                expect(sub["_data"], dict, f"'granularity._data' of {key!r}", source)
+    if "group_size" in data:
+        expect(data["group_size"], int, f"'group_size' of {key!r}", source)
     try:
         if kind == "IntxWeightOnlyConfig":
             dtype = (data.get("weight_dtype") or {}).get("_data", "int8")
@@ -126,6 +140,9 @@ def _read_config(cfg, key: str, source: str) -> Option:
 
 def to_torchao_config(plan: BitPlan):
     """The plan as a ``torchao.quantization.FqnToConfig`` object (needs torchao)."""
+    from .._quiet import preload_torchao
+
+    preload_torchao()
     try:
         import torch
         from torchao.quantization import (FqnToConfig, IntxWeightOnlyConfig, MappingType, PerAxis,

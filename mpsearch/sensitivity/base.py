@@ -128,6 +128,9 @@ class Estimator:
         device = torch.device(self.device) if self.device else _model_device(model)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
+        from ..checks import check_batches, check_weights
+
+        check_batches(model, batches, device)  # one line naming a batch the model cannot run on
         if layers is None:
             layers = discover_layers(
                 model,
@@ -141,6 +144,7 @@ class Estimator:
 
         shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
+        check_weights(model, [lay.name for lay in layers])
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         cache_dir = getattr(self, "cache_dir", None)

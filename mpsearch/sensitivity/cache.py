@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -104,15 +102,10 @@ class Checkpoint:
 
     def _write(self, doc: dict) -> None:
         doc["_seconds"] = self.previous_seconds + time.perf_counter() - self._t0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        from ..fileio import atomic_write
+
+        with atomic_write(self.path, None) as tmp:
             torch.save(doc, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         self._state = doc
         self._last_save = time.monotonic()
         self.saves += 1

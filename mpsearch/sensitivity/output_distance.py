@@ -6,7 +6,8 @@ size): ``metric="cosine"`` (1 - cos of output rows, for embeddings), ``"mse"``, 
 (KL(p_fp || p_q) of logits), or ``"auto"`` (cosine for embeddings, KL for logits). For models made of
 sequential blocks only the suffix after the changed block runs, from cached block outputs
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
-``max_cache_mb`` bounds the cache (default 1024 MB on CPU, 8192 MB on a GPU).
+``max_cache_mb`` bounds the cache (default 1024 MB on CPU, 8192 MB on a GPU). ``damage_std`` is the
+standard error of that mean across the batches (0 with one batch).
 
 Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
 ``stack_options=k`` per pass; ``1`` is one pass per option): the batch is repeated once per option
@@ -141,7 +142,11 @@ class OutputDistanceEstimator(Estimator):
             stacked_options=bool(self._stack_checked and self._stack_ok),
         )
         weight = float(sum(_size(b) for b in batches))
-        return (sums / max(weight, 1e-300)).clamp(min=0).numpy()
+        mean = sums / max(weight, 1e-300)
+        wb = torch.tensor([float(_size(b)) for b in batches], dtype=torch.float64)[:, None, None]
+        var = (wb * (values - mean) ** 2).sum(0) / max(weight, 1e-300)  # across batches
+        ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
+        return mean.clamp(min=0).numpy()
 
     def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
                         acc=torch.float64, index: int | None = None, options=None) -> torch.Tensor:

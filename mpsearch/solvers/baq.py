@@ -169,7 +169,8 @@ def _repair(choice, idx, damage, w, wa, allowed, cap, tol, passes):
         extra = wa - w[idx, choice][:, None]
         gain = damage[idx, choice][:, None] - damage
         ok = allowed & (gain > 0) & (extra <= cap - used + tol)
-        ratio = np.where(ok, gain / np.maximum(extra, 1e-300), -np.inf)
+        with np.errstate(over="ignore"):  # a gain at (almost) no extra cost is infinitely good
+            ratio = np.where(ok, gain / np.maximum(extra, 1e-300), -np.inf)
         k = np.argmax(ratio, axis=1)
         r = ratio[idx, k]
         order = np.argsort(-r, kind="stable")

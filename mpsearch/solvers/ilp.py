@@ -61,13 +61,17 @@ class ILPSolver(Solver):
         Start from the greedy plan (CBC only).
     msg:
         Show the backend's log.
+    risk:
+        Trade expected damage against its spread: minimise ``sum (damage + risk * damage_std)``
+        (:func:`risk_adjusted`; needs a ``damage_std`` column). ``0``: expected damage only.
     """
 
     name = "ilp"
     exact = True
 
     def __init__(self, *, backend: str = "auto", time_limit: float | None = 60.0, gap_rel: float = 0.0,
-                 threads: int | None = None, warm_start: bool = True, msg: bool = False):
+                 threads: int | None = None, warm_start: bool = True, msg: bool = False, risk: float = 0.0):
+        self.risk = risk
         self.backend = backend
         self.time_limit = time_limit
         self.gap_rel = gap_rel
@@ -82,6 +86,24 @@ class ILPSolver(Solver):
             raise MpsearchError(f"ilp: time_limit must be a positive number of seconds or None, got {self.time_limit!r}")
         if not 0 <= self.gap_rel < 1:
             raise MpsearchError(f"ilp: gap_rel must be in [0, 1), got {self.gap_rel!r}")
+
+    def solve(self, table, budget=None):
+        """As :meth:`Solver.solve`; with ``risk > 0`` on the risk-adjusted table, the plan's
+        ``predicted`` holding the expected ``damage`` and the objective as ``risk_damage``."""
+        if not self.risk:
+            return super().solve(table, budget)
+        res = super().solve(risk_adjusted(table, self.risk), budget)
+        if res.plan is not None:
+            mean = table.frame.set_index(["layer", "option"])["damage"]
+            res.plan.predicted["risk_damage"] = res.plan.predicted["damage"]
+            res.plan.predicted["damage"] = float(sum(mean[(n, res.plan.option_name(n))] for n in res.plan.bits))
+        return res
+
+    def solve_problem(self, problem: Problem, budget=None):
+        if self.risk and problem.table_metadata.get("risk") != float(self.risk):
+            raise MpsearchError(f"ilp risk={self.risk}: solve a table (solver.solve), or compile the problem from "
+                                f"mpsearch.solvers.ilp.risk_adjusted(table, {self.risk})")
+        return super().solve_problem(problem, budget)
 
     def _solve(self, problem: Problem) -> Solution:
         self._check()
@@ -319,3 +341,74 @@ def lp_relaxation_bound(problem: Problem) -> float:
     res = linprog(c, A_ub=a_ub, b_ub=problem.caps() if len(cm) else None, A_eq=a_eq,
                   b_eq=np.ones(problem.n_items), bounds=(0, 1), method="highs")
     return float(res.fun) if res.status == 0 else float("-inf")
+
+
+# ------------------------------------------------------------------ pairwise terms and risk
+def solve_pairwise(problem: Problem, terms, *, time_limit: float | None = 60.0):
+    """The one-hot ILP plus pairwise terms: minimise ``sum d[i, k] x[i, k] + sum_(i,j) M[k, l] y[i,k,j,l]``
+    with ``y = x[i, k] * x[j, l]`` linearised exactly (``y <= x[i, k]``, ``y <= x[j, l]``,
+    ``y >= x[i, k] + x[j, l] - 1``, ``0 <= y <= 1``), under the problem's constraints. ``terms``:
+    ``[(i, j, M)]`` with ``M`` a ``[K, K]`` matrix (:func:`mpsearch.interaction.pair_terms`).
+    Solved with scipy's HiGHS. Returns a :class:`~mpsearch.solvers.base.Solution`."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix, hstack
+
+    from .base import Solution
+
+    reason = problem.infeasibility()
+    if reason:
+        return Solution(None, "infeasible", reason)
+    m = _Model(problem)
+    pos = {(int(i), int(k)): p for p, (i, k) in enumerate(zip(m.ii, m.kk))}
+    ys, rows, cols, vals, lo, hi = [], [], [], [], [], []
+    nx = len(m.c)
+    for i, j, mat in terms:
+        for (k, l_), v in np.ndenumerate(np.asarray(mat, dtype=float)):
+            if v == 0 or (i, k) not in pos or (j, l_) not in pos:
+                continue
+            y = nx + len(ys)
+            ys.append(v / m.dscale)
+            a, b = pos[(i, k)], pos[(j, l_)]
+            for coeffs, low, high in (({y: 1, a: -1}, -np.inf, 0), ({y: 1, b: -1}, -np.inf, 0),
+                                      ({y: 1, a: -1, b: -1}, -1, np.inf)):
+                r = len(lo)
+                for col, cv in coeffs.items():
+                    rows.append(r); cols.append(col); vals.append(cv)
+                lo.append(low); hi.append(high)
+    ny = len(ys)
+    c = np.concatenate([m.c, np.array(ys)])
+    cons = [LinearConstraint(hstack([m.a_eq, coo_matrix((problem.n_items, ny))]), 1, 1)]
+    if m.a_ub is not None:
+        cons.append(LinearConstraint(hstack([coo_matrix(m.a_ub), coo_matrix((m.a_ub.shape[0], ny))]), -np.inf, m.b_ub))
+    if ny:
+        cons.append(LinearConstraint(coo_matrix((vals, (rows, cols)), shape=(len(lo), nx + ny)), lo, hi))
+    integrality = np.concatenate([np.ones(nx), np.zeros(ny)])
+    options = {"time_limit": float(time_limit)} if time_limit else {}
+    with _quiet_stdout(True):
+        res = milp(c, constraints=cons, integrality=integrality, bounds=Bounds(0, 1), options=options)
+    if res.x is None:
+        return Solution(None, "infeasible", f"no plan meets all constraints together ({res.message})")
+    choice = m.decode(res.x[:nx])
+    if choice is None or not problem.is_feasible(choice):
+        choice = one_swap_repair(problem, choice) if choice is not None else None
+        if choice is None:
+            return Solution(None, "infeasible", "the pairwise ILP's solution broke a cap beyond repair")
+        return Solution(choice, "feasible", "repaired a cap broken within the backend's tolerance", {"pairs": len(terms)})
+    return Solution(choice, "optimal" if res.status == 0 else "time_limit", stats={"pairs": len(terms), "products": ny})
+
+
+def risk_adjusted(table, risk: float):
+    """The table with ``damage + risk * damage_std`` as its damage (the linear risk-averse objective
+    ``sum (damage + risk * std)``: a per-choice upper quantile, not ``sum damage + risk * sqrt(sum std^2)``,
+    which is not linear). The original damage stays in ``damage_mean``; ``metadata["risk"]`` records ``risk``."""
+    from ..table import CostTable
+
+    if not risk >= 0:
+        raise MpsearchError(f"ilp: risk must be a number >= 0, got {risk!r}")
+    f = table.to_frame()
+    if "damage_std" not in f:
+        raise MpsearchError("ilp risk>0 needs a 'damage_std' column in the table: use an estimator that "
+                            "reports it (hessian, output-distance, fisher) or risk=0")
+    f["damage_mean"] = f["damage"]
+    f["damage"] = f["damage"] + float(risk) * f["damage_std"].fillna(0.0)
+    return CostTable(f, {**table.metadata, "risk": float(risk)})

@@ -22,8 +22,7 @@ from __future__ import annotations
 from ..options import parse_option
 from . import Target
 
-#: llama.cpp's replacement for a K-quant whose block does not divide the row (tensor_type_fallback)
-FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
+from ..formats.ggml import FALLBACK  # noqa: E402,F401  (llama.cpp's tensor_type_fallback)
 K_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
 LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
@@ -35,7 +34,7 @@ class LlamaCppTarget(Target):
     exporter = "llama.cpp"
     options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K",
                "q6_K", "q8_0", "keep")
-    default_options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "q5_0", "q5_1", "q5_K",
+    default_options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K",
                        "q6_K", "q8_0")
     notes = "rows must divide the type's block (256 for K-quants, 32 otherwise); a tied lm_head is not planned"
 
@@ -60,7 +59,7 @@ class LlamaCppTarget(Target):
                 if self.option_reason(lay, parse_option(name)) is not None:
                     name = FALLBACK.get(t, "keep")
                     if self.option_reason(lay, parse_option(name)) is not None:
-                        name = "keep"
+                        name = "keep"  # llama.cpp writes f16: the keep type of the export
                 plan[lay.name] = name
             out[f"pure-{t}"] = plan
         out.update(_builtin_mixes(layers))

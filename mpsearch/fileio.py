@@ -1,0 +1,248 @@
+"""Output files and folders: checked before any work, written whole or not at all.
+
+Every command that writes calls :func:`check_output_path` on each output first (an empty path, an
+existing directory where a file goes, a path below a regular file, a directory that cannot be
+written, an unsupported suffix: one :class:`~mpsearch.errors.OutputError` line). Files are then
+written through :func:`atomic_write` (a temporary sibling, ``os.replace`` last), and a folder of
+outputs through :func:`atomic_dir` (built in a hidden sibling, renamed or moved in last), so a
+failure leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import OutputError
+
+__all__ = ["check_output_path", "atomic_write", "atomic_write_text", "atomic_write_bytes",
+           "atomic_dir", "staged_dir_name"]
+
+
+def _as_path(path, flag: str) -> Path:
+    if path is None or (isinstance(path, str) and not path.strip()):
+        raise OutputError(f"{flag}: the output path is empty; give a file or folder name")
+    if not isinstance(path, (str, os.PathLike)):
+        raise OutputError(f"{flag}: the output path must be a string, got {type(path).__name__}")
+    return Path(path)
+
+
+def check_output_path(path, *, flag: str = "-o", kind: str = "file", suffixes=None) -> Path:
+    """Check that ``path`` can be written as a ``kind`` (``"file"`` or ``"dir"``) before any work.
+
+    ``suffixes``: the allowed suffixes (lower case, with the dot), e.g. the image formats of a plot.
+    Raises :class:`OutputError` with one line saying what is wrong; returns the path.
+    """
+    p = _as_path(path, flag)
+    if str(p) in (".", "..", os.sep) or p.name in ("", ".", ".."):
+        raise OutputError(f"{flag} {str(path)!r}: name a {kind} to write, not {str(path)!r}")
+    if kind == "file":
+        if p.is_dir():
+            raise OutputError(f"{flag} {str(p)!r} is an existing directory; give a file path "
+                              f"(for example {str(p / 'out')!r} with a suffix)")
+        if p.exists() and not p.is_file():
+            raise OutputError(f"{flag} {str(p)!r} exists and is not a regular file")
+    elif kind == "dir":
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"{flag} {str(p)!r} is an existing file; give a folder path")
+    else:  # pragma: no cover - programming error
+        raise ValueError(kind)
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        raise OutputError(f"{flag} {str(p)!r}: unsupported format {p.suffix or '(no suffix)'!r}; "
+                          f"use one of {', '.join(sorted(suffixes))}")
+    # the first existing ancestor must be a writable directory
+    parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists() and not os.path.lexists(parent):
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{flag} {str(p)!r}: {str(parent)!r} is a regular file, not a directory")
+    if os.path.lexists(parent) and not parent.exists():
+        raise OutputError(f"{flag} {str(p)!r}: {str(parent)!r} is a broken link")
+    if parent.exists() and not _writable(parent):
+        raise OutputError(f"{flag} {str(p)!r}: the directory {str(parent)!r} is not writable")
+    return p
+
+
+def _writable(directory: Path) -> bool:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return True
+    # root passes os.access everywhere: try for real (read-only mounts)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mpsearch-probe.")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing ancestors; return those created, deepest first."""
+    missing = []
+    d = Path(directory)
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(dirs) -> None:
+    for d in dirs:  # deepest first; a folder another writer filled meanwhile stays
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _mode_of_new_file() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w", **open_kw):
+    """Open a temporary sibling of ``path`` for writing; ``os.replace`` it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left as it was. Parent folders
+    are created. ``with atomic_write("a.json") as fh: fh.write(...)``; ``atomic_write(p, "wb")``
+    for bytes; ``atomic_write(p, None)`` yields the temporary *path* (for writers that take a
+    file name, such as ``torch.save`` or ``savefig``).
+    """
+    path = Path(path)
+    created = _make_parents(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        if mode is None:
+            os.close(fd)
+            yield tmp
+        else:
+            with os.fdopen(fd, mode, **open_kw) as fh:
+                yield fh
+        os.chmod(tmp, _mode_of_new_file())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _remove_empty(created)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling, so no half-written file is left."""
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def staged_dir_name(dest) -> Path:
+    """The hidden sibling a folder of outputs is built in (kept after an interruption, to resume)."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.partial"
+
+
+@contextlib.contextmanager
+def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=()):
+    """Build a folder of outputs beside ``dest`` and put it in place last.
+
+    Yields the staging folder (``.NAME.partial`` beside ``dest``). If ``dest`` already exists, the
+    staging folder starts with a copy of its entries named in ``seed`` (caches to reuse; ``None``:
+    all of it) and, on success, each new or
+    changed file is moved into ``dest`` (files of ``dest`` that were not rewritten stay); otherwise
+    the staging folder is renamed to ``dest``. On an error the staging folder is removed; on
+    Ctrl-C it is kept (``keep_on_interrupt``) so a rerun resumes the cached work in it.
+    """
+    dest = Path(dest)
+    stage = staged_dir_name(dest)
+    if stage.exists() and not stage.is_dir():
+        stage.unlink()
+    created = _make_parents(stage.parent)
+    if not stage.exists():
+        if dest.is_dir() and seed is None:
+            shutil.copytree(dest, stage, symlinks=True)
+        else:
+            stage.mkdir(parents=True)
+            for name in seed or ():
+                src = dest / name
+                if src.is_dir():
+                    shutil.copytree(src, stage / name, symlinks=True)
+                elif src.is_file():
+                    shutil.copy2(src, stage / name)
+    try:
+        yield stage
+    except KeyboardInterrupt:
+        if not keep_on_interrupt:
+            shutil.rmtree(stage, ignore_errors=True)
+            _remove_empty(created)
+        raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    if not dest.exists():
+        os.replace(stage, dest)
+        return
+    for root, _dirs, files in os.walk(stage):
+        rel = Path(root).relative_to(stage)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.replace(Path(root) / f, dest / rel / f)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def atomic_output_dir(arg: str = "out", seed=()):
+    """Decorator: the keyword argument ``arg`` (a folder) is built with :func:`atomic_dir`.
+
+    The function receives the staging folder; when it returns, the folder is put in place and any
+    path in the result's ``out`` and ``files`` attributes is rewritten to the final folder.
+    """
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            dest = kwargs.get(arg)
+            if dest is None or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                return fn(*args, **kwargs)  # under torchrun the ranks share the folder (rank 0 writes)
+            dest = check_output_path(dest, flag=arg, kind="dir")
+            with atomic_dir(dest, seed=seed) as stage:
+                kwargs[arg] = stage
+                result = fn(*args, **kwargs)
+            _relocate(result, stage, dest)
+            return result
+
+        return inner
+
+    return wrap
+
+
+def _relocate(result, stage: Path, dest: Path) -> None:
+    def fix(value):
+        text = str(value)
+        s = str(stage)
+        if text == s or text.startswith(s + os.sep):
+            new = str(dest) + text[len(s):]
+            return Path(new) if isinstance(value, Path) else new
+        return value
+
+    if hasattr(result, "out") and result.out is not None:
+        with contextlib.suppress(AttributeError):
+            result.out = fix(result.out)
+    files = getattr(result, "files", None)
+    if isinstance(files, dict):
+        for k, v in list(files.items()):
+            files[k] = fix(v)

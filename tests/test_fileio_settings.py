@@ -1,0 +1,166 @@
+"""The output mechanism (checks, atomic files and folders) and the declared settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mpsearch.errors import OutputError, SettingsError
+from mpsearch.fileio import atomic_dir, atomic_output_dir, atomic_write, atomic_write_text, check_output_path
+
+
+# ------------------------------------------------------------------------------ output checks
+def test_check_output_path_accepts_new_files_and_folders(tmp_path):
+    assert check_output_path(tmp_path / "new" / "deeper" / "a.json") == tmp_path / "new" / "deeper" / "a.json"
+    assert check_output_path(tmp_path / "d", kind="dir") == tmp_path / "d"
+    (tmp_path / "f.csv").write_text("x")
+    assert check_output_path(tmp_path / "f.csv")  # an existing file is replaced, not refused
+    assert not (tmp_path / "new").exists()  # checking writes nothing
+
+
+@pytest.mark.parametrize("make, kind, suffixes, msg", [
+    (lambda t: t / "adir", "file", None, "is an existing directory"),
+    (lambda t: t / "afile", "dir", None, "is an existing file; give a folder path"),
+    (lambda t: t / "afile" / "x" / "y.json", "file", None, "'.*afile' is a regular file, not a directory"),
+    (lambda t: "", "file", None, "the output path is empty"),
+    (lambda t: "   ", "dir", None, "the output path is empty"),
+    (lambda t: t / "plot.xyz", "file", {".png", ".pdf"}, r"unsupported format '.xyz'; use one of .pdf, .png"),
+    (lambda t: 3, "file", None, "must be a string, got int"),
+])
+def test_check_output_path_refusals(tmp_path, make, kind, suffixes, msg):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=msg):
+        check_output_path(make(tmp_path), kind=kind, suffixes=suffixes)
+
+
+# ------------------------------------------------------------------------------ atomic files
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    p = tmp_path / "a.txt"
+    atomic_write_text(p, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(p) as fh:
+            fh.write("half")
+            raise RuntimeError("disk full")
+    assert p.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+    with atomic_write(p, None) as tmp:  # writers that take a file name
+        Path(tmp).write_text("new")
+        assert tmp.endswith(".txt") and not p.read_text() == "new"
+    assert p.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_atomic_write_removes_the_folders_it_created_on_failure(tmp_path):
+    with pytest.raises(ValueError):
+        with atomic_write(tmp_path / "x" / "y" / "a.txt") as fh:
+            fh.write("x")
+            raise ValueError("bad")
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ atomic folders
+def test_atomic_dir_appears_whole_and_failures_leave_nothing(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(ValueError):
+        with atomic_dir(dest) as stage:
+            (stage / "table.csv").write_text("t")
+            raise ValueError("estimator failed")
+    assert os.listdir(tmp_path) == []
+    with atomic_dir(dest) as stage:
+        (stage / "plans").mkdir()
+        (stage / "plans" / "p.json").write_text("{}")
+        assert not dest.exists()  # nothing visible until the end
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["plans", "plans/p.json"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_dir_over_an_existing_folder_keeps_other_files_and_seeds_caches(tmp_path):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("user file")
+    (dest / "table.csv").write_text("cached")
+    with atomic_dir(dest, seed=("table.csv",)) as stage:
+        assert (stage / "table.csv").read_text() == "cached" and not (stage / "mine.txt").exists()
+        (stage / "frontier.csv").write_text("f")
+    assert (dest / "mine.txt").read_text() == "user file" and (dest / "frontier.csv").read_text() == "f"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_dir_keeps_its_work_after_ctrl_c_and_resumes(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dest) as stage:
+            (stage / "cache.pt").write_text("half the work")
+            raise KeyboardInterrupt
+    assert not dest.exists() and (tmp_path / ".out.partial" / "cache.pt").exists()
+    with atomic_dir(dest) as stage:
+        assert (stage / "cache.pt").read_text() == "half the work"
+    assert (dest / "cache.pt").exists() and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_output_dir_rewrites_the_result_paths(tmp_path):
+    class Run:
+        def __init__(self, out):
+            self.out, self.files = out, {"table": str(out / "t.csv"), "other": "/elsewhere"}
+
+    @atomic_output_dir("out")
+    def work(*, out=None):
+        (out / "t.csv").write_text("x")
+        return Run(out)
+
+    run = work(out=tmp_path / "res")
+    assert run.out == tmp_path / "res" and run.files == {"table": str(tmp_path / "res" / "t.csv"), "other": "/elsewhere"}
+    assert (tmp_path / "res" / "t.csv").read_text() == "x"
+    with pytest.raises(OutputError, match="is an existing file"):
+        work(out=tmp_path / "res" / "t.csv")
+
+
+# -------------------------------------------------------------------------------- settings
+def test_settings_are_the_declared_signature_with_types_and_defaults():
+    from mpsearch.registry import settings
+
+    ilp = {s.name: s for s in settings("solver", "ilp")}
+    assert ilp["time_limit"].default == 60.0 and ilp["time_limit"].type_name == "float or None"
+    assert ilp["backend"].type_name == "str" and ilp["msg"].default is False
+    hess = {s.name: s for s in settings("estimator", "hessian")}
+    assert hess["probes"].describe() == "probes: int = 64"
+
+
+def test_settings_are_converted_and_checked_before_construction():
+    from mpsearch.registry import check_settings, get_solver
+
+    assert check_settings("solver", "ilp", {"time_limit": 3, "msg": "true"}) == {"time_limit": 3.0, "msg": True}
+    assert get_solver("ilp", time_limit=3).time_limit == 3.0
+    assert get_solver("dp", max_units=1024.0).max_units == 1024
+    with pytest.raises(SettingsError, match=r"'max_units' must be int, got 1.5"):
+        get_solver("dp", max_units=1.5)
+    with pytest.raises(SettingsError, match=r"'fill' must be bool, got 1 \(int\)"):
+        get_solver("greedy", fill=1)
+    with pytest.raises(SettingsError, match=r"no setting 'tim_limit' \(did you mean 'time_limit'\?\)"):
+        get_solver("ilp", tim_limit=1)
+
+
+def test_mpsearch_list_shows_every_estimator_solver_and_metric(capsys):
+    from mpsearch.cli import main
+    from mpsearch.registry import ESTIMATORS, METRICS, SOLVERS
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*ESTIMATORS, *SOLVERS, *METRICS]:
+        assert f"\n  {name}\n" in out
+    assert "time_limit: float or None = 60.0" in out and "probes: int = 64" in out
+    assert "window: int = 128" in out and "batches" not in out  # a metric's data is not a setting
+    assert main(["list", "solvers"]) == 0
+    only = capsys.readouterr().out
+    assert "solvers:" in only and "estimators:" not in only
+
+
+def test_help_names_the_choices(capsys):
+    from mpsearch.cli import main
+
+    for cmd, names in (("solve", ["greedy", "ilp", "dp", "optuna"]), ("estimate", ["hessian", "output-distance"])):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(n in out for n in names), out
