@@ -50,6 +50,29 @@ _KINDS = {"solver": SOLVERS, "estimator": ESTIMATORS, "metric": METRICS}
 LIST_SECTIONS: dict = {}
 
 
+class _TargetLine:
+    def __init__(self, text):
+        self.text = text
+
+    def describe(self) -> str:
+        return self.text
+
+
+def _target_rows():
+    from .targets import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        t = get_target(name)
+        rows.append((name, [_TargetLine(f"options: {', '.join(t.options)}"),
+                            _TargetLine(f"default: {', '.join(t.default_options)}; export: {t.exporter or '-'}"
+                                        f"{'; fused q/k/v, gate/up' if t.fused_runtime else ''}")]))
+    return rows
+
+
+LIST_SECTIONS["targets"] = _target_rows
+
+
 def register(kind: str, name: str, target: str) -> None:
     """Register ``target`` (``"module:Class"``) as solver or estimator ``name``."""
     _KINDS[kind][name] = target

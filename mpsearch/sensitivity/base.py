@@ -191,6 +191,7 @@ class Estimator:
         metadata = {
             "estimator": self.name,
             "params": self.get_params(),
+            "options": [o.name for o in options],
             "model": {"fingerprint": model_fingerprint(model), "class": type(model).__name__},
             "data": describe_data(batches),
             "cost": {"seconds": round(seconds, 4), **ctx.cost},

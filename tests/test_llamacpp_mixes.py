@@ -1,0 +1,192 @@
+"""llama.cpp's built-in mixes, re-implemented, against what the real llama-quantize wrote.
+
+The fixture tests/fixtures/llamacpp/mixes.json is made by experiments/llamacpp_fixtures.py, which
+runs llama-quantize (llama-cpp-python 0.3.36's vendored llama.cpp) on SmolLM2-135M and on a random
+Llama with hidden 256, and reads each output's tensor types with gguf-py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mpsearch.errors import MpsearchError
+from mpsearch.targets.llamacpp_mixes import (
+    FTYPES, GGML_TYPES, allows_quantization, canonical_ftype, mix_nbytes, mix_types,
+    tensor_order, type_nbytes)
+
+FIXTURE = json.loads(
+    (Path(__file__).parent / "fixtures" / "llamacpp" / "mixes.json").read_text())
+MODELS = FIXTURE["models"]
+
+
+def _call(model, ftype, **kw):
+    return mix_types(ftype, model["tensors"], arch=model["arch"], n_layer=model["n_layer"],
+                     n_head=model["n_head"], n_head_kv=model["n_head_kv"],
+                     n_expert=model["n_expert"], **kw)
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+@pytest.mark.parametrize("ftype", FIXTURE["ftypes"])
+def test_mix_equals_llama_quantize(key, ftype):
+    model = MODELS[key]
+    names = [n for n, _ in model["tensors"]]
+    real = dict(zip(names, model["mixes"][ftype]))
+    given = dict(zip(names, model["input_types"]))
+    got = _call(model, ftype)
+    wrong = {n: (got[n], real[n]) for n in got if got[n] != real[n]}
+    assert not wrong, f"{key} {ftype}: (ours, llama-quantize) differ on {wrong}"
+    # every tensor left out is one llama-quantize copied unchanged
+    for n in names:
+        if n not in got:
+            assert real[n] == given[n], n
+    assert len(got) >= len(names) * 0.7
+
+
+def test_fixture_covers_the_requested_ftypes_and_real_mixes():
+    for f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+              "Q6_K", "Q8_0", "Q4_0"):
+        assert f in FIXTURE["ftypes"] and f in FTYPES
+    # the fixture is not trivial: the mixes do mix, and the two models differ (fallbacks)
+    small, smol = MODELS["random_llama_256"], MODELS["smollm2"]
+    assert len(set(small["mixes"]["Q4_K_M"])) >= 4
+    smol_q = dict(zip([n for n, _ in smol["tensors"]], smol["mixes"]["Q4_K_M"]))
+    small_q = dict(zip([n for n, _ in small["tensors"]], small["mixes"]["Q4_K_M"]))
+    assert small_q["blk.3.attn_q.weight"] == "q4_K"  # 256 columns: the K-quant fits
+    assert smol_q["blk.3.attn_q.weight"] == "q5_0"   # 576 columns: llama.cpp's fallback
+    assert "output.weight" in [n for n, _ in small["tensors"]]
+    assert "output.weight" not in [n for n, _ in smol["tensors"]]
+
+
+def test_tensor_type_file_overrides_as_llama_quantize():
+    ov = FIXTURE["overrides"]
+    model = MODELS[ov["model"]]
+    pairs = [tuple(line.split("=", 1)) for line in ov["tensor_types"]]
+    got = _call(model, ov["ftype"], tensor_types=pairs,
+                token_embedding_type=ov["token_embedding_type"])
+    names = [n for n, _ in model["tensors"]]
+    real = dict(zip(names, ov["types"]))
+    assert {n: real[n] for n in got} == got
+    # the hand-written file asked for these exact types and got them (no fallback needed)
+    for pat, t in pairs:
+        name = pat.strip("^$").replace("\\.", ".")
+        assert real[name] == t, name
+    assert real["token_embd.weight"] == "q4_0"
+
+
+def test_fallback_rules_of_the_issue():
+    # llama.cpp's fallback for K-quants on 576 columns (issue 10): q2_K/q3_K -> q4_0,
+    # q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0; 1536 columns take K-quants as asked
+    tensors = [("blk.0.attn_q.weight", (576, 576)), ("blk.0.ffn_down.weight", (576, 1536))]
+    for want, fb in (("q2_K", "q4_0"), ("q3_K", "q4_0"), ("q4_K", "q5_0"), ("q5_K", "q5_1"),
+                     ("q6_K", "q8_0"), ("q8_0", "q8_0"), ("q4_1", "q4_1")):
+        got = mix_types("Q8_0", tensors, n_layer=1, n_head=9, n_head_kv=3,
+                        tensor_types=[("blk", want)])
+        assert got == {"blk.0.attn_q.weight": fb, "blk.0.ffn_down.weight": want}
+    # a column count no 32-block type divides becomes f16
+    got = mix_types("Q4_K_M", [("blk.0.attn_q.weight", (64, 100))], n_layer=1, n_head=1,
+                    n_head_kv=1)
+    assert got == {"blk.0.attn_q.weight": "f16"}
+
+
+def test_q4_k_m_use_more_bits_by_hand():
+    # Q4_K_M gives ffn_down q6_K where use_more_bits(i, n): i < n/8, i >= 7n/8, (i - n/8) % 3 == 2.
+    n = 16
+    tensors = [(f"blk.{i}.ffn_down.weight", (256, 256)) for i in range(n)]
+    got = mix_types("Q4_K_M", tensors, n_layer=n, n_head=4, n_head_kv=4)
+    six = sorted(int(k.split(".")[1]) for k, v in got.items() if v == "q6_K")
+    assert six == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert set(got.values()) == {"q4_K", "q6_K"}
+
+
+def test_order_and_quantizable():
+    assert tensor_order(["blk.10.a.weight", "blk.2.b.weight", "token_embd.weight",
+                         "blk.2.a.weight", "output.weight"]) == [
+        "output.weight", "token_embd.weight", "blk.2.a.weight", "blk.2.b.weight",
+        "blk.10.a.weight"]
+    assert not allows_quantization("blk.0.attn_norm.weight", (576, 1))
+    assert not allows_quantization("blk.0.attn_q.bias", (576, 576))
+    assert not allows_quantization("blk.0.attn_q.weight", (576,))
+    assert allows_quantization("blk.0.attn_q.weight", (576, 576))
+    assert not allows_quantization("output.weight", (10, 32), quantize_output_tensor=False)
+
+
+def test_type_sizes_match_gguf_py():
+    gguf = pytest.importorskip("gguf")
+    for t, (block, nbytes) in GGML_TYPES.items():
+        q = getattr(gguf.GGMLQuantizationType, t.upper(), None)
+        if q is None:  # Q2_0 is newer than the installed gguf-py
+            continue
+        assert gguf.GGML_QUANT_SIZES[q] == (block, nbytes), t
+    # q4_K is 4.5 bits per weight, q3_K 3.4375, q6_K 6.5625, q8_0 8.5 (issue 10)
+    for t, bpw in (("q4_K", 4.5), ("q3_K", 3.4375), ("q6_K", 6.5625), ("q8_0", 8.5),
+                   ("q2_K", 2.625)):
+        assert type_nbytes(t, (4, 1024)) * 8 / 4096 == bpw
+    assert mix_nbytes({"a": "q8_0"}, [("a", (2, 64)), ("b", (2, 64))]) == 2 * 2 * 34
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mix_types("Q4_K_X", [("a.weight", (32, 32))], n_layer=1, n_head=1, n_head_kv=1),
+     "unknown llama.cpp mix 'Q4_K_X'.*did you mean"),
+    (lambda: mix_types("Q4_K_M", [], n_layer=1, n_head=1, n_head_kv=1), "non-empty list"),
+    (lambda: mix_types("Q4_K_M", [("a.weight", (32, "x"))], n_layer=1, n_head=1, n_head_kv=1),
+     "bad tensor entry"),
+    (lambda: mix_types("Q4_K_M", [("a.weight", (32, 32))] * 2, n_layer=1, n_head=1,
+                       n_head_kv=1), "listed twice"),
+    (lambda: mix_types("Q4_K_M", [("a.weight", (32, 32))], n_layer=0, n_head=1, n_head_kv=1),
+     "n_layer must be an integer >= 1"),
+    (lambda: mix_types("Q8_0", [("a.weight", (32, 32))], n_layer=1, n_head=1, n_head_kv=1,
+                       tensor_types=[("a", "q4_x")]), "unknown ggml tensor type 'q4_x'"),
+    (lambda: mix_types("Q8_0", [("a.weight", (32, 32))], n_layer=1, n_head=1, n_head_kv=1,
+                       tensor_types=[("(", "q4_0")]), "bad tensor-type regex"),
+    (lambda: type_nbytes("q4_K", (4, 576)), "576 columns cannot be stored as q4_K"),
+])
+def test_bad_input(call, match):
+    with pytest.raises(MpsearchError, match=match):
+        call()
+
+
+def test_aliases():
+    assert canonical_ftype("q4_k") == "Q4_K_M" and canonical_ftype("Q3_K_s") == "Q3_K_S"
+
+
+def _hf_layers(model):
+    from types import SimpleNamespace
+
+    back = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+    layers = {}
+    for name, shape in model["tensors"]:
+        parts = name.split(".")
+        if name == "output.weight":
+            hf = "lm_head"
+        elif parts[0] == "blk" and parts[2] in back:
+            hf = f"model.layers.{parts[1]}.{back[parts[2]]}"
+        else:
+            continue
+        layers[hf] = name
+        yield SimpleNamespace(name=hf, out_channels=shape[0], in_features=shape[1]), name
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_recipes_for_layers_are_the_real_mixes(key):
+    from mpsearch.targets.llamacpp_mixes import RECIPE_FTYPES, recipes_for_layers
+
+    model = MODELS[key]
+    pairs = list(_hf_layers(model))
+    names = [n for n, _ in model["tensors"]]
+    recipes = recipes_for_layers([lay for lay, _ in pairs])
+    for ftype in RECIPE_FTYPES:
+        if ftype not in model["mixes"]:
+            continue
+        real = dict(zip(names, model["mixes"][ftype]))
+        want = {lay.name: ("keep" if real[g] in ("f16", "f32", "bf16") else real[g])
+                for lay, g in pairs}
+        assert recipes[ftype] == want, ftype
+    # a model that is not Llama-family gets no mixes
+    from types import SimpleNamespace
+    assert recipes_for_layers([SimpleNamespace(name="encoder.layer.0.x", out_channels=4,
+                                               in_features=32)]) == {}
