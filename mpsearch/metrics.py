@@ -6,7 +6,10 @@ reference model; :meth:`Metric.loss` turns a value into a degradation (>= 0 mean
 reference) whatever the metric's direction, which is what the proxy check correlates with the
 predicted damage.
 
-- :class:`Perplexity` for causal LMs: a sliding window over a held-out token stream;
+- :class:`CausalLMMetric` for causal LMs, in batched windows over a held-out token stream: mean KL
+  divergence to the full-precision next-token distribution (``kld``, with its 99th percentile),
+  top-1 agreement (``top1``) and perplexity, all from one pass; :class:`NextTokenKL`,
+  :class:`NextTokenTop1` and :class:`Perplexity` return one of them and keep all in ``values``;
 - :class:`EmbeddingCosine` for encoders: mean cosine between quantized and reference sentence
   embeddings (masked mean pooling, as sentence-transformers does);
 - :class:`Accuracy`, :class:`Top1Agreement` and :class:`KLDivergence` for classifiers;
@@ -185,51 +188,289 @@ class KLDivergence(_BatchMetric):
         return total / n
 
 
-class Perplexity(Metric):
-    """Perplexity of a causal LM on a token stream, with a sliding window.
+def causal_windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first scored position)`` of the windows over ``n`` tokens: each window of
+    ``window`` tokens advances by ``stride`` and starts at most one token before the previous one
+    ends, so every token from the second on is scored once, with context."""
+    out, start, prev_end = [], 0, 0
+    while True:
+        end = min(start + window, n)
+        out.append((start, end, max(prev_end, start + 1)))
+        if end == n:
+            return out
+        prev_end, start = end, min(start + stride, end - 1)
+
+
+class CausalLMMetric(Metric):
+    """Next-token quality of a causal LM on a token stream, in batched windows.
+
+    One pass over the windows (``batch_size`` windows of ``window`` tokens per forward, advancing by
+    ``stride``; only the tokens new to a window are scored, so each token is predicted once) gives:
+
+    - ``kld``: the mean over scored tokens of KL(p_ref || p) between the full-precision model's
+      next-token distribution and this model's (nats), and ``kld_p99``, its 99th percentile;
+    - ``top1``: the share (%) of scored tokens whose most likely next token is the reference's;
+    - ``perplexity``: exp of the mean negative log-likelihood of the actual next tokens.
+
+    The reference is computed once by :meth:`fit` and kept: ``reference="full"`` keeps every scored
+    token's fp32 logits (exact KL, computed from logit differences), ``"topk"`` keeps the ``topk`` most likely tokens'
+    log-probabilities plus the mass of the rest (the KL of the distributions with the tail merged into
+    one outcome: a lower bound of the exact KL, equal when ``topk`` covers the vocabulary), ``"auto"``
+    the full form when it fits in ``max_reference_mb``, else top-k. With ``cache_dir`` the reference
+    is stored on disk (``reference-<key>.pt``, key = model weights, tokens and settings) and read back
+    by a later run. ``value`` names the number :meth:`__call__` returns; :attr:`values` holds all of
+    the last measurement. Sums stay on the device until the end (one host synchronisation per call).
+    """
+
+    name = "kld"
+    unit = "nats, KL to full precision"
+    higher_is_better = False
+    needs_reference = True
+    VALUES = ("kld", "kld_p99", "top1", "perplexity")
+
+    def __init__(self, input_ids, window: int = 512, stride: int | None = None, batch_size: int = 8,
+                 reference: str = "auto", topk: int = 256, max_reference_mb: float = 4096.0,
+                 cache_dir=None):
+        super().__init__()
+        ids = torch.as_tensor(input_ids).reshape(-1).long()
+        if ids.numel() < 2:
+            raise MpsearchError(f"{self.name}: needs at least 2 tokens of evaluation text")
+        stride = window if stride is None else stride
+        if not isinstance(window, int) or window < 2:
+            raise MpsearchError(f"{self.name}: window must be an integer >= 2 tokens, got {window!r}")
+        if not isinstance(stride, int) or not 0 < stride <= window:
+            raise MpsearchError(f"{self.name}: need 0 < stride <= window, got stride={stride!r}, window={window}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise MpsearchError(f"{self.name}: batch_size must be a positive integer, got {batch_size!r}")
+        if reference not in ("auto", "full", "topk"):
+            raise MpsearchError(f"{self.name}: reference must be 'auto', 'full' or 'topk', got {reference!r}")
+        if not isinstance(topk, int) or topk < 1:
+            raise MpsearchError(f"{self.name}: topk must be a positive integer, got {topk!r}")
+        self.input_ids, self.window, self.stride, self.batch_size = ids, window, stride, batch_size
+        self.reference, self.topk, self.max_reference_mb = reference, topk, float(max_reference_mb)
+        self.cache_dir = cache_dir
+        self._values: dict[str, float] = {}
+        self._ref: list[dict] | None = None
+        self.reference_form: str | None = None
+
+    # ------------------------------------------------------------------ windows and forwards
+    def windows(self) -> list[tuple[int, int, int]]:
+        return causal_windows(self.input_ids.numel(), self.window, self.stride)
+
+    def _groups(self):
+        """Windows in batches of equal length: ``[(starts, length, offsets)]``."""
+        by_len: dict[int, list] = {}
+        for start, end, first in self.windows():
+            by_len.setdefault(end - start, []).append((start, first - start - 1))
+        out = []
+        for length, items in by_len.items():
+            for i in range(0, len(items), self.batch_size):
+                chunk = items[i : i + self.batch_size]
+                out.append(([s for s, _ in chunk], length, [o for _, o in chunk]))
+        return out
+
+    def _scored(self, model):
+        """Yield ``(logits [N, V] fp32, targets [N])`` of the scored tokens, batch by batch."""
+        dev = _device(model)
+        ids = self.input_ids.to(dev)
+        kwargs = _lm_kwargs(model)
+        for starts, length, offsets in self._groups():
+            x = torch.stack([ids[s : s + length] for s in starts])
+            out = model(input_ids=x, **kwargs) if kwargs is not None else model(x)
+            logits = model_output_tensor(out)[:, :-1]
+            pos = torch.arange(length - 1, device=dev)
+            keep = pos[None, :] >= torch.tensor(offsets, device=dev)[:, None]
+            yield logits[keep].float(), x[:, 1:][keep]
+
+    # ------------------------------------------------------------------------- reference
+    def fit(self, reference):
+        was = reference.training
+        reference.eval()
+        try:
+            self._ref = self._load_cached(reference)
+            if self._ref is None:
+                with torch.no_grad():
+                    self._ref = self._make_reference(reference)
+                self._save_cached(reference)
+        finally:
+            reference.train(was)
+        self._fitted = True
+        return self
+
+    def _form(self, vocab: int) -> str:
+        if self.reference != "auto":
+            return self.reference
+        n = sum(len(s) * (ln - 1) for s, ln, _ in self._groups())
+        return "full" if n * vocab * 4 / 2**20 <= self.max_reference_mb else "topk"
+
+    def _make_reference(self, model) -> list[dict]:
+        refs, form = [], None
+        for z, _tgt in self._scored(model):
+            form = form or self._form(z.shape[-1])
+            entry = {"top1": z.argmax(-1)}
+            if form == "full" or self.topk >= z.shape[-1]:
+                entry["logits"] = z
+            else:
+                logp = F.log_softmax(z, -1)
+                val, idx = logp.topk(self.topk, dim=-1)
+                entry.update(logp_top=val, idx=idx, log_tail=_log1mexp(torch.logsumexp(val, -1)))
+            refs.append(entry)
+        self.reference_form = form
+        return refs
+
+    def _cache_path(self, model):
+        if not self.cache_dir:
+            return None
+        import hashlib
+        from pathlib import Path
+
+        from .sensitivity.base import model_fingerprint
+
+        doc = repr((model_fingerprint(model), hashlib.sha1(self.input_ids.numpy().tobytes()).hexdigest(),
+                    self.window, self.stride, self.reference, self.topk, self.max_reference_mb))
+        return Path(self.cache_dir) / f"reference-{hashlib.sha1(doc.encode()).hexdigest()[:16]}.pt"
+
+    def _load_cached(self, model):
+        path = self._cache_path(model)
+        if path is None or not path.is_file():
+            return None
+        try:
+            doc = torch.load(path, map_location=_device(model), weights_only=True)
+        except Exception:  # unreadable: compute it again
+            return None
+        self.reference_form = doc["form"]
+        return doc["refs"]
+
+    def _save_cached(self, model):
+        path = self._cache_path(model)
+        if path is None:
+            return
+        import os
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"form": self.reference_form, "refs": self._ref}, tmp)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------- measuring
+    def __call__(self, model):
+        if self.needs_reference and not self._fitted:
+            raise MpsearchError(
+                f"metric {self.name!r} compares with the full-precision model: call "
+                f"metric.fit(reference_model) first"
+            )
+        return super().__call__(model)
+
+    def _measure(self, model):
+        dev = _device(model)
+        nll = torch.zeros((), dtype=torch.float64, device=dev)
+        hits = torch.zeros((), dtype=torch.float64, device=dev)
+        kls, count = [], 0
+        refs = self._ref if self._fitted else None
+        for i, (z, tgt) in enumerate(self._scored(model)):
+            logp = F.log_softmax(z, -1)
+            nll -= logp.gather(-1, tgt[:, None])[:, 0].double().sum()
+            count += tgt.numel()
+            if refs is None:
+                continue
+            ref = refs[i]
+            hits += (z.argmax(-1) == ref["top1"]).double().sum()
+            kls.append(_kl_rows(ref, z, logp))
+        values = {"perplexity": float(torch.exp(nll / count))}
+        if refs is not None:
+            kl = torch.cat(kls)
+            values.update(kld=float(kl.mean()), kld_p99=float(torch.quantile(kl.float(), 0.99)),
+                          top1=float(100.0 * hits / count))
+        self._values = values
+        return values[self.value_key]
+
+    @property
+    def values(self) -> dict[str, float]:
+        """Every value of the last measurement: ``kld``, ``kld_p99``, ``top1``, ``perplexity``."""
+        return dict(self._values)
+
+    value_key = "kld"
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped away from log(0)."""
+    return torch.log(torch.clamp(-torch.expm1(x), min=1e-30))
+
+
+def _kl_rows(ref: dict, z: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p_ref || q): exact with a full reference (from the logit differences, accurate in
+    float32 for nearby distributions), with the tail merged into one outcome with a top-k one."""
+    if "logits" in ref:
+        from .sensitivity.output_distance import kl_from_logits
+
+        return kl_from_logits(ref["logits"], z).double()
+    lp = ref["logp_top"]
+    lq = logq.gather(-1, ref["idx"])
+    lq_tail = _log1mexp(torch.logsumexp(lq, -1))
+    tail = ref["log_tail"]
+    kl = (lp.exp() * (lp - lq)).sum(-1) + tail.exp() * (tail - lq_tail)
+    return kl.double().clamp(min=0)
+
+
+class NextTokenKL(CausalLMMetric):
+    """Mean KL divergence to the full-precision next-token distribution (see :class:`CausalLMMetric`)."""
+
+
+class NextTokenTop1(CausalLMMetric):
+    """Top-1 agreement (%) with the full-precision model's next token (see :class:`CausalLMMetric`)."""
+
+    name = "top1"
+    unit = "% same top token as full precision"
+    higher_is_better = True
+    value_key = "top1"
+
+
+class Perplexity(CausalLMMetric):
+    """Perplexity of a causal LM on a token stream, with a sliding window, in batched passes.
 
     Each window of ``window`` tokens advances by ``stride``; only the tokens new to a window are
     scored (all of them in the first), so every token is predicted once, with at least
-    ``window - stride`` (and at least one) tokens of context.
+    ``window - stride`` (and at least one) tokens of context. Fitted on a reference model it also
+    reports ``kld``, ``kld_p99`` and ``top1`` in :attr:`values`; it does not need one.
     """
 
     name = "perplexity"
     unit = "ppl"
     higher_is_better = False
+    needs_reference = False
+    value_key = "perplexity"
 
-    def __init__(self, input_ids, window: int = 128, stride: int = 64, batch_size: int = 8):
-        super().__init__()
-        ids = torch.as_tensor(input_ids).reshape(-1).long()
-        if ids.numel() < 2:
-            raise MpsearchError("perplexity needs at least 2 tokens of evaluation text")
-        if not 0 < stride <= window:
-            raise MpsearchError(f"perplexity: need 0 < stride <= window, got stride={stride}, window={window}")
-        self.input_ids, self.window, self.stride, self.batch_size = ids, window, stride, batch_size
+    def __init__(self, input_ids, window: int = 128, stride: int = 64, batch_size: int = 8, **kwargs):
+        super().__init__(input_ids, window=window, stride=stride, batch_size=batch_size, **kwargs)
 
-    def windows(self) -> list[tuple[int, int, int]]:
-        """``(start, end, first scored position)`` of every window; a window starts at most one
-        token before the previous one ends, so each token is scored once, with context."""
-        out, start, prev_end, n = [], 0, 0, self.input_ids.numel()
-        while True:
-            end = min(start + self.window, n)
-            out.append((start, end, max(prev_end, start + 1)))
-            if end == n:
-                return out
-            prev_end, start = end, min(start + self.stride, end - 1)
-
-    def _measure(self, model):
+    def windowed(self, model) -> float:
+        """The same perplexity with one forward per window (the unbatched reference computation)."""
         dev = _device(model)
         nll, count = 0.0, 0
-        for start, end, first in self.windows():
-            ids = self.input_ids[start:end].unsqueeze(0).to(dev)
-            logits = model_output_tensor(model(input_ids=ids) if _takes_ids(model) else model(ids)).float()
-            logp = F.log_softmax(logits[0, :-1], -1)
-            tgt = ids[0, 1:]
-            lp = logp.gather(-1, tgt[:, None])[:, 0]
-            keep = slice(first - start - 1, None)
-            nll -= float(lp[keep].sum())
-            count += lp[keep].numel()
+        with torch.no_grad():
+            for start, end, first in self.windows():
+                ids = self.input_ids[start:end].unsqueeze(0).to(dev)
+                logits = model_output_tensor(model(input_ids=ids) if _takes_ids(model) else model(ids)).float()
+                logp = F.log_softmax(logits[0, :-1], -1)
+                tgt = ids[0, 1:]
+                lp = logp.gather(-1, tgt[:, None])[:, 0]
+                keep = slice(first - start - 1, None)
+                nll -= float(lp[keep].sum())
+                count += lp[keep].numel()
         return math.exp(nll / count)
+
+
+def _lm_kwargs(model):
+    """Keyword arguments for a forward on ``input_ids`` (``None``: call the model positionally)."""
+    if not _takes_ids(model):
+        return None
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {"use_cache": False} if "use_cache" in params else {}
 
 
 def _takes_ids(model) -> bool:
@@ -269,14 +510,19 @@ METRICS = {
     "agreement": Top1Agreement,
     "kl": KLDivergence,
     "perplexity": Perplexity,
+    "kld": NextTokenKL,
+    "top1": NextTokenTop1,
 }
+#: the metrics of causal LMs (all measured in one pass; each reports the others in ``values``)
+CAUSAL_METRICS = ("kld", "top1", "perplexity")
 
 
 def make_metric(name, data, **kwargs) -> Metric:
     """A metric by name (``cosine``, ``accuracy``, ``agreement``, ``kl``, ``perplexity``), a
     :class:`Metric` as it is, or a callable wrapped in :class:`FunctionMetric`.
 
-    ``data`` is the evaluation data: batches, or for ``perplexity`` a 1-D tensor of token ids.
+    ``data`` is the evaluation data: batches, or for the causal-LM metrics (``kld``, ``top1``,
+    ``perplexity``) a 1-D tensor of token ids.
     """
     if isinstance(name, Metric):
         return name
@@ -293,11 +539,11 @@ def make_metric(name, data, **kwargs) -> Metric:
 
 
 def default_metric_name(model: torch.nn.Module, batch=None) -> str:
-    """``perplexity`` for causal LMs, ``cosine`` for encoders, ``accuracy`` when the batch has
-    targets, ``agreement`` otherwise."""
+    """``kld`` for causal LMs (with top-1 agreement and perplexity from the same pass), ``cosine``
+    for encoders, ``accuracy`` when the batch has targets, ``agreement`` otherwise."""
     cls = type(model).__name__
     if cls.endswith(("ForCausalLM", "LMHeadModel")):
-        return "perplexity"
+        return "kld"
     config = getattr(model, "config", None)
     if config is not None and not cls.endswith(("ForSequenceClassification", "Classification")):
         return "cosine"

@@ -226,7 +226,7 @@ def _metric_key(metric: Metric) -> str:
         if isinstance(v, (int, float, str, bool)) or v is None:
             parts[k] = repr(v)
         elif isinstance(v, (torch.Tensor, list, tuple, dict)):
-            parts[k] = data_fingerprint(v)
+            parts[k] = data_fingerprint([v] if isinstance(v, torch.Tensor) else v)  # a tensor is one batch
         elif callable(v):
             parts[k] = f"{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
     return json.dumps(parts, sort_keys=True)
@@ -243,7 +243,8 @@ def measure(model, plan: BitPlan, metric: Metric, cache: _MeasureCache | None = 
     size = sum(r["size_bits"] for r in report.layers)
     params = sum(r["params"] for r in report.layers)
     result = {"quality": report.quality, "size_bits": size, "avg_bits": size / params,
-              "model_size_mb": report.size_mb, "levels_ok": report.ok}
+              "model_size_mb": report.size_mb, "levels_ok": report.ok,
+              **{f"measured_{k}": v for k, v in report.metrics.items()}}  # e.g. kld, kld_p99, top1, perplexity
     if cache is not None:
         cache.put(key, result)
     return result
@@ -504,6 +505,8 @@ def _frames(table, metric, baseline, front, measured, chosen, uniform, key, plan
     front["measured_loss"] = [metric.loss(q, baseline) if np.isfinite(q) else np.nan for q in front[qcol]]
     front["measured_avg_bits"] = [m.get("avg_bits", np.nan) for m in got]
     front["measured_size_bits"] = [m.get("size_bits", np.nan) for m in got]
+    for extra in sorted({k for m in got for k in m if k.startswith("measured_")} - {qcol}):
+        front[extra] = [m.get(extra, np.nan) for m in got]  # every value of a multi-value metric
     front.insert(0, "point", range(len(front)))
     if "damage_std" in table.frame:  # independent layers: the plan's std adds in quadrature
         front["damage_std"] = [plan_damage_std(table, p) for p in plans]
@@ -514,7 +517,8 @@ def _frames(table, metric, baseline, front, measured, chosen, uniform, key, plan
         urows.append({"option": opt, "bits": table.option_bits()[opt], "avg_bits": m["avg_bits"],
                       **({key: use} if key != "avg_bits" else {}), "size_bits": m["size_bits"],
                       "damage": float(sub["damage"].sum()), qcol: m["quality"],
-                      "measured_loss": metric.loss(m["quality"], baseline)})
+                      "measured_loss": metric.loss(m["quality"], baseline),
+                      **{k: v for k, v in m.items() if k.startswith("measured_") and k != qcol}})
     return front, pd.DataFrame(urows)
 
 
@@ -791,16 +795,36 @@ def build_metric(name, model, evals):
 
 
 def model_frontier(model: str, *, data: str | None = None, eval_data: str | None = None,
-                   metric: str | None = None, device_map=None, **kwargs) -> FrontierRun:
+                   metric: str | None = None, device_map=None, device=None, dtype=None, seq_len=None,
+                   calib_samples=None, eval_tokens=None, eval_window=None, eval_stride=None, batch_size=8,
+                   **kwargs) -> FrontierRun:
     """:func:`measured_frontier` from specs: a model spec (HF directory, ``package.module:callable``,
     ``file.py:callable`` or a zoo name), calibration and evaluation data specs (defaults for the zoo
-    models), a metric name, an accelerate ``device_map`` (``auto``, ``balanced``, JSON); ``kwargs``
-    go to :func:`measured_frontier`."""
+    models), a metric name, an accelerate ``device_map`` (``auto``, ``balanced``, JSON), the model's
+    ``device``/``dtype`` and the sizes of tokenized text (see :func:`mpsearch.specs.load_calibration`,
+    :func:`mpsearch.specs.load_metric`); ``kwargs`` go to :func:`measured_frontier`."""
     from .distributed import current, load_device_map, place_model
-    from .specs import load_data, load_model, load_tokenizer
+    from .specs import _is_text, load_calibration, load_data, load_metric, load_model, tokenizer_for
 
-    net = load_device_map(model, device_map) if device_map else load_model(model)
+    net = load_device_map(model, device_map) if device_map else load_model(model, device=device, dtype=dtype)
     place_model(net, current())  # under torchrun: ranks share the estimate and the measurements
+    if model == "smollm2" or _is_text(data) or _is_text(eval_data):  # text: the model's own tokenizer
+        tok = tokenizer_for(model)
+        sizes = dict(seq_len=seq_len, batch_size=batch_size, tokenizer=tok)
+        calib = load_calibration(data or "shakespeare", net, model, samples=calib_samples, **sizes)
+        if metric and ":" in str(metric):
+            m = build_metric(metric, net, None)
+        else:
+            m = load_metric(metric, eval_data or ("shakespeare" if model == "smollm2" else None), net, model,
+                            eval_tokens=eval_tokens, window=eval_window, stride=eval_stride, **sizes)
+        return measured_frontier(net, calib, m, **kwargs)
+    from .specs import is_causal_lm
+
+    if is_causal_lm(net) and eval_data and not (metric and ":" in str(metric)):  # token ids (.pt, callables)
+        calib = load_calibration(data, net, model, seq_len=seq_len, samples=calib_samples, batch_size=batch_size)
+        m = load_metric(metric, eval_data, net, model, eval_tokens=eval_tokens, window=eval_window,
+                        stride=eval_stride, batch_size=batch_size, seq_len=seq_len)
+        return measured_frontier(net, calib, m, **kwargs)
     tokenizer = load_tokenizer(model) if model == "minilm" or Path(model).is_dir() else None
     calib = load_data(data, tokenizer=tokenizer) if data else None
     if calib is None and model in ZOO_DATA:
@@ -814,14 +838,17 @@ DEMO_DATA = {"calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
 def run_demo(out="mpsearch-demo", *, estimator=DEFAULT_RECIPE["estimator"], solver=DEFAULT_RECIPE["solver"],
-             validate=DEMO_DATA["validate"], progress=True, **kwargs) -> FrontierRun:
+             validate=DEMO_DATA["validate"], progress=True, device=None, dtype=None, **kwargs) -> FrontierRun:
     """``mpsearch demo``: the default recipe on all-MiniLM-L6-v2 with Shakespeare text (calibration and
     evaluation passages from different plays; quality = embedding cosine to the fp32 model)."""
     from . import zoo
     from .metrics import EmbeddingCosine
 
     torch.manual_seed(0)
+    from .specs import load_model
+
     model, tok = zoo.load_minilm()
+    model = load_model(model, device=device, dtype=dtype)
     calib = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["calib"], "calib"), 16,
                                DEMO_DATA["max_length"], tokenizer=tok)
     evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["eval"], "eval", seed=1), 32,

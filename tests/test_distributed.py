@@ -89,14 +89,16 @@ def test_two_gloo_ranks_give_the_single_process_tables(tmp_path):
 def test_a_killed_rank_resumes_and_only_unfinished_units_are_recomputed(tmp_path):
     cache = tmp_path / "cache"
     case = ["output-distance"]
-    # run 1: rank 1 is SIGKILLed at its 12th model forward; rank 0 is then stopped too
+    # run 1: rank 1 is SIGKILLed at its 16th model forward (after its first saved units: the stacked
+    # options' one-time check adds forwards before them); rank 0 is then stopped too
     codes = _launch(dist_workers.estimate_worker,
-                    lambda r: (r, 2, str(tmp_path / "rdv1"), case, str(tmp_path), str(cache), 12),
+                    lambda r: (r, 2, str(tmp_path / "rdv1"), case, str(tmp_path), str(cache), 16),
                     timeout=30)
     assert codes[1] == -9
     files = sorted(cache.glob("output-distance-*-rank*of2.pt"))
     assert [f.name[-11:] for f in files] == ["rank0of2.pt", "rank1of2.pt"]
-    done = [int(torch.load(f, weights_only=True)["state"]["done"].sum()) for f in files]
+    # a unit is one (batch, layer): its options share one stacked suffix pass
+    done = [int(torch.load(f, weights_only=True)["state"]["done"].any(-1).sum()) for f in files]
     assert done[1] > 0  # rank 1 had saved some of its units before it died
     # run 2: both ranks restart on the same cache
     codes = _launch(dist_workers.estimate_worker,

@@ -145,4 +145,4 @@ def test_default_metric_name():
     assert default_metric_name(Fixed(torch.eye(2)), (x, torch.tensor([0, 1]))) == "accuracy"
     assert default_metric_name(Fixed(torch.eye(2)), x) == "agreement"
     Lm = type("GPT2LMHeadModel", (nn.Module,), {})
-    assert default_metric_name(Lm()) == "perplexity"
+    assert default_metric_name(Lm()) == "kld"  # KL to full precision, top-1 and perplexity in one pass

@@ -50,5 +50,5 @@ def test_bad_model_specs():
         load_model("/definitely/not/here")
     with pytest.raises(SpecError, match="no quantizable layer"):
         load_model("torch.nn:Identity")
-    with pytest.raises(SpecError, match="is not a Hugging Face directory or 'minilm'"):
+    with pytest.raises(SpecError, match="is not a Hugging Face directory, 'minilm' or 'smollm2'"):
         load_tokenizer("/definitely/not/here")

@@ -125,3 +125,37 @@ def make_solver(args, default: str = "dp"):
     from ..registry import get_solver
 
     return get_solver(args.solver or default, **parse_params(args.param))
+
+
+def add_device_args(p):
+    """``--device`` and ``--dtype``: where and in which precision the model is loaded."""
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="cpu, cuda, cuda:N or auto (CUDA when available); default: cpu")
+    p.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="float32, bfloat16, float16 or auto (the checkpoint's); default: float32. "
+                        "Quantization arithmetic is float32 per layer whatever the model dtype")
+
+
+def add_text_args(p, *, calib: bool = True, evaluation: bool = True):
+    """Sizes of tokenized text data (the model's own tokenizer reads .txt files)."""
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="tokens per text window (causal LMs: 512 on GPU, 128 on CPU; encoders: 64)")
+    if calib:
+        p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                       help="calibration windows of --seq-len tokens (causal LMs: 128 on GPU, 16 on CPU)")
+    if evaluation:
+        p.add_argument("--eval-tokens", type=int, default=None, metavar="N",
+                       help="evaluation tokens of a causal LM (32768 on GPU, 4096 on CPU)")
+        p.add_argument("--eval-window", type=int, default=None, metavar="N",
+                       help="evaluation window in tokens (default: --seq-len)")
+        p.add_argument("--eval-stride", type=int, default=None, metavar="N",
+                       help="tokens a window advances (default: the window: no overlap)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="text windows per forward pass (default: 8)")
+
+
+def load_model_args(args):
+    """The model of ``--model`` on ``--device`` in ``--dtype``."""
+    from ..specs import load_model
+
+    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))

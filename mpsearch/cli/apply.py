@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, say
+from ._common import add_command, add_device_args, check_outputs, load_model_args, say
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -11,6 +11,7 @@ def register(sub):
     p = add_command(sub, "apply", "Fake-quantize a model according to a plan; save its state dict.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
+    add_device_args(p)
     p.add_argument("-o", "--output", required=True, help="where to write the quantized state dict (.pt)")
 
 
@@ -20,11 +21,10 @@ def run(args) -> int:
     from ..apply import apply_plan
     from ..fileio import atomic_write
     from ..plan import BitPlan
-    from ..specs import load_model
 
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
-    model = load_model(args.model)
+    model = load_model_args(args)
     quantized = apply_plan(model, plan, inplace=True)
     import torch
 

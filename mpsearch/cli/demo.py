@@ -30,6 +30,9 @@ def register(sub):
     p.add_argument("--solver", default=DEMO["solver"], help=f"solver (default: {DEMO['solver']})")
     p.add_argument("--validate", type=int, default=DEMO["validate"], help="plans to measure along the frontier")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from ._common import add_device_args
+
+    add_device_args(p)
 
 
 def check_run_args(args, out_flag: str, out: str) -> None:
@@ -54,7 +57,7 @@ def run(args) -> int:
     check_run_args(args, "--out", args.out)
     t0 = time.perf_counter()
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, device=args.device, dtype=args.dtype)
     say(summarize(result))
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -72,9 +75,9 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
             continue
         tag = ""
         if uni is not None and r["budget"] in uni.index:
-            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4f}"
+            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4g}"
         lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
-                     f"{r['quality']:.4f} [{r['status']}]{tag}")
+                     f"{r['quality']:.4g} [{r['status']}]{tag}")
     chk = run.uniform_check
     lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
                  f"at least as good as uniform of equal or smaller size" + (
@@ -96,8 +99,12 @@ def add_model_frontier_args(p) -> None:
     """The arguments of the model path of ``mpsearch frontier``."""
     g = p.add_argument_group("measured frontier (instead of --table): estimate, solve, apply and measure")
     g.add_argument("--model", help="model spec: HF directory, package.module:callable, file.py:callable, "
-                                   "or minilm / fashion-cnn / digits-mlp")
+                                   "or minilm / smollm2 / fashion-cnn / digits-mlp")
     g.add_argument("--data", help="calibration data spec (text file, .pt, IDX file, callable, or a short name)")
+    from ._common import add_device_args, add_text_args
+
+    add_device_args(g)
+    add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
     g.add_argument("--estimator", default=DEFAULT_RECIPE["estimator"],
@@ -112,7 +119,8 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a Hugging Face model over this host's GPUs with accelerate (auto, balanced, JSON)")
     g.add_argument("--metric", default=None,
-                   help="cosine, accuracy, agreement, kl, perplexity, or package.module:callable (default: by model)")
+                   help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
+                        "kl, or package.module:callable (default: by model)")
     g.add_argument("--refine", type=int, default=DEFAULT_RECIPE["refine"], metavar="R",
                    help=f"rounds of measured refinement at each target budget (default: {DEFAULT_RECIPE['refine']})")
     g.add_argument("--refine-method", default=DEFAULT_RECIPE["refine_method"], choices=("calibrate", "local", "both"),
@@ -136,7 +144,9 @@ def run_model_frontier(args) -> int:
             options=args.options, validate=args.validate, points=args.points, key=args.key or "avg_bits",
             budget=budget_from_args(args), refine=args.refine, refine_method=args.refine_method,
             refine_evals=args.refine_evals, out=args.output, plans_dir=args.plans_dir, plot=args.plot,
-            progress=True, workers=args.workers, device_map=args.device_map)
+            progress=True, workers=args.workers, device_map=args.device_map, device=args.device,
+            dtype=args.dtype, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
+            eval_window=args.eval_window, eval_stride=args.eval_stride, batch_size=args.batch_size)
     except InfeasibleBudget as exc:
         import sys
 

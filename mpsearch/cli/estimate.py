@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_param_arg, add_target_arg, check_outputs, parse_params, say
+from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
+                      load_model_args, parse_params, say)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -12,8 +13,12 @@ mpsearch estimate --model path/to/hf-dir --data calib.txt --estimator output-dis
 
 def register(sub):
     p = add_command(sub, "estimate", "Measure per-layer sensitivity and write a cost table.", EXAMPLE, run)
-    p.add_argument("--model", required=True, help="model spec: package.module:callable or file.py:callable")
-    p.add_argument("--data", help="calibration data spec (needed by data-driven estimators and for MACs/BOPs)")
+    p.add_argument("--model", required=True,
+                   help="model spec: HF directory, smollm2, minilm, package.module:callable or file.py:callable")
+    p.add_argument("--data", help="calibration data spec: a text file (tokenized with the model's tokenizer), "
+                                  ".pt, callable or short name (needed by data-driven estimators and for MACs/BOPs)")
+    add_device_args(p)
+    add_text_args(p, evaluation=False)
     from ..registry import estimator_names
 
     p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
@@ -45,7 +50,7 @@ def run(args) -> int:
     from ..budget import check_patterns
     from ..options import parse_options
     from ..registry import get_estimator
-    from ..specs import load_data, load_model
+    from ..specs import load_calibration
 
     from ..table import sidecar_path
 
@@ -68,9 +73,10 @@ def run(args) -> int:
     args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
     estimator = get_estimator(args.estimator, **params)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
-    model = load_device_map(args.model, args.device_map) if args.device_map else load_model(args.model)
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
-    data = load_data(args.data)
+    data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
+                            batch_size=args.batch_size)
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_target_arg, check_outputs, dump_json, say
+from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
+                      load_model_args, say)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -12,22 +13,30 @@ def register(sub):
     p = add_command(sub, "validate", "Apply a plan, check every layer's levels, measure size and quality.", EXAMPLE, run)
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
-    p.add_argument("--metric", help="quality: package.module:callable taking the model, returning a float")
+    p.add_argument("--metric", help="quality: kld, top1, perplexity (causal LMs; default kld), cosine, accuracy, "
+                                    "agreement, kl, or package.module:callable taking the model, returning a float")
+    p.add_argument("--eval-data", help="evaluation data spec (text file, .pt, callable, short name) for --metric NAME")
+    add_device_args(p)
+    add_text_args(p, calib=False)
     add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
 def run(args) -> int:
     from ..plan import BitPlan
-    from ..specs import _load_callable, load_model
+    from ..specs import _load_callable, load_metric
     from ..fileio import atomic_write_text
     from ..validate import validate_plan
 
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
-    model = load_model(args.model)
+    model = load_model_args(args)
     metric = None
-    if args.metric:
+    if args.eval_data or (args.metric and ":" not in args.metric):  # a named metric needs --eval-data
+        metric = load_metric(args.metric, args.eval_data, model, args.model, eval_tokens=args.eval_tokens,
+                             window=args.eval_window, stride=args.eval_stride, batch_size=args.batch_size,
+                             seq_len=args.seq_len)
+    elif args.metric:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
@@ -36,6 +45,8 @@ def run(args) -> int:
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:
         say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")
+        for key, value in (report.metrics or {}).items():
+            say(f"  {key}: {value:.6g} (full precision: {report.baseline_metrics.get(key, float('nan')):.6g})")
     if args.output:
         atomic_write_text(args.output, dump_json(report.to_dict()) + "\n")
         say(f"wrote {args.output}")

@@ -70,6 +70,34 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _batch_len(batch) -> int:
+    from ..data import batch_size
+
+    return batch_size(batch)
+
+
+def repeat_along_batch(obj, n: int, size: int):
+    """Every tensor of ``obj`` whose first axis has length ``size``, repeated ``n`` times along it
+    (copy ``i`` is rows ``i*size .. (i+1)*size-1``); other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() and obj.shape[0] == size:
+            return obj.repeat(n, *([1] * (obj.dim() - 1)))
+        return obj
+    if isinstance(obj, dict):
+        return type(obj)({k: repeat_along_batch(v, n, size) for k, v in obj.items()}) \
+            if type(obj) is dict else _repeat_mapping(obj, n, size)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(repeat_along_batch(v, n, size) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(repeat_along_batch(v, n, size) for v in obj)
+    return obj
+
+
+def _repeat_mapping(obj, n, size):
+    out = obj.__class__(**{k: repeat_along_batch(v, n, size) for k, v in obj.items()})
+    return out
+
+
 class PrefixRunner:
     """Runs a model from a block onwards, reusing cached block outputs of the current batch."""
 
@@ -84,6 +112,8 @@ class PrefixRunner:
         self.verified = False
         self.after_blocks: set[str] = set()  # layers outside the blocks that run after all of them
         self.block_runs = 0  # blocks executed by suffix runs (for the cost report)
+        self._repeated: dict = {}  # (block, n) -> cached output repeated n times along the batch
+        self._batches: dict = {}  # n -> the current batch repeated n times
 
     def start_of(self, layer_name: str) -> int:
         """The first block a change in ``layer_name`` can affect (0: the whole model)."""
@@ -97,7 +127,7 @@ class PrefixRunner:
     @torch.no_grad()
     def reference(self, batch, layer_names=()):
         """Full-precision forward of ``batch``: caches block outputs; returns (output, raw output)."""
-        self.cached, self.cache_bytes = {}, 0
+        self.release()
         if self.blocks is None:
             return forward(self.model, batch)
         n = len(self.blocks.modules)
@@ -152,22 +182,44 @@ class PrefixRunner:
                 break
         self.verified = True
 
+    def release(self) -> None:
+        """Forget the current batch's cached outputs (and their repeated copies)."""
+        self.cached, self.cache_bytes = {}, 0
+        self._repeated, self._batches = {}, {}
+
+    def repeated_batch(self, batch, n: int):
+        """``batch`` repeated ``n`` times along the batch axis (kept for the current batch)."""
+        if n == 1:
+            return batch
+        if n not in self._batches:
+            self._batches = {n: repeat_along_batch(batch, n, _batch_len(batch))}
+        return self._batches[n]
+
     @torch.no_grad()
-    def run(self, batch, start: int):
-        """Forward from block ``start`` on (blocks before it return cached outputs where possible)."""
+    def run(self, batch, start: int, repeat: int = 1):
+        """Forward from block ``start`` on (blocks before it return cached outputs where possible).
+
+        ``repeat=n``: ``batch`` is the current batch repeated ``n`` times along the batch axis
+        (:meth:`repeated_batch`), and cached outputs are repeated to match."""
         j = max((k for k in self.cached if k < start), default=None)
         n = len(self.blocks.modules) if self.blocks is not None else 0
         if not self.enabled or j is None:
-            self.block_runs += n
+            self.block_runs += n * repeat
             return forward(self.model, batch)
         cached = self.cached[j]
+        if repeat > 1:
+            key = (j, repeat)
+            if key not in self._repeated:  # only the latest one is kept: layers run in block order
+                size = _batch_len(batch) // repeat
+                self._repeated = {key: repeat_along_batch(cached, repeat, size)}
+            cached = self._repeated[key]
         patched = self.blocks.modules[: j + 1]
         # a forward set on the instance (accelerate's device-map hooks) is put back afterwards
         saved = [mod.__dict__.get("forward") for mod in patched]
         for mod in patched:
             mod.forward = lambda *a, _c=cached, **k: _c
         try:
-            self.block_runs += n - j - 1
+            self.block_runs += (n - j - 1) * repeat
             return forward(self.model, batch)
         finally:
             for mod, prev in zip(patched, saved):

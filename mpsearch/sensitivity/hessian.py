@@ -12,6 +12,12 @@ graph is several times the memory of a training step): each round of probes runs
 micro-batch in turn and sums their size-weighted ``v^T H v``, which equals the whole batch's for a
 mean loss, so the result is the same up to float rounding at about 1/(batch/k) of the memory.
 
+``probe_batch=p`` evaluates ``p`` probes in one batched Hessian-vector product (``torch.autograd.grad``
+with ``is_grads_batched``, i.e. vmap over the double backward) where the model's operations allow it:
+the same probes (each drawn from its own seed) and the same traces up to float rounding, in fewer,
+larger kernels, at up to ``p`` times the HVP memory. When batching fails (an operation without a
+batching rule) it warns and goes on one probe at a time.
+
 - ``mode="trace"``: damage(l, b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3).
 - ``mode="diagonal"``: damage(l, b) = sum_j diag(H)_j * dW_j^2 with diag(H) ~ E[v * Hv].
 
@@ -48,6 +54,7 @@ class HessianEstimator(Estimator):
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, probes: int = 64,
                  min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
                  output: str = "auto", negative: str = "clamp", micro_batch: int | None = None,
+                 probe_batch: int = 1,
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.probes = probes
@@ -58,6 +65,7 @@ class HessianEstimator(Estimator):
         self.output = output
         self.negative = negative
         self.micro_batch = micro_batch
+        self.probe_batch = probe_batch
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
@@ -71,11 +79,13 @@ class HessianEstimator(Estimator):
         check_choice("negative", self.negative, ("clamp", "abs", "error"))
         if self.micro_batch is not None:
             check_positive("micro_batch", self.micro_batch, integer=True)
+        check_positive("probe_batch", self.probe_batch, integer=True)
         check_loss(self.loss)
         check_output(self.output)
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
         self._check()
+        self._batched = int(self.probe_batch) > 1  # run state: off after a failed batched HVP
         loss = resolve_loss(self.loss, ctx.batches)
         weights = [weight_of(model, lay) for lay in ctx.layers]
         diagonal = self.mode == "diagonal"
@@ -153,6 +163,43 @@ class HessianEstimator(Estimator):
                 acc += (v * h).double() * scale
         return torch.stack([(v * h).sum().double().cpu() for v, h in zip(vs, hv)]) * scale
 
+    def _probes(self, grads, weights, ctx, bi, js, scale, diag=None):
+        """Probes ``js`` through one gradient graph, in one batched HVP (``is_grads_batched``) where
+        possible: ``(rows, prods)``, one ``v^T H v`` row per probe and, with ``diag=[]``, each probe's
+        ``v * Hv`` products (``diag`` as in :meth:`_probe` otherwise)."""
+        collect = diag is not None and not diag
+        if len(js) > 1 and self._batched:
+            try:
+                return self._probes_batched(grads, weights, ctx, bi, js, scale, diag, collect)
+            except RuntimeError as exc:
+                self._batched = False
+                warnings.warn(f"hessian: batched Hessian-vector products failed ({str(exc)[:120]}); "
+                              f"one probe at a time", EstimatorWarning, stacklevel=4)
+        rows, prods = [], []
+        for j in js:
+            pr = [] if collect else diag
+            rows.append(self._probe(grads, weights, ctx, bi, j, scale, pr))
+            prods.append(pr if collect else None)
+        return rows, prods
+
+    def _probes_batched(self, grads, weights, ctx, bi, js, scale, diag, collect):
+        probes = []
+        for j in js:
+            gen = torch.Generator(device=ctx.device).manual_seed(probe_seed(ctx.seed, bi, j))
+            probes.append(_rademacher(weights, gen, ctx.device))
+        vs = [torch.stack([p[i] for p in probes]) for i in range(len(weights))]
+        hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
+        ctx.count("hvps", len(js))
+        ctx.count("batched_hvp_calls")
+        prods = [None] * len(js)
+        if collect:
+            prods = [[v[i] * h[i] for v, h in zip(vs, hv)] for i in range(len(js))]
+        elif diag is not None:
+            for acc, v, h in zip(diag, vs, hv):
+                acc += (v * h).double().sum(0) * scale
+        per = torch.stack([(v * h).reshape(len(js), -1).sum(-1).double() for v, h in zip(vs, hv)], 1).cpu()
+        return [row * scale for row in per], prods
+
     def _probe_batch(self, model, batch, loss, weights, ctx, st, bi, n_max, bar):
         """Probes through one gradient graph of the whole batch until converged or ``n_max``.
 
@@ -161,16 +208,16 @@ class HessianEstimator(Estimator):
         """
         shard = ctx.shard
         grads = self._gradient_graph(model, batch, loss, weights, ctx)
+        p = max(int(self.probe_batch), 1)
         while len(st["current"]) < n_max:
             lo = len(st["current"])
-            hi = min(n_max, lo + shard.world)
+            hi = min(n_max, lo + shard.world * p)  # p probes per rank, in one batched HVP
             rows = torch.zeros(hi - lo, len(weights), dtype=torch.float64)
-            mine, prods = None, None
-            for j in range(lo, hi):
-                if j % shard.world == shard.rank:
-                    prods = [] if st["diag_batch"] is not None else None
-                    rows[j - lo] = self._probe(grads, weights, ctx, bi, j, 1.0, prods)
-                    mine = j
+            js = [j for j in range(lo, hi) if j % shard.world == shard.rank]
+            got, prods = self._probes(grads, weights, ctx, bi, js, 1.0,
+                                      [] if st["diag_batch"] is not None else None) if js else ([], [])
+            for j, row in zip(js, got):
+                rows[j - lo] = row
             rows = shard.sum(rows)  # each row is one rank's, zeros elsewhere: exact
             stop = False
             for j in range(lo, hi):
@@ -179,9 +226,10 @@ class HessianEstimator(Estimator):
                 if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
                     stop = True
                     break
-            if prods and mine < len(st["current"]):  # a probe past the stopping point is dropped
-                for acc, p in zip(st["diag_batch"], prods):
-                    acc += p.double() * 1.0
+            for j, pr in zip(js, prods):  # a probe past the stopping point is dropped
+                if pr and j < len(st["current"]):
+                    for acc, x in zip(st["diag_batch"], pr):
+                        acc += x.double()
             if ctx.checkpoint:
                 ctx.checkpoint.save(st)
             if stop:
@@ -197,8 +245,9 @@ class HessianEstimator(Estimator):
         shared between ranks (probe ``j`` on rank ``j % world``).
         """
         shard = ctx.shard
-        sizes = [batch_size(p) for p in parts]
+        sizes = [batch_size(part) for part in parts]
         total = float(sum(sizes))
+        p = max(int(self.probe_batch), 1)
         while len(st["current"]) < n_max:
             lo = len(st["current"])
             hi = min(n_max, max(int(self.min_probes), 2 * lo))
@@ -206,9 +255,11 @@ class HessianEstimator(Estimator):
             mine = [j for j in range(lo, hi) if j % shard.world == shard.rank]
             for part, size in zip(parts, sizes) if mine else ():
                 grads = self._gradient_graph(model, part, loss, weights, ctx)
-                for j in mine:
-                    vals[j - lo] = vals[j - lo] + self._probe(grads, weights, ctx, bi, j, size / total,
-                                                              st["diag_batch"])
+                for g in range(0, len(mine), p):  # p probes per batched HVP
+                    js = mine[g : g + p]
+                    for j, row in zip(js, self._probes(grads, weights, ctx, bi, js, size / total,
+                                                       st["diag_batch"])[0]):
+                        vals[j - lo] = vals[j - lo] + row
                 del grads
             vals = shard.sum(vals)
             st["current"].extend(list(vals))

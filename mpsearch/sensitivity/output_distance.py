@@ -6,8 +6,20 @@ size): ``metric="cosine"`` (1 - cos of output rows, for embeddings), ``"mse"``, 
 (KL(p_fp || p_q) of logits), or ``"auto"`` (cosine for embeddings, KL for logits). For models made of
 sequential blocks only the suffix after the changed block runs, from cached block outputs
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
-``max_cache_mb`` bounds the cache. ``damage_std`` is the standard error of that mean across the
-batches (0 with one batch).
+``max_cache_mb`` bounds the cache (default 1024 MB on CPU, 8192 MB on a GPU). ``damage_std`` is the
+standard error of that mean across the batches (0 with one batch).
+
+Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
+``stack_options=k`` per pass; ``1`` is one pass per option): the batch is repeated once per option
+along the batch axis and the layer, for that pass only, multiplies copy ``i`` of its input by option
+``i``'s quantized weight (Linear, Conv1d/2d, transformers' Conv1D, Embedding; other kinds take one
+pass per option). The first stacked layer is checked once against separate passes (a model that
+mixes samples across the batch axis is detected, warned about, and measured one option per pass).
+Distances accumulate on the device (float64 on CPU, float32 on GPU, where KL is computed from logit
+differences, :func:`kl_from_logits`, to stay accurate for nearby distributions; the forward passes
+run in the model's own dtype: bf16 compute for a bf16 model) and reach the host once, at the end.
+``micro_batch=k`` measures each calibration batch in pieces of at most ``k`` samples (the same
+weighted mean, a fraction of the memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
 
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
@@ -24,16 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from ..apply import activation_quantized
-from ..data import model_output_tensor, move_batch
+from ..data import micro_batches, model_output_tensor, move_batch
 from ..distributed import assign
+from ..layers import get_module
 from ..errors import MpsearchError
 from ..quant import quantize_weight
 from .base import (
     DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
-    weight_of,
 )
 from .blocks import PrefixRunner, find_blocks
-from .losses import METRICS, check_output, distance, output_kind
+from .losses import METRICS, check_output, output_kind
 
 
 def _size(batch) -> int:
@@ -49,29 +61,47 @@ class OutputDistanceEstimator(Estimator):
     needs_data = True
 
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
-                 output: str = "auto", prefix_cache: bool = True, max_cache_mb: float = 1024.0,
+                 output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
+                 stack_options: int | None = None, micro_batch: int | None = None,
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.metric = metric
         self.output = output
         self.prefix_cache = prefix_cache
         self.max_cache_mb = max_cache_mb
+        self.stack_options = stack_options
+        self.micro_batch = micro_batch
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
-    def _damage(self, model, ctx: Context) -> np.ndarray:
+    def _check(self):
         check_choice("metric", self.metric, METRICS)
         check_output(self.output)
-        check_positive("max_cache_mb", self.max_cache_mb, allow_zero=True)
+        if self.max_cache_mb is not None:
+            check_positive("max_cache_mb", self.max_cache_mb, allow_zero=True)
+        if self.stack_options is not None:
+            check_positive("stack_options", self.stack_options, integer=True)
+        if self.micro_batch is not None:
+            check_positive("micro_batch", self.micro_batch, integer=True)
+
+    def _damage(self, model, ctx: Context) -> np.ndarray:
+        self._check()
         names = [lay.name for lay in ctx.layers]
-        runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=self.max_cache_mb,
+        limit = self.max_cache_mb
+        if limit is None:
+            limit = _DEFAULT_CACHE_MB[ctx.device.type == "cuda"]
+        runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=limit,
                               enabled=bool(self.prefix_cache))
-        L, K, B = len(ctx.layers), len(ctx.options), len(ctx.batches)
+        batches = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
+        L, K, B = len(ctx.layers), len(ctx.options), len(batches)
+        acc = torch.float64 if ctx.device.type == "cpu" else torch.float32
         st = ctx.checkpoint.load() if ctx.checkpoint else None
         if not st or "values" not in st:  # none, or from an older layout: start over
             st = {"batch": 0, "layer": 0, "values": torch.zeros(B, L, K, dtype=torch.float64),
                   "done": torch.zeros(B, L, K, dtype=torch.bool)}
-        mine = _my_units(runner, ctx, names, st)
+        st["values"] = st["values"].to(ctx.device, acc)  # stays on the device (no host sync)
+        mine = _my_units(runner, ctx, names, st, batches)
+        self._stack_checked, self._stack_ok = False, True  # run state: the stacked pass is checked once
         total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
         bar.update(int(st["done"].sum()))
@@ -79,79 +109,248 @@ class OutputDistanceEstimator(Estimator):
             if not mine[bi].any():
                 st.update(batch=bi + 1, layer=0)
                 continue
-            batch = move_batch(ctx.batches[bi], ctx.device)
+            batch = move_batch(batches[bi], ctx.device)
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
+            target = _prepare(ref, self.metric, kind, acc)
             for li in range(st["layer"], L):
-                if not mine[bi, li].any():
-                    continue
-                lay = ctx.layers[li]
-                w = weight_of(model, lay)
-                saved = w.detach().clone()
-                start = runner.start_of(lay.name)
-                try:
-                    for k, opt in ctx.layer_options(li):
-                        if opt.is_keep or not mine[bi, li, k]:
-                            continue
-                        with torch.no_grad():
-                            w.copy_(quantize_weight(saved, opt, lay.kind, lay.name))
-                        with activation_quantized(model.get_submodule(lay.name), opt):
-                            out = runner.run(batch, start)[0]
-                        ctx.count("suffix_passes")
-                        st["values"][bi, li, k] = distance(out, ref, self.metric, kind)
-                        st["done"][bi, li, k] = True
-                        bar.update(1)
-                finally:
-                    with torch.no_grad():
-                        w.copy_(saved)
+                todo = [k for k in range(K) if mine[bi, li, k]]
+                if todo:
+                    st["values"][bi, li] += self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
+                                                                 target, kind, acc, li, todo)
+                    st["done"][bi, li, todo] = True
+                    bar.update(len(todo))
                 st["layer"] = li + 1
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
             st.update(batch=bi + 1, layer=0)
             if ctx.checkpoint:
                 ctx.checkpoint.save(st, force=True)
+            runner.release()
         bar.close()
         # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
-        values = ctx.shard.sum(st["values"])
+        values = ctx.shard.sum(st["values"].to("cpu", torch.float64))
         sums = torch.zeros(L, K, dtype=torch.float64)
         for bi in range(B):  # batches in order, as one process adds them
-            sums += _size(ctx.batches[bi]) * values[bi]
+            sums += _size(batches[bi]) * values[bi]
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
             prefix_cache=runner.enabled, cached_blocks=runner.peak_blocks,
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
+            stacked_options=bool(self._stack_checked and self._stack_ok),
         )
-        weight = float(sum(_size(b) for b in ctx.batches))
+        weight = float(sum(_size(b) for b in batches))
         mean = sums / max(weight, 1e-300)
-        wb = torch.tensor([float(_size(b)) for b in ctx.batches], dtype=torch.float64)[:, None, None]
+        wb = torch.tensor([float(_size(b)) for b in batches], dtype=torch.float64)[:, None, None]
         var = (wb * (values - mean) ** 2).sum(0) / max(weight, 1e-300)  # across batches
         ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
         return mean.clamp(min=0).numpy()
 
+    def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
+                        acc=torch.float64, index: int | None = None, options=None) -> torch.Tensor:
+        """The unit of work: the output distance of ``batch`` with ``layer`` (number ``index`` of
+        ``ctx.layers``) at each option it may take (those of ``options``, indices, when given): a
+        ``[K]`` tensor on the device, 0 for ``keep`` and for options not measured, from the runner's
+        cached prefix. Weight-only options share stacked passes; options that also quantize the
+        layer's input activations take one pass each."""
+        module = get_module(model, layer.name)
+        w = module.weight
+        index = ctx.layers.index(layer) if index is None else index
+        wanted = None if options is None else set(options)
+        active = [k for k, opt in ctx.layer_options(index)
+                  if not opt.is_keep and (wanted is None or k in wanted)]
+        out = torch.zeros(len(ctx.options), dtype=acc, device=ctx.device)
+        if not active:
+            return out
+        start = runner.start_of(layer.name)
+        variants = {k: quantize_weight(w, ctx.options[k], layer.kind, layer.name) for k in active}
+        acts = [k for k in active if _quantizes_activations(ctx.options[k])]
+        if acts:
+            out[acts] = self._single(w, runner, batch, start, acts, variants, target, kind, acc, ctx, module)
+            active = [k for k in active if k not in acts]
+            if not active:
+                return out
+        stack = len(active) if self.stack_options is None else int(self.stack_options)
+        if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
+            stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
+                                    target, kind, acc, ctx)
+            if not self._stack_checked:  # once: the stacked pass must equal separate passes
+                self._stack_checked = True
+                runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
+                single = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+                # the check is counted apart from the work (which it repeats)
+                ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
+                ctx.count("check_block_evaluations", runner.block_runs - runs)
+                ctx.cost["suffix_passes"], runner.block_runs = passes, runs
+                close = torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))
+                self._stack_ok = bool(close) or _warn_stack(layer.name, stacked, single)
+                stacked = stacked if self._stack_ok else single
+            out[active] = stacked
+        else:
+            out[active] = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+        return out
 
-def _my_units(runner, ctx: Context, names, st) -> torch.Tensor:
-    """``[B, L, K]`` mask of the (batch, layer, option) units this rank computes (and has not yet).
+    def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx, module=None):
+        """One suffix pass per option, the layer's weight overwritten (and restored); with
+        ``module``, its input activations are quantized as each option says."""
+        saved = w.detach().clone()
+        vals = []
+        try:
+            for k in active:
+                with torch.no_grad():
+                    w.copy_(variants[k])
+                if module is not None:
+                    with activation_quantized(module, ctx.options[k]):
+                        out = runner.run(batch, start)[0]
+                else:
+                    out = runner.run(batch, start)[0]
+                ctx.count("suffix_passes")
+                vals.append(_distance(out, target, self.metric, kind, acc))
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+        return torch.stack(vals)
 
-    A unit costs one suffix run: the blocks after the nearest cached block before the layer, plus the
-    rest of the model (counted as one block). Keep options cost nothing.
+    def _stacked(self, module, layer, runner, batch, start, active, variants, stack, target, kind, acc, ctx):
+        """Options in groups of ``stack`` per suffix pass, stacked along the batch axis."""
+        vals = []
+        for g in range(0, len(active), stack):
+            group = active[g : g + stack]
+            n = len(group)
+            with stacked_weights(module, layer.kind, [variants[k] for k in group]):
+                out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
+            ctx.count("suffix_passes")
+            vals.extend(_distance(o, target, self.metric, kind, acc) for o in out.chunk(n))
+        return torch.stack(vals)
+
+
+_DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
+
+
+def _quantizes_activations(opt) -> bool:
+    return getattr(opt, "act_bits", 16) < 16 and getattr(opt, "fmt", None) is not None
+_STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
+
+
+def _warn_stack(name, stacked, single) -> bool:
+    import warnings
+
+    from .base import EstimatorWarning
+
+    warnings.warn(
+        f"output-distance: measuring the options of {name!r} stacked along the batch axis gave "
+        f"{stacked.tolist()} instead of {single.tolist()} (the model mixes samples across the batch?); "
+        f"measuring one option per pass", EstimatorWarning, stacklevel=4)
+    return False
+
+
+class stacked_weights:
+    """Context manager: copy ``i`` of the layer's input (along the batch axis, in ``len(weights)``
+    equal chunks) is multiplied by ``weights[i]``; the module's own weight is untouched."""
+
+    def __init__(self, module, kind: str, weights):
+        self.module, self.kind, self.weights = module, kind, list(weights)
+
+    def _one(self, x, w):
+        m = self.module
+        if self.kind == "linear":
+            return F.linear(x, w, m.bias)
+        if self.kind in ("conv1d", "conv2d"):
+            return m._conv_forward(x, w, m.bias)
+        if self.kind == "embedding":
+            return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        size = x.size()[:-1] + (m.nf,)  # transformers' Conv1D: weight [in, out]
+        return torch.addmm(m.bias, x.reshape(-1, x.size(-1)), w).view(size)
+
+    def __enter__(self):
+        n = len(self.weights)
+
+        def forward(x, *args, **kwargs):
+            return torch.cat([self._one(xc, w) for xc, w in zip(x.chunk(n), self.weights)])
+
+        self._saved = self.module.__dict__.get("forward")  # an instance-level forward (hooks) stays
+        self.module.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            self.module.forward = self._saved
+        else:
+            del self.module.forward
+        return False
+
+
+def _prepare(ref: torch.Tensor, metric: str, kind: str, acc) -> dict:
+    """What the distance compares with, computed once per batch from the reference output."""
+    metric = ("cosine" if kind == "embedding" else "kl") if metric == "auto" else metric
+    b = ref.reshape(-1, ref.shape[-1]).to(acc)
+    if metric == "cosine":
+        return {"metric": metric, "ref": b}
+    if metric == "mse":
+        return {"metric": metric, "ref": b}
+    if acc == torch.float64:
+        return {"metric": metric, "ref": F.log_softmax(b, -1)}
+    return {"metric": "kl-logits", "ref": b, "p": torch.softmax(b, -1)}
+
+
+def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> torch.Tensor:
+    """The distance of one output to the prepared reference, as a 0-d tensor on the device
+    (the same numbers as :func:`mpsearch.sensitivity.losses.distance`)."""
+    a = out.reshape(-1, out.shape[-1]).to(acc)
+    b = target["ref"]
+    if target["metric"] == "cosine":
+        return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
+    if target["metric"] == "mse":
+        return (a - b).pow(2).mean()
+    if target["metric"] == "kl-logits":
+        return kl_from_logits(b, a, target["p"]).mean()
+    return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
+
+
+def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row KL(softmax(ref) || softmax(logits)), accurate in float32 for nearby distributions.
+
+    With p = softmax(ref), d = logits - ref centred by its p-mean and r = E_p[d] (zero but for
+    rounding): KL = log E_p[exp(d)] + r = log1p(r + E_p[exp(d) - 1 - d]) - r, where exp(d) - 1 - d is
+    evaluated by its series for small d. Everything is computed from the small logit differences, none
+    of it from differences of large log-probabilities (whose float32 rounding, ~1e-7 of |log p|, is as
+    large as the KL of an 8-bit layer)."""
+    p = torch.softmax(ref_logits, -1) if p is None else p
+    d = logits - ref_logits
+    d = d - (p * d).sum(-1, keepdim=True)
+    r = (p * d).sum(-1)
+    return (torch.log1p(r + (p * _expm1mx(d)).sum(-1)) - r).clamp(min=0)
+
+
+def _expm1mx(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1 - x without cancellation (a series below |x| = 0.01)."""
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x / 120)))
+    return torch.where(x.abs() < 1e-2, series, torch.expm1(x) - x)
+
+
+def _my_units(runner, ctx: Context, names, st, batches) -> torch.Tensor:
+    """``[B, L, K]`` mask of the (batch, layer, option) measurements this rank computes (and has not
+    yet). Ranks own whole (batch, layer) units, whose options run in shared stacked passes; a unit
+    costs its options times one suffix run: the blocks after the nearest cached block before the
+    layer, plus the rest of the model (counted as one block). Keep options cost nothing.
     """
-    B, L, K = len(ctx.batches), len(ctx.layers), len(ctx.options)
+    B, L, K = len(batches), len(ctx.layers), len(ctx.options)
     work = torch.tensor([not o.is_keep for o in ctx.options]).expand(B, L, K).clone()
     if getattr(ctx, "legal", None) is not None:  # a target's per-layer options
         work &= torch.as_tensor(np.asarray(ctx.legal, dtype=bool))[None]
-    if ctx.shard.enabled:
-        runner.reference(move_batch(ctx.batches[0], ctx.device), names)  # the cache layout, for costs
+    if ctx.shard.enabled:  # a unit is one (batch, layer): its options share stacked suffix passes
+        runner.reference(move_batch(batches[0], ctx.device), names)  # the cache layout, for costs
         n = len(runner.blocks.names) if runner.blocks is not None else 0
         per_layer = []
         for lay in ctx.layers:
             start = runner.start_of(lay.name)
             j = max((k for k in runner.cached if k < start), default=-1) if runner.enabled else -1
             per_layer.append(n - j)
-        cost = torch.tensor(per_layer, dtype=torch.float64)[None, :, None].expand(B, L, K)
-        owners = ctx.shard.broadcast(assign(torch.where(work, cost, 0.0).numpy(), ctx.shard.world))
-        owners = torch.from_numpy(owners.copy()).reshape(B, L, K)
+        cost = torch.tensor(per_layer, dtype=torch.float64)[None, :] * work.sum(-1)  # [B, L]
+        owners = ctx.shard.broadcast(assign(cost.numpy(), ctx.shard.world))
+        owners = torch.from_numpy(owners.copy()).reshape(B, L, 1)
         work &= owners == ctx.shard.rank
     return work & ~st["done"]
 
