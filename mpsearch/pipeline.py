@@ -511,12 +511,15 @@ def _frames(table, metric, baseline, front, measured, chosen, uniform, key, plan
     if "damage_std" in table.frame:  # independent layers: the plan's std adds in quadrature
         front["damage_std"] = [plan_damage_std(table, p) for p in plans]
     urows = []
+    damage_of = table.frame.set_index(["layer", "option"])["damage"]
     for opt, (_u, use) in uniform.items():
         m = measured[("uniform", opt)]
-        sub = table.frame[table.frame["option"] == opt]
-        urows.append({"option": opt, "bits": table.option_bits()[opt], "avg_bits": m["avg_bits"],
+        # a uniform option, or a consumer recipe (llama.cpp's mixes): its bits as the most common
+        bits = table.option_bits().get(opt) or max(set(_u.bits.values()), key=list(_u.bits.values()).count)
+        damage = float(sum(damage_of[(n, _u.option(n).name)] for n in _u.layers))
+        urows.append({"option": opt, "bits": bits, "avg_bits": m["avg_bits"],
                       **({key: use} if key != "avg_bits" else {}), "size_bits": m["size_bits"],
-                      "damage": float(sub["damage"].sum()), qcol: m["quality"],
+                      "damage": damage, qcol: m["quality"],
                       "measured_loss": metric.loss(m["quality"], baseline),
                       **{k: v for k, v in m.items() if k.startswith("measured_") and k != qcol}})
     return front, pd.DataFrame(urows)
@@ -593,6 +596,7 @@ def measured_frontier(
     refine: int = DEFAULT_RECIPE["refine"], refine_method: str = DEFAULT_RECIPE["refine_method"],
     refine_evals: int | None = None, refine_params: dict | None = None, out=None, plans_dir=None, plot=None,
     plots: bool = True, progress: bool = True, n_points: int | None = None, workers: int = 1,
+    target=None,
 ) -> FrontierRun:
     """Estimate, solve, measure, compare with uniform, refine and recommend (see the module doc).
 
@@ -602,8 +606,12 @@ def measured_frontier(
     ``local``, ``both``) within ``refine_evals`` measured plans, ``refine_params`` for
     :func:`mpsearch.refine.refine`; ``plans_dir``/``plot``: extra copies of the plans and the plot.
     ``workers``: processes measuring plans (under ``torchrun`` the ranks share them; rank 0 writes).
+    ``target``: the consumer (:mod:`mpsearch.targets`): its options (its default set when ``options``
+    is left at the default recipe's), per-layer rules and runtime ties; its own recipes (llama.cpp's
+    pure types and built-in mixes...) are measured beside the uniform plans, and solved at.
     """
     points = n_points if n_points is not None else points
+    options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
     out = Path(out) if out is not None else None
     if out is not None:
@@ -612,8 +620,11 @@ def measured_frontier(
                             estimator_params=estimator_params, progress=progress,
                             cache=out / "table.csv" if out else None, **(estimate_kwargs or {}))
     slv = get_solver(solver, **(solver_params or {}))
-    budget = budget or Budget()
+    from .targets import solve_budget
+
+    budget = solve_budget(table, budget or Budget(), target)
     uniform = uniform_plans(table, key, Budget(constraints={k: v for k, v in budget.constraints.items() if k != key}))
+    uniform.update(_recipe_baselines(table, target, model, key, budget))
     targets, base = _targets(table, key, budget, uniform, budgets, match_uniform)
     front, plans, results = predicted_frontier(table, slv, key=key, points=points, budget=base, targets=targets,
                                                progress=progress)
@@ -655,6 +666,47 @@ def measured_frontier(
     if _is_main():
         _extra_outputs(run, plans_dir, plot)
     return run
+
+
+def _with_target(target, options, estimate_kwargs):
+    """The options and estimate() keywords for ``target`` (its default set for the default options)."""
+    if target is None:
+        return options, estimate_kwargs
+    from .targets import DEFAULT_TARGET, get_target
+
+    chosen = get_target(target)
+    kwargs = {**(estimate_kwargs or {}), "target": chosen.name}
+    if chosen.name != DEFAULT_TARGET and options == DEFAULT_RECIPE["options"]:
+        options = ",".join(chosen.default_options)
+    return options, kwargs
+
+
+def _recipe_baselines(table: CostTable, target, model, key: str, budget: Budget) -> dict:
+    """recipe name -> (plan, its use of ``key``) for the target's own recipes that are not uniform
+    plans already (llama.cpp: pure types with fallbacks, built-in mixes)."""
+    if target is None:
+        return {}
+    from .layers import discover_layers
+    from .targets import recipe_plans
+
+    wanted = set(table.layers)
+    layers = [lay for lay in discover_layers(model, include_embedding=True) if lay.name in wanted]
+    problem, con = _key_of(table, key, Budget(constraints={k: v for k, v in budget.constraints.items() if k != key}))
+    index = {o: k for k, o in enumerate(problem.option_names)}
+    item_of = {n: i for i, members in enumerate(problem.items) for n in members}
+    out = {}
+    for name, plan in recipe_plans(table, target, layers).items():
+        if name.startswith("pure-") and name[5:] in table.options and all(
+                plan.option(n).name == name[5:] for n in table.layers):
+            continue  # the uniform plan of that option, already a baseline
+        choice = {}
+        for n in table.layers:
+            choice.setdefault(item_of[n], set()).add(plan.option(n).name)
+        if any(len(v) > 1 for v in choice.values()):
+            continue  # the recipe breaks a tie the solver must keep: not comparable
+        use = sum(float(problem.resources[con.column][i, index[next(iter(v))]]) for i, v in choice.items())
+        out[name] = (plan, con.to_user(use))
+    return out
 
 
 def _extra_outputs(run: FrontierRun, plans_dir, plot) -> None:

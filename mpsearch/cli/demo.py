@@ -30,9 +30,10 @@ def register(sub):
     p.add_argument("--solver", default=DEMO["solver"], help=f"solver (default: {DEMO['solver']})")
     p.add_argument("--validate", type=int, default=DEMO["validate"], help="plans to measure along the frontier")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from ._common import add_device_args
+    from ._common import add_device_args, add_target_arg
 
     add_device_args(p)
+    add_target_arg(p)
 
 
 def check_run_args(args, out_flag: str, out: str) -> None:
@@ -48,7 +49,15 @@ def check_run_args(args, out_flag: str, out: str) -> None:
     estimator = args.estimator or DEFAULT_RECIPE["estimator"]
     check_settings("estimator", estimator, parse_params(getattr(args, "estimator_param", [])))
     get_solver(args.solver or DEFAULT_RECIPE["solver"], **parse_params(getattr(args, "param", [])))
-    parse_options(getattr(args, "options", None) or DEFAULT_RECIPE["options"])
+    target = getattr(args, "target", None)
+    if target is not None:
+        from ..targets import get_target
+
+        t = get_target(target)  # an unknown target is refused before any work
+        if getattr(args, "options", None) not in (None, DEFAULT_RECIPE["options"]):
+            t.parsed_options(args.options)
+    else:
+        parse_options(getattr(args, "options", None) or DEFAULT_RECIPE["options"])
 
 
 def run(args) -> int:
@@ -57,7 +66,8 @@ def run(args) -> int:
     check_run_args(args, "--out", args.out)
     t0 = time.perf_counter()
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
-                      progress=not args.no_progress, device=args.device, dtype=args.dtype)
+                      progress=not args.no_progress, device=args.device, dtype=args.dtype,
+                      target=args.target)
     say(summarize(result))
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -146,7 +156,8 @@ def run_model_frontier(args) -> int:
             refine_evals=args.refine_evals, out=args.output, plans_dir=args.plans_dir, plot=args.plot,
             progress=True, workers=args.workers, device_map=args.device_map, device=args.device,
             dtype=args.dtype, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
-            eval_window=args.eval_window, eval_stride=args.eval_stride, batch_size=args.batch_size)
+            eval_window=args.eval_window, eval_stride=args.eval_stride, batch_size=args.batch_size,
+            target=getattr(args, "target", None))
     except InfeasibleBudget as exc:
         import sys
 

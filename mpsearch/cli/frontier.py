@@ -29,6 +29,8 @@ def register(sub):
     p.add_argument("--key", default=None,
                    help="budget swept: avg_bits (default when the table has params), size_bits, size_mb or a column")
     add_budget_args(p)
+    add_target_arg(p, "the options and their legality per layer (with --model), its runtime ties, and its "
+                      "own recipes measured beside the uniform plans")
     add_param_arg(p, "solver")
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
@@ -53,7 +55,10 @@ def frontier_from_table(table, args):
         from ..solvers.ilp import risk_adjusted
 
         table = risk_adjusted(table, solver.risk)
-    return compute_frontier(table, solver, points=args.points, key=key, budget=budget_from_args(args))
+    from ..targets import solve_budget
+
+    budget = solve_budget(table, budget_from_args(args), getattr(args, "target", None))
+    return compute_frontier(table, solver, points=args.points, key=key, budget=budget)
 
 
 def write_outputs(frontier, args) -> None:

@@ -190,3 +190,30 @@ def export_format(plan, to=None, target=None) -> str:
             f"(torchao, gptqmodel, llm-compressor, llama.cpp, autoround, modelopt)"
         )
     return chosen.exporter
+
+
+def recipe_plans(table, target, layers) -> dict:
+    """The target's own recipes (uniform types with the consumer's fallbacks, llama.cpp's built-in
+    mixes...) as plans over ``table``'s layers: ``{recipe name: BitPlan}``. ``layers`` are the
+    :class:`~mpsearch.layers.Layer` objects of the table's layers (their shapes decide the rules).
+    A recipe that needs an option the table does not offer for some layer is left out."""
+    from ..plan import BitPlan
+
+    chosen = get_target(target)
+    by_name = {lay.name: lay for lay in layers}
+    missing = [n for n in table.layers if n not in by_name]
+    if missing:
+        raise MpsearchError(f"recipe_plans: no shape for table layer(s) {name_list(missing, 4)}")
+    offered = table.frame.groupby("layer")["option"].apply(set).to_dict()
+    bits = table.option_bits()
+    out = {}
+    for name, choice in chosen.recipes([by_name[n] for n in table.layers]).items():
+        if set(choice) != set(table.layers) or any(choice[n] not in offered[n] for n in table.layers):
+            continue
+        options = {}
+        for n in table.layers:
+            opt = parse_option(choice[n])
+            options[n] = {**opt.to_dict(), "name": choice[n]}
+        out[name] = BitPlan(bits={n: int(bits[choice[n]]) for n in table.layers}, options=options,
+                            provenance={"solver": f"recipe:{name}", "table": {"target": chosen.name}})
+    return out

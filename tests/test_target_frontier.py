@@ -1,0 +1,48 @@
+"""The measured frontier for a consumer target: its options per layer, its recipes measured beside
+the uniform plans and solved at, and the recommended plan never worse than any of them."""
+
+import pytest
+import torch
+
+from mpsearch import zoo
+from mpsearch.metrics import CausalLMMetric
+from mpsearch.pipeline import measured_frontier
+
+
+@pytest.fixture(scope="module")
+def llama():
+    # hidden 96: K-quants (256-blocks) cannot take q/k/v/o or gate/up; down_proj (256 inputs) can
+    return zoo.random_llama("tiny", hidden_size=96, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, seed=0)
+
+
+def test_llamacpp_frontier_measures_the_consumers_recipes(llama, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 128, (2, 32), generator=g)]
+    metric = CausalLMMetric(torch.randint(0, 128, (1, 512), generator=g), window=64, batch_size=4)
+    run = measured_frontier(llama, calib, metric, estimator="weight-error", solver="ilp", target="llama.cpp",
+                            validate=2, points=6, refine=0, progress=False, out=tmp_path / "out")
+    table = run.table
+    assert table.metadata["target"] == "llama.cpp"
+    offered = table.frame.groupby("layer")["option"].apply(set)
+    assert "q4_K" not in offered["model.layers.0.self_attn.q_proj"]
+    assert "q4_K" in offered["model.layers.0.mlp.down_proj"]
+    assert "lm_head" in offered.index  # not tied in this model: its own GGUF tensor 'output'
+    labels = set(run.uniform["option"])
+    # llama.cpp's pure types (with its fallback on the 96-column tensors) and built-in mixes
+    assert {"pure-q4_K", "Q4_K_M", "Q3_K_M"} <= labels, labels
+    pure = run.uniform.set_index("option").loc["pure-q4_K"]
+    # q4_K (4.5 bits/weight) where the rows allow it, llama.cpp's fallback q5_0 (5.5) elsewhere
+    assert 4.5 < pure["avg_bits"] < 5.5
+    # every plan along the frontier takes only options its layer offers
+    for plan in run.plans.values():
+        for lay in plan.layers:
+            assert plan.option(lay).name in offered[lay]
+    rec = run.recommended
+    q4km = rec[rec["budget"] == "Q4_K_M"].iloc[0]
+    mix_loss = run.uniform.set_index("option").loc["Q4_K_M", "measured_loss"]
+    assert q4km["measured_loss"] <= mix_loss + 1e-12  # never worse than the consumer's own mix
+    assert q4km["size_bits"] <= run.uniform.set_index("option").loc["Q4_K_M", "size_bits"] + 1e-6
+    # a pure type every layer can take is the uniform plan itself: listed once
+    assert "q4_0" in labels and "pure-q4_0" not in labels
+    assert (tmp_path / "out" / "frontier.csv").is_file()
