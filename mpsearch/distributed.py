@@ -273,7 +273,7 @@ def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> 
     """Load a Hugging Face model directory spread over devices with accelerate's ``device_map``."""
     from pathlib import Path
 
-    from .zoo import _offline_transformers
+    from .hf import offline_transformers as _offline_transformers
 
     device_map = parse_device_map(device_map)
     path = Path(str(path))

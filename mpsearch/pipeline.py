@@ -856,7 +856,7 @@ def model_frontier(model: str, *, data: str | None = None, eval_data: str | None
     ``device``/``dtype`` and the sizes of tokenized text (see :func:`mpsearch.specs.load_calibration`,
     :func:`mpsearch.specs.load_metric`); ``kwargs`` go to :func:`measured_frontier`."""
     from .distributed import current, load_device_map, place_model
-    from .specs import _is_text, load_calibration, load_data, load_metric, load_model, tokenizer_for
+    from .specs import _is_text, load_calibration, load_data, load_metric, load_model, load_tokenizer, tokenizer_for
 
     net = load_device_map(model, device_map) if device_map else load_model(model, device=device, dtype=dtype)
     place_model(net, current())  # under torchrun: ranks share the estimate and the measurements

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 from .errors import SpecError
+from .hf import DTYPES, hf_model as _hf_model, offline_transformers as _offline_transformers  # noqa: F401
+from .hf import resolve_device, resolve_dtype  # noqa: F401  (part of this module's API)
 
 
 def _load_callable(spec: str, what: str):
@@ -75,75 +77,9 @@ def _load_callable(spec: str, what: str):
     return fn
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_device(device) -> torch.device | None:
-    """``None`` (leave as is), ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise SpecError(f"device {device!r}: write cpu, cuda, cuda:N or auto") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SpecError(f"device {device!r}: write cpu, cuda, cuda:N or auto")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SpecError(f"device {device!r}: this torch sees no CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SpecError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
-
-
-def resolve_dtype(dtype):
-    """``None``, ``"auto"`` or a torch dtype from a name (float32, bfloat16, float16)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    text = str(dtype).strip().lower().removeprefix("torch.")
-    if text == "auto":
-        return "auto"
-    if text not in DTYPES:
-        raise SpecError(f"dtype {dtype!r}: write float32, bfloat16, float16 or auto (the checkpoint's)")
-    return DTYPES[text]
-
-
-def _hf_model(path: Path, device=None, dtype=None, **kwargs) -> torch.nn.Module:
-    from .zoo import _offline_transformers
-
-    if not (path / "config.json").is_file() and "gguf_file" not in kwargs:
-        raise SpecError(
-            f"model spec {str(path)!r}: the directory has no config.json, so it is not a Hugging Face "
-            f"model directory"
-        )
-    transformers = _offline_transformers()
-    load = dict(kwargs, local_files_only=True)
-    if dtype is not None:
-        load["dtype"] = dtype  # "auto": the checkpoint's own dtype
-    if device is not None:
-        load["device_map"] = {"": device}  # weights are placed on the device as they load
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, **{k: v for k, v in load.items()
-                                                                  if k in ("gguf_file", "local_files_only")})
-        arch = " ".join(getattr(config, "architectures", None) or [])
-        if "ForCausalLM" in arch or "LMHeadModel" in arch or "gguf_file" in kwargs:
-            auto = transformers.AutoModelForCausalLM
-        elif "ForSequenceClassification" in arch:
-            auto = transformers.AutoModelForSequenceClassification
-        else:
-            auto = transformers.AutoModel
-        return auto.from_pretrained(path, **load).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise SpecError(f"model spec {str(path)!r}: loading the Hugging Face model failed: {exc}") from None
-
-
 def load_tokenizer(spec):
     """The tokenizer of a Hugging Face directory, ``minilm`` or ``smollm2``."""
-    from .zoo import _offline_transformers, minilm_path, smollm2_tokenizer
+    from .zoo import minilm_path, smollm2_tokenizer
 
     if str(spec) == "smollm2":
         return smollm2_tokenizer()

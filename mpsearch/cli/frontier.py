@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import (add_budget_args, add_command, add_param_arg, budget_from_args, check_outputs,
+from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, check_outputs,
                       make_solver, say)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\

@@ -78,6 +78,11 @@ def get_exporter(fmt: str, **opts) -> Exporter:
         ) from None
 
 
+def exporter_for_consumer(consumer: str) -> str | None:
+    """The ``--to`` name of the exporter that declares ``consumer`` (None if none does)."""
+    return next((n for n in FORMATS if consumer in get_exporter(n).consumers), None)
+
+
 def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
     """The consumer's document for ``plan`` as plain Python data (dict), checked first.
 
@@ -87,7 +92,7 @@ def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
     if not isinstance(plan, BitPlan):
         raise ExportError(f"export_plan needs a BitPlan, got {type(plan).__name__}")
     exporter = get_exporter(fmt, **opts)
-    check_consumers(plan, exporter)
+    check_consumers(plan, exporter, exporter_for_consumer)
     if exporter.fused_runtime and not force:
         check_fused(plan, exporter)
     exporter.check(plan)

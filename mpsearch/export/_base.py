@@ -66,15 +66,9 @@ class Exporter:
 
 
 # ---------------------------------------------------------------------- consumer formats
-def exporter_for_consumer(consumer: str) -> str | None:
-    """The ``--to`` name of the exporter that declares ``consumer`` (None if none does)."""
-    from . import FORMATS, get_exporter
-
-    return next((n for n in FORMATS if consumer in get_exporter(n).consumers), None)
-
-
-def check_consumers(plan: BitPlan, exporter: Exporter) -> None:
-    """Refuse a plan naming a format that another consumer executes (one line: layer, format, ``--to``)."""
+def check_consumers(plan: BitPlan, exporter: Exporter, exporter_for_consumer=lambda consumer: None) -> None:
+    """Refuse a plan naming a format that another consumer executes (one line: layer, format, and the
+    ``--to`` that ``exporter_for_consumer(consumer)`` names)."""
     bad = []
     for lay in plan.layers:
         fmt = plan.option(lay).format

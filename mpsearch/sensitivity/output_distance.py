@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..apply import activation_quantized
 from ..data import micro_batches, model_output_tensor, move_batch
 from ..distributed import assign
@@ -307,27 +308,6 @@ def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> t
     if target["metric"] == "kl-logits":
         return kl_from_logits(b, a, target["p"]).mean()
     return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
-
-
-def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row KL(softmax(ref) || softmax(logits)), accurate in float32 for nearby distributions.
-
-    With p = softmax(ref), d = logits - ref centred by its p-mean and r = E_p[d] (zero but for
-    rounding): KL = log E_p[exp(d)] + r = log1p(r + E_p[exp(d) - 1 - d]) - r, where exp(d) - 1 - d is
-    evaluated by its series for small d. Everything is computed from the small logit differences, none
-    of it from differences of large log-probabilities (whose float32 rounding, ~1e-7 of |log p|, is as
-    large as the KL of an 8-bit layer)."""
-    p = torch.softmax(ref_logits, -1) if p is None else p
-    d = logits - ref_logits
-    d = d - (p * d).sum(-1, keepdim=True)
-    r = (p * d).sum(-1)
-    return (torch.log1p(r + (p * _expm1mx(d)).sum(-1)) - r).clamp(min=0)
-
-
-def _expm1mx(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) - 1 - x without cancellation (a series below |x| = 0.01)."""
-    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x / 120)))
-    return torch.where(x.abs() < 1e-2, series, torch.expm1(x) - x)
 
 
 def _my_units(runner, ctx: Context, names, st, batches) -> torch.Tensor:
