@@ -1,0 +1,179 @@
+"""Issue 10's remaining measurements on SmolLM2-135M (CPU, real weights), with mpsearch's own
+causal-LM KL metric (``mpsearch.metrics.NextTokenKL``) on held-out Shakespeare (the eval split).
+
+    python experiments/target_comparison.py vllm        # frontier --target vllm at uniform sizes
+    python experiments/target_comparison.py gptqmodel   # frontier --target gptqmodel at uniform sizes
+    python experiments/target_comparison.py llamacpp    # KL of experiments/llamacpp_e2e/plans/ vs the mixes
+    python experiments/target_comparison.py report      # print the tables from the saved results
+
+``vllm``/``gptqmodel`` run the CLI (``python -m mpsearch frontier --model smollm2 --target T``), which
+solves with the ILP at the exact sizes of each uniform plan and measures the plans; the measured
+rows (``uniform.csv``, ``recommended.csv``/``frontier.csv``) are copied to
+``experiments/target_comparison/<run>/``. The work folder (the cost table cache, plans) stays in
+``experiments/_cache/target_comparison/`` (ignored by git).
+
+``llamacpp`` imports each tensor-type file of ``experiments/llamacpp_e2e/plans/`` with
+``mpsearch.export.import_plan(path, "llama.cpp", layers=model)``, builds llama.cpp's Q3_K_M/Q4_K_M
+mixes with ``mpsearch.targets.llamacpp_mixes.recipes_for_layers`` (the 210 block matrices; the
+tied token embedding is not planned and stays fp32 in every row here, while in the GGUF files
+llama.cpp stored it as q8_0), applies each with ``mpsearch.apply.apply_plan`` (the bit-exact torch
+GGML quantizers of ``mpsearch.formats.ggml``) and measures the same metric on the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "target_comparison"
+WORK = HERE / "_cache" / "target_comparison"
+
+#: the sizes of the text (stated in the markdown): calibration windows x tokens, evaluation tokens
+SEQ_LEN, CALIB, EVAL_TOKENS = 128, 8, 8192
+
+RUNS = {
+    "vllm": ["--target", "vllm", "--bits", "w4a16-g128,w4a16-g32,w8a16,keep"],
+    "gptqmodel": ["--target", "gptqmodel", "--bits", "gptq-int3-g128,gptq-int4-g128,gptq-int8-g128,keep"],
+}
+
+
+def run_frontier(target: str, estimator: str, extra=()) -> Path:
+    name = f"smollm2-{target}-{estimator}"
+    work = WORK / name
+    cmd = [sys.executable, "-m", "mpsearch", "frontier", "--model", "smollm2", *RUNS[target],
+           "--estimator", estimator, "--solver", "ilp", "--validate", "0", "--refine", "0", "--points", "4",
+           "--seq-len", str(SEQ_LEN), "--calib-samples", str(CALIB), "--eval-tokens", str(EVAL_TOKENS),
+           *extra, "-o", str(work)]
+    print(" ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    dest = RESULTS / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("uniform.csv", "recommended.csv", "frontier.csv", "summary.json", "run.json"):
+        if (work / f).exists():
+            shutil.copy(work / f, dest / f)
+    (dest / "command.txt").write_text(" ".join(cmd[1:]).replace(str(work), "OUT") +
+                                      f"\n# wall time {time.time() - t0:.0f} s\n")
+    return dest
+
+
+def _mix_plan(choice: dict):
+    from mpsearch.options import parse_option
+    from mpsearch.plan import BitPlan
+
+    opts = {n: {**parse_option(o).to_dict(), "name": o} for n, o in choice.items()}
+    return BitPlan(bits={n: int(parse_option(o).bits) for n, o in choice.items()}, options=opts,
+                   provenance={"solver": "recipe"})
+
+
+def _plan_bits(plan, layers) -> tuple[int, dict]:
+    """Storage bits of ``plan`` over ``layers`` as llama.cpp stores them, and the type counts."""
+    from collections import Counter
+
+    from mpsearch.targets.llamacpp_mixes import type_nbytes
+
+    shapes = {lay.name: (int(lay.out_channels), int(lay.in_features)) for lay in layers}
+    total, counts = 0, Counter()
+    for n in plan.bits:
+        t = plan.option(n).name
+        counts[t] += 1
+        total += 8 * type_nbytes(t, shapes[n])  # torch order (out, in)
+    return total, dict(counts.most_common())
+
+
+def llamacpp() -> None:
+    import torch
+
+    from mpsearch.apply import apply_plan
+    from mpsearch.export import import_plan
+    from mpsearch.layers import discover_layers
+    from mpsearch.plan import BitPlan
+    from mpsearch.specs import load_metric, load_model, tokenizer_for
+    from mpsearch.targets.llamacpp_mixes import recipes_for_layers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("MPSEARCH_THREADS", "1")))
+    net = load_model("smollm2")
+    tok = tokenizer_for("smollm2")
+    metric = load_metric(None, "shakespeare", net, "smollm2", eval_tokens=EVAL_TOKENS, seq_len=SEQ_LEN,
+                         tokenizer=tok)
+    metric.fit(net)
+    # the tied lm_head is the token embedding: llama.cpp does not plan it (nor do these plans)
+    layers = [lay for lay in discover_layers(net) if lay.name != "lm_head"]
+    mixes = recipes_for_layers(layers, ("Q3_K_M", "Q4_K_M"))
+    plans = {f"llama.cpp {k}": _mix_plan(v) for k, v in zip(("Q3_K_M", "Q4_K_M"), mixes.values())}
+    for path in sorted((HERE / "llamacpp_e2e" / "plans").glob("smollm2-mpsearch-*.txt")):
+        plan = import_plan(path, "llama.cpp", layers=net)
+        keep = [n for n in plan.bits if n in {lay.name for lay in layers}]  # not model.embed_tokens (q8_0)
+        plans[path.stem.replace("smollm2-", "")] = plan.subset(keep) if hasattr(plan, "subset") else BitPlan(
+            bits={n: plan.bits[n] for n in keep}, options={n: plan.options[n] for n in keep if n in plan.options})
+    out = {"eval_tokens": EVAL_TOKENS, "window": SEQ_LEN, "baseline": float(metric(net)),
+           "baseline_values": dict(metric.values), "plans": {}}
+    print("fp32", out["baseline_values"], flush=True)
+    e2e = _e2e_kld()
+    for name, plan in plans.items():
+        t0 = time.time()
+        q = apply_plan(net, plan)
+        value = float(metric(q))
+        bits, counts = _plan_bits(plan, layers)
+        row = {"kld": value, **{k: float(v) for k, v in metric.values.items()}, "layers": len(plan.bits),
+               "block_bits": bits, "types": counts, "llama_perplexity": e2e.get(name)}
+        out["plans"][name] = row
+        print(f"{name}: {row} ({time.time() - t0:.0f} s)", flush=True)
+        del q
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "llamacpp.json").write_text(json.dumps(out, indent=1))
+
+
+def _e2e_kld() -> dict:
+    """llama-perplexity's mean KLD and same-top-p % of the same plans (experiments/llamacpp_e2e/*.json)."""
+    found = {}
+    for f in sorted((HERE / "llamacpp_e2e").glob("*.json")):
+        for r in json.loads(f.read_text()):
+            if r.get("mean_kld") is None or not r["label"].startswith("smollm2-"):
+                continue
+            label = r["label"][len("smollm2-"):]
+            name = f"llama.cpp {label}" if label in ("Q3_K_M", "Q4_K_M") else label
+            found[name] = {"kld": r["mean_kld"], "same_top_p_pct": r["same_top_p_pct"]}
+    return found
+
+
+def report() -> None:
+    import pandas as pd
+
+    for d in sorted(RESULTS.glob("smollm2-*")):
+        print(f"## {d.name}")
+        for f in ("uniform.csv", "recommended.csv"):
+            if (d / f).exists():
+                print(f, "\n", pd.read_csv(d / f).to_string(), "\n")
+    if (RESULTS / "llamacpp.json").exists():
+        doc = json.loads((RESULTS / "llamacpp.json").read_text())
+        print("fp32:", doc["baseline_values"])
+        for name, r in doc["plans"].items():
+            print(f"{name:55s} kld {r['kld']:.4f} top1 {r['top1']:.1f} ppl {r['perplexity']:.2f} "
+                  f"bits {r['block_bits']} llama-perplexity {r['llama_perplexity']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "report"])
+    p.add_argument("--estimator", default="weight-error")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
+    a = p.parse_args()
+    if a.what in RUNS:
+        run_frontier(a.what, a.estimator, a.extra)
+    elif a.what == "llamacpp":
+        llamacpp()
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
