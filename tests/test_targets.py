@@ -194,3 +194,14 @@ def test_llmcompressor_modifier_follows_the_rounding_the_table_measured():
     assert mods == {"rtn": "QuantizationModifier", "gptq": "GPTQModifier", None: "GPTQModifier"}
     doc = export_plan(plan("rtn"), "llm-compressor", modifier="GPTQModifier")
     assert "GPTQModifier" in doc["quant_stage"]["quant_modifiers"]
+
+
+def test_consumer_targets_leave_the_output_projection_unplanned():
+    from mpsearch import zoo
+
+    llama = zoo.random_llama("tiny", hidden_size=128, intermediate_size=256, vocab_size=64)
+    x = torch.randint(0, 64, (1, 8))
+    vllm = get_estimator("weight-error").estimate(llama, x, progress=False, target="vllm")
+    assert "lm_head" not in vllm.layers and len(vllm.layers) == 14
+    mp = get_estimator("weight-error").estimate(llama, x, progress=False)
+    assert "lm_head" in mp.layers

@@ -13,7 +13,30 @@ from . import Target
 
 
 class ConsumerTarget(Target):
+    """A serving stack or library; like their own recipes (llm-compressor ``ignore: [lm_head]``,
+    GPTQModel, AutoRound, ModelOpt), the output projection ``lm_head`` is left in 16 bits and not
+    planned (it is often tied to the embedding)."""
+
     fused_runtime = True
+
+    def plans_layer(self, layer, model=None) -> bool:
+        if layer.kind == "embedding":
+            return False
+        if layer.name.rsplit(".", 1)[-1] == "lm_head":
+            return False
+        get_out = getattr(model, "get_output_embeddings", None)
+        try:
+            out = get_out() if get_out is not None else None
+        except (AttributeError, NotImplementedError):
+            out = None
+        if out is not None:
+            from ..layers import get_module
+
+            try:
+                return get_module(model, layer.name) is not out
+            except Exception:  # noqa: BLE001 - a layer name the model does not resolve: plan it
+                return True
+        return True
 
     def __init__(self, name, consumer, description, exporter, options, default_options, notes=""):
         self.name = name
