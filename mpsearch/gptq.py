@@ -22,15 +22,12 @@ consumer format is refused with a clear message.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 
 import torch
 
 from .errors import MpsearchError, QuantizationError
 from .options import Option
-
-_HESSIANS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mpsearch_gptq", default=None)
+from .quant import int_grid, round_to_grid, rounding
 
 #: fraction of the mean Hessian diagonal added to it (the reference implementation's ``percdamp``)
 DAMP = 0.01
@@ -38,26 +35,10 @@ BLOCK = 128
 
 
 def _qparams(block: torch.Tensor, option: Option):
-    """Scale, zero-point and integer range of each row of ``block`` ``[out, g]`` (as mpsearch.quant)."""
-    b = option.bits
-    if option.symmetric:
-        if b == 1:
-            raise QuantizationError("GPTQ needs at least 2 bits (1-bit symmetric has no integer grid)")
-        qmax = 2 ** (b - 1) - 1
-        scale = block.abs().amax(-1, keepdim=True) / qmax
-        return scale, torch.zeros_like(scale), -qmax, qmax
-    levels = 2**b - 1
-    lo = block.amin(-1, keepdim=True).clamp(max=0)
-    hi = block.amax(-1, keepdim=True).clamp(min=0)
-    scale = (hi - lo) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.round(-lo / safe), 0, levels
-
-
-def _round(col: torch.Tensor, scale, zero, qmin, qmax) -> torch.Tensor:
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (torch.clamp(torch.round(col / safe) + zero, qmin, qmax) - zero) * safe
-    return torch.where(scale > 0, q, torch.zeros_like(q))
+    """Scale, zero-point and integer range of each row of ``block`` ``[out, g]`` (mpsearch.quant's)."""
+    if option.symmetric and option.bits == 1:
+        raise QuantizationError("GPTQ needs at least 2 bits (1-bit symmetric has no integer grid)")
+    return int_grid(block, option)
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damp: float = DAMP):
@@ -107,7 +88,7 @@ def gptq_quantize_matrix(W: torch.Tensor, H: torch.Tensor, option: Option, *, bl
                 # weights as the previous blocks' updates left them
                 params = _qparams(W[:, i:i + g], option)
             w = Wb[:, j]
-            q = _round(w.unsqueeze(1), *params).squeeze(1)
+            q = round_to_grid(w.unsqueeze(1), *params).squeeze(1)
             Q[:, i] = q
             err = (w - q) / Hb[j, j]
             Wb[:, j:] -= err.unsqueeze(1) * Hb[j, j:].unsqueeze(0)
@@ -116,23 +97,17 @@ def gptq_quantize_matrix(W: torch.Tensor, H: torch.Tensor, option: Option, *, bl
     return Q
 
 
-@contextlib.contextmanager
 def gptq_rounding(hessians: dict[str, torch.Tensor], *, block: int = BLOCK, damp: float = DAMP):
-    """Within this context, :func:`mpsearch.quant.quantize_weight` of a layer named in
-    ``hessians`` rounds with GPTQ (estimators and the applier pass layer names)."""
-    token = _HESSIANS.set({"H": dict(hessians), "block": block, "damp": damp})
-    try:
-        yield
-    finally:
-        _HESSIANS.reset(token)
+    """A context in which :func:`mpsearch.quant.quantize_weight` of a layer named in ``hessians``
+    rounds with GPTQ (estimators and the applier pass layer names); other layers round to nearest."""
+    hessians = dict(hessians)
 
+    def rounder(matrix, option, name):
+        if name not in hessians:
+            return None
+        return gptq_quantize_matrix(matrix.float(), hessians[name], option, block=block, damp=damp)
 
-def active_hessian(name: str | None):
-    """``(H, block, damp)`` when GPTQ rounding is active for layer ``name``, else ``None``."""
-    state = _HESSIANS.get()
-    if state is None or name is None or name not in state["H"]:
-        return None
-    return state["H"][name], state["block"], state["damp"]
+    return rounding(rounder)
 
 
 def input_hessians(model: torch.nn.Module, layers, batches, device=None, *, progress: bool = False):

@@ -53,17 +53,11 @@ from .plan import BitPlan
 from .problem import compile_problem
 from .refine import METHODS, plan_key, refine as refine_loop
 from .registry import get_estimator, get_solver, load_class
+from .recipe import DEFAULT_POINTS, DEFAULT_RECIPE, DEMO_DATA  # noqa: F401  (the one default recipe)
 from .table import CostTable
 
 DEFAULT_OPTIONS = DEFAULT_SEARCH_OPTIONS
 
-#: the one default recipe of ``frontier --model``, ``estimate`` and ``demo`` (evidence:
-#: experiments/measured_loop.md)
-DEFAULT_RECIPE = {"estimator": "output-distance", "solver": "ilp", "options": DEFAULT_SEARCH_OPTIONS,
-                  "refine": 0, "refine_method": "calibrate"}
-
-#: frontier points solved when none are asked for
-DEFAULT_POINTS = 24
 
 
 class ProxyWarning(UserWarning):
@@ -885,8 +879,6 @@ def model_frontier(model: str, *, data: str | None = None, eval_data: str | None
     return measured_frontier(net, calib, build_metric(metric, net, evals), **kwargs)
 
 
-#: the demo's data sizes (all-MiniLM-L6-v2, Shakespeare passages of disjoint plays)
-DEMO_DATA = {"calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
 def run_demo(out="mpsearch-demo", *, estimator=DEFAULT_RECIPE["estimator"], solver=DEFAULT_RECIPE["solver"],

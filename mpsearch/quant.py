@@ -16,6 +16,9 @@ refused with an error naming the layer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .errors import QuantizationError
@@ -60,6 +63,32 @@ def check_finite(weight: torch.Tensor, name: str | None = None) -> None:
         )
 
 
+def int_grid(grouped: torch.Tensor, option: Option, fill=None):
+    """``(scale, zero, qmin, qmax)`` of each group (last axis) of ``grouped`` for an integer option of
+    at least 2 bits (symmetric: ``s = max|w| / qmax``, levels ±qmax·s; asymmetric: ``2^b`` levels over
+    ``[min(w, 0), max(w, 0)]`` with an integer zero-point). ``fill(x, value)`` masks padding."""
+    fill = fill or (lambda x, _value: x)
+    b = option.bits
+    if option.symmetric:
+        qmax = 2 ** (b - 1) - 1
+        scale = fill(grouped.abs(), 0.0).amax(-1, keepdim=True) / qmax
+        return scale, torch.zeros_like(scale), -qmax, qmax
+    levels = 2**b - 1
+    lo = fill(grouped, 0.0).amin(-1, keepdim=True).clamp(max=0)
+    hi = fill(grouped, 0.0).amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(-lo / safe), 0, levels
+
+
+def round_to_grid(x: torch.Tensor, scale, zero, qmin, qmax) -> torch.Tensor:
+    """Round ``x`` to the integer grid ``(q - zero) · scale``, ``q`` in ``[qmin, qmax]`` (0 where the
+    scale is 0: a group of zeros stays zero)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (torch.clamp(torch.round(x / safe) + zero, qmin, qmax) - zero) * safe
+    return torch.where(scale > 0, q, torch.zeros_like(q))
+
+
 def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = None) -> torch.Tensor:
     """Fake-quantize a ``[out, in]`` matrix (float32 math, returned in the input dtype)."""
     if option.is_keep:
@@ -80,28 +109,12 @@ def quantize_matrix(matrix: torch.Tensor, option: Option, name: str | None = Non
     def fill(x, value):  # the padding excluded from a reduction
         return x if valid is None else torch.where(valid, x, torch.full_like(x, value))
 
-    b = option.bits
-    if option.symmetric:
-        if b == 1:
-            count = valid.sum(-1, keepdim=True).clamp(min=1) if pad else grouped.shape[-1]
-            scale = fill(grouped.abs(), 0.0).sum(-1, keepdim=True) / count
-            q = torch.where(grouped >= 0, scale, -scale)
-        else:
-            qmax = 2 ** (b - 1) - 1
-            absmax = fill(grouped.abs(), 0.0).amax(-1, keepdim=True)
-            scale = absmax / qmax
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            q = torch.clamp(torch.round(grouped / safe), -qmax, qmax) * safe
-            q = torch.where(scale > 0, q, torch.zeros_like(q))
+    if option.symmetric and option.bits == 1:
+        count = valid.sum(-1, keepdim=True).clamp(min=1) if pad else grouped.shape[-1]
+        scale = fill(grouped.abs(), 0.0).sum(-1, keepdim=True) / count
+        q = torch.where(grouped >= 0, scale, -scale)
     else:
-        levels = 2**b - 1
-        lo = fill(grouped, 0.0).amin(-1, keepdim=True).clamp(max=0)
-        hi = fill(grouped, 0.0).amax(-1, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / safe)
-        q = (torch.clamp(torch.round(grouped / safe) + zero, 0, levels) - zero) * safe
-        q = torch.where(scale > 0, q, torch.zeros_like(q))
+        q = round_to_grid(grouped, *int_grid(grouped, option, fill))
     q = q.reshape(out, -1)
     if pad:
         q = q[:, :cols]
@@ -113,22 +126,32 @@ def quantize_weight(
 ) -> torch.Tensor:
     """Fake-quantize a layer's weight tensor of the given kind; returns a new tensor.
 
-    Inside :func:`mpsearch.gptq.gptq_rounding`, a layer it holds a Hessian for is rounded with GPTQ.
+    Inside :func:`rounding` (e.g. :func:`mpsearch.gptq.gptq_rounding`), the active rounder may
+    quantize the layer instead of round-to-nearest.
     """
     with torch.no_grad():
         m = weight_matrix(weight.detach(), kind)
-        if not option.is_keep:
-            from .gptq import active_hessian
-
-            active = active_hessian(name)
-            if active is not None:
-                from .gptq import gptq_quantize_matrix
-
-                check_finite(m, name)
-                H, block, damp = active
-                q = gptq_quantize_matrix(m.float(), H, option, block=block, damp=damp).to(m.dtype)
-                return from_weight_matrix(q, weight, kind)
+        rounder = _ROUNDER.get()
+        if rounder is not None and not option.is_keep:
+            check_finite(m, name)
+            q = rounder(m, option, name)
+            if q is not None:
+                return from_weight_matrix(q.to(m.dtype), weight, kind)
         return from_weight_matrix(quantize_matrix(m, option, name), weight, kind)
+
+
+_ROUNDER: contextvars.ContextVar = contextvars.ContextVar("mpsearch_rounder", default=None)
+
+
+@contextlib.contextmanager
+def rounding(rounder):
+    """Within this context :func:`quantize_weight` asks ``rounder(matrix, option, name)`` first; it
+    returns the quantized ``[out, in]`` matrix, or ``None`` to leave the layer to round-to-nearest."""
+    token = _ROUNDER.set(rounder)
+    try:
+        yield
+    finally:
+        _ROUNDER.reset(token)
 
 
 def quantization_error(

@@ -116,6 +116,14 @@ def test_import_is_light():
     assert r.stdout.strip() == ""
 
 
+def test_cli_parser_starts_without_torch():
+    """Every command pays for the parser: building it (and --help) imports no torch or pandas."""
+    code = ("import sys, mpsearch.cli as c; c.build_parser(); "
+            "print(','.join(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("uniform_bits", [2, 3, 4])
 def test_greedy_plan_no_worse_than_uniform_at_the_same_size(tmp_path, capsys, uniform_bits):
     """On a trained model, `mpsearch solve` at a uniform plan's real size measures no worse."""

@@ -22,14 +22,15 @@ def obs_reference(W, H, option, damp=0.01):
     cols = W.shape[1]
     g = option.group_size
     scale = None
-    from mpsearch.gptq import _qparams, _round
+    from mpsearch.gptq import _qparams
+    from mpsearch.quant import round_to_grid
 
     if g is None:
         scale = _qparams(W, option)
     for i in range(cols):
         if g is not None and i % g == 0:
             scale = _qparams(W[:, i:i + g], option)
-        q = _round(W[:, i:i + 1], *scale)[:, 0]
+        q = round_to_grid(W[:, i:i + 1], *scale)[:, 0]
         Q[:, i] = q
         d = Hinv[i, i]
         W[:, i + 1:] -= ((W[:, i] - q) / d).unsqueeze(1) * Hinv[i, i + 1:].unsqueeze(0)

@@ -11,8 +11,7 @@ reads the cached table and measurements back.
 
 from __future__ import annotations
 
-from ..pipeline import DEFAULT_RECIPE, DEMO_DATA
-from ..pipeline import run_demo as run_demo  # noqa: PLC0414  (the notebook's import)
+from ..recipe import DEFAULT_RECIPE, DEMO_DATA
 from ._common import parse_params, say
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
@@ -65,6 +64,8 @@ def run(args) -> int:
 
     check_run_args(args, "--out", args.out)
     t0 = time.perf_counter()
+    from ..pipeline import run_demo
+
     result = run_demo(args.out, estimator=args.estimator, solver=args.solver, validate=args.validate,
                       progress=not args.no_progress, device=args.device, dtype=args.dtype,
                       target=args.target)
@@ -168,3 +169,11 @@ def run_model_frontier(args) -> int:
     if current().is_main:
         say(summarize(run, str(args.model)))
     return 0
+
+
+def __getattr__(name):  # ``from mpsearch.cli.demo import run_demo`` without importing torch on start-up
+    if name == "run_demo":
+        from ..pipeline import run_demo
+
+        return run_demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

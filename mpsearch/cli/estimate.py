@@ -64,7 +64,7 @@ def run(args) -> int:
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     from ..distributed import current, load_device_map, place_model
-    from ..pipeline import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
+    from ..recipe import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
 
     if args.options is not None:
         params["options"] = args.options

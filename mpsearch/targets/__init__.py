@@ -113,6 +113,24 @@ class Target:
         return f"<target {self.name}>"
 
 
+def is_output_layer(model, name: str, *, tied_only: bool = False) -> bool:
+    """Whether module ``name`` is the model's output projection (``get_output_embeddings()``), with
+    ``tied_only``: only when it shares its weight with the input embedding."""
+    try:
+        out = model.get_output_embeddings()
+        inp = model.get_input_embeddings() if tied_only else None
+    except (AttributeError, NotImplementedError):
+        return False
+    if out is None or (tied_only and (inp is None or out.weight is not inp.weight)):
+        return False
+    from ..layers import get_module
+
+    try:
+        return get_module(model, name) is out
+    except MpsearchError:  # a name the model does not have is not its output layer
+        return False
+
+
 def get_target(name: str | Target | None) -> Target:
     """The target called ``name`` (``None``: the default, mpsearch's own integer options)."""
     if isinstance(name, Target):

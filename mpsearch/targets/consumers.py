@@ -9,7 +9,7 @@ GPTQ, AutoRound and ModelOpt checkpoints that way) tie those projections: they m
 
 from __future__ import annotations
 
-from . import Target
+from . import Target, is_output_layer
 
 
 class ConsumerTarget(Target):
@@ -20,22 +20,9 @@ class ConsumerTarget(Target):
     fused_runtime = True
 
     def plans_layer(self, layer, model=None) -> bool:
-        if layer.kind == "embedding":
+        if layer.kind == "embedding" or layer.name.rsplit(".", 1)[-1] == "lm_head":
             return False
-        if layer.name.rsplit(".", 1)[-1] == "lm_head":
-            return False
-        get_out = getattr(model, "get_output_embeddings", None)
-        try:
-            out = get_out() if get_out is not None else None
-        except (AttributeError, NotImplementedError):
-            out = None
-        if out is not None:
-            from ..layers import get_module
-
-            try:
-                return get_module(model, layer.name) is not out
-            except Exception:  # noqa: BLE001 - a layer name the model does not resolve: plan it
-                return True
+        return not (model is not None and is_output_layer(model, layer.name))
         return True
 
     def __init__(self, name, consumer, description, exporter, options, default_options, notes=""):

@@ -19,12 +19,8 @@ Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 
 from __future__ import annotations
 
-from ..options import parse_option
-from . import Target
-
-from ..formats.ggml import FALLBACK  # noqa: E402,F401  (llama.cpp's tensor_type_fallback)
-K_TYPES = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
-LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+from ..formats.ggml import fallback_type  # llama.cpp's tensor_type_fallback
+from . import Target, is_output_layer
 
 
 class LlamaCppTarget(Target):
@@ -43,9 +39,7 @@ class LlamaCppTarget(Target):
 
         if layer.kind == "embedding":
             return llama_gguf_name(layer.name) is not None
-        if model is not None and _is_tied_output(model, layer.name):
-            return False
-        return True
+        return not (model is not None and is_output_layer(model, layer.name, tied_only=True))
 
     def recipes(self, layers) -> dict[str, dict[str, str]]:
         """``pure-<type>``: every planned tensor at one type, with llama.cpp's own fallback where
@@ -53,45 +47,18 @@ class LlamaCppTarget(Target):
         mixes (Q4_K_M...) where :mod:`mpsearch.targets.llamacpp_mixes` can name the tensors."""
         out = {}
         for t in self.default_options:
-            plan = {}
-            for lay in layers:
-                name = t
-                if self.option_reason(lay, parse_option(name)) is not None:
-                    name = FALLBACK.get(t, "keep")
-                    if self.option_reason(lay, parse_option(name)) is not None:
-                        name = "keep"  # llama.cpp writes f16: the keep type of the export
-                plan[lay.name] = name
-            out[f"pure-{t}"] = plan
+            # what llama.cpp writes (its fallback; f16, the export's keep type, where none fits)
+            written = {lay.name: fallback_type(t, lay.in_features) for lay in layers}
+            out[f"pure-{t}"] = {n: "keep" if w == "f16" else w for n, w in written.items()}
         out.update(_builtin_mixes(layers))
         return out
 
 
-def _is_tied_output(model, name: str) -> bool:
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    if get_out is None or get_in is None:
-        return False
-    try:
-        out, inp = get_out(), get_in()
-    except (AttributeError, NotImplementedError):
-        return False
-    if out is None or inp is None or out.weight is not inp.weight:
-        return False
-    from ..layers import get_module
-
-    try:
-        return get_module(model, name) is out
-    except Exception:
-        return False
-
-
 def _builtin_mixes(layers) -> dict[str, dict[str, str]]:
-    """llama.cpp's built-in mixes for these layers (empty until the mix module can name them)."""
-    try:
-        from . import llamacpp_mixes
-    except ImportError:
-        return {}
-    return llamacpp_mixes.recipes_for_layers(layers) if hasattr(llamacpp_mixes, "recipes_for_layers") else {}
+    """llama.cpp's built-in mixes for these layers (empty for names it cannot map to GGUF)."""
+    from .llamacpp_mixes import recipes_for_layers
+
+    return recipes_for_layers(layers)
 
 
 LLAMACPP = LlamaCppTarget()

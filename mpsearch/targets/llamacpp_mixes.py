@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from mpsearch.errors import MpsearchError, close_matches, name_list
+from mpsearch.formats.ggml import FALLBACK as GGML_FALLBACK
 
 #: ggml type name -> (elements per block, bytes per block), as ggml's type traits (ggml/src/ggml.c).
 GGML_TYPES: dict[str, tuple[int, int]] = {
@@ -201,25 +202,23 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or rem == 2
 
 
+#: ``tensor_type_fallback``'s table: the K-quants' part from :data:`mpsearch.formats.ggml.FALLBACK`,
+#: plus the i-quants and ternary types mpsearch does not implement
+_FALLBACK = {**dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"),
+                             "iq4_nl"),
+             **dict.fromkeys(("q2_0", "tq1_0", "tq2_0"), "q4_0"), **GGML_FALLBACK}
+
+
 def _fallback(st: _State, name: str, ncols: int, target: str) -> str:
     """``tensor_type_fallback``: a type whose block size divides ``ncols``."""
     block = GGML_TYPES[target][0]
     if ncols % block == 0:
         return target
     st.n_fallback += 1
-    if target in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"):
-        ret = "iq4_nl"
-    elif target in ("q2_0", "q2_K", "q3_K", "tq1_0", "tq2_0"):
-        ret = "q4_0"
-    elif target == "q4_K":
-        ret = "q5_0"
-    elif target == "q5_K":
-        ret = "q5_1"
-    elif target == "q6_K":
-        ret = "q8_0"
-    elif block <= 32:
+    ret = _FALLBACK.get(target)
+    if ret is None and block <= 32:
         ret = target
-    else:
+    elif ret is None:
         raise MpsearchError(f"llama.cpp defines no fallback for type {target} "
                             f"(tensor {name!r} has {ncols} columns)")
     if ncols % GGML_TYPES[ret][0]:
