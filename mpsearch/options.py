@@ -28,6 +28,13 @@ KEEP_BITS = 16
 #: per-channel round-to-nearest at 2-8 bits. Symmetric 2-bit has only three levels (-s, 0, s), which
 #: leaves a 3-bit budget nothing worth trading (experiments/real_models.md).
 DEFAULT_SEARCH_OPTIONS = "int2-asym,int3-asym,int4-asym,int5-asym,int6-asym,int8-asym"
+#: the default set plus groups of 64 and 32 at 3-5 bits: on SmolLM2-135M the ILP's plans close 54% / 62%
+#: of the KL gap to fp32 at the sizes of uniform int4 / int5 with it, against 21% / 41% with the
+#: per-channel set (experiments/measured_loop.md). ``--bits llm`` names it.
+LLM_SEARCH_OPTIONS = ("int2-asym,int3-asym,int3-g64-asym,int3-g32-asym,int4-asym,int4-g64-asym,int4-g32-asym,"
+                      "int5-asym,int5-g64-asym,int6-asym,int8-asym")
+#: names that stand for an option set wherever a list of options is read (``--bits llm,keep``)
+OPTION_PRESETS = {"default": DEFAULT_SEARCH_OPTIONS, "llm": LLM_SEARCH_OPTIONS}
 _NAME = re.compile(r"^int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym)?$", re.ASCII)
 
 
@@ -224,8 +231,12 @@ def _format_hint(name: str) -> str:
 
 
 def parse_options(spec: str | list) -> list[Option]:
-    """Parse a comma-separated list (``'2,3,4,8,keep'``) or a list of option specs."""
+    """Parse a comma-separated list (``'2,3,4,8,keep'``) or a list of option specs; a preset name
+    (``default``, ``llm``: :data:`OPTION_PRESETS`) stands for its options."""
     items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    items = [x for s in items for x in (
+        OPTION_PRESETS[s.strip().lower()].split(",") if isinstance(s, str) and s.strip().lower() in OPTION_PRESETS
+        else [s])]
     if not items:
         raise MpsearchError("the option list is empty: give at least one, e.g. '2,3,4,8'")
     options = [parse_option(s) for s in items]

@@ -48,6 +48,17 @@ def test_option_list_parsing():
         parse_options(" , ")
 
 
+def test_option_presets_expand_in_place():
+    llm = ["int2-asym", "int3-asym", "int3-g64-asym", "int3-g32-asym", "int4-asym", "int4-g64-asym",
+           "int4-g32-asym", "int5-asym", "int5-g64-asym", "int6-asym", "int8-asym"]
+    assert [o.name for o in parse_options("llm")] == llm
+    assert [o.name for o in parse_options("LLM,keep")] == llm + ["keep"]
+    assert [o.name for o in parse_options("default")] == [
+        "int2-asym", "int3-asym", "int4-asym", "int5-asym", "int6-asym", "int8-asym"]
+    with pytest.raises(MpsearchError, match="listed twice"):
+        parse_options("llm,int4-asym")
+
+
 OPTIONS = [Option(b, g, s) for b in (1, 2, 3, 4, 8) for g in (None, 16) for s in (True, False)]
 
 
