@@ -88,7 +88,9 @@ def _plan_bits(plan, layers) -> tuple[int, dict]:
     return total, dict(counts.most_common())
 
 
-def llamacpp() -> None:
+def llamacpp(only: str | None = None) -> None:
+    """``only``: measure just the plans whose name holds this text, keeping the other rows of
+    ``llamacpp.json`` (same model, metric and evaluation tokens)."""
     import torch
 
     from mpsearch.apply import apply_plan
@@ -117,7 +119,15 @@ def llamacpp() -> None:
     out = {"eval_tokens": EVAL_TOKENS, "window": SEQ_LEN, "baseline": float(metric(net)),
            "baseline_values": dict(metric.values), "plans": {}}
     print("fp32", out["baseline_values"], flush=True)
+    old = RESULTS / "llamacpp.json"
+    if only and old.exists():
+        prev = json.loads(old.read_text())
+        if (prev["eval_tokens"], prev["window"]) == (EVAL_TOKENS, SEQ_LEN):
+            out["plans"] = prev["plans"]
+        plans = {k: v for k, v in plans.items() if only in k}
     e2e = _e2e_kld()
+    for name in out["plans"]:  # llama-perplexity's numbers for the rows kept
+        out["plans"][name]["llama_perplexity"] = e2e.get(name)
     for name, plan in plans.items():
         t0 = time.time()
         q = apply_plan(net, plan)
@@ -165,12 +175,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "report"])
     p.add_argument("--estimator", default="weight-error")
+    p.add_argument("--only", help="llamacpp: measure only the plans whose name holds this text")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
     a = p.parse_args()
     if a.what in RUNS:
         run_frontier(a.what, a.estimator, a.extra)
     elif a.what == "llamacpp":
-        llamacpp()
+        llamacpp(a.only)
     else:
         report()
 
