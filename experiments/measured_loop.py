@@ -75,10 +75,15 @@ class CausalKL(Metric):
         return super().fit(reference)
 
     def _measure(self, model):
-        tot, n = 0.0, 0
-        for lp, ref in zip(self._logp(model), self._ref):
+        tot, nll, n, m = 0.0, 0.0, 0, 0
+        for i, (lp, ref) in enumerate(zip(self._logp(model), self._ref)):
             tot += float((ref.exp() * (ref - lp)).sum(-1).sum())
             n += lp.shape[0] * lp.shape[1]
+            nxt = self.windows[i * self.batch:(i + 1) * self.batch, 1:].to(lp.device)
+            nll -= float(lp[:, :-1].gather(-1, nxt[..., None]).sum())
+            m += nxt.numel()
+        # every value goes into the frontier's rows (measured_kl, measured_perplexity)
+        self.values = {"kl": tot / n, "perplexity": float(np.exp(nll / m))}
         return tot / n
 
     def loss(self, value, baseline):
@@ -166,7 +171,14 @@ def rows_of(run, model_name, est, method, secs, losers):
         ul = float(u.loc[t, "measured_loss"])
         ml = float(mixed["measured_loss"].iloc[0]) if len(mixed) else float("nan")
         evals = int(run.refinement[run.refinement["budget"] == t]["evals"].sum()) if len(run.refinement) else 0
-        rows.append({"model": model_name, "estimator": est, "method": method or "none", "target": t,
+        ppl = {}
+        if "measured_perplexity" in u.columns:
+            ppl["uniform_ppl"] = float(u.loc[t, "measured_perplexity"])
+            if len(mixed) and "measured_perplexity" in mixed.columns:
+                ppl["mixed_ppl"] = float(mixed["measured_perplexity"].iloc[0])
+            if "measured_perplexity" in r.index:
+                ppl["recommended_ppl"] = float(r["measured_perplexity"])
+        rows.append({**ppl, "model": model_name, "estimator": est, "method": method or "none", "target": t,
                      "avg_bits": float(u.loc[t, "avg_bits"]), "uniform_loss": ul, "mixed_loss": ml,
                      "recommended_loss": float(r["measured_loss"]), "status": r["status"],
                      "gap_mixed": 1 - ml / ul if ul > 0 else float("nan"),
@@ -279,6 +291,9 @@ def main():
         out = work / est
         run, secs, losers = run_one(model, calib, metric, est, out, options=args.options)
         doc["rows"] += rows_of(run, args.model, est, None, secs, losers)
+        if isinstance(metric, CausalKL):  # the metric of the full-precision model, measured once
+            metric(model)
+            doc["fp_perplexity"] = metric.values["perplexity"]
         doc.setdefault("uniform", {})[est] = [  # every uniform plan measured (the best one that fits a size)
             {"option": str(o), "avg_bits": float(r["avg_bits"]), "measured_loss": float(r["measured_loss"])}
             for o, r in run.uniform.set_index("option").iterrows()]
@@ -341,6 +356,16 @@ def report(res: Path):
                          f"| {100 * r['gap_mixed']:.0f}% / {100 * r['gap_recommended']:.0f}% | {r['refine_evals']} "
                          f"| {'yes' if r['never_worse'] else 'NO'} |")
         lines.append("")
+        if any("recommended_ppl" in r for r in doc["rows"]) and doc.get("fp_perplexity"):
+            fp = doc["fp_perplexity"]
+            lines += [f"Perplexity (fp32: {fp:.2f}); gap closed = 1 - (ppl - fp) / (uniform ppl - fp):", "",
+                      "| estimator | refine | target | uniform ppl | recommended ppl | gap closed |", "|---|---|---|---|---|---|"]
+            for r in doc["rows"]:
+                if "recommended_ppl" in r:
+                    g = 1 - (r["recommended_ppl"] - fp) / (r["uniform_ppl"] - fp)
+                    lines.append(f"| {r['estimator']} | {r['method']} | {r['target']} | {r['uniform_ppl']:.2f} "
+                                 f"| {r['recommended_ppl']:.2f} | {100 * g:.0f}% |")
+            lines.append("")
         if doc.get("uniform"):
             lines += ["Every uniform plan measured (loss): " + ", ".join(
                 f"{u['option']} ({u['avg_bits']:.3f} b/w) {u['measured_loss']:.4g}"

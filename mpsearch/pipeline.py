@@ -439,7 +439,9 @@ def recommend(candidates: list, problems: dict) -> pd.DataFrame:
                      "measured_loss": loss, "quality": m["quality"], "avg_bits": m["avg_bits"],
                      "size_bits": m["size_bits"],
                      "best_mixed_loss": min((e[0] for e in mixed), default=np.nan),
-                     "best_uniform_loss": min((e[0] for e in uni), default=np.nan)})
+                     "best_uniform_loss": min((e[0] for e in uni), default=np.nan),
+                     # every value of a multi-value metric (measured_kld, measured_top1, measured_perplexity...)
+                     **{k: v for k, v in m.items() if k.startswith("measured_") and k != "measured_loss"}})
     return pd.DataFrame(rows)
 
 
@@ -570,7 +572,9 @@ def _recommendations(table, metric, targets, base, key, front, plans, uframe, un
     cands += [(r["plan"], "refined", refined[r["plan"]], r) for _, r in rframe.iterrows()]
     cands = [(ref, src, p, {"measured_loss": float(r["measured_loss"]), "quality": float(r[f"measured_{metric.name}"]),
                             "avg_bits": float(r["measured_avg_bits"] if "measured_avg_bits" in r else r["avg_bits"]),
-                            "size_bits": float(r["measured_size_bits"] if "measured_size_bits" in r else r["size_bits"])})
+                            "size_bits": float(r["measured_size_bits"] if "measured_size_bits" in r else r["size_bits"]),
+                            **{k: r[k] for k in r.index if k.startswith("measured_") and pd.notna(r[k])
+                               and k not in ("measured_loss", "measured_avg_bits", "measured_size_bits")}})
              for ref, src, p, r in cands]
     problems = {t: compile_problem(table, base.with_constraints(**{key: v})) for t, v in targets.items()}
     rec = recommend(cands, problems)

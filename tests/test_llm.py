@@ -352,6 +352,16 @@ def test_cli_frontier_model_on_a_hf_directory_with_text(tiny_dir, texts, tmp_pat
     assert {"measured_kld", "measured_top1", "measured_perplexity", "measured_kld_p99"} <= set(front.columns)
     assert (val["measured_kld"] >= 0).all() and (val["measured_top1"] <= 100).all()
     assert json.loads((out / "summary.json").read_text())["metric"] == "kld"
+    # the recommended plan carries every value of the metric, equal to its row where it was measured
+    rec = pd.read_csv(out / "recommended.csv")
+    uni = pd.read_csv(out / "uniform.csv").set_index("option")
+    assert {"measured_kld", "measured_top1", "measured_perplexity"} <= set(rec.columns)
+    for _, r in rec[rec["source"] == "uniform"].iterrows():
+        opt = r["plan"].removeprefix("uniform-")
+        assert r["measured_perplexity"] == pytest.approx(uni.loc[opt, "measured_perplexity"], rel=1e-12)
+        assert r["measured_kld"] == pytest.approx(r["measured_loss"], rel=1e-9)
+    for _, r in rec[rec["source"] == "mixed"].iterrows():
+        assert r["measured_kld"] == pytest.approx(r["measured_loss"], rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------- CUDA
