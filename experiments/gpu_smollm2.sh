@@ -11,8 +11,9 @@
 #                   solve, llama-quantize and llama-perplexity run on the CPU: llamacpp_e2e.py compare)
 #   loop-g64        measured_loop.py with group-wise options beside the per-channel ones (issue 14)
 #   loop-g32        the same with g32 options and int5-g64 too
-#   loop-long       measured_loop.py, per-channel options, a larger local-search budget (issue 14)
-#   target-llamacpp frontier --model smollm2 --target llama.cpp --refine (issue 14, with a target)
+#   loop-long       measured_loop.py, the llm preset, a larger local-search budget (issue 14)
+#   target-llamacpp frontier --model smollm2 --target llama.cpp --refine (issue 14, with a target;
+#                   with --refine 3 and no --refine-evals it ran past 560 s: ~20 recipe sizes to refine)
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
@@ -44,10 +45,11 @@ for job in "$@"; do
         --options int2-asym,int3-asym,int3-g64-asym,int3-g32-asym,int4-asym,int4-g64-asym,int4-g32-asym,int5-asym,int5-g64-asym,int6-asym,int8-asym ;;
     loop-long)
       MEASURED_LOOP_WORK=/tmp/ml-long timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
-        --estimators output-distance --methods local --rounds 8 --swaps 8 --additivity 0 --results $RES/long ;;
+        --estimators output-distance --methods local,both --rounds 6 --swaps 6 --additivity 0 --results $RES/long \
+        --options llm ;;
     target-llamacpp)
       timeout 560 python3 -m mpsearch frontier --model smollm2 --target llama.cpp --device cuda \
-        --bits q2_K,q3_K,q4_0,q4_K,iq4_nl,q5_0,q5_1,q5_K,q6_K,q8_0 --refine 3 --refine-method both \
+        --bits q2_K,q3_K,q4_0,q4_K,iq4_nl,q5_0,q5_1,q5_K,q6_K,q8_0 --refine 2 --refine-method both --refine-evals 60 \
         --calib-samples 16 -o $RES/target-llamacpp 2>&1 | grep -v "it/s\|s/it" ;;
     *) echo "unknown job $job"; exit 2 ;;
   esac

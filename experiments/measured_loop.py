@@ -307,7 +307,8 @@ def main():
             print(f"[{time.perf_counter() - t0:.0f}s] interaction done", flush=True)
         for method in args.methods.split(","):
             per_round = 1 if method == "calibrate" else args.swaps + (1 if method == "both" else 0)
-            budget = args.rounds * per_round * len(TARGETS)
+            # refinement runs at every uniform size (not only TARGETS): a budget for each of them
+            budget = args.rounds * per_round * len(run.uniform)
             r2, secs, losers = run_one(model, calib, metric, est, out, method, args.rounds, budget,
                                        options=args.options)
             doc["rows"] += rows_of(r2, args.model, est, method, secs, losers)
