@@ -230,13 +230,17 @@ def _format_hint(name: str) -> str:
     return close_matches(str(name), format_names())
 
 
+def expand_presets(items: list) -> list:
+    """``items`` with each preset name (:data:`OPTION_PRESETS`) replaced by its option names."""
+    return [x for s in items for x in (
+        OPTION_PRESETS[s.strip().lower()].split(",") if isinstance(s, str) and s.strip().lower() in OPTION_PRESETS
+        else [s])]
+
+
 def parse_options(spec: str | list) -> list[Option]:
     """Parse a comma-separated list (``'2,3,4,8,keep'``) or a list of option specs; a preset name
     (``default``, ``llm``: :data:`OPTION_PRESETS`) stands for its options."""
-    items = [s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
-    items = [x for s in items for x in (
-        OPTION_PRESETS[s.strip().lower()].split(",") if isinstance(s, str) and s.strip().lower() in OPTION_PRESETS
-        else [s])]
+    items = expand_presets([s for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec))
     if not items:
         raise MpsearchError("the option list is empty: give at least one, e.g. '2,3,4,8'")
     options = [parse_option(s) for s in items]

@@ -57,6 +57,11 @@ def test_option_presets_expand_in_place():
         "int2-asym", "int3-asym", "int4-asym", "int5-asym", "int6-asym", "int8-asym"]
     with pytest.raises(MpsearchError, match="listed twice"):
         parse_options("llm,int4-asym")
+    from mpsearch.targets import get_target
+
+    assert [o.name for o in get_target("mpsearch").parsed_options("llm,keep")] == llm + ["keep"]
+    with pytest.raises(MpsearchError, match="target 'vllm' cannot execute option 'int2-asym'"):
+        get_target("vllm").parsed_options("llm")
 
 
 OPTIONS = [Option(b, g, s) for b in (1, 2, 3, 4, 8) for g in (None, 16) for s in (True, False)]

@@ -26,7 +26,8 @@ def register(sub):
                         f"weight-error without; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
-                        "own (q4_K,q5_0...), or the preset llm (int2..int8 plus groups of 64/32 at 3-5 bits) (default: the default recipe's int2-asym..int8-asym; with --target, the target's "
+                        "own (q4_K,q5_0...), or the preset llm (int2..int8 plus groups of 64/32 at 3-5 bits) "
+                        "(default: the default recipe's int2-asym..int8-asym; with --target, the target's "
                         "default set)")
     add_target_arg(p)
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import MpsearchError, close_matches, name_list
-from ..options import Option, parse_option
+from ..options import Option, expand_presets, parse_option
 
 #: target name -> "module:attribute" of its Target instance (imported on first use)
 TARGETS: dict[str, str] = {
@@ -57,6 +57,7 @@ class Target:
         if names is None:
             names = self.default_options or self.options
         items = [s.strip() for s in names.split(",") if s.strip()] if isinstance(names, str) else list(names)
+        items = expand_presets(items)
         if not items:
             raise MpsearchError(f"target {self.name!r}: the option list is empty")
         out, seen = [], set()
