@@ -142,6 +142,57 @@ def llamacpp(only: str | None = None) -> None:
         (RESULTS / "llamacpp.json").write_text(json.dumps(out, indent=1))
 
 
+def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0")) -> None:
+    """Issue 14 with a target: the default recipe's llama.cpp table (output-distance, q4_1 dropped)
+    solved by the ILP at the exact size of uniform ``at`` types, against the measured uniform plans
+    (the best that fits), on the same metric and tokens as :func:`llamacpp`."""
+    import torch
+
+    from mpsearch.apply import apply_plan
+    from mpsearch.budget import Budget
+    from mpsearch.pipeline import uniform_plans
+    from mpsearch.solvers import get_solver
+    from mpsearch.specs import load_metric, load_model, tokenizer_for
+    from mpsearch.table import CostTable
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("MPSEARCH_THREADS", "1")))
+    table = CostTable.read(HERE / "llamacpp_e2e" / "tables" / "smollm2-llamacpp-output-distance.csv")
+    table = table.with_frame(table.frame[table.frame["option"] != "q4_1"])
+    net = load_model("smollm2")
+    metric = load_metric(None, "shakespeare", net, "smollm2", eval_tokens=EVAL_TOKENS, seq_len=SEQ_LEN,
+                         tokenizer=tokenizer_for("smollm2"))
+    metric.fit(net)
+    uni = uniform_plans(table, "size_bits")
+    out = {"eval_tokens": EVAL_TOKENS, "window": SEQ_LEN, "table": "llamacpp_e2e/tables/smollm2-llamacpp-output-distance.csv",
+           "dropped": ["q4_1"], "uniform": {}, "mixed": {}}
+    dest = RESULTS / "llamacpp_uniform.json"
+
+    def measure(plan):
+        value = float(metric(apply_plan(net, plan)))
+        return {"kld": value, **{k: float(v) for k, v in metric.values.items()}}
+
+    for opt in uniform:
+        plan, bits = uni[opt]
+        out["uniform"][opt] = {"size_bits": bits, **measure(plan)}
+        print(opt, out["uniform"][opt], flush=True)
+        dest.write_text(json.dumps(out, indent=1))
+    for opt in at:
+        bits = uni[opt][1]
+        res = get_solver("ilp").solve(table, Budget(constraints={"size_bits": bits}))
+        from collections import Counter
+
+        types = Counter(res.plan.option_name(n) for n in res.plan.bits)
+        out["mixed"][opt] = {"budget_size_bits": bits, "size_bits": float(res.plan.predicted["size_bits"]),
+                             "types": dict(types), **measure(res.plan)}
+        fits = [u for u in out["uniform"].values() if u["size_bits"] <= bits]
+        best = min(u["kld"] for u in fits)
+        out["mixed"][opt]["best_uniform_kld"] = best
+        out["mixed"][opt]["gap_closed"] = 1 - out["mixed"][opt]["kld"] / best
+        print("at", opt, out["mixed"][opt], flush=True)
+        dest.write_text(json.dumps(out, indent=1))
+
+
 def _e2e_kld() -> dict:
     """llama-perplexity's mean KLD and same-top-p % of the same plans (experiments/llamacpp_e2e/*.json)."""
     found = {}
@@ -173,7 +224,7 @@ def report() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "report"])
+    p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "llamacpp-uniform", "report"])
     p.add_argument("--estimator", default="weight-error")
     p.add_argument("--only", help="llamacpp: measure only the plans whose name holds this text")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
@@ -182,6 +233,8 @@ def main() -> None:
         run_frontier(a.what, a.estimator, a.extra)
     elif a.what == "llamacpp":
         llamacpp(a.only)
+    elif a.what == "llamacpp-uniform":
+        llamacpp_uniform()
     else:
         report()
 
