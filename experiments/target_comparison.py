@@ -142,7 +142,8 @@ def llamacpp(only: str | None = None) -> None:
         (RESULTS / "llamacpp.json").write_text(json.dumps(out, indent=1))
 
 
-def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0")) -> None:
+def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), refine_rounds: int = 0,
+                     method: str = "both", swaps: int = 4) -> None:
     """Issue 14 with a target: the default recipe's llama.cpp table (output-distance, q4_1 dropped)
     solved by the ILP at the exact size of uniform ``at`` types, against the measured uniform plans
     (the best that fits), on the same metric and tokens as :func:`llamacpp`."""
@@ -177,6 +178,7 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0")) ->
         out["uniform"][opt] = {"size_bits": bits, **measure(plan)}
         print(opt, out["uniform"][opt], flush=True)
         dest.write_text(json.dumps(out, indent=1))
+    mixed_plans = {}
     for opt in at:
         bits = uni[opt][1]
         res = get_solver("ilp").solve(table, Budget(constraints={"size_bits": bits}))
@@ -185,11 +187,29 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0")) ->
         types = Counter(res.plan.option_name(n) for n in res.plan.bits)
         out["mixed"][opt] = {"budget_size_bits": bits, "size_bits": float(res.plan.predicted["size_bits"]),
                              "types": dict(types), **measure(res.plan)}
+        mixed_plans[opt] = res.plan
         fits = [u for u in out["uniform"].values() if u["size_bits"] <= bits]
         best = min(u["kld"] for u in fits)
         out["mixed"][opt]["best_uniform_kld"] = best
         out["mixed"][opt]["gap_closed"] = 1 - out["mixed"][opt]["kld"] / best
         print("at", opt, out["mixed"][opt], flush=True)
+        dest.write_text(json.dumps(out, indent=1))
+    if refine_rounds:  # measured refinement at the same sizes (mpsearch.refine), uniform plans in the history
+        from mpsearch.refine import refine
+
+        history = [(uni[o][0], out["uniform"][o]["kld"]) for o in uniform]
+        history += [(mixed_plans[o], out["mixed"][o]["kld"]) for o in at]
+        t0 = time.time()
+        ref = refine(table, get_solver("ilp"), {o: uni[o][1] for o in at}, history,
+                     lambda plan: measure(plan)["kld"], rounds=refine_rounds, method=method, swaps=swaps,
+                     key="size_bits")
+        for opt in at:
+            plan, loss = ref.best[opt]
+            m = out["mixed"][opt]
+            m["refined"] = {"method": method, "rounds": refine_rounds, "swaps": swaps, "kld": loss,
+                            "evals": int(sum(r["evals"] for r in ref.log if r["budget"] == opt)),
+                            "gap_closed": 1 - loss / m["best_uniform_kld"], "seconds": time.time() - t0}
+            print("refined at", opt, m["refined"], flush=True)
         dest.write_text(json.dumps(out, indent=1))
 
 
@@ -227,6 +247,7 @@ def main() -> None:
     p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "llamacpp-uniform", "report"])
     p.add_argument("--estimator", default="weight-error")
     p.add_argument("--only", help="llamacpp: measure only the plans whose name holds this text")
+    p.add_argument("--refine", type=int, default=0, help="llamacpp-uniform: rounds of measured refinement (both)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
     a = p.parse_args()
     if a.what in RUNS:
@@ -234,7 +255,7 @@ def main() -> None:
     elif a.what == "llamacpp":
         llamacpp(a.only)
     elif a.what == "llamacpp-uniform":
-        llamacpp_uniform()
+        llamacpp_uniform(refine_rounds=a.refine)
     else:
         report()
 
