@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from llamacpp_fixtures import (LLAMA_CPP, gguf_hparams, run_quantize,  # noqa: E402
-                               smollm2_gguf, write_random_llama_gguf)
+                               smollm2_gguf, cycled_tensor_type_lines, write_random_llama_gguf)
 
 from mpsearch.targets.llamacpp_mixes import (canonical_type, mix_types,  # noqa: E402
                                              type_nbytes)
@@ -319,14 +319,7 @@ def hand_plans(model: str) -> dict[str, list[str]]:
         high = (["q6_K", "q5_K", "q8_0", "q5_1", "q5_K", "q6_K"], ["q6_K", "q8_0"], "q6_K")
     out = {}
     for tag, (attn_ffn, down, tok) in (("low", low), ("mid", mid), ("high", high)):
-        lines = []
-        for i in range(n):
-            for j, t in enumerate(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
-                                   "ffn_up")):
-                lines.append(rf"^blk\.{i}\.{t}\.weight$={attn_ffn[(i + j) % len(attn_ffn)]}")
-            lines.append(rf"^blk\.{i}\.ffn_down\.weight$={down[i % len(down)]}")
-        lines.append(rf"^token_embd\.weight$={tok}")
-        out[tag] = lines
+        out[tag] = cycled_tensor_type_lines(n, attn_ffn, down) + [rf"^token_embd\.weight$={tok}"]
     return out
 
 

@@ -225,9 +225,10 @@ SMALL = dict(hidden=256, n_layer=12, n_head=8, n_head_kv=2, intermediate=704, ti
 
 #: a hand-written tensor-type file of legal types for SmolLM2 (576-column tensors take the
 #: 32-block types, ffn_down's 1536 columns K-quants too), the mode the e2e harness uses.
-def smollm2_tensor_type_lines(n_layer: int = 30) -> list[str]:
-    kinds = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
-    kq = ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0", "q4_0"]
+def cycled_tensor_type_lines(n_layer: int = 30, kinds=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"),
+                              kq=("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0", "q4_0")) -> list[str]:
+    """Block j of layer i's attention/gate/up matrices cycle through ``kinds``, ffn_down through
+    ``kq`` (one line per tensor, as --tensor-type-file reads them)."""
     lines = []
     for i in range(n_layer):
         for j, t in enumerate(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
@@ -293,7 +294,7 @@ def main(argv=None) -> None:
             fixture["models"][key] = info
 
         # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type
-        lines = smollm2_tensor_type_lines()
+        lines = cycled_tensor_type_lines()
         ttf = tmpd / "types.txt"
         ttf.write_text("\n".join(lines) + "\n")
         out = tmpd / "smollm2-override.gguf"
