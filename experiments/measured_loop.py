@@ -83,8 +83,13 @@ class CausalKL(Metric):
             nll -= float(lp[:, :-1].gather(-1, nxt[..., None]).sum())
             m += nxt.numel()
         # every value goes into the frontier's rows (measured_kl, measured_perplexity)
-        self.values = {"kl": tot / n, "perplexity": float(np.exp(nll / m))}
+        self._values = {"kl": tot / n, "perplexity": float(np.exp(nll / m))}
         return tot / n
+
+    @property
+    def values(self) -> dict:
+        """The last measurement's numbers (state, not a setting: the measure cache's key skips it)."""
+        return dict(getattr(self, "_values", {}))
 
     def loss(self, value, baseline):
         return value - baseline

@@ -560,7 +560,8 @@ def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, fro
         plan.predicted = pred
         refined[ref] = plan
         rows.append({"plan": ref, "method": plan.provenance.get("refine", "local"), "damage": pred["damage"],
-                     "avg_bits": m["avg_bits"], f"measured_{metric.name}": m["quality"], "measured_loss": loss,
+                     "avg_bits": m["avg_bits"], **{k: v for k, v in m.items() if k.startswith("measured_")},
+                     f"measured_{metric.name}": m["quality"], "measured_loss": loss,
                      "measured_size_bits": m["size_bits"]})
     return refined, pd.DataFrame(rows), pd.DataFrame(res.log)
 

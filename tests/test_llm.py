@@ -343,7 +343,8 @@ def test_cli_frontier_model_on_a_hf_directory_with_text(tiny_dir, texts, tmp_pat
     rc = main(["frontier", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--data",
                str(texts / "calib.txt"), "--eval-data", str(texts / "eval.txt"), "--estimator", "output-distance",
                "--solver", "ilp", "--validate", "2", "--seq-len", "32", "--calib-samples", "4",
-               "--eval-tokens", "256", "-o", str(out)])
+               "--eval-tokens", "256", "--refine", "1", "--refine-method", "local", "--refine-evals", "2",
+               "-o", str(out)])
     assert rc == 0
     import pandas as pd
 
@@ -362,6 +363,10 @@ def test_cli_frontier_model_on_a_hf_directory_with_text(tiny_dir, texts, tmp_pat
         assert r["measured_kld"] == pytest.approx(r["measured_loss"], rel=1e-9)
     for _, r in rec[rec["source"] == "mixed"].iterrows():
         assert r["measured_kld"] == pytest.approx(r["measured_loss"], rel=1e-9)
+    # refined plans carry every value too (their perplexity was once dropped)
+    ref = pd.read_csv(out / "refined.csv")
+    assert len(ref) >= 1 and ref["measured_perplexity"].notna().all() and (ref["measured_perplexity"] > 1).all()
+    assert np.allclose(ref["measured_kld"], ref["measured_loss"], rtol=1e-9)
 
 
 # --------------------------------------------------------------------------------------- CUDA
