@@ -136,6 +136,67 @@ def test_output_distance_equals_a_manual_measurement(case, metric):
     np.testing.assert_allclose(_damage(table), _manual_distance(model, batches, metric), rtol=1e-5, atol=1e-12)
 
 
+def _manual_base_distance(model, batches, base, metric):
+    """d(layer at option, the rest at ``base``) - d(layer at fp, the rest at ``base``), by hand."""
+    names = [n for n, _m, _k in mpsearch.layers.iter_quantizable(model)]
+    mods = [model.get_submodule(n) for n in names]
+    fp = [m.weight.detach().clone() for m in mods]
+    based = [quantize_weight(w, mpsearch.parse_option(base[n]), mpsearch.layers._kind(m)) if base.get(n, "keep") != "keep"
+             else w for n, m, w in zip(names, mods, fp)]
+    out = np.zeros((len(names), len(OPTS)))
+    total = sum(len(b[0]) for b in batches)
+
+    def dist(q, r):
+        if metric == "kl":
+            return float(F.kl_div(F.log_softmax(q.double(), -1), F.log_softmax(r.double(), -1), log_target=True,
+                                  reduction="batchmean"))
+        return float((q.double() - r.double()).pow(2).mean())
+
+    with torch.no_grad():
+        for x, _y in batches:
+            ref = model(x)
+            for i, m in enumerate(mods):
+                for j, mj in enumerate(mods):
+                    mj.weight.copy_(based[j] if j != i else fp[i])
+                d0 = dist(model(x), ref)
+                for k, opt in enumerate(OPTS):
+                    m.weight.copy_(quantize_weight(fp[i], mpsearch.parse_option(opt), mpsearch.layers._kind(m)))
+                    out[i, k] += len(x) / total * (dist(model(x), ref) - d0)
+                for j, mj in enumerate(mods):
+                    mj.weight.copy_(fp[j])
+    return np.clip(out, 0, None)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_output_distance_around_a_base_equals_a_manual_measurement(prefix_cache):
+    model, batches = cnn_batches()
+    names = [n for n, _m, _k in mpsearch.layers.iter_quantizable(model)]
+    before = [p.detach().clone() for p in model.parameters()]
+    base = dict(zip(names, ["int3", "keep", "int4", "int2", "int8"][: len(names)]))
+    table = mpsearch.get_estimator("output-distance", metric="kl", options="2,3,4,8", base=base,
+                                   prefix_cache=prefix_cache).estimate(model, batches, progress=False)
+    want = _manual_base_distance(model, batches, base, "kl")
+    np.testing.assert_allclose(_damage(table), want, rtol=1e-5, atol=1e-12)
+    # not the table around full precision, and the model is left as it was
+    plain = mpsearch.get_estimator("output-distance", metric="kl", options="2,3,4,8").estimate(model, batches, progress=False)
+    assert np.abs(_damage(plain) - want).max() > 0.05 * np.abs(want).max()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert table.metadata["base"]["layers"] == sum(v != "keep" for v in base.values())
+    # an option name: every layer at it; int8 as the base differs from fp by little
+    t8 = mpsearch.get_estimator("output-distance", metric="kl", options="2,3,4,8", base="int8").estimate(
+        model, batches, progress=False)
+    np.testing.assert_allclose(_damage(t8), _manual_base_distance(model, batches, dict.fromkeys(names, "int8"), "kl"),
+                               rtol=1e-5, atol=1e-12)
+
+
+def test_output_distance_base_refusals():
+    model, batches = cnn_batches()
+    with pytest.raises(mpsearch.MpsearchError, match="base names layer.*not plan"):
+        mpsearch.get_estimator("output-distance", base={"nope": "int4"}).estimate(model, batches, progress=False)
+    with pytest.raises(mpsearch.MpsearchError, match="weight-only"):
+        mpsearch.get_estimator("output-distance", options="w8a8-int8,int8", base="w8a8-int8").estimate(model, batches, progress=False)
+
+
 @pytest.mark.parametrize("case", [cnn_batches, lm_batches, tiny_bert])
 def test_prefix_caching_equals_uncached(case):
     model, batches = case()

@@ -21,6 +21,15 @@ run in the model's own dtype: bf16 compute for a bf16 model) and reach the host 
 ``micro_batch=k`` measures each calibration batch in pieces of at most ``k`` samples (the same
 weighted mean, a fraction of the memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
 
+``base``: the operating point. By default every other layer stays at full precision, so the table is
+the additive model expanded around the fp model. With ``base`` (an option name, given to every planned
+layer that may take it, or a mapping layer -> option name, or a :class:`~mpsearch.plan.BitPlan`) the
+other layers are quantized as the base says and damage(l, o) = d(l at o) - d(l at full precision),
+both distances to the full-precision output with the rest at the base: the marginal damage of each
+choice around a quantized model (what a plan near the base is made of), which includes how layer l's
+noise adds to the others'. Each layer takes one more (stacked) option, its fp weight; weight-only base
+options only.
+
 ``lim``: the layer-importance score of "Layer-wise quantization" (Dumitru et al. 2024): for block k,
 LIM_k = 1 - cos(block input, block output) averaged over tokens/samples (a block that barely changes
 its input matters less). When a block changes the shape of its input, the cosine between the
@@ -46,7 +55,7 @@ from .base import (
     DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
 )
 from .blocks import PrefixRunner, find_blocks
-from .losses import METRICS, check_output, output_kind
+from .losses import METRICS, check_output, forward, output_kind
 
 
 def _size(batch) -> int:
@@ -64,8 +73,10 @@ class OutputDistanceEstimator(Estimator):
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
-                 cache_dir=None, cache_every: float = 30.0):
+                 cache_dir=None, cache_every: float = 30.0, base=None):
         super().__init__(options=options, seed=seed, device=device)
+        self.base = _base_spec(base)
+        self._fp = None  # run state with a base: layer index -> full-precision weight
         self.metric = metric
         self.output = output
         self.prefix_cache = prefix_cache
@@ -103,6 +114,19 @@ class OutputDistanceEstimator(Estimator):
         st["values"] = st["values"].to(ctx.device, acc)  # stays on the device (no host sync)
         mine = _my_units(runner, ctx, names, st, batches)
         self._stack_checked, self._stack_ok = False, True  # run state: the stacked pass is checked once
+        based = _BasePoint(model, ctx, self.base) if self.base is not None else None
+        self._fp = based.fp if based else None
+        try:
+            self._measure_batches(model, ctx, runner, names, batches, st, mine, based)
+        finally:
+            self._fp = None
+            if based:
+                based.restore()
+        return self._finish(ctx, runner, batches, st)
+
+    def _measure_batches(self, model, ctx, runner, names, batches, st, mine, based):
+        B, L, K = len(batches), len(ctx.layers), len(ctx.options)
+        acc = st["values"].dtype
         total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
         bar.update(int(st["done"].sum()))
@@ -111,8 +135,16 @@ class OutputDistanceEstimator(Estimator):
                 st.update(batch=bi + 1, layer=0)
                 continue
             batch = move_batch(batches[bi], ctx.device)
-            ref, raw = runner.reference(batch, names)
-            ctx.count("forward_passes")
+            if based:  # the reference is the fp model's output; the cached prefix is the base's
+                with torch.no_grad():
+                    based.restore()
+                    ref, raw = forward(model, batch)
+                    based.apply()
+                    runner.reference(batch, names)
+                ctx.count("forward_passes", 2)
+            else:
+                ref, raw = runner.reference(batch, names)
+                ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
             target = _prepare(ref, self.metric, kind, acc)
             for li in range(st["layer"], L):
@@ -130,6 +162,9 @@ class OutputDistanceEstimator(Estimator):
                 ctx.checkpoint.save(st, force=True)
             runner.release()
         bar.close()
+
+    def _finish(self, ctx, runner, batches, st):
+        B, L, K = len(batches), len(ctx.layers), len(ctx.options)
         # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
         values = ctx.shard.sum(st["values"].to("cpu", torch.float64))
         sums = torch.zeros(L, K, dtype=torch.float64)
@@ -162,17 +197,23 @@ class OutputDistanceEstimator(Estimator):
         wanted = None if options is None else set(options)
         active = [k for k, opt in ctx.layer_options(index)
                   if not opt.is_keep and (wanted is None or k in wanted)]
-        out = torch.zeros(len(ctx.options), dtype=acc, device=ctx.device)
+        K = len(ctx.options)
+        out = torch.zeros(K + 1, dtype=acc, device=ctx.device)  # [K]: the layer at fp, with a base
         if not active:
-            return out
+            return out[:K]
         start = runner.start_of(layer.name)
-        variants = {k: quantize_weight(w, ctx.options[k], layer.kind, layer.name) for k in active}
+        src = w if self._fp is None else self._fp.get(index, w)  # with a base, w holds the base's weight
+        variants = {k: quantize_weight(src, ctx.options[k], layer.kind, layer.name) for k in active}
+        measured = list(active)
         acts = [k for k in active if _quantizes_activations(ctx.options[k])]
         if acts:
             out[acts] = self._single(w, runner, batch, start, acts, variants, target, kind, acc, ctx, module)
             active = [k for k in active if k not in acts]
-            if not active:
-                return out
+        if self._fp is not None:  # the layer at full precision, the rest at the base
+            variants[K] = src
+            active.append(K)
+        if not active:
+            return out[:K]
         stack = len(active) if self.stack_options is None else int(self.stack_options)
         if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
             stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
@@ -191,7 +232,11 @@ class OutputDistanceEstimator(Estimator):
             out[active] = stacked
         else:
             out[active] = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
-        return out
+        if self._fp is None:
+            return out[:K]
+        res = torch.zeros(K, dtype=acc, device=ctx.device)
+        res[measured] = out[measured] - out[K]
+        return res
 
     def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx, module=None):
         """One suffix pass per option, the layer's weight overwritten (and restored); with
@@ -228,6 +273,67 @@ class OutputDistanceEstimator(Estimator):
 
 
 _DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
+
+
+def _base_spec(base):
+    """``base`` as given (``None``, an option name) or a plan's layer -> option-name mapping."""
+    if base is None or isinstance(base, str):
+        return base or None
+    from ..plan import BitPlan
+
+    if isinstance(base, BitPlan):
+        return {n: base.option_name(n) for n in base.layers}
+    if isinstance(base, dict):
+        return {str(k): str(v) for k, v in base.items()}
+    raise MpsearchError(f"output-distance base must be an option name, a layer -> option mapping or a BitPlan, "
+                        f"got {type(base).__name__}")
+
+
+class _BasePoint:
+    """The base's weights of the planned layers, swapped in and out of the model in place."""
+
+    def __init__(self, model, ctx: Context, base):
+        from ..options import parse_option
+
+        try:
+            if isinstance(base, str):
+                opt = parse_option(base)  # every layer that may take it (a target's rules); the rest stay fp
+                picks = {i: opt for i in range(len(ctx.layers))
+                         if opt.name in {o.name for _, o in ctx.layer_options(i)}}
+            else:
+                names = [lay.name for lay in ctx.layers]
+                unknown = sorted(set(base) - set(names))
+                if unknown:
+                    raise MpsearchError(f"output-distance base names layer(s) the table does not plan: "
+                                        f"{', '.join(unknown[:3])}; give an option for planned layers only")
+                picks = {names.index(n): parse_option(v) for n, v in base.items()}
+        except ValueError as e:
+            raise MpsearchError(f"output-distance base: {e}") from None
+        acts = sorted({o.name for o in picks.values() if _quantizes_activations(o)})
+        if acts:
+            raise MpsearchError(f"output-distance base takes weight-only options; {', '.join(acts)} also "
+                                f"quantize activations")
+        self.weights, self.fp, self.based = {}, {}, {}
+        for i, opt in picks.items():
+            if opt.is_keep:
+                continue
+            lay = ctx.layers[i]
+            w = get_module(model, lay.name).weight
+            self.weights[i] = w
+            self.fp[i] = w.detach().clone()
+            self.based[i] = quantize_weight(self.fp[i], opt, lay.kind, lay.name)
+        ctx.extra_metadata["base"] = {"layers": len(self.based),
+                                      "options": sorted({picks[i].name for i in self.based})}
+
+    def apply(self):
+        with torch.no_grad():
+            for i, w in self.weights.items():
+                w.copy_(self.based[i])
+
+    def restore(self):
+        with torch.no_grad():
+            for i, w in self.weights.items():
+                w.copy_(self.fp[i])
 
 
 def _quantizes_activations(opt) -> bool:
