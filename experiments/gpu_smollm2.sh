@@ -15,6 +15,9 @@
 #   loop-g64        measured_loop.py with group-wise options beside the per-channel ones (issue 14)
 #   loop-g32        the same with g32 options and int5-g64 too
 #   loop-long       measured_loop.py, the llm preset, a larger local-search budget (issue 14)
+#   loop-g128       the llm preset with int3/int4/int5-g128-asym beside it (issue 14)
+#   loop-g128-sym   the same, and the symmetric int3-g128, int4-g128, int4-g64
+#   loop-calib32    the llm preset with 4x the calibration tokens (32 x 256)
 #   target-llamacpp frontier --model smollm2 --target llama.cpp --refine (issue 14, with a target;
 #                   with --refine 3 and no --refine-evals it ran past 560 s: ~20 recipe sizes to refine)
 set -uo pipefail
@@ -50,6 +53,18 @@ for job in "$@"; do
       MEASURED_LOOP_WORK=/tmp/ml-long timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
         --estimators output-distance --methods local,both --rounds 6 --swaps 6 --additivity 0 --results $RES/long \
         --options llm ;;
+    loop-g128)
+      MEASURED_LOOP_WORK=/tmp/ml-g128 timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods both --rounds 3 --swaps 6 --additivity 0 --results $RES/g128 \
+        --options llm,int3-g128-asym,int4-g128-asym,int5-g128-asym ;;
+    loop-g128-sym)
+      MEASURED_LOOP_WORK=/tmp/ml-g128s timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods both --rounds 3 --swaps 6 --additivity 0 --results $RES/g128-sym \
+        --options llm,int3-g128-asym,int4-g128-asym,int5-g128-asym,int3-g128,int4-g128,int4-g64 ;;
+    loop-calib32)
+      MEASURED_LOOP_WORK=/tmp/ml-c32 timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods local --rounds 1 --swaps 2 --additivity 0 --results $RES/calib32 \
+        --calib-n 32 --options llm ;;
     target-llamacpp)
       timeout 560 python3 -m mpsearch frontier --model smollm2 --target llama.cpp --device cuda \
         --bits q2_K,q3_K,q4_0,q4_K,iq4_nl,q5_0,q5_1,q5_K,q6_K,q8_0 --refine 2 --refine-method both --refine-evals 60 \
