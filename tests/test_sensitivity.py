@@ -191,10 +191,12 @@ def test_output_distance_around_a_base_equals_a_manual_measurement(prefix_cache)
 
 def test_output_distance_base_refusals():
     model, batches = cnn_batches()
-    with pytest.raises(mpsearch.MpsearchError, match="base names layer.*not plan"):
+    with pytest.raises(mpsearch.MpsearchError, match="^output-distance base names layer.*not plan"):
         mpsearch.get_estimator("output-distance", base={"nope": "int4"}).estimate(model, batches, progress=False)
     with pytest.raises(mpsearch.MpsearchError, match="weight-only"):
         mpsearch.get_estimator("output-distance", options="w8a8-int8,int8", base="w8a8-int8").estimate(model, batches, progress=False)
+    with pytest.raises(mpsearch.MpsearchError, match="^output-distance base: option bits must be 1-8"):
+        mpsearch.get_estimator("output-distance", base="int99").estimate(model, batches, progress=False)
 
 
 @pytest.mark.parametrize("case", [cnn_batches, lm_batches, tiny_bert])

@@ -295,20 +295,23 @@ class _BasePoint:
     def __init__(self, model, ctx: Context, base):
         from ..options import parse_option
 
-        try:
-            if isinstance(base, str):
-                opt = parse_option(base)  # every layer that may take it (a target's rules); the rest stay fp
-                picks = {i: opt for i in range(len(ctx.layers))
-                         if opt.name in {o.name for _, o in ctx.layer_options(i)}}
-            else:
-                names = [lay.name for lay in ctx.layers]
-                unknown = sorted(set(base) - set(names))
-                if unknown:
-                    raise MpsearchError(f"output-distance base names layer(s) the table does not plan: "
-                                        f"{', '.join(unknown[:3])}; give an option for planned layers only")
-                picks = {names.index(n): parse_option(v) for n, v in base.items()}
-        except ValueError as e:
-            raise MpsearchError(f"output-distance base: {e}") from None
+        def parse(spec):
+            try:
+                return parse_option(spec)
+            except ValueError as e:  # MpsearchError too: say that it is the base's option
+                raise MpsearchError(f"output-distance base: {e}") from None
+
+        if isinstance(base, str):
+            opt = parse(base)  # every layer that may take it (a target's rules); the rest stay fp
+            picks = {i: opt for i in range(len(ctx.layers))
+                     if opt.name in {o.name for _, o in ctx.layer_options(i)}}
+        else:
+            names = [lay.name for lay in ctx.layers]
+            unknown = sorted(set(base) - set(names))
+            if unknown:
+                raise MpsearchError(f"output-distance base names layer(s) the table does not plan: "
+                                    f"{', '.join(unknown[:3])}; give an option for planned layers only")
+            picks = {names.index(n): parse(v) for n, v in base.items()}
         acts = sorted({o.name for o in picks.values() if _quantizes_activations(o)})
         if acts:
             raise MpsearchError(f"output-distance base takes weight-only options; {', '.join(acts)} also "
