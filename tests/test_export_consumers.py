@@ -123,20 +123,24 @@ def test_torchao_quantize_gives_every_layer_its_bits(seed):
     assert config_to_dict(config)["_data"]["fqn_to_config"].keys() == set(plan.layers)
 
 
+def applied_llmcompressor_schemes(model, plan, **export_kwargs):
+    """Apply ``plan``'s llm-compressor export to ``model`` with compressed-tensors' own
+    ``apply_quantization_config``; return ``[(layer, option, quantization_scheme or None)]``."""
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    body = yaml.safe_load(export_text(plan, "llm-compressor", **export_kwargs))["quant_stage"]["quant_modifiers"]["GPTQModifier"]
+    apply_quantization_config(model, QuantizationConfig(config_groups=body["config_groups"], ignore=body["ignore"]))
+    return [(name, plan.option(name), getattr(model.get_submodule(name), "quantization_scheme", None))
+            for name in plan.layers]
+
+
 # ----------------------------------------------------------------- compressed-tensors
 def test_compressed_tensors_parses_and_applies_the_recipe():
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (pip install compressed-tensors)")
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
     model = TinyLlama()
     plan = random_plan(model, ["int4-g32", "int8", "int3-g64-asym", "int2", "keep"], seed=3)
-    doc = yaml.safe_load(export_text(plan, "llm-compressor"))
-    body = doc["quant_stage"]["quant_modifiers"]["GPTQModifier"]
-    config = QuantizationConfig(config_groups=body["config_groups"], ignore=body["ignore"])
-    apply_quantization_config(model, config)
-    for name in plan.layers:
-        opt = plan.option(name)
-        scheme = getattr(model.get_submodule(name), "quantization_scheme", None)
+    for name, opt, scheme in applied_llmcompressor_schemes(model, plan):
         if opt.is_keep:
             assert scheme is None, name
             continue

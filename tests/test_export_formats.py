@@ -25,7 +25,8 @@ from mpsearch.export._base import int_settings
 from mpsearch.formats import format_names, get_format
 from mpsearch.plan import BitPlan
 
-from test_export_consumers import TinyLlama, run_consumer, tiny_hf_llama  # noqa: E402  (tests/)
+from test_export_consumers import (  # noqa: E402  (tests/)
+    TinyLlama, applied_llmcompressor_schemes, run_consumer, tiny_hf_llama)
 
 EXPORTER_OF = {"compressed-tensors": "llm-compressor", "torchao": "torchao", "modelopt": "modelopt",
                "autoround": "autoround", "gptqmodel": "gptqmodel", "llama.cpp": "llama.cpp"}
@@ -159,7 +160,6 @@ def test_compressed_tensors_groups_equal_the_presets(name):
 @pytest.mark.parametrize("seed", [None, 1])
 def test_compressed_tensors_applies_every_planned_scheme_and_fake_quantizes_as_the_format(seed):
     pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from consumer_oracles import ct_qparams, ct_scheme
 
@@ -169,12 +169,8 @@ def test_compressed_tensors_applies_every_planned_scheme_and_fake_quantizes_as_t
     if seed is None:
         assert used >= set(CT)
     originals = {n: m.weight.detach().clone() for n, m in linears(model).items()}
-    body = yaml.safe_load(export_text(plan, "llm-compressor"))["quant_stage"]["quant_modifiers"]["GPTQModifier"]
-    apply_quantization_config(model, QuantizationConfig(config_groups=body["config_groups"], ignore=body["ignore"]))
     checked = set()
-    for name in plan.layers:
-        opt = plan.option(name)
-        scheme = getattr(model.get_submodule(name), "quantization_scheme", None)
+    for name, opt, scheme in applied_llmcompressor_schemes(model, plan):
         if opt.is_keep:
             assert scheme is None, name
             continue
@@ -428,15 +424,12 @@ def test_minilm_every_layer_as_its_format_through_the_consumer(consumer):
             got = model.get_submodule(n).weight.dequantize()
             assert torch.equal(got, get_format(spec[n]).quantize(originals[n])), (n, spec[n])
     else:
-        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize
         from consumer_oracles import ct_qparams
 
-        body = yaml.safe_load(export_text(plan, "llm-compressor", force=True))["quant_stage"]["quant_modifiers"]
-        body = body["GPTQModifier"]
-        apply_quantization_config(model, QuantizationConfig(config_groups=body["config_groups"], ignore=body["ignore"]))
+        schemes = {n: sc for n, _opt, sc in applied_llmcompressor_schemes(model, plan, force=True)}
         for n in names:
-            args = model.get_submodule(n).quantization_scheme.weights
+            args = schemes[n].weights
             scale, zp, gs = ct_qparams(originals[n], args)
             ref = fake_quantize(originals[n], scale, zp, args, global_scale=gs)
             assert torch.equal(get_format(spec[n]).quantize(originals[n]), ref), (n, spec[n])
