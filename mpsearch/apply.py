@@ -74,15 +74,75 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad(), rounding:
         for name in plan.bits:
-            module = target.get_submodule(name)
             option = plan.option(name)
-            if option.is_keep:
-                continue
-            q = quantize_weight(module.weight, option, _kind(module), name)
-            module.weight.copy_(q)
-            _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
-            add_activation_hook(module, option)
+            if not option.is_keep:
+                _quantize_layer(target.get_submodule(name), option, name)
     return target
+
+
+def _quantize_layer(module: torch.nn.Module, option, name: str, source: torch.Tensor | None = None) -> None:
+    """Set ``module``'s weight to ``source`` (default: its own weight) quantized as ``option``
+    (``keep``: ``source`` as it is), with the option's activation hook replacing any earlier one."""
+    src = module.weight if source is None else source
+    module.weight.copy_(src if option.is_keep else quantize_weight(src, option, _kind(module), name))
+    _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
+    if not option.is_keep:
+        add_activation_hook(module, option)
+
+
+class PlanSwitch:
+    """Many plans applied in turn to one model, in place: each :meth:`apply` re-quantizes only the
+    layers whose option changed, from a full-precision copy of their weights, and :meth:`restore`
+    (or leaving the ``with`` block) puts the model back as it was. A measured search uses it to
+    measure thousands of plans without copying the model; every state equals
+    ``apply_plan(model, plan)`` on the layers ``plan`` names (rounding to nearest).
+
+    ``layers``: the layer names plans may name (the copy of their weights is kept on the weights'
+    own device)."""
+
+    def __init__(self, model: torch.nn.Module, layers):
+        self.model = model
+        self._fp = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
+        self._current: dict[str, object] = {}  # layer -> applied option (absent: full precision)
+
+    def apply(self, plan: BitPlan) -> int:
+        """Bring the model to ``plan`` (layers it does not name: full precision); returns how many
+        layers were re-quantized."""
+        unknown = [n for n in plan.bits if n not in self._fp]
+        if unknown:
+            raise PlanError(f"PlanSwitch: the plan names layer(s) it was not made for: {name_list(unknown, 5)}")
+        return self._set({n: plan.option(n) for n in plan.bits})
+
+    def restore(self) -> None:
+        """The model as it was before the first :meth:`apply`."""
+        self._set({})
+
+    def _set(self, options: dict) -> int:
+        changed = 0
+        with torch.no_grad():
+            for name in self._fp:
+                option = options.get(name)
+                if option is not None and option.is_keep:
+                    option = None
+                before = self._current.get(name)
+                if (before.name if before is not None else None) == (option.name if option is not None else None):
+                    continue
+                module = self.model.get_submodule(name)
+                if option is None:
+                    module.weight.copy_(self._fp[name])
+                    _remove_module_hooks(module)
+                    self._current.pop(name, None)
+                else:
+                    _quantize_layer(module, option, name, self._fp[name])
+                    self._current[name] = option
+                changed += 1
+        return changed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
 
 
 class ActivationQuantizer:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -110,3 +111,52 @@ def test_validate_catches_a_model_that_was_not_quantized():
     model = tiny_cnn()
     with pytest.raises(PlanError, match="distinct values in one scale group"):
         validate_plan(model, BitPlan(bits={"6": 2}), quantized=model)
+
+
+def _mixed_plan(names, opts):
+    from mpsearch.options import parse_option
+
+    parsed = {n: parse_option(o) for n, o in zip(names, opts)}
+    return BitPlan(bits={n: p.bits for n, p in parsed.items()},
+                   options={n: {**p.to_dict(), "name": o} for (n, p), o in zip(parsed.items(), opts)})
+
+
+def test_plan_switch_equals_apply_plan_at_every_step_and_restores_the_model():
+    """PlanSwitch re-quantizes only the layers whose option changed, from the fp copy: each state
+    must be bit-identical to apply_plan of that plan (hooks of activation formats included), and
+    restore must give back the original weights and no hook."""
+    from mpsearch.apply import PlanSwitch, activation_hooks
+
+    torch.manual_seed(0)
+    model = tiny_lm()
+    names = [lay.name for lay in discover_layers(model)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = tiny_lm_input()
+    rng = np.random.default_rng(0)
+    choices = ["int2-asym", "int4", "int4-g4-asym", "w8a8-int8", "keep"]
+    plans = [_mixed_plan(names, rng.choice(choices, len(names))) for _ in range(6)]
+    plans.insert(3, _mixed_plan(names[:2], ["int3", "w8a8-int8"]))  # a plan naming fewer layers
+    switch = PlanSwitch(model, names)
+    changed = []
+    for plan in plans:
+        changed.append(switch.apply(plan))
+        ref = apply_plan(tiny_lm_from(before), plan)
+        for k, v in ref.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        assert sorted(activation_hooks(model)) == sorted(activation_hooks(ref))
+        with torch.no_grad():
+            assert torch.equal(model(x), ref(x))
+    assert switch.apply(plans[-1]) == 0  # the same plan again: nothing re-quantized
+    assert 0 < min(changed[1:]) and max(changed) <= len(names)
+    switch.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert activation_hooks(model) == {}
+    with pytest.raises(PlanError, match="not made for"):
+        PlanSwitch(model, names[:1]).apply(_mixed_plan(names[1:2], ["int4"]))
+
+
+def tiny_lm_from(state):
+    model = tiny_lm()
+    model.load_state_dict(state)
+    return model
