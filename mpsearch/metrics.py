@@ -74,8 +74,20 @@ class Metric:
     def label(self) -> str:
         return f"{self.name} ({self.unit})" if self.unit else self.name
 
+    def on_data(self, data) -> Metric | None:
+        """The same measurement on other ``data`` (batches; unfitted), or ``None`` where the metric
+        is not one of data (a user callable). The ``evolve`` refinement measures with it on the
+        calibration data, so that its thousands of measurements never select on the evaluation's."""
+        return None
+
     def _measure(self, model) -> float:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def token_ids(batches) -> torch.Tensor:
+    """One 1-D stream of the non-padding ``input_ids`` of ``batches`` (a causal LM's text)."""
+    return torch.cat([b["input_ids"][b["attention_mask"].bool()] if "attention_mask" in b
+                      else b["input_ids"].reshape(-1) for b in as_batches(batches)])
 
 
 class _BatchMetric(Metric):
@@ -85,6 +97,9 @@ class _BatchMetric(Metric):
         if not self.batches:
             raise MpsearchError(f"metric {self.name!r} needs evaluation data: the data holds no batch")
         self._reference: list[torch.Tensor] = []
+
+    def on_data(self, data):
+        return type(self)(data)
 
     def _outputs(self, model):
         dev = _device(model)
@@ -252,6 +267,19 @@ class CausalLMMetric(Metric):
         self._values: dict[str, float] = {}
         self._ref: list[dict] | None = None
         self.reference_form: str | None = None
+
+    def on_data(self, data):
+        """On batches of token windows each window is scored as it is (window = their length); a 1-D
+        token stream keeps this metric's window and stride."""
+        if isinstance(data, torch.Tensor):
+            ids, window, stride = data, self.window, self.stride
+        else:
+            ids = token_ids(data)
+            first = as_batches(data)[0]["input_ids"]
+            window = stride = int(first.shape[-1]) if first.dim() == 2 else self.window
+        window = min(window, max(ids.numel(), 2))
+        return type(self)(ids, window=window, stride=min(stride, window), batch_size=self.batch_size,
+                          reference=self.reference, topk=self.topk, max_reference_mb=self.max_reference_mb)
 
     # ------------------------------------------------------------------ windows and forwards
     def windows(self) -> list[tuple[int, int, int]]:

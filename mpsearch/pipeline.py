@@ -446,6 +446,18 @@ def recommend(candidates: list, problems: dict) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------------- pipeline
+def _check_refine_params(params) -> None:
+    """Refuse a ``refine_params`` key that :func:`mpsearch.refine.refine` does not take, in one line."""
+    import inspect
+
+    known = [k for k, v in inspect.signature(refine_loop).parameters.items() if v.kind is v.KEYWORD_ONLY
+             and k not in ("rounds", "method", "max_evals", "base_budget", "key", "search", "levels")]
+    unknown = sorted(set(params or {}) - set(known))
+    if unknown:
+        raise MpsearchError(f"refine_params: unknown setting {unknown[0]!r}; the refinement's settings: "
+                            f"{', '.join(known)}")
+
+
 def _check_args(metric, validate, points, refine, refine_method, refine_evals):
     if not isinstance(metric, Metric):
         raise MpsearchError(f"metric must be an mpsearch.metrics.Metric, got {type(metric).__name__}; "
@@ -460,6 +472,40 @@ def _check_args(metric, validate, points, refine, refine_method, refine_evals):
         raise MpsearchError(f"refine_method must be one of {', '.join(METHODS)}, got {refine_method!r}")
     if refine_evals is not None and (int(refine_evals) != refine_evals or refine_evals < 0):
         raise MpsearchError(f"refine_evals must be an integer >= 0 (measured plans), got {refine_evals!r}")
+
+
+def _search_metric(metric: Metric, calib):
+    """``evolve``'s default search metric: ``metric``'s measurement on the calibration data, or,
+    where it has none (a user callable), ``metric`` itself with a warning (it then selects on the
+    evaluation data). A causal LM's calibration text of 16 windows or more becomes a ladder of its
+    first 1/16, 1/4 and all of its tokens (multi-step selection)."""
+    from .metrics import CausalLMMetric
+
+    try:
+        found = metric.on_data(calib) if calib is not None else None
+    except MpsearchError:  # e.g. an accuracy metric on calibration data without labels
+        found = None
+    if found is None:
+        warnings.warn(f"refine_method='evolve': metric {metric.name!r} cannot be measured on the calibration "
+                      f"data, so the search measures on the evaluation data and its result is selected there; "
+                      f"give refine_metric= on other data", ProxyWarning, stacklevel=4)
+        return metric
+    if isinstance(found, CausalLMMetric) and len(found.windows()) >= 16:
+        n = found.input_ids.numel()
+        return [found.on_data(found.input_ids[: n // k]) for k in (16, 4)] + [found]
+    return found
+
+
+def _refine_targets(targets: dict, wanted) -> dict:
+    """The targets to refine: all, or those ``wanted`` names (each must be one)."""
+    if wanted is None:
+        return targets
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    unknown = [w for w in wanted if w not in targets]
+    if unknown:
+        raise MpsearchError(f"refine_targets: no target budget named {unknown[0]!r}; the targets are "
+                            f"{', '.join(targets) or 'none'}")
+    return {t: targets[t] for t in wanted}
 
 
 def _targets(table, key, budget, uniform, budgets, match_uniform):
@@ -538,17 +584,61 @@ def proxy_check(front, uframe, estimator, threshold) -> dict:
     return proxy
 
 
+class SearchLadder:
+    """``search(plan, level) -> loss`` for the ``evolve`` refinement: the plan switched into the model
+    in place (:class:`~mpsearch.apply.PlanSwitch`) and measured with rung ``level`` of a ladder of
+    metrics (cheapest first; fitted on the full-precision model here). :meth:`restore` puts the model
+    back (before any other measurement)."""
+
+    def __init__(self, model, layers, metrics):
+        self.model, self.metrics = model, list(metrics)
+        for m in self.metrics:
+            if not isinstance(m, Metric):
+                raise MpsearchError(f"refine_metric must be a Metric or a list of them, got {type(m).__name__}")
+        self.baselines = []
+        for m in self.metrics:
+            m.fit(model)
+            self.baselines.append(float(m(model)))
+        from .apply import PlanSwitch
+
+        self.switch = PlanSwitch(model, layers)
+
+    @property
+    def levels(self) -> int:
+        return len(self.metrics)
+
+    def __call__(self, plan, level):
+        self.switch.apply(plan)
+        m = self.metrics[level]
+        return float(m.loss(m(self.model), self.baselines[level]))
+
+    def restore(self):
+        self.switch.restore()
+
+
 def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, front, plans, uniform,
-            measured, rounds, method, max_evals, params):
+            measured, rounds, method, max_evals, params, search_metric=None):
     """Run :func:`mpsearch.refine.refine`; returns (refined plans, their measured rows, round log)."""
+    search = None
+    if method == "evolve":  # the children measured in place, on the search data (default: the calibration's)
+        ladder = search_metric if isinstance(search_metric, (list, tuple)) else [search_metric or metric]
+        search = SearchLadder(model, table.layers, ladder)
+        params = {"levels": search.levels, **params}
+
     def loss_of(plan):
+        if search is not None:
+            search.restore()
         return metric.loss(measure(model, plan, metric, mcache)["quality"], baseline)
 
     history = [(plans[i], float(front.loc[i, "measured_loss"])) for i in front.index[front["validated"]]]
     history += [(u, metric.loss(measured[("uniform", o)]["quality"], baseline)) for o, (u, _) in uniform.items()]
     n0 = len(history)
-    res = refine_loop(table, slv, targets, history, loss_of, rounds=rounds, method=method, max_evals=max_evals,
-                      base_budget=base, key=key, **params)
+    try:
+        res = refine_loop(table, slv, targets, history, loss_of, rounds=rounds, method=method, max_evals=max_evals,
+                          base_budget=base, key=key, search=search, **params)
+    finally:
+        if search is not None:
+            search.restore()
     refined, rows = {}, []
     problem = compile_problem(table, base)
     from .refine import _choice_of
@@ -593,9 +683,9 @@ def measured_frontier(
     match_uniform: bool = True, estimator_params: dict | None = None, solver_params: dict | None = None,
     estimate_kwargs: dict | None = None, min_rank_correlation: float = 0.5,
     refine: int = DEFAULT_RECIPE["refine"], refine_method: str = DEFAULT_RECIPE["refine_method"],
-    refine_evals: int | None = None, refine_params: dict | None = None, out=None, plans_dir=None, plot=None,
-    plots: bool = True, progress: bool = True, n_points: int | None = None, workers: int = 1,
-    target=None,
+    refine_evals: int | None = None, refine_params: dict | None = None, refine_metric=None, refine_targets=None,
+    out=None, plans_dir=None, plot=None, plots: bool = True, progress: bool = True, n_points: int | None = None,
+    workers: int = 1, target=None,
 ) -> FrontierRun:
     """Estimate, solve, measure, compare with uniform, refine and recommend (see the module doc).
 
@@ -603,7 +693,11 @@ def measured_frontier(
     pins, ties at every point (its ``key`` constraint and ``budgets`` are target budgets, like the
     uniform sizes when ``match_uniform``); ``refine`` rounds of ``refine_method`` (``calibrate``,
     ``local``, ``both``) within ``refine_evals`` measured plans, ``refine_params`` for
-    :func:`mpsearch.refine.refine`; ``plans_dir``/``plot``: extra copies of the plans and the plot.
+    :func:`mpsearch.refine.refine`; ``refine_targets``: the target labels to refine (default: all);
+    ``refine_metric``: what ``evolve`` measures its children with, a :class:`~mpsearch.metrics.Metric`
+    on data apart from ``metric``'s (or a list of them on growing data, cheapest first: multi-step
+    selection); default ``metric``'s measurement on ``calib`` (:meth:`~mpsearch.metrics.Metric.on_data`).
+    ``plans_dir``/``plot``: extra copies of the plans and the plot.
     ``workers``: processes measuring plans (under ``torchrun`` the ranks share them; rank 0 writes).
     ``target``: the consumer (:mod:`mpsearch.targets`): its options (its default set when ``options``
     is left at the default recipe's), per-layer rules and runtime ties; its own recipes (llama.cpp's
@@ -612,6 +706,7 @@ def measured_frontier(
     points = n_points if n_points is not None else points
     options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
+    _check_refine_params(refine_params)
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -625,6 +720,7 @@ def measured_frontier(
     uniform = uniform_plans(table, key, Budget(constraints={k: v for k, v in budget.constraints.items() if k != key}))
     uniform.update(_recipe_baselines(table, target, model, key, budget))
     targets, base = _targets(table, key, budget, uniform, budgets, match_uniform)
+    to_refine = _refine_targets(targets, refine_targets)
     front, plans, results = predicted_frontier(table, slv, key=key, points=points, budget=base, targets=targets,
                                                progress=progress)
     chosen = set(spread(front["avg_bits"], validate)) | set(front.index[front["at_budget"] != ""])
@@ -642,10 +738,12 @@ def measured_frontier(
     proxy = proxy_check(front, uframe, estimator, min_rank_correlation)
 
     refined, rframe, log = {}, pd.DataFrame(), pd.DataFrame()
-    if refine and targets:
-        refined, rframe, log = _refine(table, slv, targets, base, key, model, metric, baseline, mcache, front,
+    if refine and to_refine and refine_method == "evolve" and refine_metric is None:
+        refine_metric = _search_metric(metric, calib)
+    if refine and to_refine:
+        refined, rframe, log = _refine(table, slv, to_refine, base, key, model, metric, baseline, mcache, front,
                                        plans, uniform, measured, refine, refine_method, refine_evals,
-                                       dict(refine_params or {}))
+                                       dict(refine_params or {}), refine_metric)
         if len(rframe):
             rframe = compare_with_uniform(rframe, uframe)
     rec = _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe)
@@ -752,8 +850,10 @@ def _write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
         files.update(_plots(run, out))
     if len(run.refined_frame):
         atomic_write_text(out / "refined.csv", run.refined_frame.to_csv(index=False))
+        files.update(refined="refined.csv")
+    if len(run.refinement):  # the log, also when no refined plan came out of it
         atomic_write_text(out / "refinement.csv", run.refinement.to_csv(index=False))
-        files.update(refined="refined.csv", refinement="refinement.csv")
+        files.update(refinement="refinement.csv")
     atomic_write_text(out / "uniform.csv", run.uniform.to_csv(index=False))
     atomic_write_text(out / "recommended.csv", run.recommended.to_csv(index=False))
     summary = {"metric": run.metric, "metric_label": run.metric_label, "baseline": run.baseline,
@@ -828,7 +928,7 @@ def _zoo_eval(spec: str, tokenizer):
 def build_metric(name, model, evals):
     """A :class:`~mpsearch.metrics.Metric` from a name (``None``: by model), or a
     ``package.module:callable`` returning ``fn(model) -> float``."""
-    from .data import as_batches, first_batch
+    from .data import first_batch
     from .metrics import FunctionMetric, default_metric_name, make_metric
     from .specs import _load_callable
 
@@ -839,9 +939,9 @@ def build_metric(name, model, evals):
                             "must be disjoint (give --eval-data, or --metric package.module:callable)")
     name = name or default_metric_name(model, first_batch(evals))
     if name == "perplexity":
-        ids = [b["input_ids"][b["attention_mask"].bool()] if "attention_mask" in b
-               else b["input_ids"].reshape(-1) for b in as_batches(evals)]  # padding left out
-        evals = torch.cat(ids)
+        from .metrics import token_ids
+
+        evals = token_ids(evals)  # padding left out
     return make_metric(name, evals)
 
 

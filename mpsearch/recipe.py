@@ -9,6 +9,9 @@ from .options import DEFAULT_SEARCH_OPTIONS
 DEFAULT_RECIPE = {"estimator": "output-distance", "solver": "ilp", "options": DEFAULT_SEARCH_OPTIONS,
                   "refine": 0, "refine_method": "calibrate"}
 
+#: the refinement methods (mpsearch.refine; named here so that the CLI's parser needs no torch)
+REFINE_METHODS = ("calibrate", "local", "both", "evolve")
+
 #: frontier points solved when none are asked for
 DEFAULT_POINTS = 24
 

@@ -16,6 +16,13 @@ verdict. Two methods act on what was measured, each within a stated number of me
   when there is room; ranked by their predicted damage change) and keep the best one if it
   measured better. ExLlamaV3's optimizer does this with measured KL differences. It never returns
   a plan worse than its start.
+- :func:`evolve` (``method="evolve"``): a measured (1 + lambda) evolutionary search that ignores
+  the table's ranking (EvoPress, Sieberling et al., arXiv 2410.14649): each generation mutates the
+  best plan so far by level switches (one item up an option, others down until the plan fits, then
+  the slack filled), measures the offspring, optionally on a ladder of growing data (multi-step
+  selection), and keeps the best child if it measured lower on the full search data. Its
+  measurements are meant for data apart from the evaluation data (``search`` in :func:`refine`);
+  only its result is measured on the evaluation metric. ``rounds`` is its number of generations.
 
 :func:`refine` runs ``rounds`` rounds of one method, or of both (``"both"``: a calibration step and
 then local moves each round), over every target budget, and logs the measured gain per round and
@@ -25,6 +32,7 @@ the evaluations spent.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +41,10 @@ from .budget import Budget
 from .errors import MpsearchError
 from .plan import BitPlan
 from .problem import Problem, compile_problem
+from .recipe import REFINE_METHODS
 from .table import CostTable
 
-METHODS = ("calibrate", "local", "both")
+METHODS = REFINE_METHODS
 
 
 def layer_type(name: str) -> str:
@@ -205,6 +214,114 @@ def local_search(problem: Problem, start, start_loss: float, measure, *, rounds:
     return cur, cur_loss, log
 
 
+# ------------------------------------------------------------------------------ evolution
+def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int = 1, fill: bool = True,
+           ranked: list | None = None, column: str = "size_bits") -> np.ndarray | None:
+    """A level-switch mutation of ``choice`` that stays feasible: ``switches`` times, one random item
+    one option up (options in ``column`` order), then random other items one option down until
+    every constraint holds; with ``fill``, a pass over the untouched items in random order taking
+    each one option up where the plan still fits. ``None`` when no feasible child came out."""
+    ranked = ranked if ranked is not None else _ranked_options(problem, problem.resources[column])
+    pos = np.array([int(np.flatnonzero(r == c)[0]) for r, c in zip(ranked, choice)])
+    top = np.array([len(r) - 1 for r in ranked])
+    new = pos.copy()
+    touched = np.zeros(problem.n_items, dtype=bool)
+
+    def as_choice(p):
+        return np.array([ranked[i][p[i]] for i in range(problem.n_items)])
+
+    for _ in range(int(switches)):
+        up = np.flatnonzero((new < top) & ~touched)
+        if not len(up):
+            break
+        i = int(rng.choice(up))
+        new[i] += 1
+        touched[i] = True
+        while not problem.is_feasible(as_choice(new)):
+            down = np.flatnonzero((new > 0) & (np.arange(problem.n_items) != i))
+            if not len(down):
+                return None
+            j = int(rng.choice(down))
+            new[j] -= 1
+            touched[j] = True
+    if not problem.is_feasible(as_choice(new)):
+        return None
+    if fill:
+        for i in rng.permutation(np.flatnonzero((new < top) & ~touched)):
+            new[i] += 1
+            if not problem.is_feasible(as_choice(new)):
+                new[i] -= 1
+    if np.array_equal(new, pos):
+        return None
+    return as_choice(new)
+
+
+def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring: int = 16, survivors=(),
+           max_evals: int | None = None, seed: int = 0, max_switches: int = 3, start_loss: float | None = None,
+           column: str = "size_bits", time_limit: float | None = None):
+    """A measured (1 + ``offspring``) evolutionary search from the feasible choice ``start``.
+
+    ``measure(choice, level) -> loss``: the loss of a plan on level ``level`` of a data ladder
+    (``0`` the cheapest, ``len(survivors)`` the full search data). Each generation makes
+    ``offspring`` distinct children (:func:`mutate`, 1 to ``max_switches`` switches, geometric),
+    measures them at level 0, the best ``survivors[0]`` of them again at level 1, and so on
+    (EvoPress's multi-step selection); the best child at the last level replaces the parent if it
+    measured lower there. ``max_evals``: the most ``measure`` calls in all (a generation that does
+    not fit is not started); ``time_limit``: seconds after which no generation is started (the
+    generations done are in the log: the same ``seed`` and that many ``generations`` repeat the
+    run exactly). Returns ``(choice, loss, log)``: the loss (at the last level) is never
+    above the start's; ``log`` has one row per generation (row 0: the start).
+    """
+    survivors = tuple(int(k) for k in survivors)
+    if offspring < 1 or any(k < 1 for k in survivors) or list(survivors) != sorted(survivors, reverse=True) \
+            or (survivors and survivors[0] > offspring):
+        raise MpsearchError(f"evolve: offspring must be >= 1 and survivors a non-increasing sequence of counts "
+                            f"<= offspring, got offspring={offspring}, survivors={survivors}")
+    rng = np.random.default_rng(seed)
+    top = len(survivors)
+    ranked = _ranked_options(problem, problem.resources[column])
+    cur = np.asarray(start, dtype=int).copy()
+    if not problem.is_feasible(cur):
+        raise MpsearchError("evolve: the start plan does not fit the budget")
+    evals = 0
+    if start_loss is None:
+        start_loss, evals = measure(cur, top), 1
+    cur_loss = float(start_loss)
+    seen = {tuple(cur)}
+    per_gen = offspring + sum(survivors)
+    log = [{"generation": 0, "evals": evals, "loss": cur_loss, "improved": False, "children": 0}]
+    t0 = time.monotonic()
+    for g in range(1, int(generations) + 1):
+        if max_evals is not None and evals + per_gen > max_evals:
+            break
+        if time_limit is not None and time.monotonic() - t0 > time_limit:
+            break
+        kids = []
+        for _ in range(20 * offspring):
+            if len(kids) >= offspring:
+                break
+            switches = min(int(rng.geometric(0.5)), max_switches)
+            kid = mutate(problem, cur, rng, switches=switches, ranked=ranked, column=column)
+            if kid is not None and tuple(kid) not in seen:
+                seen.add(tuple(kid))
+                kids.append(kid)
+        if not kids:
+            break
+        pool = [(float(measure(k, 0)), k) for k in kids]
+        evals += len(pool)
+        for level, keep in enumerate(survivors, start=1):
+            pool = sorted(pool, key=lambda e: e[0])[:keep]
+            pool = [(float(measure(k, level)), k) for _, k in pool]
+            evals += len(pool)
+        best_loss, best = min(pool, key=lambda e: e[0])
+        better = best_loss < cur_loss
+        if better:
+            cur, cur_loss = best.copy(), best_loss
+        log.append({"generation": g, "evals": evals, "loss": cur_loss, "improved": bool(better),
+                    "children": len(kids)})
+    return cur, cur_loss, log
+
+
 # --------------------------------------------------------------------------------------- refine
 @dataclass
 class Refinement:
@@ -223,13 +340,24 @@ def _choice_of(problem: Problem, plan: BitPlan) -> np.ndarray:
 
 def refine(table: CostTable, solver, targets: dict, history: list, measure, *, rounds: int = 1,
            method: str = "calibrate", max_evals: int | None = None, swaps: int = 4, groups="type",
-           ridge: float = 1e-3, base_budget: Budget | None = None, key: str = "avg_bits") -> Refinement:
+           ridge: float = 1e-3, base_budget: Budget | None = None, key: str = "avg_bits", search=None,
+           levels: int = 1, offspring: int = 16, survivors=None, seed: int = 0, max_switches: int = 3,
+           time_limit: float | None = None) -> Refinement:
     """Measure -> recalibrate -> re-solve for ``rounds`` rounds over every target budget.
 
     ``targets``: label -> budget value of ``key`` (e.g. ``{"int4-asym": 4.03}``). ``history``: the
     ``(plan, loss)`` pairs measured so far (uniform plans included); it grows as plans are measured.
     ``measure(plan) -> loss`` applies and measures a plan (lower is better). ``max_evals``: the most
     plans measured in all (``None``: no limit beyond ``rounds``).
+
+    ``method="evolve"``: ``rounds`` generations of :func:`evolve` per target from the best measured
+    plan that fits, ``search(plan, level) -> loss`` measuring the children on ``levels`` rungs of
+    search data (default: ``measure`` itself, one rung); ``offspring``, ``survivors`` (default: a
+    quarter per rung), ``seed``, ``max_switches`` and ``time_limit`` (seconds per target) go to
+    :func:`evolve`. Only each target's result
+    is measured with ``measure`` and joins ``history``; ``max_evals`` counts every measurement
+    (search and ``measure``) and is shared evenly by the targets. A ``search`` with a ``restore()``
+    method (:class:`mpsearch.pipeline.SearchLadder`) has it called after each target's search.
     """
     if method not in METHODS:
         raise MpsearchError(f"refine method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -262,6 +390,10 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
     def left():
         return None if max_evals is None else max_evals - out.evals
 
+    if method == "evolve":
+        _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rounds, search,
+                        levels, offspring, survivors, seed, max_switches, measure, time_limit)
+        return out
     for r in range(1, int(rounds) + 1):
         for t in targets:
             if left() is not None and left() <= 0:
@@ -296,6 +428,58 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
     return out
 
 
+def _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rounds, search,
+                    levels, offspring, survivors, seed, max_switches, measure, time_limit):
+    """The ``evolve`` method of :func:`refine`, target by target (see there)."""
+    if search is None:
+        search, levels = (lambda plan, level: measure(plan)), 1  # noqa: E731
+    levels = int(levels)
+    if levels < 1:
+        raise MpsearchError(f"evolve: levels must be >= 1 (rungs of search data), got {levels}")
+    if survivors is None:
+        survivors = tuple(max(1, offspring // 4 ** k) for k in range(1, levels))
+    if len(tuple(survivors)) != levels - 1:
+        raise MpsearchError(f"evolve: survivors needs one count per rung after the first ({levels - 1}), "
+                            f"got {tuple(survivors)}")
+    order = list(targets)
+    for n, t in enumerate(order):
+        before, start = best_fitting(t)
+        if start is None:
+            continue
+        share = None if left() is None else left() // (len(order) - n) - 1  # one left for ``measure``
+        if share is not None and share <= 0:
+            break
+        prob = problems[t]
+        spent = {"n": 0}
+
+        def lossf(choice, level, prob=prob):
+            spent["n"] += 1
+            return search(_plan_from_choice(prob, choice, "refine-evolve"), level)
+
+        choice, s_loss, glog = evolve(prob, _choice_of(prob, start), lossf, generations=int(rounds),
+                                      offspring=offspring, survivors=survivors, max_evals=share, seed=seed,
+                                      max_switches=max_switches, time_limit=time_limit)
+        if hasattr(search, "restore"):  # a search that switched plans into the model puts it back
+            search.restore()
+        base_evals = out.evals
+        out.evals += spent["n"]
+        plan = _plan_from_choice(prob, choice, "refine-evolve")
+        plan.provenance["refine"] = "evolve"
+        after_plan = run_measure(plan)
+        measured = out.evals - base_evals - spent["n"]  # 0 when the search kept its start
+        after, best = best_fitting(t)
+        for prev, row in zip(glog, glog[1:]):  # the search loss, generation by generation
+            out.log.append({"round": row["generation"], "budget": t, "method": "evolve", "data": "search",
+                            "evals": row["evals"] - prev["evals"], "evals_total": base_evals + row["evals"],
+                            "loss_before": prev["loss"], "loss_after": row["loss"],
+                            "gain": prev["loss"] - row["loss"]})
+        out.log.append({"round": len(glog) - 1, "budget": t, "method": "evolve", "data": "evaluation",
+                        "evals": spent["n"] + measured, "evals_total": out.evals, "loss_before": before,
+                        "loss_after": after_plan, "gain": before - after_plan,
+                        "search_loss_before": glog[0]["loss"], "search_loss_after": s_loss, "search_levels": levels})
+        out.best[t] = (best, after)
+
+
 def plan_key(plan: BitPlan) -> str:
     """A short hash of the plan's layer -> option mapping (plans with the same key are the same)."""
     import hashlib
@@ -305,10 +489,10 @@ def plan_key(plan: BitPlan) -> str:
     return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:16]
 
 
-def _plan_from_choice(problem: Problem, choice) -> BitPlan:
+def _plan_from_choice(problem: Problem, choice, solver: str = "refine-local") -> BitPlan:
     from .solvers.base import make_plan
 
-    return make_plan(problem, choice, solver="refine-local", status="measured")
+    return make_plan(problem, choice, solver=solver, status="measured")
 
 
 def _restamp(plan: BitPlan, table: CostTable, problem: Problem) -> BitPlan:

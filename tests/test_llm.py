@@ -424,3 +424,34 @@ def test_stacking_keeps_an_instance_level_forward():
     torch.testing.assert_close(y, torch.stack([lin.bias, lin.bias + 3]).detach())
     lin(torch.ones(1, 3))
     assert lin.forward is hooked and calls == [1]
+
+
+def test_evolve_searches_a_causal_lm_on_a_ladder_of_its_calibration_tokens(tiny_dir, texts, tmp_path):
+    """`frontier --refine-method evolve` on a causal LM: the children are measured on the first
+    1/16, 1/4 and all of the calibration tokens (never the evaluation text), 8 + 2 + 1 plans per
+    generation, and only the result is measured on the evaluation text."""
+    import pandas as pd
+
+    from mpsearch.metrics import token_ids
+    from mpsearch.pipeline import _search_metric
+
+    model = load_model(str(tiny_dir), dtype="float32")
+    calib = load_calibration(str(texts / "calib.txt"), model, str(tiny_dir), seq_len=16, samples=16)
+    ladder = _search_metric(make_metric("kld", _ids(300, 64)), calib)
+    ids = token_ids(calib)
+    assert [m.input_ids.numel() for m in ladder] == [ids.numel() // 16, ids.numel() // 4, ids.numel()]
+    assert all(torch.equal(m.input_ids, ids[: m.input_ids.numel()]) for m in ladder)
+    assert all(isinstance(m, NextTokenKL) and m.window == 16 for m in ladder)
+
+    out = tmp_path / "evo"
+    rc = main(["frontier", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--data",
+               str(texts / "calib.txt"), "--eval-data", str(texts / "eval.txt"), "--validate", "0",
+               "--seq-len", "16", "--calib-samples", "16", "--eval-tokens", "256", "--refine", "3",
+               "--refine-method", "evolve", "--refine-param", "offspring=8", "--refine-target", "int4-asym",
+               "-o", str(out)])
+    assert rc == 0
+    log = pd.read_csv(out / "refinement.csv")
+    final = log[log["data"] == "evaluation"].iloc[0]
+    assert final["search_levels"] == 3 and final["budget"] == "int4-asym"
+    assert (log[log["data"] == "search"]["evals"] == 11).all() and len(log) == 4
+    assert final["evals"] == 1 + 3 * 11 + (final["loss_after"] != final["loss_before"])

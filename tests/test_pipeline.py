@@ -282,3 +282,63 @@ def test_measurement_cache_is_keyed_by_the_evaluation_data(digits, tmp_path):
     assert ub.loc["int2", "measured_kl"] == pytest.approx(
         measured_frontier(model, calib, KLDivergence(calib), **{**kw, "out": None}).uniform
         .set_index("option").loc["int2", "measured_kl"])
+
+
+def test_evolve_refinement_searches_the_calibration_data_and_measures_only_its_result(digits, tmp_path):
+    """refine_method="evolve": its children are measured on the calibration data (the metric's
+    on_data), the evaluation metric measures only the searched result, the recommendation stays
+    never worse than uniform, the logs say which data each row is on, and the model comes back."""
+    from mpsearch.metrics import KLDivergence
+
+    model, calib, evals = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = {"eval": 0, "search": 0}
+
+    class Counted(KLDivergence):
+        def __init__(self, batches, role="eval"):
+            super().__init__(batches)
+            self.role = role
+
+        def on_data(self, data):
+            return Counted(data, "search")
+
+        def _measure(self, net):
+            counts[self.role] += 1
+            assert self.batches[0][0] is (evals if self.role == "eval" else calib)[0][0]
+            return super()._measure(net)
+
+    OPTS = "2,3,4,5,6,8"
+    run = measured_frontier(model, calib, Counted(evals), estimator="output-distance", solver="ilp",
+                            options=OPTS, validate=0, points=3, refine=6, refine_method="evolve",
+                            refine_targets=["int4"], refine_params={"offspring": 4}, out=tmp_path, progress=False)
+    assert run.refinement["data"].tolist().count("evaluation") == 1
+    search_rows = run.refinement[run.refinement["data"] == "search"]
+    final = run.refinement[run.refinement["data"] == "evaluation"].iloc[0]
+    # the search metric's baseline, the start, the children; the evaluation measures the result once
+    assert counts["search"] == 1 + final["evals"] - len(run.refined) == 2 + int(search_rows["evals"].sum())
+    evaluated, counts["eval"] = counts["eval"], 0
+    measured_frontier(model, calib, Counted(evals), estimator="output-distance", solver="ilp", options=OPTS,
+                      validate=0, points=3, progress=False)
+    assert evaluated == counts["eval"] + len(run.refined) and len(run.refined) == 1  # + the result, once
+    assert (search_rows["loss_after"].diff().dropna() <= 0).all()
+    rec = run.recommended.set_index("budget").loc["int4"]
+    assert rec["measured_loss"] <= run.uniform.set_index("option").loc["int4", "measured_loss"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert (tmp_path / "refinement.csv").is_file()
+    assert pd.read_csv(tmp_path / "refined.csv")["method"].tolist() == ["evolve"]
+    with pytest.raises(MpsearchError, match="refine_targets: no target budget named 'int5'"):
+        measured_frontier(model, calib, Counted(evals), estimator="output-distance", options="2,3,4,8",
+                          validate=0, points=3, refine=1, refine_method="evolve", refine_targets="int5",
+                          progress=False)
+
+
+def test_evolve_on_a_callable_metric_warns_that_it_selects_on_the_evaluation(digits):
+    model, calib, evals = digits
+    acc = Accuracy(evals)
+    metric = FunctionMetric(lambda m: acc(m), name="acc")
+    with pytest.warns(ProxyWarning, match="cannot be measured on the calibration data"):
+        run = measured_frontier(model, calib, metric, estimator="output-distance", options="2,4,8", validate=0,
+                                points=3, refine=2, refine_method="evolve", refine_params={"offspring": 2},
+                                progress=False)
+    assert (run.refinement["data"] == "evaluation").sum() == len(run.recommended) == 1

@@ -11,7 +11,7 @@ from mpsearch.errors import MpsearchError
 from mpsearch.interaction import block_pairs, pair_terms, pairwise_damage
 from mpsearch.plan import BitPlan
 from mpsearch.problem import compile_problem
-from mpsearch.refine import calibrate, candidate_moves, layer_type, local_search, refine
+from mpsearch.refine import calibrate, candidate_moves, evolve, layer_type, local_search, mutate, refine
 from mpsearch.registry import get_solver
 from mpsearch.solvers.ilp import ILPSolver, risk_adjusted, solve_pairwise
 from mpsearch.table import CostTable
@@ -154,6 +154,137 @@ def test_refine_respects_the_measurement_budget():
     assert res.evals == len(calls) <= 4
     with pytest.raises(MpsearchError, match="refine method"):
         refine(table, get_solver("greedy"), {"t": 4.0}, history, lambda p: 1.0, method="nope")
+
+
+def _interacting(n=6, seed=2):
+    """A table whose additive damage misleads, and a true loss with pairwise interaction:
+    loss = sum_i w_i d(i) + sum_{i<j} c_ij d(i) d(j) (d = the table's damage of the chosen option).
+    With seed 2 at 4 bits/weight the table's optimum (uniform 4 bits) is 17% above the true one and
+    the optimum of the additive part alone 67% above it."""
+    rng = np.random.default_rng(seed)
+    damage = rng.uniform(0.5, 1.5, (n, 3)) * np.array([4.0, 1.0, 0.05])
+    w = np.exp(rng.uniform(-3, 2, n))
+    c = np.triu(rng.uniform(0, 0.3, (n, n)), 1)
+    table = table_of(damage, names=[f"l{i}" for i in range(n)])
+
+    def true_loss(choice):
+        d = damage[np.arange(n), np.asarray(choice)]
+        return float(w @ d + d @ c @ d)
+
+    return table, damage, true_loss
+
+
+def test_mutation_keeps_every_constraint_and_changes_the_plan():
+    table, _d, _l = _interacting(8)
+    problem = compile_problem(table, Budget(constraints={"avg_bits": 4.5}))
+    rng = np.random.default_rng(0)
+    start = np.array([1] * 8)  # uniform 4 bits: 0.5 bits/weight of slack
+    kids = [mutate(problem, start, rng, switches=s) for s in (1, 2, 3) for _ in range(200)]
+    kids = [k for k in kids if k is not None]
+    assert len(kids) > 500  # the slack and the 2/4/8 ladder always leave a move
+    assert all(problem.is_feasible(k) and not np.array_equal(k, start) for k in kids)
+    # one switch from uniform 4 bits with 400 bits of slack: one layer 4 -> 8 bits fits as it is and
+    # leaves no room to fill, so the children are exactly the 8 single upgrades
+    one = {tuple(mutate(problem, start, rng, switches=1)) for _ in range(200)}
+    assert one == {tuple(1 + (np.arange(8) == i)) for i in range(8)}
+    # the same seed, the same children
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    assert all(np.array_equal(mutate(problem, start, r1), mutate(problem, start, r2)) for _ in range(20))
+
+
+def test_evolve_finds_the_brute_force_optimum_of_an_interacting_loss():
+    """Where the additive table's optimum is not the true one, the measured search must reach the
+    true optimum (brute force over the 3^6 plans that fit); never worse than its start on the way."""
+    table, damage, true_loss = _interacting()
+    problem = compile_problem(table, Budget(constraints={"avg_bits": 4.0}))
+    feasible = [ks for ks in itertools.product(range(3), repeat=6) if problem.is_feasible(np.array(ks))]
+    optimum = min(true_loss(ks) for ks in feasible)
+    additive = min(feasible, key=lambda ks: damage[np.arange(6), ks].sum())
+    assert true_loss(additive) > optimum * 1.15  # the table alone would miss it
+    for seed in range(3):
+        calls = []
+
+        def measure(c, level):
+            assert problem.is_feasible(c) and level == 0
+            calls.append(tuple(c))
+            return true_loss(c)
+
+        start = np.array(additive)
+        choice, loss, log = evolve(problem, start, measure, generations=60, offspring=8, seed=seed)
+        assert loss == pytest.approx(optimum) and loss == pytest.approx(true_loss(choice))
+        losses = [row["loss"] for row in log]
+        assert losses[0] == pytest.approx(true_loss(start)) and losses == sorted(losses, reverse=True)
+        assert log[-1]["evals"] == len(calls) and len(calls) == len(set(calls))  # no plan measured twice
+
+
+def test_evolve_multi_step_selection_and_budget():
+    """Level 0 is a noisy cheap measurement, level 1 the truth: the result's loss is its level-1
+    loss, each generation measures `offspring` plans at level 0 and `survivors` at level 1, and a
+    budget of measurements is never exceeded."""
+    table, _d, true_loss = _interacting()
+    problem = compile_problem(table, Budget(constraints={"avg_bits": 4.0}))
+    noise = np.random.default_rng(1)
+    levels = []
+
+    def measure(c, level):
+        levels.append(level)
+        return true_loss(c) * (1 + (0.3 * noise.standard_normal() if level == 0 else 0))
+
+    start = np.array([1] * 6)
+    choice, loss, log = evolve(problem, start, measure, generations=10, offspring=6, survivors=(2,), seed=0,
+                               max_evals=41)
+    assert loss == pytest.approx(true_loss(choice)) and loss <= true_loss(start)
+    assert len(levels) <= 41 and levels[0] == 1  # the start, measured at the top level
+    gens = len(log) - 1
+    assert levels.count(0) == 6 * gens and levels.count(1) == 1 + 2 * gens and gens == 5  # (41 - 1) // 8
+    with pytest.raises(MpsearchError, match="survivors"):
+        evolve(problem, start, measure, offspring=4, survivors=(8,))
+    with pytest.raises(MpsearchError, match="does not fit"):
+        evolve(problem, np.array([2] * 6), measure)
+
+
+def test_refine_evolve_measures_only_its_result_with_the_evaluation():
+    table, _d, true_loss = _interacting()
+    ks = {n: i for i, n in enumerate(table.layers)}
+
+    def as_choice(plan):
+        return [OPTS.index(plan.option_name(n)) for n in sorted(ks, key=ks.get)]
+
+    history = [(BitPlan.uniform(table.layers, o), true_loss([k] * 6)) for k, o in enumerate(OPTS)]
+    evaluated, searched, state = [], [], {"restored": 0, "dirty": False}
+
+    class Search:  # a search that changes the model: it must be put back before the evaluation
+        def __call__(self, p, level):
+            searched.append(level)
+            state["dirty"] = True
+            return true_loss(as_choice(p)) * 1.1
+
+        def restore(self):
+            state["restored"] += 1
+            state["dirty"] = False
+
+    def evaluate(p):
+        assert not state["dirty"]
+        evaluated.append(p)
+        return true_loss(as_choice(p))
+
+    res = refine(table, get_solver("ilp"), {"t": 4.0, "u": 4.5}, history, evaluate, rounds=30, method="evolve",
+                 search=Search(), offspring=6, seed=0)
+    assert state["restored"] == 2 and not state["dirty"]  # once after each target's search
+    evaluated.clear()
+    searched.clear()
+    res = refine(table, get_solver("ilp"), {"t": 4.0}, history[:3], evaluate, rounds=30, method="evolve",
+                 search=Search(), offspring=6, seed=0)
+    plan, loss = res.best["t"]
+    assert len(evaluated) == 1 and loss == pytest.approx(true_loss(as_choice(plan)))
+    assert loss < history[1][1]  # better than uniform 4 bits, its start
+    assert res.evals == len(searched) + 1
+    final = [r for r in res.log if r["data"] == "evaluation"]
+    assert len(final) == 1 and final[0]["evals"] == res.evals
+    assert final[0]["search_loss_after"] == pytest.approx(1.1 * loss)
+    with pytest.raises(MpsearchError, match="one count per rung"):
+        refine(table, get_solver("ilp"), {"t": 4.0}, history, lambda p: 1.0, method="evolve", rounds=1,
+               search=lambda p, level: 1.0, levels=3, survivors=(2,))
 
 
 def test_pairwise_ilp_equals_brute_force():

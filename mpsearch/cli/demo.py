@@ -11,7 +11,7 @@ reads the cached table and measurements back.
 
 from __future__ import annotations
 
-from ..recipe import DEFAULT_RECIPE, DEMO_DATA
+from ..recipe import DEFAULT_RECIPE, DEMO_DATA, REFINE_METHODS
 from ._common import parse_params, say
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
@@ -93,7 +93,14 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
     lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
                  f"at least as good as uniform of equal or smaller size" + (
                      f"; {chk['loses']} LOSE (see warnings)" if chk.get("loses") else ""))
-    if len(run.refinement):
+    log = run.refinement
+    if len(log) and "data" in log.columns:  # evolve: one line per target, the search data's and the evaluation's
+        for _, r in log[log["data"] == "evaluation"].iterrows():
+            lines.append(f"evolve at {r['budget']}: {int(r['evals'])} measured plans ({int(r['round'])} generations); "
+                         f"calibration-data loss {r['search_loss_before']:.4g} -> {r['search_loss_after']:.4g}, "
+                         f"evaluation loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+                         + ("" if r["loss_after"] <= r["loss_before"] else " (worse: not recommended)"))
+    elif len(log):
         gain = run.refinement.groupby("round")["gain"].sum()
         lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
                      + ", ".join(f"{g:.4g}" for g in gain))
@@ -134,12 +141,20 @@ def add_model_frontier_args(p) -> None:
                    help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
                         "kl, or package.module:callable (default: by model)")
     g.add_argument("--refine", type=int, default=DEFAULT_RECIPE["refine"], metavar="R",
-                   help=f"rounds of measured refinement at each target budget (default: {DEFAULT_RECIPE['refine']})")
-    g.add_argument("--refine-method", default=DEFAULT_RECIPE["refine_method"], choices=("calibrate", "local", "both"),
-                   help="calibrate: NNLS damage multipliers, re-solve; local: measured swaps; both "
-                        f"(default: {DEFAULT_RECIPE['refine_method']})")
+                   help=f"rounds of measured refinement at each target budget; evolve: generations "
+                        f"(default: {DEFAULT_RECIPE['refine']})")
+    g.add_argument("--refine-method", default=DEFAULT_RECIPE["refine_method"], choices=REFINE_METHODS,
+                   help="calibrate: NNLS damage multipliers, re-solve; local: measured swaps; both; evolve: a "
+                        "measured evolutionary search on the calibration data, its result measured on the "
+                        f"evaluation data (default: {DEFAULT_RECIPE['refine_method']})")
     g.add_argument("--refine-evals", type=int, default=None, metavar="N",
                    help="at most N plans measured by the refinement in all (default: no limit beyond --refine)")
+    g.add_argument("--refine-target", action="append", default=None, metavar="LABEL",
+                   help="refine only at this target budget (repeatable; a uniform option's name such as "
+                        "int4-asym, or avg_bits=4 for --budget avg_bits=4; default: every target)")
+    g.add_argument("--refine-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the refinement (repeatable): swaps, groups, ridge; evolve: offspring, "
+                        "survivors, seed, max_switches, time_limit (seconds per target)")
 
 
 def run_model_frontier(args) -> int:
@@ -155,7 +170,8 @@ def run_model_frontier(args) -> int:
             solver=args.solver or DEFAULT_RECIPE["solver"], solver_params=parse_params(args.param),
             options=args.options, validate=args.validate, points=args.points, key=args.key or "avg_bits",
             budget=budget_from_args(args), refine=args.refine, refine_method=args.refine_method,
-            refine_evals=args.refine_evals, out=args.output, plans_dir=args.plans_dir, plot=args.plot,
+            refine_evals=args.refine_evals, refine_targets=args.refine_target,
+            refine_params=parse_params(args.refine_param), out=args.output, plans_dir=args.plans_dir, plot=args.plot,
             progress=True, workers=args.workers, device_map=args.device_map, device=args.device,
             dtype=args.dtype, seq_len=args.seq_len, calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
             eval_window=args.eval_window, eval_stride=args.eval_stride, batch_size=args.batch_size,
