@@ -215,45 +215,73 @@ def local_search(problem: Problem, start, start_loss: float, measure, *, rounds:
 
 
 # ------------------------------------------------------------------------------ evolution
-def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int = 1, fill: bool = True,
-           ranked: list | None = None, column: str = "size_bits") -> np.ndarray | None:
-    """A level-switch mutation of ``choice`` that stays feasible: ``switches`` times, one random item
-    one option up (options in ``column`` order), then random other items one option down until
-    every constraint holds; with ``fill``, a pass over the untouched items in random order taking
-    each one option up where the plan still fits. ``None`` when no feasible child came out."""
-    ranked = ranked if ranked is not None else _ranked_options(problem, problem.resources[column])
-    pos = np.array([int(np.flatnonzero(r == c)[0]) for r, c in zip(ranked, choice)])
-    top = np.array([len(r) - 1 for r in ranked])
-    new = pos.copy()
-    touched = np.zeros(problem.n_items, dtype=bool)
+def size_levels(problem: Problem, column: str = "size_bits") -> list[list[np.ndarray]]:
+    """Per item, its allowed options grouped by ``column`` (ascending): options of equal size (q4_0,
+    iq4_nl and q4_K in llama.cpp) share a level, lowest predicted damage first."""
+    size = problem.resources[column]
+    out = []
+    for i, ks in enumerate(_ranked_options(problem, size)):
+        levels: list[list[int]] = []
+        for k in ks:
+            if levels and np.isclose(size[i, k], size[i, levels[-1][0]], rtol=1e-12, atol=0):
+                levels[-1].append(int(k))
+            else:
+                levels.append([int(k)])
+        out.append([np.array(lv) for lv in levels])
+    return out
 
-    def as_choice(p):
-        return np.array([ranked[i][p[i]] for i in range(problem.n_items)])
+
+def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int = 1, fill: bool = True,
+           levels: list | None = None, column: str = "size_bits") -> np.ndarray | None:
+    """A level-switch mutation of ``choice`` that stays feasible, on the size levels of
+    :func:`size_levels`: ``switches`` times, one random item one level up (or, where its level holds
+    other options of the same size, to one of them half of the time), then random other items one
+    level down until every constraint holds; with ``fill``, a pass over the untouched items in
+    random order taking each one level up where the plan still fits. A level of several options
+    gives one of them at random. ``None`` when no feasible child came out."""
+    levels = levels if levels is not None else size_levels(problem, column)
+    level_of = [{int(k): lv for lv, ks in enumerate(item) for k in ks} for item in levels]
+    n = problem.n_items
+    new = np.asarray(choice, dtype=int).copy()
+    touched = np.zeros(n, dtype=bool)
+
+    def level(i):
+        return level_of[i][int(new[i])]
+
+    def pick(i, lv):
+        ks = levels[i][lv]
+        return int(ks[0]) if len(ks) == 1 else int(rng.choice(ks))  # no draw where there is no choice
 
     for _ in range(int(switches)):
-        up = np.flatnonzero((new < top) & ~touched)
-        if not len(up):
+        movable = [i for i in range(n) if not touched[i]
+                   and (level(i) + 1 < len(levels[i]) or len(levels[i][level(i)]) > 1)]
+        if not movable:
             break
-        i = int(rng.choice(up))
-        new[i] += 1
+        i = int(rng.choice(movable))
         touched[i] = True
-        while not problem.is_feasible(as_choice(new)):
-            down = np.flatnonzero((new > 0) & (np.arange(problem.n_items) != i))
-            if not len(down):
+        same = [int(k) for k in levels[i][level(i)] if k != new[i]]
+        if same and (level(i) + 1 == len(levels[i]) or rng.random() < 0.5):
+            new[i] = same[0] if len(same) == 1 else int(rng.choice(same))  # the same size, another format
+        else:
+            new[i] = pick(i, level(i) + 1)
+        while not problem.is_feasible(new):
+            down = [j for j in range(n) if j != i and level(j) > 0]
+            if not down:
                 return None
             j = int(rng.choice(down))
-            new[j] -= 1
+            new[j] = pick(j, level(j) - 1)
             touched[j] = True
-    if not problem.is_feasible(as_choice(new)):
+    if not problem.is_feasible(new):
         return None
     if fill:
-        for i in rng.permutation(np.flatnonzero((new < top) & ~touched)):
-            new[i] += 1
-            if not problem.is_feasible(as_choice(new)):
-                new[i] -= 1
-    if np.array_equal(new, pos):
+        for i in rng.permutation([i for i in range(n) if not touched[i] and level(i) + 1 < len(levels[i])]):
+            old = new[i]
+            new[i] = pick(i, level(i) + 1)
+            if not problem.is_feasible(new):
+                new[i] = old
+    if np.array_equal(new, choice):
         return None
-    return as_choice(new)
+    return new
 
 
 def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring: int = 16, survivors=(),
@@ -279,7 +307,7 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
                             f"<= offspring, got offspring={offspring}, survivors={survivors}")
     rng = np.random.default_rng(seed)
     top = len(survivors)
-    ranked = _ranked_options(problem, problem.resources[column])
+    levels = size_levels(problem, column)
     cur = np.asarray(start, dtype=int).copy()
     if not problem.is_feasible(cur):
         raise MpsearchError("evolve: the start plan does not fit the budget")
@@ -301,7 +329,7 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
             if len(kids) >= offspring:
                 break
             switches = min(int(rng.geometric(0.5)), max_switches)
-            kid = mutate(problem, cur, rng, switches=switches, ranked=ranked, column=column)
+            kid = mutate(problem, cur, rng, switches=switches, levels=levels, column=column)
             if kid is not None and tuple(kid) not in seen:
                 seen.add(tuple(kid))
                 kids.append(kid)

@@ -11,7 +11,8 @@ from mpsearch.errors import MpsearchError
 from mpsearch.interaction import block_pairs, pair_terms, pairwise_damage
 from mpsearch.plan import BitPlan
 from mpsearch.problem import compile_problem
-from mpsearch.refine import calibrate, candidate_moves, evolve, layer_type, local_search, mutate, refine
+from mpsearch.refine import (calibrate, candidate_moves, evolve, layer_type, local_search, mutate, refine,
+                             size_levels)
 from mpsearch.registry import get_solver
 from mpsearch.solvers.ilp import ILPSolver, risk_adjusted, solve_pairwise
 from mpsearch.table import CostTable
@@ -190,6 +191,27 @@ def test_mutation_keeps_every_constraint_and_changes_the_plan():
     # the same seed, the same children
     r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
     assert all(np.array_equal(mutate(problem, start, r1), mutate(problem, start, r2)) for _ in range(20))
+
+
+def test_mutation_moves_between_formats_of_one_size():
+    """Two formats of the same size (llama.cpp's q4_0 / iq4_nl / q4_K) share a size level: a
+    mutation may switch between them (a lateral move) or go up a level, never "up" to a format of
+    the same size. From uniform int4 at its exact size, one switch gives exactly the 3 lateral
+    children and the 3 children with one layer at 8 bits and the two others at 2."""
+    rows = [{"layer": f"l{i}", "option": o, "bits": b, "damage": d, "size_bits": b * 100, "params": 100}
+            for i in range(3) for o, b, d in (("int2", 2, 3.0), ("int4", 4, 1.0), ("int4-g32", 4, 1.5),
+                                              ("int8", 8, 0.1))]
+    table = CostTable(pd.DataFrame(rows))
+    problem = compile_problem(table, Budget(constraints={"avg_bits": 4.0}))
+    names = problem.option_names
+    levels = size_levels(problem)
+    assert [[names[k] for k in lv] for lv in levels[0]] == [["int2"], ["int4", "int4-g32"], ["int8"]]
+    start = np.array([names.index("int4")] * 3)
+    rng = np.random.default_rng(0)
+    kids = {tuple(names[k] for k in mutate(problem, start, rng, switches=1)) for _ in range(300)}
+    lateral = {tuple("int4-g32" if j == i else "int4" for j in range(3)) for i in range(3)}
+    up = {tuple("int8" if j == i else "int2" for j in range(3)) for i in range(3)}
+    assert kids == lateral | up
 
 
 def test_evolve_finds_the_brute_force_optimum_of_an_interacting_loss():
