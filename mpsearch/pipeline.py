@@ -451,7 +451,8 @@ def _check_refine_params(params) -> None:
     import inspect
 
     known = [k for k, v in inspect.signature(refine_loop).parameters.items() if v.kind is v.KEYWORD_ONLY
-             and k not in ("rounds", "method", "max_evals", "base_budget", "key", "search", "levels")]
+             and k not in ("rounds", "method", "max_evals", "base_budget", "key", "search", "levels",
+                           "checkpoint_dir", "context", "progress")]
     unknown = sorted(set(params or {}) - set(known))
     if unknown:
         raise MpsearchError(f"refine_params: unknown setting {unknown[0]!r}; the refinement's settings: "
@@ -617,13 +618,15 @@ class SearchLadder:
 
 
 def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, front, plans, uniform,
-            measured, rounds, method, max_evals, params, search_metric=None):
+            measured, rounds, method, max_evals, params, search_metric=None, out=None, progress=False):
     """Run :func:`mpsearch.refine.refine`; returns (refined plans, their measured rows, round log)."""
     search = None
     if method == "evolve":  # the children measured in place, on the search data (default: the calibration's)
         ladder = search_metric if isinstance(search_metric, (list, tuple)) else [search_metric or metric]
         search = SearchLadder(model, table.layers, ladder)
-        params = {"levels": search.levels, **params}
+        context = json.dumps([mcache.context, [_metric_key(m) for m in search.metrics]])
+        params = {"levels": search.levels, "progress": progress, "context": context,
+                  "checkpoint_dir": None if out is None else out / "evolve", **params}
 
     def loss_of(plan):
         if search is not None:
@@ -675,7 +678,7 @@ def _recommendations(table, metric, targets, base, key, front, plans, uframe, un
 
 
 # the folder is built beside ``out`` and put in place last; its caches seed the build
-@atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache"))
+@atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache", "evolve"))
 def measured_frontier(
     model: torch.nn.Module, calib, metric: Metric, *, estimator: str = DEFAULT_RECIPE["estimator"],
     solver: str = DEFAULT_RECIPE["solver"], options=DEFAULT_RECIPE["options"], validate: int = 5,
@@ -743,7 +746,7 @@ def measured_frontier(
     if refine and to_refine:
         refined, rframe, log = _refine(table, slv, to_refine, base, key, model, metric, baseline, mcache, front,
                                        plans, uniform, measured, refine, refine_method, refine_evals,
-                                       dict(refine_params or {}), refine_metric)
+                                       dict(refine_params or {}), refine_metric, out, progress)
         if len(rframe):
             rframe = compare_with_uniform(rframe, uframe)
     rec = _recommendations(table, metric, targets, base, key, front, plans, uframe, uniform, refined, rframe)

@@ -284,9 +284,27 @@ def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int 
     return new
 
 
+def _choice_key(choice) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.asarray(choice, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _evolve_signature(problem, start, settings: dict, context: str) -> str:
+    """What an evolve checkpoint must match to be resumed: the problem, the start and the settings."""
+    import hashlib
+    import json
+
+    doc = {"items": problem.items, "options": problem.option_names, "caps": problem.caps().tolist(),
+           "allowed": problem.allowed.astype(int).tolist(), "start": [int(c) for c in start],
+           "settings": settings, "context": context}
+    return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring: int = 16, survivors=(),
            max_evals: int | None = None, seed: int = 0, max_switches: int = 3, start_loss: float | None = None,
-           column: str = "size_bits", time_limit: float | None = None):
+           column: str = "size_bits", time_limit: float | None = None, checkpoint=None, context: str = "",
+           progress: bool = False, desc: str = "evolve"):
     """A measured (1 + ``offspring``) evolutionary search from the feasible choice ``start``.
 
     ``measure(choice, level) -> loss``: the loss of a plan on level ``level`` of a data ladder
@@ -297,9 +315,19 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
     measured lower there. ``max_evals``: the most ``measure`` calls in all (a generation that does
     not fit is not started); ``time_limit``: seconds after which no generation is started (the
     generations done are in the log: the same ``seed`` and that many ``generations`` repeat the
-    run exactly). Returns ``(choice, loss, log)``: the loss (at the last level) is never
-    above the start's; ``log`` has one row per generation (row 0: the start).
+    run exactly). ``checkpoint``: a JSON file written after every generation (parent, random
+    state, plans seen, log); a later call with the same problem, start, settings and ``context``
+    (what ``measure`` measures) resumes from it, and ends exactly as one uninterrupted call would;
+    more ``generations`` continue a finished search. ``progress``: a bar over the generations.
+    Returns ``(choice, loss, log)``: the loss (at the last level) is never above the start's;
+    ``log`` has one row per generation (row 0: the start).
     """
+    import json
+    from pathlib import Path
+
+    from .fileio import atomic_write_text
+    from .sensitivity.base import progress_bar
+
     survivors = tuple(int(k) for k in survivors)
     if offspring < 1 or any(k < 1 for k in survivors) or list(survivors) != sorted(survivors, reverse=True) \
             or (survivors and survivors[0] > offspring):
@@ -311,15 +339,35 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
     cur = np.asarray(start, dtype=int).copy()
     if not problem.is_feasible(cur):
         raise MpsearchError("evolve: the start plan does not fit the budget")
-    evals = 0
-    if start_loss is None:
-        start_loss, evals = measure(cur, top), 1
-    cur_loss = float(start_loss)
-    seen = {tuple(cur)}
+    signature = _evolve_signature(problem, cur, {"offspring": offspring, "survivors": survivors, "seed": seed,
+                                                 "max_switches": max_switches, "column": column,
+                                                 "start_loss": start_loss}, context)
+    path = Path(checkpoint) if checkpoint is not None else None
+    state = None
+    if path is not None and path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            state = None
+        if not isinstance(state, dict) or state.get("signature") != signature:
+            state = None  # another search's: start afresh (it is overwritten)
+    if state is not None:
+        cur, cur_loss, evals = np.array(state["choice"], dtype=int), float(state["loss"]), int(state["evals"])
+        rng.bit_generator.state = state["rng"]
+        seen, log = set(state["seen"]), state["log"]
+    else:
+        evals = 0
+        if start_loss is None:
+            start_loss, evals = measure(cur, top), 1
+        cur_loss = float(start_loss)
+        seen = {_choice_key(cur)}
+        log = [{"generation": 0, "evals": evals, "loss": cur_loss, "improved": False, "children": 0}]
     per_gen = offspring + sum(survivors)
-    log = [{"generation": 0, "evals": evals, "loss": cur_loss, "improved": False, "children": 0}]
     t0 = time.monotonic()
-    for g in range(1, int(generations) + 1):
+    done = log[-1]["generation"]
+    bar = progress_bar(range(done + 1, int(generations) + 1), enabled=progress, desc=desc,
+                       total=max(int(generations) - done, 0))
+    for g in bar:
         if max_evals is not None and evals + per_gen > max_evals:
             break
         if time_limit is not None and time.monotonic() - t0 > time_limit:
@@ -330,8 +378,8 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
                 break
             switches = min(int(rng.geometric(0.5)), max_switches)
             kid = mutate(problem, cur, rng, switches=switches, levels=levels, column=column)
-            if kid is not None and tuple(kid) not in seen:
-                seen.add(tuple(kid))
+            if kid is not None and _choice_key(kid) not in seen:
+                seen.add(_choice_key(kid))
                 kids.append(kid)
         if not kids:
             break
@@ -347,6 +395,12 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
             cur, cur_loss = best.copy(), best_loss
         log.append({"generation": g, "evals": evals, "loss": cur_loss, "improved": bool(better),
                     "children": len(kids)})
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{cur_loss:.4g}")
+        if path is not None:
+            atomic_write_text(path, json.dumps({"signature": signature, "choice": [int(c) for c in cur],
+                                                "loss": cur_loss, "evals": evals, "rng": rng.bit_generator.state,
+                                                "seen": sorted(seen), "log": log}))
     return cur, cur_loss, log
 
 
@@ -370,7 +424,8 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
            method: str = "calibrate", max_evals: int | None = None, swaps: int = 4, groups="type",
            ridge: float = 1e-3, base_budget: Budget | None = None, key: str = "avg_bits", search=None,
            levels: int = 1, offspring: int = 16, survivors=None, seed: int = 0, max_switches: int = 3,
-           time_limit: float | None = None) -> Refinement:
+           time_limit: float | None = None, checkpoint_dir=None, context: str = "",
+           progress: bool = False) -> Refinement:
     """Measure -> recalibrate -> re-solve for ``rounds`` rounds over every target budget.
 
     ``targets``: label -> budget value of ``key`` (e.g. ``{"int4-asym": 4.03}``). ``history``: the
@@ -382,7 +437,8 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
     plan that fits, ``search(plan, level) -> loss`` measuring the children on ``levels`` rungs of
     search data (default: ``measure`` itself, one rung); ``offspring``, ``survivors`` (default: a
     quarter per rung), ``seed``, ``max_switches`` and ``time_limit`` (seconds per target) go to
-    :func:`evolve`. Only each target's result
+    :func:`evolve`; with ``checkpoint_dir`` each target's search keeps its checkpoint there
+    (``evolve-<target>.json``, resumed when ``context`` and the rest match). Only each target's result
     is measured with ``measure`` and joins ``history``; ``max_evals`` counts every measurement
     (search and ``measure``) and is shared evenly by the targets. A ``search`` with a ``restore()``
     method (:class:`mpsearch.pipeline.SearchLadder`) has it called after each target's search.
@@ -420,7 +476,8 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
 
     if method == "evolve":
         _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rounds, search,
-                        levels, offspring, survivors, seed, max_switches, measure, time_limit)
+                        levels, offspring, survivors, seed, max_switches, measure, time_limit,
+                        checkpoint_dir, context, progress)
         return out
     for r in range(1, int(rounds) + 1):
         for t in targets:
@@ -457,7 +514,8 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, *, r
 
 
 def _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rounds, search,
-                    levels, offspring, survivors, seed, max_switches, measure, time_limit):
+                    levels, offspring, survivors, seed, max_switches, measure, time_limit,
+                    checkpoint_dir=None, context="", progress=False):
     """The ``evolve`` method of :func:`refine`, target by target (see there)."""
     if search is None:
         search, levels = (lambda plan, level: measure(plan)), 1  # noqa: E731
@@ -484,9 +542,16 @@ def _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rou
             spent["n"] += 1
             return search(_plan_from_choice(prob, choice, "refine-evolve"), level)
 
+        ckpt = None
+        if checkpoint_dir is not None:
+            from pathlib import Path
+
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            ckpt = Path(checkpoint_dir) / f"evolve-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', t)}.json"
         choice, s_loss, glog = evolve(prob, _choice_of(prob, start), lossf, generations=int(rounds),
                                       offspring=offspring, survivors=survivors, max_evals=share, seed=seed,
-                                      max_switches=max_switches, time_limit=time_limit)
+                                      max_switches=max_switches, time_limit=time_limit, checkpoint=ckpt,
+                                      context=f"{context}|{t}", progress=progress, desc=f"evolve {t}")
         if hasattr(search, "restore"):  # a search that switched plans into the model puts it back
             search.restore()
         base_evals = out.evals

@@ -327,6 +327,17 @@ def test_evolve_refinement_searches_the_calibration_data_and_measures_only_its_r
         assert torch.equal(v, before[k]), k
     assert (tmp_path / "refinement.csv").is_file()
     assert pd.read_csv(tmp_path / "refined.csv")["method"].tolist() == ["evolve"]
+    # the search's checkpoint stays in the folder: more generations later continue it
+    assert (tmp_path / "evolve" / "evolve-int4.json").is_file()
+    counts["search"] = 0
+    more = measured_frontier(model, calib, Counted(evals), estimator="output-distance", solver="ilp",
+                             options=OPTS, validate=0, points=3, refine=9, refine_method="evolve",
+                             refine_targets=["int4"], refine_params={"offspring": 4}, out=tmp_path, progress=False)
+    rows = more.refinement[more.refinement["data"] == "search"].reset_index(drop=True)
+    assert rows.iloc[: len(search_rows)][["round", "loss_after"]].equals(
+        search_rows.reset_index(drop=True)[["round", "loss_after"]])  # the first run's generations, kept
+    # measured now: the search metric's baseline and the generations after the first run's only
+    assert counts["search"] == 1 + int(rows["evals"].sum()) - int(search_rows["evals"].sum())
     with pytest.raises(MpsearchError, match="refine_targets: no target budget named 'int5'"):
         measured_frontier(model, calib, Counted(evals), estimator="output-distance", options="2,3,4,8",
                           validate=0, points=3, refine=1, refine_method="evolve", refine_targets="int5",

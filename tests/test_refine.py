@@ -1,6 +1,7 @@
 """Closed-loop refinement, pairwise ILP terms and the risk option, against exact answers."""
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -263,6 +264,46 @@ def test_evolve_multi_step_selection_and_budget():
         evolve(problem, start, measure, offspring=4, survivors=(8,))
     with pytest.raises(MpsearchError, match="does not fit"):
         evolve(problem, np.array([2] * 6), measure)
+
+
+def test_evolve_resumes_from_its_checkpoint_exactly(tmp_path):
+    """Stopped mid-generation (Ctrl-C in a measurement), then run again: it resumes from the last
+    whole generation and ends where one uninterrupted run ends; more generations continue a
+    finished search; another setting or context starts afresh."""
+    table, _d, true_loss = _interacting(8, seed=4)
+    problem = compile_problem(table, Budget(constraints={"avg_bits": 4.5}))
+    start = np.array([1] * 8)
+    calls = []
+
+    def measure(c, level):
+        calls.append(tuple(c))
+        return true_loss(c) * (1.05 if level == 0 else 1.0)
+
+    kw = dict(offspring=5, survivors=(2,), seed=3)
+    ref_ckpt = tmp_path / "reference.json"
+    ref_choice, ref_loss, ref_log = evolve(problem, start, measure, generations=12, checkpoint=ref_ckpt, **kw)
+    n_ref = len(calls)
+    ckpt = tmp_path / "evolve.json"
+
+    def interrupted(c, level):
+        if len(calls) == n_ref + 40:
+            raise KeyboardInterrupt
+        return measure(c, level)
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(problem, start, interrupted, generations=12, checkpoint=ckpt, **kw)
+    done = json.loads(ckpt.read_text())["log"][-1]["generation"]
+    assert 0 < done < 12
+    before = len(calls)
+    choice, loss, log = evolve(problem, start, measure, generations=12, checkpoint=ckpt, **kw)
+    assert np.array_equal(choice, ref_choice) and loss == ref_loss and log == ref_log
+    assert json.loads(ckpt.read_text()) == json.loads(ref_ckpt.read_text())  # random state and plans seen too
+    assert len(calls) - before == ref_log[-1]["evals"] - ref_log[done]["evals"]  # only what was left
+    longer = evolve(problem, start, measure, generations=20, **kw)
+    cont = evolve(problem, start, measure, generations=20, checkpoint=ckpt, **kw)
+    assert np.array_equal(cont[0], longer[0]) and cont[2] == longer[2]
+    fresh = evolve(problem, start, measure, generations=3, checkpoint=ckpt, context="other data", **kw)
+    assert len(fresh[2]) == 4 and json.loads(ckpt.read_text())["log"][-1]["generation"] == 3
 
 
 def test_refine_evolve_measures_only_its_result_with_the_evaluation():
