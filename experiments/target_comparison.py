@@ -144,7 +144,7 @@ def llamacpp(only: str | None = None) -> None:
 
 def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), refine_rounds: int = 0,
                      method: str = "both", swaps: int = 4, device: str = "cpu", time_limit: float | None = None,
-                     ladder=(2048, 8192, 32768)) -> None:
+                     ladder=(2048, 8192, 32768), tag: str = "") -> None:
     """Issue 14 with a target: the default recipe's llama.cpp table (output-distance, q4_1 dropped)
     solved by the ILP at the exact size of uniform ``at`` types, against the measured uniform plans
     (the best that fits), on the same metric and tokens as :func:`llamacpp`.
@@ -152,7 +152,7 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), re
     ``method="evolve"``: the refinement is the measured evolutionary search, its children measured on
     ``ladder`` tokens of the calibration plays (windows of ``SEQ_LEN``; the evaluation plays are only
     used for the result), ``refine_rounds`` generations or ``time_limit`` seconds per size; results
-    go to ``llamacpp_evolve.json``."""
+    go to ``llamacpp_evolve{tag}.json``."""
     import torch
 
     from mpsearch.apply import apply_plan
@@ -173,7 +173,7 @@ def llamacpp_uniform(uniform=("q4_0", "iq4_nl", "q5_0"), at=("q4_0", "q5_0"), re
     uni = uniform_plans(table, "size_bits")
     out = {"eval_tokens": EVAL_TOKENS, "window": SEQ_LEN, "table": "llamacpp_e2e/tables/smollm2-llamacpp-output-distance.csv",
            "dropped": ["q4_1"], "uniform": {}, "mixed": {}, "device": device}
-    dest = RESULTS / ("llamacpp_evolve.json" if method == "evolve" else "llamacpp_uniform.json")
+    dest = RESULTS / (f"llamacpp_evolve{tag}.json" if method == "evolve" else "llamacpp_uniform.json")
 
     def measure(plan):
         value = float(metric(apply_plan(net, plan)))
@@ -278,6 +278,9 @@ def main() -> None:
     p.add_argument("--method", default="both", help="llamacpp-uniform: the refinement method (both, evolve...)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--time-limit", type=float, default=None, help="llamacpp-uniform --method evolve: seconds per size")
+    p.add_argument("--at", default="q4_0,q5_0", help="llamacpp-uniform: the uniform types whose sizes are solved at")
+    p.add_argument("--ladder", default="2048,8192,32768", help="llamacpp-uniform --method evolve: search tokens")
+    p.add_argument("--tag", default="", help="llamacpp-uniform --method evolve: results file suffix")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more frontier flags")
     a = p.parse_args()
     if a.what in RUNS:
@@ -285,7 +288,8 @@ def main() -> None:
     elif a.what == "llamacpp":
         llamacpp(a.only)
     elif a.what == "llamacpp-uniform":
-        llamacpp_uniform(refine_rounds=a.refine, method=a.method, device=a.device, time_limit=a.time_limit)
+        llamacpp_uniform(at=tuple(a.at.split(",")), refine_rounds=a.refine, method=a.method, device=a.device,
+                         time_limit=a.time_limit, ladder=tuple(int(x) for x in a.ladder.split(",")), tag=a.tag)
     else:
         report()
 

@@ -710,6 +710,9 @@ def measured_frontier(
     options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
     _check_refine_params(refine_params)
+    if refine_metric is not None and refine_method != "evolve":
+        raise MpsearchError(f"refine_metric is what refine_method='evolve' measures with; refine_method "
+                            f"{refine_method!r} measures with the metric itself: drop refine_metric")
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

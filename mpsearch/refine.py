@@ -567,7 +567,8 @@ def _evolve_targets(out, problems, targets, best_fitting, run_measure, left, rou
                             "loss_before": prev["loss"], "loss_after": row["loss"],
                             "gain": prev["loss"] - row["loss"]})
         out.log.append({"round": len(glog) - 1, "budget": t, "method": "evolve", "data": "evaluation",
-                        "evals": spent["n"] + measured, "evals_total": out.evals, "loss_before": before,
+                        # every plan the search measured, a resumed run's earlier ones too
+                        "evals": glog[-1]["evals"] + measured, "evals_total": out.evals, "loss_before": before,
                         "loss_after": after_plan, "gain": before - after_plan,
                         "search_loss_before": glog[0]["loss"], "search_loss_after": s_loss, "search_levels": levels})
         out.best[t] = (best, after)

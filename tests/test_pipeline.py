@@ -338,6 +338,9 @@ def test_evolve_refinement_searches_the_calibration_data_and_measures_only_its_r
         search_rows.reset_index(drop=True)[["round", "loss_after"]])  # the first run's generations, kept
     # measured now: the search metric's baseline and the generations after the first run's only
     assert counts["search"] == 1 + int(rows["evals"].sum()) - int(search_rows["evals"].sum())
+    with pytest.raises(MpsearchError, match="refine_metric is what refine_method='evolve' measures with"):
+        measured_frontier(model, calib, Counted(evals), refine=1, refine_method="local",
+                          refine_metric=Counted(calib), progress=False)
     with pytest.raises(MpsearchError, match="refine_targets: no target budget named 'int5'"):
         measured_frontier(model, calib, Counted(evals), estimator="output-distance", options="2,3,4,8",
                           validate=0, points=3, refine=1, refine_method="evolve", refine_targets="int5",
