@@ -707,6 +707,11 @@ def measured_frontier(
     pure types and built-in mixes...) are measured beside the uniform plans, and solved at.
     """
     points = n_points if n_points is not None else points
+    if target is None and options == DEFAULT_RECIPE["options"]:  # the recipe's options for this model
+        from .recipe import recipe_options
+        from .specs import is_causal_lm
+
+        options = recipe_options(is_causal_lm(model))
     options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
     _check_refine_params(refine_params)

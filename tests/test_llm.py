@@ -455,3 +455,27 @@ def test_evolve_searches_a_causal_lm_on_a_ladder_of_its_calibration_tokens(tiny_
     assert final["search_levels"] == 3 and final["budget"] == "int4-asym"
     assert (log[log["data"] == "search"]["evals"] == 11).all() and len(log) == 4
     assert final["evals"] == 1 + 3 * 11 + (final["loss_after"] != final["loss_before"])
+
+
+def test_the_default_recipe_gives_a_causal_lm_the_llm_preset(tiny_dir, texts, tmp_path):
+    """`estimate` and `frontier --model` without --bits: a causal LM gets the llm preset (the
+    evidence: experiments/measured_loop.md section 5), any other model the per-channel set."""
+    import pandas as pd
+
+    from mpsearch.options import DEFAULT_SEARCH_OPTIONS, LLM_SEARCH_OPTIONS
+
+    llm, default = set(LLM_SEARCH_OPTIONS.split(",")), set(DEFAULT_SEARCH_OPTIONS.split(","))
+    assert default < llm
+    rc = main(["estimate", "--model", str(tiny_dir), "--device", "cpu", "--data", str(texts / "calib.txt"),
+               "--seq-len", "16", "--calib-samples", "4", "-o", str(tmp_path / "t.csv")])
+    assert rc == 0 and set(pd.read_csv(tmp_path / "t.csv")["option"]) == llm
+    rc = main(["estimate", "--model", str(tiny_dir), "--device", "cpu", "--data", str(texts / "calib.txt"),
+               "--seq-len", "16", "--calib-samples", "4", "--bits", DEFAULT_SEARCH_OPTIONS, "-o",
+               str(tmp_path / "t2.csv")])
+    assert rc == 0 and set(pd.read_csv(tmp_path / "t2.csv")["option"]) == default  # asked for: kept
+    rc = main(["frontier", "--model", str(tiny_dir), "--device", "cpu", "--data", str(texts / "calib.txt"),
+               "--eval-data", str(texts / "eval.txt"), "--validate", "0", "--seq-len", "16", "--calib-samples", "4",
+               "--eval-tokens", "128", "-o", str(tmp_path / "f")])
+    assert rc == 0 and set(pd.read_csv(tmp_path / "f" / "table.csv")["option"]) == llm
+    rc = main(["estimate", "--model", "digits-mlp", "--data", "digits", "-o", str(tmp_path / "d.csv")])
+    assert rc == 0 and set(pd.read_csv(tmp_path / "d.csv")["option"]) == default

@@ -131,7 +131,7 @@ def add_model_frontier_args(p) -> None:
                    help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
     g.add_argument("--bits", dest="options", default=DEFAULT_RECIPE["options"],
                    help="options, e.g. 2,3,4,8 or int4-g128, or the preset llm (int2..int8 plus groups of 64/32 at "
-                        "3-5 bits, better for LLMs) (default: asymmetric per-channel int2..int8)")
+                        "3-5 bits) (default: the preset llm for a causal LM, else asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes measuring the K plans on a CPU host (under torchrun the ranks share them)")

@@ -27,8 +27,8 @@ def register(sub):
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
                         "own (q4_K,q5_0...), or the preset llm (int2..int8 plus groups of 64/32 at 3-5 bits) "
-                        "(default: the default recipe's int2-asym..int8-asym; with --target, the target's "
-                        "default set)")
+                        "(default: the default recipe's int2-asym..int8-asym, the preset llm for a causal LM; "
+                        "with --target, the target's default set)")
     add_target_arg(p)
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
@@ -67,15 +67,20 @@ def run(args) -> int:
     from ..distributed import current, load_device_map, place_model
     from ..recipe import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
 
+    from ..recipe import recipe_options
+    from ..specs import is_causal_lm
+
     if args.options is not None:
         params["options"] = args.options
     elif args.target is None:
         params["options"] = DEFAULT_RECIPE["options"]
     args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
-    estimator = get_estimator(args.estimator, **params)
+    estimator = get_estimator(args.estimator, **params)  # bad settings refused before the model loads
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
+    if args.options is None and args.target is None and is_causal_lm(model):  # the recipe's llm preset
+        estimator = get_estimator(args.estimator, **{**params, "options": recipe_options(True)})
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
