@@ -301,8 +301,10 @@ def main():
     ap.add_argument("--additivity", type=int, default=6, help="random plans per size (0: skip)")
     ap.add_argument("--interaction", action="store_true", help="measure q/k/v, gate/up/down pairs (output-distance)")
     ap.add_argument("--methods", default=",".join(METHODS), help="refinement methods to compare")
-    ap.add_argument("--options", default=None, help="options (default: the recipe's int2-asym..int8-asym); the "
-                                                    "targets stay the sizes of uniform int3-int6-asym")
+    ap.add_argument("--options", default="default", help="options (default: the preset 'default', int2-asym.."
+                                                         "int8-asym per-channel, for every model; the recipe gives "
+                                                         "a causal LM 'llm'); the targets stay the sizes of uniform "
+                                                         "int3-int6-asym")
     ap.add_argument("--eval-n", type=int, default=256, help="MiniLM evaluation passages")
     ap.add_argument("--calib-n", type=int, default=8, help="SmolLM2 calibration windows of 256 tokens")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="SmolLM2 evaluation tokens")
@@ -398,7 +400,7 @@ def report(res: Path):
     lines = []
     for f in sorted(res.glob("*.json")) + sorted(res.glob("*/*.json")):
         doc = json.loads(f.read_text())
-        opts = doc.get("options") or "int2-asym..int8-asym (per-channel)"
+        opts = doc.get("options") if doc.get("options") not in (None, "default") else "int2-asym..int8-asym (per-channel)"
         evo = doc.get("evolve")
         how = (f"evolve: offspring {evo['offspring']}, ladder {'/'.join(map(str, evo['ladder']))} search units "
                f"(not the evaluation data), at most {evo['generations']} generations or {evo['time_limit']} s per "

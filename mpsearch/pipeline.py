@@ -681,7 +681,7 @@ def _recommendations(table, metric, targets, base, key, front, plans, uframe, un
 @atomic_output_dir("out", seed=("table.csv", "table.csv.meta.json", "measured.json", "estimator-cache", "evolve"))
 def measured_frontier(
     model: torch.nn.Module, calib, metric: Metric, *, estimator: str = DEFAULT_RECIPE["estimator"],
-    solver: str = DEFAULT_RECIPE["solver"], options=DEFAULT_RECIPE["options"], validate: int = 5,
+    solver: str = DEFAULT_RECIPE["solver"], options=None, validate: int = 5,
     points: int | None = DEFAULT_POINTS, key: str = "avg_bits", budget: Budget | None = None, budgets=(),
     match_uniform: bool = True, estimator_params: dict | None = None, solver_params: dict | None = None,
     estimate_kwargs: dict | None = None, min_rank_correlation: float = 0.5,
@@ -702,17 +702,19 @@ def measured_frontier(
     selection); default ``metric``'s measurement on ``calib`` (:meth:`~mpsearch.metrics.Metric.on_data`).
     ``plans_dir``/``plot``: extra copies of the plans and the plot.
     ``workers``: processes measuring plans (under ``torchrun`` the ranks share them; rank 0 writes).
-    ``target``: the consumer (:mod:`mpsearch.targets`): its options (its default set when ``options``
-    is left at the default recipe's), per-layer rules and runtime ties; its own recipes (llama.cpp's
-    pure types and built-in mixes...) are measured beside the uniform plans, and solved at.
+    ``options``: the options to cost; ``None`` (default): the recipe's (:func:`mpsearch.recipe.recipe_options`:
+    the ``llm`` preset for a causal LM, else per-channel int2..int8), or with ``target`` its default set.
+    ``target``: the consumer (:mod:`mpsearch.targets`): its options, per-layer rules and runtime
+    ties; its own recipes (llama.cpp's pure types and built-in mixes...) are measured beside the
+    uniform plans, and solved at.
     """
     points = n_points if n_points is not None else points
-    if target is None and options == DEFAULT_RECIPE["options"]:  # the recipe's options for this model
+    options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
+    if options is None:  # the recipe's options for this model: the llm preset for a causal LM
         from .recipe import recipe_options
         from .specs import is_causal_lm
 
         options = recipe_options(is_causal_lm(model))
-    options, estimate_kwargs = _with_target(target, options, estimate_kwargs)
     _check_args(metric, validate, points, refine, refine_method, refine_evals)
     _check_refine_params(refine_params)
     if refine_metric is not None and refine_method != "evolve":
@@ -777,14 +779,15 @@ def measured_frontier(
 
 
 def _with_target(target, options, estimate_kwargs):
-    """The options and estimate() keywords for ``target`` (its default set for the default options)."""
+    """The options and estimate() keywords for ``target`` (its default set when ``options`` is None,
+    or the default recipe's string as before)."""
     if target is None:
         return options, estimate_kwargs
     from .targets import DEFAULT_TARGET, get_target
 
     chosen = get_target(target)
     kwargs = {**(estimate_kwargs or {}), "target": chosen.name}
-    if chosen.name != DEFAULT_TARGET and options == DEFAULT_RECIPE["options"]:
+    if chosen.name != DEFAULT_TARGET and options in (None, DEFAULT_RECIPE["options"]):
         options = ",".join(chosen.default_options)
     return options, kwargs
 
@@ -1013,6 +1016,6 @@ def run_demo(out="mpsearch-demo", *, estimator=DEFAULT_RECIPE["estimator"], solv
                                DEMO_DATA["max_length"], tokenizer=tok)
     evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["eval"], "eval", seed=1), 32,
                                DEMO_DATA["max_length"], tokenizer=tok)
-    kwargs.setdefault("options", DEFAULT_RECIPE["options"])
+    kwargs.setdefault("options", None)  # the recipe's (MiniLM: per-channel), or --target's default set
     return measured_frontier(model, calib, EmbeddingCosine(evals), estimator=estimator, solver=solver,
                              validate=validate, out=out, progress=progress, **kwargs)

@@ -53,7 +53,7 @@ def check_run_args(args, out_flag: str, out: str) -> None:
         from ..targets import get_target
 
         t = get_target(target)  # an unknown target is refused before any work
-        if getattr(args, "options", None) not in (None, DEFAULT_RECIPE["options"]):
+        if getattr(args, "options", None) is not None:
             t.parsed_options(args.options)
     else:
         parse_options(getattr(args, "options", None) or DEFAULT_RECIPE["options"])
@@ -129,7 +129,7 @@ def add_model_frontier_args(p) -> None:
                    help=f"estimator name (default: {DEFAULT_RECIPE['estimator']})")
     g.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
-    g.add_argument("--bits", dest="options", default=DEFAULT_RECIPE["options"],
+    g.add_argument("--bits", dest="options", default=None,
                    help="options, e.g. 2,3,4,8 or int4-g128, or the preset llm (int2..int8 plus groups of 64/32 at "
                         "3-5 bits) (default: the preset llm for a causal LM, else asymmetric per-channel int2..int8)")
     g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
