@@ -1,7 +1,7 @@
 """Closed-loop refinement: measured plans recalibrate the table, or steer a measured local search.
 
 The cost table is a hypothesis (an additive per-layer model of the loss); measured quality is the
-verdict. Two methods act on what was measured, each within a stated number of measured plans:
+verdict. Three methods act on what was measured, each within a stated number of measured plans:
 
 - :func:`calibrate` (``method="calibrate"``): the additive model ``loss(plan) ~= sum_g a_g t_g(plan)``
   with ``t_g`` the predicted damage of the layers of group ``g`` (a layer type such as
@@ -18,8 +18,8 @@ verdict. Two methods act on what was measured, each within a stated number of me
   a plan worse than its start.
 - :func:`evolve` (``method="evolve"``): a measured (1 + lambda) evolutionary search that ignores
   the table's ranking (EvoPress, Sieberling et al., arXiv 2410.14649): each generation mutates the
-  best plan so far by level switches (one item up an option, others down until the plan fits, then
-  the slack filled), measures the offspring, optionally on a ladder of growing data (multi-step
+  best plan so far by size-level switches (one item up a level, others down until the plan fits,
+  then the slack filled), measures the offspring, optionally on a ladder of growing data (multi-step
   selection), and keeps the best child if it measured lower on the full search data. Its
   measurements are meant for data apart from the evaluation data (``search`` in :func:`refine`);
   only its result is measured on the evaluation metric. ``rounds`` is its number of generations.
