@@ -19,6 +19,7 @@ def recipe_options(causal_lm: bool) -> str:
     ``DEFAULT_RECIPE["options"]`` (the evidence: experiments/measured_loop.md, section 5)."""
     return CAUSAL_LM_OPTIONS if causal_lm else DEFAULT_RECIPE["options"]
 
+
 #: the refinement methods (mpsearch.refine; named here so that the CLI's parser needs no torch)
 REFINE_METHODS = ("calibrate", "local", "both", "evolve")
 

@@ -65,9 +65,7 @@ def run(args) -> int:
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
     from ..distributed import current, load_device_map, place_model
-    from ..recipe import DEFAULT_RECIPE  # the one default recipe (experiments/measured_loop.md)
-
-    from ..recipe import recipe_options
+    from ..recipe import DEFAULT_RECIPE, recipe_options  # the one default recipe (experiments/measured_loop.md)
     from ..specs import is_causal_lm
 
     if args.options is not None:
