@@ -81,19 +81,18 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
 
 
 def _quantize_layer(module: torch.nn.Module, option, name: str, source: torch.Tensor | None = None) -> None:
-    """Set ``module``'s weight to ``source`` (default: its own weight) quantized as ``option``
-    (``keep``: ``source`` as it is), with the option's activation hook replacing any earlier one."""
+    """Set ``module``'s weight to ``source`` (default: its own weight) quantized as ``option`` (not
+    ``keep``), with the option's activation hook replacing any earlier one."""
     src = module.weight if source is None else source
-    module.weight.copy_(src if option.is_keep else quantize_weight(src, option, _kind(module), name))
+    module.weight.copy_(quantize_weight(src, option, _kind(module), name))
     _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
-    if not option.is_keep:
-        add_activation_hook(module, option)
+    add_activation_hook(module, option)
 
 
 class PlanSwitch:
     """Many plans applied in turn to one model, in place: each :meth:`apply` re-quantizes only the
     layers whose option changed, from a full-precision copy of their weights, and :meth:`restore`
-    (or leaving the ``with`` block) puts the model back as it was. A measured search uses it to
+    puts the model back as it was. A measured search uses it to
     measure thousands of plans without copying the model; every state equals
     ``apply_plan(model, plan)`` on the layers ``plan`` names (rounding to nearest).
 
@@ -103,7 +102,7 @@ class PlanSwitch:
     def __init__(self, model: torch.nn.Module, layers):
         self.model = model
         self._fp = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
-        self._current: dict[str, object] = {}  # layer -> applied option (absent: full precision)
+        self._current: dict[str, str] = {}  # layer -> name of the applied option (absent: full precision)
 
     def apply(self, plan: BitPlan) -> int:
         """Bring the model to ``plan`` (layers it does not name: full precision); returns how many
@@ -124,8 +123,7 @@ class PlanSwitch:
                 option = options.get(name)
                 if option is not None and option.is_keep:
                     option = None
-                before = self._current.get(name)
-                if (before.name if before is not None else None) == (option.name if option is not None else None):
+                if self._current.get(name) == (option.name if option is not None else None):
                     continue
                 module = self.model.get_submodule(name)
                 if option is None:
@@ -134,15 +132,9 @@ class PlanSwitch:
                     self._current.pop(name, None)
                 else:
                     _quantize_layer(module, option, name, self._fp[name])
-                    self._current[name] = option
+                    self._current[name] = option.name
                 changed += 1
         return changed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
 
 
 class ActivationQuantizer:

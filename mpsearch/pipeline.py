@@ -621,8 +621,9 @@ def _refine(table, slv, targets, base, key, model, metric, baseline, mcache, fro
             measured, rounds, method, max_evals, params, search_metric=None, out=None, progress=False):
     """Run :func:`mpsearch.refine.refine`; returns (refined plans, their measured rows, round log)."""
     search = None
-    if method == "evolve":  # the children measured in place, on the search data (default: the calibration's)
-        ladder = search_metric if isinstance(search_metric, (list, tuple)) else [search_metric or metric]
+    if method == "evolve":  # the children measured in place, on the search data (measured_frontier's default:
+        # the metric on the calibration data, _search_metric)
+        ladder = list(search_metric) if isinstance(search_metric, (list, tuple)) else [search_metric]
         search = SearchLadder(model, table.layers, ladder)
         context = json.dumps([mcache.context, [_metric_key(m) for m in search.metrics]])
         params = {"levels": search.levels, "progress": progress, "context": context,
@@ -1016,6 +1017,5 @@ def run_demo(out="mpsearch-demo", *, estimator=DEFAULT_RECIPE["estimator"], solv
                                DEMO_DATA["max_length"], tokenizer=tok)
     evals = zoo.minilm_batches(zoo.shakespeare_lines(DEMO_DATA["eval"], "eval", seed=1), 32,
                                DEMO_DATA["max_length"], tokenizer=tok)
-    kwargs.setdefault("options", None)  # the recipe's (MiniLM: per-channel), or --target's default set
     return measured_frontier(model, calib, EmbeddingCosine(evals), estimator=estimator, solver=solver,
                              validate=validate, out=out, progress=progress, **kwargs)

@@ -248,9 +248,11 @@ def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int 
     def level(i):
         return level_of[i][int(new[i])]
 
-    def pick(i, lv):
-        ks = levels[i][lv]
+    def one(ks):
         return int(ks[0]) if len(ks) == 1 else int(rng.choice(ks))  # no draw where there is no choice
+
+    def pick(i, lv):
+        return one(levels[i][lv])
 
     for _ in range(int(switches)):
         movable = [i for i in range(n) if not touched[i]
@@ -261,7 +263,7 @@ def mutate(problem: Problem, choice, rng: np.random.Generator, *, switches: int 
         touched[i] = True
         same = [int(k) for k in levels[i][level(i)] if k != new[i]]
         if same and (level(i) + 1 == len(levels[i]) or rng.random() < 0.5):
-            new[i] = same[0] if len(same) == 1 else int(rng.choice(same))  # the same size, another format
+            new[i] = one(same)  # the same size, another format
         else:
             new[i] = pick(i, level(i) + 1)
         while not problem.is_feasible(new):
@@ -378,8 +380,9 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
                 break
             switches = min(int(rng.geometric(0.5)), max_switches)
             kid = mutate(problem, cur, rng, switches=switches, levels=levels, column=column)
-            if kid is not None and _choice_key(kid) not in seen:
-                seen.add(_choice_key(kid))
+            key = None if kid is None else _choice_key(kid)
+            if key is not None and key not in seen:
+                seen.add(key)
                 kids.append(kid)
         if not kids:
             break
@@ -395,8 +398,7 @@ def evolve(problem: Problem, start, measure, *, generations: int = 50, offspring
             cur, cur_loss = best.copy(), best_loss
         log.append({"generation": g, "evals": evals, "loss": cur_loss, "improved": bool(better),
                     "children": len(kids)})
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{cur_loss:.4g}")
+        bar.set_postfix(loss=f"{cur_loss:.4g}")
         if path is not None:
             atomic_write_text(path, json.dumps({"signature": signature, "choice": [int(c) for c in cur],
                                                 "loss": cur_loss, "evals": evals, "rng": rng.bit_generator.state,
