@@ -59,9 +59,6 @@ def pareto_indices(cost, damage) -> np.ndarray:
     return order[d < prev]
 
 
-_pareto_indices = pareto_indices  # the name pipeline.py imports
-
-
 def best_under(cost, damage, budgets) -> np.ndarray:
     """For each budget, the index of the least-damage point whose cost fits it (budgets no point
     fits are skipped); unique indices, sorted."""

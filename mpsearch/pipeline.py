@@ -156,16 +156,6 @@ def estimate_cached(model, calib, *, estimator="weight-error", options=DEFAULT_O
 
 
 # -------------------------------------------------------------------------------- frontier
-def avg_bits_range(table: CostTable) -> tuple[float, float]:
-    """Smallest and largest achievable average bits of ``table``."""
-    f = table.frame
-    if "params" not in f:
-        raise MpsearchError("the table has no 'params' column: average-bit budgets need it")
-    per_layer = f.groupby("layer")["size_bits"]
-    total = float(f.drop_duplicates("layer")["params"].sum())
-    return float(per_layer.min().sum()) / total, float(per_layer.max().sum()) / total
-
-
 def pareto(points: pd.DataFrame, x="size_bits", y="damage") -> pd.DataFrame:
     """The non-dominated rows (smaller ``x`` and smaller ``y`` are better), sorted by ``x``."""
     return non_dominated(points, x, y).reset_index(drop=True)

@@ -138,10 +138,6 @@ def refuse(plan: BitPlan, fmt: str, ok, why: str) -> None:
         )
 
 
-def options_by_layer(plan: BitPlan) -> dict[str, Option]:
-    return {lay: plan.option(lay) for lay in plan.layers}
-
-
 def group_by_option(plan: BitPlan) -> list[tuple[Option, list[str]]]:
     """Layers per option, options in the canonical order, layers in plan order."""
     groups: dict[Option, list[str]] = {}

@@ -57,13 +57,6 @@ def e2m1_round(x):
     return a.div_(step).round_().mul_(step).copysign_(x)
 
 
-def to_e4m3(x):
-    """Round to FP8 E4M3 (saturating at +-448) and back to ``x``'s dtype."""
-    import torch
-
-    return torch.clamp(x, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
-
-
 class FloatFormat(Format):
     #: the activation range is calibrated once (static) rather than taken from each batch
     act_static = False

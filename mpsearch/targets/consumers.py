@@ -23,7 +23,6 @@ class ConsumerTarget(Target):
         if layer.kind == "embedding" or layer.name.rsplit(".", 1)[-1] == "lm_head":
             return False
         return not (model is not None and is_output_layer(model, layer.name))
-        return True
 
     def __init__(self, name, consumer, description, exporter, options, default_options, notes=""):
         self.name = name
