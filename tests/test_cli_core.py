@@ -99,6 +99,10 @@ def test_every_command_help_shows_an_example(capsys):
             main([name, "--help"])
         out = capsys.readouterr().out
         assert "example:" in out and f"mpsearch {name}" in out
+        example = out[out.index("example:"):].splitlines()[1:]
+        for prev, line in zip(["  mpsearch"] + example, example):  # each command on its own line(s)
+            assert line.startswith("  mpsearch ") or prev.endswith("\\") or line.startswith("  formats:"), line
+            assert len(line) <= 110, f"{name} --help: an example line ran on: {line!r}"
 
 
 def test_console_script_entry_point(tmp_path):
