@@ -552,21 +552,13 @@ class FunctionMetric(Metric):
             ) from None
 
 
-METRICS = {
-    "cosine": EmbeddingCosine,
-    "accuracy": Accuracy,
-    "agreement": Top1Agreement,
-    "kl": KLDivergence,
-    "perplexity": Perplexity,
-    "kld": NextTokenKL,
-    "top1": NextTokenTop1,
-}
 #: the metrics of causal LMs (all measured in one pass; each reports the others in ``values``)
 CAUSAL_METRICS = ("kld", "top1", "perplexity")
 
 
 def make_metric(name, data, **kwargs) -> Metric:
-    """A metric by name (``cosine``, ``accuracy``, ``agreement``, ``kl``, ``perplexity``), a
+    """A metric by name (the metric registry: ``cosine``, ``accuracy``, ``agreement``, ``kl``,
+    ``perplexity``, ``kld``, ``top1``; :data:`mpsearch.registry.METRICS`), a
     :class:`Metric` as it is, or a callable wrapped in :class:`FunctionMetric`.
 
     ``data`` is the evaluation data: batches, or for the causal-LM metrics (``kld``, ``top1``,
@@ -576,14 +568,9 @@ def make_metric(name, data, **kwargs) -> Metric:
         return name
     if callable(name):
         return FunctionMetric(name, **kwargs)
-    if name not in METRICS:
-        from .errors import close_matches
+    from .registry import REGISTRIES
 
-        raise MpsearchError(
-            f"unknown metric {name!r}{close_matches(str(name), METRICS)}; available: {', '.join(METRICS)}, "
-            f"or a callable fn(model) -> float"
-        )
-    return METRICS[name](data, **kwargs)
+    return REGISTRIES["metric"].load(name)(data, **kwargs)
 
 
 def default_metric_name(model: torch.nn.Module, batch=None) -> str:

@@ -1,19 +1,75 @@
-"""Name -> implementation registries for solvers and estimators, imported lazily.
+"""The one registry of pluggable parts: solvers, estimators, metrics, targets and export formats.
 
-Entries are ``"module:Class"`` strings so that listing names never imports optional dependencies
-(PuLP, Optuna, transformers). Third-party code can add entries with :func:`register`.
+Each kind is a :class:`Registry`: name -> ``"module:attribute"``, imported on first use, so that
+listing names never imports optional dependencies (PuLP, Optuna, transformers), plus the aliases it
+accepts (``gguf`` for ``llama.cpp``). Third-party code adds entries with :func:`register`.
+
+The settings of a registered class are declared once, scikit-learn style: the keyword parameters
+of its ``__init__`` with their type annotations and defaults (:func:`settings_of`), and the value
+constraints in a ``_parameter_constraints`` class attribute (:mod:`mpsearch.constraints`).
+:func:`check_settings` refuses an unknown setting, a value of the wrong type or one outside its
+constraints, before any work; the settings objects of the measured path
+(:class:`mpsearch.measured.settings.FrontierSettings`) are checked by the same code.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import math
-import types
-import typing
-from dataclasses import dataclass
 
 from .errors import MpsearchError, SettingsError, close_matches
+from .settings import Setting, check_params, settings_of
+
+
+class Registry:
+    """Names of one kind of part -> ``"module:attribute"``, loaded lazily.
+
+    ``aliases``: other names accepted for an entry (case does not matter for either); ``noun``:
+    how errors name the kind (``"export format"``); ``error``: the exception raised for an unknown
+    name; ``hint``: what else is accepted, appended to that error (``"or a callable ..."``).
+    """
+
+    def __init__(self, kind: str, entries: dict[str, str], *, aliases: dict[str, str] | None = None,
+                 noun: str | None = None, error=MpsearchError, hint: str = "", sort: bool = True):
+        self.kind, self.entries, self.aliases = kind, entries, dict(aliases or {})
+        self.noun, self.error, self.hint, self.sort = noun or kind, error, hint, sort
+
+    def names(self) -> list[str]:
+        return sorted(self.entries) if self.sort else list(self.entries)
+
+    def __contains__(self, name) -> bool:
+        return self.find(name) is not None
+
+    def find(self, name) -> str | None:
+        """The registered name ``name`` stands for (itself, another case of it, or an alias), or None."""
+        key = str(name).strip()
+        if key in self.entries:
+            return key
+        lowered = {k.lower(): k for k in self.entries}
+        alias = {k.lower(): v for k, v in self.aliases.items()}
+        return lowered.get(key.lower()) or alias.get(key.lower())
+
+    def resolve(self, name) -> str:
+        """The registered name ``name`` stands for; an unknown name is refused with close matches."""
+        found = self.find(name)
+        if found is None:
+            known = list(self.entries) + list(self.aliases)
+            raise self.error(f"unknown {self.noun} {name!r}{close_matches(str(name), known)}; "
+                             f"available: {', '.join(self.names())}{self.hint}")
+        return found
+
+    def load(self, name):
+        """The class (or instance) registered as ``name``."""
+        module, _, attr = self.entries[self.resolve(name)].partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def aliases_of(self, name: str) -> list[str]:
+        return [a for a, v in self.aliases.items() if v == name]
+
+    def register(self, name: str, target: str, aliases=()) -> None:
+        self.entries[name] = target
+        self.aliases.update({a: name for a in aliases})
+
 
 SOLVERS: dict[str, str] = {
     "greedy": "mpsearch.solvers.greedy:GreedySolver",
@@ -34,129 +90,83 @@ ESTIMATORS: dict[str, str] = {
     "lim": "mpsearch.sensitivity.output_distance:LIMEstimator",
 }
 
-#: metric name -> "module:Class" (the ``--metric`` names of ``frontier --model``)
+#: metric name -> "module:Class" (``--metric`` of ``validate`` and ``frontier --model``)
 METRICS: dict[str, str] = {
     "cosine": "mpsearch.metrics:EmbeddingCosine",
     "accuracy": "mpsearch.metrics:Accuracy",
     "agreement": "mpsearch.metrics:Top1Agreement",
     "kl": "mpsearch.metrics:KLDivergence",
     "perplexity": "mpsearch.metrics:Perplexity",
+    "kld": "mpsearch.metrics:NextTokenKL",
+    "top1": "mpsearch.metrics:NextTokenTop1",
 }
 
-_KINDS = {"solver": SOLVERS, "estimator": ESTIMATORS, "metric": METRICS}
+#: target name -> "module:attribute" of its :class:`~mpsearch.targets.Target` instance (``--target``)
+TARGETS: dict[str, str] = {
+    "mpsearch": "mpsearch.targets.generic:MPSEARCH",
+    "llama.cpp": "mpsearch.targets.llamacpp:LLAMACPP",
+    "vllm": "mpsearch.targets.consumers:VLLM",
+    "gptqmodel": "mpsearch.targets.consumers:GPTQMODEL",
+    "torchao": "mpsearch.targets.consumers:TORCHAO",
+    "modelopt": "mpsearch.targets.consumers:MODELOPT",
+    "autoround": "mpsearch.targets.consumers:AUTOROUND",
+}
 
-#: extra sections of ``mpsearch list`` (title -> callable returning [(name, [Setting...]), ...]);
-#: the targets of mpsearch.targets can add theirs here
+#: export format -> "module:Class" of its exporter (``export --to``, ``import --from``)
+EXPORTERS: dict[str, str] = {
+    "torchao": "mpsearch.export.torchao_config:TorchaoExporter",
+    "gptqmodel": "mpsearch.export.gptqmodel_dynamic:GPTQModelExporter",
+    "llm-compressor": "mpsearch.export.llmcompressor_recipe:LLMCompressorExporter",
+    "llama.cpp": "mpsearch.export.llamacpp_types:LlamaCppExporter",
+    "autoround": "mpsearch.export.autoround_config:AutoRoundExporter",
+    "modelopt": "mpsearch.export.modelopt_config:ModelOptExporter",
+}
+
+
+def _export_error(message):
+    from .export._base import ExportError  # the export package's own error class (an MpsearchError)
+
+    return ExportError(message)
+
+
+REGISTRIES: dict[str, Registry] = {
+    "solver": Registry("solver", SOLVERS),
+    "estimator": Registry("estimator", ESTIMATORS),
+    "metric": Registry("metric", METRICS, sort=False, hint=", or a callable fn(model) -> float"),
+    "target": Registry("target", TARGETS, sort=False,
+                       aliases={"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llm-compressor": "vllm",
+                                "compressed-tensors": "vllm", "gptq": "gptqmodel"}),
+    "exporter": Registry("exporter", EXPORTERS, sort=False, noun="export format", error=_export_error,
+                         aliases={"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llmcompressor": "llm-compressor",
+                                  "compressed-tensors": "llm-compressor", "auto-round": "autoround",
+                                  "gptq": "gptqmodel"}),
+}
+_KINDS = REGISTRIES  # the name older code used
+
+#: extra sections of ``mpsearch list`` (title -> callable returning [(name, [lines...]), ...])
 LIST_SECTIONS: dict = {}
 
 
-class _TargetLine:
-    def __init__(self, text):
-        self.text = text
-
-    def describe(self) -> str:
-        return self.text
-
-
-def _target_rows():
-    from .targets import get_target, target_names
-
-    rows = []
-    for name in target_names():
-        t = get_target(name)
-        rows.append((name, [_TargetLine(f"options: {', '.join(t.options)}"),
-                            _TargetLine(f"default: {', '.join(t.default_options)}; export: {t.exporter or '-'}"
-                                        f"{'; fused q/k/v, gate/up' if t.fused_runtime else ''}")]))
-    return rows
-
-
-LIST_SECTIONS["targets"] = _target_rows
-
-
-def register(kind: str, name: str, target: str) -> None:
-    """Register ``target`` (``"module:Class"``) as solver or estimator ``name``."""
-    _KINDS[kind][name] = target
+def register(kind: str, name: str, target: str, aliases=()) -> None:
+    """Register ``target`` (``"module:Class"``) as ``kind`` (solver, estimator, metric, target,
+    exporter) ``name``."""
+    REGISTRIES[kind].register(name, target, aliases)
 
 
 def load_class(kind: str, name: str):
-    table = _KINDS[kind]
-    if name not in table:
-        raise MpsearchError(
-            f"unknown {kind} {name!r}{close_matches(name, table)}; available: {', '.join(sorted(table))}"
-        )
-    module, _, cls = table[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of an estimator or solver: its name, declared type and default."""
-
-    name: str
-    type: object = None  # the annotation (``int``, ``float | None``...); None: any value
-    default: object = inspect.Parameter.empty
-
-    @property
-    def required(self) -> bool:
-        return self.default is inspect.Parameter.empty
-
-    @property
-    def type_name(self) -> str:
-        return _type_name(self.type)
-
-    def describe(self) -> str:
-        default = "(required)" if self.required else f"= {self.default!r}"
-        return f"{self.name}: {self.type_name} {default}"
-
-
-def settings_of(cls) -> list[Setting]:
-    """The settings a class declares: the keyword parameters of its ``__init__``, with their type
-    annotations and defaults (the one declaration, scikit-learn style; ``get_params`` reads the same)."""
-    sig = inspect.signature(cls.__init__)
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that does not evaluate: leave those settings untyped
-        hints = {}
-    out = []
-    for name, p in sig.parameters.items():
-        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        out.append(Setting(name, hints.get(name), p.default))
-    return out
+    """The class registered as ``kind`` ``name`` (an unknown name is refused with close matches)."""
+    return REGISTRIES[kind].load(name)
 
 
 def settings(kind: str, name: str) -> list[Setting]:
-    """The declared settings of solver or estimator ``name``."""
+    """The declared settings of ``kind`` ``name`` (a solver, estimator, metric...)."""
     return settings_of(load_class(kind, name))
 
 
 def check_settings(kind: str, name: str, params: dict, cls=None) -> dict:
-    """Refuse unknown settings (with close matches) and values of the wrong type, before any work.
-
-    Returns the params with CLI-friendly conversions applied (``3`` for a float setting becomes
-    ``3.0``, ``"true"`` for a bool ``True``). Raises :class:`SettingsError`.
-    """
-    cls = cls or load_class(kind, name)
-    declared = {s.name: s for s in settings_of(cls)}
-    out = {}
-    for key, value in params.items():
-        if key not in declared:
-            raise SettingsError(
-                f"{kind} {name!r} has no setting {key!r}{close_matches(str(key), declared)}; "
-                f"its settings: {', '.join(declared) or 'none'} (see 'mpsearch list')"
-            )
-        s = declared[key]
-        ok, converted = _conform(value, s.type)
-        if not ok:
-            raise SettingsError(
-                f"{kind} {name!r}: setting {key!r} must be {s.type_name}, got {value!r} "
-                f"({type(value).__name__})" + ("" if s.required else f"; default {s.default!r}")
-            )
-        out[key] = converted
-    missing = [s.name for s in declared.values() if s.required and s.name not in out]
-    if missing:
-        raise SettingsError(f"{kind} {name!r} needs the setting(s) {', '.join(missing)}")
-    return out
+    """``params`` checked against the declared settings of ``kind`` ``name`` (:mod:`mpsearch.settings`):
+    unknown names, wrong types and values outside the constraints are refused before any work."""
+    return check_params(cls or load_class(kind, name), params, f"{kind} {name!r}")
 
 
 def _make(kind: str, name: str, params: dict):
@@ -176,54 +186,6 @@ def _make(kind: str, name: str, params: dict):
     return obj
 
 
-def _type_name(hint) -> str:
-    if hint is None:
-        return "any"
-    if hint is type(None):
-        return "None"
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    return getattr(hint, "__name__", str(hint))
-
-
-def _conform(value, hint):
-    """(ok, value converted) for ``value`` against a type annotation."""
-    if hint is None or hint is typing.Any:
-        return True, value
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arm in typing.get_args(hint):
-            ok, v = _conform(value, arm)
-            if ok:
-                return True, v
-        return False, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        if isinstance(value, bool):
-            return True, value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return True, value.lower() in ("true", "yes")
-        return False, value
-    if hint is int:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
-            return True, int(value)
-        return False, value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        return True, float(value)
-    if hint is str:
-        return isinstance(value, str), value
-    if isinstance(hint, type):
-        return isinstance(value, hint), value
-    return True, value  # Callable, generics: not checked here
-
-
 def get_solver(name: str, **params):
     """A solver instance by name: ``get_solver("greedy")``, ``get_solver("ilp", time_limit=10)``."""
     return _make("solver", name, params)
@@ -235,8 +197,8 @@ def get_estimator(name: str, **params):
 
 
 def solver_names() -> list[str]:
-    return sorted(SOLVERS)
+    return REGISTRIES["solver"].names()
 
 
 def estimator_names() -> list[str]:
-    return sorted(ESTIMATORS)
+    return REGISTRIES["estimator"].names()

@@ -141,19 +141,50 @@ def test_settings_are_converted_and_checked_before_construction():
         get_solver("ilp", tim_limit=1)
 
 
-def test_mpsearch_list_shows_every_estimator_solver_and_metric(capsys):
+def test_mpsearch_list_shows_every_name_the_flags_accept(capsys):
+    """Every name --estimator, --solver, --metric (kld and top1 too), --target and --to accept, with
+    the aliases; defaults as the CLI uses them (the estimators' options are --bits, not '2,3,4,8')."""
     from mpsearch.cli import main
-    from mpsearch.registry import ESTIMATORS, METRICS, SOLVERS
+    from mpsearch.registry import ESTIMATORS, EXPORTERS, METRICS, REGISTRIES, SOLVERS, TARGETS
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in [*ESTIMATORS, *SOLVERS, *METRICS]:
+    for name in [*ESTIMATORS, *SOLVERS, *METRICS, *TARGETS, *EXPORTERS]:
         assert f"\n  {name}\n" in out
+    assert "\n  kld\n" in out and "\n  top1\n" in out
+    assert "also: llamacpp, gguf" in out and "'2,3,4,8'" not in out
+    assert "options: str or list or tuple or None = None  (None: 2,3,4,8, or a consumer target's" in out
     assert "time_limit: float or None = 60.0" in out and "probes: int = 64" in out
     assert "window: int = 128" in out and "batches" not in out  # a metric's data is not a setting
     assert main(["list", "solvers"]) == 0
     only = capsys.readouterr().out
     assert "solvers:" in only and "estimators:" not in only
+    for kind, reg in REGISTRIES.items():  # what the flags accept is what the registry resolves
+        for name in reg.names():
+            assert reg.resolve(name.upper() if kind != "metric" else name) == name
+
+
+def test_every_typed_setting_of_every_part_is_refused_before_any_work():
+    """A value of the wrong type, or outside a declared constraint, is refused when the part is made
+    (before any model loads), for every setting of every registered estimator and solver."""
+    from mpsearch.registry import REGISTRIES, get_estimator, get_solver, settings
+    from mpsearch.settings import Interval
+
+    make = {"estimator": get_estimator, "solver": get_solver}
+    checked = 0
+    for kind, get in make.items():
+        for name in REGISTRIES[kind].names():
+            for s in settings(kind, name):
+                if s.type is None:
+                    continue  # declared as any value (device, cache_dir, a callable objective)
+                with pytest.raises(SettingsError, match=f"'{s.name}' must be"):
+                    get(name, **{s.name: object()})
+                checked += 1
+                for c in s.constraints:
+                    if isinstance(c, Interval) or hasattr(c, "bad_value"):
+                        with pytest.raises(SettingsError, match=f"'{s.name}' must be"):
+                            get(name, **{s.name: c.bad_value()})
+    assert checked > 40
 
 
 def test_help_names_the_choices(capsys):

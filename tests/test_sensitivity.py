@@ -95,12 +95,18 @@ def test_fisher_on_hf_bert_embeddings():
     assert len(table.layers) == 12 and (_damage(table)[:, 0] > 0).all()
 
 
-def test_fisher_bad_settings():
-    model, batches = cnn_batches()
-    with pytest.raises(mpsearch.MpsearchError, match="chunk_size must be an integer > 0, got 0"):
-        mpsearch.get_estimator("fisher", chunk_size=0).estimate(model, batches, progress=False)
-    with pytest.raises(mpsearch.MpsearchError, match="per_sample must be one of 'auto', 'vmap', 'loop'"):
-        mpsearch.get_estimator("fisher", per_sample="jac").estimate(model, batches, progress=False)
+def test_fisher_and_lrp_settings_refused_before_any_model():
+    """Their settings were checked only once the model ran; now by get_estimator, as the others."""
+    with pytest.raises(mpsearch.MpsearchError, match="'chunk_size' must be an integer > 0, got 0"):
+        mpsearch.get_estimator("fisher", chunk_size=0)
+    with pytest.raises(mpsearch.MpsearchError, match="'per_sample' must be one of 'auto', 'vmap', 'loop'"):
+        mpsearch.get_estimator("fisher", per_sample="jac")
+    with pytest.raises(mpsearch.MpsearchError, match="'loss' must be one of 'auto', 'ce', 'distill' or a callable"):
+        mpsearch.get_estimator("fisher", loss="mse")
+    with pytest.raises(mpsearch.MpsearchError, match="'relevance' must be one of 'auto', 'label'"):
+        mpsearch.get_estimator("lrp", relevance="logit")
+    with pytest.raises(mpsearch.MpsearchError, match="'eps' must be a number >= 0, got -1"):
+        mpsearch.get_estimator("lrp", eps=-1)
 
 
 # --------------------------------------------------------------------------- output-distance
@@ -339,8 +345,8 @@ def test_lrp_on_hf_bert_embedding_target():
 
 def test_lrp_label_target_needs_labels():
     model, batches = lm_batches()
-    with pytest.raises(mpsearch.MpsearchError, match="lrp target='label' needs batches with targets"):
-        mpsearch.get_estimator("lrp", target="label").estimate(model, batches, progress=False)
+    with pytest.raises(mpsearch.MpsearchError, match="lrp relevance='label' needs batches with labels"):
+        mpsearch.get_estimator("lrp", relevance="label").estimate(model, batches, progress=False)
 
 
 # ---------------------------------------------------------------------------------- cache

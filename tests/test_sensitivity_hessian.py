@@ -200,7 +200,7 @@ def test_bad_settings_are_refused(kw, msg):
 
 def test_ce_without_targets_is_refused():
     model, batches = _mlp()
-    with pytest.raises(mpsearch.MpsearchError, match="loss='ce' needs targets in every batch"):
+    with pytest.raises(mpsearch.MpsearchError, match="loss='ce' needs labels in every batch"):
         mpsearch.get_estimator("hessian", loss="ce").estimate(model, [x for x, _ in batches], progress=False)
 
 

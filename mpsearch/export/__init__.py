@@ -27,26 +27,14 @@ the ``--to`` that writes it; integer formats are written as their exact bits, gr
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
-from ..errors import MpsearchError, close_matches
+from ..errors import MpsearchError
 from ..plan import BitPlan
+from ..registry import EXPORTERS as FORMATS  # format name -> "module:Class" (the one registry)
+from ..registry import REGISTRIES
 from ._base import ExportError, Exporter, check_consumers, check_fused
-
-#: format name -> "module:Class" (loaded lazily)
-FORMATS: dict[str, str] = {
-    "torchao": "mpsearch.export.torchao_config:TorchaoExporter",
-    "gptqmodel": "mpsearch.export.gptqmodel_dynamic:GPTQModelExporter",
-    "llm-compressor": "mpsearch.export.llmcompressor_recipe:LLMCompressorExporter",
-    "llama.cpp": "mpsearch.export.llamacpp_types:LlamaCppExporter",
-    "autoround": "mpsearch.export.autoround_config:AutoRoundExporter",
-    "modelopt": "mpsearch.export.modelopt_config:ModelOptExporter",
-}
-
-_ALIASES = {"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llmcompressor": "llm-compressor",
-            "compressed-tensors": "llm-compressor", "auto-round": "autoround", "gptq": "gptqmodel"}
 
 __all__ = ["FORMATS", "ExportError", "Exporter", "export_plan", "export_text", "save_export",
            "import_plan", "get_exporter", "format_names"]
@@ -58,14 +46,8 @@ def format_names() -> list[str]:
 
 def get_exporter(fmt: str, **opts) -> Exporter:
     """An exporter instance by format name, with its settings (``get_exporter("llama.cpp", arch="qwen2")``)."""
-    key = _ALIASES.get(str(fmt).lower(), str(fmt).lower())
-    if key not in FORMATS:
-        raise ExportError(
-            f"unknown export format {fmt!r}{close_matches(str(fmt).lower(), list(FORMATS) + list(_ALIASES))}; "
-            f"available: {', '.join(FORMATS)}"
-        )
-    module, _, cls = FORMATS[key].partition(":")
-    klass = getattr(importlib.import_module(module), cls)
+    key = REGISTRIES["exporter"].resolve(fmt)
+    klass = REGISTRIES["exporter"].load(key)
     try:
         return klass(**opts)
     except TypeError:

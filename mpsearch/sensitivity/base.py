@@ -26,6 +26,7 @@ from ..options import Option, parse_options
 from ..table import CostTable
 from .cache import model_fingerprint  # noqa: F401  (re-exported)
 
+#: the options an estimator costs when given none (mpsearch's own target): the library's default
 DEFAULT_OPTIONS = "2,3,4,8"
 
 
@@ -62,8 +63,11 @@ class Estimator:
 
     name = "base"
     needs_data = False
+    #: what a default means where its value does not say it (shown by ``mpsearch list``)
+    _setting_notes = {"options": "None: 2,3,4,8, or a consumer target's default set; on the CLI: --bits, "
+                                 "default the recipe's options"}
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device: str | None = None):
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
         self.options = options
         self.seed = seed
         self.device = device
@@ -79,15 +83,16 @@ class Estimator:
         return params
 
     def parsed_options(self, target=None) -> list[Option]:
-        """The options to estimate, checked against ``target``; a consumer target whose options
-        were left at the estimator's default (``2,3,4,8``) gets its own default set."""
+        """The options to estimate, checked against ``target`` (a name or a
+        :class:`~mpsearch.targets.Target`). ``options=None`` (the default) stands for the target's
+        default set, and for mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's
+        default; the CLI and :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
         from ..targets import DEFAULT_TARGET, get_target
 
         target = get_target(target)
         if target.name == DEFAULT_TARGET:
-            return parse_options(self.options)
-        same = self.options is None or str(self.options).replace(" ", "") == DEFAULT_OPTIONS
-        return target.parsed_options(None if same else self.options)
+            return parse_options(DEFAULT_OPTIONS if self.options is None else self.options)
+        return target.parsed_options(self.options)
 
     def estimate(
         self,
@@ -161,7 +166,7 @@ class Estimator:
             )
         metadata = {
             "estimator": self.name,
-            "params": self.get_params(),
+            "params": {**self.get_params(), "options": ",".join(o.name for o in options)},  # as estimated
             "options": [o.name for o in options],
             "model": {"fingerprint": model_fingerprint(model), "class": type(model).__name__},
             "data": describe_data(batches),
@@ -341,10 +346,10 @@ def describe_data(batches) -> dict:
 
     if not batches:
         return {"batches": 0}
-    args, kwargs, target = split_batch(batches[0])
+    args, kwargs, labels = split_batch(batches[0])
     shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
     shapes += [f"{k}:{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    return {"batches": len(batches), "first_batch": shapes, "targets": target is not None}
+    return {"batches": len(batches), "first_batch": shapes, "targets": labels is not None}
 
 
 def _model_device(model) -> torch.device:

@@ -19,7 +19,7 @@ import torch
 
 from ..data import split_batch
 
-_NOT_KEYED = {"cache_dir", "cache_every"}
+_NOT_KEYED = {"cache_dir", "cache_every", "options"}  # the options: keyed as estimated, below
 
 
 def _feed_tensor(h, t: torch.Tensor) -> None:

@@ -9,8 +9,8 @@ Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad
 ``per_sample="loop"`` uses one backward per sample instead; ``"auto"`` falls back to the loop (with a
 warning) where a model does not run under ``vmap``.
 
-Without targets (``loss="distill"``) the gradient of a distillation loss is zero at the
-full-precision weights, so targets are *sampled* from the model's own output instead: a class drawn
+Without labels (``loss="distill"``) the gradient of a distillation loss is zero at the
+full-precision weights, so labels are *sampled* from the model's own output instead: a class drawn
 from softmax(logits), or the embedding plus unit Gaussian noise with a squared-error loss. Their
 Fisher is the true Fisher (the Gauss-Newton matrix of the output) in expectation.
 """
@@ -25,11 +25,9 @@ import torch.nn.functional as F
 
 from ..data import model_output_tensor, move_batch, slice_batch, split_batch
 from ..quant import quantization_error
-from .base import (
-    DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
-    probe_seed, progress_bar, weight_of,
-)
-from .losses import check_loss, check_output, cross_entropy, loss_value, output_kind, resolve_loss
+from ..settings import Choices, Interval
+from .base import Context, Estimator, EstimatorWarning, math_attention, probe_seed, progress_bar, weight_of
+from .losses import LOSSES, OUTPUTS, cross_entropy, loss_value, output_kind, resolve_loss
 
 
 class FisherEstimator(Estimator):
@@ -37,8 +35,12 @@ class FisherEstimator(Estimator):
 
     name = "fisher"
     needs_data = True
+    #: checked by get_estimator, before any model loads (mpsearch.settings)
+    _parameter_constraints = {"loss": [Choices(*LOSSES), callable], "output": [Choices(*OUTPUTS)],
+                              "chunk_size": [Interval(int, 0, None, closed="right")],
+                              "per_sample": [Choices("auto", "vmap", "loop")]}
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, loss="auto",
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, loss="auto",
                  output: str = "auto", chunk_size: int = 16, per_sample: str = "auto",
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
@@ -50,10 +52,6 @@ class FisherEstimator(Estimator):
         self.cache_every = cache_every
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
-        check_loss(self.loss)
-        check_output(self.output)
-        check_positive("chunk_size", self.chunk_size, integer=True)
-        check_choice("per_sample", self.per_sample, ("auto", "vmap", "loop"))
         loss = resolve_loss(self.loss, ctx.batches)
         weights = [weight_of(model, lay) for lay in ctx.layers]
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
@@ -68,13 +66,13 @@ class FisherEstimator(Estimator):
         todo = [(bi, ci) for bi, ci in plan if (bi, ci) >= (st["batch"], st["chunk"])]
         with math_attention():
             for bi, ci in progress_bar(todo, enabled=ctx.progress, desc="fisher chunks"):
-                args, kwargs, target = _chunk(move_batch(ctx.batches[bi], ctx.device), ci, int(self.chunk_size))
+                args, kwargs, labels = _chunk(move_batch(ctx.batches[bi], ctx.device), ci, int(self.chunk_size))
                 n = _n(args, kwargs)
-                target, lossfn = self._targets(model, args, kwargs, target, loss, ctx, bi, ci)
+                labels, lossfn = self._labels(model, args, kwargs, labels, loss, ctx, bi, ci)
                 grads = None
                 if method == "vmap":
                     try:
-                        grads = _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn)
+                        grads = _vmap_grads(model, weights, ctx, args, kwargs, labels, lossfn)
                     except Exception as exc:  # noqa: BLE001 - any vmap failure falls back
                         if self.per_sample == "vmap":
                             raise
@@ -82,7 +80,7 @@ class FisherEstimator(Estimator):
                                       f"using a per-sample loop", EstimatorWarning, stacklevel=3)
                         method = "loop"
                 if grads is None:
-                    grads = _loop_grads(model, weights, args, kwargs, target, lossfn)
+                    grads = _loop_grads(model, weights, args, kwargs, labels, lossfn)
                 ctx.count("forward_passes", n)
                 ctx.count("backward_passes", n)
                 for acc, g in zip(st["sums"], grads):
@@ -106,10 +104,10 @@ class FisherEstimator(Estimator):
                 out[i, k] = float((fisher * dw.pow(2)).sum())
         return out
 
-    def _targets(self, model, args, kwargs, target, loss, ctx, bi, ci):
-        """The per-sample targets and loss: given ones, or sampled from the model for distill."""
+    def _labels(self, model, args, kwargs, labels, loss, ctx, bi, ci):
+        """The per-sample labels and loss: given ones, or sampled from the model for distill."""
         if loss != "distill":
-            return target, (lambda out, t: loss_value(loss, out, t, None, "logits"))
+            return labels, (lambda out, t: loss_value(loss, out, t, None, "logits"))
         with torch.no_grad():
             raw = model(*args, **kwargs)
         ctx.count("forward_passes")
@@ -131,14 +129,14 @@ def _n(args, kwargs) -> int:
 
 
 def _chunk(batch, ci: int, size: int):
-    """``(args, kwargs, target)`` of chunk ``ci`` of a batch (tensors cut along the first axis)."""
-    args, kwargs, target = split_batch(batch)
+    """``(args, kwargs, labels)`` of chunk ``ci`` of a batch (tensors cut along the first axis)."""
+    args, kwargs, labels = split_batch(batch)
     n = _n(args, kwargs)
     lo, hi = ci * size, min((ci + 1) * size, n)
-    return slice_batch(args, lo, hi, n), slice_batch(kwargs, lo, hi, n), slice_batch(target, lo, hi, n)
+    return slice_batch(args, lo, hi, n), slice_batch(kwargs, lo, hi, n), slice_batch(labels, lo, hi, n)
 
 
-def _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn):
+def _vmap_grads(model, weights, ctx, args, kwargs, labels, lossfn):
     from torch.func import functional_call, grad, vmap
 
     names = [lay.name + ".weight" for lay in ctx.layers]
@@ -151,12 +149,12 @@ def _vmap_grads(model, weights, ctx, args, kwargs, target, lossfn):
         out = functional_call(model, {**fixed, **dict(zip(names, ws))}, a, kw)
         return lossfn(model_output_tensor(out), None if t is None else t.unsqueeze(0))
 
-    t_dim = None if target is None else 0
+    t_dim = None if labels is None else 0
     return vmap(grad(one), in_dims=(None, 0, 0, t_dim))(
-        tuple(w.detach() for w in weights), args, kwargs, target)
+        tuple(w.detach() for w in weights), args, kwargs, labels)
 
 
-def _loop_grads(model, weights, args, kwargs, target, lossfn):
+def _loop_grads(model, weights, args, kwargs, labels, lossfn):
     n = _n(args, kwargs)
     out = [torch.empty((n,) + tuple(w.shape), dtype=w.dtype, device=w.device) for w in weights]
     saved = [w.requires_grad for w in weights]
@@ -164,7 +162,7 @@ def _loop_grads(model, weights, args, kwargs, target, lossfn):
         w.requires_grad_(True)
     try:
         for i in range(n):
-            a, kw, t = (slice_batch(x, i, i + 1, n) for x in (args, kwargs, target))
+            a, kw, t = (slice_batch(x, i, i + 1, n) for x in (args, kwargs, labels))
             value = lossfn(model_output_tensor(model(*a, **kw)), t)
             for dst, g in zip(out, torch.autograd.grad(value, weights)):
                 dst[i] = g

@@ -39,7 +39,7 @@ from ..data import batch_size, micro_batches, move_batch
 from ..errors import MpsearchError
 from ..quant import quantization_error
 from .base import (
-    DEFAULT_OPTIONS, Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
+    Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
     only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
 )
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
@@ -51,7 +51,7 @@ class HessianEstimator(Estimator):
     name = "hessian"
     needs_data = True
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, probes: int = 64,
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, probes: int = 64,
                  min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
                  output: str = "auto", negative: str = "clamp", micro_batch: int | None = None,
                  probe_batch: int = 1,

@@ -2,14 +2,14 @@
 
 Loss settings (``loss=``):
 
-- ``"auto"``: ``"ce"`` when every batch carries targets, else ``"distill"``;
-- ``"ce"``: cross-entropy of the logits against the batch targets (class indices aligned with the
+- ``"auto"``: ``"ce"`` when every batch carries labels, else ``"distill"``;
+- ``"ce"``: cross-entropy of the logits against the batch labels (class indices aligned with the
   output rows; ``-100`` is ignored);
 - ``"distill"``: self-distillation to the full-precision output, KL(p_fp || p) for logits and
   the mean squared error for embeddings (zero at the full-precision weights, so the Hessian is the
   Gauss-Newton matrix of the output);
-- a callable ``loss(output, target) -> scalar``: ``output`` is the model's main output tensor
-  (:func:`mpsearch.data.model_output_tensor`), ``target`` the batch target or ``None``.
+- a callable ``loss(output, labels) -> scalar``: ``output`` is the model's main output tensor
+  (:func:`mpsearch.data.model_output_tensor`), ``labels`` the batch's labels or ``None``.
 
 ``output=`` says what the output is: ``"logits"``, ``"embedding"``, or ``"auto"`` (``embedding``
 when the model returns ``last_hidden_state``/``sentence_embedding``/``pooler_output``, else
@@ -33,7 +33,7 @@ _EMBED_KEYS = ("last_hidden_state", "sentence_embedding", "pooler_output")
 def check_loss(loss) -> None:
     if not callable(loss) and loss not in LOSSES:
         raise MpsearchError(
-            f"loss must be one of {', '.join(map(repr, LOSSES))} or a callable loss(output, target), "
+            f"loss must be one of {', '.join(map(repr, LOSSES))} or a callable loss(output, labels), "
             f"got {loss!r}"
         )
 
@@ -57,19 +57,19 @@ def output_kind(raw_output, setting: str = "auto") -> str:
 def resolve_loss(loss, batches):
     """The loss actually used: ``"ce"``, ``"distill"`` or the callable."""
     check_loss(loss)
-    has_targets = bool(batches) and all(split_batch(b)[2] is not None for b in batches)
+    has_labels = bool(batches) and all(split_batch(b)[2] is not None for b in batches)
     if loss == "auto":
-        return "ce" if has_targets else "distill"
-    if loss == "ce" and not has_targets:
+        return "ce" if has_labels else "distill"
+    if loss == "ce" and not has_labels:
         raise MpsearchError(
-            "loss='ce' needs targets in every batch: give (inputs, targets) batches, or use "
+            "loss='ce' needs labels in every batch: give (inputs, labels) batches, or use "
             "loss='distill' (self-distillation to the full-precision output)"
         )
     return loss
 
 
-def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), target.reshape(-1).long(),
+def cross_entropy(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1).long(),
                            ignore_index=-100)
 
 
@@ -82,15 +82,15 @@ def distill(out: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
     return F.kl_div(logp, logq, log_target=True, reduction="batchmean")
 
 
-def loss_value(loss, out: torch.Tensor, target, ref, kind: str) -> torch.Tensor:
+def loss_value(loss, out: torch.Tensor, labels, ref, kind: str) -> torch.Tensor:
     """The scalar loss of one batch (or one sample) for a resolved loss."""
     if callable(loss):
-        value = loss(out, target)
+        value = loss(out, labels)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise MpsearchError("a loss callable must return a scalar tensor (loss(output, target))")
+            raise MpsearchError("a loss callable must return a scalar tensor (loss(output, labels))")
         return value.reshape(())
     if loss == "ce":
-        return cross_entropy(out, target)
+        return cross_entropy(out, labels)
     return distill(out, ref, kind)
 
 

@@ -21,7 +21,7 @@ anything else              gradient x input (bilinear products such as Q K^T and
                            to both operands, where AttnLRP would halve it)
 =========================  ===============================================================================
 
-The output relevance is the target class logit (``target="label"``, needs targets), the top logit
+The output relevance is the labelled class's logit (``relevance="label"``, needs labels), the top logit
 (``"top"``), or for an encoder the embedding itself (``"embedding"``: R = e * e); ``"auto"`` picks
 label, top or embedding. A layer's contribution score is its share of the total absolute relevance
 arriving at the outputs of all quantized layers (before its own epsilon rule passes it down), summed over the calibration samples, and
@@ -40,11 +40,9 @@ from torch import nn
 from ..data import model_output_tensor, move_batch, split_batch
 from ..errors import MpsearchError
 from ..layers import _kind
-from .base import (
-    DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, only_weights_require_grad,
-    progress_bar, weight_errors, weight_of,
-)
-from .losses import check_output, output_kind
+from ..settings import Choices, Interval
+from .base import Context, Estimator, only_weights_require_grad, progress_bar, weight_errors, weight_of
+from .losses import OUTPUTS, output_kind
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus,
                 nn.Mish, nn.Hardswish, nn.Hardtanh, nn.ReLU6, nn.PReLU, nn.CELU, nn.SELU)
@@ -101,7 +99,7 @@ def _attention_rule(rule: str):
         torch.softmax, F.softmax, torch.Tensor.softmax = originals
 
 
-def relevance_scores(model, batch, layer_names, *, eps: float, target: str, output: str,
+def relevance_scores(model, batch, layer_names, *, eps: float, relevance: str, output: str,
                      attention: str = "attnlrp") -> np.ndarray:
     """Sum of |relevance| at each named layer's output for one batch."""
     index = {name: i for i, name in enumerate(layer_names)}
@@ -128,19 +126,19 @@ def relevance_scores(model, batch, layer_names, *, eps: float, target: str, outp
             handles.append(mod.register_forward_hook(lambda m, a, o: norm_rule(m, a[0], o)))
     try:
         with _attention_rule(attention):
-            args, kwargs, tgt = split_batch(batch)
+            args, kwargs, labels = split_batch(batch)
             raw = model(*args, **kwargs)
         out = model_output_tensor(raw)
         kind = output_kind(raw, output)
-        mode = target
+        mode = relevance
         if mode == "auto":
-            mode = "embedding" if kind == "embedding" else ("label" if tgt is not None else "top")
+            mode = "embedding" if kind == "embedding" else ("label" if labels is not None else "top")
         if mode == "embedding":
             seed = out.detach()
         else:
-            if mode == "label" and tgt is None:
-                raise MpsearchError("lrp target='label' needs batches with targets; use target='top'")
-            cls = out.argmax(-1) if mode == "top" else tgt.long().reshape(out.shape[:-1])
+            if mode == "label" and labels is None:
+                raise MpsearchError("lrp relevance='label' needs batches with labels; use relevance='top'")
+            cls = out.argmax(-1) if mode == "top" else labels.long().reshape(out.shape[:-1])
             seed = F.one_hot(cls, out.shape[-1]).to(out.dtype)
         tensors = [t for _, t in recorded]
         grads = torch.autograd.grad(out, tensors, grad_outputs=seed, allow_unused=True)
@@ -159,23 +157,23 @@ class LRPEstimator(Estimator):
 
     name = "lrp"
     needs_data = True
+    #: checked by get_estimator, before any model loads (mpsearch.settings)
+    _parameter_constraints = {"eps": [Interval(float, 0, None)], "output": [Choices(*OUTPUTS)],
+                              "relevance": [Choices("auto", "label", "top", "embedding")],
+                              "attention": [Choices("attnlrp", "ah")]}
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, eps: float = 1e-2,
-                 target: str = "auto", output: str = "auto", attention: str = "attnlrp",
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, eps: float = 1e-2,
+                 relevance: str = "auto", output: str = "auto", attention: str = "attnlrp",
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.eps = eps
-        self.target = target
+        self.relevance = relevance
         self.output = output
         self.attention = attention
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
-        check_positive("eps", self.eps, allow_zero=True)
-        check_choice("target", self.target, ("auto", "label", "top", "embedding"))
-        check_choice("attention", self.attention, ("attnlrp", "ah"))
-        check_output(self.output)
         names = [lay.name for lay in ctx.layers]
         weights = [weight_of(model, lay) for lay in ctx.layers]
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
@@ -183,7 +181,7 @@ class LRPEstimator(Estimator):
         with only_weights_require_grad(model, weights):
             for bi in progress_bar(range(st["batch"], len(ctx.batches)), enabled=ctx.progress, desc="lrp"):
                 s = relevance_scores(model, move_batch(ctx.batches[bi], ctx.device), names, eps=self.eps,
-                                     target=self.target, output=self.output, attention=self.attention)
+                                     relevance=self.relevance, output=self.output, attention=self.attention)
                 ctx.count("forward_passes")
                 ctx.count("backward_passes")
                 st["scores"] += torch.from_numpy(s)

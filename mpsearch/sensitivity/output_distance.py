@@ -52,7 +52,7 @@ from ..layers import get_module
 from ..errors import MpsearchError
 from ..quant import quantize_weight
 from .base import (
-    DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
+    Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
 )
 from .blocks import PrefixRunner, find_blocks
 from .losses import METRICS, check_output, forward, output_kind
@@ -70,7 +70,7 @@ class OutputDistanceEstimator(Estimator):
     name = "output-distance"
     needs_data = True
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
                  cache_dir=None, cache_every: float = 30.0, base=None):
@@ -146,12 +146,12 @@ class OutputDistanceEstimator(Estimator):
                 ref, raw = runner.reference(batch, names)
                 ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
-            target = _prepare(ref, self.metric, kind, acc)
+            reference = _prepare(ref, self.metric, kind, acc)
             for li in range(st["layer"], L):
                 todo = [k for k in range(K) if mine[bi, li, k]]
                 if todo:
                     st["values"][bi, li] += self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
-                                                                 target, kind, acc, li, todo)
+                                                                 reference, kind, acc, li, todo)
                     st["done"][bi, li, todo] = True
                     bar.update(len(todo))
                 st["layer"] = li + 1
@@ -184,7 +184,7 @@ class OutputDistanceEstimator(Estimator):
         ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
         return mean.clamp(min=0).numpy()
 
-    def layer_distances(self, model, runner, batch, layer, ctx: Context, target, kind: str,
+    def layer_distances(self, model, runner, batch, layer, ctx: Context, reference, kind: str,
                         acc=torch.float64, index: int | None = None, options=None) -> torch.Tensor:
         """The unit of work: the output distance of ``batch`` with ``layer`` (number ``index`` of
         ``ctx.layers``) at each option it may take (those of ``options``, indices, when given): a
@@ -207,7 +207,7 @@ class OutputDistanceEstimator(Estimator):
         measured = list(active)
         acts = [k for k in active if _quantizes_activations(ctx.options[k])]
         if acts:
-            out[acts] = self._single(w, runner, batch, start, acts, variants, target, kind, acc, ctx, module)
+            out[acts] = self._single(w, runner, batch, start, acts, variants, reference, kind, acc, ctx, module)
             active = [k for k in active if k not in acts]
         if self._fp is not None:  # the layer at full precision, the rest at the base
             variants[K] = src
@@ -217,11 +217,11 @@ class OutputDistanceEstimator(Estimator):
         stack = len(active) if self.stack_options is None else int(self.stack_options)
         if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
             stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
-                                    target, kind, acc, ctx)
+                                    reference, kind, acc, ctx)
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
                 runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
-                single = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+                single = self._single(w, runner, batch, start, active, variants, reference, kind, acc, ctx)
                 # the check is counted apart from the work (which it repeats)
                 ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
                 ctx.count("check_block_evaluations", runner.block_runs - runs)
@@ -231,14 +231,14 @@ class OutputDistanceEstimator(Estimator):
                 stacked = stacked if self._stack_ok else single
             out[active] = stacked
         else:
-            out[active] = self._single(w, runner, batch, start, active, variants, target, kind, acc, ctx)
+            out[active] = self._single(w, runner, batch, start, active, variants, reference, kind, acc, ctx)
         if self._fp is None:
             return out[:K]
         res = torch.zeros(K, dtype=acc, device=ctx.device)
         res[measured] = out[measured] - out[K]
         return res
 
-    def _single(self, w, runner, batch, start, active, variants, target, kind, acc, ctx, module=None):
+    def _single(self, w, runner, batch, start, active, variants, reference, kind, acc, ctx, module=None):
         """One suffix pass per option, the layer's weight overwritten (and restored); with
         ``module``, its input activations are quantized as each option says."""
         saved = w.detach().clone()
@@ -253,13 +253,13 @@ class OutputDistanceEstimator(Estimator):
                 else:
                     out = runner.run(batch, start)[0]
                 ctx.count("suffix_passes")
-                vals.append(_distance(out, target, self.metric, kind, acc))
+                vals.append(_distance(out, reference, self.metric, kind, acc))
         finally:
             with torch.no_grad():
                 w.copy_(saved)
         return torch.stack(vals)
 
-    def _stacked(self, module, layer, runner, batch, start, active, variants, stack, target, kind, acc, ctx):
+    def _stacked(self, module, layer, runner, batch, start, active, variants, stack, reference, kind, acc, ctx):
         """Options in groups of ``stack`` per suffix pass, stacked along the batch axis."""
         vals = []
         for g in range(0, len(active), stack):
@@ -268,7 +268,7 @@ class OutputDistanceEstimator(Estimator):
             with stacked_weights(module, layer.kind, [variants[k] for k in group]):
                 out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
             ctx.count("suffix_passes")
-            vals.extend(_distance(o, target, self.metric, kind, acc) for o in out.chunk(n))
+            vals.extend(_distance(o, reference, self.metric, kind, acc) for o in out.chunk(n))
         return torch.stack(vals)
 
 
@@ -405,17 +405,17 @@ def _prepare(ref: torch.Tensor, metric: str, kind: str, acc) -> dict:
     return {"metric": "kl-logits", "ref": b, "p": torch.softmax(b, -1)}
 
 
-def _distance(out: torch.Tensor, target: dict, metric: str, kind: str, acc) -> torch.Tensor:
+def _distance(out: torch.Tensor, reference: dict, metric: str, kind: str, acc) -> torch.Tensor:
     """The distance of one output to the prepared reference, as a 0-d tensor on the device
     (the same numbers as :func:`mpsearch.sensitivity.losses.distance`)."""
     a = out.reshape(-1, out.shape[-1]).to(acc)
-    b = target["ref"]
-    if target["metric"] == "cosine":
+    b = reference["ref"]
+    if reference["metric"] == "cosine":
         return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
-    if target["metric"] == "mse":
+    if reference["metric"] == "mse":
         return (a - b).pow(2).mean()
-    if target["metric"] == "kl-logits":
-        return kl_from_logits(b, a, target["p"]).mean()
+    if reference["metric"] == "kl-logits":
+        return kl_from_logits(b, a, reference["p"]).mean()
     return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
 
 
@@ -470,7 +470,7 @@ class LIMEstimator(Estimator):
     name = "lim"
     needs_data = True
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, cache_dir=None,
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, cache_dir=None,
                  cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
         self.cache_dir = cache_dir

@@ -13,7 +13,7 @@ import torch
 from ..data import move_batch, run_model
 from ..layers import get_module
 from ..quant import quantization_error, weight_matrix
-from .base import DEFAULT_OPTIONS, Context, Estimator, progress_bar, weight_errors, weight_of
+from .base import Context, Estimator, progress_bar, weight_errors, weight_of
 
 
 class WeightErrorEstimator(Estimator):
@@ -21,7 +21,7 @@ class WeightErrorEstimator(Estimator):
 
     name = "weight-error"
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, weighted: bool = False, seed: int = 0, device=None):
+    def __init__(self, *, options: str | list | tuple | None = None, weighted: bool = False, seed: int = 0, device=None):
         super().__init__(options=options, seed=seed, device=device)
         self.weighted = weighted
 

@@ -20,21 +20,9 @@ a target is mostly data: which formats, for which layers.
 
 from __future__ import annotations
 
-import importlib
-
 from ..errors import MpsearchError, close_matches, name_list
 from ..options import Option, expand_presets, parse_option
-
-#: target name -> "module:attribute" of its Target instance (imported on first use)
-TARGETS: dict[str, str] = {
-    "mpsearch": "mpsearch.targets.generic:MPSEARCH",
-    "llama.cpp": "mpsearch.targets.llamacpp:LLAMACPP",
-    "vllm": "mpsearch.targets.consumers:VLLM",
-    "gptqmodel": "mpsearch.targets.consumers:GPTQMODEL",
-    "torchao": "mpsearch.targets.consumers:TORCHAO",
-    "modelopt": "mpsearch.targets.consumers:MODELOPT",
-    "autoround": "mpsearch.targets.consumers:AUTOROUND",
-}
+from ..registry import REGISTRIES, TARGETS  # noqa: F401  (TARGETS: the names, re-exported)
 
 DEFAULT_TARGET = "mpsearch"
 
@@ -133,24 +121,16 @@ def is_output_layer(model, name: str, *, tied_only: bool = False) -> bool:
 
 
 def get_target(name: str | Target | None) -> Target:
-    """The target called ``name`` (``None``: the default, mpsearch's own integer options)."""
+    """The target called ``name`` (``None``: the default, mpsearch's own integer options); a
+    :class:`Target` is returned as it is. Resolve a target once where a command starts and pass the
+    object on."""
     if isinstance(name, Target):
         return name
-    key = DEFAULT_TARGET if name is None else str(name).strip()
-    lowered = {k.lower(): k for k in TARGETS}
-    aliases = {"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llm-compressor": "vllm",
-               "compressed-tensors": "vllm", "gptq": "gptqmodel"}
-    key = lowered.get(key.lower()) or aliases.get(key.lower()) or key
-    if key not in TARGETS:
-        raise MpsearchError(
-            f"unknown target {name!r}{close_matches(str(name), TARGETS)}; targets: {', '.join(TARGETS)}"
-        )
-    module, _, attr = TARGETS[key].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return REGISTRIES["target"].load(DEFAULT_TARGET if name is None else name)
 
 
 def target_names() -> list[str]:
-    return list(TARGETS)
+    return REGISTRIES["target"].names()
 
 
 #: fused-projection siblings as tie regexes (one capture: the parent module), for runtimes that fuse
