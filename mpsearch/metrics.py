@@ -574,14 +574,7 @@ def make_metric(name, data, **kwargs) -> Metric:
 
 
 def default_metric_name(model: torch.nn.Module, batch=None) -> str:
-    """``kld`` for causal LMs (with top-1 agreement and perplexity from the same pass), ``cosine``
-    for encoders, ``accuracy`` when the batch has targets, ``agreement`` otherwise."""
-    cls = type(model).__name__
-    if cls.endswith(("ForCausalLM", "LMHeadModel")):
-        return "kld"
-    config = getattr(model, "config", None)
-    if config is not None and not cls.endswith(("ForSequenceClassification", "Classification")):
-        return "cosine"
-    if batch is not None and split_batch(batch)[2] is not None:
-        return "accuracy"
-    return "agreement"
+    """The model's default metric: :func:`mpsearch.recipe.default_metric` (the recipe decides it)."""
+    from .recipe import default_metric
+
+    return default_metric(model, batch)

@@ -1,7 +1,11 @@
 """The one default recipe and the demo's data sizes: plain data, no torch, so the CLI's parser can
-name the defaults without importing the pipeline (see experiments/measured_loop.md for the evidence)."""
+name the defaults without importing the measured path (see experiments/measured_loop.md for the
+evidence); :func:`resolve` fills in what a user left out (options, estimator, metric), the one place
+that decides it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .options import DEFAULT_SEARCH_OPTIONS, LLM_SEARCH_OPTIONS
 
@@ -28,3 +32,84 @@ DEFAULT_POINTS = 24
 
 #: the demo's data sizes (all-MiniLM-L6-v2, Shakespeare passages of disjoint plays)
 DEMO_DATA = {"calib": 16, "eval": 64, "max_length": 48, "validate": 5}
+
+
+def default_estimator(has_data: bool) -> str:
+    """The recipe's estimator: ``DEFAULT_RECIPE["estimator"]`` with calibration data, else the
+    data-free ``weight-error``."""
+    return DEFAULT_RECIPE["estimator"] if has_data else "weight-error"
+
+
+def is_causal_lm(model) -> bool:
+    """A causal LM: a transformers ``*ForCausalLM``/``*LMHeadModel`` (by class name: no import)."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def default_metric(model, batch=None) -> str:
+    """``kld`` for causal LMs (with top-1 agreement and perplexity from the same pass), ``cosine``
+    for encoders, ``accuracy`` when the batch has labels, ``agreement`` otherwise."""
+    cls = type(model).__name__
+    if is_causal_lm(model):
+        return "kld"
+    config = getattr(model, "config", None)
+    if config is not None and not cls.endswith(("ForSequenceClassification", "Classification")):
+        return "cosine"
+    if batch is not None:
+        from .data import split_batch
+
+        if split_batch(batch)[2] is not None:
+            return "accuracy"
+    return "agreement"
+
+
+def is_callable_spec(name) -> bool:
+    """Whether a metric name is a ``package.module:callable`` (or ``file.py:callable``) spec."""
+    return isinstance(name, str) and ":" in name
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What :func:`resolve` decided: the target (a :class:`~mpsearch.targets.Target`), the options to
+    cost (a comma list), the estimator's name and the metric (a name, a ``package.module:callable``
+    spec, a :class:`~mpsearch.metrics.Metric` as given, or ``None`` when no model was given)."""
+
+    target: object
+    options: str
+    estimator: str
+    metric: object = None
+
+
+def resolve(*, target=None, options=None, estimator=None, metric=None, model=None, batch=None,
+            has_data: bool = True) -> Recipe:
+    """The one place that fills in what the user left out (every entry point calls it once):
+
+    - ``options``: as given; else a consumer ``target``'s default set; else the recipe's for the
+      model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
+    - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given);
+    - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an
+      evaluation batch: its labels mean accuracy).
+
+    ``target`` is a name, a :class:`~mpsearch.targets.Target` or ``None`` (mpsearch's own)."""
+    from .targets import DEFAULT_TARGET, get_target
+
+    chosen = get_target(target)
+    if options is None:
+        causal = model is not None and is_causal_lm(model)
+        options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(chosen.default_options)
+    if metric is None and model is not None:
+        metric = default_metric(model, batch)
+    return Recipe(chosen, options, estimator or default_estimator(has_data), metric)
+
+
+def check(*, target=None, options=None, estimator=None, params=None, has_data: bool = True) -> None:
+    """Refuse, before any model loads, what :func:`resolve` and the estimator would refuse later: an
+    unknown target or estimator, bad estimator settings (``params``), options the target cannot
+    execute."""
+    from .options import parse_options
+    from .registry import get_estimator
+    from .targets import DEFAULT_TARGET, get_target
+
+    chosen = get_target(target)
+    get_estimator(estimator or default_estimator(has_data), **dict(params or {}))
+    if options is not None:
+        parse_options(options) if chosen.name == DEFAULT_TARGET else chosen.parsed_options(options)

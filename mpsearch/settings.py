@@ -172,7 +172,8 @@ def check_value(setting: Setting, value, label: str):
     if not ok:
         exc = SettingsError(f"{label} must be {setting.type_name}, got {value!r} ({type(value).__name__})"
                             + ("" if setting.required else f"; default {setting.default!r}"))
-        exc.setting, exc.detail = setting.name, f"must be {setting.type_name}, got {value!r}"
+        note = f" ({setting.note})" if setting.note else ""
+        exc.setting, exc.detail = setting.name, f"must be {setting.type_name}{note}, got {value!r}"
         raise exc
     return converted
 
@@ -207,10 +208,17 @@ class Settings:
 
     _parameter_constraints: typing.ClassVar[dict] = {}
     _setting_notes: typing.ClassVar[dict] = {}
+    _label: typing.ClassVar[str] = ""  # how messages name these settings ("refine": "refine rounds must be ...")
 
     def __post_init__(self):
         for s in settings_of(type(self)):
-            object.__setattr__(self, s.name, check_value(s, getattr(self, s.name), s.name))
+            label = f"{self._label} {s.name}" if self._label else s.name
+            try:
+                value = check_value(s, getattr(self, s.name), label)
+            except SettingsError as exc:
+                exc.owner = type(self)  # a refusal of this object's own field (not of a part it checks)
+                raise
+            object.__setattr__(self, s.name, value)
         self._check()
 
     def _check(self) -> None:

@@ -42,6 +42,7 @@ import torch
 from .errors import SpecError
 from .hf import DTYPES, hf_model as _hf_model, offline_transformers as _offline_transformers  # noqa: F401
 from .hf import resolve_device, resolve_dtype  # noqa: F401  (part of this module's API)
+from .recipe import is_callable_spec, is_causal_lm  # noqa: F401  (is_causal_lm: re-exported)
 
 
 def _load_callable(spec: str, what: str):
@@ -111,9 +112,6 @@ def tokenizer_for(spec):
     return None
 
 
-def is_causal_lm(model) -> bool:
-    """A causal LM: a transformers ``*ForCausalLM``/``*LMHeadModel``."""
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def _check_model(model, spec) -> torch.nn.Module:
@@ -335,8 +333,8 @@ def load_metric(name, eval_spec, model, model_spec=None, *, eval_tokens=None, wi
     ``seq_len``, else the device default) advancing by ``stride`` (default: ``window``)."""
     from .metrics import CAUSAL_METRICS, FunctionMetric, default_metric_name, make_metric
 
-    if name and ":" in str(name):
-        return FunctionMetric(_load_callable(str(name), "metric"))
+    if is_callable_spec(name):
+        return FunctionMetric(_load_callable(name, "metric"))
     if eval_spec is None:
         raise SpecError("measuring quality needs evaluation data (--eval-data), disjoint from the "
                         "calibration data, or --metric package.module:callable")

@@ -352,7 +352,11 @@ def test_cli_frontier_model_on_a_hf_directory_with_text(tiny_dir, texts, tmp_pat
     val = front[front["validated"]]
     assert {"measured_kld", "measured_top1", "measured_perplexity", "measured_kld_p99"} <= set(front.columns)
     assert (val["measured_kld"] >= 0).all() and (val["measured_top1"] <= 100).all()
-    assert json.loads((out / "summary.json").read_text())["metric"] == "kld"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "kld"
+    # the full-precision perplexity (and top-1), so that the gap of every plan can be read
+    base = summary["baseline_values"]
+    assert base["kld"] == 0 and base["top1"] == 100 and base["perplexity"] > 1
     # the recommended plan carries every value of the metric, equal to its row where it was measured
     rec = pd.read_csv(out / "recommended.csv")
     uni = pd.read_csv(out / "uniform.csv").set_index("option")

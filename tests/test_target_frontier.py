@@ -46,3 +46,51 @@ def test_llamacpp_frontier_measures_the_consumers_recipes(llama, tmp_path):
     # a pure type every layer can take is the uniform plan itself: listed once
     assert "q4_0" in labels and "pure-q4_0" not in labels
     assert (tmp_path / "out" / "frontier.csv").is_file()
+    # the full-precision model's every value, so that a perplexity (or top-1) gap can be read
+    import json
+
+    base = json.loads((tmp_path / "out" / "summary.json").read_text())["baseline_values"]
+    assert base["kld"] == 0 and base["top1"] == 100 and base["perplexity"] > 1
+    assert base == run.baseline_values and base["kld"] == run.baseline
+    assert (run.uniform["measured_perplexity"] > base["perplexity"]).any()
+
+
+def tiny_llama():
+    """The model spec of the CLI tests below (``tests/test_target_frontier.py:tiny_llama``)."""
+    return zoo.random_llama("tiny", hidden_size=96, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128, seed=0)
+
+
+def llama_calib():
+    return [torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))]
+
+
+def llama_eval():
+    return torch.randint(0, 128, (512,), generator=torch.Generator().manual_seed(1))
+
+
+def test_estimate_for_a_target_records_its_options_and_shares_the_frontiers_cache(tmp_path, capsys):
+    """``estimate --target llama.cpp`` recorded params.options '2,3,4,8' (the estimator's unused
+    default) while the table held GGML types, and that value entered the estimator cache key: it
+    never reused ``frontier --model --target llama.cpp``'s work unless --bits spelled the list out."""
+    from mpsearch.cli import main
+    from mpsearch.table import CostTable
+    from mpsearch.targets import get_target
+
+    spec = f"{__file__}:"
+    common = ["--model", spec + "tiny_llama", "--data", spec + "llama_calib", "--target", "llama.cpp",
+              "--estimator", "lim"]
+    out = tmp_path / "front"
+    assert main(["frontier", *common, "--eval-data", spec + "llama_eval", "--validate", "0", "--points", "3",
+                 "--seq-len", "32", "-o", str(out)]) == 0
+    assert main(["estimate", *common, "--param", f"cache_dir={out / 'estimator-cache'}", "--no-progress",
+                 "-o", str(tmp_path / "t.csv")]) == 0
+    capsys.readouterr()
+    table = CostTable.read(tmp_path / "t.csv")
+    default = ",".join(get_target("llama.cpp").default_options)
+    assert table.metadata["params"]["options"] == default  # the options it estimated
+    assert table.metadata["cost"].get("from_cache") is True  # the frontier's estimate, reused
+    assert len(list((out / "estimator-cache").iterdir())) == 1
+    front = CostTable.read(out / "table.csv")
+    assert front.metadata["params"]["options"] == default
+    assert front.frame.equals(table.frame)

@@ -1,10 +1,10 @@
 """The ``mpsearch`` command line: one subcommand per module of this package.
 
 Each subcommand module defines ``register(subparsers)`` and a ``run(args) -> int``: it turns the
-arguments into library objects, calls the library (the work lives there, so a notebook does the
-same), and prints. The model path of ``frontier --model`` and ``demo`` is still assembled in
-``cli/demo.py`` from library calls. Exit codes: 0 success, 2 bad input or usage (one line on stderr, no
-half-written output), 3 infeasible budget.
+arguments into library objects (settings objects checked before any work: ``frontier --model`` and
+``demo`` build :class:`mpsearch.measured.FrontierSettings` in ``cli/frontier.py``), calls the library
+(the work lives there, so a notebook does the same), and prints. Exit codes: 0 success, 2 bad input
+or usage (one line on stderr, no half-written output), 3 infeasible budget.
 """
 
 from __future__ import annotations

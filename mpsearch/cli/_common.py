@@ -159,3 +159,24 @@ def load_model_args(args):
     from ..specs import load_model
 
     return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
+def settings_from_args(cls, args, *, prefix: str = "", flags: dict | None = None, make=None, **values):
+    """A settings object (a :class:`mpsearch.settings.Settings` dataclass) from parsed arguments:
+    each field from the argument ``prefix + field`` (its argparse ``dest``) where that is given and
+    not ``None``, unless ``values`` names it. A new setting is one field and one argparse line.
+    ``make``: what builds the object from the fields (default ``cls``). A refused value names its
+    flag (``--refine-evals``; ``flags`` maps a field to another flag)."""
+    from ..errors import SettingsError
+
+    for name in cls.field_names():
+        if name not in values and getattr(args, prefix + name, None) is not None:
+            values[name] = getattr(args, prefix + name)
+    try:
+        return (make or cls)(**values)
+    except SettingsError as exc:
+        name = getattr(exc, "setting", None)
+        if getattr(exc, "owner", None) is not cls:
+            raise
+        flag = (flags or {}).get(name) or "--" + (prefix + name).replace("_", "-")
+        raise SettingsError(f"{flag} {exc.detail}") from None

@@ -49,42 +49,40 @@ def register(sub):
 
 def run(args) -> int:
     from ..budget import check_patterns
-    from ..options import parse_options
+    from ..distributed import current, load_device_map, place_model
+    from ..errors import MpsearchError
+    from ..recipe import check, resolve  # the one default recipe (experiments/measured_loop.md)
     from ..registry import get_estimator
     from ..specs import load_calibration
-
     from ..table import sidecar_path
+    from ..targets import get_target
 
     check_outputs(files=[("-o", args.output)])
     if not str(args.output).lower().endswith(".json"):
         check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
-    if args.options is not None and getattr(args, "target", None) is None:
-        parse_options(args.options)
     check_patterns(args.exclude, "--exclude")
     check_patterns(args.tie, "--tie")
     params = parse_params(args.param)
     params.setdefault("seed", args.seed)
-    from ..distributed import current, load_device_map, place_model
-    from ..recipe import DEFAULT_RECIPE, recipe_options  # the one default recipe (experiments/measured_loop.md)
-    from ..specs import is_causal_lm
-
-    if args.options is not None:
-        params["options"] = args.options
-    elif args.target is None:
-        params["options"] = DEFAULT_RECIPE["options"]
-    args.estimator = args.estimator or (DEFAULT_RECIPE["estimator"] if args.data else "weight-error")
-    estimator = get_estimator(args.estimator, **params)  # bad settings refused before the model loads
+    if "options" in params:  # --param options=... is --bits by another name
+        if args.options is not None:
+            raise MpsearchError("give the options once: --bits or --param options, not both")
+        given = params.pop("options")
+        args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    target = get_target(args.target) if args.target is not None else None  # resolved once, passed on
+    check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
-    if args.options is None and args.target is None and is_causal_lm(model):  # the recipe's llm preset
-        estimator = get_estimator(args.estimator, **{**params, "options": recipe_options(True)})
+    recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
+                     model=model)
+    estimator = get_estimator(recipe.estimator, **params, options=recipe.options)
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
-        progress=not args.no_progress, target=args.target, quantizer=args.quantizer,
+        progress=not args.no_progress, target=target, quantizer=args.quantizer,
     )
     if not shard.is_main:
         return 0
@@ -94,5 +92,5 @@ def run(args) -> int:
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
-        f"({args.estimator}, {cost.get('seconds', 0):.2f} s)")
+        f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
     return 0

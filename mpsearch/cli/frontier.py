@@ -1,16 +1,23 @@
 """``mpsearch frontier``: cost table -> Pareto frontier (CSV of at most ``--max-points`` rows, every
 point in the ``.npz`` beside it, optional plans and plot; all or nothing), or, with ``--model``, the
-measured frontier (:func:`mpsearch.pipeline.model_frontier`: estimate, solve, apply and measure,
+measured frontier (:func:`mpsearch.measured.model_frontier`: estimate, solve, apply and measure,
 compare with uniform, refine, recommend). Both paths take the same solver, key, points, budget,
-bound, pin and tie flags."""
+bound, pin and tie flags.
+
+The model path's flags are the fields of :class:`~mpsearch.measured.FrontierSettings`,
+:class:`~mpsearch.refine.RefineSettings` (``--refine-*``) and :class:`~mpsearch.measured.DataSettings`,
+built by :func:`frontier_settings` and :func:`data_settings` and checked before any model loads: a
+new setting is one field there and one argparse line here (its ``dest`` the field's name).
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, check_outputs,
-                      make_solver, say)
+from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
+from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
+                      budget_from_args, check_outputs, make_solver, parse_params, say, settings_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -39,12 +46,143 @@ def register(sub):
     p.add_argument("--plans-dir", default=None, help="also write one plan JSON per CSV row into this folder "
                                                      "(with --model the plans are always in OUTPUT/plans/)")
     p.add_argument("--plot", default=None, help="also draw the frontier into this image (.png, .svg, .pdf)")
-    from .demo import add_model_frontier_args
-
     add_model_frontier_args(p)  # --model/--data/--estimator/--validate K: -o is then the output folder
     return p
 
 
+# ------------------------------------------------- 'mpsearch frontier --model ...' (the model path)
+def add_model_frontier_args(p) -> None:
+    """The arguments of the model path: FrontierSettings, RefineSettings (``--refine-*``), DataSettings."""
+    g = p.add_argument_group("measured frontier (instead of --table): estimate, solve, apply and measure")
+    g.add_argument("--model", help="model spec: HF directory, package.module:callable, file.py:callable, "
+                                   "or minilm / smollm2 / fashion-cnn / digits-mlp")
+    g.add_argument("--data", help="calibration data spec (text file, .pt, IDX file, callable, or a short name)")
+    add_device_args(g)
+    add_text_args(g)
+    g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
+                                       "required otherwise, as calibration and evaluation data are disjoint)")
+    g.add_argument("--estimator", default=DEFAULT_RECIPE["estimator"],
+                   help=f"estimator name (default: {DEFAULT_RECIPE['estimator']})")
+    g.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
+    g.add_argument("--bits", dest="options", default=None,
+                   help="options, e.g. 2,3,4,8 or int4-g128, or the preset llm (int2..int8 plus groups of 64/32 at "
+                        "3-5 bits) (default: the preset llm for a causal LM, else asymmetric per-channel int2..int8)")
+    g.add_argument("--validate", type=int, default=5, metavar="K", help="plans to apply and measure (default: 5)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes measuring the K plans on a CPU host (under torchrun the ranks share them)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a Hugging Face model over this host's GPUs with accelerate (auto, balanced, JSON)")
+    g.add_argument("--metric", default=None,
+                   help="kld, top1, perplexity (causal LMs: kld, reporting all three), cosine, accuracy, agreement, "
+                        "kl, or package.module:callable (default: by model)")
+    g.add_argument("--refine", dest="refine_rounds", type=int, default=DEFAULT_RECIPE["refine"], metavar="R",
+                   help=f"rounds of measured refinement at each target budget; evolve: generations "
+                        f"(default: {DEFAULT_RECIPE['refine']})")
+    g.add_argument("--refine-method", default=DEFAULT_RECIPE["refine_method"], choices=REFINE_METHODS,
+                   help="calibrate: NNLS damage multipliers, re-solve; local: measured swaps; both; evolve: a "
+                        "measured evolutionary search on the calibration data, its result measured on the "
+                        f"evaluation data (default: {DEFAULT_RECIPE['refine_method']})")
+    g.add_argument("--refine-evals", dest="refine_max_evals", type=int, default=None, metavar="N",
+                   help="at most N plans measured by the refinement in all (default: no limit beyond --refine)")
+    g.add_argument("--refine-target", dest="refine_targets", action="append", default=None, metavar="LABEL",
+                   help="refine only at this target budget (repeatable; a uniform option's name such as "
+                        "int4-asym, or avg_bits=4 for --budget avg_bits=4; default: every target)")
+    g.add_argument("--refine-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the refinement (repeatable): swaps, groups, ridge; evolve: offspring, "
+                        "survivors, seed, max_switches, time_limit (seconds per target)")
+
+
+def refine_settings(args):
+    """The :class:`~mpsearch.refine.RefineSettings` of the ``--refine*`` flags (checked)."""
+    from ..refine import RefineSettings
+
+    params = parse_params(getattr(args, "refine_param", []))
+    return settings_from_args(RefineSettings, args, prefix="refine_", flags={"rounds": "--refine"},
+                              make=lambda **fields: RefineSettings.from_params(params, **fields))
+
+
+def frontier_settings(args, **values):
+    """The :class:`~mpsearch.measured.FrontierSettings` of the arguments (checked: names, settings,
+    options against the target, before any model loads); ``values`` fixes fields the flags do not."""
+    from ..measured import FrontierSettings
+
+    if hasattr(args, "refine_rounds"):
+        values.setdefault("refine", refine_settings(args))
+    if hasattr(args, "budget"):
+        values.setdefault("budget", budget_from_args(args))
+    values.setdefault("estimator_params", parse_params(getattr(args, "estimator_param", [])))
+    values.setdefault("solver_params", parse_params(getattr(args, "param", [])))
+    return settings_from_args(FrontierSettings, args, flags={"options": "--bits"}, **values)
+
+
+def data_settings(args):
+    """The :class:`~mpsearch.measured.DataSettings` of the arguments (checked)."""
+    from ..measured import DataSettings
+
+    return settings_from_args(DataSettings, args)
+
+
+def run_model_frontier(args) -> int:
+    """Estimate -> frontier -> measure, compare, refine, recommend; ``-o`` names the output folder."""
+    from ..measured import InfeasibleBudget, model_frontier
+    from . import EXIT_INFEASIBLE
+
+    settings, data = frontier_settings(args), data_settings(args)
+    check_outputs(dirs=[("-o", args.output), ("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
+    try:
+        run = model_frontier(args.model, data, settings, out=args.output, plans_dir=args.plans_dir, plot=args.plot)
+    except InfeasibleBudget as exc:
+        sys.stderr.write(f"mpsearch frontier: infeasible: {exc}\n")
+        return EXIT_INFEASIBLE
+    from ..distributed import current
+
+    if current().is_main:
+        say(summarize(run, str(args.model)))
+    return 0
+
+
+def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
+    """A few lines: the recommended plan at each target against uniform, the proxy check, the files."""
+    lines = [f"{name}, {run.table.metadata.get('estimator')} estimator, "
+             f"{len(run.table.layers)} layers; quality = {run.metric_label} on held-out data"]
+    if run.baseline_values:  # a multi-value metric: the full-precision values the gaps are read from
+        lines.append("full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.baseline_values.items()))
+    q = f"measured_{run.metric}"
+    uni = run.uniform.set_index("option") if len(run.uniform) else None
+    for _, r in run.recommended.iterrows():
+        if r["status"] == "none":
+            lines.append(f"  {r['budget']}: no measured plan fits")
+            continue
+        tag = ""
+        if uni is not None and r["budget"] in uni.index:
+            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4g}"
+        lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
+                     f"{r['quality']:.4g} [{r['status']}]{tag}")
+    chk = run.uniform_check
+    lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
+                 f"at least as good as uniform of equal or smaller size" + (
+                     f"; {chk['loses']} LOSE (see warnings)" if chk.get("loses") else ""))
+    log = run.refinement
+    if len(log) and "data" in log.columns:  # evolve: one line per target, the search data's and the evaluation's
+        for _, r in log[log["data"] == "evaluation"].iterrows():
+            lines.append(f"evolve at {r['budget']}: {int(r['evals'])} measured plans ({int(r['round'])} generations); "
+                         f"calibration-data loss {r['search_loss_before']:.4g} -> {r['search_loss_after']:.4g}, "
+                         f"evaluation loss {r['loss_before']:.4g} -> {r['loss_after']:.4g}"
+                         + ("" if r["loss_after"] <= r["loss_before"] else " (worse: not recommended)"))
+    elif len(log):
+        gain = run.refinement.groupby("round")["gain"].sum()
+        lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
+                     + ", ".join(f"{g:.4g}" for g in gain))
+    lines.append(f"proxy check (information): Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
+                 + ("  (POOR)" if run.proxy["poor"] else ""))
+    lines.append(f"outputs in {run.out}/:")
+    for key, path in run.files.items():
+        lines.append(f"  {key:18s} {path}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the table path
 def frontier_from_table(table, args):
     """Compute the frontier of ``table`` (a CostTable) with the solver, key, points and budget of ``args``."""
     from ..frontier import compute_frontier
@@ -92,10 +230,6 @@ def run(args) -> int:
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
     if args.model and not args.table:
-        from .demo import check_run_args, run_model_frontier
-
-        check_run_args(args, "-o", args.output)
-        check_outputs(dirs=[("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
         return run_model_frontier(args)
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
@@ -112,7 +246,7 @@ def run(args) -> int:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")
         return EXIT_INFEASIBLE
     if "damage_std" in table.frame and len(frontier.points) <= 2000:  # error bars in the CSV and plot
-        from ..pipeline import plan_damage_std
+        from ..measured import plan_damage_std
 
         for p in frontier.points:
             p.predicted["damage_std"] = plan_damage_std(table, p.plan)

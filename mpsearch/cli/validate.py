@@ -32,7 +32,9 @@ def run(args) -> int:
     plan = BitPlan.load(args.plan)
     model = load_model_args(args)
     metric = None
-    if args.eval_data or (args.metric and ":" not in args.metric):  # a named metric needs --eval-data
+    from ..recipe import is_callable_spec
+
+    if args.eval_data or (args.metric and not is_callable_spec(args.metric)):  # a named metric needs --eval-data
         metric = load_metric(args.metric, args.eval_data, model, args.model, eval_tokens=args.eval_tokens,
                              window=args.eval_window, stride=args.eval_stride, batch_size=args.batch_size,
                              seq_len=args.seq_len)
