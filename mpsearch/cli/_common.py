@@ -52,6 +52,18 @@ def add_target_arg(p, what: str = "the options, their sizes and rounding, and ea
                         f"('mpsearch targets' lists them; default: the table's own, else mpsearch)")
 
 
+def target_from_args(args):
+    """``--target`` resolved once, where the command starts, into its :class:`~mpsearch.targets.Target`
+    (its options, rules, ties, recipes and exporter), passed on from there; ``None`` when not given
+    (the table's or plan's own). An unknown name is refused here, before any work."""
+    name = getattr(args, "target", None)
+    if name is None:
+        return None
+    from ..targets import get_target
+
+    return get_target(name)
+
+
 def add_budget_args(p):
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="a constraint: avg_bits=4, size_mb=10, or any numeric column (sum <= value); repeatable")

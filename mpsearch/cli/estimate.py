@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
-                      load_model_args, parse_params, say)
+                      load_model_args, parse_params, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -55,7 +55,6 @@ def run(args) -> int:
     from ..registry import get_estimator
     from ..specs import load_calibration
     from ..table import sidecar_path
-    from ..targets import get_target
 
     check_outputs(files=[("-o", args.output)])
     if not str(args.output).lower().endswith(".json"):
@@ -69,7 +68,7 @@ def run(args) -> int:
             raise MpsearchError("give the options once: --bits or --param options, not both")
         given = params.pop("options")
         args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
-    target = get_target(args.target) if args.target is not None else None  # resolved once, passed on
+    target = target_from_args(args)  # resolved once, passed on
     check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, parse_params, say
+from ._common import add_command, check_outputs, parse_params, say, target_from_args
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
@@ -34,8 +34,9 @@ def run(args) -> int:
     opts = parse_params(args.opt)
     if args.to is not None:
         get_exporter(args.to, **opts)  # the format and its settings, before reading anything
+    target = target_from_args(args)
     plan = BitPlan.load(args.plan)
-    fmt = export_format(plan, args.to, args.target)
+    fmt = export_format(plan, args.to, target)
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
     say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
     return 0

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
 from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
-                      budget_from_args, check_outputs, make_solver, parse_params, say, settings_from_args)
+                      budget_from_args, check_outputs, make_solver, parse_params, say, settings_from_args,
+                      target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -195,7 +196,7 @@ def frontier_from_table(table, args):
         table = risk_adjusted(table, solver.risk)
     from ..targets import solve_budget
 
-    budget = solve_budget(table, budget_from_args(args), getattr(args, "target", None))
+    budget = solve_budget(table, budget_from_args(args), target_from_args(args))
     return compute_frontier(table, solver, points=args.points, key=key, budget=budget)
 
 
@@ -238,8 +239,9 @@ def run(args) -> int:
         raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
     check_outputs(files=[("-o", args.output)], dirs=[("--plans-dir", args.plans_dir)],
                   plots=[("--plot", args.plot)])
-    make_solver(args)  # the solver's settings, before reading the table
+    make_solver(args)  # the solver's settings and the target, before reading the table
     budget_from_args(args)
+    target_from_args(args)
     table = CostTable.read(args.table)
     frontier = frontier_from_table(table, args)
     if not frontier.points:

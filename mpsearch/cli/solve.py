@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args,
+from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, target_from_args,
                       check_outputs, make_solver, say)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
@@ -32,8 +32,9 @@ def run(args) -> int:
     check_outputs(files=[("-o", args.output)])
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
     budget = budget_from_args(args)
+    target = target_from_args(args)
     table = CostTable.read(args.table)
-    budget = solve_budget(table, budget, args.target)
+    budget = solve_budget(table, budget, target)
     result = solver.solve(table, budget)
     if result.plan is None:
         sys.stderr.write(f"mpsearch solve: {result.status}: {result.message}\n")

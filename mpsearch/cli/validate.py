@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
-                      load_model_args, say)
+                      load_model_args, say, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -29,6 +29,7 @@ def run(args) -> int:
     from ..validate import validate_plan
 
     check_outputs(files=[("-o", args.output)])
+    target = target_from_args(args)
     plan = BitPlan.load(args.plan)
     model = load_model_args(args)
     metric = None
@@ -42,7 +43,7 @@ def run(args) -> int:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
-    report = validate_plan(model, plan, metric=metric, target=args.target)
+    report = validate_plan(model, plan, metric=metric, target=target)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:

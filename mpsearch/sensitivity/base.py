@@ -113,8 +113,9 @@ class Estimator:
 
         ``data`` is a batch or an iterable of batches (see :mod:`mpsearch.data`); the first batch
         also measures MACs. ``ties``/``fuse_projections`` write the ``group`` column. ``target``
-        (a name from :mod:`mpsearch.targets`) decides the options, which layers are planned, which
-        options each layer may take (the table is then ragged) and the runtime ties.
+        (a :class:`~mpsearch.targets.Target`, or its name, resolved here once) decides the options,
+        which layers are planned, which options each layer may take (the table is then ragged) and
+        the runtime ties.
         """
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
@@ -271,12 +272,10 @@ def _rounding(model, ctx: Context, quantizer: str):
     return gptq_rounding(hessians)
 
 
-def _target_layers(model, layers, options, target_name):
-    """The layers ``target_name`` plans, and the ``[L, K]`` mask of options each may take (tied
-    layers share the options all of them may take). Refuses a layer left with no option."""
-    from ..targets import get_target
-
-    target = get_target(target_name)
+def _target_layers(model, layers, options, target):
+    """The layers ``target`` (a :class:`~mpsearch.targets.Target`) plans, and the ``[L, K]`` mask of
+    options each may take (tied layers share the options all of them may take). Refuses a layer left
+    with no option."""
     layers = [lay for lay in layers if target.plans_layer(lay, model)]
     if not layers:
         raise MpsearchError(f"target {target.name!r} plans none of the model's quantizable layers")
