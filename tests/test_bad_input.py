@@ -340,6 +340,30 @@ case("settings-frontier-model-solver", FM + ["--solver", "nope"], r"unknown solv
 case("settings-frontier-model-param", FM + ["--solver", "ilp", "--param", "time_limit=abc"], r"'time_limit' must be float")
 case("settings-frontier-model-validate", FM + ["--validate", "-2"], r"--validate must be an integer >= 0")
 case("settings-frontier-model-bits", FM + ["--bits", "2,zz"], r"unknown option 'zz'")
+# every setting of the model path is refused before the model loads (this one would fail to load)
+NOLOAD = ["frontier", "--model", "{d}/nope.py:build", "-o", "{o}"]
+for name, flags, msg in [
+    ("refine-evals", ["--refine", "1", "--refine-evals", "-1"], r"--refine-evals must be an integer >= 0 or None, got -1"),
+    ("refine-rounds", ["--refine", "-1"], r"--refine must be an integer >= 0, got -1"),
+    ("refine-param-unknown", ["--refine-param", "offsprung=4"], r"refine_params: unknown setting 'offsprung'"),
+    ("refine-param-type", ["--refine-param", "swaps=many"], r"--refine-param swaps must be an integer >= 1, got 'many'"),
+    ("refine-param-range", ["--refine-param", "offspring=0"], r"offspring must be an integer >= 1, got 0"),
+    ("refine-survivors", ["--refine-param", "survivors=(20,)"], r"survivors a non-increasing sequence of counts <= offspring"),
+    ("refine-time-limit", ["--refine-param", "time_limit=0"], r"--refine-param time_limit must be a number > 0 or None, got 0"),
+    ("workers", ["--workers", "0"], r"--workers must be an integer >= 1, got 0"),
+    ("points", ["--points", "1"], r"--points must be an integer >= 2 or None, got 1"),
+    ("seq-len", ["--seq-len", "0"], r"--seq-len must be an integer >= 1 or None, got 0"),
+    ("batch-size", ["--batch-size", "0"], r"--batch-size must be an integer >= 1, got 0"),
+    ("target", ["--target", "lama.cpp"], r"unknown target 'lama.cpp' \(did you mean 'llama.cpp'"),
+    ("bits-for-target", ["--target", "llama.cpp", "--bits", "q4_0,int4"], r"target 'llama.cpp' cannot execute option 'int4'"),
+    ("estimator-param", ["--estimator", "fisher", "--estimator-param", "chunk_size=0"], r"'chunk_size' must be an integer > 0"),
+    ("lrp-relevance", ["--estimator", "lrp", "--estimator-param", "relevance=x"], r"'relevance' must be one of"),
+]:
+    case(f"settings-before-model-{name}", NOLOAD + flags, msg)
+case("estimate-settings-before-model", ["estimate", "--model", "{d}/nope.py:build", "--estimator", "fisher",
+                                        "--param", "per_sample=jac", "-o", "{o}.csv"], r"'per_sample' must be one of")
+case("estimate-target-bits-before-model", ["estimate", "--model", "{d}/nope.py:build", "--target", "vllm",
+                                           "--bits", "int4", "-o", "{o}.csv"], r"target 'vllm' cannot execute option 'int4'")
 case("demo-validate-negative", ["demo", "--validate", "-1", "--out", "{o}"], r"--validate must be an integer >= 0")
 case("demo-unknown-solver", ["demo", "--solver", "nope", "--out", "{o}"], r"unknown solver 'nope'")
 case("demo-unknown-estimator", ["demo", "--estimator", "nope", "--out", "{o}"], r"unknown estimator 'nope'")

@@ -99,7 +99,9 @@ def refine_settings(args):
     from ..refine import RefineSettings
 
     params = parse_params(getattr(args, "refine_param", []))
-    return settings_from_args(RefineSettings, args, prefix="refine_", flags={"rounds": "--refine"},
+    flags = {"rounds": "--refine", "max_evals": "--refine-evals", "targets": "--refine-target",
+             **{k: f"--refine-param {k}" for k in params}}
+    return settings_from_args(RefineSettings, args, prefix="refine_", flags=flags,
                               make=lambda **fields: RefineSettings.from_params(params, **fields))
 
 
