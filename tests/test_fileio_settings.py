@@ -195,3 +195,59 @@ def test_help_names_the_choices(capsys):
             main([cmd, "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert all(n in out for n in names), out
+
+
+def test_settings_objects_check_every_field_when_made():
+    """FrontierSettings, RefineSettings and DataSettings: frozen; each field's type and declared
+    constraints checked when the object is made (so before any model loads); names resolved once."""
+    import dataclasses
+
+    from mpsearch.errors import MpsearchError
+    from mpsearch.measured import DataSettings, FrontierSettings
+    from mpsearch.refine import RefineSettings
+    from mpsearch.settings import settings_of
+    from mpsearch.targets import Target
+
+    for cls in (FrontierSettings, RefineSettings, DataSettings):
+        made = cls()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(made, cls.field_names()[0], None)
+        for s in settings_of(cls):
+            if s.type is not object:
+                with pytest.raises(MpsearchError, match=f"{s.name} must be"):
+                    cls(**{s.name: object()})
+            for c in s.constraints:
+                if hasattr(c, "bad_value"):
+                    with pytest.raises(SettingsError, match=f"{s.name} must be"):
+                        cls(**{s.name: c.bad_value()})
+    assert isinstance(FrontierSettings(target="gguf").target, Target)  # resolved once, to its object
+    assert FrontierSettings(target="gguf").target.name == "llama.cpp" and FrontierSettings().target is None
+    with pytest.raises(MpsearchError, match="unknown target 'nope'"):
+        FrontierSettings(target="nope")
+    with pytest.raises(MpsearchError, match="unknown solver 'gredy'"):
+        FrontierSettings(solver="gredy")
+    with pytest.raises(MpsearchError, match="target 'llama.cpp' cannot execute option 'int4'"):
+        FrontierSettings(target="llama.cpp", options="int4")
+    with pytest.raises(SettingsError, match="survivors a non-increasing sequence"):
+        RefineSettings(offspring=4, survivors=(2, 3))
+    assert RefineSettings(survivors=[4, 2]).survivors == (4, 2) and RefineSettings(ridge=0).ridge == 0.0
+
+
+def test_every_setting_of_the_model_path_has_its_flag():
+    """A new field of FrontierSettings / RefineSettings / DataSettings is one argparse line in
+    cli/frontier.py (its dest the field's name; the refinement's prefixed refine_, or a
+    --refine-param key): the fields below are the library's only."""
+    import argparse
+
+    from mpsearch.cli import build_parser
+    from mpsearch.measured import DataSettings, FrontierSettings
+    from mpsearch.refine import RefineSettings
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {a.dest for a in sub.choices["frontier"]._actions}
+    built = {"estimator_params", "solver_params", "refine"}  # from --estimator-param, --param, --refine-*
+    library = {"budgets", "match_uniform", "estimate_kwargs", "min_rank_correlation", "plots", "progress"}
+    assert set(FrontierSettings.field_names()) - dests == built | library
+    assert set(DataSettings.field_names()) <= dests
+    refine = {f for f in RefineSettings.field_names() if f"refine_{f}" in dests or f in RefineSettings.PARAMS}
+    assert set(RefineSettings.field_names()) - refine == {"column"}
