@@ -14,6 +14,7 @@ from ..recipe import DEMO_DATA, is_callable_spec
 from ..settings import Interval, Settings
 from .result import FrontierRun
 from .run import measured_frontier
+from .settings import FrontierSettings
 
 ZOO_DATA = {"minilm": "shakespeare", "fashion-cnn": "fashion-mnist", "digits-mlp": "digits"}
 
@@ -117,8 +118,10 @@ def model_frontier(model: str, data: DataSettings | None = None, settings=None, 
     fields = DataSettings.field_names()
     given = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     data = data.replace(**given) if data is not None else DataSettings(**given)
+    run = {k: kwargs.pop(k) for k in ("refine_metric", "out", "plans_dir", "plot") if k in kwargs}
+    settings = FrontierSettings.from_kwargs(settings, **kwargs)  # every setting checked before the model loads
     net, calib, metric = load_inputs(model, data)
-    return measured_frontier(net, calib, metric, settings, **kwargs)
+    return measured_frontier(net, calib, metric, settings, **run)
 
 
 def run_demo(out="mpsearch-demo", settings=None, *, progress=True, device=None, dtype=None, **kwargs) -> FrontierRun:
