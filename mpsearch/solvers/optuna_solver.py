@@ -138,20 +138,8 @@ class OptunaSolver(Solver):
             for plan in _start_plans(problem):
                 study.enqueue_trial({n: problem.option_names[k] for n, k in zip(names, plan)})
         elif self.warm_start and shared and created:
-            # Several workers popping enqueued trials of one RDB study race (optuna#4621), so the
-            # worker that created the study evaluates the start plans itself and adds them whole.
-            dists = {n: optuna.distributions.CategoricalDistribution(c) for n, c in zip(names, choices)}
-            live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-            for plan in _start_plans(problem):
-                params = {n: problem.option_names[k] for n, k in zip(names, plan)}
-                trials = study.get_trials(deepcopy=False, states=live)
-                if len(trials) >= self.n_trials:
-                    break
-                if any(t.params == params for t in trials):
-                    continue
-                study.add_trial(optuna.trial.create_trial(
-                    params=params, distributions=dists, value=evaluate(np.asarray(plan)),
-                    user_attrs={"constraints": violations(np.asarray(plan))}))
+            self._add_start_plans(optuna, study, problem, dict(zip(names, choices)),
+                                  lambda plan: (evaluate(plan), violations(plan)))
             done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         remaining = self.n_trials - len(done)
         if remaining > 0:
@@ -169,6 +157,24 @@ class OptunaSolver(Solver):
         if self.objective is not None:
             stats["objective"] = float(best.value)
         return Solution(choice, "feasible", stats=stats)
+
+    def _add_start_plans(self, optuna, study, problem: Problem, choices: dict, score) -> None:
+        """The start plans added whole to a shared study, evaluated here: several workers popping
+        enqueued trials of one RDB study race (optuna#4621), so the worker that created the study
+        adds them. ``choices``: item name -> its options; ``score(choice) -> (value, violations)``."""
+        names = list(choices)
+        dists = {n: optuna.distributions.CategoricalDistribution(c) for n, c in choices.items()}
+        live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        for plan in _start_plans(problem):
+            params = {n: problem.option_names[k] for n, k in zip(names, plan)}
+            trials = study.get_trials(deepcopy=False, states=live)
+            if len(trials) >= self.n_trials:
+                break
+            if any(t.params == params for t in trials):
+                continue
+            value, violations = score(np.asarray(plan))
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
+                                                      user_attrs={"constraints": violations}))
 
     def _worker_seed(self) -> int:
         """A shared study's sampler seed: distinct per worker (rank, or process id), reproducible."""
