@@ -59,3 +59,34 @@ class OutputError(MpsearchError):
 
 class SettingsError(MpsearchError):
     """An unknown or ill-typed setting of an estimator, solver or format."""
+
+
+#: the errors of a file system that cannot take a write: what each means for the user
+DISK_ERRORS = {
+    "ENOSPC": "no space is left on the device",
+    "EDQUOT": "the disk quota is exceeded",
+    "EROFS": "the file system is read-only",
+    "EACCES": "permission is denied",
+    "EPERM": "the operation is not permitted",
+    "EFBIG": "the file is too large for the file system",
+}
+
+
+def disk_error(exc: BaseException, path=None) -> OutputError | None:
+    """The one-line :class:`OutputError` of an ``OSError`` that a full, read-only or forbidden file
+    system raises (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``...): ``path`` is the output being
+    written (its temporary files are gone: nothing was written), else the error's own file name;
+    ``None`` for any other exception."""
+    import errno as errno_
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    code = errno_.errorcode.get(exc.errno)
+    if code not in DISK_ERRORS:
+        return None
+    if path is not None:
+        return OutputError(f"cannot write {str(path)!r}: {DISK_ERRORS[code]} ({code}); nothing was written: "
+                           f"free space, fix the permissions or give another output path")
+    where = f"{str(exc.filename)!r}: " if exc.filename else ""
+    return OutputError(f"{where}{DISK_ERRORS[code]} ({code}); free space, fix the permissions or give "
+                       f"another path")

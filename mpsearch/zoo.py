@@ -48,9 +48,9 @@ EVAL_EVERY = 4
 
 def cache_dir() -> Path:
     """Where trained zoo models are cached: ``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch``."""
-    path = Path(os.environ.get("MPSEARCH_CACHE") or Path.home() / ".cache" / "mpsearch")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from .env import env_dir
+
+    return env_dir("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch", what="the cache of trained zoo models")
 
 
 # --------------------------------------------------------------------------------- MiniLM

@@ -58,21 +58,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command. A refusal is one line on stderr (exit 2; 3 for an infeasible budget; 130 for
+    Ctrl-C): the warnings the command gave before it are dropped. A command that succeeds (or fails
+    with a traceback) gives its warnings at the end, each once."""
+    from .._quiet import hold_warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (and writes)
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    held = None
     try:
+        with hold_warnings() as held:
+            code = _run(args)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    if code == EXIT_OK:
+        held.release()
+    return code
+
+
+def _run(args) -> int:
+    from ..errors import disk_error
+
+    try:
+        from ..env import rank
+
+        if rank() > 0:  # under torchrun only rank 0 prints (and writes)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return int(args.run(args) or 0)
     except MpsearchError as exc:
-        text = " ".join(str(exc).split())  # one line, whatever the message held
-        sys.stderr.write(f"mpsearch {args.command}: error: {text}\n")
-        return EXIT_BAD_INPUT
+        return _refuse(args, exc)
+    except OSError as exc:  # a full disk, a read-only or forbidden folder met while writing
+        refusal = disk_error(exc)
+        if refusal is None:
+            raise
+        return _refuse(args, refusal)
     except KeyboardInterrupt:
         sys.stderr.write(f"mpsearch {args.command}: interrupted (cached work is kept)\n")
         return 130
+
+
+def _refuse(args, exc) -> int:
+    text = " ".join(str(exc).split())  # one line, whatever the message held
+    sys.stderr.write(f"mpsearch {args.command}: error: {text}\n")
+    return EXIT_BAD_INPUT
 
 
 def entry() -> None:  # console script
