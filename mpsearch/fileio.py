@@ -5,7 +5,11 @@ existing directory where a file goes, a path below a regular file, a directory t
 written, an unsupported suffix: one :class:`~mpsearch.errors.OutputError` line). Files are then
 written through :func:`atomic_write` (a temporary sibling, ``os.replace`` last), and a folder of
 outputs through :func:`atomic_dir` (built in a hidden sibling, renamed or moved in last), so a
-failure leaves nothing half-written behind.
+failure leaves nothing half-written behind; the files of one output (a CSV and its ``.npz`` or
+metadata) through :func:`atomic_files`, together. A full, read-only or forbidden file system
+(``ENOSPC``, ``EROFS``, ``EACCES``...) met while writing is one ``OutputError`` line, and the
+temporary files are removed. Two runs building one folder are excluded by a lock on its staging
+folder: the second is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, disk_error
 
-__all__ = ["check_output_path", "atomic_write", "atomic_write_text", "atomic_write_bytes",
+try:  # advisory locks: POSIX (elsewhere concurrent runs are not excluded)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["check_output_path", "atomic_write", "atomic_files", "atomic_write_text", "atomic_write_bytes",
            "atomic_dir", "staged_dir_name"]
 
 
@@ -40,6 +49,9 @@ def check_output_path(path, *, flag: str = "-o", kind: str = "file", suffixes=No
     p = _as_path(path, flag)
     if str(p) in (".", "..", os.sep) or p.name in ("", ".", ".."):
         raise OutputError(f"{flag} {str(path)!r}: name a {kind} to write, not {str(path)!r}")
+    if os.path.lexists(p) and not p.exists():
+        raise OutputError(f"{flag} {str(p)!r} is a broken link (to {os.readlink(p)!r}); remove it or give "
+                          f"another path")
     if kind == "file":
         if p.is_dir():
             raise OutputError(f"{flag} {str(p)!r} is an existing directory; give a file path "
@@ -49,6 +61,8 @@ def check_output_path(path, *, flag: str = "-o", kind: str = "file", suffixes=No
     elif kind == "dir":
         if p.exists() and not p.is_dir():
             raise OutputError(f"{flag} {str(p)!r} is an existing file; give a folder path")
+        if stage_is_busy(p):
+            raise OutputError(f"{flag} {busy_message(p)}")
     else:  # pragma: no cover - programming error
         raise ValueError(kind)
     if suffixes is not None and p.suffix.lower() not in suffixes:
@@ -114,29 +128,66 @@ def atomic_write(path, mode: str = "w", **open_kw):
     On any exception the temporary file is removed and ``path`` is left as it was. Parent folders
     are created. ``with atomic_write("a.json") as fh: fh.write(...)``; ``atomic_write(p, "wb")``
     for bytes; ``atomic_write(p, None)`` yields the temporary *path* (for writers that take a
-    file name, such as ``torch.save`` or ``savefig``).
+    file name, such as ``torch.save`` or ``savefig``). A full, read-only or forbidden file system
+    (``ENOSPC``, ``EROFS``, ``EACCES``...) is one :class:`OutputError` line naming ``path``.
     """
-    path = Path(path)
-    created = _make_parents(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
+    with atomic_files(path) as (tmp,):
         if mode is None:
-            os.close(fd)
             yield tmp
         else:
-            with os.fdopen(fd, mode, **open_kw) as fh:
+            with open(tmp, mode, **open_kw) as fh:
                 yield fh
-        os.chmod(tmp, _mode_of_new_file())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_files(*paths):
+    """Temporary siblings of ``paths`` (yielded as a list of paths) put in place together on success,
+    in the order given (the last one last), or none of them on an error: the group of files one
+    output is (a frontier CSV and its ``.npz``, a table and its metadata). Writers of the same
+    folder put their groups in place one at a time, so two runs never leave a mix of their files.
+    """
+    paths = [Path(p) for p in paths]
+    created: list[Path] = []
+    tmps: list[str] = []
+    try:
+        for p in paths:
+            created += _make_parents(p.parent)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp" + p.suffix)
+            os.close(fd)
+            tmps.append(tmp)
+        yield tmps
+        with _folder_locks({p.parent for p in paths}):
+            for tmp, p in zip(tmps, paths):
+                os.chmod(tmp, _mode_of_new_file())
+                os.replace(tmp, p)
+    except BaseException as exc:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         _remove_empty(created)
+        refusal = disk_error(exc, paths[-1])
+        if refusal is not None:
+            raise refusal from None
         raise
+
+
+@contextlib.contextmanager
+def _folder_locks(folders):
+    """Exclusive advisory locks (``flock``) on ``folders``, taken in a fixed order and waited for."""
+    fds = []
+    try:
+        if fcntl is not None:
+            for d in sorted(str(Path(f).resolve()) for f in folders):
+                try:
+                    fd = os.open(d, os.O_RDONLY)
+                except OSError:
+                    continue
+                fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing releases the lock
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -166,43 +217,108 @@ def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=()):
     changed file is moved into ``dest`` (files of ``dest`` that were not rewritten stay); otherwise
     the staging folder is renamed to ``dest``. On an error the staging folder is removed; on
     Ctrl-C it is kept (``keep_on_interrupt``) so a rerun resumes the cached work in it.
+
+    The staging folder is locked while it is built: a second run on the same ``dest`` is refused
+    in one :class:`OutputError` line (never two runs in one folder); a folder left by a killed run
+    is not locked, and is resumed. A full or forbidden file system is one line too.
     """
     dest = Path(dest)
     stage = staged_dir_name(dest)
-    if stage.exists() and not stage.is_dir():
+    if stage.is_symlink() or (stage.exists() and not stage.is_dir()):
         stage.unlink()
-    created = _make_parents(stage.parent)
-    if not stage.exists():
-        if dest.is_dir() and seed is None:
-            shutil.copytree(dest, stage, symlinks=True)
-        else:
-            stage.mkdir(parents=True)
+    created = []
+    lock, ours = None, False
+    try:
+        created = _make_parents(stage.parent)
+        lock, fresh = _lock_stage(stage, dest)
+        ours = True
+        if fresh and dest.is_dir():
+            if seed is None:
+                shutil.copytree(dest, stage, symlinks=True, dirs_exist_ok=True)
             for name in seed or ():
                 src = dest / name
                 if src.is_dir():
                     shutil.copytree(src, stage / name, symlinks=True)
                 elif src.is_file():
                     shutil.copy2(src, stage / name)
-    try:
         yield stage
+        if not dest.exists():
+            os.replace(stage, dest)
+            return
+        for root, _dirs, files in os.walk(stage):
+            rel = Path(root).relative_to(stage)
+            (dest / rel).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                os.replace(Path(root) / f, dest / rel / f)
+        shutil.rmtree(stage, ignore_errors=True)
     except KeyboardInterrupt:
         if not keep_on_interrupt:
             shutil.rmtree(stage, ignore_errors=True)
             _remove_empty(created)
         raise
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException as exc:
+        if ours:  # not a folder another run holds
+            shutil.rmtree(stage, ignore_errors=True)
         _remove_empty(created)
+        refusal = disk_error(exc, dest)
+        if refusal is not None:
+            raise refusal from None
         raise
-    if not dest.exists():
-        os.replace(stage, dest)
-        return
-    for root, _dirs, files in os.walk(stage):
-        rel = Path(root).relative_to(stage)
-        (dest / rel).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            os.replace(Path(root) / f, dest / rel / f)
-    shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_stage(stage: Path, dest: Path):
+    """Create (or find) ``stage`` and lock it: ``(descriptor holding the lock, whether it is new)``.
+
+    Refused when another process holds it. The lock is taken on the folder itself, and the folder
+    checked to be still the one at ``stage`` (a run that just finished renamed it to ``dest``)."""
+    while True:
+        try:
+            stage.mkdir()
+            fresh = True
+        except FileExistsError:
+            fresh = False
+        if fcntl is None:  # pragma: no cover - no advisory locks here
+            return None, fresh
+        fd = os.open(stage, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(busy_message(dest)) from None
+        try:
+            now = os.stat(stage)
+        except FileNotFoundError:
+            now = None
+        held = os.fstat(fd)
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            return fd, fresh
+        os.close(fd)  # the folder we locked was renamed away meanwhile: start again
+
+
+def busy_message(dest) -> str:
+    return (f"{str(dest)!r} is being written by another mpsearch run now (its work folder "
+            f"{staged_dir_name(dest).name!r} is locked); wait for that run to finish or give another output path")
+
+
+def stage_is_busy(dest) -> bool:
+    """Whether another process is building ``dest`` now (its staging folder is locked)."""
+    stage = staged_dir_name(dest)
+    if fcntl is None or not stage.is_dir() or stage.is_symlink():
+        return False
+    try:
+        fd = os.open(stage, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def atomic_output_dir(arg: str = "out", seed=()):
@@ -216,7 +332,9 @@ def atomic_output_dir(arg: str = "out", seed=()):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             dest = kwargs.get(arg)
-            if dest is None or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            from .env import world_size
+
+            if dest is None or world_size() > 1:
                 return fn(*args, **kwargs)  # under torchrun the ranks share the folder (rank 0 writes)
             dest = check_output_path(dest, flag=arg, kind="dir")
             with atomic_dir(dest, seed=seed) as stage:

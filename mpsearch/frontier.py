@@ -181,10 +181,16 @@ class Frontier:
         if max_points is not None and (not isinstance(max_points, (int, np.integer)) or max_points < 1):
             raise MpsearchError(f"max_points must be a positive integer or None, got {max_points!r}")
         path = Path(path)
-        from .fileio import atomic_dir, atomic_write, atomic_write_text
+        from .fileio import atomic_dir, atomic_files
 
+        if path.suffix.lower() == ".npz":
+            raise MpsearchError(f"{str(path)!r}: a frontier CSV cannot be named .npz (every point goes to the .npz "
+                                f"beside the CSV); give a .csv path such as {str(path.with_suffix('.csv'))!r}")
         rows = self.thin(max_points) if max_points else np.arange(len(self.points))
+        npz = self.choices is not None and self.problem is not None
         with contextlib.ExitStack() as stack:  # on an error nothing below is put in place
+            # the .npz and the CSV together, after the plans (the stack closes in reverse)
+            files = stack.enter_context(atomic_files(*([npz_path(path)] if npz else []), path))
             refs = None
             if plans_dir is not None:
                 plans_dir = Path(plans_dir)
@@ -194,10 +200,10 @@ class Frontier:
                     name = f"point_{j:04d}.json"
                     self.points[i].plan.save(stage / name)
                     refs.append(_relative(plans_dir / name, path))
-            if self.choices is not None and self.problem is not None:
-                self._save_npz(stack.enter_context(atomic_write(path.with_suffix(".npz"), "wb")))
-            text = self.to_frame(refs, rows).to_csv(index=False)
-        atomic_write_text(path, text)  # the CSV last
+            if npz:
+                with open(files[0], "wb") as fh:
+                    self._save_npz(fh)
+            Path(files[-1]).write_text(self.to_frame(refs, rows).to_csv(index=False), encoding="utf-8")
         return path
 
     def _save_npz(self, target: Path) -> None:
@@ -212,25 +218,90 @@ class Frontier:
         )
 
 
+def npz_path(path) -> Path:
+    """The ``.npz`` of every point beside a frontier CSV (``f.csv`` -> ``f.npz``)."""
+    return Path(path).with_suffix(".npz")
+
+
 def read_points(path: str | os.PathLike):
     """Every point of a frontier from its ``.npz`` (or the CSV beside it): ``(frame, options)``
     where ``frame`` holds one row per point (sums, ``damage_bound``, status, budget) and
-    ``options(i)`` gives point ``i``'s plan as ``{layer: option name}``."""
+    ``options(i)`` gives point ``i``'s plan as ``{layer: option name}``.
+
+    A file that is not a frontier ``.npz`` as :meth:`Frontier.write` writes it (not a zip of
+    arrays, a missing or mis-shaped array, a choice outside the options) is refused in one
+    :class:`~mpsearch.errors.MpsearchError` line naming what is wrong."""
     import pandas as pd
 
-    path = Path(path).with_suffix(".npz")
-    if not path.exists():
+    path = npz_path(path)
+    if not path.is_file():
         raise MpsearchError(f"{path}: no such frontier file; write one with 'mpsearch frontier'")
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
-    frame = pd.DataFrame({k[4:]: v for k, v in data.items() if k.startswith("sum_")})
-    frame["damage_bound"], frame["status"], frame["budget"] = data["bound"], data["status"], data["budget"]
-    items, options, choices = json.loads(str(data["items"])), data["options"].tolist(), data["choices"]
+    data = _load_npz(path)
+
+    def bad(what: str):
+        return MpsearchError(f"{path}: not a frontier file written by mpsearch: {what}; write it again with "
+                             f"'mpsearch frontier'")
+
+    missing = [k for k in ("choices", "options", "items", "status", "budget", "bound") if k not in data]
+    if missing:
+        raise bad(f"it lacks the array(s) {', '.join(repr(k) for k in missing)}")
+    choices, options = data["choices"], data["options"]
+    if choices.ndim != 2 or choices.dtype.kind not in "iu":
+        raise bad(f"'choices' must be a 2-D integer array (points x items), got {choices.dtype} of shape "
+                  f"{list(choices.shape)}")
+    if options.ndim != 1 or options.dtype.kind != "U" or not len(options):
+        raise bad("'options' must be a non-empty 1-D array of option names")
+    n = choices.shape[0]
+    if choices.size and (choices.min() < 0 or choices.max() >= len(options)):
+        raise bad(f"'choices' must index the {len(options)} options, got values from {choices.min()} to "
+                  f"{choices.max()}")
+    items = data["items"]
+    try:
+        items = json.loads(str(items)) if items.ndim == 0 and items.dtype.kind == "U" else None
+    except (ValueError, RecursionError):
+        items = None
+    if (not isinstance(items, list) or len(items) != choices.shape[1]
+            or not all(isinstance(it, list) and it and all(isinstance(m, str) for m in it) for it in items)):
+        raise bad(f"'items' must be a JSON list of {choices.shape[1]} lists of layer names")
+    columns = {}
+    for key in sorted(data):
+        if key == "bound" or key.startswith("sum_"):
+            kinds, what = "fiu", "numbers"
+        elif key in ("status", "budget"):
+            kinds, what = "U", "text"
+        else:
+            continue
+        arr = data[key]
+        if arr.ndim != 1 or len(arr) != n or (n and arr.dtype.kind not in kinds):
+            raise bad(f"{key!r} must hold {what}, one per point ({n}), got {arr.dtype} of shape {list(arr.shape)}")
+        columns[key] = arr
+    frame = pd.DataFrame({k[4:]: v for k, v in columns.items() if k.startswith("sum_")}, index=pd.RangeIndex(n))
+    frame["damage_bound"], frame["status"], frame["budget"] = columns["bound"], columns["status"], columns["budget"]
+    options = options.tolist()
 
     def plan_options(i: int) -> dict[str, str]:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
+            raise MpsearchError(f"{path}: point {i!r} does not exist; the frontier has points 0 to {n - 1}")
         return {m: options[int(k)] for it, k in zip(items, choices[i]) for m in it}
 
     return frame, plan_options
+
+
+def _load_npz(path: Path) -> dict:
+    """The arrays of an ``.npz`` (no pickled objects), or a one-line MpsearchError."""
+    try:
+        with open(path, "rb") as fh:
+            z = np.load(fh, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError(f"it holds one {type(z).__name__}, not a zip of arrays")
+            with z:
+                return {k: z[k] for k in z.files}
+    except MemoryError:
+        raise MpsearchError(f"{path}: the frontier file is too large to read") from None
+    except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise many kinds on a damaged file
+        text = " ".join(str(exc).split())[:200]
+        raise MpsearchError(f"{path}: cannot be read as a frontier file ({type(exc).__name__}: {text}); write it "
+                            f"again with 'mpsearch frontier'") from None
 
 
 def _relative(target: Path, csv: Path) -> str:

@@ -189,10 +189,13 @@ class CostTable:
             }
             atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default))
             return path
+        from .fileio import atomic_files
+
         meta = {"format": FORMAT, "version": VERSION, "table": path.name, "metadata": self.metadata}
-        # the sidecar first: a reader that finds the new CSV finds its metadata
-        atomic_write_text(sidecar_path(path), json.dumps(meta, indent=1, default=_json_default) + "\n")
-        atomic_write_text(path, self._frame.to_csv(index=False))
+        # both or neither; the sidecar first: a reader that finds the new CSV finds its metadata
+        with atomic_files(sidecar_path(path), path) as (side, csv):
+            Path(side).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n", encoding="utf-8")
+            self._frame.to_csv(csv, index=False)
         return path
 
     to_csv = write
@@ -287,6 +290,24 @@ def _row(frame: pd.DataFrame, i) -> str:
     return f"row {int(i) + 1} (layer {_py(r['layer'])!r}, bits {_py(r['bits'])!r})"
 
 
+def _check_option_names(df: pd.DataFrame, rows) -> None:
+    """The names in the ``option`` column follow the one option grammar (:func:`mpsearch.options.parse_option`:
+    ``keep``, ``intB[-gG][-asym]``, a consumer format such as ``q4_K``) and mean the row's bits."""
+    from .errors import MpsearchError
+
+    firsts = df.loc[rows].drop_duplicates(["option", "bits"])
+    for i, r in firsts.iterrows():
+        name = r["option"]
+        try:
+            opt = parse_option(name)
+        except MpsearchError as exc:
+            detail = str(exc) if repr(str(name).strip().lower()) in str(exc) else f"option {name!r}: {exc}"
+            raise TableError(f"{_row(df, i)}: {detail}") from None
+        if opt.bits != int(r["bits"]):
+            raise TableError(f"{_row(df, i)}: option {name!r} means {opt.bits} bits, not {int(r['bits'])}; fix the "
+                             f"name or the bits")
+
+
 def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
     if not isinstance(frame, pd.DataFrame):
         raise TableError(f"a cost table is built from a pandas DataFrame, got {type(frame).__name__}")
@@ -349,7 +370,9 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
     default = df["bits"].map(default_option_name)
     if "option" in df.columns:
         opt = df["option"]
-        df["option"] = opt.where(opt.notna() & (opt.astype(str).str.strip() != ""), default).astype(str)
+        given = opt.notna() & (opt.astype(str).str.strip() != "")
+        df["option"] = opt.where(given, default).astype(str)
+        _check_option_names(df, df.index[given])
     else:
         df.insert(1, "option", default)
     # duplicates
@@ -360,10 +383,6 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             f"row {int(dup[0]) + 1}: layer {r['layer']!r} has option {r['option']!r} twice; "
             f"give each layer x option one row (use the 'option' column to tell formats apart)"
         )
-    bits_of = df.groupby("option")["bits"].nunique()
-    if (bits_of > 1).any():
-        name = bits_of.index[bits_of > 1][0]
-        raise TableError(f"option {name!r} appears with different 'bits' values in different rows")
     # per-layer option sets
     opts_by_layer = df.groupby("layer", sort=False)["option"].apply(frozenset)
     if complete:

@@ -220,7 +220,9 @@ def write_outputs(frontier, args) -> None:
     say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
         f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
     shown = min(len(pts), max_points)
-    say(f"wrote {args.output} ({shown} rows; every point in {Path(args.output).with_suffix('.npz')})"
+    from ..frontier import npz_path
+
+    say(f"wrote {args.output} ({shown} rows; every point in {npz_path(args.output)})"
         + (f", plans in {args.plans_dir}" if args.plans_dir else "")
         + (f", plot {args.plot}" if args.plot else ""))
 
@@ -232,15 +234,25 @@ def run(args) -> int:
 
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
+    if args.max_points is not None and args.max_points < 1:
+        raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
     if args.model and not args.table:
+        if args.max_points is not None:
+            raise MpsearchError("--max-points thins the CSV of a --table frontier; with --model every point is "
+                                "written: choose how many with --points")
         return run_model_frontier(args)
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
-    if args.max_points is not None and args.max_points < 1:
-        raise MpsearchError(f"--max-points must be a positive integer, got {args.max_points}")
-    check_outputs(files=[("-o", args.output)], dirs=[("--plans-dir", args.plans_dir)],
-                  plots=[("--plot", args.plot)])
+    from ..fileio import check_output_path
+    from ..frontier import npz_path
+
+    check_output_path(args.output, flag="-o")  # first: the .npz's name is made from it
+    if Path(args.output).suffix.lower() == ".npz":
+        raise MpsearchError(f"-o {args.output!r}: name the frontier CSV (every point goes to the .npz beside it), "
+                            f"for example {str(Path(args.output).with_suffix('.csv'))!r}")
+    check_outputs(files=[("-o", args.output), ("-o (its .npz of every point)", str(npz_path(args.output)))],
+                  dirs=[("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
     make_solver(args)  # the solver's settings and the target, before reading the table
     budget_from_args(args)
     target_from_args(args)
