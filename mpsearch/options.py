@@ -164,8 +164,15 @@ class Option:
                     f"option {d!r}: format {opt.name!r} stores {opt.bits}-bit weights, not {d['bits']!r}"
                 )
             return opt
-        if "name" in d and not any(k in d for k in ("group_size", "symmetric")):
-            return parse_option(d["name"])
+        if "name" in d:
+            named = parse_option(d["name"])
+            if named.fmt is not None:  # a consumer format decides everything: the other fields cannot
+                if "bits" in d and named.bits != d["bits"]:
+                    raise MpsearchError(f"option {d!r}: format {named.name!r} stores {named.bits}-bit weights, "
+                                        f"not {d['bits']!r}")
+                return named
+            if not any(k in d for k in ("group_size", "symmetric")):
+                return named
         try:
             return cls(
                 bits=int(d["bits"]),

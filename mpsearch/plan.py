@@ -72,10 +72,7 @@ class BitPlan:
         if opt:
             if "group_size" in opt or "symmetric" in opt:
                 return Option.from_dict(opt)
-            try:
-                return parse_option(opt.get("name", self.bits[layer]))
-            except ValueError:
-                pass
+            return parse_option(opt.get("name", self.bits[layer]))  # its name was checked when the plan was made
         return default_option_for_bits(self.bits[layer])
 
     def option_name(self, layer: str) -> str:
@@ -202,10 +199,10 @@ def _check_option(layer: str, opt, bits: int) -> None:
         return
     if not isinstance(name, str) or not name.strip():
         raise PlanError(f"layer {layer!r}: its option field 'name' must be a non-empty string, got {name!r}")
-    try:
+    try:  # the one option grammar: keep, intB[-gG][-asym], or a consumer format such as q4_K
         named = parse_option(name)
-    except MpsearchError:
-        return  # a consumer's own format name (q4_K, nvfp4...): checked by its target
+    except MpsearchError as exc:
+        raise PlanError(f"layer {layer!r}: its option name {name!r} is not an option: {exc}") from None
     if named.bits != bits:
         raise PlanError(f"layer {layer!r}: its option name {name!r} means {named.bits} bits but the "
                         f"plan gives the layer {bits} bits; fix the name or the bits")

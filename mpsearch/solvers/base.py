@@ -110,13 +110,13 @@ def make_plan(problem: Problem, choice, *, solver=None, budget: Budget | None = 
     bits_by_option = dict(zip(problem.option_names, problem.option_bits.tolist()))
     from ..options import parse_option
 
-    described: dict[str, dict] = {}  # one description per option name, copied per layer
+    described: dict[str, dict | None] = {}  # one description per option name, copied per layer
     for opt in set(names.values()):
         try:
             described[opt] = {**parse_option(opt).to_dict(), "name": opt}
-        except ValueError:
-            described[opt] = {"name": opt, "bits": bits_by_option[opt]}
-    options = {layer: dict(described[opt]) for layer, opt in names.items()}
+        except ValueError:  # a bare bit-width no option stores (a solver-only table): the plan gives bits only
+            described[opt] = None
+    options = {layer: dict(described[opt]) for layer, opt in names.items() if described[opt] is not None}
     predicted = problem.totals(choice)
     provenance = {
         "mpsearch": __version__,
