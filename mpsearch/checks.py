@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import move_batch, split_batch
+from .data import float_dtype, move_batch, split_batch
 from .errors import MpsearchError, QuantizationError
 
 
@@ -49,8 +49,7 @@ def check_batches(model: torch.nn.Module, batches, device=None) -> None:
         if key in seen:
             continue
         seen.add(key)
-        if device is not None:
-            args, kwargs, _ = split_batch(move_batch(batch, device))
+        args, kwargs, _ = split_batch(move_batch(batch, device, float_dtype(model)))
         try:
             with torch.no_grad():
                 model(*args, **kwargs)

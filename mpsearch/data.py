@@ -48,15 +48,27 @@ def split_batch(batch):
     )
 
 
-def move_batch(batch, device):
-    """Move every tensor of a batch to ``device``."""
+def move_batch(batch, device, dtype: torch.dtype | None = None):
+    """Move every tensor of a batch to ``device`` (``None``: where it is) and, with ``dtype`` (the
+    model's: :func:`float_dtype`), its floating-point tensors to that dtype: float32 images or
+    embeddings feed a bfloat16 or float16 model. Token ids and masks keep their dtype."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        if dtype is not None and batch.is_floating_point() and batch.dtype != dtype:
+            return batch.to(device=device, dtype=dtype)
+        return batch if device is None else batch.to(device)
     if isinstance(batch, dict):
-        return {k: move_batch(v, device) for k, v in batch.items()}
+        return {k: move_batch(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device) for v in batch)
+        return type(batch)(move_batch(v, device, dtype) for v in batch)
     return batch
+
+
+def float_dtype(model) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (what its float inputs must be)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
 
 
 def batch_size(batch) -> int:

@@ -161,7 +161,9 @@ def current() -> Shard:
     if not dist.is_available():
         return _SINGLE
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from .env import world_size
+
+        if world_size() <= 1:
             return _SINGLE
         init_from_env()
     world = dist.get_world_size()
@@ -185,18 +187,26 @@ def init_from_env(backend: str | None = None) -> None:
     """Initialise the default process group from torchrun's environment variables."""
     import torch.distributed as dist
 
+    from .env import env_choice, local_rank, rank
+
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise MpsearchError(
                 f"WORLD_SIZE is set but {var} is not: launch with torchrun "
                 f"(torchrun --nproc-per-node N -m mpsearch ...) or unset WORLD_SIZE"
             )
+    rank()  # RANK and WORLD_SIZE: integers, rank < world size
     if backend is None:
-        backend = os.environ.get("MPSEARCH_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = env_choice("MPSEARCH_BACKEND", ("nccl", "gloo")) or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("nccl", "gloo"):
         raise MpsearchError(f"MPSEARCH_BACKEND must be nccl or gloo, got {backend!r}")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        gpu = local_rank()
+        if gpu >= torch.cuda.device_count():
+            raise MpsearchError(f"environment variable LOCAL_RANK={gpu} names a GPU this host does not have "
+                                f"({torch.cuda.device_count()} visible); launch with torchrun --nproc-per-node "
+                                f"at most the number of GPUs")
+        torch.cuda.set_device(gpu)
     dist.init_process_group(backend=backend)
 
 
@@ -255,6 +265,52 @@ def parse_device_map(text):
     return value
 
 
+#: the device-map strategies of accelerate
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map):
+    """``device_map`` parsed (:func:`parse_device_map`) with every device it names checked: a GPU
+    index or ``cuda:N`` this host has, ``cpu`` or ``disk`` (refused later if a quantizable layer
+    lands there: :func:`check_resident`). One line naming the entry otherwise, before any model loads."""
+    device_map = parse_device_map(device_map)
+    if device_map is None or isinstance(device_map, str):  # a strategy: accelerate uses what the host has
+        return device_map
+    if not device_map:
+        raise MpsearchError("--device-map: the JSON object is empty; map module names to devices, e.g. "
+                            "'{\"\": 0}' for the whole model on GPU 0")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for module, dev in device_map.items():
+        index = None
+        if isinstance(dev, int) and not isinstance(dev, bool):
+            index = dev
+        elif isinstance(dev, str) and dev in ("cpu", "disk"):
+            continue
+        elif isinstance(dev, str) and (dev == "cuda" or dev.startswith("cuda:")):
+            tail = dev[5:]
+            index = int(tail) if tail.isascii() and tail.isdigit() else (0 if dev == "cuda" else None)
+        if index is None or index < 0:
+            raise MpsearchError(f"--device-map: module {module!r} -> {dev!r}: a device is a GPU index (0, 1...), "
+                                f"'cuda:N', 'cpu' or 'disk'")
+        if index >= gpus:
+            raise MpsearchError(f"--device-map: module {module!r} -> {dev!r} names GPU {index}, but this host has "
+                                f"{gpus} visible CUDA GPU(s)" + ("" if gpus else "; map it to 'cpu' or drop --device-map"))
+    return device_map
+
+
+def check_device_map_modules(device_map, model: torch.nn.Module, source: str = "the model") -> None:
+    """Every module a JSON ``device_map`` names exists in ``model`` (built on the meta device)."""
+    if not isinstance(device_map, dict):
+        return
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    for module in device_map:
+        if module != "" and module not in names:
+            from .errors import close_matches
+
+            raise MpsearchError(f"--device-map names module {module!r}, which {source} does not have"
+                                f"{close_matches(str(module), sorted(names))}")
+
+
 def check_resident(model: torch.nn.Module) -> None:
     """Refuse a model whose quantizable weights are offloaded (on the meta device between forwards)."""
     from .layers import iter_quantizable
@@ -275,14 +331,18 @@ def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> 
 
     from .hf import offline_transformers as _offline_transformers
 
-    device_map = parse_device_map(device_map)
+    device_map = check_device_map(device_map)
     path = Path(str(path))
     if not (path / "config.json").is_file():
         raise MpsearchError(
             f"--device-map needs a local Hugging Face model directory (with config.json); got {str(path)!r}"
         )
     transformers = _offline_transformers()
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MpsearchError(f"{str(path)!r}: its config.json cannot be read: {' '.join(str(exc).split())[:200]}") \
+            from None
     arch = " ".join(getattr(config, "architectures", None) or [])
     if "ForCausalLM" in arch or "LMHeadModel" in arch:
         auto = transformers.AutoModelForCausalLM
@@ -290,6 +350,12 @@ def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> 
         auto = transformers.AutoModelForSequenceClassification
     else:
         auto = transformers.AutoModel
+    if isinstance(device_map, dict):  # the module names, on an empty (meta) model, before any weight loads
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            skeleton = auto.from_config(config)
+        check_device_map_modules(device_map, skeleton, f"the model in {str(path)!r}")
     kw = {"device_map": device_map, "local_files_only": True}
     if dtype is not None:
         kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import as_batches, move_batch, model_output_tensor, run_model, split_batch
+from .data import as_batches, float_dtype, move_batch, model_output_tensor, run_model, split_batch
 from .errors import MpsearchError
 
 
@@ -102,9 +102,9 @@ class _BatchMetric(Metric):
         return type(self)(data)
 
     def _outputs(self, model):
-        dev = _device(model)
+        dev, dt = _device(model), float_dtype(model)
         for batch in self.batches:
-            b = move_batch(batch, dev)
+            b = move_batch(batch, dev, dt)
             yield b, model_output_tensor(run_model(model, b))
 
     def fit(self, reference):
@@ -543,7 +543,17 @@ class FunctionMetric(Metric):
         self.unit = unit
 
     def __call__(self, model):
-        value = self.fn(model)
+        try:
+            value = self.fn(model)
+        except MpsearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code: its error in one line, with a hint
+            dtype = float_dtype(model)
+            hint = (f" (the model is {str(dtype).removeprefix('torch.')}: the metric must feed it inputs of that "
+                    f"dtype)" if dtype not in (None, torch.float32) else "")
+            text = " ".join(str(exc).split())[:300]
+            raise MpsearchError(f"metric {self.name!r} failed on the model: {type(exc).__name__}: {text}{hint}") \
+                from None
         try:
             return float(value)
         except (TypeError, ValueError):

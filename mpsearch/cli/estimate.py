@@ -68,6 +68,10 @@ def run(args) -> int:
             raise MpsearchError("give the options once: --bits or --param options, not both")
         given = params.pop("options")
         args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    if args.device_map:
+        from ..distributed import check_device_map
+
+        args.device_map = check_device_map(args.device_map)  # before any work
     target = target_from_args(args)  # resolved once, passed on
     check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table

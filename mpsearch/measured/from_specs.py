@@ -45,6 +45,13 @@ class DataSettings(Settings):
     _parameter_constraints = {"seq_len": _SIZE, "calib_samples": _SIZE, "eval_tokens": _SIZE,
                               "eval_window": _SIZE, "eval_stride": _SIZE, "batch_size": [Interval(int, 1, None)]}
 
+    def _check(self) -> None:
+        """The device map parsed and its devices checked (a GPU this host has), before any model loads."""
+        if self.device_map is not None:
+            from ..distributed import check_device_map
+
+            object.__setattr__(self, "device_map", check_device_map(self.device_map))
+
 
 def _zoo_eval(spec: str, tokenizer):
     from .. import zoo

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..data import as_batches, move_batch
+from ..data import as_batches, float_dtype, move_batch
 from ..distributed import Shard
 from ..errors import MpsearchError
 from ..layers import Layer, discover_layers
@@ -119,7 +119,7 @@ class Estimator:
         """
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
-        batches = as_batches(data)
+        batches = [move_batch(b, None, float_dtype(model)) for b in as_batches(data)]  # float data in the model's dtype
         if self.needs_data and not batches:
             raise MpsearchError(
                 f"estimator {self.name!r} needs calibration data: pass data (or --data on the CLI)"
