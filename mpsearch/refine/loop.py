@@ -178,10 +178,8 @@ class _Refiner:
         context, its number of rungs and its progress bar."""
         context, levels, progress = run
         prob = self.problems[t]
-        spent = {"n": 0}
 
         def lossf(choice, level):
-            spent["n"] += 1
             return search(_plan_from_choice(prob, choice, "refine-evolve"), level)
 
         choice, s_loss, glog = evolve(prob, _choice_of(prob, start), lossf, st, checkpoint=ckpt, context=context,
@@ -189,11 +187,12 @@ class _Refiner:
         if hasattr(search, "restore"):  # a search that switched plans into the model puts it back
             search.restore()
         base_evals = self.out.evals
-        self.out.evals += spent["n"]
+        searched = glog[-1]["evals"]  # every plan the search measured, before a kill and resume too
+        self.out.evals += searched
         plan = _plan_from_choice(prob, choice, "refine-evolve")
         plan.provenance["refine"] = "evolve"
         after_plan = self.run_measure(plan)
-        measured = self.out.evals - base_evals - spent["n"]  # 0 when the search kept its start
+        measured = self.out.evals - base_evals - searched  # 0 when the search kept its start
         after, best = self.best_fitting(t)
         for prev, row in zip(glog, glog[1:]):  # the search loss, generation by generation
             self.out.log.append({"round": row["generation"], "budget": t, "method": "evolve", "data": "search",
