@@ -80,26 +80,65 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def check(tmp_path, capsys, argv, code, msg, files=None):
+class Link(str):
+    """A file of a case that is a symbolic link to this target (``{d}`` allowed)."""
+
+
+#: Python's default warning filters in a plain process (pytest's own are not what a user sees)
+PLAIN_FILTERS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_as_a_process(args, env=None):
+    """``main(args)`` as a plain ``python -m mpsearch`` process would see it: with ``env`` set, the
+    default warning filters, and no logging handler (records go to stderr through Python's last
+    resort). Returns ``(exit code, stderr lines)``: a warning that escapes ``main`` is a stderr
+    line there, as Python prints it."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    saved_handlers, saved_env = root.handlers[:], {k: os.environ.get(k) for k in (env or {})}
+    root.handlers[:] = []
+    os.environ.update(env or {})
+    try:
+        with warnings.catch_warnings(record=True) as leaked:
+            warnings.resetwarnings()
+            for category in PLAIN_FILTERS:
+                warnings.simplefilter("ignore", category)
+            got = main(args)
+    finally:
+        root.handlers[:] = saved_handlers
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return got, [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in leaked]
+
+
+def check(tmp_path, capsys, argv, code, msg, files=None, env=None):
     """Run ``argv`` ({d}: the inputs folder, {o}: an output path that must not appear)."""
     d = tmp_path / "in"
     make_inputs(d)
     for name, content in (files or {}).items():
         p = d / name
         p.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
+        if isinstance(content, Link):
+            os.symlink(content.format(d=d), p)
+        elif isinstance(content, bytes):
             p.write_bytes(content)
         else:
             p.write_text(content if isinstance(content, str) else json.dumps(content))
     before = snapshot(tmp_path)
     args = [a.format(d=d, o=tmp_path / "out" / "result", m=M) for a in argv]
+    env = {k: v.format(d=d) for k, v in (env or {}).items()}
     capsys.readouterr()
-    got = main(args)
+    got, warned = run_as_a_process(args, env)
     out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = warned + [line for line in err.splitlines() if line.strip()]
     assert got == code, (got, err)
     assert "Traceback" not in err and "Traceback" not in out
-    assert len(lines) == 1, err
+    assert len(lines) == 1, "\n".join(lines)  # one line on stderr: no warning or log record before it
     import re
 
     assert re.search(msg, lines[0]), lines[0]
@@ -110,8 +149,8 @@ def check(tmp_path, capsys, argv, code, msg, files=None):
 CASES = []
 
 
-def case(name, argv, msg, code=2, files=None):
-    CASES.append(pytest.param(argv, code, msg, files, id=name))
+def case(name, argv, msg, code=2, files=None, env=None):
+    CASES.append(pytest.param(argv, code, msg, files, env, id=name))
 
 
 # ------------------------------------------------------------- 1. output paths (every command)
@@ -252,7 +291,7 @@ table_case("duplicate-row", GOOD + "0,4,0.1,544,128\n", r"layer '0' has option '
 table_case("params-differ", csv_text(table_rows({("0", 8): {"params": 7}})), r"layer '0' has different 'params' values")
 table_case("layer-empty", csv_text(table_rows({("0", 2): {"layer": ""}})), r"the 'layer' column is empty")
 table_case("option-bits-differ", "layer,option,bits,damage,size_bits\na,int4,4,0.1,10\nb,int4,8,0.1,10\n",
-           r"option 'int4' appears with different 'bits' values")
+           r"row 2 \(layer 'b', bits 8\): option 'int4' means 4 bits, not 8")
 table_case("json-not-object", [1, 2], r"not an mpsearch table", suffix=".json")
 table_case("json-wrong-format", {"format": "other"}, r"not an mpsearch table", suffix=".json")
 table_case("json-rows-not-list", {"format": "mpsearch.table", "version": 2, "rows": {"a": 1}}, r"'rows' must be a list of objects",
@@ -470,9 +509,119 @@ case("export-gptq-5-bits", ["export", "--plan", "{d}/five.json", "--to", "gptqmo
 case("export-opt-bad-name", EXP + ["--to", "llama.cpp", "--opt", "a b=1"], r"is not a setting name")
 
 
-@pytest.mark.parametrize("argv, code, msg, files", CASES)
-def test_bad_input(tmp_path, capsys, argv, code, msg, files):
-    check(tmp_path, capsys, argv, code, msg, files)
+# ------------------------------------------------- 9. the surfaces of issue 27 (each class fails on the old code)
+# environment variables: one checked reader (mpsearch.env), a refusal naming the variable, on every command
+SOLVE4 = SOLVE + ["--budget", "avg_bits=4"]
+for name, argv, env, msg in [
+    ("rank-text", SOLVE4, {"RANK": "abc"}, r"environment variable RANK='abc' must be an integer >= 0"),
+    ("rank-fraction", SOLVE4, {"RANK": "1.5"}, r"RANK='1.5' must be an integer"),
+    ("rank-negative", EST, {"RANK": "-1"}, r"RANK='-1' must be an integer >= 0"),
+    ("rank-beyond-world", SOLVE4, {"RANK": "2", "WORLD_SIZE": "2"}, r"RANK=2 must be below WORLD_SIZE=2"),
+    ("world-size-text", EST, {"WORLD_SIZE": "x"}, r"environment variable WORLD_SIZE='x' must be an integer >= 1"),
+    ("world-size-zero", ["frontier", "--table", "{d}/t.csv", "-o", "{o}.csv"], {"WORLD_SIZE": "0"},
+     r"WORLD_SIZE='0' must be an integer >= 1"),
+    ("backend-unknown", EST, {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                              "MPSEARCH_BACKEND": "mpi"}, r"MPSEARCH_BACKEND='mpi' must be one of nccl, gloo"),
+    ("cache-is-a-file", ["estimate", "--model", "digits-mlp", "--no-progress", "-o", "{o}.csv"],
+     {"MPSEARCH_CACHE": "{d}/file.txt"}, r"MPSEARCH_CACHE='.*file.txt' is a file, not a folder"),
+    ("cache-below-a-file", ["estimate", "--model", "digits-mlp", "--no-progress", "-o", "{o}.csv"],
+     {"MPSEARCH_CACHE": "{d}/file.txt/cache"}, r"MPSEARCH_CACHE=.*: the folder cannot be created"),
+]:
+    case(f"env-{name}", argv, msg, env=env)
+case("env-empty-world-size-is-unset", SOLVE + ["--budget", "avg_bits=1"], r"infeasible", code=3, env={"WORLD_SIZE": ""})
+
+# refinement settings: typed, checked before the model loads (the refactor of issue 25; these pin it)
+for name, flags, msg in [
+    ("ridge-text", ["--refine-param", "ridge=abc"], r"--refine-param ridge must be a number >= 0, got 'abc'"),
+    ("ridge-negative", ["--refine-param", "ridge=-1"], r"--refine-param ridge must be a number >= 0"),
+    ("seed-text", ["--refine-param", "seed=abc"], r"--refine-param seed must be int"),
+    ("seed-float", ["--refine-param", "seed=1.5"], r"--refine-param seed must be int"),
+    ("survivors-above-offspring", ["--refine-param", "offspring=4", "--refine-param", "survivors=(8,)"],
+     r"survivors a non-increasing sequence of counts <= offspring, got offspring=4, survivors=\(8,\)"),
+    ("survivors-increasing", ["--refine-param", "survivors=(2, 4)"], r"non-increasing sequence"),
+    ("survivors-text", ["--refine-param", "survivors=many"], r"--refine-param survivors must be"),
+    ("time-limit-text", ["--refine-param", "time_limit=abc"], r"--refine-param time_limit must be a number > 0 or None"),
+    ("max-switches-zero", ["--refine-param", "max_switches=0"], r"max_switches must be an integer >= 1, got 0"),
+    ("groups-unknown", ["--refine-param", "groups=rows"], r"--refine-param groups must be one of 'type', 'layer', 'one'"),
+    ("swaps-fraction", ["--refine-param", "swaps=1.5"], r"--refine-param swaps must be an integer >= 1, got 1.5"),
+    ("offspring-bool", ["--refine-param", "offspring=True"], r"--refine-param offspring must be"),
+]:
+    case(f"settings-before-model-refine-{name}", NOLOAD + ["--refine", "2", "--refine-method", "evolve"] + flags, msg)
+
+# option names: one grammar (mpsearch.options.parse_option) wherever a table or plan is read
+for name, rows, msg in [
+    ("bogus-fmt", {("0", 4): {"option": "bogus-fmt"}}, r"row 2 \(layer '0', bits 4\): unknown option 'bogus-fmt'"),
+    ("group-zero", {("2", 4): {"option": "int4-g0"}},
+     r"row 5 \(layer '2', bits 4\): option 'int4-g0': option group_size must be a positive integer"),
+    ("name-contradicts-bits", {("0", 8): {"option": "int4"}}, r"row 3 \(layer '0', bits 8\): option 'int4' means 4 bits, not 8"),
+    ("format-contradicts-bits", {("2", 2): {"option": "q4_K"}}, r"option 'q4_K' means 4 bits, not 2"),
+]:
+    text = csv_text(table_rows(rows), columns=("layer", "option", "bits", "damage", "size_bits", "params"))
+    table_case(f"option-{name}", text, msg)
+    case(f"option-{name}-frontier", ["frontier", "--table", "{d}/bad.csv", "-o", "{o}.csv"], msg, files={"bad.csv": text})
+for name, opt, msg in [
+    ("bogus-fmt", {"name": "bogus-fmt", "bits": 4}, r"layer '0': its option name 'bogus-fmt' is not an option: unknown option"),
+    ("group-zero", {"name": "int4-g0", "bits": 4}, r"layer '0': its option name 'int4-g0' is not an option: .*group_size"),
+]:
+    doc = plan_doc(options__0=opt)
+    case(f"plan-option-{name}-apply", ["apply", "--model", "{m}:mlp", "--plan", "{d}/bad.json", "-o", "{o}.pt"], msg,
+         files={"bad.json": doc})
+    case(f"plan-option-{name}-export", ["export", "--plan", "{d}/bad.json", "--to", "torchao", "-o", "{o}.json"], msg,
+         files={"bad.json": doc})
+
+# every output a command writes is checked first, siblings too
+FT = ["frontier", "--table", "{d}/t.csv"]
+case("frontier-npz-sibling-is-a-dir", FT + ["-o", "{d}/f.csv"], r"-o \(its .npz of every point\) .*f.npz' is an existing directory",
+     files={"f.npz/x": "x"})
+case("frontier-o-is-the-npz", FT + ["-o", "{o}.npz"], r"-o '.*result.npz': name the frontier CSV .* for example '.*result.csv'")
+case("frontier-npz-sibling-is-plans-dir", FT + ["-o", "{o}.csv", "--plans-dir", "{o}.npz"],
+     r"name the same path")
+case("frontier-o-broken-link", FT + ["-o", "{d}/gone.csv"], r"-o '.*gone.csv' is a broken link", files={"gone.csv": Link("{d}/nowhere/x.csv")})
+case("frontier-model-o-broken-link", FM[:-2] + ["-o", "{d}/gone"], r"-o '.*gone' is a broken link",
+     files={"gone": Link("{d}/nowhere/dir")})
+case("demo-out-broken-link", ["demo", "--out", "{d}/gone"], r"--out '.*gone' is a broken link", files={"gone": Link("{d}/nowhere")})
+case("solve-o-broken-link", ["solve", "--table", "{d}/t.csv", "--budget", "avg_bits=4", "-o", "{d}/gone.json"],
+     r"is a broken link",
+     files={"gone.json": Link("{d}/nowhere.json")})
+
+# --device-map: its devices (before the model loads) and its module names (before the weights load)
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 8, "tie_word_embeddings": False}
+for name, dmap, msg in [
+    ("gpu-absent", '{{"": 99}}', r"--device-map: module '' -> 99 names GPU 99, but this host has \d+ visible CUDA GPU"),
+    ("cuda-absent", '{{"model": "cuda:99"}}', r"module 'model' -> 'cuda:99' names GPU 99"),
+    ("device-unknown", '{{"model": "tpu"}}', r"module 'model' -> 'tpu': a device is a GPU index"),
+    ("device-negative", '{{"model": -1}}', r"module 'model' -> -1: a device is a GPU index"),
+    ("empty", "{{}}", r"--device-map: the JSON object is empty"),
+]:
+    case(f"device-map-{name}", NOLOAD + ["--device-map", dmap], msg)
+    case(f"device-map-{name}-estimate", ["estimate", "--model", "{d}/nope", "--device-map", dmap, "-o", "{o}.csv"], msg)
+case("device-map-unknown-module", ["estimate", "--model", "{d}/llama", "--device-map",
+                                   '{{"model.layers.0": "cpu", "model.layerz.1": "cpu"}}', "-o", "{o}.csv"],
+     r"--device-map names module 'model.layerz.1', which the model in .*llama' does not have \(did you mean 'model.layers.1'",
+     files={"llama/config.json": LLAMA_CONFIG})
+case("device-map-unknown-module-frontier", ["frontier", "--model", "{d}/llama", "--device-map", '{{"lm_hed": "cpu"}}',
+                                            "-o", "{o}"],
+     r"names module 'lm_hed', which the model .* does not have \(did you mean 'lm_head'", files={"llama/config.json": LLAMA_CONFIG})
+
+# a flag the model path does not honour is refused, not ignored
+case("frontier-model-max-points-zero", FM + ["--max-points", "0"], r"--max-points must be a positive integer, got 0")
+case("frontier-model-max-points", FM + ["--max-points", "5"], r"--max-points thins the CSV of a --table frontier; with --model")
+
+# a metric that fails on the model (float32 inputs into a float16 model): one line, with the dtype
+case("validate-fp16-metric-fails", ["validate", "--model", "{m}:mlp", "--plan", "{d}/plan.json", "--dtype", "fp16",
+                                    "--metric", "{m}:accuracy", "-o", "{o}.json"],
+     r"metric 'accuracy' failed on the model: RuntimeError: .*dtype.* \(the model is float16: the metric must feed it")
+
+# warnings given before a refusal are dropped (re's FutureWarning from a regex, here): the refusal is one line
+case("warning-then-refusal", EST + ["--exclude", "[[x]", "--bits", "2,zz"], r"unknown option 'zz'")
+case("warning-then-infeasible", SOLVE + ["--tie", "[[0]", "--budget", "avg_bits=1"], r"infeasible: .*2\.3333", code=3)
+
+
+@pytest.mark.parametrize("argv, code, msg, files, env", CASES)
+def test_bad_input(tmp_path, capsys, argv, code, msg, files, env):
+    check(tmp_path, capsys, argv, code, msg, files, env)
 
 
 def test_the_suite_is_large_enough():
