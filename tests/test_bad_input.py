@@ -628,6 +628,106 @@ def test_the_suite_is_large_enough():
     assert len({p.id for p in CASES}) == len(CASES) >= 150
 
 
+# ---------------------------------------------- the frontier .npz reader (a library call: no command reads it)
+def _good_npz(tmp_path) -> Path:
+    import pandas as pd
+
+    from mpsearch.frontier import compute_frontier
+    from mpsearch.table import CostTable
+
+    path = tmp_path / "f.csv"
+    compute_frontier(CostTable(pd.DataFrame(table_rows())), "dp", key="size_bits").write(path)
+    return path.with_suffix(".npz")
+
+
+def _resaved(**changes):
+    """The good .npz with arrays replaced (a value) or removed (DELETE)."""
+    def make(good: Path, bad: Path):
+        import numpy as np
+
+        with np.load(good) as z:
+            arrays = {k: z[k] for k in z.files}
+        for k, v in changes.items():
+            if v is DELETE:
+                del arrays[k]
+            else:
+                arrays[k] = v(arrays) if callable(v) else v
+        np.savez(bad, **arrays)
+    return make
+
+
+def _raw(data: bytes):
+    return lambda good, bad: bad.write_bytes(data(good.read_bytes()) if callable(data) else data)
+
+
+def _foreign_zip(good, bad):
+    import zipfile
+
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("readme.txt", "not arrays")
+
+
+def _npy(good, bad):
+    import numpy as np
+
+    with open(bad, "wb") as fh:
+        np.save(fh, np.arange(3))
+
+
+def _pickled(good, bad):
+    import numpy as np
+
+    np.savez(bad, choices=np.array([{"a": 1}], dtype=object))
+
+
+NPZ_CASES = {
+    "empty": (_raw(b""), r"cannot be read as a frontier file"),
+    "truncated": (_raw(lambda b: b[: len(b) // 2]), r"cannot be read as a frontier file \(BadZipFile"),
+    "text": (_raw(b"layer,bits\n0,4\n"), r"cannot be read as a frontier file"),
+    "foreign-zip": (_foreign_zip, r"not a frontier file written by mpsearch: it lacks the array\(s\) 'choices', "),
+    "one-array": (_npy, r"cannot be read as a frontier file \(ValueError: it holds one ndarray"),
+    "pickled-objects": (_pickled, r"cannot be read as a frontier file \(ValueError: .*allow_pickle"),
+    "no-options": (_resaved(options=DELETE), r"it lacks the array\(s\) 'options'"),
+    "choices-float": (_resaved(choices=lambda a: a["choices"].astype(float)), r"'choices' must be a 2-D integer array"),
+    "choices-1d": (_resaved(choices=lambda a: a["choices"][0]), r"'choices' must be a 2-D integer array"),
+    "choices-out-of-range": (_resaved(choices=lambda a: a["choices"] + 7), r"'choices' must index the 3 options"),
+    "choices-negative": (_resaved(choices=lambda a: a["choices"] - 9), r"'choices' must index"),
+    "options-numbers": (_resaved(options=lambda a: a["options"].astype(object).size * [1.0]), r"'options' must be a non-empty 1-D"),
+    "items-not-json": (_resaved(items=lambda a: __import__("numpy").array("[[")), r"'items' must be a JSON list of 2 lists"),
+    "items-too-few": (_resaved(items=lambda a: __import__("numpy").array('[["0"]]')), r"'items' must be a JSON list of 2"),
+    "items-numbers": (_resaved(items=lambda a: __import__("numpy").array("[[1], [2]]")), r"lists of layer names"),
+    "status-short": (_resaved(status=lambda a: a["status"][:1]), r"'status' must hold text, one per point"),
+    "bound-text": (_resaved(bound=lambda a: a["status"]), r"'bound' must hold numbers"),
+    "sum-2d": (_resaved(sum_damage=lambda a: a["sum_damage"][:, None]), r"'sum_damage' must hold numbers, one per point"),
+}
+
+
+@pytest.mark.parametrize("name", list(NPZ_CASES))
+def test_bad_frontier_npz_files_are_refused_in_one_line(tmp_path, name):
+    from mpsearch.errors import MpsearchError
+    from mpsearch.frontier import read_points
+
+    make, msg = NPZ_CASES[name]
+    good = _good_npz(tmp_path)
+    bad = tmp_path / "bad.npz"
+    make(good, bad)
+    with pytest.raises(MpsearchError, match=msg) as info:
+        read_points(tmp_path / "bad.csv")
+    assert "\n" not in str(info.value)
+
+
+def test_a_good_frontier_npz_reads_and_names_a_missing_point(tmp_path):
+    from mpsearch.errors import MpsearchError
+    from mpsearch.frontier import read_points
+
+    frame, options = read_points(_good_npz(tmp_path).with_suffix(".csv"))
+    assert {"damage", "size_bits", "damage_bound", "status", "budget"} <= set(frame.columns) and len(frame) >= 2
+    assert set(options(0)) == {"0", "2"}
+    for i in (len(frame), -1, 1.5, True):
+        with pytest.raises(MpsearchError, match=r"point .* does not exist; the frontier has points 0 to"):
+            options(i)
+
+
 # ------------------------------------------------------------ inputs that are fine, not refused
 def test_bom_table_and_v1_comment_table_still_read(tmp_path, capsys):
     from mpsearch.table import CostTable
@@ -807,3 +907,21 @@ def test_demo_refusal_prints_only_its_error_and_hf_loading_is_quiet():
     res = subprocess.run([sys.executable, "-c", "from mpsearch import zoo; zoo.load_minilm(); print('ok')"], env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert res.stdout.strip() == "ok" and res.stderr == "", res.stderr
+
+
+def test_refinement_column_that_the_table_lacks_is_refused():
+    """A refinement trading an unknown size column is refused naming it, by every method (was a KeyError)."""
+    import pandas as pd
+
+    from mpsearch.errors import MpsearchError
+    from mpsearch.plan import BitPlan
+    from mpsearch.refine import RefineSettings, refine
+    from mpsearch.table import CostTable
+
+    table = CostTable(pd.DataFrame(table_rows()))
+    history = [(BitPlan.uniform(table.layers, "int2"), 1.0)]
+    for method in ("calibrate", "local", "both", "evolve"):
+        settings = RefineSettings(method=method, column="size_bit")
+        with pytest.raises(MpsearchError, match=r"refine column 'size_bit' is not a cost column of the table "
+                                                r"\(did you mean 'size_bits'\?\)"):
+            refine(table, "greedy", {"t": 5.0}, history, lambda plan: 1.0, settings, key="avg_bits")

@@ -289,3 +289,143 @@ def test_fuzz_data_files(data, suffix):
     from mpsearch.specs import load_data
 
     accepts_or_refuses(load_data, str(_file(data, suffix)), tokenizer=None)
+
+
+# ------------------------------------------------------------------------ frontier .npz reader
+_NPZ = {}
+
+
+def _good_npz_arrays() -> dict:
+    """The arrays of a frontier .npz as Frontier.write writes it (made once)."""
+    if not _NPZ:
+        import numpy as np
+
+        from mpsearch.frontier import compute_frontier
+
+        path = DIR / "good.csv"
+        compute_frontier(_table(), "dp", key="size_bits").write(path)
+        with np.load(path.with_suffix(".npz")) as z:
+            _NPZ.update({k: z[k] for k in z.files})
+        _NPZ["_bytes"] = path.with_suffix(".npz").read_bytes()
+    return _NPZ
+
+
+def _read_points_fully(path):
+    """read_points, then every point's plan and a few that do not exist: each parses or refuses."""
+    from mpsearch.frontier import read_points
+
+    got = accepts_or_refuses(read_points, path)
+    if got is not None:
+        frame, options = got
+        for i in [*range(min(len(frame), 5)), len(frame), -1, 10**9]:
+            accepts_or_refuses(options, i)
+
+
+@fuzz(3)
+@given(st.one_of(st.binary(max_size=400), st.text(max_size=200).map(str.encode)))
+def test_fuzz_npz_any_bytes(data):
+    _read_points_fully(_file(data, ".npz"))
+
+
+@fuzz(3)
+@given(st.lists(st.tuples(st.integers(0, 4000), st.binary(min_size=1, max_size=8)), max_size=4),
+       st.one_of(st.none(), st.integers(0, 4000)))
+def test_fuzz_npz_damaged_bytes(patches, cut):
+    """A good file with bytes overwritten here and there, and maybe cut short."""
+    data = bytearray(_good_npz_arrays()["_bytes"])
+    for pos, chunk in patches:
+        pos %= len(data)
+        data[pos:pos + len(chunk)] = chunk
+    if cut is not None:
+        data = data[:cut % (len(data) + 1)]
+    _read_points_fully(_file(bytes(data), ".npz"))
+
+
+def _any_array():
+    from hypothesis.extra import numpy as hnp
+
+    dtypes = st.sampled_from(["int64", "int8", "uint8", "float64", "float32", "bool", "<U6", "complex64"])
+    return hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+
+
+@fuzz(3)
+@given(st.lists(st.tuples(st.sampled_from(["choices", "options", "items", "status", "budget", "bound", "sum_damage",
+                                           "sum_size_bits", "key", "solver", "extra"]),
+                          st.one_of(st.none(), _any_array(), st.text(max_size=30),
+                                    st.integers(-3, 9).map(lambda k: ("shift", k)))),
+                min_size=1, max_size=3))
+def test_fuzz_npz_arrays(changes):
+    """A good file with arrays removed (None), replaced by any array or text, or shifted."""
+    import numpy as np
+
+    arrays = {k: v for k, v in _good_npz_arrays().items() if k != "_bytes"}
+    for key, value in changes:
+        if value is None:
+            arrays.pop(key, None)
+        elif isinstance(value, tuple):
+            if key in arrays and arrays[key].dtype.kind in "iuf":
+                arrays[key] = arrays[key].astype(np.int64 if arrays[key].dtype.kind in "iu" else float) + value[1]
+        else:
+            arrays[key] = np.asarray(value)
+    path = DIR / "case.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    _read_points_fully(path)
+
+
+# ------------------------------------------------------------------------- refinement settings
+refine_values = st.one_of(json_values, st.tuples(st.integers(-2, 30), st.integers(-2, 30)).map(tuple),
+                          st.sampled_from(["type", "layer", "one", "calibrate", "local", "both", "evolve", "size_bits",
+                                           "params", "nope", "(4, 2)", "1e3"]))
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["swaps", "groups", "ridge", "offspring", "survivors", "seed", "max_switches",
+                                        "time_limit", "bogus"]), refine_values, max_size=4),
+       st.fixed_dictionaries({}, optional={
+           "rounds": st.one_of(st.integers(-1, 3), refine_values),
+           "method": st.one_of(st.sampled_from(["calibrate", "local", "both", "evolve"]), refine_values),
+           "max_evals": st.one_of(st.integers(-1, 40), refine_values),
+           "targets": refine_values,
+           "column": st.one_of(st.sampled_from(["size_bits", "params", "damage", "nope"]), refine_values)}))
+def test_fuzz_refine_settings(params, fields):
+    """Any settings are made or refused; settings that are made run (a small search on a table)."""
+    from mpsearch.refine import RefineSettings
+
+    st_ = accepts_or_refuses(RefineSettings.from_params, params, **fields)
+    if st_ is not None and st_.rounds <= 2 and st_.offspring <= 6 and st_.swaps <= 6:
+        _run_refinement(st_)
+
+
+@FUZZ
+@given(st.lists(st.text(max_size=16), max_size=3), st.lists(st.sampled_from(["rounds", "max_evals", "targets"]),
+                                                            max_size=2, unique=True).map(set),
+       st.sampled_from(["calibrate", "local", "both", "evolve"]), st.integers(-2, 3))
+def test_fuzz_refine_flags(items, given_flags, method, number):
+    """``--refine-param`` text as the CLI reads it (with --refine, --refine-evals, --refine-target)."""
+    from types import SimpleNamespace
+
+    from mpsearch.cli.frontier import refine_settings
+
+    args = SimpleNamespace(refine_param=items, refine_method=method,
+                           refine_rounds=number if "rounds" in given_flags else None,
+                           refine_max_evals=number if "max_evals" in given_flags else None,
+                           refine_targets=[str(number)] if "targets" in given_flags else None)
+    st_ = accepts_or_refuses(refine_settings, args)
+    if st_ is not None and st_.rounds <= 2 and st_.offspring <= 6 and st_.swaps <= 6:
+        _run_refinement(st_)
+
+
+def _run_refinement(settings):
+    """:func:`mpsearch.refine.refine` with ``settings`` on the fuzz table (measured loss: the damage)."""
+    from mpsearch.plan import BitPlan
+    from mpsearch.refine import refine
+
+    table = _table()
+    frame = table.frame.set_index(["layer", "option"])
+
+    def measure(plan):
+        return float(sum(frame.loc[(n, plan.option_name(n)), "damage"] for n in plan.layers))
+
+    history = [(p, measure(p)) for p in (BitPlan.uniform(table.layers, o) for o in ("int2", "int4"))]
+    accepts_or_refuses(refine, table, "greedy", {"t": 5.0}, history, measure, settings, key="avg_bits")

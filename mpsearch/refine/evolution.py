@@ -130,6 +130,7 @@ def evolve(problem: Problem, start, measure, settings: RefineSettings | None = N
     if "generations" in kwargs:
         kwargs["rounds"] = kwargs.pop("generations")
     st = _settings(settings, kwargs, rounds=50)
+    st.check_column(problem.resources, "the problem")
     survivors = tuple(st.survivors or ())
     cur = np.asarray(start, dtype=int).copy()
     if not problem.is_feasible(cur):

@@ -73,6 +73,7 @@ def local_search(problem: Problem, start, start_loss: float, measure, settings: 
     propose again (extended with the ones measured here).
     """
     st = _settings(settings, kwargs)
+    st.check_column(problem.resources, "the problem")
     cur, cur_loss = np.asarray(start, dtype=int).copy(), float(start_loss)
     tried = tried if tried is not None else []
     tried.append(cur.copy())

@@ -58,6 +58,7 @@ def refine(table: CostTable, solver, targets: dict, history: list, measure, sett
     """
     run = {k: kwargs.pop(k) for k in ("levels", "checkpoint_dir", "context", "progress") if k in kwargs}
     st = _settings(settings, kwargs)
+    st.check_column(table.resource_columns)
     refiner = _Refiner(table, solver, targets, history, measure, st, base_budget or Budget(), key)
     if st.method == "evolve":
         refiner.evolve_all(search, **run)

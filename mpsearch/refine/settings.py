@@ -65,6 +65,14 @@ class RefineSettings(Settings):
                                 f"{', '.join(cls.PARAMS)}")
         return cls(**fields, **dict(params or {}))
 
+    def check_column(self, columns, what: str = "the table") -> None:
+        """The size column the moves trade (``column``) is one of ``columns`` (the cost columns)."""
+        if self.column not in columns:
+            from ..errors import close_matches
+
+            raise SettingsError(f"refine column {self.column!r} is not a cost column of {what}"
+                                f"{close_matches(str(self.column), list(columns))}; its columns: {', '.join(columns)}")
+
     def params(self) -> dict:
         """The :attr:`PARAMS` settings."""
         return {k: getattr(self, k) for k in self.PARAMS}
