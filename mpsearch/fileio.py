@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["check_output_path", "atomic_write", "atomic_files", "atomic_write_text", "atomic_write_bytes",
-           "atomic_dir", "staged_dir_name"]
+           "atomic_dir", "staged_dir_name", "torch_save"]
 
 
 def _as_path(path, flag: str) -> Path:
@@ -128,7 +128,7 @@ def atomic_write(path, mode: str = "w", **open_kw):
     On any exception the temporary file is removed and ``path`` is left as it was. Parent folders
     are created. ``with atomic_write("a.json") as fh: fh.write(...)``; ``atomic_write(p, "wb")``
     for bytes; ``atomic_write(p, None)`` yields the temporary *path* (for writers that take a
-    file name, such as ``torch.save`` or ``savefig``). A full, read-only or forbidden file system
+    file name, such as ``savefig``; for ``torch.save`` use :func:`torch_save`). A full, read-only or forbidden file system
     (``ENOSPC``, ``EROFS``, ``EACCES``...) is one :class:`OutputError` line naming ``path``.
     """
     with atomic_files(path) as (tmp,):
@@ -143,8 +143,7 @@ def atomic_write(path, mode: str = "w", **open_kw):
 def atomic_files(*paths):
     """Temporary siblings of ``paths`` (yielded as a list of paths) put in place together on success,
     in the order given (the last one last), or none of them on an error: the group of files one
-    output is (a frontier CSV and its ``.npz``, a table and its metadata). Writers of the same
-    folder put their groups in place one at a time, so two runs never leave a mix of their files.
+    output is (a frontier CSV and its ``.npz``, a table and its metadata).
     """
     paths = [Path(p) for p in paths]
     created: list[Path] = []
@@ -156,10 +155,9 @@ def atomic_files(*paths):
             os.close(fd)
             tmps.append(tmp)
         yield tmps
-        with _folder_locks({p.parent for p in paths}):
-            for tmp, p in zip(tmps, paths):
-                os.chmod(tmp, _mode_of_new_file())
-                os.replace(tmp, p)
+        for tmp, p in zip(tmps, paths):
+            os.chmod(tmp, _mode_of_new_file())
+            os.replace(tmp, p)
     except BaseException as exc:
         for tmp in tmps:
             with contextlib.suppress(OSError):
@@ -171,29 +169,20 @@ def atomic_files(*paths):
         raise
 
 
-@contextlib.contextmanager
-def _folder_locks(folders):
-    """Exclusive advisory locks (``flock``) on ``folders``, taken in a fixed order and waited for."""
-    fds = []
-    try:
-        if fcntl is not None:
-            for d in sorted(str(Path(f).resolve()) for f in folders):
-                try:
-                    fd = os.open(d, os.O_RDONLY)
-                except OSError:
-                    continue
-                fds.append(fd)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        for fd in fds:
-            os.close(fd)  # closing releases the lock
-
-
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling, so no half-written file is left."""
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def torch_save(obj, path) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`. torch writes through a Python file
+    object here: given a path, its own writer turns a full disk into a bare ``RuntimeError``
+    ("iostream error"); through a file object the ``OSError`` (``ENOSPC``) comes out and is one line."""
+    import torch
+
+    with atomic_write(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -373,12 +373,9 @@ class CausalLMMetric(Metric):
         path = self._cache_path(model)
         if path is None:
             return
-        import os
+        from .fileio import torch_save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"form": self.reference_form, "refs": self._ref}, tmp)
-        os.replace(tmp, path)
+        torch_save({"form": self.reference_form, "refs": self._ref}, path)
 
     # ------------------------------------------------------------------------- measuring
     def __call__(self, model):

@@ -439,10 +439,9 @@ def _cached(recipe: dict, build, train, name: str) -> nn.Module:
             pass
     torch.manual_seed(recipe["seed"])
     model = train(build())
-    from .fileio import atomic_write
+    from .fileio import torch_save
 
-    with atomic_write(path, None) as tmp:
-        torch.save(model.state_dict(), tmp)
+    torch_save(model.state_dict(), path)
     return model.eval()
 
 

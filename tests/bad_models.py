@@ -50,3 +50,31 @@ def not_a_number(model):
 
 def raises():
     raise RuntimeError("the data server is down")
+
+
+def eval_data():
+    """Evaluation batches apart from :func:`data` (another seed)."""
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(4, 8, generator=g) for _ in range(2)]
+
+
+#: seconds each forward of :func:`slow_mlp` takes (so that a kill -9 lands in the middle of a run)
+SLOW_FORWARD = 0.01
+
+
+class _SlowMLP(nn.Sequential):
+    def forward(self, x):
+        import time
+
+        time.sleep(SLOW_FORWARD)
+        return super().forward(x)
+
+
+def slow_mlp() -> nn.Module:
+    """A 6-layer MLP (inputs as :func:`data`'s) whose every forward pass sleeps :data:`SLOW_FORWARD`
+    seconds: enough layers and options for a measured search of many generations."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 32), nn.ReLU()]
+    for _ in range(4):
+        layers += [nn.Linear(32, 32), nn.ReLU()]
+    return _SlowMLP(*layers, nn.Linear(32, 4)).eval()

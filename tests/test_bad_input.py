@@ -7,6 +7,7 @@ writers, a read-only directory) run in subprocesses at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -925,3 +926,161 @@ def test_refinement_column_that_the_table_lacks_is_refused():
         with pytest.raises(MpsearchError, match=r"refine column 'size_bit' is not a cost column of the table "
                                                 r"\(did you mean 'size_bits'\?\)"):
             refine(table, "greedy", {"t": 5.0}, history, lambda plan: 1.0, settings, key="avg_bits")
+
+
+def test_a_success_keeps_its_warnings_given_once_at_the_end(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text(GOOD)
+    argv = ["solve", "--table", str(tmp_path / "t.csv"), "--tie", "[[0]", "--tie", "[[2]", "--budget", "avg_bits=4",
+            "-o", str(tmp_path / "p.json")]
+    got, warned = run_as_a_process(argv)
+    assert got == 0 and (tmp_path / "p.json").is_file()
+    assert len(warned) == 1 and "FutureWarning: Possible nested set" in warned[0]  # one location: once
+
+
+# -------------------------------------------------- a full, read-only or forbidden disk: one line, nothing left
+def _fail_replace(code):
+    import errno
+
+    def replace(src, dst, *a, **k):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(dst))
+    return replace
+
+
+DISK_COMMANDS = {
+    "solve": ["solve", "--table", "{d}/t.csv", "--budget", "avg_bits=4", "-o", "{o}.json"],
+    "estimate": ["estimate", "--model", "{m}:mlp", "--data", "{m}:data", "--no-progress", "-o", "{o}.csv"],
+    "frontier": ["frontier", "--table", "{d}/t.csv", "-o", "{o}.csv", "--plans-dir", "{o}-plans"],
+    "frontier-model": ["frontier", "--model", "{m}:mlp", "--data", "{m}:data", "--eval-data", "{m}:eval_data",
+                       "--estimator", "weight-error", "--bits", "2,4,8", "--validate", "1", "-o", "{o}"],
+    "apply": ["apply", "--model", "{m}:mlp", "--plan", "{d}/plan.json", "-o", "{o}.pt"],
+    "export": ["export", "--plan", "{d}/plan.json", "--to", "torchao", "-o", "{o}.json"],
+}
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS", "EACCES"])
+@pytest.mark.parametrize("command", list(DISK_COMMANDS))
+def test_a_disk_that_refuses_a_write_is_one_line_and_nothing_is_left(tmp_path, capsys, monkeypatch, command, code):
+    """An OSError met while the outputs are put in place (injected: os.replace fails) is one line,
+    exit 2, and no temporary file or folder stays behind."""
+    monkeypatch.setattr(os, "replace", _fail_replace(code))
+    msg = {"ENOSPC": "no space is left on the device", "EDQUOT": "the disk quota is exceeded",
+           "EROFS": "the file system is read-only", "EACCES": "permission is denied"}[code]
+    check(tmp_path, capsys, DISK_COMMANDS[command], 2, rf"cannot write '.*result.*': {msg} \({code}\); nothing was written")
+
+
+@contextlib.contextmanager
+def full_disk(tmp_path):
+    """A small tmpfs at ``tmp_path/disk`` filled up (root only: skipped where mount is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        with open(disk / "filler", "wb", buffering=0) as fh:  # every byte of it
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 4096)
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_is_one_line_and_nothing_is_left(tmp_path, capsys):
+    d = tmp_path / "in"
+    make_inputs(d)
+    with full_disk(tmp_path) as disk:
+        for name, argv in DISK_COMMANDS.items():
+            args = [a.format(d=d, o=disk / "result", m=M) for a in argv]
+            capsys.readouterr()
+            got, warned = run_as_a_process(args)
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert got == 2 and len(warned + err) == 1, (name, warned + err)
+            assert "no space is left on the device (ENOSPC)" in err[0], (name, err)
+            assert sorted(os.listdir(disk)) == ["filler"], (name, os.listdir(disk))
+
+
+# -------------------------------------------------------------- two runs on one output folder
+def test_a_folder_being_built_refuses_a_second_builder_and_keeps_its_work(tmp_path):
+    from mpsearch.errors import OutputError
+    from mpsearch.fileio import atomic_dir, staged_dir_name
+
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as stage:
+        (stage / "a.txt").write_text("first")
+        with pytest.raises(OutputError, match=r"'.*out' is being written by another mpsearch run now \(its work "
+                                              r"folder '.out.partial' is locked\)"):
+            with atomic_dir(dest):
+                pass
+        assert (stage / "a.txt").read_text() == "first"  # the refused one removed nothing
+    assert (dest / "a.txt").read_text() == "first" and not staged_dir_name(dest).exists()
+    with atomic_dir(dest) as stage:  # the lock went with the first: a later run is not refused
+        (stage / "b.txt").write_text("second")
+    assert sorted(os.listdir(dest)) == ["a.txt", "b.txt"]
+
+
+def _measured_run(out, refine="12"):
+    """``frontier --model`` on a slow 6-layer MLP with an evolve refinement (tens of seconds)."""
+    return _cli("frontier", "--model", f"{M}:slow_mlp", "--data", f"{M}:data", "--eval-data", f"{M}:eval_data",
+                "--metric", "kl", "--estimator", "weight-error", "--solver", "greedy", "--bits", "2,3,4,5,6,8",
+                "--validate", "2", "--points", "4", "--refine", refine, "--refine-method", "evolve",
+                "--refine-param", "offspring=4", "--refine-target", "int4", "-o", out)
+
+
+def _outputs(out: Path) -> dict:
+    import pandas as pd
+
+    return {name: pd.read_csv(out / name) for name in ("frontier.csv", "uniform.csv", "recommended.csv",
+                                                       "refinement.csv", "refined.csv")}
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_output_folder_the_second_refuses_in_one_line(tmp_path):
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    first = subprocess.Popen(_measured_run(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (stage / "table.csv").is_file() or first.poll() is not None, 300)
+    assert first.poll() is None, "the first run ended before the second started"
+    second = subprocess.run(_measured_run(out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2
+    assert [line for line in second.stderr.splitlines() if line.strip()] == [
+        f"mpsearch frontier: error: -o {str(out)!r} is being written by another mpsearch run now (its work folder "
+        f"'.out.partial' is locked); wait for that run to finish or give another output path"]
+    assert first.wait(timeout=600) == 0, first.stderr.read()
+    # the folder is the first run's, whole: every plan the frontier names is there, nothing half-built beside it
+    frames = _outputs(out)
+    assert all((out / p).is_file() for p in frames["frontier.csv"]["plan"])
+    assert not stage.exists() and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_frontier_model_and_of_evolve_resumes_to_the_uninterrupted_result(tmp_path):
+    """Killed while measuring, then killed again in the evolve search: the resumed run writes what one
+    uninterrupted run writes, the refinement's counts included (evals_total was short after a resume)."""
+    import pandas as pd
+
+    ref = tmp_path / "ref"
+    res = subprocess.run(_measured_run(ref), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out, stage = tmp_path / "out", tmp_path / ".out.partial"
+    phases = {"measuring": lambda: (stage / "measured.json").is_file(),
+              "searching": lambda: any((stage / "evolve").glob("evolve-*.json")) if (stage / "evolve").is_dir() else False}
+    for phase, ready in phases.items():
+        proc = subprocess.Popen(_measured_run(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait_for(lambda: ready() or proc.poll() is not None, 300)  # noqa: B023
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL, f"the run ended before it was killed {phase}"
+        assert not out.exists() and stage.is_dir()  # the work so far stays hidden beside -o, to resume
+    res = subprocess.run(_measured_run(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    got, want = _outputs(out), _outputs(ref)
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], obj=name)
+    log = got["refinement.csv"]
+    final = log[log["data"] == "evaluation"].iloc[0]
+    # every measurement counted once: the search's children, its start and the result (unless it is the start)
+    assert final["evals_total"] == final["evals"]
+    assert final["evals"] - log.loc[log["data"] == "search", "evals"].sum() in (1, 2)
+    assert not stage.exists()

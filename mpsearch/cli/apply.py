@@ -19,17 +19,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..apply import apply_plan
-    from ..fileio import atomic_write
+    from ..fileio import torch_save
     from ..plan import BitPlan
 
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
     model = load_model_args(args)
     quantized = apply_plan(model, plan, inplace=True)
-    import torch
-
     out = Path(args.output)
-    with atomic_write(out, None) as tmp:
-        torch.save(quantized.state_dict(), tmp)
+    torch_save(quantized.state_dict(), out)
     say(f"quantized {len(plan.bits)} layers; wrote {out}")
     return 0

@@ -118,10 +118,9 @@ class Checkpoint:
 
     def _write(self, doc: dict) -> None:
         doc["_seconds"] = self.previous_seconds + time.perf_counter() - self._t0
-        from ..fileio import atomic_write
+        from ..fileio import torch_save
 
-        with atomic_write(self.path, None) as tmp:
-            torch.save(doc, tmp)
+        torch_save(doc, self.path)
         self._state = doc
         self._last_save = time.monotonic()
         self.saves += 1
