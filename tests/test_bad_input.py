@@ -1084,3 +1084,27 @@ def test_kill_9_of_frontier_model_and_of_evolve_resumes_to_the_uninterrupted_res
     assert final["evals_total"] == final["evals"]
     assert final["evals"] - log.loc[log["data"] == "search", "evals"].sum() in (1, 2)
     assert not stage.exists()
+
+
+def test_accelerates_offload_notice_before_a_refusal_is_dropped(tmp_path, capsys):
+    """accelerate logs "Some parameters are on the meta device ..." while loading a map with disk
+    offload; mpsearch then refuses the offloaded layers: the refusal is the one stderr line."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in LLAMA_CONFIG.items() if k != "model_type"})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    torch.save([torch.randint(0, 64, (2, 6))], tmp_path / "calib.pt")
+    dmap = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+            "lm_head": "cpu"}
+    before = snapshot(tmp_path)
+    capsys.readouterr()  # what building the model printed
+    got, warned = run_as_a_process(["estimate", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "calib.pt"),
+                                    "--estimator", "weight-error", "--bits", "2,4", "--no-progress",
+                                    "--device-map", json.dumps(dmap), "-o", str(tmp_path / "t.csv")])
+    lines = warned + [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert got == 2 and len(lines) == 1, lines
+    assert "layer 'model.layers.0.self_attn.q_proj' is offloaded by the device map" in lines[0]
+    assert snapshot(tmp_path) == before
