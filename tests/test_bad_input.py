@@ -1108,3 +1108,30 @@ def test_accelerates_offload_notice_before_a_refusal_is_dropped(tmp_path, capsys
     assert got == 2 and len(lines) == 1, lines
     assert "layer 'model.layers.0.self_attn.q_proj' is offloaded by the device map" in lines[0]
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bfloat16"])
+def test_float_data_is_cast_to_the_model_dtype(tmp_path, capsys, dtype):
+    """A half-precision model on the CPU takes float32 data (cast where it enters the model): validate
+    measures, estimate costs (a traceback before: float and half in one matmul)."""
+    (tmp_path / "plan.json").write_text(json.dumps(plan_doc()))
+    got = main(["validate", "--model", f"{M}:mlp", "--plan", str(tmp_path / "plan.json"), "--dtype", dtype,
+                "--eval-data", f"{M}:eval_data", "--metric", "agreement", "-o", str(tmp_path / "r.json")])
+    assert got == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= report["quality"] <= 100 and report["baseline_quality"] == 100
+    got = main(["estimate", "--model", f"{M}:mlp", "--data", f"{M}:data", "--dtype", dtype, "--estimator",
+                "output-distance", "--bits", "2,8", "--no-progress", "-o", str(tmp_path / "t.csv")])
+    assert got == 0, capsys.readouterr().err
+    from mpsearch.table import CostTable
+
+    frame = CostTable.read(tmp_path / "t.csv").frame.set_index(["layer", "bits"])["damage"]
+    assert (frame.xs(2, level="bits") > frame.xs(8, level="bits")).all()  # 2 bits hurt more than 8, in half precision
+
+
+def test_a_format_name_decides_the_option_whatever_other_fields_say():
+    """``{"name": "q4_K", "bits": 4, "group_size": null, "symmetric": true}`` is q4_K, not plain int4."""
+    from mpsearch.plan import BitPlan
+
+    plan = BitPlan({"0": 4, "2": 8}, options={"0": {"name": "q4_K", "bits": 4, "group_size": None, "symmetric": True}})
+    assert plan.option("0").fmt == "q4_K" and plan.option("0").name == "q4_K"
