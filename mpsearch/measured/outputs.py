@@ -11,19 +11,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_dir, atomic_write, atomic_write_text
 from .result import FrontierRun
 
 
 def extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
     """One plan JSON per frontier point (and refined plan) in ``plans_dir``; the frontier drawn into ``plot``."""
-    if plans_dir is not None:
-        d = Path(plans_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for point, plan in run.plans.items():
-            plan.save(d / f"point_{point:04d}.json")
-        for ref, plan in run.refined.items():
-            plan.save(d / f"{ref}.json")
+    if plans_dir is not None:  # built beside, put in place whole
+        with atomic_dir(Path(plans_dir)) as d:
+            for point, plan in run.plans.items():
+                plan.save(d / f"point_{point:04d}.json")
+            for ref, plan in run.refined.items():
+                plan.save(d / f"{ref}.json")
     if plot is not None:
         import matplotlib
 
@@ -34,7 +33,8 @@ def extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
         from .. import plotting
 
         fig = plotting.plot_measured_frontier(run)
-        fig.savefig(plot, dpi=110, bbox_inches="tight")
+        with atomic_write(plot, None) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=Path(plot).suffix[1:].lower())
         plt.close(fig)
 
 
