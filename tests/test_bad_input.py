@@ -938,10 +938,15 @@ def test_a_success_keeps_its_warnings_given_once_at_the_end(tmp_path, capsys):
 
 
 # -------------------------------------------------- a full, read-only or forbidden disk: one line, nothing left
-def _fail_replace(code):
+def _fail_replace(code, only: str = ""):
+    """``os.replace`` failing with ``code`` (only for destinations ending with ``only``, when given)."""
     import errno
 
+    real = os.replace
+
     def replace(src, dst, *a, **k):
+        if not str(dst).endswith(only):
+            return real(src, dst, *a, **k)
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(dst))
     return replace
 
@@ -949,7 +954,7 @@ def _fail_replace(code):
 DISK_COMMANDS = {
     "solve": ["solve", "--table", "{d}/t.csv", "--budget", "avg_bits=4", "-o", "{o}.json"],
     "estimate": ["estimate", "--model", "{m}:mlp", "--data", "{m}:data", "--no-progress", "-o", "{o}.csv"],
-    "frontier": ["frontier", "--table", "{d}/t.csv", "-o", "{o}.csv", "--plans-dir", "{o}-plans"],
+    "frontier": ["frontier", "--table", "{d}/t.csv", "-o", "{o}.csv", "--plans-dir", "{o}-plans", "--plot", "{o}.png"],
     "frontier-model": ["frontier", "--model", "{m}:mlp", "--data", "{m}:data", "--eval-data", "{m}:eval_data",
                        "--estimator", "weight-error", "--bits", "2,4,8", "--validate", "1", "-o", "{o}"],
     "apply": ["apply", "--model", "{m}:mlp", "--plan", "{d}/plan.json", "-o", "{o}.pt"],
@@ -966,6 +971,20 @@ def test_a_disk_that_refuses_a_write_is_one_line_and_nothing_is_left(tmp_path, c
     msg = {"ENOSPC": "no space is left on the device", "EDQUOT": "the disk quota is exceeded",
            "EROFS": "the file system is read-only", "EACCES": "permission is denied"}[code]
     check(tmp_path, capsys, DISK_COMMANDS[command], 2, rf"cannot write '.*result.*': {msg} \({code}\); nothing was written")
+
+
+def test_a_frontier_whose_plot_is_drawn_but_whose_csv_cannot_be_written_leaves_no_plot(tmp_path, capsys, monkeypatch):
+    """The plot is drawn first (drawing fails most) but put in place with the frontier: the plans
+    are written, then the disk fills while the .npz is written: no plot, CSV or plans stay."""
+    import errno
+
+    import numpy as np
+
+    def savez(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", savez)
+    check(tmp_path, capsys, DISK_COMMANDS["frontier"], 2, r"cannot write '.*result.*': no space is left")
 
 
 @contextlib.contextmanager

@@ -206,14 +206,16 @@ def write_outputs(frontier, args) -> None:
     """Write the CSV (plans and plot where asked) and print a summary."""
     from ..frontier import DEFAULT_MAX_POINTS
 
-    max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
-    if args.plot:  # first: drawing is what fails most (a missing backend), before the CSV exists
-        from ..fileio import atomic_write
-        from ..plotting import save_frontier_plot
+    import contextlib
 
-        with atomic_write(args.plot, None) as tmp:
-            save_frontier_plot(frontier, tmp)
-    frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
+    max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
+    with contextlib.ExitStack() as stack:  # the plot is put in place with the frontier, or neither is
+        if args.plot:  # first: drawing is what fails most (a missing backend), before the CSV exists
+            from ..fileio import atomic_write
+            from ..plotting import save_frontier_plot
+
+            save_frontier_plot(frontier, stack.enter_context(atomic_write(args.plot, None)))
+        frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
     pts = frontier.points
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
