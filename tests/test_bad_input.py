@@ -1154,3 +1154,17 @@ def test_a_format_name_decides_the_option_whatever_other_fields_say():
 
     plan = BitPlan({"0": 4, "2": 8}, options={"0": {"name": "q4_K", "bits": 4, "group_size": None, "symmetric": True}})
     assert plan.option("0").fmt == "q4_K" and plan.option("0").name == "q4_K"
+
+
+def test_the_one_line_check_counts_a_warning_that_escapes(tmp_path, capsys, monkeypatch):
+    """The harness of every case above sees a warning printed before a refusal (so it can fail): with
+    the command's warnings not held back, the warning-then-refusal case gives two stderr lines."""
+    import mpsearch._quiet
+
+    @contextlib.contextmanager
+    def hold_nothing():
+        yield mpsearch._quiet.HeldWarnings()
+
+    monkeypatch.setattr(mpsearch._quiet, "hold_warnings", hold_nothing)
+    with pytest.raises(AssertionError, match=r"FutureWarning: Possible nested set"):
+        check(tmp_path, capsys, EST + ["--exclude", "[[x]", "--bits", "2,zz"], 2, r"unknown option 'zz'")
