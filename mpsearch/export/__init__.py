@@ -141,9 +141,9 @@ def _layer_names(layers):
     if layers is None:
         return None
     if hasattr(layers, "named_modules"):
-        from ..layers import iter_quantizable
+        from ..apply import quantizable_names
 
-        return [name for name, _, _ in iter_quantizable(layers, include_embedding=True)]
+        return quantizable_names(layers)
     if isinstance(layers, BitPlan):
         return layers.layers
     if isinstance(layers, str):
