@@ -373,6 +373,41 @@ def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
     return weight_tensor(model, layer.name)
 
 
+def leaf_weights(model: torch.nn.Module, layers) -> tuple[list[torch.Tensor], list[str], list[tuple[int, int | None]]]:
+    """The distinct parameters behind ``layers`` (a per-expert layer is a view of its stacked
+    tensor, which gradients are taken of), their names, and per layer ``(parameter index, expert
+    index or None)``."""
+    from ..moe import split_name
+
+    params, names, where, index = [], [], [], {}
+    for lay in layers:
+        base, e = split_name(lay.name)
+        p = weight_of(model, lay) if e is None else weight_tensor_of(model, base)
+        if id(p) not in index:
+            index[id(p)] = len(params)
+            params.append(p)
+            names.append(base if lay.kind in _EXPERT_KIND_NAMES or e is not None else f"{lay.name}.weight")
+        where.append((index[id(p)], e))
+    return params, names, where
+
+
+_EXPERT_KIND_NAMES = ("expert", "expert_t")
+
+
+def weight_tensor_of(model, name):
+    from ..layers import weight_tensor
+
+    return weight_tensor(model, name)
+
+
+def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
+    """``[experts, K]`` squared rounding errors of each expert matrix of stacked layer ``i``."""
+    from ..moe import per_expert_errors
+
+    legal = np.ones(len(ctx.options), bool) if ctx.legal is None else ctx.legal[i]
+    return per_expert_errors(model, ctx.layers[i], ctx.options, legal)
+
+
 def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:
     """``[L, K]`` squared rounding errors ``||Q_b(W_l) - W_l||^2`` (``/ ||W_l||^2`` if relative)."""
     from ..quant import quantization_error

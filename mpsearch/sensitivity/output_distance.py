@@ -207,6 +207,7 @@ class OutputDistanceEstimator(Estimator):
         start = runner.start_of(layer.name)
         src = w if self._fp is None else self._fp.get(index, w)  # with a base, w holds the base's weight
         if expert:  # a stacked expert tensor is large: one quantized copy at a time, one option per pass
+            src = src.detach().clone() if src is w else src  # w is overwritten while the options run
             variants = _Variants(lambda k: quantize_weight(src, ctx.options[k], layer.kind, layer.name))
         else:
             variants = {k: quantize_weight(src, ctx.options[k], layer.kind, layer.name) for k in active}
