@@ -55,7 +55,14 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
             except MpsearchError as exc:
                 raise PlanError(str(exc)) from None
     named = set(plan.bits)
-    return [n for n in quantizable_names(model) if n not in named]
+    sliced = {split_name(n)[0] for n in named if split_name(n)[1] is not None}
+    out = []
+    for n in quantizable_names(model):
+        if n in sliced:  # a stacked tensor some of whose experts the plan names: the others
+            out += [f"{n}[{e}]" for e in range(weight_tensor(model, n).shape[0]) if f"{n}[{e}]" not in named]
+        elif n not in named:
+            out.append(n)
+    return out
 
 
 def quantizable_names(model: torch.nn.Module) -> list[str]:

@@ -100,7 +100,7 @@ def matrix_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_coverage(model: torch.nn.Module, planned, *, target=None, exclude=(),
-                   include_embedding: bool = False, min_coverage: float = 1.0) -> Coverage:
+                   min_coverage: float = 1.0) -> Coverage:
     """The coverage of the layers named in ``planned`` (a table's or plan's layer names) over
     ``model``, with the rules of ``target`` and the user's ``exclude`` regexes."""
     from .budget import check_patterns
@@ -149,7 +149,7 @@ def model_coverage(model: torch.nn.Module, planned, *, target=None, exclude=(),
         elif layers:
             lay = layers[0]
             why = chosen.unplanned_reason(lay, model)
-            if why is None and lay.kind == "embedding" and not include_embedding and lay.name not in planned:
+            if why is None and lay.kind == "embedding":
                 why = "embedding: not planned unless included (--include-embedding)"
             cat = "kept" if why is not None else "unplanned"
             why = why or "a layer the target can quantize that the plan does not name"

@@ -279,6 +279,20 @@ def weight_tensor(model: nn.Module, name: str) -> torch.Tensor:
     return param[index]
 
 
+def layer_matrix(model: nn.Module, name: str) -> tuple[int, int, int]:
+    """``(out_channels, in_features, matrices)`` of layer ``name``: its weight seen as matrices (a
+    stacked expert tensor holds one per expert)."""
+    kind = layer_kind(model, name)
+    w = weight_tensor(model, name)
+    if kind in EXPERT_KINDS:
+        from .quant import expert_matrices
+
+        mats = expert_matrices(w, kind)
+        return int(mats.shape[1]), int(mats.shape[2]), int(mats.shape[0])
+    out_c, in_f = _matrix_shape(kind if kind != "router" else "linear", w)
+    return out_c, in_f, 1
+
+
 def layer_kind(model: nn.Module, name: str) -> str | None:
     """The storage kind of the layer ``name`` (``linear``, ``expert``...; ``None``: not a layer)."""
     from .moe import experts_layout

@@ -176,7 +176,7 @@ class Estimator:
         shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
-                                  include_embedding=include_embedding, min_coverage=min_coverage).check()
+                                  min_coverage=min_coverage).check()
         check_weights(model, [lay.name for lay in layers])
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
