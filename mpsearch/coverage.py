@@ -64,7 +64,7 @@ class Coverage:
         for cat in ("unplanned", "excluded", "kept"):
             items = [e for e in self.entries if e["category"] == cat]
             if items:
-                n = sum(e["params"] for e in items)
+                n = getattr(self, cat)
                 reasons = sorted({e["reason"] for e in items}, key=lambda r: -sum(
                     e["params"] for e in items if e["reason"] == r))
                 parts.append(f"{cat} {100 * n / max(self.total, 1):.2f}% ({'; '.join(reasons[:3])}"
@@ -186,13 +186,9 @@ def recorded_summary(metadata) -> str:
     if cov is None:
         return "coverage: not recorded (a table or plan made without a model, or by an older mpsearch)"
     try:
-        tail = ""
-        tensors = [t for t in cov.get("tensors", []) if t.get("category") != "kept"]
-        if tensors:
-            tail = "; largest left out: " + ", ".join(f"{t['name']} ({t['category']})" for t in tensors[:3])
-        return (f"coverage: plans {int(cov['planned']):,} of the model's {int(cov['matrix_weights']):,} "
-                f"matrix weights ({100 * float(cov['share']):.2f}%; {100 * float(cov['target_share']):.2f}% "
-                f"of what target {cov.get('target')!r} can quantize){tail}")
+        return Coverage(total=int(cov["matrix_weights"]), planned=int(cov["planned"]), kept=int(cov["kept"]),
+                        excluded=int(cov["excluded"]), unplanned=int(cov["unplanned"]),
+                        entries=[dict(t) for t in cov.get("tensors", [])], target=str(cov.get("target"))).summary()
     except (KeyError, TypeError, ValueError):
         return "coverage: the recorded coverage is malformed"
 

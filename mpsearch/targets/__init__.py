@@ -77,7 +77,8 @@ class Target:
         for stacked experts; options that also quantize the layer's input are not offered to experts
         (their inputs live inside the experts module's forward, where mpsearch's applier cannot
         quantize them)."""
-        if getattr(layer, "role", None) == "expert" and option.act_bits < 16 and "stack" not in layer.extra:
+        if (getattr(layer, "role", None) == "expert" and option.act_bits < 16
+                and "stack" not in getattr(layer, "extra", {})):
             return ("quantizes activations, which mpsearch cannot reproduce inside a fused experts "
                     "module (weight-only options only)")
         return option.check_shape(layer.out_channels, layer.in_features)
