@@ -100,9 +100,12 @@ def matrix_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_coverage(model: torch.nn.Module, planned, *, target=None, exclude=(),
-                   min_coverage: float = 1.0) -> Coverage:
+                   min_coverage: float = 1.0, unnamed_layers: str = "unplanned") -> Coverage:
     """The coverage of the layers named in ``planned`` (a table's or plan's layer names) over
-    ``model``, with the rules of ``target`` and the user's ``exclude`` regexes."""
+    ``model``, with the rules of ``target`` and the user's ``exclude`` regexes. ``unnamed_layers``:
+    how a layer the target could quantize but ``planned`` does not name counts: ``"unplanned"``
+    (against the threshold) or ``"kept"`` (a hand-made plan that leaves layers at 16 bits on purpose;
+    weights mpsearch does not understand still count against it)."""
     from .budget import check_patterns
     from .layers import discover_layers, weight_tensor
     from .moe import scan, split_name
@@ -151,8 +154,9 @@ def model_coverage(model: torch.nn.Module, planned, *, target=None, exclude=(),
             why = chosen.unplanned_reason(lay, model)
             if why is None and lay.kind == "embedding":
                 why = "embedding: not planned unless included (--include-embedding)"
-            cat = "kept" if why is not None else "unplanned"
-            why = why or "a layer the target can quantize that the plan does not name"
+            cat = "kept" if why is not None or unnamed_layers == "kept" else "unplanned"
+            why = why or ("not named by the plan (left at 16 bits)" if unnamed_layers == "kept"
+                          else "a layer the target can quantize that the plan does not name")
         else:
             owner = modules.get(pname.rpartition(".")[0])
             leaf = pname.rpartition(".")[2]

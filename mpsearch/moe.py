@@ -318,12 +318,12 @@ def fallback_groups(layers) -> dict[str, list[int]]:
     return groups
 
 
-def per_expert_errors(model, layer, options, legal_row) -> np.ndarray:
-    """``[experts of the layer, K]`` squared rounding errors, one row per expert matrix."""
-    from .layers import weight_tensor
+def per_expert_errors(weight, layer, options, legal_row) -> np.ndarray:
+    """``[experts of the layer, K]`` squared rounding errors of ``layer``'s ``weight``, one row per
+    expert matrix."""
     from .quant import quantization_error
 
-    w = weight_tensor(model, layer.name)
+    w = weight
     idx = expert_of(layer)[1]
     out = np.zeros((len(idx), len(options)))
     for k, opt in enumerate(options):
@@ -337,9 +337,10 @@ def per_expert_errors(model, layer, options, legal_row) -> np.ndarray:
     return out
 
 
-def apply_fallback(model, layers, options, damage, routing: Routing, *, min_tokens: int, legal=None):
+def apply_fallback(weights, layers, options, damage, routing: Routing, *, min_tokens: int, legal=None):
     """``(damage, damage_fallback, report)``: ``damage`` with the uniform-routing share of every expert
-    that received fewer than ``min_tokens`` calibration tokens added (see the module docstring)."""
+    that received fewer than ``min_tokens`` calibration tokens added (see the module docstring);
+    ``weights(layer)`` gives a layer's weight tensor."""
     damage = np.asarray(damage, dtype=float).copy()
     added = np.zeros_like(damage)
     report: dict[str, list[int]] = {}
@@ -361,7 +362,7 @@ def apply_fallback(model, layers, options, damage, routing: Routing, *, min_toke
         if not few:
             continue
         report[key] = few
-        errs = [per_expert_errors(model, layers[i], options,
+        errs = [per_expert_errors(weights(layers[i]), layers[i], options,
                                   np.ones(K, bool) if legal is None else legal[i]) for i in members]
         measured = damage[members].sum(0)  # [K]
         routed_err = sum((share[ex][:, None] * e).sum(0) for ex, e in zip(experts, errs))  # [K]

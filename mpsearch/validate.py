@@ -85,7 +85,11 @@ def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
     rec = recorded(plan.provenance) or {}
     excl = list(exclude) + [p for p in rec.get("exclude", []) if isinstance(p, str)]
     need = min_coverage if min_coverage is not None else float(rec.get("min_coverage", 1.0))
-    return model_coverage(model, plan.layers, target=chosen, exclude=excl, min_coverage=need).check()
+    # a plan from a table keeps the table's rule; a hand-made or imported one (no coverage record) may
+    # leave layers at 16 bits on purpose, but not weights mpsearch does not understand
+    unnamed = "unplanned" if rec or min_coverage is not None else "kept"
+    return model_coverage(model, plan.layers, target=chosen, exclude=excl, min_coverage=need,
+                          unnamed_layers=unnamed).check()
 
 
 def validate_plan(
@@ -116,7 +120,9 @@ def validate_plan(
     - coverage (:mod:`mpsearch.coverage`): the share of the model's matrix weights the plan decides;
       refused below ``min_coverage`` (default: the one recorded in the plan, else 1.0) of what the
       target can quantize; ``exclude`` (and the exclusions recorded in the plan) accept leaving
-      tensors out.
+      tensors out. A plan that records no coverage (made by hand or imported) may leave layers at
+      16 bits unless ``min_coverage`` is given; weights of modules mpsearch does not understand
+      count against it either way.
     """
     unplanned = check_plan(model, plan)
     _check_target(model, plan, target)

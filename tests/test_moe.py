@@ -337,7 +337,7 @@ def test_apply_and_validate_stacked_and_per_expert_plans():
     assert row["experts"] == 4 and len(row["expert_max_levels"]) == 4 and max(row["expert_max_levels"]) <= 16
     assert row["size_bits"] == 4 * parse_option("int4").size_bits(192, 64)
     with pytest.raises(MpsearchError, match=r"only .* --exclude"):
-        mpsearch.validate_plan(model, whole)  # the rest of the model is unplanned
+        mpsearch.validate_plan(model, whole, min_coverage=1.0)  # the rest of the model is unplanned
 
 
 def test_per_expert_layers_are_for_the_mpsearch_target_only():
@@ -507,11 +507,37 @@ def test_cli_estimate_solve_export_import_validate(tmp_path, capsys):
     assert set(back.layers) == set(BitPlan.load(plan).layers)
     assert main(["validate", "--model", spec, "--plan", plan]) == 0
     assert "levels ok in all 13 planned layers" in capsys.readouterr().out
-    # a plan covering less than what the target can quantize is refused before validating
+    # a plan from a table that covers less than what the target can quantize is refused
     part = BitPlan.load(plan)
     keep = part.layers[:3]
     BitPlan(bits={n: part.bits[n] for n in keep}, options={n: part.options[n] for n in keep},
-            provenance={"table": {"target": "llama.cpp"}}).save(tmp_path / "part.json")
+            provenance=part.provenance).save(tmp_path / "part.json")
     assert main(["validate", "--model", spec, "--plan", str(tmp_path / "part.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--exclude" in err[0] and "experts" in err[0]
+    # a hand-made plan (no coverage record) may leave layers at 16 bits: reported, not refused
+    BitPlan(bits={n: part.bits[n] for n in keep}, options={n: part.options[n] for n in keep},
+            provenance={"table": {"target": "llama.cpp"}}).save(tmp_path / "hand.json")
+    assert main(["validate", "--model", spec, "--plan", str(tmp_path / "hand.json")]) == 0
+    assert "not named by the plan" in capsys.readouterr().out
+
+
+def test_the_gpu_timing_script_counts_the_suffix_passes_it_runs(tmp_path):
+    """experiments/moe_speed.py (the Qwen3-30B-A3B-shaped table on a GPU) at its tiny shape on the CPU:
+    the work it predicts before running is the work the estimator reports after."""
+    import importlib.util
+    import json
+
+    path = __file__.rsplit("/", 2)[0] + "/experiments/moe_speed.py"
+    spec = importlib.util.spec_from_file_location("moe_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for stack in (None, 2):
+        args = ["--tiny", "--device", "cpu", "--dtype", "float32", "--calib-samples", "4", "--seq-len", "16",
+                "--batch-size", "2", "--options", "int3-asym,int4-asym,int8-asym", "--out", str(tmp_path)] + (["--stack-options", str(stack)] if stack else [])
+        assert script.main(args) == 0
+    recs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for rec in recs:
+        assert rec["cost"]["suffix_passes"] == rec["expected"]["suffix_passes"]
+        assert rec["coverage"]["target_share"] == 1.0
+    assert recs[1]["cost"]["suffix_passes"] > recs[0]["cost"]["suffix_passes"]

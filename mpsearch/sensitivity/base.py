@@ -308,8 +308,8 @@ def _moe_columns(estimator, model, ctx: Context, damage, routing, min_tokens: in
     report = {}
     added = np.zeros_like(damage)
     if estimator.routed_damage:
-        damage, added, report = apply_fallback(model, ctx.layers, ctx.options, damage, routing,
-                                               min_tokens=min_tokens, legal=ctx.legal)
+        damage, added, report = apply_fallback(lambda lay: weight_of(model, lay), ctx.layers, ctx.options,
+                                               damage, routing, min_tokens=min_tokens, legal=ctx.legal)
     L, K = damage.shape
     ctx.extra_columns["routed_tokens"] = np.repeat(routed_tokens_column(ctx.layers, routing)[:, None], K, 1)
     ctx.extra_columns["damage_fallback"] = added
@@ -405,7 +405,7 @@ def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
     from ..moe import per_expert_errors
 
     legal = np.ones(len(ctx.options), bool) if ctx.legal is None else ctx.legal[i]
-    return per_expert_errors(model, ctx.layers[i], ctx.options, legal)
+    return per_expert_errors(weight_of(model, ctx.layers[i]), ctx.layers[i], ctx.options, legal)
 
 
 def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:
