@@ -42,8 +42,10 @@ class WeightErrorEstimator(Estimator):
     def _damage(self, model, ctx: Context) -> np.ndarray:
         if not self.weighted:
             return weight_errors(model, ctx)
-        moments = _input_moments(model, [lay for lay in ctx.layers if lay.kind not in EXPERT_KINDS], ctx)
-        moments.update(_expert_moments(model, [lay for lay in ctx.layers if lay.kind in EXPERT_KINDS], ctx))
+        dense, dense_result = _input_moments(model, [lay for lay in ctx.layers if lay.kind not in EXPERT_KINDS])
+        experts, expert_result = _expert_moments(model, [lay for lay in ctx.layers if lay.kind in EXPERT_KINDS])
+        _run_hooked(model, ctx, dense + experts)  # one pass over the calibration batches feeds both
+        moments = {**dense_result(), **expert_result()}
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
             w = weight_of(model, lay)
@@ -58,13 +60,27 @@ class WeightErrorEstimator(Estimator):
         return out
 
 
-def _expert_moments(model, layers, ctx: Context) -> dict[str, torch.Tensor]:
-    """Per stacked expert layer, ``[experts, in]``: each expert's sum of squared inputs over the
-    tokens routed to it, divided by the tokens its block saw (a per-expert layer: its row)."""
+def _run_hooked(model, ctx: Context, handles) -> None:
+    """Run the calibration batches once through ``model`` (forward hooks collecting), then remove
+    the hooks."""
+    try:
+        with torch.no_grad():
+            for batch in ctx.batches:
+                run_model(model, move_batch(batch, ctx.device))
+                ctx.count("forward_passes")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _expert_moments(model, layers):
+    """Hooks, and the result after a pass: per stacked expert layer ``[experts, in]``, each expert's
+    sum of squared inputs over the tokens routed to it, divided by the tokens its block saw (a
+    per-expert layer: its row)."""
     from ..moe import _index_tensor, split_name
 
     if not layers:
-        return {}
+        return [], dict
     modules = dict(model.named_modules())
     containers = {lay.extra["container"] for lay in layers}
     sums: dict[str, dict[str, torch.Tensor]] = {c: {} for c in containers}
@@ -102,30 +118,25 @@ def _expert_moments(model, layers, ctx: Context) -> dict[str, torch.Tensor]:
 
     for c in containers:
         handles.append(modules[c].register_forward_pre_hook(hook_for(c), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for batch in ctx.batches:
-                run_model(model, move_batch(batch, ctx.device))
-                ctx.count("forward_passes")
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for lay in layers:
-        base, e = split_name(lay.name)
-        c, pname = lay.extra["container"], base.rpartition(".")[2]
-        m = (sums[c][pname] / max(tokens[c], 1)).float()
-        out[lay.name] = m if e is None else m[e: e + 1]
-    return out
+
+    def result():
+        out = {}
+        for lay in layers:
+            base, e = split_name(lay.name)
+            c, pname = lay.extra["container"], base.rpartition(".")[2]
+            m = (sums[c][pname] / max(tokens[c], 1)).float()
+            out[lay.name] = m if e is None else m[e: e + 1]
+        return out
+
+    return handles, result
 
 
-def _input_moments(model, layers, ctx: Context) -> dict[str, torch.Tensor]:
-    """Mean square of each input column of every layer's weight matrix."""
+def _input_moments(model, layers):
+    """Hooks, and the result after a pass: the mean square of each input column of every layer's
+    weight matrix."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
-    if not layers:
-        return {}
     for lay in layers:
         module = get_module(model, lay.name)
 
@@ -146,12 +157,4 @@ def _input_moments(model, layers, ctx: Context) -> dict[str, torch.Tensor]:
             counts[lay.name] = counts.get(lay.name, 0) + n
 
         handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in ctx.batches:
-                run_model(model, move_batch(batch, ctx.device))
-                ctx.count("forward_passes")
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    return handles, lambda: {name: sums[name] / counts[name] for name in sums}
