@@ -179,8 +179,9 @@ def _quantize_experts(weight: torch.Tensor, option: Option, kind: str, name: str
         quantize_matrix(mats[0], option, name)  # raises: the shape rule holds per expert matrix
     if option.fmt is None or getattr(option.format, "rows_independent", True):
         step = max(1, _CHUNK_ELEMENTS // max(out * cols, 1))  # bounds the float32 temporaries
-        q = torch.cat([quantize_matrix(mats[e:e + step].reshape(-1, cols), option, name)
-                       .reshape(-1, out, cols) for e in range(0, n, step)])
+        q = torch.empty((n, out, cols), dtype=mats.dtype, device=mats.device)
+        for e in range(0, n, step):
+            q[e:e + step] = quantize_matrix(mats[e:e + step].reshape(-1, cols), option, name).reshape(-1, out, cols)
     else:
         q = torch.stack([quantize_matrix(mats[e], option, f"{name}[{e}]" if name else None)
                          for e in range(n)])

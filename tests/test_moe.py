@@ -149,8 +149,10 @@ def _all_options():
     return ["int4", "int3-asym", "int2-g32", "int8-g32-asym"] + list(format_names())
 
 
-@pytest.mark.parametrize("kind", ["expert", "expert_t"])
-def test_stacked_experts_quantize_as_each_expert_matrix_alone(kind):
+@pytest.mark.parametrize("kind,chunk", [("expert", None), ("expert_t", None), ("expert", 2 * 64 * 256)])
+def test_stacked_experts_quantize_as_each_expert_matrix_alone(kind, chunk, monkeypatch):
+    if chunk:  # experts quantized two at a time (the chunks that bound the float32 temporaries)
+        monkeypatch.setattr("mpsearch.quant._CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
     mats = torch.randn(3, 64, 256, generator=g) * torch.rand(3, 64, 1, generator=g)  # [experts, out, in]
     mats[1, :4] = 0.0
