@@ -19,8 +19,8 @@ import copy
 
 import torch
 
-from .errors import PlanError, close_matches, name_list
-from .layers import _kind, iter_quantizable
+from .errors import MpsearchError, PlanError, close_matches, name_list
+from .layers import layer_kind, weight_tensor
 from .plan import BitPlan
 from .quant import quantize_weight
 
@@ -30,22 +30,50 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
 
     Returns the quantizable layers of the model that the plan does not name (they stay as they are).
     """
+    from .moe import split_name
+
     modules = dict(model.named_modules())
-    unknown = [n for n in plan.bits if n not in modules]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = [n for n in plan.bits if n not in modules and split_name(n)[0] not in params]
     if unknown:
-        hints = "".join(close_matches(n, modules) for n in unknown[:1])
+        hints = "".join(close_matches(n, list(modules) + list(params)) for n in unknown[:1])
         raise PlanError(
             f"the plan names {len(unknown)} layer(s) the model does not have: {name_list(unknown, 5)}"
             f"{hints}; was the plan made for another model?"
         )
-    wrong = [n for n in plan.bits if _kind(modules[n]) is None]
+    wrong = [n for n in plan.bits if layer_kind(model, n) is None]
     if wrong:
+        what = modules.get(wrong[0])
         raise PlanError(
-            f"the plan names module(s) that are not quantizable layers: {name_list(wrong, 5)} "
-            f"({type(modules[wrong[0]]).__name__})"
+            f"the plan names module(s) or parameter(s) that are not quantizable layers: {name_list(wrong, 5)} "
+            f"({type(what).__name__ if what is not None else 'a parameter mpsearch does not understand'})"
         )
+    for n in plan.bits:  # an expert index beyond the tensor is named here, not while quantizing
+        if split_name(n)[1] is not None:
+            try:
+                weight_tensor(model, n)
+            except MpsearchError as exc:
+                raise PlanError(str(exc)) from None
     named = set(plan.bits)
-    return [n for n, _m, _k in iter_quantizable(model, include_embedding=True) if n not in named]
+    sliced = {split_name(n)[0] for n in named if split_name(n)[1] is not None}
+    out = []
+    for n in quantizable_names(model):
+        if n in sliced:  # a stacked tensor some of whose experts the plan names: the others
+            out += [f"{n}[{e}]" for e in range(weight_tensor(model, n).shape[0]) if f"{n}[{e}]" not in named]
+        elif n not in named:
+            out.append(n)
+    return out
+
+
+def quantizable_names(model: torch.nn.Module) -> list[str]:
+    """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
+    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them)."""
+    from .layers import discover_layers
+
+    try:
+        return [lay.name for lay in discover_layers(model, include_embedding=True)]
+    except MpsearchError:
+        return []
 
 
 def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
@@ -76,17 +104,29 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
         for name in plan.bits:
             option = plan.option(name)
             if not option.is_keep:
-                _quantize_layer(target.get_submodule(name), option, name)
+                _quantize_layer(target, option, name)
     return target
 
 
-def _quantize_layer(module: torch.nn.Module, option, name: str, source: torch.Tensor | None = None) -> None:
-    """Set ``module``'s weight to ``source`` (default: its own weight) quantized as ``option`` (not
-    ``keep``), with the option's activation hook replacing any earlier one."""
-    src = module.weight if source is None else source
-    module.weight.copy_(quantize_weight(src, option, _kind(module), name))
-    _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
-    add_activation_hook(module, option)
+def _module_of(model: torch.nn.Module, name: str):
+    """The module whose input a layer's activation hook quantizes (``None`` for expert tensors)."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return m if isinstance(getattr(m, "weight", None), torch.Tensor) else None
+
+
+def _quantize_layer(model: torch.nn.Module, option, name: str, source: torch.Tensor | None = None) -> None:
+    """Set layer ``name``'s weight to ``source`` (default: its own weight) quantized as ``option``
+    (not ``keep``), with the option's activation hook replacing any earlier one."""
+    weight = weight_tensor(model, name)
+    src = weight if source is None else source
+    weight.copy_(quantize_weight(src, option, layer_kind(model, name), name))
+    module = _module_of(model, name)
+    if module is not None:
+        _remove_module_hooks(module)  # applying again replaces, never stacks, the hook
+        add_activation_hook(module, option)
 
 
 class PlanSwitch:
@@ -101,7 +141,7 @@ class PlanSwitch:
 
     def __init__(self, model: torch.nn.Module, layers):
         self.model = model
-        self._fp = {n: model.get_submodule(n).weight.detach().clone() for n in layers}
+        self._fp = {n: weight_tensor(model, n).detach().clone() for n in layers}
         self._current: dict[str, str] = {}  # layer -> name of the applied option (absent: full precision)
 
     def apply(self, plan: BitPlan) -> int:
@@ -125,13 +165,14 @@ class PlanSwitch:
                     option = None
                 if self._current.get(name) == (option.name if option is not None else None):
                     continue
-                module = self.model.get_submodule(name)
                 if option is None:
-                    module.weight.copy_(self._fp[name])
-                    _remove_module_hooks(module)
+                    weight_tensor(self.model, name).copy_(self._fp[name])
+                    module = _module_of(self.model, name)
+                    if module is not None:
+                        _remove_module_hooks(module)
                     self._current.pop(name, None)
                 else:
-                    _quantize_layer(module, option, name, self._fp[name])
+                    _quantize_layer(self.model, option, name, self._fp[name])
                     self._current[name] = option.name
                 changed += 1
         return changed

@@ -61,10 +61,12 @@ def check_batches(model: torch.nn.Module, batches, device=None) -> None:
 
 def check_weights(model: torch.nn.Module, layer_names) -> None:
     """Refuse the first layer whose weight holds NaN or Inf, naming it."""
+    from .layers import weight_tensor
+
     for name in layer_names:
         try:
-            weight = model.get_submodule(name).weight
-        except AttributeError:
+            weight = weight_tensor(model, name)
+        except (AttributeError, MpsearchError):
             continue
         if isinstance(weight, torch.Tensor) and not torch.isfinite(weight.detach()).all():
             bad = int((~torch.isfinite(weight.detach())).sum())

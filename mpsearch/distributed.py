@@ -313,10 +313,11 @@ def check_device_map_modules(device_map, model: torch.nn.Module, source: str = "
 
 def check_resident(model: torch.nn.Module) -> None:
     """Refuse a model whose quantizable weights are offloaded (on the meta device between forwards)."""
-    from .layers import iter_quantizable
+    from .apply import quantizable_names
+    from .layers import weight_tensor
 
-    for name, mod, _kind in iter_quantizable(model, include_embedding=True):
-        w = getattr(mod, "weight", None)
+    for name in quantizable_names(model):
+        w = weight_tensor(model, name)
         if isinstance(w, torch.Tensor) and w.device.type == "meta":
             raise MpsearchError(
                 f"layer {name!r} is offloaded by the device map (its weight is not resident on a device): "

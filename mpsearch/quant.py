@@ -26,6 +26,21 @@ from .options import Option
 
 #: how each layer kind lays out its weight: the axis of output channels
 _TRANSPOSED_KINDS = {"conv1d_hf"}  # transformers' Conv1D stores weight as [in, out]
+#: stacked experts (``[experts, out, in]``, or ``[experts, in, out]`` for ``expert_t``; one expert's
+#: 2-D view without the first axis): each expert's matrix is quantized on its own
+_EXPERT_KINDS = {"expert": False, "expert_t": True}
+
+
+def expert_matrices(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A stacked-expert weight as ``[experts, out, in]`` matrices (a view; one expert's 2-D view
+    gives one matrix)."""
+    w = weight if weight.dim() == 3 else weight.unsqueeze(0)
+    return w.transpose(1, 2) if _EXPERT_KINDS[kind] else w
+
+
+def _from_expert_matrices(mats: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+    w = mats.transpose(1, 2) if _EXPERT_KINDS[kind] else mats
+    return w.reshape(like.shape).contiguous()
 
 
 def weight_matrix(weight: torch.Tensor, kind: str = "linear") -> torch.Tensor:
@@ -130,6 +145,8 @@ def quantize_weight(
     quantize the layer instead of round-to-nearest.
     """
     with torch.no_grad():
+        if kind in _EXPERT_KINDS:
+            return _quantize_experts(weight.detach(), option, kind, name)
         m = weight_matrix(weight.detach(), kind)
         rounder = _ROUNDER.get()
         if rounder is not None and not option.is_keep:
@@ -138,6 +155,37 @@ def quantize_weight(
             if q is not None:
                 return from_weight_matrix(q.to(m.dtype), weight, kind)
         return from_weight_matrix(quantize_matrix(m, option, name), weight, kind)
+
+
+#: experts quantized together hold at most this many weights (float32 temporaries of ~256 MB)
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _quantize_experts(weight: torch.Tensor, option: Option, kind: str, name: str | None) -> torch.Tensor:
+    """Every expert matrix quantized on its own. Formats whose scales stay within a row (every
+    integer and GGML type, the block-scaled float formats) quantize all rows of all experts in one
+    call, which is the same arithmetic row by row; formats with a per-tensor scale (NVFP4's global
+    scale, ModelOpt FP8) take the experts one at a time."""
+    if option.is_keep:
+        return weight.clone()
+    if _ROUNDER.get() is not None:
+        from .errors import QuantizationError
+
+        raise QuantizationError(f"layer {name!r} is a stacked expert tensor: GPTQ rounding works on "
+                                f"linear layers only; use --quantizer rtn or exclude the experts")
+    mats = expert_matrices(weight, kind)
+    n, out, cols = mats.shape
+    if option.fmt is not None and option.format.check_shape(out, cols):
+        quantize_matrix(mats[0], option, name)  # raises: the shape rule holds per expert matrix
+    if option.fmt is None or getattr(option.format, "rows_independent", True):
+        step = max(1, _CHUNK_ELEMENTS // max(out * cols, 1))  # bounds the float32 temporaries
+        q = torch.empty((n, out, cols), dtype=mats.dtype, device=mats.device)
+        for e in range(0, n, step):
+            q[e:e + step] = quantize_matrix(mats[e:e + step].reshape(-1, cols), option, name).reshape(-1, out, cols)
+    else:
+        q = torch.stack([quantize_matrix(mats[e], option, f"{name}[{e}]" if name else None)
+                         for e in range(n)])
+    return _from_expert_matrices(q, weight, kind)
 
 
 _ROUNDER: contextvars.ContextVar = contextvars.ContextVar("mpsearch_rounder", default=None)
@@ -164,7 +212,11 @@ def quantization_error(
 
 def max_levels_per_group(weight: torch.Tensor, option: Option, kind: str = "linear") -> int:
     """The largest number of distinct values held by one scale group of ``weight``."""
-    m = weight_matrix(weight.detach(), kind).float()
+    if kind in _EXPERT_KINDS:  # scale groups lie within rows: all rows of all experts at once
+        mats = expert_matrices(weight.detach(), kind)
+        m = mats.reshape(-1, mats.shape[-1]).float()
+    else:
+        m = weight_matrix(weight.detach(), kind).float()
     group = option.format.level_group if option.fmt is not None else option.group_size
     grouped, _ = _grouped(m, group if not option.is_keep else None)
     flat = grouped.reshape(-1, grouped.shape[-1])

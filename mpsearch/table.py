@@ -13,6 +13,8 @@ column         required  meaning
                          or a consumer format (``q4_K``, ``w4a16-g128``: see mpsearch.formats)
 ``params``     no        weight elements of the layer (needed for ``avg_bits`` budgets)
 ``group``      no        rows whose layers share a group value must take the same option
+``routed_tokens`` no     mixture-of-experts models: the calibration tokens that reached the
+                         layer's weight (the fewest of its experts; not a budget column)
 any other      no        numeric cost columns (``bops``, ``latency``...), usable in budgets
 =============  ========  =========================================================================
 
@@ -52,7 +54,7 @@ SIDECAR_SUFFIX = ".meta.json"
 #: in the solvers' intermediate products (squares, 2^(2b) scalings)
 MAX_TOTAL = 1e100
 REQUIRED = ("layer", "bits", "damage", "size_bits")
-_NON_RESOURCE = {"layer", "option", "bits", "group"}
+_NON_RESOURCE = {"layer", "option", "bits", "group", "routed_tokens"}
 
 
 def default_option_name(bits: int) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .apply import apply_plan, check_plan
 from .errors import PlanError
-from .layers import _kind, _matrix_shape
+from .layers import layer_kind, layer_matrix, weight_tensor
 from .options import KEEP_BITS
 from .plan import BitPlan
 from .quant import max_levels_per_group
@@ -28,6 +28,7 @@ class ValidationReport:
     baseline_quality: float | None = None
     metrics: dict = field(default_factory=dict)  # every value of a multi-value metric (kld, top1, ppl)
     baseline_metrics: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # mpsearch.coverage: the planned share of the matrix weights
 
     @property
     def avg_bits(self) -> float:
@@ -53,6 +54,7 @@ class ValidationReport:
             "metrics": self.metrics,
             "baseline_metrics": self.baseline_metrics,
             "unplanned": self.unplanned,
+            "coverage": self.coverage,
             "layers": self.layers,
         }
 
@@ -67,11 +69,27 @@ def _check_target(model, plan: BitPlan, target) -> None:
         if chosen.name != DEFAULT_TARGET and option.name not in chosen.options:
             raise PlanError(f"layer {name!r} has option {option.name!r}, which target {chosen.name!r} "
                             f"does not execute; its options: {', '.join(chosen.options)}")
-        module = model.get_submodule(name)
-        out_c, in_f = _matrix_shape(_kind(module), module.weight)
+        out_c, in_f, mats = layer_matrix(model, name)
         reason = option.check_shape(out_c, in_f)
         if reason:
-            raise PlanError(f"layer {name!r} ({out_c}x{in_f}) cannot take {option.name}: {reason}")
+            shape = f"{mats} experts of {out_c}x{in_f}" if mats > 1 else f"{out_c}x{in_f}"
+            raise PlanError(f"layer {name!r} ({shape}) cannot take {option.name}: {reason}")
+
+
+def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
+    from .coverage import model_coverage, recorded
+    from .targets import get_target
+
+    made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
+    chosen = get_target(target if target is not None else made_for)
+    rec = recorded(plan.provenance) or {}
+    excl = list(exclude) + [p for p in rec.get("exclude", []) if isinstance(p, str)]
+    need = min_coverage if min_coverage is not None else float(rec.get("min_coverage", 1.0))
+    # a plan from a table keeps the table's rule; a hand-made or imported one (no coverage record) may
+    # leave layers at 16 bits on purpose, but not weights mpsearch does not understand
+    unnamed = "unplanned" if rec or min_coverage is not None else "kept"
+    return model_coverage(model, plan.layers, target=chosen, exclude=excl, min_coverage=need,
+                          unnamed_layers=unnamed).check()
 
 
 def validate_plan(
@@ -82,6 +100,8 @@ def validate_plan(
     metric: Callable[[torch.nn.Module], float] | None = None,
     baseline: bool = True,
     target=None,
+    exclude=(),
+    min_coverage: float | None = None,
 ) -> ValidationReport:
     """Check ``plan`` against ``model`` and measure it.
 
@@ -97,33 +117,46 @@ def validate_plan(
       in ``metrics``.
     - ``target`` (default: the plan's own): every layer's option is one the target can execute for
       that layer's shape, so the consumer will store exactly what was planned (no fallback).
+    - coverage (:mod:`mpsearch.coverage`): the share of the model's matrix weights the plan decides;
+      refused below ``min_coverage`` (default: the one recorded in the plan, else 1.0) of what the
+      target can quantize; ``exclude`` (and the exclusions recorded in the plan) accept leaving
+      tensors out. A plan that records no coverage (made by hand or imported) may leave layers at
+      16 bits unless ``min_coverage`` is given; weights of modules mpsearch does not understand
+      count against it either way.
     """
     unplanned = check_plan(model, plan)
     _check_target(model, plan, target)
+    cov = _coverage(model, plan, target, exclude, min_coverage)
     if quantized is None:
         quantized = apply_plan(model, plan)
-    report = ValidationReport(unplanned=unplanned)
+    report = ValidationReport(unplanned=unplanned, coverage=cov.to_dict())
     for name, bits in plan.bits.items():
-        module = quantized.get_submodule(name)
-        kind = _kind(module)
+        kind = layer_kind(quantized, name)
+        weight = weight_tensor(quantized, name)
         option = plan.option(name)
-        out_c, in_f = _matrix_shape(kind, module.weight)
+        out_c, in_f, mats = layer_matrix(quantized, name)
         if option.is_keep:
             levels, limit = None, None
             ok = True
         else:
-            levels = max_levels_per_group(module.weight, option, kind)
+            levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
             limit = 2**bits
             ok = levels <= limit
-        size = option.size_bits(out_c, in_f)
-        report.layers.append(
-            {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
-             "levels_ok": ok, "size_bits": size, "params": out_c * in_f}
-        )
+        size = mats * option.size_bits(out_c, in_f)
+        row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
+               "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
+        if mats > 1:
+            row["experts"] = mats
+            if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
+                from .quant import expert_matrices
+
+                per = expert_matrices(weight, kind)
+                row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]
+        report.layers.append(row)
         report.size_bits += size
-        report.params += out_c * in_f
+        report.params += mats * out_c * in_f
     for name in unplanned:
-        w = quantized.get_submodule(name).weight
+        w = weight_tensor(quantized, name)
         report.size_bits += w.numel() * KEEP_BITS
         report.params += w.numel()
     bad = [r["layer"] for r in report.layers if not r["levels_ok"]]

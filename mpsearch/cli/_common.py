@@ -84,6 +84,16 @@ def budget_from_args(args):
                         pins=args.pin, ties=args.tie)
 
 
+def say_coverage(metadata, check: bool = False) -> None:
+    """Print the coverage a table or plan records (:mod:`mpsearch.coverage`); with ``check``, refuse
+    one below its threshold first."""
+    from ..coverage import check_recorded, recorded_summary
+
+    if check:
+        check_recorded(metadata)
+    say(recorded_summary(metadata))
+
+
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()

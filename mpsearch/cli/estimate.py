@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
-                      load_model_args, parse_params, say, target_from_args)
+                      load_model_args, parse_params, say, say_coverage, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -38,7 +38,12 @@ def register(sub):
     p.add_argument("--fuse-projections", action="store_true",
                    help="tie q/k/v and gate/up projections as serving runtimes fuse them")
     p.add_argument("--include-embedding", action="store_true", help="also cost Embedding layers")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave layers out")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave layers (or tensors mpsearch does not understand) out; the coverage line says "
+                        "what is left out")
+    p.add_argument("--per-expert", action="store_true",
+                   help="mixture-of-experts: one layer per expert of each stacked expert tensor "
+                        "(...experts.down_proj[3]; --target mpsearch only)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
@@ -85,7 +90,7 @@ def run(args) -> int:
     table = estimator.estimate(
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
-        progress=not args.no_progress, target=target, quantizer=args.quantizer,
+        progress=not args.no_progress, target=target, quantizer=args.quantizer, per_expert=args.per_expert,
     )
     if not shard.is_main:
         return 0
@@ -96,4 +101,5 @@ def run(args) -> int:
     cost = table.metadata.get("cost", {})
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
         f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
+    say_coverage(table.metadata)
     return 0

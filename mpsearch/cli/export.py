@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, parse_params, say, target_from_args
+from ._common import add_command, check_outputs, parse_params, say, say_coverage, target_from_args
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
@@ -36,7 +36,11 @@ def run(args) -> int:
         get_exporter(args.to, **opts)  # the format and its settings, before reading anything
     target = target_from_args(args)
     plan = BitPlan.load(args.plan)
+    from ..coverage import check_recorded
+
+    check_recorded(plan.provenance)
     fmt = export_format(plan, args.to, target)
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
     say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+    say_coverage(plan.provenance)
     return 0

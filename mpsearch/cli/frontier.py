@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
 from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
-                      budget_from_args, check_outputs, make_solver, parse_params, say, settings_from_args,
+                      budget_from_args, check_outputs, make_solver, parse_params, say, say_coverage, settings_from_args,
                       target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
@@ -40,6 +40,8 @@ def register(sub):
     add_target_arg(p, "the options and their legality per layer (with --model), its runtime ties, and its "
                       "own recipes measured beside the uniform plans")
     add_param_arg(p, "solver")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="with --model: leave layers (or tensors mpsearch does not understand) out")
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
@@ -131,7 +133,8 @@ def run_model_frontier(args) -> int:
     from ..measured import InfeasibleBudget, model_frontier
     from . import EXIT_INFEASIBLE
 
-    settings, data = frontier_settings(args), data_settings(args)
+    extra = {"estimate_kwargs": {"exclude": list(args.exclude)}} if getattr(args, "exclude", None) else {}
+    settings, data = frontier_settings(args, **extra), data_settings(args)
     check_outputs(dirs=[("-o", args.output), ("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
     try:
         run = model_frontier(args.model, data, settings, out=args.output, plans_dir=args.plans_dir, plot=args.plot)
@@ -142,6 +145,7 @@ def run_model_frontier(args) -> int:
 
     if current().is_main:
         say(summarize(run, str(args.model)))
+        say_coverage(run.table.metadata)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, target_from_args,
-                      check_outputs, make_solver, say)
+                      check_outputs, make_solver, say, say_coverage)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -34,6 +34,9 @@ def run(args) -> int:
     budget = budget_from_args(args)
     target = target_from_args(args)
     table = CostTable.read(args.table)
+    from ..coverage import check_recorded
+
+    check_recorded(table.metadata)  # a table below its coverage threshold is refused, not solved
     budget = solve_budget(table, budget, target)
     result = solver.solve(table, budget)
     if result.plan is None:
@@ -48,5 +51,6 @@ def run(args) -> int:
     say(f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)")
     if result.message:
         say(result.message)
+    say_coverage(table.metadata)
     say(f"wrote {args.output}")
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
-                      load_model_args, say, target_from_args)
+                      load_model_args, say, say_coverage, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -19,6 +19,8 @@ def register(sub):
     add_device_args(p)
     add_text_args(p, calib=False)
     add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="accept leaving these tensors unplanned (the plan's own exclusions are accepted too)")
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -43,8 +45,9 @@ def run(args) -> int:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
-    report = validate_plan(model, plan, metric=metric, target=target)
+    report = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
+    say_coverage({"coverage": report.coverage})
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
     if report.quality is not None:
         say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")

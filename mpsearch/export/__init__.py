@@ -19,6 +19,16 @@ One plan, every consumer's own per-layer format::
 Formats served by runtimes that fuse q/k/v and gate/up (vLLM, SGLang, TensorRT-LLM) refuse plans
 whose fused siblings disagree unless ``force=True``.
 
+Mixture-of-experts plans (stacked expert tensors ``...experts.gate_up_proj``): ``llama.cpp`` writes
+them as the GGUF tensors ``blk.N.ffn_{gate,up,down}_exps`` (a fused ``gate_up_proj`` as both gate and
+up, with its one type) and ``llm-compressor`` as regex targets over the per-expert Linears that
+llm-compressor unfuses them into (``experts.<e>.gate_proj``...), the experts of one layer sharing one
+scheme as vLLM's FusedMoE requires. The others refuse such plans in one line: torchao's
+``IntxWeightOnlyConfig`` refuses 3-D tensors; GPTQModel, AutoRound and ModelOpt quantize fused
+experts by unfusing them into per-expert Linears, whose entries mpsearch does not write yet. Per-expert
+plans (``--target mpsearch``, ``...down_proj[3]``) are refused by every exporter: consumers store a
+projection's experts with one type.
+
 Each exporter declares the consumers whose formats (:mod:`mpsearch.formats`) it writes exactly
 (``Exporter.consumers``): llm-compressor the compressed-tensors formats, torchao, modelopt,
 autoround, gptqmodel and llama.cpp their own. A plan naming another consumer's format is refused with
@@ -34,7 +44,7 @@ from ..errors import MpsearchError
 from ..plan import BitPlan
 from ..registry import EXPORTERS as FORMATS  # format name -> "module:Class" (the one registry)
 from ..registry import REGISTRIES
-from ._base import ExportError, Exporter, check_consumers, check_fused
+from ._base import ExportError, Exporter, check_consumers, check_experts, check_fused
 
 __all__ = ["FORMATS", "ExportError", "Exporter", "export_plan", "export_text", "save_export",
            "import_plan", "get_exporter", "format_names"]
@@ -75,6 +85,7 @@ def export_plan(plan: BitPlan, fmt: str, *, force: bool = False, **opts):
         raise ExportError(f"export_plan needs a BitPlan, got {type(plan).__name__}")
     exporter = get_exporter(fmt, **opts)
     check_consumers(plan, exporter, exporter_for_consumer)
+    check_experts(plan, exporter, force)
     if exporter.fused_runtime and not force:
         check_fused(plan, exporter)
     exporter.check(plan)
@@ -141,9 +152,9 @@ def _layer_names(layers):
     if layers is None:
         return None
     if hasattr(layers, "named_modules"):
-        from ..layers import iter_quantizable
+        from ..apply import quantizable_names
 
-        return [name for name, _, _ in iter_quantizable(layers, include_embedding=True)]
+        return quantizable_names(layers)
     if isinstance(layers, BitPlan):
         return layers.layers
     if isinstance(layers, str):

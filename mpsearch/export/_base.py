@@ -43,6 +43,8 @@ class Exporter:
     fused_runtime = False
     runtime = ""
     can_import = False
+    #: ``None`` if the format writes stacked expert tensors (``...experts.gate_up_proj``), else why not
+    stacked_experts: str | None = "mpsearch does not write stacked expert tensors to this format"
 
     # ------------------------------------------------------------------ export
     def check(self, plan: BitPlan) -> None:
@@ -105,6 +107,43 @@ def format_option(name: str) -> Option:
 
     fmt = get_format(name)
     return Option(bits=fmt.bits, fmt=fmt.name)
+
+
+# ---------------------------------------------------------------------- mixture of experts
+#: a stacked expert tensor of transformers (one 3-D parameter for all experts of a projection)
+STACKED_EXPERT = re.compile(r"^(?P<container>.*\.experts)\.(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj)$")
+#: one expert's layer of a stacked tensor (``--target mpsearch`` with per_expert)
+EXPERT_SLICE = re.compile(r"^.*\[\d+\]$")
+
+
+def check_experts(plan: BitPlan, exporter: Exporter, force: bool = False) -> None:
+    """Refuse per-expert layers (every consumer stores a projection's experts with one type),
+    stacked expert tensors where the format does not write them, and, for fused runtimes (vLLM's
+    FusedMoE), a layer's experts with different options unless ``force``."""
+    sliced = [n for n in plan.layers if EXPERT_SLICE.match(n)]
+    if sliced:
+        raise ExportError(
+            f"{exporter.name}: {sliced[0]!r} is one expert of a stacked expert tensor; consumers store all "
+            f"experts of a projection with one type, so per-expert plans are for --target mpsearch (apply, "
+            f"validate); solve per tensor to export")
+    stacked = [n for n in plan.layers if STACKED_EXPERT.match(n)]
+    if stacked and exporter.stacked_experts is not None:
+        raise ExportError(f"{exporter.name}: the plan has stacked expert tensors ({stacked[0]!r}, "
+                          f"{len(stacked)} in all): {exporter.stacked_experts}")
+    if not exporter.fused_runtime or force:
+        return
+    by_container: dict[str, list[str]] = {}
+    for n in plan.layers:
+        m = STACKED_EXPERT.match(n) or re.match(r"^(?P<container>.*\.experts)\.\d+\.[^.]+$", n)
+        if m:
+            by_container.setdefault(m["container"], []).append(n)
+    for container, members in by_container.items():
+        if len({plan.option(m).name for m in members}) > 1:
+            shown = ", ".join(f"{m}={plan.option(m).name}" for m in members[:4])
+            raise ExportError(
+                f"{exporter.name}: {exporter.runtime} runs the experts of {container!r} as one fused MoE layer "
+                f"with one quantization scheme, but the plan gives them different options: {shown}; solve "
+                f"with --target vllm (it ties them) or export anyway with --force (force=True)")
 
 
 # ---------------------------------------------------------------------- checks

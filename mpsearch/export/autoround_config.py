@@ -33,6 +33,9 @@ class AutoRoundExporter(Exporter):
     fused_runtime = True
     runtime = "AutoRound's serving back ends (vLLM, SGLang)"
     consumers = ("autoround",)
+    stacked_experts = ("AutoRound unfuses fused experts into per-expert Linears (experts.<e>.gate_proj ...), "
+                       "whose layer_config entries mpsearch does not write yet; export with --to "
+                       "llm-compressor or llama.cpp")
 
     def __init__(self, w8_asym: bool = False):
         self.w8_asym = w8_asym

@@ -63,6 +63,9 @@ class GPTQModelExporter(Exporter):
     runtime = "GPTQModel's serving back ends (vLLM, SGLang)"
     can_import = True
     consumers = ("gptqmodel",)
+    stacked_experts = ("GPTQModel quantizes fused experts as per-expert modules (experts.<e>.gate_proj ...), "
+                       "whose dynamic entries mpsearch does not write yet (and GPTQModel does not install "
+                       "here to check them); export with --to llm-compressor or llama.cpp")
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or int_settings(o).bits in BITS,

@@ -53,15 +53,43 @@ _BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down"}
 _TOP = {"embed_tokens": "token_embd", "lm_head": "output"}
 _HF_BLOCK = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+#: mixture-of-experts blocks, as gguf-py's TensorNameMap names them for the Llama-family MoE archs
+#: (qwen2moe, qwen3moe, olmoe, mixtral = llama, deepseek2, glm4moe, llama4, gpt-oss): all experts of
+#: a projection are one stacked tensor (``ffn_*_exps``), shared experts ``ffn_*_shexp``; a fused
+#: ``gate_up_proj`` is the two tensors ``ffn_gate_exps`` and ``ffn_up_exps``
+_MOE_BLOCK = re.compile(r"^(?:mlp|feed_forward|block_sparse_moe)\.(?:"
+                        r"experts\.(?P<stacked>gate_up_proj|gate_proj|up_proj|down_proj)"
+                        r"|experts\.\d+\.(?P<each>gate_proj|up_proj|down_proj|w1|w2|w3)"
+                        r"|shared_experts?\.(?P<shared>gate_proj|up_proj|down_proj))$")
+_EXPS = {"gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "gate_proj": ("ffn_gate_exps",),
+         "up_proj": ("ffn_up_exps",), "down_proj": ("ffn_down_exps",), "w1": ("ffn_gate_exps",),
+         "w3": ("ffn_up_exps",), "w2": ("ffn_down_exps",)}
+_ROUTER = re.compile(r"^(?:model\.)?layers\.\d+\.(?:mlp|feed_forward|block_sparse_moe)\.(?:gate|router|shared_expert_gate)$")
 
 
-def llama_gguf_name(hf_name: str) -> str | None:
-    """GGUF tensor base name of a Llama-family module (``None`` if it has none)."""
+def llama_gguf_names(hf_name: str) -> tuple[str, ...]:
+    """GGUF tensor base names of a Llama-family module or stacked expert tensor (``()`` if none):
+    one, or two for a fused ``gate_up_proj`` (``blk.N.ffn_gate_exps``, ``blk.N.ffn_up_exps``)."""
     m = _HF_BLOCK.match(hf_name)
     if m:
         leaf = _BLOCK.get(m[2])
-        return f"blk.{m[1]}.{leaf}" if leaf else None
-    return _TOP.get(hf_name.removeprefix("model."))
+        if leaf:
+            return (f"blk.{m[1]}.{leaf}",)
+        moe = _MOE_BLOCK.match(m[2])
+        if moe is None:
+            return ()
+        if moe["shared"]:
+            return (f"blk.{m[1]}.ffn_{moe['shared'].removesuffix('_proj')}_shexp",)
+        return tuple(f"blk.{m[1]}.{t}" for t in _EXPS[moe["stacked"] or moe["each"]])
+    top = _TOP.get(hf_name.removeprefix("model."))
+    return (top,) if top else ()
+
+
+def llama_gguf_name(hf_name: str) -> str | None:
+    """GGUF tensor base name of a Llama-family module (``None`` if it has none; the first of a
+    fused expert tensor's two)."""
+    names = llama_gguf_names(hf_name)
+    return names[0] if names else None
 
 
 def _llama_hf_name(gguf_name: str) -> str | None:
@@ -79,6 +107,7 @@ class LlamaCppExporter(Exporter):
     suffix = ".txt"
     can_import = True
     consumers = ("llama.cpp",)
+    stacked_experts = None  # blk.N.ffn_{gate,up,down}_exps
 
     def __init__(self, arch: str = "llama", keep_type: str = "f16", embed_type: str | None = None):
         self.arch = arch
@@ -88,7 +117,7 @@ class LlamaCppExporter(Exporter):
     # -------------------------------------------------------------- names
     def _namer(self, names: list[str]):
         if str(self.arch).lower() == "llama":
-            return llama_gguf_name
+            return llama_gguf_names
         try:
             import gguf
         except ImportError:
@@ -102,12 +131,29 @@ class LlamaCppExporter(Exporter):
             raise ExportError(f"llama.cpp: unknown GGUF arch {self.arch!r}{close_matches(str(self.arch).lower(), known)}")
         blocks = [int(m[1]) for n in names if (m := re.search(r"\.(\d+)\.", n))]
         table = gguf.get_tensor_name_map(arch, max(blocks, default=0) + 1)
-        return table.get_name
 
-    def _names(self, plan_layers: list[str]) -> dict[str, str]:
+        def names_of(hf_name: str) -> tuple[str, ...]:
+            base, _, leaf = hf_name.rpartition(".")
+            if leaf == "gate_up_proj":  # one stacked tensor in transformers, two in GGUF
+                parts = (table.get_name(f"{base}.gate_proj"), table.get_name(f"{base}.up_proj"))
+                return parts if all(parts) else ()
+            g = table.get_name(hf_name)
+            return (g,) if g else ()
+
+        return names_of
+
+    def _names(self, plan_layers: list[str]) -> dict[str, tuple[str, ...]]:
         namer = self._namer(plan_layers)
         out, missing = {}, []
+        routers = [lay for lay in plan_layers if _ROUTER.match(lay)]
+        if routers:
+            raise ExportError(f"llama.cpp: {routers[0]!r} is a router (ffn_gate_inp), which llama.cpp keeps in "
+                              f"F32 and llama-quantize never quantizes; leave it out of the plan")
         for lay in plan_layers:
+            if "[" in lay:
+                raise ExportError(f"llama.cpp: {lay!r} is one expert of a stacked tensor; GGUF stores all "
+                                  f"experts of a projection as one tensor with one type (plan per tensor: "
+                                  f"--target llama.cpp)")
             g = namer(lay)
             if g:
                 out[lay] = g
@@ -136,12 +182,19 @@ class LlamaCppExporter(Exporter):
 
     def build(self, plan: BitPlan) -> dict:
         names = self._names(plan.layers)
-        doc = {}
+        doc, source = {}, {}
         for lay in plan.layers:
             opt = plan.option(lay)
-            tensor = re.escape(names[lay] + ".weight")
-            doc[f"^{tensor}$"] = self.keep_type if opt.is_keep else (_ggml_type(opt) or TYPES[opt.bits])
-        if self.embed_type is not None and "token_embd" not in names.values():
+            qtype = self.keep_type if opt.is_keep else (_ggml_type(opt) or TYPES[opt.bits])
+            for g in names[lay]:
+                key = f"^{re.escape(g + '.weight')}$"
+                if key in doc and doc[key] != qtype:  # one GGUF tensor from several HF layers (per-expert Linears)
+                    raise ExportError(
+                        f"llama.cpp: {source[key]!r} ({doc[key]}) and {lay!r} ({qtype}) are one GGUF tensor "
+                        f"{g!r} (all experts of a projection are stored together), so they need one type; "
+                        f"solve with --target llama.cpp (it ties them)")
+                doc[key], source[key] = qtype, lay
+        if self.embed_type is not None and "token_embd" not in {g for gs in names.values() for g in gs}:
             doc[r"^token_embd\.weight$"] = str(self.embed_type)
         return doc
 
@@ -177,10 +230,14 @@ class LlamaCppExporter(Exporter):
                 raise ExportError(f"{source}: pattern {pattern!r} is not a regex: {exc}") from None
         if layers is not None:
             options = {}
-            for lay, g in self._names(list(layers)).items():
-                hit = next((opt for rx, opt in rules if rx.search(g + ".weight")), None)
-                if hit is not None:
-                    options[lay] = hit
+            wanted = [n for n in layers if not _ROUTER.match(n) and "[" not in n]  # routers stay F32
+            for lay, gs in self._names(wanted).items():
+                hits = [next((opt for rx, opt in rules if rx.search(g + ".weight")), None) for g in gs]
+                if len({None if h is None else h.name for h in hits}) > 1:
+                    raise ExportError(f"{source}: {lay!r} is one decision (the GGUF tensors {', '.join(gs)}), "
+                                      f"but the file gives them different types")
+                if hits and hits[0] is not None:
+                    options[lay] = hits[0]
             if not options:
                 raise ExportError(f"{source}: no pattern matches any of the given layers' GGUF tensors")
             return plan_from_options(options, self.name, source)

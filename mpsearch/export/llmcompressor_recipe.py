@@ -1,10 +1,15 @@
-"""llm-compressor: a recipe whose modifier has one ``config_groups`` entry per option, as YAML.
+r"""llm-compressor: a recipe whose modifier has one ``config_groups`` entry per option, as YAML.
 
 The recipe layout is llm-compressor's (``quant_stage: quant_modifiers: <Modifier>: {...}``); each
 group is a compressed-tensors ``QuantizationScheme`` (``compressed_tensors/quantization/
 quant_scheme.py``): ``targets`` (here the exact module names, which compressed-tensors matches by
 equality), ``weights`` and, for formats that quantize activations, ``input_activations``
-(``QuantizationArgs``). ``keep`` layers go to ``ignore``. The modifier follows the rounding
+(``QuantizationArgs``). ``keep`` layers go to ``ignore``. A stacked expert tensor
+(``model.layers.0.mlp.experts.gate_up_proj``) is written as the regex target
+``re:^model\.layers\.0\.mlp\.experts\.\d+\.(?:gate_proj|up_proj)$``: llm-compressor unfuses
+transformers' 3-D experts into one ``gate_proj``/``up_proj``/``down_proj`` Linear per expert
+(``llmcompressor/modeling/moe/linearize.py``), compressed-tensors matches ``re:`` targets as regexes,
+and vLLM fuses them back into one FusedMoE layer, which needs one scheme for all of them. The modifier follows the rounding
 the plan's table was measured with (``QuantizationModifier`` for round to nearest, ``GPTQModifier``
 for ``--quantizer gptq`` and for plans that do not say); ``modifier="QuantizationModifier"`` gives round-to-nearest, which is what the
 formats' fake quantizers model.
@@ -31,8 +36,10 @@ bits 2-8 (vLLM's kernels serve 4 and 8).
 
 from __future__ import annotations
 
+import re
+
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, format_name, group_by_option, int_settings, refuse
+from ._base import STACKED_EXPERT, ExportError, Exporter, format_name, group_by_option, int_settings, refuse
 
 
 def weight_args(opt) -> dict:
@@ -80,6 +87,19 @@ def scheme_args(opt) -> dict:
     return out
 
 
+def expert_targets(name: str) -> list[str]:
+    """The compressed-tensors targets of a plan layer: its name, or for a stacked expert tensor
+    (``X.experts.gate_up_proj``) a regex over the per-expert Linears llm-compressor unfuses it into
+    (``X.experts.<e>.gate_proj`` and ``.up_proj``; ``llmcompressor/modeling/moe/linearize.py``),
+    which vLLM fuses back into one FusedMoE layer."""
+    m = STACKED_EXPERT.match(name)
+    if m is None:
+        return [name]
+    projs = ("gate_proj", "up_proj") if m["proj"] == "gate_up_proj" else (m["proj"],)
+    alt = projs[0] if len(projs) == 1 else "(?:" + "|".join(projs) + ")"
+    return [rf"re:^{re.escape(m['container'])}\.\d+\.{alt}$"]
+
+
 class LLMCompressorExporter(Exporter):
     """llm-compressor recipe YAML (compressed-tensors ``config_groups``)."""
 
@@ -88,6 +108,7 @@ class LLMCompressorExporter(Exporter):
     fused_runtime = True
     runtime = "vLLM (which serves compressed-tensors checkpoints)"
     consumers = ("compressed-tensors",)
+    stacked_experts = None  # regex targets over llm-compressor's per-expert Linears
 
     def __init__(self, modifier: str | None = None):
         self.modifier = modifier
@@ -112,6 +133,7 @@ class LLMCompressorExporter(Exporter):
     def build(self, plan: BitPlan) -> dict:
         groups, ignore = {}, []
         for opt, names in group_by_option(plan):
+            names = [t for n in names for t in expert_targets(n)]
             if opt.is_keep:
                 ignore.extend(names)
             else:

@@ -67,6 +67,9 @@ class ModelOptExporter(Exporter):
     fused_runtime = True
     runtime = "TensorRT-LLM / vLLM (which serve ModelOpt checkpoints)"
     consumers = ("modelopt",)
+    stacked_experts = ("ModelOpt exports fused experts as per-expert layers (experts.<e>.gate_proj ...), "
+                       "whose quantized_layers entries mpsearch does not write yet; export with --to "
+                       "llm-compressor or llama.cpp")
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or layer_algo(o) is not None,

@@ -79,6 +79,8 @@ class TorchaoExporter(Exporter):
     suffix = ".json"
     can_import = True
     consumers = ("torchao",)
+    stacked_experts = ("torchao's IntxWeightOnlyConfig refuses them (\"only works for 2-d and 4-d Tensors\", "
+                       "torchao 0.18); export with --to llama.cpp or llm-compressor")
 
     def build(self, plan: BitPlan) -> dict:
         table = {lay: _config_dict(plan.option(lay)) for lay in plan.layers}

@@ -33,7 +33,9 @@ class Format:
 
     ``level_group`` is the number of consecutive weights of a row that share one set of levels
     (the block or sub-block a scale applies to; ``None`` for the whole row): the validator checks
-    that each such group holds at most ``2 ** bits`` distinct values.
+    that each such group holds at most ``2 ** bits`` distinct values. ``rows_independent`` is false
+    for formats whose scales depend on the whole matrix (a per-tensor global scale): the rows of
+    several matrices (stacked experts) may be quantized together only when it is true.
     """
 
     name: str = ""
@@ -41,6 +43,7 @@ class Format:
     act_bits: int = 16
     consumer: str = ""
     level_group: int | None = None
+    rows_independent: bool = True
     description: str = ""
 
     def bits_per_weight(self, in_features: int | None = None) -> float:

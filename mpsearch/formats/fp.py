@@ -154,6 +154,7 @@ class CTFp8Dynamic(FloatFormat):
 
 
 class CTNvfp4(FloatFormat):
+    rows_independent = False  # the fp32 global scale is taken over the whole matrix
     consumer = "compressed-tensors"
     act_static = True  # input_global_scale is calibrated (observer static_minmax)
 
@@ -288,6 +289,7 @@ def modelopt_nvfp4_qdq(x, global_amax, group: int = 16):
 
 
 class ModelOptFp8(FloatFormat):
+    rows_independent = False  # one per-tensor amax
     consumer = "modelopt"
     act_static = True  # input amax from the max calibrator
 

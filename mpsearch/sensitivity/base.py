@@ -59,13 +59,19 @@ class Context:
 
 
 class Estimator:
-    """Base class. Subclasses set ``name`` (and ``needs_data``) and implement :meth:`_damage`."""
+    """Base class. Subclasses set ``name`` (and ``needs_data``) and implement :meth:`_damage`.
+
+    ``routed_damage``: the damage of a stacked expert tensor weighs each expert by the calibration
+    tokens routed to it (output-distance, fisher, hessian; weighted weight-error), so experts with few
+    tokens get the fallback of :func:`mpsearch.moe.apply_fallback`.
+    """
 
     name = "base"
     needs_data = False
     #: what a default means where its value does not say it (shown by ``mpsearch list``)
     _setting_notes = {"options": "None: 2,3,4,8, or a consumer target's default set; on the CLI: --bits, "
                                  "default the recipe's options"}
+    routed_damage = False
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
         self.options = options
@@ -108,6 +114,9 @@ class Estimator:
         act_bits: int = 16,
         target=None,
         quantizer: str = "rtn",
+        per_expert: bool = False,
+        min_coverage: float = 1.0,
+        min_expert_tokens: int = 8,
     ) -> CostTable:
         """Fill a cost table for ``model``.
 
@@ -116,6 +125,14 @@ class Estimator:
         (a :class:`~mpsearch.targets.Target`, or its name, resolved here once) decides the options,
         which layers are planned, which options each layer may take (the table is then ragged) and
         the runtime ties.
+
+        Mixture-of-experts models (:mod:`mpsearch.moe`): ``per_expert`` makes each expert of a
+        stacked tensor a layer of its own (``mpsearch`` target only); the tokens routed to each
+        expert are counted on ``data`` (``metadata["moe"]``, column ``routed_tokens``), and experts
+        with fewer than ``min_expert_tokens`` get the fallback (column ``damage_fallback``). The
+        table's coverage of the model's matrix weights is recorded (``metadata["coverage"]``), and
+        the estimate is refused when less than ``min_coverage`` of what the target can quantize would
+        be planned (:mod:`mpsearch.coverage`; ``exclude`` accepts leaving tensors out).
         """
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
@@ -132,6 +149,11 @@ class Estimator:
         if quantizer == "gptq" and not batches:
             raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
         fuse_projections = fuse_projections or target_obj.fused_runtime
+        if per_expert and not target_obj.per_expert:
+            raise MpsearchError(
+                f"per_expert: target {target_obj.name!r} stores all experts of a projection as one tensor "
+                f"with one type; per-expert decisions are for --target mpsearch")
+        check_positive("min_expert_tokens", min_expert_tokens, integer=True, allow_zero=True)
         device = torch.device(self.device) if self.device else _model_device(model)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
@@ -143,20 +165,27 @@ class Estimator:
                 model,
                 move_batch(batches[0], device) if batches else None,
                 include_embedding=include_embedding,
-                ties=ties,
+                ties=list(ties) + list(target_obj.moe_ties),
                 fuse_projections=fuse_projections,
                 exclude=exclude,
+                per_expert=per_expert,
             )
+        from ..coverage import model_coverage
         from ..distributed import current, stats
 
         shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
+        coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
+                                  min_coverage=min_coverage).check()
         check_weights(model, [lay.name for lay in layers])
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         ctx.checkpoint = self._checkpoint(model, batches, layers, options, quantizer, shard)
         t0 = time.perf_counter()
+        routing = _routing(model, layers, batches, device, ctx)
         damage, cached = self._damage_or_resume(model, ctx, quantizer)
+        if routing is not None:
+            damage = _moe_columns(self, model, ctx, damage, routing, int(min_expert_tokens))
         seconds = time.perf_counter() - t0
         spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if not cached else None
         if spread is not None:
@@ -175,6 +204,7 @@ class Estimator:
             "mpsearch": __version__,
             "target": target_obj.name,
             "quantizer": quantizer,
+            "coverage": coverage.to_dict(),
             **ctx.extra_metadata,
         }
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
@@ -242,7 +272,8 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
                 "option": opt.name,
                 "bits": opt.bits,
                 "damage": max(float(damage[i, k]), 0.0),
-                "size_bits": opt.size_bits(lay.out_channels, lay.in_features),
+                "size_bits": lay.size_bits(opt) if hasattr(lay, "size_bits") else opt.size_bits(
+                    lay.out_channels, lay.in_features),
                 "params": lay.params,
             }
             for col, values in extra.items():
@@ -257,6 +288,40 @@ def build_table(layers, options, damage, metadata=None, *, act_bits: int = 16,
     if "group" in frame:
         frame["group"] = frame["group"].where(frame["group"].notna(), None)
     return CostTable(frame, metadata, complete=legal is None)
+
+
+def _routing(model, layers, batches, device, ctx: Context):
+    """Tokens routed to each expert on the calibration batches (``None`` without experts or data)."""
+    if not batches or not any(lay.role == "expert" for lay in layers):
+        return None
+    from ..moe import routing_counts, scan
+
+    routing = routing_counts(model, batches, scan(model), device)
+    ctx.count("routing_passes", routing.passes)
+    return routing
+
+
+def _moe_columns(estimator, model, ctx: Context, damage, routing, min_tokens: int):
+    """The routed-token counts and the fallback for experts with few tokens (:mod:`mpsearch.moe`)."""
+    from ..moe import apply_fallback, routed_tokens_column
+
+    report = {}
+    added = np.zeros_like(damage)
+    if estimator.routed_damage:
+        damage, added, report = apply_fallback(lambda lay: weight_of(model, lay), ctx.layers, ctx.options,
+                                               damage, routing, min_tokens=min_tokens, legal=ctx.legal)
+    L, K = damage.shape
+    ctx.extra_columns["routed_tokens"] = np.repeat(routed_tokens_column(ctx.layers, routing)[:, None], K, 1)
+    ctx.extra_columns["damage_fallback"] = added
+    ctx.extra_metadata["moe"] = {
+        "routed_tokens": routing.to_dict(), "min_expert_tokens": min_tokens,
+        "fallback": {k: [int(e) for e in v] for k, v in report.items()},
+        "fallback_rule": ("experts with fewer than min_expert_tokens calibration tokens are given their "
+                          "uniform-routing share: + max(1/E - share, 0) * their squared rounding error * "
+                          "(the tensor's damage per unit of routed squared error)") if estimator.routed_damage
+        else "none needed: this estimator weighs every expert alike, whatever its tokens",
+    }
+    return damage
 
 
 def _rounding(model, ctx: Context, quantizer: str):
@@ -301,10 +366,46 @@ def _target_layers(model, layers, options, target):
 
 
 def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
-    """The weight parameter of a discovered layer."""
-    from ..layers import get_module
+    """The weight of a discovered layer: a module's weight, a stacked expert parameter, or one
+    expert's 2-D view of it."""
+    from ..layers import weight_tensor
 
-    return get_module(model, layer.name).weight
+    return weight_tensor(model, layer.name)
+
+
+def leaf_weights(model: torch.nn.Module, layers) -> tuple[list[torch.Tensor], list[str], list[tuple[int, int | None]]]:
+    """The distinct parameters behind ``layers`` (a per-expert layer is a view of its stacked
+    tensor, which gradients are taken of), their names, and per layer ``(parameter index, expert
+    index or None)``."""
+    from ..moe import split_name
+
+    params, names, where, index = [], [], [], {}
+    for lay in layers:
+        base, e = split_name(lay.name)
+        p = weight_of(model, lay) if e is None else weight_tensor_of(model, base)
+        if id(p) not in index:
+            index[id(p)] = len(params)
+            params.append(p)
+            names.append(base if lay.kind in _EXPERT_KIND_NAMES or e is not None else f"{lay.name}.weight")
+        where.append((index[id(p)], e))
+    return params, names, where
+
+
+_EXPERT_KIND_NAMES = ("expert", "expert_t")
+
+
+def weight_tensor_of(model, name):
+    from ..layers import weight_tensor
+
+    return weight_tensor(model, name)
+
+
+def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
+    """``[experts, K]`` squared rounding errors of each expert matrix of stacked layer ``i``."""
+    from ..moe import per_expert_errors
+
+    legal = np.ones(len(ctx.options), bool) if ctx.legal is None else ctx.legal[i]
+    return per_expert_errors(weight_of(model, ctx.layers[i]), ctx.layers[i], ctx.options, legal)
 
 
 def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from ..data import model_output_tensor, move_batch, slice_batch, split_batch
 from ..quant import quantization_error
 from ..settings import Choices, Interval
-from .base import Context, Estimator, EstimatorWarning, math_attention, probe_seed, progress_bar, weight_of
+from .base import (
+    Context, Estimator, EstimatorWarning, leaf_weights, math_attention, probe_seed, progress_bar, weight_of,
+)
 from .losses import LOSSES, OUTPUTS, cross_entropy, loss_value, output_kind, resolve_loss
 
 
@@ -39,6 +41,7 @@ class FisherEstimator(Estimator):
     _parameter_constraints = {"loss": [Choices(*LOSSES), callable], "output": [Choices(*OUTPUTS)],
                               "chunk_size": [Interval(int, 0, None, closed="right")],
                               "per_sample": [Choices("auto", "vmap", "loop")]}
+    routed_damage = True
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, loss="auto",
                  output: str = "auto", chunk_size: int = 16, per_sample: str = "auto",
@@ -53,7 +56,7 @@ class FisherEstimator(Estimator):
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
         loss = resolve_loss(self.loss, ctx.batches)
-        weights = [weight_of(model, lay) for lay in ctx.layers]
+        weights, names, where = leaf_weights(model, ctx.layers)  # per-expert layers: their stacked tensor
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
             "batch": 0, "chunk": 0, "samples": 0,
             "sums": [torch.zeros(w.shape, dtype=torch.float64) for w in weights]}
@@ -72,7 +75,7 @@ class FisherEstimator(Estimator):
                 grads = None
                 if method == "vmap":
                     try:
-                        grads = _vmap_grads(model, weights, ctx, args, kwargs, labels, lossfn)
+                        grads = _vmap_grads(model, weights, names, args, kwargs, labels, lossfn)
                     except Exception as exc:  # noqa: BLE001 - any vmap failure falls back
                         if self.per_sample == "vmap":
                             raise
@@ -98,9 +101,12 @@ class FisherEstimator(Estimator):
         ctx.cost["per_sample"] = method
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(ctx.layers):
-            fisher = (sums[i] / max(samples, 1)).float()
+            pi, e = where[i]
+            fisher = (sums[pi] / max(samples, 1)).float()
+            fisher = fisher if e is None else fisher[e]
+            w = weight_of(model, lay)
             for k, opt in ctx.layer_options(i):
-                dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
+                dw = quantization_error(w, opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((fisher * dw.pow(2)).sum())
         return out
 
@@ -136,10 +142,9 @@ def _chunk(batch, ci: int, size: int):
     return slice_batch(args, lo, hi, n), slice_batch(kwargs, lo, hi, n), slice_batch(labels, lo, hi, n)
 
 
-def _vmap_grads(model, weights, ctx, args, kwargs, labels, lossfn):
+def _vmap_grads(model, weights, names, args, kwargs, labels, lossfn):
     from torch.func import functional_call, grad, vmap
 
-    names = [lay.name + ".weight" for lay in ctx.layers]
     fixed = {k: v.detach() for k, v in model.named_parameters(remove_duplicate=False)}
     fixed.update(dict(model.named_buffers(remove_duplicate=False)))
 

@@ -18,7 +18,10 @@ the same probes (each drawn from its own seed) and the same traces up to float r
 larger kernels, at up to ``p`` times the HVP memory. When batching fails (an operation without a
 batching rule) it warns and goes on one probe at a time.
 
-- ``mode="trace"``: damage(l, b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3).
+- ``mode="trace"``: damage(l, b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3). A stacked
+  expert tensor is traced by expert slices: damage = sum_e Tr(H_e) / n_e * ||Q_b(W_e) - W_e||^2, so
+  each expert's curvature (zero for an expert no calibration token reaches, which then gets the
+  fallback of :mod:`mpsearch.moe`) weighs its own error; a per-expert layer is one such slice.
 - ``mode="diagonal"``: damage(l, b) = sum_j diag(H)_j * dW_j^2 with diag(H) ~ E[v * Hv].
 
 Each trace's standard error is in the metadata (``uncertainty``) and as a ``damage_std`` column.
@@ -37,10 +40,11 @@ import torch
 
 from ..data import batch_size, micro_batches, move_batch
 from ..errors import MpsearchError
+from ..moe import EXPERT_KINDS
 from ..quant import quantization_error
 from .base import (
-    Context, Estimator, EstimatorWarning, check_choice, check_positive, math_attention,
-    only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
+    Context, Estimator, EstimatorWarning, check_choice, check_positive, expert_errors, leaf_weights,
+    math_attention, only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
 )
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
 
@@ -50,6 +54,7 @@ class HessianEstimator(Estimator):
 
     name = "hessian"
     needs_data = True
+    routed_damage = True
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, probes: int = 64,
                  min_probes: int = 8, tol: float = 0.05, mode: str = "trace", loss="auto",
@@ -87,7 +92,9 @@ class HessianEstimator(Estimator):
         self._check()
         self._batched = int(self.probe_batch) > 1  # run state: off after a failed batched HVP
         loss = resolve_loss(self.loss, ctx.batches)
-        weights = [weight_of(model, lay) for lay in ctx.layers]
+        weights, _names, where = leaf_weights(model, ctx.layers)  # per-expert layers: their stacked tensor
+        self._segments, layer_of = _segments(ctx.layers, weights, where)  # run state: traces per expert slice
+        self._layer_of = layer_of
         diagonal = self.mode == "diagonal"
         n_max = max(int(self.probes), int(self.min_probes))
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or _fresh()
@@ -118,8 +125,9 @@ class HessianEstimator(Estimator):
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st, force=True)
         bar.close()
-        trace, stderr = _combine(st["done"])
-        n = np.array([w.numel() for w in weights], dtype=float)
+        seg_trace, _seg_stderr = _combine(st["done"])
+        trace, stderr = _combine([(size, t @ layer_of) for size, t in st["done"]])
+        n = np.array([lay.params for lay in ctx.layers], dtype=float)
         trace = self._handle_negative(trace, [lay.name for lay in ctx.layers], "trace")
         err2 = weight_errors(model, ctx)
         probes_used = [int(t.shape[0]) for _, t in st["done"]]
@@ -131,18 +139,27 @@ class HessianEstimator(Estimator):
         }
         ctx.extra_columns["damage_std"] = (stderr / n)[:, None] * err2
         if not diagonal:
-            return (trace / n)[:, None] * err2
+            out = (trace / n)[:, None] * err2
+            for i, lay in enumerate(ctx.layers):  # stacked experts: each expert's trace weighs its own error
+                if lay.kind in EXPERT_KINDS and where[i][1] is None:
+                    segs = np.flatnonzero(layer_of[:, i].numpy())
+                    per = self._handle_negative(seg_trace[segs], [f"{lay.name}[{e}]" for e in range(len(segs))],
+                                                "trace")
+                    out[i] = ((per / (lay.params / len(segs)))[:, None] * expert_errors(model, ctx, i)).sum(0)
+            return out
         weight_sum = sum(size for size, _ in st["done"])
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         diags = [(d / weight_sum).float().cpu() for d in st["diag_total"]]
+        diags = [diags[pi] if e is None else diags[pi][e] for pi, e in where]  # per layer
         neg = [lay.name for lay, d in zip(ctx.layers, diags) if bool((d < 0).any())]
         if neg:
             count = sum(int((d < 0).sum()) for d in diags)
             self._negative_found(f"Hessian-diagonal entries ({count}, in {len(neg)} layer(s) from {neg[0]!r})")
         for i, lay in enumerate(ctx.layers):
             d = diags[i].clamp(min=0) if self.negative == "clamp" else diags[i].abs()
+            w = weight_of(model, lay)
             for k, opt in ctx.layer_options(i):
-                dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
+                dw = quantization_error(w, opt, lay.kind, lay.name).cpu()
                 out[i, k] = float((d * dw.pow(2)).sum())
         return out
 
@@ -161,7 +178,7 @@ class HessianEstimator(Estimator):
         elif diag is not None:
             for acc, v, h in zip(diag, vs, hv):
                 acc += (v * h).double() * scale
-        return torch.stack([(v * h).sum().double().cpu() for v, h in zip(vs, hv)]) * scale
+        return _seg_sums(vs, hv, self._segments).cpu() * scale
 
     def _probes(self, grads, weights, ctx, bi, js, scale, diag=None):
         """Probes ``js`` through one gradient graph, in one batched HVP (``is_grads_batched``) where
@@ -197,7 +214,8 @@ class HessianEstimator(Estimator):
         elif diag is not None:
             for acc, v, h in zip(diag, vs, hv):
                 acc += (v * h).double().sum(0) * scale
-        per = torch.stack([(v * h).reshape(len(js), -1).sum(-1).double() for v, h in zip(vs, hv)], 1).cpu()
+        per = torch.cat([(v * h).reshape(len(js), s, -1).sum(-1).double() for v, h, s in zip(vs, hv, self._segments)],
+                        1).cpu()
         return [row * scale for row in per], prods
 
     def _probe_batch(self, model, batch, loss, weights, ctx, st, bi, n_max, bar):
@@ -212,7 +230,7 @@ class HessianEstimator(Estimator):
         while len(st["current"]) < n_max:
             lo = len(st["current"])
             hi = min(n_max, lo + shard.world * p)  # p probes per rank, in one batched HVP
-            rows = torch.zeros(hi - lo, len(weights), dtype=torch.float64)
+            rows = torch.zeros(hi - lo, sum(self._segments), dtype=torch.float64)
             js = [j for j in range(lo, hi) if j % shard.world == shard.rank]
             got, prods = self._probes(grads, weights, ctx, bi, js, 1.0,
                                       [] if st["diag_batch"] is not None else None) if js else ([], [])
@@ -223,7 +241,7 @@ class HessianEstimator(Estimator):
             for j in range(lo, hi):
                 st["current"].append(rows[j - lo])
                 bar.update(1)
-                if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"])):
+                if j + 1 >= self.min_probes and self._converged(torch.stack(st["current"]) @ self._layer_of):
                     stop = True
                     break
             for j, pr in zip(js, prods):  # a probe past the stopping point is dropped
@@ -251,7 +269,7 @@ class HessianEstimator(Estimator):
         while len(st["current"]) < n_max:
             lo = len(st["current"])
             hi = min(n_max, max(int(self.min_probes), 2 * lo))
-            vals = torch.zeros(hi - lo, len(weights), dtype=torch.float64)
+            vals = torch.zeros(hi - lo, sum(self._segments), dtype=torch.float64)
             mine = [j for j in range(lo, hi) if j % shard.world == shard.rank]
             for part, size in zip(parts, sizes) if mine else ():
                 grads = self._gradient_graph(model, part, loss, weights, ctx)
@@ -266,7 +284,7 @@ class HessianEstimator(Estimator):
             bar.update(hi - lo)
             if ctx.checkpoint:  # a round is the unit of work kept across an interruption
                 ctx.checkpoint.save(st)
-            if hi >= self.min_probes and self._converged(torch.stack(st["current"])):
+            if hi >= self.min_probes and self._converged(torch.stack(st["current"]) @ self._layer_of):
                 break
 
     def _gradient_graph(self, model, batch, loss, weights, ctx):
@@ -309,6 +327,28 @@ class HessianEstimator(Estimator):
             + ("set to 0 (negative='clamp')" if self.negative == "clamp" else "using |value| (negative='abs')"),
             EstimatorWarning, stacklevel=4,
         )
+
+
+def _segments(layers, weights, where):
+    """Per parameter, how many trace slices its probes are summed into (one per expert of a stacked
+    expert tensor, else one), and the ``[slices, layers]`` 0/1 matrix adding slices into layer traces."""
+    segs = [1] * len(weights)
+    for lay, (pi, _e) in zip(layers, where):
+        if lay.kind in EXPERT_KINDS and weights[pi].dim() == 3:
+            segs[pi] = int(weights[pi].shape[0])
+    offset = np.concatenate([[0], np.cumsum(segs)])
+    layer_of = torch.zeros(int(offset[-1]), len(layers), dtype=torch.float64)
+    for i, (pi, e) in enumerate(where):
+        if e is not None:
+            layer_of[offset[pi] + e, i] = 1.0
+        else:
+            layer_of[offset[pi]: offset[pi + 1], i] = 1.0
+    return segs, layer_of
+
+
+def _seg_sums(vs, hv, segs) -> torch.Tensor:
+    """``v^T H v`` of each trace slice (:func:`_segments`) of one probe."""
+    return torch.cat([(v * h).reshape(s, -1).sum(-1).double() for v, h, s in zip(vs, hv, segs)])
 
 
 def _fresh() -> dict:

@@ -40,6 +40,7 @@ from torch import nn
 from ..data import model_output_tensor, move_batch, split_batch
 from ..errors import MpsearchError
 from ..layers import _kind
+from ..moe import EXPERT_KINDS
 from ..settings import Choices, Interval
 from .base import Context, Estimator, only_weights_require_grad, progress_bar, weight_errors, weight_of
 from .losses import OUTPUTS, output_kind
@@ -174,6 +175,12 @@ class LRPEstimator(Estimator):
         self.cache_every = cache_every
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
+        experts = [lay.name for lay in ctx.layers if lay.kind in EXPERT_KINDS]
+        if experts:
+            raise MpsearchError(
+                f"lrp: {experts[0]!r} is a stacked expert tensor, applied inside its experts module's forward "
+                f"with no module output of its own for relevance to arrive at; use output-distance, fisher "
+                f"or hessian on mixture-of-experts models (or --exclude the experts)")
         names = [lay.name for lay in ctx.layers]
         weights = [weight_of(model, lay) for lay in ctx.layers]
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {

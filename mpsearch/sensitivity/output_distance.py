@@ -50,9 +50,10 @@ from ..data import micro_batches, model_output_tensor, move_batch
 from ..distributed import assign
 from ..layers import get_module
 from ..errors import MpsearchError
+from ..moe import EXPERT_KINDS
 from ..quant import quantize_weight
 from .base import (
-    Context, Estimator, check_choice, check_positive, progress_bar, weight_errors,
+    Context, Estimator, check_choice, check_positive, progress_bar, weight_errors, weight_of,
 )
 from .blocks import PrefixRunner, find_blocks
 from .losses import METRICS, check_output, forward, output_kind
@@ -69,6 +70,7 @@ class OutputDistanceEstimator(Estimator):
 
     name = "output-distance"
     needs_data = True
+    routed_damage = True
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
@@ -191,8 +193,9 @@ class OutputDistanceEstimator(Estimator):
         ``[K]`` tensor on the device, 0 for ``keep`` and for options not measured, from the runner's
         cached prefix. Weight-only options share stacked passes; options that also quantize the
         layer's input activations take one pass each."""
-        module = get_module(model, layer.name)
-        w = module.weight
+        w = weight_of(model, layer)
+        expert = layer.kind in EXPERT_KINDS
+        module = None if expert else get_module(model, layer.name)
         index = ctx.layers.index(layer) if index is None else index
         wanted = None if options is None else set(options)
         active = [k for k, opt in ctx.layer_options(index)
@@ -203,7 +206,11 @@ class OutputDistanceEstimator(Estimator):
             return out[:K]
         start = runner.start_of(layer.name)
         src = w if self._fp is None else self._fp.get(index, w)  # with a base, w holds the base's weight
-        variants = {k: quantize_weight(src, ctx.options[k], layer.kind, layer.name) for k in active}
+        if expert:  # a stacked expert tensor is large: one quantized copy at a time, one option per pass
+            src = src.detach().clone() if src is w else src  # w is overwritten while the options run
+            variants = _Variants(lambda k: quantize_weight(src, ctx.options[k], layer.kind, layer.name))
+        else:
+            variants = {k: quantize_weight(src, ctx.options[k], layer.kind, layer.name) for k in active}
         measured = list(active)
         acts = [k for k in active if _quantizes_activations(ctx.options[k])]
         if acts:
@@ -246,7 +253,7 @@ class OutputDistanceEstimator(Estimator):
         try:
             for k in active:
                 with torch.no_grad():
-                    w.copy_(variants[k])
+                    w.copy_(variants.pop(k) if isinstance(variants, _Variants) else variants[k])
                 if module is not None:
                     with activation_quantized(module, ctx.options[k]):
                         out = runner.run(batch, start)[0]
@@ -273,6 +280,21 @@ class OutputDistanceEstimator(Estimator):
 
 
 _DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
+
+
+class _Variants(dict):
+    """Quantized weights made when asked for (and dropped by ``pop``): a stacked expert tensor's
+    options are measured one at a time, so one quantized copy is alive at a time."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, k):
+        return self._make(k)
+
+    def pop(self, k, *default):
+        return super().pop(k) if k in self else self._make(k)
 
 
 def _base_spec(base):
@@ -321,7 +343,7 @@ class _BasePoint:
             if opt.is_keep:
                 continue
             lay = ctx.layers[i]
-            w = get_module(model, lay.name).weight
+            w = weight_of(model, lay)
             self.weights[i] = w
             self.fp[i] = w.detach().clone()
             self.based[i] = quantize_weight(self.fp[i], opt, lay.kind, lay.name)

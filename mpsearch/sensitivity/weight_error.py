@@ -2,7 +2,11 @@
 
 With ``weighted=True`` (needs data) each input feature's error is weighted by the mean square of that
 input over the calibration batches, E[x_j^2] * sum_i dW_ij^2: the expected squared output error of a
-linear layer when inputs are uncorrelated.
+linear layer when inputs are uncorrelated. For a stacked expert tensor each expert's matrix is
+weighted by the inputs routed to it (the hidden states of its tokens for ``gate_up_proj``, its own
+intermediate activations for ``down_proj``), summed over its tokens and divided by all the tokens
+the block saw: sum_e sum_j E[x_ej^2 1(routed to e)] * sum_i dW_eij^2, so an expert's weight in the
+damage is its share of the tokens (experts with few get the fallback of :mod:`mpsearch.moe`).
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import numpy as np
 import torch
 
 from ..data import move_batch, run_model
+from ..errors import MpsearchError
 from ..layers import get_module
-from ..quant import quantization_error, weight_matrix
+from ..moe import EXPERT_KINDS
+from ..quant import expert_matrices, quantization_error, weight_matrix
 from .base import Context, Estimator, progress_bar, weight_errors, weight_of
 
 
@@ -29,25 +35,109 @@ class WeightErrorEstimator(Estimator):
     def needs_data(self) -> bool:  # type: ignore[override]
         return self.weighted
 
+    @property
+    def routed_damage(self) -> bool:  # type: ignore[override]
+        return self.weighted
+
     def _damage(self, model, ctx: Context) -> np.ndarray:
         if not self.weighted:
             return weight_errors(model, ctx)
-        moments = _input_moments(model, ctx)
+        dense, dense_result = _input_moments(model, [lay for lay in ctx.layers if lay.kind not in EXPERT_KINDS])
+        experts, expert_result = _expert_moments(model, [lay for lay in ctx.layers if lay.kind in EXPERT_KINDS])
+        _run_hooked(model, ctx, dense + experts)  # one pass over the calibration batches feeds both
+        moments = {**dense_result(), **expert_result()}
         out = np.zeros((len(ctx.layers), len(ctx.options)))
         for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
             w = weight_of(model, lay)
             for k, opt in ctx.layer_options(i):
-                err = weight_matrix(quantization_error(w, opt, lay.kind, lay.name), lay.kind)
-                out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
+                err = quantization_error(w, opt, lay.kind, lay.name)
+                if lay.kind in EXPERT_KINDS:  # [experts, out, in] x per-expert input moments [experts, in]
+                    mats = expert_matrices(err, lay.kind)
+                    out[i, k] = float((mats.pow(2) * moments[lay.name][:, None, :]).sum())
+                else:
+                    err = weight_matrix(err, lay.kind)
+                    out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
         return out
 
 
-def _input_moments(model, ctx: Context) -> dict[str, torch.Tensor]:
-    """Mean square of each input column of every layer's weight matrix."""
+def _run_hooked(model, ctx: Context, handles) -> None:
+    """Run the calibration batches once through ``model`` (forward hooks collecting), then remove
+    the hooks."""
+    try:
+        with torch.no_grad():
+            for batch in ctx.batches:
+                run_model(model, move_batch(batch, ctx.device))
+                ctx.count("forward_passes")
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _expert_moments(model, layers):
+    """Hooks, and the result after a pass: per stacked expert layer ``[experts, in]``, each expert's
+    sum of squared inputs over the tokens routed to it, divided by the tokens its block saw (a
+    per-expert layer: its row)."""
+    from ..moe import _index_tensor, split_name
+
+    if not layers:
+        return [], dict
+    modules = dict(model.named_modules())
+    containers = {lay.extra["container"] for lay in layers}
+    sums: dict[str, dict[str, torch.Tensor]] = {c: {} for c in containers}
+    tokens = dict.fromkeys(containers, 0)
+    handles = []
+
+    def hook_for(c):
+        mod = modules[c]
+        gated = bool(getattr(mod, "has_gate", False))
+        first = "gate_up_proj" if gated else "up_proj"
+
+        def hook(m, args, kwargs):
+            x = next((a for a in list(args) + list(kwargs.values())
+                      if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            idx = _index_tensor(args, kwargs, getattr(m, "num_experts", None) or 1 << 30)
+            if x is None or idx is None or not hasattr(m, "has_gate"):
+                raise MpsearchError(
+                    f"weight-error (weighted): the experts module {c!r} ({type(m).__name__}) is not given "
+                    f"its routing indices, so the inputs of each expert are unknown; use weighted=False "
+                    f"or another estimator (output-distance, fisher, hessian)")
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            tokens[c] += x.shape[0]
+            w1 = getattr(m, first).detach().float()
+            for e in torch.unique(idx[idx < w1.shape[0]]).tolist():
+                xe = x[(idx == e).any(-1)]
+                h = xe @ w1[e] if m.is_transposed else xe @ w1[e].t()
+                if getattr(m, "has_bias", False):
+                    h = h + getattr(m, f"{first}_bias")[e].float()
+                h = m._apply_gate(h) if gated else m.act_fn(h)
+                for pname, inp in ((first, xe), ("down_proj", h)):
+                    acc = sums[c].setdefault(pname, torch.zeros(w1.shape[0], inp.shape[-1], dtype=torch.float64,
+                                                                 device=inp.device))
+                    acc[e] += inp.pow(2).sum(0).double()
+        return hook
+
+    for c in containers:
+        handles.append(modules[c].register_forward_pre_hook(hook_for(c), with_kwargs=True))
+
+    def result():
+        out = {}
+        for lay in layers:
+            base, e = split_name(lay.name)
+            c, pname = lay.extra["container"], base.rpartition(".")[2]
+            m = (sums[c][pname] / max(tokens[c], 1)).float()
+            out[lay.name] = m if e is None else m[e: e + 1]
+        return out
+
+    return handles, result
+
+
+def _input_moments(model, layers):
+    """Hooks, and the result after a pass: the mean square of each input column of every layer's
+    weight matrix."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
-    for lay in ctx.layers:
+    for lay in layers:
         module = get_module(model, lay.name)
 
         def hook(mod, args, _out, lay=lay, mod_ref=module):
@@ -67,12 +157,4 @@ def _input_moments(model, ctx: Context) -> dict[str, torch.Tensor]:
             counts[lay.name] = counts.get(lay.name, 0) + n
 
         handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in ctx.batches:
-                run_model(model, move_batch(batch, ctx.device))
-                ctx.count("forward_passes")
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
+    return handles, lambda: {name: sums[name] / counts[name] for name in sums}

@@ -7,9 +7,12 @@ or ``mpsearch``'s own integer options, the default):
   ``default_options``, the set a search uses unless told otherwise;
 - the per-tensor rules (:meth:`Target.legal_options`): which options a weight of a given shape may
   take (K-quants need columns divisible by 256; group sizes must divide the input features...);
-- which layers it plans (:meth:`Target.plans_layer`): a tied ``lm_head`` is one tensor in GGUF;
-- its runtime ties (``fused_runtime``: q/k/v and gate/up fused into one matrix), applied when the
-  table is built so that every solver honours them;
+- which layers it plans (:meth:`Target.plans_layer`) and why it leaves the others
+  (:meth:`Target.unplanned_reason`): a tied ``lm_head`` is one tensor in GGUF; routers of
+  mixture-of-experts blocks stay in 16 bits (llama.cpp keeps ``ffn_gate_inp`` in F32);
+- its runtime ties (``fused_runtime``: q/k/v and gate/up fused into one matrix; ``moe_ties``: the
+  expert tensors one decision covers), applied when the table is built so that every solver honours
+  them;
 - ``exporter``: the ``mpsearch export --to`` format that writes what the consumer reads;
 - :meth:`Target.recipes`: the consumer's own default recipes (uniform types, built-in mixes) as
   ``{layer: option}`` plans, measured beside mpsearch's frontier.
@@ -37,6 +40,10 @@ class Target:
     options: tuple[str, ...] = ()
     default_options: tuple[str, ...] = ()
     fused_runtime: bool = False
+    #: tie regexes over expert layers: the expert tensors the consumer stores under one decision
+    moe_ties: tuple[str, ...] = ()
+    #: whether one expert of a stacked tensor may be a layer of its own (``per_expert``)
+    per_expert: bool = False
     notes: str = ""
 
     # ------------------------------------------------------------------ options
@@ -66,12 +73,26 @@ class Target:
         return [o for o in options if self.option_reason(layer, o) is None]
 
     def option_reason(self, layer, option: Option) -> str | None:
-        """``None`` if ``layer`` may take ``option``, else why not."""
+        """``None`` if ``layer`` may take ``option``, else why not. Shape rules hold per expert matrix
+        for stacked experts; options that also quantize the layer's input are not offered to experts
+        (their inputs live inside the experts module's forward, where mpsearch's applier cannot
+        quantize them)."""
+        if (getattr(layer, "role", None) == "expert" and option.act_bits < 16
+                and "stack" not in getattr(layer, "extra", {})):
+            return ("quantizes activations, which mpsearch cannot reproduce inside a fused experts "
+                    "module (weight-only options only)")
         return option.check_shape(layer.out_channels, layer.in_features)
 
     def plans_layer(self, layer, model=None) -> bool:
         """Whether this target stores ``layer`` as a tensor of its own (and so plans it)."""
-        return True
+        return self.unplanned_reason(layer, model) is None
+
+    def unplanned_reason(self, layer, model=None) -> str | None:
+        """Why this target leaves ``layer`` out of its plans (``None``: it plans it)."""
+        if getattr(layer, "role", None) == "router":
+            return ("router: kept in 16 bits (routing decisions; vLLM, llm-compressor, GPTQModel, "
+                    "ModelOpt and AutoRound leave the gate unquantized)")
+        return None
 
     def recipes(self, layers) -> dict[str, dict[str, str]]:
         """The consumer's own recipes: recipe name -> {layer: option name}. Uniform by default."""
@@ -142,9 +163,17 @@ _FUSED_TIES = (
 )
 
 
+#: fused-MoE runtimes (vLLM's FusedMoE: one quantization scheme for w13 and w2 of a layer's experts)
+FUSED_MOE_TIES = (r"^(.*\.experts)\.(?:gate_up_proj|gate_proj|up_proj|down_proj|[^.\[]+\.[^.\[]+)$",)
+#: one stacked GGUF tensor per projection: llama.cpp's ffn_*_exps from one Linear per expert
+STACKED_EXPERT_TIES = (r"^(.*\.experts)\.[^.\[]+\.([^.\[]+)$",)
+
+
 def runtime_ties(target) -> list[str]:
-    """Tie regexes for the target's runtime (fused q/k/v and gate/up), applied at solve time."""
-    return list(_FUSED_TIES) if get_target(target).fused_runtime else []
+    """Tie regexes for the target's runtime (fused q/k/v and gate/up, and the expert tensors that
+    share one decision), applied at solve time."""
+    chosen = get_target(target)
+    return (list(_FUSED_TIES) if chosen.fused_runtime else []) + list(chosen.moe_ties)
 
 
 def table_target(table, target=None) -> Target:

@@ -9,7 +9,7 @@ GPTQ, AutoRound and ModelOpt checkpoints that way) tie those projections: they m
 
 from __future__ import annotations
 
-from . import Target, is_output_layer
+from . import FUSED_MOE_TIES, Target, is_output_layer
 
 
 class ConsumerTarget(Target):
@@ -18,11 +18,14 @@ class ConsumerTarget(Target):
     planned (it is often tied to the embedding)."""
 
     fused_runtime = True
+    moe_ties = FUSED_MOE_TIES  # vLLM's FusedMoE: one scheme for a layer's experts (see the module doc)
 
-    def plans_layer(self, layer, model=None) -> bool:
-        if layer.kind == "embedding" or layer.name.rsplit(".", 1)[-1] == "lm_head":
-            return False
-        return not (model is not None and is_output_layer(model, layer.name))
+    def unplanned_reason(self, layer, model=None) -> str | None:
+        if layer.kind == "embedding":
+            return f"embedding: {self.name} leaves embeddings in 16 bits"
+        if layer.name.rsplit(".", 1)[-1] == "lm_head" or (model is not None and is_output_layer(model, layer.name)):
+            return f"output projection: {self.name} leaves lm_head in 16 bits, as its own recipes do"
+        return super().unplanned_reason(layer, model)
 
     def __init__(self, name, consumer, description, exporter, options, default_options, notes=""):
         self.name = name

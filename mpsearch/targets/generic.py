@@ -18,6 +18,7 @@ class MpsearchTarget(Target):
     exporter = None
     default_options = tuple(DEFAULT_SEARCH_OPTIONS.split(","))
     options = default_options + ("keep",)
+    per_expert = True  # the applier quantizes any slice of a stacked expert tensor
 
     def parsed_options(self, names=None):
         from ..options import parse_options

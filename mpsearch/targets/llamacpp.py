@@ -14,13 +14,21 @@ Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 - the planned layers are the transformer blocks' matrices; a tied ``lm_head`` is not a tensor of
   its own in GGUF (``token_embd`` serves both) and is not planned; the token embedding gets the
   type given at export (``--token-embedding-type``);
-- llama.cpp keeps q/k/v and gate/up as separate tensors: no runtime ties.
+- llama.cpp keeps q/k/v and gate/up as separate tensors: no runtime ties;
+- mixture-of-experts: all experts of one projection are one GGUF tensor (``blk.N.ffn_gate_exps``,
+  ``ffn_up_exps``, ``ffn_down_exps``; shared experts ``ffn_*_shexp``), so a stacked expert tensor is
+  one decision, and per-expert Linears (``experts.3.w1``) are tied by projection; a fused
+  ``gate_up_proj`` is *one* decision written as two GGUF tensors of the same type (the converter
+  splits it; rows are quantized independently, so the two tensors' sizes add up to the stacked
+  one's exactly). The router ``ffn_gate_inp`` (and Qwen2-MoE's ``ffn_gate_inp_shexp``) is written
+  in F32 by ``convert_hf_to_gguf.py`` and never quantized by ``llama-quantize``
+  (``tensor_allows_quantization``): it is not planned.
 """
 
 from __future__ import annotations
 
 from ..formats.ggml import fallback_type  # llama.cpp's tensor_type_fallback
-from . import Target, is_output_layer
+from . import STACKED_EXPERT_TIES, Target, is_output_layer
 
 
 class LlamaCppTarget(Target):
@@ -34,12 +42,18 @@ class LlamaCppTarget(Target):
                        "q6_K", "q8_0")
     notes = "rows must divide the type's block (256 for K-quants, 32 otherwise); a tied lm_head is not planned"
 
-    def plans_layer(self, layer, model=None) -> bool:
+    moe_ties = STACKED_EXPERT_TIES
+
+    def unplanned_reason(self, layer, model=None) -> str | None:
         from ..export.llamacpp_types import llama_gguf_name
 
+        if getattr(layer, "role", None) == "router":
+            return "router: llama.cpp keeps ffn_gate_inp in F32 (llama-quantize never quantizes it)"
         if layer.kind == "embedding":
-            return llama_gguf_name(layer.name) is not None
-        return not (model is not None and is_output_layer(model, layer.name, tied_only=True))
+            return None if llama_gguf_name(layer.name) is not None else "embedding: no GGUF tensor name"
+        if model is not None and is_output_layer(model, layer.name, tied_only=True):
+            return "tied lm_head: GGUF stores it once, as token_embd"
+        return None
 
     def recipes(self, layers) -> dict[str, dict[str, str]]:
         """``pure-<type>``: every planned tensor at one type, with llama.cpp's own fallback where
