@@ -23,8 +23,10 @@ redone):
    random init under ``--seed``.
 3. **Training.** AdamW (weight decay on matrices only), linear warm-up then cosine decay to 10%,
    gradient clipping at 1, bf16 autocast on CUDA (fp32 on CPU); the loss is the LM cross-entropy
-   plus ``--aux-coef`` x transformers' Switch-style load-balancing loss
-   (``load_balancing_loss_func`` through ``output_router_logits=True``), so every expert is used.
+   plus ``--aux-coef`` x the Switch Transformer load-balancing loss of each layer (averaged over
+   layers; :func:`balance_loss`, on the router logits of ``output_router_logits=True``), so every
+   expert of every layer is used (transformers' own loss pools the layers and lets experts starve:
+   ``experiments/moe_balance.md``).
    Batches are random windows of the training stream drawn from a generator seeded by
    ``(seed, step)``, so a resumed run sees the same batches. Validation loss every
    ``--eval-every`` steps; the weights with the lowest validation loss are the ones kept
@@ -155,8 +157,30 @@ def build_config(cfg: dict, vocab: int, tok):
                       n_head=cfg["n_head"], n_head_kv=cfg["n_head_kv"], head_dim=cfg["head_dim"],
                       n_expert=cfg["n_expert"], top_k=cfg["top_k"], moe_ff=cfg["moe_ff"],
                       tied=True, vocab=vocab, ctx=max(2048, cfg["seq_len"]),
-                      router_aux_loss_coef=cfg["aux_coef"], bos_token_id=tok.bos_token_id,
+                      bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def balance_loss(router_logits, top_k: int):
+    """The Switch Transformer load-balancing loss of each layer, averaged over layers:
+    ``experts * sum_e f_e * P_e``, with ``f_e`` the share of the layer's top-k slots routed to
+    expert e and ``P_e`` its mean router probability; 1 when balanced, ``experts / top_k`` when a
+    layer sends everything to ``top_k`` experts.
+
+    Not transformers' ``load_balancing_loss_func``: that one pools every layer's routing before
+    balancing, so each layer may collapse onto a few experts as long as the layers pick different
+    ones (experiments/moe_balance.md: with the pooled loss 23 of 64 experts of a small Qwen3-MoE
+    got under a quarter of their uniform share, with this one at coefficient 0.02 none did)."""
+    import torch
+
+    losses = []
+    for r in router_logits:
+        p = torch.softmax(r.float(), dim=-1)
+        e = p.shape[-1]
+        idx = p.topk(top_k, dim=-1).indices.reshape(-1)
+        f = torch.bincount(idx, minlength=e).float() / idx.numel()
+        losses.append(e * (f * p.mean(0)).sum())
+    return torch.stack(losses).mean()
 
 
 def lm_loss(model, x, aux_coef: float, autocast):
@@ -167,7 +191,7 @@ def lm_loss(model, x, aux_coef: float, autocast):
         out = model(input_ids=x, output_router_logits=True, use_cache=False)
     logits = out.logits[:, :-1].float()
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-    aux = out.aux_loss.float()
+    aux = balance_loss(out.router_logits, model.config.num_experts_per_tok)
     return ce + aux_coef * aux, ce, aux
 
 
@@ -205,6 +229,8 @@ def evaluate(model, ids, *, seq_len: int, batch: int, device, autocast, route=Fa
 def pick_experts_impl(model, x, aux_coef, autocast, want: str) -> str:
     """transformers' ``grouped_mm`` experts where they run (forward and backward, equal to the
     per-expert loop to 2%), else its ``eager`` per-expert loop; ``want`` forces one."""
+    if not hasattr(model, "set_experts_implementation"):  # transformers < 5: nn.Linear experts
+        return "per-expert nn.Linear (this transformers has no experts implementations)"
     if want != "auto":
         model.set_experts_implementation(want)
         return want
@@ -461,7 +487,8 @@ def train(args) -> dict:
         "device_name": _t.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "experts_implementation": impl, "weights": n_params, "expert_weights": n_expert_params,
         "steps": state["step"], "kept": kept, "train_tokens_seen": state["train_tokens"],
-        "epochs": state["train_tokens"] / len(data["train"]),
+        "epochs": state["train_tokens"] / len(data["train"]), "train_split_tokens": len(data["train"]),
+        "val_split_tokens": len(data["val"]),
         "train_seconds": round(state["train_seconds"], 1),
         "tokens_per_second": round(state["train_tokens"] / max(state["train_seconds"], 1e-9)),
         "peak_gpu_memory_gib": None if peak is None else round(peak / 2**30, 2),
@@ -684,6 +711,56 @@ def join(parts_dir: Path, out: Path) -> Path:
     return out / "hf"
 
 
+# ----------------------------------------------------------------------------- markdown
+def markdown(out: Path) -> str:
+    """The run's results as markdown (for ``experiments/train_moe.md``), from ``OUT/report.json``
+    and, when present, ``OUT/check.json``."""
+    out = Path(out)
+    if not (out / "report.json").is_file():
+        raise UsageError(f"{out} has no report.json: run train (or join) first")
+    r = json.loads((out / "report.json").read_text())
+    s = r["settings"]
+    rows = [
+        ("model", f"Qwen3-MoE, {s['n_layer']} layers x {s['n_expert']} experts (top-{s['top_k']}, "
+                  f"width {s['moe_ff']}), hidden {s['hidden']}, {s['n_head']} heads of "
+                  f"{s['head_dim']} / {s['n_head_kv']} KV, tied embeddings"),
+        ("weights", f"{r['weights']:,} ({r['expert_weights'] / r['weights']:.0%} in experts)"),
+        ("run", f"{r['steps']} steps x {s['batch']} x {s['seq_len']} tokens "
+                f"({r['epochs']:.1f} epochs of {r['train_split_tokens']:,} training tokens; "
+                f"{r['val_split_tokens']:,} held out for validation), seed {s['seed']}, lr "
+                f"{s['lr']}, aux coef {s['aux_coef']}"),
+        ("device", f"{r['device_name']}, {r['experts_implementation']} experts"),
+        ("training time", f"{r['train_seconds']} s, {r['tokens_per_second']:,} tokens/s"
+                          + (f", peak GPU memory {r['peak_gpu_memory_gib']} GiB"
+                             if r.get("peak_gpu_memory_gib") is not None else "")),
+        ("weights kept", r["kept"]),
+        ("final train loss", f"{r['final_train_loss']:.4f}"),
+        ("validation loss (held-out calibration text)", f"{r['val_loss']:.4f}"),
+        ("evaluation loss (held-out plays)", f"{r['eval_loss']:.4f} (perplexity "
+                                             f"{r['eval_ppl']:.1f}, {r['eval_tokens']:,} tokens)"),
+        ("unigram baseline, evaluation plays", f"{r['unigram_eval_loss']:.4f}"),
+        ("routed slots per expert (uniform "
+         f"{r['uniform_share']:.4f})", f"min {r['expert_share_min']:.4f}, "
+                                       f"max {r['expert_share_max']:.4f}"),
+        ("Hugging Face folder", f"{r['hf_bytes'] / 1e6:.1f} MB ({s['save_dtype']})"),
+    ]
+    for k, label in (("gguf_bf16_bytes", "GGUF BF16"), ("gguf_q8_0_bytes", "GGUF Q8_0")):
+        if r.get(k):
+            rows.append((label, f"{r[k]:,} bytes"))
+    if (out / "check.json").is_file():
+        c = json.loads((out / "check.json").read_text())
+        rows.append(("llama.cpp vs transformers", f"mean KLD {c['mean_kld_llamacpp_vs_hf']:.2e}, "
+                     f"PPL {c['ppl_llamacpp']:.3f} vs {c['ppl_hf']:.3f}, same top-1 "
+                     f"{100 * c['same_top1']:.2f}% ({c['scored_tokens']} tokens)"))
+    lines = ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    lines += ["", "Per-layer share of routed token slots per expert on the evaluation plays:", "",
+              "| layer | " + " | ".join(str(e) for e in range(s["n_expert"])) + " |",
+              "|---" * (s["n_expert"] + 1) + "|"]
+    for i, row in enumerate(r["expert_share_per_layer"]):
+        lines.append(f"| {i} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -697,8 +774,8 @@ def main(argv=None) -> int:
         typ = float if k in ("lr", "val_frac") else int
         t.add_argument("--" + k.replace("_", "-"), type=typ, default=None, dest=k,
                        help=f"default {REAL[k]} ({TINY[k]} with --tiny)")
-    t.add_argument("--aux-coef", type=float, default=0.01,
-                   help="weight of the load-balancing loss (transformers' default is 0.001)")
+    t.add_argument("--aux-coef", type=float, default=0.02,
+                   help="weight of the per-layer load-balancing loss (experiments/moe_balance.md)")
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--keep", choices=("best", "last"), default="best",
                    help="save the weights of the lowest validation loss (default) or the last")
@@ -719,6 +796,8 @@ def main(argv=None) -> int:
     k.add_argument("--gguf", help="default OUT/gguf/model-BF16.gguf")
     k.add_argument("--chunks", type=int, default=8)
     k.add_argument("--ctx", type=int, default=512)
+    md = sub.add_parser("markdown", help="print OUT/report.json (+ check.json) as markdown")
+    md.add_argument("--out", required=True)
     s = sub.add_parser("split", help="OUT/hf + report.json -> parts of <= --split-mib MiB")
     s.add_argument("--out", required=True)
     s.add_argument("--split-dir", required=True)
@@ -738,6 +817,8 @@ def main(argv=None) -> int:
             from mpsearch.fileio import atomic_write_text
 
             atomic_write_text(Path(args.out) / "check.json", json.dumps(res, indent=1) + "\n")
+        elif args.cmd == "markdown":
+            print(markdown(Path(args.out)), end="")
         elif args.cmd == "split":
             split(Path(args.out), Path(args.split_dir), args.split_mib)
         else:

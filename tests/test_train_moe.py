@@ -64,10 +64,10 @@ def test_trains_and_reports(trained):
     hist = rep["history"]
     assert len(hist) == rep["steps"] == 6
     # the loss starts at ln(vocab) (a random model) and goes down; the router's balancing loss
-    # is part of the objective (k * sum(f_i * P_i) is about 2 for 4 experts, top-2)
+    # is part of the objective (1 when balanced, 2 when every layer uses 2 of its 4 experts)
     assert abs(hist[0]["train_loss"] - torch.log(torch.tensor(49152.0)).item()) < 0.1
     assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.2
-    assert all(1.0 < h["aux_loss"] < 4.0 for h in hist)
+    assert all(0.9 < h["aux_loss"] < 2.05 for h in hist)
     shares = torch.tensor(rep["expert_share_per_layer"])
     assert shares.shape == (2, 4)
     assert torch.allclose(shares.sum(1), torch.ones(2), atol=1e-6)
