@@ -371,6 +371,47 @@ def moe_type_lines(n_layer: int, kinds=("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", 
     return lines
 
 
+def model_mixes(key: str, path: Path, ftypes, dry_run, args, tmpd: Path) -> dict:
+    """:func:`gguf_hparams` of the GGUF at ``path`` plus the type llama-quantize gave each tensor
+    under each of ``ftypes`` (``mixes``, in tensor order), read from the written file or, for
+    ``dry_run`` ftypes, from the ``--dry-run`` log; per-ftype results are cached under
+    ``args.cache`` (an interrupted run resumes)."""
+    info = gguf_hparams(path)
+    names = [n for n, _ in info["tensors"]]
+    mixes, sources = {}, {}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    for ftype in ftypes:
+        cached = args.cache / f"{key}-{ftype}.json"
+        if cached.exists():
+            got = json.loads(cached.read_text())
+            types, sources[ftype] = got["types"], got["source"]
+        elif ftype in dry_run:  # needs an imatrix on some tensors to be written
+            types = dry_run_types(path, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+            sources[ftype] = "llama-quantize --dry-run log"
+        else:
+            out = tmpd / f"{key}-{ftype}.gguf"
+            run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+            types = gguf_types(out)
+            sources[ftype] = "GGUFReader of the written file"
+            out.unlink()
+        cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
+        missing = [n for n in names if n not in types]
+        if missing:
+            raise SystemExit(f"{key} {ftype}: no type read for {missing[:5]}")
+        mixes[ftype] = [types[n] for n in names]
+        print(f"{key} {ftype}: " + ", ".join(
+            f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
+    given = gguf_types(path)
+    info["input_types"] = [given[n] for n in names]
+    info["mixes"] = mixes
+    info["sources"] = sources
+    # the --dry-run log names the same types as the written file (checked on one mix)
+    dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
+    if [dry[n] for n in names] != mixes["Q4_K_M"]:
+        raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
+    return info
+
+
 def moe_fixtures(args) -> None:
     """Write :data:`MOE_FIXTURE`: the real llama-quantize's types for every tensor of the
     :data:`MOE_MODELS` under every ftype of :data:`FTYPES` + :data:`MOE_EXTRA_FTYPES`, and one
@@ -387,39 +428,8 @@ def moe_fixtures(args) -> None:
             path = args.cache / f"{key}-f16.gguf"
             if not path.exists():
                 write_random_moe_gguf(path, **spec)
-            info = gguf_hparams(path)
-            names = [n for n, _ in info["tensors"]]
-            mixes, sources = {}, {}
-            for ftype in ftypes:
-                cached = args.cache / f"{key}-{ftype}.json"
-                if cached.exists():
-                    got = json.loads(cached.read_text())
-                    types, sources[ftype] = got["types"], got["source"]
-                elif ftype in DRY_RUN or ftype in MOE_EXTRA_FTYPES:
-                    types = dry_run_types(path, ftype, threads=args.threads,
-                                          llama_cpp=args.llama_cpp)
-                    sources[ftype] = "llama-quantize --dry-run log"
-                else:
-                    out = tmpd / f"{key}-{ftype}.gguf"
-                    run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
-                    types = gguf_types(out)
-                    sources[ftype] = "GGUFReader of the written file"
-                    out.unlink()
-                cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
-                missing = [n for n in names if n not in types]
-                if missing:
-                    raise SystemExit(f"{key} {ftype}: no type read for {missing[:5]}")
-                mixes[ftype] = [types[n] for n in names]
-                print(f"{key} {ftype}: " + ", ".join(
-                    f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
-            given = gguf_types(path)
-            info["input_types"] = [given[n] for n in names]
-            info["mixes"] = mixes
-            info["sources"] = sources
+            info = model_mixes(key, path, ftypes, DRY_RUN + MOE_EXTRA_FTYPES, args, tmpd)
             info["config"] = spec
-            dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
-            if [dry[n] for n in names] != mixes["Q4_K_M"]:
-                raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
             fixture["models"][key] = info
 
         key = "qwen3moe_8x256"
@@ -489,38 +499,7 @@ def main(argv=None) -> None:
         tmpd = Path(tmpd)
         small = write_random_llama_gguf(tmpd / "small.gguf", **SMALL)
         for key, path in (("smollm2", smollm2_gguf()), ("random_llama_256", small)):
-            info = gguf_hparams(path)
-            names = [n for n, _ in info["tensors"]]
-            mixes, sources = {}, {}
-            for ftype in FTYPES:
-                cached = args.cache / f"{key}-{ftype}.json"
-                if cached.exists():
-                    got = json.loads(cached.read_text())
-                    types, sources[ftype] = got["types"], got["source"]
-                elif ftype in DRY_RUN:  # needs an imatrix on some tensors to be written
-                    types = dry_run_types(path, ftype, threads=args.threads,
-                                          llama_cpp=args.llama_cpp)
-                    sources[ftype] = "llama-quantize --dry-run log"
-                else:
-                    out = tmpd / f"{key}-{ftype}.gguf"
-                    run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
-                    types = gguf_types(out)
-                    sources[ftype] = "GGUFReader of the written file"
-                    out.unlink()
-                args.cache.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
-                mixes[ftype] = [types[n] for n in names]
-                print(f"{key} {ftype}: " + ", ".join(
-                    f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
-            given = gguf_types(path)
-            info["input_types"] = [given[n] for n in names]
-            info["mixes"] = mixes
-            info["sources"] = sources
-            # the --dry-run log names the same types as the written file (checked on one mix)
-            dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
-            if [dry[n] for n in names] != mixes["Q4_K_M"]:
-                raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
-            fixture["models"][key] = info
+            fixture["models"][key] = model_mixes(key, path, FTYPES, DRY_RUN, args, tmpd)
 
         # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type
         lines = cycled_tensor_type_lines()
