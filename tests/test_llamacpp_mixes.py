@@ -20,6 +20,13 @@ from mpsearch.targets.llamacpp_mixes import (
 FIXTURE = json.loads(
     (Path(__file__).parent / "fixtures" / "llamacpp" / "mixes.json").read_text())
 MODELS = FIXTURE["models"]
+#: tiny random Qwen3-MoE, Qwen2-MoE (shared experts) and OLMoE, converted by llama.cpp's
+#: convert_hf_to_gguf.py and quantized by llama-quantize (experiments/llamacpp_fixtures.py --moe)
+MOE_FIXTURE = json.loads(
+    (Path(__file__).parent / "fixtures" / "llamacpp" / "moe_mixes.json").read_text())
+MOE_MODELS = MOE_FIXTURE["models"]
+CASES = ([(key, f) for key in sorted(MODELS) for f in FIXTURE["ftypes"]]
+         + [(key, f) for key in sorted(MOE_MODELS) for f in MOE_FIXTURE["ftypes"]])
 
 
 def _call(model, ftype, **kw):
@@ -28,21 +35,80 @@ def _call(model, ftype, **kw):
                      n_expert=model["n_expert"], **kw)
 
 
-@pytest.mark.parametrize("key", sorted(MODELS))
-@pytest.mark.parametrize("ftype", FIXTURE["ftypes"])
+@pytest.mark.parametrize("key, ftype", CASES)
 def test_mix_equals_llama_quantize(key, ftype):
-    model = MODELS[key]
+    model = MODELS.get(key) or MOE_MODELS[key]
     names = [n for n, _ in model["tensors"]]
     real = dict(zip(names, model["mixes"][ftype]))
     given = dict(zip(names, model["input_types"]))
     got = _call(model, ftype)
     wrong = {n: (got[n], real[n]) for n in got if got[n] != real[n]}
     assert not wrong, f"{key} {ftype}: (ours, llama-quantize) differ on {wrong}"
-    # every tensor left out is one llama-quantize copied unchanged
+    # every tensor left out is one llama-quantize copied unchanged, and every tensor whose type
+    # llama-quantize changed is typed by us
     for n in names:
         if n not in got:
             assert real[n] == given[n], n
-    assert len(got) >= len(names) * 0.7
+        if real[n] != given[n]:
+            assert n in got, n
+    if not model["n_expert"]:
+        assert len(got) >= len(names) * 0.7
+
+
+def test_moe_fixture_reaches_the_moe_rules():
+    """The MoE fixture is not trivial: stacked experts are typed per tensor, routers and the
+    shared-expert gate stay f32, llama.cpp's 8-expert rules and 3-D fallbacks show."""
+    def types(key, ftype):
+        m = MOE_MODELS[key]
+        return dict(zip([n for n, _ in m["tensors"]], m["mixes"][ftype]))
+
+    shapes = {k: dict((n, tuple(s)) for n, s in m["tensors"]) for k, m in MOE_MODELS.items()}
+    q3 = types("qwen3moe_8x256", "Q4_K_M")
+    assert shapes["qwen3moe_8x256"]["blk.0.ffn_down_exps.weight"] == (8, 256, 256)
+    # use_more_bits(i, 8) on ffn_down_exps: layers 0, 7 and (i - 1) % 3 == 2 -> 3, 6
+    six = sorted(int(n.split(".")[1]) for n, t in q3.items()
+                 if n.endswith("ffn_down_exps.weight") and t == "q6_K")
+    assert six == [0, 3, 6, 7]
+    assert q3["blk.0.attn_v.weight"] == "q8_0" and q3["blk.0.attn_k.weight"] == "q8_0"  # 8 experts
+    assert q3["blk.0.ffn_gate_inp.weight"] == "f32"
+    q2 = types("qwen2moe_4x320_shared", "Q4_K_M")
+    assert q2["blk.0.ffn_gate_inp_shexp.weight"] == "f32"  # (1, 256): 1-D to ggml, kept
+    assert shapes["qwen2moe_4x320_shared"]["blk.0.ffn_gate_inp_shexp.weight"] == (1, 256)
+    assert q2["blk.0.ffn_down_exps.weight"] in ("q5_0", "q8_0")  # 320 columns: K-quant falls back
+    assert q2["blk.0.ffn_up_shexp.weight"] == "q4_K"
+    ol = types("olmoe_16x128", "Q4_K_M")
+    assert ol["blk.0.attn_v.weight"] == "q6_K"  # 16 experts: the dense rule
+    mx = types("olmoe_16x128", "MXFP4_MOE")
+    assert mx["blk.0.ffn_up_exps.weight"] == "mxfp4" and mx["blk.0.attn_q.weight"] == "q8_0"
+    assert {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"} <= {
+        n.split(".")[2] for n in q3 if n.startswith("blk.")}
+
+
+def test_moe_tensor_type_file_overrides_as_llama_quantize():
+    ov = MOE_FIXTURE["overrides"]
+    model = MOE_MODELS[ov["model"]]
+    pairs = [tuple(line.split("=", 1)) for line in ov["tensor_types"]]
+    got = _call(model, ov["ftype"], tensor_types=pairs,
+                token_embedding_type=ov["token_embedding_type"],
+                output_tensor_type=ov["output_tensor_type"])
+    names = [n for n, _ in model["tensors"]]
+    real = dict(zip(names, ov["types"]))
+    assert {n: real[n] for n in got} == got
+    for pat, t in pairs:  # 256 columns everywhere: every stacked expert tensor took its type
+        name = pat.strip("^$").replace("\\.", ".")
+        assert real[name] == t, name
+    assert real["token_embd.weight"] == "q4_K" and real["output.weight"] == "q5_K"
+
+
+def test_ggml_n_dims():
+    from mpsearch.targets.llamacpp_mixes import ggml_n_dims
+
+    assert ggml_n_dims((1, 256)) == 1 and ggml_n_dims((256,)) == 1
+    assert ggml_n_dims((2, 256)) == 2 and ggml_n_dims((1, 4, 256)) == 2
+    assert ggml_n_dims((8, 1, 256)) == 3 and ggml_n_dims((1, 1)) == 1
+    assert not allows_quantization("blk.0.ffn_gate_inp_shexp.weight", (1, 256))
+    assert allows_quantization("blk.0.ffn_up_exps.weight", (8, 256, 256))
+    assert not allows_quantization("blk.0.ffn_gate_inp.weight", (8, 256))
 
 
 def test_fixture_covers_the_requested_ftypes_and_real_mixes():

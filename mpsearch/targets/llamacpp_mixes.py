@@ -152,10 +152,22 @@ _GLM5_NEXT_NEVER = (
 )
 
 
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """``ggml_n_dims`` of a tensor given in torch order: its dimensions not counting the
+    outermost ones of size 1 (a ``(1, 256)`` matrix, as Qwen2-MoE's ``ffn_gate_inp_shexp``, is
+    1-D to ggml; a ``(1, rows, columns)`` stack of experts is 2-D)."""
+    n = len(shape)
+    for d in shape[:-1]:
+        if int(d) != 1:
+            break
+        n -= 1
+    return max(n, 1)
+
+
 def allows_quantization(name: str, shape: Sequence[int], *, arch: str = "llama",
                         quantize_output_tensor: bool = True) -> bool:
     """``tensor_allows_quantization``: whether llama-quantize changes this tensor's type at all."""
-    if len(shape) < 2:
+    if ggml_n_dims(shape) < 2:
         return False
     if not name.endswith("weight"):
         return False
@@ -516,7 +528,7 @@ def mix_types(ftype: str, tensors, *, arch: str = "llama", n_layer: int, n_head:
                     break
             if not manual and not pure:
                 new_type = _get_type_impl(
-                    st, new_type, name, shape[-1], shape[0] if len(shape) == 3 else 1, ftype,
+                    st, new_type, name, shape[-1], shape[-3] if len(shape) >= 3 else 1, ftype,
                     cat, arch=arch, n_gqa=n_gqa, n_expert=n_expert, is_70b=is_70b,
                     output_tensor_type=out_type)
             new_type = _fallback(st, name, shape[-1], new_type)
