@@ -79,12 +79,19 @@ class Ggml:
     def row_size(self, name: str, cols: int) -> int:
         return int(self.lib.ggml_row_size(TYPES[name][0], cols))
 
-    def quantize(self, name: str, x: np.ndarray) -> np.ndarray:
+    def quantize(self, name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """``ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix)``: ``imatrix`` is the
+        ``[cols]`` importance vector llama-quantize passes for a 2-D tensor (None: no imatrix)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, cols = x.shape
         rs = self.row_size(name, cols)
         dst = np.zeros((rows, rs), dtype=np.uint8)
-        n = self.lib.ggml_quantize_chunk(TYPES[name][0], x.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
+        qw = None
+        if imatrix is not None:
+            imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+            assert imatrix.shape == (cols,), (imatrix.shape, cols)
+            qw = imatrix.ctypes.data
+        n = self.lib.ggml_quantize_chunk(TYPES[name][0], x.ctypes.data, dst.ctypes.data, 0, rows, cols, qw)
         assert n == rows * rs, (name, n, rows * rs)
         return dst
 
