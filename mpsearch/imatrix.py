@@ -458,7 +458,11 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
         raise MpsearchError("computing an imatrix needs calibration data (the activations of each layer)")
     if layers is None:
         layers = discover_layers(model, include_embedding=False)
-    names = tensor_names([getattr(lay, "name", lay) for lay in layers], arch)
+    layer_names = [getattr(lay, "name", lay) for lay in layers]
+    for path, module in model.named_modules():  # stacked experts, whether or not they are planned
+        if _experts_module(module):
+            layer_names += [f"{path}.{p}" for p in ("gate_up_proj", "down_proj") if f"{path}.{p}" not in layer_names]
+    names = tensor_names(layer_names, arch)
     col = _Collector()
     handles = []
     hooked = {}
@@ -485,6 +489,9 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
             raise MpsearchError(f"computing an imatrix: {type(parent).__name__} is not a stacked-experts "
                                 f"module mpsearch can follow (3-D gate_up_proj/down_proj, top-k routing)")
         handles.append(parent.register_forward_hook(col.experts_hook(up, down)))
+        router = _router(model, parent, up or down)
+        if router is not None:  # llama-imatrix collects the router's matmul (ffn_gate_inp) too
+            handles.append(router[0].register_forward_hook(col.linear_hook([router[1]])))
     if not handles:
         raise MpsearchError("computing an imatrix: none of the model's layers is a llama.cpp blk.* tensor "
                             "(arch=%r); llama-imatrix collects only those" % arch)
@@ -512,6 +519,48 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     return Imatrix(entries, datasets=[dataset] if dataset else [], chunk_count=chunks, chunk_size=chunk_size)
 
 
+def _router(model, experts, gguf_names):
+    """The router beside a stacked-experts module (``<block>.gate`` with a 2-D weight, as in
+    Mixtral and Qwen3-MoE) and its GGUF name ``blk.N.ffn_gate_inp.weight``; ``None`` if absent."""
+    path = next((p for p, m in model.named_modules() if m is experts), None)
+    if path is None or not gguf_names or "." not in path:
+        return None
+    parent = model.get_submodule(path.rsplit(".", 1)[0])
+    gate = getattr(parent, "gate", None)
+    m = _BLK.match(gguf_names[0])
+    if gate is None or getattr(getattr(gate, "weight", None), "ndim", 0) != 2 or not m:
+        return None
+    return gate, f"blk.{m[1]}.ffn_gate_inp.weight"
+
+
+def _experts(layer) -> int:
+    """The expert count of a stacked-experts layer (its weight ``[experts, out, in]``), else 0."""
+    shape = tuple(getattr(layer, "shape", ()) or ())
+    n = getattr(layer, "experts", None) or (getattr(layer, "extra", None) or {}).get("experts")
+    return int(n) if n else (int(shape[0]) if len(shape) == 3 else 0)
+
+
+def _in_features(layer) -> int:
+    shape = tuple(getattr(layer, "shape", ()) or ())
+    return int(shape[-1]) if len(shape) == 3 else int(layer.in_features)
+
+
+_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+
+def _is_foreign(name: str, owner: dict) -> bool:
+    """Whether an imatrix entry the layers do not use names a tensor this model cannot have: a block
+    past the model's last, or a kind of tensor the model's blocks have but not in that block.
+    Entries of tensors mpsearch does not plan (an MoE router ``ffn_gate_inp``, ``output`` of
+    ``--process-output``) are not foreign: llama-quantize does not use them either."""
+    m = _BLK.match(name)
+    if not m:
+        return False
+    blocks = {int(b[1]) for g in owner if (b := _BLK.match(g))}
+    kinds = {b[2] for g in owner if (b := _BLK.match(g))}
+    return int(m[1]) > max(blocks, default=-1) or m[2] in kinds
+
+
 def _tied(model, module) -> bool:
     try:
         emb = model.get_input_embeddings()
@@ -533,7 +582,7 @@ def layer_weights(imatrix: Imatrix, layers, *, arch: str = "llama", source: str 
     shapes = {lay.name: lay for lay in layers}
     names = tensor_names(list(shapes), arch)
     owner = {g: lay for lay, gs in names.items() for g in gs}
-    unknown = [n for n in imatrix.names if n not in owner]
+    unknown = [n for n in imatrix.names if n not in owner and _is_foreign(n, owner)]
     if unknown:
         known = sorted(owner)
         hint = f" (the model's: {known[0]} .. {known[-1]}, {len(known)} tensors)" if known else ""
@@ -545,7 +594,7 @@ def layer_weights(imatrix: Imatrix, layers, *, arch: str = "llama", source: str 
         if not any(g in imatrix for g in gs):
             continue
         L = shapes[lay]
-        experts = int(getattr(L, "experts", 0) or 0)
+        experts = _experts(L)
         parts = []
         for g in gs:
             if g not in imatrix:
@@ -553,12 +602,14 @@ def layer_weights(imatrix: Imatrix, layers, *, arch: str = "llama", source: str 
                 continue
             e = imatrix.entries[g]
             want_mat = max(1, experts)
-            if e.cols != L.in_features or e.n_mat != want_mat:
+            cols = _in_features(L)
+            # llama-quantize compares the sizes (a legacy file holds the experts as one flat vector)
+            if e.sums.size != want_mat * cols or (e.n_mat > 1 and e.n_mat != want_mat):
                 raise MpsearchError(
                     f"{source} does not match the model: {g!r} has {e.n_mat} x {e.cols} values (experts x "
-                    f"columns), the model's layer {lay!r} has {want_mat} x {L.in_features}; was it made "
+                    f"columns), the model's layer {lay!r} has {want_mat} x {cols}; was it made "
                     f"for another model?")
-            w = torch.from_numpy(imatrix.weights(g))
+            w = torch.from_numpy(imatrix.weights(g).reshape(want_mat, cols))
             parts.append(w if experts else w[0])
         out[lay] = parts
     if not out:

