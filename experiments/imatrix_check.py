@@ -214,7 +214,7 @@ def _tensor_bytes(path: Path) -> dict:
 
 def build_fixtures(work: Path = WORK, out: Path = FIXTURES) -> None:
     """tests/fixtures/imatrix/: llama-imatrix's own files (GGUF and legacy .dat, dense and MoE) and,
-    for SmolLM2, the tokens and a few tensors' statistics of ``llama-imatrix -c 128 --chunks 4
+    for SmolLM2, the tokens and a few tensors' statistics of ``llama-imatrix -c 64 --chunks 2
     -ctk f32 -ctv f32 -fa off`` (what tests/test_imatrix.py checks compute_imatrix against)."""
     out.mkdir(parents=True, exist_ok=True)
     ms = models(work)
@@ -224,10 +224,11 @@ def build_fixtures(work: Path = WORK, out: Path = FIXTURES) -> None:
             (out / f"{name}.imatrix.{fmt}").write_bytes(src.read_bytes())
     from mpsearch.imatrix import read_imatrix
 
-    ref = read_imatrix(llama_imatrix(ms["smollm2"][0], work / "smollm2-f32kv.imatrix.gguf", 128, 4, F32_KV))
-    keep = ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.14.attn_output.weight",
-            "blk.29.ffn_up.weight", "blk.29.ffn_down.weight"]
-    arrays = {"tokens": np.array(tokens(128 * 4, work), dtype=np.int64)}
+    ref = read_imatrix(llama_imatrix(ms["smollm2"][0], work / "smollm2-c64-f32kv.imatrix.gguf", 64, 2, F32_KV))
+    # the first two blocks: the test runs SmolLM2 cut after block 1 (a causal block sees only earlier ones)
+    keep = ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight",
+            "blk.1.attn_output.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]
+    arrays = {"tokens": np.array(tokens(64 * 2, work), dtype=np.int64)}
     for k in keep:
         arrays[f"{k}__sums"] = ref.entries[k].sums
         arrays[f"{k}__counts"] = ref.entries[k].counts

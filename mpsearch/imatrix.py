@@ -254,9 +254,12 @@ def read_imatrix(path) -> Imatrix:
     return _read_dat(data, str(path), p, sha)
 
 
-def _read_gguf(data: bytes, source: str, path, sha) -> Imatrix:
+def gguf_header(data: bytes, source: str = "GGUF file"):
+    """The metadata of a GGUF file's bytes: ``(key -> value, [(tensor name, ne, ggml type, offset)],
+    offset of the data section)`` (``ne`` in ggml's order, the row length first)."""
     r = _Reader(data, source)
-    r.take("4s")
+    if r.take("4s") != _GGUF_MAGIC:
+        raise MpsearchError(f"{source}: not a GGUF file")
     version, n_tensors, n_kv = r.take("IQQ")
     if version < 2:
         raise MpsearchError(f"{source}: GGUF version {version} is not supported (llama.cpp writes 3)")
@@ -272,7 +275,11 @@ def _read_gguf(data: bytes, source: str, path, sha) -> Imatrix:
         ttype, offset = r.take("IQ")
         infos.append((name, ne, ttype, offset))
     align = int(kv.get("general.alignment", _ALIGN))
-    start = (r.pos + align - 1) // align * align
+    return kv, infos, (r.pos + align - 1) // align * align
+
+
+def _read_gguf(data: bytes, source: str, path, sha) -> Imatrix:
+    kv, infos, start = gguf_header(data, source)
     sums, counts = {}, {}
     for name, ne, ttype, offset in infos:
         for suffix, into in ((SUM_SUFFIX, sums), (COUNT_SUFFIX, counts)):

