@@ -238,7 +238,7 @@ def test_compute_equals_llama_imatrix_on_smollm2():
     experiments/imatrix_check.md); the counts exactly."""
     model = _smollm2_first_blocks(2)
     ref = np.load(FIX / "smollm2_llama_imatrix.npz")
-    ids = torch.from_numpy(ref["tokens"]).reshape(2, 64)
+    ids = torch.tensor(ref["tokens"]).reshape(2, 64)
     got = compute_imatrix(model, [{"input_ids": ids}], progress=False, chunk_size=64)
     assert len(got) == 14 and got.chunk_count == 2
     names = [k[:-6] for k in ref.files if k.endswith("__sums")]
