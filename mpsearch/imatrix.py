@@ -88,7 +88,7 @@ class Imatrix:
     GGUF bytes :meth:`to_bytes` gives)."""
 
     def __init__(self, entries: dict, *, datasets=(), chunk_count: int = 0, chunk_size: int = 0,
-                 legacy: bool = False, path=None, sha256: str | None = None):
+                 legacy: bool = False, path=None, sha256: str | None = None, computed: bool = False):
         self.entries = {name: Entry(np.asarray(e.sums, dtype=np.float32).reshape(len(e.counts), -1),
                                     np.asarray(e.counts, dtype=np.int64).reshape(-1))
                         for name, e in entries.items()}
@@ -98,6 +98,7 @@ class Imatrix:
         self.legacy = bool(legacy)
         self.path = None if path is None else Path(path)
         self._sha256 = sha256
+        self.computed = bool(computed)  # made by compute_imatrix (not read from a file)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -107,7 +108,7 @@ class Imatrix:
 
     def __repr__(self) -> str:
         where = f" from {self.path}" if self.path else ""
-        return f"<imatrix{where}: {len(self)} tensors, {self.tokens} tokens>"
+        return f"<imatrix {self.sha256[:16]}{where}: {len(self)} tensors, {self.tokens} tokens>"
 
     @property
     def names(self) -> list[str]:
@@ -142,7 +143,8 @@ class Imatrix:
 
     def describe(self) -> dict:
         """What a table or plan records about this imatrix."""
-        return {"sha256": self.sha256, "file": str(self.path) if self.path else None,
+        return {"sha256": self.sha256, "file": str(Path(self.path).resolve()) if self.path else None,
+                "source": "computed by mpsearch" if self.computed else "file",
                 "format": "dat" if self.legacy else "gguf", "tensors": len(self), "tokens": self.tokens,
                 "chunks": self.chunk_count, "chunk_size": self.chunk_size, "datasets": list(self.datasets)}
 
@@ -184,6 +186,14 @@ class Imatrix:
         for _name, _ne, data in tensors:
             buf.write(data + b"\0" * (_pad(len(data)) - len(data)))
         return buf.getvalue()
+
+    def write_copy(self, path) -> Path:
+        """Write the GGUF file to ``path`` (whole or not at all) without making it this imatrix's file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        os.replace(tmp, path)
+        return path
 
     def write(self, path) -> Path:
         """Write the GGUF imatrix file (whole or not at all); returns its path."""
@@ -522,8 +532,12 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
         raise MpsearchError(f"computing an imatrix: no forward pass had {MIN_ROWS} tokens or more "
                             f"(llama-imatrix skips smaller batches); give longer calibration windows")
     tokens = max(int(e.counts.max()) for e in entries.values())
+    if not chunk_size:  # the tokens per window of the batches (llama-imatrix's -c)
+        ids = batches[0].get("input_ids") if isinstance(batches[0], dict) else batches[0]
+        chunk_size = int(ids.shape[-1]) if torch.is_tensor(ids) and ids.ndim >= 1 else 0
     chunks = tokens // chunk_size if chunk_size else 0
-    return Imatrix(entries, datasets=[dataset] if dataset else [], chunk_count=chunks, chunk_size=chunk_size)
+    return Imatrix(entries, datasets=[dataset] if dataset else [], chunk_count=chunks, chunk_size=chunk_size,
+                   computed=True)
 
 
 def _router(model, experts, gguf_names):
@@ -666,3 +680,126 @@ def imatrix_rounding(weights: dict):
 
     with rounding(rounder):
         yield
+
+
+# ---------------------------------------------------------------------------------------- runs
+#: the ``imatrix=`` value that computes one from the calibration data for the llama.cpp target
+AUTO = "auto"
+
+
+def uses_imatrix(target) -> bool:
+    """Whether ``target``'s consumer quantizes with an importance matrix (llama.cpp)."""
+    from .targets import get_target
+
+    return get_target(target).name == "llama.cpp"
+
+
+def resolve_imatrix(imatrix, model, batches, target, *, progress: bool = True) -> Imatrix | None:
+    """The imatrix a run quantizes with. ``imatrix``: ``"auto"`` (the default of the estimators
+    and the frontier) computes it from the calibration ``batches`` for the llama.cpp target, as
+    publishers run ``llama-imatrix`` on their calibration text (none without batches or for other
+    targets); ``None``/``False``/``"none"``: round without one (llama-quantize without
+    ``--imatrix``); an :class:`Imatrix` or a file path: that one (refused for other targets)."""
+    from .targets import get_target
+
+    if imatrix is None or imatrix is False or (isinstance(imatrix, str) and imatrix.lower() in ("none", "off", "rtn")):
+        return None
+    if isinstance(imatrix, str) and imatrix == AUTO:
+        if not uses_imatrix(target) or not batches:
+            return None
+        return compute_imatrix(model, batches, progress=progress)
+    if not uses_imatrix(target):
+        raise MpsearchError(f"an imatrix is llama.cpp's (--target llama.cpp); target {get_target(target).name!r} "
+                            f"does not quantize with one: leave --imatrix out")
+    return as_imatrix(imatrix)
+
+
+def plan_rounding(plan) -> tuple[str, dict | None]:
+    """``(rounding, imatrix description)`` of the table a plan was solved from (``rtn`` when the
+    table recorded none)."""
+    table = (getattr(plan, "provenance", None) or {}).get("table") or {}
+    rounding = table.get("rounding") or table.get("quantizer") or "rtn"
+    return rounding, table.get("imatrix") if rounding == "imatrix" else None
+
+
+def imatrix_for_plan(plan, imatrix=None, *, strict: bool) -> tuple[Imatrix | None, str | None]:
+    """The imatrix to quantize ``plan`` with and a one-line note, checked against the rounding its
+    table was estimated with: the plan's own imatrix file when none is given (if it is still there,
+    unchanged). A mismatch (another imatrix, an imatrix for a round-to-nearest table, none for an
+    imatrix table) raises when ``strict`` (export), else is the note (apply, validate)."""
+    rounding, info = plan_rounding(plan)
+    given = as_imatrix(imatrix)
+
+    def fail(msg):
+        if strict:
+            raise MpsearchError(msg)
+        return msg
+
+    if rounding == "imatrix":
+        sha = str((info or {}).get("sha256") or "")
+        if given is None:
+            f = (info or {}).get("file")
+            if f and Path(f).is_file():
+                found = read_imatrix(f)
+                if found.sha256 == sha:
+                    return found, f"quantizing with the plan's imatrix {f}"
+            return None, fail(f"the plan was estimated with imatrix rounding (imatrix sha256 {sha[:12]}"
+                              f"{', file ' + f if f else ''}, not found unchanged): pass it with --imatrix FILE")
+        if given.sha256 != sha:
+            return given, fail(f"--imatrix {given.path} (sha256 {given.sha256[:12]}) is not the imatrix the plan "
+                               f"was estimated with ({sha[:12]}): pass that one, or re-estimate with this one")
+        return given, None
+    if given is not None:
+        return given, fail(f"the plan's table was estimated without an imatrix (rounding {rounding}), and "
+                           f"llama-quantize --imatrix rounds differently: re-estimate with --imatrix "
+                           f"{given.path}, or leave --imatrix out")
+    return None, None
+
+
+def rounding_context(imatrix: Imatrix | None, layers, *, arch: str = "llama"):
+    """:func:`imatrix_rounding` for ``layers`` (checked against the imatrix), or a no-op."""
+    if imatrix is None:
+        return contextlib.nullcontext()
+    return imatrix_rounding(layer_weights(imatrix, layers, arch=arch))
+
+
+#: the file name of a computed imatrix in a frontier's output folder
+FRONTIER_FILE = "imatrix.gguf"
+
+
+def check_setting(imatrix, target):
+    """An ``imatrix`` setting checked before any work: ``"auto"``; ``None`` (``False``, ``"none"``);
+    an :class:`Imatrix`; or a file, read here (a bad one refused in one line). A given imatrix needs
+    the llama.cpp target."""
+    if imatrix is None or imatrix is False or (isinstance(imatrix, str) and imatrix.lower() in ("none", "off", "rtn")):
+        return None
+    if isinstance(imatrix, str) and imatrix == AUTO:
+        return AUTO
+    if not uses_imatrix(target):
+        from .targets import get_target
+
+        raise MpsearchError(f"an imatrix is llama.cpp's (--target llama.cpp); target {get_target(target).name!r} "
+                            f"does not quantize with one: leave --imatrix out")
+    return as_imatrix(imatrix)
+
+
+@contextlib.contextmanager
+def run_rounding(imatrix, model, calib, target, *, out=None, progress: bool = True):
+    """The imatrix a measured run (:func:`mpsearch.measured.measured_frontier`) quantizes with
+    (:func:`resolve_imatrix`), yielded, and the block run inside its rounding: the table, the
+    measured plans and the consumer's own recipes are all rounded as llama-quantize will round
+    them. A computed imatrix is written to ``out/imatrix.gguf`` and recorded under the folder's
+    final name (``out`` may be the folder being built)."""
+    from .data import as_batches
+    from .fileio import final_dir
+    from .layers import discover_layers
+
+    imx = resolve_imatrix(imatrix, model, as_batches(calib), target, progress=progress)
+    if imx is None:
+        yield None
+        return
+    if imx.computed and out is not None:
+        imx.path = final_dir(Path(out)).resolve() / FRONTIER_FILE
+        imx.write_copy(Path(out) / FRONTIER_FILE)
+    with rounding_context(imx, discover_layers(model, include_embedding=True)):
+        yield imx

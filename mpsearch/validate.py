@@ -82,6 +82,7 @@ def validate_plan(
     metric: Callable[[torch.nn.Module], float] | None = None,
     baseline: bool = True,
     target=None,
+    imatrix=None,
 ) -> ValidationReport:
     """Check ``plan`` against ``model`` and measure it.
 
@@ -97,11 +98,12 @@ def validate_plan(
       in ``metrics``.
     - ``target`` (default: the plan's own): every layer's option is one the target can execute for
       that layer's shape, so the consumer will store exactly what was planned (no fallback).
+    - ``imatrix``: llama.cpp's types rounded with that importance matrix (``llama-quantize --imatrix``).
     """
     unplanned = check_plan(model, plan)
     _check_target(model, plan, target)
     if quantized is None:
-        quantized = apply_plan(model, plan)
+        quantized = apply_plan(model, plan, imatrix=imatrix)
     report = ValidationReport(unplanned=unplanned)
     for name, bits in plan.bits.items():
         module = quantized.get_submodule(name)
