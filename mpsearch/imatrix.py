@@ -468,7 +468,7 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
 
     from .data import as_batches, move_batch, run_model
     from .layers import discover_layers, get_module
-    from .sensitivity.base import progress_bar
+    from tqdm.auto import tqdm
 
     batches = as_batches(data)
     if not batches:
@@ -517,7 +517,7 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     model.eval()
     try:
         with torch.no_grad():
-            for batch in progress_bar(batches, enabled=progress, desc="imatrix"):
+            for batch in tqdm(batches, desc="imatrix", disable=not progress, leave=False):
                 b = move_batch(batch, device)
                 mask = b.get("attention_mask") if isinstance(b, dict) else None
                 col.mask = mask.reshape(-1).bool() if torch.is_tensor(mask) else None

@@ -308,3 +308,122 @@ def test_imatrix_rounding_quantizes_ggml_types_as_llama_quantize_imatrix():
     assert torch.equal(int4, quantize_matrix(W, parse_option("int4")))
     assert torch.equal(emb, get_format("q4_K").quantize(E))  # llama-quantize has no entry for token_embd
     assert torch.equal(quantize_weight(W, parse_option("q4_K"), "linear", name), get_format("q4_K").quantize(W))
+
+
+# ----------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from mpsearch import zoo
+
+    return zoo.random_llama("tiny", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=64, seed=0)
+
+
+def _calib():
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 64, (2, 32), generator=g)}]
+
+
+def test_llamacpp_estimate_rounds_with_the_imatrix_of_its_calibration_data(tiny_llama):
+    from mpsearch.formats import get_format
+    from mpsearch.registry import get_estimator
+
+    calib = _calib()
+    est = get_estimator("weight-error", options="q4_K,q5_0,q8_0")
+    table = est.estimate(tiny_llama, calib, progress=False, target="llama.cpp")
+    rtn = est.estimate(tiny_llama, calib, progress=False, target="llama.cpp", imatrix=None)
+    im = compute_imatrix(tiny_llama, calib, progress=False)
+    meta = table.metadata
+    assert meta["rounding"] == "imatrix" and rtn.metadata["rounding"] == "rtn" and "imatrix" not in rtn.metadata
+    assert meta["imatrix"]["sha256"] == im.sha256 and meta["imatrix"]["source"] == "computed by mpsearch"
+    assert meta["imatrix"]["tokens"] == 64 and meta["imatrix"]["chunk_size"] == 32
+    W = tiny_llama.model.layers[1].mlp.down_proj.weight.detach()
+    w = torch.from_numpy(im.weights("blk.1.ffn_down.weight")[0])
+    frame = table.frame.set_index(["layer", "option"])["damage"]
+    frame_rtn = rtn.frame.set_index(["layer", "option"])["damage"]
+    for opt in ("q4_K", "q5_0", "q8_0"):
+        want = float((get_format(opt).quantize(W, w) - W).pow(2).sum())
+        plain = float((get_format(opt).quantize(W) - W).pow(2).sum())
+        assert frame["model.layers.1.mlp.down_proj", opt] == pytest.approx(want, rel=1e-6)
+        assert frame_rtn["model.layers.1.mlp.down_proj", opt] == pytest.approx(plain, rel=1e-6)
+        assert (want == plain) == (opt == "q8_0")
+    # a file gives the same table as the imatrix it holds; other targets never use one
+    assert est.estimate(tiny_llama, calib, progress=False, target="llama.cpp", imatrix=im).frame.equals(table.frame)
+    assert "imatrix" not in get_estimator("weight-error").estimate(tiny_llama, calib, progress=False).metadata
+    with pytest.raises(MpsearchError, match="target 'vllm' does not quantize with one"):
+        get_estimator("weight-error").estimate(tiny_llama, calib, progress=False, target="vllm", imatrix=im)
+
+
+def test_frontier_imatrix_rounds_everything_inside_the_run(tiny_llama, tmp_path):
+    from mpsearch.formats import get_format
+    from mpsearch.imatrix import frontier_imatrix
+    from mpsearch.options import parse_option
+    from mpsearch.quant import quantize_weight
+
+    seen = {}
+
+    @frontier_imatrix
+    def run(model, calib, metric, *, imatrix=None, target=None, out=None, progress=True):
+        W = model.model.layers[0].self_attn.q_proj.weight
+        seen["q"] = quantize_weight(W, parse_option("q5_0"), "linear", "model.layers.0.self_attn.q_proj")
+        seen["imatrix"] = imatrix
+        return W
+
+    W = run(tiny_llama, _calib(), None, target="llama.cpp", out=tmp_path / "out")
+    im = seen["imatrix"]
+    assert im.computed and im.path == (tmp_path / "out" / "imatrix.gguf").resolve()
+    w = torch.from_numpy(im.weights("blk.0.attn_q.weight")[0])
+    assert torch.equal(seen["q"], get_format("q5_0").quantize(W, w))
+    run(tiny_llama, _calib(), None, target="llama.cpp", imatrix=None)
+    assert seen["imatrix"] is None and torch.equal(seen["q"], get_format("q5_0").quantize(W))
+
+
+@pytest.fixture
+def cli(capsys):
+    from mpsearch.cli import main
+
+    def run(args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_cli_imatrix_flow_estimate_solve_export(tmp_path, cli):
+    from mpsearch import zoo
+
+    model = zoo.save_tiny_llama(tmp_path / "tiny", hidden_size=256, intermediate_size=512,
+                                num_attention_heads=4, num_key_value_heads=2)
+    text = tmp_path / "calib.txt"
+    text.write_text(zoo.shakespeare_text("calib", max_chars=3000))
+    table, plan, types = tmp_path / "t.csv", tmp_path / "plan.json", tmp_path / "types.txt"
+    code, out, err = cli(["estimate", "--model", model, "--data", text, "--target", "llama.cpp", "--estimator",
+                           "weight-error", "--seq-len", "64", "--calib-samples", "4", "--no-progress", "-o", table])
+    assert code == 0, err
+    side = tmp_path / "t.csv.imatrix.gguf"
+    im = read_imatrix(side)
+    assert "rounded llama.cpp's types with the imatrix" in out and im.datasets == [str(text)]
+    assert im.chunk_size == 64 and im.tokens == 256
+    assert cli(["solve", "--table", table, "--budget", "avg_bits=5", "-o", plan])[0] == 0
+    prov = __import__("json").loads(plan.read_text())["provenance"]["table"]
+    assert prov["rounding"] == "imatrix" and prov["imatrix"]["sha256"] == im.sha256
+    code, out, err = cli(["export", "--plan", plan, "-o", types])
+    assert code == 0, err
+    copy = tmp_path / "types.txt.imatrix.gguf"
+    assert copy.read_bytes() == side.read_bytes()
+    assert f"llama-quantize --imatrix {copy} --tensor-type-file {types} " in out
+    assert out.rstrip().endswith("model-f16.gguf model-mixed.gguf Q8_0")
+    other = tmp_path / "other.gguf"
+    other.write_bytes((FIX / "tiny-llama.imatrix.gguf").read_bytes())
+    code, out, err = cli(["export", "--plan", plan, "-o", tmp_path / "x.txt", "--imatrix", other])
+    assert code == 2 and "is not the imatrix the plan was estimated with" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.txt").exists()
+    code, _, err = cli(["estimate", "--model", model, "--data", text, "--imatrix", other, "--no-imatrix",
+                         "--target", "llama.cpp", "-o", tmp_path / "y.csv"])
+    assert code == 2 and "contradict" in err
+    code, _, err = cli(["estimate", "--model", model, "--data", text, "--imatrix", other, "-o", tmp_path / "y.csv"])
+    assert code == 2 and "needs --target llama.cpp" in err
+    code, _, err = cli(["estimate", "--model", model, "--data", text, "--imatrix", other, "--target", "llama.cpp",
+                         "--estimator", "weight-error", "--no-progress", "-o", tmp_path / "y.csv"])
+    assert code == 2 and "does not match the model" in err and not (tmp_path / "y.csv").exists()
