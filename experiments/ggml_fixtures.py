@@ -417,29 +417,33 @@ def check(ggml: Ggml) -> int:
     return 1 if failures else 0
 
 
-def speed(shape=(4096, 14336), devices=("cpu",), repeat=1) -> None:
-    """Seconds per quantize of a random-normal matrix of ``shape`` (values and bytes), per type."""
+def speed(shape=(4096, 14336), devices=("cpu",), repeat=1, imatrix: bool = False) -> None:
+    """Seconds per quantize of a random-normal matrix of ``shape`` (values and bytes), per type;
+    with ``imatrix``, weighted by a realistic importance vector (:func:`realistic_importance`)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from mpsearch.formats import ggml as fmts
 
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    qw = torch.from_numpy(realistic_importance(shape[1], np.random.default_rng(0))) if imatrix else None
     head = " | ".join(f"{d} quantize s | {d} to_bytes s" for d in devices)
-    print(f"{shape[0]}x{shape[1]} float32, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{shape[0]}x{shape[1]} float32{' with an imatrix' if imatrix else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
     print(f"| type | {head} |")
     print("|---|" + "---|---|" * len(devices))
     for name, fmt in fmts.FORMATS.items():
         cells = []
         for dev in devices:
             x = w.to(dev)
+            wq = qw.to(dev) if qw is not None else None
             for fn in (fmt.quantize, fmt.to_bytes):
                 best = float("inf")
                 for _ in range(repeat):
                     if dev != "cpu":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    out = fn(x)
+                    out = fn(x, wq)
                     if dev != "cpu":
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - t0)
@@ -466,7 +470,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="4096x14336", help="matrix shape for --speed (OUTxIN)")
     args = p.parse_args(argv)
     if args.speed:
-        speed(shape=tuple(int(v) for v in args.shape.split("x")), devices=tuple(args.devices.split(",")))
+        speed(shape=tuple(int(v) for v in args.shape.split("x")), devices=tuple(args.devices.split(",")),
+              imatrix=args.imatrix)
         return 0
     if not Path(args.lib).is_file():
         print(f"{args.lib}: no such library; build llama.cpp or pass --lib", file=sys.stderr)
