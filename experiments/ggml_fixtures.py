@@ -329,9 +329,13 @@ def build_imatrix(ggml: Ggml, out: Path = IMATRIX_OUT) -> None:
     print(f"wrote {out}: {len(cases)} cases, {out.stat().st_size / 1e3:.0f} kB")
 
 
-def check_imatrix(ggml: Ggml, imatrix_file: str | None = None) -> int:
-    """Every SmolLM2 matrix quantized with its own imatrix (a llama-imatrix file, or computed as in
-    the fixtures), mpsearch vs ggml_quantize_chunk: differing bytes and values per type."""
+def check(ggml: Ggml, imatrix: bool = False, imatrix_file: str | None = None) -> int:
+    """Quantize every SmolLM2 weight matrix with llama.cpp and with mpsearch; count differences.
+
+    Without ``imatrix``, a matrix whose rows the block does not divide (the K-quants on 576
+    columns) is quantized as rows of one block each, so every type sees every weight of the model.
+    With ``imatrix``, every matrix with an imatrix entry is quantized with its own importance (a
+    llama-imatrix file, or computed as in the fixtures), where the type's block divides its rows."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -339,78 +343,41 @@ def check_imatrix(ggml: Ggml, imatrix_file: str | None = None) -> int:
     from mpsearch.imatrix import read_imatrix, tensor_names
 
     model, tok = smollm2_model()
-    imatrix = read_imatrix(imatrix_file) if imatrix_file else smollm2_imatrix(model, tok)
     state = smollm2_state(model)
-    names = tensor_names([k.removesuffix(".weight") for k in state])
-    mats = {names[k.removesuffix(".weight")][0]: v for k, v in state.items()
-            if k.removesuffix(".weight") in names and names[k.removesuffix(".weight")][0] in imatrix}
-    print(f"imatrix: {imatrix_file or 'computed (mpsearch.imatrix, 4 x 128 calibration tokens)'}, "
-          f"{len(mats)} tensors with an entry")
+    if imatrix:
+        im = read_imatrix(imatrix_file) if imatrix_file else smollm2_imatrix(model, tok)
+        names = {k: g[0] for k, g in tensor_names([k.removesuffix(".weight") for k in state]).items()}
+        mats = {k: (v, im.weights(names[k.removesuffix(".weight")])[0]) for k, v in state.items()
+                if names.get(k.removesuffix(".weight")) in im}
+        print(f"imatrix: {imatrix_file or 'computed (mpsearch.imatrix, 4 x 128 calibration tokens)'}, "
+              f"{len(mats)} tensors with an entry")
+    else:
+        mats = {k: (v, None) for k, v in state.items() if v.ndim == 2}
+    failures = 0
     print("| type | tensors | weights | differing weights | differing bytes | torch s | ggml s |")
     print("|---|---|---|---|---|---|---|")
-    failures = 0
     for name, (_code, blck) in TYPES.items():
         fmt = fmts.FORMATS[name]
         n_t = n_w = bad_w = bad_b = 0
         t_torch = t_ggml = 0.0
-        for g, x in mats.items():
+        for x, w in mats.values():
             if x.shape[1] % blck:
-                continue
-            w = imatrix.weights(g)[0]
+                if w is not None or x.size % blck:
+                    continue
+                x = x.reshape(-1, blck)  # K-quants on the 576-column tensors: their weights in rows of 256
+            tw = None if w is None else torch.from_numpy(w)
             t0 = time.perf_counter()
             q = ggml.quantize(name, x, w)
             y = ggml.dequantize(name, q, x.shape[1])
             t1 = time.perf_counter()
-            mine = fmt.quantize(torch.from_numpy(x), torch.from_numpy(w)).numpy()
+            mine = fmt.quantize(torch.from_numpy(x), tw).numpy()
             t2 = time.perf_counter()
-            b = fmts.to_bytes(name, torch.from_numpy(x), torch.from_numpy(w)).numpy()
+            b = fmts.to_bytes(name, torch.from_numpy(x), tw).numpy()
             t_ggml += t1 - t0
             t_torch += t2 - t1
             n_t += 1
             n_w += x.size
             bad_w += int((mine.view(np.uint32) != y.view(np.uint32)).sum())
-            bad_b += int((b != q).sum())
-        failures += bad_w + bad_b
-        print(f"| {name} | {n_t} | {n_w} | {bad_w} | {bad_b} | {t_torch:.1f} | {t_ggml:.1f} |", flush=True)
-    return 1 if failures else 0
-
-
-def check(ggml: Ggml) -> int:
-    """Quantize every SmolLM2 weight matrix with llama.cpp and with mpsearch; count differences.
-
-    A matrix whose rows the block does not divide (the K-quants on 576 columns) is quantized as
-    rows of one block each, so every type sees every weight of the model."""
-    sys.path.insert(0, str(ROOT))
-    import torch
-
-    from mpsearch.formats import ggml as fmts
-
-    state = smollm2_state()
-    mats = {k: v for k, v in state.items() if v.ndim == 2}
-    failures = 0
-    print(f"| type | tensors | weights | differing weights | differing bytes | torch s | ggml s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (code, blck) in TYPES.items():
-        fmt = fmts.FORMATS[name]
-        n_t = n_w = bad_w = bad_b = 0
-        t_torch = t_ggml = 0.0
-        for key, w in mats.items():
-            if w.shape[1] % blck:
-                if w.size % blck:
-                    continue
-                w = w.reshape(-1, blck)  # K-quants on the 576-column tensors: their weights in rows of 256
-            t0 = time.perf_counter()
-            q = ggml.quantize(name, w)
-            y = ggml.dequantize(name, q, w.shape[1])
-            t1 = time.perf_counter()
-            mine = fmt.quantize(torch.from_numpy(w)).numpy()
-            t2 = time.perf_counter()
-            b = fmts.to_bytes(name, torch.from_numpy(w)).numpy()
-            t_ggml += t1 - t0
-            t_torch += t2 - t1
-            n_t += 1
-            n_w += w.size
-            bad_w += int((mine != y).sum())
             bad_b += int((b != q).sum())
         failures += bad_w + bad_b
         print(f"| {name} | {n_t} | {n_w} | {bad_w} | {bad_b} | {t_torch:.1f} | {t_ggml:.1f} |", flush=True)
@@ -478,7 +445,7 @@ def main(argv=None) -> int:
         return 2
     ggml = Ggml(args.lib)
     if args.check:
-        return check_imatrix(ggml, args.imatrix_file) if args.imatrix else check(ggml)
+        return check(ggml, args.imatrix, args.imatrix_file)
     if args.imatrix:
         build_imatrix(ggml, args.out / IMATRIX_OUT.name)
         return 0

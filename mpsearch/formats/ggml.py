@@ -639,6 +639,17 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     return scale, L.t().to(torch.int32), -mn
 
 
+def _requantize(x, L, dj, dm, sub: int, lo: int, hi: int, shift: int = 0):
+    """The K-quants' last pass: ``if (d) L = clamp(nearest_int((x + m) / d), lo, hi) + shift`` per
+    sub-block of ``sub`` values (``dm`` None: no min); sub-blocks whose scale is 0 keep ``L``."""
+    import torch
+
+    rep = lambda t: t.repeat_interleave(sub, dim=1)  # noqa: E731
+    v = x if dm is None else x + rep(dm)
+    new = torch.clamp(_nearest_int(v / rep(dj)), lo, hi) + shift
+    return torch.where(rep(dj) != 0, new, L)
+
+
 def _positive_max(v):
     """``m = 0; for j: if (v_j > m) m = v_j;`` per row (+0 when no value is positive)."""
     import torch
@@ -668,11 +679,8 @@ def _q2_K(x):
     lm = _nearest_int((_full(max_min, 15) / max_min)[:, None] * mins)
     sc = torch.where(has_m[:, None], _wrap_u8(sc | (lm << 4)), sc)
     dmin = _fp16(torch.where(has_m, max_min / _full(max_min, 15), torch.zeros_like(max_min)))
-    dj = d.float()[:, None] * (sc & 0xF).float()
-    dm = dmin.float()[:, None] * (sc >> 4).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm)) / rep(dj)), 0, 3)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (sc & 0xF).float(), dmin.float()[:, None] * (sc >> 4).float(),
+                    16, 0, 3)
     return {"d": d, "dmin": dmin, "scales": sc, "L": L}
 
 
@@ -714,10 +722,7 @@ def _q3_K(x):
     l = torch.clamp(_wrap_i8(_nearest_int(iscale[:, None] * scales)), -32, 31) + 32
     l = torch.where(has[:, None], l, torch.zeros_like(l))
     d = _fp16(torch.where(has, torch.ones_like(iscale) / iscale, torch.zeros_like(iscale)))
-    dj = d.float()[:, None] * (l - 32).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int(x / rep(dj)), -4, 3) + 4
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (l - 32).float(), None, 16, -4, 3, 4)
     return {"d": d, "ls": l, "L": L}
 
 
@@ -764,11 +769,7 @@ def _qkx_K(x, nmax, rmin, nstep):
     lm = torch.clamp(_wrap_u8(_nearest_int(inv_min[:, None] * mins)), max=63)
     d = _fp16(max_scale / _full(max_scale, 63))
     dmin = _fp16(max_min / _full(max_min, 63))
-    dj = d.float()[:, None] * ls.float()
-    dm = dmin.float()[:, None] * lm.float()
-    rep = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm)) / rep(dj)), 0, nmax)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * ls.float(), dmin.float()[:, None] * lm.float(), 32, 0, nmax)
     return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "L": L}
 
 
@@ -847,10 +848,7 @@ def _q6_K(x, qw=None):
     d = torch.where(empty, torch.zeros_like(d), d)
     sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)
     d = _fp16(d)
-    dj = d.float()[:, None] * sc.float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int(x / rep(dj)), -32, 31) + 32
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * sc.float(), None, 16, -32, 31, 32)
     L = torch.where(empty[:, None], torch.zeros_like(L), L)
     return {"d": d, "sc": sc, "L": L}
 
@@ -992,11 +990,8 @@ def _q2_K_im(x, qw, _sigma2):
     mm, Lm = _make_qp_quants(mins, 15, sw)
     d, dmin = _fp16(dm), _fp16(mm)
     sc = (Ls | (Lm << 4)) & 0xFF
-    dj = d.float()[:, None] * (sc & 0xF).float()
-    dm_j = dmin.float()[:, None] * (sc >> 4).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm_j)) / rep(dj)), 0, 3)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (sc & 0xF).float(), dmin.float()[:, None] * (sc >> 4).float(),
+                    16, 0, 3)
     return {"d": d, "dmin": dmin, "scales": sc, "L": L}
 
 
@@ -1009,10 +1004,7 @@ def _q3_K_im(x, qw, _sigma2):
     scales, L = scales.reshape(nb, 16), L.reshape(nb, 256)
     d_block, ls = _make_qx_quants(scales, 32, sw)
     d = _fp16(d_block)
-    dj = d.float()[:, None] * (ls - 32).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int(x / rep(dj)), -4, 3) + 4
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (ls - 32).float(), None, 16, -4, 3, 4)
     return {"d": d, "ls": ls, "L": L}
 
 
@@ -1031,11 +1023,7 @@ def _qkx_K_im(x, qw, nmax):
     k4 = _k4_scales(ls, lm)
     ls, lm = _k4_unpack(k4.to(torch.int32))  # what the file holds (get_scale_min_k4)
     d, dmin = _fp16(d_block), _fp16(m_block)
-    dj = d.float()[:, None] * ls.float()
-    dm = dmin.float()[:, None] * lm.float()
-    rep = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm)) / rep(dj)), 0, nmax)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * ls.float(), dmin.float()[:, None] * lm.float(), 32, 0, nmax)
     return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "L": L, "k4": k4}
 
 
