@@ -13,9 +13,9 @@ the median relative difference of the importance per tensor, the token counts (p
 whether mpsearch writes llama-imatrix's file byte for byte. Run with llama.cpp's default f16 KV cache
 and with ``-ctk f32 -ctv f32 -fa off``.
 
-``quantize``: ``llama-quantize --imatrix FILE`` of SmolLM2 (mixes Q2_K, Q3_K_M, Q4_K_M, Q4_0,
-IQ4_NL, Q5_K_M, Q6_K) and of the random Mixtral (Q4_K_M, Q2_K: 3-D expert tensors with one
-importance vector per expert), then every tensor of the output: mpsearch's ``ggml.to_bytes(type,
+``quantize``: ``llama-quantize --imatrix FILE`` of SmolLM2 (mixes Q2_K, Q4_K_M, IQ4_NL, Q4_0) and of
+the random Mixtral (Q4_K_M, Q2_K, Q5_0: 3-D expert tensors with one importance vector per expert),
+then every tensor of the output: mpsearch's ``ggml.to_bytes(type,
 W, weights)`` of the F32 input with the importance llama-quantize derives from FILE
 (``Imatrix.weights``) against the bytes in the file. The same with the file mpsearch writes for
 llama-imatrix's statistics.
@@ -151,7 +151,13 @@ def run_compute(work: Path = WORK) -> list[dict]:
     return results
 
 
-def run_quantize_check(work: Path = WORK) -> list[dict]:
+#: the mixes of ``quantize``: between them every GGML type mpsearch offers but q5_1 (SmolLM2's
+#: 576-column tensors fall back from K-quants to q4_0..q8_0; every type is also checked on every
+#: SmolLM2 matrix against ggml_quantize_chunk: ggml_fixtures.py --check --imatrix)
+MIXES = {"smollm2": ("Q2_K", "Q4_K_M", "IQ4_NL", "Q4_0"), "tiny-moe": ("Q4_K_M", "Q2_K", "Q5_0")}
+
+
+def run_quantize_check(work: Path = WORK, mixes: dict = MIXES) -> list[dict]:
     import torch
     from gguf import GGUFReader
 
@@ -160,8 +166,6 @@ def run_quantize_check(work: Path = WORK) -> list[dict]:
     from mpsearch.targets.llamacpp_mixes import canonical_type
 
     results = []
-    mixes = {"smollm2": ("Q2_K", "Q3_K_M", "Q4_K_M", "Q4_0", "IQ4_NL", "Q5_K_M", "Q6_K"),
-             "tiny-moe": ("Q4_K_M", "Q2_K", "Q5_0")}
     for name, (gguf, _load) in models(work).items():
         if name not in mixes:
             continue

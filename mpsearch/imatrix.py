@@ -5,7 +5,7 @@ matrix multiplication whose weight is a transformer-block tensor (``blk.*``; ``o
 with ``--process-output``), adds the square of each input column over the tokens: per tensor a
 vector ``in_sum2[col] = sum_t x[t, col]**2`` and a token count. A stacked-experts tensor
 (``ffn_*_exps``, ``GGML_OP_MUL_MAT_ID``) gets one vector and one count per expert, over the tokens
-routed to that expert. ``llama-quantize --imatrix`` (tools/quantize/quantize.cpp) passes
+routed to that expert (and the MoE router ``ffn_gate_inp`` its own entry). ``llama-quantize --imatrix`` (tools/quantize/quantize.cpp) passes
 ``in_sum2 / count`` (per expert; 1 for an expert no token reached) to ``ggml_quantize_chunk`` as the
 tensor's per-column importance: :meth:`Imatrix.weights`. Tensors without an entry (the token
 embedding, a tied output) are quantized without one.
@@ -60,6 +60,10 @@ _ALIGN = 32
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 _GGML_F32 = 0
+
+
+class NoTensors(MpsearchError):
+    """None of a model's layers maps to a llama.cpp ``blk.*`` tensor."""
 
 
 @dataclass
@@ -510,8 +514,8 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
         if router is not None:  # llama-imatrix collects the router's matmul (ffn_gate_inp) too
             handles.append(router[0].register_forward_hook(col.linear_hook([router[1]])))
     if not handles:
-        raise MpsearchError("computing an imatrix: none of the model's layers is a llama.cpp blk.* tensor "
-                            "(arch=%r); llama-imatrix collects only those" % arch)
+        raise NoTensors(f"computing an imatrix: none of the model's layers has a llama.cpp blk.* tensor name "
+                        f"(arch={arch!r}); llama-imatrix collects only those")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -707,7 +711,13 @@ def resolve_imatrix(imatrix, model, batches, target, *, progress: bool = True) -
     if isinstance(imatrix, str) and imatrix == AUTO:
         if not uses_imatrix(target) or not batches:
             return None
-        return compute_imatrix(model, batches, progress=progress)
+        try:
+            return compute_imatrix(model, batches, progress=progress)
+        except NoTensors as exc:  # a family whose names mpsearch cannot map: said, not silent
+            import warnings
+
+            warnings.warn(f"{exc}: rounding llama.cpp's types without an imatrix", stacklevel=2)
+            return None
     if not uses_imatrix(target):
         raise MpsearchError(f"an imatrix is llama.cpp's (--target llama.cpp); target {get_target(target).name!r} "
                             f"does not quantize with one: leave --imatrix out")
