@@ -354,28 +354,32 @@ def test_llamacpp_estimate_rounds_with_the_imatrix_of_its_calibration_data(tiny_
         get_estimator("weight-error").estimate(tiny_llama, calib, progress=False, target="vllm", imatrix=im)
 
 
-def test_frontier_imatrix_rounds_everything_inside_the_run(tiny_llama, tmp_path):
+def test_a_measured_run_rounds_everything_inside_its_imatrix(tiny_llama, tmp_path):
+    """run_rounding (what measured_frontier runs in): a computed imatrix is written into the folder
+    being built and recorded under the folder's final name, and every quantize_weight inside rounds
+    with it; imatrix=None rounds without one."""
+    from mpsearch.fileio import staged_dir_name
     from mpsearch.formats import get_format
-    from mpsearch.imatrix import frontier_imatrix
+    from mpsearch.imatrix import run_rounding
     from mpsearch.options import parse_option
     from mpsearch.quant import quantize_weight
 
-    seen = {}
-
-    @frontier_imatrix
-    def run(model, calib, metric, *, imatrix=None, target=None, out=None, progress=True):
-        W = model.model.layers[0].self_attn.q_proj.weight
-        seen["q"] = quantize_weight(W, parse_option("q5_0"), "linear", "model.layers.0.self_attn.q_proj")
-        seen["imatrix"] = imatrix
-        return W
-
-    W = run(tiny_llama, _calib(), None, target="llama.cpp", out=tmp_path / "out")
-    im = seen["imatrix"]
+    W = tiny_llama.model.layers[0].self_attn.q_proj.weight
+    name = "model.layers.0.self_attn.q_proj"
+    stage = staged_dir_name(tmp_path / "out")
+    stage.mkdir()
+    with run_rounding("auto", tiny_llama, _calib(), "llama.cpp", out=stage, progress=False) as im:
+        q = quantize_weight(W, parse_option("q5_0"), "linear", name)
     assert im.computed and im.path == (tmp_path / "out" / "imatrix.gguf").resolve()
+    assert read_imatrix(stage / "imatrix.gguf").sha256 == im.sha256
     w = torch.from_numpy(im.weights("blk.0.attn_q.weight")[0])
-    assert torch.equal(seen["q"], get_format("q5_0").quantize(W, w))
-    run(tiny_llama, _calib(), None, target="llama.cpp", imatrix=None)
-    assert seen["imatrix"] is None and torch.equal(seen["q"], get_format("q5_0").quantize(W))
+    assert torch.equal(q, get_format("q5_0").quantize(W, w))
+    assert torch.equal(quantize_weight(W, parse_option("q5_0"), "linear", name), get_format("q5_0").quantize(W))
+    with run_rounding(None, tiny_llama, _calib(), "llama.cpp") as none:
+        assert none is None
+        assert torch.equal(quantize_weight(W, parse_option("q5_0"), "linear", name), get_format("q5_0").quantize(W))
+    with run_rounding("auto", tiny_llama, _calib(), None) as other:  # not llama.cpp: never
+        assert other is None
 
 
 @pytest.fixture

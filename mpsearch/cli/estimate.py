@@ -8,8 +8,7 @@ from ._common import (add_command, add_device_args, add_imatrix_args, add_param_
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
 mpsearch estimate --model path/to/hf-dir --data calib.txt --estimator output-distance \\
-    --target llama.cpp -o table.csv     # llama.cpp's GGML types, legal per tensor, rounded with
-                                        # calib.txt's imatrix (written to table.csv.imatrix.gguf)"""
+    --target llama.cpp -o table.csv     # llama.cpp's types, rounded with calib.txt's imatrix"""
 
 
 def register(sub):
