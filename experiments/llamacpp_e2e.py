@@ -112,9 +112,27 @@ def _pad(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def imatrix_header_bytes(imatrix: Path) -> int:
+    """The metadata ``llama-quantize --imatrix FILE`` adds to OUT (tools/quantize/quantize.cpp):
+    ``quantize.imatrix.file`` (FILE as given, at most 127 bytes), ``.dataset`` (the file's first
+    dataset), ``.entries_count`` and ``.chunks_count`` (u32, the latter when the file counts chunks)."""
+    from mpsearch.imatrix import read_imatrix
+
+    im = read_imatrix(imatrix)
+    kv = [("quantize.imatrix.file", str(imatrix)[:127])]
+    if im.datasets:
+        kv.append(("quantize.imatrix.dataset", im.datasets[0][:127]))
+    kv.append(("quantize.imatrix.entries_count", 0))
+    if im.chunk_count > 0:
+        kv.append(("quantize.imatrix.chunks_count", 0))
+    return sum(8 + len(k.encode()) + 4 + (8 + len(v.encode()) if isinstance(v, str) else 4) for k, v in kv)
+
+
 def predict(inp: Path, planned: dict[str, str], *, base_ftype: str,
-            tensor_types: list[tuple[str, str]], token_embedding_type: str | None) -> dict:
-    """The plan's prediction for every tensor of OUT and for the file size."""
+            tensor_types: list[tuple[str, str]], token_embedding_type: str | None,
+            imatrix: Path | None = None) -> dict:
+    """The plan's prediction for every tensor of OUT and for the file size (with ``imatrix``: the
+    metadata llama-quantize adds about it, :func:`imatrix_header_bytes`)."""
     info = gguf_hparams(inp)
     lay = gguf_layout(inp)
     shapes = {n: tuple(s) for n, s in info["tensors"]}
@@ -132,8 +150,14 @@ def predict(inp: Path, planned: dict[str, str], *, base_ftype: str,
             t, src = in_type, "copied"
         nbytes = in_bytes if t == in_type else type_nbytes(t, shape)
         rows[name] = {"type": t, "bytes": nbytes, "source": src}
-    size = lay["header"] + sum(_pad(r["bytes"], lay["alignment"]) for r in rows.values())
-    return {"tensors": rows, "file_size": size, "header": lay["header"]}
+    header = lay["header"]
+    if imatrix is not None:
+        from mpsearch.imatrix import gguf_header
+
+        header = _pad(gguf_header(Path(inp).read_bytes(), str(inp)).end + imatrix_header_bytes(imatrix),
+                      lay["alignment"])
+    size = header + sum(_pad(r["bytes"], lay["alignment"]) for r in rows.values())
+    return {"tensors": rows, "file_size": size, "header": header}
 
 
 def planned_types(inp: Path, tensor_types, token_embedding_type) -> dict[str, str]:
@@ -166,7 +190,7 @@ def fidelity(model: str, plan: Path, *, label: str, base_ftype: str = "Q8_0",
     secs = time.time() - t0
     plan_t = planned_types(inp, pairs, tok)
     pred = predict(inp, plan_t, base_ftype=base_ftype, tensor_types=pairs,
-                   token_embedding_type=tok)
+                   token_embedding_type=tok, imatrix=imatrix)
     real = gguf_layout(out)
     rows = []
     for name, (rtype, rbytes, shape) in real["tensors"].items():

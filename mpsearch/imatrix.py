@@ -40,6 +40,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -268,9 +269,19 @@ def read_imatrix(path) -> Imatrix:
     return _read_dat(data, str(path), p, sha)
 
 
-def gguf_header(data: bytes, source: str = "GGUF file"):
-    """The metadata of a GGUF file's bytes: ``(key -> value, [(tensor name, ne, ggml type, offset)],
-    offset of the data section)`` (``ne`` in ggml's order, the row length first)."""
+class GgufHeader(NamedTuple):
+    """A GGUF file's metadata: key -> value, ``[(tensor name, ne, ggml type, offset)]`` (``ne`` in
+    ggml's order, the row length first), the data section's offset, and where the metadata ends
+    (before the padding to the alignment)."""
+
+    kv: dict
+    tensors: list
+    data_start: int
+    end: int
+
+
+def gguf_header(data: bytes, source: str = "GGUF file") -> GgufHeader:
+    """The metadata of a GGUF file's bytes (:class:`GgufHeader`)."""
     r = _Reader(data, source)
     if r.take("4s") != _GGUF_MAGIC:
         raise MpsearchError(f"{source}: not a GGUF file")
@@ -289,11 +300,11 @@ def gguf_header(data: bytes, source: str = "GGUF file"):
         ttype, offset = r.take("IQ")
         infos.append((name, ne, ttype, offset))
     align = int(kv.get("general.alignment", _ALIGN))
-    return kv, infos, (r.pos + align - 1) // align * align
+    return GgufHeader(kv, infos, (r.pos + align - 1) // align * align, r.pos)
 
 
 def _read_gguf(data: bytes, source: str, path, sha) -> Imatrix:
-    kv, infos, start = gguf_header(data, source)
+    kv, infos, start, _ = gguf_header(data, source)
     sums, counts = {}, {}
     for name, ne, ttype, offset in infos:
         for suffix, into in ((SUM_SUFFIX, sums), (COUNT_SUFFIX, counts)):

