@@ -245,15 +245,21 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=("compute", "quantize", "fixtures"))
     ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--models", nargs="+", default=list(MIXES), choices=list(MIXES),
+                    help="quantize: the models whose mixes are checked")
     args = ap.parse_args(argv)
     work = Path(args.work)
     if args.what == "fixtures":
         build_fixtures(work)
         return
-    res = run_compute(work) if args.what == "compute" else run_quantize_check(work)
+    if args.what == "compute":
+        res, name = run_compute(work), "compute"
+    else:
+        res = run_quantize_check(work, {m: MIXES[m] for m in args.models})
+        name = "quantize-" + "-".join(args.models)
     dest = ROOT / "experiments" / "imatrix_check"
     dest.mkdir(exist_ok=True)
-    (dest / f"{args.what}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (dest / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":
