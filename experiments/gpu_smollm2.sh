@@ -12,6 +12,9 @@
 # Call 1 carries .m1 and .whl, call 2 .m2 and .whl; call 2 must follow within the machine's 30 s. Results: $OUT/results.tgz. Jobs (any subset, in order):
 #   llamacpp-table  output-distance table for --target llama.cpp (issue 10's default recipe; the
 #                   solve, llama-quantize and llama-perplexity run on the CPU: llamacpp_e2e.py compare)
+#   llamacpp-table-imatrix  the same on 32 windows of 512 tokens of the calibration plays, rounded with
+#                   their imatrix (computed as llama-imatrix -c 512 --chunks 32 does; issue 23): the table,
+#                   its .meta.json and its .imatrix.gguf go to llamacpp_e2e.py compare --imatrix mpsearch
 #   loop-g64        measured_loop.py with group-wise options beside the per-channel ones (issue 14)
 #   loop-g32        the same with g32 options and int5-g64 too
 #   loop-long       measured_loop.py, the llm preset, a larger local-search budget (issue 14)
@@ -47,6 +50,11 @@ for job in "$@"; do
     llamacpp-table)
       timeout 500 python3 -m mpsearch estimate --model $spec:smollm2 --data $spec:calib --estimator output-distance \
         --target llama.cpp --device cuda --no-progress -o $RES/smollm2-llamacpp-output-distance.csv ;;
+    llamacpp-table-imatrix)
+      python3 -c "from mpsearch.zoo import shakespeare_text; open('/tmp/shakespeare-calib.txt','w').write(shakespeare_text('calib'))"
+      timeout 560 python3 -m mpsearch estimate --model smollm2 --data /tmp/shakespeare-calib.txt --seq-len 512 \
+        --calib-samples 32 --estimator output-distance --target llama.cpp --device cuda --no-progress \
+        -o $RES/smollm2-llamacpp-output-distance-imatrix-mpsearch.csv ;;
     loop-g64)
       MEASURED_LOOP_WORK=/tmp/ml-g64 timeout 560 python3 experiments/measured_loop.py --model smollm2 --device cuda \
         --estimators output-distance --methods both --additivity 0 --results $RES/g64 \

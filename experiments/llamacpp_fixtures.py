@@ -154,6 +154,28 @@ def random_llama(*, hidden: int, n_layer: int, n_head: int, n_head_kv: int, inte
     return LlamaForCausalLM(cfg).eval()
 
 
+def random_mixtral(*, hidden: int, n_layer: int, n_head: int, n_head_kv: int, intermediate: int,
+                   n_expert: int = 4, n_expert_used: int = 2, vocab: int = 49152, seed: int = 0,
+                   ctx: int = 2048):
+    """A random-initialised transformers MixtralForCausalLM (stacked experts, fp32, eval mode);
+    llama.cpp runs it as arch ``llama`` with ``ffn_*_exps`` tensors."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layer,
+                        num_attention_heads=n_head, num_key_value_heads=n_head_kv, vocab_size=vocab,
+                        max_position_embeddings=ctx, tie_word_embeddings=True, rope_theta=10000.0,
+                        rms_norm_eps=1e-5, num_local_experts=n_expert, num_experts_per_tok=n_expert_used,
+                        router_jitter_noise=0.0)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers leaves the stacked experts at zero: give them weights
+        for name, prm in model.named_parameters():
+            if prm.ndim == 3:
+                prm.normal_(0.0, cfg.initializer_range)
+    return model
+
+
 def write_random_llama_gguf(path: Path, model=None, *, dtype: str = "f16",
                             tokenizer_from: Path | None = None, **kwargs) -> Path:
     """Write a GGUF of a (random) LlamaForCausalLM with the metadata llama.cpp needs.
@@ -191,6 +213,10 @@ def write_random_llama_gguf(path: Path, model=None, *, dtype: str = "f16",
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(LlamaFileType.MOSTLY_F16 if dtype == "f16" else LlamaFileType.ALL_F32)
     w.add_quantization_version(GGML_QUANT_VERSION)  # llama-quantize writes it: same header size
+    n_expert = int(getattr(cfg, "num_local_experts", 0) or 0)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(int(cfg.num_experts_per_tok))
     _copy_tokenizer(w, tok_reader)
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -216,6 +242,14 @@ def write_random_llama_gguf(path: Path, model=None, *, dtype: str = "f16",
         w.add_tensor(b + "attn_v.weight", mat(sd[p + "self_attn.v_proj.weight"]))
         w.add_tensor(b + "attn_output.weight", mat(sd[p + "self_attn.o_proj.weight"]))
         w.add_tensor(b + "ffn_norm.weight", vec(sd[p + "post_attention_layernorm.weight"]))
+        if n_expert:  # convert_hf_to_gguf's Mixtral: the router and the experts split into gate/up
+            gate_up = sd[p + "mlp.experts.gate_up_proj"]
+            ff = gate_up.shape[1] // 2
+            w.add_tensor(b + "ffn_gate_inp.weight", vec(sd[p + "mlp.gate.weight"]))
+            w.add_tensor(b + "ffn_gate_exps.weight", mat(gate_up[:, :ff]))
+            w.add_tensor(b + "ffn_up_exps.weight", mat(gate_up[:, ff:]))
+            w.add_tensor(b + "ffn_down_exps.weight", mat(sd[p + "mlp.experts.down_proj"]))
+            continue
         w.add_tensor(b + "ffn_gate.weight", mat(sd[p + "mlp.gate_proj.weight"]))
         w.add_tensor(b + "ffn_up.weight", mat(sd[p + "mlp.up_proj.weight"]))
         w.add_tensor(b + "ffn_down.weight", mat(sd[p + "mlp.down_proj.weight"]))

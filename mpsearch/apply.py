@@ -77,15 +77,26 @@ def quantizable_names(model: torch.nn.Module) -> list[str]:
 
 
 def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
-               quantizer: str = "rtn", data=None) -> torch.nn.Module:
+               quantizer: str = "rtn", data=None, imatrix=None) -> torch.nn.Module:
     """Fake-quantize the layers named by ``plan`` (per the layer's option), rounding to nearest or,
     with ``quantizer="gptq"`` and calibration ``data``, with GPTQ (:mod:`mpsearch.gptq`; each
-    layer's input Hessian is taken from the full-precision model)."""
+    layer's input Hessian is taken from the full-precision model). ``imatrix`` (an
+    :class:`~mpsearch.imatrix.Imatrix` or file): llama.cpp's types are rounded as
+    ``llama-quantize --imatrix`` does."""
     import contextlib
 
     check_plan(model, plan)
     rounding = contextlib.nullcontext()
-    if quantizer == "gptq":
+    if imatrix is not None:
+        from .imatrix import as_imatrix, rounding_context
+        from .layers import discover_layers
+
+        if quantizer != "rtn":
+            raise PlanError(f"quantizer {quantizer!r} and an imatrix do not combine")
+        names = set(plan.bits)
+        layers = [lay for lay in discover_layers(model, include_embedding=True) if lay.name in names]
+        rounding = rounding_context(as_imatrix(imatrix), layers)
+    elif quantizer == "gptq":
         from .data import as_batches
         from .gptq import gptq_rounding, input_hessians
         from .layers import discover_layers

@@ -196,6 +196,14 @@ def staged_dir_name(dest) -> Path:
     return dest.parent / f".{dest.name}.partial"
 
 
+def final_dir(path) -> Path:
+    """Where a folder being built (:func:`staged_dir_name`) will be put: ``path`` itself otherwise."""
+    path = Path(path)
+    if path.name.startswith(".") and path.name.endswith(".partial") and len(path.name) > len("..partial"):
+        return path.parent / path.name[1:-len(".partial")]
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(dest, *, keep_on_interrupt: bool = True, seed=()):
     """Build a folder of outputs beside ``dest`` and put it in place last.

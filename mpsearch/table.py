@@ -75,6 +75,9 @@ class CostTable:
     (:meth:`read`), or let an estimator make it. ``to_frame()`` returns a copy for pandas work.
     """
 
+    #: the :class:`~mpsearch.imatrix.Imatrix` an estimate rounded with (not part of the file; None when read)
+    imatrix = None
+
     def __init__(self, frame: pd.DataFrame, metadata: dict | None = None, *, complete: bool = False):
         self.metadata = dict(metadata or {})
         self._frame = _validated(frame, complete=complete)

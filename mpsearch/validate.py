@@ -102,6 +102,7 @@ def validate_plan(
     target=None,
     exclude=(),
     min_coverage: float | None = None,
+    imatrix=None,
 ) -> ValidationReport:
     """Check ``plan`` against ``model`` and measure it.
 
@@ -123,12 +124,13 @@ def validate_plan(
       tensors out. A plan that records no coverage (made by hand or imported) may leave layers at
       16 bits unless ``min_coverage`` is given; weights of modules mpsearch does not understand
       count against it either way.
+    - ``imatrix``: llama.cpp's types rounded with that importance matrix (``llama-quantize --imatrix``).
     """
     unplanned = check_plan(model, plan)
     _check_target(model, plan, target)
     cov = _coverage(model, plan, target, exclude, min_coverage)
     if quantized is None:
-        quantized = apply_plan(model, plan)
+        quantized = apply_plan(model, plan, imatrix=imatrix)
     report = ValidationReport(unplanned=unplanned, coverage=cov.to_dict())
     for name, bits in plan.bits.items():
         kind = layer_kind(quantized, name)

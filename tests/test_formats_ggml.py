@@ -234,3 +234,120 @@ def test_fresh_random_rows_against_libggml_when_it_is_built(name):
     got = get_format(name).quantize(torch.from_numpy(x))
     assert torch.equal(_bits(got), _bits(torch.from_numpy(y)))
     assert torch.equal(ggml.to_bytes(name, torch.from_numpy(x)), torch.from_numpy(q))
+
+
+# ------------------------------------------------------------------------------------------------
+# with an importance matrix: tests/fixtures/ggml/imatrix.npz (experiments/ggml_fixtures.py --imatrix),
+# ggml_quantize_chunk(type, x, ..., imatrix=w) as llama-quantize --imatrix calls it
+
+IMATRIX = FIXTURES / "imatrix.npz"
+
+
+@pytest.fixture(scope="module")
+def imatrix_data():
+    return dict(np.load(IMATRIX))
+
+
+def _imatrix_cases():
+    data = np.load(IMATRIX)
+    return sorted(tuple(k[:-3].split("__")) for k in data.files if k.endswith("__q"))
+
+
+def test_imatrix_fixtures_cover_every_type_with_real_and_4096_wide_rows():
+    cases = _imatrix_cases()
+    for name in TYPES:
+        mine = {c for n, c in cases if n == name}
+        assert {"smollm2_down_proj_1536", "random_4096", "adversarial_256", "dead_columns_1024"} <= mine, name
+        if ggml.FORMATS[name].block == 32:
+            assert "smollm2_q_proj_576" in mine, name
+
+
+@pytest.mark.parametrize("name,case", _imatrix_cases())
+def test_imatrix_bytes_and_values_equal_llamacpp(name, case, imatrix_data):
+    x = torch.from_numpy(imatrix_data[f"{case}__x"])
+    w = torch.from_numpy(imatrix_data[f"{case}__w"])
+    ref = torch.from_numpy(imatrix_data[f"{name}__{case}__q"])
+    fmt = get_format(name)
+    assert torch.equal(fmt.to_bytes(x, w), ref)
+    assert torch.equal(ggml.to_bytes(name, x, weights=w), ref)
+    gguf = pytest.importorskip("gguf")
+    import gguf.quants
+
+    deq = gguf.quants.dequantize(ref.numpy(), gguf.GGMLQuantizationType[name.upper()]).astype(np.float32)
+    assert torch.equal(_bits(fmt.quantize(x, w)), _bits(torch.from_numpy(deq)))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_imatrix_changes_the_rounding_except_q8_0(name, imatrix_data):
+    """The weighted search is a different rounding (q8_0 ignores the imatrix, as ggml does), and
+    weights=None is the no-imatrix path, unchanged."""
+    x = torch.from_numpy(imatrix_data["random_4096__x"])
+    w = torch.from_numpy(imatrix_data["random_4096__w"])
+    fmt = get_format(name)
+    plain, weighted = fmt.to_bytes(x), fmt.to_bytes(x, w)
+    assert torch.equal(fmt.to_bytes(x, None), plain)
+    assert torch.equal(plain, weighted) == (name == "q8_0")
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_K", "q3_K", "q2_K"])
+def test_imatrix_chunked_passes_and_expert_stacks(name, imatrix_data, monkeypatch):
+    """Chunks of a few blocks give the same bytes (the row statistics span chunks), and a stack of
+    experts [E, out, in] with weights [E, in] is each expert with its own weights, as llama-quantize
+    slices the imatrix per expert."""
+    x = torch.from_numpy(imatrix_data["dead_columns_1024__x"])
+    w = torch.from_numpy(imatrix_data["dead_columns_1024__w"])
+    ref = torch.from_numpy(imatrix_data[f"{name}__dead_columns_1024__q"])
+    fmt = get_format(name)
+    monkeypatch.setattr(ggml, "_CHUNK_WEIGHTS", 512)
+    assert torch.equal(fmt.to_bytes(x, w), ref)
+    x2 = torch.from_numpy(imatrix_data["random_4096__x"])[:, :1024]
+    w2 = torch.from_numpy(imatrix_data["random_4096__w"])[:1024]
+    stack, ws = torch.stack([x[:4], x2]), torch.stack([w, w2])
+    got = fmt.to_bytes(stack, ws)
+    assert got.shape == (2, 4, fmt.row_size(1024))
+    assert torch.equal(got[0], fmt.to_bytes(x[:4], w)) and torch.equal(got[1], fmt.to_bytes(x2, w2))
+    assert torch.equal(fmt.quantize(stack, ws)[1], fmt.quantize(x2, w2))
+
+
+def test_imatrix_weights_are_checked():
+    x = torch.zeros(2, 256)
+    fmt = get_format("q4_K")
+    with pytest.raises(QuantizationError, match=r"shape \[256\]"):
+        fmt.quantize(x, torch.ones(128))
+    with pytest.raises(QuantizationError, match=r"shape \[3, 256\].*per expert"):
+        fmt.quantize(torch.zeros(3, 2, 256), torch.ones(256))
+    with pytest.raises(QuantizationError, match="NaN or Inf"):
+        fmt.quantize(x, torch.full((256,), float("nan")))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_imatrix_fresh_rows_against_libggml_when_it_is_built(name):
+    """New random rows and importance vectors (log-normal, zero columns) against llama.cpp's library
+    where it is built (set MPSEARCH_LIBGGML; CI reads the fixtures)."""
+    lib = _libggml()
+    if lib is None:
+        pytest.skip("libggml-base.so not built here")
+    rng = np.random.default_rng(4321 + TYPES.index(name))
+    rows = []
+    for scale in (1e-6, 0.02, 1.0, 1e3):
+        rows.append(rng.standard_normal(512) * scale)
+        rows.append(rng.standard_t(2, 512) * scale)
+        rows.append(np.where(rng.random(512) < 0.1, rng.standard_normal(512) * scale, 0.0))
+    x = np.stack(rows).astype(np.float32)
+    for w in (np.exp(rng.standard_normal(512) * 2), np.where(rng.random(512) < 0.5, 0.0, rng.random(512))):
+        w = w.astype(np.float32)
+        q = lib.quantize(name, x, w)
+        assert torch.equal(ggml.to_bytes(name, torch.from_numpy(x), torch.from_numpy(w)), torch.from_numpy(q))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", TYPES)
+def test_imatrix_cuda_gives_the_same_bytes(name, imatrix_data):
+    for n, case in _imatrix_cases():
+        if n != name:
+            continue
+        x = torch.from_numpy(imatrix_data[f"{case}__x"]).cuda()
+        w = torch.from_numpy(imatrix_data[f"{case}__w"]).cuda()
+        got = ggml.to_bytes(name, x, w)
+        assert got.device == x.device
+        assert torch.equal(got.cpu(), torch.from_numpy(imatrix_data[f"{name}__{case}__q"])), case

@@ -24,6 +24,9 @@ def test_llamacpp_frontier_measures_the_consumers_recipes(llama, tmp_path):
                             validate=2, points=6, refine=0, progress=False, out=tmp_path / "out")
     table = run.table
     assert table.metadata["target"] == "llama.cpp"
+    # llama.cpp's types rounded as llama-quantize --imatrix does, with the imatrix of the calibration data
+    assert table.metadata["rounding"] == "imatrix"
+    assert (tmp_path / "out" / "imatrix.gguf").is_file()
     offered = table.frame.groupby("layer")["option"].apply(set)
     assert "q4_K" not in offered["model.layers.0.self_attn.q_proj"]
     assert "q4_K" in offered["model.layers.0.mlp.down_proj"]

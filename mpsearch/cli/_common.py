@@ -202,3 +202,35 @@ def settings_from_args(cls, args, *, prefix: str = "", flags: dict | None = None
             raise
         flag = (flags or {}).get(name) or "--" + (prefix + name).replace("_", "-")
         raise SettingsError(f"{flag} {exc.detail}") from None
+
+
+def add_imatrix_args(p, *, auto: bool):
+    """``--imatrix FILE`` (llama.cpp's importance matrix) and, where one is computed by default,
+    ``--no-imatrix``."""
+    if auto:
+        p.add_argument("--imatrix", default=None, metavar="FILE",
+                       help="llama.cpp importance matrix (GGUF or legacy .dat, as llama-imatrix writes it): "
+                            "llama.cpp's types are rounded with it, as llama-quantize --imatrix does "
+                            "(default with --target llama.cpp and --data: computed from the calibration data "
+                            "as llama-imatrix does)")
+        p.add_argument("--no-imatrix", action="store_true",
+                       help="round llama.cpp's types without an imatrix (llama-quantize without --imatrix)")
+    else:
+        p.add_argument("--imatrix", default=None, metavar="FILE",
+                       help="llama.cpp importance matrix to round llama.cpp's types with (default: the one the "
+                            "plan's table was estimated with, where its file is still there)")
+
+
+def imatrix_arg(args):
+    """The ``imatrix=`` value of ``--imatrix``/``--no-imatrix`` (``"auto"`` when neither is given)."""
+    from ..errors import MpsearchError
+
+    if getattr(args, "no_imatrix", False):
+        if args.imatrix:
+            raise MpsearchError("--imatrix FILE and --no-imatrix contradict each other: give one")
+        return None
+    if args.imatrix:
+        from ..imatrix import read_imatrix
+
+        return read_imatrix(args.imatrix)  # a bad file refused before any work
+    return "auto"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, check_outputs, load_model_args, say
+from ._common import add_command, add_device_args, add_imatrix_args, check_outputs, load_model_args, say
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -12,6 +12,7 @@ def register(sub):
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
     add_device_args(p)
+    add_imatrix_args(p, auto=False)
     p.add_argument("-o", "--output", required=True, help="where to write the quantized state dict (.pt)")
 
 
@@ -24,8 +25,13 @@ def run(args) -> int:
 
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
+    from ..imatrix import imatrix_for_plan
+
+    imatrix, note = imatrix_for_plan(plan, args.imatrix, strict=False)
+    if note:
+        say(note)
     model = load_model_args(args)
-    quantized = apply_plan(model, plan, inplace=True)
+    quantized = apply_plan(model, plan, inplace=True, imatrix=imatrix)
     out = Path(args.output)
     torch_save(quantized.state_dict(), out)
     say(f"quantized {len(plan.bits)} layers; wrote {out}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
-                      load_model_args, parse_params, say, say_coverage, target_from_args)
+from ._common import (add_command, add_device_args, add_imatrix_args, add_param_arg, add_target_arg, add_text_args,
+                      check_outputs, imatrix_arg, load_model_args, parse_params, say, say_coverage,
+                      target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
 mpsearch estimate --model path/to/hf-dir --data calib.txt --estimator output-distance \\
-    --target llama.cpp -o table.csv     # llama.cpp's GGML types, legal per tensor"""
+    --target llama.cpp -o table.csv     # llama.cpp's types, rounded with calib.txt's imatrix"""
 
 
 def register(sub):
@@ -33,6 +34,7 @@ def register(sub):
     p.add_argument("--quantizer", choices=("rtn", "gptq"), default="rtn",
                    help="rounding the damage is measured with: rtn (round to nearest, default) or gptq "
                         "(Hessian-compensated, as GPTQModel/llm-compressor run it; integer options)")
+    add_imatrix_args(p, auto=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="append", default=[], metavar="REGEX", help="tie layers (group column)")
     p.add_argument("--fuse-projections", action="store_true",
@@ -79,6 +81,13 @@ def run(args) -> int:
         args.device_map = check_device_map(args.device_map)  # before any work
     target = target_from_args(args)  # resolved once, passed on
     check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
+    from ..imatrix import uses_imatrix
+
+    imatrix = imatrix_arg(args)
+    if imatrix not in ("auto", None) and not uses_imatrix(target):
+        raise MpsearchError("--imatrix is llama.cpp's importance matrix: it needs --target llama.cpp")
+    if imatrix == "auto" and args.data and uses_imatrix(target):
+        check_outputs(files=[("-o (its imatrix file)", imatrix_sidecar(args.output))])
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
@@ -91,15 +100,32 @@ def run(args) -> int:
         model, data, ties=args.tie, fuse_projections=args.fuse_projections,
         include_embedding=args.include_embedding, exclude=args.exclude,
         progress=not args.no_progress, target=target, quantizer=args.quantizer, per_expert=args.per_expert,
+        imatrix=imatrix,
     )
     if not shard.is_main:
         return 0
     table.metadata.setdefault("model_spec", args.model)
     if args.data:
         table.metadata.setdefault("data_spec", args.data)
+    imx = table.imatrix
+    if imx is not None and imx.computed:  # llama-quantize --imatrix will need it: beside the table
+        imx.datasets = [str(args.data)]
+        imx.write(imatrix_sidecar(args.output))
+        table.metadata["imatrix"] = imx.describe()
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
         f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
     say_coverage(table.metadata)
+    if imx is not None:
+        say(f"rounded llama.cpp's types with the imatrix {imx.path} ({imx.describe()['source']}, "
+            f"{len(imx)} tensors, sha256 {imx.sha256[:12]})")
+    elif uses_imatrix(target):
+        say("rounded llama.cpp's types without an imatrix (as llama-quantize without --imatrix"
+            + ("; --data computes one)" if not args.data else ")"))
     return 0
+
+
+def imatrix_sidecar(output) -> str:
+    """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
+    return str(output) + ".imatrix.gguf"

@@ -22,9 +22,14 @@ def register(sub):
                    help="export even if fused layers (q/k/v, gate/up) have different options")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a format setting (repeatable), e.g. --opt arch=qwen2 --opt keep_type=bf16")
+    p.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="llama.cpp: the importance matrix llama-quantize will use; it must be the one the plan's "
+                        "table was estimated with (default: that one, where its file is still there). An imatrix "
+                        "mpsearch computed is written beside the output (OUTPUT.imatrix.gguf)")
 
 
 def run(args) -> int:
+    from ..errors import MpsearchError
     from ..export import get_exporter, save_export
     from ..plan import BitPlan
 
@@ -40,7 +45,25 @@ def run(args) -> int:
 
     check_recorded(plan.provenance)
     fmt = export_format(plan, args.to, target)
+    if get_exporter(fmt, **opts).name != "llama.cpp":
+        if args.imatrix:
+            raise MpsearchError(f"--imatrix is llama.cpp's importance matrix; format {fmt!r} does not use one")
+        path = save_export(plan, fmt, args.output, force=args.force, **opts)
+        say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+        return 0
+    from ..export.llamacpp_types import quantize_command
+    from ..imatrix import imatrix_for_plan, plan_rounding
+
+    imatrix, _ = imatrix_for_plan(plan, args.imatrix, strict=True)  # the rounding the table was made with
+    copy = None
+    if imatrix is not None and str((plan_rounding(plan)[1] or {}).get("source", "")).startswith("computed"):
+        copy = str(args.output) + ".imatrix.gguf"
+        check_outputs(files=[("-o (its imatrix file)", copy)])
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
-    say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+    if copy:
+        imatrix.write_copy(copy)
+    say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)" + (f" and {copy}" if copy else ""))
     say_coverage(plan.provenance)
+    say("quantize with: " + quantize_command(plan, path, imatrix=copy or (imatrix.path if imatrix else None),
+                                             **opts))
     return 0

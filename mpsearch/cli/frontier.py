@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
-                      budget_from_args, check_outputs, make_solver, parse_params, say, say_coverage, settings_from_args,
-                      target_from_args)
+from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_param_arg, add_target_arg,
+                      add_text_args, budget_from_args, check_outputs, imatrix_arg, make_solver, parse_params, say,
+                      say_coverage, settings_from_args, target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -94,6 +94,7 @@ def add_model_frontier_args(p) -> None:
     g.add_argument("--refine-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the refinement (repeatable): swaps, groups, ridge; evolve: offspring, "
                         "survivors, seed, max_switches, time_limit (seconds per target)")
+    add_imatrix_args(g, auto=True)
 
 
 def refine_settings(args):
@@ -118,6 +119,8 @@ def frontier_settings(args, **values):
         values.setdefault("budget", budget_from_args(args))
     values.setdefault("estimator_params", parse_params(getattr(args, "estimator_param", [])))
     values.setdefault("solver_params", parse_params(getattr(args, "param", [])))
+    if hasattr(args, "imatrix"):
+        values.setdefault("imatrix", imatrix_arg(args))
     return settings_from_args(FrontierSettings, args, flags={"options": "--bits"}, **values)
 
 
@@ -146,6 +149,10 @@ def run_model_frontier(args) -> int:
     if current().is_main:
         say(summarize(run, str(args.model)))
         say_coverage(run.table.metadata)
+        im = run.table.metadata.get("imatrix") if isinstance(run.table.metadata, dict) else None
+        if im:
+            say(f"llama.cpp's types rounded with the imatrix {im.get('file')} ({im.get('source')}, "
+                f"sha256 {str(im.get('sha256'))[:12]})")
     return 0
 
 
@@ -250,6 +257,9 @@ def run(args) -> int:
     if not args.table:
         raise MpsearchError("frontier needs --table TABLE.csv (a cost table from 'mpsearch estimate') "
                             "or --model SPEC (estimate, solve and measure)")
+    if args.imatrix or args.no_imatrix:
+        raise MpsearchError("--imatrix/--no-imatrix decide how --model's table is estimated; a --table was "
+                            "estimated already (its metadata says with which imatrix): leave them out")
     from ..fileio import check_output_path
     from ..frontier import npz_path
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
-                      load_model_args, say, say_coverage, target_from_args)
+from ._common import (add_command, add_device_args, add_imatrix_args, add_target_arg, add_text_args, check_outputs,
+                      dump_json, load_model_args, say, say_coverage, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -21,6 +21,7 @@ def register(sub):
     add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="accept leaving these tensors unplanned (the plan's own exclusions are accepted too)")
+    add_imatrix_args(p, auto=False)
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -33,6 +34,11 @@ def run(args) -> int:
     check_outputs(files=[("-o", args.output)])
     target = target_from_args(args)
     plan = BitPlan.load(args.plan)
+    from ..imatrix import imatrix_for_plan
+
+    imatrix, note = imatrix_for_plan(plan, args.imatrix, strict=False)
+    if note:
+        say(note)
     model = load_model_args(args)
     metric = None
     from ..recipe import is_callable_spec
@@ -45,7 +51,7 @@ def run(args) -> int:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
-    report = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude)
+    report = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude, imatrix=imatrix)
     say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
     say_coverage({"coverage": report.coverage})
     say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")

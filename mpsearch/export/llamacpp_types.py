@@ -276,3 +276,23 @@ def _exact_tensor(pattern: str) -> str | None:
     body = pattern.removeprefix("^").removesuffix("$")
     plain = body.replace(r"\.", ".")
     return plain if re.fullmatch(r"[a-z0-9_.]+", plain) and "." not in body.replace(r"\.", "") else None
+
+
+def quantize_command(plan: BitPlan, tensor_types, *, imatrix=None, base: str = "Q8_0", **opts) -> str:
+    """The ``llama-quantize`` command that writes ``plan``'s GGUF from the tensor-type file
+    ``tensor_types`` (what ``export --to llama.cpp`` wrote), with ``--imatrix`` when the plan's
+    table was estimated with one. The base type is a quantized one (llama-quantize ignores
+    ``--tensor-type`` overrides on a float base); the token embedding's type, where the plan
+    names it, goes to ``--token-embedding-type`` too. ``model-f16.gguf`` is the model converted
+    by ``convert_hf_to_gguf.py`` (add ``--allow-requantize`` for an already quantized input)."""
+    import shlex
+
+    doc = LlamaCppExporter(**opts).build(plan)
+    tok = doc.get(r"^token_embd\.weight$")
+    parts = ["llama-quantize"]
+    if imatrix is not None:
+        parts += ["--imatrix", shlex.quote(str(imatrix))]
+    parts += ["--tensor-type-file", shlex.quote(str(tensor_types))]
+    if tok:
+        parts += ["--token-embedding-type", tok]
+    return " ".join(parts + ["model-f16.gguf", "model-mixed.gguf", base])

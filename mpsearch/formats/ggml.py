@@ -21,6 +21,19 @@ computes from those bytes, and :func:`to_bytes` the GGML blocks themselves (what
 holds). Both are checked against llama.cpp's own output in tests/test_formats_ggml.py, on fixtures
 written by experiments/ggml_fixtures.py.
 
+With an importance matrix (``llama-quantize --imatrix``), llama-quantize passes each tensor's
+per-column importance (:mod:`mpsearch.imatrix`: the mean squared input activation of each column)
+as ``ggml_quantize_chunk(..., imatrix)``, and every type but q8_0 runs its weighted search instead:
+``quantize_row_<type>_impl`` (q2_K..q6_K, q4_0..q5_1) and ``quantize_iq4_nl``'s weighted path.
+:meth:`GgmlFormat.quantize` and :meth:`GgmlFormat.to_bytes` take those weights as ``weights``
+(``[in_features]``, or ``[experts, in_features]`` for a ``[experts, out, in]`` stack of experts, one
+importance vector per expert as llama-quantize slices it) and reproduce those paths bit for bit too:
+each weight of a block counts ``qw[j] * sqrtf(sigma2 + x[j]**2)`` in the scale search (q6_K:
+``qw[j]`` alone), ``sigma2`` the mean square of the row (q4_0..q5_1), of the super-block (K-quants,
+doubled for q3_K..q5_K) or of the block (iq4_nl, doubled); the K-quants' block scales come from
+``make_qp_quants`` (q2_K, q4_K, q5_K) or a weighted ``make_qx_quants`` (q3_K) instead of a plain
+rescale. ``weights=None`` is the path above, unchanged.
+
 Shapes: a row (``ne[0]`` = ``in_features``) must be a multiple of the type's block (256 for the
 K-quants, 32 otherwise); otherwise llama.cpp's ``tensor_type_fallback`` (src/llama-quant.cpp)
 replaces the type, see :data:`FALLBACK` and :func:`fallback_type`.
@@ -103,45 +116,87 @@ class GgmlFormat(Format):
     def _blocks(self, matrix):
         import torch
 
-        if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
-            raise QuantizationError(f"{self.name}: expected a 2-D [out_channels, in_features] tensor")
-        reason = self.check_shape(*matrix.shape)
+        if not isinstance(matrix, torch.Tensor) or matrix.ndim not in (2, 3):
+            raise QuantizationError(f"{self.name}: expected a 2-D [out_channels, in_features] tensor "
+                                    f"(or 3-D [experts, out, in])")
+        reason = self.check_shape(*matrix.shape[-2:])
         if reason:
             raise QuantizationError(reason)
         return matrix.detach().to(torch.float32).contiguous().reshape(-1, self.block)
 
-    def _fields(self, matrix):
+    def _importance(self, matrix, weights):
+        """``weights`` checked and laid out as llama-quantize passes them: ``[experts, in]``
+        float32 on the matrix's device (``None`` for no imatrix, and for q8_0, which ignores it)."""
+        import torch
+
+        if weights is None:
+            return None
+        experts = matrix.shape[0] if matrix.ndim == 3 else 1
+        cols = matrix.shape[-1]
+        want = (experts, cols) if matrix.ndim == 3 else (cols,)
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != want:
+            got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise QuantizationError(
+                f"{self.name}: the importance weights must be a tensor of shape {list(want)} (one value "
+                f"per input column{', per expert' if matrix.ndim == 3 else ''}), got {got}")
+        w = weights.detach().to(device=matrix.device, dtype=torch.float32).reshape(experts, cols)
+        if not torch.isfinite(w).all():
+            raise QuantizationError(f"{self.name}: the importance weights hold NaN or Inf "
+                                    f"(llama-quantize refuses such an imatrix)")
+        return None if self.name == "q8_0" else w
+
+    def _fields(self, matrix, weights=None):
         """Yield the quantized fields of consecutive chunks of blocks (bounded memory)."""
+        import torch
+
         x = self._blocks(matrix)
+        w = self._importance(matrix, weights)
         chunk = _CHUNK_WEIGHTS if x.device.type == "cpu" else 16 * _CHUNK_WEIGHTS
         step = max(1, chunk // self.block)
+        if w is None:
+            for i in range(0, x.shape[0], step):
+                yield _KERNELS[self.name][0](x[i:i + step])
+            return
+        cols = matrix.shape[-1]
+        per_row = cols // self.block
+        rows_per_expert = matrix.shape[-2]
+        qw = w.reshape(-1, self.block)  # [experts * per_row, block]
+        sigma2 = _row_sigma2(x.reshape(-1, cols)) if self.name in _ROW_SIGMA2 else None
+        kernel = _IMATRIX_KERNELS[self.name]
         for i in range(0, x.shape[0], step):
-            yield _KERNELS[self.name][0](x[i:i + step])
+            idx = torch.arange(i, min(i + step, x.shape[0]), device=x.device)
+            row = idx // per_row
+            wi = (row // rows_per_expert) * per_row + idx % per_row
+            extra = sigma2.index_select(0, row) if sigma2 is not None else None
+            yield kernel(x[i:i + step], qw.index_select(0, wi), extra)
 
-    def quantize(self, matrix):
-        """llama.cpp's dequantized values of ``matrix`` quantized to this type (bit-exact)."""
+    def quantize(self, matrix, weights=None):
+        """llama.cpp's dequantized values of ``matrix`` quantized to this type (bit-exact), with
+        the importance ``weights`` of an imatrix when given (see the module doc)."""
         import torch
 
         deq = _KERNELS[self.name][1]
-        parts = [deq(f) for f in self._fields(matrix)]
+        parts = [deq(f) for f in self._fields(matrix, weights)]
         out = torch.cat(parts) if parts else matrix.new_zeros((0, self.block), dtype=torch.float32)
         return out.reshape(matrix.shape)
 
-    def to_bytes(self, matrix):
-        """The GGML blocks of ``matrix``: a uint8 tensor ``[out_channels, row_size]``."""
+    def to_bytes(self, matrix, weights=None):
+        """The GGML blocks of ``matrix``: a uint8 tensor ``[out_channels, row_size]`` (``[experts,
+        out, row_size]`` for a 3-D stack), with the importance ``weights`` of an imatrix when given."""
         import torch
 
         pack = _KERNELS[self.name][2]
-        parts = [pack(f) for f in self._fields(matrix)]
+        parts = [pack(f) for f in self._fields(matrix, weights)]
+        shape = (*matrix.shape[:-1], self.row_size(matrix.shape[-1]))
         if not parts:
-            return torch.zeros((0, self.row_size(matrix.shape[1])), dtype=torch.uint8, device=matrix.device)
-        out = torch.cat(parts)
-        return out.reshape(matrix.shape[0], self.row_size(matrix.shape[1]))
+            return torch.zeros(shape, dtype=torch.uint8, device=matrix.device)
+        return torch.cat(parts).reshape(shape)
 
 
-def to_bytes(name: str, matrix):
-    """The GGML bytes of ``matrix`` quantized to type ``name`` (``[out, row_size]`` uint8)."""
-    return FORMATS[name].to_bytes(matrix)
+def to_bytes(name: str, matrix, weights=None):
+    """The GGML bytes of ``matrix`` quantized to type ``name`` (``[out, row_size]`` uint8), with
+    an imatrix's importance ``weights`` when given."""
+    return FORMATS[name].to_bytes(matrix, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +291,14 @@ def _fp16(v):
     import torch
 
     return v.to(torch.float16)
+
+
+def _sqrtf(v):
+    """C ``sqrtf``: torch's float32 sqrt is not always correctly rounded (off by one ulp on some
+    values); the float64 root rounded to float32 is (53 >= 2 * 24 + 2 bits)."""
+    import torch
+
+    return torch.sqrt(v.double()).float()
 
 
 def _recip_or_zero(d):
@@ -412,15 +475,16 @@ def _iq4nl_lookup(al, table):
     return torch.index_select(table, 0, pos.reshape(-1)).reshape(al.shape)
 
 
-def _iq4_nl(x):
-    """``quantize_iq4_nl`` with no imatrix: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``."""
+def _iq4_nl(x, weight=None):
+    """``quantize_iq4_nl``: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``; ``weight``: each
+    value's weight in the search (no imatrix: ``x * x``)."""
     import torch
 
     idx_table, level_table = _iq4nl_tables(x.device)
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
-    w = xt * xt
+    w = xt * xt if weight is None else weight.t().contiguous()
 
     def sums(id_):
         q = _iq4nl_lookup(xt * id_, level_table)
@@ -452,14 +516,15 @@ def _iq4_nl_deq(f):
 # the searches of ggml-quants.c, vectorised over blocks ([nb, n] rows)
 
 
-def _make_qx_quants(x, nmax):
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: returns (scale, L in 0..2*nmax-1)."""
+def _make_qx_quants(x, nmax, qw=None):
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: returns (scale, L in 0..2*nmax-1); the
+    weight of each value is ``qw`` where given, else ``x * x``."""
     import torch
 
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
-    w = xt * xt
+    w = xt * xt if qw is None else qw.t().contiguous()
     wx = w * xt
 
     def pass_(iscale):  # |iscale * x| <= nmax + 1 here: nearest_int is round-half-even
@@ -574,6 +639,17 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     return scale, L.t().to(torch.int32), -mn
 
 
+def _requantize(x, L, dj, dm, sub: int, lo: int, hi: int, shift: int = 0):
+    """The K-quants' last pass: ``if (d) L = clamp(nearest_int((x + m) / d), lo, hi) + shift`` per
+    sub-block of ``sub`` values (``dm`` None: no min); sub-blocks whose scale is 0 keep ``L``."""
+    import torch
+
+    rep = lambda t: t.repeat_interleave(sub, dim=1)  # noqa: E731
+    v = x if dm is None else x + rep(dm)
+    new = torch.clamp(_nearest_int(v / rep(dj)), lo, hi) + shift
+    return torch.where(rep(dj) != 0, new, L)
+
+
 def _positive_max(v):
     """``m = 0; for j: if (v_j > m) m = v_j;`` per row (+0 when no value is positive)."""
     import torch
@@ -603,11 +679,8 @@ def _q2_K(x):
     lm = _nearest_int((_full(max_min, 15) / max_min)[:, None] * mins)
     sc = torch.where(has_m[:, None], _wrap_u8(sc | (lm << 4)), sc)
     dmin = _fp16(torch.where(has_m, max_min / _full(max_min, 15), torch.zeros_like(max_min)))
-    dj = d.float()[:, None] * (sc & 0xF).float()
-    dm = dmin.float()[:, None] * (sc >> 4).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm)) / rep(dj)), 0, 3)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (sc & 0xF).float(), dmin.float()[:, None] * (sc >> 4).float(),
+                    16, 0, 3)
     return {"d": d, "dmin": dmin, "scales": sc, "L": L}
 
 
@@ -649,10 +722,7 @@ def _q3_K(x):
     l = torch.clamp(_wrap_i8(_nearest_int(iscale[:, None] * scales)), -32, 31) + 32
     l = torch.where(has[:, None], l, torch.zeros_like(l))
     d = _fp16(torch.where(has, torch.ones_like(iscale) / iscale, torch.zeros_like(iscale)))
-    dj = d.float()[:, None] * (l - 32).float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int(x / rep(dj)), -4, 3) + 4
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * (l - 32).float(), None, 16, -4, 3, 4)
     return {"d": d, "ls": l, "L": L}
 
 
@@ -686,9 +756,7 @@ def _qkx_K(x, nmax, rmin, nstep):
     sum_x2 = torch.zeros(sub.shape[0], dtype=torch.float32, device=sub.device)
     for row in st:
         sum_x2 = sum_x2 + row * row
-    # sqrtf: torch's float32 sqrt is not always correctly rounded (off by one ulp on some values);
-    # the float64 root rounded to float32 is (53 >= 2 * 24 + 2 bits)
-    av_x = torch.sqrt((sum_x2 / _full(sum_x2, 32)).double()).float()
+    av_x = _sqrtf(sum_x2 / _full(sum_x2, 32))
     weights = av_x[:, None] + sub.abs()
     scales, L, mins = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
     scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 256)
@@ -701,11 +769,7 @@ def _qkx_K(x, nmax, rmin, nstep):
     lm = torch.clamp(_wrap_u8(_nearest_int(inv_min[:, None] * mins)), max=63)
     d = _fp16(max_scale / _full(max_scale, 63))
     dmin = _fp16(max_min / _full(max_min, 63))
-    dj = d.float()[:, None] * ls.float()
-    dm = dmin.float()[:, None] * lm.float()
-    rep = lambda t: t.repeat_interleave(32, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int((x + rep(dm)) / rep(dj)), 0, nmax)
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * ls.float(), dmin.float()[:, None] * lm.float(), 32, 0, nmax)
     return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "L": L}
 
 
@@ -725,13 +789,23 @@ def _qkx_K_deq(f):
 
 
 def _k4_scales(ls, lm):
-    """The 12 bytes of 6-bit scales and mins of q4_K/q5_K (get_scale_min_k4's layout)."""
+    """The 12 bytes of 6-bit scales and mins of q4_K/q5_K (get_scale_min_k4's layout; values of
+    8 bits are stored as the C code stores them, high bits or-ed in and truncated to a byte)."""
     import torch
 
     first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     third = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    return _u8(torch.cat([first, second, third], dim=1))
+    return _u8(torch.cat([first, second, third], dim=1) & 0xFF)
+
+
+def _k4_unpack(q):
+    """``get_scale_min_k4`` for j = 0..7 of the 12 scale bytes ``q`` (int32): (scales, mins)."""
+    import torch
+
+    sc = torch.cat([q[:, :4] & 63, (q[:, 8:] & 0xF) | ((q[:, :4] >> 6) << 4)], dim=1)
+    mn = torch.cat([q[:, 4:8] & 63, (q[:, 8:] >> 4) | ((q[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, mn
 
 
 def _pack_4bit_64(L):
@@ -743,8 +817,8 @@ def _pack_4bit_64(L):
 def _q4_K_pack(f):
     import torch
 
-    return torch.cat([_half_bytes(f["d"]), _half_bytes(f["dmin"]), _k4_scales(f["ls"], f["lm"]),
-                      _pack_4bit_64(f["L"])], dim=1)
+    scales = f["k4"] if "k4" in f else _k4_scales(f["ls"], f["lm"])
+    return torch.cat([_half_bytes(f["d"]), _half_bytes(f["dmin"]), scales, _pack_4bit_64(f["L"])], dim=1)
 
 
 def _q5_K_pack(f):
@@ -759,12 +833,12 @@ def _q5_K_pack(f):
                       _u8(qh), _pack_4bit_64(L)], dim=1)
 
 
-def _q6_K(x):
+def _q6_K(x, qw=None):
     import torch
 
     nb = x.shape[0]
     sub = x.reshape(nb * 16, 16)
-    scales, L = _make_qx_quants(sub, 32)
+    scales, L = _make_qx_quants(sub, 32, None if qw is None else qw.reshape(nb * 16, 16))
     scales, L = scales.reshape(nb, 16), L.reshape(nb, 256)
     max_scale, max_abs = _first_absmax(scales)
     empty = max_abs < GROUP_MAX_EPS
@@ -774,10 +848,7 @@ def _q6_K(x):
     d = torch.where(empty, torch.zeros_like(d), d)
     sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)
     d = _fp16(d)
-    dj = d.float()[:, None] * sc.float()
-    rep = lambda t: t.repeat_interleave(16, dim=1)  # noqa: E731
-    new = torch.clamp(_nearest_int(x / rep(dj)), -32, 31) + 32
-    L = torch.where(rep(dj) != 0, new, L)
+    L = _requantize(x, L, d.float()[:, None] * sc.float(), None, 16, -32, 31, 32)
     L = torch.where(empty[:, None], torch.zeros_like(L), L)
     return {"d": d, "sc": sc, "L": L}
 
@@ -799,6 +870,176 @@ def _q6_K_pack(f):
         qh.append((b[:, 0] >> 4) | ((b[:, 1] >> 4) << 2) | ((b[:, 2] >> 4) << 4) | ((b[:, 3] >> 4) << 6))
     return torch.cat([_u8(torch.cat(ql, dim=1)), _u8(torch.cat(qh, dim=1)),
                       f["sc"].to(torch.int8).view(torch.uint8), _half_bytes(f["d"])], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# with an importance matrix: quantize_row_<type>_impl(..., quant_weights) of ggml-quants.c
+
+#: types whose imatrix weights use the mean square of the whole row (``sum_x2 / n_per_row``)
+_ROW_SIGMA2 = ("q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def _row_sigma2(rows):
+    """``float s = 0; for (j...) s += x[j]*x[j]; sigma2 = s/n_per_row;`` for each row ``[rows]``."""
+    import torch
+
+    step = max(1, _CHUNK_WEIGHTS // max(1, rows.shape[1]))
+    parts = []
+    for i in range(0, rows.shape[0], step):
+        r = rows[i:i + step]
+        parts.append(_seqsum(r * r))
+    s = torch.cat(parts) if parts else rows.new_zeros(0)
+    return s / _full(s, rows.shape[1])
+
+
+def _block_sigma2(x, double: bool):
+    """Mean square of each block ``[nb]`` (``sumx2/QK_K``; ``2*sumx2/QK_K`` when ``double``)."""
+    s = _seqsum(x * x)
+    return (s + s if double else s) / _full(s, x.shape[1])
+
+
+def _qw_sigma(x, qw, sigma2):
+    """``qw[j] * sqrtf(sigma2 + x[j]*x[j])``: each value's weight in an imatrix search."""
+    return qw * _sqrtf(sigma2[:, None] + x * x)
+
+
+def _make_qp_quants(x, nmax, w):
+    """``make_qp_quants(n, nmax, x, L, quant_weights=w)`` over the rows of ``x`` (the block scales
+    or mins of a K-quant super-block): returns (scale, L as the C code stores it: uint8 0..255)."""
+    import torch
+
+    n = x.shape[1]
+    mx = _positive_max(x)
+    zero = mx < GROUP_MAX_EPS
+    xt = x.t().contiguous()
+    wt = w.t().contiguous()
+    iscale = _full(mx, nmax) / mx
+    L0 = _wrap_u8(_nearest_int(iscale * xt)).float()
+    diff = xt - (torch.ones_like(iscale) / iscale) * L0
+    best = _seqsum_t((wt * diff) * diff)
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = _full(mx, _c_f32(0.1) * _c_f32(is_) + _c_f32(nmax)) / mx
+        l = torch.clamp(_nearest_int(iscale_is * xt), max=nmax).float()
+        diff = xt - (torch.ones_like(iscale_is) / iscale_is) * l
+        mse = _seqsum_t((wt * diff) * diff)
+        upd = mse < best
+        best = torch.where(upd, mse, best)
+        iscale = torch.where(upd, iscale_is, iscale)
+    l = torch.clamp(_nearest_int(iscale * xt), max=nmax)
+    wx = wt * xt
+    sumlx = _seqsum_t(wx * l.float())
+    suml2 = _seqsum_t((wt * l.float()) * l.float())
+    cols = [c for c in _wrap_u8(l)]
+    for _ in range(5):  # a pass that changes nothing leaves the state as it is: no early exit needed
+        for i in range(n):
+            li = cols[i].float()
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - (wt[i] * li) * li
+            new_l = torch.clamp(_nearest_int((xt[i] * sl2) / slx), max=nmax)
+            nl = new_l.float()
+            slx2 = slx + wx[i] * nl
+            sl22 = sl2 + (wt[i] * nl) * nl
+            upd = ((slx > 0) & (sl2 > 0) & (new_l != cols[i])
+                   & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22))
+            cols[i] = torch.where(upd, _wrap_u8(new_l), cols[i])
+            sumlx = torch.where(upd, slx2, sumlx)
+            suml2 = torch.where(upd, sl22, suml2)
+    L = torch.stack(cols, dim=1)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    return (torch.where(zero, torch.zeros_like(scale), scale),
+            torch.where(zero[:, None], torch.zeros_like(L), L))
+
+
+def _sub_weights(x, qw, sub, double):
+    """The super-block's values as ``[nb * 256/sub, sub]`` sub-blocks, their imatrix weights, and
+    each sub-block's sum of weights ``sw``."""
+    nb = x.shape[0]
+    sigma2 = _block_sigma2(x, double)
+    xs = x.reshape(-1, sub)
+    w = _qw_sigma(xs, qw.reshape(-1, sub), sigma2.repeat_interleave(QK_K // sub))
+    return xs, w, _seqsum(w).reshape(nb, -1)
+
+
+def _q32_im(x, qw, sigma2, nmax):
+    """q4_0 (nmax 8) and q5_0 (nmax 16): ``make_qx_quants(32, nmax, x, L, 1, weight)``."""
+    scale, L = _make_qx_quants(x, nmax, _qw_sigma(x, qw, sigma2))
+    return {"d": _fp16(scale), "q": L}
+
+
+def _q32_asym_im(x, qw, sigma2, nmax):
+    """q4_1 (nmax 15) and q5_1 (nmax 31): ``make_qkx3_quants(32, nmax, x, weight, ..., -0.9, 0.05, 36)``."""
+    scale, L, the_min = _make_qkx2_quants(x, _qw_sigma(x, qw, sigma2), nmax, -0.9, 0.05, 36, False)
+    return {"d": _fp16(scale), "m": _fp16(-the_min), "q": L}
+
+
+def _iq4_nl_im(x, qw, _sigma2):
+    """``quantize_row_iq4_nl_impl`` with ``quant_weights``: sigma2 is twice the block's mean square."""
+    return _iq4_nl(x, _qw_sigma(x, qw, _seqsum(x * x) * (2.0 / 32)))
+
+
+def _q2_K_im(x, qw, _sigma2):
+    import torch
+
+    nb = x.shape[0]
+    sub, w, sw = _sub_weights(x, qw, 16, False)
+    scales, L, mins = _make_qkx2_quants(sub, w, 3, -0.9, 0.05, 36, False)
+    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.reshape(nb, 256)
+    dm, Ls = _make_qp_quants(scales, 15, sw)
+    mm, Lm = _make_qp_quants(mins, 15, sw)
+    d, dmin = _fp16(dm), _fp16(mm)
+    sc = (Ls | (Lm << 4)) & 0xFF
+    L = _requantize(x, L, d.float()[:, None] * (sc & 0xF).float(), dmin.float()[:, None] * (sc >> 4).float(),
+                    16, 0, 3)
+    return {"d": d, "dmin": dmin, "scales": sc, "L": L}
+
+
+def _q3_K_im(x, qw, _sigma2):
+    import torch
+
+    nb = x.shape[0]
+    sub, w, sw = _sub_weights(x, qw, 16, True)
+    scales, L = _make_qx_quants(sub, 4, w)
+    scales, L = scales.reshape(nb, 16), L.reshape(nb, 256)
+    d_block, ls = _make_qx_quants(scales, 32, sw)
+    d = _fp16(d_block)
+    L = _requantize(x, L, d.float()[:, None] * (ls - 32).float(), None, 16, -4, 3, 4)
+    return {"d": d, "ls": ls, "L": L}
+
+
+def _qkx_K_im(x, qw, nmax):
+    """q4_K (nmax 15) and q5_K (nmax 31) with ``quant_weights``."""
+    import torch
+
+    nb = x.shape[0]
+    sub, w, sw = _sub_weights(x, qw, 32, True)
+    scales, L, mins = _make_qkx2_quants(sub, w, nmax, -0.9, 0.05, 36, False)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 256)
+    d_block, ls = _make_qp_quants(scales, 63, sw)
+    m_block, lm = _make_qp_quants(mins, 63, sw)
+    if nmax == 31:  # q5_K clamps its 6-bit scales; q4_K stores the bytes as they come
+        ls, lm = torch.clamp(ls, max=63), torch.clamp(lm, max=63)
+    k4 = _k4_scales(ls, lm)
+    ls, lm = _k4_unpack(k4.to(torch.int32))  # what the file holds (get_scale_min_k4)
+    d, dmin = _fp16(d_block), _fp16(m_block)
+    L = _requantize(x, L, d.float()[:, None] * ls.float(), dmin.float()[:, None] * lm.float(), 32, 0, nmax)
+    return {"d": d, "dmin": dmin, "ls": ls, "lm": lm, "L": L, "k4": k4}
+
+
+#: name -> fn(blocks, their imatrix weights, the rows' sigma2 (q4_0..q5_1) or None) -> fields
+_IMATRIX_KERNELS = {
+    "q4_0": lambda x, qw, s2: _q32_im(x, qw, s2, 8),
+    "q5_0": lambda x, qw, s2: _q32_im(x, qw, s2, 16),
+    "q4_1": lambda x, qw, s2: _q32_asym_im(x, qw, s2, 15),
+    "q5_1": lambda x, qw, s2: _q32_asym_im(x, qw, s2, 31),
+    "iq4_nl": _iq4_nl_im,
+    "q2_K": _q2_K_im,
+    "q3_K": _q3_K_im,
+    "q4_K": lambda x, qw, _s2: _qkx_K_im(x, qw, 15),
+    "q5_K": lambda x, qw, _s2: _qkx_K_im(x, qw, 31),
+    "q6_K": lambda x, qw, _s2: _q6_K(x, qw),
+}
 
 
 _KERNELS = {

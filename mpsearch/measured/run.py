@@ -10,6 +10,7 @@ import torch
 from ..budget import Budget
 from ..errors import MpsearchError
 from ..fileio import atomic_output_dir
+from ..imatrix import run_rounding
 from ..metrics import Metric
 from ..recipe import resolve
 from ..registry import get_solver
@@ -50,7 +51,9 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     the ``llm`` preset for a causal LM, else per-channel int2..int8; a consumer target's default set).
     ``target``: the consumer (:mod:`mpsearch.targets`): its options, per-layer rules and runtime
     ties; its own recipes (llama.cpp's pure types and built-in mixes...) are measured beside the
-    uniform plans, and solved at.
+    uniform plans, and solved at. ``imatrix`` (llama.cpp): ``"auto"`` (default) computes the importance
+    matrix of ``calib`` and rounds the whole run with it (:func:`mpsearch.imatrix.run_rounding`;
+    written to ``out/imatrix.gguf``), ``None`` rounds without one, or an Imatrix or its file.
     """
     st = FrontierSettings.from_kwargs(settings, **kwargs)
     if not isinstance(metric, Metric):
@@ -61,17 +64,20 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model)
-    table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
-                            estimator_params=st.estimator_params, progress=st.progress,
-                            cache=out / "table.csv" if out else None,
-                            **{**st.estimate_kwargs, **({"target": st.target} if st.target is not None else {})})
-    session, measured, targets, results = _solve_and_measure(model, metric, table, st, out)
-    to_refine = refine_targets(targets, st.refine.targets)
-    front = compare_with_uniform(measured.front, measured.uframe)
-    measured.front = front
-    losers = warn_losers(front, metric.name)
-    proxy = proxy_check(front, measured.uframe, recipe.estimator, st.min_rank_correlation)
-    log = _refine(session, measured, to_refine, st, refine_metric, calib, out)
+    with run_rounding(st.imatrix, model, calib, st.target, out=out if is_main() else None,
+                      progress=st.progress) as imatrix:
+        table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
+                                estimator_params=st.estimator_params, progress=st.progress,
+                                cache=out / "table.csv" if out else None,
+                                **{**st.estimate_kwargs, **({"target": st.target} if st.target is not None else {}),
+                                   "imatrix": imatrix})
+        session, measured, targets, results = _solve_and_measure(model, metric, table, st, out)
+        to_refine = refine_targets(targets, st.refine.targets)
+        front = compare_with_uniform(measured.front, measured.uframe)
+        measured.front = front
+        losers = warn_losers(front, metric.name)
+        proxy = proxy_check(front, measured.uframe, recipe.estimator, st.min_rank_correlation)
+        log = _refine(session, measured, to_refine, st, refine_metric, calib, out)
     run = FrontierRun(table=table, frontier=front, uniform=measured.uframe, baseline=session.baseline,
                       baseline_values=session.baseline_values, metric=metric.name, metric_label=metric.label,
                       higher_is_better=metric.higher_is_better, proxy=proxy,

@@ -44,6 +44,7 @@ class FrontierSettings(Settings):
     plots: bool = True
     progress: bool = True
     workers: int = 1
+    imatrix: object = "auto"  # llama.cpp: "auto" (from the calibration data), None, an Imatrix or its file
 
     _parameter_constraints = {
         "validate": [Interval(int, 0, None)], "points": [Interval(int, 2, None), None],
@@ -61,6 +62,9 @@ class FrontierSettings(Settings):
         if self.target is not None:
             object.__setattr__(self, "target", get_target(self.target))
         check(target=self.target, options=self.options, estimator=self.estimator, params=self.estimator_params)
+        from ..imatrix import check_setting
+
+        object.__setattr__(self, "imatrix", check_setting(self.imatrix, self.target))
         get_solver(self.solver, **self.solver_params)
 
     #: measured_frontier's keywords for the refinement -> RefineSettings fields

@@ -117,6 +117,7 @@ class Estimator:
         per_expert: bool = False,
         min_coverage: float = 1.0,
         min_expert_tokens: int = 8,
+        imatrix="auto",
     ) -> CostTable:
         """Fill a cost table for ``model``.
 
@@ -124,7 +125,11 @@ class Estimator:
         also measures MACs. ``ties``/``fuse_projections`` write the ``group`` column. ``target``
         (a :class:`~mpsearch.targets.Target`, or its name, resolved here once) decides the options,
         which layers are planned, which options each layer may take (the table is then ragged) and
-        the runtime ties.
+        the runtime ties. ``imatrix`` (llama.cpp): the importance matrix llama.cpp's types are
+        rounded with, as ``llama-quantize --imatrix`` does (:func:`mpsearch.imatrix.resolve_imatrix`:
+        ``"auto"`` computes it from ``data`` for the llama.cpp target, ``None`` rounds without one,
+        or an :class:`~mpsearch.imatrix.Imatrix` / file); the table records it (``rounding``,
+        ``imatrix``) and keeps the object as ``table.imatrix``.
 
         Mixture-of-experts models (:mod:`mpsearch.moe`): ``per_expert`` makes each expert of a
         stacked tensor a layer of its own (``mpsearch`` target only); the tokens routed to each
@@ -178,12 +183,20 @@ class Estimator:
         coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
                                   min_coverage=min_coverage).check()
         check_weights(model, [lay.name for lay in layers])
+        from ..imatrix import layer_weights, resolve_imatrix
+
+        imx = resolve_imatrix(imatrix, model, batches, target_obj, progress=progress and shard.is_main)
+        if imx is not None and quantizer != "rtn":
+            raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
+                                f"types with the imatrix (leave --quantizer out)")
+        imatrix_weights = layer_weights(imx, layers) if imx is not None else None
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
-        ctx.checkpoint = self._checkpoint(model, batches, layers, options, quantizer, shard)
+        ctx.checkpoint = self._checkpoint(model, batches, layers, options,
+                                          f"imatrix-{imx.sha256[:16]}" if imx is not None else quantizer, shard)
         t0 = time.perf_counter()
         routing = _routing(model, layers, batches, device, ctx)
-        damage, cached = self._damage_or_resume(model, ctx, quantizer)
+        damage, cached = self._damage_or_resume(model, ctx, quantizer, imatrix_weights)
         if routing is not None:
             damage = _moe_columns(self, model, ctx, damage, routing, int(min_expert_tokens))
         seconds = time.perf_counter() - t0
@@ -205,10 +218,14 @@ class Estimator:
             "target": target_obj.name,
             "quantizer": quantizer,
             "coverage": coverage.to_dict(),
+            "rounding": "imatrix" if imx is not None else quantizer,
+            **({"imatrix": imx.describe()} if imx is not None else {}),
             **ctx.extra_metadata,
         }
-        return build_table(layers, options, damage, metadata, act_bits=act_bits,
-                           extra_columns=ctx.extra_columns, legal=legal)
+        table = build_table(layers, options, damage, metadata, act_bits=act_bits,
+                            extra_columns=ctx.extra_columns, legal=legal)
+        table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
+        return table
 
     def _checkpoint(self, model, batches, layers, options, quantizer, shard):
         """The run's cache file (one per shard) when the estimator has a ``cache_dir``, else ``None``."""
@@ -221,7 +238,7 @@ class Estimator:
         stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
         return Checkpoint(cache_dir, stem + shard.suffix(), every=getattr(self, "cache_every", 0.0))
 
-    def _damage_or_resume(self, model, ctx: Context, quantizer: str) -> tuple[np.ndarray, bool]:
+    def _damage_or_resume(self, model, ctx: Context, quantizer: str, imatrix_weights=None) -> tuple[np.ndarray, bool]:
         """The damage matrix and whether it came from a finished earlier run with the same
         settings, model and data; otherwise it is computed (resuming partial state) and stored."""
         done = ctx.checkpoint.result() if ctx.checkpoint is not None else None
@@ -235,7 +252,7 @@ class Estimator:
         was_training = model.training
         model.eval()
         try:
-            with _rounding(model, ctx, quantizer):
+            with _rounding(model, ctx, quantizer, imatrix_weights):
                 damage = np.asarray(self._damage(model, ctx), dtype=float)
         finally:
             model.train(was_training)
@@ -324,10 +341,15 @@ def _moe_columns(estimator, model, ctx: Context, damage, routing, min_tokens: in
     return damage
 
 
-def _rounding(model, ctx: Context, quantizer: str):
-    """The rounding the damage is measured with (GPTQ: the layers' input Hessians, collected once)."""
+def _rounding(model, ctx: Context, quantizer: str, imatrix_weights=None):
+    """The rounding the damage is measured with (GPTQ: the layers' input Hessians, collected once;
+    llama.cpp's types with an imatrix: :func:`mpsearch.imatrix.imatrix_rounding`)."""
     import contextlib
 
+    if imatrix_weights is not None:
+        from ..imatrix import imatrix_rounding
+
+        return imatrix_rounding(imatrix_weights)
     if quantizer != "gptq":
         return contextlib.nullcontext()
     from ..gptq import gptq_rounding, input_hessians

@@ -124,7 +124,8 @@ def make_plan(problem: Problem, choice, *, solver=None, budget: Budget | None = 
         "solver_params": solver.get_params() if hasattr(solver, "get_params") else {},
         "status": status,
         "budget": (budget or Budget()).to_dict(),
-        "table": {k: problem.table_metadata.get(k) for k in ("estimator", "model", "data", "fingerprint", "target", "quantizer", "coverage") if k in problem.table_metadata},
+        "table": {k: problem.table_metadata.get(k) for k in ("estimator", "model", "data", "fingerprint", "target", "quantizer", "rounding", "imatrix", "coverage")
+                  if k in problem.table_metadata},
     }
     return BitPlan(
         bits={layer: bits_by_option[o] for layer, o in names.items()},

@@ -1,8 +1,10 @@
-"""``llama.cpp``: GGML tensor types as ``llama-quantize`` writes them (no imatrix).
+"""``llama.cpp``: GGML tensor types as ``llama-quantize`` writes them.
 
 Options are GGML types by their llama.cpp names (``q4_K``, ``q5_0``...); each one's size is the
 GGUF block size (q4_K = 144 bytes per 256 weights = 4.5 bits per weight) and its rounding is
-llama.cpp's reference quantization, reproduced in torch (:mod:`mpsearch.formats.ggml`).
+llama.cpp's, reproduced in torch (:mod:`mpsearch.formats.ggml`): with an importance matrix
+(:mod:`mpsearch.imatrix`; computed from the calibration data by default, as ``llama-quantize
+--imatrix`` is run by publishers) or without one (``--no-imatrix``).
 
 Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 
