@@ -385,25 +385,13 @@ _EXPERTS = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_fo
 
 def tensor_names(layers, arch: str = "llama") -> dict[str, list[str]]:
     """mpsearch layer name -> the GGUF tensor names (``.weight`` included) llama.cpp stores it as;
-    layers without one are left out. Stacked experts' ``gate_up_proj`` is two GGUF tensors."""
+    layers without one are left out. Stacked experts' ``gate_up_proj`` is two GGUF tensors (the
+    exporter's own name map decides, :meth:`LlamaCppExporter._namer`)."""
     from .export.llamacpp_types import LlamaCppExporter
 
     names = [str(n) for n in layers]
-    out, rest = {}, []
-    for n in names:
-        m = _EXPERTS.match(n)
-        if m:
-            kinds = ("ffn_gate_exps", "ffn_up_exps") if m[2] == "gate_up_proj" else ("ffn_down_exps",)
-            out[n] = [f"blk.{m[1]}.{k}.weight" for k in kinds]
-        else:
-            rest.append(n)
-    if rest:
-        namer = LlamaCppExporter(arch=arch)._namer(rest)
-        for n in rest:
-            g = namer(n)
-            if g:
-                out[n] = [g + ".weight"]
-    return out
+    namer = LlamaCppExporter(arch=arch)._namer(names)
+    return {n: [g + ".weight" for g in gs] for n in names if (gs := namer(n))}
 
 
 # ---------------------------------------------------------------------------------------- compute
@@ -693,6 +681,7 @@ def imatrix_rounding(weights: dict):
             return None
         return quantize_with(matrix, option, parts)
 
+    rounder.stacked = True  # experts as [experts, out, in], each with its own importance
     with rounding(rounder):
         yield
 

@@ -168,7 +168,8 @@ def _quantize_experts(weight: torch.Tensor, option: Option, kind: str, name: str
     scale, ModelOpt FP8) take the experts one at a time."""
     if option.is_keep:
         return weight.clone()
-    if _ROUNDER.get() is not None:
+    rounder = _ROUNDER.get()
+    if rounder is not None and not getattr(rounder, "stacked", False):
         from .errors import QuantizationError
 
         raise QuantizationError(f"layer {name!r} is a stacked expert tensor: GPTQ rounding works on "
@@ -177,6 +178,11 @@ def _quantize_experts(weight: torch.Tensor, option: Option, kind: str, name: str
     n, out, cols = mats.shape
     if option.fmt is not None and option.format.check_shape(out, cols):
         quantize_matrix(mats[0], option, name)  # raises: the shape rule holds per expert matrix
+    if rounder is not None:  # one that takes the whole [experts, out, in] stack (an imatrix's)
+        check_finite(mats, name)
+        q = rounder(mats, option, name)
+        if q is not None:
+            return _from_expert_matrices(q.to(mats.dtype), weight, kind)
     if option.fmt is None or getattr(option.format, "rows_independent", True):
         step = max(1, _CHUNK_ELEMENTS // max(out * cols, 1))  # bounds the float32 temporaries
         q = torch.empty((n, out, cols), dtype=mats.dtype, device=mats.device)
@@ -194,7 +200,9 @@ _ROUNDER: contextvars.ContextVar = contextvars.ContextVar("mpsearch_rounder", de
 @contextlib.contextmanager
 def rounding(rounder):
     """Within this context :func:`quantize_weight` asks ``rounder(matrix, option, name)`` first; it
-    returns the quantized ``[out, in]`` matrix, or ``None`` to leave the layer to round-to-nearest."""
+    returns the quantized ``[out, in]`` matrix, or ``None`` to leave the layer to round-to-nearest.
+    A rounder with ``stacked = True`` is also given stacked experts as ``[experts, out, in]``; with
+    any other rounder active, stacked experts are refused."""
     token = _ROUNDER.set(rounder)
     try:
         yield

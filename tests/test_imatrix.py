@@ -431,3 +431,36 @@ def test_cli_imatrix_flow_estimate_solve_export(tmp_path, cli):
     code, _, err = cli(["estimate", "--model", model, "--data", text, "--imatrix", other, "--target", "llama.cpp",
                          "--estimator", "weight-error", "--no-progress", "-o", tmp_path / "y.csv"])
     assert code == 2 and "does not match the model" in err and not (tmp_path / "y.csv").exists()
+
+
+def test_stacked_experts_round_expert_by_expert_with_their_own_importance():
+    """Each expert of a stacked tensor rounds with its own imatrix row, and the fused gate_up_proj
+    with ffn_gate_exps' importance for its gate half and ffn_up_exps' for its up half (llama.cpp
+    stores them as two tensors); a GPTQ-style rounder that cannot take the stack is refused."""
+    from mpsearch.errors import QuantizationError
+    from mpsearch.formats import get_format
+    from mpsearch.layers import discover_layers
+    from mpsearch.options import parse_option
+    from mpsearch.quant import expert_matrices, quantize_weight, rounding
+
+    model = _tiny_mixtral()
+    g = torch.Generator().manual_seed(1)
+    im = compute_imatrix(model, [{"input_ids": torch.randint(0, 100, (2, 24), generator=g)}], progress=False)
+    layers = {lay.name: lay for lay in discover_layers(model)}
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    lay = layers[name]
+    weights = layer_weights(im, list(layers.values()))
+    W = model.get_submodule("model.layers.1.mlp.experts").gate_up_proj.detach()
+    opt = parse_option("q4_0")
+    with imatrix_rounding(weights):
+        q = quantize_weight(W, opt, lay.kind, name)
+    fmt = get_format("q4_0")
+    gate_w, up_w = (torch.from_numpy(im.weights(f"blk.1.ffn_{k}_exps.weight")) for k in ("gate", "up"))
+    mats = expert_matrices(W, lay.kind).float()
+    half = mats.shape[1] // 2
+    want = torch.stack([torch.cat([fmt.quantize(m[:half], gate_w[e]), fmt.quantize(m[half:], up_w[e])])
+                        for e, m in enumerate(mats)])
+    assert torch.equal(expert_matrices(q, lay.kind).float(), want)
+    assert not torch.equal(want, fmt.quantize(mats.reshape(-1, mats.shape[-1])).reshape(mats.shape))
+    with rounding(lambda m, o, n: None), pytest.raises(QuantizationError, match="stacked expert tensor"):
+        quantize_weight(W, opt, lay.kind, name)
