@@ -54,16 +54,20 @@ _CHUNK_WEIGHTS = 1 << 20
 def fallback_type(name: str, in_features: int) -> str:
     """The type llama.cpp actually writes for ``name`` on rows of ``in_features`` columns.
 
-    ``name`` itself when its block divides the row; else llama.cpp's fallback (:data:`FALLBACK`);
+    ``name`` itself when its block divides the row; else llama.cpp's fallback (:data:`FALLBACK`,
+    and :data:`mpsearch.formats.ggml_iq.FALLBACK` for the i-quants);
     ``"f16"`` when that does not fit either (or ``name`` is already a 32-block type).
     """
-    fmt = FORMATS.get(name)
+    from .ggml_iq import FALLBACK as IQ_FALLBACK, FORMATS as IQ_FORMATS
+
+    formats = {**FORMATS, **IQ_FORMATS}
+    fmt = formats.get(name)
     if fmt is None:
-        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(FORMATS)}")
+        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(formats)}")
     if in_features % fmt.block == 0:
         return fmt.name
-    alt = FALLBACK.get(fmt.name)
-    if alt is not None and in_features % FORMATS[alt].block == 0:
+    alt = {**FALLBACK, **IQ_FALLBACK}.get(fmt.name)
+    if alt is not None and in_features % formats[alt].block == 0:
         return alt
     return "f16"
 
