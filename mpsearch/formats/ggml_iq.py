@@ -227,12 +227,23 @@ def _grid_numpy(kind):
                            np.cumsum(sd2[:, 1:] != sd2[:, :-1], axis=1)], axis=1)
     keep = rank < nwant  # a prefix of each sorted row
     count = keep.sum(1)
-    nstart = np.zeros(kmap.shape, dtype=np.int64)
-    ncount = np.zeros(kmap.shape, dtype=np.int64)
-    nstart[keys] = np.cumsum(count) - count
-    ncount[keys] = count
-    out = {"values": values, "levels": levels, "kmap": kmap, "nstart": nstart, "ncount": ncount,
-           "flat": order[keep], "bits": bits, "k": k}
+    # the lists padded (-1) to a few widths (exact up to 8, then at most ~25% more), one table per
+    # width: the key's list is row[key] of table width[key]; beside each table, the offsets
+    # i*nlev + level of every listed point's weights (see _best_neighbours)
+    step = np.maximum(1, 1 << np.maximum(0, np.floor(np.log2(np.maximum(count, 1))).astype(np.int64) - 2))
+    key_width = np.where(count <= 8, count, -(-count // step) * step)
+    width = np.zeros(kmap.shape, dtype=np.int64)
+    row = np.zeros(kmap.shape, dtype=np.int64)
+    tables = {}
+    for wdt in np.unique(key_width):
+        sel = np.nonzero(key_width == wdt)[0]
+        tab = np.where(np.arange(wdt)[None, :] < count[sel, None], order[sel, :wdt], -1)
+        offs = (np.arange(k) * nlev + levels[np.maximum(tab, 0)]).reshape(len(sel), wdt * k)
+        tables[int(wdt)] = (tab, offs)
+        width[keys[sel]] = wdt
+        row[keys[sel]] = np.arange(len(sel))
+    out = {"values": values, "levels": levels, "kmap": kmap, "width": width, "row": row,
+           "tables": tables, "bits": bits, "k": k, "nlev": nlev}
     _GRID_NUMPY[kind] = out
     return out
 
@@ -245,6 +256,8 @@ def _grid(kind, device):
     if key not in _GRID_TORCH:
         g = _grid_numpy(kind)
         t = {name: (torch.from_numpy(v).to(device) if hasattr(v, "dtype") else v) for name, v in g.items()}
+        t["tables"] = {wdt: (torch.from_numpy(tab).to(device), torch.from_numpy(offs).to(device))
+                       for wdt, (tab, offs) in g["tables"].items()}
         t["levels"] = t["levels"].long()
         t["pos"] = (2 * t["levels"] + 1).float()  # the C grid bytes: 2*level + 1
         t["shifts"] = (g["bits"] * torch.arange(g["k"], device=device)).long()
@@ -257,45 +270,51 @@ def _keys(grid, L):
     return (L << grid["shifts"]).sum(1)
 
 
-def _best_neighbours(grid, keys, xval, w, scale, qv):
+def _best_neighbours(grid, keys, xval, w, scale, qlev):
     """The neighbour each off-grid group moves to: for every group (key ``keys[g]``, values
     ``xval[g]``, weights ``w[g]``, scale ``scale[g]``) the first of its neighbour list with the
-    smallest ``d2 = sum_i (w_i*diff_i)*diff_i``, ``diff_i = scale*qv[p, i] - xval_i`` (the C
-    ``iq*_find_best_neighbour`` loops). ``qv``: the grid's values in that distance, ``[n, k]``, or
-    ``[2, n, k]`` with ``which`` in ``keys``'s place as a pair ``(keys, which)``."""
+    smallest ``d2 = sum_i (w_i*diff_i)*diff_i``, ``diff_i = scale*q - xval_i`` where ``q`` is the
+    value of the point's level ``i`` in ``qlev`` (``[nlev]``, or ``[G, nlev]`` per group): the C
+    ``iq*_find_best_neighbour`` loops.
+
+    Each term takes one of ``nlev`` values per weight, so they are computed once per group
+    (``[G, k, nlev]``, in the C order of operations) and gathered for every listed point; the
+    sums then run over the k weights in order. Groups are scored in buckets of equal padded list
+    length; padding scores +inf, and ``argmin`` takes the first minimum, as the C loop's strict
+    ``<`` does."""
     import torch
 
-    which = None
-    if isinstance(keys, tuple):
-        keys, which = keys
-    G = keys.shape[0]
+    G, k = xval.shape
     if G == 0:
         return keys.clone()
-    device = keys.device
-    cnt = grid["ncount"][keys]
-    start = grid["nstart"][keys]
-    seg = torch.repeat_interleave(torch.arange(G, device=device), cnt)
-    total = seg.shape[0]
-    offs = torch.cumsum(cnt, 0) - cnt
-    local = torch.arange(total, device=device) - offs[seg]
-    cand = grid["flat"][start[seg] + local]
-    q = qv[cand] if which is None else qv[which[seg], cand]
-    diff = scale[seg, None] * q - xval[seg]
-    t = (w[seg] * diff) * diff
-    d2 = t[:, 0]
-    for i in range(1, t.shape[1]):
-        d2 = d2 + t[:, i]
-    best = torch.full((G,), float("inf"), device=device).scatter_reduce_(0, seg, d2, "amin")
-    pos = torch.where(d2 == best[seg], local, torch.full_like(local, total))
-    first = torch.full((G,), total, device=device, dtype=local.dtype).scatter_reduce_(0, seg, pos, "amin")
-    first = torch.clamp(first, max=cnt - 1)  # an all-inf group (overflow; C would abort): its first
-    return grid["flat"][start + first]
+    q = qlev if qlev.ndim == 2 else qlev[None, :]
+    diff = scale[:, None, None] * q[:, None, :] - xval[:, :, None]
+    terms = ((w[:, :, None] * diff) * diff).reshape(G, -1)  # [G, k * nlev]
+    out = torch.empty_like(keys)
+    widths = grid["width"][keys]
+    rows = grid["row"][keys]
+    for wdt, (tab, offs) in grid["tables"].items():
+        sel = (widths == wdt).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        r = rows.index_select(0, sel)
+        t = terms.index_select(0, sel).gather(1, offs.index_select(0, r)).reshape(-1, wdt, k)
+        d2 = t[..., 0]
+        for i in range(1, k):
+            d2 = d2 + t[..., i]
+        cand = tab.index_select(0, r)
+        d2 = torch.where(cand >= 0, d2, torch.full_like(d2, float("inf")))
+        pick = torch.argmin(d2, dim=1)
+        out[sel] = cand.gather(1, pick[:, None]).squeeze(1)
+    return out
 
 
 def _assign(grid, l, xval, waux, scale):
     """Levels ``l`` ``[R, n]`` moved onto the grid, group by group of k: a group whose levels are a
     grid point stays, another takes its best neighbour at ``scale`` ``[R]``. Returns (grid index
     ``[R, n/k]``, on-grid flags ``[R, n/k]``)."""
+    import torch
+
     R, n = l.shape
     k = grid["k"]
     ng = n // k
@@ -307,7 +326,8 @@ def _assign(grid, l, xval, waux, scale):
         xs = xval.reshape(R * ng, k)[off]
         ws = waux.reshape(R * ng, k)[off]
         sc = scale.repeat_interleave(ng)[off]
-        gi[off] = _best_neighbours(grid, keys[off], xs, ws, sc, grid["pos"])
+        qlev = 2 * torch.arange(grid["nlev"], device=l.device, dtype=torch.float32) + 1  # C: 2*level+1
+        gi[off] = _best_neighbours(grid, keys[off], xs, ws, sc, qlev)
     return gi.reshape(R, ng), on.reshape(R, ng)
 
 
@@ -730,14 +750,15 @@ _X_P = (-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA)
 _X_M = (-1 - IQ1_DELTA, -IQ1_DELTA, 1 - IQ1_DELTA)
 
 
-def _prefix(terms):
-    """``s[0] = 0; s[j+1] = s[j] + terms[j]`` along the last axis, one term at a time: ``[M, n+1]``."""
+def _prefix_t(terms):
+    """``s[0] = 0; s[j+1] = s[j] + terms[j]`` along the last axis, one term at a time, laid out
+    ``[n+1, M]`` (prefix index first)."""
     import torch
 
     out = [torch.zeros(terms.shape[0], dtype=terms.dtype, device=terms.device)]
     for j in range(terms.shape[1]):
         out.append(out[-1] + terms[:, j])
-    return torch.stack(out, dim=1)
+    return torch.stack(out)
 
 
 def _sorted(xs):
@@ -755,23 +776,93 @@ def _pairs(n, device):
     return i1, i2
 
 
+#: the float32 test ``sumqx*sumqx > best*sumq2`` is off by at most a few roundings (~2.4e-7): a
+#: float64 score ``sumqx^2/sumq2`` this close (relatively) to a threshold may fall on either side
+_BAND = 2e-6
+#: the products of that test must stay well inside float32's normal range for that bound to hold
+_SAFE = (1e-30, 1e36)
+#: how many of the best candidates the shortcut of :func:`_scan` looks at
+_TOPK = 32
+
+
 def _scan(qx, q2):
     """The C loop ``if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best =
-    scale*sumqx; pick = c}`` over the candidates ``c`` (columns of ``qx``, ``q2`` ``[M, C]``, in
-    order), from ``best = -FLT_MAX``. Returns (scale, picked column or -1)."""
+    scale*sumqx; pick = c}`` over candidates ``c`` (rows of ``qx``, ``q2`` ``[C, M]``, in order)
+    from ``best = -FLT_MAX``. Returns (scale, picked candidate or -1) per column.
+
+    Exact shortcut. Sort a column's scores ``(sumqx/sumq2)*sumqx`` from the top and cut after the
+    first ``j`` at a gap wider than ``2*_BAND``: the candidates above the cut are the only ones the
+    loop can end on. Rounding moves each test, and each score, by far less than ``_BAND``, so the first of them is accepted whatever came before it, and every candidate below
+    the cut is rejected after it: the loop over those ``j`` candidates, in their order, ends where
+    the full loop ends (``j = 1``: the top candidate). Columns without such a gap among the top
+    ``_TOPK``, or with products near float32's limits, run the full loop."""
     import torch
 
-    M, C = qx.shape
-    qxt, q2t = qx.t().contiguous(), q2.t().contiguous()
-    best = torch.full((M,), -3.4028234663852886e38, device=qx.device)
-    scale = torch.zeros(M, device=qx.device)
-    pick = torch.full((M,), -1, dtype=torch.long, device=qx.device)
-    for c in range(C):
-        a, b = qxt[c], q2t[c]
-        upd = (b > 0) & (a * a > best * b)
-        scale = torch.where(upd, a / b, scale)
-        best = torch.where(upd, scale * a, best)
-        pick = torch.where(upd, torch.full_like(pick, c), pick)
+    C, M = qx.shape
+    device = qx.device
+    pos = q2 > 0
+    # (sumqx/sumq2)*sumqx: within 2 roundings of sumqx^2/sumq2, and no float32 overflow of sumqx^2
+    score = torch.where(pos, (qx / torch.where(pos, q2, torch.ones_like(q2))) * qx,
+                        torch.full_like(qx, -1.0))
+    top, arg = score.max(dim=0)
+    second = score.scatter(0, arg[None], -2.0).amax(dim=0)
+    alone = second * (1 + _BAND) < top * (1 - _BAND)
+    j = torch.ones_like(arg)
+    idx = arg[None]
+    has_gap = alone.clone()
+    crowd = (~alone).nonzero().squeeze(1)
+    if crowd.numel():  # near ties at the top: look further down for a gap
+        K = min(_TOPK, C)
+        vals, cidx = score[:, crowd].topk(K, dim=0)
+        gap = vals[1:] * (1 + _BAND) < vals[:-1] * (1 - _BAND)
+        has_gap[crowd] = gap.any(dim=0)
+        j[crowd] = torch.argmax(gap.to(torch.uint8), dim=0) + 1
+        idx = torch.full((K, M), C, dtype=torch.long, device=device)
+        idx[0] = arg
+        idx[:, crowd] = cidx
+    q2min = torch.where(pos, q2, torch.full_like(q2, float("inf"))).amin(dim=0)
+    safe = (top * q2min > _SAFE[0]) & (top * q2.amax(dim=0) < _SAFE[1]) & has_gap
+    none = ~pos.any(dim=0)
+    scale = torch.zeros(M, device=device)
+    pick = torch.full((M,), -1, dtype=torch.long, device=device)
+    one = (safe & ~none & (j == 1)).nonzero().squeeze(1)
+    scale[one] = qx[arg[one], one] / q2[arg[one], one]
+    pick[one] = arg[one]
+    short = (safe & ~none & (j > 1)).nonzero().squeeze(1)
+    if short.numel():
+        # the near candidates of each column in the loop's order, padded with C (skipped)
+        rank = torch.arange(idx.shape[0], device=device)[:, None]
+        members = torch.where(rank < j[short], idx[:, short], torch.full_like(idx[:, short], C))
+        members = members.sort(dim=0).values
+        n = int(j[short].max())
+        hx = torch.cat([qx[:, short], torch.zeros_like(qx[:1, short])])
+        h2 = torch.cat([q2[:, short], torch.zeros_like(q2[:1, short])])
+        best = torch.full((short.numel(),), -3.4028234663852886e38, device=device)
+        hs = torch.zeros(short.numel(), device=device)
+        hp = torch.full((short.numel(),), -1, dtype=torch.long, device=device)
+        for t in range(n):
+            c = members[t:t + 1]
+            a, b = hx.gather(0, c)[0], h2.gather(0, c)[0]
+            upd = (b > 0) & (a * a > best * b)
+            hs = torch.where(upd, a / b, hs)
+            best = torch.where(upd, hs * a, best)
+            hp = torch.where(upd, c[0], hp)
+        scale[short] = hs
+        pick[short] = hp
+    full = (~safe & ~none).nonzero().squeeze(1)
+    if full.numel():
+        hx, h2 = qx[:, full], q2[:, full]
+        best = torch.full((full.numel(),), -3.4028234663852886e38, device=device)
+        hs = torch.zeros(full.numel(), device=device)
+        hp = torch.full((full.numel(),), -1, dtype=torch.long, device=device)
+        for c in range(C):
+            a, b = hx[c], h2[c]
+            upd = (b > 0) & (a * a > best * b)
+            hs = torch.where(upd, a / b, hs)
+            best = torch.where(upd, hs * a, best)
+            hp = torch.where(upd, torch.full_like(hp, c), hp)
+        scale[full] = hs
+        pick[full] = hp
     return scale, pick
 
 
@@ -803,9 +894,9 @@ def _iq1_to_grid(grid, L, xs, ws, scale, which):
     on = gi >= 0
     off = (~on).nonzero().squeeze(1)
     if off.numel():
-        qv = _iq1_values(L.device)[:, grid["levels"]]  # [2, n_grid, 8]
-        gi[off] = _best_neighbours(grid, (keys[off], which.reshape(-1)[off]), xs.reshape(M * ng, 8)[off],
-                                   ws.reshape(M * ng, 8)[off], scale.repeat_interleave(ng)[off], qv)
+        qlev = _iq1_values(L.device)[which.reshape(-1)[off]]  # x_p or x_m per group
+        gi[off] = _best_neighbours(grid, keys[off], xs.reshape(M * ng, 8)[off],
+                                   ws.reshape(M * ng, 8)[off], scale.repeat_interleave(ng)[off], qlev)
     return gi.reshape(M, ng), on.reshape(M, ng).all(dim=1)
 
 
@@ -838,20 +929,17 @@ def _iq1_s(x, qw):
     M = xs.shape[0]
     skip = xs.abs().amax(dim=1) < 1e-12
     order = _sorted(xs)
-    sx = _prefix((ws * xs).gather(1, order))
-    sw = _prefix(ws.gather(1, order))
+    sx = _prefix_t((ws * xs).gather(1, order))  # [33, M]
+    sw = _prefix_t(ws.gather(1, order))
     i1, i2 = _pairs(32, x.device)
-    a, b, c = sx[:, i1], sx[:, i2] - sx[:, i1], sx[:, 32:33] - sx[:, i2]
-    aw, bw, cw = sw[:, i1], sw[:, i2] - sw[:, i1], sw[:, 32:33] - sw[:, i2]
-    cands = []
-    for v in (_X_P, _X_M):
-        p0, p1, p2 = (float(_c_f32(t)) for t in v)
-        qx = (a * p0 + b * p1) + c * p2
-        q2 = ((aw * p0) * p0 + (bw * p1) * p1) + (cw * p2) * p2
-        cands.append((qx, q2))
-    # candidates in the C order: for each (i1, i2), first x_p then x_m
-    qx = torch.stack([cands[0][0], cands[1][0]], dim=2).reshape(M, -1)
-    q2 = torch.stack([cands[0][1], cands[1][1]], dim=2).reshape(M, -1)
+    # candidates in the C order: for each (i1, i2), first x_p then x_m: [pairs, 2, M]
+    a, b, c = sx[i1], sx[i2] - sx[i1], sx[32:33] - sx[i2]
+    aw, bw, cw = sw[i1], sw[i2] - sw[i1], sw[32:33] - sw[i2]
+    pv = [torch.tensor([float(_c_f32(vp)), float(_c_f32(vm))], device=x.device)[None, :, None]
+          for vp, vm in zip(_X_P, _X_M)]
+    a, b, c, aw, bw, cw = (t[:, None, :] for t in (a, b, c, aw, bw, cw))
+    qx = ((a * pv[0] + b * pv[1]) + c * pv[2]).reshape(-1, M)
+    q2 = (((aw * pv[0]) * pv[0] + (bw * pv[1]) * pv[1]) + (cw * pv[2]) * pv[2]).reshape(-1, M)
     scale, pick = _scan(qx, q2)
     skip = skip | (pick < 0)
     pick = torch.clamp(pick, min=0)
@@ -911,8 +999,8 @@ def _iq1_m(x, qw):
     wx = (ws * xs).gather(1, order)
     wo = ws.gather(1, order)
     zero = torch.zeros_like(wx)
-    px = [_prefix(torch.where(half, zero, wx)), _prefix(torch.where(half, wx, zero))]
-    pw = [_prefix(torch.where(half, zero, wo)), _prefix(torch.where(half, wo, zero))]
+    px = [_prefix_t(torch.where(half, zero, wx)), _prefix_t(torch.where(half, wx, zero))]  # [17, M]
+    pw = [_prefix_t(torch.where(half, zero, wo)), _prefix_t(torch.where(half, wo, zero))]
     i1, i2 = _pairs(16, x.device)
     p2, m2 = (float(_c_f32(t)) for t in (_X_P[2], _X_M[2]))
     f = lambda t: float(_c_f32(t))  # noqa: E731
@@ -922,15 +1010,16 @@ def _iq1_m(x, qw):
     cm2 = f(f(_X_M[1]) * f(_X_M[1]) - f(_X_M[2]) * f(_X_M[2]))
     qx_p, qx_m, q2_p, q2_m = [], [], [], []
     for h in range(2):
-        txs, tws = px[h][:, 16:17], pw[h][:, 16:17]
-        sxx = px[h][:, i1] + px[h][:, i2]
+        txs, tws = px[h][16:17], pw[h][16:17]
+        sxx = px[h][i1] + px[h][i2]
         qx_p.append(txs * p2 - sxx)
         qx_m.append(txs * m2 - sxx)
-        q2_p.append(((tws * p2) * p2 + pw[h][:, i1] * cp1) + pw[h][:, i2] * cp2)
-        q2_m.append(((tws * m2) * m2 + pw[h][:, i1] * cm1) + pw[h][:, i2] * cm2)
-    qx = torch.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], 2)
-    q2 = torch.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], 2)
-    scale, pick = _scan(qx.reshape(M, -1), q2.reshape(M, -1))
+        q2_p.append(((tws * p2) * p2 + pw[h][i1] * cp1) + pw[h][i2] * cp2)
+        q2_m.append(((tws * m2) * m2 + pw[h][i1] * cm1) + pw[h][i2] * cm2)
+    # candidates in the C order: for each (i1, i2), k = 0..3 (++, +-, -+, --)
+    qx = torch.stack([qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]], 1)
+    q2 = torch.stack([q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]], 1)
+    scale, pick = _scan(qx.reshape(-1, M), q2.reshape(-1, M))
     skip = skip | (pick < 0)
     pick = torch.clamp(pick, min=0)
     best_k = pick % 4
