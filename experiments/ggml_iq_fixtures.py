@@ -239,7 +239,8 @@ def check(ggml: GgmlIq, types) -> int:
 
 def speed(ggml, types, shape=(4096, 4096), devices=("cpu",), threads=(1,)) -> None:
     """Seconds to quantize one random-normal ``shape`` matrix with an importance, per type: torch on
-    each device (and CPU thread count) beside llama.cpp's C on one thread (``ggml`` may be None)."""
+    each device (and CPU thread count) beside llama.cpp's C on one thread (``ggml`` may be None).
+    Both sides build their grid tables first, outside the timing."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -263,8 +264,8 @@ def speed(ggml, types, shape=(4096, 4096), devices=("cpu",), threads=(1,)) -> No
             if t is not None:
                 torch.set_num_threads(t)
             x, iw = w.to(dev), imatrix.to(dev)
+            fmt.to_bytes(x[:1], iw)  # warm-up (grid tables, kernels)
             if dev != "cpu":
-                fmt.to_bytes(x[:256], iw)  # warm-up (grid tables, kernels)
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fmt.to_bytes(x, iw)
@@ -274,6 +275,7 @@ def speed(ggml, types, shape=(4096, 4096), devices=("cpu",), threads=(1,)) -> No
             got = out.cpu().numpy() if got is None else got
         ref_t, same = "-", "-"
         if ggml is not None:
+            ggml.quantize(name, w[:1].numpy(), imatrix.numpy())  # ggml_quantize_init: grid tables
             t0 = time.perf_counter()
             ref = ggml.quantize(name, w.numpy(), imatrix.numpy())
             ref_t = f"{time.perf_counter() - t0:.2f}"

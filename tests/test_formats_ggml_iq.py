@@ -210,9 +210,9 @@ def test_levels_per_group_within_the_formats_limit(name, inputs):
 @pytest.mark.parametrize("name", TYPES)
 def test_chunked_passes_give_the_same_bytes(name, inputs, monkeypatch):
     data, _ = _load(name)
-    monkeypatch.setattr(ggml_iq, "_CHUNK_WEIGHTS", 768)  # several passes per row, cut mid-row
-    x, w = _x_w(inputs, "normal_4096")
-    assert torch.equal(ggml_iq.to_bytes(name, x, w), torch.from_numpy(data["normal_4096__q"]))
+    monkeypatch.setattr(ggml_iq, "_CHUNK_WEIGHTS", 768)  # 3 blocks a pass: passes cut rows
+    x, w = _x_w(inputs, "laplace_512")
+    assert torch.equal(ggml_iq.to_bytes(name, x, w), torch.from_numpy(data["laplace_512__q"]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -267,3 +267,31 @@ def test_fresh_random_rows_against_libggml_when_it_is_built(name):
         tw = None if qw is None else torch.from_numpy(qw)
         assert torch.equal(ggml_iq.to_bytes(name, torch.from_numpy(x), tw), torch.from_numpy(q))
         assert torch.equal(_bits(fmt.quantize(torch.from_numpy(x), tw)), _bits(y))
+
+
+@pytest.mark.parametrize("kind,nwant", [("iq3_xxs", 2), ("iq3_s", 3), ("iq2_xxs", 2), ("iq2_s", 1)])
+def test_neighbour_lists_are_iq2xs_iq3xs_init_impls(kind, nwant):
+    """Brute force from the definition in ggml-quants.c: for a key that is not a grid point, the grid
+    points at its ``nwant`` smallest squared distances (positions 2*level+1), by (distance, index)."""
+    import itertools
+
+    g = ggml_iq._grid_numpy(kind)
+    levels, k, bits = g["levels"], g["k"], g["bits"]
+    nlev = 3 if k == 8 else 8
+    rng = np.random.default_rng(0)
+    combos = list(itertools.product(range(nlev), repeat=k))
+    for idx in rng.choice(len(combos), 300, replace=False):
+        lv = np.array(combos[idx])
+        key = int((lv << (bits * np.arange(k))).sum())
+        on = np.nonzero((levels == lv).all(1))[0]
+        if on.size:
+            assert g["kmap"][key] == on[0]
+            continue
+        assert g["kmap"][key] == -1
+        pos, grid_pos = 2 * lv + 1, 2 * levels + 1
+        d2 = ((grid_pos - pos) ** 2).sum(1)
+        keep = d2 <= np.unique(d2)[:nwant].max()
+        want = sorted(np.nonzero(keep)[0], key=lambda j: (d2[j], j))
+        tab, _ = g["tables"][int(g["width"][key])]
+        got = [int(v) for v in tab[g["row"][key]] if v >= 0]
+        assert got == want

@@ -221,12 +221,18 @@ def _grid_numpy(kind):
     digits, keys = digits[off], keys[off]
     d2 = ((digits * digits).sum(1)[:, None] + (levels * levels).sum(1)[None, :]
           - 2 * digits @ levels.T)
-    order = np.argsort(d2 * n + np.arange(n), axis=1)
-    sd2 = np.take_along_axis(d2, order, axis=1)
-    rank = np.concatenate([np.zeros((len(keys), 1), dtype=np.int64),
-                           np.cumsum(sd2[:, 1:] != sd2[:, :-1], axis=1)], axis=1)
-    keep = rank < nwant  # a prefix of each sorted row
-    count = keep.sum(1)
+    # the nwant smallest distinct distances of each key, then its points up to the last of them
+    # in (distance, index) order
+    big = np.iinfo(d2.dtype).max
+    thr = d2.min(axis=1)
+    for _ in range(nwant - 1):
+        nxt = np.where(d2 > thr[:, None], d2, big).min(axis=1)
+        thr = np.where(nxt == big, thr, nxt)
+    rows, cols = np.nonzero(d2 <= thr[:, None])
+    o = np.lexsort((cols, d2[rows, cols], rows))
+    rows, cols = rows[o], cols[o]
+    count = np.bincount(rows, minlength=len(keys))
+    lists = np.split(cols, np.cumsum(count)[:-1])
     # the lists padded (-1) to a few widths (exact up to 8, then at most ~25% more), one table per
     # width: the key's list is row[key] of table width[key]; beside each table, the offsets
     # i*nlev + level of every listed point's weights (see _best_neighbours)
@@ -237,7 +243,9 @@ def _grid_numpy(kind):
     tables = {}
     for wdt in np.unique(key_width):
         sel = np.nonzero(key_width == wdt)[0]
-        tab = np.where(np.arange(wdt)[None, :] < count[sel, None], order[sel, :wdt], -1)
+        tab = np.full((len(sel), wdt), -1, dtype=np.int64)
+        for r, key_row in enumerate(sel):
+            tab[r, :count[key_row]] = lists[key_row]
         offs = (np.arange(k) * nlev + levels[np.maximum(tab, 0)]).reshape(len(sel), wdt * k)
         tables[int(wdt)] = (tab, offs)
         width[keys[sel]] = wdt
