@@ -7,7 +7,8 @@ the call llama-quantize makes for every tensor, ``imatrix`` being the tensor's p
 
 - SmolLM2-135M ``down_proj`` rows (1536 columns) of blocks 0, 15 and 29, each with the importance
   llama-imatrix would give it: the mean squared input of that ``down_proj`` over 1,024 tokens of
-  Shakespeare (``mpsearch.zoo``'s calibration split), computed here with forward hooks;
+  Shakespeare (``mpsearch.zoo``'s calibration split), computed here with forward hooks (not by
+  llama-imatrix itself: the fixtures test the rounding given an importance, whatever its source);
 - a 4096-column random-normal matrix whose importance is real too: the mean squared inputs of the
   ``down_proj`` of blocks 3, 9 and 21 put side by side (4,608 values, the first 4,096 kept);
 - random Laplace rows and 20 adversarial rows of 256 (zeros, -0, constants, one outlier, tiny
@@ -25,7 +26,8 @@ Usage::
 
     python experiments/ggml_iq_fixtures.py [--lib PATH/libggml-base.so] [--out tests/fixtures/ggml_iq]
     python experiments/ggml_iq_fixtures.py --check [--types iq4_xs,iq3_s]  # every SmolLM2 matrix
-    python experiments/ggml_iq_fixtures.py --speed [--shape 4096x4096] [--devices cpu,cuda]
+    python experiments/ggml_iq_fixtures.py --speed [--shape 4096x4096] [--devices cpu,cuda] [--threads 1,2]
+    python experiments/ggml_iq_fixtures.py --speed --devices cuda --no-ref  # on a GPU machine
 """
 
 from __future__ import annotations
@@ -100,9 +102,10 @@ class GgmlIq(base.Ggml):
 # ------------------------------------------------------------------------------------ importance
 
 
-def smollm2_importance(blocks=(0, 3, 9, 15, 21, 29), n_tokens: int = 1024) -> dict[int, np.ndarray]:
-    """Mean squared input of SmolLM2's ``down_proj`` in each of ``blocks`` (what llama-imatrix
-    accumulates per column), over ``n_tokens`` tokens of the zoo's Shakespeare calibration text."""
+def smollm2_importance(blocks=None, n_tokens: int = 1024) -> dict[str, np.ndarray]:
+    """Mean squared input of SmolLM2's linear layers (what llama-imatrix accumulates per column),
+    over ``n_tokens`` tokens of the zoo's Shakespeare calibration text: ``{weight name: [in]}``
+    for every ``nn.Linear`` of the blocks (all blocks when ``blocks`` is None)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
@@ -113,21 +116,27 @@ def smollm2_importance(blocks=(0, 3, 9, 15, 21, 29), n_tokens: int = 1024) -> di
     model = zoo.smollm2().eval()
     tok = zoo.smollm2_tokenizer()
     ids = zoo.token_stream(tok, zoo.shakespeare_text("calib"), n_tokens)
-    sums = {b: torch.zeros(model.config.intermediate_size, dtype=torch.float64) for b in blocks}
-    counts = dict.fromkeys(blocks, 0)
-    hooks = []
-    for b in blocks:
-        def hook(_mod, args, b=b):
+    sums, counts, hooks = {}, {}, []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or ".layers." not in name:
+            continue
+        if blocks is not None and int(name.split(".layers.")[1].split(".")[0]) not in blocks:
+            continue
+        key = name + ".weight"
+        sums[key] = torch.zeros(mod.in_features, dtype=torch.float64)
+        counts[key] = 0
+
+        def hook(_mod, args, key=key):
             a = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            sums[b] += (a * a).sum(0)
-            counts[b] += a.shape[0]
-        hooks.append(model.model.layers[b].mlp.down_proj.register_forward_pre_hook(hook))
+            sums[key] += (a * a).sum(0)
+            counts[key] += a.shape[0]
+        hooks.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         for i in range(0, ids.numel(), 256):
             model(ids[i:i + 256][None])
     for h in hooks:
         h.remove()
-    return {b: (sums[b] / counts[b]).float().numpy() for b in blocks}
+    return {k: (sums[k] / counts[k]).float().numpy() for k in sums}
 
 
 def adversarial_imatrix(n: int, rng) -> np.ndarray:
@@ -143,10 +152,10 @@ def cases(state, importance, seed: int = 0) -> dict[str, tuple[np.ndarray, np.nd
     """``{case: (x [rows, cols], imatrix [cols])}``."""
     rng = np.random.default_rng(seed)
     out = {}
+    down = lambda b: f"model.layers.{b}.mlp.down_proj.weight"  # noqa: E731
     for b in (0, 15, 29):
-        w = state[f"model.layers.{b}.mlp.down_proj.weight"][:4].astype(np.float32)
-        out[f"smollm2_down_proj_{b}"] = (w, importance[b])
-    wide = np.concatenate([importance[3], importance[9], importance[21]])[:4096]
+        out[f"smollm2_down_proj_{b}"] = (state[down(b)][:4].astype(np.float32), importance[down(b)])
+    wide = np.concatenate([importance[down(3)], importance[down(9)], importance[down(21)]])[:4096]
     out["normal_4096"] = ((rng.standard_normal((4, 4096)) * 0.02).astype(np.float32), wide)
     lap = rng.laplace(0, 0.03, (4, 512)).astype(np.float32)
     out["laplace_512"] = (lap, adversarial_imatrix(512, rng))
@@ -158,7 +167,7 @@ def cases(state, importance, seed: int = 0) -> dict[str, tuple[np.ndarray, np.nd
 
 def build(ggml: GgmlIq, out: Path, types) -> None:
     state = base.smollm2_state()
-    data = cases(state, smollm2_importance())
+    data = cases(state, smollm2_importance(blocks=(0, 3, 9, 15, 21, 29)))
     out.mkdir(parents=True, exist_ok=True)
     inputs = {}
     for case, (x, w) in data.items():
@@ -186,23 +195,36 @@ def build(ggml: GgmlIq, out: Path, types) -> None:
     print(f"wrote {out} ({total / 1e6:.2f} MB)")
 
 
-def check(ggml: GgmlIq, types) -> int:
-    """Every SmolLM2 weight matrix, with and (where llama.cpp can) without an importance, through
-    llama.cpp and through mpsearch: count differing values and bytes.
+def _pieces(w: np.ndarray, imatrix: np.ndarray | None):
+    """A matrix and its importance as llama.cpp can take them: whole when 256 divides the row, else
+    (576 columns) two column ranges [0, 512) and [64, 576), so every weight is quantized with its
+    own column's importance."""
+    cols = w.shape[1]
+    if cols % 256 == 0:
+        return [(w, imatrix)]
+    n = cols // 256 * 256
+    return [(np.ascontiguousarray(w[:, a:a + n]), None if imatrix is None else imatrix[a:a + n])
+            for a in (0, cols - n)]
 
-    Matrices of 576 columns (not a multiple of 256) are quantized as rows of 256 weights; their
-    importance is a per-column one drawn once per shape (heavy-tailed, with zeros)."""
+
+def check(ggml: GgmlIq, types) -> int:
+    """Every SmolLM2 weight matrix, with its real importance (mean squared inputs over 1,024 tokens;
+    the token embedding, which llama-imatrix does not see, gets ``adversarial_imatrix``) and, where
+    llama.cpp can, without one, through llama.cpp and through mpsearch: differing values, bytes."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from mpsearch.formats import ggml_iq
 
     state = base.smollm2_state()
+    importance = smollm2_importance()
     mats = {k: v for k, v in state.items() if v.ndim == 2}
     rng = np.random.default_rng(7)
-    imat = {}
+    for k, v in mats.items():
+        if k not in importance:
+            importance[k] = adversarial_imatrix(v.shape[1], rng)
     failures = 0
-    print("| type | importance | tensors | weights | differing weights | differing bytes | torch s | ggml s |")
+    print("| type | importance | tensors | weights quantized | differing weights | differing bytes | torch s | ggml s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in types:
         fmt = ggml_iq.FORMATS[name]
@@ -212,35 +234,33 @@ def check(ggml: GgmlIq, types) -> int:
             n_t = n_w = bad_w = bad_b = 0
             t_torch = t_ggml = 0.0
             for key, w in mats.items():
-                if w.shape[1] % 256:
-                    w = w.reshape(-1, 256)
-                qw = None
-                if with_w:
-                    qw = imat.setdefault(w.shape[1], adversarial_imatrix(w.shape[1], rng))
-                t0 = time.perf_counter()
-                q = ggml.quantize(name, w, qw)
-                y = ggml.dequantize(name, q, w.shape[1])
-                t1 = time.perf_counter()
-                tw = None if qw is None else torch.from_numpy(qw)
-                b = fmt.to_bytes(torch.from_numpy(w), tw).numpy()
-                t2 = time.perf_counter()
-                mine = fmt.dequantize(torch.from_numpy(b)).numpy()
-                t_ggml += t1 - t0
-                t_torch += t2 - t1
                 n_t += 1
-                n_w += w.size
-                bad_w += int((mine.view(np.uint32) != y.view(np.uint32)).sum())
-                bad_b += int((b != q).sum())
+                for piece, qw in _pieces(w, importance[key] if with_w else None):
+                    t0 = time.perf_counter()
+                    q = ggml.quantize(name, piece, qw)
+                    y = ggml.dequantize(name, q, piece.shape[1])
+                    t1 = time.perf_counter()
+                    tw = None if qw is None else torch.from_numpy(qw)
+                    b = fmt.to_bytes(torch.from_numpy(piece), tw).numpy()
+                    t2 = time.perf_counter()
+                    mine = fmt.dequantize(torch.from_numpy(b)).numpy()
+                    t_ggml += t1 - t0
+                    t_torch += t2 - t1
+                    n_w += piece.size
+                    bad_w += int((mine.view(np.uint32) != y.view(np.uint32)).sum())
+                    bad_b += int((b != q).sum())
             failures += bad_w + bad_b
-            print(f"| {name} | {'yes' if with_w else 'none'} | {n_t} | {n_w} | {bad_w} | {bad_b} | "
+            print(f"| {name} | {'real' if with_w else 'none'} | {n_t} | {n_w} | {bad_w} | {bad_b} | "
                   f"{t_torch:.1f} | {t_ggml:.1f} |", flush=True)
     return 1 if failures else 0
 
 
 def speed(ggml, types, shape=(4096, 4096), devices=("cpu",), threads=(1,)) -> None:
-    """Seconds to quantize one random-normal ``shape`` matrix with an importance, per type: torch on
-    each device (and CPU thread count) beside llama.cpp's C on one thread (``ggml`` may be None).
-    Both sides build their grid tables first, outside the timing."""
+    """Seconds to quantize (``to_bytes``) one random-normal ``shape`` matrix under a heavy-tailed
+    importance, per type: torch on each device (and CPU thread count) beside llama.cpp's C on one
+    thread (``ggml`` may be None). Both sides build their grid tables first, outside the timing; an
+    accelerator's time is the better of two runs, and its bytes are compared with the CPU's on the
+    first 64 rows."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -254,33 +274,47 @@ def speed(ggml, types, shape=(4096, 4096), devices=("cpu",), threads=(1,)) -> No
         for t in (threads if dev == "cpu" else (None,)):
             cols.append((dev, t))
     head = " | ".join(f"torch {d}{'' if t is None else f' {t} thr'} s" for d, t in cols)
-    print(f"{shape[0]}x{shape[1]} float32, torch {torch.__version__}")
-    print(f"| type | {head} | llama.cpp C 1 thr s | bytes equal |")
-    print("|---|" + "---|" * len(cols) + "---|---|")
+    gpu = [d for d in devices if d != "cpu"]
+    extra = f" {gpu[0]} = cpu bytes |" if gpu else ""
+    name0 = torch.cuda.get_device_name() if gpu and torch.cuda.is_available() else ""
+    print(f"{shape[0]}x{shape[1]} float32, torch {torch.__version__} {name0}")
+    print(f"| type | {head} | llama.cpp C 1 thr s | C = torch bytes |{extra}")
+    print("|---|" + "---|" * len(cols) + "---|---|" + ("---|" if gpu else ""))
     for name in types:
         fmt = ggml_iq.FORMATS[name]
-        cells, got = [], None
+        cells, got, dev_bytes = [], None, None
         for dev, t in cols:
             if t is not None:
                 torch.set_num_threads(t)
             x, iw = w.to(dev), imatrix.to(dev)
             fmt.to_bytes(x[:1], iw)  # warm-up (grid tables, kernels)
-            if dev != "cpu":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fmt.to_bytes(x, iw)
-            if dev != "cpu":
-                torch.cuda.synchronize()
-            cells.append(f"{time.perf_counter() - t0:.2f}")
-            got = out.cpu().numpy() if got is None else got
+            best = float("inf")
+            for _ in range(1 if dev == "cpu" else 2):
+                if dev != "cpu":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = fmt.to_bytes(x, iw)
+                if dev != "cpu":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            cells.append(f"{best:.2f}")
+            if dev == "cpu":
+                got = out.numpy()
+            else:
+                dev_bytes = out[:64].cpu().numpy()
+            del out
         ref_t, same = "-", "-"
         if ggml is not None:
             ggml.quantize(name, w[:1].numpy(), imatrix.numpy())  # ggml_quantize_init: grid tables
             t0 = time.perf_counter()
             ref = ggml.quantize(name, w.numpy(), imatrix.numpy())
             ref_t = f"{time.perf_counter() - t0:.2f}"
-            same = "yes" if np.array_equal(ref, got) else "NO"
-        print(f"| {name} | " + " | ".join(cells) + f" | {ref_t} | {same} |", flush=True)
+            same = "-" if got is None else "yes" if np.array_equal(ref, got) else "NO"
+        tail = ""
+        if gpu:
+            cpu64 = got[:64] if got is not None else fmt.to_bytes(w[:64], imatrix).numpy()
+            tail = f" {'yes' if np.array_equal(cpu64, dev_bytes) else 'NO'} |"
+        print(f"| {name} | " + " | ".join(cells) + f" | {ref_t} | {same} |{tail}", flush=True)
 
 
 def main(argv=None) -> int:

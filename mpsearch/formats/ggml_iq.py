@@ -57,8 +57,10 @@ LLAMA_QUANTIZE_NEEDS_IMATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m"
 _TYPE_SIZE = {"iq4_xs": 136, "iq3_s": 110, "iq3_xxs": 98, "iq2_s": 82, "iq2_xs": 74, "iq2_xxs": 66,
               "iq1_m": 56, "iq1_s": 50}
 
-#: weights quantized per torch pass (bounds the temporaries)
+#: weights quantized per torch pass on the CPU (bounds the temporaries); an accelerator takes
+#: _DEVICE_CHUNKS[type] times more (the IQ1 split searches hold ~600-1100 candidates per block)
 _CHUNK_WEIGHTS = 1 << 18
+_DEVICE_CHUNKS = {"iq1_s": 4, "iq1_m": 4}
 
 
 def _sqrtf(v):
@@ -1136,7 +1138,7 @@ class IqFormat(GgmlFormat):
         x = self._blocks(matrix)
         nblk = matrix.shape[1] // QK_K
         wb = None if weights is None else weights.to(x.device).reshape(nblk, QK_K)
-        chunk = _CHUNK_WEIGHTS if x.device.type == "cpu" else 16 * _CHUNK_WEIGHTS
+        chunk = _CHUNK_WEIGHTS if x.device.type == "cpu" else _DEVICE_CHUNKS.get(self.name, 16) * _CHUNK_WEIGHTS
         step = max(1, chunk // QK_K)
         for i in range(0, x.shape[0], step):
             xb = x[i:i + step]

@@ -19,7 +19,7 @@ class MpsearchTarget(Target):
     default_options = tuple(DEFAULT_SEARCH_OPTIONS.split(","))
     options = default_options + ("keep",)
 
-    def parsed_options(self, names=None):
+    def parsed_options(self, names=None, imatrix: bool = False):
         from ..options import parse_options
 
         opts = parse_options(names if names is not None else ",".join(self.default_options))
