@@ -245,3 +245,36 @@ def test_llamacpp_recipes_with_an_imatrix_add_the_iquant_mixes():
     for name, choice in imat.items():
         assert set(choice.values()) <= set(t.options), name
     assert set(imat["IQ2_XXS"].values()) >= {"iq2_xxs"}
+
+
+def test_recipe_plans_follow_the_tables_rounding():
+    """A table estimated with importance-matrix rounding (metadata ``imatrix``) is measured beside
+    llama.cpp's i-quant mixes; one without, only beside the mixes llama-quantize writes without."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from mpsearch.table import CostTable
+    from mpsearch.targets import recipe_plans
+
+    t = get_target("llama.cpp")
+    layers, rows = [], []
+    for i in range(2):
+        for name, shape in (("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (128, 512)),
+                            ("self_attn.v_proj", (128, 512)), ("self_attn.o_proj", (512, 512)),
+                            ("mlp.gate_proj", (768, 512)), ("mlp.up_proj", (768, 512)),
+                            ("mlp.down_proj", (512, 768))):
+            lay = SimpleNamespace(name=f"model.layers.{i}.{name}", out_channels=shape[0],
+                                  in_features=shape[1])
+            layers.append(lay)
+            for opt in t.parsed_options(imatrix=True):
+                if t.option_reason(lay, opt) is None:
+                    rows.append({"layer": lay.name, "bits": opt.bits, "option": opt.name, "damage": 1.0,
+                                 "size_bits": opt.size_bits(*shape), "params": shape[0] * shape[1]})
+    frame = pd.DataFrame(rows)
+    with_imatrix = recipe_plans(CostTable(frame, {"target": "llama.cpp", "imatrix": "sha256:0"}), t, layers)
+    without = recipe_plans(CostTable(frame, {"target": "llama.cpp"}), t, layers)
+    assert {"IQ2_XXS", "IQ1_M", "IQ2_M", "pure-iq2_xs"} <= set(with_imatrix)
+    assert not {"IQ2_XXS", "IQ1_M", "IQ2_M", "pure-iq2_xs"} & set(without)
+    assert {"IQ4_XS", "Q4_K_M"} <= set(without)
+    plan = with_imatrix["IQ2_XXS"]
+    assert plan.options["model.layers.1.self_attn.q_proj"]["name"] == "iq2_xxs"
