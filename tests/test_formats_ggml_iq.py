@@ -275,7 +275,9 @@ def test_neighbour_lists_are_iq2xs_iq3xs_init_impls(kind, nwant):
     points at its ``nwant`` smallest squared distances (positions 2*level+1), by (distance, index)."""
     import itertools
 
-    g = ggml_iq._grid_numpy(kind)
+    from mpsearch.formats._iq_grids import _grid_numpy
+
+    g = _grid_numpy(kind)
     levels, k, bits = g["levels"], g["k"], g["bits"]
     nlev = 3 if k == 8 else 8
     rng = np.random.default_rng(0)
