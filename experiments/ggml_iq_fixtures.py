@@ -25,7 +25,7 @@ Writes, under tests/fixtures/ggml_iq/:
 Usage::
 
     python experiments/ggml_iq_fixtures.py [--lib PATH/libggml-base.so] [--out tests/fixtures/ggml_iq]
-    python experiments/ggml_iq_fixtures.py --check [--types iq4_xs,iq3_s]  # every SmolLM2 matrix
+    python experiments/ggml_iq_fixtures.py --check [--types iq4_xs,iq3_s] [--rows 16]  # every SmolLM2 matrix
     python experiments/ggml_iq_fixtures.py --speed [--shape 4096x4096] [--devices cpu,cuda] [--threads 1,2]
     python experiments/ggml_iq_fixtures.py --speed --devices cuda --no-ref  # on a GPU machine
 """
@@ -207,10 +207,11 @@ def _pieces(w: np.ndarray, imatrix: np.ndarray | None):
             for a in (0, cols - n)]
 
 
-def check(ggml: GgmlIq, types) -> int:
+def check(ggml: GgmlIq, types, rows: int = 0) -> int:
     """Every SmolLM2 weight matrix, with its real importance (mean squared inputs over 1,024 tokens;
     the token embedding, which llama-imatrix does not see, gets ``adversarial_imatrix``) and, where
-    llama.cpp can, without one, through llama.cpp and through mpsearch: differing values, bytes."""
+    llama.cpp can, without one, through llama.cpp and through mpsearch: differing values, bytes.
+    ``rows``: that many evenly spaced rows of each matrix (0: all of them)."""
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -219,6 +220,9 @@ def check(ggml: GgmlIq, types) -> int:
     state = base.smollm2_state()
     importance = smollm2_importance()
     mats = {k: v for k, v in state.items() if v.ndim == 2}
+    if rows:
+        mats = {k: np.ascontiguousarray(v[np.linspace(0, v.shape[0] - 1, min(rows, v.shape[0])).astype(int)])
+                for k, v in mats.items()}
     rng = np.random.default_rng(7)
     for k, v in mats.items():
         if k not in importance:
@@ -325,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--types", default=",".join(TYPES), help="comma list of i-quant types")
     p.add_argument("--check", action="store_true",
                    help="compare mpsearch's torch quantizers with llama.cpp on all SmolLM2 tensors")
+    p.add_argument("--rows", type=int, default=0,
+                   help="--check: that many evenly spaced rows of each matrix (default: all)")
     p.add_argument("--speed", action="store_true", help="time one matrix per type (see --shape)")
     p.add_argument("--devices", default="cpu", help="devices for --speed, e.g. cpu,cuda")
     p.add_argument("--threads", default="1", help="CPU thread counts for --speed, e.g. 1,2")
@@ -347,7 +353,7 @@ def main(argv=None) -> int:
         return 2
     ggml = GgmlIq(args.lib)
     if args.check:
-        return check(ggml, types)
+        return check(ggml, types, args.rows)
     build(ggml, args.out, types)
     return 0
 

@@ -416,19 +416,20 @@ def _iq4nl_lookup(al, table):
     return torch.index_select(table, 0, pos.reshape(-1)).reshape(al.shape)
 
 
-def _iq4_nl(x):
-    """``quantize_iq4_nl`` with no imatrix: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``."""
+def iq4nl_block_scales(x, w):
+    """The scale search of ``quantize_row_iq4_nl_impl`` (ntry = 7) for 32-weight blocks ``x``
+    ``[nb, 32]`` with search weights ``w``: returns each block's scale (0 for an empty block)."""
     import torch
 
-    idx_table, level_table = _iq4nl_tables(x.device)
+    _, levels = _iq4nl_tables(x.device)
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
-    w = xt * xt
+    wt = w.t().contiguous()
 
     def sums(id_):
-        q = _iq4nl_lookup(xt * id_, level_table)
-        wq = w * q
+        q = _iq4nl_lookup(xt * id_, levels)
+        wq = wt * q
         return _seqsum_t(wq * xt), _seqsum_t(wq * q)
 
     d = (-mx) / _full(mx, IQ4NL_VALUES[0])
@@ -440,7 +441,13 @@ def _iq4_nl(x):
         upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(upd, sumqx / sumq2, d)
         best = torch.where(upd, d * sumqx, best)
-    d = torch.where(zero, torch.zeros_like(d), d)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _iq4_nl(x):
+    """``quantize_iq4_nl`` with no imatrix: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``."""
+    idx_table, _ = _iq4nl_tables(x.device)
+    d = iq4nl_block_scales(x, x * x)
     idx = _iq4nl_lookup(x * _recip_or_zero(d)[:, None], idx_table)
     return {"d": _fp16(d), "q": idx}
 

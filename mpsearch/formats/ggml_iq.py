@@ -40,9 +40,9 @@ from __future__ import annotations
 from ..errors import QuantizationError
 from . import register
 from ._iq_common import _importance, _read_f16, _read_u16, _sigma2, _u16_bytes
-from .ggml import (GROUP_MAX_EPS, IQ4NL_VALUES, QK_K, GgmlFormat, _first_absmax, _fp16, _full,
-                   _half_bytes, _iq4nl_lookup, _iq4nl_tables, _nearest_int, _nibbles_32,
-                   _recip_or_zero, _seqsum_t, _u8)
+from .ggml import (IQ4NL_VALUES, QK_K, GgmlFormat, _first_absmax, _fp16, _full, _half_bytes,
+                   _iq4nl_lookup, _iq4nl_tables, _nearest_int, _nibbles_32, _recip_or_zero, _u8,
+                   iq4nl_block_scales)
 
 #: enum ggml_type values (ggml/include/ggml.h)
 GGML_TYPE = {"iq2_xxs": 16, "iq2_xs": 17, "iq3_xxs": 18, "iq1_s": 19, "iq3_s": 21, "iq2_s": 22,
@@ -69,35 +69,8 @@ _DEVICE_CHUNKS = {"iq1_s": 4, "iq1_m": 4}
 
 
 # ---------------------------------------------------------------------------------------------
-# IQ4_XS: quantize_row_iq4_nl_impl(QK_K, 32, ..., kvalues_iq4nl, qw, ntry=7)
-
-
-def iq4nl_block_scales(x, w):
-    """The scale search of ``quantize_row_iq4_nl_impl`` (ntry = 7) for 32-weight blocks ``x``
-    ``[nb, 32]`` with search weights ``w``: returns each block's scale (0 for an empty block)."""
-    import torch
-
-    _, levels = _iq4nl_tables(x.device)
-    mx, amax = _first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    xt = x.t().contiguous()
-    wt = w.t().contiguous()
-
-    def sums(id_):
-        q = _iq4nl_lookup(xt * id_, levels)
-        wq = wt * q
-        return _seqsum_t(wq * xt), _seqsum_t(wq * q)
-
-    d = (-mx) / _full(mx, IQ4NL_VALUES[0])
-    sumqx, sumq2 = sums(torch.ones_like(d) / d)
-    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
-    best = d * sumqx
-    for itry in range(-7, 8):
-        sumqx, sumq2 = sums(_full(mx, itry + IQ4NL_VALUES[0]) / mx)
-        upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = torch.where(upd, sumqx / sumq2, d)
-        best = torch.where(upd, d * sumqx, best)
-    return torch.where(zero, torch.zeros_like(d), d)
+# IQ4_XS: quantize_row_iq4_nl_impl(QK_K, 32, ..., kvalues_iq4nl, qw, ntry=7): iq4_nl's search on
+# each 32 (mpsearch.formats.ggml.iq4nl_block_scales), then 6-bit scales under one fp16
 
 
 def _iq4_xs(x, qw):
@@ -273,15 +246,15 @@ _SPECS = {
     "iq3_s": (3, 32, 16, "i-quant: 3-bit grid of 4, signs, 4-bit scales per 32, fp16 per 256 "
                          "(3.4375 bpw)"),
     "iq3_xxs": (3, 32, 16, "i-quant: 3-bit grid of 4, 7 sign bits per 8, 4-bit scales per 32, fp16 "
-                           "per 256 (3.0625 bpw)"),
+                           "per 256 (3.0625 bpw); llama-quantize needs an imatrix"),
     "iq2_s": (2, 16, 6, "i-quant: 2-bit grid of 8 (3 levels), signs, 4-bit scales per 16, fp16 per "
-                        "256 (2.5625 bpw)"),
+                        "256 (2.5625 bpw); llama-quantize needs an imatrix"),
     "iq2_xs": (2, 16, 6, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
                          "16, fp16 per 256 (2.3125 bpw); needs an imatrix"),
     "iq2_xxs": (2, 32, 6, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
                           "32, fp16 per 256 (2.0625 bpw); needs an imatrix"),
     "iq1_m": (1, 16, 6, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 16, "
-                        "fp16 split over the scales (1.75 bpw)"),
+                        "fp16 split over the scales (1.75 bpw); llama-quantize needs an imatrix"),
     "iq1_s": (1, 32, 3, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 32, "
                         "fp16 per 256 (1.5625 bpw); needs an imatrix"),
 }
