@@ -278,3 +278,16 @@ def test_recipe_plans_follow_the_tables_rounding():
     assert {"IQ4_XS", "Q4_K_M"} <= set(without)
     plan = with_imatrix["IQ2_XXS"]
     assert plan.options["model.layers.1.self_attn.q_proj"]["name"] == "iq2_xxs"
+
+
+def test_a_table_with_iquants_needs_its_imatrix_rounding_recorded():
+    import pandas as pd
+
+    from mpsearch.table import CostTable
+    from mpsearch.targets import table_target
+
+    frame = pd.DataFrame([{"layer": "a", "bits": 2, "option": "iq2_xs", "damage": 1.0, "size_bits": 10},
+                          {"layer": "a", "bits": 4, "option": "q4_K", "damage": 0.5, "size_bits": 20}])
+    assert table_target(CostTable(frame, {"target": "llama.cpp", "imatrix": "sha256:0"})).name == "llama.cpp"
+    with pytest.raises(MpsearchError, match="iq2_xs only with an importance matrix"):
+        table_target(CostTable(frame, {"target": "llama.cpp"}))

@@ -182,7 +182,7 @@ def table_target(table, target=None) -> Target:
             f"--target {chosen.name} (options, sizes and rounding differ between targets)"
         )
     if chosen.name != DEFAULT_TARGET:
-        chosen.parsed_options(list(table.options))
+        chosen.parsed_options(list(table.options), imatrix=table_uses_imatrix(table))
     return chosen
 
 
