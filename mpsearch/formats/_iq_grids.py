@@ -79,7 +79,8 @@ def _grid_numpy(kind):
         tab = np.full((len(sel), wdt), -1, dtype=np.int64)
         for r, key_row in enumerate(sel):
             tab[r, :count[key_row]] = lists[key_row]
-        offs = (np.arange(k) * nlev + levels[np.maximum(tab, 0)]).reshape(len(sel), wdt * k)
+        # coordinate-major ([k, W] per key): the gathered terms of one coordinate are contiguous
+        offs = (np.arange(k) * nlev + levels[np.maximum(tab, 0)]).transpose(0, 2, 1).reshape(len(sel), k * wdt)
         tables[int(wdt)] = (tab, offs)
         width[keys[sel]] = wdt
         row[keys[sel]] = np.arange(len(sel))
@@ -139,10 +140,10 @@ def _best_neighbours(grid, keys, xval, w, scale, qlev):
         if sel.numel() == 0:
             continue
         r = rows.index_select(0, sel)
-        t = terms.index_select(0, sel).gather(1, offs.index_select(0, r)).reshape(-1, wdt, k)
-        d2 = t[..., 0]
+        t = terms.index_select(0, sel).gather(1, offs.index_select(0, r)).reshape(-1, k, wdt)
+        d2 = t[:, 0]
         for i in range(1, k):
-            d2 = d2 + t[..., i]
+            d2 = d2 + t[:, i]
         cand = tab.index_select(0, r)
         d2 = torch.where(cand >= 0, d2, torch.full_like(d2, float("inf")))
         pick = torch.argmin(d2, dim=1)
