@@ -132,22 +132,26 @@ def _best_neighbours(grid, keys, xval, w, scale, qlev):
     q = qlev if qlev.ndim == 2 else qlev[None, :]
     diff = scale[:, None, None] * q[:, None, :] - xval[:, :, None]
     terms = ((w[:, :, None] * diff) * diff).reshape(G, -1)  # [G, k * nlev]
+    widths = grid["width"].index_select(0, keys)
+    order = torch.argsort(widths)  # groups of one bucket side by side
+    widths = widths.index_select(0, order)
+    rows = grid["row"].index_select(0, keys.index_select(0, order))
+    terms = terms.index_select(0, order)
+    present, counts = torch.unique_consecutive(widths, return_counts=True)
     out = torch.empty_like(keys)
-    widths = grid["width"][keys]
-    rows = grid["row"][keys]
-    for wdt, (tab, offs) in grid["tables"].items():
-        sel = (widths == wdt).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        r = rows.index_select(0, sel)
-        t = terms.index_select(0, sel).gather(1, offs.index_select(0, r)).reshape(-1, k, wdt)
+    start = 0
+    for wdt, n in zip(present.tolist(), counts.tolist()):
+        tab, offs = grid["tables"][wdt]
+        r = rows[start:start + n]
+        t = terms[start:start + n].gather(1, offs.index_select(0, r)).reshape(-1, k, wdt)
         d2 = t[:, 0]
         for i in range(1, k):
             d2 = d2 + t[:, i]
         cand = tab.index_select(0, r)
         d2 = torch.where(cand >= 0, d2, torch.full_like(d2, float("inf")))
         pick = torch.argmin(d2, dim=1)
-        out[sel] = cand.gather(1, pick[:, None]).squeeze(1)
+        out.index_copy_(0, order[start:start + n], cand.gather(1, pick[:, None]).squeeze(1))
+        start += n
     return out
 
 
@@ -161,16 +165,21 @@ def _assign(grid, l, xval, waux, scale):
     k = grid["k"]
     ng = n // k
     keys = _keys(grid, l.reshape(R * ng, k))
-    gi = grid["kmap"][keys]
+    gi = grid["kmap"].index_select(0, keys)
     on = gi >= 0
     off = (~on).nonzero().squeeze(1)
     if off.numel():
-        xs = xval.reshape(R * ng, k)[off]
-        ws = waux.reshape(R * ng, k)[off]
-        sc = scale.repeat_interleave(ng)[off]
+        xs = xval.reshape(R * ng, k).index_select(0, off)
+        ws = waux.reshape(R * ng, k).index_select(0, off)
+        sc = scale.index_select(0, off // ng)
         qlev = 2 * torch.arange(grid["nlev"], device=l.device, dtype=torch.float32) + 1  # C: 2*level+1
-        gi[off] = _best_neighbours(grid, keys[off], xs, ws, sc, qlev)
+        gi.index_copy_(0, off, _best_neighbours(grid, keys.index_select(0, off), xs, ws, sc, qlev))
     return gi.reshape(R, ng), on.reshape(R, ng)
+
+
+def _levels(grid, gi):
+    """The level indices of grid points ``gi`` ``[R, m]`` -> ``[R, m * k]``."""
+    return grid["levels"].index_select(0, gi.reshape(-1)).reshape(gi.shape[0], -1)
 
 
 def _signs(xs, ws, parity):
@@ -250,7 +259,7 @@ def _grid_search(x, w, cfg):
         this_scale = torch.ones_like(id_) / id_
         lv = torch.clamp(_nearest_int((id_[:, None] * xval - 1.0) * 0.5), 0, kmaxq - 1).long()
         gaux, on_aux = _assign(grid, lv, xval, waux, this_scale)
-        Laux = grid["levels"][gaux].reshape(M, bs)
+        Laux = _levels(grid, gaux)
         sumqx, sumq2 = _sumqx_q2(ws, wx, Laux)
         upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         scale = torch.where(upd, sumqx / sumq2, scale)
@@ -271,7 +280,7 @@ def _grid_search(x, w, cfg):
         gr, _ = _assign(grid, lv, xval[rows], waux[rows], sc)
         redo = torch.ones_like(on[rows]) if (cfg.requant_all or cfg.qp) else ~on[rows]
         gnew = torch.where(redo, gr, gi[rows])
-        Lnew = grid["levels"][gnew].reshape(-1, bs)
+        Lnew = _levels(grid, gnew)
         sumqx, sumq2 = _sumqx_q2(ws[rows], wx[rows], Lnew)
         gi[rows] = gnew
         scale[rows] = torch.where(sumq2 > 0, sumqx / sumq2, sc)
