@@ -54,20 +54,20 @@ _CHUNK_WEIGHTS = 1 << 20
 def fallback_type(name: str, in_features: int) -> str:
     """The type llama.cpp actually writes for ``name`` on rows of ``in_features`` columns.
 
-    ``name`` itself when its block divides the row; else llama.cpp's fallback (:data:`FALLBACK`,
-    and :data:`mpsearch.formats.ggml_iq.FALLBACK` for the i-quants);
+    ``name`` itself when its block divides the row; else llama.cpp's fallback (the format's
+    ``fallback``: :data:`FALLBACK`, and :data:`mpsearch.formats.ggml_iq.FALLBACK` for the i-quants);
     ``"f16"`` when that does not fit either (or ``name`` is already a 32-block type).
     """
-    from .ggml_iq import FALLBACK as IQ_FALLBACK, FORMATS as IQ_FORMATS
+    from . import format_names, get_format
 
-    formats = {**FORMATS, **IQ_FORMATS}
-    fmt = formats.get(name)
-    if fmt is None:
-        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(formats)}")
+    fmt = get_format(name)
+    if not isinstance(fmt, GgmlFormat):
+        known = [n for n in format_names() if isinstance(get_format(n), GgmlFormat)]
+        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(known)}")
     if in_features % fmt.block == 0:
         return fmt.name
-    alt = {**FALLBACK, **IQ_FALLBACK}.get(fmt.name)
-    if alt is not None and in_features % formats[alt].block == 0:
+    alt = fmt.fallback
+    if alt is not None and in_features % get_format(alt).block == 0:
         return alt
     return "f16"
 
@@ -86,6 +86,7 @@ class GgmlFormat(Format):
         self.level_group = level_group
         self.description = description
         self.ggml_type = GGML_TYPE[name]
+        self.fallback = FALLBACK.get(name)  # llama.cpp's type where the block does not divide the row
 
     def row_size(self, in_features: int) -> int:
         """Bytes of one row, as ``ggml_row_size`` (the row must divide the block)."""

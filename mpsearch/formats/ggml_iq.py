@@ -130,6 +130,7 @@ class IqFormat(GgmlFormat):
         self.levels = levels
         self.description = description
         self.ggml_type = GGML_TYPE[name]
+        self.fallback = FALLBACK[name]
         #: "c": the C quantizer needs weights; "llama-quantize": the tool refuses without an
         #: imatrix (its C code has a no-imatrix path); None: no imatrix needed
         self.needs_imatrix = ("c" if name in C_NEEDS_IMATRIX else
