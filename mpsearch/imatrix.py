@@ -698,6 +698,20 @@ def uses_imatrix(target) -> bool:
     return get_target(target).name == "llama.cpp"
 
 
+def _is_off(imatrix) -> bool:
+    return imatrix is None or imatrix is False or (isinstance(imatrix, str) and imatrix.lower() in ("none", "off", "rtn"))
+
+
+def imatrix_expected(imatrix, target, batches) -> bool:
+    """Whether :func:`resolve_imatrix` will give an imatrix for these arguments (before computing it:
+    the option set, i-quants included, is checked first)."""
+    if _is_off(imatrix):
+        return False
+    if isinstance(imatrix, str) and imatrix == AUTO:
+        return uses_imatrix(target) and bool(batches)
+    return True
+
+
 def resolve_imatrix(imatrix, model, batches, target, *, progress: bool = True) -> Imatrix | None:
     """The imatrix a run quantizes with. ``imatrix``: ``"auto"`` (the default of the estimators
     and the frontier) computes it from the calibration ``batches`` for the llama.cpp target, as
@@ -706,7 +720,7 @@ def resolve_imatrix(imatrix, model, batches, target, *, progress: bool = True) -
     ``--imatrix``); an :class:`Imatrix` or a file path: that one (refused for other targets)."""
     from .targets import get_target
 
-    if imatrix is None or imatrix is False or (isinstance(imatrix, str) and imatrix.lower() in ("none", "off", "rtn")):
+    if _is_off(imatrix):
         return None
     if isinstance(imatrix, str) and imatrix == AUTO:
         if not uses_imatrix(target) or not batches:
@@ -781,7 +795,7 @@ def check_setting(imatrix, target):
     """An ``imatrix`` setting checked before any work: ``"auto"``; ``None`` (``False``, ``"none"``);
     an :class:`Imatrix`; or a file, read here (a bad one refused in one line). A given imatrix needs
     the llama.cpp target."""
-    if imatrix is None or imatrix is False or (isinstance(imatrix, str) and imatrix.lower() in ("none", "off", "rtn")):
+    if _is_off(imatrix):
         return None
     if isinstance(imatrix, str) and imatrix == AUTO:
         return AUTO

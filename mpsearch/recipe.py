@@ -80,11 +80,11 @@ class Recipe:
 
 
 def resolve(*, target=None, options=None, estimator=None, metric=None, model=None, batch=None,
-            has_data: bool = True) -> Recipe:
+            has_data: bool = True, imatrix: bool = False) -> Recipe:
     """The one place that fills in what the user left out (every entry point calls it once):
 
-    - ``options``: as given; else a consumer ``target``'s default set; else the recipe's for the
-      model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
+    - ``options``: as given; else a consumer ``target``'s default set (llama.cpp's i-quants join it
+      when the rounding uses an importance matrix, ``imatrix``); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
     - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given);
     - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an
       evaluation batch: its labels mean accuracy).
@@ -95,16 +95,17 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
     chosen = get_target(target)
     if options is None:
         causal = model is not None and is_causal_lm(model)
-        options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(chosen.default_options)
+        options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(chosen.default_option_names(imatrix))
     if metric is None and model is not None:
         metric = default_metric(model, batch)
     return Recipe(chosen, options, estimator or default_estimator(has_data), metric)
 
 
-def check(*, target=None, options=None, estimator=None, params=None, has_data: bool = True) -> None:
+def check(*, target=None, options=None, estimator=None, params=None, has_data: bool = True,
+          imatrix: bool = False) -> None:
     """Refuse, before any model loads, what :func:`resolve` and the estimator would refuse later: an
     unknown target or estimator, bad estimator settings (``params``), options the target cannot
-    execute."""
+    execute (llama.cpp's iq1/iq2 types without an importance matrix, ``imatrix``)."""
     from .options import parse_options
     from .registry import get_estimator
     from .targets import DEFAULT_TARGET, get_target
@@ -112,4 +113,4 @@ def check(*, target=None, options=None, estimator=None, params=None, has_data: b
     chosen = get_target(target)
     get_estimator(estimator or default_estimator(has_data), **dict(params or {}))
     if options is not None:
-        parse_options(options) if chosen.name == DEFAULT_TARGET else chosen.parsed_options(options)
+        parse_options(options) if chosen.name == DEFAULT_TARGET else chosen.parsed_options(options, imatrix=imatrix)

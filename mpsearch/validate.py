@@ -142,11 +142,11 @@ def validate_plan(
             ok = True
         else:
             levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
-            limit = 2**bits
+            limit = option.format.max_levels() if option.fmt is not None else 2**bits
             ok = levels <= limit
         size = mats * option.size_bits(out_c, in_f)
         row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
-               "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
+               "level_limit": limit, "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
         if mats > 1:
             row["experts"] = mats
             if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
@@ -166,7 +166,7 @@ def validate_plan(
         r = next(r for r in report.layers if not r["levels_ok"])
         raise PlanError(
             f"layer {r['layer']!r} holds {r['max_levels']} distinct values in one scale group, more "
-            f"than 2^{r['bits']} = {2 ** r['bits']}: the model was not quantized by this plan"
+            f"than its {r['option']} allows ({r['level_limit']}): the model was not quantized by this plan"
         )
     if metric is not None:
         if getattr(metric, "needs_reference", False) and not getattr(metric, "_fitted", True):

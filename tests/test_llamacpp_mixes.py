@@ -111,6 +111,44 @@ def test_ggml_n_dims():
     assert not allows_quantization("blk.0.ffn_gate_inp.weight", (8, 256))
 
 
+@pytest.mark.parametrize("key", sorted(MODELS))
+@pytest.mark.parametrize("ftype", FIXTURE["imatrix_ftypes"])
+def test_mix_with_imatrix_equals_llama_quantize(key, ftype):
+    """The same choice with ``--imatrix`` (llama-quantize --dry-run with an importance matrix)."""
+    model = MODELS[key]
+    names = [n for n, _ in model["tensors"]]
+    real = dict(zip(names, model["mixes_imatrix"][ftype]))
+    got = _call(model, ftype, has_imatrix=True)
+    wrong = {n: (got[n], real[n]) for n in got if got[n] != real[n]}
+    assert not wrong, f"{key} {ftype} --imatrix: (ours, llama-quantize) differ on {wrong}"
+    assert set(got) <= set(names)
+
+
+def test_the_imatrix_changes_the_mixes_that_read_it():
+    from mpsearch.targets.llamacpp_mixes import IQ_FTYPES
+
+    assert set(IQ_FTYPES) <= set(FIXTURE["ftypes"]) and set(IQ_FTYPES) <= set(FIXTURE["imatrix_ftypes"])
+    smol = MODELS["smollm2"]  # the first ffn_down tensors get more bits without an imatrix
+    names = [n for n, _ in smol["tensors"]]
+    for ftype, plain_t, imat_t in (("IQ3_XXS", "q4_K", "iq3_xxs"), ("IQ4_XS", "q5_K", "iq4_xs"),
+                                   ("Q4_0", "q4_0", "q4_1")):
+        plain = dict(zip(names, smol["mixes"][ftype]))
+        imat = dict(zip(names, smol["mixes_imatrix"][ftype]))
+        assert (plain["blk.0.ffn_down.weight"], imat["blk.0.ffn_down.weight"]) == (plain_t, imat_t)
+
+
+def test_every_type_of_every_mix_has_a_bit_exact_quantizer():
+    """Every mix llama.cpp builds is a plan mpsearch can measure: each tensor type is a format."""
+    from mpsearch.formats import get_format
+
+    for model in MODELS.values():
+        for key in ("mixes", "mixes_imatrix"):
+            for ftype, types in model[key].items():
+                for t in set(types) - {"f32", "f16", "bf16"}:
+                    fmt = get_format(t)
+                    assert fmt is not None and fmt.consumer == "llama.cpp", (ftype, t)
+
+
 def test_fixture_covers_the_requested_ftypes_and_real_mixes():
     for f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
               "Q6_K", "Q8_0", "Q4_0"):
@@ -241,17 +279,27 @@ def _hf_layers(model):
 def test_recipes_for_layers_are_the_real_mixes(key):
     from mpsearch.targets.llamacpp_mixes import RECIPE_FTYPES, recipes_for_layers
 
+    from mpsearch.targets.llamacpp_mixes import mix_needs_imatrix
+
     model = MODELS[key]
     pairs = list(_hf_layers(model))
     names = [n for n, _ in model["tensors"]]
-    recipes = recipes_for_layers([lay for lay, _ in pairs])
-    for ftype in RECIPE_FTYPES:
-        if ftype not in model["mixes"]:
-            continue
-        real = dict(zip(names, model["mixes"][ftype]))
-        want = {lay.name: ("keep" if real[g] in ("f16", "f32", "bf16") else real[g])
-                for lay, g in pairs}
-        assert recipes[ftype] == want, ftype
+    for has_imatrix, mixes in ((False, model["mixes"]), (True, model["mixes_imatrix"])):
+        recipes = recipes_for_layers([lay for lay, _ in pairs], has_imatrix=has_imatrix)
+        for ftype in RECIPE_FTYPES:
+            if ftype not in mixes:
+                continue
+            real = dict(zip(names, mixes[ftype]))
+            if not has_imatrix and mix_needs_imatrix(ftype, real):
+                assert ftype not in recipes, ftype  # llama-quantize refuses it without an imatrix
+                continue
+            want = {lay.name: ("keep" if real[g] in ("f16", "f32", "bf16") else real[g])
+                    for lay, g in pairs}
+            assert recipes[ftype] == want, (ftype, has_imatrix)
+    # IQ2_XXS needs an imatrix (its tensors are iq2_xxs); IQ4_XS and IQ3_M do not
+    assert "IQ2_XXS" not in recipes_for_layers([lay for lay, _ in pairs])
+    assert {"IQ4_XS", "IQ3_M"} <= set(recipes_for_layers([lay for lay, _ in pairs]))
+    assert "IQ2_XXS" in recipes_for_layers([lay for lay, _ in pairs], has_imatrix=True)
     # a model that is not Llama-family gets no mixes
     from types import SimpleNamespace
     assert recipes_for_layers([SimpleNamespace(name="encoder.layer.0.x", out_channels=4,

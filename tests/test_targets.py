@@ -205,3 +205,89 @@ def test_consumer_targets_leave_the_output_projection_unplanned():
     assert "lm_head" not in vllm.layers and len(vllm.layers) == 14
     mp = get_estimator("weight-error").estimate(llama, x, progress=False)
     assert "lm_head" in mp.layers
+
+
+def test_llamacpp_offers_the_iquants_with_an_imatrix_only():
+    t = get_target("llama.cpp")
+    iq = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"}
+    assert iq <= set(t.options)
+    assert not iq & set(t.default_options)  # the default search set without an imatrix
+    with_imatrix = {o.name for o in t.parsed_options(imatrix=True)}
+    assert iq | set(t.default_options) == with_imatrix
+    assert {o.name for o in t.parsed_options()} == set(t.default_options)
+    # the ones llama-quantize writes without an imatrix may be asked for without one
+    assert [o.name for o in t.parsed_options("iq4_xs,iq3_s,q4_K")] == ["iq4_xs", "iq3_s", "q4_K"]
+    for name in ("iq2_xxs", "iq1_m", "iq3_xxs"):
+        with pytest.raises(MpsearchError, match=f"writes {name} only with an importance matrix.*--imatrix"):
+            t.parsed_options(f"q4_K,{name}")
+    rows = {r["option"]: r for r in t.describe()}
+    assert rows["iq2_xs"]["bits_per_weight"] == 2.3125 and rows["iq2_xs"]["needs_imatrix"]
+    assert rows["iq4_xs"]["default_with_imatrix"] and not rows["iq4_xs"]["default"]
+    assert not rows["iq4_xs"]["needs_imatrix"]
+
+
+def test_llamacpp_recipes_with_an_imatrix_add_the_iquant_mixes():
+    from types import SimpleNamespace
+
+    t = get_target("llama.cpp")
+    layers = []
+    for i in range(4):
+        for name, shape in (("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (128, 512)),
+                            ("self_attn.v_proj", (128, 512)), ("self_attn.o_proj", (512, 512)),
+                            ("mlp.gate_proj", (1024, 512)), ("mlp.up_proj", (1024, 512)),
+                            ("mlp.down_proj", (512, 1024))):
+            layers.append(SimpleNamespace(name=f"model.layers.{i}.{name}", out_channels=shape[0],
+                                          in_features=shape[1]))
+    plain = t.recipes(layers)
+    imat = t.recipes(layers, imatrix=True)
+    assert "IQ2_M" not in plain and "pure-iq2_xs" not in plain and "IQ4_XS" in plain
+    assert {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "pure-iq2_xs"} <= set(imat)
+    for name, choice in imat.items():
+        assert set(choice.values()) <= set(t.options), name
+    assert set(imat["IQ2_XXS"].values()) >= {"iq2_xxs"}
+
+
+def test_recipe_plans_follow_the_tables_rounding():
+    """A table estimated with importance-matrix rounding (metadata ``imatrix``) is measured beside
+    llama.cpp's i-quant mixes; one without, only beside the mixes llama-quantize writes without."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    from mpsearch.table import CostTable
+    from mpsearch.targets import recipe_plans
+
+    t = get_target("llama.cpp")
+    layers, rows = [], []
+    for i in range(2):
+        for name, shape in (("self_attn.q_proj", (512, 512)), ("self_attn.k_proj", (128, 512)),
+                            ("self_attn.v_proj", (128, 512)), ("self_attn.o_proj", (512, 512)),
+                            ("mlp.gate_proj", (768, 512)), ("mlp.up_proj", (768, 512)),
+                            ("mlp.down_proj", (512, 768))):
+            lay = SimpleNamespace(name=f"model.layers.{i}.{name}", out_channels=shape[0],
+                                  in_features=shape[1])
+            layers.append(lay)
+            for opt in t.parsed_options(imatrix=True):
+                if t.option_reason(lay, opt) is None:
+                    rows.append({"layer": lay.name, "bits": opt.bits, "option": opt.name, "damage": 1.0,
+                                 "size_bits": opt.size_bits(*shape), "params": shape[0] * shape[1]})
+    frame = pd.DataFrame(rows)
+    with_imatrix = recipe_plans(CostTable(frame, {"target": "llama.cpp", "imatrix": "sha256:0"}), t, layers)
+    without = recipe_plans(CostTable(frame, {"target": "llama.cpp"}), t, layers)
+    assert {"IQ2_XXS", "IQ1_M", "IQ2_M", "pure-iq2_xs"} <= set(with_imatrix)
+    assert not {"IQ2_XXS", "IQ1_M", "IQ2_M", "pure-iq2_xs"} & set(without)
+    assert {"IQ4_XS", "Q4_K_M"} <= set(without)
+    plan = with_imatrix["IQ2_XXS"]
+    assert plan.options["model.layers.1.self_attn.q_proj"]["name"] == "iq2_xxs"
+
+
+def test_a_table_with_iquants_needs_its_imatrix_rounding_recorded():
+    import pandas as pd
+
+    from mpsearch.table import CostTable
+    from mpsearch.targets import table_target
+
+    frame = pd.DataFrame([{"layer": "a", "bits": 2, "option": "iq2_xs", "damage": 1.0, "size_bits": 10},
+                          {"layer": "a", "bits": 4, "option": "q4_K", "damage": 0.5, "size_bits": 20}])
+    assert table_target(CostTable(frame, {"target": "llama.cpp", "imatrix": "sha256:0"})).name == "llama.cpp"
+    with pytest.raises(MpsearchError, match="iq2_xs only with an importance matrix"):
+        table_target(CostTable(frame, {"target": "llama.cpp"}))

@@ -80,10 +80,12 @@ def run(args) -> int:
 
         args.device_map = check_device_map(args.device_map)  # before any work
     target = target_from_args(args)  # resolved once, passed on
-    check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
-    from ..imatrix import uses_imatrix
+    from ..imatrix import imatrix_expected, uses_imatrix
 
     imatrix = imatrix_arg(args)
+    expected = imatrix_expected(imatrix, target, args.data)  # i-quants are llama.cpp's only with one
+    check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data),
+          imatrix=expected)
     if imatrix not in ("auto", None) and not uses_imatrix(target):
         raise MpsearchError("--imatrix is llama.cpp's importance matrix: it needs --target llama.cpp")
     if imatrix == "auto" and args.data and uses_imatrix(target):
@@ -92,7 +94,7 @@ def run(args) -> int:
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
-                     model=model)
+                     model=model, imatrix=expected)
     estimator = get_estimator(recipe.estimator, **params, options=recipe.options)
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)

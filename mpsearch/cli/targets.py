@@ -27,8 +27,11 @@ def run(args) -> int:
         if not args.name:
             say(f"  options: {', '.join(t.options)}")
             continue
+        rows = t.describe()
         say(f"  {'option':<20} {'bits':>4} {'bits/weight':>11} {'act':>4}  default")
-        for row in t.describe():
+        for row in rows:
+            default = "yes" if row["default"] else "with imatrix" if row["default_with_imatrix"] else ""
+            need = "  (needs an importance matrix)" if row["needs_imatrix"] else ""
             say(f"  {row['option']:<20} {row['bits']:>4} {row['bits_per_weight']:>11.4f} "
-                f"{row['act_bits']:>4}  {'yes' if row['default'] else ''}")
+                f"{row['act_bits']:>4}  {default}{need}")
     return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 
 #: modules of this package that register formats, imported on the first lookup
-_MODULES = ("ggml", "intq", "fp")
+_MODULES = ("ggml", "ggml_iq", "intq", "fp")
 
 _REGISTRY: dict[str, "Format"] = {}
 _LOWER: dict[str, str] = {}
@@ -33,9 +33,11 @@ class Format:
 
     ``level_group`` is the number of consecutive weights of a row that share one set of levels
     (the block or sub-block a scale applies to; ``None`` for the whole row): the validator checks
-    that each such group holds at most ``2 ** bits`` distinct values. ``rows_independent`` is false
-    for formats whose scales depend on the whole matrix (a per-tensor global scale): the rows of
-    several matrices (stacked experts) may be quantized together only when it is true.
+    that each such group holds at most ``levels`` distinct values (``2 ** bits`` unless the format
+    says otherwise: llama.cpp's i-quants put signed grid points on 3, 6 or 16 values per group).
+    ``rows_independent`` is false for formats whose scales depend on the whole matrix (a per-tensor
+    global scale): the rows of several matrices (stacked experts) may be quantized together only
+    when it is true.
     """
 
     name: str = ""
@@ -44,7 +46,12 @@ class Format:
     consumer: str = ""
     level_group: int | None = None
     rows_independent: bool = True
+    levels: int | None = None
     description: str = ""
+
+    def max_levels(self) -> int:
+        """The most distinct values one ``level_group`` may hold."""
+        return self.levels if self.levels is not None else 2 ** self.bits
 
     def bits_per_weight(self, in_features: int | None = None) -> float:
         """Storage per weight of a long row (of ``in_features`` where it matters)."""

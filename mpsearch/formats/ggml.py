@@ -67,16 +67,20 @@ _CHUNK_WEIGHTS = 1 << 20
 def fallback_type(name: str, in_features: int) -> str:
     """The type llama.cpp actually writes for ``name`` on rows of ``in_features`` columns.
 
-    ``name`` itself when its block divides the row; else llama.cpp's fallback (:data:`FALLBACK`);
+    ``name`` itself when its block divides the row; else llama.cpp's fallback (the format's
+    ``fallback``: :data:`FALLBACK`, and :data:`mpsearch.formats.ggml_iq.FALLBACK` for the i-quants);
     ``"f16"`` when that does not fit either (or ``name`` is already a 32-block type).
     """
-    fmt = FORMATS.get(name)
-    if fmt is None:
-        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(FORMATS)}")
+    from . import format_names, get_format
+
+    fmt = get_format(name)
+    if not isinstance(fmt, GgmlFormat):
+        known = [n for n in format_names() if isinstance(get_format(n), GgmlFormat)]
+        raise QuantizationError(f"unknown GGML type {name!r}; known: {', '.join(known)}")
     if in_features % fmt.block == 0:
         return fmt.name
-    alt = FALLBACK.get(fmt.name)
-    if alt is not None and in_features % FORMATS[alt].block == 0:
+    alt = fmt.fallback
+    if alt is not None and in_features % get_format(alt).block == 0:
         return alt
     return "f16"
 
@@ -95,6 +99,7 @@ class GgmlFormat(Format):
         self.level_group = level_group
         self.description = description
         self.ggml_type = GGML_TYPE[name]
+        self.fallback = FALLBACK.get(name)  # llama.cpp's type where the block does not divide the row
 
     def row_size(self, in_features: int) -> int:
         """Bytes of one row, as ``ggml_row_size`` (the row must divide the block)."""
@@ -475,20 +480,20 @@ def _iq4nl_lookup(al, table):
     return torch.index_select(table, 0, pos.reshape(-1)).reshape(al.shape)
 
 
-def _iq4_nl(x, weight=None):
-    """``quantize_iq4_nl``: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``; ``weight``: each
-    value's weight in the search (no imatrix: ``x * x``)."""
+def iq4nl_block_scales(x, w):
+    """The scale search of ``quantize_row_iq4_nl_impl`` (ntry = 7) for 32-weight blocks ``x``
+    ``[nb, 32]`` with search weights ``w``: returns each block's scale (0 for an empty block)."""
     import torch
 
-    idx_table, level_table = _iq4nl_tables(x.device)
+    _, levels = _iq4nl_tables(x.device)
     mx, amax = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
-    w = xt * xt if weight is None else weight.t().contiguous()
+    wt = w.t().contiguous()
 
     def sums(id_):
-        q = _iq4nl_lookup(xt * id_, level_table)
-        wq = w * q
+        q = _iq4nl_lookup(xt * id_, levels)
+        wq = wt * q
         return _seqsum_t(wq * xt), _seqsum_t(wq * q)
 
     d = (-mx) / _full(mx, IQ4NL_VALUES[0])
@@ -500,7 +505,14 @@ def _iq4_nl(x, weight=None):
         upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         d = torch.where(upd, sumqx / sumq2, d)
         best = torch.where(upd, d * sumqx, best)
-    d = torch.where(zero, torch.zeros_like(d), d)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _iq4_nl(x, weight=None):
+    """``quantize_iq4_nl``: ``quantize_row_iq4_nl_impl(32, 32, ..., ntry=7)``; ``weight``: each
+    value's weight in the search (no imatrix: ``x * x``)."""
+    idx_table, _ = _iq4nl_tables(x.device)
+    d = iq4nl_block_scales(x, x * x if weight is None else weight)
     idx = _iq4nl_lookup(x * _recip_or_zero(d)[:, None], idx_table)
     return {"d": _fp16(d), "q": idx}
 

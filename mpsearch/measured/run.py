@@ -63,9 +63,10 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model)
     with run_rounding(st.imatrix, model, calib, st.target, out=out if is_main() else None,
                       progress=st.progress) as imatrix:
+        recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model,
+                         imatrix=imatrix is not None)
         table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
                                 estimator_params=st.estimator_params, progress=st.progress,
                                 cache=out / "table.csv" if out else None,

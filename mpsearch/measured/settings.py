@@ -61,10 +61,11 @@ class FrontierSettings(Settings):
 
         if self.target is not None:
             object.__setattr__(self, "target", get_target(self.target))
-        check(target=self.target, options=self.options, estimator=self.estimator, params=self.estimator_params)
-        from ..imatrix import check_setting
+        from ..imatrix import check_setting, imatrix_expected
 
         object.__setattr__(self, "imatrix", check_setting(self.imatrix, self.target))
+        check(target=self.target, options=self.options, estimator=self.estimator, params=self.estimator_params,
+              imatrix=imatrix_expected(self.imatrix, self.target, True))
         get_solver(self.solver, **self.solver_params)
 
     #: measured_frontier's keywords for the refinement -> RefineSettings fields

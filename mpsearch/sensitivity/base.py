@@ -88,17 +88,18 @@ class Estimator:
                 params[p] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
         return params
 
-    def parsed_options(self, target=None) -> list[Option]:
+    def parsed_options(self, target=None, imatrix: bool = False) -> list[Option]:
         """The options to estimate, checked against ``target`` (a name or a
         :class:`~mpsearch.targets.Target`). ``options=None`` (the default) stands for the target's
-        default set, and for mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's
-        default; the CLI and :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
+        default set (llama.cpp's i-quants join it when the rounding uses an ``imatrix``), and for
+        mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's default; the CLI and
+        :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
         from ..targets import DEFAULT_TARGET, get_target
 
         target = get_target(target)
         if target.name == DEFAULT_TARGET:
             return parse_options(DEFAULT_OPTIONS if self.options is None else self.options)
-        return target.parsed_options(self.options)
+        return target.parsed_options(self.options, imatrix=imatrix)
 
     def estimate(
         self,
@@ -148,8 +149,10 @@ class Estimator:
             )
         from ..targets import get_target
 
+        from ..imatrix import imatrix_expected
+
         target_obj = get_target(target)
-        options = self.parsed_options(target_obj)
+        options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches))
         check_choice("quantizer", quantizer, ("rtn", "gptq"))
         if quantizer == "gptq" and not batches:
             raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
@@ -190,6 +193,8 @@ class Estimator:
             raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
                                 f"types with the imatrix (leave --quantizer out)")
         imatrix_weights = layer_weights(imx, layers) if imx is not None else None
+        if imx is None:
+            target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         ctx.checkpoint = self._checkpoint(model, batches, layers, options,

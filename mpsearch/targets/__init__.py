@@ -39,6 +39,8 @@ class Target:
     exporter: str | None = None
     options: tuple[str, ...] = ()
     default_options: tuple[str, ...] = ()
+    #: the default set when the rounding uses an importance matrix (None: ``default_options``)
+    imatrix_default_options: tuple[str, ...] | None = None
     fused_runtime: bool = False
     #: tie regexes over expert layers: the expert tensors the consumer stores under one decision
     moe_ties: tuple[str, ...] = ()
@@ -47,10 +49,20 @@ class Target:
     notes: str = ""
 
     # ------------------------------------------------------------------ options
-    def parsed_options(self, names=None) -> list[Option]:
-        """The target's options (``names``: a subset, as a comma list or list), checked."""
+    def default_option_names(self, imatrix: bool = False) -> tuple[str, ...]:
+        """The options a search uses unless told otherwise (with an importance matrix in effect,
+        ``imatrix_default_options`` where the target has them)."""
+        if imatrix and self.imatrix_default_options:
+            return self.imatrix_default_options
+        return self.default_options or self.options
+
+    def parsed_options(self, names=None, imatrix: bool = False) -> list[Option]:
+        """The target's options (``names``: a subset, as a comma list or list), checked.
+
+        ``imatrix``: whether the rounding uses an importance matrix; without one, a format the
+        consumer writes only with one (llama.cpp's iq2_xxs...) is refused."""
         if names is None:
-            names = self.default_options or self.options
+            names = self.default_option_names(imatrix)
         items = [s.strip() for s in names.split(",") if s.strip()] if isinstance(names, str) else list(names)
         items = expand_presets(items)
         if not items:
@@ -66,6 +78,13 @@ class Target:
             if opt.name not in seen:
                 seen.add(opt.name)
                 out.append(opt)
+        if not imatrix:
+            need = [o.name for o in out if o.fmt is not None and getattr(o.format, "needs_imatrix", None)]
+            if need:
+                raise MpsearchError(
+                    f"{self.consumer.split()[0]} writes {', '.join(need)} only with an importance matrix: "
+                    f"quantize with one (--imatrix, or imatrix rounding from calibration data) or "
+                    f"leave {'it' if len(need) == 1 else 'them'} out of the options")
         return out
 
     def legal_options(self, layer, options: list[Option]) -> list[Option]:
@@ -94,17 +113,19 @@ class Target:
                     "ModelOpt and AutoRound leave the gate unquantized)")
         return None
 
-    def recipes(self, layers) -> dict[str, dict[str, str]]:
-        """The consumer's own recipes: recipe name -> {layer: option name}. Uniform by default."""
+    def recipes(self, layers, imatrix: bool = False) -> dict[str, dict[str, str]]:
+        """The consumer's own recipes: recipe name -> {layer: option name}. Uniform by default.
+        ``imatrix``: whether the rounding uses an importance matrix (some recipes need one)."""
         out = {}
-        for name in self.default_options or self.options:
+        for name in self.default_option_names(imatrix):
             opt = parse_option(name)
             if all(self.option_reason(lay, opt) is None for lay in layers):
                 out[f"uniform-{opt.name}"] = {lay.name: opt.name for lay in layers}
         return out
 
     def describe(self) -> list[dict]:
-        """One row per option: name, nominal bits, bits per weight (for a 4096-wide row), notes."""
+        """One row per option: name, nominal bits, bits per weight (for a 4096-wide row), whether it
+        is in the default set (without and with an importance matrix), whether it needs one."""
         rows = []
         for name in self.options:
             opt = parse_option(name)
@@ -115,6 +136,8 @@ class Target:
                 "bits_per_weight": round(bpw, 6),
                 "act_bits": opt.act_bits,
                 "default": name in self.default_options,
+                "default_with_imatrix": name in self.default_option_names(imatrix=True),
+                "needs_imatrix": bool(getattr(fmt, "needs_imatrix", None)),
                 "about": fmt.description if fmt is not None else "",
             })
         return rows
@@ -188,7 +211,7 @@ def table_target(table, target=None) -> Target:
             f"--target {chosen.name} (options, sizes and rounding differ between targets)"
         )
     if chosen.name != DEFAULT_TARGET:
-        chosen.parsed_options(list(table.options))
+        chosen.parsed_options(list(table.options), imatrix=table_uses_imatrix(table))
     return chosen
 
 
@@ -220,6 +243,13 @@ def export_format(plan, to=None, target=None) -> str:
     return chosen.exporter
 
 
+def table_uses_imatrix(table) -> bool:
+    """Whether ``table`` was estimated with importance-matrix rounding (its metadata's ``imatrix``
+    entry, when the estimate recorded one)."""
+    md = table.metadata if isinstance(table.metadata, dict) else {}
+    return bool(md.get("imatrix"))
+
+
 def recipe_plans(table, target, layers) -> dict:
     """The target's own recipes (uniform types with the consumer's fallbacks, llama.cpp's built-in
     mixes...) as plans over ``table``'s layers: ``{recipe name: BitPlan}``. ``layers`` are the
@@ -235,7 +265,8 @@ def recipe_plans(table, target, layers) -> dict:
     offered = table.frame.groupby("layer")["option"].apply(set).to_dict()
     bits = table.option_bits()
     out = {}
-    for name, choice in chosen.recipes([by_name[n] for n in table.layers]).items():
+    recipes = chosen.recipes([by_name[n] for n in table.layers], imatrix=table_uses_imatrix(table))
+    for name, choice in recipes.items():
         if set(choice) != set(table.layers) or any(choice[n] not in offered[n] for n in table.layers):
             continue
         options = {}

@@ -20,7 +20,7 @@ class MpsearchTarget(Target):
     options = default_options + ("keep",)
     per_expert = True  # the applier quantizes any slice of a stacked expert tensor
 
-    def parsed_options(self, names=None):
+    def parsed_options(self, names=None, imatrix: bool = False):
         from ..options import parse_options
 
         opts = parse_options(names if names is not None else ",".join(self.default_options))

@@ -1,10 +1,15 @@
 """``llama.cpp``: GGML tensor types as ``llama-quantize`` writes them.
 
-Options are GGML types by their llama.cpp names (``q4_K``, ``q5_0``...); each one's size is the
-GGUF block size (q4_K = 144 bytes per 256 weights = 4.5 bits per weight) and its rounding is
-llama.cpp's, reproduced in torch (:mod:`mpsearch.formats.ggml`): with an importance matrix
-(:mod:`mpsearch.imatrix`; computed from the calibration data by default, as ``llama-quantize
---imatrix`` is run by publishers) or without one (``--no-imatrix``).
+Options are GGML types by their llama.cpp names (``q4_K``, ``q5_0``, ``iq2_xs``...); each one's
+size is the GGUF block size (q4_K = 144 bytes per 256 weights = 4.5 bits per weight) and its
+rounding is llama.cpp's, reproduced in torch (:mod:`mpsearch.formats.ggml`,
+:mod:`mpsearch.formats.ggml_iq` for the i-quants): with an importance matrix (:mod:`mpsearch.imatrix`;
+computed from the calibration data by default, as publishers run ``llama-quantize --imatrix``) or
+without one (``--no-imatrix``).
+
+The i-quants (iq1_s ... iq4_xs) are options but in the default search set only when the rounding
+uses an importance matrix (``imatrix_default_options``): llama-quantize refuses iq1_s, iq1_m,
+iq2_xxs, iq2_xs, iq2_s and iq3_xxs without one, and those are refused here too.
 
 Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 
@@ -36,13 +41,19 @@ from . import STACKED_EXPERT_TIES, Target, is_output_layer
 class LlamaCppTarget(Target):
     name = "llama.cpp"
     consumer = "llama-quantize --tensor-type-file (GGUF)"
-    description = "GGML types: K-quants (super-blocks of 256) and the 32-blocks q4_0..q8_0"
+    description = ("GGML types: K-quants and i-quants (super-blocks of 256) and the 32-blocks "
+                   "q4_0..q8_0, iq4_nl")
     exporter = "llama.cpp"
-    options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K",
-               "q6_K", "q8_0", "keep")
+    options = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_K", "iq3_xxs", "iq3_s", "q3_K",
+               "iq4_xs", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K", "q6_K", "q8_0",
+               "keep")
     default_options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K",
                        "q6_K", "q8_0")
-    notes = "rows must divide the type's block (256 for K-quants, 32 otherwise); a tied lm_head is not planned"
+    imatrix_default_options = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_K", "iq3_xxs",
+                               "iq3_s", "q3_K", "iq4_xs", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0",
+                               "q5_1", "q5_K", "q6_K", "q8_0")
+    notes = ("rows must divide the type's block (256 for K-quants and i-quants, 32 otherwise); a tied "
+             "lm_head is not planned; iq1_*, iq2_* and iq3_xxs need an importance matrix")
 
     moe_ties = STACKED_EXPERT_TIES
 
@@ -57,24 +68,26 @@ class LlamaCppTarget(Target):
             return "tied lm_head: GGUF stores it once, as token_embd"
         return None
 
-    def recipes(self, layers) -> dict[str, dict[str, str]]:
+    def recipes(self, layers, imatrix: bool = False) -> dict[str, dict[str, str]]:
         """``pure-<type>``: every planned tensor at one type, with llama.cpp's own fallback where
         the type cannot store the tensor (what ``llama-quantize --pure`` writes); plus the built-in
-        mixes (Q4_K_M...) where :mod:`mpsearch.targets.llamacpp_mixes` can name the tensors."""
+        mixes (Q4_K_M, IQ2_M...) where :mod:`mpsearch.targets.llamacpp_mixes` can name the tensors,
+        chosen as llama-quantize chooses them with (``imatrix``) or without an importance matrix;
+        without one, the mixes llama-quantize would refuse to write are left out."""
         out = {}
-        for t in self.default_options:
+        for t in self.default_option_names(imatrix):
             # what llama.cpp writes (its fallback; f16, the export's keep type, where none fits)
             written = {lay.name: fallback_type(t, lay.in_features) for lay in layers}
             out[f"pure-{t}"] = {n: "keep" if w == "f16" else w for n, w in written.items()}
-        out.update(_builtin_mixes(layers))
+        out.update(_builtin_mixes(layers, imatrix))
         return out
 
 
-def _builtin_mixes(layers) -> dict[str, dict[str, str]]:
+def _builtin_mixes(layers, imatrix: bool = False) -> dict[str, dict[str, str]]:
     """llama.cpp's built-in mixes for these layers (empty for names it cannot map to GGUF)."""
     from .llamacpp_mixes import recipes_for_layers
 
-    return recipes_for_layers(layers)
+    return recipes_for_layers(layers, has_imatrix=imatrix)
 
 
 LLAMACPP = LlamaCppTarget()

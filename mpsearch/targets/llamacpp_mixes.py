@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from mpsearch.errors import MpsearchError, close_matches, name_list
 from mpsearch.formats.ggml import FALLBACK as GGML_FALLBACK
+from mpsearch.formats.ggml_iq import FALLBACK as IQ_FALLBACK
 
 #: ggml type name -> (elements per block, bytes per block), as ggml's type traits (ggml/src/ggml.c).
 GGML_TYPES: dict[str, tuple[int, int]] = {
@@ -63,7 +64,16 @@ _FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FTYPES: tuple[str, ...] = (
     "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
     "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M", "IQ3_XS",
+    "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
 )
+#: the i-quant mixes: llama-quantize writes most of them only with an imatrix
+IQ_FTYPES: tuple[str, ...] = (
+    "IQ4_NL", "IQ4_XS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS",
+    "IQ2_XXS", "IQ1_M", "IQ1_S",
+)
+#: the mixes whose choice is also checked with ``--imatrix`` (the i-quant mixes, and those whose
+#: choice depends on it: IQ3_XXS, IQ4_NL, IQ4_XS, Q4_0, Q5_0 read ``has_imatrix``)
+IMATRIX_FTYPES: tuple[str, ...] = IQ_FTYPES + ("Q4_0", "Q5_0", "Q4_K_M", "Q2_K")
 
 #: ftypes whose output tensors/embeddings become q5_K when not given explicitly.
 _IQ_LOW_OUTPUT = {"IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
@@ -214,11 +224,10 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or rem == 2
 
 
-#: ``tensor_type_fallback``'s table: the K-quants' part from :data:`mpsearch.formats.ggml.FALLBACK`,
-#: plus the i-quants and ternary types mpsearch does not implement
-_FALLBACK = {**dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"),
-                             "iq4_nl"),
-             **dict.fromkeys(("q2_0", "tq1_0", "tq2_0"), "q4_0"), **GGML_FALLBACK}
+#: ``tensor_type_fallback``'s table: the K-quants' and i-quants' parts from
+#: :data:`mpsearch.formats.ggml.FALLBACK` and :data:`mpsearch.formats.ggml_iq.FALLBACK`, plus the
+#: ternary types mpsearch does not implement
+_FALLBACK = {**IQ_FALLBACK, **dict.fromkeys(("q2_0", "tq1_0", "tq2_0"), "q4_0"), **GGML_FALLBACK}
 
 
 def _fallback(st: _State, name: str, ncols: int, target: str) -> str:
@@ -546,12 +555,29 @@ def mix_nbytes(types: Mapping[str, str], tensors) -> int:
 
 
 # ----------------------------------------------------------------------------- as mpsearch plans
-#: the mixes offered as recipes beside a frontier: those whose types are all options of
-#: ``--target llama.cpp`` (the IQ mixes need i-quants it does not offer).
+#: the mixes offered as recipes beside a frontier (every type in them is an option of
+#: ``--target llama.cpp``); without an importance matrix, those llama-quantize would refuse to
+#: write are left out (:func:`mix_needs_imatrix`).
 RECIPE_FTYPES: tuple[str, ...] = (
     "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0",
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", *IQ_FTYPES,
 )
+
+#: tensor types llama-quantize writes only with an imatrix (``tensor_requires_imatrix``; q2_K too,
+#: in a Q2_K_S file), except for the token embedding and the output tensor
+_NEEDS_IMATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
+
+
+def mix_needs_imatrix(ftype: str, types: Mapping[str, str]) -> bool:
+    """Whether llama-quantize refuses to write mix ``ftype`` with these tensor ``types`` (from
+    :func:`mix_types`) without an importance matrix (``tensor_requires_imatrix``)."""
+    ftype = canonical_ftype(ftype)
+    for name, t in types.items():
+        if tensor_category(name) in ("token_embd", "output"):
+            continue
+        if t in _NEEDS_IMATRIX or (t == "q2_K" and ftype == "Q2_K_S"):
+            return True
+    return False
 
 _HF_BLOCK = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 _HF_IN_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -573,7 +599,7 @@ def hf_to_gguf_name(hf_name: str) -> str | None:
 
 def recipes_for_layers(layers, ftypes: Sequence[str] = RECIPE_FTYPES, *, n_head: int | None = None,
                        n_head_kv: int | None = None, gguf_name=hf_to_gguf_name,
-                       ) -> dict[str, dict[str, str]]:
+                       has_imatrix: bool = False) -> dict[str, dict[str, str]]:
     """llama.cpp's built-in mixes as ``{mix name: {layer name: ggml type or 'keep'}}`` plans.
 
     ``layers``: objects with ``name`` (Hugging Face module name), ``out_channels`` and
@@ -581,7 +607,9 @@ def recipes_for_layers(layers, ftypes: Sequence[str] = RECIPE_FTYPES, *, n_head:
     model's whole set of GGUF matrices: no ``lm_head`` among them means tied embeddings, as in
     llama.cpp. ``n_head``/``n_head_kv`` default to the q/k row ratio, which is all the mixes read
     of them (``n_gqa``). Returns ``{}`` when a layer has no GGUF name (not a Llama-family model).
-    Float results (f16 where no 32-block type fits) are given as ``keep``.
+    Float results (f16 where no 32-block type fits) are given as ``keep``. ``has_imatrix``: the
+    mixes as llama-quantize chooses them with ``--imatrix``; without it, the mixes it would refuse
+    to write (IQ2_XXS...) are left out.
     """
     names, tensors = {}, []
     for lay in layers:
@@ -603,7 +631,10 @@ def recipes_for_layers(layers, ftypes: Sequence[str] = RECIPE_FTYPES, *, n_head:
         n_head, n_head_kv = (q[0] // k[0], 1) if q and k and k[0] and q[0] % k[0] == 0 else (1, 1)
     out = {}
     for ftype in ftypes:
-        types = mix_types(ftype, tensors, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv)
+        types = mix_types(ftype, tensors, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                          has_imatrix=has_imatrix)
+        if not has_imatrix and mix_needs_imatrix(ftype, types):
+            continue
         out[canonical_ftype(ftype)] = {
             lay: ("keep" if types[g] in _FLOAT_TYPES else types[g]) for lay, g in names.items()
             if g in types}
