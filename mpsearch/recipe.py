@@ -80,11 +80,13 @@ class Recipe:
 
 
 def resolve(*, target=None, options=None, estimator=None, metric=None, model=None, batch=None,
-            has_data: bool = True, imatrix: bool = False) -> Recipe:
+            has_data: bool = True, imatrix: bool = False, gpu: bool = False) -> Recipe:
     """The one place that fills in what the user left out (every entry point calls it once):
 
     - ``options``: as given; else a consumer ``target``'s default set (llama.cpp's i-quants join it
-      when the rounding uses an importance matrix, ``imatrix``); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
+      when the rounding uses an importance matrix, ``imatrix``, and the work runs on a ``gpu``: their
+      searches take about 2 hours for a 135M model on 2 CPU cores; left out on the CPU with a
+      warning); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
     - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given);
     - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an
       evaluation batch: its labels mean accuracy).
@@ -95,10 +97,25 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
     chosen = get_target(target)
     if options is None:
         causal = model is not None and is_causal_lm(model)
-        options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(chosen.default_option_names(imatrix))
+        options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(target_default_options(chosen, imatrix, gpu))
     if metric is None and model is not None:
         metric = default_metric(model, batch)
     return Recipe(chosen, options, estimator or default_estimator(has_data), metric)
+
+
+def target_default_options(target, imatrix: bool, gpu: bool) -> tuple[str, ...]:
+    """A consumer target's default options: with an importance matrix, its imatrix set (llama.cpp's
+    i-quants) on a GPU; on the CPU the plain set, and a warning that says what was left out."""
+    names = target.default_option_names(imatrix and gpu)
+    if imatrix and not gpu and target.imatrix_default_options:
+        import warnings
+
+        left = [o for o in target.imatrix_default_options if o not in names]
+        if left:
+            warnings.warn(f"{', '.join(left)} left out of {target.name}'s default options on the CPU (their "
+                          f"searches take hours there); give them with --bits to cost them anyway",
+                          stacklevel=3)
+    return names
 
 
 def check(*, target=None, options=None, estimator=None, params=None, has_data: bool = True,

@@ -464,3 +464,28 @@ def test_stacked_experts_round_expert_by_expert_with_their_own_importance():
     assert not torch.equal(want, fmt.quantize(mats.reshape(-1, mats.shape[-1])).reshape(mats.shape))
     with rounding(lambda m, o, n: None), pytest.raises(QuantizationError, match="stacked expert tensor"):
         quantize_weight(W, opt, lay.kind, name)
+
+
+def test_iquants_need_an_imatrix_entry_per_tensor_and_join_the_default_set_only_on_a_gpu(tiny_llama):
+    """llama-quantize stops at a tensor with no imatrix entry in iq1/iq2 types ("missing importance
+    matrix"): the output layer (no entry: llama-imatrix skips it) may not take iq2_xs, every other
+    layer may; without any imatrix iq2_xs is refused in one line. The imatrix default set (with the
+    i-quants) is the GPU's; on the CPU it is the plain set, with a warning naming what was left out."""
+    from mpsearch.recipe import resolve
+    from mpsearch.registry import get_estimator
+    from mpsearch.targets import get_target
+
+    est = get_estimator("weight-error", options="iq2_xs,q4_K")
+    table = est.estimate(tiny_llama, _calib(), progress=False, target="llama.cpp")
+    legal = {(r.layer, r.option) for r in table.frame.itertuples()}
+    assert ("lm_head", "q4_K") in legal and ("lm_head", "iq2_xs") not in legal
+    assert all((lay, "iq2_xs") in legal for lay in table.layers if lay != "lm_head")
+    with pytest.raises(MpsearchError, match="only with an importance matrix"):
+        est.estimate(tiny_llama, _calib(), progress=False, target="llama.cpp", imatrix=None)
+    target = get_target("llama.cpp")
+    gpu = resolve(target=target, imatrix=True, gpu=True).options.split(",")
+    assert "iq2_xs" in gpu and "iq4_xs" in gpu and "q4_K" in gpu
+    with pytest.warns(UserWarning, match="iq1_s.*left out of llama.cpp's default options on the CPU"):
+        cpu = resolve(target=target, imatrix=True, gpu=False).options.split(",")
+    assert cpu == list(target.default_options)
+    assert resolve(target=target, imatrix=False, gpu=True).options.split(",") == list(target.default_options)

@@ -59,6 +59,7 @@ def run(args) -> int:
     from ..distributed import current, load_device_map, place_model
     from ..errors import MpsearchError
     from ..recipe import check, resolve  # the one default recipe (experiments/measured_loop.md)
+    from ..sensitivity.base import on_gpu
     from ..registry import get_estimator
     from ..specs import load_calibration
     from ..table import sidecar_path
@@ -94,7 +95,7 @@ def run(args) -> int:
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
-                     model=model, imatrix=expected)
+                     model=model, imatrix=expected, gpu=on_gpu(model, args.device))
     estimator = get_estimator(recipe.estimator, **params, options=recipe.options)
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)

@@ -11,6 +11,7 @@ from ..budget import Budget
 from ..errors import MpsearchError
 from ..fileio import atomic_output_dir
 from ..imatrix import run_rounding
+from ..sensitivity.base import on_gpu
 from ..metrics import Metric
 from ..recipe import resolve
 from ..registry import get_solver
@@ -66,7 +67,7 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     with run_rounding(st.imatrix, model, calib, st.target, out=out if is_main() else None,
                       progress=st.progress) as imatrix:
         recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model,
-                         imatrix=imatrix is not None)
+                         imatrix=imatrix is not None, gpu=on_gpu(model))
         table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
                                 estimator_params=st.estimator_params, progress=st.progress,
                                 cache=out / "table.csv" if out else None,

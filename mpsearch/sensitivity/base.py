@@ -88,10 +88,11 @@ class Estimator:
                 params[p] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
         return params
 
-    def parsed_options(self, target=None, imatrix: bool = False) -> list[Option]:
+    def parsed_options(self, target=None, imatrix: bool = False, gpu: bool = False) -> list[Option]:
         """The options to estimate, checked against ``target`` (a name or a
         :class:`~mpsearch.targets.Target`). ``options=None`` (the default) stands for the target's
-        default set (llama.cpp's i-quants join it when the rounding uses an ``imatrix``), and for
+        default set (llama.cpp's i-quants join it when the rounding uses an ``imatrix`` on a ``gpu``:
+        :func:`mpsearch.recipe.target_default_options`), and for
         mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's default; the CLI and
         :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
         from ..targets import DEFAULT_TARGET, get_target
@@ -99,6 +100,10 @@ class Estimator:
         target = get_target(target)
         if target.name == DEFAULT_TARGET:
             return parse_options(DEFAULT_OPTIONS if self.options is None else self.options)
+        if self.options is None:
+            from ..recipe import target_default_options
+
+            return target.parsed_options(target_default_options(target, imatrix, gpu), imatrix=imatrix)
         return target.parsed_options(self.options, imatrix=imatrix)
 
     def estimate(
@@ -152,7 +157,8 @@ class Estimator:
         from ..imatrix import imatrix_expected
 
         target_obj = get_target(target)
-        options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches))
+        options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches),
+                                      gpu=on_gpu(model, self.device))
         check_choice("quantizer", quantizer, ("rtn", "gptq"))
         if quantizer == "gptq" and not batches:
             raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
@@ -195,6 +201,8 @@ class Estimator:
         imatrix_weights = layer_weights(imx, layers) if imx is not None else None
         if imx is None:
             target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
+        else:
+            legal = _imatrix_legal(layers, options, legal, imatrix_weights)
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         ctx.checkpoint = self._checkpoint(model, batches, layers, options,
@@ -390,6 +398,32 @@ def _target_layers(model, layers, options, target):
                 f"options under target {target.name!r} ({reasons}); add a legal option or --exclude it"
             )
     return layers, (None if legal.all() else legal), target
+
+
+def on_gpu(model, device=None) -> bool:
+    """Whether the estimate runs on an accelerator (``device``, else the model's parameters')."""
+    if device is not None:
+        return torch.device(device).type != "cpu"
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type != "cpu"
+
+
+def _imatrix_legal(layers, options, legal, weights: dict):
+    """``legal`` without the options llama-quantize writes only from an imatrix entry (iq1/iq2
+    types) for the layers the imatrix has no entry for (the output layer, the token embedding):
+    llama-quantize stops at such a tensor ("missing importance matrix")."""
+    need = np.array([o.fmt is not None and bool(getattr(o.format, "needs_imatrix", None)) for o in options])
+    if not need.any():
+        return legal
+    mask = np.ones((len(layers), len(options)), dtype=bool) if legal is None else legal.copy()
+    for i, lay in enumerate(layers):
+        parts = weights.get(lay.name)
+        if parts is None or any(w is None for w in parts):
+            mask[i] &= ~need
+            if not mask[i].any():
+                raise MpsearchError(f"layer {lay.name!r} has no entry in the imatrix, and every option given "
+                                    f"needs one: add an option such as q4_K, or --exclude it")
+    return None if mask.all() else mask
 
 
 def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
