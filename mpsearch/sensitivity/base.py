@@ -177,6 +177,8 @@ class Estimator:
             "quantizer": quantizer,
             **ctx.extra_metadata,
         }
+        if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
+            metadata["source_grid"] = model.mpsearch_source_grid
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
                            extra_columns=ctx.extra_columns, legal=legal)
 
