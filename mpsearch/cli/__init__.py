@@ -4,7 +4,9 @@ Each subcommand module defines ``register(subparsers)`` and a ``run(args) -> int
 arguments into library objects (settings objects checked before any work: ``frontier --model`` and
 ``demo`` build :class:`mpsearch.measured.FrontierSettings` in ``cli/frontier.py``), calls the library
 (the work lives there, so a notebook does the same), and prints. Exit codes: 0 success, 2 bad input
-or usage (one line on stderr, no half-written output), 3 infeasible budget.
+or usage (one line on stderr, no half-written output), 3 infeasible budget, 130 interrupted (one
+line saying what was kept: a command notes it with :func:`mpsearch.cli._common.note_kept` as its long
+work starts).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (and writes)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    from ._common import kept_note, note_kept
+
+    note_kept(None)
     try:
         return int(args.run(args) or 0)
     except MpsearchError as exc:
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
         sys.stderr.write(f"mpsearch {args.command}: error: {text}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        sys.stderr.write(f"mpsearch {args.command}: interrupted (cached work is kept)\n")
+        sys.stderr.write(f"mpsearch {args.command}: interrupted; {kept_note()}\n")
         return 130
 
 

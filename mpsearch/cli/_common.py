@@ -84,6 +84,19 @@ def budget_from_args(args):
                         pins=args.pin, ties=args.tie)
 
 
+#: what the running command would keep if interrupted now (``note_kept``); ``main`` prints it after Ctrl-C
+_KEPT: list = []
+
+
+def note_kept(text: str | None) -> None:
+    """Say what an interruption from now on keeps (``None``: nothing); the line after Ctrl-C reads it."""
+    _KEPT[:] = [text] if text else []
+
+
+def kept_note() -> str:
+    return _KEPT[0] if _KEPT else "nothing was kept"
+
+
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()

@@ -12,8 +12,8 @@ reads the cached table and measurements back.
 from __future__ import annotations
 
 from ..recipe import DEFAULT_RECIPE, DEMO_DATA
-from ._common import check_outputs, say
-from .frontier import frontier_settings, summarize  # noqa: F401  (summarize: the demo's printout too)
+from ._common import check_outputs, note_kept, say
+from .frontier import frontier_settings, kept_in_folder, summarize  # noqa: F401  (summarize: the demo's printout too)
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
@@ -41,6 +41,7 @@ def run(args) -> int:
 
     settings = frontier_settings(args)  # checked before any work
     check_outputs(dirs=[("--out", args.out)])
+    note_kept(kept_in_folder(args.out))
     t0 = time.perf_counter()
     from ..measured import run_demo
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
-                      load_model_args, parse_params, say, target_from_args)
+                      load_model_args, note_kept, parse_params, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -75,7 +75,8 @@ def run(args) -> int:
     place_model(model, shard)
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
                      model=model)
-    estimator = get_estimator(recipe.estimator, **params, options=recipe.options)
+    estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
+    note_kept(_kept(estimator))
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
@@ -90,6 +91,31 @@ def run(args) -> int:
         table.metadata.setdefault("data_spec", args.data)
     table.write(args.output)
     cost = table.metadata.get("cost", {})
+    origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
-        f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
+        f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})")
     return 0
+
+
+def _with_cache(name: str, params: dict) -> dict:
+    """The estimator's settings with its cache on by default (in :func:`default_cache_dir`) where it
+    has one, so an interrupted run keeps its work; ``--param cache_dir=None`` turns it off."""
+    import inspect
+
+    from ..registry import load_class
+    from ..sensitivity.cache import default_cache_dir
+
+    if "cache_dir" in inspect.signature(load_class("estimator", name).__init__).parameters:
+        params = {"cache_dir": str(default_cache_dir()), **params}
+    return params
+
+
+def _kept(estimator) -> str:
+    """What Ctrl-C keeps from now on, for the line printed after it."""
+    if getattr(estimator, "cache_dir", None):
+        return (f"the estimator's work so far is kept in {estimator.cache_dir} (saved every "
+                f"{getattr(estimator, 'cache_every', 0):g} s): run the same command again to resume")
+    if "cache_dir" in estimator.get_params():
+        return ("nothing was kept: the estimator cache is off (--param cache_dir=None); leave cache_dir "
+                "unset (or give --param cache_dir=DIR) so an interrupted run keeps its work")
+    return f"nothing was kept (estimator {estimator.name!r} keeps no cache: it starts over, and it is quick)"

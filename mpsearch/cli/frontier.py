@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
 from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
-                      budget_from_args, check_outputs, make_solver, parse_params, say, settings_from_args,
-                      target_from_args)
+                      budget_from_args, check_outputs, make_solver, note_kept, parse_params, say,
+                      settings_from_args, target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -133,6 +133,7 @@ def run_model_frontier(args) -> int:
 
     settings, data = frontier_settings(args), data_settings(args)
     check_outputs(dirs=[("-o", args.output), ("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
+    note_kept(kept_in_folder(args.output))
     try:
         run = model_frontier(args.model, data, settings, out=args.output, plans_dir=args.plans_dir, plot=args.plot)
     except InfeasibleBudget as exc:
@@ -143,6 +144,14 @@ def run_model_frontier(args) -> int:
     if current().is_main:
         say(summarize(run, str(args.model)))
     return 0
+
+
+def kept_in_folder(out) -> str:
+    """What Ctrl-C keeps of a measured run building its output folder ``out``."""
+    from ..fileio import staged_dir_name
+
+    return (f"the work so far (the table, the estimator's cache, measured plans) is kept in "
+            f"{staged_dir_name(out)}: run the same command again to resume")
 
 
 def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:

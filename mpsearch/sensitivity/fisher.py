@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data import model_output_tensor, move_batch, slice_batch, split_batch
-from ..quant import quantization_error
 from ..settings import Choices, Interval
-from .base import Context, Estimator, EstimatorWarning, math_attention, probe_seed, progress_bar, weight_of
+from .base import (Context, Estimator, EstimatorWarning, math_attention, probe_seed, progress_bar,
+                   rounding_damage, weight_of)
 from .losses import LOSSES, OUTPUTS, cross_entropy, loss_value, output_kind, resolve_loss
 
 
@@ -76,8 +76,10 @@ class FisherEstimator(Estimator):
                     except Exception as exc:  # noqa: BLE001 - any vmap failure falls back
                         if self.per_sample == "vmap":
                             raise
-                        warnings.warn(f"fisher: vmap failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                                      f"using a per-sample loop", EstimatorWarning, stacklevel=3)
+                        warnings.warn(f"fisher: per-sample gradients by torch.func.vmap failed on this model "
+                                      f"({type(exc).__name__}: {_gist(exc)}); using one backward pass per sample "
+                                      f"(the same result, slower; --param per_sample=loop skips the attempt)",
+                                      EstimatorWarning, stacklevel=3)
                         method = "loop"
                 if grads is None:
                     grads = _loop_grads(model, weights, args, kwargs, labels, lossfn)
@@ -90,19 +92,17 @@ class FisherEstimator(Estimator):
                 st["batch"], st["chunk"] = plan[nxt] if nxt < len(plan) else (len(ctx.batches), 0)
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
+        if ctx.checkpoint and todo:  # the sums, before the long rounding phase: an interrupt there keeps them
+            ctx.checkpoint.save(st, force=True)
         sums, samples = st["sums"], st["samples"]
         if ctx.shard.enabled:  # partial float64 sums of each rank's chunks
             sums = [ctx.shard.sum(acc) for acc in sums]
             samples = int(ctx.shard.sum(torch.tensor([samples], dtype=torch.int64))[0])
         ctx.cost["samples"] = samples
         ctx.cost["per_sample"] = method
-        out = np.zeros((len(ctx.layers), len(ctx.options)))
-        for i, lay in enumerate(ctx.layers):
-            fisher = (sums[i] / max(samples, 1)).float()
-            for k, opt in ctx.layer_options(i):
-                dw = quantization_error(weights[i], opt, lay.kind, lay.name).cpu()
-                out[i, k] = float((fisher * dw.pow(2)).sum())
-        return out
+        fisher = [(acc / max(samples, 1)).float() for acc in sums]
+        return rounding_damage(model, ctx, lambda i, dw: (fisher[i] * dw.cpu().pow(2)).sum(),
+                               desc="fisher: rounding errors")
 
     def _labels(self, model, args, kwargs, labels, loss, ctx, bi, ci):
         """The per-sample labels and loss: given ones, or sampled from the model for distill."""
@@ -119,6 +119,14 @@ class FisherEstimator(Estimator):
         probs = F.softmax(out.reshape(-1, out.shape[-1]), -1)
         sampled = torch.multinomial(probs, 1, generator=gen).reshape(out.shape[:-1])
         return sampled, cross_entropy
+
+
+def _gist(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, cut at a word boundary (never mid-word) past ``limit``."""
+    text = " ".join(str(exc).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
 
 
 def _n(args, kwargs) -> int:

@@ -12,8 +12,8 @@ import torch
 
 from ..data import move_batch, run_model
 from ..layers import get_module
-from ..quant import quantization_error, weight_matrix
-from .base import Context, Estimator, progress_bar, weight_errors, weight_of
+from ..quant import weight_matrix
+from .base import Context, Estimator, rounding_damage, weight_errors
 
 
 class WeightErrorEstimator(Estimator):
@@ -33,13 +33,10 @@ class WeightErrorEstimator(Estimator):
         if not self.weighted:
             return weight_errors(model, ctx)
         moments = _input_moments(model, ctx)
-        out = np.zeros((len(ctx.layers), len(ctx.options)))
-        for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
-            w = weight_of(model, lay)
-            for k, opt in ctx.layer_options(i):
-                err = weight_matrix(quantization_error(w, opt, lay.kind, lay.name), lay.kind)
-                out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
-        return out
+        return rounding_damage(
+            model, ctx, lambda i, dw: (weight_matrix(dw, ctx.layers[i].kind).pow(2)
+                                       * moments[ctx.layers[i].name][None, :]).sum(),
+            desc="weight-error")
 
 
 def _input_moments(model, ctx: Context) -> dict[str, torch.Tensor]:
