@@ -88,3 +88,86 @@ def test_ctrl_c_before_the_estimator_starts_says_nothing_was_kept(tmp_path, monk
     monkeypatch.setattr(mpsearch.specs, "load_model", stop)
     assert _estimate(tmp_path) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["mpsearch estimate: interrupted; nothing was kept"]
+
+
+# ----------------------------------------------------------------- the table's own checks
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from mpsearch.diagnose import (DamageWarning, monotone_fit, non_monotone, non_monotone_line,  # noqa: E402
+                               zero_damage_options)
+
+
+def _table(rows, **meta):
+    frame = pd.DataFrame(rows, columns=["layer", "option", "bits", "damage", "size_bits", "params"])
+    return CostTable(frame, meta)
+
+
+def _minilm_like():
+    """The issue's MiniLM layer (int4 0.0201 > int3 0.0140, int6 0.0189 > int5 0.0019) and a sound one."""
+    rows = []
+    for layer, dmg in (("enc.0.out", {2: 0.5, 3: 0.0140, 4: 0.0201, 5: 0.0019, 6: 0.0189, 8: 0.0001}),
+                       ("enc.1.out", {2: 0.4, 3: 0.1, 4: 0.03, 5: 0.01, 6: 0.003, 8: 0.0002})):
+        for b, d in dmg.items():
+            rows.append((layer, f"int{b}-asym", b, d, 64 * b + 32, 64))
+        rows.append((layer, "keep", 16, 0.0, 64 * 16, 64))
+    return _table(rows)
+
+
+def test_non_monotone_damage_is_listed_per_layer_with_the_smaller_option_it_exceeds():
+    bad = non_monotone(_minilm_like())
+    assert bad == {"enc.0.out": [
+        {"option": "int4-asym", "damage": 0.0201, "smaller": "int3-asym", "smaller_damage": 0.0140},
+        {"option": "int6-asym", "damage": 0.0189, "smaller": "int5-asym", "smaller_damage": 0.0019}]}
+    line = non_monotone_line(_minilm_like())
+    assert line.startswith("non-monotone damage: 1 of 2 layers have more damage at a larger option (worst: "
+                           "enc.0.out int6-asym 0.0189 > int5-asym 0.0019)")
+
+
+def test_equal_sizes_are_not_ordered_and_keep_is_left_out():
+    rows = [("a", "q4_0", 4, 0.2, 4.5, 1), ("a", "iq4_nl", 4, 0.1, 4.5, 1), ("a", "q8_0", 8, 0.01, 8.5, 1),
+            ("a", "keep", 16, 0.0, 16, 1)]
+    assert non_monotone(_table(rows)) == {}
+
+
+def test_monotone_fit_equals_isotonic_regression_and_leaves_sound_layers_alone():
+    from sklearn.isotonic import IsotonicRegression
+
+    table = _minilm_like()
+    fit = monotone_fit(table)
+    for layer in table.layers:
+        raw = table.frame[(table.frame["layer"] == layer) & (table.frame["bits"] < 16)].sort_values("size_bits")
+        want = IsotonicRegression(increasing=False).fit_transform(raw["size_bits"], raw["damage"])
+        got = fit.frame.set_index(["layer", "option"]).loc[[(layer, o) for o in raw["option"]], "damage"]
+        np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-12)
+    assert non_monotone(fit) == {} and fit.metadata["monotone_fit"] == {"rows_changed": 4}
+    sound = fit.frame[fit.frame["layer"] == "enc.1.out"]
+    assert sound["damage"].tolist() == table.frame[table.frame["layer"] == "enc.1.out"]["damage"].tolist()
+
+
+def test_an_option_with_zero_damage_on_every_layer_is_found():
+    rows = []
+    for layer in ("a", "b"):
+        rows += [(layer, "q4_0", 4, 0.3, 4.5, 32), (layer, "q4_1", 4, 0.0, 5.0, 32),
+                 (layer, "q8_0", 8, 0.001, 8.5, 32), (layer, "keep", 16, 0.0, 16, 32)]
+    rows[4] = ("b", "q4_0", 4, 0.0, 4.5, 32)  # zero on one layer only: not flagged
+    assert zero_damage_options(_table(rows)) == {"q4_1": 2}
+
+
+def test_estimating_a_source_grid_model_warns_that_its_format_looks_free(tmp_path, capsys):
+    """A tiny Llama written as a Q4_1 GGUF: llama.cpp's q4_1 re-quantizes its weights at no loss."""
+    from model_files import tiny_llama_dir, write_gguf
+
+    pytest.importorskip("gguf")
+    gguf_path = write_gguf(tiny_llama_dir(tmp_path / "tiny"), tmp_path / "tiny-q4_1.gguf", "Q4_1")
+    out = tmp_path / "t.csv"
+    from mpsearch.sources import SourceGridWarning
+
+    with pytest.warns(SourceGridWarning), pytest.warns(DamageWarning, match=r"option\(s\) 'q4_1' \(15 layers\) cost zero damage on every layer: the "
+                                           r"model's weights already lie on a grid: tiny-q4_1.gguf stores 15 of its "
+                                           r"16 weight matrices as Q4_1"):
+        assert main(["estimate", "--model", str(gguf_path), "--target", "llama.cpp", "--bits", "q4_0,q4_1,q8_0",
+                     "--estimator", "weight-error", "--no-progress", "-o", str(out)]) == 0
+    table = CostTable.read(out)
+    assert table.metadata["zero_damage_options"] == {"q4_1": 15}
+    assert table.pivot().loc[:, "q4_1"].max() == 0.0 and table.pivot().loc[:, "q4_0"].min() > 0

@@ -77,6 +77,21 @@ def add_budget_args(p):
                    help="layers matching REGEX with equal capture groups share one option")
 
 
+def add_monotone_arg(p):
+    p.add_argument("--monotone", action="store_true",
+                   help="first fit each layer's damage to fall with size (isotonic regression: an option of more "
+                        "bits never has more damage; mpsearch.diagnose.monotone_fit)")
+
+
+def fitted_table(table, args):
+    """``table``, or its monotone fit with ``--monotone``."""
+    if not getattr(args, "monotone", False):
+        return table
+    from ..diagnose import monotone_fit
+
+    return monotone_fit(table)
+
+
 def budget_from_args(args):
     from ..budget import Budget
 

@@ -94,6 +94,10 @@ def run(args) -> int:
     origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
         f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})")
+    from ..diagnose import non_monotone_line
+
+    for line in filter(None, [non_monotone_line(table)]):
+        say(line)
     return 0
 
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_param_arg, add_target_arg, add_text_args,
+from ._common import (add_budget_args, add_command, add_device_args, add_monotone_arg, add_param_arg, add_target_arg,
+                      add_text_args, fitted_table,
                       budget_from_args, check_outputs, make_solver, note_kept, parse_params, say,
                       settings_from_args, target_from_args)
 
@@ -40,6 +41,7 @@ def register(sub):
     add_target_arg(p, "the options and their legality per layer (with --model), its runtime ties, and its "
                       "own recipes measured beside the uniform plans")
     add_param_arg(p, "solver")
+    add_monotone_arg(p)
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
@@ -154,6 +156,13 @@ def kept_in_folder(out) -> str:
             f"{staged_dir_name(out)}: run the same command again to resume")
 
 
+def _size(key: str, value) -> str:
+    """A target budget's own size in words: ``4.156 bits/weight``, ``size_mb 59.7``."""
+    if value is None or value != value:
+        return "size unknown"
+    return f"{value:.3f} bits/weight" if key == "avg_bits" else f"{key} {value:.6g}"
+
+
 def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
     """A few lines: the recommended plan at each target against uniform, the proxy check, the files."""
     lines = [f"{name}, {run.table.metadata.get('estimator')} estimator, "
@@ -162,14 +171,16 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
         lines.append("full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.baseline_values.items()))
     q = f"measured_{run.metric}"
     uni = run.uniform.set_index("option") if len(run.uniform) else None
+    key = run.key or "avg_bits"
     for _, r in run.recommended.iterrows():
+        at = f"at {r['budget']} ({_size(key, r.get(f'budget_{key}'))})"
         if r["status"] == "none":
-            lines.append(f"  {r['budget']}: no measured plan fits")
+            lines.append(f"  {at}: no measured plan fits")
             continue
         tag = ""
         if uni is not None and r["budget"] in uni.index:
-            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4g}"
-        lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
+            tag = f"; {r['budget']} itself {uni.loc[r['budget'], q]:.4g}"
+        lines.append(f"  {at}: recommended {r['plan']} ({r['avg_bits']:.3f} bits/weight), {run.metric} "
                      f"{r['quality']:.4g} [{r['status']}]{tag}")
     chk = run.uniform_check
     lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
@@ -186,6 +197,9 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
         gain = run.refinement.groupby("round")["gain"].sum()
         lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
                      + ", ".join(f"{g:.4g}" for g in gain))
+    from ..diagnose import non_monotone_line
+
+    lines.extend(filter(None, [non_monotone_line(run.table)]))
     lines.append(f"proxy check (information): Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
                  + ("  (POOR)" if run.proxy["poor"] else ""))
     lines.append(f"outputs in {run.out}/:")
@@ -253,7 +267,7 @@ def run(args) -> int:
     make_solver(args)  # the solver's settings and the target, before reading the table
     budget_from_args(args)
     target_from_args(args)
-    table = CostTable.read(args.table)
+    table = fitted_table(CostTable.read(args.table), args)
     frontier = frontier_from_table(table, args)
     if not frontier.points:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, target_from_args,
-                      check_outputs, make_solver, say)
+from ._common import (add_budget_args, add_command, add_monotone_arg, add_param_arg, add_target_arg, budget_from_args,
+                      check_outputs, fitted_table, make_solver, say, target_from_args)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -20,6 +20,7 @@ def register(sub):
     add_budget_args(p)
     add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
+    add_monotone_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
 
@@ -33,13 +34,15 @@ def run(args) -> int:
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
     budget = budget_from_args(args)
     target = target_from_args(args)
-    table = CostTable.read(args.table)
+    table = fitted_table(CostTable.read(args.table), args)
     budget = solve_budget(table, budget, target)
     result = solver.solve(table, budget)
     if result.plan is None:
         sys.stderr.write(f"mpsearch solve: {result.status}: {result.message}\n")
         return EXIT_INFEASIBLE
     result.plan.provenance["table_path"] = args.table
+    if args.monotone:
+        result.plan.provenance["monotone_fit"] = table.metadata["monotone_fit"]
     result.plan.save(args.output)
     pred = result.plan.predicted
     parts = [f"damage={pred['damage']:.6g}", f"size_mb={pred.get('size_bits', 0) / 8e6:.4g}"]

@@ -84,7 +84,18 @@ def _summary(run: FrontierRun, front: pd.DataFrame, settings: dict, files: dict)
             "per_point": _records(front[front["validated"]], per_point),
             "recommended": _records(run.recommended, list(run.recommended.columns)),
             "refinement": _records(run.refinement, list(run.refinement.columns)),
-            "files": files}
+            "table_checks": _table_checks(run.table), "files": files}
+
+
+def _table_checks(table) -> dict:
+    """What the table says about itself (:mod:`mpsearch.diagnose`): free options, non-monotone layers."""
+    from ..diagnose import non_monotone, zero_damage_options
+
+    bad = table.metadata.get("non_monotone")
+    bad = non_monotone(table) if bad is None else bad
+    free = table.metadata.get("zero_damage_options")
+    return {"zero_damage_options": zero_damage_options(table) if free is None else free,
+            "non_monotone_layers": sorted(bad), "monotone_fit": table.metadata.get("monotone_fit")}
 
 
 def _jsonable(v):

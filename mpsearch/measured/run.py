@@ -17,7 +17,8 @@ from .estimate import estimate_cached
 from .measure import MeasureCache, baseline, frontier_frame, is_main, measure_spread, metric_key, proxy_check, \
     uniform_frame
 from .outputs import extra_outputs, write
-from .predicted import other_constraints, predicted_frontier, recipe_baselines, spread, target_budgets, uniform_plans
+from .predicted import (merge_equal, other_constraints, predicted_frontier, recipe_baselines, spread, target_budgets,
+                        uniform_plans)
 from .recommend import recommendations
 from .refining import refine_targets, run_refinement, search_metric
 from .result import FrontierRun, Measured, Session
@@ -65,6 +66,10 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
                             estimator_params=st.estimator_params, progress=st.progress,
                             cache=out / "table.csv" if out else None,
                             **{**st.estimate_kwargs, **({"target": st.target} if st.target is not None else {})})
+    if st.monotone:  # solved on the fit (each layer's damage falling with size); table.csv keeps the estimate
+        from ..diagnose import monotone_fit
+
+        table = monotone_fit(table)
     session, measured, targets, results = _solve_and_measure(model, metric, table, st, out)
     to_refine = refine_targets(targets, st.refine.targets)
     front = compare_with_uniform(measured.front, measured.uframe)
@@ -96,6 +101,7 @@ def _solve_and_measure(model, metric, table, st: FrontierSettings, out):
     budget = solve_budget(table, st.budget, st.target)
     uniform = uniform_plans(table, key, other_constraints(budget, key))
     uniform.update(recipe_baselines(table, st.target, model, key, budget))
+    uniform, aliases = merge_equal(uniform)  # a recipe that is a uniform plan: measured and listed once
     targets, base = target_budgets(table, key, budget, uniform, st.budgets, st.match_uniform)
     refine_targets(targets, st.refine.targets)  # an unknown label is refused before the work
     front, plans, results = predicted_frontier(table, solver, key=key, points=st.points, budget=base,
@@ -111,7 +117,7 @@ def _solve_and_measure(model, metric, table, st: FrontierSettings, out):
     todo = [plans[ref] if kind == "point" else uniform[ref][0] for kind, ref in work]
     by_plan = dict(zip(work, measure_spread(model, todo, metric, cache, workers=st.workers, progress=st.progress)))
     measured = Measured(frontier_frame(table, metric, value, front, by_plan, chosen, plans), plans, uniform,
-                        uniform_frame(table, metric, value, by_plan, uniform, key), by_plan)
+                        uniform_frame(table, metric, value, by_plan, uniform, key, aliases), by_plan)
     return session, measured, targets, results
 
 
@@ -133,4 +139,5 @@ def _refine(session: Session, measured: Measured, targets: dict, st: FrontierSet
 def _summary_settings(st: FrontierSettings, recipe, base: Budget) -> dict:
     return {"estimator": recipe.estimator, "solver": st.solver, "options": str(recipe.options),
             "validate": st.validate, "points": st.points, "key": st.key, "budget": base.to_dict(),
-            "refine": st.refine.rounds, "refine_method": st.refine.method, "refine_evals": st.refine.max_evals}
+            "refine": st.refine.rounds, "refine_method": st.refine.method, "refine_evals": st.refine.max_evals,
+            "monotone": st.monotone}

@@ -44,6 +44,7 @@ class FrontierSettings(Settings):
     plots: bool = True
     progress: bool = True
     workers: int = 1
+    monotone: bool = False
 
     _parameter_constraints = {
         "validate": [Interval(int, 0, None)], "points": [Interval(int, 2, None), None],

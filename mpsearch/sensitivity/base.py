@@ -179,8 +179,10 @@ class Estimator:
         }
         if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
             metadata["source_grid"] = model.mpsearch_source_grid
-        return build_table(layers, options, damage, metadata, act_bits=act_bits,
-                           extra_columns=ctx.extra_columns, legal=legal)
+        from ..diagnose import annotate  # free options warned, non-monotone damage listed per layer
+
+        return annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
+                                    extra_columns=ctx.extra_columns, legal=legal))
 
     def _checkpoint(self, model, batches, layers, options, quantizer, shard):
         """The run's cache file (one per shard) when the estimator has a ``cache_dir``, else ``None``."""
