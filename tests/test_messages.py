@@ -171,3 +171,24 @@ def test_estimating_a_source_grid_model_warns_that_its_format_looks_free(tmp_pat
     table = CostTable.read(out)
     assert table.metadata["zero_damage_options"] == {"q4_1": 15}
     assert table.pivot().loc[:, "q4_1"].max() == 0.0 and table.pivot().loc[:, "q4_0"].min() > 0
+
+
+# ------------------------------------------------------------------- the recipe for the device
+def test_a_causal_lm_on_the_cpu_gets_fisher_and_is_told_so_before_the_work(tmp_path, capsys):
+    from model_files import tiny_llama_dir
+
+    folder = tiny_llama_dir(tmp_path / "tiny")
+    text = tmp_path / "calib.txt"
+    text.write_text("the king and the queen of the night. " * 200)
+    common = ["estimate", "--model", str(folder), "--data", str(text), "--seq-len", "16", "--calib-samples", "4",
+              "--bits", "4,8", "--no-progress"]
+    assert main([*common, "-o", str(tmp_path / "a.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("recipe: the fisher estimator, chosen for a causal LM on the CPU (output-distance")
+    assert CostTable.read(tmp_path / "a.csv").metadata["estimator"] == "fisher"
+    assert main([*common, "--estimator", "output-distance", "-o", str(tmp_path / "b.csv")]) == 0
+    assert not capsys.readouterr().out.startswith("recipe:")  # asked for: nothing to say
+    assert CostTable.read(tmp_path / "b.csv").metadata["estimator"] == "output-distance"
+    assert main(["estimate", "--model", f"{M}:mlp", "--data", f"{M}:data", "--bits", "4,8", "--no-progress",
+                 "-o", str(tmp_path / "c.csv")]) == 0  # not a causal LM: the recipe's output-distance
+    assert CostTable.read(tmp_path / "c.csv").metadata["estimator"] == "output-distance"

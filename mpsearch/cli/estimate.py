@@ -22,8 +22,8 @@ def register(sub):
     from ..registry import estimator_names
 
     p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
-                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, "
-                        f"weight-error without; settings: 'mpsearch list estimators')")
+                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, fisher "
+                        f"for a causal LM on the CPU, weight-error without --data; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
                         "own (q4_K,q5_0...), or the preset llm (int2..int8 plus groups of 64/32 at 3-5 bits) "
@@ -51,7 +51,7 @@ def run(args) -> int:
     from ..budget import check_patterns
     from ..distributed import current, load_device_map, place_model
     from ..errors import MpsearchError
-    from ..recipe import check, resolve  # the one default recipe (experiments/measured_loop.md)
+    from ..recipe import check, estimator_note, resolve  # the one default recipe (experiments/measured_loop.md)
     from ..registry import get_estimator
     from ..specs import load_calibration
     from ..table import sidecar_path
@@ -76,6 +76,8 @@ def run(args) -> int:
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
                      model=model)
     estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
+    if estimator_note(recipe) and shard.is_main:
+        say(estimator_note(recipe))
     note_kept(_kept(estimator))
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
+from ..recipe import CPU_LLM_ESTIMATOR, DEFAULT_RECIPE, REFINE_METHODS
 from ._common import (add_budget_args, add_command, add_device_args, add_monotone_arg, add_param_arg, add_target_arg,
                       add_text_args, fitted_table,
                       budget_from_args, check_outputs, make_solver, note_kept, parse_params, say,
@@ -64,8 +64,9 @@ def add_model_frontier_args(p) -> None:
     add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
-    g.add_argument("--estimator", default=DEFAULT_RECIPE["estimator"],
-                   help=f"estimator name (default: {DEFAULT_RECIPE['estimator']})")
+    g.add_argument("--estimator", default=None,
+                   help=f"estimator name (default: the recipe's, {DEFAULT_RECIPE['estimator']}; "
+                        f"{CPU_LLM_ESTIMATOR} for a causal LM on the CPU)")
     g.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
     g.add_argument("--bits", dest="options", default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from ..budget import Budget
 from ..errors import MpsearchError
 from ..fileio import atomic_output_dir
 from ..metrics import Metric
-from ..recipe import resolve
+from ..recipe import estimator_note, resolve
 from ..registry import get_solver
 from .estimate import estimate_cached
 from .measure import MeasureCache, baseline, frontier_frame, is_main, measure_spread, metric_key, proxy_check, \
@@ -62,6 +63,10 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model)
+    if estimator_note(recipe) and st.progress and is_main():  # said before the work, with the progress bars
+        from tqdm.auto import tqdm
+
+        tqdm.write(estimator_note(recipe), file=sys.stderr)
     table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
                             estimator_params=st.estimator_params, progress=st.progress,
                             cache=out / "table.csv" if out else None,
@@ -74,7 +79,7 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
     to_refine = refine_targets(targets, st.refine.targets)
     front = compare_with_uniform(measured.front, measured.uframe)
     measured.front = front
-    losers = warn_losers(front, metric.name)
+    losers = warn_losers(front, metric.name, measured.uframe)
     proxy = proxy_check(front, measured.uframe, recipe.estimator, st.min_rank_correlation)
     log = _refine(session, measured, to_refine, st, refine_metric, calib, out)
     run = FrontierRun(table=table, frontier=front, uniform=measured.uframe, baseline=session.baseline,
