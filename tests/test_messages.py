@@ -192,3 +192,12 @@ def test_a_causal_lm_on_the_cpu_gets_fisher_and_is_told_so_before_the_work(tmp_p
     assert main(["estimate", "--model", f"{M}:mlp", "--data", f"{M}:data", "--bits", "4,8", "--no-progress",
                  "-o", str(tmp_path / "c.csv")]) == 0  # not a causal LM: the recipe's output-distance
     assert CostTable.read(tmp_path / "c.csv").metadata["estimator"] == "output-distance"
+
+
+def test_mpsearch_list_says_the_defaults_the_cli_uses(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "estimators: (--estimator; default: output-distance with --data, fisher for a causal LM on the CPU" in out
+    assert "cache_dir: any = None  (None: no cache in Python; 'mpsearch estimate' keeps one in" in out
+    assert "int8-asym (the preset llm for a causal LM); export: -" in out
+    assert "frontier --model: --estimator-param KEY=VALUE" in out

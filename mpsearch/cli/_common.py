@@ -121,6 +121,45 @@ def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
+def add_json_arg(p):
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on stdout instead of text (progress bars and "
+                        "warnings stay on stderr)")
+
+
+def plain(obj):
+    """``obj`` as JSON can hold it: numpy scalars and arrays as numbers and lists, NaN and infinities as
+    ``null``, paths and other objects as strings."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def report(args, summary: dict, lines) -> None:
+    """The command's summary: ``lines`` of text, or with ``--json`` the ``summary`` as one JSON object."""
+    if getattr(args, "json", False):
+        say(json.dumps(plain({"command": args.command, **summary}), indent=2))
+        return
+    for line in lines:
+        say(line)
+
+
 #: image formats ``--plot`` can write (matplotlib's own list where it is installed)
 PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 

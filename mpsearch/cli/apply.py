@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, check_outputs, load_model_args, say
+from ._common import add_command, add_device_args, add_json_arg, check_outputs, load_model_args, report
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -12,6 +12,7 @@ def register(sub):
     p.add_argument("--model", required=True, help="model spec")
     p.add_argument("--plan", required=True, help="plan (.json)")
     add_device_args(p)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the quantized state dict (.pt)")
 
 
@@ -31,5 +32,5 @@ def run(args) -> int:
     out = Path(args.output)
     with atomic_write(out, None) as tmp:
         torch.save(quantized.state_dict(), tmp)
-    say(f"quantized {len(plan.bits)} layers; wrote {out}")
+    report(args, {"output": str(out), "layers": len(plan.bits)}, [f"quantized {len(plan.bits)} layers; wrote {out}"])
     return 0

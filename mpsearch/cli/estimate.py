@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_param_arg, add_target_arg, add_text_args, check_outputs,
-                      load_model_args, note_kept, parse_params, say, target_from_args)
+from ._common import (add_command, add_device_args, add_json_arg, add_param_arg, add_target_arg, add_text_args,
+                      check_outputs, load_model_args, note_kept, parse_params, report, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -44,6 +44,7 @@ def register(sub):
                    help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
                         "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
     add_param_arg(p, "estimator")
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
 
 
@@ -76,7 +77,7 @@ def run(args) -> int:
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
                      model=model)
     estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
-    if estimator_note(recipe) and shard.is_main:
+    if estimator_note(recipe) and shard.is_main and not args.json:  # before the work (in the JSON: "note")
         say(estimator_note(recipe))
     note_kept(_kept(estimator))
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
@@ -94,12 +95,17 @@ def run(args) -> int:
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
-    say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
-        f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})")
     from ..diagnose import non_monotone_line
 
-    for line in filter(None, [non_monotone_line(table)]):
-        say(line)
+    report(args, {"output": str(args.output), "estimator": recipe.estimator, "note": estimator_note(recipe),
+                  "layers": len(table.layers), "options": list(table.options), "target": table.metadata.get("target"),
+                  "seconds": cost.get("seconds"), "from_cache": bool(cost.get("from_cache")),
+                  "cache_dir": getattr(estimator, "cache_dir", None),
+                  "non_monotone_layers": sorted(table.metadata.get("non_monotone", {})),
+                  "zero_damage_options": table.metadata.get("zero_damage_options", {}),
+                  "source_grid": table.metadata.get("source_grid")},
+           [f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
+            f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})", *filter(None, [non_monotone_line(table)])])
     return 0
 
 

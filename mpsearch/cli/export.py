@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, parse_params, say, target_from_args
+from ._common import add_command, add_json_arg, check_outputs, parse_params, report, target_from_args
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
@@ -17,6 +17,7 @@ def register(sub):
                    help="torchao | gptqmodel | llm-compressor | llama.cpp | autoround | modelopt "
                         "(default: the format of --target, or of the target the plan was solved for)")
     p.add_argument("--target", default=None, metavar="NAME", help="write the format of this target")
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the consumer's file")
     p.add_argument("--force", action="store_true",
                    help="export even if fused layers (q/k/v, gate/up) have different options")
@@ -38,5 +39,6 @@ def run(args) -> int:
     plan = BitPlan.load(args.plan)
     fmt = export_format(plan, args.to, target)
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
-    say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+    report(args, {"output": str(path), "format": fmt, "layers": len(plan.layers)},
+           [f"wrote {path} ({fmt}, {len(plan.layers)} layers)"])
     return 0

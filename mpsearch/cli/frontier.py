@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 from ..recipe import CPU_LLM_ESTIMATOR, DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_monotone_arg, add_param_arg, add_target_arg,
-                      add_text_args, fitted_table,
-                      budget_from_args, check_outputs, make_solver, note_kept, parse_params, say,
-                      settings_from_args, target_from_args)
+from ._common import (add_budget_args, add_command, add_device_args, add_json_arg, add_monotone_arg, add_param_arg,
+                      add_target_arg, add_text_args, budget_from_args, check_outputs, fitted_table, make_solver,
+                      note_kept, parse_params, report, settings_from_args, target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -42,6 +41,7 @@ def register(sub):
                       "own recipes measured beside the uniform plans")
     add_param_arg(p, "solver")
     add_monotone_arg(p)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
@@ -145,8 +145,23 @@ def run_model_frontier(args) -> int:
     from ..distributed import current
 
     if current().is_main:
-        say(summarize(run, str(args.model)))
+        report(args, run_summary(run, str(args.model)), [summarize(run, str(args.model))])
     return 0
+
+
+def run_summary(run, name: str) -> dict:
+    """The printed summary as data (``--json``): what ``summarize`` says, with the outputs' paths."""
+    from ..diagnose import non_monotone
+
+    bad = run.table.metadata.get("non_monotone")
+    return {"model": name, "estimator": run.table.metadata.get("estimator"), "layers": len(run.table.layers),
+            "metric": run.metric, "metric_label": run.metric_label, "baseline": run.baseline,
+            "baseline_values": run.baseline_values, "key": run.key,
+            "recommended": run.recommended.to_dict("records"), "uniform_check": run.uniform_check,
+            "refinement": run.refinement.to_dict("records"), "proxy": run.proxy,
+            "non_monotone_layers": sorted(non_monotone(run.table) if bad is None else bad),
+            "zero_damage_options": run.table.metadata.get("zero_damage_options", {}),
+            "out": str(run.out), "files": run.files}
 
 
 def kept_in_folder(out) -> str:
@@ -241,12 +256,15 @@ def write_outputs(frontier, args) -> None:
     pts = frontier.points
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
-    say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
-        f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
     shown = min(len(pts), max_points)
-    say(f"wrote {args.output} ({shown} rows; every point in {Path(args.output).with_suffix('.npz')})"
-        + (f", plans in {args.plans_dir}" if args.plans_dir else "")
-        + (f", plot {args.plot}" if args.plot else ""))
+    npz = Path(args.output).with_suffix(".npz")
+    report(args, {"points": len(pts), "rows": shown, "solver": frontier.solver, "first": first, "last": last,
+                  "output": str(args.output), "npz": str(npz), "plans_dir": args.plans_dir, "plot": args.plot},
+           [f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
+            f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]",
+            f"wrote {args.output} ({shown} rows; every point in {npz})"
+            + (f", plans in {args.plans_dir}" if args.plans_dir else "")
+            + (f", plot {args.plot}" if args.plot else "")])
 
 
 def run(args) -> int:

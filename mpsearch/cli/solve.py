@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_budget_args, add_command, add_monotone_arg, add_param_arg, add_target_arg, budget_from_args,
-                      check_outputs, fitted_table, make_solver, say, target_from_args)
+from ._common import (add_budget_args, add_command, add_json_arg, add_monotone_arg, add_param_arg, add_target_arg,
+                      budget_from_args, check_outputs, fitted_table, make_solver, report, target_from_args)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -21,6 +21,7 @@ def register(sub):
     add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
     add_monotone_arg(p)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
 
@@ -48,8 +49,9 @@ def run(args) -> int:
     parts = [f"damage={pred['damage']:.6g}", f"size_mb={pred.get('size_bits', 0) / 8e6:.4g}"]
     if "avg_bits" in pred:
         parts.append(f"avg_bits={pred['avg_bits']:.4g}")
-    say(f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)")
-    if result.message:
-        say(result.message)
-    say(f"wrote {args.output}")
+    lines = [f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)"]
+    lines += [result.message] if result.message else []
+    report(args, {"status": result.status, "message": result.message, "predicted": pred, "solver": solver.name,
+                  "time_s": result.stats.get("time_s"), "output": str(args.output)},
+           lines + [f"wrote {args.output}"])
     return 0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_target_arg, add_text_args, check_outputs, dump_json,
-                      load_model_args, say, target_from_args)
+from ._common import (add_command, add_device_args, add_json_arg, add_target_arg, add_text_args, check_outputs,
+                      dump_json, load_model_args, report, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -19,6 +19,7 @@ def register(sub):
     add_device_args(p)
     add_text_args(p, calib=False)
     add_target_arg(p, "which options each layer may take (checked: no consumer fallback)")
+    add_json_arg(p)
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -43,14 +44,16 @@ def run(args) -> int:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
-    report = validate_plan(model, plan, metric=metric, target=target)
-    say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
-    say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
-    if report.quality is not None:
-        say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")
-        for key, value in (report.metrics or {}).items():
-            say(f"  {key}: {value:.6g} (full precision: {report.baseline_metrics.get(key, float('nan')):.6g})")
+    result = validate_plan(model, plan, metric=metric, target=target)
+    lines = [f"levels ok in all {len(result.layers)} planned layers; unplanned (kept): {len(result.unplanned)}",
+             f"real size: {result.size_mb:.4f} MB, {result.avg_bits:.4f} bits per weight"]
+    if result.quality is not None:
+        lines.append(f"quality: {result.quality:.6g} (full precision: {result.baseline_quality:.6g})")
+        for key, value in (result.metrics or {}).items():
+            lines.append(f"  {key}: {value:.6g} (full precision: "
+                         f"{result.baseline_metrics.get(key, float('nan')):.6g})")
     if args.output:
-        atomic_write_text(args.output, dump_json(report.to_dict()) + "\n")
-        say(f"wrote {args.output}")
+        atomic_write_text(args.output, dump_json(result.to_dict()) + "\n")
+        lines.append(f"wrote {args.output}")
+    report(args, {**result.to_dict(), "output": args.output}, lines)
     return 0

@@ -88,7 +88,8 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
                       plans={int(front.loc[i, "point"]): measured.plans[i] for i in front.index},
                       recommended=recommendations(session, targets, measured), refinement=log,
                       refined=measured.refined, refined_frame=measured.rframe, results=results, key=st.key, out=out,
-                      uniform_check=uniform_check(front, losers))
+                      uniform_check=uniform_check(front, losers),
+                      baselines={name: plan for name, (plan, _use) in measured.uniform.items()})
     if out is not None and is_main():
         write(run, out, plots=st.plots, settings=_summary_settings(st, recipe, session.base))
     if is_main():

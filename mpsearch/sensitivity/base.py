@@ -65,7 +65,10 @@ class Estimator:
     needs_data = False
     #: what a default means where its value does not say it (shown by ``mpsearch list``)
     _setting_notes = {"options": "None: 2,3,4,8, or a consumer target's default set; on the CLI: --bits, "
-                                 "default the recipe's options"}
+                                 "default the recipe's options",
+                      "cache_dir": "None: no cache in Python; 'mpsearch estimate' keeps one in "
+                                   "$MPSEARCH_ESTIMATOR_CACHE or ~/.cache/mpsearch/estimator (--param cache_dir=None: "
+                                   "none), 'frontier --model' in its output folder"}
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
         self.options = options
