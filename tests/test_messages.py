@@ -201,3 +201,28 @@ def test_mpsearch_list_says_the_defaults_the_cli_uses(capsys):
     assert "cache_dir: any = None  (None: no cache in Python; 'mpsearch estimate' keeps one in" in out
     assert "int8-asym (the preset llm for a causal LM); export: -" in out
     assert "frontier --model: --estimator-param KEY=VALUE" in out
+
+
+# ------------------------------------------------------------------------------- --json
+def test_json_summaries_are_one_object_with_what_the_text_says(tmp_path, capsys):
+    import json
+
+    t, p = tmp_path / "t.csv", tmp_path / "p.json"
+    assert main(["estimate", "--model", f"{M}:mlp", "--estimator", "weight-error", "--bits", "2,4,8",
+                 "--no-progress", "--json", "-o", str(t)]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["command"] == "estimate" and est["layers"] == 2 and est["options"] == ["int2", "int4", "int8"]
+    assert est["output"] == str(t) and est["estimator"] == "weight-error" and est["non_monotone_layers"] == []
+    assert main(["solve", "--table", str(t), "--budget", "avg_bits=5", "--json", "-o", str(p)]) == 0
+    sol = json.loads(capsys.readouterr().out)
+    plan = json.loads(p.read_text())
+    assert sol["status"] == "optimal" or sol["status"] == "feasible"
+    assert sol["predicted"] == plan["predicted"] and sol["output"] == str(p)
+    assert main(["frontier", "--table", str(t), "--json", "-o", str(tmp_path / "f.csv")]) == 0
+    fr = json.loads(capsys.readouterr().out)
+    assert fr["points"] == len(pd.read_csv(tmp_path / "f.csv")) and fr["solver"] == "dp"
+    assert main(["export", "--plan", str(p), "--to", "torchao", "--json", "-o", str(tmp_path / "x.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"command": "export", "output": str(tmp_path / "x.json"),
+                                                   "format": "torchao", "layers": 2}
+    assert main(["list", "targets", "--json"]) == 0
+    assert "llama.cpp" in json.loads(capsys.readouterr().out)["targets"]
