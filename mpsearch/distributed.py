@@ -327,13 +327,17 @@ def check_resident(model: torch.nn.Module) -> None:
 
 
 def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> torch.nn.Module:
-    """Load a Hugging Face model directory spread over devices with accelerate's ``device_map``."""
+    """Load a Hugging Face model directory (or a cached Hugging Face id) spread over devices with
+    accelerate's ``device_map``."""
     from pathlib import Path
 
     from .hf import offline_transformers as _offline_transformers
 
+    from .sources import model_source
+
     device_map = check_device_map(device_map)
-    path = Path(str(path))
+    source = model_source(str(path)) if not isinstance(path, torch.nn.Module) else None
+    path = source.folder if source is not None and source.gguf_file is None else Path(str(path))
     if not (path / "config.json").is_file():
         raise MpsearchError(
             f"--device-map needs a local Hugging Face model directory (with config.json); got {str(path)!r}"

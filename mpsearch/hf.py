@@ -93,7 +93,7 @@ def resolve_dtype(dtype):
 
 
 def hf_model(path: Path, device=None, dtype=None, **kwargs) -> torch.nn.Module:
-    """A Hugging Face model directory (or GGUF file) loaded offline, in ``dtype``, straight onto
+    """A Hugging Face model directory (or a GGUF file in it) loaded offline, in ``dtype``, straight onto
     ``device``; the Auto class follows the config's architecture."""
     if not (path / "config.json").is_file() and "gguf_file" not in kwargs:
         raise SpecError(
@@ -119,3 +119,21 @@ def hf_model(path: Path, device=None, dtype=None, **kwargs) -> torch.nn.Module:
         return auto.from_pretrained(path, **load).eval()
     except (OSError, ValueError, KeyError) as exc:
         raise SpecError(f"model spec {str(path)!r}: loading the Hugging Face model failed: {exc}") from None
+
+
+def load_checkpoint(source, device=None, dtype=None) -> torch.nn.Module:
+    """A checkpoint on disk (a :class:`~mpsearch.sources.ModelSource`) loaded offline: a folder, or a
+    GGUF dequantized by transformers, its source-grid caveat warned
+    (:class:`~mpsearch.sources.SourceGridWarning`) and kept on the model as ``mpsearch_source_grid``
+    (the estimators copy it into the table's metadata)."""
+    from .sources import warn_source_grid
+
+    if source.gguf_file is None:
+        return hf_model(source.folder, device, dtype)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise SpecError("loading a GGUF file needs the gguf package: pip install gguf") from None
+    model = hf_model(source.folder, device, dtype, gguf_file=source.gguf_file)
+    model.mpsearch_source_grid = warn_source_grid(source)
+    return model

@@ -34,10 +34,38 @@ DEFAULT_POINTS = 24
 DEMO_DATA = {"calib": 16, "eval": 64, "max_length": 48, "validate": 5}
 
 
-def default_estimator(has_data: bool) -> str:
-    """The recipe's estimator: ``DEFAULT_RECIPE["estimator"]`` with calibration data, else the
-    data-free ``weight-error``."""
-    return DEFAULT_RECIPE["estimator"] if has_data else "weight-error"
+#: the recipe's estimator for a causal LM on a CPU: output-distance runs one suffix pass per layer and
+#: batch with every option stacked (SmolLM2 --target llama.cpp on 2 cores: about 4 hours), fisher one
+#: backward pass per calibration sample; at equal sizes on SmolLM2 their plans measure alike
+#: (experiments/target_comparison.md: vLLM -31.6% vs -32.0% KL at uniform w4a16-g32's size; llama.cpp
+#: -37.9% / -50.1% vs -35.4% / -51.5% at Q3_K_M's / Q4_K_M's)
+CPU_LLM_ESTIMATOR = "fisher"
+
+
+def default_estimator(has_data: bool, model=None) -> str:
+    """The recipe's estimator: ``DEFAULT_RECIPE["estimator"]`` with calibration data
+    (:data:`CPU_LLM_ESTIMATOR` for a causal LM whose weights are on a CPU), else the data-free
+    ``weight-error``."""
+    if not has_data:
+        return "weight-error"
+    if model is not None and is_causal_lm(model) and _on_cpu(model):
+        return CPU_LLM_ESTIMATOR
+    return DEFAULT_RECIPE["estimator"]
+
+
+def _on_cpu(model) -> bool:
+    for p in model.parameters():
+        return p.device.type == "cpu"
+    return True
+
+
+def estimator_note(recipe) -> str | None:
+    """One line when the recipe's estimator was chosen for the device (said before the work starts)."""
+    if recipe.estimator_chosen and recipe.estimator == CPU_LLM_ESTIMATOR:
+        return (f"recipe: the {CPU_LLM_ESTIMATOR} estimator, chosen for a causal LM on the CPU (output-distance, the "
+                f"recipe on a GPU, runs one suffix pass per layer and batch: hours on a few CPU cores; "
+                f"--estimator output-distance to use it)")
+    return None
 
 
 def is_causal_lm(model) -> bool:
@@ -77,6 +105,7 @@ class Recipe:
     options: str
     estimator: str
     metric: object = None
+    estimator_chosen: bool = False  # the estimator was not given: the recipe chose it (for the model and device)
 
 
 def resolve(*, target=None, options=None, estimator=None, metric=None, model=None, batch=None,
@@ -87,7 +116,8 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
       when the rounding uses an importance matrix, ``imatrix``, and the work runs on a ``gpu``: their
       searches take about 2 hours for a 135M model on 2 CPU cores; left out on the CPU with a
       warning); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
-    - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given);
+    - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given;
+      ``fisher`` for a causal LM on a CPU);
     - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an
       evaluation batch: its labels mean accuracy).
 
@@ -100,7 +130,8 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
         options = recipe_options(causal) if chosen.name == DEFAULT_TARGET else ",".join(target_default_options(chosen, imatrix, gpu))
     if metric is None and model is not None:
         metric = default_metric(model, batch)
-    return Recipe(chosen, options, estimator or default_estimator(has_data), metric)
+    return Recipe(chosen, options, estimator or default_estimator(has_data, model), metric,
+                  estimator_chosen=estimator is None)
 
 
 def target_default_options(target, imatrix: bool, gpu: bool) -> tuple[str, ...]:

@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 
 from .errors import SpecError
-from .hf import DTYPES, hf_model as _hf_model, offline_transformers as _offline_transformers  # noqa: F401
+from .hf import DTYPES, load_checkpoint, offline_transformers as _offline_transformers  # noqa: F401
 from .hf import resolve_device, resolve_dtype  # noqa: F401  (part of this module's API)
 from .recipe import is_callable_spec, is_causal_lm  # noqa: F401  (is_causal_lm: re-exported)
+from .sources import ModelSource, model_source
 
 
 def _load_callable(spec: str, what: str):
@@ -79,39 +80,49 @@ def _load_callable(spec: str, what: str):
 
 
 def load_tokenizer(spec):
-    """The tokenizer of a Hugging Face directory, ``minilm`` or ``smollm2``."""
+    """The tokenizer of a model spec that names a checkpoint (a Hugging Face folder, a cached
+    Hugging Face id, a GGUF file), ``minilm`` or ``smollm2``."""
     from .zoo import minilm_path, smollm2_tokenizer
 
     if str(spec) == "smollm2":
         return smollm2_tokenizer()
-    path = minilm_path() if str(spec) == "minilm" else Path(str(spec))
-    if not path.is_dir():
-        raise SpecError(f"text data needs a tokenizer: {str(spec)!r} is not a Hugging Face directory, "
-                        f"'minilm' or 'smollm2'")
-    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
-    if not any((path / f).is_file() for f in files):
-        raise SpecError(f"text data needs the model's tokenizer, and {str(path)!r} holds none ({', '.join(files)}); "
-                        f"save the tokenizer there or give token ids (.pt)")
+    source = ModelSource(minilm_path()) if str(spec) == "minilm" else model_source(spec)
+    if source is None:
+        raise SpecError(f"text data needs a tokenizer: {str(spec)!r} is not a Hugging Face folder, a cached "
+                        f"Hugging Face id, a .gguf file, 'minilm' or 'smollm2'")
+    path, extra = source.folder, {}
+    if source.gguf_file:
+        extra["gguf_file"] = source.gguf_file
+    else:
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+        if not any((path / f).is_file() for f in files):
+            raise SpecError(f"text data needs the model's tokenizer, and {str(path)!r} holds none "
+                            f"({', '.join(files)}); save the tokenizer there or give token ids (.pt)")
     try:
-        tok = _offline_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        tok = _offline_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"cannot load a tokenizer from {str(path)!r}: {first}") from None
+        raise SpecError(f"cannot load a tokenizer from {str(source.path)!r}: {first}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def tokenizer_for(spec):
-    """The tokenizer of a model spec that has one (HF directory, ``minilm``, ``smollm2``), else None."""
+    """The tokenizer of a model spec that has one (a checkpoint, ``minilm``, ``smollm2``), else None."""
     if isinstance(spec, torch.nn.Module) or spec is None:
         return None
     spec = str(spec)
-    if spec in ("minilm", "smollm2") or (":" not in spec and Path(spec).is_dir()):
+    if spec in ("minilm", "smollm2") or model_source(spec) is not None:
         return load_tokenizer(spec)
     return None
 
 
+def has_tokenizer(spec) -> bool:
+    """Whether :func:`tokenizer_for` would find a tokenizer for ``spec`` (no tokenizer is loaded)."""
+    if isinstance(spec, torch.nn.Module) or spec is None:
+        return False
+    return str(spec) in ("minilm", "smollm2") or model_source(str(spec)) is not None
 
 
 def _check_model(model, spec) -> torch.nn.Module:
@@ -140,14 +151,14 @@ def load_model(spec, *, device=None, dtype=None) -> torch.nn.Module:
         return _check_model(HF_MODELS[spec](device=dev, dtype=dt), spec)
     if spec in MODELS:
         return _place(_check_model(MODELS[spec](), spec), dev, dt)
-    path = Path(spec)
-    if ":" not in spec and (path.is_dir() or "/" in spec or spec.startswith(".")):
-        if path.is_dir():
-            return _check_model(_hf_model(path, dev, dt), spec)
+    source = model_source(spec)
+    if source is not None:
+        return _check_model(load_checkpoint(source, dev, dt), spec)
+    if ":" not in spec:
         raise SpecError(
-            f"model spec {spec!r}: no such directory; give a Hugging Face model directory, "
-            f"'package.module:callable', 'file.py:callable' or a short name ({', '.join([*HF_MODELS, *MODELS])})"
-        )
+            f"model spec {spec!r}: not a file, folder or short name; give a Hugging Face model folder, a .gguf "
+            f"file, a Hugging Face id in the local cache (owner/name), 'package.module:callable', "
+            f"'file.py:callable' or a short name ({', '.join([*HF_MODELS, *MODELS])})")
     fn = _load_callable(spec, "model")
     try:
         model = fn()

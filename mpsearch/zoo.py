@@ -177,13 +177,11 @@ def smollm2_path() -> Path:
 
 def smollm2(device=None, dtype=None) -> nn.Module:
     """SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF) as a ``LlamaForCausalLM``."""
-    from .hf import hf_model as _hf_model
+    from .hf import load_checkpoint
+    from .sources import ModelSource, model_source
 
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise SpecError("loading the SmolLM2 GGUF needs the gguf package: pip install gguf") from None
-    return _hf_model(smollm2_path(), device, dtype, gguf_file=SMOLLM2_GGUF)
+    path = smollm2_path()
+    return load_checkpoint(model_source(path / SMOLLM2_GGUF) or ModelSource(path, SMOLLM2_GGUF), device, dtype)
 
 
 def smollm2_tokenizer():

@@ -411,7 +411,7 @@ case("demo-unknown-estimator", ["demo", "--estimator", "nope", "--out", "{o}"], 
 # ----------------------------------------------------------------------------- 6. model / data
 for name, flags, msg in [
     ("model-module-missing", ["--model", "nope_module_zz:build"], r"cannot import 'nope_module_zz'"),
-    ("model-no-colon", ["--model", "no_colon"], r"write 'package.module:callable'"),
+    ("model-no-colon", ["--model", "no_colon"], r"not a file, folder or short name"),
     ("model-relative", ["--model", ".relative:build"], r"is not a module name|cannot import"),
     ("model-file-missing", ["--model", "{d}/nope.py:build"], r"does not exist"),
     ("model-no-attr", ["--model", "{m}:nope"], r"has no attribute 'nope'"),
@@ -816,7 +816,9 @@ def test_sigint_gives_one_line_and_exit_130_and_no_output(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert [line for line in err.splitlines() if line.strip()] == ["mpsearch estimate: interrupted (cached work is kept)"]
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"mpsearch estimate: interrupted; the estimator's work so far is kept in {cache} (saved every 0.3 s): "
+        f"run the same command again to resume"]
     assert not out.exists()
 
 

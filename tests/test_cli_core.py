@@ -57,7 +57,7 @@ def test_infeasible_budget_exits_3_and_writes_nothing(tmp_path, capsys):
     "argv, msg",
     [
         (["estimate", "--model", "nope.module:build", "-o", "{out}"], "cannot import 'nope.module'"),
-        (["estimate", "--model", "no_colon", "-o", "{out}"], "write 'package.module:callable'"),
+        (["estimate", "--model", "no_colon", "-o", "{out}"], "not a file, folder or short name"),
         (["estimate", "--model", f"{MODELS}:not_a_module", "-o", "{out}"], "returned ndarray, not a torch.nn.Module"),
         (["estimate", "--model", f"{MODELS}:missing", "-o", "{out}"], "has no attribute 'missing'"),
         (["estimate", "--model", f"{MODELS}:no_quantizable_layers", "-o", "{out}"], "no quantizable layer"),

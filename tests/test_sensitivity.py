@@ -418,3 +418,22 @@ def test_cli_estimate_with_params(tmp_path, capsys):
     code = main(["estimate", "--model", f"{models}:digits_mlp", "--data", f"{models}:digits_calib",
                  "--estimator", "fisher", "--param", "chunk=4", "-o", str(tmp_path / "f.csv")])
     assert code == 2 and "has no setting 'chunk' (did you mean 'chunk_size'?)" in capsys.readouterr().err
+
+
+def test_fisher_vmap_runs_a_tied_causal_lm_with_an_attention_mask_and_equals_the_loop():
+    """transformers' mask shortcut is data-dependent (vmap refused it) and tied weights were given to
+    functional_call twice (refused): both ran the slow loop with a warning before."""
+    from mpsearch import zoo
+
+    model = zoo.random_llama("tiny", tie_word_embeddings=True)
+    ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EstimatorWarning)
+        vm = mpsearch.get_estimator("fisher", per_sample="vmap", chunk_size=2, options="4,8").estimate(
+            model, batches, progress=False)
+    lp = mpsearch.get_estimator("fisher", per_sample="loop", chunk_size=2, options="4,8").estimate(
+        model, batches, progress=False)
+    assert "lm_head" in vm.layers and vm.metadata["cost"]["per_sample"] == "vmap"
+    np.testing.assert_allclose(_damage(vm), _damage(lp), rtol=1e-4)
+    assert _damage(vm).min() > 0

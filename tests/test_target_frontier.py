@@ -97,3 +97,28 @@ def test_estimate_for_a_target_records_its_options_and_shares_the_frontiers_cach
     front = CostTable.read(out / "table.csv")
     assert front.metadata["params"]["options"] == default
     assert front.frame.equals(table.frame)
+
+
+def test_a_recipe_equal_to_a_uniform_plan_is_listed_once_and_each_budget_is_named_with_its_size(tmp_path):
+    """vLLM's own recipe 'uniform-w4a16-g32' is the uniform w4a16-g32 plan: one row (uniform.csv, the
+    recommendations, the printout) that names both; each printed budget says its own size."""
+    from mpsearch.cli.frontier import summarize
+
+    llama = zoo.random_llama("tiny", vocab_size=128, seed=0)  # hidden 32: w4a16-g32 fits every layer
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 128, (2, 32), generator=g)]
+    metric = CausalLMMetric(torch.randint(0, 128, (1, 256), generator=g), window=64, batch_size=4)
+    run = measured_frontier(llama, calib, metric, estimator="weight-error", solver="ilp", target="vllm",
+                            options="mxfp4,w4a16-g32,w8a8-int8,keep", validate=2, points=4, progress=False,
+                            out=tmp_path / "out")
+    uni = run.uniform.set_index("option")
+    assert "uniform-w4a16-g32" not in uni.index and uni.loc["w4a16-g32", "same_as"] == "uniform-w4a16-g32"
+    assert uni.loc["w4a16-g32", "kind"] == "uniform"
+    assert list(run.recommended["budget"]).count("w4a16-g32") == 1
+    assert "uniform-w4a16-g32" not in set(run.recommended["budget"])
+    text = summarize(run, "tiny")
+    row = run.recommended.set_index("budget").loc["w4a16-g32"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("  at w4a16-g32 ("))
+    assert line.startswith(f"  at w4a16-g32 ({row['budget_avg_bits']:.3f} bits/weight): recommended {row['plan']} "
+                           f"({row['avg_bits']:.3f} bits/weight), kld ")
+    assert abs(row["budget_avg_bits"] - uni.loc["w4a16-g32", "avg_bits"]) < 1e-9

@@ -50,5 +50,8 @@ def test_bad_model_specs():
         load_model("/definitely/not/here")
     with pytest.raises(SpecError, match="no quantizable layer"):
         load_model("torch.nn:Identity")
-    with pytest.raises(SpecError, match="is not a Hugging Face directory, 'minilm' or 'smollm2'"):
+    with pytest.raises(SpecError, match="no such directory or file"):
         load_tokenizer("/definitely/not/here")
+    with pytest.raises(SpecError, match="is not a Hugging Face folder, a cached Hugging Face id, a .gguf file, "
+                                        "'minilm' or 'smollm2'"):
+        load_tokenizer("torch.nn:Identity")

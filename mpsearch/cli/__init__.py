@@ -4,7 +4,9 @@ Each subcommand module defines ``register(subparsers)`` and a ``run(args) -> int
 arguments into library objects (settings objects checked before any work: ``frontier --model`` and
 ``demo`` build :class:`mpsearch.measured.FrontierSettings` in ``cli/frontier.py``), calls the library
 (the work lives there, so a notebook does the same), and prints. Exit codes: 0 success, 2 bad input
-or usage (one line on stderr, no half-written output), 3 infeasible budget.
+or usage (one line on stderr, no half-written output), 3 infeasible budget, 130 interrupted (one
+line saying what was kept: a command notes it with :func:`mpsearch.cli._common.note_kept` as its long
+work starts).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._common import note_kept
+
+    note_kept(None)
     held = None
     try:
         with hold_warnings() as held:
@@ -97,7 +102,9 @@ def _run(args) -> int:
             raise
         return _refuse(args, refusal)
     except KeyboardInterrupt:
-        sys.stderr.write(f"mpsearch {args.command}: interrupted (cached work is kept)\n")
+        from ._common import kept_note
+
+        sys.stderr.write(f"mpsearch {args.command}: interrupted; {kept_note()}\n")
         return 130
 
 

@@ -77,6 +77,21 @@ def add_budget_args(p):
                    help="layers matching REGEX with equal capture groups share one option")
 
 
+def add_monotone_arg(p):
+    p.add_argument("--monotone", action="store_true",
+                   help="first fit each layer's damage to fall with size (isotonic regression: an option of more "
+                        "bits never has more damage; mpsearch.diagnose.monotone_fit)")
+
+
+def fitted_table(table, args):
+    """``table``, or its monotone fit with ``--monotone``."""
+    if not getattr(args, "monotone", False):
+        return table
+    from ..diagnose import monotone_fit
+
+    return monotone_fit(table)
+
+
 def budget_from_args(args):
     from ..budget import Budget
 
@@ -84,14 +99,17 @@ def budget_from_args(args):
                         pins=args.pin, ties=args.tie)
 
 
-def say_coverage(metadata, check: bool = False) -> None:
-    """Print the coverage a table or plan records (:mod:`mpsearch.coverage`); with ``check``, refuse
-    one below its threshold first."""
-    from ..coverage import check_recorded, recorded_summary
+#: what the running command would keep if interrupted now (``note_kept``); ``main`` prints it after Ctrl-C
+_KEPT: list = []
 
-    if check:
-        check_recorded(metadata)
-    say(recorded_summary(metadata))
+
+def note_kept(text: str | None) -> None:
+    """Say what an interruption from now on keeps (``None``: nothing); the line after Ctrl-C reads it."""
+    _KEPT[:] = [text] if text else []
+
+
+def kept_note() -> str:
+    return _KEPT[0] if _KEPT else "nothing was kept"
 
 
 def say(text: str = "") -> None:
@@ -101,6 +119,45 @@ def say(text: str = "") -> None:
 
 def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def add_json_arg(p):
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on stdout instead of text (progress bars and "
+                        "warnings stay on stderr)")
+
+
+def plain(obj):
+    """``obj`` as JSON can hold it: numpy scalars and arrays as numbers and lists, NaN and infinities as
+    ``null``, paths and other objects as strings."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+def report(args, summary: dict, lines) -> None:
+    """The command's summary: ``lines`` of text, or with ``--json`` the ``summary`` as one JSON object."""
+    if getattr(args, "json", False):
+        say(json.dumps(plain({"command": args.command, **summary}), indent=2))
+        return
+    for line in lines:
+        say(line)
 
 
 #: image formats ``--plot`` can write (matplotlib's own list where it is installed)

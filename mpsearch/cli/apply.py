@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, add_imatrix_args, check_outputs, load_model_args, say
+from ._common import add_command, add_device_args, add_imatrix_args, add_json_arg, check_outputs, load_model_args, report, say
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -13,6 +13,7 @@ def register(sub):
     p.add_argument("--plan", required=True, help="plan (.json)")
     add_device_args(p)
     add_imatrix_args(p, auto=False)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the quantized state dict (.pt)")
 
 
@@ -34,5 +35,5 @@ def run(args) -> int:
     quantized = apply_plan(model, plan, inplace=True, imatrix=imatrix)
     out = Path(args.output)
     torch_save(quantized.state_dict(), out)
-    say(f"quantized {len(plan.bits)} layers; wrote {out}")
+    report(args, {"output": str(out), "layers": len(plan.bits)}, [f"quantized {len(plan.bits)} layers; wrote {out}"])
     return 0

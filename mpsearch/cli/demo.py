@@ -12,8 +12,8 @@ reads the cached table and measurements back.
 from __future__ import annotations
 
 from ..recipe import DEFAULT_RECIPE, DEMO_DATA
-from ._common import check_outputs, say
-from .frontier import frontier_settings, summarize  # noqa: F401  (summarize: the demo's printout too)
+from ._common import add_json_arg, check_outputs, note_kept, report
+from .frontier import frontier_settings, kept_in_folder, run_summary, summarize  # noqa: F401  (the demo's printout too)
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
 
@@ -34,6 +34,7 @@ def register(sub):
 
     add_device_args(p)
     add_target_arg(p)
+    add_json_arg(p)
 
 
 def run(args) -> int:
@@ -41,12 +42,14 @@ def run(args) -> int:
 
     settings = frontier_settings(args)  # checked before any work
     check_outputs(dirs=[("--out", args.out)])
+    note_kept(kept_in_folder(args.out))
     t0 = time.perf_counter()
     from ..measured import run_demo
 
     result = run_demo(args.out, settings, progress=not args.no_progress, device=args.device, dtype=args.dtype)
-    say(summarize(result))
-    say(f"done in {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    report(args, {**run_summary(result, "all-MiniLM-L6-v2"), "seconds": seconds},
+           [summarize(result), f"done in {seconds:.0f} s"])
     return 0
 
 

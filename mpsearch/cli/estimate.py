@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_param_arg, add_target_arg, add_text_args,
-                      check_outputs, imatrix_arg, load_model_args, parse_params, say, say_coverage,
-                      target_from_args)
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_param_arg, add_target_arg,
+                      add_text_args, check_outputs, imatrix_arg, load_model_args, note_kept, parse_params, report,
+                      say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -23,8 +23,8 @@ def register(sub):
     from ..registry import estimator_names
 
     p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
-                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, "
-                        f"weight-error without; settings: 'mpsearch list estimators')")
+                   help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, fisher "
+                        f"for a causal LM on the CPU, weight-error without --data; settings: 'mpsearch list estimators')")
     p.add_argument("--bits", "--options", dest="options", default=None,
                    help="options to cost, comma-separated: 2,3,4,8,keep or int4-g128,int8, or a target's "
                         "own (q4_K,q5_0...), or the preset llm (int2..int8 plus groups of 64/32 at 3-5 bits) "
@@ -51,6 +51,7 @@ def register(sub):
                    help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
                         "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
     add_param_arg(p, "estimator")
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
 
 
@@ -58,7 +59,7 @@ def run(args) -> int:
     from ..budget import check_patterns
     from ..distributed import current, load_device_map, place_model
     from ..errors import MpsearchError
-    from ..recipe import check, resolve  # the one default recipe (experiments/measured_loop.md)
+    from ..recipe import check, estimator_note, resolve  # the one default recipe (experiments/measured_loop.md)
     from ..sensitivity.base import on_gpu
     from ..registry import get_estimator
     from ..specs import load_calibration
@@ -96,7 +97,10 @@ def run(args) -> int:
     place_model(model, shard)
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
                      model=model, imatrix=expected, gpu=on_gpu(model, args.device))
-    estimator = get_estimator(recipe.estimator, **params, options=recipe.options)
+    estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
+    if estimator_note(recipe) and shard.is_main and not args.json:  # before the work (in the JSON: "note")
+        say(estimator_note(recipe))
+    note_kept(_kept(estimator))
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
     table = estimator.estimate(
@@ -117,18 +121,57 @@ def run(args) -> int:
         table.metadata["imatrix"] = imx.describe()
     table.write(args.output)
     cost = table.metadata.get("cost", {})
-    say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
-        f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
-    say_coverage(table.metadata)
+    origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
+    from ..coverage import recorded_summary
+    from ..diagnose import non_monotone_line
+
+    lines = [f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
+             f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})", *filter(None, [non_monotone_line(table)]),
+             recorded_summary(table.metadata)]
     if imx is not None:
-        say(f"rounded llama.cpp's types with the imatrix {imx.path} ({imx.describe()['source']}, "
-            f"{len(imx)} tensors, sha256 {imx.sha256[:12]})")
+        lines.append(f"rounded llama.cpp's types with the imatrix {imx.path} ({imx.describe()['source']}, "
+                     f"{len(imx)} tensors, sha256 {imx.sha256[:12]})")
     elif uses_imatrix(target):
-        say("rounded llama.cpp's types without an imatrix (as llama-quantize without --imatrix"
-            + ("; --data computes one)" if not args.data else ")"))
+        lines.append("rounded llama.cpp's types without an imatrix (as llama-quantize without --imatrix"
+                     + ("; --data computes one)" if not args.data else ")"))
+    report(args, {"output": str(args.output), "estimator": recipe.estimator, "note": estimator_note(recipe),
+                  "layers": len(table.layers), "options": list(table.options), "target": table.metadata.get("target"),
+                  "seconds": cost.get("seconds"), "from_cache": bool(cost.get("from_cache")),
+                  "cache_dir": getattr(estimator, "cache_dir", None),
+                  "non_monotone_layers": sorted(table.metadata.get("non_monotone", {})),
+                  "zero_damage_options": table.metadata.get("zero_damage_options", {}),
+                  "source_grid": table.metadata.get("source_grid"),
+                  "coverage": table.metadata.get("coverage"), "rounding": table.metadata.get("rounding"),
+                  "imatrix": table.metadata.get("imatrix"),
+                  "imatrix_file": imatrix_sidecar(args.output) if imx is not None and imx.computed else None},
+           lines)
     return 0
 
 
 def imatrix_sidecar(output) -> str:
     """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
     return str(output) + ".imatrix.gguf"
+
+
+def _with_cache(name: str, params: dict) -> dict:
+    """The estimator's settings with its cache on by default (in :func:`default_cache_dir`) where it
+    has one, so an interrupted run keeps its work; ``--param cache_dir=None`` turns it off."""
+    import inspect
+
+    from ..registry import load_class
+    from ..sensitivity.cache import default_cache_dir
+
+    if "cache_dir" in inspect.signature(load_class("estimator", name).__init__).parameters:
+        params = {"cache_dir": str(default_cache_dir()), **params}
+    return params
+
+
+def _kept(estimator) -> str:
+    """What Ctrl-C keeps from now on, for the line printed after it."""
+    if getattr(estimator, "cache_dir", None):
+        return (f"the estimator's work so far is kept in {estimator.cache_dir} (saved every "
+                f"{getattr(estimator, 'cache_every', 0):g} s): run the same command again to resume")
+    if "cache_dir" in estimator.get_params():
+        return ("nothing was kept: the estimator cache is off (--param cache_dir=None); leave cache_dir "
+                "unset (or give --param cache_dir=DIR) so an interrupted run keeps its work")
+    return f"nothing was kept (estimator {estimator.name!r} keeps no cache: it starts over, and it is quick)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, parse_params, say, say_coverage, target_from_args
+from ._common import add_command, add_json_arg, check_outputs, parse_params, report, target_from_args
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
 mpsearch export --plan plan.json --to llama.cpp -o tensor_types.txt
@@ -17,6 +17,7 @@ def register(sub):
                    help="torchao | gptqmodel | llm-compressor | llama.cpp | autoround | modelopt "
                         "(default: the format of --target, or of the target the plan was solved for)")
     p.add_argument("--target", default=None, metavar="NAME", help="write the format of this target")
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the consumer's file")
     p.add_argument("--force", action="store_true",
                    help="export even if fused layers (q/k/v, gate/up) have different options")
@@ -41,7 +42,7 @@ def run(args) -> int:
         get_exporter(args.to, **opts)  # the format and its settings, before reading anything
     target = target_from_args(args)
     plan = BitPlan.load(args.plan)
-    from ..coverage import check_recorded
+    from ..coverage import check_recorded, recorded, recorded_summary
 
     check_recorded(plan.provenance)
     fmt = export_format(plan, args.to, target)
@@ -49,7 +50,9 @@ def run(args) -> int:
         if args.imatrix:
             raise MpsearchError(f"--imatrix is llama.cpp's importance matrix; format {fmt!r} does not use one")
         path = save_export(plan, fmt, args.output, force=args.force, **opts)
-        say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+        report(args, {"output": str(path), "format": fmt, "layers": len(plan.layers),
+                      "coverage": recorded(plan.provenance)},
+               [f"wrote {path} ({fmt}, {len(plan.layers)} layers)", recorded_summary(plan.provenance)])
         return 0
     from ..export.llamacpp_types import quantize_command
     from ..imatrix import imatrix_for_plan, plan_rounding
@@ -62,8 +65,9 @@ def run(args) -> int:
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
     if copy:
         imatrix.write_copy(copy)
-    say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)" + (f" and {copy}" if copy else ""))
-    say_coverage(plan.provenance)
-    say("quantize with: " + quantize_command(plan, path, imatrix=copy or (imatrix.path if imatrix else None),
-                                             **opts))
+    command = quantize_command(plan, path, imatrix=copy or (imatrix.path if imatrix else None), **opts)
+    report(args, {"output": str(path), "format": fmt, "layers": len(plan.layers), "imatrix_file": copy,
+                  "coverage": recorded(plan.provenance), "quantize_command": command},
+           [f"wrote {path} ({fmt}, {len(plan.layers)} layers)" + (f" and {copy}" if copy else ""),
+            recorded_summary(plan.provenance), "quantize with: " + command])
     return 0

@@ -15,10 +15,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..recipe import DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_param_arg, add_target_arg,
-                      add_text_args, budget_from_args, check_outputs, imatrix_arg, make_solver, parse_params, say,
-                      say_coverage, settings_from_args, target_from_args)
+from ..recipe import CPU_LLM_ESTIMATOR, DEFAULT_RECIPE, REFINE_METHODS
+from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_json_arg, add_monotone_arg,
+                      add_param_arg, add_target_arg, add_text_args, budget_from_args, check_outputs, fitted_table,
+                      imatrix_arg, make_solver, note_kept, parse_params, report, settings_from_args,
+                      target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -42,6 +43,8 @@ def register(sub):
     add_param_arg(p, "solver")
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="with --model: leave layers (or tensors mpsearch does not understand) out")
+    add_monotone_arg(p)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
@@ -64,8 +67,9 @@ def add_model_frontier_args(p) -> None:
     add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
-    g.add_argument("--estimator", default=DEFAULT_RECIPE["estimator"],
-                   help=f"estimator name (default: {DEFAULT_RECIPE['estimator']})")
+    g.add_argument("--estimator", default=None,
+                   help=f"estimator name (default: the recipe's, {DEFAULT_RECIPE['estimator']}; "
+                        f"{CPU_LLM_ESTIMATOR} for a causal LM on the CPU)")
     g.add_argument("--estimator-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the estimator (repeatable), e.g. --estimator-param metric=kl")
     g.add_argument("--bits", dest="options", default=None,
@@ -139,6 +143,7 @@ def run_model_frontier(args) -> int:
     extra = {"estimate_kwargs": {"exclude": list(args.exclude)}} if getattr(args, "exclude", None) else {}
     settings, data = frontier_settings(args, **extra), data_settings(args)
     check_outputs(dirs=[("-o", args.output), ("--plans-dir", args.plans_dir)], plots=[("--plot", args.plot)])
+    note_kept(kept_in_folder(args.output))
     try:
         run = model_frontier(args.model, data, settings, out=args.output, plans_dir=args.plans_dir, plot=args.plot)
     except InfeasibleBudget as exc:
@@ -147,13 +152,46 @@ def run_model_frontier(args) -> int:
     from ..distributed import current
 
     if current().is_main:
-        say(summarize(run, str(args.model)))
-        say_coverage(run.table.metadata)
+        from ..coverage import recorded_summary
+
+        lines = [summarize(run, str(args.model)), recorded_summary(run.table.metadata)]
         im = run.table.metadata.get("imatrix") if isinstance(run.table.metadata, dict) else None
         if im:
-            say(f"llama.cpp's types rounded with the imatrix {im.get('file')} ({im.get('source')}, "
-                f"sha256 {str(im.get('sha256'))[:12]})")
+            lines.append(f"llama.cpp's types rounded with the imatrix {im.get('file')} ({im.get('source')}, "
+                         f"sha256 {str(im.get('sha256'))[:12]})")
+        report(args, {**run_summary(run, str(args.model)), "coverage": run.table.metadata.get("coverage"),
+                      "imatrix": im}, lines)
     return 0
+
+
+def run_summary(run, name: str) -> dict:
+    """The printed summary as data (``--json``): what ``summarize`` says, with the outputs' paths."""
+    from ..diagnose import non_monotone
+
+    bad = run.table.metadata.get("non_monotone")
+    return {"model": name, "estimator": run.table.metadata.get("estimator"), "layers": len(run.table.layers),
+            "metric": run.metric, "metric_label": run.metric_label, "baseline": run.baseline,
+            "baseline_values": run.baseline_values, "key": run.key,
+            "recommended": run.recommended.to_dict("records"), "uniform_check": run.uniform_check,
+            "refinement": run.refinement.to_dict("records"), "proxy": run.proxy,
+            "non_monotone_layers": sorted(non_monotone(run.table) if bad is None else bad),
+            "zero_damage_options": run.table.metadata.get("zero_damage_options", {}),
+            "out": str(run.out), "files": run.files}
+
+
+def kept_in_folder(out) -> str:
+    """What Ctrl-C keeps of a measured run building its output folder ``out``."""
+    from ..fileio import staged_dir_name
+
+    return (f"the work so far (the table, the estimator's cache, measured plans) is kept in "
+            f"{staged_dir_name(out)}: run the same command again to resume")
+
+
+def _size(key: str, value) -> str:
+    """A target budget's own size in words: ``4.156 bits/weight``, ``size_mb 59.7``."""
+    if value is None or value != value:
+        return "size unknown"
+    return f"{value:.3f} bits/weight" if key == "avg_bits" else f"{key} {value:.6g}"
 
 
 def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
@@ -164,14 +202,16 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
         lines.append("full precision: " + ", ".join(f"{k} {v:.4g}" for k, v in run.baseline_values.items()))
     q = f"measured_{run.metric}"
     uni = run.uniform.set_index("option") if len(run.uniform) else None
+    key = run.key or "avg_bits"
     for _, r in run.recommended.iterrows():
+        at = f"at {r['budget']} ({_size(key, r.get(f'budget_{key}'))})"
         if r["status"] == "none":
-            lines.append(f"  {r['budget']}: no measured plan fits")
+            lines.append(f"  {at}: no measured plan fits")
             continue
         tag = ""
         if uni is not None and r["budget"] in uni.index:
-            tag = f"   uniform {r['budget']} {uni.loc[r['budget'], q]:.4g}"
-        lines.append(f"  {r['avg_bits']:.3f} bits/weight (at {r['budget']}): recommended {r['plan']} "
+            tag = f"; {r['budget']} itself {uni.loc[r['budget'], q]:.4g}"
+        lines.append(f"  {at}: recommended {r['plan']} ({r['avg_bits']:.3f} bits/weight), {run.metric} "
                      f"{r['quality']:.4g} [{r['status']}]{tag}")
     chk = run.uniform_check
     lines.append(f"mixed vs uniform: {chk.get('beats_uniform', 0)} of {chk.get('validated', 0)} measured mixed plans "
@@ -188,6 +228,9 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
         gain = run.refinement.groupby("round")["gain"].sum()
         lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
                      + ", ".join(f"{g:.4g}" for g in gain))
+    from ..diagnose import non_monotone_line
+
+    lines.extend(filter(None, [non_monotone_line(run.table)]))
     lines.append(f"proxy check (information): Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
                  + ("  (POOR)" if run.proxy["poor"] else ""))
     lines.append(f"outputs in {run.out}/:")
@@ -230,14 +273,17 @@ def write_outputs(frontier, args) -> None:
     pts = frontier.points
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
-    say(f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
-        f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]")
     shown = min(len(pts), max_points)
     from ..frontier import npz_path
 
-    say(f"wrote {args.output} ({shown} rows; every point in {npz_path(args.output)})"
-        + (f", plans in {args.plans_dir}" if args.plans_dir else "")
-        + (f", plot {args.plot}" if args.plot else ""))
+    npz = npz_path(args.output)
+    report(args, {"points": len(pts), "rows": shown, "solver": frontier.solver, "first": first, "last": last,
+                  "output": str(args.output), "npz": str(npz), "plans_dir": args.plans_dir, "plot": args.plot},
+           [f"{len(pts)} non-dominated points from {unit}={first[unit]:.4g} (damage {first['damage']:.4g}) "
+            f"to {unit}={last[unit]:.4g} (damage {last['damage']:.4g}) [{frontier.solver}]",
+            f"wrote {args.output} ({shown} rows; every point in {npz})"
+            + (f", plans in {args.plans_dir}" if args.plans_dir else "")
+            + (f", plot {args.plot}" if args.plot else "")])
 
 
 def run(args) -> int:
@@ -272,7 +318,7 @@ def run(args) -> int:
     make_solver(args)  # the solver's settings and the target, before reading the table
     budget_from_args(args)
     target_from_args(args)
-    table = CostTable.read(args.table)
+    table = fitted_table(CostTable.read(args.table), args)
     frontier = frontier_from_table(table, args)
     if not frontier.points:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")

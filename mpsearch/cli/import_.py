@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_command, check_outputs, parse_params, say
+from ._common import add_command, add_json_arg, check_outputs, parse_params, report
 
 EXAMPLE = """mpsearch import --from llama.cpp tensor_types.txt -o plan.json
 mpsearch import --from gptqmodel quantize_config.json --layers plan.json -o plan2.json"""
@@ -12,6 +12,7 @@ def register(sub):
     p = add_command(sub, "import", "Read a plan back from a quantizer's per-layer file.", EXAMPLE, run)
     p.add_argument("file", help="the consumer's file")
     p.add_argument("--from", dest="fmt", required=True, metavar="FORMAT", help="torchao | gptqmodel | llama.cpp")
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
     p.add_argument("--layers", metavar="FILE",
                    help="the model's layer names, for formats that use regexes: a plan .json or a text "
@@ -53,5 +54,6 @@ def run(args) -> int:
         layers = load_model(args.model)
     plan = import_plan(args.file, args.fmt, layers=layers, **opts)
     plan.save(args.output)
-    say(f"wrote {args.output} ({len(plan.layers)} layers from {args.fmt})")
+    report(args, {"output": str(args.output), "format": args.fmt, "layers": len(plan.layers)},
+           [f"wrote {args.output} ({len(plan.layers)} layers from {args.fmt})"])
     return 0

@@ -3,16 +3,21 @@ and ``--to`` accept (:mod:`mpsearch.registry`), with settings, defaults and alia
 
 from __future__ import annotations
 
-from ._common import add_command, say
+from ._common import add_command, add_json_arg, report, say
 
 EXAMPLE = """mpsearch list
 mpsearch list solvers
 mpsearch solve --table table.csv --solver ilp --param time_limit=10 --budget avg_bits=4 -o plan.json"""
 
-#: section -> (registry kind, the flag that takes its names)
-KINDS = {"estimators": ("estimator", "--estimator"), "solvers": ("solver", "--solver"),
-         "metrics": ("metric", "--metric"), "targets": ("target", "--target"),
-         "exporters": ("exporter", "export --to, import --from")}
+#: section -> (registry kind, the flag that takes its names and what it defaults to)
+KINDS = {"estimators": ("estimator", "--estimator; default: output-distance with --data, fisher for a causal LM on "
+                                     "the CPU, weight-error without --data"),
+         "solvers": ("solver", "--solver; default: greedy (solve), dp (frontier --table), ilp (frontier --model, demo)"),
+         "metrics": ("metric", "--metric; default: kld for a causal LM, cosine for an encoder, accuracy with labels; "
+                               "on the CLI the windows are --eval-window / --eval-stride (default --seq-len), "
+                               "--batch-size"),
+         "targets": ("target", "--target; default: mpsearch"),
+         "exporters": ("exporter", "export --to, import --from; default: the plan's target")}
 
 
 def register(sub):
@@ -20,14 +25,20 @@ def register(sub):
                                  "settings and defaults.", EXAMPLE, run)
     p.add_argument("what", nargs="?", default="all", choices=["all", *KINDS],
                    help="which section to show (default: all)")
+    add_json_arg(p)
 
 
 def _target_lines(name: str) -> list[str]:
     from ..targets import get_target
 
     t = get_target(name)
+    from ..targets import DEFAULT_TARGET
+
+    default = ", ".join(t.default_options)
+    if t.name == DEFAULT_TARGET:  # what the recipe searches when --bits is not given
+        default += " (the preset llm for a causal LM)"
     return [f"options: {', '.join(t.options)}",
-            f"default: {', '.join(t.default_options)}; export: {t.exporter or '-'}"
+            f"default: {default}; export: {t.exporter or '-'}"
             + ("; fused q/k/v, gate/up" if t.fused_runtime else "")]
 
 
@@ -60,6 +71,9 @@ def sections(what: str = "all") -> dict:
 
 
 def run(args) -> int:
+    if args.json:
+        report(args, {title: {name: lines for name, lines in rows} for title, rows in sections(args.what).items()}, [])
+        return 0
     for title, rows in sections(args.what).items():
         say(f"{title}: ({KINDS[title][1]})")
         for name, lines in rows:
@@ -67,6 +81,6 @@ def run(args) -> int:
             for line in lines:
                 say(f"      {line}")
         say()
-    say("settings: --param KEY=VALUE (solve, frontier, estimate; export --to: its own flags); values are "
-        "Python literals")
+    say("settings: --param KEY=VALUE on estimate (the estimator's), solve and frontier (the solver's); frontier "
+        "--model: --estimator-param KEY=VALUE for the estimator's; export: --opt KEY=VALUE; values are Python literals")
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, target_from_args,
-                      check_outputs, make_solver, say, say_coverage)
+from ._common import (add_budget_args, add_command, add_json_arg, add_monotone_arg, add_param_arg, add_target_arg,
+                      budget_from_args, check_outputs, fitted_table, make_solver, report, target_from_args)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
 
@@ -20,6 +20,8 @@ def register(sub):
     add_budget_args(p)
     add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
+    add_monotone_arg(p)
+    add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
 
@@ -33,8 +35,8 @@ def run(args) -> int:
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
     budget = budget_from_args(args)
     target = target_from_args(args)
-    table = CostTable.read(args.table)
-    from ..coverage import check_recorded
+    table = fitted_table(CostTable.read(args.table), args)
+    from ..coverage import check_recorded, recorded_summary
 
     check_recorded(table.metadata)  # a table below its coverage threshold is refused, not solved
     budget = solve_budget(table, budget, target)
@@ -43,14 +45,17 @@ def run(args) -> int:
         sys.stderr.write(f"mpsearch solve: {result.status}: {result.message}\n")
         return EXIT_INFEASIBLE
     result.plan.provenance["table_path"] = args.table
+    if args.monotone:
+        result.plan.provenance["monotone_fit"] = table.metadata["monotone_fit"]
     result.plan.save(args.output)
     pred = result.plan.predicted
     parts = [f"damage={pred['damage']:.6g}", f"size_mb={pred.get('size_bits', 0) / 8e6:.4g}"]
     if "avg_bits" in pred:
         parts.append(f"avg_bits={pred['avg_bits']:.4g}")
-    say(f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)")
-    if result.message:
-        say(result.message)
-    say_coverage(table.metadata)
-    say(f"wrote {args.output}")
+    lines = [f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)"]
+    lines += [result.message] if result.message else []
+    report(args, {"status": result.status, "message": result.message, "predicted": pred, "solver": solver.name,
+                  "time_s": result.stats.get("time_s"), "output": str(args.output),
+                  "coverage": table.metadata.get("coverage")},
+           lines + [recorded_summary(table.metadata), f"wrote {args.output}"])
     return 0

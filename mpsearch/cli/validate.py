@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_target_arg, add_text_args, check_outputs,
-                      dump_json, load_model_args, say, say_coverage, target_from_args)
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_target_arg, add_text_args,
+                      check_outputs, dump_json, load_model_args, report, say, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -22,6 +22,7 @@ def register(sub):
     p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="accept leaving these tensors unplanned (the plan's own exclusions are accepted too)")
     add_imatrix_args(p, auto=False)
+    add_json_arg(p)
     p.add_argument("-o", "--output", help="write the report (.json)")
 
 
@@ -51,15 +52,19 @@ def run(args) -> int:
         from ..metrics import FunctionMetric
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
-    report = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude, imatrix=imatrix)
-    say(f"levels ok in all {len(report.layers)} planned layers; unplanned (kept): {len(report.unplanned)}")
-    say_coverage({"coverage": report.coverage})
-    say(f"real size: {report.size_mb:.4f} MB, {report.avg_bits:.4f} bits per weight")
-    if report.quality is not None:
-        say(f"quality: {report.quality:.6g} (full precision: {report.baseline_quality:.6g})")
-        for key, value in (report.metrics or {}).items():
-            say(f"  {key}: {value:.6g} (full precision: {report.baseline_metrics.get(key, float('nan')):.6g})")
+    result = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude, imatrix=imatrix)
+    from ..coverage import recorded_summary
+
+    lines = [f"levels ok in all {len(result.layers)} planned layers; unplanned (kept): {len(result.unplanned)}",
+             recorded_summary({"coverage": result.coverage}),
+             f"real size: {result.size_mb:.4f} MB, {result.avg_bits:.4f} bits per weight"]
+    if result.quality is not None:
+        lines.append(f"quality: {result.quality:.6g} (full precision: {result.baseline_quality:.6g})")
+        for key, value in (result.metrics or {}).items():
+            lines.append(f"  {key}: {value:.6g} (full precision: "
+                         f"{result.baseline_metrics.get(key, float('nan')):.6g})")
     if args.output:
-        atomic_write_text(args.output, dump_json(report.to_dict()) + "\n")
-        say(f"wrote {args.output}")
+        atomic_write_text(args.output, dump_json(result.to_dict()) + "\n")
+        lines.append(f"wrote {args.output}")
+    report(args, {**result.to_dict(), "output": args.output}, lines)
     return 0

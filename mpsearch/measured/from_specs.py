@@ -5,8 +5,6 @@ model, its calibration and evaluation data and the metric, then runs :func:`meas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from ..errors import MpsearchError
@@ -89,25 +87,28 @@ def build_metric(name, model, evals):
 def load_inputs(model: str, d: DataSettings):
     """``(model, calibration data, metric)`` from the specs of ``d`` (the model placed for torchrun)."""
     from ..distributed import current, load_device_map, place_model
-    from ..specs import _is_text, is_causal_lm, load_calibration, load_data, load_metric, load_model, \
-        load_tokenizer, tokenizer_for
+    from ..specs import _is_text, has_tokenizer, is_causal_lm, load_calibration, load_data, load_metric, \
+        load_model, load_tokenizer, tokenizer_for
 
     net = load_device_map(model, d.device_map) if d.device_map else load_model(model, device=d.device, dtype=d.dtype)
     place_model(net, current())  # under torchrun: ranks share the estimate and the measurements
     text = dict(window=d.eval_window, stride=d.eval_stride, eval_tokens=d.eval_tokens)
-    if model == "smollm2" or _is_text(d.data) or _is_text(d.eval_data):  # text: the model's own tokenizer
+    # text: the model's own tokenizer; a causal LM with one (smollm2, a folder, a cached id, a GGUF) defaults
+    # to the Shakespeare plays, calibration and evaluation from disjoint plays
+    llm_text = is_causal_lm(net) and has_tokenizer(model)
+    if llm_text or _is_text(d.data) or _is_text(d.eval_data):
         sizes = dict(seq_len=d.seq_len, batch_size=d.batch_size, tokenizer=tokenizer_for(model))
         calib = load_calibration(d.data or "shakespeare", net, model, samples=d.calib_samples, **sizes)
         if is_callable_spec(d.metric):
             return net, calib, build_metric(d.metric, net, None)
-        evals = d.eval_data or ("shakespeare" if model == "smollm2" else None)
+        evals = d.eval_data or ("shakespeare" if llm_text else None)
         return net, calib, load_metric(d.metric, evals, net, model, **text, **sizes)
     if is_causal_lm(net) and d.eval_data and not is_callable_spec(d.metric):  # token ids (.pt, callables)
         calib = load_calibration(d.data, net, model, seq_len=d.seq_len, samples=d.calib_samples,
                                  batch_size=d.batch_size)
         return net, calib, load_metric(d.metric, d.eval_data, net, model, batch_size=d.batch_size,
                                        seq_len=d.seq_len, **text)
-    tokenizer = load_tokenizer(model) if model == "minilm" or Path(model).is_dir() else None
+    tokenizer = load_tokenizer(model) if model == "minilm" else None
     calib = load_data(d.data, tokenizer=tokenizer) if d.data else None
     if calib is None and model in ZOO_DATA:
         calib = load_data(ZOO_DATA[model])

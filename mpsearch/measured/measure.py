@@ -157,8 +157,12 @@ def frontier_frame(table, metric, baseline_value, front, measured, chosen, plans
     return front
 
 
-def uniform_frame(table, metric, baseline_value, measured, uniform, key) -> pd.DataFrame:
-    """One row per uniform plan (or consumer recipe) with its predicted damage and its measurements."""
+def uniform_frame(table, metric, baseline_value, measured, uniform, key, aliases=None) -> pd.DataFrame:
+    """One row per uniform plan (or consumer recipe) with its predicted damage and its measurements;
+    ``kind`` says which (``uniform``: one type per layer; ``recipe``: a consumer's mix) and
+    ``same_as`` names the other recipes that are the same plan (``aliases``: name -> names)."""
+    from .predicted import baseline_kind
+
     qcol = f"measured_{metric.name}"
     rows = []
     damage_of = table.frame.set_index(["layer", "option"])["damage"]
@@ -167,7 +171,8 @@ def uniform_frame(table, metric, baseline_value, measured, uniform, key) -> pd.D
         # a uniform option, or a consumer recipe (llama.cpp's mixes): its bits as the most common
         bits = table.option_bits().get(opt) or max(set(plan.bits.values()), key=list(plan.bits.values()).count)
         damage = float(sum(damage_of[(n, plan.option(n).name)] for n in plan.layers))
-        rows.append({"option": opt, "bits": bits, "avg_bits": m["avg_bits"],
+        rows.append({"option": opt, "kind": baseline_kind(table, opt), "same_as": ", ".join((aliases or {}).get(opt, [])),
+                     "bits": bits, "avg_bits": m["avg_bits"],
                      **({key: use} if key != "avg_bits" else {}), "size_bits": m["size_bits"],
                      "damage": damage, qcol: m["quality"],
                      "measured_loss": metric.loss(m["quality"], baseline_value),

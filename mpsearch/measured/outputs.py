@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +23,12 @@ def extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
             for ref, plan in run.refined.items():
                 plan.save(d / f"{ref}.json")
     if plot is not None:
-        import matplotlib
-
-        if "matplotlib.pyplot" not in sys.modules:  # headless default; keep a notebook's own backend
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         from .. import plotting
 
-        fig = plotting.plot_measured_frontier(run)
+        with plotting.headless():  # a figure of its own: a notebook's backend and figures are left alone
+            fig = plotting.plot_measured_frontier(run)
         with atomic_write(plot, None) as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format=Path(plot).suffix[1:].lower())
-        plt.close(fig)
 
 
 def write(run: FrontierRun, out: Path, *, plots: bool, settings: dict) -> None:
@@ -84,7 +77,18 @@ def _summary(run: FrontierRun, front: pd.DataFrame, settings: dict, files: dict)
             "per_point": _records(front[front["validated"]], per_point),
             "recommended": _records(run.recommended, list(run.recommended.columns)),
             "refinement": _records(run.refinement, list(run.refinement.columns)),
-            "files": files}
+            "table_checks": _table_checks(run.table), "files": files}
+
+
+def _table_checks(table) -> dict:
+    """What the table says about itself (:mod:`mpsearch.diagnose`): free options, non-monotone layers."""
+    from ..diagnose import non_monotone, zero_damage_options
+
+    bad = table.metadata.get("non_monotone")
+    bad = non_monotone(table) if bad is None else bad
+    free = table.metadata.get("zero_damage_options")
+    return {"zero_damage_options": zero_damage_options(table) if free is None else free,
+            "non_monotone_layers": sorted(bad), "monotone_fit": table.metadata.get("monotone_fit")}
 
 
 def _jsonable(v):
@@ -102,23 +106,28 @@ def _records(frame: pd.DataFrame, cols) -> list:
     return sub.where(pd.notna(sub), None).to_dict("records")
 
 
+def plan_to_show(run: FrontierRun) -> str:
+    """The plan ``plan_bits.png`` shows: the mixed plan recommended at the middle target budget, else
+    the middle validated point (else the middle point)."""
+    rec = run.recommended
+    mixed = rec[rec["status"] == "mixed"] if len(rec) and "status" in rec else rec
+    if len(mixed):
+        return str(mixed.iloc[len(mixed) // 2]["plan"])
+    front = run.frontier
+    val = front[front["validated"]]
+    pick = val.iloc[len(val) // 2] if len(val) else front.iloc[len(front) // 2]
+    return f"point-{int(pick['point'])}"
+
+
 def _plots(run: FrontierRun, out: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     from .. import plotting
 
-    front = run.frontier
-    fig = plotting.plot_measured_frontier(run)
-    fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")
-    val = front[front["validated"]]
-    best = val.iloc[len(val) // 2] if len(val) else front.iloc[len(front) // 2]
-    fig2 = plotting.plot_plan_bits(run.plans[int(best["point"])], run.table)
-    fig2.savefig(out / "plan_bits.png", dpi=110, bbox_inches="tight")
-    fig3 = plotting.plot_sensitivity(run.table)
-    fig3.savefig(out / "sensitivity.png", dpi=110, bbox_inches="tight")
-    for f in (fig, fig2, fig3):
-        plt.close(f)
+    with plotting.headless():  # figures of their own: never matplotlib.use, never pyplot's figure list
+        fig = plotting.plot_measured_frontier(run)
+        fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")
+        ref = plan_to_show(run)
+        fig2 = plotting.plot_plan_bits(run.plan_of(ref), run.table, title=plotting.plan_title(run, ref))
+        fig2.savefig(out / "plan_bits.png", dpi=110, bbox_inches="tight")
+        fig3 = plotting.plot_sensitivity(run.table)
+        fig3.savefig(out / "sensitivity.png", dpi=110, bbox_inches="tight")
     return {"frontier_plot": "frontier.png", "plan_plot": "plan_bits.png", "sensitivity_plot": "sensitivity.png"}

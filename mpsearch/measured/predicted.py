@@ -100,6 +100,28 @@ def recipe_baselines(table: CostTable, target, model, key: str, budget: Budget) 
     return out
 
 
+def baseline_kind(table: CostTable, name: str) -> str:
+    """``uniform`` for a uniform option of the table or a consumer's one-type recipe (llama.cpp's
+    ``pure-<type>``, ``uniform-<format>``), ``recipe`` for a mix (llama.cpp's Q4_K_M...)."""
+    return "uniform" if name in table.options or name.startswith(("pure-", "uniform-")) else "recipe"
+
+
+def merge_equal(uniform: dict) -> tuple[dict, dict]:
+    """One entry per distinct plan of ``uniform`` (name -> (plan, use)): a consumer recipe that is
+    the same plan as a uniform option (vLLM's ``uniform-w4a16-g32`` and ``w4a16-g32``) or as an
+    earlier recipe is measured, listed and recommended once, under the first name. Returns the
+    entries kept and ``{kept name: [the other names of its plan]}``."""
+    kept, aliases, first = {}, {}, {}
+    for name, entry in uniform.items():
+        key = plan_key(entry[0])
+        if key in first:
+            aliases.setdefault(first[key], []).append(name)
+            continue
+        first[key] = name
+        kept[name] = entry
+    return kept, aliases
+
+
 def target_budgets(table, key, budget, uniform, budgets, match_uniform) -> tuple[dict, Budget]:
     """Target budgets (label -> value of ``key``: each of ``budgets``, the budget's own ``key``
     constraint, and with ``match_uniform`` the size of each uniform plan strictly inside the table's

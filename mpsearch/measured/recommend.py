@@ -54,12 +54,19 @@ def _measured(row, metric_name: str) -> dict:
             **{k: row[k] for k in row.index if k.startswith("measured_") and pd.notna(row[k]) and k not in skip}}
 
 
+def _baseline_ref(table, name: str) -> str:
+    """How a recommendation names a baseline plan: ``uniform-<option>`` for a uniform option, a
+    consumer recipe by its own name (``Q4_K_M``, ``pure-q4_K``, ``uniform-w4a16-g32``)."""
+    return f"uniform-{name}" if name in table.options else name
+
+
 def recommendations(session, targets: dict, measured) -> pd.DataFrame:
     """:func:`recommend` over every plan of ``measured`` (a :class:`~.result.Measured`): validated
     frontier points, uniform plans and recipes, refined plans; ``targets``: label -> budget value."""
     front, uframe, rframe = measured.front, measured.uframe, measured.rframe
     cands = [(f"point-{int(r['point'])}", "mixed", measured.plans[i], r) for i, r in front[front["validated"]].iterrows()]
-    cands += [(f"uniform-{r['option']}", "uniform", measured.uniform[r["option"]][0], r) for _, r in uframe.iterrows()]
+    cands += [(_baseline_ref(session.table, r["option"]), "uniform", measured.uniform[r["option"]][0], r)
+              for _, r in uframe.iterrows()]
     cands += [(r["plan"], "refined", measured.refined[r["plan"]], r) for _, r in rframe.iterrows()]
     cands = [(ref, src, p, _measured(r, session.metric.name)) for ref, src, p, r in cands]
     key = session.key

@@ -49,22 +49,28 @@ class FrontierRun:
     files: dict[str, str] = field(default_factory=dict)
     #: every value of the metric on the full-precision model (a multi-value metric's perplexity, top-1...)
     baseline_values: dict = field(default_factory=dict)
+    #: the plan of every ``uniform`` row: uniform options and consumer recipes (``Q4_K_M``...)
+    baselines: dict[str, BitPlan] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        """Frontier and uniform rows in one frame, with a ``kind`` column."""
+        """Frontier and uniform rows in one frame, with a ``kind`` column (``frontier``, ``uniform``,
+        ``recipe``: a consumer's mix)."""
         f = self.frontier.assign(kind="frontier")
-        u = self.uniform.assign(kind="uniform")
+        u = self.uniform if "kind" in self.uniform else self.uniform.assign(kind="uniform")
         return pd.concat([f, u], ignore_index=True, sort=False)
 
     def validated(self) -> pd.DataFrame:
         return self.frontier[self.frontier["validated"]]
 
     def plan_of(self, ref: str) -> BitPlan:
-        """The plan a ``recommended`` row names: ``point-N``, ``uniform-OPTION`` or ``refined-N``."""
+        """The plan a ``recommended`` row names: ``point-N``, ``uniform-OPTION``, ``refined-N`` or a
+        consumer recipe's name (``Q4_K_M``, ``pure-q4_K``)."""
         kind, _, name = ref.partition("-")
         if kind == "point":
             return self.plans[int(name)]
-        if kind == "uniform":
+        if ref in self.baselines:
+            return self.baselines[ref]
+        if kind == "uniform" and name in self.table.options:
             return BitPlan.uniform(self.table.layers, name)
         return self.refined[ref]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,13 +14,14 @@ from ..fileio import atomic_output_dir
 from ..imatrix import run_rounding
 from ..sensitivity.base import on_gpu
 from ..metrics import Metric
-from ..recipe import resolve
+from ..recipe import estimator_note, resolve
 from ..registry import get_solver
 from .estimate import estimate_cached
 from .measure import MeasureCache, baseline, frontier_frame, is_main, measure_spread, metric_key, proxy_check, \
     uniform_frame
 from .outputs import extra_outputs, write
-from .predicted import other_constraints, predicted_frontier, recipe_baselines, spread, target_budgets, uniform_plans
+from .predicted import (merge_equal, other_constraints, predicted_frontier, recipe_baselines, spread, target_budgets,
+                        uniform_plans)
 from .recommend import recommendations
 from .refining import refine_targets, run_refinement, search_metric
 from .result import FrontierRun, Measured, Session
@@ -68,16 +70,24 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
                       progress=st.progress) as imatrix:
         recipe = resolve(target=st.target, options=st.options, estimator=st.estimator, model=model,
                          imatrix=imatrix is not None, gpu=on_gpu(model))
+        if estimator_note(recipe) and st.progress and is_main():  # said before the work, with the progress bars
+            from tqdm.auto import tqdm
+
+            tqdm.write(estimator_note(recipe), file=sys.stderr)
         table = estimate_cached(model, calib, estimator=recipe.estimator, options=recipe.options,
                                 estimator_params=st.estimator_params, progress=st.progress,
                                 cache=out / "table.csv" if out else None,
                                 **{**st.estimate_kwargs, **({"target": st.target} if st.target is not None else {}),
                                    "imatrix": imatrix})
+        if st.monotone:  # solved on the fit (each layer's damage falling with size); table.csv keeps the estimate
+            from ..diagnose import monotone_fit
+
+            table = monotone_fit(table)
         session, measured, targets, results = _solve_and_measure(model, metric, table, st, out)
         to_refine = refine_targets(targets, st.refine.targets)
         front = compare_with_uniform(measured.front, measured.uframe)
         measured.front = front
-        losers = warn_losers(front, metric.name)
+        losers = warn_losers(front, metric.name, measured.uframe)
         proxy = proxy_check(front, measured.uframe, recipe.estimator, st.min_rank_correlation)
         log = _refine(session, measured, to_refine, st, refine_metric, calib, out)
     run = FrontierRun(table=table, frontier=front, uniform=measured.uframe, baseline=session.baseline,
@@ -86,7 +96,8 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
                       plans={int(front.loc[i, "point"]): measured.plans[i] for i in front.index},
                       recommended=recommendations(session, targets, measured), refinement=log,
                       refined=measured.refined, refined_frame=measured.rframe, results=results, key=st.key, out=out,
-                      uniform_check=uniform_check(front, losers))
+                      uniform_check=uniform_check(front, losers),
+                      baselines={name: plan for name, (plan, _use) in measured.uniform.items()})
     if out is not None and is_main():
         write(run, out, plots=st.plots, settings=_summary_settings(st, recipe, session.base))
     if is_main():
@@ -104,6 +115,7 @@ def _solve_and_measure(model, metric, table, st: FrontierSettings, out):
     budget = solve_budget(table, st.budget, st.target)
     uniform = uniform_plans(table, key, other_constraints(budget, key))
     uniform.update(recipe_baselines(table, st.target, model, key, budget))
+    uniform, aliases = merge_equal(uniform)  # a recipe that is a uniform plan: measured and listed once
     targets, base = target_budgets(table, key, budget, uniform, st.budgets, st.match_uniform)
     refine_targets(targets, st.refine.targets)  # an unknown label is refused before the work
     front, plans, results = predicted_frontier(table, solver, key=key, points=st.points, budget=base,
@@ -119,7 +131,7 @@ def _solve_and_measure(model, metric, table, st: FrontierSettings, out):
     todo = [plans[ref] if kind == "point" else uniform[ref][0] for kind, ref in work]
     by_plan = dict(zip(work, measure_spread(model, todo, metric, cache, workers=st.workers, progress=st.progress)))
     measured = Measured(frontier_frame(table, metric, value, front, by_plan, chosen, plans), plans, uniform,
-                        uniform_frame(table, metric, value, by_plan, uniform, key), by_plan)
+                        uniform_frame(table, metric, value, by_plan, uniform, key, aliases), by_plan)
     return session, measured, targets, results
 
 
@@ -141,4 +153,5 @@ def _refine(session: Session, measured: Measured, targets: dict, st: FrontierSet
 def _summary_settings(st: FrontierSettings, recipe, base: Budget) -> dict:
     return {"estimator": recipe.estimator, "solver": st.solver, "options": str(recipe.options),
             "validate": st.validate, "points": st.points, "key": st.key, "budget": base.to_dict(),
-            "refine": st.refine.rounds, "refine_method": st.refine.method, "refine_evals": st.refine.max_evals}
+            "refine": st.refine.rounds, "refine_method": st.refine.method, "refine_evals": st.refine.max_evals,
+            "monotone": st.monotone}

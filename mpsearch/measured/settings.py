@@ -25,7 +25,7 @@ from ..settings import Interval, Settings
 class FrontierSettings(Settings):
     """What :func:`~mpsearch.measured.measured_frontier` does (see there for the meaning of each)."""
 
-    estimator: str = DEFAULT_RECIPE["estimator"]
+    estimator: str | None = None  # None: the recipe's (mpsearch.recipe.resolve: fisher for a causal LM on a CPU)
     solver: str = DEFAULT_RECIPE["solver"]
     options: str | list | tuple | None = None
     target: object = None  # a Target (a name is resolved to it when the settings are made) or None
@@ -45,6 +45,7 @@ class FrontierSettings(Settings):
     progress: bool = True
     workers: int = 1
     imatrix: object = "auto"  # llama.cpp: "auto" (from the calibration data), None, an Imatrix or its file
+    monotone: bool = False
 
     _parameter_constraints = {
         "validate": [Interval(int, 0, None)], "points": [Interval(int, 2, None), None],

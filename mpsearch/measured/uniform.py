@@ -56,12 +56,16 @@ def compare_with_uniform(frame: pd.DataFrame, uniform: pd.DataFrame, size: str =
     return out
 
 
-def warn_losers(front: pd.DataFrame, metric_label: str) -> list[str]:
-    """A :class:`UniformWarning` for each measured mixed plan that lost to its uniform plan; the messages."""
+def warn_losers(front: pd.DataFrame, metric_label: str, uniform: pd.DataFrame | None = None) -> list[str]:
+    """A :class:`UniformWarning` for each measured mixed plan that lost to its uniform plan (or
+    consumer recipe: ``uniform``'s ``kind`` tells them apart); the messages."""
+    kinds = uniform.set_index("option")["kind"].to_dict() if uniform is not None and "kind" in uniform else {}
     msgs = []
     for _, r in front[front["beats_uniform"].eq(False)].iterrows():
+        name = r["uniform_at_size"]
+        what = f"the consumer's recipe {name}" if kinds.get(name) == "recipe" else f"uniform {name}"
         msgs.append(f"the mixed plan at {r['avg_bits']:.3f} bits/weight measured worse ({metric_label} loss "
-                    f"{r['measured_loss']:.4g}) than uniform {r['uniform_at_size']} (loss {r['uniform_loss']:.4g}) "
+                    f"{r['measured_loss']:.4g}) than {what} (loss {r['uniform_loss']:.4g}) "
                     f"of equal or smaller size: the recommendation there falls back to the better plan")
     for m in msgs:
         warnings.warn(m, UniformWarning, stacklevel=4)

@@ -70,7 +70,10 @@ class Estimator:
     needs_data = False
     #: what a default means where its value does not say it (shown by ``mpsearch list``)
     _setting_notes = {"options": "None: 2,3,4,8, or a consumer target's default set; on the CLI: --bits, "
-                                 "default the recipe's options"}
+                                 "default the recipe's options",
+                      "cache_dir": "None: no cache in Python; 'mpsearch estimate' keeps one in "
+                                   "$MPSEARCH_ESTIMATOR_CACHE or ~/.cache/mpsearch/estimator (--param cache_dir=None: "
+                                   "none), 'frontier --model' in its output folder"}
     routed_damage = False
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
@@ -235,8 +238,12 @@ class Estimator:
             **({"imatrix": imx.describe()} if imx is not None else {}),
             **ctx.extra_metadata,
         }
-        table = build_table(layers, options, damage, metadata, act_bits=act_bits,
-                            extra_columns=ctx.extra_columns, legal=legal)
+        if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
+            metadata["source_grid"] = model.mpsearch_source_grid
+        from ..diagnose import annotate  # free options warned, non-monotone damage listed per layer
+
+        table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
+                                     extra_columns=ctx.extra_columns, legal=legal))
         table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
         return table
 
@@ -469,18 +476,33 @@ def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
     return per_expert_errors(weight_of(model, ctx.layers[i]), ctx.layers[i], ctx.options, legal)
 
 
-def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:
-    """``[L, K]`` squared rounding errors ``||Q_b(W_l) - W_l||^2`` (``/ ||W_l||^2`` if relative)."""
+def rounding_damage(model: torch.nn.Module, ctx: Context, reduce, *, desc: str = "rounding") -> np.ndarray:
+    """``[L, K]``: ``reduce(i, dW)`` for every option each layer may take, ``dW = Q(W_l) - W_l`` the
+    rounding error of that option (the layer's weight shape, float32). A progress bar counts the
+    weights rounded: a consumer's option set on an LLM (llama.cpp's K-quants and iq4_nl search their
+    scales) takes minutes on a CPU, so this phase is never silent."""
     from ..quant import quantization_error
 
     out = np.zeros((len(ctx.layers), len(ctx.options)))
-    for i, lay in enumerate(ctx.layers):
-        w = weight_of(model, lay)
-        norm = float(w.detach().float().pow(2).sum()) if relative else 1.0
-        for k, opt in ctx.layer_options(i):
-            err = float(quantization_error(w, opt, lay.kind, lay.name).pow(2).sum())
-            out[i, k] = err / norm if norm > 0 else 0.0
+    total = sum(lay.params for i, lay in enumerate(ctx.layers) for _ in ctx.layer_options(i))
+    bar = progress_bar(None, enabled=ctx.progress, desc=desc, total=total)
+    bar.unit, bar.unit_scale = " weights", True
+    try:
+        for i, lay in enumerate(ctx.layers):
+            w = weight_of(model, lay)
+            for k, opt in ctx.layer_options(i):
+                out[i, k] = float(reduce(i, quantization_error(w, opt, lay.kind, lay.name)))
+                bar.update(lay.params)
+    finally:
+        bar.close()
     return out
+
+
+def weight_errors(model: torch.nn.Module, ctx: Context, *, relative: bool = False) -> np.ndarray:
+    """``[L, K]`` squared rounding errors ``||Q_b(W_l) - W_l||^2`` (``/ ||W_l||^2`` if relative)."""
+    norms = [float(weight_of(model, lay).detach().float().pow(2).sum()) if relative else 1.0 for lay in ctx.layers]
+    return rounding_damage(model, ctx, lambda i, dw: float(dw.pow(2).sum()) / norms[i] if norms[i] > 0 else 0.0,
+                           desc="rounding errors")
 
 
 def check_choice(name: str, value, choices) -> None:

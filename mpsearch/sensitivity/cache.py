@@ -19,6 +19,18 @@ import torch
 
 from ..data import split_batch
 
+def default_cache_dir() -> Path:
+    """Where the CLI keeps estimator caches unless told otherwise (``--param cache_dir=DIR``, or
+    ``cache_dir=None`` for none): ``$MPSEARCH_ESTIMATOR_CACHE``, else ``estimator/`` under
+    ``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch`` (created when first written)."""
+    import os
+
+    if os.environ.get("MPSEARCH_ESTIMATOR_CACHE"):
+        return Path(os.environ["MPSEARCH_ESTIMATOR_CACHE"]).expanduser()
+    root = os.environ.get("MPSEARCH_CACHE") or Path.home() / ".cache" / "mpsearch"
+    return Path(root).expanduser() / "estimator"
+
+
 _NOT_KEYED = {"cache_dir", "cache_every", "options"}  # the options: keyed as estimated, below
 
 

@@ -6,8 +6,10 @@ the real rounding error dW at b bits.
 
 Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``) over chunks of
 ``chunk_size`` samples, so memory is bounded by the chunk, not by the number of samples.
-``per_sample="loop"`` uses one backward per sample instead; ``"auto"`` falls back to the loop (with a
-warning) where a model does not run under ``vmap``.
+``per_sample="loop"`` uses one backward per sample instead, squaring each gradient into the sums as it
+comes (the memory of one gradient); ``"auto"`` takes ``vmap`` where a chunk's per-sample gradients
+fit in ``VMAP_MAX_MB`` (an LLM's do not: SmolLM2's are 0.4 GB per sample) and the loop otherwise,
+and falls back to the loop (with a warning) where a model does not run under ``vmap``.
 
 Without labels (``loss="distill"``) the gradient of a distillation loss is zero at the
 full-precision weights, so labels are *sampled* from the model's own output instead: a class drawn
@@ -24,12 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data import model_output_tensor, move_batch, slice_batch, split_batch
-from ..quant import quantization_error
 from ..settings import Choices, Interval
-from .base import (
-    Context, Estimator, EstimatorWarning, leaf_weights, math_attention, probe_seed, progress_bar, weight_of,
-)
+from .base import (Context, Estimator, EstimatorWarning, leaf_weights, math_attention, probe_seed, progress_bar,
+                   rounding_damage)
 from .losses import LOSSES, OUTPUTS, cross_entropy, loss_value, output_kind, resolve_loss
+
+
+#: ``per_sample="auto"`` runs vmap only when one chunk's per-sample gradients take at most this (MB)
+VMAP_MAX_MB = 1024
 
 
 class FisherEstimator(Estimator):
@@ -56,11 +60,14 @@ class FisherEstimator(Estimator):
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
         loss = resolve_loss(self.loss, ctx.batches)
-        weights, names, where = leaf_weights(model, ctx.layers)  # per-expert layers: their stacked tensor
+        weights, _names, where = leaf_weights(model, ctx.layers)  # per-expert layers: their stacked tensor
         st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
             "batch": 0, "chunk": 0, "samples": 0,
             "sums": [torch.zeros(w.shape, dtype=torch.float64) for w in weights]}
-        method = "loop" if self.per_sample == "loop" else "vmap"
+        method = self.per_sample
+        if method == "auto":  # vmap holds a chunk's per-sample gradients at once: only where they are small
+            per_sample_mb = sum(w.numel() * w.element_size() for w in weights) / 2**20
+            method = "vmap" if per_sample_mb * int(self.chunk_size) <= VMAP_MAX_MB else "loop"
         chunks = [(bi, ci, min(int(self.chunk_size), n - ci * int(self.chunk_size)))
                   for bi, b in enumerate(ctx.batches) for n in [_n(*split_batch(b)[:2])]
                   for ci in range(-(-n // int(self.chunk_size)))]
@@ -75,40 +82,39 @@ class FisherEstimator(Estimator):
                 grads = None
                 if method == "vmap":
                     try:
-                        grads = _vmap_grads(model, weights, names, args, kwargs, labels, lossfn)
+                        grads = _vmap_grads(model, weights, args, kwargs, labels, lossfn)
                     except Exception as exc:  # noqa: BLE001 - any vmap failure falls back
                         if self.per_sample == "vmap":
                             raise
-                        warnings.warn(f"fisher: vmap failed ({type(exc).__name__}: {str(exc)[:120]}); "
-                                      f"using a per-sample loop", EstimatorWarning, stacklevel=3)
+                        warnings.warn(f"fisher: per-sample gradients by torch.func.vmap failed on this model "
+                                      f"({type(exc).__name__}: {_gist(exc)}); using one backward pass per sample "
+                                      f"(the same result, slower; --param per_sample=loop skips the attempt)",
+                                      EstimatorWarning, stacklevel=3)
                         method = "loop"
                 if grads is None:
-                    grads = _loop_grads(model, weights, args, kwargs, labels, lossfn)
+                    _loop_squares(model, weights, args, kwargs, labels, lossfn, st["sums"])
+                else:
+                    for acc, g in zip(st["sums"], grads):
+                        acc += g.double().pow(2).sum(0).cpu()
                 ctx.count("forward_passes", n)
                 ctx.count("backward_passes", n)
-                for acc, g in zip(st["sums"], grads):
-                    acc += g.double().pow(2).sum(0).cpu()
                 st["samples"] += n
                 nxt = plan.index((bi, ci)) + 1
                 st["batch"], st["chunk"] = plan[nxt] if nxt < len(plan) else (len(ctx.batches), 0)
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
+        if ctx.checkpoint and todo:  # the sums, before the long rounding phase: an interrupt there keeps them
+            ctx.checkpoint.save(st, force=True)
         sums, samples = st["sums"], st["samples"]
         if ctx.shard.enabled:  # partial float64 sums of each rank's chunks
             sums = [ctx.shard.sum(acc) for acc in sums]
             samples = int(ctx.shard.sum(torch.tensor([samples], dtype=torch.int64))[0])
         ctx.cost["samples"] = samples
         ctx.cost["per_sample"] = method
-        out = np.zeros((len(ctx.layers), len(ctx.options)))
-        for i, lay in enumerate(ctx.layers):
-            pi, e = where[i]
-            fisher = (sums[pi] / max(samples, 1)).float()
-            fisher = fisher if e is None else fisher[e]
-            w = weight_of(model, lay)
-            for k, opt in ctx.layer_options(i):
-                dw = quantization_error(w, opt, lay.kind, lay.name).cpu()
-                out[i, k] = float((fisher * dw.pow(2)).sum())
-        return out
+        fisher = [(sums[pi] / max(samples, 1)).float() for pi, _ in where]
+        fisher = [f if e is None else f[e] for f, (_, e) in zip(fisher, where)]  # a per-expert layer: its row
+        return rounding_damage(model, ctx, lambda i, dw: (fisher[i] * dw.cpu().pow(2)).sum(),
+                               desc="fisher: rounding errors")
 
     def _labels(self, model, args, kwargs, labels, loss, ctx, bi, ci):
         """The per-sample labels and loss: given ones, or sampled from the model for distill."""
@@ -127,6 +133,14 @@ class FisherEstimator(Estimator):
         return sampled, cross_entropy
 
 
+def _gist(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line, cut at a word boundary (never mid-word) past ``limit``."""
+    text = " ".join(str(exc).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
+
+
 def _n(args, kwargs) -> int:
     """Samples in a batch's inputs."""
     from ..layers import _batch_size
@@ -142,11 +156,13 @@ def _chunk(batch, ci: int, size: int):
     return slice_batch(args, lo, hi, n), slice_batch(kwargs, lo, hi, n), slice_batch(labels, lo, hi, n)
 
 
-def _vmap_grads(model, weights, names, args, kwargs, labels, lossfn):
+def _vmap_grads(model, weights, args, kwargs, labels, lossfn):
     from torch.func import functional_call, grad, vmap
 
-    fixed = {k: v.detach() for k, v in model.named_parameters(remove_duplicate=False)}
-    fixed.update(dict(model.named_buffers(remove_duplicate=False)))
+    fixed = {k: v.detach() for k, v in model.named_parameters()}  # tied weights once, by their first name
+    name_of = {id(v): k for k, v in model.named_parameters()}
+    names = [name_of[id(w)] for w in weights]  # a planned tied weight (lm_head) under its first name
+    fixed.update(dict(model.named_buffers()))
 
     def one(ws, a, kw, t):
         a = tuple(x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in a)
@@ -154,14 +170,20 @@ def _vmap_grads(model, weights, names, args, kwargs, labels, lossfn):
         out = functional_call(model, {**fixed, **dict(zip(names, ws))}, a, kw)
         return lossfn(model_output_tensor(out), None if t is None else t.unsqueeze(0))
 
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and bool((mask == 1).all()):
+        # no padding: the same attention without the mask, whose checks are data-dependent control
+        # flow that vmap cannot trace (transformers' causal-mask shortcut)
+        kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
     t_dim = None if labels is None else 0
     return vmap(grad(one), in_dims=(None, 0, 0, t_dim))(
         tuple(w.detach() for w in weights), args, kwargs, labels)
 
 
-def _loop_grads(model, weights, args, kwargs, labels, lossfn):
+def _loop_squares(model, weights, args, kwargs, labels, lossfn, sums):
+    """One backward pass per sample, each gradient squared into ``sums`` (float64) as it comes: the
+    memory of one gradient, not of the chunk's."""
     n = _n(args, kwargs)
-    out = [torch.empty((n,) + tuple(w.shape), dtype=w.dtype, device=w.device) for w in weights]
     saved = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
@@ -169,9 +191,8 @@ def _loop_grads(model, weights, args, kwargs, labels, lossfn):
         for i in range(n):
             a, kw, t = (slice_batch(x, i, i + 1, n) for x in (args, kwargs, labels))
             value = lossfn(model_output_tensor(model(*a, **kw)), t)
-            for dst, g in zip(out, torch.autograd.grad(value, weights)):
-                dst[i] = g
+            for acc, g in zip(sums, torch.autograd.grad(value, weights)):
+                acc += g.double().pow(2).cpu()
     finally:
         for w, flag in zip(weights, saved):
             w.requires_grad_(flag)
-    return out

@@ -41,10 +41,9 @@ import torch
 from ..data import batch_size, micro_batches, move_batch
 from ..errors import MpsearchError
 from ..moe import EXPERT_KINDS
-from ..quant import quantization_error
 from .base import (
     Context, Estimator, EstimatorWarning, check_choice, check_positive, expert_errors, leaf_weights,
-    math_attention, only_weights_require_grad, probe_seed, progress_bar, weight_errors, weight_of,
+    math_attention, only_weights_require_grad, probe_seed, progress_bar, rounding_damage, weight_errors,
 )
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
 
@@ -148,20 +147,15 @@ class HessianEstimator(Estimator):
                     out[i] = ((per / (lay.params / len(segs)))[:, None] * expert_errors(model, ctx, i)).sum(0)
             return out
         weight_sum = sum(size for size, _ in st["done"])
-        out = np.zeros((len(ctx.layers), len(ctx.options)))
         diags = [(d / weight_sum).float().cpu() for d in st["diag_total"]]
         diags = [diags[pi] if e is None else diags[pi][e] for pi, e in where]  # per layer
         neg = [lay.name for lay, d in zip(ctx.layers, diags) if bool((d < 0).any())]
         if neg:
             count = sum(int((d < 0).sum()) for d in diags)
             self._negative_found(f"Hessian-diagonal entries ({count}, in {len(neg)} layer(s) from {neg[0]!r})")
-        for i, lay in enumerate(ctx.layers):
-            d = diags[i].clamp(min=0) if self.negative == "clamp" else diags[i].abs()
-            w = weight_of(model, lay)
-            for k, opt in ctx.layer_options(i):
-                dw = quantization_error(w, opt, lay.kind, lay.name).cpu()
-                out[i, k] = float((d * dw.pow(2)).sum())
-        return out
+        diags = [d.clamp(min=0) if self.negative == "clamp" else d.abs() for d in diags]
+        return rounding_damage(model, ctx, lambda i, dw: (diags[i] * dw.cpu().pow(2)).sum(),
+                               desc="hessian: rounding errors")
 
     def _probe(self, grads, weights, ctx, bi, j, scale, diag=None):
         """One Hutchinson probe through one gradient graph: per-layer v^T H v (times ``scale``).

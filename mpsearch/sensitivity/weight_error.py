@@ -18,8 +18,8 @@ from ..data import move_batch, run_model
 from ..errors import MpsearchError
 from ..layers import get_module
 from ..moe import EXPERT_KINDS
-from ..quant import expert_matrices, quantization_error, weight_matrix
-from .base import Context, Estimator, progress_bar, weight_errors, weight_of
+from ..quant import expert_matrices, weight_matrix
+from .base import Context, Estimator, rounding_damage, weight_errors
 
 
 class WeightErrorEstimator(Estimator):
@@ -46,18 +46,14 @@ class WeightErrorEstimator(Estimator):
         experts, expert_result = _expert_moments(model, [lay for lay in ctx.layers if lay.kind in EXPERT_KINDS])
         _run_hooked(model, ctx, dense + experts)  # one pass over the calibration batches feeds both
         moments = {**dense_result(), **expert_result()}
-        out = np.zeros((len(ctx.layers), len(ctx.options)))
-        for i, lay in enumerate(progress_bar(ctx.layers, enabled=ctx.progress, desc="weight-error")):
-            w = weight_of(model, lay)
-            for k, opt in ctx.layer_options(i):
-                err = quantization_error(w, opt, lay.kind, lay.name)
-                if lay.kind in EXPERT_KINDS:  # [experts, out, in] x per-expert input moments [experts, in]
-                    mats = expert_matrices(err, lay.kind)
-                    out[i, k] = float((mats.pow(2) * moments[lay.name][:, None, :]).sum())
-                else:
-                    err = weight_matrix(err, lay.kind)
-                    out[i, k] = float((err.pow(2) * moments[lay.name][None, :]).sum())
-        return out
+
+        def reduce(i, dw):
+            lay = ctx.layers[i]
+            if lay.kind in EXPERT_KINDS:  # [experts, out, in] x per-expert input moments [experts, in]
+                return (expert_matrices(dw, lay.kind).pow(2) * moments[lay.name][:, None, :]).sum()
+            return (weight_matrix(dw, lay.kind).pow(2) * moments[lay.name][None, :]).sum()
+
+        return rounding_damage(model, ctx, reduce, desc="weight-error")
 
 
 def _run_hooked(model, ctx: Context, handles) -> None:
