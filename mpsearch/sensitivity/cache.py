@@ -99,6 +99,7 @@ class Checkpoint:
         self._t0 = time.perf_counter()
         self.previous_seconds = 0.0
         self.saves = 0
+        self.broken = False  # set when a write failed: no more tries
         self._state = None
         if self.path.is_file():
             try:
@@ -130,9 +131,20 @@ class Checkpoint:
 
     def _write(self, doc: dict) -> None:
         doc["_seconds"] = self.previous_seconds + time.perf_counter() - self._t0
+        from ..errors import OutputError
         from ..fileio import torch_save
 
-        torch_save(doc, self.path)
+        if self.broken:
+            return
+        try:
+            torch_save(doc, self.path)
+        except (OSError, OutputError) as exc:  # a cache that cannot be written costs the resume, not the run
+            import warnings
+
+            self.broken = True
+            warnings.warn(f"the estimator cache {self.path} cannot be written ({getattr(exc, 'strerror', None) or exc}): the run "
+                          f"goes on without it (an interruption now starts over)", RuntimeWarning, stacklevel=2)
+            return
         self._state = doc
         self._last_save = time.monotonic()
         self.saves += 1
