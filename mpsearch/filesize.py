@@ -1,0 +1,569 @@
+"""The consumer's whole file: what budgets in the user's words measure.
+
+A plan decides the planned layers; the file a consumer writes holds more: the token embedding,
+the norms, the output layer, routers, as that consumer stores them, and a header. Budgets in the
+user's words count the whole file:
+
+- ``size=NAME``: the exact file of one of the consumer's recipes or uniform options for this
+  model (``size=Q4_K_M``, ``size=q4_0`` for llama.cpp, ``size=w4a16-g32`` for vLLM). The plan
+  keeps the recipe's unplanned tensors (for llama.cpp: the same base mix on the
+  ``llama-quantize`` command line), so every byte of difference goes to the planned layers;
+- ``file=3.2GiB``: the file in bytes (``B``, ``KB``/``MB``/``GB``/``TB`` = powers of 1000,
+  ``KiB``/``MiB``/``GiB``/``TiB`` = powers of 1024; a bare number is bytes);
+- ``bpw=4.5``: bits per weight of the whole model as llama.cpp reports it on loading
+  (``file size = ... (4.50 BPW)``: every tensor's bytes x 8 / every tensor's elements; no header).
+
+A :class:`FileModel` holds what these need, recorded by ``estimate`` in the table's metadata
+(``metadata["file"]``) because a table alone does not know the tensors it does not plan.
+
+**llama.cpp** (GGUF as ``llama-quantize --tensor-type-file PLAN IN OUT BASE`` writes it,
+``src/llama-quant.cpp``): the planned tensors at their planned types; every other tensor as
+llama-quantize types it under the base mix (:func:`mpsearch.targets.llamacpp_mixes.mix_types`:
+the mix decides ``token_embd`` and ``output``; norms, routers and 1-D tensors are copied from IN);
+each tensor's data padded to the GGUF alignment (32); the header is IN's metadata (llama-quantize
+copies every key and sets ``general.quantization_version`` and ``general.file_type``) plus one
+tensor-info record per tensor, padded to the alignment. With the GGUF the plan will be quantized
+from at hand (a model loaded from a GGUF, or :func:`gguf_file_model`), every figure is exact;
+from a torch model the tensors follow ``convert_hf_to_gguf.py`` (1-D tensors, norms and routers
+f32, the rest f16) and the header's metadata is estimated (stated in :attr:`FileModel.header_note`).
+The default base is ``Q4_K_M`` (its rules give ``token_embd`` q4_K or q8_0 and ``output`` q6_K).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import BudgetError, MpsearchError, close_matches, name_list
+
+#: byte units a file budget may carry
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNIT_NAMES = {"b": "B", "kb": "KB", "mb": "MB", "gb": "GB", "tb": "TB", "kib": "KiB", "mib": "MiB",
+               "gib": "GiB", "tib": "TiB"}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+#: the base mix of a plan's llama-quantize command when the budget names none
+DEFAULT_LLAMACPP_BASE = "Q4_K_M"
+#: bytes of GGUF metadata per vocabulary entry (tokens, token types and BPE merges), measured on
+#: SmolLM2-135M's GGUF (1,767,810 of its 1,785,664 header bytes for 49,152 entries): the estimate
+#: used when no GGUF is at hand
+HEADER_BYTES_PER_TOKEN = 36.0
+
+
+def parse_bytes(text) -> tuple[float, str]:
+    """``"3.2GiB"`` -> ``(3435973836.8, "GiB")``; a bare number is bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise BudgetError(f"--budget file={text}: write a size such as 3.2GiB, 900MB or 123456789 (bytes)")
+    value, unit = float(m.group(1)), (m.group(2) or "B").lower()
+    if unit not in UNITS:
+        raise BudgetError(f"--budget file={text}: unknown unit {m.group(2)!r}{close_matches(unit, UNITS)}; "
+                          f"use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+    nbytes = value * UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes <= 0 or nbytes > 1e18:
+        raise BudgetError(f"--budget file={text}: the size must be positive and at most 1 EB")
+    return nbytes, _UNIT_NAMES[unit]
+
+
+def format_bytes(nbytes: float, unit: str = "B") -> str:
+    """``nbytes`` in ``unit`` as a user reads it: ``3.21 GiB``, ``93,510,208 B``."""
+    scale = UNITS[unit.lower()]
+    if scale == 1:
+        return f"{nbytes:,.0f} B"
+    return f"{nbytes / scale:.4g} {unit}"
+
+
+def check_file_budget(key: str, value) -> str:
+    """The text of a ``size``/``file``/``bpw`` budget, checked (one line on a bad one)."""
+    text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+    if not text:
+        raise BudgetError(f"--budget {key}={value!r}: give a value, for example --budget "
+                          f"{ {'size': 'size=Q4_K_M', 'file': 'file=3.2GiB', 'bpw': 'bpw=4.5'}.get(key, 'size=Q4_K_M')}")
+    if key == "file":
+        parse_bytes(text)
+    elif key == "bpw":
+        try:
+            v = float(text)
+        except ValueError:
+            raise BudgetError(f"--budget bpw={text}: {text!r} is not a number (bits per weight, e.g. 4.5)") from None
+        if not math.isfinite(v) or not 0 < v <= 64:
+            raise BudgetError(f"--budget bpw={text}: bits per weight must be above 0 and at most 64")
+    elif key == "size":
+        if not re.fullmatch(r"[A-Za-z0-9_.:+-]{1,64}", text):
+            raise BudgetError(f"--budget size={text}: name a recipe or option of the target, e.g. size=Q4_K_M "
+                              f"or size=w4a16-g32 ('mpsearch targets T --model M' lists them with their sizes)")
+    else:
+        raise BudgetError(f"unknown file budget {key!r}; use size, file or bpw")
+    return text
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-int(n) // align) * align
+
+
+@dataclass
+class FileModel:
+    """What the consumer's file holds besides the planned layers, for one model and target.
+
+    ``planned``: planned layer -> the consumer's tensor names it becomes (two for a fused
+    ``gate_up_proj``). ``bases``: per base recipe (llama.cpp's ``--tensor-type-file`` runs over a
+    base mix), the unplanned tensors' ``types`` (those the consumer converts; the others are
+    copied), ``tensor_bytes`` (their bytes) and ``padded_bytes`` (padded to the alignment).
+    ``recipes``: recipe -> ``base``, ``planned_bytes``, ``planned_padded`` (the planned tensors as
+    that recipe stores them). ``elements``: every tensor's elements (llama.cpp's BPW denominator).
+    """
+
+    consumer: str
+    source: str
+    header_bytes: int
+    header_measured: bool
+    header_note: str
+    alignment: int
+    elements: int
+    planned: dict = field(default_factory=dict)
+    bases: dict = field(default_factory=dict)
+    default_base: str = ""
+    recipes: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    row_extra: dict = field(default_factory=dict)  # layer -> option -> header bytes of its tensors (safetensors)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> FileModel:
+        if not isinstance(d, dict):
+            raise BudgetError("the table's file model (metadata 'file') must be a JSON object; re-estimate the table")
+        try:
+            fm = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            int(fm.header_bytes), int(fm.alignment), int(fm.elements)
+            for b in fm.bases.values():
+                int(b["tensor_bytes"]), int(b["padded_bytes"])
+            for r in fm.recipes.values():
+                int(r["planned_bytes"]), int(r["planned_padded"])
+                fm.bases[r["base"]]
+            fm.bases[fm.default_base]
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise BudgetError(f"the table's file model (metadata 'file') is malformed ({type(exc).__name__}: "
+                              f"{exc}); re-estimate the table") from None
+        return fm
+
+    # ------------------------------------------------------------------ totals
+    def file_bytes(self, planned_padded: float, base: str | None = None) -> float:
+        """The file's bytes with the planned tensors taking ``planned_padded`` bytes (padded)."""
+        b = self.bases[base or self.default_base]
+        return self.header_bytes + b["padded_bytes"] + planned_padded
+
+    def tensor_bytes(self, planned_bytes: float, base: str | None = None) -> float:
+        """Every tensor's bytes (what llama.cpp's BPW counts)."""
+        return self.bases[base or self.default_base]["tensor_bytes"] + planned_bytes
+
+    def bpw(self, planned_bytes: float, base: str | None = None) -> float:
+        return 8.0 * self.tensor_bytes(planned_bytes, base) / self.elements
+
+    def recipe_file_bytes(self, name: str) -> int:
+        r = self.recipes[name]
+        return int(self.file_bytes(r["planned_padded"], r["base"]))
+
+    def recipe_rows(self) -> list[dict]:
+        """One row per recipe: name, base, file bytes, tensor bytes and BPW, smallest first."""
+        rows = []
+        for name, r in self.recipes.items():
+            tb = self.tensor_bytes(r["planned_bytes"], r["base"])
+            rows.append({"recipe": name, "base": r["base"], "file_bytes": self.recipe_file_bytes(name),
+                         "tensor_bytes": int(tb), "bpw": 8.0 * tb / self.elements})
+        return sorted(rows, key=lambda row: (row["file_bytes"], row["recipe"]))
+
+    def find_recipe(self, name: str) -> str:
+        """The recipe ``size=name`` means: a recipe's exact name, an option's uniform recipe
+        (``q4_0`` -> ``pure-q4_0``, ``w4a16-g32`` -> ``uniform-w4a16-g32``), or a unique
+        case-insensitive match (``q4_k_m`` -> ``Q4_K_M``)."""
+        if name in self.recipes:
+            return name
+        for prefix in ("pure-", "uniform-"):
+            if prefix + name in self.recipes:
+                return prefix + name
+        folded = [r for r in self.recipes if r.lower() == name.lower()
+                  or r.lower() in (f"pure-{name.lower()}", f"uniform-{name.lower()}")]
+        if len(folded) == 1:
+            return folded[0]
+        raise BudgetError(f"--budget size={name}: {self.consumer} has no recipe or uniform option {name!r} for "
+                          f"this model{close_matches(name, self.recipes)}; its recipes: "
+                          f"{name_list(self.recipes, 40)}")
+
+
+# ----------------------------------------------------------------------------- budgets
+@dataclass
+class FileConstraint:
+    """A file budget as a "sum of ``column`` <= ``cap``" over the planned layers: the user's value
+    is ``(column sum + offset) / unit_scale``."""
+
+    key: str
+    column: str
+    cap: float
+    unit_scale: float
+    offset: float
+    unit: str
+    label: str
+    reference: float | None = None  # the named recipe's value (size=NAME), for the message
+
+
+def file_model_of(metadata) -> FileModel:
+    """The table's file model, or a one-line refusal saying how to get one."""
+    fm = metadata.get("file") if isinstance(metadata, dict) else None
+    if fm is None:
+        target = metadata.get("target") if isinstance(metadata, dict) else None
+        note = metadata.get("file_note") if isinstance(metadata, dict) else None
+        why = (f"target {target!r} writes no consumer file" if target in (None, "mpsearch")
+               else str(note) if note else "it was estimated without its model's file layout (an older table)")
+        raise BudgetError(f"budgets size=, file= and bpw= count the consumer's whole file, but the table has no "
+                          f"file model: {why}; estimate the table with --target llama.cpp or --target vllm "
+                          f"(or use size_bits/avg_bits)")
+    return FileModel.from_dict(fm)
+
+
+def file_base(spec: dict, fm: FileModel) -> str:
+    """The base recipe a plan under these file budgets is written with."""
+    if "size" in spec:
+        return fm.recipes[fm.find_recipe(spec["size"])]["base"]
+    return fm.default_base
+
+
+def file_constraints(spec: dict, fm: FileModel, padded_column: str) -> tuple[list[FileConstraint], str]:
+    """``size``/``file``/``bpw`` budgets as constraints on the planned layers, and the base.
+
+    ``padded_column``: the column holding each row's padded bytes x 8 (``size_bits`` itself where
+    no tensor needs padding)."""
+    base = file_base(spec, fm)
+    b = fm.bases[base]
+    fixed_file = fm.header_bytes + b["padded_bytes"]
+    out = []
+    for key, text in spec.items():
+        if key == "bpw":
+            value = float(text)
+            out.append(FileConstraint("bpw", "size_bits", value * fm.elements - 8.0 * b["tensor_bytes"],
+                                      fm.elements, 8.0 * b["tensor_bytes"], "", f"{value:g}"))
+            continue
+        if key == "size":
+            name = fm.find_recipe(text)
+            nbytes, unit, label = fm.recipe_file_bytes(name), "B", f"{name} ({fm.recipe_file_bytes(name):,} B)"
+            ref = float(nbytes)
+        else:
+            nbytes, unit = parse_bytes(text)
+            label, ref = text, None
+        scale = UNITS[unit.lower()]
+        out.append(FileConstraint(key, padded_column, 8.0 * (nbytes - fixed_file), 8.0 * scale,
+                                  8.0 * fixed_file, unit, label, None if ref is None else ref / scale))
+    return out, base
+
+
+def describe_value(key: str, value: float, unit: str, reference: float | None = None) -> str:
+    """A file budget's value as the user wrote its unit: ``3.41 GiB``, ``89,123,456 B (95.3% of
+    the recipe)``, ``4.62`` bits per weight."""
+    if key == "bpw":
+        return f"{value:.4f}"
+    text = format_bytes(value * UNITS[unit.lower()], unit)
+    if reference:
+        text += f" ({100.0 * value / reference:.2f}% of the named recipe)"
+    return text
+
+
+def padded_bits(size_bits, n_tensors, alignment: int):
+    """Bits of a row's tensors once each is padded to ``alignment`` bytes (``n_tensors`` equal
+    parts per row: two for a fused ``gate_up_proj``)."""
+    import numpy as np
+
+    size_bits = np.asarray(size_bits, dtype=float)
+    n = np.asarray(n_tensors, dtype=float)
+    per = np.ceil(size_bits / 8.0 / n)
+    return np.ceil(per / alignment) * alignment * n * 8.0
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+def _field_bytes(field_) -> int:
+    return int(sum(p.nbytes for p in field_.parts))
+
+
+def _tensor_info_bytes(name: str, ndim: int) -> int:
+    # gguf_tensor_info: name (u64 length + bytes), n_dims (u32), ne (u64 each), type (u32), offset (u64)
+    return 8 + len(name.encode()) + 4 + 8 * ndim + 4 + 8
+
+
+def _kv_bytes_u32(key: str) -> int:
+    return 8 + len(key.encode()) + 4 + 4  # key string, value type, u32 value
+
+
+def read_gguf(path) -> dict:
+    """What a GGUF file gives a file model: arch and hyper-parameters, every tensor
+    ``(name, torch-order shape, ggml type)``, the alignment, and the metadata bytes
+    llama-quantize copies (the magic, counts and key-value pairs, without tensor infos)."""
+    from gguf import GGUFReader
+
+    from .targets.llamacpp_mixes import canonical_type
+
+    try:
+        r = GGUFReader(str(path))
+    except (OSError, ValueError) as exc:
+        raise MpsearchError(f"{path}: cannot read it as a GGUF file ({exc})") from None
+    fields = r.fields
+    arch = fields["general.architecture"].contents()
+
+    def val(key, default=None):
+        f = fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
+
+    def scalar(v):
+        return int(max(v)) if isinstance(v, list) else int(v)
+
+    align = int(fields["general.alignment"].contents()) if "general.alignment" in fields else 32
+    kv = 4 + sum(_field_bytes(f) for f in fields.values())  # the magic, then every field as stored
+    for key in ("general.quantization_version", "general.file_type"):  # llama-quantize sets both
+        if key not in fields:
+            kv += _kv_bytes_u32(key)
+    tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), canonical_type(t.tensor_type.name))
+               for t in r.tensors]
+    n_head = scalar(val("attention.head_count", 1))
+    return {"arch": arch, "n_layer": int(val("block_count")), "n_head": n_head,
+            "n_head_kv": scalar(val("attention.head_count_kv", n_head)),
+            "n_expert": int(val("expert_count", 0) or 0), "tensors": tensors, "alignment": align,
+            "kv_bytes": kv, "fields": fields}
+
+
+def _gguf_names_of_layer(name: str) -> tuple[str, ...]:
+    """GGUF tensor names of a planned Llama-family layer (``()`` if it has none)."""
+    from .export import llamacpp_types as lt
+
+    many = getattr(lt, "llama_gguf_names", None)
+    names = many(name) if many is not None else ((lt.llama_gguf_name(name),) if lt.llama_gguf_name(name) else ())
+    return tuple(n + ".weight" for n in names)
+
+
+def _ftype_of_type(type_name: str) -> str | None:
+    """The llama-quantize ftype whose default type is ``type_name`` (``q4_K`` -> ``Q4_K_M``)."""
+    from .targets.llamacpp_mixes import FTYPE_DEFAULT_TYPE
+
+    preferred = {"q2_K": "Q2_K", "q3_K": "Q3_K_M", "q4_K": "Q4_K_M", "q5_K": "Q5_K_M", "iq3_s": "IQ3_S",
+                 "iq2_xs": "IQ2_XS"}
+    if type_name in preferred:
+        return preferred[type_name]
+    hits = [f for f, t in FTYPE_DEFAULT_TYPE.items() if t == type_name]
+    return hits[0] if hits else None
+
+
+def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_bytes: int, header_measured: bool,
+                        header_note: str, alignment: int = 32, source: str = "") -> FileModel:
+    """The GGUF file model from the full tensor list.
+
+    ``tensors``: ``(gguf name, torch-order shape, ggml type in IN)`` for every tensor of the GGUF
+    the plan will be quantized from; ``hparams``: ``arch``, ``n_layer``, ``n_head``, ``n_head_kv``,
+    ``n_expert``; ``planned``: planned layer -> its GGUF tensor names; ``header_kv_bytes``: IN's
+    metadata as llama-quantize writes it (magic, counts, key-value pairs).
+    """
+    from .targets.llamacpp_mixes import (FTYPE_DEFAULT_TYPE, RECIPE_FTYPES, allows_quantization, mix_types,
+                                         type_nbytes)
+
+    shapes = {n: tuple(s) for n, s, _ in tensors}
+    src = {n: t for n, _, t in tensors}
+    planned_tensors = [t for names in planned.values() for t in names]
+    missing = [t for t in planned_tensors if t not in shapes]
+    if missing:
+        raise MpsearchError(f"planned tensor(s) {name_list(missing, 4)} are not in the GGUF "
+                            f"({name_list(list(shapes)[:4], 4)} ...); is it this model's GGUF?")
+    planned_set = set(planned_tensors)
+    header = _pad(header_kv_bytes + sum(_tensor_info_bytes(n, len(s)) for n, s in shapes.items()), alignment)
+    elements = sum(math.prod(s) for s in shapes.values())
+    kw = dict(arch=hparams["arch"], n_layer=hparams["n_layer"], n_head=hparams["n_head"],
+              n_head_kv=hparams["n_head_kv"], n_expert=hparams.get("n_expert", 0))
+    tensor_list = list(shapes.items())
+    manual = [(f"^{re.escape(t)}$", "q8_0") for t in planned_tensors]  # any type: overrides skip the mix
+
+    def fixed_part(ftype: str, pure: bool) -> dict:
+        types = mix_types(ftype, tensor_list, tensor_types=manual, pure=pure, **kw)
+        tb = pb = 0
+        converted = {}
+        for name in shapes:
+            if name in planned_set:
+                continue
+            t = types.get(name, src[name])
+            if name in types and t != src[name]:
+                converted[name] = t
+            n = type_nbytes(t, shapes[name])
+            tb += n
+            pb += _pad(n, alignment)
+        return {"command": ("--pure " if pure else "") + ftype, "tensor_bytes": tb, "padded_bytes": pb,
+                "types": converted}
+
+    bases, recipes = {}, {}
+
+    def add_recipe(name: str, ftype: str, pure: bool):
+        base = ("pure-" if pure else "") + ftype
+        if base not in bases:
+            bases[base] = fixed_part(ftype, pure)
+        types = mix_types(ftype, tensor_list, pure=pure, **kw)
+        pb = pp = 0
+        for names in planned.values():
+            for t in names:
+                n = type_nbytes(types.get(t, src[t]), shapes[t])
+                pb += n
+                pp += _pad(n, alignment)
+        recipes[name] = {"base": base, "planned_bytes": pb, "planned_padded": pp}
+
+    for ftype in dict.fromkeys((DEFAULT_LLAMACPP_BASE, *RECIPE_FTYPES)):
+        add_recipe(ftype, ftype, False)
+    from .targets.llamacpp import LLAMACPP
+
+    for t in LLAMACPP.options:
+        ftype = _ftype_of_type(t)
+        if ftype is not None and FTYPE_DEFAULT_TYPE.get(ftype) == t:
+            add_recipe(f"pure-{t}", ftype, True)
+    notes = []
+    skipped = [n for n, s in shapes.items() if n not in planned_set
+               and allows_quantization(n, s, arch=kw["arch"]) and n not in ("token_embd.weight", "output.weight")]
+    if skipped:
+        notes.append(f"{len(skipped)} quantizable tensor(s) not planned ({name_list(skipped, 3)}): typed by the "
+                     f"base mix's rules")
+    return FileModel(consumer="llama.cpp", source=source, header_bytes=header, header_measured=header_measured,
+                     header_note=header_note, alignment=alignment, elements=int(elements),
+                     planned={k: list(v) for k, v in planned.items()}, bases=bases,
+                     default_base=DEFAULT_LLAMACPP_BASE, recipes=recipes, notes=notes)
+
+
+def gguf_file_model(path, layers, *, planned_names=None) -> FileModel:
+    """The exact GGUF file model of ``layers`` (planned layer names) quantized from the GGUF
+    ``path`` by ``llama-quantize --tensor-type-file``."""
+    from pathlib import Path
+
+    info = read_gguf(path)
+    planned = {}
+    for lay in layers:
+        names = (planned_names or _gguf_names_of_layer)(lay)
+        if not names:
+            raise MpsearchError(f"layer {lay!r} has no GGUF tensor name; the file model covers Llama-family "
+                                f"names (model.layers.N.self_attn.q_proj ...)")
+        planned[lay] = list(names)
+    return llamacpp_file_model(
+        info["tensors"], info, planned, header_kv_bytes=info["kv_bytes"], header_measured=True,
+        header_note=f"measured: the metadata of {Path(path).name}, which llama-quantize copies",
+        alignment=info["alignment"], source=str(Path(path).name))
+
+
+def source_gguf(model):
+    """The GGUF a transformers model was loaded from (``gguf_file=``), when it can be told: the
+    one ``.gguf`` file of its folder, which holds no ``config.json``; else ``None``."""
+    from pathlib import Path
+
+    where = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not where:
+        return None
+    folder = Path(str(where))
+    if folder.is_file() and folder.suffix == ".gguf":
+        return folder
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    return found[0] if len(found) == 1 else None
+
+
+_F32_LEAVES = ("ffn_gate_inp", "ffn_gate_inp_shexp", "position_embd", "token_types")
+
+
+def _converted_tensors(model):
+    """``(gguf name, torch shape, type)`` of every tensor ``convert_hf_to_gguf.py`` writes for a
+    transformers model, and the arch hyper-parameters; ``None`` where a weight has no GGUF name."""
+    import gguf
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    model_type = str(getattr(cfg, "model_type", "llama")).replace("_", "").replace("-", "")
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == model_type), gguf.MODEL_ARCH.LLAMA)
+    n_layer = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    table = gguf.get_tensor_name_map(arch, max(n_layer, 1))
+    seen, out, unknown = set(), [], []
+    for name, t in model.state_dict().items():
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:  # a tied weight is one tensor in GGUF
+            continue
+        seen.add(key)
+        shape = tuple(int(d) for d in t.shape)
+        base, _, leaf = name.rpartition(".")
+        if leaf == "gate_up_proj" and len(shape) == 3:
+            parts = [table.get_name(f"{base}.gate_proj"), table.get_name(f"{base}.up_proj")]
+            half = (shape[0], shape[1] // 2, shape[2])
+            if not all(parts):
+                unknown.append(name)
+                continue
+            out += [(p + ".weight", half, "f16") for p in parts]
+            continue
+        g = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            unknown.append(name)
+            continue
+        if not g.endswith((".weight", ".bias")):
+            g += ".weight"
+        ndim = sum(d > 1 for d in shape) or 1
+        f32 = ndim <= 1 or g.endswith("_norm.weight") or not g.endswith(".weight") or any(
+            f".{leaf_}." in g or g.startswith(leaf_) for leaf_ in _F32_LEAVES)
+        out.append((g, shape, "f32" if f32 else "f16"))
+    n_head = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    hp = {"arch": gguf.MODEL_ARCH_NAMES[arch], "n_layer": max(n_layer, 1), "n_head": n_head,
+          "n_head_kv": int(getattr(cfg, "num_key_value_heads", None) or n_head),
+          "n_expert": int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0),
+          "vocab": int(getattr(cfg, "vocab_size", 0) or 0)}
+    return out, hp, unknown
+
+
+def torch_llamacpp_file_model(model, layers) -> FileModel:
+    """The GGUF file model of a torch (transformers) model: from its GGUF when it was loaded from
+    one (exact), else as ``convert_hf_to_gguf.py --outtype f16`` would write it (header estimated)."""
+    path = source_gguf(model)
+    if path is not None:
+        return gguf_file_model(path, layers)
+    got = _converted_tensors(model)
+    if got is None:
+        raise MpsearchError("the model has no transformers config, so its GGUF tensors cannot be named")
+    tensors, hp, unknown = got
+    if unknown:
+        raise MpsearchError(f"no GGUF name for {name_list(unknown, 3)}; the file model needs every weight's name")
+    planned = {}
+    for lay in layers:
+        names = _gguf_names_of_layer(lay)
+        if not names:
+            raise MpsearchError(f"layer {lay!r} has no GGUF tensor name")
+        planned[lay] = list(names)
+    kv = 4 + 8 + 8 + 8 + int(HEADER_BYTES_PER_TOKEN * hp["vocab"]) + 4096
+    return llamacpp_file_model(
+        tensors, hp, planned, header_kv_bytes=kv, header_measured=False,
+        header_note=(f"estimated: {HEADER_BYTES_PER_TOKEN:g} bytes of metadata per vocabulary entry "
+                     f"({hp['vocab']:,}) plus 4 KiB, from SmolLM2's GGUF; the tensor infos are exact. "
+                     f"Estimate from the GGUF you will quantize for an exact figure"),
+        source="convert_hf_to_gguf.py --outtype f16 (as it would write this model)")
+
+
+# ----------------------------------------------------------------------------- dispatch
+def file_model(model, layers, target) -> FileModel | None:
+    """The file model of ``layers`` (planned layer names) of ``model`` for ``target``, or ``None``
+    for a target that writes no consumer file."""
+    from .targets import get_target
+
+    name = get_target(target).name
+    if name == "llama.cpp":
+        return torch_llamacpp_file_model(model, layers)
+    if name == "vllm":
+        from .filesize_ct import compressed_tensors_file_model
+
+        return compressed_tensors_file_model(model, layers)
+    return None
+
+
+def record_file_model(metadata: dict, model, layers, target) -> None:
+    """Store the file model in a table's ``metadata["file"]`` (or say in ``metadata["file_note"]``
+    why there is none)."""
+    try:
+        fm = file_model(model, layers, target)
+    except (MpsearchError, ImportError) as exc:
+        metadata["file_note"] = f"no file model ({exc})"
+        return
+    if fm is not None:
+        metadata["file"] = fm.to_dict()
