@@ -133,21 +133,48 @@ class FileModel:
 
     @classmethod
     def from_dict(cls, d) -> FileModel:
+        """A file model from a table's metadata, every field checked (a bad one: one line)."""
+        def bad(what):
+            raise BudgetError(f"the table's file model (metadata 'file') is malformed: {what}; re-estimate the table")
+
+        def count(v, what):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f"{what} must be a number >= 0, got {v!r}")
+            return v
+
         if not isinstance(d, dict):
-            raise BudgetError("the table's file model (metadata 'file') must be a JSON object; re-estimate the table")
-        try:
-            fm = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-            int(fm.header_bytes), int(fm.alignment), int(fm.elements)
-            for b in fm.bases.values():
-                int(b["tensor_bytes"]), int(b["padded_bytes"])
-            for r in fm.recipes.values():
-                int(r["planned_bytes"]), int(r["planned_padded"])
-                fm.bases[r["base"]]
-            fm.bases[fm.default_base]
-        except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            raise BudgetError(f"the table's file model (metadata 'file') is malformed ({type(exc).__name__}: "
-                              f"{exc}); re-estimate the table") from None
-        return fm
+            bad(f"expected a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("consumer", "header_bytes", "alignment", "elements", "planned", "bases",
+                               "default_base", "recipes") if k not in d]
+        if missing:
+            bad(f"no {', '.join(missing)}")
+        count(d["header_bytes"], "header_bytes")
+        if count(d["alignment"], "alignment") < 1 or count(d["elements"], "elements") <= 0:
+            bad("alignment and elements must be positive")
+        for key in ("planned", "bases", "recipes", "row_extra"):
+            if not isinstance(d.get(key, {}), dict):
+                bad(f"{key} must be an object")
+        for lay, names in d["planned"].items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                bad(f"planned[{lay!r}] must be a list of tensor names")
+        for name, b in d["bases"].items():
+            if not isinstance(b, dict):
+                bad(f"bases[{name!r}] must be an object")
+            count(b.get("tensor_bytes"), f"bases[{name!r}].tensor_bytes")
+            count(b.get("padded_bytes"), f"bases[{name!r}].padded_bytes")
+        for name, r in d["recipes"].items():
+            if not isinstance(r, dict) or not isinstance(r.get("base"), str) or r["base"] not in d["bases"]:
+                bad(f"recipes[{name!r}] must name one of the bases")
+            count(r.get("planned_bytes"), f"recipes[{name!r}].planned_bytes")
+            count(r.get("planned_padded"), f"recipes[{name!r}].planned_padded")
+        if not isinstance(d["default_base"], str) or d["default_base"] not in d["bases"]:
+            bad("default_base must name one of the bases")
+        for lay, opts in d.get("row_extra", {}).items():
+            if not isinstance(opts, dict):
+                bad(f"row_extra[{lay!r}] must be an object")
+            for o, v in opts.items():
+                count(v, f"row_extra[{lay!r}][{o!r}]")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     # ------------------------------------------------------------------ totals
     def file_bytes(self, planned_padded: float, base: str | None = None) -> float:
@@ -281,10 +308,6 @@ def padded_bits(size_bits, n_tensors, alignment: int):
 
 
 # ----------------------------------------------------------------------------- llama.cpp
-def _field_bytes(field_) -> int:
-    return int(sum(p.nbytes for p in field_.parts))
-
-
 def _tensor_info_bytes(name: str, ndim: int) -> int:
     # gguf_tensor_info: name (u64 length + bytes), n_dims (u32), ne (u64 each), type (u32), offset (u64)
     return 8 + len(name.encode()) + 4 + 8 * ndim + 4 + 8
@@ -294,40 +317,104 @@ def _kv_bytes_u32(key: str) -> int:
     return 8 + len(key.encode()) + 4 + 4  # key string, value type, u32 value
 
 
+#: GGUF value types (gguf.GGUFValueType) -> struct format of one scalar
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads a GGUF header from a file, a chunk at a time."""
+
+    def __init__(self, fh):
+        self.fh, self.buf, self.pos, self.consumed = fh, b"", 0, 0
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) - self.pos < n:
+            more = self.fh.read(max(1 << 20, n))
+            if not more:
+                raise EOFError("the file ends inside its GGUF header")
+            self.buf = self.buf[self.pos:] + more
+            self.pos = 0
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        self.consumed += n
+        return out
+
+    def scalar(self, fmt: str):
+        import struct
+
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.scalar("<Q")).decode("utf-8", "replace")
+
+    def value(self, vtype: int, keep: bool):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _SCALARS and not keep:  # skip fixed-size arrays whole
+                import struct
+
+                self.take(struct.calcsize(_SCALARS[etype]) * count)
+                return None
+            items = [self.value(etype, keep) for _ in range(count)]
+            return items if keep else None
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        return self.scalar(_SCALARS[vtype])
+
+
 def read_gguf(path) -> dict:
-    """What a GGUF file gives a file model: arch and hyper-parameters, every tensor
-    ``(name, torch-order shape, ggml type)``, the alignment, and the metadata bytes
-    llama-quantize copies (the magic, counts and key-value pairs, without tensor infos)."""
-    from gguf import GGUFReader
+    """What a GGUF file gives a file model, read from its header only: arch and hyper-parameters,
+    every tensor ``(name, torch-order shape, ggml type)``, the alignment, the metadata bytes
+    llama-quantize copies (magic, version, counts and key-value pairs; two keys it adds where
+    missing) and every scalar key-value pair (``kv``)."""
+    from gguf import GGMLQuantizationType
 
     from .targets.llamacpp_mixes import canonical_type
 
     try:
-        r = GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as fh:
+            cur = _Cursor(fh)
+            if cur.take(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+            cur.scalar("<I")
+            n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+            kv = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                vtype = cur.scalar("<I")
+                val = cur.value(vtype, keep=vtype != _ARRAY or key.endswith(("head_count", "head_count_kv",
+                                                                            "sliding_window_pattern")))
+                kv[key] = val
+            kv_bytes = cur.consumed
+            tensors = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                ndim = cur.scalar("<I")
+                dims = [cur.scalar("<Q") for _ in range(ndim)]
+                ttype = cur.scalar("<I")
+                cur.scalar("<Q")
+                tensors.append((name, tuple(reversed(dims)), canonical_type(GGMLQuantizationType(ttype).name)))
+    except (OSError, ValueError, EOFError, UnicodeDecodeError, MpsearchError) as exc:
         raise MpsearchError(f"{path}: cannot read it as a GGUF file ({exc})") from None
-    fields = r.fields
-    arch = fields["general.architecture"].contents()
+    arch = kv.get("general.architecture", "llama")
 
     def val(key, default=None):
-        f = fields.get(f"{arch}.{key}")
-        return default if f is None else f.contents()
+        return kv.get(f"{arch}.{key}", default)
 
     def scalar(v):
         return int(max(v)) if isinstance(v, list) else int(v)
 
-    align = int(fields["general.alignment"].contents()) if "general.alignment" in fields else 32
-    kv = 4 + sum(_field_bytes(f) for f in fields.values())  # the magic, then every field as stored
     for key in ("general.quantization_version", "general.file_type"):  # llama-quantize sets both
-        if key not in fields:
-            kv += _kv_bytes_u32(key)
-    tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), canonical_type(t.tensor_type.name))
-               for t in r.tensors]
+        if key not in kv:
+            kv_bytes += _kv_bytes_u32(key)
     n_head = scalar(val("attention.head_count", 1))
-    return {"arch": arch, "n_layer": int(val("block_count")), "n_head": n_head,
+    return {"arch": arch, "n_layer": int(val("block_count", 1)), "n_head": n_head,
             "n_head_kv": scalar(val("attention.head_count_kv", n_head)),
-            "n_expert": int(val("expert_count", 0) or 0), "tensors": tensors, "alignment": align,
-            "kv_bytes": kv, "fields": fields}
+            "n_expert": int(val("expert_count", 0) or 0), "tensors": tensors,
+            "alignment": int(kv.get("general.alignment", 32)), "kv_bytes": kv_bytes, "kv": kv}
 
 
 def _gguf_names_of_layer(name: str) -> tuple[str, ...]:
