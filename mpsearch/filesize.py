@@ -285,6 +285,33 @@ def file_constraints(spec: dict, fm: FileModel, padded_column: str) -> tuple[lis
     return out, base
 
 
+def file_budget_targets(table, key: str, budget) -> dict:
+    """The file budgets of ``budget`` as values of the swept ``key`` (a frontier's targets:
+    ``{"size=Q4_K_M": 4.83}`` for ``key=avg_bits``). Where a row's file bytes exceed its size
+    (alignment padding, safetensors header records), the largest such excess of each layer is
+    set aside first, so a plan at the target fits the budget."""
+    import numpy as np
+
+    from .budget import Budget
+    from .problem import compile_problem
+
+    probe = compile_problem(table, Budget(constraints={key: 1e300}))
+    kcon = next(c for c in probe.constraints if c.key == key)
+    if kcon.column != "size_bits":
+        raise BudgetError(f"budgets size=, file= and bpw= on the model path are targets of a size key: sweep "
+                          f"--key avg_bits or size_bits, not {key!r}")
+    out = {}
+    for k, v in budget.file.items():
+        problem = compile_problem(table, Budget(file={k: v}))
+        con = problem.constraints[-1]
+        cap = con.cap
+        if con.column != "size_bits":
+            excess = np.where(problem.allowed, problem.resources[con.column] - problem.resources["size_bits"], 0.0)
+            cap -= float(excess.max(axis=1).sum())
+        out[f"{k}={v}"] = kcon.to_user(cap)
+    return out
+
+
 def describe_value(key: str, value: float, unit: str, reference: float | None = None) -> str:
     """A file budget's value as the user wrote its unit: ``3.41 GiB``, ``89,123,456 B (95.3% of
     the recipe)``, ``4.62`` bits per weight."""
@@ -623,8 +650,8 @@ def torch_llamacpp_file_model(model, layers) -> FileModel:
     return llamacpp_file_model(
         tensors, hp, planned, header_kv_bytes=kv, header_measured=False,
         header_note=(f"estimated: {HEADER_BYTES_PER_TOKEN:g} bytes of metadata per vocabulary entry "
-                     f"({hp['vocab']:,}) plus 4 KiB, from SmolLM2's GGUF; the tensor infos are exact. "
-                     f"Estimate from the GGUF you will quantize for an exact figure"),
+                     f"({hp['vocab']:,}) plus 4 KiB, from SmolLM2's GGUF; the tensor infos are exact; exact when "
+                     f"the model is loaded from its GGUF"),
         source="convert_hf_to_gguf.py --outtype f16 (as it would write this model)")
 
 
@@ -642,6 +669,35 @@ def file_model(model, layers, target) -> FileModel | None:
 
         return compressed_tensors_file_model(model, layers)
     return None
+
+
+def model_file_model(model, target) -> FileModel:
+    """The file model of every layer ``target`` plans in ``model`` (as ``estimate`` plans them)."""
+    from .layers import discover_layers
+    from .targets import get_target
+
+    t = get_target(target)
+    layers = [lay.name for lay in discover_layers(model) if t.plans_layer(lay, model)]
+    fm = file_model(model, layers, t)
+    if fm is None:
+        raise MpsearchError(f"target {t.name!r} writes no consumer file of its own; file sizes exist for "
+                            f"llama.cpp and vllm")
+    return fm
+
+
+def recipe_table(fm: FileModel) -> list[str]:
+    """Lines that show every recipe's real file for the model (``mpsearch targets T --model M``)."""
+    llama = fm.consumer == "llama.cpp"
+    lines = [f"{'recipe':<20} {'file bytes':>15} {'MiB':>10} {'bits/weight':>11}" + ("  llama-quantize" if llama else "")]
+    for row in fm.recipe_rows():
+        base = fm.bases[row["base"]]["command"] if llama else ""
+        lines.append(f"{row['recipe']:<20} {row['file_bytes']:>15,} {row['file_bytes'] / 2**20:>10.2f} "
+                     f"{row['bpw']:>11.3f}" + (f"  {base}" if base else ""))
+    lines.append(f"header: {fm.header_bytes:,} bytes ({fm.header_note})")
+    lines.append(f"bits/weight: every tensor's bytes x 8 / {fm.elements:,} weights"
+                 + (" (the BPW llama.cpp prints on loading)" if llama else ""))
+    lines += fm.notes
+    return lines
 
 
 def record_file_model(metadata: dict, model, layers, target) -> None:

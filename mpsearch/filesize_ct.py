@@ -97,11 +97,14 @@ def safetensors_size(entries) -> tuple[int, int]:
     return 8 + header, 8 + header + offset
 
 
-def _saved_dtype(model) -> str:
+def _saved_dtype(model) -> tuple[str, str]:
+    """The dtype llm-compressor will save the unplanned tensors in, and where that comes from."""
     cfg = getattr(model, "config", None)
-    dt = getattr(cfg, "torch_dtype", None) or getattr(cfg, "dtype", None)
+    dt = getattr(cfg, "dtype", None) if hasattr(cfg, "dtype") else getattr(cfg, "torch_dtype", None)
     got = _TORCH_DTYPES.get(str(dt))
-    return got if got in ("BF16", "F16") else "BF16"
+    if got in ("BF16", "F16"):
+        return got, "the checkpoint's dtype"
+    return "BF16", f"assumed: the checkpoint says {dt}; llm-compressor saves the dtype the model is loaded in"
 
 
 def compressed_tensors_file_model(model, layers) -> FileModel:
@@ -109,7 +112,7 @@ def compressed_tensors_file_model(model, layers) -> FileModel:
     from .targets import get_target
 
     options = [o for o in get_target("vllm").options]
-    dtype = _saved_dtype(model)
+    dtype, dtype_note = _saved_dtype(model)
     state = model.state_dict()
     seen, unplanned, elements = set(), [], 0
     shapes = {}
@@ -161,7 +164,7 @@ def compressed_tensors_file_model(model, layers) -> FileModel:
         alignment=1, elements=int(elements), planned={lay: [f"{lay}.weight"] for lay in layers},
         bases={"default": {"command": "", "tensor_bytes": fixed_bytes, "padded_bytes": fixed_bytes,
                            "types": {}}},
-        default_base="default", recipes={}, notes=[f"unplanned tensors stored as {dtype} (the checkpoint's dtype)"],
+        default_base="default", recipes={}, notes=[f"unplanned tensors stored as {dtype} ({dtype_note})"],
         row_extra=row_extra)
     for name, r in recipes.items():  # planned_padded: the planned tensors + their header share, exact totals
         fm.recipes[name] = {"base": "default", "planned_bytes": r["planned_bytes"],

@@ -207,7 +207,8 @@ def _file_budgets(table: CostTable, budget: Budget, layer_allowed, layer_vals: d
         layer_vals["file_bits"] = padded
     cons, base = file_constraints(budget.file, fm, column)
     b = fm.bases[base]
-    info = {"base": base, "column": column, "elements": float(fm.elements),
+    info = {"consumer": fm.consumer, "base": base, "command": b.get("command", ""), "column": column,
+            "elements": float(fm.elements),
             "file_offset_bits": 8.0 * (fm.header_bytes + b["padded_bytes"]),
             "tensor_offset_bits": 8.0 * b["tensor_bytes"]}
     return [Constraint(c.key, c.column, c.cap, c.unit_scale, c.offset, c.unit, c.label, c.reference)

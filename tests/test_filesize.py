@@ -316,3 +316,60 @@ def test_vllm_solve_at_the_size_of_w4a16_g32():
     assert res.plan.predicted["file_bytes"] <= fm.recipe_file_bytes("uniform-w4a16-g32")
     bad = get_solver("ilp").solve(table, Budget.parse(["size=w4a16-g32", "bpw=1"]))
     assert bad.plan is None and "budget bpw<=1 cannot be met: the smallest achievable bpw is" in bad.message
+
+
+def test_measured_frontier_takes_size_of_a_mix_as_a_target(tmp_path):
+    """frontier --model --target llama.cpp --budget size=Q4_K_M: a target like the uniform sizes; the
+    recommended plan's whole file fits the mix's file."""
+    from mpsearch import zoo
+    from mpsearch.metrics import CausalLMMetric
+    from mpsearch.pipeline import measured_frontier
+
+    llama = zoo.random_llama("tiny", hidden_size=96, intermediate_size=256, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, seed=0)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 128, (2, 32), generator=g)]
+    metric = CausalLMMetric(torch.randint(0, 128, (1, 256), generator=g), window=64, batch_size=4)
+    run = measured_frontier(llama, calib, metric, estimator="weight-error", solver="ilp", target="llama.cpp",
+                            validate=1, points=4, refine=0, progress=False, budget=Budget.parse(["size=Q4_K_M"]),
+                            match_uniform=False)
+    fm = FileModel.from_dict(run.table.metadata["file"])
+    rec = run.recommended.set_index("budget").loc["size=Q4_K_M"]
+    assert fm.file_bytes(rec["size_bits"] / 8, "Q4_K_M") <= fm.recipe_file_bytes("Q4_K_M")
+    point = run.frontier[run.frontier["at_budget"].str.contains("size=Q4_K_M")].iloc[0]
+    assert fm.file_bytes(point["size_bits"] / 8, "Q4_K_M") <= fm.recipe_file_bytes("Q4_K_M")
+
+
+def _tiny_llama_spec(tmp_path) -> str:
+    spec = tmp_path / "tiny_model.py"
+    spec.write_text("import torch, transformers\n"
+                    "def build():\n"
+                    "    torch.manual_seed(0)\n"
+                    "    return transformers.LlamaForCausalLM(transformers.LlamaConfig(hidden_size=256,\n"
+                    "        intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,\n"
+                    "        vocab_size=256)).eval()\n")
+    return f"{spec}:build"
+
+
+def test_cli_size_budget_solves_exports_and_refuses_in_the_users_unit(tmp_path, capsys):
+    from mpsearch.cli import main
+
+    spec = _tiny_llama_spec(tmp_path)
+    table, plan, types = tmp_path / "t.csv", tmp_path / "p.json", tmp_path / "types.txt"
+    assert main(["estimate", "--model", spec, "--target", "llama.cpp", "--no-progress", "-o", str(table)]) == 0
+    assert main(["targets", "llama.cpp", "--model", spec]) == 0
+    out = capsys.readouterr().out
+    q4km = int(re.search(r"\n\s+Q4_K_M\s+([\d,]+)", out).group(1).replace(",", ""))
+    assert main(["solve", "--table", str(table), "--solver", "ilp", "--budget", "size=q4_k_m", "-o", str(plan)]) == 0
+    got = float(re.search(r"file=([\d,]+) B", capsys.readouterr().out).group(1).replace(",", ""))
+    assert got <= q4km
+    assert main(["export", "--plan", str(plan), "-o", str(types)]) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"quantize with: llama-quantize --tensor-type-file \S+types.txt \S+ \S+ Q4_K_M$", said, re.M)
+    code = main(["solve", "--table", str(table), "--budget", "file=10KiB", "-o", str(tmp_path / "no.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "\n" not in err and not (tmp_path / "no.json").exists()
+    assert re.fullmatch(r"mpsearch solve: infeasible: budget file<=10KiB cannot be met: the smallest achievable "
+                        r"file is [\d.]+ KiB", err), err
+    assert main(["solve", "--table", str(table), "--budget", "size=Q9_X", "-o", str(tmp_path / "no.json")]) == 2
+    assert "no recipe or uniform option 'Q9_X'" in capsys.readouterr().err

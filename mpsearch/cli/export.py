@@ -39,4 +39,9 @@ def run(args) -> int:
     fmt = export_format(plan, args.to, target)
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
     say(f"wrote {path} ({fmt}, {len(plan.layers)} layers)")
+    counted = plan.provenance.get("file") if isinstance(plan.provenance, dict) else None
+    if fmt == "llama.cpp" and isinstance(counted, dict) and counted.get("command"):
+        # the base mix the file budget counted the unplanned tensors with (token_embd, output ...)
+        say(f"quantize with: llama-quantize --tensor-type-file {path} MODEL-f16.gguf MODEL-mixed.gguf "
+            f"{counted['command']}")
     return 0

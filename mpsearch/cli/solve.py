@@ -45,6 +45,9 @@ def run(args) -> int:
     parts = [f"damage={pred['damage']:.6g}", f"size_mb={pred.get('size_bits', 0) / 8e6:.4g}"]
     if "avg_bits" in pred:
         parts.append(f"avg_bits={pred['avg_bits']:.4g}")
+    if "file_bytes" in pred:  # a budget in the user's words: the consumer's whole file
+        parts.append(f"file={pred['file_bytes']:,.0f} B ({pred['file_bytes'] / 2**20:.2f} MiB, "
+                     f"{pred['bpw']:.3f} bits/weight)")
     say(f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)")
     if result.message:
         say(result.message)
