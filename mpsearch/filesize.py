@@ -495,7 +495,7 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
     def fixed_part(ftype: str, pure: bool) -> dict:
         types = mix_types(ftype, tensor_list, tensor_types=manual, pure=pure, **kw)
         tb = pb = 0
-        converted = {}
+        converted, each = {}, {}
         for name in shapes:
             if name in planned_set:
                 continue
@@ -503,10 +503,11 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
             if name in types and t != src[name]:
                 converted[name] = t
             n = type_nbytes(t, shapes[name])
+            each[name] = n
             tb += n
             pb += _pad(n, alignment)
         return {"command": ("--pure " if pure else "") + ftype, "tensor_bytes": tb, "padded_bytes": pb,
-                "types": converted}
+                "types": converted, "tensors": each}
 
     bases, recipes = {}, {}
 
@@ -710,3 +711,22 @@ def record_file_model(metadata: dict, model, layers, target) -> None:
         return
     if fm is not None:
         metadata["file"] = fm.to_dict()
+        if fm.consumer == "llama.cpp":  # what --fit needs: the model's attention and FFN shape
+            try:
+                metadata["deploy"] = arch_info(model).to_dict()
+            except (MpsearchError, ImportError, AttributeError, TypeError, ValueError) as exc:
+                metadata["deploy_note"] = f"no deployment shape ({exc})"
+
+
+def arch_info(model):
+    """llama.cpp's view of the model's shape (:class:`mpsearch.deploy.ArchInfo`): from the GGUF it
+    was loaded from, else from its transformers config."""
+    from .deploy import ArchInfo
+
+    path = source_gguf(model)
+    if path is not None:
+        return ArchInfo.from_gguf(read_gguf(path))
+    got = _converted_tensors(model)
+    if got is None:
+        raise MpsearchError("the model has no transformers config")
+    return ArchInfo.from_config(model.config, got[1]["arch"])

@@ -219,3 +219,71 @@ def fake_quantize_kv(x, type_name: str, *, head_dim: int, interleave: bool = Fal
     if interleave:
         q = interleave_heads(q, head_dim, inverse=True)
     return q.reshape(b, t, h, d).transpose(1, 2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- damage
+def _cache_class(config, types: tuple[str, str], *, interleave: bool, backend: str):
+    """A transformers DynamicCache that stores K and V as llama.cpp would (fake-quantized on store:
+    the attention reads back the stored values of every token, the new ones included)."""
+    from transformers import DynamicCache
+
+    type_k, type_v = types
+    n_head = int(getattr(config, "num_attention_heads"))
+    head = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    rot_k, rot_v = rotation_sizes(head, head, type_k, type_v)
+
+    class LlamaCppCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k = fake_quantize_kv(key_states, type_k, head_dim=head, interleave=interleave, rotation=rot_k,
+                                 backend=backend)
+            v = fake_quantize_kv(value_states, type_v, head_dim=head, rotation=rot_v, backend=backend)
+            return super().update(k, v, layer_idx, *args, **kwargs)
+
+    return LlamaCppCache
+
+
+def measure_kv_damage(model, batches, types=("f16", "q8_0", "q5_0", "q4_0"), *, arch: str = "llama",
+                      metric: str = "kl", backend: str = "x86", progress: bool = False) -> dict:
+    """The damage of each KV cache type for K and for V (the other kept in float), measured as the
+    output-distance estimator measures a layer: the mean ``metric`` (KL of the next-token
+    distribution by default) of the model's output with that cache to its full-precision output,
+    over ``batches`` (token tensors or dicts with ``input_ids``).
+
+    Returns ``{"k": {type: damage}, "v": {...}, "metric": metric, "backend": backend, "tokens": n}``."""
+    import torch
+
+    from .data import move_batch
+    from .sensitivity.base import progress_bar
+    from .sensitivity.losses import distance
+
+    for t in types:
+        _check(t, backend)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        raise MpsearchError("KV cache damage needs a transformers causal LM (its attention uses a Cache)")
+    device = next(model.parameters()).device
+    interleave = arch in INTERLEAVED_ROPE
+    feeds = []
+    for b in batches:
+        b = move_batch(b, device)
+        feeds.append(dict(b) if isinstance(b, dict) else {"input_ids": b})
+    was = model.training
+    model.eval()
+    out = {"k": {}, "v": {}, "metric": metric, "backend": backend,
+           "tokens": int(sum(f["input_ids"].numel() for f in feeds))}
+    jobs = [("k", t) for t in types] + [("v", t) for t in types]
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    try:
+        with torch.no_grad():
+            refs = [model(**f, use_cache=False).logits.float() for f in feeds]
+            for which, t in progress_bar(jobs, enabled=progress, desc="kv cache"):
+                pair = (t, "f32") if which == "k" else ("f32", t)
+                cls = _cache_class(config, pair, interleave=interleave, backend=backend)
+                d = [distance(model(**f, **{cache_kw: cls(config=config)}, use_cache=True).logits.float(), r,
+                              metric, "logits") for f, r in zip(feeds, refs)]
+                out[which][t] = float(sum(d) / max(len(d), 1))
+    finally:
+        model.train(was)
+    return out

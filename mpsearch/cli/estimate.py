@@ -43,6 +43,10 @@ def register(sub):
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
                         "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
+    p.add_argument("--kv-types", default=None, metavar="TYPES",
+                   help="also measure the damage of llama.cpp's KV cache types for K and for V (e.g. f16,q8_0,q4_0), "
+                        "as the output-distance estimator measures a layer, so solve --fit can choose the cache type "
+                        "with the weights (--target llama.cpp, a causal LM, --data, estimator output-distance)")
     add_param_arg(p, "estimator")
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
 
@@ -70,6 +74,7 @@ def run(args) -> int:
         args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
     target = target_from_args(args)  # resolved once, passed on
     check(target=target, options=args.options, estimator=args.estimator, params=params, has_data=bool(args.data))
+    kv_types = _kv_types(args, target)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
@@ -83,6 +88,16 @@ def run(args) -> int:
         include_embedding=args.include_embedding, exclude=args.exclude,
         progress=not args.no_progress, target=target, quantizer=args.quantizer,
     )
+    if kv_types:  # the KV cache types' damage, in the table's units (output distance)
+        from ..kvcache import measure_kv_damage
+
+        if recipe.estimator != "output-distance":
+            raise MpsearchError(f"--kv-types measures the KV cache as output-distance measures a layer; the table's "
+                                f"estimator is {recipe.estimator!r}: use --estimator output-distance")
+        metric = getattr(estimator, "metric", "kl")
+        table.metadata["kv_damage"] = measure_kv_damage(
+            model, data, kv_types, arch=table.metadata.get("deploy", {}).get("arch", "llama"),
+            metric="kl" if metric == "auto" else metric, progress=not args.no_progress)
     if not shard.is_main:
         return 0
     table.metadata.setdefault("model_spec", args.model)
@@ -93,3 +108,20 @@ def run(args) -> int:
     say(f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
         f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s)")
     return 0
+
+
+def _kv_types(args, target) -> list[str]:
+    """``--kv-types`` checked before any work."""
+    from ..errors import MpsearchError
+    from ..kvcache import KV_CACHE_TYPES
+
+    if args.kv_types is None:
+        return []
+    types = [t.strip() for t in str(args.kv_types).split(",") if t.strip()]
+    bad = [t for t in types if t not in KV_CACHE_TYPES]
+    if not types or bad:
+        raise MpsearchError(f"--kv-types {args.kv_types!r}: give llama.cpp cache types from "
+                            f"{', '.join(KV_CACHE_TYPES)}, e.g. f16,q8_0,q4_0")
+    if getattr(target, "name", target) != "llama.cpp" or not args.data:
+        raise MpsearchError("--kv-types needs --target llama.cpp and --data (the KV damage is measured on the data)")
+    return types

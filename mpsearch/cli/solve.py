@@ -7,7 +7,9 @@ import sys
 from ._common import (add_budget_args, add_command, add_param_arg, add_target_arg, budget_from_args, target_from_args,
                       check_outputs, make_solver, say)
 
-EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
+EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json
+mpsearch solve --table table.csv --budget size=Q4_K_M -o plan.json     # the file of llama.cpp's Q4_K_M
+mpsearch solve --table table.csv --fit gpu=24GiB,ctx=32768 -o plan.json   # the machine: plan, KV type, commands"""
 
 
 def register(sub):
@@ -20,6 +22,10 @@ def register(sub):
     add_budget_args(p)
     add_target_arg(p, "its runtime ties (fused q/k/v, gate/up) and which options may appear")
     add_param_arg(p, "solver")
+    p.add_argument("--fit", default=None, metavar="SPEC",
+                   help="plan for a machine (llama.cpp tables): gpu=SIZE, ram=SIZE, ctx=N, parallel=N, kv=auto|TYPE, "
+                        "placement=auto|gpu|experts-cpu|cpu|ngl=N, min_tps=X; writes the plan, its tensor-type file "
+                        "(PLAN.types.txt) and prints the llama-quantize and llama-server commands")
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
 
@@ -31,6 +37,8 @@ def run(args) -> int:
 
     check_outputs(files=[("-o", args.output)])
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
+    if args.fit is not None:
+        return _run_fit(args, solver)
     budget = budget_from_args(args)
     target = target_from_args(args)
     table = CostTable.read(args.table)
@@ -52,4 +60,38 @@ def run(args) -> int:
     if result.message:
         say(result.message)
     say(f"wrote {args.output}")
+    return 0
+
+
+def _run_fit(args, solver) -> int:
+    """``solve --fit``: :func:`mpsearch.fit.solve_fit`, then the plan, its tensor-type file, the summary."""
+    from pathlib import Path
+
+    from ..errors import MpsearchError
+    from ..export import export_text
+    from ..fileio import atomic_write_text
+    from ..fit import FitSpec, solve_fit
+    from ..table import CostTable
+    from . import EXIT_INFEASIBLE
+
+    spec = FitSpec.parse(args.fit)
+    if args.budget or args.min_bits or args.max_bits or args.pin:
+        raise MpsearchError("--fit is the whole budget: drop --budget, --min-bits, --max-bits and --pin")
+    types_path = str(Path(args.output).with_suffix("")) + ".types.txt"
+    check_outputs(files=[("-o", args.output), ("-o (its tensor-type file)", types_path)])
+    table = CostTable.read(args.table)
+    result = solve_fit(table, spec, solver)
+    if result.plan is None:
+        sys.stderr.write(f"mpsearch solve: infeasible: {result.message}\n")
+        return EXIT_INFEASIBLE
+    result.plan.provenance["table_path"] = args.table
+    text = export_text(result.plan, "llama.cpp")
+    result.plan.save(args.output)
+    atomic_write_text(types_path, text)
+    for line in result.summary(spec):
+        say(line)
+    say("run:")
+    for cmd in result.commands(types_path):
+        say("  " + cmd)
+    say(f"wrote {args.output} and {types_path}")
     return 0
