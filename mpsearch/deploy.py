@@ -49,6 +49,23 @@ _DEFAULT_EMBD_FACTOR = 4
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2, "cohere2": 4}
 #: the CPU backend's tensor alignment inside a buffer (``TENSOR_ALIGNMENT``)
 _ALIGN = 32
+#: the types a CPU build of llama.cpp repacks into a second, interleaved copy (the ``CPU_REPACK``
+#: buffer; ``ggml_repack_get_optimal_repack_type`` in ggml-cpu/repack.cpp), by CPU: a weight of such a
+#: type whose rows (ggml ``ne[1]``) are a multiple of 8 and that feeds a matrix multiplication (not
+#: the token embedding's row lookup) is held twice, in the mapped file and in the repacked copy.
+#: ``avx512`` is AVX2's list plus q2_K; ``none`` is a build or run without repacking (``--no-repack``).
+#: ARM (NEON dotprod/i8mm) repacks more types (q5_K, q6_K, q8_0) and is not modelled.
+REPACK = {"avx2": ("q4_0", "q4_K", "iq4_nl", "mxfp4"), "avx512": ("q4_0", "q4_K", "iq4_nl", "mxfp4", "q2_K"),
+          "none": ()}
+
+
+def repacked(name: str, type_name: str | None, rows: int | None, repack: str = "avx512") -> bool:
+    """Whether a CPU-resident tensor is also copied into llama.cpp's ``CPU_REPACK`` buffer."""
+    if repack not in REPACK:
+        raise MpsearchError(f"unknown CPU {repack!r} for llama.cpp's weight repacking; use {', '.join(REPACK)}")
+    if type_name is None or rows is None:
+        return False
+    return type_name in REPACK[repack] and rows % 8 == 0 and name != "token_embd.weight"
 
 
 def kv_row_bytes(type_name: str, n: int) -> int:
@@ -322,17 +339,23 @@ class Memory:
 
 
 def memory(arch: ArchInfo, tensor_bytes: dict, s: Serving, placement: Placement | None,
-           *, tied: bool = False) -> Memory:
+           *, tied: bool = False, tensor_types: dict | None = None, rows: dict | None = None,
+           repack: str = "avx512") -> Memory:
     """What llama-server allocates for ``tensor_bytes`` (GGUF tensor -> bytes at its type).
 
     ``placement`` ``None``: a CPU-only machine (everything in RAM). Weights are counted as the CPU
-    mmaps them (the file's tensor data) and as a GPU copies them."""
+    mmaps them (the file's tensor data, the upper end of its mapped span) and as a GPU copies them;
+    CPU-resident tensors the CPU ``repack`` repacks (:data:`REPACK`; only when ``tensor_types`` and
+    ``rows`` are given) count twice, as llama.cpp's ``CPU_Mapped`` and ``CPU_REPACK`` buffer lines do."""
     m = Memory()
     gpu = placement is not None and placement.ngl > 0
+    types, nrows = tensor_types or {}, rows or {}
     for name, n in tensor_bytes.items():
         on = gpu and placement.on_gpu(name, arch.n_layer)
         part = "weights"
         (m.gpu if on else m.ram)[part] = (m.gpu if on else m.ram).get(part, 0) + _pad(n, _ALIGN)
+        if not on and repacked(name, types.get(name), nrows.get(name), repack):
+            m.ram["repacked"] = m.ram.get("repacked", 0) + _pad(n, _ALIGN)
     if tied and gpu and placement.layer_on_gpu(arch.n_layer, arch.n_layer) and "token_embd.weight" in tensor_bytes:
         m.gpu["weights"] = m.gpu.get("weights", 0) + _pad(tensor_bytes["token_embd.weight"], _ALIGN)
         m.notes.append("tied embeddings: token_embd is also copied to the GPU as the output layer")

@@ -127,6 +127,7 @@ class FileModel:
     recipes: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     row_extra: dict = field(default_factory=dict)  # layer -> option -> header bytes of its tensors (safetensors)
+    rows: dict = field(default_factory=dict)  # tensor -> its rows (ggml ne[1]; llama.cpp's CPU repacking reads it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +152,7 @@ class FileModel:
         count(d["header_bytes"], "header_bytes")
         if count(d["alignment"], "alignment") < 1 or count(d["elements"], "elements") <= 0:
             bad("alignment and elements must be positive")
-        for key in ("planned", "bases", "recipes", "row_extra"):
+        for key in ("planned", "bases", "recipes", "row_extra", "rows"):
             if not isinstance(d.get(key, {}), dict):
                 bad(f"{key} must be an object")
         for lay, names in d["planned"].items():
@@ -174,6 +175,9 @@ class FileModel:
                 bad(f"row_extra[{lay!r}] must be an object")
             for o, v in opts.items():
                 count(v, f"row_extra[{lay!r}][{o!r}]")
+        for name, n in d.get("rows", {}).items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                bad(f"rows[{name!r}] must be a whole number >= 1, got {n!r}")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     # ------------------------------------------------------------------ totals
@@ -495,7 +499,7 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
     def fixed_part(ftype: str, pure: bool) -> dict:
         types = mix_types(ftype, tensor_list, tensor_types=manual, pure=pure, **kw)
         tb = pb = 0
-        converted, each = {}, {}
+        converted, each, kinds = {}, {}, {}
         for name in shapes:
             if name in planned_set:
                 continue
@@ -504,10 +508,11 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
                 converted[name] = t
             n = type_nbytes(t, shapes[name])
             each[name] = n
+            kinds[name] = t
             tb += n
             pb += _pad(n, alignment)
         return {"command": ("--pure " if pure else "") + ftype, "tensor_bytes": tb, "padded_bytes": pb,
-                "types": converted, "tensors": each}
+                "types": converted, "tensors": each, "tensor_types": kinds}
 
     bases, recipes = {}, {}
 
@@ -541,7 +546,8 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
     return FileModel(consumer="llama.cpp", source=source, header_bytes=header, header_measured=header_measured,
                      header_note=header_note, alignment=alignment, elements=int(elements),
                      planned={k: list(v) for k, v in planned.items()}, bases=bases,
-                     default_base=DEFAULT_LLAMACPP_BASE, recipes=recipes, notes=notes)
+                     default_base=DEFAULT_LLAMACPP_BASE, recipes=recipes, notes=notes,
+                     rows={n: int(s[-2]) if len(s) > 1 else 1 for n, s in shapes.items()})
 
 
 def gguf_file_model(path, layers, *, planned_names=None) -> FileModel:

@@ -7,7 +7,9 @@ holds measured KV damage, else f16; or ``q8_0``, or ``q8_0/f16`` for K/V), ``pla
 ``gpu``, ``experts-cpu``, ``cpu``, ``ngl=N``), ``gpu_bw``/``ram_bw`` (GB/s, for the throughput
 estimate; defaults 1000 and 50), ``min_tps`` (a floor on the estimated tokens per second), and
 ``reserve`` (bytes kept free on the GPU for what llama.cpp's buffer lines do not show, e.g. the
-CUDA context; default 0).
+CUDA context; default 0), and ``cpu`` (``avx512``, ``avx2`` or ``none``: which weights the CPU
+backend repacks into a second copy in RAM, :data:`mpsearch.deploy.REPACK`; default ``avx512``, the
+larger x86 list; ``none`` with llama-server's ``--no-repack``).
 
 The solve: for each placement and each KV type pair, the weights are planned with an exact solver
 under the GPU and RAM that remain once the unplanned tensors, the KV cache, the compute and output
@@ -28,7 +30,7 @@ import numpy as np
 from .deploy import EXPERTS_ON_CPU, ArchInfo, Memory, Placement, Serving, memory, tokens_per_second
 from .errors import MpsearchError, close_matches
 
-_KEYS = ("gpu", "ram", "ctx", "parallel", "kv", "placement", "gpu_bw", "ram_bw", "min_tps", "reserve", "ubatch")
+_KEYS = ("gpu", "ram", "ctx", "parallel", "kv", "placement", "gpu_bw", "ram_bw", "min_tps", "reserve", "ubatch", "cpu")
 GiB = 2**30
 
 
@@ -60,6 +62,7 @@ class FitSpec:
     min_tps: float | None = None
     reserve: float = 0.0
     ubatch: int = 512
+    cpu: str = "avx512"
     text: str = ""
 
     @classmethod
@@ -105,6 +108,13 @@ class FitSpec:
                     raise MpsearchError(f"--fit kv={value}: use auto, a llama.cpp cache type "
                                         f"({', '.join(KV_CACHE_TYPES)}) or K/V such as q8_0/f16")
                 out.kv = value
+            elif key == "cpu":
+                from .deploy import REPACK
+
+                if value not in REPACK:
+                    raise MpsearchError(f"--fit cpu={value}: use {', '.join(REPACK)} (which weights llama.cpp's "
+                                        f"CPU backend repacks)")
+                out.cpu = value
             elif key == "placement":
                 if value not in ("auto", "gpu", "experts-cpu", "cpu") and not re.fullmatch(r"ngl=\d+", value):
                     raise MpsearchError(f"--fit placement={value}: use auto, gpu, experts-cpu, cpu or ngl=N")
@@ -135,6 +145,11 @@ class FitResult:
     alternatives: list = field(default_factory=list)
     message: str = ""
     notes: list = field(default_factory=list)
+    tensor_bytes: dict = field(default_factory=dict)  # GGUF tensor -> bytes at its planned or base type
+    tensor_types: dict = field(default_factory=dict)  # GGUF tensor -> ggml type
+    rows: dict = field(default_factory=dict)  # GGUF tensor -> rows (for llama.cpp's CPU repacking)
+    arch: ArchInfo | None = None
+    repack: str = "avx512"
 
     # ------------------------------------------------------------------ output
     def commands(self, types_file: str = "plan.types.txt", src: str = "MODEL-f16.gguf",
@@ -143,7 +158,7 @@ class FitResult:
         quant = f"llama-quantize --tensor-type-file {types_file} {src} {out} {self.base_command}"
         flags = ["-c", str(s.n_ctx), "-np", str(s.parallel), "-fa", "on", "-ctk", s.type_k, "-ctv", s.type_v]
         flags += p.flags() if p is not None else ["-ngl", "0"]
-        flags += ["--fit", "off"]
+        flags += ["--fit", "off"] + (["--no-repack"] if self.repack == "none" else [])
         return [quant, "llama-server -m " + out + " " + " ".join(_quote(f) for f in flags)]
 
     def summary(self, spec: FitSpec) -> list[str]:
@@ -222,6 +237,11 @@ class _Problem:
         if "tensors" not in b:
             raise MpsearchError("the table's file model predates --fit (no per-tensor bytes); re-estimate the table")
         self.unplanned = {n: int(v) for n, v in b["tensors"].items()}
+        self.types = dict(b.get("tensor_types", {}))
+        self.rows = {n: int(v) for n, v in fm.rows.items()}
+        self.notes = [] if self.rows else [
+            "the table's file model has no tensor rows (an older table): the weights llama.cpp's CPU backend "
+            "repacks into a second copy are not counted; re-estimate the table to count them"]
         frame = table.frame
         ntens = frame["layer"].map(lambda n: max(len(fm.planned.get(n, [])), 1)).to_numpy()
         self.padded = padded_bits(frame["size_bits"].to_numpy(), ntens, 32)  # the CPU buffer's alignment
@@ -233,14 +253,15 @@ class _Problem:
         from .budget import Budget
 
         arch = self.arch
-        fixed = memory(arch, self.unplanned, serving, placement, tied=self.tied)
-        gpu_row = np.zeros(len(self.table.frame))
+        fixed = memory(arch, self.unplanned, serving, placement, tied=self.tied, tensor_types=self.types,
+                       rows=self.rows, repack=spec.cpu)
+        frame = self.table.frame
+        gpu_row = np.zeros(len(frame))
         if placement is not None and placement.ngl > 0:
-            on = self.table.frame["layer"].map(
-                lambda n: placement.on_gpu(self.tensor_of.get(n, [n])[0], arch.n_layer)).to_numpy()
+            on = frame["layer"].map(lambda n: placement.on_gpu(self.tensor_of.get(n, [n])[0], arch.n_layer)).to_numpy()
             gpu_row = np.where(on, self.padded, 0.0)
-        ram_row = self.padded - gpu_row
-        frame = self.table.frame.assign(fit_gpu_bits=gpu_row, fit_ram_bits=ram_row)
+        ram_row = (self.padded - gpu_row) * self.copies(spec.cpu)  # a CPU-resident repacked tensor: two copies
+        frame = frame.assign(fit_gpu_bits=gpu_row, fit_ram_bits=ram_row)
         caps = {}
         if spec.gpu is not None:
             caps["fit_gpu_bits"] = 8.0 * (spec.gpu - spec.reserve - fixed.gpu_total)
@@ -251,6 +272,22 @@ class _Problem:
         t = self.table.with_frame(frame)
         res = solver.solve(t, Budget(constraints=caps))
         return res.plan, fixed
+
+    def copies(self, cpu: str) -> np.ndarray:
+        """Per row: 2 where the CPU backend would hold the row's tensors twice (repacked), else 1."""
+        from .deploy import repacked
+
+        frame = self.table.frame
+        return np.array([2.0 if repacked(self.tensor_of.get(lay, [lay])[0], opt,
+                                         self.rows.get(self.tensor_of.get(lay, [lay])[0]), cpu) else 1.0
+                         for lay, opt in zip(frame["layer"], frame["option"])])
+
+    def tensor_types(self, plan) -> dict:
+        out = dict(self.types)
+        for lay in plan.layers:
+            for n in self.tensor_of.get(lay, [lay]):
+                out[n] = plan.options[lay]["name"]
+        return out
 
     def tensor_bytes(self, plan) -> dict:
         """GGUF tensor -> bytes for the planned tensors at their options plus the unplanned ones."""
@@ -282,7 +319,7 @@ def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
     kv_damage = table.metadata.get("kv_damage")
     solver = get_solver(solver or "ilp") if not hasattr(solver, "solve") else solver
     prob = _Problem(table, fm, arch, fm.default_base)
-    notes = []
+    notes = list(prob.notes)
     if spec.kv == "auto" and not kv_damage:
         notes.append("KV cache f16: the table has no measured KV damage (estimate with --kv-types to choose it)")
     candidates = []
@@ -297,7 +334,8 @@ def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
                 if plan is None:
                     continue
                 tb = prob.tensor_bytes(plan)
-                mem = memory(arch, tb, serving, placement, tied=prob.tied)
+                mem = memory(arch, tb, serving, placement, tied=prob.tied, tensor_types=prob.tensor_types(plan),
+                             rows=prob.rows, repack=spec.cpu)
                 kd = kv_damage or {}
                 kvd = kd.get("k", {}).get(tk, 0.0) + kd.get("v", {}).get(tv, 0.0)
                 tps = tokens_per_second(arch, tb, serving, placement, spec.gpu_bw, spec.ram_bw)
@@ -318,12 +356,20 @@ def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
         label = f"KV {c[4].type_k}/{c[4].type_v}, {c[5].label if c[5] else 'CPU only'}: damage {c[0]:.6g}, {c[8]:.1f} tok/s"
         if label not in alts:
             alts.append(label)
+    if mem.ram.get("repacked"):
+        notes.append(f"{mem.ram['repacked'] / 2**20:.2f} MiB of CPU-resident weights ({', '.join(_repacked_types(prob, plan, spec))}) "
+                     f"are counted twice, as llama.cpp's CPU_Mapped and CPU_REPACK buffer lines report them (cpu={spec.cpu}); "
+                     f"the mapped copy is file cache the OS may reclaim, so this is an upper bound; cpu=none "
+                     f"(llama-server --no-repack) holds them once")
     res = FitResult(status="feasible", plan=plan, serving=serving, placement=placement, memory=mem, damage=damage,
                     weight_damage=plan.predicted["damage"], kv_damage=kvd, tps=tps, base=prob.base,
-                    base_command=fm.bases[prob.base]["command"], alternatives=alts, notes=notes + mem.notes)
-    res.max_ctx = _largest_ctx(arch, tb, serving, placement, spec, prob.tied)
+                    base_command=fm.bases[prob.base]["command"], alternatives=alts, notes=notes + mem.notes,
+                    tensor_bytes=tb, tensor_types=prob.tensor_types(plan), rows=prob.rows, arch=arch,
+                    repack=spec.cpu)
+    res.max_ctx = _largest_ctx(arch, tb, serving, placement, spec, prob.tied,
+                               dict(tensor_types=res.tensor_types, rows=prob.rows, repack=spec.cpu))
     plan.provenance["fit"] = {"spec": spec.text, "ctx": serving.ctx, "parallel": serving.parallel,
-                              "type_k": serving.type_k, "type_v": serving.type_v,
+                              "type_k": serving.type_k, "type_v": serving.type_v, "cpu": spec.cpu,
                               "placement": placement.flags() if placement else ["-ngl", "0"],
                               "gpu_bytes": mem.gpu_total, "ram_bytes": mem.ram_total,
                               "memory": {"gpu": mem.gpu, "ram": mem.ram}, "kv_damage": kvd, "tps_estimate": tps}
@@ -331,18 +377,25 @@ def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
     return res
 
 
-def _fits(arch, tb, serving, placement, spec, tied) -> bool:
-    m = memory(arch, tb, serving, placement, tied=tied)
+def _repacked_types(prob: _Problem, plan, spec: FitSpec) -> list[str]:
+    from .deploy import repacked
+
+    types = prob.tensor_types(plan)
+    return sorted({t for n, t in types.items() if repacked(n, t, prob.rows.get(n), spec.cpu)})
+
+
+def _fits(arch, tb, serving, placement, spec, tied, kw=None) -> bool:
+    m = memory(arch, tb, serving, placement, tied=tied, **(kw or {}))
     ok = spec.gpu is None or m.gpu_total <= spec.gpu - spec.reserve
     return ok and (spec.ram is None or m.ram_total <= spec.ram)
 
 
-def _largest_ctx(arch, tb, serving, placement, spec, tied) -> int:
+def _largest_ctx(arch, tb, serving, placement, spec, tied, kw=None) -> int:
     """The largest context per slot (a multiple of 256) at which these weights still fit."""
     import dataclasses
 
     lo, hi = serving.ctx, max(serving.ctx, 256)
-    while hi < 2**24 and _fits(arch, tb, dataclasses.replace(serving, ctx=hi * 2), placement, spec, tied):
+    while hi < 2**24 and _fits(arch, tb, dataclasses.replace(serving, ctx=hi * 2), placement, spec, tied, kw):
         hi *= 2
     hi = min(hi * 2, 2**24)
     lo = serving.ctx
@@ -350,7 +403,7 @@ def _largest_ctx(arch, tb, serving, placement, spec, tied) -> int:
         mid = (lo + hi) // 2 // 256 * 256
         if mid <= lo:
             break
-        if _fits(arch, tb, dataclasses.replace(serving, ctx=mid), placement, spec, tied):
+        if _fits(arch, tb, dataclasses.replace(serving, ctx=mid), placement, spec, tied, kw):
             lo = mid
         else:
             hi = mid
@@ -361,13 +414,25 @@ def _infeasible(prob: _Problem, spec: FitSpec, arch: ArchInfo, kv_damage, notes)
     """No plan fits: the smallest machine for the request, the largest context for the machine."""
     import dataclasses
 
-    frame = prob.table.frame.assign(_pad=prob.padded)
-    smallest = frame.loc[frame.groupby("layer")["_pad"].idxmin()]
-    tb = dict(prob.unplanned)
-    for _, row in smallest.iterrows():
-        names = prob.tensor_of.get(row["layer"], [row["layer"]])
-        for n in names:
-            tb[n] = int(row["size_bits"] / 8 / len(names))
+    frame = prob.table.frame
+    copies = prob.copies(spec.cpu)
+
+    def smallest(placement):
+        """Every layer at the option that costs the least on the device it lives on (a CPU-resident
+        repacked tensor costs two copies), as tensor bytes, types and memory() keywords."""
+        on = np.zeros(len(frame), bool)
+        if placement is not None and placement.ngl > 0:
+            on = frame["layer"].map(lambda n: placement.on_gpu(prob.tensor_of.get(n, [n])[0], arch.n_layer)).to_numpy()
+        cost = np.where(on, prob.padded, prob.padded * copies)
+        rows = frame.loc[frame.assign(_cost=cost).groupby("layer")["_cost"].idxmin()]
+        tb, types = dict(prob.unplanned), dict(prob.types)
+        for _, row in rows.iterrows():
+            names = prob.tensor_of.get(row["layer"], [row["layer"]])
+            for n in names:
+                tb[n] = int(row["size_bits"] / 8 / len(names))
+                types[n] = row["option"]
+        return tb, dict(tensor_types=types, rows=prob.rows, repack=spec.cpu)
+
     from .deploy import kv_cache_bytes
 
     def kv_total(pair):
@@ -377,7 +442,8 @@ def _infeasible(prob: _Problem, spec: FitSpec, arch: ArchInfo, kv_damage, notes)
     serving = Serving(ctx=spec.ctx, parallel=spec.parallel, type_k=cheap[0], type_v=cheap[1], n_ubatch=spec.ubatch)
     needs = []
     for placement in _placements(spec, arch):
-        m = memory(arch, tb, serving, placement, tied=prob.tied)
+        tb, kw = smallest(placement)
+        m = memory(arch, tb, serving, placement, tied=prob.tied, **kw)
         needs.append((m.gpu_total + (spec.reserve if m.gpu_total else 0), m.ram_total, placement))
     if spec.gpu is not None:
         g, r, p = min(needs, key=lambda x: (x[0] if spec.ram is None or x[1] <= spec.ram else math.inf, x[1]))
@@ -389,9 +455,10 @@ def _infeasible(prob: _Problem, spec: FitSpec, arch: ArchInfo, kv_damage, notes)
         machine = f"ram={_human(r)}"
     best_ctx = 0
     for placement in _placements(spec, arch):
+        tb, kw = smallest(placement)
         lo = 0
         for ctx in (256 * 2**i for i in range(0, 17)):
-            if _fits(arch, tb, dataclasses.replace(serving, ctx=ctx), placement, spec, prob.tied):
+            if _fits(arch, tb, dataclasses.replace(serving, ctx=ctx), placement, spec, prob.tied, kw):
                 lo = ctx
             else:
                 break
@@ -399,7 +466,7 @@ def _infeasible(prob: _Problem, spec: FitSpec, arch: ArchInfo, kv_damage, notes)
             hi = lo * 2
             while hi - lo > 256:
                 mid = (lo + hi) // 2 // 256 * 256
-                if _fits(arch, tb, dataclasses.replace(serving, ctx=mid), placement, spec, prob.tied):
+                if _fits(arch, tb, dataclasses.replace(serving, ctx=mid), placement, spec, prob.tied, kw):
                     lo = mid
                 else:
                     hi = mid
