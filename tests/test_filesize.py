@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from mpsearch.budget import Budget
-from mpsearch.errors import BudgetError, MpsearchError
-from mpsearch.filesize import FileModel, gguf_file_model, parse_bytes, torch_llamacpp_file_model
+from mpsearch.errors import BudgetError
+from mpsearch.filemodels import gguf_file_model, torch_llamacpp_file_model
+from mpsearch.filesize import FileModel, parse_bytes
 from mpsearch.table import CostTable
 
 ROOT = Path(__file__).resolve().parents[1]

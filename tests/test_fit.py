@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mpsearch.deploy import ArchInfo, Placement, Serving, memory
+from mpsearch.deploy import ArchInfo, Serving, memory
 from mpsearch.errors import MpsearchError
-from mpsearch.filesize import llamacpp_file_model
+from mpsearch.filemodels import llamacpp_file_model
 from mpsearch.fit import FitSpec, solve_fit
 from mpsearch.table import CostTable
 

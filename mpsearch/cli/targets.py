@@ -28,7 +28,8 @@ def run(args) -> int:
 
         if not args.name:
             raise MpsearchError("targets --model needs a target: mpsearch targets llama.cpp --model M")
-        from ..filesize import model_file_model, recipe_table
+        from ..filemodels import model_file_model
+        from ..filesize import recipe_table
         from ._common import load_model_args
 
         fm = model_file_model(load_model_args(args), get_target(args.name))

@@ -110,7 +110,7 @@ def target_budgets(table, key, budget, uniform, budgets, match_uniform) -> tuple
         budget = without(budget, key)
     targets = {f"{key}={v:g}": v for v in values}
     if budget.file:  # --budget size=Q4_K_M, file=, bpw= on the model path: targets in the swept key's units
-        from ..filesize import file_budget_targets
+        from ..filemodels import file_budget_targets
 
         targets.update(file_budget_targets(table, key, budget))
         budget = Budget.from_dict({**budget.to_dict(), "file": {}})

@@ -177,7 +177,7 @@ class Estimator:
             "quantizer": quantizer,
             **ctx.extra_metadata,
         }
-        from ..filesize import record_file_model
+        from ..filemodels import record_file_model
 
         record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
         return build_table(layers, options, damage, metadata, act_bits=act_bits,
