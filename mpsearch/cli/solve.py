@@ -24,7 +24,7 @@ def register(sub):
     add_param_arg(p, "solver")
     p.add_argument("--fit", default=None, metavar="SPEC",
                    help="plan for a machine (llama.cpp tables): gpu=SIZE, ram=SIZE, ctx=N, parallel=N, kv=auto|TYPE, "
-                        "placement=auto|gpu|experts-cpu|cpu|ngl=N, min_tps=X; writes the plan, its tensor-type file "
+                        "placement=auto|gpu|experts-cpu|cpu|ngl=N, cpu=avx512|avx2|none, min_tps=X; writes the plan, its tensor-type file "
                         "(PLAN.types.txt) and prints the llama-quantize and llama-server commands")
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
