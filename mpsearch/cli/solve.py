@@ -9,7 +9,7 @@ from ._common import (add_budget_args, add_command, add_param_arg, add_target_ar
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json
 mpsearch solve --table table.csv --budget size=Q4_K_M -o plan.json     # the file of llama.cpp's Q4_K_M
-mpsearch solve --table table.csv --fit gpu=24GiB,ctx=32768 -o plan.json   # the machine: plan, KV type, commands"""
+mpsearch solve --table table.csv --fit gpu=24GiB,ctx=32768 -o plan.json   # plan for a machine"""
 
 
 def register(sub):
