@@ -158,13 +158,18 @@ def serve_log(gguf: Path, flags: list[str], *, threads: int = 2, timeout: float 
             if "listening" in line or "exiting due to" in line or time.time() - t0 > timeout:
                 break
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
     return "".join(lines)
+
+
+def stop(p: subprocess.Popen) -> None:
+    """Stop a llama-server: SIGTERM, then SIGKILL after 15 s."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
+from deploy_fixtures import stop  # noqa: E402
 from llamacpp_fixtures import LLAMA_CPP, llama_cpp_commit, smollm2_gguf  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "llamacpp" / "kv_cache.npz"
@@ -85,12 +85,7 @@ def saved_state(gguf: Path, prompt: str, type_k: str, type_v: str, work: Path) -
         _post(port, "/slots/0?action=save", {"filename": name})
         return (work / name).read_bytes()
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
 
 
 def layer_rows(state: bytes, type_name: str, which: str, layer: int) -> np.ndarray:
