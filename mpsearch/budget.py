@@ -4,7 +4,12 @@ A constraint is "the sum of a table column <= value". Keys:
 
 - ``avg_bits``: sum(size_bits) / sum(params) <= value (the table needs a ``params`` column);
 - ``size_mb``: sum(size_bits) / 8e6 <= value;
-- any numeric column of the table (``size_bits``, ``bops``, ``latency``...).
+- any numeric column of the table (``size_bits``, ``bops``, ``latency``...);
+- the consumer's whole file, in the user's words (:mod:`mpsearch.filesize`; the table must carry
+  the file model its estimate recorded): ``size=Q4_K_M`` (the exact file of one of the consumer's
+  recipes or uniform options for this model: ``size=w4a16-g32``, ``size=q4_0``), ``file=3.2GiB``
+  (bytes, with B/KB/MB/GB/KiB/MiB/GiB...), ``bpw=4.5`` (bits per weight of the whole file as
+  llama.cpp reports it).
 
 On the command line: ``--budget avg_bits=4 --budget bops=1.2e9``.
 
@@ -23,6 +28,8 @@ from .errors import BudgetError
 
 #: keys that are not table columns
 DERIVED_KEYS = ("avg_bits", "size_mb")
+#: keys that measure the consumer's whole file (kept as the user wrote them, resolved at solve time)
+FILE_KEYS = ("size", "file", "bpw")
 #: the largest budget value (larger ones overflow once converted to bits)
 MAX_VALUE = 1e300
 
@@ -48,8 +55,14 @@ class Budget:
     max_bits: dict[str, int] = field(default_factory=dict)
     pins: dict[str, str | int] = field(default_factory=dict)
     ties: list[str] = field(default_factory=list)
+    file: dict[str, str] = field(default_factory=dict)  # size/file/bpw -> the value as written
 
     def __post_init__(self):
+        from .filesize import check_file_budget
+
+        if not isinstance(self.file, dict):
+            raise BudgetError(f"file budgets must be a mapping of size/file/bpw to a value, got {self.file!r}")
+        self.file = {key: check_file_budget(key, value) for key, value in self.file.items()}
         for key, value in self.constraints.items():
             if not isinstance(key, str) or not key:
                 raise BudgetError(f"a budget key must be a non-empty string, got {key!r}")
@@ -84,12 +97,16 @@ class Budget:
         ``min_bits``/``max_bits``: ``"BITS"`` (all layers) or ``"PATTERN=BITS"``.
         ``pins``: ``"PATTERN=OPTION"`` (``lm_head=keep``, ``re:.*embed.*=8``).
         """
-        constraints = {}
+        constraints, file = {}, {}
         for item in budgets:
             key, value = _split(item, "--budget", "avg_bits=4")
-            constraints[key] = _number(value, f"--budget {item}")
+            if key in FILE_KEYS:
+                file[key] = value
+            else:
+                constraints[key] = _number(value, f"--budget {item}")
         return cls(
             constraints=constraints,
+            file=file,
             min_bits=_bit_rules(min_bits, "--min-bits"),
             max_bits=_bit_rules(max_bits, "--max-bits"),
             pins=dict(_split(p, "--pin", "lm_head=keep") for p in pins),
@@ -97,17 +114,20 @@ class Budget:
         )
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "constraints": dict(self.constraints),
             "min_bits": dict(self.min_bits),
             "max_bits": dict(self.max_bits),
             "pins": dict(self.pins),
             "ties": list(self.ties),
         }
+        if self.file:
+            out["file"] = dict(self.file)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Budget:
-        return cls(**{k: d[k] for k in ("constraints", "min_bits", "max_bits", "pins", "ties") if k in d})
+        return cls(**{k: d[k] for k in ("constraints", "min_bits", "max_bits", "pins", "ties", "file") if k in d})
 
     def with_constraints(self, **constraints) -> Budget:
         """A copy with some constraints replaced (used by frontier sweeps)."""
@@ -117,6 +137,7 @@ class Budget:
 
     def __str__(self) -> str:
         parts = [f"{k}<={v:g}" for k, v in self.constraints.items()]
+        parts += [f"{k}<={v}" for k, v in self.file.items()]
         parts += [f"min_bits[{k}]={v}" for k, v in self.min_bits.items()]
         parts += [f"max_bits[{k}]={v}" for k, v in self.max_bits.items()]
         parts += [f"pin[{k}]={v}" for k, v in self.pins.items()]

@@ -29,10 +29,22 @@ class Constraint:
     key: str  # as the user wrote it: avg_bits, size_mb, bops...
     column: str
     cap: float  # in column units
-    unit_scale: float = 1.0  # user value = column sum / unit_scale
+    unit_scale: float = 1.0  # user value = (column sum + offset) / unit_scale
+    offset: float = 0.0  # what the consumer's file holds besides the planned layers (file budgets)
+    unit: str = ""  # the user's unit (file budgets: B, MiB, GiB...)
+    label: str = ""  # the budget as the user wrote it, where that is not a number (size=Q4_K_M)
+    reference: float | None = None  # the named recipe's value (size=NAME)
 
     def to_user(self, column_sum: float) -> float:
-        return column_sum / self.unit_scale
+        return (column_sum + self.offset) / self.unit_scale
+
+    def describe(self, column_sum: float) -> str:
+        """A column sum in the user's words (``3.41 GiB``, ``2.25``)."""
+        if not self.unit:
+            return f"{self.to_user(column_sum):.6g}"
+        from .filesize import describe_value
+
+        return describe_value(self.key, self.to_user(column_sum), self.unit, self.reference)
 
 
 @dataclass
@@ -46,6 +58,7 @@ class Problem:
     constraints: list[Constraint]
     total_params: float | None = None
     table_metadata: dict = field(default_factory=dict)
+    file: dict | None = None  # file budgets: the file model's offsets (see mpsearch.filesize)
 
     @property
     def n_items(self) -> int:
@@ -78,6 +91,10 @@ class Problem:
             out[col] = float(mat[idx, choice].sum())
         if self.total_params and "size_bits" in out:
             out["avg_bits"] = out["size_bits"] / self.total_params
+        if self.file and "size_bits" in out:  # the whole file as the consumer writes it
+            f = self.file
+            out["file_bytes"] = (out.get(f["column"], out["size_bits"]) + f["file_offset_bits"]) / 8.0
+            out["bpw"] = (out["size_bits"] + f["tensor_offset_bits"]) / f["elements"]
         return out
 
     def usage(self, choice) -> np.ndarray:
@@ -104,8 +121,8 @@ class Problem:
         for c, m in zip(self.constraints, mins):
             if m > c.cap * (1 + 1e-9) + 1e-12:
                 msgs.append(
-                    f"budget {c.key}<={c.to_user(c.cap):.6g} cannot be met: the smallest achievable "
-                    f"{c.key} is {c.to_user(m):.6g}"
+                    f"budget {c.key}<={c.label or c.describe(c.cap)} cannot be met: the smallest achievable "
+                    f"{c.key} is {c.describe(m)}"
                 )
         return "; ".join(msgs) if msgs else None
 
@@ -143,6 +160,7 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
     cols = ["damage"] + table.resource_columns
     layer_allowed, layer_vals = _layer_arrays(table, cols)
     layer_allowed &= _rule_mask(budget, layers, options, option_bits)
+    file_cons, file_info = _file_budgets(table, budget, layer_allowed, layer_vals)
     extra = tie_groups(layers, ties=budget.ties) if budget.ties else {}
     # layers that share a table group or a tie-regex group end up in one item
     items = connected_groups(layers, groups_of(dict(table.groups)) + groups_of(extra))
@@ -157,10 +175,44 @@ def compile_problem(table: CostTable, budget: Budget | None = None) -> Problem:
         allowed=allowed,
         damage=damage,
         resources=vals,
-        constraints=_constraints(budget, total_params, list(vals)),
+        constraints=_constraints(budget, total_params, list(vals)) + file_cons,
         total_params=total_params,
         table_metadata=dict(table.metadata),
+        file=file_info,
     )
+
+
+def _file_budgets(table: CostTable, budget: Budget, layer_allowed, layer_vals: dict):
+    """The ``size``/``file``/``bpw`` budgets as constraints (a ``file_bits`` column is added to
+    ``layer_vals`` where padding makes a row's file bytes differ from its size), and the offsets
+    that turn planned totals into whole-file ones."""
+    if not budget.file:
+        return [], None
+    from .filesize import file_constraints, file_model_of, padded_bits
+
+    fm = file_model_of(table.metadata)
+    layers = table.layers
+    if set(layers) != set(fm.planned):
+        extra = [n for n in layers if n not in fm.planned] or [n for n in fm.planned if n not in set(layers)]
+        raise BudgetError(f"budgets size=, file= and bpw= need the table's layers to be those its file model was "
+                          f"made for; {name_list(extra, 3)} differ. Re-estimate the table")
+    n_tensors = np.array([[max(len(fm.planned[n]), 1)] for n in layers], dtype=float)
+    padded = padded_bits(layer_vals["size_bits"], n_tensors, fm.alignment)
+    if fm.row_extra:  # per-tensor header records that depend on the option (safetensors)
+        padded = padded + 8.0 * np.array([[float(fm.row_extra.get(n, {}).get(o, 0)) for o in table.options]
+                                          for n in layers])
+    column = "size_bits"
+    if not np.array_equal(padded[layer_allowed], layer_vals["size_bits"][layer_allowed]):
+        column = "file_bits"
+        layer_vals["file_bits"] = padded
+    cons, base = file_constraints(budget.file, fm, column)
+    b = fm.bases[base]
+    info = {"consumer": fm.consumer, "base": base, "command": b.get("command", ""), "column": column,
+            "elements": float(fm.elements),
+            "file_offset_bits": 8.0 * (fm.header_bytes + b["padded_bytes"]),
+            "tensor_offset_bits": 8.0 * b["tensor_bytes"]}
+    return [Constraint(c.key, c.column, c.cap, c.unit_scale, c.offset, c.unit, c.label, c.reference)
+            for c in cons], info
 
 
 def _layer_arrays(table: CostTable, cols: list[str]):
@@ -260,7 +312,7 @@ def _constraints(budget: Budget, total_params: float | None, columns: list[str])
         elif key in columns:
             constraints.append(Constraint(key, key, value))
         else:
-            valid = ["avg_bits", "size_mb"] + columns
+            valid = ["avg_bits", "size_mb", "size", "file", "bpw"] + columns
             raise BudgetError(
                 f"budget key {key!r} is not a column of the table{close_matches(key, valid)}; "
                 f"valid keys: {name_list(valid)}"

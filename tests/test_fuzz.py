@@ -165,18 +165,34 @@ def test_fuzz_plan_load_near_misses(doc):
 _TABLE = []
 
 
-def _table():
+#: a file model for ROWS' layers (two recipes, one base), so size=/file=/bpw= budgets resolve
+FILE_MODEL = {"consumer": "llama.cpp", "source": "fuzz", "header_bytes": 96, "header_measured": True,
+              "header_note": "", "alignment": 32, "elements": 400,
+              "planned": {"a": ["blk.0.a.weight"], "b": ["blk.0.b.weight"]},
+              "bases": {"Q4_K_M": {"command": "Q4_K_M", "tensor_bytes": 40, "padded_bytes": 64, "types": {}}},
+              "default_base": "Q4_K_M",
+              "recipes": {"Q4_K_M": {"base": "Q4_K_M", "planned_bytes": 80, "planned_padded": 96},
+                          "pure-q4_0": {"base": "Q4_K_M", "planned_bytes": 104, "planned_padded": 128}}}
+
+
+def _table(with_file: bool = False):
     if not _TABLE:
         import pandas as pd
 
         _TABLE.append(CostTable(pd.DataFrame(ROWS)))
-    return _TABLE[0]
+        _TABLE.append(CostTable(pd.DataFrame(ROWS), {"file": FILE_MODEL}))
+    return _TABLE[int(with_file)]
 
 
 budget_items = st.one_of(st.text(max_size=20),
-                         st.tuples(st.sampled_from(["avg_bits", "size_mb", "size_bits", "bops", "", "re:(", "*"]),
+                         st.tuples(st.sampled_from(["avg_bits", "size_mb", "size_bits", "bops", "", "re:(", "*",
+                                                    "size", "file", "bpw"]),
                                    st.sampled_from(["=", "==", ":", ""]),
-                                   st.one_of(st.text(max_size=8), st.floats().map(repr), st.integers().map(str)))
+                                   st.one_of(st.text(max_size=8), st.floats().map(repr), st.integers().map(str),
+                                             st.tuples(st.floats().map(repr),
+                                                       st.sampled_from(["", "B", "MiB", "GiB", "gb", "kb", "X",
+                                                                        " MB"])).map("".join),
+                                             st.sampled_from(["Q4_K_M", "q4_0", "w4a16-g32", "pure-q8_0", "Q9"])))
                          .map("".join))
 
 
@@ -189,6 +205,20 @@ def test_fuzz_budget_parse(budgets, lo, hi, pins, ties):
         from mpsearch.problem import compile_problem
 
         accepts_or_refuses(compile_problem, _table(), budget)
+        accepts_or_refuses(compile_problem, _table(with_file=True), budget)
+
+
+@FUZZ
+@given(near_misses(FILE_MODEL), st.sampled_from(["size=Q4_K_M", "size=q4_0", "file=1KiB", "bpw=3", "size=Q5"]))
+def test_fuzz_file_model_metadata(doc, budget):
+    """A table's file model (metadata 'file') with any one node replaced: a budget in the user's
+    words resolves against it or is refused clearly."""
+    import pandas as pd
+
+    from mpsearch.problem import compile_problem
+
+    table = CostTable(pd.DataFrame(ROWS), {"file": doc})
+    accepts_or_refuses(compile_problem, table, Budget.parse([budget]))
 
 
 # --------------------------------------------------------------------------------- importers

@@ -50,6 +50,10 @@ def register(sub):
     p.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a Hugging Face model over this host's GPUs with accelerate: auto, balanced, "
                         "sequential or a JSON object module -> device (see 'Several GPUs' in the README)")
+    p.add_argument("--kv-types", default=None, metavar="TYPES",
+                   help="also measure the damage of llama.cpp's KV cache types for K and for V (e.g. f16,q8_0,q4_0), "
+                        "as the output-distance estimator measures a layer, so solve --fit can choose the cache type "
+                        "with the weights (--target llama.cpp, a causal LM, --data, estimator output-distance)")
     add_param_arg(p, "estimator")
     add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
@@ -92,6 +96,7 @@ def run(args) -> int:
         raise MpsearchError("--imatrix is llama.cpp's importance matrix: it needs --target llama.cpp")
     if imatrix == "auto" and args.data and uses_imatrix(target):
         check_outputs(files=[("-o (its imatrix file)", imatrix_sidecar(args.output))])
+    kv_types = _kv_types(args, target)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
     place_model(model, shard)
@@ -109,6 +114,16 @@ def run(args) -> int:
         progress=not args.no_progress, target=target, quantizer=args.quantizer, per_expert=args.per_expert,
         imatrix=imatrix,
     )
+    if kv_types:  # the KV cache types' damage, in the table's units (output distance)
+        from ..kvcache import measure_kv_damage
+
+        if recipe.estimator != "output-distance":
+            raise MpsearchError(f"--kv-types measures the KV cache as output-distance measures a layer; the table's "
+                                f"estimator is {recipe.estimator!r}: use --estimator output-distance")
+        metric = getattr(estimator, "metric", "kl")
+        table.metadata["kv_damage"] = measure_kv_damage(
+            model, data, kv_types, arch=table.metadata.get("deploy", {}).get("arch", "llama"),
+            metric="kl" if metric == "auto" else metric, progress=not args.no_progress)
     if not shard.is_main:
         return 0
     table.metadata.setdefault("model_spec", args.model)
@@ -175,3 +190,20 @@ def _kept(estimator) -> str:
         return ("nothing was kept: the estimator cache is off (--param cache_dir=None); leave cache_dir "
                 "unset (or give --param cache_dir=DIR) so an interrupted run keeps its work")
     return f"nothing was kept (estimator {estimator.name!r} keeps no cache: it starts over, and it is quick)"
+
+
+def _kv_types(args, target) -> list[str]:
+    """``--kv-types`` checked before any work."""
+    from ..errors import MpsearchError
+    from ..kvcache import KV_CACHE_TYPES
+
+    if args.kv_types is None:
+        return []
+    types = [t.strip() for t in str(args.kv_types).split(",") if t.strip()]
+    bad = [t for t in types if t not in KV_CACHE_TYPES]
+    if not types or bad:
+        raise MpsearchError(f"--kv-types {args.kv_types!r}: give llama.cpp cache types from "
+                            f"{', '.join(KV_CACHE_TYPES)}, e.g. f16,q8_0,q4_0")
+    if getattr(target, "name", target) != "llama.cpp" or not args.data:
+        raise MpsearchError("--kv-types needs --target llama.cpp and --data (the KV damage is measured on the data)")
+    return types

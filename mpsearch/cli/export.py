@@ -65,7 +65,10 @@ def run(args) -> int:
     path = save_export(plan, fmt, args.output, force=args.force, **opts)
     if copy:
         imatrix.write_copy(copy)
-    command = quantize_command(plan, path, imatrix=copy or (imatrix.path if imatrix else None), **opts)
+    counted = plan.provenance.get("file") if isinstance(plan.provenance, dict) else None
+    base = counted["command"] if isinstance(counted, dict) and counted.get("command") else "Q8_0"
+    # a file budget counted the unplanned tensors (token_embd, output ...) with that base mix
+    command = quantize_command(plan, path, imatrix=copy or (imatrix.path if imatrix else None), base=base, **opts)
     report(args, {"output": str(path), "format": fmt, "layers": len(plan.layers), "imatrix_file": copy,
                   "coverage": recorded(plan.provenance), "quantize_command": command},
            [f"wrote {path} ({fmt}, {len(plan.layers)} layers)" + (f" and {copy}" if copy else ""),

@@ -7,7 +7,9 @@ import sys
 from ._common import (add_budget_args, add_command, add_json_arg, add_monotone_arg, add_param_arg, add_target_arg,
                       budget_from_args, check_outputs, fitted_table, make_solver, report, target_from_args)
 
-EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json"""
+EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json
+mpsearch solve --table table.csv --budget size=Q4_K_M -o plan.json     # the file of llama.cpp's Q4_K_M
+mpsearch solve --table table.csv --fit gpu=24GiB,ctx=32768 -o plan.json   # plan for a machine"""
 
 
 def register(sub):
@@ -22,6 +24,10 @@ def register(sub):
     add_param_arg(p, "solver")
     add_monotone_arg(p)
     add_json_arg(p)
+    p.add_argument("--fit", default=None, metavar="SPEC",
+                   help="plan for a machine (llama.cpp tables): gpu=SIZE, ram=SIZE, ctx=N, parallel=N, kv=auto|TYPE, "
+                        "placement=auto|gpu|experts-cpu|cpu|ngl=N, cpu=avx512|avx2|none, min_tps=X; writes the plan, its tensor-type file "
+                        "(PLAN.types.txt) and prints the llama-quantize and llama-server commands")
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.json)")
 
 
@@ -33,6 +39,8 @@ def run(args) -> int:
 
     check_outputs(files=[("-o", args.output)])
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
+    if args.fit is not None:
+        return _run_fit(args, solver)
     budget = budget_from_args(args)
     target = target_from_args(args)
     table = fitted_table(CostTable.read(args.table), args)
@@ -52,10 +60,45 @@ def run(args) -> int:
     parts = [f"damage={pred['damage']:.6g}", f"size_mb={pred.get('size_bits', 0) / 8e6:.4g}"]
     if "avg_bits" in pred:
         parts.append(f"avg_bits={pred['avg_bits']:.4g}")
+    if "file_bytes" in pred:  # a budget in the user's words: the consumer's whole file
+        parts.append(f"file={pred['file_bytes']:,.0f} B ({pred['file_bytes'] / 2**20:.2f} MiB, "
+                     f"{pred['bpw']:.3f} bits/weight)")
     lines = [f"{result.status}: {', '.join(parts)} ({result.stats.get('time_s', 0) * 1e3:.1f} ms)"]
     lines += [result.message] if result.message else []
     report(args, {"status": result.status, "message": result.message, "predicted": pred, "solver": solver.name,
                   "time_s": result.stats.get("time_s"), "output": str(args.output),
                   "coverage": table.metadata.get("coverage")},
            lines + [recorded_summary(table.metadata), f"wrote {args.output}"])
+    return 0
+
+
+def _run_fit(args, solver) -> int:
+    """``solve --fit``: :func:`mpsearch.fit.solve_fit`, then the plan, its tensor-type file, the summary."""
+    from pathlib import Path
+
+    from ..errors import MpsearchError
+    from ..export import export_text
+    from ..fileio import atomic_write_text
+    from ..fit import FitSpec, solve_fit
+    from ..table import CostTable
+    from . import EXIT_INFEASIBLE
+
+    spec = FitSpec.parse(args.fit)
+    if args.budget or args.min_bits or args.max_bits or args.pin:
+        raise MpsearchError("--fit is the whole budget: drop --budget, --min-bits, --max-bits and --pin")
+    types_path = str(Path(args.output).with_suffix("")) + ".types.txt"
+    check_outputs(files=[("-o", args.output), ("-o (its tensor-type file)", types_path)])
+    table = CostTable.read(args.table)
+    result = solve_fit(table, spec, solver)
+    if result.plan is None:
+        sys.stderr.write(f"mpsearch solve: infeasible: {result.message}\n")
+        return EXIT_INFEASIBLE
+    result.plan.provenance["table_path"] = args.table
+    text = export_text(result.plan, "llama.cpp")
+    result.plan.save(args.output)
+    atomic_write_text(types_path, text)
+    summary, commands = list(result.summary(spec)), list(result.commands(types_path))
+    report(args, {"output": str(args.output), "tensor_types": types_path, "summary": summary, "commands": commands,
+                  "predicted": result.plan.predicted},
+           [*summary, "run:", *("  " + c for c in commands), f"wrote {args.output} and {types_path}"])
     return 0

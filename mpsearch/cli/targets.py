@@ -5,17 +5,38 @@ from __future__ import annotations
 from ._common import add_command, say
 
 EXAMPLE = """mpsearch targets              # every target and its options
-mpsearch targets llama.cpp    # one target: options, bits per weight, defaults"""
+mpsearch targets llama.cpp    # one target: options, bits per weight, defaults
+mpsearch targets llama.cpp --model smollm2   # every recipe's real file size for that model"""
 
 
 def register(sub):
     p = add_command(sub, "targets", "List the targets (consumers), their options and storage costs.", EXAMPLE, run)
     p.add_argument("name", nargs="?", help="one target to describe")
+    p.add_argument("--model", default=None,
+                   help="a model spec: print the real file size of each recipe and uniform option of the target "
+                        "for it (the values --budget size=NAME takes)")
+    from ._common import add_device_args
+
+    add_device_args(p)
 
 
 def run(args) -> int:
     from ..targets import get_target, target_names
 
+    if args.model:
+        from ..errors import MpsearchError
+
+        if not args.name:
+            raise MpsearchError("targets --model needs a target: mpsearch targets llama.cpp --model M")
+        from ..filemodels import model_file_model
+        from ..filesize import recipe_table
+        from ._common import load_model_args
+
+        fm = model_file_model(load_model_args(args), get_target(args.name))
+        say(f"{get_target(args.name).name} files of {args.model} ({fm.source}):")
+        for line in recipe_table(fm):
+            say("  " + line)
+        return 0
     names = [args.name] if args.name else target_names()
     for name in names:
         t = get_target(name)

@@ -131,6 +131,11 @@ def target_budgets(table, key, budget, uniform, budgets, match_uniform) -> tuple
         values.append(budget.constraints[key])
         budget = without(budget, key)
     targets = {f"{key}={v:g}": v for v in values}
+    if budget.file:  # --budget size=Q4_K_M, file=, bpw= on the model path: targets in the swept key's units
+        from ..filemodels import file_budget_targets
+
+        targets.update(file_budget_targets(table, key, budget))
+        budget = Budget.from_dict({**budget.to_dict(), "file": {}})
     if match_uniform:
         problem, con = key_constraint(table, key, budget)
         w = np.where(problem.allowed, problem.resources[con.column], np.nan)

@@ -242,6 +242,9 @@ class Estimator:
             metadata["source_grid"] = model.mpsearch_source_grid
         from ..diagnose import annotate  # free options warned, non-monotone damage listed per layer
 
+        from ..filemodels import record_file_model
+
+        record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
         table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
                                      extra_columns=ctx.extra_columns, legal=legal))
         table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)

@@ -127,6 +127,8 @@ def make_plan(problem: Problem, choice, *, solver=None, budget: Budget | None = 
         "table": {k: problem.table_metadata.get(k) for k in ("estimator", "model", "data", "fingerprint", "target", "quantizer", "rounding", "imatrix", "coverage")
                   if k in problem.table_metadata},
     }
+    if problem.file:  # a budget in the user's words: how the consumer must write the file it counted
+        provenance["file"] = {k: problem.file[k] for k in ("consumer", "base", "command") if k in problem.file}
     return BitPlan(
         bits={layer: bits_by_option[o] for layer, o in names.items()},
         options=options,
