@@ -88,6 +88,7 @@ ESTIMATORS: dict[str, str] = {
     "lrp": "mpsearch.sensitivity.lrp:LRPEstimator",
     "output-distance": "mpsearch.sensitivity.output_distance:OutputDistanceEstimator",
     "lim": "mpsearch.sensitivity.output_distance:LIMEstimator",
+    "response": "mpsearch.sensitivity.response:ResponseEstimator",
 }
 
 #: metric name -> "module:Class" (``--metric`` of ``validate`` and ``frontier --model``)

@@ -55,7 +55,7 @@ def test_a_registered_plugin_runs_the_shipped_suite():
         ESTIMATORS.pop("toy-inverted", None)
 
 
-@pytest.mark.parametrize("name", ["hessian", "fisher", "output-distance"])
+@pytest.mark.parametrize("name", ["hessian", "fisher", "output-distance", "response"])
 def test_cuda_when_available(name):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -358,6 +358,7 @@ class _Interrupt(KeyboardInterrupt):
     ("hessian", {"probes": 12, "min_probes": 12, "cache_every": 0}, "hvps"),
     ("fisher", {"chunk_size": 2, "cache_every": 0}, "backward_passes"),
     ("output-distance", {"cache_every": 0}, "suffix_passes"),
+    ("response", {"cache_every": 0, "probes": "int2,int4,int8"}, "suffix_passes"),
     ("lrp", {}, "backward_passes"),
     ("lim", {}, "forward_passes"),
 ])
