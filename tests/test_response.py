@@ -187,7 +187,7 @@ def test_table_columns_and_metadata():
     ({"probes": "int9"}, "probes: option bits must be 1-8"),
     ({"probes": "int7"}, "probes: 'int7' is not one of the options being estimated"),
     ({"probes": 0}, "probes must be an integer > 0"),
-    ({"probes": [1]}, "probes must be 'auto', 'all', a number of probes or option names"),
+    ({"probes": [1]}, "setting 'probes' must be int or str"),
     ({"fit": "cubic"}, "fit must be one of 'linear', 'power', got 'cubic'"),
     ({"probe_kind": "gauss"}, "probe_kind must be one of 'rounding', 'noise'"),
     ({"error": "full"}, "error must be one of 'auto', 'gram', 'diagonal'"),

@@ -80,8 +80,8 @@ class ResponseEstimator(Estimator):
     needs_data = True
 
     def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
-                 output: str = "auto", probes="auto", probe_kind: str = "rounding", fit: str = "linear",
-                 floor="auto", error: str = "auto", measured_probes: bool = True, max_gram_mb: float | None = None,
+                 output: str = "auto", probes: int | str = "auto", probe_kind: str = "rounding",
+                 fit: str = "linear", floor: bool | str = "auto", error: str = "auto", measured_probes: bool = True, max_gram_mb: float | None = None,
                  prefix_cache: bool = True, max_cache_mb: float | None = None, micro_batch: int | None = None,
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
@@ -101,7 +101,7 @@ class ResponseEstimator(Estimator):
         self.cache_every = cache_every
 
     # ------------------------------------------------------------------ settings
-    def _check(self, ctx: Context):
+    def _check(self):
         check_choice("metric", self.metric, METRICS)
         check_output(self.output)
         check_choice("probe_kind", self.probe_kind, PROBE_KINDS)
@@ -119,19 +119,26 @@ class ResponseEstimator(Estimator):
         if isinstance(p, int):
             check_positive("probes", p, integer=True)
         elif p not in ("auto", "all"):
-            names = {o.name for o in ctx.options}
-            for spec in str(p).split(","):
+            for spec in p.split(","):
                 try:
-                    name = parse_option(spec).name
+                    parse_option(spec)
                 except MpsearchError as e:
                     raise MpsearchError(f"probes: {e}") from None
+
+    def _check_probes(self, ctx: Context):
+        """Probes named as options must be among the options estimated."""
+        if isinstance(self.probes, str) and self.probes not in ("auto", "all"):
+            names = {o.name for o in ctx.options}
+            for spec in self.probes.split(","):
+                name = parse_option(spec).name
                 if name not in names:
                     raise MpsearchError(f"probes: {name!r} is not one of the options being estimated "
                                         f"({', '.join(sorted(names))})")
 
     # ------------------------------------------------------------------ work
     def _damage(self, model, ctx: Context) -> np.ndarray:
-        self._check(ctx)
+        self._check()
+        self._check_probes(ctx)
         L, K = len(ctx.layers), len(ctx.options)
         self._floor = self._uses_floor(model, ctx)  # run state
         probes, direct = self._choose_probes(model, ctx)
@@ -150,7 +157,7 @@ class ResponseEstimator(Estimator):
         st["d"] = st["d"].to(ctx.device, acc)
         self._stack_checked, self._stack_ok = False, True
         self._variants, self._variant_bytes, self._variant_limit = {}, 0, limit * 2**20 / 4  # run state
-        stats = _InputStats(model, ctx, self._error_mode(ctx), self._gram_limit(ctx))
+        stats = _InputStats(model, ctx, self.error, self._gram_limit(ctx))
         stats.collect(batches)
         ctx.count("forward_passes", B)
         self._measure(model, ctx, runner, names, batches, st, probes, direct)
@@ -167,9 +174,6 @@ class ResponseEstimator(Estimator):
             return bool(self.floor)
         dtypes = {get_module(model, lay.name).weight.dtype for lay in ctx.layers}
         return bool(dtypes & {torch.bfloat16, torch.float16})
-
-    def _error_mode(self, ctx) -> str:
-        return self.error
 
     def _gram_limit(self, ctx) -> float:
         mb = self.max_gram_mb if self.max_gram_mb is not None else _DEFAULT_GRAM_MB[ctx.device.type == "cuda"]
@@ -480,92 +484,84 @@ def _stderr(values, weights) -> np.ndarray:
 
 # ---------------------------------------------------------------------- input statistics
 class _InputStats:
-    """Each layer's input second moments: the Gram matrix E[x x^T] (shared by layers fed the same
-    tensor) or its diagonal; token counts for embeddings."""
+    """Each layer's input second moments: the Gram matrix E[x x^T] (one for layers fed the same tensor,
+    such as q/k/v) or its diagonal; token counts for embeddings. With ``mode="auto"`` the first batch
+    gives Gram matrices to the layers in the order the forward reaches them while their total fits
+    ``limit_bytes``, and diagonals to the rest."""
 
     def __init__(self, model, ctx: Context, mode: str, limit_bytes: float):
         self.model, self.ctx, self.mode, self.limit = model, ctx, mode, limit_bytes
         self.sums: dict[str, torch.Tensor] = {}  # key -> sum of x x^T, of x^2, or token counts
         self.counts: dict[str, float] = {}
-        self.key_of: dict[str, str] = {}  # layer -> key of its statistic
+        self.key_of: dict[str, str] = {}  # layer -> key of its statistic (its own name or its group's)
         self.kind_of: dict[str, str] = {}  # key -> "gram" | "diagonal" | "tokens"
-
-    def _plan(self):
-        """Which layers get a Gram matrix: all eligible ones when they fit ``limit`` (counting shared
-        inputs once only after the first batch shows them), else none."""
-        eligible = [lay for lay in self.ctx.layers if lay.kind in ("linear", "conv1d_hf")]
-        if self.mode == "diagonal":
-            return set()
-        nbytes = sum(lay.in_features**2 * 4 for lay in eligible)  # an upper bound (no sharing)
-        if self.mode == "gram" or nbytes <= self.limit:
-            return {lay.name for lay in eligible}
-        return None  # decided after the first batch, when shared inputs are known
+        self.gram_bytes = 0
 
     @torch.no_grad()
     def collect(self, batches) -> None:
         from ..data import run_model
 
-        gram = self._plan()
-        shared_bytes = {}
-        for bi, batch in enumerate(batches):
+        for batch in batches:
             seen: list = []  # (tensor, key) of this forward: layers fed the same tensor share a Gram
-            handles = []
-            for lay in self.ctx.layers:
-                module = get_module(self.model, lay.name)
-                handles.append(module.register_forward_pre_hook(
-                    self._hook(lay, module, seen, gram, shared_bytes, bi)))
+            handles = [get_module(self.model, lay.name).register_forward_pre_hook(self._hook(lay, seen))
+                       for lay in self.ctx.layers]
             try:
                 run_model(self.model, move_batch(batch, self.ctx.device))
             finally:
                 for h in handles:
                     h.remove()
-            if gram is None:  # auto: all Gram matrices if their shared total fits, else diagonals
-                fits = sum(shared_bytes.values()) <= self.limit
-                gram = {lay.name for lay in self.ctx.layers if lay.kind in ("linear", "conv1d_hf")} if fits else set()
-                self._to_diagonal(gram)
 
-    def _hook(self, lay, module, seen, gram, shared_bytes, bi):
-        def hook(mod, args, kwargs=None):
+    def _kind(self, lay, x) -> str:
+        """The statistic a layer first seen gets."""
+        if lay.kind == "embedding":
+            return "tokens"
+        if lay.kind not in ("linear", "conv1d_hf") or self.mode == "diagonal":
+            return "diagonal"
+        size = x.shape[-1] ** 2 * (8 if x.device.type == "cpu" else 4)
+        if self.mode == "gram" or self.gram_bytes + size <= self.limit:
+            self.gram_bytes += size
+            return "gram"
+        return "diagonal"
+
+    def _hook(self, lay, seen):
+        module = get_module(self.model, lay.name)
+
+        def hook(mod, args):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            if lay.kind == "embedding":
-                key = lay.name
-                counts = torch.bincount(x.reshape(-1).long(), minlength=module.weight.shape[0]).double()
-                self._add(key, "tokens", counts, 1.0)
+            shared = next((k for t, k in seen if t is x), None)  # identity, not equality
+            if lay.name not in self.key_of:  # first batch: this layer's statistic (its input's, if shared)
+                usable = shared is not None and lay.kind in ("linear", "conv1d_hf") and self.kind_of[shared] != "tokens"
+                key = shared if usable else lay.name
                 self.key_of[lay.name] = key
-                return
-            use_gram = gram is None or lay.name in gram
-            if lay.kind in ("conv1d", "conv2d"):
-                use_gram = False
-            key = next((k for t, k in seen if t is x), None) if use_gram else None
-            if key is None:
-                key = lay.name
-                seen.append((x, key))  # the tensor itself (not a detached view): identity tells sharing
-                x = x.detach()
-                if use_gram:
-                    flat = x.reshape(-1, x.shape[-1])
-                    flat = flat.double() if flat.device.type == "cpu" else flat.float()
-                    self._add(key, "gram", flat.T @ flat, flat.shape[0])
-                    shared_bytes[key] = flat.shape[1] ** 2 * 4
-                else:
-                    self._add(key, "diagonal", _column_moments(x, lay, module), _rows(x, lay))
-            self.key_of[lay.name] = key
+                if key not in self.kind_of:
+                    self.kind_of[key] = self._kind(lay, x)
+            key = self.key_of[lay.name]
+            if shared is None:
+                seen.append((x, key))
+            elif shared == key:
+                return  # already added by the layer that owns this input
+            x = x.detach()
+            kind = self.kind_of[key]
+            if kind == "tokens":
+                value, count = torch.bincount(x.reshape(-1).long(), minlength=module.weight.shape[0]), 1.0
+            elif kind == "gram":
+                flat = x.reshape(-1, x.shape[-1])
+                flat = flat.double() if flat.device.type == "cpu" else flat.float()
+                value, count = flat.T @ flat, flat.shape[0]
+            else:
+                value, count = _column_moments(x, lay, module), _rows(x, lay)
+            self._add(key, value, count)
         return hook
 
-    def _add(self, key, kind, value, count):
+    def _add(self, key, value, count):
         value = value.double() if value.device.type == "cpu" else value.float()
         if key in self.sums:
             self.sums[key] += value
             self.counts[key] += count
         else:
-            self.sums[key], self.counts[key], self.kind_of[key] = value, float(count), kind
-
-    def _to_diagonal(self, gram_layers):
-        for key, kind in list(self.kind_of.items()):
-            if kind == "gram" and key not in gram_layers:
-                self.sums[key] = self.sums[key].diagonal().clone()
-                self.kind_of[key] = "diagonal"
+            self.sums[key], self.counts[key] = value, float(count)
 
     def mode_summary(self) -> dict:
         kinds = {}
@@ -581,7 +577,7 @@ class _InputStats:
         """t = tr(dW H dW^T) / tr(W H W^T) of the layer (the layer's output error under its inputs,
         relative to its output), H the Gram matrix, its diagonal, or the token counts."""
         key = self.key_of.get(layer.name)
-        if key is None:  # the layer never ran on the calibration data: its plain weight error
+        if key not in self.sums:  # the layer never ran on the calibration data: its plain weight error
             m = weight_matrix(w.detach(), layer.kind).float()
             dm = weight_matrix(variant.detach(), layer.kind).float() - m
             return float(dm.pow(2).sum() / m.pow(2).sum().clamp(min=1e-300))
