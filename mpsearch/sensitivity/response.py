@@ -57,7 +57,7 @@ from ..layers import get_module
 from ..options import parse_option
 from ..quant import from_weight_matrix, quantize_weight, weight_matrix
 from .base import (
-    DEFAULT_OPTIONS, Context, Estimator, check_choice, check_positive, probe_seed, progress_bar,
+    Context, Estimator, check_choice, check_positive, probe_seed, progress_bar,
 )
 from .blocks import PrefixRunner, find_blocks
 from .losses import METRICS, check_output, output_kind
@@ -79,7 +79,7 @@ class ResponseEstimator(Estimator):
     name = "response"
     needs_data = True
 
-    def __init__(self, *, options=DEFAULT_OPTIONS, seed: int = 0, device=None, metric: str = "auto",
+    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", probes: int | str = "auto", probe_kind: str = "rounding",
                  fit: str = "linear", floor: bool | str = "auto", error: str = "auto", measured_probes: bool = True, max_gram_mb: float | None = None,
                  prefix_cache: bool = True, max_cache_mb: float | None = None, micro_batch: int | None = None,
