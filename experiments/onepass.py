@@ -341,38 +341,59 @@ def save(doc, stem) -> Path:
     return path
 
 
-def report(args):
-    lines = ["<!-- written by: python experiments/onepass.py report -->", ""]
-    for f in sorted(RESULTS.glob("*.json")):
-        doc = json.loads(f.read_text())
-        if "calibration" in f.stem:
-            continue
-        lines += [f"### {doc['model']}", "", doc["data"] + f"; raw: `{f.relative_to(HERE)}`", "",
-                  "| estimator | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
-        for label in doc["tables"]:
-            cells = []
-            for tg in TARGETS:
-                r = next(x for x in doc["rows"] if x["estimator"] == label and x["target"] == tg)
-                cells.append(f"{r['loss']:.4g} ({100 * r['gap_closed']:.1f}%)")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        bu = {x["target"]: x for x in doc["rows"]}
-        lines.append("| best uniform that fits | " + " | ".join(
-            f"{bu[tg]['best_uniform']} {bu[tg]['uniform_loss']:.4g}" for tg in TARGETS) + " |")
-        lines += ["", "| estimator | seconds | suffix passes | block evaluations | prediction of unprobed options: "
-                  "rms log ratio, within 2x, option pairs ordered alike | fit_error median / p90 |",
-                  "|---|---|---|---|---|---|"]
-        for label, t in doc["tables"].items():
-            p = t.get("prediction") or {}
+def _model_section(f, doc) -> list[str]:
+    measured = [k for k, t in doc["tables"].items() if t.get("seconds") is not None]
+    simulated = [k for k in doc["tables"] if k not in measured]
+    row = {(x["estimator"], x["target"]): x for x in doc["rows"]}
+    lines = [f"### {doc['model']}", "", doc["data"] + f"; {doc.get('threads', '?')} thread(s), device "
+             f"{doc['device']}; raw: `{f.relative_to(HERE)}`", "",
+             "Measured loss of each table's ILP plan at the size of the uniform plan (gap closed against the best "
+             "measured uniform plan that fits):", "",
+             "| estimator | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+    for label in measured:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{row[(label, tg)]['loss']:.4g} ({100 * row[(label, tg)]['gap_closed']:.1f}%)" for tg in TARGETS) + " |")
+    lines.append("| best uniform that fits | " + " | ".join(
+        f"{row[(measured[0], tg)]['best_uniform']} {row[(measured[0], tg)]['uniform_loss']:.4g}" for tg in TARGETS)
+        + " |")
+    od = doc["tables"].get("output-distance", {}).get("seconds")
+    lines += ["", "Cost, same process, one after another (median of the runs; each run fresh, no estimator cache):",
+              "", "| estimator | seconds (median) | runs (s) | output-distance / this | suffix passes | block "
+              "evaluations | prediction of unprobed options vs output-distance: rms log ratio, within 2x, option "
+              "pairs ordered alike | fit_error median / p90 |", "|---|---|---|---|---|---|---|---|"]
+    for label in measured:
+        t = doc["tables"][label]
+        p = t.get("prediction") or {}
+        pred = f"{p['rms_log']:.2f}, {100 * p['within_2x']:.0f}%, {100 * p['pairs_ordered_alike']:.0f}%" if p else "-"
+        r = t.get("response") or {}
+        fe = f"{r['fit_error_median']:.2f} / {r['fit_error_p90']:.2f}" if r.get("fit_error_median") is not None else "-"
+        c = t["cost"]
+        runs = ", ".join(f"{x:.1f}" for x in t.get("seconds_runs", [t["seconds"]]))
+        ratio = f"{od / t['seconds']:.2f}" if od else "-"
+        lines.append(f"| {label} | {t['seconds']:.1f} | {runs} | {ratio} | {c.get('suffix_passes', '-')} | "
+                     f"{c.get('block_evaluations', '-')} | {pred} | {fe} |")
+    if simulated:
+        lines += ["", "Response tables built from output-distance's table and the response run's relative errors "
+                  "(what the estimator computes with these probes, without running it; no time of their own): "
+                  "measured loss (gap closed) and prediction as above:", "",
+                  "| variant | " + " | ".join(TARGETS) + " | prediction |", "|---|" + "---|" * (len(TARGETS) + 1)]
+        for label in simulated:
+            p = doc["tables"][label].get("prediction") or {}
             pred = (f"{p['rms_log']:.2f}, {100 * p['within_2x']:.0f}%, {100 * p['pairs_ordered_alike']:.0f}%"
                     if p else "-")
-            r = t.get("response") or {}
-            fe = (f"{r['fit_error_median']:.2f} / {r['fit_error_p90']:.2f}" if r.get("fit_error_median") is not None
-                  else "-")
-            c = t["cost"]
-            secs = f"{t['seconds']:.0f}" if t.get("seconds") is not None else "(built from output-distance)"
-            lines.append(f"| {label} | {secs} | {c.get('suffix_passes', '-')} | "
-                         f"{c.get('block_evaluations', '-')} | {pred} | {fe} |")
-        lines.append("")
+            lines.append(f"| {label[5:]} | " + " | ".join(
+                f"{row[(label, tg)]['loss']:.4g} ({100 * row[(label, tg)]['gap_closed']:.1f}%)" for tg in TARGETS)
+                + f" | {pred} |")
+    return lines + [""]
+
+
+def report(args):
+    """The tables of every results file, written into onepass.md between its markers (the prose around
+    them is kept)."""
+    lines = ["<!-- tables: written by `python experiments/onepass.py report` -->", ""]
+    for f in sorted(RESULTS.glob("*.json")):
+        if "calibration" not in f.stem:
+            lines += _model_section(f, json.loads(f.read_text()))
     for f in sorted(RESULTS.glob("*calibration*.json")):
         doc = json.loads(f.read_text())
         lines += [f"### Calibration size: {doc['model']}", "", doc["data"] + f"; {doc['resamples']} bootstrap "
@@ -385,8 +406,11 @@ def report(args):
             rg = " / ".join(f"{100 * np.mean([r['regret'] for r in rs if r['target'] == tg]):.1f}%" for tg in TARGETS)
             lines.append(f"| {n} | {rs[0]['tokens']} | {ch} | {rg} | {np.mean([r['spearman'] for r in rs]):.3f} |")
         lines.append("")
-    out = HERE / "onepass_tables.md"
-    out.write_text("\n".join(lines) + "\n")
+    lines.append("<!-- end of tables -->")
+    out = HERE / "onepass.md"
+    text = out.read_text() if out.is_file() else "<!-- tables -->\n<!-- end of tables -->\n"
+    start, end = text.index("<!-- tables"), text.index("<!-- end of tables -->") + len("<!-- end of tables -->")
+    out.write_text(text[:start] + "\n".join(lines) + text[end:])
     print(f"wrote {out}")
 
 

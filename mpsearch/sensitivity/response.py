@@ -496,6 +496,7 @@ class _InputStats:
         self.key_of: dict[str, str] = {}  # layer -> key of its statistic (its own name or its group's)
         self.kind_of: dict[str, str] = {}  # key -> "gram" | "diagonal" | "tokens"
         self.gram_bytes = 0
+        self._den: dict[str, torch.Tensor] = {}  # layer -> tr(W H W^T) of its weight (the same for every option)
 
     @torch.no_grad()
     def collect(self, batches) -> None:
@@ -575,7 +576,8 @@ class _InputStats:
     @torch.no_grad()
     def relative_error(self, layer, w, variant) -> float:
         """t = tr(dW H dW^T) / tr(W H W^T) of the layer (the layer's output error under its inputs,
-        relative to its output), H the Gram matrix, its diagonal, or the token counts."""
+        relative to its output), H the Gram matrix, its diagonal, or the token counts. The denominator is
+        computed once per layer (``w`` is the layer's unchanged weight in every call)."""
         key = self.key_of.get(layer.name)
         if key not in self.sums:  # the layer never ran on the calibration data: its plain weight error
             m = weight_matrix(w.detach(), layer.kind).float()
@@ -585,11 +587,17 @@ class _InputStats:
         m = weight_matrix(w.detach(), layer.kind).to(s.dtype)
         dm = weight_matrix(variant.detach(), layer.kind).to(s.dtype) - m
         if kind == "tokens":  # embedding: row j is read once per occurrence of token j
-            num, den = (dm.pow(2).sum(1) * s).sum(), (m.pow(2).sum(1) * s).sum()
+            def quad(a):
+                return (a.pow(2).sum(1) * s).sum()
         elif kind == "gram":
-            num, den = ((dm @ s) * dm).sum(), ((m @ s) * m).sum()
+            def quad(a):
+                return ((a @ s) * a).sum()
         else:
-            num, den = (dm.pow(2) * s[None, :]).sum(), (m.pow(2) * s[None, :]).sum()
+            def quad(a):
+                return (a.pow(2) * s[None, :]).sum()
+        if layer.name not in self._den:
+            self._den[layer.name] = quad(m)
+        num, den = quad(dm), self._den[layer.name]
         return float(num / den) if float(den) > 0 else 0.0
 
 
