@@ -273,7 +273,8 @@ def table(args):
             gap = " / ".join(str(gaps.get(f"int{b}-asym", "-")) for b in (3, 4, 5, 6)) if gaps else "-"
             wall = e.get("wall_s", "-")
             secs = e.get("estimator_s", e.get("s", "-"))
-            print(f"| {r['part']} ({r.get('weights', 'random')}) | {r['device']} | {r['calib_tokens']} | {est} | {wall} "
+            print(f"| {r['part']} ({r.get('weights', 'random')}) | {r['device']} | {r['calib_tokens']} | {est} "
+                  f"| {wall} "
                   f"| {secs} | {e.get('peak_gb', '-')} | {cost.get('suffix_passes', '-')} "
                   f"| {cost.get('block_evaluations', '-')} | {gap} |")
 

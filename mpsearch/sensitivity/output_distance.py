@@ -65,6 +65,16 @@ def _size(batch) -> int:
     return _batch_size(batch)
 
 
+def check_suffix_settings(est) -> None:
+    """The settings shared by the estimators that measure suffix passes (output-distance, response)."""
+    check_choice("metric", est.metric, METRICS)
+    check_output(est.output)
+    if est.max_cache_mb is not None:
+        check_positive("max_cache_mb", est.max_cache_mb, allow_zero=True)
+    if est.micro_batch is not None:
+        check_positive("micro_batch", est.micro_batch, integer=True)
+
+
 class OutputDistanceEstimator(Estimator):
     """Measured output distance of the model with one layer quantized, per layer x option."""
 
@@ -89,14 +99,9 @@ class OutputDistanceEstimator(Estimator):
         self.cache_every = cache_every
 
     def _check(self):
-        check_choice("metric", self.metric, METRICS)
-        check_output(self.output)
-        if self.max_cache_mb is not None:
-            check_positive("max_cache_mb", self.max_cache_mb, allow_zero=True)
+        check_suffix_settings(self)
         if self.stack_options is not None:
             check_positive("stack_options", self.stack_options, integer=True)
-        if self.micro_batch is not None:
-            check_positive("micro_batch", self.micro_batch, integer=True)
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
         self._check()

@@ -56,14 +56,12 @@ from ..errors import MpsearchError
 from ..layers import get_module
 from ..options import parse_option
 from ..quant import from_weight_matrix, quantize_weight, weight_matrix
-from .base import (
-    Context, Estimator, check_choice, check_positive, probe_seed, progress_bar,
-)
+from .base import Context, Estimator, check_choice, check_positive, probe_seed, progress_bar
 from .blocks import PrefixRunner, find_blocks
-from .losses import METRICS, check_output, output_kind
+from .losses import output_kind
 from .output_distance import (
     _DEFAULT_CACHE_MB, _STACKABLE, _distance, _prepare, _quantizes_activations, _size, _warn_stack,
-    stacked_weights,
+    check_suffix_settings, stacked_weights,
 )
 
 PROBE_KINDS = ("rounding", "noise")
@@ -81,7 +79,8 @@ class ResponseEstimator(Estimator):
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", probes: int | str = "auto", probe_kind: str = "rounding",
-                 fit: str = "linear", floor: bool | str = "auto", error: str = "auto", measured_probes: bool = True, max_gram_mb: float | None = None,
+                 fit: str = "linear", floor: bool | str = "auto", error: str = "auto", measured_probes: bool = True,
+                 max_gram_mb: float | None = None,
                  prefix_cache: bool = True, max_cache_mb: float | None = None, micro_batch: int | None = None,
                  cache_dir=None, cache_every: float = 30.0):
         super().__init__(options=options, seed=seed, device=device)
@@ -102,17 +101,13 @@ class ResponseEstimator(Estimator):
 
     # ------------------------------------------------------------------ settings
     def _check(self):
-        check_choice("metric", self.metric, METRICS)
-        check_output(self.output)
+        check_suffix_settings(self)
         check_choice("probe_kind", self.probe_kind, PROBE_KINDS)
         check_choice("fit", self.fit, FITS)
         check_choice("error", self.error, ERRORS)
         check_choice("floor", self.floor, ("auto", True, False))
-        for name in ("max_gram_mb", "max_cache_mb"):
-            if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name), allow_zero=True)
-        if self.micro_batch is not None:
-            check_positive("micro_batch", self.micro_batch, integer=True)
+        if self.max_gram_mb is not None:
+            check_positive("max_gram_mb", self.max_gram_mb, allow_zero=True)
         p = self.probes
         if isinstance(p, bool) or not isinstance(p, (int, str)):
             raise MpsearchError(f"probes must be 'auto', 'all', a number of probes or option names, got {p!r}")
@@ -139,7 +134,7 @@ class ResponseEstimator(Estimator):
     def _damage(self, model, ctx: Context) -> np.ndarray:
         self._check()
         self._check_probes(ctx)
-        L, K = len(ctx.layers), len(ctx.options)
+        L = len(ctx.layers)
         self._floor = self._uses_floor(model, ctx)  # run state
         probes, direct = self._choose_probes(model, ctx)
         names = [lay.name for lay in ctx.layers]
