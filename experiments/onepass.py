@@ -346,7 +346,8 @@ def _model_section(f, doc) -> list[str]:
     simulated = [k for k in doc["tables"] if k not in measured]
     row = {(x["estimator"], x["target"]): x for x in doc["rows"]}
     lines = [f"### {doc['model']}", "", doc["data"] + f"; {doc.get('threads', '?')} thread(s), device "
-             f"{doc['device']}; raw: `{f.relative_to(HERE)}`", "",
+             f"{doc['device']}, machine load average {doc.get('load_before', 0):.1f} before and "
+             f"{doc.get('load_after', 0):.1f} after; raw: `{f.relative_to(HERE)}`", "",
              "Measured loss of each table's ILP plan at the size of the uniform plan (gap closed against the best "
              "measured uniform plan that fits):", "",
              "| estimator | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
