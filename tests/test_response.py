@@ -21,10 +21,10 @@ from sensitivity_models import cnn_batches, lm_batches
 OPTS = "int2,int3,int4,int5,int6,int8"
 
 
-def _table(name, model, batches, **kw):
+def _table(name, model, batches, target=None, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EstimatorWarning)
-        return mpsearch.get_estimator(name, **kw).estimate(model, batches, progress=False)
+        return mpsearch.get_estimator(name, **kw).estimate(model, batches, progress=False, target=target)
 
 
 def _damage(table):
@@ -163,9 +163,9 @@ def test_noise_probes_are_seeded():
 
 def test_activation_options_are_measured_directly():
     model, batches = lm_batches()
-    opts = "w8a8-int8,int2,int4,int8"
-    od = _table("output-distance", model, batches, options=opts, metric="kl")
-    r = _table("response", model, batches, options=opts, metric="kl")
+    opts = "w8a8-int8,w4a16-g32,w8a16"  # a consumer's formats: its target takes them
+    od = _table("output-distance", model, batches, options=opts, metric="kl", target="vllm")
+    r = _table("response", model, batches, options=opts, metric="kl", target="vllm")
     a, b = r.frame.set_index(["layer", "option"])["damage"], od.frame.set_index(["layer", "option"])["damage"]
     rows = [(lay, "w8a8-int8") for lay in r.layers]
     np.testing.assert_allclose(a[rows], b[rows], rtol=1e-9)
