@@ -37,7 +37,10 @@ class Format:
     says otherwise: llama.cpp's i-quants put signed grid points on 3, 6 or 16 values per group).
     ``rows_independent`` is false for formats whose scales depend on the whole matrix (a per-tensor
     global scale): the rows of several matrices (stacked experts) may be quantized together only
-    when it is true.
+    when it is true. ``idempotent``: the format promises that its rounding is a projection,
+    ``quantize(quantize(W)) == quantize(W)`` exactly (checked by
+    :func:`mpsearch.testing.consumers.check_format`); many consumers' roundings are not (a
+    symmetric scale of ``max / (2**(b-1) - 0.5)`` moves when applied again).
     """
 
     name: str = ""
@@ -47,6 +50,7 @@ class Format:
     level_group: int | None = None
     rows_independent: bool = True
     levels: int | None = None
+    idempotent: bool = False
     description: str = ""
 
     def max_levels(self) -> int:

@@ -140,6 +140,7 @@ def ct_nvfp4_qdq(x, global_scale, group: int = 16):
 
 class CTFp8Dynamic(FloatFormat):
     consumer = "compressed-tensors"
+    idempotent = True
 
     def quantize(self, matrix):
         return ct_fp8_rowwise(matrix)
@@ -219,6 +220,7 @@ def ct_mxfp4_qdq(x, group: int = 32):
 
 class CTMxfp4(FloatFormat):
     consumer = "compressed-tensors"
+    idempotent = True  # power-of-two scales of the group's max: a second pass finds the same ones
 
     def check_shape(self, out_channels: int, in_features: int) -> str | None:
         if in_features % 32:

@@ -100,6 +100,9 @@ class GgmlFormat(Format):
         self.description = description
         self.ggml_type = GGML_TYPE[name]
         self.fallback = FALLBACK.get(name)  # llama.cpp's type where the block does not divide the row
+        # the legacy types' scale is the block's max over the largest level (q8_0: /127, q4_0: /-8 ...):
+        # quantizing again finds the same scale; the K-quants' searched scales do not promise it
+        self.idempotent = name in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
     def row_size(self, in_features: int) -> int:
         """Bytes of one row, as ``ggml_row_size`` (the row must divide the block)."""

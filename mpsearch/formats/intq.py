@@ -278,6 +278,7 @@ def modelopt_int_qdq(x, bits: int, amax):
 
 class ModelOptInt(IntFormat):
     consumer = "modelopt"
+    idempotent = True  # the amax maps to +-max_bound exactly, so a second pass finds the same scale
 
     def _qdq(self, x):
         return modelopt_int_qdq(x, self.bits, x.abs().amax(-1, keepdim=True))
@@ -334,6 +335,10 @@ class AutoRoundInt(IntFormat):
     align_in = 32
     align_out = 32
     partial_groups = True  # reshape_pad_tensor_by_group_size pads the last group with zeros
+
+    @property
+    def idempotent(self) -> bool:  # symmetric: max / 2**(b-1) maps back to the same scale
+        return self.symmetric
 
     def _qdq(self, x):
         return autoround_int_qdq(x, self.bits, self.symmetric)

@@ -15,13 +15,16 @@ failed; they need no test runner. With pytest::
     def test_my_solver(check):
         check("mine")
 
-or all at once: ``check_solver("mine")``, ``check_estimator("my-estimator")``. The checks read the
+or all at once: ``check_solver("mine")``, ``check_estimator("my-estimator")``; for consumers,
+``check_format(my_format)`` and ``check_target(my_target)`` (:mod:`mpsearch.testing.consumers`). The checks read the
 solver's declared abilities (``exact``, ``single_resource``, ``whole_frontier``) and run what
 applies: exact solvers must equal the exhaustive oracle, boundary budgets included.
 """
 
+from .consumers import check_format, check_target
 from .estimators import check_estimator, estimator_checks
 from .models import tiny_cnn, tiny_lm
 from .solvers import check_solver, solver_checks
 
-__all__ = ["check_estimator", "check_solver", "estimator_checks", "solver_checks", "tiny_cnn", "tiny_lm"]
+__all__ = ["check_estimator", "check_format", "check_solver", "check_target", "estimator_checks", "solver_checks",
+           "tiny_cnn", "tiny_lm"]
