@@ -40,6 +40,7 @@ from .budget import Budget
 from .errors import BudgetError, MpsearchError
 from .fileio import atomic_write_text
 from .plan import BitPlan
+from .pareto import best_under, column_sums, pareto_indices  # noqa: F401  (re-exported)
 from .problem import Problem, compile_problem
 from .table import CostTable
 
@@ -47,28 +48,6 @@ from .table import CostTable
 DEFAULT_POINTS = 20
 #: rows written to a frontier CSV by default (every point goes to the .npz beside it)
 DEFAULT_MAX_POINTS = 200
-
-
-def pareto_indices(cost, damage) -> np.ndarray:
-    """Indices of the non-dominated points (lower ``cost`` and lower ``damage`` are better), sorted
-    by cost; of equal points the first is kept. The one Pareto filter of the package."""
-    cost, damage = np.asarray(cost, dtype=float), np.asarray(damage, dtype=float)
-    order = np.lexsort((damage, cost))
-    d = damage[order]
-    prev = np.r_[np.inf, np.minimum.accumulate(d)[:-1]]
-    return order[d < prev]
-
-
-def best_under(cost, damage, budgets) -> np.ndarray:
-    """For each budget, the index of the least-damage point whose cost fits it (budgets no point
-    fits are skipped); unique indices, sorted."""
-    cost, damage = np.asarray(cost, dtype=float), np.asarray(damage, dtype=float)
-    picks = []
-    for v in np.asarray(budgets, dtype=float):
-        ok = np.flatnonzero(cost <= v * (1 + 1e-12) + 1e-9)
-        if len(ok):
-            picks.append(ok[np.argmin(damage[ok])])
-    return np.unique(np.asarray(picks, dtype=np.int64))
 
 
 def non_dominated(frame, x: str = "size_bits", y: str = "damage"):
@@ -380,17 +359,6 @@ def _sweep(problem: Problem, j: int, solver, budget: Budget, caps):
 
 def _choice_dtype(problem: Problem):
     return np.uint8 if problem.n_options < 256 else np.int32
-
-
-def column_sums(mats: dict[str, np.ndarray], choices: np.ndarray) -> dict[str, np.ndarray]:
-    """Each [item, option] matrix of ``mats`` summed over items, per row of ``choices`` [P, N]
-    (item by item, so memory stays proportional to the number of points)."""
-    cols = np.ascontiguousarray(np.asarray(choices).T)  # one contiguous row per item
-    sums = {k: np.zeros(cols.shape[1]) for k in mats}
-    for i, col in enumerate(cols):
-        for k, m in mats.items():
-            sums[k] += m[i].take(col)
-    return sums
 
 
 def _build(problem, con, key, solver, budget, choices, statuses, bounds, *, stats) -> Frontier:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import MpsearchError
-from .frontier import pareto_indices
+from .pareto import pareto_indices
 from .problem import group_items
 from .table import CostTable
 

@@ -155,3 +155,118 @@ def test_frontier_reads_declared_abilities_not_names():
     assert _OnePass.calls == ["solve"] * 3
     source = "\n".join(f.read_text() for f in PACKAGE.rglob("*.py"))
     assert 'name == "dp"' not in source and 'hasattr(solver, "frontier")' not in source
+
+
+# ----------------------------------------------------------------- the layer contract
+def _top(module: str) -> str:
+    """The top-level package (or module) of ``mpsearch`` a module belongs to; ``mpsearch`` for the root."""
+    return module.split(".")[1] if module.count(".") else "mpsearch"
+
+
+def package_graph(graph=None) -> dict[str, set[str]]:
+    """top-level package -> the other top-level packages its modules import (module level and in
+    functions alike: :func:`import_graph` walks every import statement)."""
+    out: dict[str, set[str]] = {}
+    for mod, deps in (graph or import_graph()).items():
+        out.setdefault(_top(mod), set()).update(_top(d) for d in deps if _top(d) != _top(mod))
+    return out
+
+
+#: The contract: which top-level package of mpsearch may import which (derived from the code, then
+#: frozen). A new import across packages fails test_imports_keep_the_layer_contract until it is added
+#: here, on purpose. Lower layers (errors, options, formats, table, problem, pareto...) import few.
+ALLOWED = {
+    "__main__": "cli",
+    "_quiet": "",
+    "apply": "data errors formats gptq imatrix layers moe plan quant",
+    "budget": "errors filesize",
+    "checks": "data errors layers",
+    "cli": ("_quiet apply budget coverage diagnose distributed env errors export fileio filemodels "
+            "filesize fit frontier imatrix kvcache measured metrics mpsearch plan plotting recipe "
+            "refine registry sensitivity solvers specs table targets validate"),
+    "coverage": "budget errors layers moe targets",
+    "data": "errors",
+    "deploy": "errors",
+    "diagnose": "sources",
+    "distributed": "apply env errors hf layers sources",
+    "env": "errors",
+    "errors": "",
+    "export": "_quiet apply errors fileio formats mpsearch options plan registry ties",
+    "fileio": "env errors",
+    "filemodels": "budget deploy errors export filesize filesize_ct layers problem targets",
+    "filesize": "errors targets",
+    "filesize_ct": "errors filesize formats targets",
+    "fit": "budget deploy errors filesize kvcache registry",
+    "formats": "errors",
+    "frontier": "budget errors fileio pareto plan problem registry solvers table",
+    "gptq": "data errors layers options quant",
+    "hf": "_quiet errors sources",
+    "imatrix": "data errors export fileio layers quant targets",
+    "interaction": "errors layers options problem quant sensitivity table",
+    "kvcache": "data errors formats sensitivity",
+    "layers": "budget data errors moe quant ties",
+    "measured": ("apply budget data diagnose distributed errors fileio filemodels frontier imatrix layers "
+                 "metrics options plan plotting problem recipe refine registry sensitivity settings "
+                 "solvers specs table targets validate zoo"),
+    "metrics": "data errors fileio recipe registry sensitivity zoo",
+    "moe": "data errors quant",
+    "mpsearch": "",
+    "options": "errors formats",
+    "pareto": "",
+    "pipeline": "measured options recipe refine",
+    "plan": "errors fileio options",
+    "plotting": "diagnose errors",
+    "problem": "budget errors filesize table ties",
+    "quant": "errors options",
+    "recipe": "data options registry targets",
+    "refine": "budget errors fileio plan problem recipe sensitivity settings solvers table",
+    "registry": "errors export settings",
+    "sensitivity": ("apply checks coverage data diagnose distributed errors fileio filemodels gptq imatrix "
+                    "layers metrics moe mpsearch options plan quant recipe registry settings table targets"),
+    "settings": "errors",
+    "solvers": "budget distributed errors mpsearch options pareto plan problem registry sensitivity table",
+    "sources": "errors",
+    "specs": "data errors hf layers metrics recipe sources zoo",
+    "synthetic": "errors pareto problem table",
+    "table": "errors fileio options",
+    "targets": "errors export formats layers options plan registry",
+    "testing": ("budget errors export formats layers options plan problem registry sensitivity synthetic "
+                "table targets"),
+    "ties": "errors",
+    "validate": "apply coverage errors layers options plan quant targets",
+    "zoo": "env errors fileio hf sources",
+}
+
+#: Folder-level loops that the contract still allows, each the only exceptions to "no loops between
+#: packages" (module-level there are none: test_no_import_cycles). Each is kept by in-function
+#: imports; breaking one means moving the shared piece to the lower package, then removing it here.
+#: - metrics <-> sensitivity: metrics' cache key uses sensitivity.cache.model_fingerprint, and the
+#:   output-distance estimators use metrics.kl_from_logits (the fingerprints belong in a lower module);
+#: - the core loop apply/budget/export/filesize/gptq/imatrix/layers/registry/targets: registry names
+#:   export's error class, export and targets read each other's options and layers, budget sizes
+#:   files through filesize -> targets -> layers -> budget.
+#: (frontier <-> solvers was broken by moving the Pareto arithmetic to mpsearch/pareto.py.)
+KNOWN_LOOPS = [
+    ["apply", "budget", "export", "filesize", "gptq", "imatrix", "layers", "registry", "targets"],
+    ["metrics", "sensitivity"],
+]
+
+
+def test_imports_keep_the_layer_contract():
+    graph = package_graph()
+    new = {(a, b) for a, deps in graph.items() for b in deps if b not in ALLOWED.get(a, "").split()}
+    assert not new, f"imports outside the layer contract (add them to ALLOWED on purpose): {sorted(new)}"
+    assert set(graph) == set(ALLOWED), f"packages added or removed: {set(graph) ^ set(ALLOWED)}"
+    stale = {(a, b) for a, deps in ALLOWED.items() for b in deps.split() if b not in graph.get(a, ())}
+    assert not stale, f"the contract allows imports that no longer exist (remove them): {sorted(stale)}"
+
+
+def test_no_folder_loops_but_the_known_ones():
+    assert cycles(package_graph()) == KNOWN_LOOPS
+
+
+def test_the_contract_check_sees_a_forbidden_import():
+    graph = {"mpsearch.errors": {"mpsearch.solvers.dp"}, "mpsearch.solvers.dp": {"mpsearch.errors"}}
+    assert package_graph(graph) == {"errors": {"solvers"}, "solvers": {"errors"}}
+    assert "solvers" not in ALLOWED["errors"].split() and cycles(package_graph(graph)) == [["errors", "solvers"]]
+    assert package_graph()["frontier"] >= {"solvers", "pareto"} and "frontier" not in package_graph()["solvers"]

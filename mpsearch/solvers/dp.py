@@ -40,7 +40,7 @@ from functools import reduce
 import numpy as np
 
 from ..errors import MpsearchError
-from ..frontier import column_sums, pareto_indices
+from ..pareto import column_sums, pareto_indices
 from ..problem import Problem
 from .base import Solution, Solver
 from .greedy import argmin_lex, hull_segments

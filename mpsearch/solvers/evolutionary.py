@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MpsearchError
-from ..frontier import best_under
+from ..pareto import best_under
 from ..problem import Problem
 from .base import Solution, Solver, make_plan
 
