@@ -352,7 +352,7 @@ class CausalLMMetric(Metric):
         import hashlib
         from pathlib import Path
 
-        from .sensitivity.base import model_fingerprint
+        from .fingerprint import model_fingerprint
 
         doc = repr((model_fingerprint(model), hashlib.sha1(self.input_ids.numpy().tobytes()).hexdigest(),
                     self.window, self.stride, self.reference, self.topk, self.max_reference_mb))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import split_batch
+from ..fingerprint import data_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
+
 
 def default_cache_dir() -> Path:
     """Where the CLI keeps estimator caches unless told otherwise (``--param cache_dir=DIR``, or
@@ -32,48 +33,6 @@ def default_cache_dir() -> Path:
 
 
 _NOT_KEYED = {"cache_dir", "cache_every", "options"}  # the options: keyed as estimated, below
-
-
-def _feed_tensor(h, t: torch.Tensor) -> None:
-    """Hash a tensor's dtype, shape and the bytes of its values."""
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's parameters and buffers: names, dtypes, shapes and the bytes of
-    every value (two models share it only when their weights are bit for bit the same)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for kind, named in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
-            for name, t in named:
-                h.update(f"{kind}:{name}:".encode())
-                _feed_tensor(h, t)
-    return h.hexdigest()[:16]
-
-
-def data_fingerprint(batches) -> str:
-    """A hash of every tensor in the calibration batches (values, shapes, dtypes)."""
-    h = hashlib.sha1()
-
-    def feed(obj):
-        if isinstance(obj, torch.Tensor):
-            _feed_tensor(h, obj)
-        elif isinstance(obj, dict):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                feed(v)
-        else:
-            h.update(repr(obj).encode())
-
-    for batch in batches:
-        feed(split_batch(batch))
-    return h.hexdigest()[:16]
 
 
 def cache_key(estimator, model, batches, layers, options) -> str:
