@@ -459,3 +459,44 @@ def _run_refinement(settings):
 
     history = [(p, measure(p)) for p in (BitPlan.uniform(table.layers, o) for o in ("int2", "int4"))]
     accepts_or_refuses(refine, table, "greedy", {"t": 5.0}, history, measure, settings, key="avg_bits")
+
+
+# ------------------------------------------------------------------------------ the new surfaces
+def _imatrix_seed() -> bytes:
+    return (Path(__file__).parent / "fixtures" / "imatrix" / "tiny-moe.imatrix.gguf").read_bytes()
+
+
+@fuzz(3)
+@given(st.one_of(st.binary(max_size=400), st.text(max_size=200).map(str.encode)), st.sampled_from([".gguf", ".dat"]))
+def test_fuzz_imatrix_any_bytes(data, suffix):
+    from mpsearch.imatrix import read_imatrix
+
+    accepts_or_refuses(read_imatrix, _file(data, suffix))
+
+
+@fuzz(3)
+@given(st.lists(st.tuples(st.integers(0, 20000), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4),
+       st.integers(0, 40000))
+def test_fuzz_imatrix_damaged_gguf(patches, cut):
+    """llama-imatrix's own GGUF (a committed fixture), bytes overwritten and/or cut short."""
+    from mpsearch.imatrix import read_imatrix
+
+    data = bytearray(_imatrix_seed())
+    for at, chunk in patches:
+        at %= len(data)
+        data[at:at + len(chunk)] = chunk
+    accepts_or_refuses(read_imatrix, _file(bytes(data[:max(cut, 1)] if cut < len(data) else data), ".gguf"))
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=60),
+                 st.lists(st.tuples(st.sampled_from(["gpu", "ram", "ctx", "parallel", "kv", "placement", "cpu",
+                                                     "min_tps", "x", ""]),
+                                    st.one_of(st.sampled_from(["24GiB", "1.5GB", "0", "-1", "q8_0", "auto", "ngl=3",
+                                                               "avx512", "nan", "inf", "1e30", ""]),
+                                              st.text(max_size=8))), max_size=4)
+                 .map(lambda kv: ",".join(f"{k}={v}" for k, v in kv))))
+def test_fuzz_fit_spec(text):
+    from mpsearch.fit import FitSpec
+
+    accepts_or_refuses(FitSpec.parse, text)
