@@ -333,6 +333,8 @@ def kld(model: str, gguf: Path, *, chunks: int, ctx: int = 512, work: Path = WOR
     return {"mean_kld": grab(r"Mean\s+KLD:\s+([-\d.e+]+)"),
             "mean_kld_err": grab(r"Mean\s+KLD:\s+[-\d.e+]+\s+±\s+([-\d.e+]+)"),
             "median_kld": grab(r"Median\s+KLD:\s+([-\d.e+]+)"),
+            "p99_kld": grab(r"99\.0%\s+KLD:\s+([-\d.e+]+)"),
+            "p999_kld": grab(r"99\.9%\s+KLD:\s+([-\d.e+]+)"),
             "same_top_p_pct": grab(r"Same top p:\s+([-\d.e+]+)"),
             "ppl_q": grab(r"Mean PPL\(Q\)\s+:\s+([-\d.e+]+)"),
             "ppl_base": grab(r"Mean PPL\(base\)\s+:\s+([-\d.e+]+)"),
@@ -446,7 +448,8 @@ def real_block_bits(gguf: Path) -> tuple[int, str]:
     """Bits of a written GGUF's transformer-block matrices (the tensors mpsearch plans) and its
     token_embd type: the budget at a mix's exact size, read from the mix's own file."""
     lay = gguf_layout(gguf)
-    bits = sum(8 * b for n, (t, b, shape) in lay["tensors"].items() if n.startswith("blk.") and len(shape) >= 2)
+    bits = sum(8 * b for n, (t, b, shape) in lay["tensors"].items()
+               if n.startswith("blk.") and len(shape) >= 2 and ".ffn_gate_inp." not in n)  # routers: F32 in both
     return bits, lay["tensors"]["token_embd.weight"][0]
 
 
@@ -488,7 +491,8 @@ def llama_imatrix(text: Path, *, ctx: int, chunks: int, work: Path = WORK) -> Pa
 
 def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solver: str = "ilp",
             chunks: int = 16, work: Path = WORK, params=(), drop=(), imatrix: str = "none",
-            calib_text: Path | None = None, calib_ctx: int = 512, calib_chunks: int = 32) -> list[dict]:
+            calib_text: Path | None = None, calib_ctx: int = 512, calib_chunks: int = 32,
+            model: str = "smollm2", ctx: int = 512) -> list[dict]:
     """mpsearch's plan for --target llama.cpp at the exact size of each built-in mix vs the mix.
 
     ``drop``: options removed from the table before solving (``q4_1`` is SmolLM2's own storage
@@ -498,13 +502,27 @@ def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solv
     calibration text, ``calib_chunks`` chunks of ``calib_ctx`` tokens) or ``mpsearch`` (the imatrix
     ``mpsearch estimate --target llama.cpp`` computes from the same windows of the same text): the
     table is estimated on those windows with that imatrix, and the mixes and the plan's GGUF are
-    quantized with it (``llama-quantize --imatrix``), as publishers make them."""
+    quantized with it (``llama-quantize --imatrix``), as publishers make them.
+
+    ``model``: ``smollm2`` or a MoE of :func:`moe_hf` (``moe-trained``: the table estimated on its
+    Hugging Face folder, on ``calib_chunks`` windows of ``calib_ctx`` tokens of the calibration
+    text, with ``--imatrix mpsearch`` or ``none``); ``ctx``: the KLD windows (``llama-perplexity -c``)."""
     work.mkdir(parents=True, exist_ok=True)
     spec = str(ROOT / "experiments" / "llamacpp_e2e.py")
     suffix = "" if imatrix == "none" else f"-imatrix-{imatrix}"
-    table = work / f"smollm2-llamacpp-{estimator}{suffix}.csv"
+    table = work / f"{model}-llamacpp-{estimator}{suffix}.csv"
     imx = None
-    if imatrix == "none":
+    if model != "smollm2":  # a MoE: its HF folder and windows of the calibration text
+        text = calib_text_file(work, calib_text)
+        model_args = ["--model", str(moe_hf(model, work))]
+        data = ["--data", str(text), "--seq-len", str(calib_ctx), "--calib-samples", str(calib_chunks)]
+        if imatrix == "mpsearch":
+            im_args, imx = [], Path(str(table) + ".imatrix.gguf")
+        elif imatrix == "none":
+            im_args = ["--no-imatrix"]
+        else:
+            raise SystemExit(f"--model {model}: --imatrix must be none or mpsearch")
+    elif imatrix == "none":
         data = [] if estimator == "weight-error" else ["--data", f"{spec}:calib"]
         model_args, im_args = ["--model", f"{spec}:smollm2"], ["--no-imatrix"] if data else []
     else:
@@ -540,30 +558,30 @@ def compare(mixes=("Q3_K_M", "Q4_K_M"), *, estimator: str = "weight-error", solv
         table = dropped
     out = []
     for mix in mixes:
-        mix_label = f"smollm2-{mix}{suffix}"
+        mix_label = f"{model}-{mix}{suffix}"
         res = _measured(mix_label, chunks)
         if res is None:
-            res = builtin_mix("smollm2", mix, label=mix_label, work=work, imatrix=imx)
-            res.update(kld("smollm2", Path(res["gguf"]), chunks=chunks, work=work))
+            res = builtin_mix(model, mix, label=mix_label, work=work, imatrix=imx)
+            res.update(kld(model, Path(res["gguf"]), chunks=chunks, ctx=ctx, work=work))
         out.append(res)
         print(json.dumps(res), flush=True)
-        bits, embd = real_block_bits(Path(res["gguf"])) if imx else mix_block_bits(mix)
-        label = f"smollm2-mpsearch-{tag}-at-{mix}"
+        bits, embd = real_block_bits(Path(res["gguf"])) if imx or model != "smollm2" else mix_block_bits(mix)
+        label = f"{model}-mpsearch-{tag}-at-{mix}"
         plan = work / f"{label}.json"
         types = work / f"{label}.txt"
         _mpsearch("solve", "--table", str(table), "--solver", solver, "--budget",
                   f"size_bits={bits}", "-o", str(plan))
         _mpsearch("export", "--plan", str(plan), "--to", "llama.cpp", "--opt",
                   f"embed_type={embd}", *(["--imatrix", str(imx)] if imx else []), "-o", str(types))
-        r = fidelity("smollm2", types, label=label, work=work, imatrix=imx)
-        r.update(kld("smollm2", Path(r["gguf"]), chunks=chunks, work=work))
+        r = fidelity(model, types, label=label, work=work, imatrix=imx)
+        r.update(kld(model, Path(r["gguf"]), chunks=chunks, ctx=ctx, work=work))
         r.update({"estimator": estimator, "solver": solver, "dropped": list(drop), "at_size_of": mix,
                   "imatrix": imatrix, "mix_label": mix_label,
                   "budget_size_bits": bits, "mix_real_file_size": res["real_file_size"]})
         out.append(r)
         print(json.dumps(r), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"compare-{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"compare-{'' if model == 'smollm2' else model + '-'}{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
@@ -694,6 +712,8 @@ def main(argv=None) -> None:
                    help="calibration text of the imatrix runs (default: mpsearch's calibration plays)")
     c.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (llama-imatrix -c)")
     c.add_argument("--calib-chunks", type=int, default=32, help="calibration windows (llama-imatrix --chunks)")
+    c.add_argument("--model", default="smollm2", help="smollm2, or a MoE: moe-trained, qwen3moe256")
+    c.add_argument("--ctx", type=int, default=512, help="tokens per KLD window (llama-perplexity -c)")
     sub.add_parser("check-weights")
     sub.add_parser("report")
     args = ap.parse_args(argv)
@@ -713,7 +733,7 @@ def main(argv=None) -> None:
     elif args.cmd == "compare":
         compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
                 params=args.param, drop=tuple(args.drop), imatrix=args.imatrix, calib_text=args.calib_text,
-                calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks)
+                calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks, model=args.model, ctx=args.ctx)
     elif args.cmd == "report":
         md = ROOT / "experiments" / "llamacpp_e2e.md"
         text = md.read_text() if md.exists() else ""
