@@ -314,7 +314,9 @@ def _read_gguf(data: bytes, source: str, path, sha) -> Imatrix:
                     raise MpsearchError(f"{source}: {name} is not F32 (llama.cpp's imatrix tensors are)")
                 n = int(np.prod(ne)) if ne else 1
                 lo = start + offset
-                if lo + 4 * n > len(data):
+                if n <= 0:
+                    raise MpsearchError(f"{source}: tensor {name} is empty (a broken imatrix file)")
+                if lo < 0 or lo + 4 * n > len(data):
                     raise MpsearchError(f"{source}: tensor {name} lies past the end of the file (truncated?)")
                 into[base] = (np.frombuffer(data, dtype="<f4", count=n, offset=lo).astype(np.float32), ne)
     if not sums and not counts:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mpsearch.budget import Budget  # noqa: E402
@@ -477,6 +477,7 @@ def test_fuzz_imatrix_any_bytes(data, suffix):
 @fuzz(3)
 @given(st.lists(st.tuples(st.integers(0, 20000), st.binary(min_size=1, max_size=8)), min_size=1, max_size=4),
        st.integers(0, 40000))
+@example(patches=[(748, b"\x01\x80")], cut=6532)  # found by this test: an empty tensor at the file's end
 def test_fuzz_imatrix_damaged_gguf(patches, cut):
     """llama-imatrix's own GGUF (a committed fixture), bytes overwritten and/or cut short."""
     from mpsearch.imatrix import read_imatrix
