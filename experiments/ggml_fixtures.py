@@ -78,9 +78,10 @@ class Ggml:
             if got != (name, blck):
                 raise SystemExit(f"{path}: type {code} is {got}, expected {(name, blck)}; "
                                  f"this script knows another ggml version")
+        self.codes = {name: code for name, (code, _) in TYPES.items()}  # enum ggml_type by name
 
     def row_size(self, name: str, cols: int) -> int:
-        return int(self.lib.ggml_row_size(TYPES[name][0], cols))
+        return int(self.lib.ggml_row_size(self.codes[name], cols))
 
     def quantize(self, name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         """``ggml_quantize_chunk(type, x, dst, 0, rows, cols, imatrix)``: ``imatrix`` is the
@@ -94,12 +95,12 @@ class Ggml:
             imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
             assert imatrix.shape == (cols,), (imatrix.shape, cols)
             qw = imatrix.ctypes.data
-        n = self.lib.ggml_quantize_chunk(TYPES[name][0], x.ctypes.data, dst.ctypes.data, 0, rows, cols, qw)
+        n = self.lib.ggml_quantize_chunk(self.codes[name], x.ctypes.data, dst.ctypes.data, 0, rows, cols, qw)
         assert n == rows * rs, (name, n, rows * rs)
         return dst
 
     def dequantize(self, name: str, q: np.ndarray, cols: int) -> np.ndarray:
-        fn = _TO_FLOAT(self.lib.ggml_get_type_traits(TYPES[name][0]).contents.to_float)
+        fn = _TO_FLOAT(self.lib.ggml_get_type_traits(self.codes[name]).contents.to_float)
         q = np.ascontiguousarray(q)
         y = np.empty((q.shape[0], cols), dtype=np.float32)
         fn(q.ctypes.data, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.shape[0] * cols)

@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import os
 import sys
@@ -68,38 +67,11 @@ class GgmlIq(base.Ggml):
 
     def __init__(self, path: str, types=TYPES):
         super().__init__(path)
-        self.types = dict(types)
-        for name, code in self.types.items():
+        self.codes = dict(types)  # the base class's row_size, quantize and dequantize look them up
+        for name, code in self.codes.items():
             got = self.lib.ggml_type_name(code).decode()
             if got != name:
                 raise SystemExit(f"{path}: type {code} is {got!r}, expected {name!r}")
-
-    def row_size(self, name: str, cols: int) -> int:
-        return int(self.lib.ggml_row_size(self.types[name], cols))
-
-    def quantize(self, name: str, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        rows, cols = x.shape
-        rs = self.row_size(name, cols)
-        dst = np.zeros((rows, rs), dtype=np.uint8)
-        qw = None
-        if imatrix is not None:
-            imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
-            assert imatrix.shape == (cols,)
-            qw = imatrix.ctypes.data
-        n = self.lib.ggml_quantize_chunk(self.types[name], x.ctypes.data, dst.ctypes.data, 0, rows, cols, qw)
-        assert n == rows * rs, (name, n, rows * rs)
-        return dst
-
-    def dequantize(self, name: str, q: np.ndarray, cols: int) -> np.ndarray:
-        fn = base._TO_FLOAT(self.lib.ggml_get_type_traits(self.types[name]).contents.to_float)
-        q = np.ascontiguousarray(q)
-        y = np.empty((q.shape[0], cols), dtype=np.float32)
-        fn(q.ctypes.data, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), q.shape[0] * cols)
-        return y
-
-
-# ------------------------------------------------------------------------------------ importance
 
 
 def smollm2_importance(blocks=None, n_tokens: int = 1024) -> dict[str, np.ndarray]:

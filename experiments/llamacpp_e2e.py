@@ -714,6 +714,12 @@ def main(argv=None) -> None:
     c.add_argument("--calib-chunks", type=int, default=32, help="calibration windows (llama-imatrix --chunks)")
     c.add_argument("--model", default="smollm2", help="smollm2, or a MoE: moe-trained, qwen3moe256")
     c.add_argument("--ctx", type=int, default=512, help="tokens per KLD window (llama-perplexity -c)")
+    q = sub.add_parser("quantiles", help="KLD again, with its 99.0/99.9% quantiles, of GGUFs already in the work folder")
+    q.add_argument("--model", default="smollm2")
+    q.add_argument("--labels", nargs="+", required=True, help="WORK/LABEL.gguf files (mixes and plans of compare)")
+    q.add_argument("--chunks", type=int, default=16)
+    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--out", type=Path, required=True, help="a .jsonl file (one record per label)")
     sub.add_parser("check-weights")
     sub.add_parser("report")
     args = ap.parse_args(argv)
@@ -734,6 +740,14 @@ def main(argv=None) -> None:
         compare(args.mixes, estimator=args.estimator, solver=args.solver, chunks=args.chunks,
                 params=args.param, drop=tuple(args.drop), imatrix=args.imatrix, calib_text=args.calib_text,
                 calib_ctx=args.calib_ctx, calib_chunks=args.calib_chunks, model=args.model, ctx=args.ctx)
+    elif args.cmd == "quantiles":
+        keys = ("mean_kld", "p99_kld", "p999_kld", "same_top_p_pct")
+        lines = []
+        for label in args.labels:
+            r = kld(args.model, WORK / f"{label}.gguf", chunks=args.chunks, ctx=args.ctx)
+            lines.append(json.dumps({"label": label, **{k: r[k] for k in keys}}))
+            print(lines[-1], flush=True)
+        args.out.write_text("\n".join(lines) + "\n")
     elif args.cmd == "report":
         md = ROOT / "experiments" / "llamacpp_e2e.md"
         text = md.read_text() if md.exists() else ""
