@@ -32,7 +32,8 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "estimator"
 
 
-_NOT_KEYED = {"cache_dir", "cache_every", "options"}  # the options: keyed as estimated, below
+_NOT_KEYED = {"cache_dir", "cache_every", "options", "max_variant_mb"}  # options: keyed as estimated, below;
+# max_variant_mb changes no number (the kept variants are the tensors made again otherwise)
 
 
 def cache_key(estimator, model, batches, layers, options) -> str:

@@ -6,7 +6,10 @@ size): ``metric="cosine"`` (1 - cos of output rows, for embeddings), ``"mse"``, 
 (KL(p_fp || p_q) of logits), or ``"auto"`` (cosine for embeddings, KL for logits). For models made of
 sequential blocks only the suffix after the changed block runs, from cached block outputs
 (:mod:`mpsearch.sensitivity.blocks`); ``prefix_cache=False`` runs whole forwards instead, and
-``max_cache_mb`` bounds the cache (default 1024 MB on CPU, 8192 MB on a GPU). ``damage_std`` is the
+``max_cache_mb`` bounds the cache (default 1024 MB on CPU, 8192 MB on a GPU). A layer's quantized weights
+are made once and kept for the next calibration batches while they fit in ``max_variant_mb`` (default
+512 MB on CPU, 4096 MB on a GPU; 0 quantizes again for every batch); the cost record counts
+``quantizations`` and ``quantizations_reused``. ``damage_std`` is the
 standard error of that mean across the batches (0 with one batch).
 
 Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
@@ -85,7 +88,7 @@ class OutputDistanceEstimator(Estimator):
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
-                 cache_dir=None, cache_every: float = 30.0, base=None):
+                 max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None):
         super().__init__(options=options, seed=seed, device=device)
         self.base = _base_spec(base)
         self._fp = None  # run state with a base: layer index -> full-precision weight
@@ -95,11 +98,15 @@ class OutputDistanceEstimator(Estimator):
         self.max_cache_mb = max_cache_mb
         self.stack_options = stack_options
         self.micro_batch = micro_batch
+        self.max_variant_mb = max_variant_mb
+        self._variants = None  # run state: (layer index, option) -> quantized weight, kept across batches
         self.cache_dir = cache_dir
         self.cache_every = cache_every
 
     def _check(self):
         check_suffix_settings(self)
+        if self.max_variant_mb is not None:
+            check_positive("max_variant_mb", self.max_variant_mb, allow_zero=True)
         if self.stack_options is not None:
             check_positive("stack_options", self.stack_options, integer=True)
 
@@ -123,10 +130,19 @@ class OutputDistanceEstimator(Estimator):
         self._stack_checked, self._stack_ok = False, True  # run state: the stacked pass is checked once
         based = _BasePoint(model, ctx, self.base) if self.base is not None else None
         self._fp = based.fp if based else None
+        vlimit = self.max_variant_mb
+        if vlimit is None:
+            vlimit = _DEFAULT_VARIANT_MB[ctx.device.type == "cuda"]
+        # a layer's quantized weights are the same for every batch: kept (within the bound) when
+        # more than one batch will use them, instead of quantizing again per batch
+        self._variants = VariantCache(vlimit if int(mine.any(-1).any(-1).sum()) > 1 else 0)
         try:
             self._measure_batches(model, ctx, runner, names, batches, st, mine, based)
         finally:
             self._fp = None
+            ctx.cost.update(quantizations=self._variants.made, quantizations_reused=self._variants.reused,
+                            variant_cache_mb=round(self._variants.peak / 2**20, 3))
+            self._variants = None
             if based:
                 based.restore()
         return self._finish(ctx, runner, batches, st)
@@ -215,7 +231,9 @@ class OutputDistanceEstimator(Estimator):
             src = src.detach().clone() if src is w else src  # w is overwritten while the options run
             variants = _Variants(lambda k: quantize_weight(src, ctx.options[k], layer.kind, layer.name))
         else:
-            variants = {k: quantize_weight(src, ctx.options[k], layer.kind, layer.name) for k in active}
+            cache = self._variants if self._variants is not None else VariantCache(0)
+            variants = {k: cache.get((index, k), lambda k=k: quantize_weight(src, ctx.options[k], layer.kind,
+                                                                              layer.name)) for k in active}
         measured = list(active)
         acts = [k for k in active if _quantizes_activations(ctx.options[k])]
         if acts:
@@ -285,6 +303,31 @@ class OutputDistanceEstimator(Estimator):
 
 
 _DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
+_DEFAULT_VARIANT_MB = {False: 512.0, True: 4096.0}  # by "on a GPU"
+
+
+class VariantCache:
+    """Quantized weights kept across calibration batches while they fit in ``limit_mb``; the rest
+    are made again when asked for (``made`` / ``reused`` count both)."""
+
+    def __init__(self, limit_mb: float):
+        self.limit = float(limit_mb) * 2**20
+        self.store: dict = {}
+        self.bytes = self.peak = 0
+        self.made = self.reused = 0
+
+    def get(self, key, make):
+        if key in self.store:
+            self.reused += 1
+            return self.store[key]
+        value = make()
+        self.made += 1
+        size = value.numel() * value.element_size()
+        if self.bytes + size <= self.limit:
+            self.store[key] = value
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+        return value
 
 
 class _Variants(dict):

@@ -60,8 +60,8 @@ from .base import Context, Estimator, check_choice, check_positive, probe_seed, 
 from .blocks import PrefixRunner, find_blocks
 from .losses import output_kind
 from .output_distance import (
-    _DEFAULT_CACHE_MB, _STACKABLE, _distance, _prepare, _quantizes_activations, _size, _warn_stack,
-    check_suffix_settings, stacked_weights,
+    _DEFAULT_CACHE_MB, _STACKABLE, VariantCache, _distance, _prepare, _quantizes_activations, _size,
+    _warn_stack, check_suffix_settings, stacked_weights,
 )
 
 PROBE_KINDS = ("rounding", "noise")
@@ -151,7 +151,7 @@ class ResponseEstimator(Estimator):
                   "done": torch.zeros(B, L, dtype=torch.bool)}
         st["d"] = st["d"].to(ctx.device, acc)
         self._stack_checked, self._stack_ok = False, True
-        self._variants, self._variant_bytes, self._variant_limit = {}, 0, limit * 2**20 / 4  # run state
+        self._variants = VariantCache(limit / 4)  # run state
         stats = _InputStats(model, ctx, self.error, self._gram_limit(ctx))
         stats.collect(batches)
         ctx.count("forward_passes", B)
@@ -161,7 +161,7 @@ class ResponseEstimator(Estimator):
         try:
             return self._fit_all(model, ctx, stats, probes, direct, d, wb, runner)
         finally:
-            self._variants, self._variant_bytes = {}, 0
+            self._variants = VariantCache(0)
 
     def _uses_floor(self, model, ctx) -> bool:
         """``floor="auto"``: fit a floor when the planned layers compute in 16 bits (bf16, fp16)."""
@@ -198,15 +198,7 @@ class ResponseEstimator(Estimator):
     def _variant(self, w, layer, index, k, ctx):
         """Probe ``k`` of layer ``index``: its rounding, or noise shaped like it (kept for the next
         batches while the kept variants fit in ``max_cache_mb`` / 4)."""
-        key = (index, k)
-        if key in self._variants:
-            return self._variants[key]
-        q = self._make_variant(w, layer, index, k, ctx)
-        size = q.numel() * q.element_size()
-        if self._variant_bytes + size <= self._variant_limit:
-            self._variants[key] = q
-            self._variant_bytes += size
-        return q
+        return self._variants.get((index, k), lambda: self._make_variant(w, layer, index, k, ctx))
 
     def _make_variant(self, w, layer, index, k, ctx):
         q = quantize_weight(w, ctx.options[k], layer.kind, layer.name)
