@@ -233,11 +233,56 @@ def add_text_args(p, *, calib: bool = True, evaluation: bool = True):
                    help="text windows per forward pass (default: 8)")
 
 
-def load_model_args(args):
-    """The model of ``--model`` on ``--device`` in ``--dtype``."""
+def load_model_args(args, device=None):
+    """The model of ``--model`` on ``--device`` (or ``device``) in ``--dtype``."""
     from ..specs import load_model
 
-    return load_model(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+    return load_model(args.model, device=device or getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+
+
+def add_memory_args(p):
+    """``--offload``, ``--micro-batch``, ``--stack-options``: the output-distance estimator's memory settings."""
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model in CPU memory and stream its decoder blocks to --device one window at a "
+                        "time (output-distance): plans a model larger than the GPU")
+    p.add_argument("--device-memory", type=float, default=None, metavar="MB",
+                   help="the GPU memory the estimate may use (default: what is free); the estimate is refused "
+                        "up front when it would need more")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="samples per suffix pass (output-distance; less memory, more passes)")
+    p.add_argument("--stack-options", type=int, default=None, metavar="K",
+                   help="options measured together in one suffix pass (output-distance; default: all of a layer's)")
+
+
+#: the estimators whose settings include the memory flags (``can_offload``: they stream blocks)
+def memory_params(args, params: dict, estimator: str | None) -> dict:
+    """``params`` with the memory flags (checked: one line, before any work, for an estimator that does
+    not take them; ``estimator`` ``None``: not decided yet)."""
+    flags = {"offload": bool(getattr(args, "offload", False)) or None,
+             "device_memory_mb": getattr(args, "device_memory", None),
+             "micro_batch": getattr(args, "micro_batch", None), "stack_options": getattr(args, "stack_options", None)}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given or estimator is None:
+        return params
+    import inspect
+
+    from ..registry import load_class
+
+    cls = load_class("estimator", estimator)
+    accepted = inspect.signature(cls.__init__).parameters
+    for key in given:
+        if key not in accepted:
+            flag = "--" + {"device_memory_mb": "device-memory"}.get(key, key).replace("_", "-")
+            what = ("streams decoder blocks through the output-distance estimator" if key == "offload"
+                    else "is a setting of the output-distance estimator")
+            raise MpsearchError(f"{flag} {what}; estimator {estimator!r} cannot take it: use --estimator "
+                                f"output-distance or leave {flag} out")
+    params.update(given)
+    if given.get("offload") and getattr(args, "device", None):
+        from ..hf import resolve_device
+
+        params.setdefault("device", str(resolve_device(args.device)))
+    return params
 
 
 def settings_from_args(cls, args, *, prefix: str = "", flags: dict | None = None, make=None, **values):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_param_arg, add_target_arg,
-                      add_text_args, check_outputs, imatrix_arg, load_model_args, note_kept, parse_params, report,
-                      say, target_from_args)
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args, add_param_arg,
+                      add_target_arg, add_text_args, check_outputs, imatrix_arg, load_model_args, memory_params,
+                      note_kept, parse_params, report, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -54,6 +54,7 @@ def register(sub):
                    help="also measure the damage of llama.cpp's KV cache types for K and for V (e.g. f16,q8_0,q4_0), "
                         "as the output-distance estimator measures a layer, so solve --fit can choose the cache type "
                         "with the weights (--target llama.cpp, a causal LM, --data, estimator output-distance)")
+    add_memory_args(p)
     add_param_arg(p, "estimator")
     add_json_arg(p)
     p.add_argument("-o", "--output", required=True, help="where to write the table (.csv or .json)")
@@ -97,11 +98,16 @@ def run(args) -> int:
     if imatrix == "auto" and args.data and uses_imatrix(target):
         check_outputs(files=[("-o (its imatrix file)", imatrix_sidecar(args.output))])
     kv_types = _kv_types(args, target)
+    if args.offload and args.estimator is None:  # the estimator that streams
+        args.estimator = "output-distance"
+    memory_params(args, params, args.estimator)  # --offload, --micro-batch, --stack-options: checked here
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
-    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(args)
+    model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(
+        args, device="cpu" if args.offload else None)  # offloaded: the model stays in CPU memory
     place_model(model, shard)
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
-                     model=model, imatrix=expected, gpu=on_gpu(model, args.device))
+                     model=model, imatrix=expected, gpu=on_gpu(model, _compute_device(args)))
+    memory_params(args, params, recipe.estimator)
     estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
     if estimator_note(recipe) and shard.is_main and not args.json:  # before the work (in the JSON: "note")
         say(estimator_note(recipe))
@@ -161,6 +167,18 @@ def run(args) -> int:
                   "imatrix_file": imatrix_sidecar(args.output) if imx is not None and imx.computed else None},
            lines)
     return 0
+
+
+def _compute_device(args):
+    """Where the estimate computes: ``--device``; with ``--offload`` and no ``--device``, CUDA when present."""
+    import torch
+
+    from ..hf import resolve_device
+
+    dev = resolve_device(args.device)
+    if dev is None and args.offload:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dev
 
 
 def imatrix_sidecar(output) -> str:

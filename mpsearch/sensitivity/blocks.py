@@ -12,6 +12,10 @@ no block changes (masks, position ids). The runner checks it once per model on t
 suffix run from every cached block must reproduce the full output; if not, it warns and falls back
 to full forward passes. The cache is bounded by ``max_cache_mb``: when all block outputs do not fit,
 evenly spaced ones are kept and a layer's suffix starts after the nearest cached block before it.
+With ``cache_device`` (the CPU, when the cache does not fit the GPU) the outputs are kept there and
+copied to ``device`` for the run that uses one; with a ``streamer``
+(:class:`~mpsearch.sensitivity.offload.BlockStreamer`) the blocks whose cached output is used are not
+loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 from .base import EstimatorWarning
 from .losses import forward
+from .offload import move_to
 
 
 @dataclass
@@ -102,8 +107,12 @@ class PrefixRunner:
     """Runs a model from a block onwards, reusing cached block outputs of the current batch."""
 
     def __init__(self, model: nn.Module, blocks: BlockList | None, *, max_cache_mb: float = 1024.0,
-                 enabled: bool = True):
+                 enabled: bool = True, cache_device=None, device=None, streamer=None):
         self.model, self.blocks = model, blocks
+        # where cached block outputs are kept (None: where they were computed) and where runs use them
+        self.cache_device = None if cache_device is None else torch.device(cache_device)
+        self.device = None if device is None else torch.device(device)
+        self.streamer = streamer  # a BlockStreamer: blocks whose cached output is used are not loaded
         self.limit = float(max_cache_mb) * 2**20
         self.enabled = enabled and blocks is not None
         self.cached: dict[int, object] = {}
@@ -144,7 +153,7 @@ class PrefixRunner:
                     keep["set"] = set(range(n)) if cap >= n else {round((i + 1) * n / cap) - 1 for i in range(cap)}
                     keep["stride"] = True
                 if k in keep["set"] and self.cache_bytes + size <= self.limit:
-                    self.cached[k] = output
+                    self.cached[k] = output if self.cache_device is None else move_to(output, self.cache_device)
                     self.cache_bytes += size
             return hook
 
@@ -207,6 +216,8 @@ class PrefixRunner:
             self.block_runs += n * repeat
             return forward(self.model, batch)
         cached = self.cached[j]
+        if self.cache_device is not None and self.device is not None and self.cache_device != self.device:
+            cached = move_to(cached, self.device, non_blocking=True)
         if repeat > 1:
             key = (j, repeat)
             if key not in self._repeated:  # only the latest one is kept: layers run in block order
@@ -220,7 +231,10 @@ class PrefixRunner:
             mod.forward = lambda *a, _c=cached, **k: _c
         try:
             self.block_runs += (n - j - 1) * repeat
-            return forward(self.model, batch)
+            if self.streamer is None:
+                return forward(self.model, batch)
+            with self.streamer.skipping(range(j + 1)):
+                return forward(self.model, batch)
         finally:
             for mod, prev in zip(patched, saved):
                 if prev is None:

@@ -43,6 +43,10 @@ largest block score (conservative).
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,8 @@ from .base import (
     Context, Estimator, check_choice, check_positive, progress_bar, weight_errors, weight_of,
 )
 from .blocks import PrefixRunner, find_blocks
+from .offload import move_to
+from .workplan import largest_activation, tensor_bytes as _tensor_bytes
 from .losses import METRICS, check_output, forward, output_kind
 
 
@@ -88,9 +94,14 @@ class OutputDistanceEstimator(Estimator):
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
-                 max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None):
+                 max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None,
+                 offload: bool = False, offload_window: int = 2, device_memory_mb: float | None = None):
         super().__init__(options=options, seed=seed, device=device)
         self.base = _base_spec(base)
+        self.offload = offload
+        self.offload_window = offload_window
+        self.device_memory_mb = device_memory_mb
+        self._streamer = None  # run state with offload: the BlockStreamer
         self._fp = None  # run state with a base: layer index -> full-precision weight
         self.metric = metric
         self.output = output
@@ -109,6 +120,53 @@ class OutputDistanceEstimator(Estimator):
             check_positive("max_variant_mb", self.max_variant_mb, allow_zero=True)
         if self.stack_options is not None:
             check_positive("stack_options", self.stack_options, integer=True)
+        check_positive("offload_window", self.offload_window, integer=True)
+        if self.device_memory_mb is not None:
+            check_positive("device_memory_mb", self.device_memory_mb)
+
+    def estimate(self, model, data=None, **kwargs):
+        """:meth:`Estimator.estimate`; with ``offload`` the decoder blocks stay where they are stored (the
+        CPU) and stream to the compute device (``device``, default CUDA when available) one window at a
+        time (:mod:`mpsearch.sensitivity.offload`), for every forward pass of the estimate."""
+        if not self.offload:
+            return super().estimate(model, data, **kwargs)
+        self._check()
+        from .offload import BlockStreamer
+
+        compute, blocks, window = self._offload_layout(model)
+        with BlockStreamer(model, blocks, compute, window=window) as streamer:
+            self._streamer = streamer
+            try:
+                return super().estimate(model, data, **kwargs)
+            finally:
+                self._streamer = None
+
+    def _offload_layout(self, model):
+        """The compute device, the blocks to stream and the window, checked against the memory budget."""
+        from .offload import module_bytes
+        from .workplan import device_budget, size_text
+
+        compute = torch.device(self.device) if self.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        names = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+        blocks = find_blocks(model, names)
+        if blocks is None:
+            raise MpsearchError("offload streams a model's decoder blocks (a ModuleList such as model.layers); "
+                                "this model has none: run it without offload")
+        sizes = [module_bytes(b) for b in blocks.modules]
+        rest = module_bytes(model) - sum(sizes)
+        budget = device_budget(compute, self.device_memory_mb)
+        window = int(self.offload_window)
+        if budget is not None:
+            if rest + max(sizes) > budget:
+                raise MpsearchError(
+                    f"offload: {size_text(budget)} on {compute} cannot hold even one decoder block "
+                    f"({size_text(max(sizes))}) beside the rest of the model ({size_text(rest)}: embeddings, "
+                    f"head); give at least {(rest + max(sizes)) / 2**20:.1f} MB (device_memory_mb) and room for the activations, "
+                    f"or a larger device")
+            while window > 1 and rest + window * max(sizes) > budget:
+                window -= 1
+        return compute, blocks, window
 
     def _damage(self, model, ctx: Context) -> np.ndarray:
         self._check()
@@ -116,8 +174,9 @@ class OutputDistanceEstimator(Estimator):
         limit = self.max_cache_mb
         if limit is None:
             limit = _DEFAULT_CACHE_MB[ctx.device.type == "cuda"]
-        runner = PrefixRunner(model, find_blocks(model, names), max_cache_mb=limit,
-                              enabled=bool(self.prefix_cache))
+        streamer = self._streamer
+        runner = PrefixRunner(model, streamer.blocks if streamer else find_blocks(model, names), max_cache_mb=limit,
+                              enabled=bool(self.prefix_cache), device=ctx.device, streamer=streamer)
         batches = [part for b in ctx.batches for part in micro_batches(b, self.micro_batch)]
         L, K, B = len(ctx.layers), len(ctx.options), len(batches)
         acc = torch.float64 if ctx.device.type == "cpu" else torch.float32
@@ -153,12 +212,14 @@ class OutputDistanceEstimator(Estimator):
         total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
         bar.update(int(st["done"].sum()))
+        planned = None
         for bi in range(st["batch"], B):
             if not mine[bi].any():
                 st.update(batch=bi + 1, layer=0)
                 continue
             batch = move_batch(batches[bi], ctx.device)
             if based:  # the reference is the fp model's output; the cached prefix is the base's
+                probe, t0 = {}, time.perf_counter()
                 with torch.no_grad():
                     based.restore()
                     ref, raw = forward(model, batch)
@@ -166,10 +227,17 @@ class OutputDistanceEstimator(Estimator):
                     runner.reference(batch, names)
                 ctx.count("forward_passes", 2)
             else:
-                ref, raw = runner.reference(batch, names)
+                probe, t0, runs = {}, time.perf_counter(), runner.block_runs
+                with largest_activation(model, probe) if planned is None else contextlib.nullcontext():
+                    ref, raw = runner.reference(batch, names)
+                probe["blocks"] = runner.block_runs - runs  # the cache's check runs suffixes too
                 ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
             reference = _prepare(ref, self.metric, kind, acc)
+            if planned is None:  # before the suffix passes: the work, its memory and time, in one line
+                _sync(ctx.device)
+                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, time.perf_counter() - t0,
+                                     probe, batch)
             for li in range(st["layer"], L):
                 todo = [k for k in range(K) if mine[bi, li, k]]
                 if todo:
@@ -186,6 +254,66 @@ class OutputDistanceEstimator(Estimator):
             runner.release()
         bar.close()
 
+    def _plan(self, model, ctx, runner, batches, mine, ref, reference, seconds, probe, batch):
+        """The :class:`~mpsearch.sensitivity.workplan.WorkPlan` of the remaining work, printed (with
+        progress) and recorded; refused when its estimated peak exceeds the device's budget. With
+        offload, the prefix cache moves to the CPU first and the window shrinks to one block first."""
+        from ..data import batch_size
+        from .offload import module_bytes
+        from .workplan import WorkPlan, count_work, device_budget, memory_parts
+
+        streamer = self._streamer
+        K = len(ctx.options)
+        stackable = [lay.kind in _STACKABLE and self._stack_ok for lay in ctx.layers]
+        acts = [_quantizes_activations(o) for o in ctx.options]
+        extra = 1 if self._fp is not None else 0
+        work = count_work(runner, ctx, mine, batches, stack=self.stack_options, stackable=stackable, acts=acts,
+                          extra=extra)
+        widest = max(((mine[:, li].any(0).sum().item() + extra) for li in range(len(ctx.layers))), default=1)
+        stack = int(min(widest, self.stack_options or widest)) or 1
+        micro = max(batch_size(b) for b in batches)
+        block_out = max((_tensor_bytes(v) for v in runner.cached.values()), default=0)
+        budget = device_budget(ctx.device, self.device_memory_mb)
+        n = len(runner.blocks.names) if runner.blocks is not None else 0
+        largest = probe.get("bytes", 0)
+        pace = seconds / max((n + 1 + probe.get("blocks", 0)) * batch_size(batch), 1)  # per block and sample
+
+        def make():
+            if streamer is not None:
+                sizes = [streamer.block_bytes(k) for k in range(len(streamer.blocks.modules))]
+                weights = module_bytes(model) - sum(sizes) + streamer.window * max(sizes)
+            else:
+                weights = module_bytes(model)
+            on_device = runner.cache_device is None or runner.cache_device == ctx.device
+            cache = runner.cache_bytes if on_device else 0
+            memory = memory_parts(weights=weights, cache=cache, out=ref, block_out=block_out, largest=largest,
+                                  stack=stack, acc_bytes=torch.empty((), dtype=reference["ref"].dtype).element_size(),
+                                  kl_logits=reference["metric"] == "kl-logits", micro=micro,
+                                  ref_samples=batch_size(batch))
+            off = None
+            if streamer is not None:
+                off = {"window": streamer.window, "cache": "device" if on_device else "cpu"}
+            return WorkPlan(device=str(ctx.device), layers=len(ctx.layers), options=K, batches=len(batches),
+                            stack=stack, micro_batch=micro, memory=memory, budget=budget,
+                            seconds=work["block_evaluations"] * pace if seconds > 0 else None, offload=off,
+                            **work)
+
+        plan = make()
+        if streamer is not None and not plan.fits() and runner.cached:  # the prefix cache to the CPU
+            runner.cache_device = torch.device("cpu")
+            runner.cached = {k: move_to(v, "cpu") for k, v in runner.cached.items()}
+            plan = make()
+        if streamer is not None and not plan.fits() and streamer.window > 1:
+            streamer.window = 1
+            plan = make()
+        ctx.extra_metadata["work_plan"] = plan.to_dict()
+        if ctx.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(plan.line(), file=sys.stderr)
+        plan.refuse(offloaded=streamer is not None)
+        return plan
+
     def _finish(self, ctx, runner, batches, st):
         B, L, K = len(batches), len(ctx.layers), len(ctx.options)
         # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
@@ -200,6 +328,8 @@ class OutputDistanceEstimator(Estimator):
             cache_mb=round(runner.peak_bytes / 2**20, 6), block_evaluations=runner.block_runs,
             stacked_options=bool(self._stack_checked and self._stack_ok),
         )
+        if self._streamer is not None:
+            ctx.cost.update(self._streamer.report())
         weight = float(sum(_size(b) for b in batches))
         mean = sums / max(weight, 1e-300)
         wb = torch.tensor([float(_size(b)) for b in batches], dtype=torch.float64)[:, None, None]
@@ -227,6 +357,8 @@ class OutputDistanceEstimator(Estimator):
             return out[:K]
         start = runner.start_of(layer.name)
         src = w if self._fp is None else self._fp.get(index, w)  # with a base, w holds the base's weight
+        if self._streamer is not None:  # a stored weight: quantized on the compute device
+            src = src.detach().to(ctx.device, non_blocking=True, copy=expert)  # experts: w is overwritten
         if expert:  # a stacked expert tensor is large: one quantized copy at a time, one option per pass
             src = src.detach().clone() if src is w else src  # w is overwritten while the options run
             variants = _Variants(lambda k: quantize_weight(src, ctx.options[k], layer.kind, layer.name))
@@ -328,6 +460,11 @@ class VariantCache:
             self.bytes += size
             self.peak = max(self.peak, self.bytes)
         return value
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Variants(dict):
