@@ -216,7 +216,7 @@ class PrefixRunner:
             self.block_runs += n * repeat
             return forward(self.model, batch)
         cached = self.cached[j]
-        if self.cache_device is not None and self.device is not None and self.cache_device != self.device:
+        if self.cache_device is not None and self.device is not None:
             cached = move_to(cached, self.device, non_blocking=True)
         if repeat > 1:
             key = (j, repeat)

@@ -195,6 +195,13 @@ class BlockStreamer:
             return None
         return hook
 
+    def set_window(self, window: int) -> None:
+        """A new window from the next forward pass on; ``max_resident`` counts from here (the earlier
+        window is reported as ``offload_first_window``)."""
+        self.first_window = getattr(self, "first_window", self.window)
+        self.window = max(1, int(window))
+        self.max_resident = len(self.resident)
+
     @contextlib.contextmanager
     def skipping(self, ks):
         """Blocks ``ks`` do not run (their forward returns a cached output): they are not loaded."""
@@ -206,8 +213,11 @@ class BlockStreamer:
             self.skip = saved
 
     def report(self) -> dict:
-        return {"offload_window": self.window, "offload_loads": self.loads,
-                "offload_bytes": self.bytes_moved, "offload_max_resident": self.max_resident}
+        out = {"offload_window": self.window, "offload_loads": self.loads,
+               "offload_bytes": self.bytes_moved, "offload_max_resident": self.max_resident}
+        if getattr(self, "first_window", self.window) != self.window:
+            out["offload_first_window"] = self.first_window  # before the work plan shrank it
+        return out
 
 
 def move_to(obj, device, non_blocking: bool = False):

@@ -284,7 +284,7 @@ class OutputDistanceEstimator(Estimator):
                 weights = module_bytes(model) - sum(sizes) + streamer.window * max(sizes)
             else:
                 weights = module_bytes(model)
-            on_device = runner.cache_device is None or runner.cache_device == ctx.device
+            on_device = runner.cache_device is None  # else kept apart, on the CPU
             cache = runner.cache_bytes if on_device else 0
             memory = memory_parts(weights=weights, cache=cache, out=ref, block_out=block_out, largest=largest,
                                   stack=stack, acc_bytes=torch.empty((), dtype=reference["ref"].dtype).element_size(),
@@ -304,7 +304,7 @@ class OutputDistanceEstimator(Estimator):
             runner.cached = {k: move_to(v, "cpu") for k, v in runner.cached.items()}
             plan = make()
         if streamer is not None and not plan.fits() and streamer.window > 1:
-            streamer.window = 1
+            streamer.set_window(1)
             plan = make()
         ctx.extra_metadata["work_plan"] = plan.to_dict()
         if ctx.progress:

@@ -107,8 +107,8 @@ class WorkPlan:
     def to_dict(self) -> dict:
         return {"suffix_passes": self.suffix_passes, "block_evaluations": self.block_evaluations,
                 "token_evaluations": self.token_evaluations, "stack": self.stack, "micro_batch": self.micro_batch,
-                "peak_gb": round(self.peak / GB, 4), "memory_gb": {k: round(v / GB, 4) for k, v in self.memory.items()},
-                "budget_gb": None if self.budget is None else round(self.budget / GB, 4),
+                "peak_gb": round(self.peak / GB, 3), "peak_bytes": self.peak, "memory_bytes": dict(self.memory),
+                "budget_bytes": self.budget,
                 "seconds": None if self.seconds is None else round(self.seconds, 1), "offload": self.offload}
 
     def fits(self) -> bool:
