@@ -219,7 +219,7 @@ class OutputDistanceEstimator(Estimator):
                 continue
             batch = move_batch(batches[bi], ctx.device)
             if based:  # the reference is the fp model's output; the cached prefix is the base's
-                probe, t0 = {}, time.perf_counter()
+                probe = {}
                 with torch.no_grad():
                     based.restore()
                     ref, raw = forward(model, batch)
@@ -227,16 +227,14 @@ class OutputDistanceEstimator(Estimator):
                     runner.reference(batch, names)
                 ctx.count("forward_passes", 2)
             else:
-                probe, t0, runs = {}, time.perf_counter(), runner.block_runs
+                probe = {}
                 with largest_activation(model, probe) if planned is None else contextlib.nullcontext():
                     ref, raw = runner.reference(batch, names)
-                probe["blocks"] = runner.block_runs - runs  # the cache's check runs suffixes too
                 ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
             reference = _prepare(ref, self.metric, kind, acc)
             if planned is None:  # before the suffix passes: the work, its memory and time, in one line
-                _sync(ctx.device)
-                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, time.perf_counter() - t0,
+                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, _timed_pass(model, batch, ctx),
                                      probe, batch)
             for li in range(st["layer"], L):
                 todo = [k for k in range(K) if mine[bi, li, k]]
@@ -276,7 +274,7 @@ class OutputDistanceEstimator(Estimator):
         budget = device_budget(ctx.device, self.device_memory_mb)
         n = len(runner.blocks.names) if runner.blocks is not None else 0
         largest = probe.get("bytes", 0)
-        pace = seconds / max((n + 1 + probe.get("blocks", 0)) * batch_size(batch), 1)  # per block and sample
+        pace = seconds / max((n + 1) * batch_size(batch), 1)  # per block and sample
 
         def make():
             if streamer is not None:
@@ -295,7 +293,7 @@ class OutputDistanceEstimator(Estimator):
                 off = {"window": streamer.window, "cache": "device" if on_device else "cpu"}
             return WorkPlan(device=str(ctx.device), layers=len(ctx.layers), options=K, batches=len(batches),
                             stack=stack, micro_batch=micro, memory=memory, budget=budget,
-                            seconds=work["block_evaluations"] * pace if seconds > 0 else None, offload=off,
+                            seconds=work["block_evaluations"] * pace, offload=off,
                             **work)
 
         plan = make()
@@ -465,6 +463,18 @@ class VariantCache:
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _timed_pass(model, batch, ctx) -> float:
+    """Seconds of one whole forward pass of ``batch`` (after the reference pass warmed up): the pace
+    the work plan's time is estimated from."""
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    forward(model, batch)
+    _sync(ctx.device)
+    ctx.count("probe_passes")
+    return time.perf_counter() - t0
 
 
 class _Variants(dict):

@@ -1,11 +1,13 @@
 """The work and memory of a suffix-pass estimate, said before the long part starts.
 
 After the first reference pass (which fixes the prefix cache's layout and sizes the output),
-:func:`plan_work` counts what remains: suffix passes, block evaluations and token evaluations, and
+:func:`count_work` counts what remains: suffix passes, block evaluations and token evaluations, and
 estimates the peak memory on the compute device from the model's block sizes, the prefix cache and
 the stacked passes (each pass repeats the micro-batch once per stacked option, so its activations
-and its stacked output, the logits of a causal LM, grow with ``stack_options``), and a time from the
-reference pass's pace. :class:`WorkPlan` prints as one line and refuses (``MpsearchError``) when the
+and its stacked output, the logits of a causal LM, grow with ``stack_options``), and a time from one
+timed whole forward pass (after the reference pass warmed up), scaled by the block evaluations
+(blocks x samples) left: an estimate that assumes the time grows with the samples of a pass (true of
+a GPU at large batches; small models on a CPU are dominated by per-pass overhead and run faster). :class:`WorkPlan` prints as one line and refuses (``MpsearchError``) when the
 estimated peak exceeds what the device has free, naming the settings that trade memory for time.
 
 The memory is an estimate (not a measurement): weights on the device (all of them, or with offload the
@@ -93,7 +95,7 @@ class WorkPlan:
         return int(sum(self.memory.values()))
 
     def line(self) -> str:
-        when = f"; ~{_duration(self.seconds)} at the first reference pass's pace" if self.seconds else ""
+        when = f"; ~{_duration(self.seconds)} at the pace of a timed whole pass" if self.seconds else ""
         off = ""
         if self.offload:
             off = (f"; offload: {self.offload['window']} block(s) on the device at a time, prefix cache on "
