@@ -200,3 +200,15 @@ def test_cli_memory_flags_refused_in_one_line(tmp_path, capsys, monkeypatch, ext
     assert rc == 2 and not out.exists()
     line = [ln for ln in err if ln.startswith("mpsearch estimate: error:")]
     assert len(line) == 1 and re.search(message, line[0]), err
+
+
+def test_cli_frontier_memory_flags(tmp_path, capsys):
+    from mpsearch.cli import main
+
+    base = ["frontier", "--model", "tests/moe_models.py:qwen3", "--data", "tests/moe_models.py:calib", "--device",
+            "cpu", "-o", str(tmp_path / "f")]
+    assert main(base + ["--offload"]) == 2
+    err = capsys.readouterr().err
+    assert "measuring the plans does not stream the model yet" in err and not (tmp_path / "f").exists()
+    assert main(base + ["--estimator", "fisher", "--stack-options", "2"]) == 2
+    assert "--stack-options is a setting of the output-distance estimator" in capsys.readouterr().err

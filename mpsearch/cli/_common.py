@@ -254,7 +254,6 @@ def add_memory_args(p):
                    help="options measured together in one suffix pass (output-distance; default: all of a layer's)")
 
 
-#: the estimators whose settings include the memory flags (``can_offload``: they stream blocks)
 def memory_params(args, params: dict, estimator: str | None) -> dict:
     """``params`` with the memory flags (checked: one line, before any work, for an estimator that does
     not take them; ``estimator`` ``None``: not decided yet)."""
@@ -262,7 +261,10 @@ def memory_params(args, params: dict, estimator: str | None) -> dict:
              "device_memory_mb": getattr(args, "device_memory", None),
              "micro_batch": getattr(args, "micro_batch", None), "stack_options": getattr(args, "stack_options", None)}
     given = {k: v for k, v in flags.items() if v is not None}
-    if not given or estimator is None:
+    if not given:
+        return params
+    if estimator is None:  # the recipe decides it later; the estimator refuses a setting it lacks
+        params.update(given)
         return params
     import inspect
 

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from ..recipe import CPU_LLM_ESTIMATOR, DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_json_arg, add_monotone_arg,
-                      add_param_arg, add_target_arg, add_text_args, budget_from_args, check_outputs, fitted_table,
-                      imatrix_arg, make_solver, note_kept, parse_params, report, settings_from_args,
-                      target_from_args)
+from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args,
+                      add_monotone_arg, add_param_arg, add_target_arg, add_text_args, budget_from_args, check_outputs, fitted_table,
+                      imatrix_arg, make_solver, memory_params, note_kept, parse_params, report,
+                      settings_from_args, target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
     --plans-dir plans/ --plot frontier.png
@@ -65,6 +65,7 @@ def add_model_frontier_args(p) -> None:
                                    "or minilm / smollm2 / fashion-cnn / digits-mlp")
     g.add_argument("--data", help="calibration data spec (text file, .pt, IDX file, callable, or a short name)")
     add_device_args(g)
+    add_memory_args(g)
     add_text_args(g)
     g.add_argument("--eval-data", help="evaluation data spec (default: held-out data for the zoo models; "
                                        "required otherwise, as calibration and evaluation data are disjoint)")
@@ -122,7 +123,14 @@ def frontier_settings(args, **values):
         values.setdefault("refine", refine_settings(args))
     if hasattr(args, "budget"):
         values.setdefault("budget", budget_from_args(args))
-    values.setdefault("estimator_params", parse_params(getattr(args, "estimator_param", [])))
+    if getattr(args, "offload", False):  # before any work
+        from ..errors import MpsearchError
+
+        raise MpsearchError("frontier --model --offload: measuring the plans does not stream the model yet (only the "
+                            "estimate does); run 'mpsearch estimate --offload -o table.csv' and then "
+                            "'mpsearch frontier --table table.csv'")
+    values.setdefault("estimator_params", memory_params(args, parse_params(getattr(args, "estimator_param", [])),
+                                                        getattr(args, "estimator", None)))
     values.setdefault("solver_params", parse_params(getattr(args, "param", [])))
     if hasattr(args, "imatrix"):
         values.setdefault("imatrix", imatrix_arg(args))
