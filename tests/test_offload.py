@@ -212,3 +212,12 @@ def test_cli_frontier_memory_flags(tmp_path, capsys):
     assert "measuring the plans does not stream the model yet" in err and not (tmp_path / "f").exists()
     assert main(base + ["--estimator", "fisher", "--stack-options", "2"]) == 2
     assert "--stack-options is a setting of the output-distance estimator" in capsys.readouterr().err
+
+
+def test_cli_offload_conflicts_refused(tmp_path, capsys):
+    from mpsearch.cli import main
+
+    base = ["estimate", "--model", "tests/moe_models.py:qwen3", "--data", "tests/moe_models.py:calib", "--offload",
+            "-o", str(tmp_path / "t.csv")]
+    assert main(base + ["--device-map", "auto"]) == 2
+    assert "give one of them" in capsys.readouterr().err

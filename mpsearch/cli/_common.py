@@ -281,7 +281,7 @@ def memory_params(args, params: dict, estimator: str | None) -> dict:
                                 f"output-distance or leave {flag} out")
     params.update(given)
     if given.get("offload") and getattr(args, "device", None):
-        from ..hf import resolve_device
+        from ..specs import resolve_device
 
         params.setdefault("device", str(resolve_device(args.device)))
     return params

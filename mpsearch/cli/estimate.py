@@ -98,6 +98,12 @@ def run(args) -> int:
     if imatrix == "auto" and args.data and uses_imatrix(target):
         check_outputs(files=[("-o (its imatrix file)", imatrix_sidecar(args.output))])
     kv_types = _kv_types(args, target)
+    if args.offload and args.device_map:
+        raise MpsearchError("--offload streams the model's blocks to one device and --device-map spreads it over "
+                            "several GPUs: give one of them")
+    if kv_types and args.offload:
+        raise MpsearchError("--kv-types measures the KV cache on the whole model, which does not stream yet: "
+                            "leave --offload out, or measure the KV types in a run of their own")
     if args.offload and args.estimator is None:  # the estimator that streams
         args.estimator = "output-distance"
     memory_params(args, params, args.estimator)  # --offload, --micro-batch, --stack-options: checked here
@@ -173,7 +179,7 @@ def _compute_device(args):
     """Where the estimate computes: ``--device``; with ``--offload`` and no ``--device``, CUDA when present."""
     import torch
 
-    from ..hf import resolve_device
+    from ..specs import resolve_device
 
     dev = resolve_device(args.device)
     if dev is None and args.offload:

@@ -6,10 +6,11 @@ of blocks) at a time.
 (the *storage* device, the CPU: pinned there when the compute device is a GPU, so the copies are
 asynchronous) and moves everything else (embeddings, final norm, head) to the *compute* device. Each
 block is copied to the compute device by a forward pre-hook just before it runs, and dropped after it
-ran; while block k runs, the next ``window - 1`` blocks are copied on a side CUDA stream (a prefetch
-overlapped with compute). Between forward passes no block is on the compute device, so the weights
-an estimator reads or overwrites (and restores) are always the stored ones, and every forward pass
-reads them as they are: the results equal the plain path's exactly.
+ran; the copies run on a side CUDA stream, and while block k runs the next ``window - 1`` blocks are
+copied (a prefetch overlapped with compute). Between forward passes no block is on the compute device
+and no copy is in flight, so the weights an estimator reads or overwrites (and restores) are always
+the stored ones, and every forward pass reads them as they are: the results equal the plain path's
+exactly.
 
 This is llm-compressor's sequential pipeline and AutoRound's block-wise loading done by hooks, so any
 forward pass of the model streams (layer discovery, routing counts, the imatrix, the reference and
@@ -90,7 +91,7 @@ class BlockStreamer:
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(k)))
             self._handles.append(block.register_forward_hook(self._post_hook(k)))
         self._handles.append(self.model.register_forward_pre_hook(lambda *a: self.evict_all()))
-        self._handles.append(self.model.register_forward_hook(lambda *a: self.evict_all()))
+        self._handles.append(self.model.register_forward_hook(lambda *a: self._pass_done()))
         return self
 
     def __exit__(self, *exc):
@@ -111,7 +112,10 @@ class BlockStreamer:
         if cuda and t.device.type == "cuda":  # a model given on the GPU: its blocks are stored on the CPU
             t = t.to("cpu")
         if cuda and self.pin and not t.is_pinned():
-            return t.pin_memory()
+            try:
+                return t.pin_memory()
+            except RuntimeError:  # no pinned memory to be had (a locked-memory limit): pageable copies
+                self.pin = False
         return t
 
     @staticmethod
@@ -126,7 +130,8 @@ class BlockStreamer:
         return sum(s.numel() * s.element_size() for _, _, _, s in self._slots[k])
 
     def load(self, k: int, prefetch: bool = False) -> None:
-        """Copy block ``k`` to the compute device (on the side stream when ``prefetch``)."""
+        """Copy block ``k`` to the compute device (on a GPU on the side stream; the compute stream waits
+        for it before the block runs, :meth:`_use`)."""
         if k in self.resident or k < 0 or k >= len(self._slots):
             return
         copies = []
@@ -134,16 +139,13 @@ class BlockStreamer:
             current = torch.cuda.current_stream(self.compute)
             for _, _, _, stored in self._slots[k]:  # allocated in the compute stream's order
                 copies.append(torch.empty_like(stored, device=self.compute))
-            stream = self._stream if prefetch else current
-            if prefetch:
-                stream.wait_stream(current)
-            with torch.cuda.stream(stream):
+            self._stream.wait_stream(current)  # the copies' memory is free in the compute stream's order
+            with torch.cuda.stream(self._stream):
                 for c, (_, _, _, stored) in zip(copies, self._slots[k]):
                     c.copy_(stored, non_blocking=True)
-            if prefetch:
-                event = torch.cuda.Event()
-                event.record(stream)
-                self._events[k] = event
+            event = torch.cuda.Event()
+            event.record(self._stream)
+            self._events[k] = event  # the compute stream waits for it before the block runs
         else:  # the same kind of device: a copy all the same, so the streaming is real (and checked)
             copies = [stored.to(self.compute, copy=True) for _, _, _, stored in self._slots[k]]
         self.resident[k] = copies
@@ -161,9 +163,18 @@ class BlockStreamer:
     def evict(self, k: int) -> None:
         if self.resident.pop(k, None) is None:
             return
-        self._events.pop(k, None)
+        event = self._events.pop(k, None)
+        if event is not None:  # copied but never run: its memory is reused only after the copy is done
+            torch.cuda.current_stream(self.compute).wait_event(event)
         for mod, name, is_param, stored in self._slots[k]:
             self._assign(mod, name, is_param, stored)
+
+    def _pass_done(self) -> None:
+        """After a forward pass: no block stays on the device, and every copy from the stored weights has
+        finished, so the host may overwrite them (an estimator swaps a layer's weight in place)."""
+        self.evict_all()
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def evict_all(self) -> None:
         for k in list(self.resident):
