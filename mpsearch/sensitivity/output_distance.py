@@ -24,6 +24,13 @@ run in the model's own dtype: bf16 compute for a bf16 model) and reach the host 
 ``micro_batch=k`` measures each calibration batch in pieces of at most ``k`` samples (the same
 weighted mean, a fraction of the memory). :meth:`OutputDistanceEstimator.layer_distances` is the per-layer unit of work.
 
+Memory: before the suffix passes one line says the work left and its estimated peak memory and time
+(:mod:`mpsearch.sensitivity.workplan`; ``work_plan`` in the metadata); an estimate over the device's
+free memory (or ``device_memory_mb``) is refused in one line. ``offload=True`` keeps the model's
+decoder blocks in CPU memory and streams them to ``device`` for every forward pass, ``offload_window``
+blocks at a time (:mod:`mpsearch.sensitivity.offload`); the table is the same, the bytes streamed are
+in the cost (``offload_bytes``).
+
 ``base``: the operating point. By default every other layer stays at full precision, so the table is
 the additive model expanded around the fp model. With ``base`` (an option name, given to every planned
 layer that may take it, or a mapping layer -> option name, or a :class:`~mpsearch.plan.BitPlan`) the
