@@ -28,7 +28,7 @@ from torch import nn
 
 from .base import EstimatorWarning
 from .losses import forward
-from .offload import move_to
+from .offload import move_to, tensor_bytes
 
 
 @dataclass
@@ -63,16 +63,6 @@ def find_blocks(model: nn.Module, layer_names) -> BlockList | None:
         if key[0] and (best_key is None or key > best_key):
             best, best_key = blocks, key
     return best
-
-
-def _nbytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
 
 
 def _batch_len(batch) -> int:
@@ -147,7 +137,7 @@ class PrefixRunner:
                 order.append(("block", k))
                 if not self.enabled:
                     return
-                size = _nbytes(output)
+                size = tensor_bytes(output)
                 if "stride" not in keep:
                     cap = int(self.limit // max(size, 1))
                     keep["set"] = set(range(n)) if cap >= n else {round((i + 1) * n / cap) - 1 for i in range(cap)}

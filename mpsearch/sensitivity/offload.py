@@ -27,6 +27,17 @@ import torch
 from torch import nn
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or nested dicts, tuples and lists of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers (each tensor once)."""
     seen, total = set(), 0

@@ -70,8 +70,8 @@ from .base import (
     Context, Estimator, check_choice, check_positive, progress_bar, weight_errors, weight_of,
 )
 from .blocks import PrefixRunner, find_blocks
-from .offload import move_to
-from .workplan import largest_activation, tensor_bytes as _tensor_bytes
+from .offload import move_to, tensor_bytes
+from .workplan import largest_activation
 from .losses import METRICS, check_output, forward, output_kind
 
 
@@ -277,7 +277,7 @@ class OutputDistanceEstimator(Estimator):
         widest = max(((mine[:, li].any(0).sum().item() + extra) for li in range(len(ctx.layers))), default=1)
         stack = int(min(widest, self.stack_options or widest)) or 1
         micro = max(batch_size(b) for b in batches)
-        block_out = max((_tensor_bytes(v) for v in runner.cached.values()), default=0)
+        block_out = max((tensor_bytes(v) for v in runner.cached.values()), default=0)
         budget = device_budget(ctx.device, self.device_memory_mb)
         n = len(runner.blocks.names) if runner.blocks is not None else 0
         largest = probe.get("bytes", 0)

@@ -25,18 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import MpsearchError
+from .offload import tensor_bytes
 
 GB = 2**30
-
-
-def tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (tuple, list)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 @contextlib.contextmanager
