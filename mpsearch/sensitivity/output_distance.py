@@ -241,8 +241,7 @@ class OutputDistanceEstimator(Estimator):
             kind = output_kind(raw, self.output)
             reference = _prepare(ref, self.metric, kind, acc)
             if planned is None:  # before the suffix passes: the work, its memory and time, in one line
-                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, _timed_pass(model, batch, ctx),
-                                     probe, batch)
+                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, probe, batch)
             for li in range(st["layer"], L):
                 todo = [k for k in range(K) if mine[bi, li, k]]
                 if todo:
@@ -259,7 +258,7 @@ class OutputDistanceEstimator(Estimator):
             runner.release()
         bar.close()
 
-    def _plan(self, model, ctx, runner, batches, mine, ref, reference, seconds, probe, batch):
+    def _plan(self, model, ctx, runner, batches, mine, ref, reference, probe, batch):
         """The :class:`~mpsearch.sensitivity.workplan.WorkPlan` of the remaining work, printed (with
         progress) and recorded; refused when its estimated peak exceeds the device's budget. With
         offload, the prefix cache moves to the CPU first and the window shrinks to one block first."""
@@ -279,9 +278,7 @@ class OutputDistanceEstimator(Estimator):
         micro = max(batch_size(b) for b in batches)
         block_out = max((tensor_bytes(v) for v in runner.cached.values()), default=0)
         budget = device_budget(ctx.device, self.device_memory_mb)
-        n = len(runner.blocks.names) if runner.blocks is not None else 0
         largest = probe.get("bytes", 0)
-        pace = seconds / max((n + 1) * batch_size(batch), 1)  # per block and sample
 
         def make():
             if streamer is not None:
@@ -300,7 +297,7 @@ class OutputDistanceEstimator(Estimator):
                 off = {"window": streamer.window, "cache": "device" if on_device else "cpu"}
             return WorkPlan(device=str(ctx.device), layers=len(ctx.layers), options=K, batches=len(batches),
                             stack=stack, micro_batch=micro, memory=memory, budget=budget,
-                            seconds=work["block_evaluations"] * pace, offload=off,
+                            offload=off,
                             **work)
 
         plan = make()
@@ -311,12 +308,13 @@ class OutputDistanceEstimator(Estimator):
         if streamer is not None and not plan.fits() and streamer.window > 1:
             streamer.set_window(1)
             plan = make()
+        plan.refuse(offloaded=streamer is not None)
+        plan.seconds = work["whole_passes"] * _timed_pass(model, runner.repeated_batch(batch, stack), ctx)
         ctx.extra_metadata["work_plan"] = plan.to_dict()
         if ctx.progress:
             from tqdm.auto import tqdm
 
             tqdm.write(plan.line(), file=sys.stderr)
-        plan.refuse(offloaded=streamer is not None)
         return plan
 
     def _finish(self, ctx, runner, batches, st):
@@ -474,8 +472,8 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def _timed_pass(model, batch, ctx) -> float:
-    """Seconds of one whole forward pass of ``batch`` (after the reference pass warmed up): the pace
-    the work plan's time is estimated from."""
+    """Seconds of one whole forward pass of ``batch`` (the stacked batch, after the reference pass warmed
+    up): the pace the work plan's time is estimated from."""
     _sync(ctx.device)
     t0 = time.perf_counter()
     forward(model, batch)

@@ -5,9 +5,11 @@ After the first reference pass (which fixes the prefix cache's layout and sizes 
 estimates the peak memory on the compute device from the model's block sizes, the prefix cache and
 the stacked passes (each pass repeats the micro-batch once per stacked option, so its activations
 and its stacked output, the logits of a causal LM, grow with ``stack_options``), and a time from one
-timed whole forward pass (after the reference pass warmed up), scaled by the block evaluations
-(blocks x samples) left: an estimate that assumes the time grows with the samples of a pass (true of
-a GPU at large batches; small models on a CPU are dominated by per-pass overhead and run faster). :class:`WorkPlan` prints as one line and refuses (``MpsearchError``) when the
+timed whole forward pass of the stacked batch (the micro-batch repeated once per stacked option, run
+once the memory is known to fit): each suffix pass costs its share of the blocks, so the estimate is
+that time x the suffix passes counted in whole passes (``whole_passes``). It holds whether the passes
+are bound by compute or, with offload, by the copies of the blocks; passes of fewer options than the
+stack are counted as full ones (an overestimate). :class:`WorkPlan` prints as one line and refuses (``MpsearchError``) when the
 estimated peak exceeds what the device has free, naming the settings that trade memory for time.
 
 The memory is an estimate (not a measurement): weights on the device (all of them, or with offload the
@@ -74,6 +76,7 @@ class WorkPlan:
     suffix_passes: int
     block_evaluations: int  # blocks run x samples in each pass
     token_evaluations: int
+    whole_passes: float  # the suffix passes as a number of whole stacked passes (their blocks of all)
     stack: int
     micro_batch: int
     memory: dict = field(default_factory=dict)  # part -> bytes: weights, cache, reference, passes
@@ -86,7 +89,7 @@ class WorkPlan:
         return int(sum(self.memory.values()))
 
     def line(self) -> str:
-        when = f"; ~{_duration(self.seconds)} at the pace of a timed whole pass" if self.seconds else ""
+        when = f"; ~{_duration(self.seconds)} at the pace of a timed stacked pass" if self.seconds else ""
         off = ""
         if self.offload:
             off = (f"; offload: {self.offload['window']} block(s) on the device at a time, prefix cache on "
@@ -99,6 +102,7 @@ class WorkPlan:
 
     def to_dict(self) -> dict:
         return {"suffix_passes": self.suffix_passes, "block_evaluations": self.block_evaluations,
+                "whole_passes": round(self.whole_passes, 3),
                 "token_evaluations": self.token_evaluations, "stack": self.stack, "micro_batch": self.micro_batch,
                 "peak_gb": round(self.peak / GB, 3), "peak_bytes": self.peak, "memory_bytes": dict(self.memory),
                 "budget_bytes": self.budget,
@@ -161,6 +165,7 @@ def count_work(runner, ctx, mine, batches, *, stack: int | None, stackable, acts
         j = max((k for k in runner.cached if k < start), default=-1) if runner.enabled else -1
         after.append(n - j)  # blocks after the cached one, and the rest of the model as one
     passes = blocks = tokens = 0
+    share = 0.0  # sum over passes of the share of a whole pass each runs (its blocks of n + 1)
     for bi in range(len(batches)):
         size, seq = batch_size(batches[bi]), tokens_per_sample(batches[bi])
         for li in range(len(ctx.layers)):
@@ -177,9 +182,11 @@ def count_work(runner, ctx, mine, batches, *, stack: int | None, stackable, acts
                 groups.append(rest * [1])
             for g in (x for grp in groups for x in grp):
                 passes += 1
+                share += after[li] / (n + 1)
                 blocks += after[li] * g * size
                 tokens += g * size * seq
-    return {"suffix_passes": passes, "block_evaluations": blocks, "token_evaluations": tokens}
+    return {"suffix_passes": passes, "block_evaluations": blocks, "token_evaluations": tokens,
+            "whole_passes": share}
 
 
 def memory_parts(*, weights: int, cache: int, out: torch.Tensor, block_out: int, largest: int, stack: int,
