@@ -10,7 +10,8 @@ default settings. Two parts, side by side in one run:
   capped at ``--cap-gb`` (16 GB) with ``torch.cuda.set_per_process_memory_fraction``; ``--micro-batch``
   when given, else the largest of 8, 4, 2, 1 samples a pass whose work plan fits the cap (the estimator
   refuses a plan over the cap after its first reference pass, in one line, recorded as
-  ``offload-refused``; the plan line is printed before the work).
+  ``offload-refused``; an out-of-memory error, a plan that underestimated, is recorded as
+  ``offload-oom``; the plan line is printed before the work).
 
 Each part records wall time, the estimator's own seconds and cost (suffix passes, bytes streamed),
 the work plan it printed (estimated peak and time), ``torch.cuda.max_memory_allocated`` and the
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
                 break
             except MpsearchError as exc:
                 write(args.out, {"part": "offload-refused", "micro_batch": mb, "message": str(exc)})
+            except torch.cuda.OutOfMemoryError as exc:  # the plan's estimate was too low: recorded, next size
+                write(args.out, {"part": "offload-oom", "micro_batch": mb, "message": str(exc).splitlines()[0]})
+                torch.cuda.empty_cache()
     if len(tables) == 2:
         a = tables["plain"].frame["damage"].to_numpy()
         b = tables["offload"].frame["damage"].to_numpy()
