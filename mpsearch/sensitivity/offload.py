@@ -12,9 +12,12 @@ and no copy is in flight, so the weights an estimator reads or overwrites (and r
 the stored ones, and every forward pass reads them as they are: the results equal the plain path's
 exactly.
 
-This is llm-compressor's sequential pipeline and AutoRound's block-wise loading done by hooks, so any
-forward pass of the model streams (layer discovery, routing counts, the imatrix, the reference and
-suffix passes). The streamer counts what it moves (``bytes_moved``, ``loads``) and the most blocks
+Like accelerate's CPU-offload hooks (weights moved in before a module runs and out after), per
+decoder block and with a prefetch of the next, so every forward pass of the model streams (layer
+discovery, routing counts, the imatrix, the reference and suffix passes). llm-compressor's sequential
+pipeline and AutoRound instead run each block once over cached inputs; the estimator's suffix passes
+run the blocks after the changed layer once per layer, so here a block is copied once per pass that
+runs it (the cost is counted; a block-major schedule would copy each block once per micro-batch). The streamer counts what it moves (``bytes_moved``, ``loads``) and the most blocks
 ever on the compute device at once (``max_resident``); with the same device for both (a CPU test)
 it still copies, so the logic runs and is checked.
 """
