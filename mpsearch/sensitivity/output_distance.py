@@ -97,6 +97,10 @@ class OutputDistanceEstimator(Estimator):
     name = "output-distance"
     needs_data = True
     routed_damage = True
+    _setting_notes = {**Estimator._setting_notes,
+                      "offload": "stream the decoder blocks from CPU memory to device (CLI: --offload)",
+                      "device_memory_mb": "None: the GPU's free memory (no check on the CPU); the estimate is "
+                                          "refused up front when its estimated peak exceeds it"}
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
