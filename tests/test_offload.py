@@ -113,7 +113,16 @@ def test_offload_cache_on_the_cpu_and_small_windows_keep_the_table():
     # a budget just below the plan: the cache goes to the CPU first
     cache = need["memory_bytes"]["cache"]
     assert cache > 0
-    est.device_memory_mb = (need["peak_bytes"] - cache / 2) / 2**20
+    kept = need["memory_bytes"]["variants"]  # quantized weights kept across the 2 batches: given up first
+    assert kept > 0
+    est.device_memory_mb = (need["peak_bytes"] - kept / 2) / 2**20
+    off = est.estimate(model, data, progress=False)
+    assert "variants" not in off.metadata["work_plan"]["memory_bytes"]
+    assert off.metadata["work_plan"]["offload"] == {"window": 2, "cache": "device"}
+    assert off.metadata["cost"]["quantizations_reused"] == 0
+    assert np.array_equal(plain.frame["damage"].to_numpy(), off.frame["damage"].to_numpy())
+    # then the prefix cache goes to the CPU
+    est.device_memory_mb = (need["peak_bytes"] - kept - cache / 2) / 2**20
     off = est.estimate(model, data, progress=False)
     assert off.metadata["work_plan"]["offload"] == {"window": 2, "cache": "cpu"}
     assert off.metadata["work_plan"]["peak_bytes"] <= est.device_memory_mb * 2**20

@@ -296,6 +296,8 @@ class OutputDistanceEstimator(Estimator):
                                   stack=stack, acc_bytes=torch.empty((), dtype=reference["ref"].dtype).element_size(),
                                   kl_logits=reference["metric"] == "kl-logits", micro=micro,
                                   ref_samples=batch_size(batch))
+            if self._variants is not None and self._variants.limit > 0:  # quantized weights kept across batches
+                memory["variants"] = int(min(self._variants.limit, variant_bytes))
             off = None
             if streamer is not None:
                 off = {"window": streamer.window, "cache": "device" if on_device else "cpu"}
@@ -304,7 +306,13 @@ class OutputDistanceEstimator(Estimator):
                             offload=off,
                             **work)
 
+        variant_bytes = sum(weight_of(model, lay).numel() * weight_of(model, lay).element_size()
+                            * int(mine[:, li].any(0).sum()) for li, lay in enumerate(ctx.layers)
+                            if lay.kind not in EXPERT_KINDS)
         plan = make()
+        if streamer is not None and not plan.fits() and self._variants is not None and self._variants.limit > 0:
+            self._variants.limit = 0  # quantized again for every batch instead of kept on the device
+            plan = make()
         if streamer is not None and not plan.fits() and runner.cached:  # the prefix cache to the CPU
             runner.cache_device = torch.device("cpu")
             runner.cached = {k: move_to(v, "cpu") for k, v in runner.cached.items()}

@@ -13,7 +13,8 @@ stack are counted as full ones (an overestimate). :class:`WorkPlan` prints as on
 estimated peak exceeds what the device has free, naming the settings that trade memory for time.
 
 The memory is an estimate (not a measurement): weights on the device (all of them, or with offload the
-non-block part and ``window`` blocks) + the cache + the prepared reference (float32: logits and their
+non-block part and ``window`` blocks) + the cache + the quantized weights kept across batches (within
+``max_variant_mb``; with offload they are given up first when the plan does not fit) + the prepared reference (float32: logits and their
 softmax) + per pass ``stack x (output + the cached block output repeated + 2 x the largest
 activation of any module)`` + the distance of one option (3 float32 copies of its output).
 """
