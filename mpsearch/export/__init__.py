@@ -23,10 +23,12 @@ Mixture-of-experts plans (stacked expert tensors ``...experts.gate_up_proj``): `
 them as the GGUF tensors ``blk.N.ffn_{gate,up,down}_exps`` (a fused ``gate_up_proj`` as both gate and
 up, with its one type) and ``llm-compressor`` as regex targets over the per-expert Linears that
 llm-compressor unfuses them into (``experts.<e>.gate_proj``...), the experts of one layer sharing one
-scheme as vLLM's FusedMoE requires. The others refuse such plans in one line: torchao's
-``IntxWeightOnlyConfig`` refuses 3-D tensors; GPTQModel, AutoRound and ModelOpt quantize fused
-experts by unfusing them into per-expert Linears, whose entries mpsearch does not write yet. Per-expert
-plans (``--target mpsearch``, ``...down_proj[3]``) are refused by every exporter: consumers store a
+scheme as vLLM's FusedMoE requires. ``gptqmodel`` writes ``dynamic`` patterns and ``autoround``
+``layer_config`` regex keys over the same per-expert modules (GPTQModel and AutoRound unfuse the
+experts before quantizing); ``modelopt`` writes one ``quantized_layers`` entry per experts module
+(``model.layers.0.mlp.experts``), as ModelOpt's own ``get_quant_config`` does. torchao refuses such
+plans in one line (its ``IntxWeightOnlyConfig`` refuses 3-D tensors). Per-expert plans
+(``--target mpsearch``, ``...down_proj[3]``) are refused by every exporter: consumers store a
 projection's experts with one type.
 
 Each exporter declares the consumers whose formats (:mod:`mpsearch.formats`) it writes exactly

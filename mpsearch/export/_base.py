@@ -116,6 +116,19 @@ STACKED_EXPERT = re.compile(r"^(?P<container>.*\.experts)\.(?P<proj>gate_up_proj
 EXPERT_SLICE = re.compile(r"^.*\[\d+\]$")
 
 
+def unfused_projections(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """``(container, projections)`` of a stacked expert tensor as the consumers that unfuse it see
+    it: one ``nn.Linear`` per expert and projection, ``<container>.<e>.<projection>``, a fused
+    ``gate_up_proj`` split into ``gate_proj`` and ``up_proj`` (llm-compressor's ``linearize.py``,
+    AutoRound's ``moe_experts_interface.py``, GPTQModel's defuser, ModelOpt's export); ``None``
+    for any other layer."""
+    m = STACKED_EXPERT.match(name)
+    if m is None:
+        return None
+    projs = ("gate_proj", "up_proj") if m["proj"] == "gate_up_proj" else (m["proj"],)
+    return m["container"], projs
+
+
 def check_experts(plan: BitPlan, exporter: Exporter, force: bool = False) -> None:
     """Refuse per-expert layers (every consumer stores a projection's experts with one type),
     stacked expert tensors where the format does not write them, and, for fused runtimes (vLLM's

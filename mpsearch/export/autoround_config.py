@@ -17,12 +17,37 @@ integer weight-only schemes), and ``lm_head`` when the model ties it to the embe
 
 The AutoRound formats of ``--target autoround`` (``autoround-intB-gG[-asym]``) are written as
 ``{"bits": B, "group_size": G, "sym": ..., "data_type": "int"}``, mpsearch's own options likewise.
+
+Mixture-of-experts: AutoRound unfuses transformers' stacked experts before it resolves
+``layer_config`` (``prepare_model_for_moe_quantization``: each expert becomes ``<experts>.<e>`` with
+``gate_proj``/``up_proj``/``down_proj`` Linears, ``gate_up_proj`` split in two), so a stacked tensor
+``model.layers.0.mlp.experts.gate_up_proj`` is written as the regex key
+``^model.layers.0.mlp.experts.[0-9]+.(gate_proj|up_proj)$``, which AutoRound expands to every
+expert's Linears (its ``to_standard_regex`` escapes bare dots, and would escape an escaped dot twice).
+Routers are not plan layers; AutoRound leaves them alone (``mlp.gate`` is in its predefined
+``ignore_layers``, and transformers' routers are not Linears).
 """
 
 from __future__ import annotations
 
+import re
+
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, int_settings, refuse
+from ._base import ExportError, Exporter, int_settings, refuse, unfused_projections
+
+
+def layer_key(name: str) -> str:
+    """The ``layer_config`` key of a plan layer: its name, or for a stacked expert tensor the regex
+    over the per-expert Linears AutoRound unfuses it into (bare dots: AutoRound escapes them)."""
+    unfused = unfused_projections(name)
+    if unfused is None:
+        return name
+    container, projs = unfused
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", container):
+        raise ExportError(f"autoround: cannot write a layer_config pattern for {name!r} (its module path has "
+                          f"characters other than letters, digits, '_' and '.')")
+    alt = projs[0] if len(projs) == 1 else "(" + "|".join(projs) + ")"
+    return f"^{container}.[0-9]+.{alt}$"
 
 
 class AutoRoundExporter(Exporter):
@@ -33,9 +58,7 @@ class AutoRoundExporter(Exporter):
     fused_runtime = True
     runtime = "AutoRound's serving back ends (vLLM, SGLang)"
     consumers = ("autoround",)
-    stacked_experts = ("AutoRound unfuses fused experts into per-expert Linears (experts.<e>.gate_proj ...), "
-                       "whose layer_config entries mpsearch does not write yet; export with --to "
-                       "llm-compressor or llama.cpp")
+    stacked_experts = None  # regex keys over the per-expert Linears AutoRound unfuses them into
 
     def __init__(self, w8_asym: bool = False):
         self.w8_asym = w8_asym
@@ -55,8 +78,8 @@ class AutoRoundExporter(Exporter):
         for lay in plan.layers:
             opt = int_settings(plan.option(lay))
             if opt.is_keep:
-                out[lay] = {"bits": 16, "data_type": "float"}
+                out[layer_key(lay)] = {"bits": 16, "data_type": "float"}
             else:
-                out[lay] = {"bits": opt.bits, "group_size": -1 if opt.group_size is None else opt.group_size,
-                            "sym": opt.symmetric, "data_type": "int"}
+                out[layer_key(lay)] = {"bits": opt.bits, "group_size": -1 if opt.group_size is None else opt.group_size,
+                                       "sym": opt.symmetric, "data_type": "int"}
         return out

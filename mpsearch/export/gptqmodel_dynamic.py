@@ -1,4 +1,4 @@
-"""GPTQModel: ``QuantizeConfig`` keyword arguments with a compact ``dynamic`` override table.
+r"""GPTQModel: ``QuantizeConfig`` keyword arguments with a compact ``dynamic`` override table.
 
 GPTQModel (``gptqmodel/quantization/config.py``) takes default ``bits`` / ``group_size`` / ``sym``
 and a ``dynamic`` dict of regex -> overrides. Its lookup (``dynamic_get``) walks the keys in order
@@ -15,6 +15,16 @@ The GPTQModel formats of ``--target gptqmodel`` (``gptq-intB-g128``) are written
 group_size: 128, sym: true``. The importer resolves each given layer name with the same rules; it
 needs the layer names because the keys are regexes. A layer whose resolved settings are exactly a
 GPTQModel format's reads back as that format (``gptq-int4-g128``), else as the integer option.
+
+Mixture-of-experts: GPTQModel quantizes experts as one module per expert and projection
+(``Qwen3MoeQModel.module_tree``: ``mlp.experts.#.gate_proj/up_proj/down_proj``; transformers'
+stacked experts are unfused into those by its ``defuser`` dependency, ``gate_up_proj`` split in
+two), so a stacked tensor ``model.layers.0.mlp.experts.gate_up_proj`` is written into the patterns
+as ``model\.layers\.0\.mlp\.experts\.\d+\.(?:gate_proj|up_proj)``: every expert of the layer
+gets its option. Routers are not plan layers (GPTQModel's module trees mark ``mlp.gate`` ``:!``,
+never quantized). Reading back, a stacked tensor takes the settings of its experts' modules, and a
+file that gives the experts of one tensor different settings (checked for expert indices below
+``EXPERTS_CHECKED``) is refused: mpsearch plans one option per stacked tensor.
 """
 
 from __future__ import annotations
@@ -25,9 +35,35 @@ from collections import Counter
 from ..options import KEEP, Option
 from ..plan import BitPlan
 from ._base import (ExportError, Exporter, compact_pattern, expect, format_option, group_by_option, int_settings,
-                    need_layers, plan_from_options, refuse)
+                    need_layers, plan_from_options, refuse, unfused_projections)
 
 BITS = (2, 3, 4, 8)
+#: stand-in for the expert index in :func:`module_templates` (not a digit, so ``compact_pattern``
+#: templates the block index, and no regex character, so ``re.escape`` leaves it alone)
+_EXPERT = "EXPERTINDEX"
+#: the importer checks that experts 0..EXPERTS_CHECKED-1 of a stacked tensor resolve alike
+EXPERTS_CHECKED = 512
+
+
+def module_templates(name: str) -> list[str]:
+    """The GPTQModel module names a plan layer stands for: itself, or for a stacked expert tensor
+    its per-expert modules with the expert index as ``_EXPERT``."""
+    unfused = unfused_projections(name)
+    if unfused is None:
+        return [name]
+    container, projs = unfused
+    return [f"{container}.{_EXPERT}.{p}" for p in projs]
+
+
+def modules_pattern(names) -> str:
+    """One anchored regex for the GPTQModel modules of plan layers ``names`` (see
+    :func:`~mpsearch.export._base.compact_pattern`; an expert index matches ``\\d+``)."""
+    return compact_pattern(t for n in names for t in module_templates(n)).replace(_EXPERT, r"\d+")
+
+
+def expert_modules(name: str, experts) -> list[str]:
+    """The GPTQModel module names of plan layer ``name`` for expert indices ``experts``."""
+    return [t.replace(_EXPERT, str(e)) for t in module_templates(name) for e in experts]
 
 
 def _fields(opt: Option) -> dict:
@@ -63,9 +99,7 @@ class GPTQModelExporter(Exporter):
     runtime = "GPTQModel's serving back ends (vLLM, SGLang)"
     can_import = True
     consumers = ("gptqmodel",)
-    stacked_experts = ("GPTQModel quantizes fused experts as per-expert modules (experts.<e>.gate_proj ...), "
-                       "whose dynamic entries mpsearch does not write yet (and GPTQModel does not install "
-                       "here to check them); export with --to llm-compressor or llama.cpp")
+    stacked_experts = None  # patterns over the per-expert modules GPTQModel quantizes
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or int_settings(o).bits in BITS,
@@ -81,15 +115,16 @@ class GPTQModelExporter(Exporter):
         doc = {**_fields(default), "dynamic": {}}
         for opt, names in groups:
             if opt.is_keep:
-                doc["dynamic"]["-:" + compact_pattern(names)] = {}
+                doc["dynamic"]["-:" + modules_pattern(names)] = {}
         for opt, names in quantized:
             if opt != default:
-                doc["dynamic"]["+:" + compact_pattern(names)] = _fields(opt)
+                doc["dynamic"]["+:" + modules_pattern(names)] = _fields(opt)
         if any(lay == "lm_head" and not plan.option(lay).is_keep for lay in plan.layers):
             doc["lm_head"] = True
-        for lay in plan.layers:  # self-check: GPTQModel's lookup gives every layer its option
-            if _option_kwargs(resolve(doc, lay)) != _option_kwargs(plan.option(lay)):
-                raise ExportError(f"gptqmodel: internal error, pattern for {lay!r} does not round-trip")
+        for lay in plan.layers:  # self-check: GPTQModel's lookup gives every module its layer's option
+            for module in expert_modules(lay, (0, 1, 10, 127)):
+                if _option_kwargs(resolve(doc, module)) != _option_kwargs(plan.option(lay)):
+                    raise ExportError(f"gptqmodel: internal error, pattern for {module!r} does not round-trip")
         return doc
 
     def read(self, doc, layers, source) -> BitPlan:
@@ -101,10 +136,25 @@ class GPTQModelExporter(Exporter):
         check_shape(doc, source)
         names = need_layers(layers, self.name, source)
         try:
-            options = {name: _as_format(resolve(doc, name)) for name in names}
+            options = {name: _as_format(_resolve_layer(doc, name, source)) for name in names}
         except (re.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ExportError(f"{source}: cannot read the GPTQModel config: {exc}") from None
         return plan_from_options(options, self.name, source)
+
+
+def _resolve_layer(doc: dict, name: str, source: str) -> Option:
+    """The option of plan layer ``name``: its module's, or the one option all modules of a stacked
+    expert tensor resolve to (refused if they differ)."""
+    if unfused_projections(name) is None:
+        return resolve(doc, name)
+    seen: dict[tuple, str] = {}
+    for module in expert_modules(name, range(EXPERTS_CHECKED)):
+        seen.setdefault(tuple(_option_kwargs(resolve(doc, module)).items()), module)
+    if len(seen) > 1:
+        a, b = list(seen.values())[:2]
+        raise ExportError(f"{source}: the GPTQModel config gives the experts of {name!r} different settings "
+                          f"({a!r} and {b!r}); mpsearch plans one option per stacked expert tensor")
+    return resolve(doc, next(iter(seen.values())))
 
 
 def _as_format(opt: Option) -> Option:

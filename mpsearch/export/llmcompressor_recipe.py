@@ -39,7 +39,7 @@ from __future__ import annotations
 import re
 
 from ..plan import BitPlan
-from ._base import STACKED_EXPERT, ExportError, Exporter, format_name, group_by_option, int_settings, refuse
+from ._base import ExportError, Exporter, format_name, group_by_option, int_settings, refuse, unfused_projections
 
 
 def weight_args(opt) -> dict:
@@ -92,12 +92,12 @@ def expert_targets(name: str) -> list[str]:
     (``X.experts.gate_up_proj``) a regex over the per-expert Linears llm-compressor unfuses it into
     (``X.experts.<e>.gate_proj`` and ``.up_proj``; ``llmcompressor/modeling/moe/linearize.py``),
     which vLLM fuses back into one FusedMoE layer."""
-    m = STACKED_EXPERT.match(name)
-    if m is None:
+    unfused = unfused_projections(name)
+    if unfused is None:
         return [name]
-    projs = ("gate_proj", "up_proj") if m["proj"] == "gate_up_proj" else (m["proj"],)
+    container, projs = unfused
     alt = projs[0] if len(projs) == 1 else "(?:" + "|".join(projs) + ")"
-    return [rf"re:^{re.escape(m['container'])}\.\d+\.{alt}$"]
+    return [rf"re:^{re.escape(container)}\.\d+\.{alt}$"]
 
 
 class LLMCompressorExporter(Exporter):

@@ -30,6 +30,15 @@ Other options are refused: ModelOpt quantizes int4 only in groups (its export as
 sizes), writes int8 as ``W8A16`` whatever its blocks (so a grouped int8 plan would be served per
 channel), has no zero points for integers, and neither its config converter nor TensorRT-LLM's
 PyTorch back end reads the ``W4A16`` / ``W4A16_GPTQ`` / ``W8A16_GPTQ`` algorithms.
+
+Mixture-of-experts: ModelOpt quantizes transformers' stacked experts in place
+(``_QuantFusedExperts``: one weight quantizer per expert of ``gate_up_proj`` and ``down_proj``) and
+its ``get_quant_config`` writes **one** entry for the experts module, ``model.layers.0.mlp.experts``
+(the FusedMoE layer vLLM and TensorRT-LLM look it up by; the checkpoint's tensors are the
+per-expert ``experts.<e>.gate_proj.weight``...). So the stacked tensors of one experts module are
+written as that one entry and must share one option (refused otherwise, ``force`` or not, and when
+the plan has only some of them); a kept experts module is listed in ``exclude_modules``. Routers are
+not plan layers, and ModelOpt does not quantize them.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from __future__ import annotations
 from .. import __version__
 from ..options import Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, format_name, int_settings, refuse
+from ._base import STACKED_EXPERT, ExportError, Exporter, format_name, int_settings, refuse
 
 #: ModelOpt float formats -> the entry ModelOpt writes for them
 FLOAT_ENTRIES = {"fp8": {"quant_algo": "FP8"}, "nvfp4-modelopt": {"quant_algo": "NVFP4", "group_size": 16}}
@@ -59,6 +68,23 @@ def layer_algo(opt: Option) -> dict | None:
     return None
 
 
+def experts_entry(name: str) -> str:
+    """The module ModelOpt's ``quantized_layers`` names for a plan layer: the experts module of a
+    stacked expert tensor, else the layer itself."""
+    m = STACKED_EXPERT.match(name)
+    return name if m is None else m["container"]
+
+
+def experts_modules(plan: BitPlan) -> dict[str, list[str]]:
+    """Experts module -> the plan's stacked expert tensors in it."""
+    out: dict[str, list[str]] = {}
+    for lay in plan.layers:
+        m = STACKED_EXPERT.match(lay)
+        if m is not None:
+            out.setdefault(m["container"], []).append(lay)
+    return out
+
+
 class ModelOptExporter(Exporter):
     """ModelOpt ``hf_quant_config.json`` (MIXED_PRECISION, per-layer ``quantized_layers``)."""
 
@@ -67,20 +93,31 @@ class ModelOptExporter(Exporter):
     fused_runtime = True
     runtime = "TensorRT-LLM / vLLM (which serve ModelOpt checkpoints)"
     consumers = ("modelopt",)
-    stacked_experts = ("ModelOpt exports fused experts as per-expert layers (experts.<e>.gate_proj ...), "
-                       "whose quantized_layers entries mpsearch does not write yet; export with --to "
-                       "llm-compressor or llama.cpp")
+    stacked_experts = None  # one quantized_layers entry per experts module, as ModelOpt writes them
 
     def check(self, plan: BitPlan) -> None:
         refuse(plan, self.name, lambda o: o.is_keep or layer_algo(o) is not None,
                "ModelOpt's integer weight-only formats are int8 per channel (W8A16) and int4 in "
                "groups (W4A16_AWQ), both symmetric (or keep), besides its fp8 and nvfp4-modelopt formats")
+        for container, members in experts_modules(plan).items():
+            names = {plan.option(m).name for m in members}
+            projs = {STACKED_EXPERT.match(m)["proj"] for m in members}
+            if len(names) > 1:
+                shown = ", ".join(f"{m}={plan.option(m).name}" for m in members)
+                raise ExportError(f"modelopt: ModelOpt writes the experts of {container!r} as one quantized_layers "
+                                  f"entry, but the plan gives them different options: {shown}; solve with "
+                                  f"--target modelopt (it ties them)")
+            if "down_proj" not in projs or projs == {"down_proj"}:
+                raise ExportError(f"modelopt: the plan has only {', '.join(sorted(members))} of {container!r}, but "
+                                  f"ModelOpt writes all of that experts module's tensors as one quantized_layers "
+                                  f"entry; plan all of them with one option")
 
     def build(self, plan: BitPlan) -> dict:
-        layers = {lay: layer_algo(plan.option(lay)) for lay in plan.layers if not plan.option(lay).is_keep}
+        entry_of = {lay: experts_entry(lay) for lay in plan.layers}  # plan layer -> ModelOpt module name
+        layers = {entry_of[lay]: layer_algo(plan.option(lay)) for lay in plan.layers if not plan.option(lay).is_keep}
         if not layers:
             raise ExportError("modelopt: the plan keeps every layer at 16 bits; there is nothing to quantize")
-        keep = [lay for lay in plan.layers if plan.option(lay).is_keep]
+        keep = list(dict.fromkeys(entry_of[lay] for lay in plan.layers if plan.option(lay).is_keep))
         entries = {str(e): e for e in layers.values()}
         if len(entries) == 1:  # one format: ModelOpt writes it as the model's quant_algo, no per-layer table
             (entry,) = entries.values()
