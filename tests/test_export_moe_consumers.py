@@ -37,7 +37,7 @@ PROJS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("dow
 
 def moe_plan(model, specs, seed=0, split_experts=False) -> BitPlan:
     """A random plan over the layers the consumer targets plan (routers, embeddings and lm_head
-    left out): q/k/v share an option, and a layer's experts one option unless ``split_experts``."""
+    left out): q/k/v and gate/up share an option, and a layer's experts one unless ``split_experts``."""
     rng = random.Random(seed)
     choice = {}
     for lay in discover_layers(model):
@@ -46,6 +46,8 @@ def moe_plan(model, specs, seed=0, split_experts=False) -> BitPlan:
             continue
         if n.endswith(("k_proj", "v_proj")):
             choice[n] = choice[n[:-6] + "q_proj"]
+        elif n.endswith(".up_proj") and n[:-7] + "gate_proj" in choice:  # a shared expert's gate/up
+            choice[n] = choice[n[:-7] + "gate_proj"]
         elif n.endswith("experts.down_proj") and not split_experts:
             choice[n] = choice[n[: -len("down_proj")] + "gate_up_proj"]
         else:
@@ -98,9 +100,11 @@ def autoround(model, layer_config, monkeypatch, tmp_path):
     return ar
 
 
-@pytest.mark.parametrize("seed,split", [(0, False), (1, False), (2, True)])
-def test_autoround_gives_every_expert_its_layers_option(seed, split, monkeypatch, tmp_path):
-    model = tiny_moe("qwen3_moe")
+@pytest.mark.parametrize("family,seed,split", [("qwen3_moe", 0, False), ("qwen3_moe", 1, False),
+                                               ("qwen3_moe", 2, True), ("qwen2_moe", 3, False), ("mixtral", 2, False)])
+def test_autoround_gives_every_expert_its_layers_option(family, seed, split, monkeypatch, tmp_path):
+    model = tiny_moe(family)
+    original, kept = copy.deepcopy(model), routers(model)
     specs = ["autoround-int2-g32", "autoround-int3-g32-asym", "autoround-int4-g32", "autoround-int5-g32-asym",
              "autoround-int8-g32", "keep"]
     plan = moe_plan(model, specs, seed, split)
@@ -108,10 +112,13 @@ def test_autoround_gives_every_expert_its_layers_option(seed, split, monkeypatch
     doc = json.loads(export_text(plan, "autoround", force=split))
     assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in doc)  # stacked names are not modules
     want = planned_modules(model, plan)
-    original = copy.deepcopy(model)
     ar = autoround(model, doc, monkeypatch, tmp_path)
     resolved = ar.layer_config
-    assert set(resolved) == set(want)  # exactly the planned modules: no router, no lm_head, no expert missing
+    linear_routers = {r for r in kept if type(original.get_submodule(r)) is torch.nn.Linear}
+    assert (family == "qwen2_moe") == bool(linear_routers)  # its shared_expert_gate
+    quantized_names = {n for n, c in resolved.items() if c["bits"] < 16}
+    assert quantized_names == {n for n, o in want.items() if not o.is_keep}  # exactly the planned modules
+    assert set(resolved) == set(want) | linear_routers  # every expert there; no lm_head
     for name, o in want.items():
         c, o = resolved[name], int_settings(o)
         if o.is_keep:
@@ -119,7 +126,8 @@ def test_autoround_gives_every_expert_its_layers_option(seed, split, monkeypatch
         else:
             assert (c["bits"], c["group_size"], c["sym"], c["data_type"]) == (
                 o.bits, o.group_size or -1, o.symmetric, "int"), name
-    assert not set(routers(model)) & set(resolved)
+    for r in linear_routers:  # Qwen2-MoE's one-row shared_expert_gate: AutoRound keeps it (shape rule)
+        assert resolved[r]["bits"] == 16, r
     # AutoRound's round-to-nearest quantization of each expert has the planned levels per group and,
     # symmetric, is mpsearch's of that expert's matrix bit for bit (AutoRound works in bfloat16 here,
     # its amp dtype on this CPU: mpsearch rounds the same bf16 matrix). Its asymmetric path in
@@ -145,7 +153,8 @@ def test_autoround_gives_every_expert_its_layers_option(seed, split, monkeypatch
                 groups = theirs.float().reshape(-1, int_settings(o).group_size)
                 assert max(len(g.unique()) for g in groups) <= 2 ** o.bits, module
                 assert not torch.equal(theirs, stacked[e, part]), module
-    for r in routers(original):
+    assert kept
+    for r in kept:
         assert torch.equal(quantized.get_submodule(r).weight, original.get_submodule(r).weight.to(torch.bfloat16)), r
 
 
@@ -203,7 +212,7 @@ def test_modelopt_writes_one_entry_per_experts_module_as_we_do(tmp_path):
             for proj in ("gate_up_proj", "down_proj"):
                 names = {f"{container}.{proj}_weight_quantizers.{e}" for e in range(4)}
                 assert (names <= on) == (not plan.option(f"{container}.{proj}").is_keep)
-        assert not [n for n in on if any(n.startswith(r + ".") for r in routers(model))]
+        assert routers(model) and not [n for n in on if any(n.startswith(r + ".") for r in routers(model))]
         conv = got["converted"]
         seen = {t: (g["weights"]["num_bits"], g["weights"].get("group_size"))
                 for g in conv["config_groups"].values() for t in g["targets"]}

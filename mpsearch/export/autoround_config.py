@@ -24,8 +24,9 @@ Mixture-of-experts: AutoRound unfuses transformers' stacked experts before it re
 ``model.layers.0.mlp.experts.gate_up_proj`` is written as the regex key
 ``^model.layers.0.mlp.experts.[0-9]+.(gate_proj|up_proj)$``, which AutoRound expands to every
 expert's Linears (its ``to_standard_regex`` escapes bare dots, and would escape an escaped dot twice).
-Routers are not plan layers; AutoRound leaves them alone (``mlp.gate`` is in its predefined
-``ignore_layers``, and transformers' routers are not Linears).
+Routers are not plan layers, and AutoRound leaves them alone: ``mlp.gate`` is in its predefined
+``ignore_layers``, transformers' routers are not Linears, and Qwen2-MoE's ``shared_expert_gate``
+(a Linear with one output row) is kept by its shape rule above.
 """
 
 from __future__ import annotations
