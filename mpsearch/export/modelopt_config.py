@@ -38,7 +38,10 @@ its ``get_quant_config`` writes **one** entry for the experts module, ``model.la
 per-expert ``experts.<e>.gate_proj.weight``...). So the stacked tensors of one experts module are
 written as that one entry and must share one option (refused otherwise, ``force`` or not, and when
 the plan has only some of them); a kept experts module is listed in ``exclude_modules``. Routers are
-not plan layers, and ModelOpt does not quantize them.
+not plan layers, and ModelOpt does not quantize them. A plan with stacked experts is always written
+``MIXED_PRECISION``, even with one format: in the one-format form a reader quantizes every module
+``exclude_modules`` does not name, and the routers' names (``mlp.gate``, which ModelOpt's own file
+lists there) are not in the plan; ``quantized_layers`` names exactly what is quantized.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class ModelOptExporter(Exporter):
             raise ExportError("modelopt: the plan keeps every layer at 16 bits; there is nothing to quantize")
         keep = list(dict.fromkeys(entry_of[lay] for lay in plan.layers if plan.option(lay).is_keep))
         entries = {str(e): e for e in layers.values()}
-        if len(entries) == 1:  # one format: ModelOpt writes it as the model's quant_algo, no per-layer table
+        if len(entries) == 1 and not experts_modules(plan):  # one format: ModelOpt writes it as the model's quant_algo
             (entry,) = entries.values()
             quant = {**entry, "kv_cache_quant_algo": None, "exclude_modules": keep}
         else:
