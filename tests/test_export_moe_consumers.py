@@ -325,3 +325,38 @@ def test_gptqmodel_clone_config_gives_every_expert_module_its_layers_option(tmp_
     for want, got in zip(wants, result):
         for module, o in want.items():
             assert got["layers"][module] == (None if o.is_keep else [o.bits, o.group_size or -1, o.symmetric]), module
+
+
+# ----------------------------------------------------------------- estimate -> solve -> export
+@pytest.mark.parametrize("target,options", [("autoround", "autoround-int2-g32,autoround-int4-g32,autoround-int8-g32"),
+                                            ("gptqmodel", "gptq-int2-g128,gptq-int4-g128,gptq-int8-g128"),
+                                            ("modelopt", "int4_awq,int8_wo")])
+def test_each_target_solves_and_exports_a_layers_experts_as_one(target, options):
+    import mpsearch
+    from mpsearch.export.gptqmodel_dynamic import resolve
+
+    model = tiny_moe("qwen3_moe", hidden_size=128, moe_intermediate_size=128, head_dim=32)  # groups of 128 fit
+    table = mpsearch.get_estimator("weight-error", options=options).estimate(model, None, progress=False,
+                                                                             target=target)
+    plan = mpsearch.get_solver("ilp").solve(table, mpsearch.Budget.parse(["avg_bits=5"])).plan
+    experts = [n for n in plan.layers if ".experts." in n]
+    assert len(experts) == 4 and not [n for n in plan.layers if n in routers(model)]
+    for i in range(2):  # the target ties a layer's experts
+        assert plan.option_name(f"model.layers.{i}.mlp.experts.gate_up_proj") == plan.option_name(
+            f"model.layers.{i}.mlp.experts.down_proj")
+    doc = export_plan(plan, target)
+    for name in experts:
+        o = int_settings(plan.option(name))
+        container = name.rsplit(".", 1)[0]
+        if target == "modelopt":
+            entry = doc["quantization"]["quantized_layers"][container]
+            assert entry["quant_algo"] == ("W8A16" if o.bits == 8 else "W4A16_AWQ")
+        for module, _, _ in expert_modules(model, name):
+            if target == "gptqmodel":
+                got = resolve(doc, module)
+                assert (got.bits, got.group_size, got.symmetric) == (o.bits, o.group_size, o.symmetric), module
+            elif target == "autoround":
+                import re
+
+                keys = [k for k in doc if k.startswith("^") and re.fullmatch(k.replace(".", r"\."), module)]
+                assert len(keys) == 1 and doc[keys[0]]["bits"] == o.bits, module
