@@ -298,7 +298,10 @@ def test_gptqmodel_dynamic_gives_every_expert_module_its_layers_option():
 
         for r in routers(model):
             assert not [k for k in doc["dynamic"] if re.match(k.split(":", 1)[1], r)], r
-        # and the file reads back to the plan, through the model's own (stacked) names
+        # and the file reads back to the plan, through the model's own (stacked) names; given the
+        # model, the routers and the embedding (never quantized by GPTQModel) are left out
+        whole = import_plan(doc, "gptqmodel", layers=model)
+        assert set(whole.layers) == set(plan.layers) | {"lm_head"} and whole.option("lm_head").is_keep
         back = import_plan(doc, "gptqmodel", layers=plan.layers)
         for n in plan.layers:
             b, o = back.option(n), plan.option(n)

@@ -122,7 +122,7 @@ def import_plan(source, fmt: str, *, layers=None, **opts) -> BitPlan:
         importable = [n for n in FORMATS if get_exporter(n).can_import]
         raise ExportError(f"format {exporter.name!r} has no importer; plans can be read back from "
                           f"{', '.join(repr(n) for n in importable)}")
-    layers = _layer_names(layers)
+    layers = _layer_names(layers, exporter)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -150,13 +150,17 @@ def _read(exporter, read, source: str) -> BitPlan:
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
-def _layer_names(layers):
+def _layer_names(layers, exporter: Exporter):
     if layers is None:
         return None
-    if hasattr(layers, "named_modules"):
-        from ..apply import quantizable_names
+    if hasattr(layers, "named_modules"):  # a model: the layers the consumer can have quantized
+        from ..layers import discover_layers
 
-        return quantizable_names(layers)
+        try:
+            found = discover_layers(layers, include_embedding=True)
+        except MpsearchError:
+            return []
+        return [lay.name for lay in found if exporter.reads_layer(lay)]
     if isinstance(layers, BitPlan):
         return layers.layers
     if isinstance(layers, str):

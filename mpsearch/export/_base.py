@@ -66,6 +66,11 @@ class Exporter:
     def read(self, doc, layers: list[str] | None, source: str) -> BitPlan:
         raise ExportError(f"format {self.name!r} has no importer")  # import_plan names the ones that have
 
+    def reads_layer(self, layer) -> bool:
+        """Whether a model's layer (:class:`~mpsearch.layers.Layer`) is one the consumer may have
+        quantized, so that importing with a model reads its option (others are left out)."""
+        return True
+
 
 # ---------------------------------------------------------------------- consumer formats
 def check_consumers(plan: BitPlan, exporter: Exporter, exporter_for_consumer=lambda consumer: None) -> None:

@@ -20,8 +20,8 @@ Mixture-of-experts: GPTQModel quantizes experts as one module per expert and pro
 (``Qwen3MoeQModel.module_tree``: ``mlp.experts.#.gate_proj/up_proj/down_proj``; transformers'
 stacked experts are unfused into those by its ``defuser`` dependency, ``gate_up_proj`` split in
 two), so a stacked tensor ``model.layers.0.mlp.experts.gate_up_proj`` is written into the patterns
-as ``model\.layers\.0\.mlp\.experts\.\d+\.(?:gate_proj|up_proj)``: every expert of the layer
-gets its option. Routers are not plan layers (GPTQModel's module trees mark ``mlp.gate`` ``:!``,
+as its modules ``model\.layers\.0\.mlp\.experts\.\d+\.gate_proj`` and ``...up_proj``: every expert
+of the layer gets its option. Routers are not plan layers (GPTQModel's module trees mark ``mlp.gate`` ``:!``,
 never quantized). Reading back, a stacked tensor takes the settings of its experts' modules, and a
 file that gives the experts of one tensor different settings (checked for expert indices below
 ``EXPERTS_CHECKED``) is refused: mpsearch plans one option per stacked tensor.
@@ -126,6 +126,11 @@ class GPTQModelExporter(Exporter):
                 if _option_kwargs(resolve(doc, module)) != _option_kwargs(plan.option(lay)):
                     raise ExportError(f"gptqmodel: internal error, pattern for {module!r} does not round-trip")
         return doc
+
+    def reads_layer(self, layer) -> bool:
+        """GPTQModel quantizes the Linears of its module trees: never embeddings or MoE routers
+        (``gate:!``), so importing with a model leaves them out instead of giving them the default."""
+        return layer.kind != "embedding" and layer.role != "router"
 
     def read(self, doc, layers, source) -> BitPlan:
         if not isinstance(doc, dict) or ("bits" not in doc and "dynamic" not in doc):
