@@ -65,13 +65,14 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
     return out
 
 
-def quantizable_names(model: torch.nn.Module) -> list[str]:
+def quantizable_names(model: torch.nn.Module, keep=None) -> list[str]:
     """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
-    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them)."""
+    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them); ``keep``
+    (a function of the :class:`~mpsearch.layers.Layer`) selects some of them."""
     from .layers import discover_layers
 
     try:
-        return [lay.name for lay in discover_layers(model, include_embedding=True)]
+        return [lay.name for lay in discover_layers(model, include_embedding=True) if keep is None or keep(lay)]
     except MpsearchError:
         return []
 

@@ -154,13 +154,9 @@ def _layer_names(layers, exporter: Exporter):
     if layers is None:
         return None
     if hasattr(layers, "named_modules"):  # a model: the layers the consumer can have quantized
-        from ..layers import discover_layers
+        from ..apply import quantizable_names
 
-        try:
-            found = discover_layers(layers, include_embedding=True)
-        except MpsearchError:
-            return []
-        return [lay.name for lay in found if exporter.reads_layer(lay)]
+        return quantizable_names(layers, keep=exporter.reads_layer)
     if isinstance(layers, BitPlan):
         return layers.layers
     if isinstance(layers, str):
