@@ -43,13 +43,14 @@ def test_the_python_quick_start_runs_as_pasted(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("path", ["llama.cpp", "vllm"])
 def test_the_newcomer_commands_run_on_a_tiny_llama(path, tmp_path, monkeypatch, capsys):
     """The same commands as the README's walkthrough, with `smollm2` replaced by a tiny Llama folder
-    (hidden 256: K-quants and g32 groups fit), each exiting 0 and writing the consumer's file."""
+    (hidden 32 for g32 groups, intermediate 256 so ffn_down takes K-quants), each exiting 0 and writing
+    the consumer's file."""
     commands = _newcomer().readme_commands(path)
     assert [c.split()[:2] for c in commands] == [["mpsearch", "estimate"], ["mpsearch", "solve"],
                                                  ["mpsearch", "export"]]
     assert any("--budget size=Q4_K_M" in c for c in commands) if path == "llama.cpp" else \
         any("--budget size=w4a16-g32" in c for c in commands)
-    tiny = zoo.save_tiny_llama(tmp_path / "tiny", hidden_size=256, intermediate_size=512)
+    tiny = zoo.save_tiny_llama(tmp_path / "tiny", intermediate_size=256)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPSEARCH_ESTIMATOR_CACHE", str(tmp_path / "cache"))
     for cmd in commands:
