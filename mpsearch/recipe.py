@@ -115,7 +115,7 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
     - ``options``: as given; else a consumer ``target``'s default set (llama.cpp's i-quants join it
       when the rounding uses an importance matrix, ``imatrix``, and the work runs on a ``gpu``: their
       searches take about 2 hours for a 135M model on 2 CPU cores; left out on the CPU with a
-      warning); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
+      warning, as are the target's ``cpu_imatrix_left_out``, llama.cpp's q4_1 and q5_1); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
     - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given;
       ``fisher`` for a causal LM on a CPU);
     - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an
@@ -141,11 +141,14 @@ def target_default_options(target, imatrix: bool, gpu: bool) -> tuple[str, ...]:
     if imatrix and not gpu and target.imatrix_default_options:
         import warnings
 
+        names = tuple(o for o in names if o not in target.cpu_imatrix_left_out)
         left = [o for o in target.imatrix_default_options if o not in names]
         if left:
-            warnings.warn(f"{', '.join(left)} left out of {target.name}'s default options on the CPU (their "
-                          f"searches take hours there); give them with --bits to cost them anyway",
-                          stacklevel=3)
+            slow = [o for o in left if o in target.cpu_imatrix_left_out]
+            why = "their searches take hours there" + (
+                f"; {' and '.join(slow)}: their imatrix rounding takes as long as all the others'" if slow else "")
+            warnings.warn(f"{', '.join(left)} left out of {target.name}'s default options on the CPU ({why}); "
+                          f"give them with --bits to cost them anyway", stacklevel=3)
     return names
 
 

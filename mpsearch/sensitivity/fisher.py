@@ -74,8 +74,11 @@ class FisherEstimator(Estimator):
         mine = ctx.shard.assign([size for _, _, size in chunks])  # every chunk when one process
         plan = [(bi, ci) for (bi, ci, _), m in zip(chunks, mine) if m]
         todo = [(bi, ci) for bi, ci in plan if (bi, ci) >= (st["batch"], st["chunk"])]
-        with math_attention():
-            for bi, ci in progress_bar(todo, enabled=ctx.progress, desc="fisher chunks"):
+        sizes = {(bi, ci): size for bi, ci, size in chunks}
+        # the bar counts samples: one backward pass each in the loop, whose chunk can take minutes on a CPU
+        bar = progress_bar(None, enabled=ctx.progress, desc="fisher samples", total=sum(sizes[c] for c in todo))
+        with math_attention(), bar:
+            for bi, ci in todo:
                 args, kwargs, labels = _chunk(move_batch(ctx.batches[bi], ctx.device), ci, int(self.chunk_size))
                 n = _n(args, kwargs)
                 labels, lossfn = self._labels(model, args, kwargs, labels, loss, ctx, bi, ci)
@@ -92,10 +95,11 @@ class FisherEstimator(Estimator):
                                       EstimatorWarning, stacklevel=3)
                         method = "loop"
                 if grads is None:
-                    _loop_squares(model, weights, args, kwargs, labels, lossfn, st["sums"])
+                    _loop_squares(model, weights, args, kwargs, labels, lossfn, st["sums"], tick=bar.update)
                 else:
                     for acc, g in zip(st["sums"], grads):
                         acc += g.double().pow(2).sum(0).cpu()
+                    bar.update(n)
                 ctx.count("forward_passes", n)
                 ctx.count("backward_passes", n)
                 st["samples"] += n
@@ -180,9 +184,9 @@ def _vmap_grads(model, weights, args, kwargs, labels, lossfn):
         tuple(w.detach() for w in weights), args, kwargs, labels)
 
 
-def _loop_squares(model, weights, args, kwargs, labels, lossfn, sums):
+def _loop_squares(model, weights, args, kwargs, labels, lossfn, sums, tick=None):
     """One backward pass per sample, each gradient squared into ``sums`` (float64) as it comes: the
-    memory of one gradient, not of the chunk's."""
+    memory of one gradient, not of the chunk's. ``tick(1)`` after each sample (a progress bar)."""
     n = _n(args, kwargs)
     saved = [w.requires_grad for w in weights]
     for w in weights:
@@ -193,6 +197,8 @@ def _loop_squares(model, weights, args, kwargs, labels, lossfn, sums):
             value = lossfn(model_output_tensor(model(*a, **kw)), t)
             for acc, g in zip(sums, torch.autograd.grad(value, weights)):
                 acc += g.double().pow(2).cpu()
+            if tick is not None:
+                tick(1)
     finally:
         for w, flag in zip(weights, saved):
             w.requires_grad_(flag)

@@ -41,6 +41,8 @@ class Target:
     default_options: tuple[str, ...] = ()
     #: the default set when the rounding uses an importance matrix (None: ``default_options``)
     imatrix_default_options: tuple[str, ...] | None = None
+    #: options whose imatrix rounding is too slow for the CPU's default set (named in its warning)
+    cpu_imatrix_left_out: tuple[str, ...] = ()
     fused_runtime: bool = False
     #: tie regexes over expert layers: the expert tensors the consumer stores under one decision
     moe_ties: tuple[str, ...] = ()
