@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import BudgetError
+from .filesize import check_file_budget
 
 #: keys that are not table columns
 DERIVED_KEYS = ("avg_bits", "size_mb")
@@ -58,8 +59,6 @@ class Budget:
     file: dict[str, str] = field(default_factory=dict)  # size/file/bpw -> the value as written
 
     def __post_init__(self):
-        from .filesize import check_file_budget
-
         if not isinstance(self.file, dict):
             raise BudgetError(f"file budgets must be a mapping of size/file/bpw to a value, got {self.file!r}")
         self.file = {key: check_file_budget(key, value) for key, value in self.file.items()}

@@ -38,10 +38,12 @@ import numpy as np
 
 from .budget import Budget
 from .errors import BudgetError, MpsearchError
-from .fileio import atomic_write_text
-from .plan import BitPlan
+from .fileio import atomic_dir, atomic_files, atomic_write_text
 from .pareto import best_under, column_sums, pareto_indices  # noqa: F401  (re-exported)
-from .problem import Problem, compile_problem
+from .plan import BitPlan
+from .problem import compile_problem, Problem
+from .registry import get_solver
+from .solvers.base import make_plan
 from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
@@ -160,7 +162,6 @@ class Frontier:
         if max_points is not None and (not isinstance(max_points, (int, np.integer)) or max_points < 1):
             raise MpsearchError(f"max_points must be a positive integer or None, got {max_points!r}")
         path = Path(path)
-        from .fileio import atomic_dir, atomic_files
 
         if path.suffix.lower() == ".npz":
             raise MpsearchError(f"{str(path)!r}: a frontier CSV cannot be named .npz (every point goes to the .npz "
@@ -299,8 +300,6 @@ def compute_frontier(table: CostTable, solver="dp", points: int | None = None, k
     number of budgets swept (default 20). ``budget``: other constraints, bounds, pins and ties that
     every point meets.
     """
-    from .registry import get_solver
-
     if isinstance(solver, str):
         solver = get_solver(solver)
     if points is not None and (not isinstance(points, (int, np.integer)) or points < 1):
@@ -363,8 +362,6 @@ def _choice_dtype(problem: Problem):
 
 def _build(problem, con, key, solver, budget, choices, statuses, bounds, *, stats) -> Frontier:
     """The Frontier of the non-dominated rows of ``choices``, sorted by size."""
-    from .solvers.base import make_plan
-
     choices = np.asarray(choices).astype(_choice_dtype(problem), copy=False)
     sums = column_sums({"damage": problem.damage, **problem.resources}, choices)
     keep = pareto_indices(sums[con.column], sums["damage"])

@@ -45,6 +45,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import MpsearchError
+from .export.llamacpp_types import LlamaCppExporter
+from .fileio import final_dir
+from .targets import get_target
 
 #: llama-imatrix's metadata keys (common/imatrix-loader.h)
 KV_DATASETS = "imatrix.datasets"
@@ -389,8 +392,6 @@ def tensor_names(layers, arch: str = "llama") -> dict[str, list[str]]:
     """mpsearch layer name -> the GGUF tensor names (``.weight`` included) llama.cpp stores it as;
     layers without one are left out. Stacked experts' ``gate_up_proj`` is two GGUF tensors (the
     exporter's own name map decides, :meth:`LlamaCppExporter._namer`)."""
-    from .export.llamacpp_types import LlamaCppExporter
-
     names = [str(n) for n in layers]
     namer = LlamaCppExporter(arch=arch)._namer(names)
     return {n: [g + ".weight" for g in gs] for n in names if (gs := namer(n))}
@@ -471,8 +472,8 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     the metadata written to the file (the tokens per window, the text's name)."""
     import torch
 
-    from .data import as_batches, move_batch, run_model
-    from .layers import discover_layers, get_module
+    from .data import as_batches, move_batch, run_model  # start-up: keeps this module free of torch
+    from .layers import discover_layers, get_module  # start-up: keeps this module free of torch
     from tqdm.auto import tqdm
 
     batches = as_batches(data)
@@ -675,7 +676,7 @@ def imatrix_rounding(weights: dict):
     """Within the block, :func:`mpsearch.quant.quantize_weight` of a layer in ``weights`` (from
     :func:`layer_weights`) at a llama.cpp type rounds as ``llama-quantize --imatrix`` does; other
     layers and formats as before (the token embedding has no entry: llama-quantize gives it none)."""
-    from .quant import rounding
+    from .quant import rounding  # start-up: keeps this module free of torch
 
     def rounder(matrix, option, name):
         parts = weights.get(name)
@@ -695,8 +696,6 @@ AUTO = "auto"
 
 def uses_imatrix(target) -> bool:
     """Whether ``target``'s consumer quantizes with an importance matrix (llama.cpp)."""
-    from .targets import get_target
-
     return get_target(target).name == "llama.cpp"
 
 
@@ -720,8 +719,6 @@ def resolve_imatrix(imatrix, model, batches, target, *, progress: bool = True) -
     publishers run ``llama-imatrix`` on their calibration text (none without batches or for other
     targets); ``None``/``False``/``"none"``: round without one (llama-quantize without
     ``--imatrix``); an :class:`Imatrix` or a file path: that one (refused for other targets)."""
-    from .targets import get_target
-
     if _is_off(imatrix):
         return None
     if isinstance(imatrix, str) and imatrix == AUTO:
@@ -802,8 +799,6 @@ def check_setting(imatrix, target):
     if isinstance(imatrix, str) and imatrix == AUTO:
         return AUTO
     if not uses_imatrix(target):
-        from .targets import get_target
-
         raise MpsearchError(f"an imatrix is llama.cpp's (--target llama.cpp); target {get_target(target).name!r} "
                             f"does not quantize with one: leave --imatrix out")
     return as_imatrix(imatrix)
@@ -816,9 +811,8 @@ def run_rounding(imatrix, model, calib, target, *, out=None, progress: bool = Tr
     measured plans and the consumer's own recipes are all rounded as llama-quantize will round
     them. A computed imatrix is written to ``out/imatrix.gguf`` and recorded under the folder's
     final name (``out`` may be the folder being built)."""
-    from .data import as_batches
-    from .fileio import final_dir
-    from .layers import discover_layers
+    from .data import as_batches  # start-up: keeps this module free of torch
+    from .layers import discover_layers  # start-up: keeps this module free of torch
 
     imx = resolve_imatrix(imatrix, model, as_batches(calib), target, progress=progress)
     if imx is None:

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
 from .data import run_model
+from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
 from .errors import MpsearchError
-from .moe import EXPERT_KINDS, split_name
+from .moe import _index_tensor, EXPERT_KINDS, experts_layout, scan, split_name
+from .quant import expert_matrices
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
 
 
@@ -124,8 +125,7 @@ def discover_layers(
         One layer per expert of each stacked expert tensor (``...experts.down_proj[3]``) instead of
         one layer per tensor.
     """
-    from .budget import check_patterns
-    from .moe import scan
+    from .budget import check_patterns  # cycle
 
     excl = check_patterns(exclude, "exclude regex")
     moe = scan(model)
@@ -198,8 +198,6 @@ def measure_macs(model: nn.Module, example_inputs, found, moe=None) -> dict[str,
     """MACs per sample of each ``(name, weight, kind, out_c, in_f, extra)`` in ``found``, from one
     forward pass of ``example_inputs`` in ``torch.no_grad()`` with hooks on those modules (experts:
     ``out x in`` per token routed to each expert)."""
-    from .moe import _index_tensor
-
     n = max(_batch_size(example_inputs), 1)
     macs: dict[str, int] = {}
     modules = dict(model.named_modules())
@@ -285,8 +283,6 @@ def layer_matrix(model: nn.Module, name: str) -> tuple[int, int, int]:
     kind = layer_kind(model, name)
     w = weight_tensor(model, name)
     if kind in EXPERT_KINDS:
-        from .quant import expert_matrices
-
         mats = expert_matrices(w, kind)
         return int(mats.shape[1]), int(mats.shape[2]), int(mats.shape[0])
     out_c, in_f = _matrix_shape(kind if kind != "router" else "linear", w)
@@ -295,8 +291,6 @@ def layer_matrix(model: nn.Module, name: str) -> tuple[int, int, int]:
 
 def layer_kind(model: nn.Module, name: str) -> str | None:
     """The storage kind of the layer ``name`` (``linear``, ``expert``...; ``None``: not a layer)."""
-    from .moe import experts_layout
-
     base, _index = split_name(name)
     try:
         module = model.get_submodule(base)

@@ -26,8 +26,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import as_batches, float_dtype, move_batch, model_output_tensor, run_model, split_batch
+from .data import as_batches, float_dtype, model_output_tensor, move_batch, run_model, split_batch
 from .errors import MpsearchError
+from .fileio import torch_save
+from .fingerprint import model_fingerprint
+from .recipe import default_metric
+from .registry import REGISTRIES
+from .zoo import mean_pool
 
 
 def _device(model) -> torch.device:
@@ -125,8 +130,6 @@ class EmbeddingCosine(_BatchMetric):
     needs_reference = True
 
     def _summary(self, batch, out):
-        from .zoo import mean_pool
-
         _, kwargs, _ = split_batch(batch)
         if out.dim() == 3:
             return mean_pool(out.float(), kwargs.get("attention_mask"))
@@ -352,8 +355,6 @@ class CausalLMMetric(Metric):
         import hashlib
         from pathlib import Path
 
-        from .fingerprint import model_fingerprint
-
         doc = repr((model_fingerprint(model), hashlib.sha1(self.input_ids.numpy().tobytes()).hexdigest(),
                     self.window, self.stride, self.reference, self.topk, self.max_reference_mb))
         return Path(self.cache_dir) / f"reference-{hashlib.sha1(doc.encode()).hexdigest()[:16]}.pt"
@@ -373,7 +374,6 @@ class CausalLMMetric(Metric):
         path = self._cache_path(model)
         if path is None:
             return
-        from .fileio import torch_save
 
         torch_save({"form": self.reference_form, "refs": self._ref}, path)
 
@@ -575,13 +575,10 @@ def make_metric(name, data, **kwargs) -> Metric:
         return name
     if callable(name):
         return FunctionMetric(name, **kwargs)
-    from .registry import REGISTRIES
 
     return REGISTRIES["metric"].load(name)(data, **kwargs)
 
 
 def default_metric_name(model: torch.nn.Module, batch=None) -> str:
     """The model's default metric: :func:`mpsearch.recipe.default_metric` (the recipe decides it)."""
-    from .recipe import default_metric
-
     return default_metric(model, batch)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .errors import MpsearchError, SettingsError, close_matches
-from .settings import Setting, check_params, settings_of
+from .errors import close_matches, MpsearchError, SettingsError
+from .settings import check_params, Setting, settings_of
 
 
 class Registry:
@@ -125,7 +125,7 @@ EXPORTERS: dict[str, str] = {
 
 
 def _export_error(message):
-    from .export._base import ExportError  # the export package's own error class (an MpsearchError)
+    from .export._base import ExportError  # cycle: export imports registry (ExportError is an MpsearchError)
 
     return ExportError(message)
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import TableError, close_matches, name_list
-from .fileio import atomic_write_text
+from .errors import close_matches, MpsearchError, name_list, TableError
+from .fileio import atomic_files, atomic_write_text
 from .options import KEEP_BITS, option_sort_key, parse_option
 
 FORMAT = "mpsearch.table"
@@ -194,7 +194,6 @@ class CostTable:
             }
             atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default))
             return path
-        from .fileio import atomic_files
 
         meta = {"format": FORMAT, "version": VERSION, "table": path.name, "metadata": self.metadata}
         # both or neither; the sidecar first: a reader that finds the new CSV finds its metadata
@@ -298,8 +297,6 @@ def _row(frame: pd.DataFrame, i) -> str:
 def _check_option_names(df: pd.DataFrame, rows) -> None:
     """The names in the ``option`` column follow the one option grammar (:func:`mpsearch.options.parse_option`:
     ``keep``, ``intB[-gG][-asym]``, a consumer format such as ``q4_K``) and mean the row's bits."""
-    from .errors import MpsearchError
-
     firsts = df.loc[rows].drop_duplicates(["option", "bits"])
     for i, r in firsts.iterrows():
         name = r["option"]

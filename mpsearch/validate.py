@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .apply import apply_plan, check_plan
+from .coverage import model_coverage, recorded
 from .errors import PlanError
 from .layers import layer_kind, layer_matrix, weight_tensor
 from .options import KEEP_BITS
 from .plan import BitPlan
-from .quant import max_levels_per_group
+from .quant import expert_matrices, max_levels_per_group
+from .targets import DEFAULT_TARGET, get_target
 
 
 @dataclass
@@ -60,8 +62,6 @@ class ValidationReport:
 
 
 def _check_target(model, plan: BitPlan, target) -> None:
-    from .targets import DEFAULT_TARGET, get_target
-
     made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
     chosen = get_target(target if target is not None else made_for)
     for name in plan.layers:
@@ -77,9 +77,6 @@ def _check_target(model, plan: BitPlan, target) -> None:
 
 
 def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
-    from .coverage import model_coverage, recorded
-    from .targets import get_target
-
     made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
     chosen = get_target(target if target is not None else made_for)
     rec = recorded(plan.provenance) or {}
@@ -150,7 +147,6 @@ def validate_plan(
         if mats > 1:
             row["experts"] = mats
             if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
-                from .quant import expert_matrices
 
                 per = expert_matrices(weight, kind)
                 row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_param_arg, add_target_arg,
-                      add_text_args, check_outputs, imatrix_arg, load_model_args, note_kept, parse_params, report,
-                      say, target_from_args)
+from ..errors import MpsearchError
+from ..recipe import check, estimator_note, resolve
+from ..registry import estimator_names, get_estimator, load_class
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_param_arg,
+                      add_target_arg, add_text_args, check_outputs, imatrix_arg, load_model_args, note_kept,
+                      parse_params, report, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -20,7 +23,6 @@ def register(sub):
                                   ".pt, callable or short name (needed by data-driven estimators and for MACs/BOPs)")
     add_device_args(p)
     add_text_args(p, evaluation=False)
-    from ..registry import estimator_names
 
     p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
                    help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, fisher "
@@ -60,14 +62,12 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..budget import check_patterns
+    from ..budget import check_patterns  # start-up: the CLI's parser loads only what it needs
+    # start-up: the CLI's parser loads only what it needs
     from ..distributed import current, load_device_map, place_model
-    from ..errors import MpsearchError
-    from ..recipe import check, estimator_note, resolve  # the one default recipe (experiments/measured_loop.md)
-    from ..sensitivity.base import on_gpu
-    from ..registry import get_estimator
-    from ..specs import load_calibration
-    from ..table import sidecar_path
+    from ..sensitivity.base import on_gpu  # start-up: the CLI's parser loads only what it needs
+    from ..specs import load_calibration  # start-up: the CLI's parser loads only what it needs
+    from ..table import sidecar_path  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     if not str(args.output).lower().endswith(".json"):
@@ -82,10 +82,11 @@ def run(args) -> int:
         given = params.pop("options")
         args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
     if args.device_map:
-        from ..distributed import check_device_map
+        from ..distributed import check_device_map  # start-up: the CLI's parser loads only what it needs
 
         args.device_map = check_device_map(args.device_map)  # before any work
     target = target_from_args(args)  # resolved once, passed on
+    # start-up: the CLI's parser loads only what it needs
     from ..imatrix import imatrix_expected, uses_imatrix
 
     imatrix = imatrix_arg(args)
@@ -115,7 +116,7 @@ def run(args) -> int:
         imatrix=imatrix,
     )
     if kv_types:  # the KV cache types' damage, in the table's units (output distance)
-        from ..kvcache import measure_kv_damage
+        from ..kvcache import measure_kv_damage  # start-up: the CLI's parser loads only what it needs
 
         if recipe.estimator != "output-distance":
             raise MpsearchError(f"--kv-types measures the KV cache as output-distance measures a layer; the table's "
@@ -137,8 +138,8 @@ def run(args) -> int:
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
-    from ..coverage import recorded_summary
-    from ..diagnose import non_monotone_line
+    from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
+    from ..diagnose import non_monotone_line  # start-up: the CLI's parser loads only what it needs
 
     lines = [f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
              f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})", *filter(None, [non_monotone_line(table)]),
@@ -173,8 +174,7 @@ def _with_cache(name: str, params: dict) -> dict:
     has one, so an interrupted run keeps its work; ``--param cache_dir=None`` turns it off."""
     import inspect
 
-    from ..registry import load_class
-    from ..sensitivity.cache import default_cache_dir
+    from ..sensitivity.cache import default_cache_dir  # start-up: the CLI's parser loads only what it needs
 
     if "cache_dir" in inspect.signature(load_class("estimator", name).__init__).parameters:
         params = {"cache_dir": str(default_cache_dir()), **params}
@@ -194,8 +194,7 @@ def _kept(estimator) -> str:
 
 def _kv_types(args, target) -> list[str]:
     """``--kv-types`` checked before any work."""
-    from ..errors import MpsearchError
-    from ..kvcache import KV_CACHE_TYPES
+    from ..kvcache import KV_CACHE_TYPES  # start-up: the CLI's parser loads only what it needs
 
     if args.kv_types is None:
         return []

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 
 from ..errors import MpsearchError, name_list
+from ..formats import get_format
 from ..options import Option, option_sort_key
 from ..plan import BitPlan
 from ..ties import tie_groups
@@ -103,8 +104,6 @@ def format_name(opt: Option, consumer: str) -> str | None:
 
 def format_option(name: str) -> Option:
     """The plan option of a registered format."""
-    from ..formats import get_format
-
     fmt = get_format(name)
     return Option(bits=fmt.bits, fmt=fmt.name)
 

@@ -22,10 +22,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from ..formats import get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import (ExportError, Exporter, compact_pattern, expect, format_option, group_by_option, int_settings,
-                    need_layers, plan_from_options, refuse)
+from ._base import (compact_pattern, expect, Exporter, ExportError, format_option, group_by_option,
+                    int_settings, need_layers, plan_from_options, refuse)
 
 BITS = (2, 3, 4, 8)
 
@@ -109,8 +110,6 @@ class GPTQModelExporter(Exporter):
 
 def _as_format(opt: Option) -> Option:
     """The GPTQModel format with exactly these settings (``gptq-int4-g128``), else ``opt``."""
-    from ..formats import get_format
-
     if opt.is_keep or opt.group_size != 128 or not opt.symmetric:
         return opt
     fmt = get_format(f"gptq-int{opt.bits}-g128")

@@ -41,8 +41,8 @@ replaces the type, see :data:`FALLBACK` and :func:`fallback_type`.
 
 from __future__ import annotations
 
+from . import Format, format_names, get_format, register
 from ..errors import QuantizationError
-from . import Format, register
 
 QK_K = 256
 
@@ -71,8 +71,6 @@ def fallback_type(name: str, in_features: int) -> str:
     ``fallback``: :data:`FALLBACK`, and :data:`mpsearch.formats.ggml_iq.FALLBACK` for the i-quants);
     ``"f16"`` when that does not fit either (or ``name`` is already a 32-block type).
     """
-    from . import format_names, get_format
-
     fmt = get_format(name)
     if not isinstance(fmt, GgmlFormat):
         known = [n for n in format_names() if isinstance(get_format(n), GgmlFormat)]

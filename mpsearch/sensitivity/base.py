@@ -18,12 +18,23 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..data import as_batches, float_dtype, move_batch
-from ..distributed import Shard
+from ..checks import check_batches, check_weights
+from ..coverage import model_coverage
+from ..data import as_batches, float_dtype, move_batch, split_batch
+from ..diagnose import annotate
+from ..distributed import current, Shard, stats
 from ..errors import MpsearchError
-from ..layers import Layer, discover_layers
+from ..filemodels import record_file_model
+from ..gptq import gptq_rounding, input_hessians
+from ..imatrix import imatrix_expected, imatrix_rounding, layer_weights, resolve_imatrix
+from ..layers import discover_layers, Layer, weight_tensor
+from ..moe import apply_fallback, per_expert_errors, routed_tokens_column, routing_counts, scan, split_name
 from ..options import Option, parse_options
+from ..quant import quantization_error
+from ..recipe import target_default_options
 from ..table import CostTable
+from ..targets import DEFAULT_TARGET, get_target
+from .cache import cache_key, Checkpoint
 from .cache import model_fingerprint  # noqa: F401  (re-exported)
 
 #: the options an estimator costs when given none (mpsearch's own target): the library's default
@@ -98,14 +109,10 @@ class Estimator:
         :func:`mpsearch.recipe.target_default_options`), and for
         mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's default; the CLI and
         :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
-        from ..targets import DEFAULT_TARGET, get_target
-
         target = get_target(target)
         if target.name == DEFAULT_TARGET:
             return parse_options(DEFAULT_OPTIONS if self.options is None else self.options)
         if self.options is None:
-            from ..recipe import target_default_options
-
             return target.parsed_options(target_default_options(target, imatrix, gpu), imatrix=imatrix)
         return target.parsed_options(self.options, imatrix=imatrix)
 
@@ -155,9 +162,6 @@ class Estimator:
             raise MpsearchError(
                 f"estimator {self.name!r} needs calibration data: pass data (or --data on the CLI)"
             )
-        from ..targets import get_target
-
-        from ..imatrix import imatrix_expected
 
         target_obj = get_target(target)
         options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches),
@@ -174,7 +178,6 @@ class Estimator:
         device = torch.device(self.device) if self.device else _model_device(model)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
-        from ..checks import check_batches, check_weights
 
         check_batches(model, batches, device)  # one line naming a batch the model cannot run on
         if layers is None:
@@ -187,15 +190,12 @@ class Estimator:
                 exclude=exclude,
                 per_expert=per_expert,
             )
-        from ..coverage import model_coverage
-        from ..distributed import current, stats
 
         shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
                                   min_coverage=min_coverage).check()
         check_weights(model, [lay.name for lay in layers])
-        from ..imatrix import layer_weights, resolve_imatrix
 
         imx = resolve_imatrix(imatrix, model, batches, target_obj, progress=progress and shard.is_main)
         if imx is not None and quantizer != "rtn":
@@ -240,9 +240,6 @@ class Estimator:
         }
         if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
             metadata["source_grid"] = model.mpsearch_source_grid
-        from ..diagnose import annotate  # free options warned, non-monotone damage listed per layer
-
-        from ..filemodels import record_file_model
 
         record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
         table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
@@ -255,7 +252,6 @@ class Estimator:
         cache_dir = getattr(self, "cache_dir", None)
         if not cache_dir:
             return None
-        from .cache import Checkpoint, cache_key
 
         key = cache_key(self, model, batches, layers, options)
         stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
@@ -334,7 +330,6 @@ def _routing(model, layers, batches, device, ctx: Context):
     """Tokens routed to each expert on the calibration batches (``None`` without experts or data)."""
     if not batches or not any(lay.role == "expert" for lay in layers):
         return None
-    from ..moe import routing_counts, scan
 
     routing = routing_counts(model, batches, scan(model), device)
     ctx.count("routing_passes", routing.passes)
@@ -343,8 +338,6 @@ def _routing(model, layers, batches, device, ctx: Context):
 
 def _moe_columns(estimator, model, ctx: Context, damage, routing, min_tokens: int):
     """The routed-token counts and the fallback for experts with few tokens (:mod:`mpsearch.moe`)."""
-    from ..moe import apply_fallback, routed_tokens_column
-
     report = {}
     added = np.zeros_like(damage)
     if estimator.routed_damage:
@@ -370,12 +363,9 @@ def _rounding(model, ctx: Context, quantizer: str, imatrix_weights=None):
     import contextlib
 
     if imatrix_weights is not None:
-        from ..imatrix import imatrix_rounding
-
         return imatrix_rounding(imatrix_weights)
     if quantizer != "gptq":
         return contextlib.nullcontext()
-    from ..gptq import gptq_rounding, input_hessians
 
     hessians = input_hessians(model, ctx.layers, ctx.batches, ctx.device)
     ctx.count("forward_passes", len(ctx.batches))
@@ -439,8 +429,6 @@ def _imatrix_legal(layers, options, legal, weights: dict):
 def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
     """The weight of a discovered layer: a module's weight, a stacked expert parameter, or one
     expert's 2-D view of it."""
-    from ..layers import weight_tensor
-
     return weight_tensor(model, layer.name)
 
 
@@ -448,8 +436,6 @@ def leaf_weights(model: torch.nn.Module, layers) -> tuple[list[torch.Tensor], li
     """The distinct parameters behind ``layers`` (a per-expert layer is a view of its stacked
     tensor, which gradients are taken of), their names, and per layer ``(parameter index, expert
     index or None)``."""
-    from ..moe import split_name
-
     params, names, where, index = [], [], [], {}
     for lay in layers:
         base, e = split_name(lay.name)
@@ -466,15 +452,11 @@ _EXPERT_KIND_NAMES = ("expert", "expert_t")
 
 
 def weight_tensor_of(model, name):
-    from ..layers import weight_tensor
-
     return weight_tensor(model, name)
 
 
 def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
     """``[experts, K]`` squared rounding errors of each expert matrix of stacked layer ``i``."""
-    from ..moe import per_expert_errors
-
     legal = np.ones(len(ctx.options), bool) if ctx.legal is None else ctx.legal[i]
     return per_expert_errors(weight_of(model, ctx.layers[i]), ctx.layers[i], ctx.options, legal)
 
@@ -484,8 +466,6 @@ def rounding_damage(model: torch.nn.Module, ctx: Context, reduce, *, desc: str =
     rounding error of that option (the layer's weight shape, float32). A progress bar counts the
     weights rounded: a consumer's option set on an LLM (llama.cpp's K-quants and iq4_nl search their
     scales) takes minutes on a CPU, so this phase is never silent."""
-    from ..quant import quantization_error
-
     out = np.zeros((len(ctx.layers), len(ctx.options)))
     total = sum(lay.params for i, lay in enumerate(ctx.layers) for _ in ctx.layer_options(i))
     bar = progress_bar(None, enabled=ctx.progress, desc=desc, total=total)
@@ -528,8 +508,6 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
 
 
 def describe_data(batches) -> dict:
-    from ..data import split_batch
-
     if not batches:
         return {"batches": 0}
     args, kwargs, labels = split_batch(batches[0])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data import batch_size
 from .base import EstimatorWarning
 from .losses import forward
 
@@ -71,8 +72,6 @@ def _nbytes(obj) -> int:
 
 
 def _batch_len(batch) -> int:
-    from ..data import batch_size
-
     return batch_size(batch)
 
 

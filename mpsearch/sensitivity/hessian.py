@@ -38,13 +38,13 @@ import warnings
 import numpy as np
 import torch
 
-from ..data import batch_size, micro_batches, move_batch
+from ..data import batch_size, micro_batches, move_batch, split_batch
+from ..distributed import follow
 from ..errors import MpsearchError
 from ..moe import EXPERT_KINDS
-from .base import (
-    Context, Estimator, EstimatorWarning, check_choice, check_positive, expert_errors, leaf_weights,
-    math_attention, only_weights_require_grad, probe_seed, progress_bar, rounding_damage, weight_errors,
-)
+from .base import (check_choice, check_positive, Context, Estimator, EstimatorWarning, expert_errors,
+                   leaf_weights, math_attention, only_weights_require_grad, probe_seed, progress_bar,
+                   rounding_damage, weight_errors)
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
 
 
@@ -287,7 +287,6 @@ class HessianEstimator(Estimator):
             with torch.no_grad():
                 ref = forward(model, batch)[0]
             ctx.count("forward_passes")
-        from ..data import split_batch
 
         out, raw = forward(model, batch)
         value = loss_value(loss, out, split_batch(batch)[2], ref, output_kind(raw, self.output))
@@ -371,8 +370,6 @@ def _agree(st: dict, shard, n_max: int, diagonal: bool) -> dict:
 def _rademacher(weights, gen, device) -> list[torch.Tensor]:
     """One Rademacher probe (+-1) per weight, drawn as one flat vector on ``device`` and split into
     views; each view follows its weight's device and dtype (a model spread over devices)."""
-    from ..distributed import follow
-
     flat = torch.randint(0, 2, (sum(w.numel() for w in weights),), generator=gen, device=device,
                          dtype=weights[0].dtype).mul_(2).sub_(1)
     views = [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in weights]), weights)]

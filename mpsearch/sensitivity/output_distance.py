@@ -47,24 +47,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..apply import activation_quantized
-from ..data import micro_batches, model_output_tensor, move_batch
+from ..data import micro_batches, model_output_tensor, move_batch, run_model
 from ..distributed import assign
-from ..layers import get_module
 from ..errors import MpsearchError
+from ..layers import _batch_size, get_module
+from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..moe import EXPERT_KINDS
+from ..options import parse_option
+from ..plan import BitPlan
 from ..quant import quantize_weight
-from .base import (
-    Context, Estimator, check_choice, check_positive, progress_bar, weight_errors, weight_of,
-)
-from .blocks import PrefixRunner, find_blocks
-from .losses import METRICS, check_output, forward, output_kind
+from .base import (check_choice, check_positive, Context, Estimator, EstimatorWarning, progress_bar,
+                   weight_errors, weight_of)
+from .blocks import find_blocks, PrefixRunner
+from .losses import check_output, forward, METRICS, output_kind
 
 
 def _size(batch) -> int:
-    from ..layers import _batch_size
-
     return _batch_size(batch)
 
 
@@ -349,7 +348,6 @@ def _base_spec(base):
     """``base`` as given (``None``, an option name) or a plan's layer -> option-name mapping."""
     if base is None or isinstance(base, str):
         return base or None
-    from ..plan import BitPlan
 
     if isinstance(base, BitPlan):
         return {n: base.option_name(n) for n in base.layers}
@@ -363,8 +361,6 @@ class _BasePoint:
     """The base's weights of the planned layers, swapped in and out of the model in place."""
 
     def __init__(self, model, ctx: Context, base):
-        from ..options import parse_option
-
         def parse(spec):
             try:
                 return parse_option(spec)
@@ -416,8 +412,6 @@ _STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
 
 def _warn_stack(name, stacked, single) -> bool:
     import warnings
-
-    from .base import EstimatorWarning
 
     warnings.warn(
         f"output-distance: measuring the options of {name!r} stacked along the batch axis gave "
@@ -591,6 +585,4 @@ class LIMEstimator(Estimator):
 
 
 def _run(model, batch):
-    from ..data import run_model
-
     return run_model(model, batch)

@@ -51,13 +51,14 @@ import math
 import numpy as np
 import torch
 
-from ..data import micro_batches, move_batch
+from ..apply import activation_quantized
+from ..data import micro_batches, move_batch, run_model
 from ..errors import MpsearchError
 from ..layers import get_module
 from ..options import parse_option
 from ..quant import from_weight_matrix, quantize_weight, weight_matrix
-from .base import Context, Estimator, check_choice, check_positive, probe_seed, progress_bar
-from .blocks import PrefixRunner, find_blocks
+from .base import check_choice, check_positive, Context, Estimator, probe_seed, progress_bar
+from .blocks import find_blocks, PrefixRunner
 from .losses import output_kind
 from .output_distance import (
     _DEFAULT_CACHE_MB, _STACKABLE, VariantCache, _distance, _prepare, _quantizes_activations, _size,
@@ -239,8 +240,6 @@ class ResponseEstimator(Estimator):
 
     def _layer(self, model, runner, batch, li, ctx, target, kind, acc, probes, direct):
         """The distances of layer ``li``'s probes then its directly measured options, for one batch."""
-        from ..apply import activation_quantized
-
         layer = ctx.layers[li]
         module = get_module(model, layer.name)
         w = module.weight
@@ -487,8 +486,6 @@ class _InputStats:
 
     @torch.no_grad()
     def collect(self, batches) -> None:
-        from ..data import run_model
-
         for batch in batches:
             seen: list = []  # (tensor, key) of this forward: layers fed the same tensor share a Gram
             handles = [get_module(self.model, lay.name).register_forward_pre_hook(self._hook(lay, seen))
