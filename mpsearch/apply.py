@@ -24,7 +24,7 @@ from .errors import close_matches, MpsearchError, name_list, PlanError
 from .formats import get_format
 from .gptq import gptq_rounding, input_hessians
 from .imatrix import as_imatrix, rounding_context
-from .layers import discover_layers, layer_kind, weight_tensor
+from .layers import discover_layers, layer_kind, quantizable_names, weight_tensor  # noqa: F401  (re-exported)
 from .moe import split_name
 from .plan import BitPlan
 from .quant import quantize_weight
@@ -66,15 +66,6 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
         elif n not in named:
             out.append(n)
     return out
-
-
-def quantizable_names(model: torch.nn.Module) -> list[str]:
-    """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
-    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them)."""
-    try:
-        return [lay.name for lay in discover_layers(model, include_embedding=True)]
-    except MpsearchError:
-        return []
 
 
 def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,

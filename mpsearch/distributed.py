@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .apply import quantizable_names
 from .env import env_choice, local_rank, rank, world_size
 from .errors import close_matches, MpsearchError
 from .hf import offline_transformers as _offline_transformers
-from .layers import weight_tensor
+from .layers import quantizable_names, weight_tensor
 from .sources import model_source
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import run_model
 from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
-from .errors import MpsearchError
+from .errors import check_patterns, MpsearchError
 from .moe import _index_tensor, EXPERT_KINDS, experts_layout, scan, split_name
 from .quant import expert_matrices
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
@@ -125,7 +125,6 @@ def discover_layers(
         One layer per expert of each stacked expert tensor (``...experts.down_proj[3]``) instead of
         one layer per tensor.
     """
-    from .budget import check_patterns  # cycle
 
     excl = check_patterns(exclude, "exclude regex")
     moe = scan(model)
@@ -324,3 +323,12 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise MpsearchError(
             f"the model has no layer {name!r}{close_matches(name, names)}"
         ) from None
+
+
+def quantizable_names(model: torch.nn.Module) -> list[str]:
+    """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
+    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them)."""
+    try:
+        return [lay.name for lay in discover_layers(model, include_embedding=True)]
+    except MpsearchError:
+        return []

@@ -151,7 +151,7 @@ def _layer_names(layers):
     if layers is None:
         return None
     if hasattr(layers, "named_modules"):
-        from ..apply import quantizable_names  # cycle
+        from ..layers import quantizable_names  # start-up: keeps the export package free of torch
 
         return quantizable_names(layers)
     if isinstance(layers, BitPlan):

@@ -12,15 +12,11 @@ import json
 import re
 from collections.abc import Iterable
 
-from ..errors import MpsearchError, name_list
+from ..errors import ExportError, name_list  # noqa: F401  (ExportError re-exported)
 from ..formats import get_format
 from ..options import Option, option_sort_key
 from ..plan import BitPlan
 from ..ties import tie_groups
-
-
-class ExportError(MpsearchError):
-    """A plan that cannot be written to (or read from) a consumer's format."""
 
 
 class Exporter:
