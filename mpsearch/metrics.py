@@ -26,19 +26,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import as_batches, float_dtype, model_output_tensor, move_batch, run_model, split_batch
+from .data import (as_batches, float_dtype, model_device, model_output_tensor, move_batch, run_model,
+                   split_batch)
 from .errors import MpsearchError
 from .fileio import torch_save
 from .fingerprint import model_fingerprint
 from .recipe import default_metric
 from .registry import REGISTRIES
 from .zoo import mean_pool
-
-
-def _device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class Metric:
@@ -107,7 +102,7 @@ class _BatchMetric(Metric):
         return type(self)(data)
 
     def _outputs(self, model):
-        dev, dt = _device(model), float_dtype(model)
+        dev, dt = model_device(model), float_dtype(model)
         for batch in self.batches:
             b = move_batch(batch, dev, dt)
             yield b, model_output_tensor(run_model(model, b))
@@ -302,7 +297,7 @@ class CausalLMMetric(Metric):
 
     def _scored(self, model):
         """Yield ``(logits [N, V] fp32, targets [N])`` of the scored tokens, batch by batch."""
-        dev = _device(model)
+        dev = model_device(model)
         ids = self.input_ids.to(dev)
         kwargs = _lm_kwargs(model)
         for starts, length, offsets in self._groups():
@@ -364,7 +359,7 @@ class CausalLMMetric(Metric):
         if path is None or not path.is_file():
             return None
         try:
-            doc = torch.load(path, map_location=_device(model), weights_only=True)
+            doc = torch.load(path, map_location=model_device(model), weights_only=True)
         except Exception:  # unreadable: compute it again
             return None
         self.reference_form = doc["form"]
@@ -387,7 +382,7 @@ class CausalLMMetric(Metric):
         return super().__call__(model)
 
     def _measure(self, model):
-        dev = _device(model)
+        dev = model_device(model)
         nll = torch.zeros((), dtype=torch.float64, device=dev)
         hits = torch.zeros((), dtype=torch.float64, device=dev)
         kls, count = [], 0
@@ -490,7 +485,7 @@ class Perplexity(CausalLMMetric):
 
     def windowed(self, model) -> float:
         """The same perplexity with one forward per window (the unbatched reference computation)."""
-        dev = _device(model)
+        dev = model_device(model)
         nll, count = 0.0, 0
         with torch.no_grad():
             for start, end, first in self.windows():

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .data import as_batches, first_batch
+from .data import as_batches, first_batch, model_device
 from .errors import SpecError
 from .hf import DTYPES, load_checkpoint, offline_transformers as _offline_transformers  # noqa: F401
 from .hf import resolve_device, resolve_dtype  # noqa: F401  (part of this module's API)
@@ -262,16 +262,10 @@ ENCODER_DEFAULTS = {"seq_len": 64, "calib_samples": None}
 
 def text_defaults(model, device=None) -> dict:
     """The default ``seq_len``/``calib_samples``/``eval_tokens`` for ``model`` on ``device``."""
-    dev = resolve_device(device) or _model_device(model)
+    dev = resolve_device(device) or model_device(model)
     if is_causal_lm(model):
         return dict(LLM_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
     return dict(ENCODER_DEFAULTS, eval_tokens=None)
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _check_size(name, value):

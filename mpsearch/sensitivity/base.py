@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..checks import check_batches, check_weights
 from ..coverage import model_coverage
-from ..data import as_batches, float_dtype, move_batch, split_batch
+from ..data import as_batches, float_dtype, model_device, move_batch, split_batch
 from ..diagnose import annotate
 from ..distributed import current, Shard, stats
 from ..errors import MpsearchError
@@ -157,6 +157,7 @@ class Estimator:
         """
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
+        check_device(model, self.device)
         batches = [move_batch(b, None, float_dtype(model)) for b in as_batches(data)]  # float data in the model's dtype
         if self.needs_data and not batches:
             raise MpsearchError(
@@ -175,7 +176,7 @@ class Estimator:
                 f"per_expert: target {target_obj.name!r} stores all experts of a projection as one tensor "
                 f"with one type; per-expert decisions are for --target mpsearch")
         check_positive("min_expert_tokens", min_expert_tokens, integer=True, allow_zero=True)
-        device = torch.device(self.device) if self.device else _model_device(model)
+        device = model_device(model)  # the estimator's own device setting is the model's (check_device)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
 
@@ -400,6 +401,22 @@ def _target_layers(model, layers, options, target):
     return layers, (None if legal.all() else legal), target
 
 
+def check_device(model, device) -> None:
+    """An estimator's ``device`` setting names where the model is: a model elsewhere is refused (one
+    line) instead of being run on one device with its inputs on another."""
+    if device is None:
+        return
+    try:
+        want = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise MpsearchError(f"device {device!r} is not a torch device ({exc})") from None
+    have = {p.device for p in model.parameters()}
+    if have and any(d.type != want.type or (want.index is not None and d.index != want.index) for d in have):
+        where = ", ".join(sorted(str(d) for d in have))
+        raise MpsearchError(f"device={device!r}, but the model's parameters are on {where}: move the model there "
+                            f"first (model.to({str(want)!r})) or leave device out (the model's own device is used)")
+
+
 def on_gpu(model, device=None) -> bool:
     """Whether the estimate runs on an accelerator (``device``, else the model's parameters')."""
     if device is not None:
@@ -514,12 +531,6 @@ def describe_data(batches) -> dict:
     shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
     shapes += [f"{k}:{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return {"batches": len(batches), "first_batch": shapes, "targets": labels is not None}
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def progress_bar(iterable, *, enabled: bool = True, desc: str = "", total=None):
