@@ -260,6 +260,8 @@ def _layer_info(i_layer: int, n_layer: int, name: str, n_expert: int) -> tuple[i
     return i_layer, n_layer
 
 
+# The ported C if-chain (llama_tensor_get_type_impl): kept whole and in the C order, so that it reads line
+# by line against llama.cpp; excepted from the size limits (SIZE_EXCEPTIONS in tests/test_seams.py).
 def _get_type_impl(st: _State, new_type: str, name: str, ncols: int, ndim3: int, ftype: str,
                    cat: str, *, arch: str, n_gqa: int, n_expert: int, is_70b: bool,
                    output_tensor_type: str | None) -> str:
