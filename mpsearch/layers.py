@@ -98,6 +98,38 @@ def iter_quantizable(model: nn.Module, include_embedding: bool = False):
         yield name, module, kind
 
 
+def _found_weights(model, moe, excl, include_embedding: bool, per_expert: bool) -> list[tuple]:
+    """``(name, weight, kind, out_channels, in_features, extra)`` of every quantizable weight not
+    excluded: modules, routers that are not ``nn.Linear``, and stacked experts (one per expert with
+    ``per_expert``), in the order found."""
+    found = []
+    for name, module, kind in iter_quantizable(model, include_embedding):
+        if any(p.search(name) for p in excl):
+            continue
+        out_c, in_f = _matrix_shape(kind, module.weight)
+        extra = _moe_role(name, moe)
+        found.append((name, module.weight, "router" if extra.get("role") == "router" else kind,
+                      out_c, in_f, extra))
+    params = dict(model.named_parameters())
+    for owner, container in moe.routers.items():  # routers that are not nn.Linear (Qwen3MoeTopKRouter)
+        w = params.get(f"{owner}.weight")
+        if w is not None and not any(f[0] == owner for f in found) and not any(p.search(owner) for p in excl):
+            found.append((owner, w, "router", int(w.shape[0]), int(w.shape[1]),
+                          {"role": "router", "container": container}))
+    for t in moe.experts:
+        names = [f"{t.name}[{e}]" for e in range(t.experts)] if per_expert else [t.name]
+        for e, lname in enumerate(names):
+            if any(p.search(lname) for p in excl):
+                continue
+            extra = {"role": "expert", "container": t.container, "experts": t.experts,
+                     "fused": t.fused, "transposed": t.transposed}
+            if per_expert:
+                extra.update(expert=e, experts=1)
+            found.append((lname, params[t.name], "expert_t" if t.transposed else "expert",
+                          t.out_features, t.in_features, extra))
+    return found
+
+
 def discover_layers(
     model: nn.Module,
     example_inputs=None,
@@ -128,31 +160,7 @@ def discover_layers(
 
     excl = check_patterns(exclude, "exclude regex")
     moe = scan(model)
-    found = []
-    for name, module, kind in iter_quantizable(model, include_embedding):
-        if any(p.search(name) for p in excl):
-            continue
-        out_c, in_f = _matrix_shape(kind, module.weight)
-        extra = _moe_role(name, moe)
-        found.append((name, module.weight, "router" if extra.get("role") == "router" else kind,
-                      out_c, in_f, extra))
-    params = dict(model.named_parameters())
-    for owner, container in moe.routers.items():  # routers that are not nn.Linear (Qwen3MoeTopKRouter)
-        w = params.get(f"{owner}.weight")
-        if w is not None and not any(f[0] == owner for f in found) and not any(p.search(owner) for p in excl):
-            found.append((owner, w, "router", int(w.shape[0]), int(w.shape[1]),
-                          {"role": "router", "container": container}))
-    for t in moe.experts:
-        names = [f"{t.name}[{e}]" for e in range(t.experts)] if per_expert else [t.name]
-        for e, lname in enumerate(names):
-            if any(p.search(lname) for p in excl):
-                continue
-            extra = {"role": "expert", "container": t.container, "experts": t.experts,
-                     "fused": t.fused, "transposed": t.transposed}
-            if per_expert:
-                extra.update(expert=e, experts=1)
-            found.append((lname, params[t.name], "expert_t" if t.transposed else "expert",
-                          t.out_features, t.in_features, extra))
+    found = _found_weights(model, moe, excl, include_embedding, per_expert)
     if not found:
         raise MpsearchError(
             "the model has no quantizable layer (Linear, Conv1d, Conv2d, transformers Conv1D"

@@ -306,9 +306,6 @@ SIZE_EXCEPTIONS = {
     "formats/_iq_grids.py:__init__": "parameters",
     "frontier.py:_build": "parameters",
     "zoo.py:_train": "parameters",
-    "cli/estimate.py:run": "lines",
-    "imatrix/_compute.py:compute_imatrix": "lines",
-    "layers.py:discover_layers": "lines",
     "table.py:_validated": "lines",
 }
 

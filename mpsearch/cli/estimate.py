@@ -74,13 +74,7 @@ def run(args) -> int:
         check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
     check_patterns(args.exclude, "--exclude")
     check_patterns(args.tie, "--tie")
-    params = parse_params(args.param)
-    params.setdefault("seed", args.seed)
-    if "options" in params:  # --param options=... is --bits by another name
-        if args.options is not None:
-            raise MpsearchError("give the options once: --bits or --param options, not both")
-        given = params.pop("options")
-        args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    params = _params(args)
     if args.device_map:
         from ..distributed import check_device_map  # start-up: the CLI's parser loads only what it needs
 
@@ -127,6 +121,20 @@ def run(args) -> int:
             metric="kl" if metric == "auto" else metric, progress=not args.no_progress)
     if not shard.is_main:
         return 0
+    return _write_and_report(args, table, estimator, recipe, target)
+
+
+def imatrix_sidecar(output) -> str:
+    """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
+    return str(output) + ".imatrix.gguf"
+
+
+def _write_and_report(args, table, estimator, recipe, target) -> int:
+    """Write the table (and a computed imatrix beside it), then say what was written."""
+    from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
+    from ..diagnose import non_monotone_line  # start-up: the CLI's parser loads only what it needs
+    from ..imatrix import uses_imatrix  # start-up: the CLI's parser loads only what it needs
+
     table.metadata.setdefault("model_spec", args.model)
     if args.data:
         table.metadata.setdefault("data_spec", args.data)
@@ -138,9 +146,6 @@ def run(args) -> int:
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
-    from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
-    from ..diagnose import non_monotone_line  # start-up: the CLI's parser loads only what it needs
-
     lines = [f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
              f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})", *filter(None, [non_monotone_line(table)]),
              recorded_summary(table.metadata)]
@@ -164,9 +169,16 @@ def run(args) -> int:
     return 0
 
 
-def imatrix_sidecar(output) -> str:
-    """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
-    return str(output) + ".imatrix.gguf"
+def _params(args) -> dict:
+    """``--param`` as a dict (``--seed`` in it); ``--param options=...`` is ``--bits`` by another name."""
+    params = parse_params(args.param)
+    params.setdefault("seed", args.seed)
+    if "options" in params:  # --param options=... is --bits by another name
+        if args.options is not None:
+            raise MpsearchError("give the options once: --bits or --param options, not both")
+        given = params.pop("options")
+        args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    return params
 
 
 def _with_cache(name: str, params: dict) -> dict:

@@ -100,7 +100,7 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     import torch
 
     from ..data import as_batches, move_batch, run_model  # start-up: keeps this module free of torch
-    from ..layers import discover_layers, get_module  # start-up: keeps this module free of torch
+    from ..layers import discover_layers  # start-up: keeps this module free of torch
     from tqdm.auto import tqdm
 
     batches = as_batches(data)
@@ -112,8 +112,41 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     for path, module in model.named_modules():  # stacked experts, whether or not they are planned
         if _experts_module(module):
             layer_names += [f"{path}.{p}" for p in ("gate_up_proj", "down_proj") if f"{path}.{p}" not in layer_names]
-    names = tensor_names(layer_names, arch)
     col = _Collector()
+    handles = _hook_layers(model, tensor_names(layer_names, arch), col, process_output, arch)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="imatrix", disable=not progress, leave=False):
+                b = move_batch(batch, device)
+                mask = b.get("attention_mask") if isinstance(b, dict) else None
+                col.mask = mask.reshape(-1).bool() if torch.is_tensor(mask) else None
+                run_model(model, b)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    entries = {n: Entry(col.sums[n].float().cpu().numpy(), col.counts[n].cpu().numpy())
+               for n in sorted(col.sums)}
+    if not entries:
+        raise MpsearchError(f"computing an imatrix: no forward pass had {MIN_ROWS} tokens or more "
+                            f"(llama-imatrix skips smaller batches); give longer calibration windows")
+    tokens = max(int(e.counts.max()) for e in entries.values())
+    if not chunk_size:  # the tokens per window of the batches (llama-imatrix's -c)
+        ids = batches[0].get("input_ids") if isinstance(batches[0], dict) else batches[0]
+        chunk_size = int(ids.shape[-1]) if torch.is_tensor(ids) and ids.ndim >= 1 else 0
+    chunks = tokens // chunk_size if chunk_size else 0
+    return Imatrix(entries, datasets=[dataset] if dataset else [], chunk_count=chunks, chunk_size=chunk_size,
+                   computed=True)
+
+
+def _hook_layers(model, names: dict, col: _Collector, process_output: bool, arch: str) -> list:
+    """Forward hooks that add each wanted tensor's squared inputs to ``col`` (stacked experts: one
+    hook on their module, and one on their router); the handles, to remove after the passes."""
+    from ..layers import get_module  # start-up: keeps this module free of torch
+
     handles = []
     hooked = {}
     for lay, gnames in names.items():
@@ -145,32 +178,7 @@ def compute_imatrix(model, data, *, layers=None, arch: str = "llama", process_ou
     if not handles:
         raise NoTensors(f"computing an imatrix: none of the model's layers has a llama.cpp blk.* tensor name "
                         f"(arch={arch!r}); llama-imatrix collects only those")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="imatrix", disable=not progress, leave=False):
-                b = move_batch(batch, device)
-                mask = b.get("attention_mask") if isinstance(b, dict) else None
-                col.mask = mask.reshape(-1).bool() if torch.is_tensor(mask) else None
-                run_model(model, b)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    entries = {n: Entry(col.sums[n].float().cpu().numpy(), col.counts[n].cpu().numpy())
-               for n in sorted(col.sums)}
-    if not entries:
-        raise MpsearchError(f"computing an imatrix: no forward pass had {MIN_ROWS} tokens or more "
-                            f"(llama-imatrix skips smaller batches); give longer calibration windows")
-    tokens = max(int(e.counts.max()) for e in entries.values())
-    if not chunk_size:  # the tokens per window of the batches (llama-imatrix's -c)
-        ids = batches[0].get("input_ids") if isinstance(batches[0], dict) else batches[0]
-        chunk_size = int(ids.shape[-1]) if torch.is_tensor(ids) and ids.ndim >= 1 else 0
-    chunks = tokens // chunk_size if chunk_size else 0
-    return Imatrix(entries, datasets=[dataset] if dataset else [], chunk_count=chunks, chunk_size=chunk_size,
-                   computed=True)
+    return handles
 
 
 def _router(model, experts, gguf_names):
