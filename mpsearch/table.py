@@ -311,6 +311,15 @@ def _check_option_names(df: pd.DataFrame, rows) -> None:
 
 
 def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
+    df = _columns_checked(frame)
+    _check_numbers(df)
+    _check_options(df)
+    _check_layers(df, complete)
+    return df
+
+
+def _columns_checked(frame) -> pd.DataFrame:
+    """A copy of ``frame`` with the required columns, once each, text columns holding text."""
     if not isinstance(frame, pd.DataFrame):
         raise TableError(f"a cost table is built from a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in REQUIRED if c not in frame.columns]
@@ -330,6 +339,11 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             odd = df.index[df[col].map(lambda v: isinstance(v, (list, dict, set, tuple)))]
             if len(odd):
                 raise TableError(f"row {int(odd[0]) + 1}: column {col!r} must hold text, got {df.loc[odd[0], col]!r}")
+    return df
+
+
+def _check_numbers(df: pd.DataFrame) -> None:
+    """Layer names, integer bits and finite numbers (converted in place); damage and size >= 0."""
     # layer names
     bad = df.index[df["layer"].isna() | (df["layer"].astype(str).str.strip() == "")]
     if len(bad):
@@ -368,6 +382,10 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             raise TableError(
                 f"{_row(df, bad[0])}: {col!r} must be >= 0, got {_py(df.loc[bad[0], col])!r}"
             )
+
+
+def _check_options(df: pd.DataFrame) -> None:
+    """Option names (the bits' default names where none is given, in place); one row per layer x option."""
     # option names
     default = df["bits"].map(default_option_name)
     if "option" in df.columns:
@@ -385,6 +403,11 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             f"row {int(dup[0]) + 1}: layer {r['layer']!r} has option {r['option']!r} twice; "
             f"give each layer x option one row (use the 'option' column to tell formats apart)"
         )
+
+
+def _check_layers(df: pd.DataFrame, complete: bool) -> None:
+    """Per layer: the same options everywhere (``complete``), constant params and group, and tied
+    layers offering the same options (``group`` normalised in place)."""
     # per-layer option sets
     opts_by_layer = df.groupby("layer", sort=False)["option"].apply(frozenset)
     if complete:
@@ -417,4 +440,3 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
                         f"({name_list(sorted(sets[first], key=_option_order))} vs "
                         f"{name_list(sorted(s, key=_option_order))}); tied layers must share options"
                     )
-    return df

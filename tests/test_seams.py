@@ -306,7 +306,6 @@ SIZE_EXCEPTIONS = {
     "formats/_iq_grids.py:__init__": "parameters",
     "frontier.py:_build": "parameters",
     "zoo.py:_train": "parameters",
-    "table.py:_validated": "lines",
 }
 
 
