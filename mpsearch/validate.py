@@ -89,6 +89,31 @@ def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
                           unnamed_layers=unnamed).check()
 
 
+def _layer_row(quantized, plan: BitPlan, name: str, bits: int) -> dict:
+    """One layer of the report: its option, the most distinct values in one of its scale groups
+    (against the option's limit), its size and parameters (per expert for stacked experts)."""
+    kind = layer_kind(quantized, name)
+    weight = weight_tensor(quantized, name)
+    option = plan.option(name)
+    out_c, in_f, mats = layer_matrix(quantized, name)
+    if option.is_keep:
+        levels, limit = None, None
+        ok = True
+    else:
+        levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
+        limit = option.format.max_levels() if option.fmt is not None else 2**bits
+        ok = levels <= limit
+    size = mats * option.size_bits(out_c, in_f)
+    row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
+           "level_limit": limit, "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
+    if mats > 1:
+        row["experts"] = mats
+        if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
+            per = expert_matrices(weight, kind)
+            row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]
+    return row
+
+
 def validate_plan(
     model: torch.nn.Module,
     plan: BitPlan,
@@ -130,29 +155,10 @@ def validate_plan(
         quantized = apply_plan(model, plan, imatrix=imatrix)
     report = ValidationReport(unplanned=unplanned, coverage=cov.to_dict())
     for name, bits in plan.bits.items():
-        kind = layer_kind(quantized, name)
-        weight = weight_tensor(quantized, name)
-        option = plan.option(name)
-        out_c, in_f, mats = layer_matrix(quantized, name)
-        if option.is_keep:
-            levels, limit = None, None
-            ok = True
-        else:
-            levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
-            limit = option.format.max_levels() if option.fmt is not None else 2**bits
-            ok = levels <= limit
-        size = mats * option.size_bits(out_c, in_f)
-        row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
-               "level_limit": limit, "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
-        if mats > 1:
-            row["experts"] = mats
-            if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
-
-                per = expert_matrices(weight, kind)
-                row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]
+        row = _layer_row(quantized, plan, name, bits)
         report.layers.append(row)
-        report.size_bits += size
-        report.params += mats * out_c * in_f
+        report.size_bits += row["size_bits"]
+        report.params += row["params"]
     for name in unplanned:
         w = weight_tensor(quantized, name)
         report.size_bits += w.numel() * KEEP_BITS

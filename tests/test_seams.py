@@ -291,7 +291,7 @@ SIZE_EXCEPTIONS = {
     "specs.py:load_metric": "parameters",
     "synthetic.py:random_table": "parameters",
     "recipe.py:resolve": "parameters",
-    "validate.py:validate_plan": "lines parameters",
+    "validate.py:validate_plan": "parameters",
     "refine/loop.py:refine": "parameters",
     # internal helpers of the estimators' inner loops, where another branch is reworking the code
     "sensitivity/output_distance.py:layer_distances": "parameters",
