@@ -287,7 +287,7 @@ SIZE_EXCEPTIONS = {
     "targets/llamacpp_mixes.py:_get_type_impl": "lines parameters",
     "targets/llamacpp_mixes.py:mix_types": "parameters",  # llama-quantize's own flags, keyword-only
     # public keyword-only APIs whose options are each documented (a settings object is a larger change)
-    "sensitivity/base.py:estimate": "lines parameters",
+    "sensitivity/base.py:estimate": "parameters",
     "specs.py:load_metric": "parameters",
     "synthetic.py:random_table": "parameters",
     "recipe.py:resolve": "parameters",

@@ -155,6 +155,50 @@ class Estimator:
         the estimate is refused when less than ``min_coverage`` of what the target can quantize would
         be planned (:mod:`mpsearch.coverage`; ``exclude`` accepts leaving tensors out).
         """
+        batches, target_obj, options = self._checked_inputs(model, data, target, imatrix, quantizer, per_expert,
+                                                            min_expert_tokens)
+        fuse_projections = fuse_projections or target_obj.fused_runtime
+        device = model_device(model)  # the estimator's own device setting is the model's (check_device)
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % (2**32))
+        check_batches(model, batches, device)  # one line naming a batch the model cannot run on
+        if layers is None:
+            layers = discover_layers(model, move_batch(batches[0], device) if batches else None,
+                                     include_embedding=include_embedding, ties=list(ties) + list(target_obj.moe_ties),
+                                     fuse_projections=fuse_projections, exclude=exclude, per_expert=per_expert)
+        shard = current()
+        layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
+        coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
+                                  min_coverage=min_coverage).check()
+        check_weights(model, [lay.name for lay in layers])
+
+        imx = resolve_imatrix(imatrix, model, batches, target_obj, progress=progress and shard.is_main)
+        imatrix_weights, legal = _with_imatrix(imx, quantizer, layers, options, legal, target_obj)
+        ctx = Context(layers=layers, options=options, batches=batches, device=device,
+                      progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
+        ctx.checkpoint = self._checkpoint(model, batches, layers, options,
+                                          f"imatrix-{imx.sha256[:16]}" if imx is not None else quantizer, shard)
+        t0 = time.perf_counter()
+        routing = _routing(model, layers, batches, device, ctx)
+        damage, cached = self._damage_or_resume(model, ctx, quantizer, imatrix_weights)
+        if routing is not None:
+            damage = _moe_columns(self, model, ctx, damage, routing, int(min_expert_tokens))
+        seconds = time.perf_counter() - t0
+        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if not cached else None
+        if spread is not None:
+            ctx.extra_metadata["distributed"] = spread
+        if damage.shape != (len(layers), len(options)):
+            raise AssertionError(f"{self.name}: damage has shape {damage.shape}, expected {(len(layers), len(options))}")
+        metadata = self._metadata(model, ctx, seconds, target_obj, quantizer, coverage, imx)
+        record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
+        table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
+                                     extra_columns=ctx.extra_columns, legal=legal))
+        table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
+        return table
+
+    def _checked_inputs(self, model, data, target, imatrix, quantizer, per_expert, min_expert_tokens):
+        """``estimate``'s inputs checked before any work: the batches (float data in the model's
+        dtype), the target and the parsed options."""
         if not isinstance(model, torch.nn.Module):
             raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
         check_device(model, self.device)
@@ -170,66 +214,21 @@ class Estimator:
         check_choice("quantizer", quantizer, ("rtn", "gptq"))
         if quantizer == "gptq" and not batches:
             raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
-        fuse_projections = fuse_projections or target_obj.fused_runtime
         if per_expert and not target_obj.per_expert:
             raise MpsearchError(
                 f"per_expert: target {target_obj.name!r} stores all experts of a projection as one tensor "
                 f"with one type; per-expert decisions are for --target mpsearch")
         check_positive("min_expert_tokens", min_expert_tokens, integer=True, allow_zero=True)
-        device = model_device(model)  # the estimator's own device setting is the model's (check_device)
-        torch.manual_seed(self.seed)
-        np.random.seed(self.seed % (2**32))
+        return batches, target_obj, options
 
-        check_batches(model, batches, device)  # one line naming a batch the model cannot run on
-        if layers is None:
-            layers = discover_layers(
-                model,
-                move_batch(batches[0], device) if batches else None,
-                include_embedding=include_embedding,
-                ties=list(ties) + list(target_obj.moe_ties),
-                fuse_projections=fuse_projections,
-                exclude=exclude,
-                per_expert=per_expert,
-            )
-
-        shard = current()
-        layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
-        coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
-                                  min_coverage=min_coverage).check()
-        check_weights(model, [lay.name for lay in layers])
-
-        imx = resolve_imatrix(imatrix, model, batches, target_obj, progress=progress and shard.is_main)
-        if imx is not None and quantizer != "rtn":
-            raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
-                                f"types with the imatrix (leave --quantizer out)")
-        imatrix_weights = layer_weights(imx, layers) if imx is not None else None
-        if imx is None and any(o.fmt is not None and getattr(o.format, "needs_imatrix", None) for o in options):
-            target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
-        else:
-            legal = _imatrix_legal(layers, options, legal, imatrix_weights)
-        ctx = Context(layers=layers, options=options, batches=batches, device=device,
-                      progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
-        ctx.checkpoint = self._checkpoint(model, batches, layers, options,
-                                          f"imatrix-{imx.sha256[:16]}" if imx is not None else quantizer, shard)
-        t0 = time.perf_counter()
-        routing = _routing(model, layers, batches, device, ctx)
-        damage, cached = self._damage_or_resume(model, ctx, quantizer, imatrix_weights)
-        if routing is not None:
-            damage = _moe_columns(self, model, ctx, damage, routing, int(min_expert_tokens))
-        seconds = time.perf_counter() - t0
-        spread = stats(shard, seconds, {"cost": dict(ctx.cost)}) if not cached else None
-        if spread is not None:
-            ctx.extra_metadata["distributed"] = spread
-        if damage.shape != (len(layers), len(options)):
-            raise AssertionError(
-                f"{self.name}: damage has shape {damage.shape}, expected {(len(layers), len(options))}"
-            )
+    def _metadata(self, model, ctx: Context, seconds: float, target_obj, quantizer: str, coverage, imx) -> dict:
+        """The table's record of how it was made (settings, model, data, cost, target, rounding)."""
         metadata = {
             "estimator": self.name,
-            "params": {**self.get_params(), "options": ",".join(o.name for o in options)},  # as estimated
-            "options": [o.name for o in options],
+            "params": {**self.get_params(), "options": ",".join(o.name for o in ctx.options)},  # as estimated
+            "options": [o.name for o in ctx.options],
             "model": {"fingerprint": model_fingerprint(model), "class": type(model).__name__},
-            "data": describe_data(batches),
+            "data": describe_data(ctx.batches),
             "cost": {"seconds": round(seconds, 4), **ctx.cost},
             "mpsearch": __version__,
             "target": target_obj.name,
@@ -242,11 +241,7 @@ class Estimator:
         if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
             metadata["source_grid"] = model.mpsearch_source_grid
 
-        record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
-        table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
-                                     extra_columns=ctx.extra_columns, legal=legal))
-        table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
-        return table
+        return metadata
 
     def _checkpoint(self, model, batches, layers, options, quantizer, shard):
         """The run's cache file (one per shard) when the estimator has a ``cache_dir``, else ``None``."""
@@ -423,6 +418,20 @@ def on_gpu(model, device=None) -> bool:
         return torch.device(device).type != "cpu"
     p = next(model.parameters(), None)
     return p is not None and p.device.type != "cpu"
+
+
+def _with_imatrix(imx, quantizer: str, layers, options, legal, target_obj):
+    """The layers' imatrix weights (``None`` without an imatrix) and the legal options with it: types
+    llama-quantize writes only from an imatrix entry are refused without one."""
+    if imx is not None and quantizer != "rtn":
+        raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
+                            f"types with the imatrix (leave --quantizer out)")
+    imatrix_weights = layer_weights(imx, layers) if imx is not None else None
+    if imx is None and any(o.fmt is not None and getattr(o.format, "needs_imatrix", None) for o in options):
+        target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
+    else:
+        legal = _imatrix_legal(layers, options, legal, imatrix_weights)
+    return imatrix_weights, legal
 
 
 def _imatrix_legal(layers, options, legal, weights: dict):
