@@ -66,7 +66,7 @@ def test_interrupted_run_resumes_from_caches(digits, tmp_path, monkeypatch):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(we.WeightErrorEstimator, "_damage", boom)
-    monkeypatch.setattr("mpsearch.validate.validate_plan", boom)
+    monkeypatch.setattr("mpsearch.measured.measure.validate_plan", boom)  # where the measurement calls it
     second = measured_frontier(model, calib, Accuracy(evals), **kw)  # table and measurements cached
     pd.testing.assert_frame_equal(first.frontier, second.frontier)
     pd.testing.assert_frame_equal(first.recommended, second.recommended)
