@@ -46,6 +46,8 @@ quantization of every option per layer (no forward pass).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -71,6 +73,19 @@ PROBE_KINDS = ("rounding", "noise")
 FITS = ("linear", "power")
 ERRORS = ("auto", "gram", "diagonal")
 _DEFAULT_GRAM_MB = {False: 1024.0, True: 4096.0}  # by "on a GPU"
+
+
+@dataclass(frozen=True)
+class _BatchPass:
+    """One calibration batch's suffix passes: the runner, the batch, the run's context, and the
+    full-precision output they are compared with (``target``, its ``kind``, the accumulation dtype)."""
+
+    runner: PrefixRunner
+    batch: object
+    ctx: Context
+    target: object
+    kind: str
+    acc: torch.dtype
 
 
 class ResponseEstimator(Estimator):
@@ -220,10 +235,10 @@ class ResponseEstimator(Estimator):
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
-            target = _prepare(ref, self.metric, kind, acc)
+            bp = _BatchPass(runner, batch, ctx, _prepare(ref, self.metric, kind, acc), kind, acc)
             for li in range(st["layer"], L):
                 if li in todo and not st["done"][bi, li]:
-                    vals = self._layer(model, runner, batch, li, ctx, target, kind, acc, probes[li], direct[li])
+                    vals = self._layer(model, bp, li, probes[li], direct[li])
                     st["d"][bi, li, : len(vals)] = vals
                     st["done"][bi, li] = True
                     bar.update(1)
@@ -239,8 +254,9 @@ class ResponseEstimator(Estimator):
                         prefix_cache=runner.enabled, block_evaluations=runner.block_runs,
                         stacked_probes=bool(self._stack_checked and self._stack_ok))
 
-    def _layer(self, model, runner, batch, li, ctx, target, kind, acc, probes, direct):
+    def _layer(self, model, bp: _BatchPass, li, probes, direct):
         """The distances of layer ``li``'s probes then its directly measured options, for one batch."""
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         layer = ctx.layers[li]
         module = get_module(model, layer.name)
         w = module.weight
@@ -248,7 +264,7 @@ class ResponseEstimator(Estimator):
         out = []
         if probes:
             variants = [self._variant(w, layer, li, k, ctx) for k in probes]
-            out.extend(self._probe_pass(module, layer, w, runner, batch, start, variants, target, kind, acc, ctx))
+            out.extend(self._probe_pass(module, layer, w, start, variants, bp))
         for k in direct:  # options that quantize activations: one pass each
             saved = w.detach().clone()
             try:
@@ -260,29 +276,31 @@ class ResponseEstimator(Estimator):
                 with torch.no_grad():
                     w.copy_(saved)
             ctx.count("suffix_passes")
-            out.append(_distance(o, target, self.metric, kind, acc))
+            out.append(_distance(o, bp.target, self.metric, bp.kind, bp.acc))
         return torch.stack(out)
 
-    def _probe_pass(self, module, layer, w, runner, batch, start, variants, target, kind, acc, ctx):
+    def _probe_pass(self, module, layer, w, start, variants, bp: _BatchPass):
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         n = len(variants)
         if n > 1 and layer.kind in _STACKABLE and self._stack_ok:
             with stacked_weights(module, layer.kind, variants):
                 out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
             ctx.count("suffix_passes")
-            stacked = torch.stack([_distance(o, target, self.metric, kind, acc) for o in out.chunk(n)])
+            stacked = torch.stack([_distance(o, bp.target, self.metric, bp.kind, bp.acc) for o in out.chunk(n)])
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
                 runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
-                single = self._single(w, runner, batch, start, variants, target, kind, acc, ctx)
+                single = self._single(w, start, variants, bp)
                 ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
                 ctx.cost["suffix_passes"], runner.block_runs = passes, runs
                 close = torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))
                 self._stack_ok = bool(close) or _warn_stack(layer.name, stacked, single)
                 stacked = stacked if self._stack_ok else single
             return list(stacked)
-        return list(self._single(w, runner, batch, start, variants, target, kind, acc, ctx))
+        return list(self._single(w, start, variants, bp))
 
-    def _single(self, w, runner, batch, start, variants, target, kind, acc, ctx):
+    def _single(self, w, start, variants, bp: _BatchPass):
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         saved = w.detach().clone()
         vals = []
         try:
@@ -291,7 +309,7 @@ class ResponseEstimator(Estimator):
                     w.copy_(v)
                 o = runner.run(batch, start)[0]
                 ctx.count("suffix_passes")
-                vals.append(_distance(o, target, self.metric, kind, acc))
+                vals.append(_distance(o, bp.target, self.metric, bp.kind, bp.acc))
         finally:
             with torch.no_grad():
                 w.copy_(saved)
