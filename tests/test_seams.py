@@ -297,8 +297,6 @@ SIZE_EXCEPTIONS = {
     "sensitivity/output_distance.py:layer_distances": "parameters",
     "sensitivity/output_distance.py:_single": "parameters",
     "sensitivity/output_distance.py:_stacked": "parameters",
-    "sensitivity/hessian.py:_probe_batch": "parameters",
-    "sensitivity/hessian.py:_probe_micro_batches": "parameters",
     "solvers/baq.py:_repair": "parameters",
     "formats/_iq_grids.py:__init__": "parameters",
     "frontier.py:_build": "parameters",
