@@ -298,7 +298,6 @@ SIZE_EXCEPTIONS = {
     "sensitivity/output_distance.py:_single": "parameters",
     "sensitivity/output_distance.py:_stacked": "parameters",
     "solvers/baq.py:_repair": "parameters",
-    "formats/_iq_grids.py:__init__": "parameters",
     "frontier.py:_build": "parameters",
     "zoo.py:_train": "parameters",
 }
