@@ -328,7 +328,7 @@ def compute_frontier(table: CostTable, solver="dp", points: int | None = None, k
         results, stats = _sweep(problem, j, solver, budget, np.linspace(lo, hi, points or DEFAULT_POINTS)), {}
     if not len(results[0]):
         return Frontier([], key, solver.name, "infeasible", "the solver found no plan for any budget of the sweep")
-    return _build(problem, con, key, solver, budget, *results, stats=stats)
+    return _build(problem, con, key, solver, budget, results, stats=stats)
 
 
 def sweep_range(problem: Problem, column: str) -> tuple[float, float]:
@@ -360,8 +360,10 @@ def _choice_dtype(problem: Problem):
     return np.uint8 if problem.n_options < 256 else np.int32
 
 
-def _build(problem, con, key, solver, budget, choices, statuses, bounds, *, stats) -> Frontier:
-    """The Frontier of the non-dominated rows of ``choices``, sorted by size."""
+def _build(problem, con, key, solver, budget, results, *, stats) -> Frontier:
+    """The Frontier of the non-dominated rows of ``choices``, sorted by size (``results``: the swept
+    ``(choices, statuses, bounds)``)."""
+    choices, statuses, bounds = results
     choices = np.asarray(choices).astype(_choice_dtype(problem), copy=False)
     sums = column_sums({"damage": problem.damage, **problem.resources}, choices)
     keep = pareto_indices(sums[con.column], sums["damage"])

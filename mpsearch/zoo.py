@@ -402,9 +402,11 @@ class FashionCNN(nn.Module):
 FASHION_RECIPE = {"arch": "FashionCNN-v1", "epochs": 2, "batch_size": 128, "lr": 2e-3, "seed": 0}
 
 
-def _train(model, x, y, *, epochs, batch_size, lr, seed, progress, desc):
+def _train(model, x, y, recipe: dict, *, progress, desc):
+    """Adam on cross-entropy, as ``recipe`` says (its ``epochs``, ``batch_size``, ``lr``, ``seed``)."""
     from tqdm.auto import tqdm
 
+    epochs, batch_size, lr, seed = recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["seed"]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -446,8 +448,7 @@ def fashion_mnist_cnn(progress: bool = True) -> nn.Module:
     def train(model):
         x, y = fashion_mnist("train")
         torch.set_num_threads(max(torch.get_num_threads(), 1))
-        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
-                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train fashion-cnn")
+        return _train(model, x, y, recipe, progress=progress, desc="train fashion-cnn")
 
     return _cached(recipe, FashionCNN, train, "fashion-cnn")
 
@@ -482,8 +483,7 @@ def digits_mlp(progress: bool = False) -> nn.Module:
 
     def train(model):
         x, y = digits("train")
-        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
-                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train digits-mlp")
+        return _train(model, x, y, recipe, progress=progress, desc="train digits-mlp")
 
     return _cached(recipe, build, train, "digits-mlp")
 

@@ -297,9 +297,6 @@ SIZE_EXCEPTIONS = {
     "sensitivity/output_distance.py:layer_distances": "parameters",
     "sensitivity/output_distance.py:_single": "parameters",
     "sensitivity/output_distance.py:_stacked": "parameters",
-    "solvers/baq.py:_repair": "parameters",
-    "frontier.py:_build": "parameters",
-    "zoo.py:_train": "parameters",
 }
 
 
