@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import run_model
 from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
-from .errors import check_patterns, MpsearchError
+from .errors import check_patterns, close_matches, MpsearchError
 from .moe import _index_tensor, EXPERT_KINDS, experts_layout, scan, split_name
 from .quant import expert_matrices
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
@@ -325,8 +325,6 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        from .errors import close_matches
-
         names = [n for n, _ in model.named_modules() if n]
         raise MpsearchError(
             f"the model has no layer {name!r}{close_matches(name, names)}"

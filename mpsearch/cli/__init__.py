@@ -19,7 +19,7 @@ import sys
 from .. import __version__
 from .._quiet import hold_warnings
 from ..errors import disk_error, MpsearchError
-from ._common import note_kept
+from ._common import kept_note, note_kept
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     try:
-        from ..env import rank
+        from ..env import rank  # start-up: the CLI's parser loads only what it needs
 
         if rank() > 0:  # under torchrun only rank 0 prints (and writes)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -99,8 +99,6 @@ def _run(args) -> int:
             raise
         return _refuse(args, refusal)
     except KeyboardInterrupt:
-        from ._common import kept_note
-
         sys.stderr.write(f"mpsearch {args.command}: interrupted; {kept_note()}\n")
         return 130
 

@@ -193,7 +193,7 @@ class OptunaSolver(Solver):
         try:
             storage = self.storage
             if isinstance(storage, str):
-                from ..distributed import optuna_storage
+                from ..distributed import optuna_storage  # start-up: keeps the solvers free of torch
 
                 storage = optuna_storage(storage)
             try:
