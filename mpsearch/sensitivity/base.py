@@ -84,7 +84,9 @@ class Estimator:
                                  "default the recipe's options",
                       "cache_dir": "None: no cache in Python; 'mpsearch estimate' keeps one in "
                                    "$MPSEARCH_ESTIMATOR_CACHE or ~/.cache/mpsearch/estimator (--param cache_dir=None: "
-                                   "none), 'frontier --model' in its output folder"}
+                                   "none), 'frontier --model' in its output folder",
+                      "device": "None: where the model is; a device the model is not on is refused (move the model "
+                                "first)"}
     routed_damage = False
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
