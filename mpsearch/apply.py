@@ -19,8 +19,13 @@ import copy
 
 import torch
 
-from .errors import MpsearchError, PlanError, close_matches, name_list
-from .layers import layer_kind, weight_tensor
+from .data import as_batches, run_model
+from .errors import close_matches, MpsearchError, name_list, PlanError
+from .formats import get_format
+from .gptq import gptq_rounding, input_hessians
+from .imatrix import as_imatrix, rounding_context
+from .layers import discover_layers, layer_kind, quantizable_names, weight_tensor  # noqa: F401  (re-exported)
+from .moe import split_name
 from .plan import BitPlan
 from .quant import quantize_weight
 
@@ -30,8 +35,6 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
 
     Returns the quantizable layers of the model that the plan does not name (they stay as they are).
     """
-    from .moe import split_name
-
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in plan.bits if n not in modules and split_name(n)[0] not in params]
@@ -65,18 +68,6 @@ def check_plan(model: torch.nn.Module, plan: BitPlan) -> list[str]:
     return out
 
 
-def quantizable_names(model: torch.nn.Module, keep=None) -> list[str]:
-    """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
-    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them); ``keep``
-    (a function of the :class:`~mpsearch.layers.Layer`) selects some of them."""
-    from .layers import discover_layers
-
-    try:
-        return [lay.name for lay in discover_layers(model, include_embedding=True) if keep is None or keep(lay)]
-    except MpsearchError:
-        return []
-
-
 def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
                quantizer: str = "rtn", data=None, imatrix=None) -> torch.nn.Module:
     """Fake-quantize the layers named by ``plan`` (per the layer's option), rounding to nearest or,
@@ -89,19 +80,12 @@ def apply_plan(model: torch.nn.Module, plan: BitPlan, *, inplace: bool = False,
     check_plan(model, plan)
     rounding = contextlib.nullcontext()
     if imatrix is not None:
-        from .imatrix import as_imatrix, rounding_context
-        from .layers import discover_layers
-
         if quantizer != "rtn":
             raise PlanError(f"quantizer {quantizer!r} and an imatrix do not combine")
         names = set(plan.bits)
         layers = [lay for lay in discover_layers(model, include_embedding=True) if lay.name in names]
         rounding = rounding_context(as_imatrix(imatrix), layers)
     elif quantizer == "gptq":
-        from .data import as_batches
-        from .gptq import gptq_rounding, input_hessians
-        from .layers import discover_layers
-
         batches = as_batches(data)
         if not batches:
             raise PlanError("apply_plan(quantizer='gptq') needs calibration data (data=...)")
@@ -204,8 +188,6 @@ class ActivationQuantizer:
 
     @property
     def format(self):
-        from .formats import get_format
-
         return get_format(self.fmt_name)
 
     def __call__(self, module, args):
@@ -282,8 +264,6 @@ def calibrate_activations(model: torch.nn.Module, batches) -> dict[str, float]:
     observer for NVFP4's input global scale) for the formats whose ``act_static`` is true; dynamic
     formats (per-token FP8/int8, MXFP4) ignore it. Returns the ranges by layer.
     """
-    from .data import run_model
-
     hooks = activation_hooks(model)
     for hs in hooks.values():
         for h in hs:

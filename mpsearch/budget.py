@@ -24,7 +24,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import BudgetError
+from .errors import BudgetError, check_patterns, compile_regex  # noqa: F401  (re-exported)
+from .filesize import check_file_budget
 
 #: keys that are not table columns
 DERIVED_KEYS = ("avg_bits", "size_mb")
@@ -58,8 +59,6 @@ class Budget:
     file: dict[str, str] = field(default_factory=dict)  # size/file/bpw -> the value as written
 
     def __post_init__(self):
-        from .filesize import check_file_budget
-
         if not isinstance(self.file, dict):
             raise BudgetError(f"file budgets must be a mapping of size/file/bpw to a value, got {self.file!r}")
         self.file = {key: check_file_budget(key, value) for key, value in self.file.items()}
@@ -169,21 +168,6 @@ def _bit_rules(items, flag: str) -> dict[str, int]:
             raise BudgetError(f"{flag} {item!r}: the bit-width must be from 1 to 32 (16 = keep)")
         rules[pattern] = bits
     return rules
-
-
-def compile_regex(pattern, what: str = "pattern") -> re.Pattern:
-    """``re.compile(pattern)``, or a :class:`BudgetError` naming ``what`` and the regex error."""
-    if not isinstance(pattern, str):
-        raise BudgetError(f"{what} {pattern!r}: a regex must be a string")
-    try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise BudgetError(f"{what} {pattern!r} does not compile as a regular expression: {exc}") from None
-
-
-def check_patterns(patterns, what: str = "pattern") -> list:
-    """Compile every regex of ``patterns`` (refusing bad ones with one line)."""
-    return [compile_regex(p, what) for p in patterns or ()]
 
 
 def matches(pattern: str, layer: str) -> bool:

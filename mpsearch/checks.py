@@ -11,6 +11,7 @@ import torch
 
 from .data import float_dtype, move_batch, split_batch
 from .errors import MpsearchError, QuantizationError
+from .layers import weight_tensor
 
 
 class DataError(MpsearchError):
@@ -61,8 +62,6 @@ def check_batches(model: torch.nn.Module, batches, device=None) -> None:
 
 def check_weights(model: torch.nn.Module, layer_names) -> None:
     """Refuse the first layer whose weight holds NaN or Inf, naming it."""
-    from .layers import weight_tensor
-
     for name in layer_names:
         try:
             weight = weight_tensor(model, name)

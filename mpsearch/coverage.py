@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .budget import check_patterns
 from .errors import MpsearchError
+from .layers import discover_layers, weight_tensor
+from .moe import scan, split_name
+from .targets import get_target
 
 #: parameter names (the last part) that hold tables, not weight matrices
 _NOT_WEIGHT = re.compile(r"bias|pos|position|token|embed|relative|rel_|table|sink|scale|norm|gamma|beta|alpha")
@@ -106,11 +110,6 @@ def model_coverage(model: torch.nn.Module, planned, *, target=None, exclude=(),
     how a layer the target could quantize but ``planned`` does not name counts: ``"unplanned"``
     (against the threshold) or ``"kept"`` (a hand-made plan that leaves layers at 16 bits on purpose;
     weights mpsearch does not understand still count against it)."""
-    from .budget import check_patterns
-    from .layers import discover_layers, weight_tensor
-    from .moe import scan, split_name
-    from .targets import get_target
-
     if not isinstance(min_coverage, (int, float)) or not 0 <= float(min_coverage) <= 1:
         raise MpsearchError(f"min_coverage must be a number from 0 to 1, got {min_coverage!r}")
     chosen = get_target(target)

@@ -63,6 +63,13 @@ def move_batch(batch, device, dtype: torch.dtype | None = None):
     return batch
 
 
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (cpu for a model without any): where its inputs go."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def float_dtype(model) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (what its float inputs must be)."""
     for p in model.parameters():

@@ -20,6 +20,8 @@ import warnings
 
 import numpy as np
 
+from .sources import source_grid_message
+
 #: an option's damage counts as zero at most this fraction of the layer's largest damage
 ZERO = 1e-6
 #: a larger option's damage must exceed a smaller one's by this fraction to be flagged
@@ -78,7 +80,6 @@ def zero_damage_message(table, free: dict) -> str:
     cause = ("the weights likely already lie on its grid (a model dequantized from a quantized file: "
              "the source grid)")
     if grid:
-        from .sources import source_grid_message
 
         cause = "the model's weights already lie on a grid: " + source_grid_message(grid).split(": ", 1)[0]
     return (f"option(s) {names} cost zero damage on every layer: {cause}; such an option looks free, every "

@@ -39,7 +39,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import MpsearchError
+from .env import env_choice, local_rank, rank, world_size
+from .errors import close_matches, MpsearchError
+from .hf import offline_transformers as _offline_transformers
+from .layers import quantizable_names, weight_tensor
+from .sources import model_source
 
 
 def assign(costs, world: int) -> np.ndarray:
@@ -161,8 +165,6 @@ def current() -> Shard:
     if not dist.is_available():
         return _SINGLE
     if not dist.is_initialized():
-        from .env import world_size
-
         if world_size() <= 1:
             return _SINGLE
         init_from_env()
@@ -186,8 +188,6 @@ _SHARDS: dict = {}
 def init_from_env(backend: str | None = None) -> None:
     """Initialise the default process group from torchrun's environment variables."""
     import torch.distributed as dist
-
-    from .env import env_choice, local_rank, rank
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
@@ -305,17 +305,12 @@ def check_device_map_modules(device_map, model: torch.nn.Module, source: str = "
     names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
     for module in device_map:
         if module != "" and module not in names:
-            from .errors import close_matches
-
             raise MpsearchError(f"--device-map names module {module!r}, which {source} does not have"
                                 f"{close_matches(str(module), sorted(names))}")
 
 
 def check_resident(model: torch.nn.Module) -> None:
     """Refuse a model whose quantizable weights are offloaded (on the meta device between forwards)."""
-    from .apply import quantizable_names
-    from .layers import weight_tensor
-
     for name in quantizable_names(model):
         w = weight_tensor(model, name)
         if isinstance(w, torch.Tensor) and w.device.type == "meta":
@@ -330,10 +325,6 @@ def load_device_map(path, device_map="auto", *, dtype=None, max_memory=None) -> 
     """Load a Hugging Face model directory (or a cached Hugging Face id) spread over devices with
     accelerate's ``device_map``."""
     from pathlib import Path
-
-    from .hf import offline_transformers as _offline_transformers
-
-    from .sources import model_source
 
     device_map = check_device_map(device_map)
     source = model_source(str(path)) if not isinstance(path, torch.nn.Module) else None

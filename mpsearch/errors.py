@@ -9,6 +9,7 @@ exceptions.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -57,6 +58,10 @@ class OutputError(MpsearchError):
     """An output path that cannot be written (checked before any work starts)."""
 
 
+class ExportError(MpsearchError):
+    """A plan that cannot be written to (or read from) a consumer's format."""
+
+
 class SettingsError(MpsearchError):
     """An unknown or ill-typed setting of an estimator, solver or format."""
 
@@ -90,3 +95,18 @@ def disk_error(exc: BaseException, path=None) -> OutputError | None:
     where = f"{str(exc.filename)!r}: " if exc.filename else ""
     return OutputError(f"{where}{DISK_ERRORS[code]} ({code}); free space, fix the permissions or give "
                        f"another path")
+
+
+def compile_regex(pattern, what: str = "pattern") -> re.Pattern:
+    """``re.compile(pattern)``, or a :class:`BudgetError` naming ``what`` and the regex error."""
+    if not isinstance(pattern, str):
+        raise BudgetError(f"{what} {pattern!r}: a regex must be a string")
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise BudgetError(f"{what} {pattern!r} does not compile as a regular expression: {exc}") from None
+
+
+def check_patterns(patterns, what: str = "pattern") -> list:
+    """Compile every regex of ``patterns`` (refusing bad ones with one line)."""
+    return [compile_regex(p, what) for p in patterns or ()]

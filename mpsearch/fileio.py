@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError, disk_error
+from .env import world_size
+from .errors import disk_error, OutputError
 
 try:  # advisory locks: POSIX (elsewhere concurrent runs are not excluded)
     import fcntl
@@ -329,7 +330,6 @@ def atomic_output_dir(arg: str = "out", seed=()):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             dest = kwargs.get(arg)
-            from .env import world_size
 
             if dest is None or world_size() > 1:
                 return fn(*args, **kwargs)  # under torchrun the ranks share the folder (rank 0 writes)

@@ -10,8 +10,16 @@ from __future__ import annotations
 import math
 import re
 
+from .budget import Budget
+from .deploy import ArchInfo
 from .errors import BudgetError, MpsearchError, name_list
-from .filesize import FileModel, converted_tensors, read_gguf, source_gguf
+from .export import llamacpp_types as lt
+from .filesize import converted_tensors, FileModel, read_gguf, source_gguf
+from .filesize_ct import compressed_tensors_file_model
+from .targets import get_target
+from .targets.llamacpp import LLAMACPP
+from .targets.llamacpp_mixes import (allows_quantization, FTYPE_DEFAULT_TYPE, mix_types, RECIPE_FTYPES,
+                                     type_nbytes)
 
 #: the base mix of a plan's llama-quantize command when the budget names none
 DEFAULT_LLAMACPP_BASE = "Q4_K_M"
@@ -32,8 +40,6 @@ def _tensor_info_bytes(name: str, ndim: int) -> int:
 
 def _gguf_names_of_layer(name: str) -> tuple[str, ...]:
     """GGUF tensor names of a planned Llama-family layer (``()`` if it has none)."""
-    from .export import llamacpp_types as lt
-
     many = getattr(lt, "llama_gguf_names", None)
     names = many(name) if many is not None else ((lt.llama_gguf_name(name),) if lt.llama_gguf_name(name) else ())
     return tuple(n + ".weight" for n in names)
@@ -41,8 +47,6 @@ def _gguf_names_of_layer(name: str) -> tuple[str, ...]:
 
 def _ftype_of_type(type_name: str) -> str | None:
     """The llama-quantize ftype whose default type is ``type_name`` (``q4_K`` -> ``Q4_K_M``)."""
-    from .targets.llamacpp_mixes import FTYPE_DEFAULT_TYPE
-
     preferred = {"q2_K": "Q2_K", "q3_K": "Q3_K_M", "q4_K": "Q4_K_M", "q5_K": "Q5_K_M", "iq3_s": "IQ3_S",
                  "iq2_xs": "IQ2_XS"}
     if type_name in preferred:
@@ -60,9 +64,6 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
     ``n_expert``; ``planned``: planned layer -> its GGUF tensor names; ``header_kv_bytes``: IN's
     metadata as llama-quantize writes it (magic, counts, key-value pairs).
     """
-    from .targets.llamacpp_mixes import (FTYPE_DEFAULT_TYPE, RECIPE_FTYPES, allows_quantization, mix_types,
-                                         type_nbytes)
-
     shapes = {n: tuple(s) for n, s, _ in tensors}
     src = {n: t for n, _, t in tensors}
     planned_tensors = [t for names in planned.values() for t in names]
@@ -113,7 +114,6 @@ def llamacpp_file_model(tensors, hparams: dict, planned: dict, *, header_kv_byte
 
     for ftype in dict.fromkeys((DEFAULT_LLAMACPP_BASE, *RECIPE_FTYPES)):
         add_recipe(ftype, ftype, False)
-    from .targets.llamacpp import LLAMACPP
 
     for t in LLAMACPP.options:
         ftype = _ftype_of_type(t)
@@ -185,8 +185,7 @@ def file_budget_targets(table, key: str, budget) -> dict:
     set aside first, so a plan at the target fits the budget."""
     import numpy as np
 
-    from .budget import Budget
-    from .problem import compile_problem
+    from .problem import compile_problem  # start-up: keeps this module free of pandas/numpy
 
     probe = compile_problem(table, Budget(constraints={key: 1e300}))
     kcon = next(c for c in probe.constraints if c.key == key)
@@ -208,22 +207,17 @@ def file_budget_targets(table, key: str, budget) -> dict:
 def file_model(model, layers, target) -> FileModel | None:
     """The file model of ``layers`` (planned layer names) of ``model`` for ``target``, or ``None``
     for a target that writes no consumer file."""
-    from .targets import get_target
-
     name = get_target(target).name
     if name == "llama.cpp":
         return torch_llamacpp_file_model(model, layers)
     if name == "vllm":
-        from .filesize_ct import compressed_tensors_file_model
-
         return compressed_tensors_file_model(model, layers)
     return None
 
 
 def model_file_model(model, target) -> FileModel:
     """The file model of every layer ``target`` plans in ``model`` (as ``estimate`` plans them)."""
-    from .layers import discover_layers
-    from .targets import get_target
+    from .layers import discover_layers  # start-up: keeps this module free of torch/numpy
 
     t = get_target(target)
     layers = [lay.name for lay in discover_layers(model) if t.plans_layer(lay, model)]
@@ -254,8 +248,6 @@ def record_file_model(metadata: dict, model, layers, target) -> None:
 def arch_info(model):
     """llama.cpp's view of the model's shape (:class:`mpsearch.deploy.ArchInfo`): from the GGUF it
     was loaded from, else from its transformers config."""
-    from .deploy import ArchInfo
-
     path = source_gguf(model)
     if path is not None:
         return ArchInfo.from_gguf(read_gguf(path))

@@ -37,7 +37,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import BudgetError, MpsearchError, close_matches, name_list
+from .errors import BudgetError, close_matches, MpsearchError, name_list
+from .targets.llamacpp_mixes import canonical_type
 
 #: byte units a file budget may carry
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -362,8 +363,6 @@ def read_gguf(path) -> dict:
     llama-quantize copies (magic, version, counts and key-value pairs; two keys it adds where
     missing) and every scalar key-value pair (``kv``)."""
     from gguf import GGMLQuantizationType
-
-    from .targets.llamacpp_mixes import canonical_type
 
     try:
         with open(path, "rb") as fh:

@@ -26,6 +26,8 @@ import json
 
 from .errors import MpsearchError, name_list
 from .filesize import FileModel
+from .formats import get_format
+from .targets import get_target
 
 #: safetensors' dtype order (its Rust ``Dtype`` enum); the data is sorted by dtype, descending
 _DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
@@ -43,8 +45,6 @@ def _cdiv(a: int, b: int) -> int:
 def option_tensors(option: str, out: int, inp: int, dtype: str = "BF16") -> list[tuple[str, str, tuple]]:
     """``(suffix, safetensors dtype, shape)`` of the tensors a layer of ``out`` x ``inp`` weights
     becomes under a vLLM option (``keep``: the weight at ``dtype``)."""
-    from .formats import get_format
-
     if option == "keep":
         return [("weight", dtype, (out, inp))]
     fmt = get_format(option)
@@ -109,8 +109,6 @@ def _saved_dtype(model) -> tuple[str, str]:
 
 def compressed_tensors_file_model(model, layers) -> FileModel:
     """The vLLM file model of ``layers`` (planned layer names) of ``model``."""
-    from .targets import get_target
-
     options = [o for o in get_target("vllm").options]
     dtype, dtype_note = _saved_dtype(model)
     state = model.state_dict()

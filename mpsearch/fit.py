@@ -27,16 +27,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .deploy import EXPERTS_ON_CPU, ArchInfo, Memory, Placement, Serving, memory, tokens_per_second
-from .errors import MpsearchError, close_matches
+from .budget import Budget
+from .deploy import (ArchInfo, EXPERTS_ON_CPU, kv_cache_bytes, Memory, memory, Placement, REPACK, repacked,
+                     Serving, tokens_per_second)
+from .errors import close_matches, MpsearchError
+from .filesize import file_model_of, padded_bits, UNITS
+from .kvcache import KV_CACHE_TYPES
+from .registry import get_solver
 
 _KEYS = ("gpu", "ram", "ctx", "parallel", "kv", "placement", "gpu_bw", "ram_bw", "min_tps", "reserve", "ubatch", "cpu")
 GiB = 2**30
 
 
 def _size(key: str, text: str) -> float:
-    from .filesize import UNITS
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     unit = (m.group(2) or "B").lower() if m else ""
     if not m or unit not in UNITS:
@@ -102,15 +105,12 @@ class FitSpec:
                 setattr(out, key, v * 1e9 if key.endswith("_bw") else v)
             elif key == "kv":
                 kinds = value.split("/")
-                from .kvcache import KV_CACHE_TYPES
 
                 if value != "auto" and (len(kinds) > 2 or any(k not in KV_CACHE_TYPES for k in kinds)):
                     raise MpsearchError(f"--fit kv={value}: use auto, a llama.cpp cache type "
                                         f"({', '.join(KV_CACHE_TYPES)}) or K/V such as q8_0/f16")
                 out.kv = value
             elif key == "cpu":
-                from .deploy import REPACK
-
                 if value not in REPACK:
                     raise MpsearchError(f"--fit cpu={value}: use {', '.join(REPACK)} (which weights llama.cpp's "
                                         f"CPU backend repacks)")
@@ -230,8 +230,6 @@ class _Problem:
     """The table with per-row GPU/RAM bytes for one placement, and the fixed memory of everything else."""
 
     def __init__(self, table, fm, arch: ArchInfo, base: str):
-        from .filesize import padded_bits
-
         self.table, self.fm, self.arch, self.base = table, fm, arch, base
         b = fm.bases[base]
         if "tensors" not in b:
@@ -250,8 +248,6 @@ class _Problem:
             "output.weight" in names for names in fm.planned.values())
 
     def solve(self, solver, spec: FitSpec, serving: Serving, placement: Placement | None):
-        from .budget import Budget
-
         arch = self.arch
         fixed = memory(arch, self.unplanned, serving, placement, tied=self.tied, tensor_types=self.types,
                        rows=self.rows, repack=spec.cpu)
@@ -275,8 +271,6 @@ class _Problem:
 
     def copies(self, cpu: str) -> np.ndarray:
         """Per row: 2 where the CPU backend would hold the row's tensors twice (repacked), else 1."""
-        from .deploy import repacked
-
         frame = self.table.frame
         return np.array([2.0 if repacked(self.tensor_of.get(lay, [lay])[0], opt,
                                          self.rows.get(self.tensor_of.get(lay, [lay])[0]), cpu) else 1.0
@@ -303,9 +297,6 @@ class _Problem:
 
 def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
     """The least-damage plan, KV cache type pair and placement that fit ``spec`` (see the module)."""
-    from .filesize import file_model_of
-    from .registry import get_solver
-
     if isinstance(spec, str):
         spec = FitSpec.parse(spec)
     fm = file_model_of(table.metadata)
@@ -378,8 +369,6 @@ def solve_fit(table, spec: FitSpec, solver=None) -> FitResult:
 
 
 def _repacked_types(prob: _Problem, plan, spec: FitSpec) -> list[str]:
-    from .deploy import repacked
-
     types = prob.tensor_types(plan)
     return sorted({t for n, t in types.items() if repacked(n, t, prob.rows.get(n), spec.cpu)})
 
@@ -432,8 +421,6 @@ def _infeasible(prob: _Problem, spec: FitSpec, arch: ArchInfo, kv_damage, notes)
                 tb[n] = int(row["size_bits"] / 8 / len(names))
                 types[n] = row["option"]
         return tb, dict(tensor_types=types, rows=prob.rows, repack=spec.cpu)
-
-    from .deploy import kv_cache_bytes
 
     def kv_total(pair):
         return sum(r["k"] + r["v"] for r in kv_cache_bytes(arch, Serving(ctx=spec.ctx, type_k=pair[0], type_v=pair[1])))

@@ -38,10 +38,12 @@ import numpy as np
 
 from .budget import Budget
 from .errors import BudgetError, MpsearchError
-from .fileio import atomic_write_text
-from .plan import BitPlan
+from .fileio import atomic_dir, atomic_files, atomic_write_text
 from .pareto import best_under, column_sums, pareto_indices  # noqa: F401  (re-exported)
-from .problem import Problem, compile_problem
+from .plan import BitPlan
+from .problem import compile_problem, Problem
+from .registry import get_solver
+from .solvers.base import make_plan
 from .table import CostTable
 
 #: swept points when the solver has no one-pass frontier and ``points`` is not given
@@ -160,7 +162,6 @@ class Frontier:
         if max_points is not None and (not isinstance(max_points, (int, np.integer)) or max_points < 1):
             raise MpsearchError(f"max_points must be a positive integer or None, got {max_points!r}")
         path = Path(path)
-        from .fileio import atomic_dir, atomic_files
 
         if path.suffix.lower() == ".npz":
             raise MpsearchError(f"{str(path)!r}: a frontier CSV cannot be named .npz (every point goes to the .npz "
@@ -299,8 +300,6 @@ def compute_frontier(table: CostTable, solver="dp", points: int | None = None, k
     number of budgets swept (default 20). ``budget``: other constraints, bounds, pins and ties that
     every point meets.
     """
-    from .registry import get_solver
-
     if isinstance(solver, str):
         solver = get_solver(solver)
     if points is not None and (not isinstance(points, (int, np.integer)) or points < 1):
@@ -329,7 +328,7 @@ def compute_frontier(table: CostTable, solver="dp", points: int | None = None, k
         results, stats = _sweep(problem, j, solver, budget, np.linspace(lo, hi, points or DEFAULT_POINTS)), {}
     if not len(results[0]):
         return Frontier([], key, solver.name, "infeasible", "the solver found no plan for any budget of the sweep")
-    return _build(problem, con, key, solver, budget, *results, stats=stats)
+    return _build(problem, con, key, solver, budget, results, stats=stats)
 
 
 def sweep_range(problem: Problem, column: str) -> tuple[float, float]:
@@ -361,10 +360,10 @@ def _choice_dtype(problem: Problem):
     return np.uint8 if problem.n_options < 256 else np.int32
 
 
-def _build(problem, con, key, solver, budget, choices, statuses, bounds, *, stats) -> Frontier:
-    """The Frontier of the non-dominated rows of ``choices``, sorted by size."""
-    from .solvers.base import make_plan
-
+def _build(problem, con, key, solver, budget, results, *, stats) -> Frontier:
+    """The Frontier of the non-dominated rows of ``choices``, sorted by size (``results``: the swept
+    ``(choices, statuses, bounds)``)."""
+    choices, statuses, bounds = results
     choices = np.asarray(choices).astype(_choice_dtype(problem), copy=False)
     sums = column_sums({"damage": problem.damage, **problem.resources}, choices)
     keep = pareto_indices(sums[con.column], sums["damage"])

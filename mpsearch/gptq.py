@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from .data import move_batch, run_model
 from .errors import MpsearchError, QuantizationError
+from .layers import get_module
 from .options import Option
 from .quant import int_grid, round_to_grid, rounding
 
@@ -113,9 +115,6 @@ def gptq_rounding(hessians: dict[str, torch.Tensor], *, block: int = BLOCK, damp
 def input_hessians(model: torch.nn.Module, layers, batches, device=None, *, progress: bool = False):
     """``{layer: 2/n · Σ x xᵀ}`` over the calibration batches, for Linear-like layers (the inputs
     of a layer seen as rows of its weight matrix's columns)."""
-    from .data import move_batch, run_model
-    from .layers import get_module
-
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []

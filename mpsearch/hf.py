@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from ._quiet import import_transformers_quietly
 from .errors import SpecError
+from .sources import warn_source_grid
 
 
 def offline_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from ._quiet import import_transformers_quietly
 
     try:  # transformers imports torchao, whose import logs native-library and pytree warnings
         transformers = import_transformers_quietly()
@@ -126,8 +127,6 @@ def load_checkpoint(source, device=None, dtype=None) -> torch.nn.Module:
     GGUF dequantized by transformers, its source-grid caveat warned
     (:class:`~mpsearch.sources.SourceGridWarning`) and kept on the model as ``mpsearch_source_grid``
     (the estimators copy it into the table's metadata)."""
-    from .sources import warn_source_grid
-
     if source.gguf_file is None:
         return hf_model(source.folder, device, dtype)
     try:

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 from .errors import MpsearchError
+from .layers import _kind
 from .options import parse_option
 from .problem import Problem
+from .quant import quantize_weight
+from .sensitivity.base import progress_bar
 from .table import CostTable
 
 #: layers whose names share everything but the last component and match one of these are paired
@@ -52,10 +55,6 @@ def measure_pairs(model: torch.nn.Module, table: CostTable, pairs, loss, options
     table). Each layer is quantized in place and restored; ``len(pairs) * K^2 + layers * K``
     measurements.
     """
-    from .layers import _kind
-    from .quant import quantize_weight
-    from .sensitivity.base import progress_bar
-
     opts = [o for o in (options or table.options) if not parse_option(o).is_keep]
     if not opts:
         raise MpsearchError("measure_pairs needs at least one option other than keep")

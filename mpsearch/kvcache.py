@@ -35,9 +35,9 @@ mixes both halves of the Hugging Face layout: :func:`fake_quantize_kv` permutes 
 
 from __future__ import annotations
 
-from .errors import MpsearchError
-from .formats.ggml import (FORMATS, GROUP_MAX_EPS, IQ4NL_VALUES, _first_absmax, _fp16, _full, _half_bytes,
-                           _iq4nl_lookup, _iq4nl_tables, _q4_0_pack, _recip_or_zero, _seqsum_t)
+from .errors import close_matches, MpsearchError
+from .formats.ggml import (_first_absmax, _fp16, _full, _half_bytes, _iq4nl_lookup, _iq4nl_tables, _q4_0_pack,
+                           _recip_or_zero, _seqsum_t, FORMATS, GROUP_MAX_EPS, IQ4NL_VALUES)
 
 #: the KV cache types llama.cpp offers (``-ctk``/``-ctv``), nominal bits per value for plans
 KV_CACHE_TYPES = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8, "q5_1": 5, "q5_0": 5, "q4_1": 4, "iq4_nl": 4,
@@ -84,8 +84,6 @@ def fwht(rows, n: int):
 
 def _check(type_name: str, backend: str) -> None:
     if type_name not in KV_CACHE_TYPES:
-        from .errors import close_matches
-
         raise MpsearchError(f"unknown KV cache type {type_name!r}{close_matches(type_name, KV_CACHE_TYPES)}; "
                             f"llama.cpp offers {', '.join(KV_CACHE_TYPES)}")
     if backend not in BACKENDS:
@@ -252,9 +250,9 @@ def measure_kv_damage(model, batches, types=("f16", "q8_0", "q5_0", "q4_0"), *, 
     Returns ``{"k": {type: damage}, "v": {...}, "metric": metric, "backend": backend, "tokens": n}``."""
     import torch
 
-    from .data import move_batch
-    from .sensitivity.base import progress_bar
-    from .sensitivity.losses import distance
+    from .data import move_batch  # start-up: keeps this module free of torch/numpy
+    from .sensitivity.base import progress_bar  # start-up: keeps this module free of torch/pandas/numpy
+    from .sensitivity.losses import distance  # start-up: keeps this module free of torch/pandas/numpy
 
     for t in types:
         _check(t, backend)

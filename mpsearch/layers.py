@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
 from .data import run_model
-from .errors import MpsearchError
-from .moe import EXPERT_KINDS, split_name
+from .data import leading_size as _batch_size  # noqa: F401  (the name estimators import)
+from .errors import check_patterns, close_matches, MpsearchError
+from .moe import _index_tensor, EXPERT_KINDS, experts_layout, scan, split_name
+from .quant import expert_matrices
 from .ties import FUSED_SIBLINGS, tie_groups  # noqa: F401  (re-exported)
 
 
@@ -97,6 +98,38 @@ def iter_quantizable(model: nn.Module, include_embedding: bool = False):
         yield name, module, kind
 
 
+def _found_weights(model, moe, excl, include_embedding: bool, per_expert: bool) -> list[tuple]:
+    """``(name, weight, kind, out_channels, in_features, extra)`` of every quantizable weight not
+    excluded: modules, routers that are not ``nn.Linear``, and stacked experts (one per expert with
+    ``per_expert``), in the order found."""
+    found = []
+    for name, module, kind in iter_quantizable(model, include_embedding):
+        if any(p.search(name) for p in excl):
+            continue
+        out_c, in_f = _matrix_shape(kind, module.weight)
+        extra = _moe_role(name, moe)
+        found.append((name, module.weight, "router" if extra.get("role") == "router" else kind,
+                      out_c, in_f, extra))
+    params = dict(model.named_parameters())
+    for owner, container in moe.routers.items():  # routers that are not nn.Linear (Qwen3MoeTopKRouter)
+        w = params.get(f"{owner}.weight")
+        if w is not None and not any(f[0] == owner for f in found) and not any(p.search(owner) for p in excl):
+            found.append((owner, w, "router", int(w.shape[0]), int(w.shape[1]),
+                          {"role": "router", "container": container}))
+    for t in moe.experts:
+        names = [f"{t.name}[{e}]" for e in range(t.experts)] if per_expert else [t.name]
+        for e, lname in enumerate(names):
+            if any(p.search(lname) for p in excl):
+                continue
+            extra = {"role": "expert", "container": t.container, "experts": t.experts,
+                     "fused": t.fused, "transposed": t.transposed}
+            if per_expert:
+                extra.update(expert=e, experts=1)
+            found.append((lname, params[t.name], "expert_t" if t.transposed else "expert",
+                          t.out_features, t.in_features, extra))
+    return found
+
+
 def discover_layers(
     model: nn.Module,
     example_inputs=None,
@@ -124,36 +157,10 @@ def discover_layers(
         One layer per expert of each stacked expert tensor (``...experts.down_proj[3]``) instead of
         one layer per tensor.
     """
-    from .budget import check_patterns
-    from .moe import scan
 
     excl = check_patterns(exclude, "exclude regex")
     moe = scan(model)
-    found = []
-    for name, module, kind in iter_quantizable(model, include_embedding):
-        if any(p.search(name) for p in excl):
-            continue
-        out_c, in_f = _matrix_shape(kind, module.weight)
-        extra = _moe_role(name, moe)
-        found.append((name, module.weight, "router" if extra.get("role") == "router" else kind,
-                      out_c, in_f, extra))
-    params = dict(model.named_parameters())
-    for owner, container in moe.routers.items():  # routers that are not nn.Linear (Qwen3MoeTopKRouter)
-        w = params.get(f"{owner}.weight")
-        if w is not None and not any(f[0] == owner for f in found) and not any(p.search(owner) for p in excl):
-            found.append((owner, w, "router", int(w.shape[0]), int(w.shape[1]),
-                          {"role": "router", "container": container}))
-    for t in moe.experts:
-        names = [f"{t.name}[{e}]" for e in range(t.experts)] if per_expert else [t.name]
-        for e, lname in enumerate(names):
-            if any(p.search(lname) for p in excl):
-                continue
-            extra = {"role": "expert", "container": t.container, "experts": t.experts,
-                     "fused": t.fused, "transposed": t.transposed}
-            if per_expert:
-                extra.update(expert=e, experts=1)
-            found.append((lname, params[t.name], "expert_t" if t.transposed else "expert",
-                          t.out_features, t.in_features, extra))
+    found = _found_weights(model, moe, excl, include_embedding, per_expert)
     if not found:
         raise MpsearchError(
             "the model has no quantizable layer (Linear, Conv1d, Conv2d, transformers Conv1D"
@@ -198,8 +205,6 @@ def measure_macs(model: nn.Module, example_inputs, found, moe=None) -> dict[str,
     """MACs per sample of each ``(name, weight, kind, out_c, in_f, extra)`` in ``found``, from one
     forward pass of ``example_inputs`` in ``torch.no_grad()`` with hooks on those modules (experts:
     ``out x in`` per token routed to each expert)."""
-    from .moe import _index_tensor
-
     n = max(_batch_size(example_inputs), 1)
     macs: dict[str, int] = {}
     modules = dict(model.named_modules())
@@ -285,8 +290,6 @@ def layer_matrix(model: nn.Module, name: str) -> tuple[int, int, int]:
     kind = layer_kind(model, name)
     w = weight_tensor(model, name)
     if kind in EXPERT_KINDS:
-        from .quant import expert_matrices
-
         mats = expert_matrices(w, kind)
         return int(mats.shape[1]), int(mats.shape[2]), int(mats.shape[0])
     out_c, in_f = _matrix_shape(kind if kind != "router" else "linear", w)
@@ -295,8 +298,6 @@ def layer_matrix(model: nn.Module, name: str) -> tuple[int, int, int]:
 
 def layer_kind(model: nn.Module, name: str) -> str | None:
     """The storage kind of the layer ``name`` (``linear``, ``expert``...; ``None``: not a layer)."""
-    from .moe import experts_layout
-
     base, _index = split_name(name)
     try:
         module = model.get_submodule(base)
@@ -324,9 +325,17 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        from .errors import close_matches
-
         names = [n for n, _ in model.named_modules() if n]
         raise MpsearchError(
             f"the model has no layer {name!r}{close_matches(name, names)}"
         ) from None
+
+
+def quantizable_names(model: torch.nn.Module, keep=None) -> list[str]:
+    """The names of every weight mpsearch can quantize: modules (embeddings included), stacked
+    expert tensors and routers (as :func:`~mpsearch.layers.discover_layers` names them); ``keep``
+    (a function of the :class:`~mpsearch.layers.Layer`) selects some of them."""
+    try:
+        return [lay.name for lay in discover_layers(model, include_embedding=True) if keep is None or keep(lay)]
+    except MpsearchError:
+        return []

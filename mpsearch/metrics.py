@@ -26,14 +26,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import as_batches, float_dtype, move_batch, model_output_tensor, run_model, split_batch
+from .data import (as_batches, float_dtype, model_device, model_output_tensor, move_batch, run_model,
+                   split_batch)
 from .errors import MpsearchError
-
-
-def _device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+from .fileio import torch_save
+from .fingerprint import model_fingerprint
+from .recipe import default_metric
+from .registry import REGISTRIES
+from .zoo import mean_pool
 
 
 class Metric:
@@ -102,7 +102,7 @@ class _BatchMetric(Metric):
         return type(self)(data)
 
     def _outputs(self, model):
-        dev, dt = _device(model), float_dtype(model)
+        dev, dt = model_device(model), float_dtype(model)
         for batch in self.batches:
             b = move_batch(batch, dev, dt)
             yield b, model_output_tensor(run_model(model, b))
@@ -125,8 +125,6 @@ class EmbeddingCosine(_BatchMetric):
     needs_reference = True
 
     def _summary(self, batch, out):
-        from .zoo import mean_pool
-
         _, kwargs, _ = split_batch(batch)
         if out.dim() == 3:
             return mean_pool(out.float(), kwargs.get("attention_mask"))
@@ -299,7 +297,7 @@ class CausalLMMetric(Metric):
 
     def _scored(self, model):
         """Yield ``(logits [N, V] fp32, targets [N])`` of the scored tokens, batch by batch."""
-        dev = _device(model)
+        dev = model_device(model)
         ids = self.input_ids.to(dev)
         kwargs = _lm_kwargs(model)
         for starts, length, offsets in self._groups():
@@ -352,8 +350,6 @@ class CausalLMMetric(Metric):
         import hashlib
         from pathlib import Path
 
-        from .fingerprint import model_fingerprint
-
         doc = repr((model_fingerprint(model), hashlib.sha1(self.input_ids.numpy().tobytes()).hexdigest(),
                     self.window, self.stride, self.reference, self.topk, self.max_reference_mb))
         return Path(self.cache_dir) / f"reference-{hashlib.sha1(doc.encode()).hexdigest()[:16]}.pt"
@@ -363,7 +359,7 @@ class CausalLMMetric(Metric):
         if path is None or not path.is_file():
             return None
         try:
-            doc = torch.load(path, map_location=_device(model), weights_only=True)
+            doc = torch.load(path, map_location=model_device(model), weights_only=True)
         except Exception:  # unreadable: compute it again
             return None
         self.reference_form = doc["form"]
@@ -373,7 +369,6 @@ class CausalLMMetric(Metric):
         path = self._cache_path(model)
         if path is None:
             return
-        from .fileio import torch_save
 
         torch_save({"form": self.reference_form, "refs": self._ref}, path)
 
@@ -387,7 +382,7 @@ class CausalLMMetric(Metric):
         return super().__call__(model)
 
     def _measure(self, model):
-        dev = _device(model)
+        dev = model_device(model)
         nll = torch.zeros((), dtype=torch.float64, device=dev)
         hits = torch.zeros((), dtype=torch.float64, device=dev)
         kls, count = [], 0
@@ -490,7 +485,7 @@ class Perplexity(CausalLMMetric):
 
     def windowed(self, model) -> float:
         """The same perplexity with one forward per window (the unbatched reference computation)."""
-        dev = _device(model)
+        dev = model_device(model)
         nll, count = 0.0, 0
         with torch.no_grad():
             for start, end, first in self.windows():
@@ -575,13 +570,10 @@ def make_metric(name, data, **kwargs) -> Metric:
         return name
     if callable(name):
         return FunctionMetric(name, **kwargs)
-    from .registry import REGISTRIES
 
     return REGISTRIES["metric"].load(name)(data, **kwargs)
 
 
 def default_metric_name(model: torch.nn.Module, batch=None) -> str:
     """The model's default metric: :func:`mpsearch.recipe.default_metric` (the recipe decides it)."""
-    from .recipe import default_metric
-
     return default_metric(model, batch)

@@ -45,7 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import move_batch, run_model
 from .errors import MpsearchError
+from .quant import quantization_error
 
 #: stacked-expert kinds: name -> whether the per-expert matrix is stored transposed, (in, out)
 EXPERT_KINDS = {"expert": False, "expert_t": True}
@@ -217,8 +219,6 @@ def _index_tensor(args, kwargs, experts: int):
 
 def routing_counts(model: nn.Module, batches, found: MoEScan, device=None) -> Routing:
     """Count the calibration tokens routed to every expert (one no-grad pass per batch)."""
-    from .data import move_batch, run_model
-
     modules = dict(model.named_modules())
     counts = {c: torch.zeros(n + 1, dtype=torch.int64) for c, n in found.containers.items()}
     from_router = {c: torch.zeros(n + 1, dtype=torch.int64) for c, n in found.containers.items()}
@@ -321,8 +321,6 @@ def fallback_groups(layers) -> dict[str, list[int]]:
 def per_expert_errors(weight, layer, options, legal_row) -> np.ndarray:
     """``[experts of the layer, K]`` squared rounding errors of ``layer``'s ``weight``, one row per
     expert matrix."""
-    from .quant import quantization_error
-
     w = weight
     idx = expert_of(layer)[1]
     out = np.zeros((len(idx), len(options)))

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import MpsearchError
+from .errors import close_matches, MpsearchError
 
 KEEP_BITS = 16
 
@@ -91,7 +91,7 @@ class Option:
         """The consumer :class:`~mpsearch.formats.Format` of this option (``None`` for intB)."""
         if self.fmt is None:
             return None
-        from .formats import get_format
+        from .formats import get_format  # start-up: the CLI's parser loads only what it needs
 
         return get_format(self.fmt)
 
@@ -213,7 +213,7 @@ def parse_option(spec: str | int | Option) -> Option:
         return Option(int(text))
     m = _NAME.match(text)
     if not m:
-        from .formats import get_format
+        from .formats import get_format  # start-up: the CLI's parser loads only what it needs
 
         f = get_format(text)
         if f is not None:
@@ -231,8 +231,7 @@ def parse_option(spec: str | int | Option) -> Option:
 
 
 def _format_hint(name: str) -> str:
-    from .errors import close_matches
-    from .formats import format_names
+    from .formats import format_names  # start-up: the CLI's parser loads only what it needs
 
     return close_matches(str(name), format_names())
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MpsearchError, PlanError
-from .options import Option, default_option_for_bits, parse_option
+from .fileio import atomic_write_text
+from .options import default_option_for_bits, Option, parse_option
 
 FORMAT = "mpsearch.plan"
 VERSION = 1
@@ -107,8 +108,6 @@ class BitPlan:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .fileio import atomic_write_text
-
         atomic_write_text(path, self.to_json() + "\n")
         return Path(path)
 

@@ -418,7 +418,7 @@ def plot_sensitivity(table, column: str = "damage", ax=None):
     ax.set_xlabel("option")
     ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label=f"log10 {column} ({table.metadata.get('estimator', 'estimator')} units)")
-    from .diagnose import non_monotone
+    from .diagnose import non_monotone  # start-up: keeps this module free of numpy
 
     bad = non_monotone(table) if column == "damage" else {}
     rows, cols = {n: i for i, n in enumerate(piv.index)}, {o: j for j, o in enumerate(piv.columns)}

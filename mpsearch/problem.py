@@ -18,8 +18,9 @@ import numpy as np
 
 from .budget import Budget, matches
 from .errors import BudgetError, close_matches, name_list
-from .ties import connected_groups, groups_of, tie_groups
+from .filesize import describe_value, file_constraints, file_model_of, padded_bits
 from .table import CostTable
+from .ties import connected_groups, groups_of, tie_groups
 
 
 @dataclass
@@ -42,7 +43,6 @@ class Constraint:
         """A column sum in the user's words (``3.41 GiB``, ``2.25``)."""
         if not self.unit:
             return f"{self.to_user(column_sum):.6g}"
-        from .filesize import describe_value
 
         return describe_value(self.key, self.to_user(column_sum), self.unit, self.reference)
 
@@ -188,7 +188,6 @@ def _file_budgets(table: CostTable, budget: Budget, layer_allowed, layer_vals: d
     that turn planned totals into whole-file ones."""
     if not budget.file:
         return [], None
-    from .filesize import file_constraints, file_model_of, padded_bits
 
     fm = file_model_of(table.metadata)
     layers = table.layers

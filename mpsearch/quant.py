@@ -170,8 +170,6 @@ def _quantize_experts(weight: torch.Tensor, option: Option, kind: str, name: str
         return weight.clone()
     rounder = _ROUNDER.get()
     if rounder is not None and not getattr(rounder, "stacked", False):
-        from .errors import QuantizationError
-
         raise QuantizationError(f"layer {name!r} is a stacked expert tensor: GPTQ rounding works on "
                                 f"linear layers only; use --quantizer rtn or exclude the experts")
     mats = expert_matrices(weight, kind)

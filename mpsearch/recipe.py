@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .options import DEFAULT_SEARCH_OPTIONS, LLM_SEARCH_OPTIONS
+from .options import DEFAULT_SEARCH_OPTIONS, LLM_SEARCH_OPTIONS, parse_options
+from .registry import get_estimator
 
 #: estimator, solver and options of ``frontier --model``, ``estimate --data`` and ``demo``
 DEFAULT_RECIPE = {"estimator": "output-distance", "solver": "ilp", "options": DEFAULT_SEARCH_OPTIONS,
@@ -83,7 +84,7 @@ def default_metric(model, batch=None) -> str:
     if config is not None and not cls.endswith(("ForSequenceClassification", "Classification")):
         return "cosine"
     if batch is not None:
-        from .data import split_batch
+        from .data import split_batch  # start-up: the CLI's parser loads only what it needs
 
         if split_batch(batch)[2] is not None:
             return "accuracy"
@@ -122,7 +123,7 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
       evaluation batch: its labels mean accuracy).
 
     ``target`` is a name, a :class:`~mpsearch.targets.Target` or ``None`` (mpsearch's own)."""
-    from .targets import DEFAULT_TARGET, get_target
+    from .targets import DEFAULT_TARGET, get_target  # start-up: the CLI's parser loads only what it needs
 
     chosen = get_target(target)
     if options is None:
@@ -157,9 +158,7 @@ def check(*, target=None, options=None, estimator=None, params=None, has_data: b
     """Refuse, before any model loads, what :func:`resolve` and the estimator would refuse later: an
     unknown target or estimator, bad estimator settings (``params``), options the target cannot
     execute (llama.cpp's iq1/iq2 types without an importance matrix, ``imatrix``)."""
-    from .options import parse_options
-    from .registry import get_estimator
-    from .targets import DEFAULT_TARGET, get_target
+    from .targets import DEFAULT_TARGET, get_target  # start-up: the CLI's parser loads only what it needs
 
     chosen = get_target(target)
     get_estimator(estimator or default_estimator(has_data), **dict(params or {}))

@@ -17,8 +17,8 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from .errors import MpsearchError, SettingsError, close_matches
-from .settings import Setting, check_params, settings_of
+from .errors import close_matches, ExportError, MpsearchError, SettingsError
+from .settings import check_params, Setting, settings_of
 
 
 class Registry:
@@ -87,7 +87,7 @@ ESTIMATORS: dict[str, str] = {
     "fisher": "mpsearch.sensitivity.fisher:FisherEstimator",
     "lrp": "mpsearch.sensitivity.lrp:LRPEstimator",
     "output-distance": "mpsearch.sensitivity.output_distance:OutputDistanceEstimator",
-    "lim": "mpsearch.sensitivity.output_distance:LIMEstimator",
+    "lim": "mpsearch.sensitivity.lim:LIMEstimator",
     "response": "mpsearch.sensitivity.response:ResponseEstimator",
 }
 
@@ -124,12 +124,6 @@ EXPORTERS: dict[str, str] = {
 }
 
 
-def _export_error(message):
-    from .export._base import ExportError  # the export package's own error class (an MpsearchError)
-
-    return ExportError(message)
-
-
 REGISTRIES: dict[str, Registry] = {
     "solver": Registry("solver", SOLVERS),
     "estimator": Registry("estimator", ESTIMATORS),
@@ -137,7 +131,7 @@ REGISTRIES: dict[str, Registry] = {
     "target": Registry("target", TARGETS, sort=False,
                        aliases={"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llm-compressor": "vllm",
                                 "compressed-tensors": "vllm", "gptq": "gptqmodel"}),
-    "exporter": Registry("exporter", EXPORTERS, sort=False, noun="export format", error=_export_error,
+    "exporter": Registry("exporter", EXPORTERS, sort=False, noun="export format", error=ExportError,
                          aliases={"llamacpp": "llama.cpp", "gguf": "llama.cpp", "llmcompressor": "llm-compressor",
                                   "compressed-tensors": "llm-compressor", "auto-round": "autoround",
                                   "gptq": "gptqmodel"}),

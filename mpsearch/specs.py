@@ -39,11 +39,16 @@ from pathlib import Path
 
 import torch
 
+from .data import as_batches, first_batch, model_device
 from .errors import SpecError
 from .hf import DTYPES, load_checkpoint, offline_transformers as _offline_transformers  # noqa: F401
 from .hf import resolve_device, resolve_dtype  # noqa: F401  (part of this module's API)
+from .layers import iter_quantizable
+from .metrics import CAUSAL_METRICS, default_metric_name, FunctionMetric, make_metric
 from .recipe import is_callable_spec, is_causal_lm  # noqa: F401  (is_causal_lm: re-exported)
-from .sources import ModelSource, model_source
+from .sources import model_source, ModelSource
+from .zoo import (DATASETS, HF_MODELS, minilm_path, MODELS, read_idx, shakespeare_text, smollm2_tokenizer,
+                  token_stream, token_windows, tokenize)
 
 
 def _load_callable(spec: str, what: str):
@@ -82,8 +87,6 @@ def _load_callable(spec: str, what: str):
 def load_tokenizer(spec):
     """The tokenizer of a model spec that names a checkpoint (a Hugging Face folder, a cached
     Hugging Face id, a GGUF file), ``minilm`` or ``smollm2``."""
-    from .zoo import minilm_path, smollm2_tokenizer
-
     if str(spec) == "smollm2":
         return smollm2_tokenizer()
     source = ModelSource(minilm_path()) if str(spec) == "minilm" else model_source(spec)
@@ -128,7 +131,6 @@ def has_tokenizer(spec) -> bool:
 def _check_model(model, spec) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise SpecError(f"model spec {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    from .layers import iter_quantizable
 
     if next(iter_quantizable(model), None) is None:
         raise SpecError(
@@ -145,7 +147,6 @@ def load_model(spec, *, device=None, dtype=None) -> torch.nn.Module:
     if isinstance(spec, torch.nn.Module):
         return _place(spec, dev, dt)
     spec = str(spec)
-    from .zoo import HF_MODELS, MODELS
 
     if spec in HF_MODELS:  # packaged Hugging Face checkpoints: loaded straight onto the device
         return _check_model(HF_MODELS[spec](device=dev, dtype=dt), spec)
@@ -193,7 +194,6 @@ def _text_data(path: Path, tokenizer, batch_size: int, max_length: int, causal: 
             f"data spec {str(path)!r}: text data needs the model's tokenizer; use a Hugging Face "
             f"directory, 'minilm' or 'smollm2' as the model"
         )
-    from .zoo import token_windows, tokenize
 
     if causal:
         return token_windows(tokenizer, text, max_length, samples, batch_size, source=str(path))
@@ -202,8 +202,6 @@ def _text_data(path: Path, tokenizer, batch_size: int, max_length: int, causal: 
 
 
 def _idx_data(path: Path):
-    from .zoo import read_idx
-
     x = read_idx(path)
     if x.dim() == 3:  # images [N, H, W] -> [N, 1, H, W] in [0, 1]
         return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).unsqueeze(1)
@@ -222,7 +220,6 @@ def load_data(spec, *, tokenizer=None, batch_size: int = 16, max_length: int = 6
     if not isinstance(spec, (str, Path)):
         return spec
     spec = str(spec)
-    from .zoo import DATASETS, shakespeare_text, token_windows
 
     if spec == "shakespeare" and causal:
         if tokenizer is None:
@@ -265,16 +262,10 @@ ENCODER_DEFAULTS = {"seq_len": 64, "calib_samples": None}
 
 def text_defaults(model, device=None) -> dict:
     """The default ``seq_len``/``calib_samples``/``eval_tokens`` for ``model`` on ``device``."""
-    dev = resolve_device(device) or _model_device(model)
+    dev = resolve_device(device) or model_device(model)
     if is_causal_lm(model):
         return dict(LLM_DEFAULTS["cuda" if dev.type == "cuda" else "cpu"])
     return dict(ENCODER_DEFAULTS, eval_tokens=None)
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _check_size(name, value):
@@ -310,15 +301,12 @@ def eval_token_ids(spec, model, model_spec=None, *, eval_tokens=None, tokenizer=
     _check_size("eval_tokens", eval_tokens)
     n = eval_tokens or text_defaults(model)["eval_tokens"]
     if _is_text(spec):
-        from .zoo import shakespeare_text, token_stream
-
         tok = tokenizer if tokenizer is not None else tokenizer_for(model_spec)
         if tok is None:
             raise SpecError(f"eval data {str(spec)!r} is text: it needs the model's tokenizer; use a Hugging "
                             f"Face directory, 'minilm' or 'smollm2' as the model, or give token ids (.pt)")
         text = shakespeare_text("eval") if str(spec) == "shakespeare" else read_text_file(Path(spec))
         return token_stream(tok, text, n, source=str(spec))
-    from .data import as_batches
 
     ids = []
     for b in as_batches(load_data(spec)):
@@ -342,8 +330,6 @@ def load_metric(name, eval_spec, model, model_spec=None, *, eval_tokens=None, wi
 
     Causal LMs are measured on ``eval_tokens`` tokens in windows of ``window`` tokens (default
     ``seq_len``, else the device default) advancing by ``stride`` (default: ``window``)."""
-    from .metrics import CAUSAL_METRICS, FunctionMetric, default_metric_name, make_metric
-
     if is_callable_spec(name):
         return FunctionMetric(_load_callable(name, "metric"))
     if eval_spec is None:
@@ -360,7 +346,6 @@ def load_metric(name, eval_spec, model, model_spec=None, *, eval_tokens=None, wi
         return make_metric(name, ids, window=min(window, max(ids.numel(), 2)), stride=stride,
                            batch_size=batch_size, cache_dir=cache_dir)
     evals = load_calibration(eval_spec, model, model_spec, seq_len=seq_len, batch_size=32, tokenizer=tokenizer)
-    from .data import first_batch
 
     name = name or default_metric_name(model, first_batch(evals))
     return make_metric(name, evals)

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import TableError, close_matches, name_list
-from .fileio import atomic_write_text
+from .errors import close_matches, MpsearchError, name_list, TableError
+from .fileio import atomic_files, atomic_write_text
 from .options import KEEP_BITS, option_sort_key, parse_option
 
 FORMAT = "mpsearch.table"
@@ -194,7 +194,6 @@ class CostTable:
             }
             atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default))
             return path
-        from .fileio import atomic_files
 
         meta = {"format": FORMAT, "version": VERSION, "table": path.name, "metadata": self.metadata}
         # both or neither; the sidecar first: a reader that finds the new CSV finds its metadata
@@ -298,8 +297,6 @@ def _row(frame: pd.DataFrame, i) -> str:
 def _check_option_names(df: pd.DataFrame, rows) -> None:
     """The names in the ``option`` column follow the one option grammar (:func:`mpsearch.options.parse_option`:
     ``keep``, ``intB[-gG][-asym]``, a consumer format such as ``q4_K``) and mean the row's bits."""
-    from .errors import MpsearchError
-
     firsts = df.loc[rows].drop_duplicates(["option", "bits"])
     for i, r in firsts.iterrows():
         name = r["option"]
@@ -314,6 +311,15 @@ def _check_option_names(df: pd.DataFrame, rows) -> None:
 
 
 def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
+    df = _columns_checked(frame)
+    _check_numbers(df)
+    _check_options(df)
+    _check_layers(df, complete)
+    return df
+
+
+def _columns_checked(frame) -> pd.DataFrame:
+    """A copy of ``frame`` with the required columns, once each, text columns holding text."""
     if not isinstance(frame, pd.DataFrame):
         raise TableError(f"a cost table is built from a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in REQUIRED if c not in frame.columns]
@@ -333,6 +339,11 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             odd = df.index[df[col].map(lambda v: isinstance(v, (list, dict, set, tuple)))]
             if len(odd):
                 raise TableError(f"row {int(odd[0]) + 1}: column {col!r} must hold text, got {df.loc[odd[0], col]!r}")
+    return df
+
+
+def _check_numbers(df: pd.DataFrame) -> None:
+    """Layer names, integer bits and finite numbers (converted in place); damage and size >= 0."""
     # layer names
     bad = df.index[df["layer"].isna() | (df["layer"].astype(str).str.strip() == "")]
     if len(bad):
@@ -371,6 +382,10 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             raise TableError(
                 f"{_row(df, bad[0])}: {col!r} must be >= 0, got {_py(df.loc[bad[0], col])!r}"
             )
+
+
+def _check_options(df: pd.DataFrame) -> None:
+    """Option names (the bits' default names where none is given, in place); one row per layer x option."""
     # option names
     default = df["bits"].map(default_option_name)
     if "option" in df.columns:
@@ -388,6 +403,11 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
             f"row {int(dup[0]) + 1}: layer {r['layer']!r} has option {r['option']!r} twice; "
             f"give each layer x option one row (use the 'option' column to tell formats apart)"
         )
+
+
+def _check_layers(df: pd.DataFrame, complete: bool) -> None:
+    """Per layer: the same options everywhere (``complete``), constant params and group, and tied
+    layers offering the same options (``group`` normalised in place)."""
     # per-layer option sets
     opts_by_layer = df.groupby("layer", sort=False)["option"].apply(frozenset)
     if complete:
@@ -420,4 +440,3 @@ def _validated(frame: pd.DataFrame, *, complete: bool) -> pd.DataFrame:
                         f"({name_list(sorted(sets[first], key=_option_order))} vs "
                         f"{name_list(sorted(s, key=_option_order))}); tied layers must share options"
                     )
-    return df

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .apply import apply_plan, check_plan
+from .coverage import model_coverage, recorded
 from .errors import PlanError
 from .layers import layer_kind, layer_matrix, weight_tensor
 from .options import KEEP_BITS
 from .plan import BitPlan
-from .quant import max_levels_per_group
+from .quant import expert_matrices, max_levels_per_group
+from .targets import DEFAULT_TARGET, get_target
 
 
 @dataclass
@@ -60,8 +62,6 @@ class ValidationReport:
 
 
 def _check_target(model, plan: BitPlan, target) -> None:
-    from .targets import DEFAULT_TARGET, get_target
-
     made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
     chosen = get_target(target if target is not None else made_for)
     for name in plan.layers:
@@ -77,9 +77,6 @@ def _check_target(model, plan: BitPlan, target) -> None:
 
 
 def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
-    from .coverage import model_coverage, recorded
-    from .targets import get_target
-
     made_for = (plan.provenance.get("table") or {}).get("target") if isinstance(plan.provenance, dict) else None
     chosen = get_target(target if target is not None else made_for)
     rec = recorded(plan.provenance) or {}
@@ -90,6 +87,31 @@ def _coverage(model, plan: BitPlan, target, exclude, min_coverage):
     unnamed = "unplanned" if rec or min_coverage is not None else "kept"
     return model_coverage(model, plan.layers, target=chosen, exclude=excl, min_coverage=need,
                           unnamed_layers=unnamed).check()
+
+
+def _layer_row(quantized, plan: BitPlan, name: str, bits: int) -> dict:
+    """One layer of the report: its option, the most distinct values in one of its scale groups
+    (against the option's limit), its size and parameters (per expert for stacked experts)."""
+    kind = layer_kind(quantized, name)
+    weight = weight_tensor(quantized, name)
+    option = plan.option(name)
+    out_c, in_f, mats = layer_matrix(quantized, name)
+    if option.is_keep:
+        levels, limit = None, None
+        ok = True
+    else:
+        levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
+        limit = option.format.max_levels() if option.fmt is not None else 2**bits
+        ok = levels <= limit
+    size = mats * option.size_bits(out_c, in_f)
+    row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
+           "level_limit": limit, "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
+    if mats > 1:
+        row["experts"] = mats
+        if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
+            per = expert_matrices(weight, kind)
+            row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]
+    return row
 
 
 def validate_plan(
@@ -133,30 +155,10 @@ def validate_plan(
         quantized = apply_plan(model, plan, imatrix=imatrix)
     report = ValidationReport(unplanned=unplanned, coverage=cov.to_dict())
     for name, bits in plan.bits.items():
-        kind = layer_kind(quantized, name)
-        weight = weight_tensor(quantized, name)
-        option = plan.option(name)
-        out_c, in_f, mats = layer_matrix(quantized, name)
-        if option.is_keep:
-            levels, limit = None, None
-            ok = True
-        else:
-            levels = max_levels_per_group(weight, option, kind)  # every expert's groups, for experts
-            limit = option.format.max_levels() if option.fmt is not None else 2**bits
-            ok = levels <= limit
-        size = mats * option.size_bits(out_c, in_f)
-        row = {"layer": name, "bits": bits, "option": option.name, "max_levels": levels,
-               "level_limit": limit, "levels_ok": ok, "size_bits": size, "params": mats * out_c * in_f}
-        if mats > 1:
-            row["experts"] = mats
-            if not option.is_keep:  # the most levels of any one expert's groups, expert by expert
-                from .quant import expert_matrices
-
-                per = expert_matrices(weight, kind)
-                row["expert_max_levels"] = [max_levels_per_group(per[e], option) for e in range(mats)]
+        row = _layer_row(quantized, plan, name, bits)
         report.layers.append(row)
-        report.size_bits += size
-        report.params += mats * out_c * in_f
+        report.size_bits += row["size_bits"]
+        report.params += row["params"]
     for name in unplanned:
         w = weight_tensor(quantized, name)
         report.size_bits += w.numel() * KEEP_BITS

@@ -37,9 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .env import env_dir
 from .errors import SpecError
+from .fileio import torch_save
+from .hf import load_checkpoint, offline_transformers as _offline_transformers, resolve_device, resolve_dtype
 from .hf import import_torchao_quietly as _import_torchao_quietly  # noqa: F401
-from .hf import offline_transformers as _offline_transformers
+from .sources import model_source, ModelSource
 
 FASHION_DIR = Path(os.environ.get("MPSEARCH_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 #: every EVAL_EVERY-th play (in sorted order) is held out for evaluation
@@ -48,8 +51,6 @@ EVAL_EVERY = 4
 
 def cache_dir() -> Path:
     """Where trained zoo models are cached: ``$MPSEARCH_CACHE`` or ``~/.cache/mpsearch``."""
-    from .env import env_dir
-
     return env_dir("MPSEARCH_CACHE", Path.home() / ".cache" / "mpsearch", what="the cache of trained zoo models")
 
 
@@ -177,9 +178,6 @@ def smollm2_path() -> Path:
 
 def smollm2(device=None, dtype=None) -> nn.Module:
     """SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF) as a ``LlamaForCausalLM``."""
-    from .hf import load_checkpoint
-    from .sources import ModelSource, model_source
-
     path = smollm2_path()
     return load_checkpoint(model_source(path / SMOLLM2_GGUF) or ModelSource(path, SMOLLM2_GGUF), device, dtype)
 
@@ -219,7 +217,6 @@ def random_llama(shape: str = "tiny", *, device=None, dtype=None, seed: int = 0,
     if shape not in LLAMA_SHAPES:
         raise SpecError(f"unknown Llama shape {shape!r}; available: {', '.join(LLAMA_SHAPES)}")
     transformers = _offline_transformers()
-    from .hf import resolve_device, resolve_dtype
 
     dev = resolve_device(device) or torch.device("cpu")
     dt = resolve_dtype(dtype)
@@ -405,9 +402,11 @@ class FashionCNN(nn.Module):
 FASHION_RECIPE = {"arch": "FashionCNN-v1", "epochs": 2, "batch_size": 128, "lr": 2e-3, "seed": 0}
 
 
-def _train(model, x, y, *, epochs, batch_size, lr, seed, progress, desc):
+def _train(model, x, y, recipe: dict, *, progress, desc):
+    """Adam on cross-entropy, as ``recipe`` says (its ``epochs``, ``batch_size``, ``lr``, ``seed``)."""
     from tqdm.auto import tqdm
 
+    epochs, batch_size, lr, seed = recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["seed"]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -437,7 +436,6 @@ def _cached(recipe: dict, build, train, name: str) -> nn.Module:
             pass
     torch.manual_seed(recipe["seed"])
     model = train(build())
-    from .fileio import torch_save
 
     torch_save(model.state_dict(), path)
     return model.eval()
@@ -450,8 +448,7 @@ def fashion_mnist_cnn(progress: bool = True) -> nn.Module:
     def train(model):
         x, y = fashion_mnist("train")
         torch.set_num_threads(max(torch.get_num_threads(), 1))
-        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
-                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train fashion-cnn")
+        return _train(model, x, y, recipe, progress=progress, desc="train fashion-cnn")
 
     return _cached(recipe, FashionCNN, train, "fashion-cnn")
 
@@ -486,8 +483,7 @@ def digits_mlp(progress: bool = False) -> nn.Module:
 
     def train(model):
         x, y = digits("train")
-        return _train(model, x, y, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
-                      lr=recipe["lr"], seed=recipe["seed"], progress=progress, desc="train digits-mlp")
+        return _train(model, x, y, recipe, progress=progress, desc="train digits-mlp")
 
     return _cached(recipe, build, train, "digits-mlp")
 

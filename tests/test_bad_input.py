@@ -1167,6 +1167,8 @@ def test_the_one_line_check_counts_a_warning_that_escapes(tmp_path, capsys, monk
     def hold_nothing():
         yield mpsearch._quiet.HeldWarnings()
 
-    monkeypatch.setattr(mpsearch._quiet, "hold_warnings", hold_nothing)
+    import mpsearch.cli
+
+    monkeypatch.setattr(mpsearch.cli, "hold_warnings", hold_nothing)  # what the command line runs
     with pytest.raises(AssertionError, match=r"FutureWarning: Possible nested set"):
         check(tmp_path, capsys, EST + ["--exclude", "[[x]", "--bits", "2,zz"], 2, r"unknown option 'zz'")

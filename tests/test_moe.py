@@ -93,7 +93,12 @@ def test_without_expert_discovery_the_experts_would_be_left_out(monkeypatch):
         found.experts = []
         return found
 
-    monkeypatch.setattr(moe, "scan", no_experts)
+    import mpsearch.coverage
+    import mpsearch.layers
+    import mpsearch.sensitivity.base
+
+    for user in (moe, mpsearch.coverage, mpsearch.layers, mpsearch.sensitivity.base):  # every caller of scan
+        monkeypatch.setattr(user, "scan", no_experts)
     with pytest.raises(MpsearchError, match=r"only \d+\.\d+%.*mlp\.experts\.gate_up_proj.*--exclude"):
         estimate(model)
 

@@ -1,5 +1,6 @@
 """The measured frontier pipeline on small trained models, and the frontier CLI's model path."""
 
+import importlib
 import json
 
 import numpy as np
@@ -66,7 +67,8 @@ def test_interrupted_run_resumes_from_caches(digits, tmp_path, monkeypatch):
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(we.WeightErrorEstimator, "_damage", boom)
-    monkeypatch.setattr("mpsearch.validate.validate_plan", boom)
+    measure_mod = importlib.import_module("mpsearch.measured.measure")  # (the package exports a function measure)
+    monkeypatch.setattr(measure_mod, "validate_plan", boom)  # where the measurement calls it
     second = measured_frontier(model, calib, Accuracy(evals), **kw)  # table and measurements cached
     pd.testing.assert_frame_equal(first.frontier, second.frontier)
     pd.testing.assert_frame_equal(first.recommended, second.recommended)

@@ -438,3 +438,22 @@ def test_fisher_vmap_runs_a_tied_causal_lm_with_an_attention_mask_and_equals_the
     assert "lm_head" in vm.layers and vm.metadata["cost"]["per_sample"] == "vmap"
     np.testing.assert_allclose(_damage(vm), _damage(lp), rtol=1e-4)
     assert _damage(vm).min() > 0
+
+
+def test_an_estimators_device_setting_names_where_the_model_is():
+    """``device`` used to move the inputs but never the model; a model elsewhere is now refused in one
+    line (before any forward pass), and a device that matches runs as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = [torch.randn(4, 8)]
+    same = mpsearch.get_estimator("weight-error", options="2,4", device="cpu").estimate(model, data)
+    plain = mpsearch.get_estimator("weight-error", options="2,4").estimate(model, data)
+    assert np.allclose(_damage(same), _damage(plain))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for est in ("weight-error", "output-distance"):
+        with pytest.raises(mpsearch.MpsearchError, match=r"device='meta', but the model's parameters are on cpu: move"):
+            mpsearch.get_estimator(est, options="2,4", device="meta").estimate(model, data)
+    with pytest.raises(mpsearch.MpsearchError, match="is not a torch device"):
+        mpsearch.get_estimator("weight-error", options="2,4", device="gpu9").estimate(model, data)
+    assert calls == []

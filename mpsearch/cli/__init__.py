@@ -17,7 +17,9 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import MpsearchError
+from .._quiet import hold_warnings
+from ..errors import disk_error, MpsearchError
+from ._common import kept_note, note_kept
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -63,13 +65,10 @@ def main(argv=None) -> int:
     """Run one command. A refusal is one line on stderr (exit 2; 3 for an infeasible budget; 130 for
     Ctrl-C): the warnings the command gave before it are dropped. A command that succeeds (or fails
     with a traceback) gives its warnings at the end, each once."""
-    from .._quiet import hold_warnings
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ._common import note_kept
 
     note_kept(None)
     held = None
@@ -86,10 +85,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from ..errors import disk_error
-
     try:
-        from ..env import rank
+        from ..env import rank  # start-up: the CLI's parser loads only what it needs
 
         if rank() > 0:  # under torchrun only rank 0 prints (and writes)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -102,8 +99,6 @@ def _run(args) -> int:
             raise
         return _refuse(args, refusal)
     except KeyboardInterrupt:
-        from ._common import kept_note
-
         sys.stderr.write(f"mpsearch {args.command}: interrupted; {kept_note()}\n")
         return 130
 

@@ -7,7 +7,8 @@ import ast
 import json
 import sys
 
-from ..errors import MpsearchError
+from ..errors import MpsearchError, SettingsError
+from ..registry import get_solver
 
 
 def add_command(sub, name: str, help: str, example: str, run):
@@ -59,7 +60,7 @@ def target_from_args(args):
     name = getattr(args, "target", None)
     if name is None:
         return None
-    from ..targets import get_target
+    from ..targets import get_target  # start-up: the CLI's parser loads only what it needs
 
     return get_target(name)
 
@@ -87,13 +88,13 @@ def fitted_table(table, args):
     """``table``, or its monotone fit with ``--monotone``."""
     if not getattr(args, "monotone", False):
         return table
-    from ..diagnose import monotone_fit
+    from ..diagnose import monotone_fit  # start-up: the CLI's parser loads only what it needs
 
     return monotone_fit(table)
 
 
 def budget_from_args(args):
-    from ..budget import Budget
+    from ..budget import Budget  # start-up: the CLI's parser loads only what it needs
 
     return Budget.parse(args.budget, min_bits=args.min_bits, max_bits=args.max_bits,
                         pins=args.pin, ties=args.tie)
@@ -181,7 +182,7 @@ def check_outputs(*, files=(), dirs=(), plots=()) -> None:
     """
     from pathlib import Path
 
-    from ..fileio import check_output_path
+    from ..fileio import check_output_path  # start-up: the CLI's parser loads only what it needs
 
     seen = {}
     for kind, items in (("file", files), ("dir", dirs), ("plot", plots)):
@@ -201,8 +202,6 @@ def check_outputs(*, files=(), dirs=(), plots=()) -> None:
 def make_solver(args, default: str = "dp"):
     """The solver of ``--solver``/``--param`` (``default`` when not given), its settings checked
     (call it before any work)."""
-    from ..registry import get_solver
-
     return get_solver(args.solver or default, **parse_params(args.param))
 
 
@@ -235,7 +234,7 @@ def add_text_args(p, *, calib: bool = True, evaluation: bool = True):
 
 def load_model_args(args, device=None):
     """The model of ``--model`` on ``--device`` (or ``device``) in ``--dtype``."""
-    from ..specs import load_model
+    from ..specs import load_model  # start-up: the CLI's parser loads only what it needs
 
     return load_model(args.model, device=device or getattr(args, "device", None), dtype=getattr(args, "dtype", None))
 
@@ -293,8 +292,6 @@ def settings_from_args(cls, args, *, prefix: str = "", flags: dict | None = None
     not ``None``, unless ``values`` names it. A new setting is one field and one argparse line.
     ``make``: what builds the object from the fields (default ``cls``). A refused value names its
     flag (``--refine-evals``; ``flags`` maps a field to another flag)."""
-    from ..errors import SettingsError
-
     for name in cls.field_names():
         if name not in values and getattr(args, prefix + name, None) is not None:
             values[name] = getattr(args, prefix + name)
@@ -327,14 +324,12 @@ def add_imatrix_args(p, *, auto: bool):
 
 def imatrix_arg(args):
     """The ``imatrix=`` value of ``--imatrix``/``--no-imatrix`` (``"auto"`` when neither is given)."""
-    from ..errors import MpsearchError
-
     if getattr(args, "no_imatrix", False):
         if args.imatrix:
             raise MpsearchError("--imatrix FILE and --no-imatrix contradict each other: give one")
         return None
     if args.imatrix:
-        from ..imatrix import read_imatrix
+        from ..imatrix import read_imatrix  # start-up: the CLI's parser loads only what it needs
 
         return read_imatrix(args.imatrix)  # a bad file refused before any work
     return "auto"

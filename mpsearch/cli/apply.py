@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_command, add_device_args, add_imatrix_args, add_json_arg, check_outputs, load_model_args, report, say
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, check_outputs,
+                      load_model_args, report, say)
 
 EXAMPLE = """mpsearch apply --model mypkg.models:build --plan plan.json -o quantized.pt"""
 
@@ -20,13 +21,13 @@ def register(sub):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..apply import apply_plan
-    from ..fileio import torch_save
-    from ..plan import BitPlan
+    from ..apply import apply_plan  # start-up: the CLI's parser loads only what it needs
+    from ..fileio import torch_save  # start-up: the CLI's parser loads only what it needs
+    from ..plan import BitPlan  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     plan = BitPlan.load(args.plan)
-    from ..imatrix import imatrix_for_plan
+    from ..imatrix import imatrix_for_plan  # start-up: the CLI's parser loads only what it needs
 
     imatrix, note = imatrix_for_plan(plan, args.imatrix, strict=False)
     if note:

@@ -12,7 +12,8 @@ reads the cached table and measurements back.
 from __future__ import annotations
 
 from ..recipe import DEFAULT_RECIPE, DEMO_DATA
-from ._common import add_json_arg, check_outputs, note_kept, report
+from ._common import (add_command, add_device_args, add_json_arg, add_target_arg, check_outputs, note_kept,
+                      report)
 from .frontier import frontier_settings, kept_in_folder, run_summary, summarize  # noqa: F401  (the demo's printout too)
 
 EXAMPLE = "mpsearch demo --out mpsearch-demo"
@@ -22,15 +23,12 @@ DEMO = {**DEFAULT_RECIPE, **DEMO_DATA}
 
 
 def register(sub):
-    from ._common import add_command
-
     p = add_command(sub, "demo", "Run the whole job on a real pretrained model (all-MiniLM-L6-v2).", EXAMPLE, run)
     p.add_argument("--out", default="mpsearch-demo", help="output folder (default: ./mpsearch-demo)")
     p.add_argument("--estimator", default=DEMO["estimator"], help=f"estimator (default: {DEMO['estimator']})")
     p.add_argument("--solver", default=DEMO["solver"], help=f"solver (default: {DEMO['solver']})")
     p.add_argument("--validate", type=int, default=DEMO["validate"], help="plans to measure along the frontier")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from ._common import add_device_args, add_target_arg
 
     add_device_args(p)
     add_target_arg(p)
@@ -44,7 +42,7 @@ def run(args) -> int:
     check_outputs(dirs=[("--out", args.out)])
     note_kept(kept_in_folder(args.out))
     t0 = time.perf_counter()
-    from ..measured import run_demo
+    from ..measured import run_demo  # start-up: the CLI's parser loads only what it needs
 
     result = run_demo(args.out, settings, progress=not args.no_progress, device=args.device, dtype=args.dtype)
     seconds = time.perf_counter() - t0

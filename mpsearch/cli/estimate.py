@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args, add_param_arg,
-                      add_target_arg, add_text_args, check_outputs, imatrix_arg, load_model_args, memory_params,
-                      note_kept, parse_params, report, say, target_from_args)
+from ..errors import MpsearchError
+from ..recipe import check, estimator_note, resolve
+from ..registry import estimator_names, get_estimator, load_class
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args,
+                      add_param_arg, add_target_arg, add_text_args, check_outputs, imatrix_arg, load_model_args,
+                      memory_params, note_kept, parse_params, report, say, target_from_args)
 
 EXAMPLE = """mpsearch estimate --model mypkg.models:build --data mypkg.data:calib \\
     --estimator weight-error --bits 2,3,4,8 -o table.csv
@@ -20,7 +23,6 @@ def register(sub):
                                   ".pt, callable or short name (needed by data-driven estimators and for MACs/BOPs)")
     add_device_args(p)
     add_text_args(p, evaluation=False)
-    from ..registry import estimator_names
 
     p.add_argument("--estimator", default=None, metavar="ESTIMATOR",
                    help=f"{' | '.join(estimator_names())} (default recipe: output-distance with --data, fisher "
@@ -61,32 +63,25 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..budget import check_patterns
+    from ..budget import check_patterns  # start-up: the CLI's parser loads only what it needs
+    # start-up: the CLI's parser loads only what it needs
     from ..distributed import current, load_device_map, place_model
-    from ..errors import MpsearchError
-    from ..recipe import check, estimator_note, resolve  # the one default recipe (experiments/measured_loop.md)
-    from ..sensitivity.base import on_gpu
-    from ..registry import get_estimator
-    from ..specs import load_calibration
-    from ..table import sidecar_path
+    from ..sensitivity.base import on_gpu  # start-up: the CLI's parser loads only what it needs
+    from ..specs import load_calibration  # start-up: the CLI's parser loads only what it needs
+    from ..table import sidecar_path  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     if not str(args.output).lower().endswith(".json"):
         check_outputs(files=[("-o (its metadata file)", str(sidecar_path(args.output)))])
     check_patterns(args.exclude, "--exclude")
     check_patterns(args.tie, "--tie")
-    params = parse_params(args.param)
-    params.setdefault("seed", args.seed)
-    if "options" in params:  # --param options=... is --bits by another name
-        if args.options is not None:
-            raise MpsearchError("give the options once: --bits or --param options, not both")
-        given = params.pop("options")
-        args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    params = _params(args)
     if args.device_map:
-        from ..distributed import check_device_map
+        from ..distributed import check_device_map  # start-up: the CLI's parser loads only what it needs
 
         args.device_map = check_device_map(args.device_map)  # before any work
     target = target_from_args(args)  # resolved once, passed on
+    # start-up: the CLI's parser loads only what it needs
     from ..imatrix import imatrix_expected, uses_imatrix
 
     imatrix = imatrix_arg(args)
@@ -98,15 +93,7 @@ def run(args) -> int:
     if imatrix == "auto" and args.data and uses_imatrix(target):
         check_outputs(files=[("-o (its imatrix file)", imatrix_sidecar(args.output))])
     kv_types = _kv_types(args, target)
-    if args.offload and args.device_map:
-        raise MpsearchError("--offload streams the model's blocks to one device and --device-map spreads it over "
-                            "several GPUs: give one of them")
-    if kv_types and args.offload:
-        raise MpsearchError("--kv-types measures the KV cache on the whole model, which does not stream yet: "
-                            "leave --offload out, or measure the KV types in a run of their own")
-    if args.offload and args.estimator is None:  # the estimator that streams
-        args.estimator = "output-distance"
-    memory_params(args, params, args.estimator)  # --offload, --micro-batch, --stack-options: checked here
+    _check_offload(args, params, kv_types)
     shard = current()  # under torchrun: this rank's share of the work; rank 0 writes the table
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(
         args, device="cpu" if args.offload else None)  # offloaded: the model stays in CPU memory
@@ -127,7 +114,7 @@ def run(args) -> int:
         imatrix=imatrix,
     )
     if kv_types:  # the KV cache types' damage, in the table's units (output distance)
-        from ..kvcache import measure_kv_damage
+        from ..kvcache import measure_kv_damage  # start-up: the CLI's parser loads only what it needs
 
         if recipe.estimator != "output-distance":
             raise MpsearchError(f"--kv-types measures the KV cache as output-distance measures a layer; the table's "
@@ -138,6 +125,45 @@ def run(args) -> int:
             metric="kl" if metric == "auto" else metric, progress=not args.no_progress)
     if not shard.is_main:
         return 0
+    return _write_and_report(args, table, estimator, recipe, target)
+
+
+def _check_offload(args, params: dict, kv_types) -> None:
+    """``--offload`` against the flags it cannot go with, and its settings, before any work."""
+    if args.offload and args.device_map:
+        raise MpsearchError("--offload streams the model's blocks to one device and --device-map spreads it over "
+                            "several GPUs: give one of them")
+    if kv_types and args.offload:
+        raise MpsearchError("--kv-types measures the KV cache on the whole model, which does not stream yet: "
+                            "leave --offload out, or measure the KV types in a run of their own")
+    if args.offload and args.estimator is None:  # the estimator that streams
+        args.estimator = "output-distance"
+    memory_params(args, params, args.estimator)  # --offload, --micro-batch, --stack-options: checked here
+
+
+def _compute_device(args):
+    """Where the estimate computes: ``--device``; with ``--offload`` and no ``--device``, CUDA when present."""
+    import torch  # start-up: the CLI's parser loads only what it needs
+
+    from ..specs import resolve_device  # start-up: the CLI's parser loads only what it needs
+
+    dev = resolve_device(args.device)
+    if dev is None and args.offload:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dev
+
+
+def imatrix_sidecar(output) -> str:
+    """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
+    return str(output) + ".imatrix.gguf"
+
+
+def _write_and_report(args, table, estimator, recipe, target) -> int:
+    """Write the table (and a computed imatrix beside it), then say what was written."""
+    from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
+    from ..diagnose import non_monotone_line  # start-up: the CLI's parser loads only what it needs
+    from ..imatrix import uses_imatrix  # start-up: the CLI's parser loads only what it needs
+
     table.metadata.setdefault("model_spec", args.model)
     if args.data:
         table.metadata.setdefault("data_spec", args.data)
@@ -149,9 +175,6 @@ def run(args) -> int:
     table.write(args.output)
     cost = table.metadata.get("cost", {})
     origin = f", read from the estimator cache in {estimator.cache_dir}" if cost.get("from_cache") else ""
-    from ..coverage import recorded_summary
-    from ..diagnose import non_monotone_line
-
     lines = [f"wrote {args.output}: {len(table.layers)} layers x {len(table.options)} options "
              f"({recipe.estimator}, {cost.get('seconds', 0):.2f} s{origin})", *filter(None, [non_monotone_line(table)]),
              recorded_summary(table.metadata)]
@@ -175,21 +198,16 @@ def run(args) -> int:
     return 0
 
 
-def _compute_device(args):
-    """Where the estimate computes: ``--device``; with ``--offload`` and no ``--device``, CUDA when present."""
-    import torch
-
-    from ..specs import resolve_device
-
-    dev = resolve_device(args.device)
-    if dev is None and args.offload:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return dev
-
-
-def imatrix_sidecar(output) -> str:
-    """Where ``estimate -o TABLE`` writes the imatrix it computed: ``TABLE.imatrix.gguf``."""
-    return str(output) + ".imatrix.gguf"
+def _params(args) -> dict:
+    """``--param`` as a dict (``--seed`` in it); ``--param options=...`` is ``--bits`` by another name."""
+    params = parse_params(args.param)
+    params.setdefault("seed", args.seed)
+    if "options" in params:  # --param options=... is --bits by another name
+        if args.options is not None:
+            raise MpsearchError("give the options once: --bits or --param options, not both")
+        given = params.pop("options")
+        args.options = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else str(given)
+    return params
 
 
 def _with_cache(name: str, params: dict) -> dict:
@@ -197,8 +215,7 @@ def _with_cache(name: str, params: dict) -> dict:
     has one, so an interrupted run keeps its work; ``--param cache_dir=None`` turns it off."""
     import inspect
 
-    from ..registry import load_class
-    from ..sensitivity.cache import default_cache_dir
+    from ..sensitivity.cache import default_cache_dir  # start-up: the CLI's parser loads only what it needs
 
     if "cache_dir" in inspect.signature(load_class("estimator", name).__init__).parameters:
         params = {"cache_dir": str(default_cache_dir()), **params}
@@ -218,8 +235,7 @@ def _kept(estimator) -> str:
 
 def _kv_types(args, target) -> list[str]:
     """``--kv-types`` checked before any work."""
-    from ..errors import MpsearchError
-    from ..kvcache import KV_CACHE_TYPES
+    from ..kvcache import KV_CACHE_TYPES  # start-up: the CLI's parser loads only what it needs
 
     if args.kv_types is None:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import MpsearchError
 from ._common import add_command, add_json_arg, check_outputs, parse_params, report, target_from_args
 
 EXAMPLE = """mpsearch export --plan plan.json --to gptqmodel -o quantize_config.json
@@ -30,11 +31,10 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..errors import MpsearchError
-    from ..export import get_exporter, save_export
-    from ..plan import BitPlan
+    from ..export import get_exporter, save_export  # start-up: the CLI's parser loads only what it needs
+    from ..plan import BitPlan  # start-up: the CLI's parser loads only what it needs
 
-    from ..targets import export_format
+    from ..targets import export_format  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     opts = parse_params(args.opt)
@@ -42,6 +42,7 @@ def run(args) -> int:
         get_exporter(args.to, **opts)  # the format and its settings, before reading anything
     target = target_from_args(args)
     plan = BitPlan.load(args.plan)
+    # start-up: the CLI's parser loads only what it needs
     from ..coverage import check_recorded, recorded, recorded_summary
 
     check_recorded(plan.provenance)
@@ -54,7 +55,9 @@ def run(args) -> int:
                       "coverage": recorded(plan.provenance)},
                [f"wrote {path} ({fmt}, {len(plan.layers)} layers)", recorded_summary(plan.provenance)])
         return 0
+    # start-up: the CLI's parser loads only what it needs
     from ..export.llamacpp_types import quantize_command
+    # start-up: the CLI's parser loads only what it needs
     from ..imatrix import imatrix_for_plan, plan_rounding
 
     imatrix, _ = imatrix_for_plan(plan, args.imatrix, strict=True)  # the rounding the table was made with

@@ -15,10 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import EXIT_INFEASIBLE
+from ..errors import MpsearchError
 from ..recipe import CPU_LLM_ESTIMATOR, DEFAULT_RECIPE, REFINE_METHODS
-from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args,
-                      add_monotone_arg, add_param_arg, add_target_arg, add_text_args, budget_from_args, check_outputs, fitted_table,
-                      imatrix_arg, make_solver, memory_params, note_kept, parse_params, report,
+from ._common import (add_budget_args, add_command, add_device_args, add_imatrix_args, add_json_arg,
+                      add_memory_args, add_monotone_arg, add_param_arg, add_target_arg, add_text_args,
+                      budget_from_args, check_outputs, fitted_table, imatrix_arg, make_solver, memory_params,
+                      note_kept, parse_params, report,
                       settings_from_args, target_from_args)
 
 EXAMPLE = """mpsearch frontier --table table.csv --solver dp --points 30 -o frontier.csv \\
@@ -105,7 +108,7 @@ def add_model_frontier_args(p) -> None:
 
 def refine_settings(args):
     """The :class:`~mpsearch.refine.RefineSettings` of the ``--refine*`` flags (checked)."""
-    from ..refine import RefineSettings
+    from ..refine import RefineSettings  # start-up: the CLI's parser loads only what it needs
 
     params = parse_params(getattr(args, "refine_param", []))
     flags = {"rounds": "--refine", "max_evals": "--refine-evals", "targets": "--refine-target",
@@ -117,7 +120,7 @@ def refine_settings(args):
 def frontier_settings(args, **values):
     """The :class:`~mpsearch.measured.FrontierSettings` of the arguments (checked: names, settings,
     options against the target, before any model loads); ``values`` fixes fields the flags do not."""
-    from ..measured import FrontierSettings
+    from ..measured import FrontierSettings  # start-up: the CLI's parser loads only what it needs
 
     if hasattr(args, "refine_rounds"):
         values.setdefault("refine", refine_settings(args))
@@ -141,15 +144,15 @@ def frontier_settings(args, **values):
 
 def data_settings(args):
     """The :class:`~mpsearch.measured.DataSettings` of the arguments (checked)."""
-    from ..measured import DataSettings
+    from ..measured import DataSettings  # start-up: the CLI's parser loads only what it needs
 
     return settings_from_args(DataSettings, args)
 
 
 def run_model_frontier(args) -> int:
     """Estimate -> frontier -> measure, compare, refine, recommend; ``-o`` names the output folder."""
+    # start-up: the CLI's parser loads only what it needs
     from ..measured import InfeasibleBudget, model_frontier
-    from . import EXIT_INFEASIBLE
 
     extra = {"estimate_kwargs": {"exclude": list(args.exclude)}} if getattr(args, "exclude", None) else {}
     settings, data = frontier_settings(args, **extra), data_settings(args)
@@ -160,10 +163,10 @@ def run_model_frontier(args) -> int:
     except InfeasibleBudget as exc:
         sys.stderr.write(f"mpsearch frontier: infeasible: {exc}\n")
         return EXIT_INFEASIBLE
-    from ..distributed import current
+    from ..distributed import current  # start-up: the CLI's parser loads only what it needs
 
     if current().is_main:
-        from ..coverage import recorded_summary
+        from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
 
         lines = [summarize(run, str(args.model)), recorded_summary(run.table.metadata)]
         im = run.table.metadata.get("imatrix") if isinstance(run.table.metadata, dict) else None
@@ -177,7 +180,7 @@ def run_model_frontier(args) -> int:
 
 def run_summary(run, name: str) -> dict:
     """The printed summary as data (``--json``): what ``summarize`` says, with the outputs' paths."""
-    from ..diagnose import non_monotone
+    from ..diagnose import non_monotone  # start-up: the CLI's parser loads only what it needs
 
     bad = run.table.metadata.get("non_monotone")
     return {"model": name, "estimator": run.table.metadata.get("estimator"), "layers": len(run.table.layers),
@@ -192,7 +195,7 @@ def run_summary(run, name: str) -> dict:
 
 def kept_in_folder(out) -> str:
     """What Ctrl-C keeps of a measured run building its output folder ``out``."""
-    from ..fileio import staged_dir_name
+    from ..fileio import staged_dir_name  # start-up: the CLI's parser loads only what it needs
 
     return (f"the work so far (the table, the estimator's cache, measured plans) is kept in "
             f"{staged_dir_name(out)}: run the same command again to resume")
@@ -239,7 +242,7 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
         gain = run.refinement.groupby("round")["gain"].sum()
         lines.append(f"refinement: {int(run.refinement['evals'].sum())} measured plans; measured loss gain per round "
                      + ", ".join(f"{g:.4g}" for g in gain))
-    from ..diagnose import non_monotone_line
+    from ..diagnose import non_monotone_line  # start-up: the CLI's parser loads only what it needs
 
     lines.extend(filter(None, [non_monotone_line(run.table)]))
     lines.append(f"proxy check (information): Spearman(predicted damage, measured loss) = {run.proxy['spearman']:.3f}"
@@ -253,15 +256,15 @@ def summarize(run, name: str = "all-MiniLM-L6-v2") -> str:
 # ---------------------------------------------------------------------------- the table path
 def frontier_from_table(table, args):
     """Compute the frontier of ``table`` (a CostTable) with the solver, key, points and budget of ``args``."""
-    from ..frontier import compute_frontier
+    from ..frontier import compute_frontier  # start-up: the CLI's parser loads only what it needs
 
     key = args.key or ("avg_bits" if "params" in table.frame else "size_bits")
     solver = make_solver(args)
     if getattr(solver, "risk", 0):  # ilp --param risk=λ: the frontier of damage + λ·damage_std
-        from ..solvers.ilp import risk_adjusted
+        from ..solvers.ilp import risk_adjusted  # start-up: the CLI's parser loads only what it needs
 
         table = risk_adjusted(table, solver.risk)
-    from ..targets import solve_budget
+    from ..targets import solve_budget  # start-up: the CLI's parser loads only what it needs
 
     budget = solve_budget(table, budget_from_args(args), target_from_args(args))
     return compute_frontier(table, solver, points=args.points, key=key, budget=budget)
@@ -269,15 +272,15 @@ def frontier_from_table(table, args):
 
 def write_outputs(frontier, args) -> None:
     """Write the CSV (plans and plot where asked) and print a summary."""
-    from ..frontier import DEFAULT_MAX_POINTS
+    from ..frontier import DEFAULT_MAX_POINTS  # start-up: the CLI's parser loads only what it needs
 
     import contextlib
 
     max_points = getattr(args, "max_points", None) or DEFAULT_MAX_POINTS
     with contextlib.ExitStack() as stack:  # the plot is put in place with the frontier, or neither is
         if args.plot:  # first: drawing is what fails most (a missing backend), before the CSV exists
-            from ..fileio import atomic_write
-            from ..plotting import save_frontier_plot
+            from ..fileio import atomic_write  # start-up: the CLI's parser loads only what it needs
+            from ..plotting import save_frontier_plot  # start-up: the CLI's parser loads only what it needs
 
             save_frontier_plot(frontier, stack.enter_context(atomic_write(args.plot, None)))
         frontier.write(args.output, plans_dir=args.plans_dir, max_points=max_points)
@@ -285,7 +288,7 @@ def write_outputs(frontier, args) -> None:
     first, last = pts[0].predicted, pts[-1].predicted
     unit = "avg_bits" if "avg_bits" in first else "size_bits"
     shown = min(len(pts), max_points)
-    from ..frontier import npz_path
+    from ..frontier import npz_path  # start-up: the CLI's parser loads only what it needs
 
     npz = npz_path(args.output)
     report(args, {"points": len(pts), "rows": shown, "solver": frontier.solver, "first": first, "last": last,
@@ -298,9 +301,7 @@ def write_outputs(frontier, args) -> None:
 
 
 def run(args) -> int:
-    from ..errors import MpsearchError
-    from ..table import CostTable
-    from . import EXIT_INFEASIBLE
+    from ..table import CostTable  # start-up: the CLI's parser loads only what it needs
 
     if args.points is not None and args.points < 1:
         raise MpsearchError(f"--points must be a positive integer, got {args.points}")
@@ -317,8 +318,8 @@ def run(args) -> int:
     if args.imatrix or args.no_imatrix:
         raise MpsearchError("--imatrix/--no-imatrix decide how --model's table is estimated; a --table was "
                             "estimated already (its metadata says with which imatrix): leave them out")
-    from ..fileio import check_output_path
-    from ..frontier import npz_path
+    from ..fileio import check_output_path  # start-up: the CLI's parser loads only what it needs
+    from ..frontier import npz_path  # start-up: the CLI's parser loads only what it needs
 
     check_output_path(args.output, flag="-o")  # first: the .npz's name is made from it
     if Path(args.output).suffix.lower() == ".npz":
@@ -335,7 +336,7 @@ def run(args) -> int:
         sys.stderr.write(f"mpsearch frontier: {frontier.status}: {frontier.message}\n")
         return EXIT_INFEASIBLE
     if "damage_std" in table.frame and len(frontier.points) <= 2000:  # error bars in the CSV and plot
-        from ..measured import plan_damage_std
+        from ..measured import plan_damage_std  # start-up: the CLI's parser loads only what it needs
 
         for p in frontier.points:
             p.predicted["damage_std"] = plan_damage_std(table, p.plan)

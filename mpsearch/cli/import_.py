@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import MpsearchError
 from ._common import add_command, add_json_arg, check_outputs, parse_params, report
 
 EXAMPLE = """mpsearch import --from llama.cpp tensor_types.txt -o plan.json
@@ -25,8 +26,7 @@ def register(sub):
 def _read_layers(path: str) -> list[str]:
     from pathlib import Path
 
-    from ..errors import MpsearchError
-    from ..plan import BitPlan
+    from ..plan import BitPlan  # start-up: the CLI's parser loads only what it needs
 
     p = Path(path)
     if not p.is_file():
@@ -40,7 +40,7 @@ def _read_layers(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from ..export import get_exporter, import_plan
+    from ..export import get_exporter, import_plan  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     opts = parse_params(args.opt)
@@ -49,7 +49,7 @@ def run(args) -> int:
     if args.layers:
         layers = _read_layers(args.layers)
     elif args.model:
-        from ..specs import load_model
+        from ..specs import load_model  # start-up: the CLI's parser loads only what it needs
 
         layers = load_model(args.model)
     plan = import_plan(args.file, args.fmt, layers=layers, **opts)

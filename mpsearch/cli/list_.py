@@ -3,6 +3,8 @@ and ``--to`` accept (:mod:`mpsearch.registry`), with settings, defaults and alia
 
 from __future__ import annotations
 
+from .. import registry
+from ..registry import REGISTRIES
 from ._common import add_command, add_json_arg, report, say
 
 EXAMPLE = """mpsearch list
@@ -29,10 +31,10 @@ def register(sub):
 
 
 def _target_lines(name: str) -> list[str]:
-    from ..targets import get_target
+    from ..targets import get_target  # start-up: the CLI's parser loads only what it needs
 
     t = get_target(name)
-    from ..targets import DEFAULT_TARGET
+    from ..targets import DEFAULT_TARGET  # start-up: the CLI's parser loads only what it needs
 
     default = ", ".join(t.default_options)
     if t.name == DEFAULT_TARGET:  # what the recipe searches when --bits is not given
@@ -43,8 +45,6 @@ def _target_lines(name: str) -> list[str]:
 
 
 def _setting_lines(kind: str, name: str) -> list[str]:
-    from .. import registry
-
     found = registry.settings(kind, name)
     if kind == "metric":  # the first argument is the evaluation data, not a setting
         found = found[1:]
@@ -53,8 +53,6 @@ def _setting_lines(kind: str, name: str) -> list[str]:
 
 def sections(what: str = "all") -> dict:
     """section title -> [(name, [line, ...]), ...] (plain data; the command prints it)."""
-    from ..registry import REGISTRIES
-
     out = {}
     for title, (kind, _flag) in KINDS.items():
         if what not in ("all", title):

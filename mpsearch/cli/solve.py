@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from ._common import (add_budget_args, add_command, add_json_arg, add_monotone_arg, add_param_arg, add_target_arg,
-                      budget_from_args, check_outputs, fitted_table, make_solver, report, target_from_args)
+from . import EXIT_INFEASIBLE
+from ..errors import MpsearchError
+from ..registry import solver_names
+from ._common import (add_budget_args, add_command, add_json_arg, add_monotone_arg, add_param_arg,
+                      add_target_arg, budget_from_args, check_outputs, fitted_table, make_solver, report,
+                      target_from_args)
 
 EXAMPLE = """mpsearch solve --table table.csv --solver greedy --budget avg_bits=4 -o plan.json
 mpsearch solve --table table.csv --budget size=Q4_K_M -o plan.json     # the file of llama.cpp's Q4_K_M
@@ -15,7 +19,6 @@ mpsearch solve --table table.csv --fit gpu=24GiB,ctx=32768 -o plan.json   # plan
 def register(sub):
     p = add_command(sub, "solve", "Choose each layer's bit-width under a budget; write a plan.", EXAMPLE, run)
     p.add_argument("--table", required=True, help="cost table (.csv or .json)")
-    from ..registry import solver_names
 
     p.add_argument("--solver", default="greedy", metavar="SOLVER",
                    help=f"{' | '.join(solver_names())} (default: greedy; settings: 'mpsearch list solvers')")
@@ -32,10 +35,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..table import CostTable
-    from . import EXIT_INFEASIBLE
+    from ..table import CostTable  # start-up: the CLI's parser loads only what it needs
 
-    from ..targets import solve_budget
+    from ..targets import solve_budget  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     solver = make_solver(args)  # settings checked before any work (even if the budget is infeasible)
@@ -44,6 +46,7 @@ def run(args) -> int:
     budget = budget_from_args(args)
     target = target_from_args(args)
     table = fitted_table(CostTable.read(args.table), args)
+    # start-up: the CLI's parser loads only what it needs
     from ..coverage import check_recorded, recorded_summary
 
     check_recorded(table.metadata)  # a table below its coverage threshold is refused, not solved
@@ -76,12 +79,10 @@ def _run_fit(args, solver) -> int:
     """``solve --fit``: :func:`mpsearch.fit.solve_fit`, then the plan, its tensor-type file, the summary."""
     from pathlib import Path
 
-    from ..errors import MpsearchError
-    from ..export import export_text
-    from ..fileio import atomic_write_text
-    from ..fit import FitSpec, solve_fit
-    from ..table import CostTable
-    from . import EXIT_INFEASIBLE
+    from ..export import export_text  # start-up: the CLI's parser loads only what it needs
+    from ..fileio import atomic_write_text  # start-up: the CLI's parser loads only what it needs
+    from ..fit import FitSpec, solve_fit  # start-up: the CLI's parser loads only what it needs
+    from ..table import CostTable  # start-up: the CLI's parser loads only what it needs
 
     spec = FitSpec.parse(args.fit)
     if args.budget or args.min_bits or args.max_bits or args.pin:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._common import add_command, say
+from ..errors import MpsearchError
+from ._common import add_command, add_device_args, load_model_args, say
 
 EXAMPLE = """mpsearch targets              # every target and its options
 mpsearch targets llama.cpp    # one target: options, bits per weight, defaults
@@ -15,22 +16,18 @@ def register(sub):
     p.add_argument("--model", default=None,
                    help="a model spec: print the real file size of each recipe and uniform option of the target "
                         "for it (the values --budget size=NAME takes)")
-    from ._common import add_device_args
 
     add_device_args(p)
 
 
 def run(args) -> int:
-    from ..targets import get_target, target_names
+    from ..targets import get_target, target_names  # start-up: the CLI's parser loads only what it needs
 
     if args.model:
-        from ..errors import MpsearchError
-
         if not args.name:
             raise MpsearchError("targets --model needs a target: mpsearch targets llama.cpp --model M")
-        from ..filemodels import model_file_model
-        from ..filesize import recipe_table
-        from ._common import load_model_args
+        from ..filemodels import model_file_model  # start-up: the CLI's parser loads only what it needs
+        from ..filesize import recipe_table  # start-up: the CLI's parser loads only what it needs
 
         fm = model_file_model(load_model_args(args), get_target(args.name))
         say(f"{get_target(args.name).name} files of {args.model} ({fm.source}):")

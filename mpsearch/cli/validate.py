@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_target_arg, add_text_args,
-                      check_outputs, dump_json, load_model_args, report, say, target_from_args)
+from ..recipe import is_callable_spec
+from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_target_arg,
+                      add_text_args, check_outputs, dump_json, load_model_args, report, say, target_from_args)
 
 EXAMPLE = """mpsearch validate --model mypkg.models:build --plan plan.json \\
     --metric mypkg.eval:accuracy -o report.json"""
@@ -27,33 +28,32 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..plan import BitPlan
-    from ..specs import _load_callable, load_metric
-    from ..fileio import atomic_write_text
-    from ..validate import validate_plan
+    from ..plan import BitPlan  # start-up: the CLI's parser loads only what it needs
+    from ..specs import _load_callable, load_metric  # start-up: the CLI's parser loads only what it needs
+    from ..fileio import atomic_write_text  # start-up: the CLI's parser loads only what it needs
+    from ..validate import validate_plan  # start-up: the CLI's parser loads only what it needs
 
     check_outputs(files=[("-o", args.output)])
     target = target_from_args(args)
     plan = BitPlan.load(args.plan)
-    from ..imatrix import imatrix_for_plan
+    from ..imatrix import imatrix_for_plan  # start-up: the CLI's parser loads only what it needs
 
     imatrix, note = imatrix_for_plan(plan, args.imatrix, strict=False)
     if note:
         say(note)
     model = load_model_args(args)
     metric = None
-    from ..recipe import is_callable_spec
 
     if args.eval_data or (args.metric and not is_callable_spec(args.metric)):  # a named metric needs --eval-data
         metric = load_metric(args.metric, args.eval_data, model, args.model, eval_tokens=args.eval_tokens,
                              window=args.eval_window, stride=args.eval_stride, batch_size=args.batch_size,
                              seq_len=args.seq_len)
     elif args.metric:
-        from ..metrics import FunctionMetric
+        from ..metrics import FunctionMetric  # start-up: the CLI's parser loads only what it needs
 
         metric = FunctionMetric(_load_callable(args.metric, "metric"))  # checks it returns a number
     result = validate_plan(model, plan, metric=metric, target=target, exclude=args.exclude, imatrix=imatrix)
-    from ..coverage import recorded_summary
+    from ..coverage import recorded_summary  # start-up: the CLI's parser loads only what it needs
 
     lines = [f"levels ok in all {len(result.layers)} planned layers; unplanned (kept): {len(result.unplanned)}",
              recorded_summary({"coverage": result.coverage}),

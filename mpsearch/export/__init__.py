@@ -43,10 +43,11 @@ import os
 from pathlib import Path
 
 from ..errors import MpsearchError
+from ..fileio import atomic_write_text
 from ..plan import BitPlan
-from ..registry import EXPORTERS as FORMATS  # format name -> "module:Class" (the one registry)
 from ..registry import REGISTRIES
-from ._base import ExportError, Exporter, check_consumers, check_experts, check_fused
+from ..registry import EXPORTERS as FORMATS  # format name -> "module:Class" (the one registry)
+from ._base import check_consumers, check_experts, check_fused, Exporter, ExportError
 
 __all__ = ["FORMATS", "ExportError", "Exporter", "export_plan", "export_text", "save_export",
            "import_plan", "get_exporter", "format_names"]
@@ -102,8 +103,6 @@ def export_text(plan: BitPlan, fmt: str, *, force: bool = False, **opts) -> str:
 
 def save_export(plan: BitPlan, fmt: str, path: str | os.PathLike, *, force: bool = False, **opts) -> Path:
     """Write the consumer's file atomically (nothing is written if the plan is refused)."""
-    from ..fileio import atomic_write_text
-
     text = export_text(plan, fmt, force=force, **opts)
     atomic_write_text(path, text)
     return Path(path)
@@ -154,7 +153,7 @@ def _layer_names(layers, exporter: Exporter):
     if layers is None:
         return None
     if hasattr(layers, "named_modules"):  # a model: the layers the consumer can have quantized
-        from ..apply import quantizable_names
+        from ..layers import quantizable_names  # start-up: keeps the export package free of torch
 
         return quantizable_names(layers, keep=exporter.reads_layer)
     if isinstance(layers, BitPlan):

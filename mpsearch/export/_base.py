@@ -12,14 +12,11 @@ import json
 import re
 from collections.abc import Iterable
 
-from ..errors import MpsearchError, name_list
+from ..errors import ExportError, name_list  # noqa: F401  (ExportError re-exported)
+from ..formats import get_format
 from ..options import Option, option_sort_key
 from ..plan import BitPlan
 from ..ties import tie_groups
-
-
-class ExportError(MpsearchError):
-    """A plan that cannot be written to (or read from) a consumer's format."""
 
 
 class Exporter:
@@ -108,8 +105,6 @@ def format_name(opt: Option, consumer: str) -> str | None:
 
 def format_option(name: str) -> Option:
     """The plan option of a registered format."""
-    from ..formats import get_format
-
     fmt = get_format(name)
     return Option(bits=fmt.bits, fmt=fmt.name)
 

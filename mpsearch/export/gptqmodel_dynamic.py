@@ -32,10 +32,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from ..formats import get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import (ExportError, Exporter, compact_pattern, expect, format_option, group_by_option, int_settings,
-                    need_layers, plan_from_options, refuse, unfused_projections)
+from ._base import (compact_pattern, expect, Exporter, ExportError, format_option, group_by_option,
+                    int_settings, need_layers, plan_from_options, refuse, unfused_projections)
 
 BITS = (2, 3, 4, 8)
 #: stand-in for the expert index in :func:`module_templates` (not a digit, so ``compact_pattern``
@@ -164,8 +165,6 @@ def _resolve_layer(doc: dict, name: str, source: str) -> Option:
 
 def _as_format(opt: Option) -> Option:
     """The GPTQModel format with exactly these settings (``gptq-int4-g128``), else ``opt``."""
-    from ..formats import get_format
-
     if opt.is_keep or opt.group_size != 128 or not opt.symmetric:
         return opt
     fmt = get_format(f"gptq-int{opt.bits}-g128")

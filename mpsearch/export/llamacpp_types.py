@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import re
 
+from ..errors import close_matches, name_list
+from ..formats import get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, format_name, plan_from_options, refuse
+from ._base import Exporter, ExportError, format_name, plan_from_options, refuse
 
 TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0"}
 KEEP_TYPES = ("f16", "bf16", "f32")
@@ -125,8 +127,6 @@ class LlamaCppExporter(Exporter):
                               f"(or use the built-in arch='llama' map)") from None
         arch = getattr(gguf.MODEL_ARCH, str(self.arch).upper(), None)
         if arch is None:
-            from ..errors import close_matches
-
             known = [a.name.lower() for a in gguf.MODEL_ARCH]
             raise ExportError(f"llama.cpp: unknown GGUF arch {self.arch!r}{close_matches(str(self.arch).lower(), known)}")
         blocks = [int(m[1]) for n in names if (m := re.search(r"\.(\d+)\.", n))]
@@ -160,8 +160,6 @@ class LlamaCppExporter(Exporter):
             else:
                 missing.append(lay)
         if missing:
-            from ..errors import name_list
-
             raise ExportError(
                 f"llama.cpp: no GGUF tensor name for {name_list(missing, limit=4)} (arch {self.arch!r}); "
                 f"the built-in map covers Llama-family names (model.layers.N.self_attn.q_proj ...); "
@@ -258,8 +256,6 @@ class LlamaCppExporter(Exporter):
 
 def _import_option(qtype: str, bits: int) -> Option:
     """The llama.cpp target's option for a GGML type where mpsearch has its format, else intB."""
-    from ..formats import get_format
-
     fmt = get_format(qtype)
     if fmt is not None and fmt.consumer == "llama.cpp":
         return Option(bits=fmt.bits, fmt=fmt.name)

@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import re
 
+from .._quiet import preload_torchao
+from ..formats import format_names, get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, expect, format_name, format_option, int_settings, need_layers, plan_from_options
+from ._base import (expect, Exporter, ExportError, format_name, format_option, int_settings, need_layers,
+                    plan_from_options)
 
 #: ``Int8WeightOnlyConfig()`` as ``config_to_dict`` writes it (torchao 0.18)
 INT8WO = {"_type": "Int8WeightOnlyConfig", "_version": 2,
@@ -90,8 +93,6 @@ class TorchaoExporter(Exporter):
 
     def read(self, doc, layers, source) -> BitPlan:
         if type(doc).__name__ in ("FqnToConfig", "ModuleFqnToConfig"):
-            from .._quiet import preload_torchao
-
             preload_torchao()
             from torchao.core.config import config_to_dict
 
@@ -132,7 +133,6 @@ def _read_config(cfg, key: str, source: str) -> Option:
         return KEEP
     opt = _read_int_config(cfg, key, source)
     # the torchao format whose exported config this is, exactly, if there is one
-    from ..formats import format_names, get_format
 
     for name in format_names():
         fmt = get_format(name)
@@ -178,8 +178,6 @@ def _read_int_config(cfg, key: str, source: str) -> Option:
 
 def to_torchao_config(plan: BitPlan):
     """The plan as a ``torchao.quantization.FqnToConfig`` object (needs torchao)."""
-    from .._quiet import preload_torchao
-
     preload_torchao()
     try:
         import torch

@@ -8,6 +8,8 @@ return the GGML bytes; the dequantizers read them back as ``dequantize_row_*`` d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ._iq_common import (_importance, _read_f16, _read_u16, _read_u32, _sigma2, _sqrtf,
                          _u16_bytes, _u32_bytes)
 from .ggml import GROUP_MAX_EPS, QK_K, _c_f32, _full, _fp16, _half_bytes, _nearest_int, _seqsum, _u8
@@ -211,14 +213,20 @@ def _sumqx_q2(ws, wx, L):
     return _seqsum(wx * q), _seqsum((ws * q) * q)
 
 
+@dataclass(frozen=True)
 class _Cfg:
     """The settings that tell the iq2/iq3 searches apart (read off ggml-quants.c)."""
 
-    def __init__(self, kind, bs, kmaxq, steps, step, parity, eps, init_on, requant_all, qp=False):
-        self.kind, self.bs, self.kmaxq = kind, bs, kmaxq
-        self.steps, self.step = steps, step  # candidates is = -steps..steps, id = (2kMaxQ-1 + is*step)/max
-        self.parity, self.eps = parity, eps  # eps None: a sub-block is skipped when max == 0
-        self.init_on, self.requant_all, self.qp = init_on, requant_all, qp
+    kind: str
+    bs: int
+    kmaxq: int
+    steps: int  # candidates is = -steps..steps, id = (2kMaxQ-1 + is*step)/max
+    step: float
+    parity: bool
+    eps: float | None  # None: a sub-block is skipped when max == 0
+    init_on: bool
+    requant_all: bool
+    qp: bool = False
 
 
 def _grid_search(x, w, cfg):

@@ -7,17 +7,17 @@ import inspect
 import json
 from pathlib import Path
 
+from ..data import as_batches
 from ..errors import MpsearchError
 from ..options import DEFAULT_SEARCH_OPTIONS
 from ..registry import get_estimator, load_class
+from ..sensitivity.base import model_fingerprint
+from ..sensitivity.cache import data_fingerprint
 from ..table import CostTable
 from .measure import is_main
 
 
 def _table_key(estimator, model, batches, extra) -> str:
-    from ..sensitivity.base import model_fingerprint
-    from ..sensitivity.cache import data_fingerprint
-
     doc = {"estimator": estimator.name, "params": {k: str(v) for k, v in estimator.get_params().items()
                                                    if k not in ("cache_dir", "cache_every")},
            "model": model_fingerprint(model), "data": data_fingerprint(batches), **extra}
@@ -30,8 +30,6 @@ def estimate_cached(model, calib, *, estimator="weight-error", options=DEFAULT_S
     estimator, settings, model weights, data and layer options. ``options=None``: the estimator's
     own default (a consumer target's default set); a run passes what :func:`mpsearch.recipe.resolve`
     decided."""
-    from ..data import as_batches
-
     params = dict(estimator_params or {})
     cls = load_class("estimator", estimator)
     if cache is not None and "cache_dir" in inspect.signature(cls.__init__).parameters:

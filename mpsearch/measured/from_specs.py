@@ -7,9 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from .. import zoo
+from ..data import first_batch
+from ..distributed import check_device_map, current, load_device_map, place_model
 from ..errors import MpsearchError
-from ..recipe import DEMO_DATA, is_callable_spec
+from ..metrics import EmbeddingCosine, FunctionMetric, make_metric, token_ids
+from ..recipe import DEMO_DATA, is_callable_spec, resolve
 from ..settings import Interval, Settings
+from ..specs import (_is_text, _load_callable, has_tokenizer, is_causal_lm, load_calibration, load_data,
+                     load_metric, load_model, load_tokenizer, tokenizer_for)
 from .result import FrontierRun
 from .run import measured_frontier
 from .settings import FrontierSettings
@@ -46,14 +52,10 @@ class DataSettings(Settings):
     def _check(self) -> None:
         """The device map parsed and its devices checked (a GPU this host has), before any model loads."""
         if self.device_map is not None:
-            from ..distributed import check_device_map
-
             object.__setattr__(self, "device_map", check_device_map(self.device_map))
 
 
 def _zoo_eval(spec: str, tokenizer):
-    from .. import zoo
-
     if spec == "minilm":
         return zoo.minilm_batches(zoo.shakespeare_lines(64, "eval", seed=1), 32, 48, tokenizer=tokenizer)
     if spec == "fashion-cnn":
@@ -66,11 +68,6 @@ def _zoo_eval(spec: str, tokenizer):
 def build_metric(name, model, evals):
     """A :class:`~mpsearch.metrics.Metric` from a name (``None``: by model, :func:`mpsearch.recipe.resolve`),
     or a ``package.module:callable`` returning ``fn(model) -> float``."""
-    from ..data import first_batch
-    from ..metrics import FunctionMetric, make_metric
-    from ..recipe import resolve
-    from ..specs import _load_callable
-
     if is_callable_spec(name):
         return FunctionMetric(_load_callable(name, "metric"))
     if evals is None:
@@ -78,18 +75,12 @@ def build_metric(name, model, evals):
                             "must be disjoint (give --eval-data, or --metric package.module:callable)")
     name = resolve(metric=name, model=model, batch=first_batch(evals)).metric
     if name == "perplexity":
-        from ..metrics import token_ids
-
         evals = token_ids(evals)  # padding left out
     return make_metric(name, evals)
 
 
 def load_inputs(model: str, d: DataSettings):
     """``(model, calibration data, metric)`` from the specs of ``d`` (the model placed for torchrun)."""
-    from ..distributed import current, load_device_map, place_model
-    from ..specs import _is_text, has_tokenizer, is_causal_lm, load_calibration, load_data, load_metric, \
-        load_model, load_tokenizer, tokenizer_for
-
     net = load_device_map(model, d.device_map) if d.device_map else load_model(model, device=d.device, dtype=d.dtype)
     place_model(net, current())  # under torchrun: ranks share the estimate and the measurements
     text = dict(window=d.eval_window, stride=d.eval_stride, eval_tokens=d.eval_tokens)
@@ -137,10 +128,6 @@ def run_demo(out="mpsearch-demo", settings=None, *, progress=True, device=None, 
     evaluation passages from different plays; quality = embedding cosine to the fp32 model).
     ``settings`` (a :class:`~mpsearch.measured.FrontierSettings`) or its fields as keywords; without
     settings, ``validate`` is the demo's (``DEMO_DATA``)."""
-    from .. import zoo
-    from ..metrics import EmbeddingCosine
-    from ..specs import load_model
-
     if settings is None:
         kwargs.setdefault("validate", DEMO_DATA["validate"])
     torch.manual_seed(0)

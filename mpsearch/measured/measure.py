@@ -11,11 +11,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..distributed import current, measure_plans
 from ..fileio import atomic_write_text
 from ..metrics import Metric
 from ..plan import BitPlan
 from ..refine import plan_key
+from ..sensitivity.base import progress_bar
+from ..sensitivity.cache import data_fingerprint
 from ..table import CostTable
+from ..validate import validate_plan
+from .predicted import baseline_kind
 from .result import ProxyWarning
 
 
@@ -47,8 +52,6 @@ _MeasureCache = MeasureCache  # the older private name
 
 def metric_key(metric: Metric) -> str:
     """What a measurement depends on besides the plan: the metric's class, settings and data."""
-    from ..sensitivity.cache import data_fingerprint
-
     parts = {"class": type(metric).__name__}
     for k, v in sorted(vars(metric).items()):
         if k.startswith("_"):
@@ -64,15 +67,11 @@ def metric_key(metric: Metric) -> str:
 
 def is_main() -> bool:
     """Whether this process writes (rank 0 under torchrun, else always)."""
-    from ..distributed import current
-
     return current().is_main
 
 
 def measure(model, plan: BitPlan, metric: Metric, cache: MeasureCache | None = None) -> dict:
     """Apply ``plan``, check it (levels per scale group), and measure its size and quality."""
-    from ..validate import validate_plan
-
     key = plan_key(plan)
     if cache is not None and cache.get(key) is not None:
         return cache.get(key)
@@ -91,9 +90,6 @@ def measure_spread(model, plans, metric: Metric, cache: MeasureCache | None = No
                    progress: bool = False) -> list[dict]:
     """:func:`measure` for every plan, spread over ``workers`` processes or ``torchrun`` ranks
     (:func:`mpsearch.distributed.measure_plans`); cached results are reused, new ones cached (by rank 0)."""
-    from ..distributed import current, measure_plans
-    from ..sensitivity.base import progress_bar
-
     keys = [plan_key(p) for p in plans]
     missing = [i for i, k in enumerate(keys) if cache is None or cache.get(k) is None]
     if current().enabled or int(workers) != 1:
@@ -161,8 +157,6 @@ def uniform_frame(table, metric, baseline_value, measured, uniform, key, aliases
     """One row per uniform plan (or consumer recipe) with its predicted damage and its measurements;
     ``kind`` says which (``uniform``: one type per layer; ``recipe``: a consumer's mix) and
     ``same_as`` names the other recipes that are the same plan (``aliases``: name -> names)."""
-    from .predicted import baseline_kind
-
     qcol = f"measured_{metric.name}"
     rows = []
     damage_of = table.frame.set_index(["layer", "option"])["damage"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import plotting
+from ..diagnose import non_monotone, zero_damage_options
 from ..fileio import atomic_dir, atomic_write, atomic_write_text
 from .result import FrontierRun
 
@@ -23,8 +25,6 @@ def extra_outputs(run: FrontierRun, plans_dir, plot) -> None:
             for ref, plan in run.refined.items():
                 plan.save(d / f"{ref}.json")
     if plot is not None:
-        from .. import plotting
-
         with plotting.headless():  # a figure of its own: a notebook's backend and figures are left alone
             fig = plotting.plot_measured_frontier(run)
         with atomic_write(plot, None) as tmp:
@@ -82,8 +82,6 @@ def _summary(run: FrontierRun, front: pd.DataFrame, settings: dict, files: dict)
 
 def _table_checks(table) -> dict:
     """What the table says about itself (:mod:`mpsearch.diagnose`): free options, non-monotone layers."""
-    from ..diagnose import non_monotone, zero_damage_options
-
     bad = table.metadata.get("non_monotone")
     bad = non_monotone(table) if bad is None else bad
     free = table.metadata.get("zero_damage_options")
@@ -120,8 +118,6 @@ def plan_to_show(run: FrontierRun) -> str:
 
 
 def _plots(run: FrontierRun, out: Path) -> dict:
-    from .. import plotting
-
     with plotting.headless():  # figures of their own: never matplotlib.use, never pyplot's figure list
         fig = plotting.plot_measured_frontier(run)
         fig.savefig(out / "frontier.png", dpi=110, bbox_inches="tight")

@@ -7,12 +7,17 @@ import numpy as np
 import pandas as pd
 
 from ..budget import Budget
+from ..filemodels import file_budget_targets
 from ..frontier import compute_frontier, non_dominated
+from ..layers import discover_layers
 from ..plan import BitPlan
 from ..problem import compile_problem
 from ..recipe import DEFAULT_POINTS
 from ..refine import plan_key
+from ..sensitivity.base import progress_bar
+from ..solvers.ilp import risk_adjusted
 from ..table import CostTable
+from ..targets import recipe_plans
 from .result import InfeasibleBudget
 
 
@@ -77,8 +82,6 @@ def recipe_baselines(table: CostTable, target, model, key: str, budget: Budget) 
     plans already (llama.cpp: pure types with fallbacks, built-in mixes); ``{}`` without a target."""
     if target is None:
         return {}
-    from ..layers import discover_layers
-    from ..targets import recipe_plans
 
     wanted = set(table.layers)
     layers = [lay for lay in discover_layers(model, include_embedding=True) if lay.name in wanted]
@@ -132,7 +135,6 @@ def target_budgets(table, key, budget, uniform, budgets, match_uniform) -> tuple
         budget = without(budget, key)
     targets = {f"{key}={v:g}": v for v in values}
     if budget.file:  # --budget size=Q4_K_M, file=, bpw= on the model path: targets in the swept key's units
-        from ..filemodels import file_budget_targets
 
         targets.update(file_budget_targets(table, key, budget))
         budget = Budget.from_dict({**budget.to_dict(), "file": {}})
@@ -164,11 +166,8 @@ def predicted_frontier(table: CostTable, solver, *, key: str = "avg_bits", point
     :class:`~mpsearch.SolveResult` of each target. An infeasible target raises
     :class:`InfeasibleBudget` naming the smallest achievable value.
     """
-    from ..sensitivity.base import progress_bar
-
     budget = budget or Budget()
     if getattr(solver, "risk", 0):  # ilp risk=λ: the frontier of damage + λ·damage_std
-        from ..solvers.ilp import risk_adjusted
 
         table = risk_adjusted(table, solver.risk)
     fr = compute_frontier(table, solver, points=points, key=key, budget=budget)

@@ -8,10 +8,11 @@ import warnings
 
 import pandas as pd
 
+from ..apply import PlanSwitch
 from ..errors import MpsearchError
-from ..metrics import Metric
+from ..metrics import CausalLMMetric, Metric
 from ..problem import compile_problem
-from ..refine import RefineSettings, _choice_of, refine
+from ..refine import _choice_of, refine, RefineSettings
 from .measure import measure, metric_key
 from .result import Measured, ProxyWarning, Session
 
@@ -21,8 +22,6 @@ def search_metric(metric: Metric, calib):
     where it has none (a user callable), ``metric`` itself with a warning (it then selects on the
     evaluation data). A causal LM's calibration text of 16 windows or more becomes a ladder of its
     first 1/16, 1/4 and all of its tokens (multi-step selection)."""
-    from ..metrics import CausalLMMetric
-
     try:
         found = metric.on_data(calib) if calib is not None else None
     except MpsearchError:  # e.g. an accuracy metric on calibration data without labels
@@ -68,7 +67,6 @@ class SearchLadder:
         for m in self.metrics:
             m.fit(model)
             self.baselines.append(float(m(model)))
-        from ..apply import PlanSwitch
 
         self.switch = PlanSwitch(model, layers)
 

@@ -9,23 +9,25 @@ from pathlib import Path
 import torch
 
 from ..budget import Budget
+from ..diagnose import monotone_fit
 from ..errors import MpsearchError
 from ..fileio import atomic_output_dir
 from ..imatrix import run_rounding
-from ..sensitivity.base import on_gpu
 from ..metrics import Metric
 from ..recipe import estimator_note, resolve
 from ..registry import get_solver
+from ..sensitivity.base import on_gpu
+from ..targets import solve_budget
 from .estimate import estimate_cached
-from .measure import MeasureCache, baseline, frontier_frame, is_main, measure_spread, metric_key, proxy_check, \
-    uniform_frame
+from .measure import (baseline, frontier_frame, is_main, measure_spread, MeasureCache, metric_key,
+                      proxy_check, uniform_frame)
 from .outputs import extra_outputs, write
-from .predicted import (merge_equal, other_constraints, predicted_frontier, recipe_baselines, spread, target_budgets,
-                        uniform_plans)
+from .predicted import (merge_equal, other_constraints, predicted_frontier, recipe_baselines, spread,
+                        target_budgets, uniform_plans)
 from .recommend import recommendations
 from .refining import refine_targets, run_refinement, search_metric
 from .result import FrontierRun, Measured, Session
-from .settings import FrontierSettings, check_refine_metric
+from .settings import check_refine_metric, FrontierSettings
 from .uniform import compare_with_uniform, uniform_check, warn_losers
 
 
@@ -80,7 +82,6 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
                                 **{**st.estimate_kwargs, **({"target": st.target} if st.target is not None else {}),
                                    "imatrix": imatrix})
         if st.monotone:  # solved on the fit (each layer's damage falling with size); table.csv keeps the estimate
-            from ..diagnose import monotone_fit
 
             table = monotone_fit(table)
         session, measured, targets, results = _solve_and_measure(model, metric, table, st, out)
@@ -108,8 +109,6 @@ def measured_frontier(model: torch.nn.Module, calib, metric: Metric, settings: F
 def _solve_and_measure(model, metric, table, st: FrontierSettings, out):
     """Steps 2-3: the solver, the budgets, the uniform plans and recipes, the predicted frontier,
     the full-precision baseline, then every chosen point and baseline plan measured (cached)."""
-    from ..targets import solve_budget
-
     solver = get_solver(st.solver, **st.solver_params)
     key = st.key
     budget = solve_budget(table, st.budget, st.target)

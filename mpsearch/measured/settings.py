@@ -15,10 +15,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..budget import Budget
-from ..errors import MpsearchError, SettingsError, close_matches
-from ..recipe import DEFAULT_POINTS, DEFAULT_RECIPE
+from ..errors import close_matches, MpsearchError, SettingsError
+from ..imatrix import check_setting, imatrix_expected
+from ..recipe import check, DEFAULT_POINTS, DEFAULT_RECIPE
 from ..refine import RefineSettings
+from ..registry import get_solver
 from ..settings import Interval, Settings
+from ..targets import get_target
 
 
 @dataclass(frozen=True)
@@ -56,13 +59,8 @@ class FrontierSettings(Settings):
     def _check(self) -> None:
         """The target resolved to its object once; the estimator, the solver, their settings and the
         options checked against the target (:func:`mpsearch.recipe.check`)."""
-        from ..recipe import check
-        from ..registry import get_solver
-        from ..targets import get_target
-
         if self.target is not None:
             object.__setattr__(self, "target", get_target(self.target))
-        from ..imatrix import check_setting, imatrix_expected
 
         object.__setattr__(self, "imatrix", check_setting(self.imatrix, self.target))
         check(target=self.target, options=self.options, estimator=self.estimator, params=self.estimator_params,

@@ -8,9 +8,10 @@ import time
 import numpy as np
 
 from ..errors import MpsearchError
+from ..fileio import atomic_write_text
 from ..problem import Problem
 from .local import _ranked_options
-from .settings import RefineSettings, _settings
+from .settings import _settings, RefineSettings
 
 
 def size_levels(problem: Problem, column: str = "size_bits") -> list[list[np.ndarray]]:
@@ -125,7 +126,7 @@ def evolve(problem: Problem, start, measure, settings: RefineSettings | None = N
     string: its description). Returns ``(choice, loss, log)``: the loss (at the last level) is never
     above the start's; ``log`` has one row per generation (row 0: the start).
     """
-    from ..sensitivity.base import progress_bar
+    from ..sensitivity.base import progress_bar  # start-up: keeps this module free of torch
 
     if "generations" in kwargs:
         kwargs["rounds"] = kwargs.pop("generations")
@@ -194,8 +195,6 @@ class _EvolveRun:
     def step(self, generation, best, best_loss, spent, children) -> None:
         """One generation done: the best child replaces the parent if it measured lower."""
         import json
-
-        from ..fileio import atomic_write_text
 
         self.evals += spent
         better = best_loss < self.loss

@@ -10,12 +10,13 @@ import numpy as np
 from ..budget import Budget
 from ..errors import MpsearchError
 from ..plan import BitPlan
-from ..problem import Problem, compile_problem
+from ..problem import compile_problem, Problem
+from ..solvers.base import make_plan
 from ..table import CostTable
-from .calibration import Calibration, calibrate
+from .calibration import calibrate, Calibration
 from .evolution import evolve
 from .local import local_search
-from .settings import RefineSettings, _settings
+from .settings import _settings, RefineSettings
 
 
 @dataclass
@@ -219,8 +220,6 @@ def plan_key(plan: BitPlan) -> str:
 
 
 def _plan_from_choice(problem: Problem, choice, solver: str = "refine-local") -> BitPlan:
-    from ..solvers.base import make_plan
-
     return make_plan(problem, choice, solver=solver, status="measured")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import SettingsError
+from ..errors import close_matches, SettingsError
 from ..recipe import REFINE_METHODS
 from ..settings import Choices, Interval, Settings
 
@@ -68,8 +68,6 @@ class RefineSettings(Settings):
     def check_column(self, columns, what: str = "the table") -> None:
         """The size column the moves trade (``column``) is one of ``columns`` (the cost columns)."""
         if self.column not in columns:
-            from ..errors import close_matches
-
             raise SettingsError(f"refine column {self.column!r} is not a cost column of {what}"
                                 f"{close_matches(str(self.column), list(columns))}; its columns: {', '.join(columns)}")
 

@@ -18,12 +18,23 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..data import as_batches, float_dtype, move_batch
-from ..distributed import Shard
+from ..checks import check_batches, check_weights
+from ..coverage import model_coverage
+from ..data import as_batches, float_dtype, model_device, move_batch, split_batch
+from ..diagnose import annotate
+from ..distributed import current, Shard, stats
 from ..errors import MpsearchError
-from ..layers import Layer, discover_layers
+from ..filemodels import record_file_model
+from ..gptq import gptq_rounding, input_hessians
+from ..imatrix import imatrix_expected, imatrix_rounding, layer_weights, resolve_imatrix
+from ..layers import discover_layers, Layer, weight_tensor
+from ..moe import apply_fallback, per_expert_errors, routed_tokens_column, routing_counts, scan, split_name
 from ..options import Option, parse_options
+from ..quant import quantization_error
+from ..recipe import target_default_options
 from ..table import CostTable
+from ..targets import DEFAULT_TARGET, get_target
+from .cache import cache_key, Checkpoint
 from .cache import model_fingerprint  # noqa: F401  (re-exported)
 
 #: the options an estimator costs when given none (mpsearch's own target): the library's default
@@ -73,7 +84,9 @@ class Estimator:
                                  "default the recipe's options",
                       "cache_dir": "None: no cache in Python; 'mpsearch estimate' keeps one in "
                                    "$MPSEARCH_ESTIMATOR_CACHE or ~/.cache/mpsearch/estimator (--param cache_dir=None: "
-                                   "none), 'frontier --model' in its output folder"}
+                                   "none), 'frontier --model' in its output folder",
+                      "device": "None: where the model is; a device the model is not on is refused (move the model "
+                                "first)"}
     routed_damage = False
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device: str | None = None):
@@ -98,14 +111,10 @@ class Estimator:
         :func:`mpsearch.recipe.target_default_options`), and for
         mpsearch's own target for :data:`DEFAULT_OPTIONS` (the library's default; the CLI and
         :func:`mpsearch.recipe.resolve` always pass the options they decided)."""
-        from ..targets import DEFAULT_TARGET, get_target
-
         target = get_target(target)
         if target.name == DEFAULT_TARGET:
             return parse_options(DEFAULT_OPTIONS if self.options is None else self.options)
         if self.options is None:
-            from ..recipe import target_default_options
-
             return target.parsed_options(target_default_options(target, imatrix, gpu), imatrix=imatrix)
         return target.parsed_options(self.options, imatrix=imatrix)
 
@@ -148,64 +157,25 @@ class Estimator:
         the estimate is refused when less than ``min_coverage`` of what the target can quantize would
         be planned (:mod:`mpsearch.coverage`; ``exclude`` accepts leaving tensors out).
         """
-        if not isinstance(model, torch.nn.Module):
-            raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
-        batches = [move_batch(b, None, float_dtype(model)) for b in as_batches(data)]  # float data in the model's dtype
-        if self.needs_data and not batches:
-            raise MpsearchError(
-                f"estimator {self.name!r} needs calibration data: pass data (or --data on the CLI)"
-            )
-        from ..targets import get_target
-
-        from ..imatrix import imatrix_expected
-
-        target_obj = get_target(target)
-        options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches),
-                                      gpu=on_gpu(model, self.device))
-        check_choice("quantizer", quantizer, ("rtn", "gptq"))
-        if quantizer == "gptq" and not batches:
-            raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
+        batches, target_obj, options = self._checked_inputs(model, data, target, imatrix, quantizer, per_expert,
+                                                            min_expert_tokens)
         fuse_projections = fuse_projections or target_obj.fused_runtime
-        if per_expert and not target_obj.per_expert:
-            raise MpsearchError(
-                f"per_expert: target {target_obj.name!r} stores all experts of a projection as one tensor "
-                f"with one type; per-expert decisions are for --target mpsearch")
-        check_positive("min_expert_tokens", min_expert_tokens, integer=True, allow_zero=True)
-        device = torch.device(self.device) if self.device else _model_device(model)
+        device = model_device(model)  # the estimator's own device setting is the model's (check_device)
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
-        from ..checks import check_batches, check_weights
-
         check_batches(model, batches, device)  # one line naming a batch the model cannot run on
         if layers is None:
-            layers = discover_layers(
-                model,
-                move_batch(batches[0], device) if batches else None,
-                include_embedding=include_embedding,
-                ties=list(ties) + list(target_obj.moe_ties),
-                fuse_projections=fuse_projections,
-                exclude=exclude,
-                per_expert=per_expert,
-            )
-        from ..coverage import model_coverage
-        from ..distributed import current, stats
-
+            layers = discover_layers(model, move_batch(batches[0], device) if batches else None,
+                                     include_embedding=include_embedding, ties=list(ties) + list(target_obj.moe_ties),
+                                     fuse_projections=fuse_projections, exclude=exclude, per_expert=per_expert)
         shard = current()
         layers, legal, target_obj = _target_layers(model, layers, options, target_obj)
         coverage = model_coverage(model, [lay.name for lay in layers], target=target_obj, exclude=exclude,
                                   min_coverage=min_coverage).check()
         check_weights(model, [lay.name for lay in layers])
-        from ..imatrix import layer_weights, resolve_imatrix
 
         imx = resolve_imatrix(imatrix, model, batches, target_obj, progress=progress and shard.is_main)
-        if imx is not None and quantizer != "rtn":
-            raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
-                                f"types with the imatrix (leave --quantizer out)")
-        imatrix_weights = layer_weights(imx, layers) if imx is not None else None
-        if imx is None and any(o.fmt is not None and getattr(o.format, "needs_imatrix", None) for o in options):
-            target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
-        else:
-            legal = _imatrix_legal(layers, options, legal, imatrix_weights)
+        imatrix_weights, legal = _with_imatrix(imx, quantizer, layers, options, legal, target_obj)
         ctx = Context(layers=layers, options=options, batches=batches, device=device,
                       progress=progress and shard.is_main, seed=self.seed, legal=legal, shard=shard)
         ctx.checkpoint = self._checkpoint(model, batches, layers, options,
@@ -220,15 +190,47 @@ class Estimator:
         if spread is not None:
             ctx.extra_metadata["distributed"] = spread
         if damage.shape != (len(layers), len(options)):
-            raise AssertionError(
-                f"{self.name}: damage has shape {damage.shape}, expected {(len(layers), len(options))}"
+            raise AssertionError(f"{self.name}: damage has shape {damage.shape}, expected {(len(layers), len(options))}")
+        metadata = self._metadata(model, ctx, seconds, target_obj, quantizer, coverage, imx)
+        record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
+        table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
+                                     extra_columns=ctx.extra_columns, legal=legal))
+        table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
+        return table
+
+    def _checked_inputs(self, model, data, target, imatrix, quantizer, per_expert, min_expert_tokens):
+        """``estimate``'s inputs checked before any work: the batches (float data in the model's
+        dtype), the target and the parsed options."""
+        if not isinstance(model, torch.nn.Module):
+            raise MpsearchError(f"estimate() takes a torch.nn.Module, got {type(model).__name__}")
+        check_device(model, self.device)
+        batches = [move_batch(b, None, float_dtype(model)) for b in as_batches(data)]  # float data in the model's dtype
+        if self.needs_data and not batches:
+            raise MpsearchError(
+                f"estimator {self.name!r} needs calibration data: pass data (or --data on the CLI)"
             )
+
+        target_obj = get_target(target)
+        options = self.parsed_options(target_obj, imatrix=imatrix_expected(imatrix, target_obj, batches),
+                                      gpu=on_gpu(model, self.device))
+        check_choice("quantizer", quantizer, ("rtn", "gptq"))
+        if quantizer == "gptq" and not batches:
+            raise MpsearchError("quantizer 'gptq' needs calibration data (the layers' input Hessians)")
+        if per_expert and not target_obj.per_expert:
+            raise MpsearchError(
+                f"per_expert: target {target_obj.name!r} stores all experts of a projection as one tensor "
+                f"with one type; per-expert decisions are for --target mpsearch")
+        check_positive("min_expert_tokens", min_expert_tokens, integer=True, allow_zero=True)
+        return batches, target_obj, options
+
+    def _metadata(self, model, ctx: Context, seconds: float, target_obj, quantizer: str, coverage, imx) -> dict:
+        """The table's record of how it was made (settings, model, data, cost, target, rounding)."""
         metadata = {
             "estimator": self.name,
-            "params": {**self.get_params(), "options": ",".join(o.name for o in options)},  # as estimated
-            "options": [o.name for o in options],
+            "params": {**self.get_params(), "options": ",".join(o.name for o in ctx.options)},  # as estimated
+            "options": [o.name for o in ctx.options],
             "model": {"fingerprint": model_fingerprint(model), "class": type(model).__name__},
-            "data": describe_data(batches),
+            "data": describe_data(ctx.batches),
             "cost": {"seconds": round(seconds, 4), **ctx.cost},
             "mpsearch": __version__,
             "target": target_obj.name,
@@ -240,22 +242,14 @@ class Estimator:
         }
         if getattr(model, "mpsearch_source_grid", None):  # weights dequantized from a quantized file
             metadata["source_grid"] = model.mpsearch_source_grid
-        from ..diagnose import annotate  # free options warned, non-monotone damage listed per layer
 
-        from ..filemodels import record_file_model
-
-        record_file_model(metadata, model, [lay.name for lay in layers], target_obj)  # for size=/file=/bpw=
-        table = annotate(build_table(layers, options, damage, metadata, act_bits=act_bits,
-                                     extra_columns=ctx.extra_columns, legal=legal))
-        table.imatrix = imx  # the Imatrix itself, for the caller to write (not part of the file)
-        return table
+        return metadata
 
     def _checkpoint(self, model, batches, layers, options, quantizer, shard):
         """The run's cache file (one per shard) when the estimator has a ``cache_dir``, else ``None``."""
         cache_dir = getattr(self, "cache_dir", None)
         if not cache_dir:
             return None
-        from .cache import Checkpoint, cache_key
 
         key = cache_key(self, model, batches, layers, options)
         stem = f"{self.name}-{key}" if quantizer == "rtn" else f"{self.name}-{quantizer}-{key}"
@@ -334,7 +328,6 @@ def _routing(model, layers, batches, device, ctx: Context):
     """Tokens routed to each expert on the calibration batches (``None`` without experts or data)."""
     if not batches or not any(lay.role == "expert" for lay in layers):
         return None
-    from ..moe import routing_counts, scan
 
     routing = routing_counts(model, batches, scan(model), device)
     ctx.count("routing_passes", routing.passes)
@@ -343,8 +336,6 @@ def _routing(model, layers, batches, device, ctx: Context):
 
 def _moe_columns(estimator, model, ctx: Context, damage, routing, min_tokens: int):
     """The routed-token counts and the fallback for experts with few tokens (:mod:`mpsearch.moe`)."""
-    from ..moe import apply_fallback, routed_tokens_column
-
     report = {}
     added = np.zeros_like(damage)
     if estimator.routed_damage:
@@ -370,12 +361,9 @@ def _rounding(model, ctx: Context, quantizer: str, imatrix_weights=None):
     import contextlib
 
     if imatrix_weights is not None:
-        from ..imatrix import imatrix_rounding
-
         return imatrix_rounding(imatrix_weights)
     if quantizer != "gptq":
         return contextlib.nullcontext()
-    from ..gptq import gptq_rounding, input_hessians
 
     hessians = input_hessians(model, ctx.layers, ctx.batches, ctx.device)
     ctx.count("forward_passes", len(ctx.batches))
@@ -410,12 +398,42 @@ def _target_layers(model, layers, options, target):
     return layers, (None if legal.all() else legal), target
 
 
+def check_device(model, device) -> None:
+    """An estimator's ``device`` setting names where the model is: a model elsewhere is refused (one
+    line) instead of being run on one device with its inputs on another."""
+    if device is None:
+        return
+    try:
+        want = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise MpsearchError(f"device {device!r} is not a torch device ({exc})") from None
+    have = {p.device for p in model.parameters()}
+    if have and any(d.type != want.type or (want.index is not None and d.index != want.index) for d in have):
+        where = ", ".join(sorted(str(d) for d in have))
+        raise MpsearchError(f"device={device!r}, but the model's parameters are on {where}: move the model there "
+                            f"first (model.to({str(want)!r})) or leave device out (the model's own device is used)")
+
+
 def on_gpu(model, device=None) -> bool:
     """Whether the estimate runs on an accelerator (``device``, else the model's parameters')."""
     if device is not None:
         return torch.device(device).type != "cpu"
     p = next(model.parameters(), None)
     return p is not None and p.device.type != "cpu"
+
+
+def _with_imatrix(imx, quantizer: str, layers, options, legal, target_obj):
+    """The layers' imatrix weights (``None`` without an imatrix) and the legal options with it: types
+    llama-quantize writes only from an imatrix entry are refused without one."""
+    if imx is not None and quantizer != "rtn":
+        raise MpsearchError(f"quantizer {quantizer!r} and an imatrix do not combine: llama.cpp rounds its "
+                            f"types with the imatrix (leave --quantizer out)")
+    imatrix_weights = layer_weights(imx, layers) if imx is not None else None
+    if imx is None and any(o.fmt is not None and getattr(o.format, "needs_imatrix", None) for o in options):
+        target_obj.parsed_options([o.name for o in options])  # i-quants without the imatrix: refused
+    else:
+        legal = _imatrix_legal(layers, options, legal, imatrix_weights)
+    return imatrix_weights, legal
 
 
 def _imatrix_legal(layers, options, legal, weights: dict):
@@ -439,8 +457,6 @@ def _imatrix_legal(layers, options, legal, weights: dict):
 def weight_of(model: torch.nn.Module, layer: Layer) -> torch.Tensor:
     """The weight of a discovered layer: a module's weight, a stacked expert parameter, or one
     expert's 2-D view of it."""
-    from ..layers import weight_tensor
-
     return weight_tensor(model, layer.name)
 
 
@@ -448,8 +464,6 @@ def leaf_weights(model: torch.nn.Module, layers) -> tuple[list[torch.Tensor], li
     """The distinct parameters behind ``layers`` (a per-expert layer is a view of its stacked
     tensor, which gradients are taken of), their names, and per layer ``(parameter index, expert
     index or None)``."""
-    from ..moe import split_name
-
     params, names, where, index = [], [], [], {}
     for lay in layers:
         base, e = split_name(lay.name)
@@ -466,15 +480,11 @@ _EXPERT_KIND_NAMES = ("expert", "expert_t")
 
 
 def weight_tensor_of(model, name):
-    from ..layers import weight_tensor
-
     return weight_tensor(model, name)
 
 
 def expert_errors(model: torch.nn.Module, ctx: Context, i: int) -> np.ndarray:
     """``[experts, K]`` squared rounding errors of each expert matrix of stacked layer ``i``."""
-    from ..moe import per_expert_errors
-
     legal = np.ones(len(ctx.options), bool) if ctx.legal is None else ctx.legal[i]
     return per_expert_errors(weight_of(model, ctx.layers[i]), ctx.layers[i], ctx.options, legal)
 
@@ -484,8 +494,6 @@ def rounding_damage(model: torch.nn.Module, ctx: Context, reduce, *, desc: str =
     rounding error of that option (the layer's weight shape, float32). A progress bar counts the
     weights rounded: a consumer's option set on an LLM (llama.cpp's K-quants and iq4_nl search their
     scales) takes minutes on a CPU, so this phase is never silent."""
-    from ..quant import quantization_error
-
     out = np.zeros((len(ctx.layers), len(ctx.options)))
     total = sum(lay.params for i, lay in enumerate(ctx.layers) for _ in ctx.layer_options(i))
     bar = progress_bar(None, enabled=ctx.progress, desc=desc, total=total)
@@ -528,20 +536,12 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
 
 
 def describe_data(batches) -> dict:
-    from ..data import split_batch
-
     if not batches:
         return {"batches": 0}
     args, kwargs, labels = split_batch(batches[0])
     shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
     shapes += [f"{k}:{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return {"batches": len(batches), "first_batch": shapes, "targets": labels is not None}
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def progress_bar(iterable, *, enabled: bool = True, desc: str = "", total=None):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data import batch_size
 from .base import EstimatorWarning
 from .losses import forward
 from .offload import move_to, tensor_bytes
@@ -66,8 +67,6 @@ def find_blocks(model: nn.Module, layer_names) -> BlockList | None:
 
 
 def _batch_len(batch) -> int:
-    from ..data import batch_size
-
     return batch_size(batch)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OutputError
+from ..fileio import torch_save
 from ..fingerprint import data_fingerprint, model_fingerprint  # noqa: F401  (re-exported)
 
 
@@ -91,8 +93,6 @@ class Checkpoint:
 
     def _write(self, doc: dict) -> None:
         doc["_seconds"] = self.previous_seconds + time.perf_counter() - self._t0
-        from ..errors import OutputError
-        from ..fileio import torch_save
 
         if self.broken:
             return

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data import model_output_tensor, move_batch, slice_batch, split_batch
+from ..layers import _batch_size
 from ..settings import Choices, Interval
-from .base import (Context, Estimator, EstimatorWarning, leaf_weights, math_attention, probe_seed, progress_bar,
-                   rounding_damage)
-from .losses import LOSSES, OUTPUTS, cross_entropy, loss_value, output_kind, resolve_loss
+from .base import (Context, Estimator, EstimatorWarning, leaf_weights, math_attention, probe_seed,
+                   progress_bar, rounding_damage)
+from .losses import cross_entropy, loss_value, LOSSES, output_kind, OUTPUTS, resolve_loss
 
 
 #: ``per_sample="auto"`` runs vmap only when one chunk's per-sample gradients take at most this (MB)
@@ -147,8 +148,6 @@ def _gist(exc: BaseException, limit: int = 160) -> str:
 
 def _n(args, kwargs) -> int:
     """Samples in a batch's inputs."""
-    from ..layers import _batch_size
-
     return _batch_size(args) if args else _batch_size(kwargs)
 
 

@@ -34,18 +34,32 @@ layers: second-order terms then predict no damage, and the quantization noise it
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..data import batch_size, micro_batches, move_batch
+from ..data import batch_size, micro_batches, move_batch, split_batch
+from ..distributed import follow
 from ..errors import MpsearchError
 from ..moe import EXPERT_KINDS
-from .base import (
-    Context, Estimator, EstimatorWarning, check_choice, check_positive, expert_errors, leaf_weights,
-    math_attention, only_weights_require_grad, probe_seed, progress_bar, rounding_damage, weight_errors,
-)
+from .base import (check_choice, check_positive, Context, Estimator, EstimatorWarning, expert_errors,
+                   leaf_weights, math_attention, only_weights_require_grad, probe_seed, progress_bar,
+                   rounding_damage, weight_errors)
 from .losses import check_loss, check_output, forward, loss_value, output_kind, resolve_loss
+
+
+class _ProbeRun(NamedTuple):
+    """What every batch's probes share: the model, its loss, the weights probed, the run's context,
+    the resumable state ``st`` (updated in place), the most probes per batch, the progress bar."""
+
+    model: object
+    loss: object
+    weights: list
+    ctx: Context
+    st: dict
+    n_max: int
+    bar: object
 
 
 class HessianEstimator(Estimator):
@@ -101,6 +115,7 @@ class HessianEstimator(Estimator):
             st = _agree(st, ctx.shard, n_max, diagonal)
         bar = progress_bar(None, enabled=ctx.progress, desc="hessian probes",
                            total=n_max * len(ctx.batches))
+        run = _ProbeRun(model, loss, weights, ctx, st, n_max, bar)
         with only_weights_require_grad(model, weights), math_attention():
             for bi in range(st["batch"], len(ctx.batches)):
                 batch = move_batch(ctx.batches[bi], ctx.device)
@@ -108,9 +123,9 @@ class HessianEstimator(Estimator):
                     st["diag_batch"] = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
                 parts = micro_batches(batch, self.micro_batch)
                 if len(parts) == 1:
-                    self._probe_batch(model, batch, loss, weights, ctx, st, bi, n_max, bar)
+                    self._probe_batch(run, batch, bi)
                 else:
-                    self._probe_micro_batches(model, parts, loss, weights, ctx, st, bi, n_max, bar)
+                    self._probe_micro_batches(run, parts, bi)
                 size = batch_size(ctx.batches[bi])
                 if diagonal:
                     if ctx.shard.enabled:  # every rank's probes of this batch
@@ -212,12 +227,13 @@ class HessianEstimator(Estimator):
                         1).cpu()
         return [row * scale for row in per], prods
 
-    def _probe_batch(self, model, batch, loss, weights, ctx, st, bi, n_max, bar):
+    def _probe_batch(self, run: _ProbeRun, batch, bi: int):
         """Probes through one gradient graph of the whole batch until converged or ``n_max``.
 
         Probes run in rounds of one per rank (probe ``j`` on rank ``j % world``); the gathered round
         is read in order and the stopping rule applied after each probe, as with one process.
         """
+        model, loss, weights, ctx, st, n_max, bar = run
         shard = ctx.shard
         grads = self._gradient_graph(model, batch, loss, weights, ctx)
         p = max(int(self.probe_batch), 1)
@@ -247,7 +263,7 @@ class HessianEstimator(Estimator):
             if stop:
                 break
 
-    def _probe_micro_batches(self, model, parts, loss, weights, ctx, st, bi, n_max, bar):
+    def _probe_micro_batches(self, run: _ProbeRun, parts, bi: int):
         """The same probes, with one micro-batch's gradient graph held at a time.
 
         ``v^T H v`` of the batch (mean loss) is the size-weighted sum over its micro-batches, so each
@@ -256,6 +272,7 @@ class HessianEstimator(Estimator):
         of one micro-batch; the HVP work is the same as for the whole batch. A round's probes are
         shared between ranks (probe ``j`` on rank ``j % world``).
         """
+        model, loss, weights, ctx, st, n_max, bar = run
         shard = ctx.shard
         sizes = [batch_size(part) for part in parts]
         total = float(sum(sizes))
@@ -287,7 +304,6 @@ class HessianEstimator(Estimator):
             with torch.no_grad():
                 ref = forward(model, batch)[0]
             ctx.count("forward_passes")
-        from ..data import split_batch
 
         out, raw = forward(model, batch)
         value = loss_value(loss, out, split_batch(batch)[2], ref, output_kind(raw, self.output))
@@ -371,8 +387,6 @@ def _agree(st: dict, shard, n_max: int, diagonal: bool) -> dict:
 def _rademacher(weights, gen, device) -> list[torch.Tensor]:
     """One Rademacher probe (+-1) per weight, drawn as one flat vector on ``device`` and split into
     views; each view follows its weight's device and dtype (a model spread over devices)."""
-    from ..distributed import follow
-
     flat = torch.randint(0, 2, (sum(w.numel() for w in weights),), generator=gen, device=device,
                          dtype=weights[0].dtype).mul_(2).sub_(1)
     views = [v.view_as(w) for v, w in zip(flat.split([w.numel() for w in weights]), weights)]

@@ -56,28 +56,29 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..apply import activation_quantized
-from ..data import micro_batches, model_output_tensor, move_batch
+from ..data import micro_batches, move_batch
 from ..distributed import assign
-from ..layers import get_module
 from ..errors import MpsearchError
+from ..layers import _batch_size, get_module
+from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..moe import EXPERT_KINDS
+from ..options import parse_option
+from ..plan import BitPlan
 from ..quant import quantize_weight
-from .base import (
-    Context, Estimator, check_choice, check_positive, progress_bar, weight_errors, weight_of,
-)
-from .blocks import PrefixRunner, find_blocks
+from .base import check_choice, check_positive, Context, Estimator, EstimatorWarning, progress_bar, weight_of
+from .blocks import find_blocks, PrefixRunner
+from .losses import check_output, forward, METRICS, output_kind
 from .offload import move_to, tensor_bytes
 from .workplan import largest_activation
-from .losses import METRICS, check_output, forward, output_kind
+from ._od_parts import (  # noqa: F401  (re-exported: response and the tests import them from here)
+    _Variants, _distance, _prepare, stacked_weights, VariantCache,
+)
+from .lim import block_change, LIMEstimator  # noqa: F401  (re-exported: lim's old home)
 
 
 def _size(batch) -> int:
-    from ..layers import _batch_size
-
     return _batch_size(batch)
 
 
@@ -453,30 +454,6 @@ _DEFAULT_CACHE_MB = {False: 1024.0, True: 8192.0}  # by "on a GPU"
 _DEFAULT_VARIANT_MB = {False: 512.0, True: 4096.0}  # by "on a GPU"
 
 
-class VariantCache:
-    """Quantized weights kept across calibration batches while they fit in ``limit_mb``; the rest
-    are made again when asked for (``made`` / ``reused`` count both)."""
-
-    def __init__(self, limit_mb: float):
-        self.limit = float(limit_mb) * 2**20
-        self.store: dict = {}
-        self.bytes = self.peak = 0
-        self.made = self.reused = 0
-
-    def get(self, key, make):
-        if key in self.store:
-            self.reused += 1
-            return self.store[key]
-        value = make()
-        self.made += 1
-        size = value.numel() * value.element_size()
-        if self.bytes + size <= self.limit:
-            self.store[key] = value
-            self.bytes += size
-            self.peak = max(self.peak, self.bytes)
-        return value
-
-
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -494,26 +471,10 @@ def _timed_pass(model, batch, ctx) -> float:
     return time.perf_counter() - t0
 
 
-class _Variants(dict):
-    """Quantized weights made when asked for (and dropped by ``pop``): a stacked expert tensor's
-    options are measured one at a time, so one quantized copy is alive at a time."""
-
-    def __init__(self, make):
-        super().__init__()
-        self._make = make
-
-    def __missing__(self, k):
-        return self._make(k)
-
-    def pop(self, k, *default):
-        return super().pop(k) if k in self else self._make(k)
-
-
 def _base_spec(base):
     """``base`` as given (``None``, an option name) or a plan's layer -> option-name mapping."""
     if base is None or isinstance(base, str):
         return base or None
-    from ..plan import BitPlan
 
     if isinstance(base, BitPlan):
         return {n: base.option_name(n) for n in base.layers}
@@ -527,8 +488,6 @@ class _BasePoint:
     """The base's weights of the planned layers, swapped in and out of the model in place."""
 
     def __init__(self, model, ctx: Context, base):
-        from ..options import parse_option
-
         def parse(spec):
             try:
                 return parse_option(spec)
@@ -581,76 +540,11 @@ _STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
 def _warn_stack(name, stacked, single) -> bool:
     import warnings
 
-    from .base import EstimatorWarning
-
     warnings.warn(
         f"output-distance: measuring the options of {name!r} stacked along the batch axis gave "
         f"{stacked.tolist()} instead of {single.tolist()} (the model mixes samples across the batch?); "
         f"measuring one option per pass", EstimatorWarning, stacklevel=4)
     return False
-
-
-class stacked_weights:
-    """Context manager: copy ``i`` of the layer's input (along the batch axis, in ``len(weights)``
-    equal chunks) is multiplied by ``weights[i]``; the module's own weight is untouched."""
-
-    def __init__(self, module, kind: str, weights):
-        self.module, self.kind, self.weights = module, kind, list(weights)
-
-    def _one(self, x, w):
-        m = self.module
-        if self.kind == "linear":
-            return F.linear(x, w, m.bias)
-        if self.kind in ("conv1d", "conv2d"):
-            return m._conv_forward(x, w, m.bias)
-        if self.kind == "embedding":
-            return F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-        size = x.size()[:-1] + (m.nf,)  # transformers' Conv1D: weight [in, out]
-        return torch.addmm(m.bias, x.reshape(-1, x.size(-1)), w).view(size)
-
-    def __enter__(self):
-        n = len(self.weights)
-
-        def forward(x, *args, **kwargs):
-            return torch.cat([self._one(xc, w) for xc, w in zip(x.chunk(n), self.weights)])
-
-        self._saved = self.module.__dict__.get("forward")  # an instance-level forward (hooks) stays
-        self.module.forward = forward
-        return self
-
-    def __exit__(self, *exc):
-        if self._saved is not None:
-            self.module.forward = self._saved
-        else:
-            del self.module.forward
-        return False
-
-
-def _prepare(ref: torch.Tensor, metric: str, kind: str, acc) -> dict:
-    """What the distance compares with, computed once per batch from the reference output."""
-    metric = ("cosine" if kind == "embedding" else "kl") if metric == "auto" else metric
-    b = ref.reshape(-1, ref.shape[-1]).to(acc)
-    if metric == "cosine":
-        return {"metric": metric, "ref": b}
-    if metric == "mse":
-        return {"metric": metric, "ref": b}
-    if acc == torch.float64:
-        return {"metric": metric, "ref": F.log_softmax(b, -1)}
-    return {"metric": "kl-logits", "ref": b, "p": torch.softmax(b, -1)}
-
-
-def _distance(out: torch.Tensor, reference: dict, metric: str, kind: str, acc) -> torch.Tensor:
-    """The distance of one output to the prepared reference, as a 0-d tensor on the device
-    (the same numbers as :func:`mpsearch.sensitivity.losses.distance`)."""
-    a = out.reshape(-1, out.shape[-1]).to(acc)
-    b = reference["ref"]
-    if reference["metric"] == "cosine":
-        return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean()
-    if reference["metric"] == "mse":
-        return (a - b).pow(2).mean()
-    if reference["metric"] == "kl-logits":
-        return kl_from_logits(b, a, reference["p"]).mean()
-    return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
 
 
 def _my_units(runner, ctx: Context, names, st, batches) -> torch.Tensor:
@@ -676,85 +570,3 @@ def _my_units(runner, ctx: Context, names, st, batches) -> torch.Tensor:
         owners = torch.from_numpy(owners.copy()).reshape(B, L, 1)
         work &= owners == ctx.shard.rank
     return work & ~st["done"]
-
-
-def _block_input(args, kwargs):
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for key in ("hidden_states", "x", "input"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key]
-    return None
-
-
-def block_change(x: torch.Tensor, y: torch.Tensor) -> float:
-    """1 - cos(input, output), per token/sample row; Gram-matrix cosine when shapes differ."""
-    x, y = x.detach().double(), y.detach().double()
-    if x.shape == y.shape:
-        a, b = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        return float((1 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)).mean())
-    a, b = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
-    ga, gb = (a @ a.T).flatten(), (b @ b.T).flatten()
-    return float(1 - F.cosine_similarity(ga, gb, dim=0, eps=1e-12))
-
-
-class LIMEstimator(Estimator):
-    """Layer-importance score (1 - cos between a block's input and output) x relative noise."""
-
-    name = "lim"
-    needs_data = True
-
-    def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, cache_dir=None,
-                 cache_every: float = 30.0):
-        super().__init__(options=options, seed=seed, device=device)
-        self.cache_dir = cache_dir
-        self.cache_every = cache_every
-
-    def _damage(self, model, ctx: Context) -> np.ndarray:
-        names = [lay.name for lay in ctx.layers]
-        blocks = find_blocks(model, names)
-        if blocks is None:
-            raise MpsearchError(
-                "lim needs a model made of sequential blocks (an nn.Sequential, or a ModuleList such "
-                "as encoder.layer, model.layers or transformer.h) holding the quantizable layers; "
-                "none found: use output-distance instead"
-            )
-        n = len(blocks.modules)
-        st = (ctx.checkpoint.load() if ctx.checkpoint else None) or {
-            "batch": 0, "sums": torch.zeros(n, dtype=torch.float64), "weight": 0.0}
-        for bi in progress_bar(range(st["batch"], len(ctx.batches)), enabled=ctx.progress, desc="lim"):
-            scores = {}
-
-            def hook(k):
-                def fn(mod, args, kwargs, output):
-                    x = _block_input(args, kwargs)
-                    y = model_output_tensor(output) if not isinstance(output, torch.Tensor) else output
-                    if x is not None and k not in scores:
-                        scores[k] = block_change(x, y)
-                return fn
-
-            handles = [m.register_forward_hook(hook(k), with_kwargs=True) for k, m in enumerate(blocks.modules)]
-            try:
-                with torch.no_grad():
-                    model_output_tensor(_run(model, move_batch(ctx.batches[bi], ctx.device)))
-            finally:
-                for h in handles:
-                    h.remove()
-            ctx.count("forward_passes")
-            size = _size(ctx.batches[bi])
-            for k, v in scores.items():
-                st["sums"][k] += size * v
-            st.update(batch=bi + 1, weight=st["weight"] + size)
-            if ctx.checkpoint:
-                ctx.checkpoint.save(st, force=True)
-        lim = (st["sums"] / max(st["weight"], 1e-300)).clamp(min=0).numpy()
-        ctx.extra_metadata["lim"] = {"block_list": blocks.name, "scores": dict(zip(blocks.names, lim.tolist()))}
-        per_layer = np.array([lim[k] if (k := blocks.index_of(lay.name)) is not None else lim.max()
-                              for lay in ctx.layers])
-        return per_layer[:, None] * weight_errors(model, ctx, relative=True)
-
-
-def _run(model, batch):
-    from ..data import run_model
-
-    return run_model(model, batch)

@@ -46,29 +46,46 @@ quantization of every option per layer (no forward pass).
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..apply import activation_quantized
 from ..data import micro_batches, move_batch
 from ..errors import MpsearchError
 from ..layers import get_module
 from ..options import parse_option
-from ..quant import from_weight_matrix, quantize_weight, weight_matrix
-from .base import Context, Estimator, check_choice, check_positive, probe_seed, progress_bar
-from .blocks import PrefixRunner, find_blocks
+from ..quant import quantize_weight
+from .base import check_choice, check_positive, Context, Estimator, probe_seed, progress_bar
+from .blocks import find_blocks, PrefixRunner
 from .losses import output_kind
 from .output_distance import (
     _DEFAULT_CACHE_MB, _STACKABLE, VariantCache, _distance, _prepare, _quantizes_activations, _size,
     _warn_stack, check_suffix_settings, stacked_weights,
 )
+from ._response_fit import _stderr, auto_probes, fit_table, shaped_noise
+from ._response_fit import _GAMMA, fit_response, loo_errors, predict  # noqa: F401  (re-exported)
+from ._response_inputs import _InputStats
+from ._response_inputs import _column_moments, _rows  # noqa: F401  (re-exported)
 
 PROBE_KINDS = ("rounding", "noise")
 FITS = ("linear", "power")
 ERRORS = ("auto", "gram", "diagonal")
 _DEFAULT_GRAM_MB = {False: 1024.0, True: 4096.0}  # by "on a GPU"
-_GAMMA = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class _BatchPass:
+    """One calibration batch's suffix passes: the runner, the batch, the run's context, and the
+    full-precision output they are compared with (``target``, its ``kind``, the accumulation dtype)."""
+
+    runner: PrefixRunner
+    batch: object
+    ctx: Context
+    target: object
+    kind: str
+    acc: torch.dtype
 
 
 class ResponseEstimator(Estimator):
@@ -218,10 +235,10 @@ class ResponseEstimator(Estimator):
             ref, raw = runner.reference(batch, names)
             ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
-            target = _prepare(ref, self.metric, kind, acc)
+            bp = _BatchPass(runner, batch, ctx, _prepare(ref, self.metric, kind, acc), kind, acc)
             for li in range(st["layer"], L):
                 if li in todo and not st["done"][bi, li]:
-                    vals = self._layer(model, runner, batch, li, ctx, target, kind, acc, probes[li], direct[li])
+                    vals = self._layer(model, bp, li, probes[li], direct[li])
                     st["d"][bi, li, : len(vals)] = vals
                     st["done"][bi, li] = True
                     bar.update(1)
@@ -237,10 +254,9 @@ class ResponseEstimator(Estimator):
                         prefix_cache=runner.enabled, block_evaluations=runner.block_runs,
                         stacked_probes=bool(self._stack_checked and self._stack_ok))
 
-    def _layer(self, model, runner, batch, li, ctx, target, kind, acc, probes, direct):
+    def _layer(self, model, bp: _BatchPass, li, probes, direct):
         """The distances of layer ``li``'s probes then its directly measured options, for one batch."""
-        from ..apply import activation_quantized
-
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         layer = ctx.layers[li]
         module = get_module(model, layer.name)
         w = module.weight
@@ -248,7 +264,7 @@ class ResponseEstimator(Estimator):
         out = []
         if probes:
             variants = [self._variant(w, layer, li, k, ctx) for k in probes]
-            out.extend(self._probe_pass(module, layer, w, runner, batch, start, variants, target, kind, acc, ctx))
+            out.extend(self._probe_pass(module, layer, w, start, variants, bp))
         for k in direct:  # options that quantize activations: one pass each
             saved = w.detach().clone()
             try:
@@ -260,29 +276,31 @@ class ResponseEstimator(Estimator):
                 with torch.no_grad():
                     w.copy_(saved)
             ctx.count("suffix_passes")
-            out.append(_distance(o, target, self.metric, kind, acc))
+            out.append(_distance(o, bp.target, self.metric, bp.kind, bp.acc))
         return torch.stack(out)
 
-    def _probe_pass(self, module, layer, w, runner, batch, start, variants, target, kind, acc, ctx):
+    def _probe_pass(self, module, layer, w, start, variants, bp: _BatchPass):
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         n = len(variants)
         if n > 1 and layer.kind in _STACKABLE and self._stack_ok:
             with stacked_weights(module, layer.kind, variants):
                 out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
             ctx.count("suffix_passes")
-            stacked = torch.stack([_distance(o, target, self.metric, kind, acc) for o in out.chunk(n)])
+            stacked = torch.stack([_distance(o, bp.target, self.metric, bp.kind, bp.acc) for o in out.chunk(n)])
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
                 runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
-                single = self._single(w, runner, batch, start, variants, target, kind, acc, ctx)
+                single = self._single(w, start, variants, bp)
                 ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
                 ctx.cost["suffix_passes"], runner.block_runs = passes, runs
                 close = torch.allclose(stacked, single, rtol=2e-2, atol=1e-3 * float(single.abs().max()))
                 self._stack_ok = bool(close) or _warn_stack(layer.name, stacked, single)
                 stacked = stacked if self._stack_ok else single
             return list(stacked)
-        return list(self._single(w, runner, batch, start, variants, target, kind, acc, ctx))
+        return list(self._single(w, start, variants, bp))
 
-    def _single(self, w, runner, batch, start, variants, target, kind, acc, ctx):
+    def _single(self, w, start, variants, bp: _BatchPass):
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         saved = w.detach().clone()
         vals = []
         try:
@@ -291,7 +309,7 @@ class ResponseEstimator(Estimator):
                     w.copy_(v)
                 o = runner.run(batch, start)[0]
                 ctx.count("suffix_passes")
-                vals.append(_distance(o, target, self.metric, kind, acc))
+                vals.append(_distance(o, bp.target, self.metric, bp.kind, bp.acc))
         finally:
             with torch.no_grad():
                 w.copy_(saved)
@@ -342,265 +360,3 @@ class ResponseEstimator(Estimator):
                               "options": [o.name for o in ctx.options], "layers": [lay.name for lay in ctx.layers],
                               "floor": self._floor}
         return np.clip(damage, 0, None)
-
-
-def fit_table(d, t, t_probe, probes, direct, fit: str = "linear", measured: bool = True, floor: bool = False):
-    """The damage table from measured probe distances.
-
-    ``d``: ``[L, P]`` distances (probes of layer i first, then its ``direct`` options); ``t``: ``[L, K]``
-    relative errors of every option; ``t_probe``: ``[L, P]`` those of the probes; ``probes[i]`` /
-    ``direct[i]``: option indices. Returns ``(damage [L, K], [(alpha, gamma, floor)] per layer,
-    fit_error [L])``: each option's fitted alpha * t^gamma, or with ``measured`` its measured distance
-    (less the fitted floor) where it was probed; ``direct`` options take their measured distance.
-    """
-    L, K = t.shape
-    damage = np.zeros((L, K))
-    coefs, fit_err = [], np.zeros(L)
-    for i in range(L):
-        pk = list(probes[i])
-        n = len(pk)
-        dm, tp = np.asarray(d[i, :n], dtype=float), np.asarray(t_probe[i, :n], dtype=float)
-        coef = fit_response(tp, dm, fit, floor)
-        coefs.append(coef)
-        errs = loo_errors(tp, dm, fit, floor)
-        fit_err[i] = math.expm1(math.sqrt(np.mean(np.square(errs)))) if errs else 0.0
-        for k in np.flatnonzero(t[i] > 0):
-            damage[i, k] = max(dm[pk.index(k)] - coef[2], 0.0) if measured and k in pk else predict(coef, t[i, k])
-        for j, k in enumerate(direct[i]):
-            damage[i, k] = d[i, n + j]
-    return damage, coefs, fit_err
-
-
-# ---------------------------------------------------------------------- probes, noise, fit
-def auto_probes(options, n: int, low: bool = False) -> list[int]:
-    """``n`` option indices of ``options`` (``[(index, Option)]``, weight-only) spread evenly in bits:
-    the per-channel options when there are enough of them (they bracket the group-wise ones), the
-    lowest and highest excluded when more than ``n`` remain (their damage is extreme and seldom
-    chosen); with ``low``, the ``n`` lowest of those (16-bit arithmetic adds a floor to every distance,
-    and the probes must stand above it)."""
-    if len(options) <= n:
-        return [k for k, _ in options]
-    pool = [(k, o) for k, o in options if o.group_size is None and o.fmt is None] or list(options)
-    if len(pool) < n:
-        pool = list(options)
-    pool = sorted(pool, key=lambda ko: (ko[1].bits, -(ko[1].group_size or 1 << 30)))
-    if len(pool) > n + 1:
-        pool = pool[1:-1] if len(pool) > n + 2 else pool[:-1]
-    if len(pool) <= n:
-        return [k for k, _ in pool]
-    if low:
-        return [k for k, _ in pool[:n]]
-    picks = sorted({round(j * (len(pool) - 1) / (n - 1)) for j in range(n)}) if n > 1 else [len(pool) // 2]
-    return [pool[j][0] for j in picks]
-
-
-def shaped_noise(w: torch.Tensor, q: torch.Tensor, option, kind: str, seed: int) -> torch.Tensor:
-    """``w`` plus uniform noise whose root mean square equals that of the rounding error ``q - w`` in
-    each scale group of ``option`` (the whole row for per-channel options), seeded."""
-    m = weight_matrix(w.detach(), kind).float()
-    err = weight_matrix(q.detach(), kind).float() - m
-    rows, cols = m.shape
-    g = min(option.group_size or cols, cols)
-    n = -(-cols // g)
-    pad = n * g - cols
-    e = torch.nn.functional.pad(err, (0, pad)).reshape(rows, n, g)
-    count = torch.full((n,), float(g), device=m.device)
-    count[-1] = g - pad
-    rms = (e.pow(2).sum(-1, keepdim=True) / count[None, :, None]).sqrt()
-    gen = torch.Generator(device=m.device).manual_seed(int(seed) % (2**63))
-    z = (torch.rand(rows, n, g, generator=gen, device=m.device) * 2 - 1) * math.sqrt(3.0)
-    noise = (z * rms).reshape(rows, -1)[:, :cols]
-    return from_weight_matrix((m + noise).to(w.dtype), w, kind)
-
-
-def fit_response(t, d, fit: str = "linear", floor: bool = False) -> tuple[float, float, float]:
-    """``(alpha, gamma, floor)`` of d = alpha * t^gamma (+ floor) over the probes with t > 0 and d > 0.
-
-    ``linear``: gamma 1, alpha the geometric mean of d / t; ``power``: least squares in log-log, gamma
-    clipped to [0.5, 2]. With ``floor`` (and at least two probes): d = alpha * t + floor, alpha and
-    floor >= 0, by least squares of the relative residuals (the floor is the distance that 16-bit
-    arithmetic adds to any perturbation; it is not the layer's, so predictions leave it out)."""
-    t, d = np.asarray(t, dtype=float), np.asarray(d, dtype=float)
-    ok = (t > 0) & (d > 0)
-    if not ok.any():
-        return 0.0, 1.0, 0.0
-    if floor and ok.sum() >= 2 and np.ptp(t[ok]) > 0:
-        a = np.stack([t[ok] / d[ok], 1 / d[ok]], 1)  # rows: (alpha * t + f) / d = 1
-        (alpha, f), *_ = np.linalg.lstsq(a, np.ones(int(ok.sum())), rcond=None)
-        if alpha > 0 and f > 0:
-            return float(alpha), 1.0, float(f)
-    lt, ld = np.log(t[ok]), np.log(d[ok])
-    if fit == "power" and ok.sum() >= 2 and np.ptp(lt) > 1e-9:
-        gamma = float(np.clip(np.polyfit(lt, ld, 1)[0], *_GAMMA))
-    else:
-        gamma = 1.0
-    return float(np.exp(np.mean(ld - gamma * lt))), gamma, 0.0
-
-
-def predict(coef, t: float) -> float:
-    """A layer's damage at relative error ``t`` (without the floor)."""
-    alpha, gamma = coef[0], coef[1]
-    return float(alpha * t**gamma) if t > 0 else 0.0
-
-
-def loo_errors(t, d, fit: str = "linear", floor: bool = False) -> list[float]:
-    """log(predicted / measured) of each probe predicted from the others (probes with d, t > 0; with
-    ``floor`` the prediction includes the fitted floor, and at least three probes are needed)."""
-    t, d = np.asarray(t, dtype=float), np.asarray(d, dtype=float)
-    ok = np.flatnonzero((t > 0) & (d > 0))
-    out = []
-    if len(ok) < (3 if floor else 2):
-        return out
-    for j in ok:
-        rest = [i for i in ok if i != j]
-        coef = fit_response(t[rest], d[rest], fit if len(rest) >= 2 else "linear", floor)
-        out.append(math.log((predict(coef, t[j]) + coef[2]) / d[j]))
-    return out
-
-
-def _stderr(values, weights) -> np.ndarray:
-    """Standard error of the weighted mean of per-batch values (axis 0; 0 with one batch)."""
-    values, weights = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
-    if len(values) < 2:
-        return np.zeros(values.shape[1:])
-    w = weights.reshape((-1,) + (1,) * (values.ndim - 1))
-    mean = (w * values).sum(0) / weights.sum()
-    var = (w * (values - mean) ** 2).sum(0) / weights.sum()
-    return np.sqrt(var / (len(values) - 1))
-
-
-# ---------------------------------------------------------------------- input statistics
-class _InputStats:
-    """Each layer's input second moments: the Gram matrix E[x x^T] (one for layers fed the same tensor,
-    such as q/k/v) or its diagonal; token counts for embeddings. With ``mode="auto"`` the first batch
-    gives Gram matrices to the layers in the order the forward reaches them while their total fits
-    ``limit_bytes``, and diagonals to the rest."""
-
-    def __init__(self, model, ctx: Context, mode: str, limit_bytes: float):
-        self.model, self.ctx, self.mode, self.limit = model, ctx, mode, limit_bytes
-        self.sums: dict[str, torch.Tensor] = {}  # key -> sum of x x^T, of x^2, or token counts
-        self.counts: dict[str, float] = {}
-        self.key_of: dict[str, str] = {}  # layer -> key of its statistic (its own name or its group's)
-        self.kind_of: dict[str, str] = {}  # key -> "gram" | "diagonal" | "tokens"
-        self.gram_bytes = 0
-        self._den: dict[str, torch.Tensor] = {}  # layer -> tr(W H W^T) of its weight (the same for every option)
-
-    @torch.no_grad()
-    def collect(self, batches) -> None:
-        from ..data import run_model
-
-        for batch in batches:
-            seen: list = []  # (tensor, key) of this forward: layers fed the same tensor share a Gram
-            handles = [get_module(self.model, lay.name).register_forward_pre_hook(self._hook(lay, seen))
-                       for lay in self.ctx.layers]
-            try:
-                run_model(self.model, move_batch(batch, self.ctx.device))
-            finally:
-                for h in handles:
-                    h.remove()
-
-    def _kind(self, lay, x) -> str:
-        """The statistic a layer first seen gets."""
-        if lay.kind == "embedding":
-            return "tokens"
-        if lay.kind not in ("linear", "conv1d_hf") or self.mode == "diagonal":
-            return "diagonal"
-        size = x.shape[-1] ** 2 * (8 if x.device.type == "cpu" else 4)
-        if self.mode == "gram" or self.gram_bytes + size <= self.limit:
-            self.gram_bytes += size
-            return "gram"
-        return "diagonal"
-
-    def _hook(self, lay, seen):
-        module = get_module(self.model, lay.name)
-
-        def hook(mod, args):
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                return
-            shared = next((k for t, k in seen if t is x), None)  # identity, not equality
-            if lay.name not in self.key_of:  # first batch: this layer's statistic (its input's, if shared)
-                usable = shared is not None and lay.kind in ("linear", "conv1d_hf") and self.kind_of[shared] != "tokens"
-                key = shared if usable else lay.name
-                self.key_of[lay.name] = key
-                if key not in self.kind_of:
-                    self.kind_of[key] = self._kind(lay, x)
-            key = self.key_of[lay.name]
-            if shared is None:
-                seen.append((x, key))
-            elif shared == key:
-                return  # already added by the layer that owns this input
-            x = x.detach()
-            kind = self.kind_of[key]
-            if kind == "tokens":
-                value, count = torch.bincount(x.reshape(-1).long(), minlength=module.weight.shape[0]), 1.0
-            elif kind == "gram":
-                flat = x.reshape(-1, x.shape[-1])
-                flat = flat.double() if flat.device.type == "cpu" else flat.float()
-                value, count = flat.T @ flat, flat.shape[0]
-            else:
-                value, count = _column_moments(x, lay, module), _rows(x, lay)
-            self._add(key, value, count)
-        return hook
-
-    def _add(self, key, value, count):
-        value = value.double() if value.device.type == "cpu" else value.float()
-        if key in self.sums:
-            self.sums[key] += value
-            self.counts[key] += count
-        else:
-            self.sums[key], self.counts[key] = value, float(count)
-
-    def mode_summary(self) -> dict:
-        kinds = {}
-        for lay in self.ctx.layers:
-            k = self.kind_of.get(self.key_of.get(lay.name), "none")
-            kinds[k] = kinds.get(k, 0) + 1
-        return {"requested": self.mode, "layers": kinds,
-                "gram_mb": round(sum(v.numel() * v.element_size() for k, v in self.sums.items()
-                                     if self.kind_of[k] == "gram") / 2**20, 3)}
-
-    @torch.no_grad()
-    def relative_error(self, layer, w, variant) -> float:
-        """t = tr(dW H dW^T) / tr(W H W^T) of the layer (the layer's output error under its inputs,
-        relative to its output), H the Gram matrix, its diagonal, or the token counts. The denominator is
-        computed once per layer (``w`` is the layer's unchanged weight in every call)."""
-        key = self.key_of.get(layer.name)
-        if key not in self.sums:  # the layer never ran on the calibration data: its plain weight error
-            m = weight_matrix(w.detach(), layer.kind).float()
-            dm = weight_matrix(variant.detach(), layer.kind).float() - m
-            return float(dm.pow(2).sum() / m.pow(2).sum().clamp(min=1e-300))
-        kind, s = self.kind_of[key], self.sums[key]
-        m = weight_matrix(w.detach(), layer.kind).to(s.dtype)
-        dm = weight_matrix(variant.detach(), layer.kind).to(s.dtype) - m
-        if kind == "tokens":  # embedding: row j is read once per occurrence of token j
-            def quad(a):
-                return (a.pow(2).sum(1) * s).sum()
-        elif kind == "gram":
-            def quad(a):
-                return ((a @ s) * a).sum()
-        else:
-            def quad(a):
-                return (a.pow(2) * s[None, :]).sum()
-        if layer.name not in self._den:
-            self._den[layer.name] = quad(m)
-        num, den = quad(dm), self._den[layer.name]
-        return float(num / den) if float(den) > 0 else 0.0
-
-
-def _column_moments(x, lay, module) -> torch.Tensor:
-    """Sum of squares of each column of the layer's weight matrix's input (conv: per input channel,
-    repeated over the kernel elements; grouped convolutions: the groups' channels averaged)."""
-    x = x.double() if x.device.type == "cpu" else x.float()
-    if lay.kind in ("conv1d", "conv2d"):
-        c_in = x.shape[1]
-        ms = x.transpose(0, 1).reshape(c_in, -1).pow(2).sum(1)
-        ms = ms.reshape(module.groups, -1).mean(0)
-        return ms.repeat_interleave(int(np.prod(module.kernel_size)))
-    return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-
-
-def _rows(x, lay) -> float:
-    if lay.kind in ("conv1d", "conv2d"):
-        return float(x.numel() // x.shape[1])
-    return float(x.numel() // x.shape[-1])

@@ -17,7 +17,7 @@ import torch
 from ..data import move_batch, run_model
 from ..errors import MpsearchError
 from ..layers import get_module
-from ..moe import EXPERT_KINDS
+from ..moe import _index_tensor, EXPERT_KINDS, split_name
 from ..quant import expert_matrices, weight_matrix
 from .base import Context, Estimator, rounding_damage, weight_errors
 
@@ -73,8 +73,6 @@ def _expert_moments(model, layers):
     """Hooks, and the result after a pass: per stacked expert layer ``[experts, in]``, each expert's
     sum of squared inputs over the tokens routed to it, divided by the tokens its block saw (a
     per-expert layer: its row)."""
-    from ..moe import _index_tensor, split_name
-
     if not layers:
         return [], dict
     modules = dict(model.named_modules())

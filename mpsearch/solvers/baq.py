@@ -140,16 +140,15 @@ def round_down(b_cont, bits, allowed, damage) -> np.ndarray:
 
 def repair(choice, damage, w, allowed, cap, passes) -> np.ndarray:
     """Downgrade until the plan fits, then upgrade while anything fits (true table costs)."""
+    with np.errstate(invalid="ignore"):
+        return _repair(choice.copy(), damage, w, allowed, cap, passes)
+
+
+def _repair(choice, damage, w, allowed, cap, passes):
     idx = np.arange(len(choice))
-    choice = choice.copy()
     tol = 1e-12 * max(abs(cap), 1.0)
     wa = np.where(allowed, w, np.inf)
     damage = np.where(allowed, damage, np.inf)
-    with np.errstate(invalid="ignore"):
-        return _repair(choice, idx, damage, w, wa, allowed, cap, tol, passes)
-
-
-def _repair(choice, idx, damage, w, wa, allowed, cap, tol, passes):
     for _ in range(passes):  # downgrade: least damage added per unit saved
         used = w[idx, choice].sum()
         if used <= cap + tol:

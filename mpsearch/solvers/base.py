@@ -19,8 +19,9 @@ import numpy as np
 from .. import __version__
 from ..budget import Budget
 from ..errors import MpsearchError
+from ..options import parse_option
 from ..plan import BitPlan
-from ..problem import Problem, compile_problem
+from ..problem import compile_problem, Problem
 from ..table import CostTable
 
 STATUSES = ("optimal", "feasible", "infeasible", "time_limit")
@@ -108,7 +109,6 @@ def make_plan(problem: Problem, choice, *, solver=None, budget: Budget | None = 
     """Turn a choice vector into a BitPlan with predicted totals and provenance."""
     names = problem.decode(choice)
     bits_by_option = dict(zip(problem.option_names, problem.option_bits.tolist()))
-    from ..options import parse_option
 
     described: dict[str, dict | None] = {}  # one description per option name, copied per layer
     for opt in set(names.values()):

@@ -43,7 +43,7 @@ from ..errors import MpsearchError
 from ..pareto import column_sums, pareto_indices
 from ..problem import Problem
 from .base import Solution, Solver
-from .greedy import argmin_lex, hull_segments
+from .greedy import argmin_lex, greedy_choice, hull_segments
 
 
 class DPSolver(Solver):
@@ -196,8 +196,6 @@ class DPSolver(Solver):
     def _core(self, problem: Problem, column: str, cap: float, incumbent: np.ndarray, curve):
         """The proved optimum under ``cap`` by reduced-cost fixing + exact DP on the core (module
         doc), or the incumbent with its bound. Returns ``(choice, stats)``."""
-        from .greedy import greedy_choice
-
         idx = np.arange(problem.n_items)
         w = problem.resources[column]
         d = problem.damage

@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import MpsearchError
 from ..pareto import best_under
 from ..problem import Problem
-from .base import Solution, Solver, make_plan
+from .base import make_plan, Solution, Solver
+from .greedy import greedy_choice
 
 
 class EvolutionarySolver(Solver):
@@ -145,8 +146,6 @@ class EvolutionarySolver(Solver):
             seeds.append(np.argmin(np.where(allowed, cost0, np.inf), axis=1))  # the cheapest plan
             seeds.extend(problem.uniform_choices())  # uniform plans (nearest allowed option)
             if len(cm):
-                from .greedy import greedy_choice
-
                 g = greedy_choice(problem)
                 if g is not None:
                     seeds.append(np.asarray(g))

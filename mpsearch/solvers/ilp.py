@@ -29,7 +29,9 @@ import numpy as np
 
 from ..errors import MpsearchError
 from ..problem import Problem
+from ..table import CostTable
 from .base import Solution, Solver
+from .greedy import greedy_choice
 
 BACKENDS = ("auto", "highs", "cbc")
 OBJ_SCALE = 1e6
@@ -123,7 +125,6 @@ class ILPSolver(Solver):
         if status == "infeasible":
             return Solution(None, "infeasible", "no plan meets all constraints together (proved by the ILP)", stats)
         if status == "time_limit":  # keep the better of the backend's incumbent and the greedy plan
-            from .greedy import greedy_choice
 
             g = greedy_choice(problem)
             idx = np.arange(problem.n_items)
@@ -212,8 +213,6 @@ class ILPSolver(Solver):
             prob += pulp.LpAffineExpression((xs[j], float(row[j])) for j in np.flatnonzero(row)) <= float(m.b_ub[c]), f"cap_{c}"
         warm = False
         if self.warm_start and backend == "cbc":
-            from .greedy import greedy_choice
-
             g = greedy_choice(problem)
             if g is not None and problem.is_feasible(g):
                 warm = True
@@ -373,8 +372,6 @@ def solve_pairwise(problem: Problem, terms, *, time_limit: float | None = 60.0):
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix, hstack
 
-    from .base import Solution
-
     reason = problem.infeasibility()
     if reason:
         return Solution(None, "infeasible", reason)
@@ -421,8 +418,6 @@ def risk_adjusted(table, risk: float):
     """The table with ``damage + risk * damage_std`` as its damage (the linear risk-averse objective
     ``sum (damage + risk * std)``: a per-choice upper quantile, not ``sum damage + risk * sqrt(sum std^2)``,
     which is not linear). The original damage stays in ``damage_mean``; ``metadata["risk"]`` records ``risk``."""
-    from ..table import CostTable
-
     if not risk >= 0:
         raise MpsearchError(f"ilp: risk must be a number >= 0, got {risk!r}")
     f = table.to_frame()

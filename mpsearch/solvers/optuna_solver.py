@@ -30,7 +30,8 @@ import numpy as np
 
 from ..errors import MpsearchError
 from ..problem import Problem
-from .base import Solution, Solver, make_plan
+from .base import make_plan, Solution, Solver
+from .greedy import greedy_choice
 
 SAMPLERS = ("tpe", "nsga2")
 
@@ -178,8 +179,8 @@ class OptunaSolver(Solver):
 
     def _worker_seed(self) -> int:
         """A shared study's sampler seed: distinct per worker (rank, or process id), reproducible."""
-        from .. import distributed
-        from ..sensitivity.base import probe_seed
+        from .. import distributed  # start-up: keeps this module free of torch
+        from ..sensitivity.base import probe_seed  # start-up: keeps this module free of torch
 
         worker = self.worker
         if worker is None:
@@ -192,7 +193,7 @@ class OptunaSolver(Solver):
         try:
             storage = self.storage
             if isinstance(storage, str):
-                from ..distributed import optuna_storage
+                from ..distributed import optuna_storage  # start-up: keeps the solvers free of torch
 
                 storage = optuna_storage(storage)
             try:
@@ -238,8 +239,6 @@ def _start_plans(problem: Problem) -> list[np.ndarray]:
     """The greedy plan (when constrained) and the uniform plans that fit the budget."""
     plans = []
     if problem.constraints:
-        from .greedy import greedy_choice
-
         g = greedy_choice(problem)
         if g is not None:
             plans.append(np.asarray(g))

@@ -23,8 +23,9 @@ a target is mostly data: which formats, for which layers.
 
 from __future__ import annotations
 
-from ..errors import MpsearchError, close_matches, name_list
-from ..options import Option, expand_presets, parse_option
+from ..errors import close_matches, MpsearchError, name_list
+from ..options import expand_presets, Option, parse_option
+from ..plan import BitPlan
 from ..registry import REGISTRIES, TARGETS  # noqa: F401  (TARGETS: the names, re-exported)
 
 DEFAULT_TARGET = "mpsearch"
@@ -158,7 +159,7 @@ def is_output_layer(model, name: str, *, tied_only: bool = False) -> bool:
         return False
     if out is None or (tied_only and (inp is None or out.weight is not inp.weight)):
         return False
-    from ..layers import get_module
+    from ..layers import get_module  # start-up: keeps this module free of torch/numpy
 
     try:
         return get_module(model, name) is out
@@ -257,8 +258,6 @@ def recipe_plans(table, target, layers) -> dict:
     mixes...) as plans over ``table``'s layers: ``{recipe name: BitPlan}``. ``layers`` are the
     :class:`~mpsearch.layers.Layer` objects of the table's layers (their shapes decide the rules).
     A recipe that needs an option the table does not offer for some layer is left out."""
-    from ..plan import BitPlan
-
     chosen = get_target(target)
     by_name = {lay.name: lay for lay in layers}
     missing = [n for n in table.layers if n not in by_name]

@@ -7,8 +7,9 @@ default pipeline's: asymmetric per-channel int2..int8.
 
 from __future__ import annotations
 
-from ..options import DEFAULT_SEARCH_OPTIONS, parse_option
 from . import Target
+from ..errors import MpsearchError
+from ..options import DEFAULT_SEARCH_OPTIONS, parse_option, parse_options
 
 
 class MpsearchTarget(Target):
@@ -21,13 +22,9 @@ class MpsearchTarget(Target):
     per_expert = True  # the applier quantizes any slice of a stacked expert tensor
 
     def parsed_options(self, names=None, imatrix: bool = False):
-        from ..options import parse_options
-
         opts = parse_options(names if names is not None else ",".join(self.default_options))
         bad = [o.name for o in opts if o.fmt is not None]
         if bad:
-            from ..errors import MpsearchError
-
             raise MpsearchError(
                 f"target 'mpsearch' takes mpsearch's integer options (intB[-gG][-asym], keep), not "
                 f"{', '.join(bad)}; pick the consumer's target with --target (see 'mpsearch targets')"

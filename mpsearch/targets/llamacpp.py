@@ -34,8 +34,10 @@ Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 
 from __future__ import annotations
 
+from . import is_output_layer, STACKED_EXPERT_TIES, Target
+from ..export.llamacpp_types import llama_gguf_name
 from ..formats.ggml import fallback_type  # llama.cpp's tensor_type_fallback
-from . import STACKED_EXPERT_TIES, Target, is_output_layer
+from .llamacpp_mixes import recipes_for_layers
 
 
 class LlamaCppTarget(Target):
@@ -63,8 +65,6 @@ class LlamaCppTarget(Target):
     moe_ties = STACKED_EXPERT_TIES
 
     def unplanned_reason(self, layer, model=None) -> str | None:
-        from ..export.llamacpp_types import llama_gguf_name
-
         if getattr(layer, "role", None) == "router":
             return "router: llama.cpp keeps ffn_gate_inp in F32 (llama-quantize never quantizes it)"
         if layer.kind == "embedding":
@@ -90,8 +90,6 @@ class LlamaCppTarget(Target):
 
 def _builtin_mixes(layers, imatrix: bool = False) -> dict[str, dict[str, str]]:
     """llama.cpp's built-in mixes for these layers (empty for names it cannot map to GGUF)."""
-    from .llamacpp_mixes import recipes_for_layers
-
     return recipes_for_layers(layers, has_imatrix=imatrix)
 
 

@@ -260,6 +260,8 @@ def _layer_info(i_layer: int, n_layer: int, name: str, n_expert: int) -> tuple[i
     return i_layer, n_layer
 
 
+# The ported C if-chain (llama_tensor_get_type_impl): kept whole and in the C order, so that it reads line
+# by line against llama.cpp; excepted from the size limits (SIZE_EXCEPTIONS in tests/test_seams.py).
 def _get_type_impl(st: _State, new_type: str, name: str, ncols: int, ndim3: int, ftype: str,
                    cat: str, *, arch: str, n_gqa: int, n_expert: int, is_70b: bool,
                    output_tensor_type: str | None) -> str:
@@ -460,6 +462,24 @@ def _positive(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _tensor_type_patterns(tensor_types) -> list:
+    """``--tensor-type`` pairs as (compiled lowercased regex, canonical type), checked."""
+    patterns = []
+    for entry in tensor_types or ():
+        try:
+            pat, t = entry
+            patterns.append((re.compile(str(pat).lower()), canonical_type(t)))
+        except re.error as e:
+            raise MpsearchError(f"bad tensor-type regex {entry[0]!r}: {e}; give a regular "
+                                "expression over GGUF tensor names") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, MpsearchError):
+                raise
+            raise MpsearchError(f"bad tensor-type entry {entry!r}: give (regex, ggml type) "
+                                "pairs") from None
+    return patterns
+
+
 def mix_types(ftype: str, tensors, *, arch: str = "llama", n_layer: int, n_head: int,
               n_head_kv: int, n_expert: int = 0, has_imatrix: bool = False,
               token_embedding_type: str | None = None, output_tensor_type: str | None = None,
@@ -490,20 +510,7 @@ def mix_types(ftype: str, tensors, *, arch: str = "llama", n_layer: int, n_head:
         raise MpsearchError(f"arch must be the GGUF general.architecture string, got {arch!r}")
     tok_type = canonical_type(token_embedding_type) if token_embedding_type is not None else None
     out_type = canonical_type(output_tensor_type) if output_tensor_type is not None else None
-    patterns = []
-    for entry in tensor_types or ():
-        try:
-            pat, t = entry
-            patterns.append((re.compile(str(pat).lower()), canonical_type(t)))
-        except re.error as e:
-            raise MpsearchError(f"bad tensor-type regex {entry[0]!r}: {e}; give a regular "
-                                "expression over GGUF tensor names") from None
-        except (TypeError, ValueError) as e:
-            if isinstance(e, MpsearchError):
-                raise
-            raise MpsearchError(f"bad tensor-type entry {entry!r}: give (regex, ggml type) "
-                                "pairs") from None
-
+    patterns = _tensor_type_patterns(tensor_types)
     shapes = dict(items)
     order = tensor_order(shapes)
     st = _State(order, n_layer, has_imatrix)

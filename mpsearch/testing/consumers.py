@@ -38,6 +38,12 @@ from __future__ import annotations
 import numbers
 
 from ..errors import MpsearchError
+from ..export import export_plan, get_exporter, import_plan
+from ..formats import Format, format_names, get_format
+from ..layers import Layer
+from ..options import parse_option
+from ..plan import BitPlan
+from ..targets import get_target
 
 #: shapes tried, in order, for one the format stores (out_channels, in_features)
 _COMMON_SHAPES = ((64, 256), (64, 512), (64, 1024), (128, 2048), (64, 4096))
@@ -48,8 +54,6 @@ _COMMON_SHAPES = ((64, 256), (64, 512), (64, 1024), (128, 2048), (64, 4096))
 # ------------------------------------------------------------------------------------------------
 
 def _format(fmt):
-    from ..formats import Format, get_format
-
     if isinstance(fmt, Format):
         return fmt
     found = get_format(fmt)
@@ -253,8 +257,6 @@ def check_format(fmt, *, quantizer: bool = True, reference=None) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def _target(target):
-    from ..targets import get_target
-
     return get_target(target)
 
 
@@ -262,8 +264,6 @@ def probe_layers(blocks: int = 2, hidden: int = 256, intermediate: int = 640):
     """A Llama-like set of :class:`~mpsearch.layers.Layer` objects (embedding, attention and MLP
     projections, an untied ``lm_head``) whose shapes exercise the shape rules: the MLP's
     ``down_proj`` rows (``intermediate`` = 640) are not a multiple of 256."""
-    from ..layers import Layer
-
     def lin(name, out, inp, kind="linear"):
         return Layer(name=name, kind=kind, shape=(out, inp), params=out * inp, out_channels=out, in_features=inp)
 
@@ -278,16 +278,11 @@ def probe_layers(blocks: int = 2, hidden: int = 256, intermediate: int = 640):
 
 def _foreign_option(target):
     """A consumer format option the target does not execute (another consumer's)."""
-    from ..formats import format_names, get_format
-    from ..options import parse_option
-
     mine = {getattr(parse_option(o).format, "consumer", None) for o in target.options}
     return next(n for n in format_names() if n not in target.options and get_format(n).consumer not in mine)
 
 
 def check_target_options(target, **_):
-    from ..options import parse_option
-
     t = _target(target)
     name = t.name
     assert isinstance(name, str) and name, f"target {t!r}: no name"
@@ -360,7 +355,6 @@ def check_target_recipes(target, layers=None, **_):
             assert not unknown, f"{t.name}: recipe {rname!r} names layers it was not given: {sorted(unknown)[:3]}"
             for lay_name, opt in choice.items():
                 assert opt in t.options, f"{t.name}: recipe {rname!r} uses {opt!r}, not one of its options"
-                from ..options import parse_option
 
                 why = t.option_reason(by_name[lay_name], parse_option(opt))
                 assert why is None, f"{t.name}: recipe {rname!r} gives {lay_name} {opt!r}, which it refuses: {why}"
@@ -370,10 +364,6 @@ def check_export_round_trip(target, layers=None, **_):
     """The target's exporter writes a plan that uses every option it offers on the probe layers
     (round robin, ``keep`` included); where the exporter has an importer, the plan read back has
     the same option on every layer."""
-    from ..export import export_plan, get_exporter, import_plan
-    from ..options import parse_option
-    from ..plan import BitPlan
-
     t = _target(target)
     if not t.exporter:
         return

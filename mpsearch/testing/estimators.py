@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import MpsearchError
 from ..layers import iter_quantizable
 from ..registry import get_estimator
+from ..sensitivity.base import EstimatorWarning
 from ..sensitivity.cache import model_fingerprint
 from .models import tiny_cnn, tiny_lm
 
@@ -25,8 +26,6 @@ OPTIONS = "2,4,8,keep"
 
 
 def _estimate(name, case, settings, seed=0):
-    from ..sensitivity.base import EstimatorWarning
-
     model, batches = CASES[case]()
     est = get_estimator(name, options=OPTIONS, **{"seed": seed, **settings})
     with warnings.catch_warnings():

@@ -1,0 +1,145 @@
+"""C semantics in torch for mpsearch.formats.ggml (float32 everywhere): the rounding, casts and
+sums of ggml-quants.c, with the constants the GGML types share.
+"""
+
+from __future__ import annotations
+
+QK_K = 256
+
+#: iq4_nl's non-linear levels (kvalues_iq4nl in ggml/src/ggml-common.h)
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+GROUP_MAX_EPS = 1e-15
+
+#: blocks quantized per torch pass (bounds the temporaries: ~2**20 weights per pass)
+_CHUNK_WEIGHTS = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: C semantics in torch (float32 everywhere)
+
+
+def _f32(v) -> float:
+    """A Python float holding the float32 value of ``v`` (for scalar constants computed as in C)."""
+    import numpy as np
+
+    return float(np.float32(v))
+
+
+def _c_f32(v):
+    """A numpy float32, for scalar constants the C code computes in float (``nmax + 0.1f*is``)."""
+    import numpy as np
+
+    return np.float32(v)
+
+
+def _full(like, v):
+    """The float32 constant ``v`` as a tensor shaped like ``like``. Divisions are always tensor by
+    tensor: torch computes ``scalar / tensor`` as ``tensor.reciprocal() * scalar`` (two roundings)."""
+    import torch
+
+    return torch.full_like(like, _f32(v))
+
+
+def _nearest_int(f):
+    """ggml's ``nearest_int``: ``(bits(f + 12582912.f) & 0x7fffff) - 0x400000`` (int32)."""
+    import torch
+
+    return ((f + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
+
+
+def _round_small(f):
+    """``nearest_int`` as a float for ``|f| < 2**22``: ``(f + 1.5 * 2**23) - 1.5 * 2**23`` rounds to
+    the nearest integer, ties to even, in two float32 additions (faster than torch.round)."""
+    return (f + 12582912.0) - 12582912.0
+
+
+def _roundf(f):
+    """C ``roundf``: half away from zero."""
+    import torch
+
+    t = torch.trunc(f)
+    return t + torch.where((f - t).abs() >= 0.5, torch.sign(f), torch.zeros_like(f))
+
+
+def _seqsum(terms):
+    """``float s = 0; for (i...) s += terms[i];`` over the last axis, in that order."""
+    import torch
+
+    acc = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
+    for col in terms.t().contiguous():
+        acc = acc + col
+    return acc
+
+
+def _seqsum_t(terms_t):
+    """:func:`_seqsum` of terms already laid out ``[n, blocks]`` (one row per term index)."""
+    import torch
+
+    acc = torch.zeros(terms_t.shape[1], dtype=torch.float32, device=terms_t.device)
+    for row in terms_t:
+        acc = acc + row
+    return acc
+
+
+def _first_absmax(x):
+    """``amax = 0; max = 0; for i: if (|x_i| > amax) {amax = |x_i|; max = x_i;}`` per row."""
+    import torch
+
+    ax = x.abs()
+    amax = ax.amax(dim=-1)
+    idx = (ax == amax.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)  # the first index of the max
+    mx = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(mx)
+    return torch.where(amax > 0, mx, zero), torch.where(amax > 0, amax, zero)
+
+
+def _first_equal(x, v):
+    """The element of each row of ``x`` that first equals ``v`` (keeps the sign of a zero)."""
+    import torch
+
+    idx = (x == v.unsqueeze(-1)).to(torch.uint8).argmax(dim=-1)
+    return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def _fp16(v):
+    """``GGML_FP32_TO_FP16`` (round to nearest even) as a float16 tensor."""
+    import torch
+
+    return v.to(torch.float16)
+
+
+def _sqrtf(v):
+    """C ``sqrtf``: torch's float32 sqrt is not always correctly rounded (off by one ulp on some
+    values); the float64 root rounded to float32 is (53 >= 2 * 24 + 2 bits)."""
+    import torch
+
+    return torch.sqrt(v.double()).float()
+
+
+def _recip_or_zero(d):
+    """``d ? 1.0f/d : 0.0f``."""
+    import torch
+
+    return torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))
+
+
+def _wrap_u8(i):
+    return i & 0xFF
+
+
+def _wrap_i8(i):
+    return ((i + 128) & 0xFF) - 128
+
+
+def _half_bytes(h):
+    """Little-endian bytes of a float16 tensor ``[n]`` -> uint8 ``[n, 2]``."""
+    import torch
+
+    return h.contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+def _u8(t):
+    import torch
+
+    return t.to(torch.uint8)
