@@ -116,7 +116,7 @@ def resolve(*, target=None, options=None, estimator=None, metric=None, model=Non
     - ``options``: as given; else a consumer ``target``'s default set (llama.cpp's i-quants join it
       when the rounding uses an importance matrix, ``imatrix``, and the work runs on a ``gpu``: their
       searches take about 2 hours for a 135M model on 2 CPU cores; left out on the CPU with a
-      warning, as are the target's ``cpu_imatrix_left_out``, llama.cpp's q4_1 and q5_1); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
+      warning, as are the target's ``cpu_imatrix_left_out``, none for llama.cpp); else the recipe's for the model (:func:`recipe_options`: the ``llm`` preset for a causal LM);
     - ``estimator``: as given, else :func:`default_estimator` (``has_data``: calibration data given;
       ``fisher`` for a causal LM on a CPU);
     - ``metric``: as given, else the model's default (:func:`default_metric`, ``batch`` an

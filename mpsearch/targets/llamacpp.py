@@ -54,11 +54,11 @@ class LlamaCppTarget(Target):
     imatrix_default_options = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_K", "iq3_xxs",
                                "iq3_s", "q3_K", "iq4_xs", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0",
                                "q5_1", "q5_K", "q6_K", "q8_0")
-    #: also left out of the imatrix default set on the CPU: their imatrix scale searches (37 candidate
-    #: minima per block) take about half of the CPU rounding time of all the other types together,
-    #: while the plans that had them (K-quants at hand) did not take them; on SmolLM2 they are its
-    #: source grid (experiments/newcomer_cpu.md)
-    cpu_imatrix_left_out = ("q4_1", "q5_1")
+    #: none left out of the imatrix default set on the CPU for speed: q4_1 and q5_1 take about half of the
+    #: CPU rounding time (experiments/newcomer_cpu.md), but q5_1 is llama.cpp's own fallback of q5_K
+    #: on rows that do not divide 256 (SmolLM2's 576 columns), so without it the built-in mixes
+    #: (Q3_K_M, Q4_K_M, pure q4_K ...) can no longer be measured beside the plans
+    cpu_imatrix_left_out: tuple = ()
     notes = ("rows must divide the type's block (256 for K-quants and i-quants, 32 otherwise); a tied "
              "lm_head is not planned; iq1_*, iq2_* and iq3_xxs need an importance matrix")
 
