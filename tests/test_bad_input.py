@@ -811,7 +811,10 @@ def _wait_for(predicate, timeout=60.0):
 def test_sigint_gives_one_line_and_exit_130_and_no_output(tmp_path):
     out = tmp_path / "t.csv"
     argv, cache = _slow_estimate(tmp_path, out)
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the child takes Ctrl-C as a terminal gives it, whatever this runner's own disposition (a job
+    # started in the background by a shell without job control inherits SIGINT ignored)
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: cache.is_dir() and any(cache.iterdir()))  # work started and checkpointed
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
