@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def flops(cfg, n_layers_planned: int, options: int, tokens: int) -> float:
+def flops(cfg, options: int, tokens: int) -> float:
     """Matrix-product FLOPs of the suffix passes (prefix cached): a layer in block b runs blocks b..L-1
     and the head once per option on every token; 7 planned layers per block, the head one more."""
     L, H, I, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -90,8 +90,7 @@ def main(argv=None):
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     def record(kind, seconds, table, n, settings):
-        n_planned = len(table.layers)
-        f = flops(cfg, n_planned, len(table.options), n * args.seq_len)
+        f = flops(cfg, len(table.options), n * args.seq_len)
         rec = {"kind": kind, "card": card, "shape": args.shape, "dtype": str(dtype), "windows": n,
                "seq_len": args.seq_len, "settings": settings, "seconds": round(seconds, 2),
                "peak_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
