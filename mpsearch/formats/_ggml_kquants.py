@@ -11,9 +11,26 @@ from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes
 # the searches of ggml-quants.c, vectorised over blocks ([nb, n] rows)
 
 
+#: blocks per pass of the candidate searches: their temporaries ([block, blocks] float32, a few of
+#: them) stay in the CPU's cache while the Python overhead per torch call stays small
+_SEARCH_BLOCKS = 8192
+
+
+def _seqsum_into(acc, terms_t):
+    """``acc = 0; for (i...) acc += terms_t[i];`` in place (``acc`` [m], ``terms_t`` [n, m])."""
+    acc.zero_()
+    for row in terms_t:
+        acc.add_(row)
+    return acc
+
+
 def _make_qx_quants(x, nmax, qw=None):
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)``: returns (scale, L in 0..2*nmax-1); the
-    weight of each value is ``qw`` where given, else ``x * x``."""
+    weight of each value is ``qw`` where given, else ``x * x``.
+
+    The 19 candidate scales depend on the block's max only: their sums are computed all at once
+    (a candidate axis, each sum still in C's order), then the candidates are compared in C's order,
+    and the levels of the winner are computed again from its inverse scale."""
     import torch
 
     mx, amax = _first_absmax(x)
@@ -21,27 +38,37 @@ def _make_qx_quants(x, nmax, qw=None):
     xt = x.t().contiguous()
     w = xt * xt if qw is None else qw.t().contiguous()
     wx = w * xt
-
-    def pass_(iscale):  # |iscale * x| <= nmax + 1 here: nearest_int is round-half-even
-        l = torch.clamp(_round_small(iscale * xt), -nmax, nmax - 1)
-        return l, _seqsum_t(wx * l), _seqsum_t((w * l) * l)
-
-    l, sumlx, suml2 = pass_(_full(mx, -nmax) / mx)
-    L = l + nmax
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        s = _f32(_c_f32(nmax) + _c_f32(0.1) * _c_f32(is_))
-        l, sumlx, suml2 = pass_(_full(mx, -s) / mx)
-        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(upd, l + nmax, L)
-        scale = torch.where(upd, sumlx / suml2, scale)
-        best = torch.where(upd, scale * sumlx, best)
-    L = torch.where(zero, torch.zeros_like(L), L)
+    n, nb = xt.shape
+    # candidate 0: iscale = -nmax/max; then nmax + 0.1*is for is = -9..9 without 0, in C's order
+    nums = [_f32(nmax)] + [_f32(_c_f32(nmax) + _c_f32(0.1) * _c_f32(is_)) for is_ in range(-9, 10) if is_]
+    neg = torch.tensor([-v for v in nums], dtype=x.dtype, device=x.device)
+    iscales = neg[:, None] / mx[None, :]  # [C, nb]: _full(mx, -s) / mx
+    C = len(nums)
+    sumlx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
+    suml2 = torch.empty_like(sumlx)
+    step = max(1, _SEARCH_BLOCKS // C)
+    for i in range(0, nb, step):
+        j = min(nb, i + step)
+        l = torch.mul(xt[:, None, i:j], iscales[None, :, i:j])  # [n, C, b]
+        torch.round(l.clamp_(-nmax, nmax - 1), out=l)  # |iscale * x| <= nmax + 1: round half to even
+        t = wx[:, None, i:j] * l
+        _seqsum_into(sumlx[:, i:j], t)
+        torch.mul(w[:, None, i:j], l, out=t).mul_(l)
+        _seqsum_into(suml2[:, i:j], t)
+    sx, s2 = sumlx[0], suml2[0]
+    scale = torch.where(s2 != 0, sx / s2, torch.zeros_like(sx))
+    best = scale * sx
+    best_is = iscales[0]
+    for c in range(1, C):
+        sx, s2 = sumlx[c], suml2[c]
+        upd = (s2 > 0) & (sx * sx > best * s2)
+        scale = torch.where(upd, sx / s2, scale)
+        best = torch.where(upd, scale * sx, best)
+        best_is = torch.where(upd, iscales[c], best_is)
+    L = torch.round(torch.clamp(x * best_is[:, None], -nmax, nmax - 1)) + nmax
+    L = torch.where(zero[:, None], torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L.t().to(torch.int32)
+    return scale, L.to(torch.int32)
 
 
 def _make_q3_quants(x, nmax):
@@ -82,41 +109,70 @@ def _make_q3_quants(x, nmax):
 
 
 def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """``make_qkx2_quants``: returns (scale, L in 0..nmax, the_min = -min)."""
+    """``make_qkx2_quants`` (and ``make_qkx3_quants``, the same search with weights given):
+    returns (scale, L in 0..nmax, the_min = -min)."""
+    import torch
+
+    if x.shape[0] <= _SEARCH_BLOCKS:
+        return _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad)
+    parts = [_qkx2_part(x[i:i + _SEARCH_BLOCKS], w[i:i + _SEARCH_BLOCKS], nmax, rmin, rdelta, nstep, use_mad)
+             for i in range(0, x.shape[0], _SEARCH_BLOCKS)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad):
+    """:func:`_make_qkx2_quants` of one pass of blocks. Each candidate's levels depend on the min
+    that the candidates before it chose, so the candidates run one after another over all blocks.
+    The levels of the best candidate are not kept (a masked copy of [n, nb] per candidate): its
+    inverse scale and min are, and the levels are computed again from them at the end."""
     import torch
 
     xt = x.t().contiguous()
     wt = w.t().contiguous()
+    n, nb = xt.shape
     sum_w = wt[0].clone()
     sum_x = sum_w * xt[0]
-    for i in range(1, xt.shape[0]):
-        sum_w = sum_w + wt[i]
-        sum_x = sum_x + wt[i] * xt[i]
+    for i in range(1, n):
+        sum_w.add_(wt[i])
+        sum_x.add_(wt[i] * xt[i])
     mn = x.amin(dim=1)
     mx = x.amax(dim=1)
     zero = torch.zeros_like(mn)
     mn = torch.where(mn > 0, zero, mn)
     flat = mx == mn
+    lev = torch.empty_like(xt)
+    terms = torch.empty(n, 3, nb, dtype=xt.dtype, device=xt.device)
+    sums = torch.empty(3 * nb, dtype=xt.dtype, device=xt.device)
+    diff = torch.empty_like(xt)
+    mad = torch.empty_like(mn)
 
-    def levels(iscale, mn_):  # 0 <= iscale * (x - min) <= nmax + 1: nearest_int is round-half-even
-        return torch.clamp(_round_small(iscale * (xt - mn_)), 0, nmax)
+    def levels(iscale, mn_, out):
+        # clamp(nearest_int(iscale * (x - min)), 0, nmax): clamped first, the rounding (half to
+        # even, as nearest_int's for |v| < 2**22) cannot leave [0, nmax] and gives no -0
+        torch.sub(xt, mn_, out=out)
+        out.mul_(iscale).clamp_(0, nmax)
+        return torch.round(out, out=out)
 
-    def err(scale, L, mn_):
-        diff = (scale * L + mn_) - xt
-        diff = diff.abs() if use_mad else diff * diff
-        return _seqsum_t(wt * diff)
+    def err(scale, L, mn_):  # sum of w * (scale * L + min - x)**2 (|.| with use_mad), in C's order
+        torch.mul(L, scale, out=diff)
+        diff.add_(mn_).sub_(xt)
+        diff.abs_() if use_mad else diff.mul_(diff)
+        diff.mul_(wt)
+        return _seqsum_into(mad, diff).clone()
 
     iscale = _full(mx, nmax) / (mx - mn)
     scale = torch.ones_like(iscale) / iscale
-    L = levels(iscale, mn)
-    best_error = err(scale, L, mn)
+    best_error = err(scale, levels(iscale, mn, lev), mn)
+    best_iscale, best_mn = iscale, mn
+    wl, wl2, wxl = terms[:, 0], terms[:, 1], terms[:, 2]
     for is_ in range(nstep + 1):
         num = _f32(_c_f32(rmin) + _c_f32(rdelta) * _c_f32(is_) + _c_f32(nmax))
-        Laux = levels(_full(mx, num) / (mx - mn), mn)
-        wl = wt * Laux
-        sum_l = _seqsum_t(wl)
-        sum_l2 = _seqsum_t(wl * Laux)
-        sum_xl = _seqsum_t(wl * xt)
+        iscale = _full(mx, num) / (mx - mn)
+        Laux = levels(iscale, mn, lev)
+        torch.mul(wt, Laux, out=wl)
+        torch.mul(wl, Laux, out=wl2)
+        torch.mul(wl, xt, out=wxl)
+        sum_l, sum_l2, sum_xl = _seqsum_into(sums, terms.view(n, 3 * nb)).view(3, nb)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -125,13 +181,15 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         cur = err(this_scale, Laux, this_min)
         better = (D > 0) & (cur < best_error) & ~flat
-        L = torch.where(better, Laux, L)
         best_error = torch.where(better, cur, best_error)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_mn = torch.where(better, mn, best_mn)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
+    L = levels(best_iscale, best_mn, lev).t()
     scale = torch.where(flat, zero, scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
-    return scale, L.t().to(torch.int32), -mn
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    return scale, L.to(torch.int32), -mn
 
 
 def _requantize(x, L, dj, dm, sub: int, lo: int, hi: int, shift: int = 0):
