@@ -14,6 +14,37 @@ GROUP_MAX_EPS = 1e-15
 #: blocks quantized per torch pass (bounds the temporaries: ~2**20 weights per pass)
 _CHUNK_WEIGHTS = 1 << 20
 
+#: weights per pass of the candidate searches: their temporaries (a few [block, blocks] float32)
+#: stay in the CPU's last-level cache while the Python overhead of each torch call stays small
+_SEARCH_WEIGHTS = 1 << 18
+
+
+def _seqsum_into(acc, terms_t):
+    """``acc = 0; for (i...) acc += terms_t[i];`` in place (``acc`` [m], ``terms_t`` [n, m])."""
+    acc.zero_()
+    for row in terms_t:
+        acc.add_(row)
+    return acc
+
+
+def _search_buffers(k, shape, like):
+    """``k`` flat float32 buffers of ``prod(shape)`` values, and a function that views each one as
+    ``shape`` with its last size cut to ``m`` (contiguous, for ``out=``): the passes of a search
+    reuse them instead of allocating fresh temporaries (which the C library returns to the system
+    and faults in again, page by page)."""
+    import math
+
+    import torch
+
+    size = math.prod(shape)
+    bufs = [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(k)]
+
+    def views(m):
+        cut = (*shape[:-1], m)
+        return [b[:math.prod(cut)].view(cut) for b in bufs]
+
+    return views
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers: C semantics in torch (float32 everywhere)

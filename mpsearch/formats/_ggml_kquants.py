@@ -5,23 +5,11 @@ blocks, and the super-blocks of 256 (q2_K..q6_K).
 from __future__ import annotations
 
 from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes, _nearest_int, _round_small,
-                          _seqsum, _seqsum_t, _sqrtf, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS)
+                          _search_buffers, _SEARCH_WEIGHTS, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
+                          GROUP_MAX_EPS)
 
 # ---------------------------------------------------------------------------------------------
 # the searches of ggml-quants.c, vectorised over blocks ([nb, n] rows)
-
-
-#: blocks per pass of the candidate searches: their temporaries ([block, blocks] float32, a few of
-#: them) stay in the CPU's cache while the Python overhead per torch call stays small
-_SEARCH_BLOCKS = 8192
-
-
-def _seqsum_into(acc, terms_t):
-    """``acc = 0; for (i...) acc += terms_t[i];`` in place (``acc`` [m], ``terms_t`` [n, m])."""
-    acc.zero_()
-    for row in terms_t:
-        acc.add_(row)
-    return acc
 
 
 def _make_qx_quants(x, nmax, qw=None):
@@ -46,12 +34,14 @@ def _make_qx_quants(x, nmax, qw=None):
     C = len(nums)
     sumlx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
     suml2 = torch.empty_like(sumlx)
-    step = max(1, _SEARCH_BLOCKS // C)
+    step = max(1, _SEARCH_WEIGHTS // (C * n))
+    views = _search_buffers(2, (n, C, min(step, nb)), x)
     for i in range(0, nb, step):
         j = min(nb, i + step)
-        l = torch.mul(xt[:, None, i:j], iscales[None, :, i:j])  # [n, C, b]
+        l, t = views(j - i)
+        torch.mul(xt[:, None, i:j], iscales[None, :, i:j], out=l)
         torch.round(l.clamp_(-nmax, nmax - 1), out=l)  # |iscale * x| <= nmax + 1: round half to even
-        t = wx[:, None, i:j] * l
+        torch.mul(wx[:, None, i:j], l, out=t)
         _seqsum_into(sumlx[:, i:j], t)
         torch.mul(w[:, None, i:j], l, out=t).mul_(l)
         _seqsum_into(suml2[:, i:j], t)
@@ -113,11 +103,24 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     returns (scale, L in 0..nmax, the_min = -min)."""
     import torch
 
-    if x.shape[0] <= _SEARCH_BLOCKS:
+    step = max(1, _SEARCH_WEIGHTS // x.shape[1])
+    if x.shape[0] <= step:
         return _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad)
-    parts = [_qkx2_part(x[i:i + _SEARCH_BLOCKS], w[i:i + _SEARCH_BLOCKS], nmax, rmin, rdelta, nstep, use_mad)
-             for i in range(0, x.shape[0], _SEARCH_BLOCKS)]
+    parts = [_qkx2_part(x[i:i + step], w[i:i + step], nmax, rmin, rdelta, nstep, use_mad)
+             for i in range(0, x.shape[0], step)]
     return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _select_(dst, src, mask):
+    """``dst = mask ? src : dst`` bit for bit (float32 ``[k, m]`` rows, ``mask`` int32 ``[m]``: 0 or
+    -1): two xors and an and, several times faster on the CPU than torch.where."""
+    import torch
+
+    d = dst.view(torch.int32)
+    t = torch.bitwise_xor(d, src.view(torch.int32))
+    t &= mask
+    d ^= t
+    return dst
 
 
 def _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad):
@@ -130,8 +133,11 @@ def _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad):
     xt = x.t().contiguous()
     wt = w.t().contiguous()
     n, nb = xt.shape
-    sum_w = wt[0].clone()
-    sum_x = sum_w * xt[0]
+    # V: sum_w, sum_x (fixed), then each candidate's sum_l, sum_l2, sum_xl
+    V = torch.empty(5, nb, dtype=xt.dtype, device=xt.device)
+    sum_w, sum_x = V[0], V[1]
+    sum_w.copy_(wt[0])
+    torch.mul(sum_w, xt[0], out=sum_x)
     for i in range(1, n):
         sum_w.add_(wt[i])
         sum_x.add_(wt[i] * xt[i])
@@ -140,11 +146,17 @@ def _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad):
     zero = torch.zeros_like(mn)
     mn = torch.where(mn > 0, zero, mn)
     flat = mx == mn
+    not_flat = ~flat
     lev = torch.empty_like(xt)
     terms = torch.empty(n, 3, nb, dtype=xt.dtype, device=xt.device)
-    sums = torch.empty(3 * nb, dtype=xt.dtype, device=xt.device)
     diff = torch.empty_like(xt)
-    mad = torch.empty_like(mn)
+    # S: the state (best error, the winner's inverse scale and the min its levels used, scale, min);
+    # T: the same of the candidate at hand
+    S = torch.empty(5, nb, dtype=xt.dtype, device=xt.device)
+    T = torch.empty_like(S)
+    # the products of D, of the scale's and of the min's numerators: A[k] * B[k], k = 0..5
+    ia = torch.tensor([0, 2, 0, 1, 3, 2], device=xt.device)
+    ib = torch.tensor([3, 2, 4, 2, 1, 4], device=xt.device)
 
     def levels(iscale, mn_, out):
         # clamp(nearest_int(iscale * (x - min)), 0, nmax): clamped first, the rounding (half to
@@ -153,40 +165,40 @@ def _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad):
         out.mul_(iscale).clamp_(0, nmax)
         return torch.round(out, out=out)
 
-    def err(scale, L, mn_):  # sum of w * (scale * L + min - x)**2 (|.| with use_mad), in C's order
+    def err(scale, L, mn_, out):  # sum of w * (scale * L + min - x)**2 (|.| with use_mad), in C's order
         torch.mul(L, scale, out=diff)
         diff.add_(mn_).sub_(xt)
         diff.abs_() if use_mad else diff.mul_(diff)
         diff.mul_(wt)
-        return _seqsum_into(mad, diff).clone()
+        return _seqsum_into(out, diff)
 
     iscale = _full(mx, nmax) / (mx - mn)
-    scale = torch.ones_like(iscale) / iscale
-    best_error = err(scale, levels(iscale, mn, lev), mn)
-    best_iscale, best_mn = iscale, mn
+    S[1] = iscale
+    S[2] = mn
+    S[3] = torch.ones_like(iscale) / iscale
+    S[4] = mn
+    err(S[3], levels(iscale, mn, lev), mn, S[0])
     wl, wl2, wxl = terms[:, 0], terms[:, 1], terms[:, 2]
     for is_ in range(nstep + 1):
         num = _f32(_c_f32(rmin) + _c_f32(rdelta) * _c_f32(is_) + _c_f32(nmax))
-        iscale = _full(mx, num) / (mx - mn)
-        Laux = levels(iscale, mn, lev)
+        torch.div(_full(mx, num), mx - S[4], out=T[1])
+        T[2].copy_(S[4])
+        Laux = levels(T[1], T[2], lev)
         torch.mul(wt, Laux, out=wl)
         torch.mul(wl, Laux, out=wl2)
         torch.mul(wl, xt, out=wxl)
-        sum_l, sum_l2, sum_xl = _seqsum_into(sums, terms.view(n, 3 * nb)).view(3, nb)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0
-        this_min = torch.where(pos, zero, this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        cur = err(this_scale, Laux, this_min)
-        better = (D > 0) & (cur < best_error) & ~flat
-        best_error = torch.where(better, cur, best_error)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_mn = torch.where(better, mn, best_mn)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
-    L = levels(best_iscale, best_mn, lev).t()
+        _seqsum_into(V[2:].view(-1), terms.view(n, 3 * nb))
+        P = torch.index_select(V, 0, ia).mul_(torch.index_select(V, 0, ib))
+        Q = P[0::2] - P[1::2]  # D, the scale's and the min's numerators
+        torch.div(Q[1:], Q[0], out=T[3:])
+        pos = T[4] > 0
+        torch.where(pos, V[4] / V[3], T[3], out=T[3])
+        torch.where(pos, zero, T[4], out=T[4])
+        err(T[3], Laux, T[4], T[0])
+        better = (Q[0] > 0) & (T[0] < S[0]) & not_flat
+        _select_(S, T, better.to(torch.int32).neg_())
+    scale, mn = S[3], S[4]
+    L = levels(S[1], S[2], lev).t()
     scale = torch.where(flat, zero, scale)
     L = torch.where(flat[:, None], torch.zeros_like(L), L)
     return scale, L.to(torch.int32), -mn

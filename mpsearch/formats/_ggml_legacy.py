@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from ._ggml_arith import (_first_absmax, _first_equal, _fp16, _full, _half_bytes, _recip_or_zero, _roundf,
-                          _seqsum_t, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS, IQ4NL_VALUES)
+                          _search_buffers, _SEARCH_WEIGHTS, _seqsum_into, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS,
+                          IQ4NL_VALUES)
 
 # ---------------------------------------------------------------------------------------------
 # 32-weight blocks: q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl
@@ -152,9 +153,21 @@ def _iq4nl_lookup(al, table):
     return torch.index_select(table, 0, pos.reshape(-1)).reshape(al.shape)
 
 
+def _iq4nl_lookup_(al, table, out):
+    """:func:`_iq4nl_lookup` into ``out``, overwriting ``al`` (both contiguous, float32)."""
+    import torch
+
+    t = al.mul_(2.0).floor_().clamp_(_IQ4NL_LO, _IQ4NL_HI).add_(float(12582912 - _IQ4NL_LO))
+    pos = t.view(torch.int32).sub_(0x4B400000).clamp_(0, table.shape[0] - 1)  # NaN (empty blocks)
+    return torch.index_select(table, 0, pos.view(-1), out=out.view(-1))
+
+
 def iq4nl_block_scales(x, w):
     """The scale search of ``quantize_row_iq4_nl_impl`` (ntry = 7) for 32-weight blocks ``x``
-    ``[nb, 32]`` with search weights ``w``: returns each block's scale (0 for an empty block)."""
+    ``[nb, 32]`` with search weights ``w``: returns each block's scale (0 for an empty block).
+
+    The 16 candidate scales depend on the block's max only: their sums are computed all at once
+    (a candidate axis, each sum in C's order), then compared in C's order."""
     import torch
 
     _, levels = _iq4nl_tables(x.device)
@@ -162,21 +175,34 @@ def iq4nl_block_scales(x, w):
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
     wt = w.t().contiguous()
-
-    def sums(id_):
-        q = _iq4nl_lookup(xt * id_, levels)
-        wq = wt * q
-        return _seqsum_t(wq * xt), _seqsum_t(wq * q)
-
+    n, nb = xt.shape
+    C = 16
+    ids = torch.empty(C, nb, dtype=x.dtype, device=x.device)
     d = (-mx) / _full(mx, IQ4NL_VALUES[0])
-    sumqx, sumq2 = sums(torch.ones_like(d) / d)
-    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
-    best = d * sumqx
-    for itry in range(-7, 8):
-        sumqx, sumq2 = sums(_full(mx, itry + IQ4NL_VALUES[0]) / mx)
-        upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        d = torch.where(upd, sumqx / sumq2, d)
-        best = torch.where(upd, d * sumqx, best)
+    torch.div(torch.ones_like(d), d, out=ids[0])  # the first pass: 1/d
+    for k, itry in enumerate(range(-7, 8)):
+        torch.div(_full(mx, itry + IQ4NL_VALUES[0]), mx, out=ids[k + 1])
+    sumqx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
+    sumq2 = torch.empty_like(sumqx)
+    step = max(1, _SEARCH_WEIGHTS // (C * n))
+    views = _search_buffers(3, (n, C, min(step, nb)), x)
+    for i in range(0, nb, step):
+        j = min(nb, i + step)
+        al, q, wq = views(j - i)
+        torch.mul(xt[:, None, i:j], ids[None, :, i:j], out=al)
+        _iq4nl_lookup_(al, levels, q)
+        torch.mul(wt[:, None, i:j], q, out=wq)
+        torch.mul(wq, xt[:, None, i:j], out=al)
+        _seqsum_into(sumqx[:, i:j], al)
+        _seqsum_into(sumq2[:, i:j], wq.mul_(q))
+    sx, s2 = sumqx[0], sumq2[0]
+    d = torch.where(s2 > 0, sx / s2, torch.zeros_like(sx))
+    best = d * sx
+    for c in range(1, C):
+        sx, s2 = sumqx[c], sumq2[c]
+        upd = (s2 > 0) & (sx * sx > best * s2)
+        d = torch.where(upd, sx / s2, d)
+        best = torch.where(upd, d * sx, best)
     return torch.where(zero, torch.zeros_like(d), d)
 
 
