@@ -19,12 +19,32 @@ _CHUNK_WEIGHTS = 1 << 20
 _SEARCH_WEIGHTS = 1 << 18
 
 
+_ZERO_INDEX: dict = {}
+
+
 def _seqsum_into(acc, terms_t):
-    """``acc = 0; for (i...) acc += terms_t[i];`` in place (``acc`` [m], ``terms_t`` [n, m])."""
-    acc.zero_()
-    for row in terms_t:
-        acc.add_(row)
-    return acc
+    """``acc = 0; for (i...) acc += terms_t[i];`` in place (``acc`` [...], ``terms_t`` [n, ...]), in
+    that order. On the CPU, ``index_add_`` of every row into one row adds them one after another in
+    index order (the same float32 additions as a loop of ``add_``, without a Python call per row;
+    tests/test_formats_ggml.py checks it bit for bit against that loop on adversarial sums); on a
+    GPU it adds with atomics in no set order, so there the loop stays."""
+    import torch
+
+    if terms_t.device.type != "cpu":
+        acc.zero_()
+        for row in terms_t:
+            acc.add_(row)
+        return acc
+    n = terms_t.shape[0]
+    key = (n, terms_t.device)
+    idx = _ZERO_INDEX.get(key)
+    if idx is None:
+        idx = _ZERO_INDEX[key] = torch.zeros(n, dtype=torch.long, device=terms_t.device)
+    # into a strided ``acc`` index_add_ falls back to a loop per element: sum into a dense one
+    out = acc if acc.is_contiguous() else torch.empty(acc.shape, dtype=acc.dtype, device=acc.device)
+    out.zero_()
+    out.unsqueeze(0).index_add_(0, idx, terms_t)
+    return acc if out is acc else acc.copy_(out)
 
 
 def _search_buffers(k, shape, like):
@@ -95,22 +115,15 @@ def _roundf(f):
 
 def _seqsum(terms):
     """``float s = 0; for (i...) s += terms[i];`` over the last axis, in that order."""
-    import torch
-
-    acc = torch.zeros(terms.shape[0], dtype=torch.float32, device=terms.device)
-    for col in terms.t().contiguous():
-        acc = acc + col
-    return acc
+    return _seqsum_t(terms.t().contiguous())
 
 
 def _seqsum_t(terms_t):
     """:func:`_seqsum` of terms already laid out ``[n, blocks]`` (one row per term index)."""
     import torch
 
-    acc = torch.zeros(terms_t.shape[1], dtype=torch.float32, device=terms_t.device)
-    for row in terms_t:
-        acc = acc + row
-    return acc
+    acc = torch.empty(terms_t.shape[1], dtype=torch.float32, device=terms_t.device)
+    return _seqsum_into(acc, terms_t)
 
 
 def _first_absmax(x):
