@@ -7,8 +7,9 @@ The old implementation is the four modules of ``mpsearch/formats`` that hold the
 with ``git show`` into a temporary package; ``mpsearch.formats.ggml`` runs either one by swapping its
 kernel tables (the chunking around them is the same code). Each (type, rounding) is timed old, new,
 old, new ... ``--reps`` times each on the same random weights of the block's shapes (the searches do a
-fixed amount of work per block); the table gives the medians, their ratio, and whether the bytes of
-the two are identical (``to_bytes``, every matrix of the block).
+fixed amount of work per block); the table gives the medians of the CPU time of this one-threaded
+process (less sensitive than the wall time to other jobs on a shared machine; the JSON has both),
+their ratio, and whether the bytes of the two are identical (``to_bytes``, every matrix).
 
     OMP_NUM_THREADS=1 python experiments/imatrix_speed.py              # ~4 min on an idle core
     OMP_NUM_THREADS=1 python experiments/imatrix_speed.py --types q5_1 q4_K --reps 3
@@ -73,7 +74,7 @@ def kernel_tables(mods):
 
 def run_with(tables, name, mats, imatrix: bool):
     """``to_bytes`` of every matrix with the kernels of ``tables`` in ``mpsearch.formats.ggml``:
-    (seconds, the bytes)."""
+    (CPU seconds of this one-threaded process, wall seconds, the bytes)."""
     from mpsearch.formats import ggml
 
     im, rtn = tables
@@ -81,9 +82,9 @@ def run_with(tables, name, mats, imatrix: bool):
     ggml._IMATRIX_KERNELS[name] = im[name]
     ggml._KERNELS[name] = (rtn[name], *saved[1][1:])
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = [ggml.to_bytes(name, w, imp if imatrix else None) for w, imp in mats]
-        return time.perf_counter() - t0, out
+        return time.process_time() - c0, time.perf_counter() - t0, out
     finally:
         ggml._IMATRIX_KERNELS[name], ggml._KERNELS[name] = saved
 
@@ -111,19 +112,21 @@ def main(argv=None):
         shapes = [s for s in SMOLLM2_BLOCK if not get_format(name).check_shape(*s)]
         mats = [(torch.randn(o, i) * 0.02, torch.rand(i) + 0.1) for o, i in shapes]
         for imatrix in (False, True):
-            times = {"old": [], "new": []}
+            cpu, wall = {"old": [], "new": []}, {"old": [], "new": []}
             same = True
             for _ in range(args.reps):
-                t_old, b_old = run_with(old, name, mats, imatrix)
-                t_new, b_new = run_with(new, name, mats, imatrix)
-                times["old"].append(t_old)
-                times["new"].append(t_new)
-                same = same and all(torch.equal(a, b) for a, b in zip(b_old, b_new))
-            med = {k: statistics.median(v) for k, v in times.items()}
+                out = {}
+                for which, tables in (("old", old), ("new", new)):
+                    c, t, out[which] = run_with(tables, name, mats, imatrix)
+                    cpu[which].append(c)
+                    wall[which].append(t)
+                same = same and all(torch.equal(a, b) for a, b in zip(out["old"], out["new"]))
+            med = {k: statistics.median(v) for k, v in cpu.items()}
             rows.append({"type": name, "imatrix": imatrix, "matrices": len(mats), "old_s": round(med["old"], 3),
                          "new_s": round(med["new"], 3), "ratio": round(med["old"] / med["new"], 2),
-                         "identical": same, "runs_old": [round(t, 3) for t in times["old"]],
-                         "runs_new": [round(t, 3) for t in times["new"]]})
+                         "identical": same, "cpu_old": [round(t, 3) for t in cpu["old"]],
+                         "cpu_new": [round(t, 3) for t in cpu["new"]], "wall_old": [round(t, 3) for t in wall["old"]],
+                         "wall_new": [round(t, 3) for t in wall["new"]]})
             print(rows[-1], flush=True)
     if args.no_report:
         return
@@ -150,8 +153,9 @@ def report(meta, rows) -> str:
              f"thread, {meta['cpu']}, load average {meta['loadavg'][0]} at the end; old = commit "
              f"{meta['old']}): each type's rounding of one SmolLM2-135M block (its matrices that the type "
              f"takes; random weights of their shapes, a random positive importance vector), median of "
-             f"{meta['reps']} alternating runs of each implementation. \"identical\": the bytes of every "
-             f"matrix are the same in every run.", "",
+             f"{meta['reps']} alternating runs of each implementation, CPU seconds of the one-threaded process "
+             f"(the wall times are in imatrix_speed.json). \"identical\": the bytes of every matrix are the same "
+             f"in every run.", "",
              "| type | importance matrix | old s/block | new s/block | old/new | identical |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -309,6 +309,58 @@ def test_imatrix_chunked_passes_and_expert_stacks(name, imatrix_data, monkeypatc
     assert torch.equal(fmt.quantize(stack, ws)[1], fmt.quantize(x2, w2))
 
 
+@pytest.mark.parametrize("name", ["q4_0", "iq4_nl", "q5_1", "q2_K", "q3_K", "q4_K", "q6_K"])
+def test_search_passes_of_a_few_blocks_give_the_same_bytes(name, imatrix_data, monkeypatch):
+    """The candidate searches run over passes of ~_SEARCH_WEIGHTS weights (their buffers reused,
+    the last pass shorter): passes of a few blocks give llama.cpp's bytes, with and without an
+    imatrix."""
+    from mpsearch.formats import _ggml_kquants, _ggml_legacy
+
+    x = torch.from_numpy(imatrix_data["dead_columns_1024__x"])
+    w = torch.from_numpy(imatrix_data["dead_columns_1024__w"])
+    ref = torch.from_numpy(imatrix_data[f"{name}__dead_columns_1024__q"])
+    plain = ggml.to_bytes(name, x)
+    for mod in (_ggml_kquants, _ggml_legacy):
+        monkeypatch.setattr(mod, "_SEARCH_WEIGHTS", 700)  # 1..21 blocks per pass, none a divisor
+    assert torch.equal(ggml.to_bytes(name, x, w), ref)
+    assert torch.equal(ggml.to_bytes(name, x), plain)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_seqsum_adds_in_c_order_bit_for_bit(threads):
+    """The searches' sums (one index_add_ per sum on the CPU) are C's ``float s = 0; for (i...)
+    s += t[i];``: the same bits as a loop of float32 additions on sums whose value depends on the
+    order (cancellations over 16 orders of magnitude, signed zeros), into dense and strided targets."""
+    from mpsearch.formats._ggml_arith import _seqsum, _seqsum_into
+
+    def loop(t):
+        acc = torch.zeros(t.shape[1:])
+        for row in t:
+            acc = acc + row
+        return acc
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(7)
+        for n in (7, 16, 32):
+            t = torch.randn(n, 3, 2000, generator=g) * torch.exp(torch.randn(n, 3, 2000, generator=g) * 8)
+            t[torch.rand(t.shape, generator=g) < 0.1] = -0.0
+            ref = loop(t)
+            assert not torch.equal(_bits(t.sum(dim=0)), _bits(ref))  # the order shows in these sums
+            assert torch.equal(_bits(_seqsum_into(torch.empty(3, 2000), t)), _bits(ref))
+            wide = torch.full((3, 5000), float("nan"))
+            _seqsum_into(wide[:, 1000:3000], t)  # a strided target: only its own columns change
+            assert torch.equal(_bits(wide[:, 1000:3000]), _bits(ref)) and wide[:, :1000].isnan().all()
+            assert wide[:, 3000:].isnan().all()
+            flat = t[:, 0]
+            assert torch.equal(_bits(_seqsum(flat.t())), _bits(loop(flat)))
+            zeros = torch.full((n, 50), -0.0)  # C starts from +0: a sum of -0s is +0
+            assert torch.equal(_bits(_seqsum_into(torch.empty(50), zeros)), _bits(torch.zeros(50)))
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_imatrix_weights_are_checked():
     x = torch.zeros(2, 256)
     fmt = get_format("q4_K")
