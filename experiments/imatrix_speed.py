@@ -11,7 +11,11 @@ fixed amount of work per block); the table gives the medians of the CPU time of 
 process (less sensitive than the wall time to other jobs on a shared machine; the JSON has both),
 their ratio, and whether the bytes of the two are identical (``to_bytes``, every matrix).
 
-    OMP_NUM_THREADS=1 python experiments/imatrix_speed.py              # ~4 min on an idle core
+Where llama.cpp's libggml-base is built (``MPSEARCH_LIBGGML``, default: the path the tests use), the
+new bytes are also compared with ``ggml_quantize_chunk``'s on the same matrices and importance vector
+(a large random input: 3.5M weights per type; column "llama.cpp").
+
+    OMP_NUM_THREADS=1 python experiments/imatrix_speed.py              # ~2 min on an idle core
     OMP_NUM_THREADS=1 python experiments/imatrix_speed.py --types q5_1 q4_K --reps 3
 
 Results: ``experiments/imatrix_speed.json`` and ``experiments/imatrix_speed.md``.
@@ -89,6 +93,20 @@ def run_with(tables, name, mats, imatrix: bool):
         ggml._IMATRIX_KERNELS[name], ggml._KERNELS[name] = saved
 
 
+def libggml():
+    """experiments/ggml_fixtures.py's binding of libggml-base, or None where it is not built."""
+    import importlib.util
+
+    path = os.environ.get("MPSEARCH_LIBGGML",
+                          "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/libggml-base.so")
+    if not Path(path).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("ggml_fixtures", ROOT / "experiments" / "ggml_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.Ggml(path)
+
+
 def main(argv=None):
     import torch
 
@@ -106,6 +124,7 @@ def main(argv=None):
                          "_ggml_legacy": _ggml_legacy, "_ggml_imatrix": _ggml_imatrix})
     with tempfile.TemporaryDirectory() as tmp:
         old = kernel_tables(old_package(args.old, Path(tmp)))
+    lib = libggml()
     rows = []
     for name in args.types:
         torch.manual_seed(0)
@@ -121,10 +140,15 @@ def main(argv=None):
                     cpu[which].append(c)
                     wall[which].append(t)
                 same = same and all(torch.equal(a, b) for a, b in zip(out["old"], out["new"]))
+            llama = None
+            if lib is not None:
+                llama = all(torch.equal(got, torch.from_numpy(lib.quantize(name, w.numpy(), imp.numpy() if imatrix
+                                                                           else None)))
+                            for got, (w, imp) in zip(out["new"], mats))
             med = {k: statistics.median(v) for k, v in cpu.items()}
             rows.append({"type": name, "imatrix": imatrix, "matrices": len(mats), "old_s": round(med["old"], 3),
                          "new_s": round(med["new"], 3), "ratio": round(med["old"] / med["new"], 2),
-                         "identical": same, "cpu_old": [round(t, 3) for t in cpu["old"]],
+                         "identical": same, "llama_cpp": llama, "cpu_old": [round(t, 3) for t in cpu["old"]],
                          "cpu_new": [round(t, 3) for t in cpu["new"]], "wall_old": [round(t, 3) for t in wall["old"]],
                          "wall_new": [round(t, 3) for t in wall["new"]]})
             print(rows[-1], flush=True)
@@ -132,7 +156,7 @@ def main(argv=None):
         return
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "old": args.old,
             "threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "cpu": _cpu(), "reps": args.reps}
+            "cpu": _cpu(), "reps": args.reps, "libggml": lib is not None}
     OUT_JSON.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     OUT_MD.write_text(report(meta, rows))
 
@@ -147,6 +171,10 @@ def _cpu() -> str:
     return "unknown"
 
 
+def _yes(v) -> str:
+    return "not checked" if v is None else "yes" if v else "**NO**"
+
+
 def report(meta, rows) -> str:
     lines = ["# llama.cpp's rounding in torch: the old and the new searches, side by side", "",
              f"`OMP_NUM_THREADS=1 python experiments/imatrix_speed.py` ({meta['date']}, {meta['threads']} "
@@ -155,18 +183,20 @@ def report(meta, rows) -> str:
              f"takes; random weights of their shapes, a random positive importance vector), median of "
              f"{meta['reps']} alternating runs of each implementation, CPU seconds of the one-threaded process "
              f"(the wall times are in imatrix_speed.json). \"identical\": the bytes of every matrix are the same "
-             f"in every run.", "",
-             "| type | importance matrix | old s/block | new s/block | old/new | identical |",
-             "|---|---|---|---|---|---|"]
+             f"in every run; \"llama.cpp\": the new bytes equal libggml-base's ggml_quantize_chunk on the same "
+             f"matrices and importance vector" + ("" if meta["libggml"] else " (not built here: not checked)") + ".",
+             "", "| type | importance matrix | old s/block | new s/block | old/new | identical | llama.cpp |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['old_s']:.3f} | {r['new_s']:.3f} "
-                     f"| {r['ratio']:.2f} | {'yes' if r['identical'] else '**NO**'} |")
+                     f"| {r['ratio']:.2f} | {_yes(r['identical'])} | {_yes(r['llama_cpp'])} |")
     for imatrix in (False, True):
         sel = [r for r in rows if r["imatrix"] == imatrix]
         if sel:
             o, n = sum(r["old_s"] for r in sel), sum(r["new_s"] for r in sel)
             lines.append(f"| all | {'yes' if imatrix else 'no'} | {o:.2f} | {n:.2f} | {o / n:.2f} | "
-                         f"{'yes' if all(r['identical'] for r in sel) else '**NO**'} |")
+                         f"{_yes(all(r['identical'] for r in sel))} | "
+                         f"{_yes(None if not meta['libggml'] else all(r['llama_cpp'] for r in sel))} |")
     lines += ["", "x30 for SmolLM2's 30 blocks (what `mpsearch estimate --target llama.cpp` rounds, each "
               "default type once per matrix)."]
     return "\n".join(lines) + "\n"

@@ -314,14 +314,13 @@ def test_search_passes_of_a_few_blocks_give_the_same_bytes(name, imatrix_data, m
     """The candidate searches run over passes of ~_SEARCH_WEIGHTS weights (their buffers reused,
     the last pass shorter): passes of a few blocks give llama.cpp's bytes, with and without an
     imatrix."""
-    from mpsearch.formats import _ggml_kquants, _ggml_legacy
+    from mpsearch.formats import _ggml_arith
 
     x = torch.from_numpy(imatrix_data["dead_columns_1024__x"])
     w = torch.from_numpy(imatrix_data["dead_columns_1024__w"])
     ref = torch.from_numpy(imatrix_data[f"{name}__dead_columns_1024__q"])
     plain = ggml.to_bytes(name, x)
-    for mod in (_ggml_kquants, _ggml_legacy):
-        monkeypatch.setattr(mod, "_SEARCH_WEIGHTS", 700)  # 1..21 blocks per pass, none a divisor
+    monkeypatch.setattr(_ggml_arith, "_SEARCH_WEIGHTS", 700)  # 1..21 blocks per pass, none a divisor
     assert torch.equal(ggml.to_bytes(name, x, w), ref)
     assert torch.equal(ggml.to_bytes(name, x), plain)
 

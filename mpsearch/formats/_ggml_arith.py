@@ -14,9 +14,16 @@ GROUP_MAX_EPS = 1e-15
 #: blocks quantized per torch pass (bounds the temporaries: ~2**20 weights per pass)
 _CHUNK_WEIGHTS = 1 << 20
 
-#: weights per pass of the candidate searches: their temporaries (a few [block, blocks] float32)
-#: stay in the CPU's last-level cache while the Python overhead of each torch call stays small
+#: weights per pass of the candidate searches on the CPU: their temporaries (a few [block, blocks]
+#: float32) stay in the last-level cache while the Python overhead of each torch call stays small
+#: (2**16 and 2**20 were slower, experiments/imatrix_speed.md); a GPU takes 16 times more per pass
 _SEARCH_WEIGHTS = 1 << 18
+
+
+def _search_step(x, per_block: int) -> int:
+    """Blocks per pass of a search over the blocks of ``x`` that holds ``per_block`` values each."""
+    weights = _SEARCH_WEIGHTS if x.device.type == "cpu" else _SEARCH_WEIGHTS << 4
+    return max(1, weights // per_block)
 
 
 _ZERO_INDEX: dict = {}

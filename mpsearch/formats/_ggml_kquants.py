@@ -5,7 +5,7 @@ blocks, and the super-blocks of 256 (q2_K..q6_K).
 from __future__ import annotations
 
 from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes, _nearest_int, _round_small,
-                          _search_buffers, _SEARCH_WEIGHTS, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
+                          _search_buffers, _search_step, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
                           GROUP_MAX_EPS)
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def _make_qx_quants(x, nmax, qw=None):
     C = len(nums)
     sumlx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
     suml2 = torch.empty_like(sumlx)
-    step = max(1, _SEARCH_WEIGHTS // (C * n))
+    step = _search_step(x, C * n)
     views = _search_buffers(2, (n, C, min(step, nb)), x)
     for i in range(0, nb, step):
         j = min(nb, i + step)
@@ -103,7 +103,7 @@ def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
     returns (scale, L in 0..nmax, the_min = -min)."""
     import torch
 
-    step = max(1, _SEARCH_WEIGHTS // x.shape[1])
+    step = _search_step(x, x.shape[1])
     if x.shape[0] <= step:
         return _qkx2_part(x, w, nmax, rmin, rdelta, nstep, use_mad)
     parts = [_qkx2_part(x[i:i + step], w[i:i + step], nmax, rmin, rdelta, nstep, use_mad)

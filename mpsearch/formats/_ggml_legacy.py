@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ._ggml_arith import (_first_absmax, _first_equal, _fp16, _full, _half_bytes, _recip_or_zero, _roundf,
-                          _search_buffers, _SEARCH_WEIGHTS, _seqsum_into, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS,
+                          _search_buffers, _search_step, _seqsum_into, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS,
                           IQ4NL_VALUES)
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def iq4nl_block_scales(x, w):
         torch.div(_full(mx, itry + IQ4NL_VALUES[0]), mx, out=ids[k + 1])
     sumqx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
     sumq2 = torch.empty_like(sumqx)
-    step = max(1, _SEARCH_WEIGHTS // (C * n))
+    step = _search_step(x, C * n)
     views = _search_buffers(3, (n, C, min(step, nb)), x)
     for i in range(0, nb, step):
         j = min(nb, i + step)
