@@ -106,12 +106,6 @@ def _nearest_int(f):
     return ((f + 12582912.0).view(torch.int32) & 0x7FFFFF) - 0x400000
 
 
-def _round_small(f):
-    """``nearest_int`` as a float for ``|f| < 2**22``: ``(f + 1.5 * 2**23) - 1.5 * 2**23`` rounds to
-    the nearest integer, ties to even, in two float32 additions (faster than torch.round)."""
-    return (f + 12582912.0) - 12582912.0
-
-
 def _roundf(f):
     """C ``roundf``: half away from zero."""
     import torch

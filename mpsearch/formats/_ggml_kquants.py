@@ -4,7 +4,7 @@ blocks, and the super-blocks of 256 (q2_K..q6_K).
 
 from __future__ import annotations
 
-from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes, _nearest_int, _round_small,
+from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes, _nearest_int,
                           _search_buffers, _search_step, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
                           GROUP_MAX_EPS)
 
