@@ -118,7 +118,12 @@ def main(argv=None):
     ap.add_argument("--types", nargs="+", default=list(TYPES), choices=TYPES)
     ap.add_argument("--reps", type=int, default=3, help="runs of each implementation, alternating")
     ap.add_argument("--no-report", action="store_true", help="print only (no json/md written)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the md from the json (no timing)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        data = json.loads(OUT_JSON.read_text())
+        OUT_MD.write_text(report({k: v for k, v in data.items() if k != "rows"}, data["rows"]))
+        return
 
     new = kernel_tables({"_ggml_arith": _ggml_arith, "_ggml_kquants": _ggml_kquants,
                          "_ggml_legacy": _ggml_legacy, "_ggml_imatrix": _ggml_imatrix})
@@ -198,8 +203,42 @@ def report(meta, rows) -> str:
                          f"{_yes(all(r['identical'] for r in sel))} | "
                          f"{_yes(None if not meta['libggml'] else all(r['llama_cpp'] for r in sel))} |")
     lines += ["", "x30 for SmolLM2's 30 blocks (what `mpsearch estimate --target llama.cpp` rounds, each "
-              "default type once per matrix)."]
+              "default type once per matrix).", ""] + NOTES.strip("\n").splitlines()
     return "\n".join(lines) + "\n"
+
+
+NOTES = """
+## What changed, and what bounds it
+
+The same float32 operations in the same order as ggml-quants.c (the bytes above, and the fixture and
+libggml tests of tests/test_formats_ggml.py), done with fewer torch calls and fewer fresh temporaries:
+
+- C's sequential sums (`float s = 0; for (i...) s += t[i];`) are one `index_add_` of every term row
+  into one row on the CPU (it adds the rows one after another in index order; a loop of 16-32 Python
+  calls before). `tests/test_formats_ggml.py::test_seqsum_adds_in_c_order_bit_for_bit` checks it
+  against a loop of float32 additions on sums whose value depends on the order. On a GPU it adds
+  with atomics in no set order, so the loop stays there.
+- The searches run over passes of 2**18 weights into buffers allocated once per pass: fresh
+  temporaries of a few MB were returned to the system and faulted in again page by page (the old
+  q5_1 search: ~40,000 page faults per 576x1536 matrix, the new one a few thousand). 2**16 and
+  2**20 weights per pass were slower (Python overhead per call, cache).
+- make_qx_quants (q4_0, q5_0, q3_K, q6_K) and iq4_nl's scale search: their 19 and 16 candidate
+  scales depend on the block's max only, so all candidates' sums are computed at once (a candidate
+  axis), then compared in C's order; the winner's levels are computed again from its inverse scale
+  instead of a masked copy of the levels per candidate.
+- make_qkx2/make_qkx3 (q2_K, q4_K, q5_K, q4_1 and q5_1 with an imatrix): each candidate's levels
+  depend on the min the candidates before it chose, so the 16-37 candidates stay one after another;
+  per candidate the winner's inverse scale and min are kept (not its levels), the three level sums
+  are one `index_add_`, and the search state is selected with bit operations (torch.where costs
+  about four element-wise products on the CPU).
+
+What is left per candidate of make_qkx3 (the q4_1/q5_1 searches, still the largest share): 12
+element-wise passes over the block's values, two sums and ~25 small per-block operations, all in
+eager torch. Fusing them needs a compiled kernel; torch's own fused `addcmul` is not `a + b * c` on
+AVX2/AVX512 CPUs (it rounds once, as a fused multiply-add), so it cannot stand in for C's
+`sum += w * l` here. Runs of this script on the shared 2-core machine (load average 4-6) gave 1.85x
+to 2.4x for the whole imatrix total, q4_1 and q5_1 1.7x to 2.5x: the table is one of them.
+"""
 
 
 if __name__ == "__main__":

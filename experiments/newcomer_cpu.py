@@ -271,7 +271,10 @@ def cmd_report(args):
         for x in r["rows"]:
             lines.append(f"| {x['type']} | {x['rtn_s_model']} | {x['imatrix_s_model']} | "
                          f"{100 * x['imatrix_s_model'] / tot_i:.0f}% |")
-        lines += [f"| all | {tot_r:.0f} | {tot_i:.0f} | 100% |", ""]
+        lines += [f"| all | {tot_r:.0f} | {tot_i:.0f} | 100% |", "",
+                  "This table was made before the searches were rewritten (issues 23 and 28): "
+                  "[imatrix_speed.md](imatrix_speed.md) times the old and the new side by side on one SmolLM2 "
+                  "block (`python experiments/imatrix_speed.py`; the same bytes, and llama.cpp's).", ""]
     lines += NOTES.strip("\n").splitlines() + [""]
     REPORT.write_text("\n".join(lines) + "\n")
     print(f"wrote {REPORT.relative_to(ROOT)}")
