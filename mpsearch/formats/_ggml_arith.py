@@ -73,6 +73,29 @@ def _search_buffers(k, shape, like):
     return views
 
 
+def _candidate_sums(xt, inv, levels_, terms_):
+    """The two C-order sums of every candidate scale of a search whose candidates depend on the
+    block alone (make_qx_quants, iq4_nl): for candidate ``c`` the levels are ``levels_(x * inv[c],
+    spare)`` (in place, or into ``spare``), and ``terms_(q, cols, t1, t2)`` writes the terms of the
+    two sums (``cols``: the blocks of this pass). ``xt`` [n, nb], ``inv`` [C, nb]; returns two [C, nb]."""
+    import torch
+
+    n, nb = xt.shape
+    C = inv.shape[0]
+    s1 = torch.empty(C, nb, dtype=xt.dtype, device=xt.device)
+    s2 = torch.empty_like(s1)
+    step = _search_step(xt, C * n)
+    views = _search_buffers(4, (n, C, min(step, nb)), xt)
+    for i in range(0, nb, step):
+        j = min(nb, i + step)
+        al, spare, t1, t2 = views(j - i)
+        torch.mul(xt[:, None, i:j], inv[None, :, i:j], out=al)
+        terms_(levels_(al, spare), slice(i, j), t1, t2)
+        _seqsum_into(s1[:, i:j], t1)
+        _seqsum_into(s2[:, i:j], t2)
+    return s1, s2
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers: C semantics in torch (float32 everywhere)
 

@@ -5,7 +5,7 @@ blocks, and the super-blocks of 256 (q2_K..q6_K).
 from __future__ import annotations
 
 from ._ggml_arith import (_c_f32, _f32, _first_absmax, _fp16, _full, _half_bytes, _nearest_int,
-                          _search_buffers, _search_step, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
+                          _candidate_sums, _search_step, _seqsum, _seqsum_into, _sqrtf, _u8, _wrap_i8, _wrap_u8,
                           GROUP_MAX_EPS)
 
 # ---------------------------------------------------------------------------------------------
@@ -26,25 +26,20 @@ def _make_qx_quants(x, nmax, qw=None):
     xt = x.t().contiguous()
     w = xt * xt if qw is None else qw.t().contiguous()
     wx = w * xt
-    n, nb = xt.shape
     # candidate 0: iscale = -nmax/max; then nmax + 0.1*is for is = -9..9 without 0, in C's order
     nums = [_f32(nmax)] + [_f32(_c_f32(nmax) + _c_f32(0.1) * _c_f32(is_)) for is_ in range(-9, 10) if is_]
     neg = torch.tensor([-v for v in nums], dtype=x.dtype, device=x.device)
     iscales = neg[:, None] / mx[None, :]  # [C, nb]: _full(mx, -s) / mx
     C = len(nums)
-    sumlx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
-    suml2 = torch.empty_like(sumlx)
-    step = _search_step(x, C * n)
-    views = _search_buffers(2, (n, C, min(step, nb)), x)
-    for i in range(0, nb, step):
-        j = min(nb, i + step)
-        l, t = views(j - i)
-        torch.mul(xt[:, None, i:j], iscales[None, :, i:j], out=l)
-        torch.round(l.clamp_(-nmax, nmax - 1), out=l)  # |iscale * x| <= nmax + 1: round half to even
-        torch.mul(wx[:, None, i:j], l, out=t)
-        _seqsum_into(sumlx[:, i:j], t)
-        torch.mul(w[:, None, i:j], l, out=t).mul_(l)
-        _seqsum_into(suml2[:, i:j], t)
+
+    def levels(v, _spare):  # |iscale * x| <= nmax + 1: round half to even, as nearest_int
+        return torch.round(v.clamp_(-nmax, nmax - 1), out=v)
+
+    def terms(l, cols, t1, t2):  # sumlx += (w*x)*l; suml2 += (w*l)*l
+        torch.mul(wx[:, None, cols], l, out=t1)
+        torch.mul(w[:, None, cols], l, out=t2).mul_(l)
+
+    sumlx, suml2 = _candidate_sums(xt, iscales, levels, terms)
     sx, s2 = sumlx[0], suml2[0]
     scale = torch.where(s2 != 0, sx / s2, torch.zeros_like(sx))
     best = scale * sx

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ._ggml_arith import (_first_absmax, _first_equal, _fp16, _full, _half_bytes, _recip_or_zero, _roundf,
-                          _search_buffers, _search_step, _seqsum_into, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS,
+                          _candidate_sums, _u8, _wrap_i8, _wrap_u8, GROUP_MAX_EPS,
                           IQ4NL_VALUES)
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,8 @@ def _iq4nl_lookup_(al, table, out):
 
     t = al.mul_(2.0).floor_().clamp_(_IQ4NL_LO, _IQ4NL_HI).add_(float(12582912 - _IQ4NL_LO))
     pos = t.view(torch.int32).sub_(0x4B400000).clamp_(0, table.shape[0] - 1)  # NaN (empty blocks)
-    return torch.index_select(table, 0, pos.view(-1), out=out.view(-1))
+    torch.index_select(table, 0, pos.view(-1), out=out.view(-1))
+    return out
 
 
 def iq4nl_block_scales(x, w):
@@ -175,26 +176,20 @@ def iq4nl_block_scales(x, w):
     zero = amax < GROUP_MAX_EPS
     xt = x.t().contiguous()
     wt = w.t().contiguous()
-    n, nb = xt.shape
+    nb = xt.shape[1]
     C = 16
     ids = torch.empty(C, nb, dtype=x.dtype, device=x.device)
     d = (-mx) / _full(mx, IQ4NL_VALUES[0])
     torch.div(torch.ones_like(d), d, out=ids[0])  # the first pass: 1/d
     for k, itry in enumerate(range(-7, 8)):
         torch.div(_full(mx, itry + IQ4NL_VALUES[0]), mx, out=ids[k + 1])
-    sumqx = torch.empty(C, nb, dtype=x.dtype, device=x.device)
-    sumq2 = torch.empty_like(sumqx)
-    step = _search_step(x, C * n)
-    views = _search_buffers(3, (n, C, min(step, nb)), x)
-    for i in range(0, nb, step):
-        j = min(nb, i + step)
-        al, q, wq = views(j - i)
-        torch.mul(xt[:, None, i:j], ids[None, :, i:j], out=al)
-        _iq4nl_lookup_(al, levels, q)
-        torch.mul(wt[:, None, i:j], q, out=wq)
-        torch.mul(wq, xt[:, None, i:j], out=al)
-        _seqsum_into(sumqx[:, i:j], al)
-        _seqsum_into(sumq2[:, i:j], wq.mul_(q))
+
+    def terms(q, cols, t1, t2):  # sumqx += (w*q)*x; sumq2 += (w*q)*q
+        torch.mul(wt[:, None, cols], q, out=t2)
+        torch.mul(t2, xt[:, None, cols], out=t1)
+        t2.mul_(q)
+
+    sumqx, sumq2 = _candidate_sums(xt, ids, lambda al, spare: _iq4nl_lookup_(al, levels, spare), terms)
     sx, s2 = sumqx[0], sumq2[0]
     d = torch.where(s2 > 0, sx / s2, torch.zeros_like(sx))
     best = d * sx
