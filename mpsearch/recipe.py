@@ -78,8 +78,8 @@ def busy_cpu_note(model, *, load: float | None = None, cores: int | None = None,
                   threads: int | None = None) -> str | None:
     """One line when ``model`` (of at least :data:`BUSY_NOTE_MIN_PARAMS` parameters, computing on the CPU)
     runs on a machine busier than its cores (the 1-minute ``load`` average at least ``cores``) with torch on more than
-    one thread: the threads then wait for each other's turn on every operation (on SmolLM2, fisher's
-    per-sample gradients ran several times slower on 2 threads than on 1 on a busy 2-core machine:
+    one thread: the threads then wait for each other's turn on every operation (on SmolLM2 on a 2-core
+    machine at load 11, fisher's per-sample gradients took 112 s a sample on 2 threads, 21 s on 1:
     experiments/fisher_cpu_busy.md). ``load``/``cores``/``threads``: the machine's when not given."""
     import torch  # start-up: the CLI's parser loads only what it needs
 
