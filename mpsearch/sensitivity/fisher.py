@@ -86,7 +86,7 @@ class FisherEstimator(Estimator):
             for bi, ci in todo:
                 args, kwargs, labels = _chunk(move_batch(ctx.batches[bi], ctx.device), ci, int(self.chunk_size))
                 n = _n(args, kwargs)
-                grads, draw, lossfn = None, None, None
+                grads = None
                 if method == "vmap":
                     labels, lossfn = self._labels(model, args, kwargs, labels, loss, ctx, bi, ci)
                     try:
@@ -99,12 +99,9 @@ class FisherEstimator(Estimator):
                                       f"(the same result, slower; --param per_sample=loop skips the attempt)",
                                       EstimatorWarning, stacklevel=3)
                         method = "loop"
-                if grads is None:  # labels sampled from each sample's own forward pass (no extra pass)
-                    if loss == "distill":
-                        draw = _Draws(n, probe_seed(ctx.seed, bi, ci), self.output)
-                    else:
-                        lossfn = _given_loss(loss)
-                    _loop_squares(model, weights, args, kwargs, labels, lossfn, st["sums"], tick=bar.update, draw=draw)
+                if grads is None:
+                    _loop_squares(model, weights, args, kwargs, self._sample_loss(loss, labels, n, ctx, (bi, ci)),
+                                  st["sums"], tick=bar.update)
                 else:
                     for acc, g in zip(st["sums"], grads):
                         acc += g.double().pow(2).sum(0).cpu()
@@ -128,6 +125,19 @@ class FisherEstimator(Estimator):
         fisher = [f if e is None else f[e] for f, (_, e) in zip(fisher, where)]  # a per-expert layer: its row
         return rounding_damage(model, ctx, lambda i, dw: (fisher[i] * dw.cpu().pow(2)).sum(),
                                desc="fisher: rounding errors")
+
+    def _sample_loss(self, loss, labels, n, ctx, where):
+        """``loss_of(raw, i)``: the loss of sample ``i`` of the chunk ``where`` from its raw output: with
+        sampled labels, drawn from that output (no labelling pass, :class:`_Draws`)."""
+        if loss == "distill":
+            draw = _Draws(n, probe_seed(ctx.seed, *where), self.output)
+
+            def loss_of(raw, i):
+                t, lossfn = draw.labels(raw, slice(i, i + 1))
+                return lossfn(model_output_tensor(raw), t)
+            return loss_of
+        lossfn = _given_loss(loss)
+        return lambda raw, i: lossfn(model_output_tensor(raw), slice_batch(labels, i, i + 1, n))
 
     def _labels(self, model, args, kwargs, labels, loss, ctx, bi, ci):
         """The per-sample labels and loss: given ones, or sampled from the model for distill."""
@@ -225,22 +235,18 @@ def _vmap_grads(model, weights, args, kwargs, labels, lossfn):
         tuple(w.detach() for w in weights), args, kwargs, labels)
 
 
-def _loop_squares(model, weights, args, kwargs, labels, lossfn, sums, tick=None, draw=None):
+def _loop_squares(model, weights, args, kwargs, loss_of, sums, tick=None):
     """One backward pass per sample, each gradient squared into ``sums`` (float64) as it comes: the
-    memory of one gradient, not of the chunk's. ``tick(1)`` after each sample (a progress bar).
-    With ``draw`` (a :class:`_Draws`) each sample's label and loss are sampled from its own forward
-    pass, so the labels cost no forward pass of their own."""
+    memory of one gradient, not of the chunk's. ``loss_of(raw output, i)``: sample ``i``'s loss.
+    ``tick(1)`` after each sample (a progress bar)."""
     n = _n(args, kwargs)
     saved = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
     try:
         for i in range(n):
-            a, kw, t = (slice_batch(x, i, i + 1, n) for x in (args, kwargs, labels))
-            raw = model(*a, **kw)
-            if draw is not None:
-                t, lossfn = draw.labels(raw, slice(i, i + 1))
-            value = lossfn(model_output_tensor(raw), t)
+            a, kw = (slice_batch(x, i, i + 1, n) for x in (args, kwargs))
+            value = loss_of(model(*a, **kw), i)
             for acc, g in zip(sums, torch.autograd.grad(value, weights)):
                 acc += g.double().pow(2).cpu()
             if tick is not None:
