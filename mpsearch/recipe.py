@@ -5,6 +5,7 @@ that decides it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .options import DEFAULT_SEARCH_OPTIONS, LLM_SEARCH_OPTIONS, parse_options
@@ -67,6 +68,32 @@ def estimator_note(recipe) -> str | None:
                 f"recipe on a GPU, runs one suffix pass per layer and batch: hours on a few CPU cores; "
                 f"--estimator output-distance to use it)")
     return None
+
+
+#: a model of fewer parameters estimates in seconds even on a busy CPU: no busy-machine note for it
+BUSY_NOTE_MIN_PARAMS = 10_000_000
+
+
+def busy_cpu_note(model, *, load: float | None = None, cores: int | None = None,
+                  threads: int | None = None) -> str | None:
+    """One line when ``model`` (of at least :data:`BUSY_NOTE_MIN_PARAMS` parameters, computing on the CPU)
+    runs on a machine busier than its cores (the 1-minute ``load`` average at least ``cores``) with torch on more than
+    one thread: the threads then wait for each other's turn on every operation (on SmolLM2 on a 2-core
+    machine at load 11, fisher's per-sample gradients took 112 s a sample on 2 threads, 21 s on 1:
+    experiments/fisher_cpu_busy.md). ``load``/``cores``/``threads``: the machine's when not given."""
+    import torch  # start-up: the CLI's parser loads only what it needs
+
+    if sum(p.numel() for p in model.parameters()) < BUSY_NOTE_MIN_PARAMS:
+        return None
+    load = os.getloadavg()[0] if load is None else load
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 2 or load < cores:
+        return None
+    return (f"note: the CPU is busy (1-minute load average {load:.1f} on {cores} cores): torch's {threads} threads "
+            f"wait for each other's turn on every operation, which can make this several times slower than one "
+            f"thread; while the machine stays busy, OMP_NUM_THREADS=1 mpsearch ... runs faster")
 
 
 def is_causal_lm(model) -> bool:

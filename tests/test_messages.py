@@ -194,6 +194,40 @@ def test_a_causal_lm_on_the_cpu_gets_fisher_and_is_told_so_before_the_work(tmp_p
     assert CostTable.read(tmp_path / "c.csv").metadata["estimator"] == "output-distance"
 
 
+def test_a_busy_cpu_is_named_before_the_work_with_what_runs_faster(tmp_path, capsys, monkeypatch):
+    """On a CPU busier than its cores torch's threads wait for each other's turn (fisher on SmolLM2:
+    several times slower on 2 threads than on 1, experiments/fisher_cpu_busy.md): said before the work."""
+    import torch
+    from torch import nn
+
+    import mpsearch.recipe as recipe_mod
+    from mpsearch.recipe import busy_cpu_note
+
+    big, small = nn.Linear(4000, 2500), nn.Linear(4, 4)  # 10,002,500 and 20 parameters
+    line = busy_cpu_note(big, load=9.1, cores=2, threads=2)
+    assert line.startswith("note: the CPU is busy (1-minute load average 9.1 on 2 cores): torch's 2 threads wait")
+    assert line.endswith("while the machine stays busy, OMP_NUM_THREADS=1 mpsearch ... runs faster")
+    assert busy_cpu_note(big, load=1.9, cores=2, threads=2) is None  # not busier than its cores
+    assert busy_cpu_note(big, load=9.1, cores=2, threads=1) is None  # one thread: no one to wait for
+    assert busy_cpu_note(small, load=9.1, cores=2, threads=2) is None  # seconds anyway
+
+    monkeypatch.setattr(recipe_mod, "BUSY_NOTE_MIN_PARAMS", 0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        common = ["estimate", "--model", f"{M}:mlp", "--estimator", "weight-error", "--bits", "4,8", "--no-progress"]
+        assert main([*common, "-o", str(tmp_path / "a.csv")]) == 0
+        assert capsys.readouterr().out.splitlines()[0].startswith("note: the CPU is busy (1-minute load average 99.0")
+        assert main([*common, "--json", "-o", str(tmp_path / "b.csv")]) == 0
+        assert capsys.readouterr().out.startswith("{")  # --json: one object, nothing before it
+        torch.set_num_threads(1)
+        assert main([*common, "-o", str(tmp_path / "c.csv")]) == 0
+        assert "CPU is busy" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_mpsearch_list_says_the_defaults_the_cli_uses(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -457,3 +457,65 @@ def test_an_estimators_device_setting_names_where_the_model_is():
     with pytest.raises(mpsearch.MpsearchError, match="is not a torch device"):
         mpsearch.get_estimator("weight-error", options="2,4", device="gpu9").estimate(model, data)
     assert calls == []
+
+
+def _sampled_label_fisher(model, batches, chunk, layers, options, output="logits", seed=0):
+    """The sampled-label Fisher written out as fisher first computed it: one forward pass over each
+    chunk for its labels (torch.multinomial of softmax(logits), or the embedding plus Gaussian noise,
+    from the chunk's generator), then one backward pass per sample, F = mean_n g_n^2, damage = sum F dW^2."""
+    from mpsearch.sensitivity.base import probe_seed
+
+    weights = [model.get_submodule(n).weight for n in layers]
+    sums, count = [torch.zeros(w.shape, dtype=torch.float64) for w in weights], 0
+    for bi, batch in enumerate(batches):
+        n = len(batch["input_ids"])
+        for ci in range(-(-n // chunk)):
+            part = {k: v[ci * chunk:(ci + 1) * chunk] for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(probe_seed(seed, bi, ci))
+            with torch.no_grad():
+                raw = model(**part)
+            if output == "embedding":
+                target = raw.last_hidden_state + torch.randn(raw.last_hidden_state.shape, generator=gen)
+            else:
+                probs = F.softmax(raw.logits.reshape(-1, raw.logits.shape[-1]), -1)
+                target = torch.multinomial(probs, 1, generator=gen).reshape(raw.logits.shape[:-1])
+            for i in range(len(part["input_ids"])):
+                out = model(**{k: v[i:i + 1] for k, v in part.items()})
+                if output == "embedding":
+                    loss = 0.5 * (out.last_hidden_state - target[i:i + 1]).pow(2).sum()
+                else:
+                    loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), target[i:i + 1].reshape(-1))
+                for s, g in zip(sums, torch.autograd.grad(loss, weights)):
+                    s += g.double().pow(2)
+                count += 1
+    return np.array([[float((s / count * quantization_error(w.double(), mpsearch.parse_option(o), "linear").pow(2)).sum())
+                      for o in options] for s, w in zip(sums, weights)])
+
+
+@pytest.mark.parametrize("per_sample", ["loop", "vmap"])
+def test_fisher_sampled_labels_equal_one_labelling_pass_per_chunk(per_sample):
+    """The loop samples each sample's labels from its own forward pass (no labelling pass over the
+    chunk, a quarter of its time on SmolLM2 on a CPU: experiments/fisher_cpu.md) with the chunk's
+    random draws: the labels, and so the table, are those of the labelling pass over the chunk."""
+    from mpsearch import zoo
+
+    model = zoo.random_llama("tiny", tie_word_embeddings=True)
+    ids = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+               {"input_ids": ids.flip(0)[:3], "attention_mask": torch.ones_like(ids[:3])}]
+    table = mpsearch.get_estimator("fisher", per_sample=per_sample, chunk_size=2, options="4,8", seed=3).estimate(
+        model, batches, progress=False)
+    assert "lm_head" in table.layers and table.metadata["cost"]["per_sample"] == per_sample
+    want = _sampled_label_fisher(model, batches, 2, table.layers, ["int4", "int8"], seed=3)
+    np.testing.assert_allclose(_damage(table), want, rtol=1e-5)
+    labelling = 3 + 2 if per_sample == "vmap" else 0  # one pass over each chunk (3 + 2 chunks of 2): vmap only
+    assert table.metadata["cost"]["backward_passes"] == 8
+    assert table.metadata["cost"]["forward_passes"] == 8 + labelling
+
+
+def test_fisher_loop_sampled_embedding_targets_equal_one_labelling_pass_per_chunk():
+    model, batches = tiny_bert()
+    table = mpsearch.get_estimator("fisher", output="embedding", per_sample="loop", chunk_size=2,
+                                   options="4,8").estimate(model, batches, progress=False)
+    want = _sampled_label_fisher(model, batches, 2, table.layers, ["int4", "int8"], output="embedding")
+    np.testing.assert_allclose(_damage(table), want, rtol=1e-5)

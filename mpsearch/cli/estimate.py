@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MpsearchError
-from ..recipe import check, estimator_note, resolve
+from ..recipe import busy_cpu_note, check, estimator_note, resolve
 from ..registry import estimator_names, get_estimator, load_class
 from ._common import (add_command, add_device_args, add_imatrix_args, add_json_arg, add_memory_args,
                       add_param_arg, add_target_arg, add_text_args, check_outputs, imatrix_arg, load_model_args,
@@ -98,12 +98,16 @@ def run(args) -> int:
     model = load_device_map(args.model, args.device_map) if args.device_map else load_model_args(
         args, device="cpu" if args.offload else None)  # offloaded: the model stays in CPU memory
     place_model(model, shard)
+    gpu = on_gpu(model, _compute_device(args))
     recipe = resolve(target=target, options=args.options, estimator=args.estimator, has_data=bool(args.data),
-                     model=model, imatrix=expected, gpu=on_gpu(model, _compute_device(args)))
+                     model=model, imatrix=expected, gpu=gpu)
     memory_params(args, params, recipe.estimator)
     estimator = get_estimator(recipe.estimator, **_with_cache(recipe.estimator, params), options=recipe.options)
     if estimator_note(recipe) and shard.is_main and not args.json:  # before the work (in the JSON: "note")
         say(estimator_note(recipe))
+    busy = None if gpu else busy_cpu_note(model)
+    if busy and shard.is_main and not args.json:
+        say(busy)
     note_kept(_kept(estimator))
     data = load_calibration(args.data, model, args.model, seq_len=args.seq_len, samples=args.calib_samples,
                             batch_size=args.batch_size)
