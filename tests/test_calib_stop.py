@@ -99,12 +99,12 @@ def test_stable_sizes_are_the_given_sizes_and_too_small_ones_are_refused():
 
 
 def test_estimate_stops_on_identical_batches_and_records_it(capsys):
-    """Identical batches: every resample is the same plan, so the rule stops at stable_min_batches;
+    """Identical batches: every resample is the same plan, so the rule stops at stable_from;
     the table is the plain table of the batches used, and the metadata and one line say so."""
     model = zoo.random_llama("tiny")
     batches = _llama_batches([3]) * 8
     est = get_estimator("output-distance", options="int2,int4,int8", stop_when_stable=0.99,
-                        stable_min_batches=3)
+                        stable_from=3)
     table = est.estimate(model, batches, progress=True)
     st = table.metadata["stability"]
     assert st["stopped"] and st["batches_used"] == 3 and st["batches_given"] == 8
@@ -119,7 +119,7 @@ def test_estimate_stops_on_identical_batches_and_records_it(capsys):
 def test_estimate_without_the_rule_is_unchanged_and_a_stopped_run_is_served_from_its_cache(tmp_path):
     model = zoo.random_llama("tiny")
     batches = _llama_batches([3]) * 5
-    est = get_estimator("output-distance", options="int2,int8", stop_when_stable=0.5, stable_min_batches=2,
+    est = get_estimator("output-distance", options="int2,int8", stop_when_stable=0.5, stable_from=2,
                         cache_dir=tmp_path)
     first = est.estimate(model, batches, progress=False)
     again = est.estimate(model, batches, progress=False)
@@ -137,7 +137,7 @@ def test_estimate_without_the_rule_is_unchanged_and_a_stopped_run_is_served_from
 @pytest.mark.parametrize("params, msg", [
     ({"stop_when_stable": 1.5}, r"'stop_when_stable' must be a number > 0 and <= 1 or None, got 1.5"),
     ({"stop_when_stable": 0}, r"'stop_when_stable' must be a number > 0 and <= 1 or None"),
-    ({"stable_min_batches": 1}, r"'stable_min_batches' must be an integer >= 2, got 1"),
+    ({"stable_from": 1}, r"'stable_from' must be an integer >= 2, got 1"),
     ({"stable_sizes": (4.0, -1.0)}, r"'stable_sizes' must be a non-empty tuple of average bit widths > 0"),
     ({"stable_sizes": "four"}, r"'stable_sizes' must be"),
 ])

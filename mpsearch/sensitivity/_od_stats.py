@@ -7,7 +7,7 @@ variance of the B per-batch values (the usual ``s / sqrt(B)`` when the batches a
 one batch). :func:`batch_statistics` is the one definition.
 
 Stopping rule (``stop_when_stable=X``, a fraction of the weights): the batches are measured in order and
-after each one, from ``stable_min_batches`` on, the plans at the target sizes are solved from the mean so
+after each one (the stop comes at batch ``stable_from`` at the earliest), the plans at the target sizes are solved from the mean so
 far and from :data:`RESAMPLES` bootstrap resamples of the batches measured so far (batches drawn with
 replacement, a fixed seed per batch count). The agreement at a size is the mean share of the planned
 weights whose option in a resample's plan equals the mean's; the estimate stops as soon as the
@@ -159,13 +159,13 @@ class StableStop:
             reason = (f"stable: agreement {last:.4f} >= {self.agreement:g} at {STREAK} batches in a row, after "
                       f"{used} of {given} batches")
         elif used < max(self.min_batches, 2):
-            reason = f"all {given} batch(es) used: fewer than stable_min_batches={self.min_batches}"
+            reason = f"all {given} batch(es) used: fewer than stable_from={self.min_batches}"
         else:
             reason = f"all {given} batches used: agreement {last:.4f} < {self.agreement:g}, not yet stable"
         return {"stopped": self.stopped, "reason": reason, "batches_used": used, "batches_given": given,
                 "samples_used": int(sum(_batch_size(b) for b in batches[:used])),
                 "samples_given": int(sum(_batch_size(b) for b in batches)),
-                "agreement": last, "agreement_needed": self.agreement, "min_batches": self.min_batches,
+                "agreement": last, "agreement_needed": self.agreement, "stable_from": self.min_batches,
                 "sizes_avg_bits": [round(c / self.total, 6) for c in self.caps], "solver": "greedy",
                 "resamples": RESAMPLES, "streak": STREAK, "curve": self.curve}
 

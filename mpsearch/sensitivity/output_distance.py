@@ -107,18 +107,18 @@ class OutputDistanceEstimator(Estimator):
                       "stable_sizes": "None: the sizes of the uniform plans between the cheapest and the dearest"}
     #: checked by get_estimator, before any model loads (mpsearch.settings)
     _parameter_constraints = {"stop_when_stable": [Interval(float, 0, 1, closed="right"), None],
-                              "stable_min_batches": [Interval(int, 2, None)], "stable_sizes": [Sizes(), None]}
+                              "stable_from": [Interval(int, 2, None)], "stable_sizes": [Sizes(), None]}
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
                  max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None,
                  offload: bool = False, offload_window: int = 2, device_memory_mb: float | None = None,
-                 stop_when_stable: float | None = None, stable_min_batches: int = 4,
+                 stop_when_stable: float | None = None, stable_from: int = 4,
                  stable_sizes: tuple[float, ...] | None = None):
         super().__init__(options=options, seed=seed, device=device)
         self.stop_when_stable = stop_when_stable
-        self.stable_min_batches = stable_min_batches
+        self.stable_from = stable_from
         self.stable_sizes = stable_sizes
         self.base = _base_spec(base)
         self.offload = offload
@@ -218,9 +218,9 @@ class OutputDistanceEstimator(Estimator):
         # a layer's quantized weights are the same for every batch: kept (within the bound) when
         # more than one batch will use them, instead of quantizing again per batch
         self._variants = VariantCache(vlimit if int(mine.any(-1).any(-1).sum()) > 1 else 0)
-        stop = self._stop_rule(ctx)
+        self._stop = stop = self._stop_rule(ctx)  # run state: the stopping rule, or None
         try:
-            self._measure_batches(model, ctx, runner, names, batches, st, mine, based, stop)
+            self._measure_batches(model, ctx, runner, names, batches, st, mine, based)
         finally:
             self._fp = None
             ctx.cost.update(quantizations=self._variants.made, quantizations_reused=self._variants.reused,
@@ -244,11 +244,11 @@ class OutputDistanceEstimator(Estimator):
         if ctx.shard.enabled:
             raise MpsearchError("stop_when_stable decides after each batch from all of its layers: run it in one "
                                 "process, or give a fixed number of batches without it")
-        return StableStop(ctx, agreement=self.stop_when_stable, min_batches=self.stable_min_batches,
+        return StableStop(ctx, agreement=self.stop_when_stable, min_batches=self.stable_from,
                           sizes=self.stable_sizes, seed=self.seed)
 
-    def _measure_batches(self, model, ctx, runner, names, batches, st, mine, based, stop=None):
-        B, L, K = len(batches), len(ctx.layers), len(ctx.options)
+    def _measure_batches(self, model, ctx, runner, names, batches, st, mine, based):
+        B, L, K, stop = len(batches), len(ctx.layers), len(ctx.options), getattr(self, "_stop", None)
         acc = st["values"].dtype
         total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
