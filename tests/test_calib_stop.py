@@ -11,7 +11,7 @@ from mpsearch.errors import MpsearchError, SettingsError
 from mpsearch.layers import Layer
 from mpsearch.options import parse_options
 from mpsearch.sensitivity._od_stats import RESAMPLES, StableStop
-from mpsearch.sensitivity.base import Context
+from mpsearch.sensitivity.base import build_table, Context
 
 
 def _llama_batches(sizes, seq=8, seed=0):
@@ -42,6 +42,11 @@ def _ctx(n_layers=4):
     return Context(layers=layers, options=parse_options("int2,int4,int8"), batches=[], device=torch.device("cpu"))
 
 
+def _rule(ctx, **kw):
+    table = build_table(ctx.layers, ctx.options, np.zeros((len(ctx.layers), len(ctx.options))))
+    return StableStop(table, [o.name for o in ctx.options], **kw)
+
+
 def _values(means, noise, batches, seed=0):
     """``[B, L, 3]`` per-batch damages: layer l at (int2, int4, int8) = means[l] * (1, 0.8, 0)
     (int4 above the chord: the plan at int4's size is 8 bits for the most sensitive layer(s), 2 for
@@ -54,7 +59,7 @@ def _values(means, noise, batches, seed=0):
 
 def test_the_stopping_rule_stops_when_the_ranking_is_clear_and_not_within_noise():
     ctx = _ctx()
-    clear = StableStop(ctx, agreement=0.95, min_batches=3, seed=0)
+    clear = _rule(ctx, agreement=0.95, min_batches=3, seed=0)
     v = _values([100.0, 10.0, 1.0, 0.1], 0.05, 40)
     stops = [b for b in range(1, 41) if clear.after_batch(v[:b], [4] * b)]
     assert stops and stops[0] == 3  # the first batch the rule may stop at
@@ -68,7 +73,7 @@ def test_the_stopping_rule_stops_when_the_ranking_is_clear_and_not_within_noise(
     v = _values([10.0, 10.0, 1.0, 0.1], 0.0, 40)
     v[:, 0] *= (1 + u)[:, None]
     v[:, 1] *= (1 - u)[:, None]
-    tied = StableStop(ctx, agreement=0.95, min_batches=3, seed=0)
+    tied = _rule(ctx, agreement=0.95, min_batches=3, seed=0)
     assert not any(tied.after_batch(v[:b], [4] * b) for b in range(1, 41))
     # a resample gives 8 bits to either of the two (4 to the other): they disagree in about half of them
     assert 0.6 < tied.curve[-1]["agreement"] < 0.95
@@ -84,18 +89,29 @@ def test_the_rule_rarely_stops_on_two_layers_tied_under_random_noise():
     ctx = _ctx()
     early = 0
     for seed in range(10):
-        rule = StableStop(ctx, agreement=0.99, min_batches=4, seed=0)
+        rule = _rule(ctx, agreement=0.99, min_batches=4, seed=0)
         v = _values([10.0, 10.0, 1.0, 0.1], 0.3, 40, seed=seed)
         early += any(rule.after_batch(v[:b], [4] * b) for b in range(1, 41))
     assert early <= 1
 
 
+def test_the_rule_reads_damage_columns_in_the_estimators_option_order():
+    """The table sorts its options (int2, int4, int8); damage arrays come in the estimator's order."""
+    ctx = _ctx()
+    v = _values([100.0, 10.0, 1.0, 0.1], 0.0, 1)[0].numpy()
+    order = [2, 0, 1]  # int8, int2, int4
+    table = build_table(ctx.layers, ctx.options, np.zeros((4, 3)))
+    mixed = StableStop(table, [ctx.options[k].name for k in order], agreement=0.9, min_batches=2)
+    plain = StableStop(table, [o.name for o in ctx.options], agreement=0.9, min_batches=2)
+    assert [p.tolist() for p in mixed.plans(v[:, order])] == [p.tolist() for p in plain.plans(v)] == [[2, 1, 0, 0]]
+
+
 def test_stable_sizes_are_the_given_sizes_and_too_small_ones_are_refused():
     ctx = _ctx()
-    rule = StableStop(ctx, agreement=0.9, min_batches=2, sizes=(3.0, 5.5))
+    rule = _rule(ctx, agreement=0.9, min_batches=2, sizes=(3.0, 5.5))
     assert [c / rule.total for c in rule.caps] == pytest.approx([3.0, 5.5])
     with pytest.raises(MpsearchError, match=r"stable_sizes: 1 bits per weight is below the smallest plan"):
-        StableStop(ctx, agreement=0.9, min_batches=2, sizes=(1.0,))
+        _rule(ctx, agreement=0.9, min_batches=2, sizes=(1.0,))
 
 
 def test_estimate_stops_on_identical_batches_and_records_it(capsys):

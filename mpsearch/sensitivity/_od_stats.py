@@ -34,6 +34,7 @@ import torch
 
 from ..errors import MpsearchError
 from ..layers import _batch_size
+from ..options import KEEP_BITS
 from ..problem import compile_problem, Constraint, greedy_choice
 
 #: bootstrap resamples per check (fixed: the rule's cost is RESAMPLES greedy plans per size and batch)
@@ -74,33 +75,34 @@ def batch_statistics(values: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.T
 
 
 class StableStop:
-    """The stopping rule of one estimate (the module doc): :meth:`after_batch` says whether to stop."""
+    """The stopping rule of one estimate (the module doc): :meth:`after_batch` says whether to stop.
 
-    def __init__(self, ctx, *, agreement: float, min_batches: int, sizes=None, seed: int = 0):
-        from .base import build_table
+    ``table``: the estimate's table (its layers, options, sizes, groups; the damage is not read);
+    ``options``: the option names of the damage arrays' columns, in their order (the estimator's)."""
 
-        L, K = len(ctx.layers), len(ctx.options)
-        table = build_table(ctx.layers, ctx.options, np.zeros((L, K)), legal=ctx.legal)
+    def __init__(self, table, options, *, agreement: float, min_batches: int, sizes=None, seed: int = 0):
         problem = compile_problem(table)
-        index = {lay.name: i for i, lay in enumerate(ctx.layers)}
-        self.members = np.zeros((problem.n_items, L))
+        index = {name: i for i, name in enumerate(table.layers)}
+        self.members = np.zeros((problem.n_items, len(table.layers)))
         for j, names in enumerate(problem.items):
             self.members[j, [index[n] for n in names]] = 1.0
-        params = np.array([float(lay.params) for lay in ctx.layers])
+        params = table.layer_params()
+        params = np.array([float(params[n]) for n in table.layers])
         self.params = self.members @ params
         self.problem, self.total = problem, float(params.sum())
-        self.caps = self._caps(sizes, ctx)
+        self.columns = [problem.option_names.index(o) for o in options]
+        self.caps = self._caps(sizes)
         self.agreement, self.min_batches, self.seed = float(agreement), int(min_batches), int(seed)
         self.curve: list[dict] = []
         self.stopped, self.streak = False, 0
         self._last = None
 
-    def _caps(self, sizes, ctx) -> list[float]:
+    def _caps(self, sizes) -> list[float]:
         p = self.problem
         size = p.resources["size_bits"]
         if sizes is None:
             idx = np.arange(p.n_items)
-            keep = {k for k, o in enumerate(ctx.options) if o.is_keep}
+            keep = set(np.flatnonzero(p.option_bits >= KEEP_BITS).tolist())
             uni = sorted({float(size[idx, c].sum()) for k, c in enumerate(p.uniform_choices()) if k not in keep})
             caps = uni[1:-1] or [(uni[0] + uni[-1]) / 2]
         else:
@@ -115,7 +117,9 @@ class StableStop:
     def plans(self, damage: np.ndarray) -> list[np.ndarray]:
         """The greedy plan (option per item) at every target size for a ``[L, K]`` damage."""
         p = self.problem
-        items = np.where(p.allowed, self.members @ np.nan_to_num(damage), np.inf)
+        full = np.zeros((damage.shape[0], p.n_options))
+        full[:, self.columns] = np.nan_to_num(damage)
+        items = np.where(p.allowed, self.members @ full, np.inf)
         out = []
         for cap in self.caps:
             con = Constraint("size_bits", "size_bits", cap)

@@ -10,7 +10,10 @@ sequential blocks only the suffix after the changed block runs, from cached bloc
 are made once and kept for the next calibration batches while they fit in ``max_variant_mb`` (default
 512 MB on CPU, 4096 MB on a GPU; 0 quantizes again for every batch); the cost record counts
 ``quantizations`` and ``quantizations_reused``. ``damage_std`` is the
-standard error of that mean across the batches (0 with one batch).
+standard error of that mean across the batches (0 with one batch; :mod:`._od_stats`).
+``stop_when_stable=X`` stops after the batch where the plans at the target sizes (``stable_sizes``)
+agree on X of the weights across bootstrap resamples of the batches so far (:mod:`._od_stats`;
+``stability`` in the metadata).
 
 Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
 ``stack_options=k`` per pass; ``1`` is one pass per option): the batch is repeated once per option
@@ -244,8 +247,11 @@ class OutputDistanceEstimator(Estimator):
         if ctx.shard.enabled:
             raise MpsearchError("stop_when_stable decides after each batch from all of its layers: run it in one "
                                 "process, or give a fixed number of batches without it")
-        return StableStop(ctx, agreement=self.stop_when_stable, min_batches=self.stable_from,
-                          sizes=self.stable_sizes, seed=self.seed)
+        from .base import build_table
+
+        table = build_table(ctx.layers, ctx.options, np.zeros((len(ctx.layers), len(ctx.options))), legal=ctx.legal)
+        return StableStop(table, [o.name for o in ctx.options], agreement=self.stop_when_stable,
+                          min_batches=self.stable_from, sizes=self.stable_sizes, seed=self.seed)
 
     def _measure_batches(self, model, ctx, runner, names, batches, st, mine, based):
         B, L, K, stop = len(batches), len(ctx.layers), len(ctx.options), getattr(self, "_stop", None)
