@@ -179,7 +179,7 @@ def stops(curves) -> dict:
 def report(args):
     lines = []
     for path in sorted(RESULTS.glob("*.json")):
-        if path.name.endswith(".run.json"):
+        if path.name.count(".") > 1:  # <model>.run.json, the table's .csv.meta.json
             continue
         doc = json.loads(path.read_text())
         lines += [f"### {doc['model']}", "", f"{doc['data']}; {doc['layers']} layers x {len(doc['options'])} options "
