@@ -47,7 +47,7 @@ from mpsearch.sensitivity._od_stats import STREAK, StableStop  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "calib_size_results"
 THRESHOLDS = (0.9, 0.95, 0.99)
-STABLE_FROM = 4  # the estimator's default stable_from
+STABLE_FROM = (4, 8)  # stable_from: an early start, and the estimator's default
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -160,19 +160,19 @@ def analyse(args):
 
 
 def stops(curves) -> dict:
-    """Per threshold and order: the batch the rule stops at (two checks in a row from STABLE_FROM on;
-    None: never) and the truth there."""
+    """Per threshold, stable_from and order: the batch the rule stops at (two checks in a row; None:
+    never) and the truth there."""
     out = {}
-    for x in THRESHOLDS:
-        out[str(x)] = []
+    for x, start in ((x, start) for start in STABLE_FROM for x in THRESHOLDS):
+        out[f"{x}, from {start}"] = []
         for rows in curves:
             streak, hit = 0, None
             for r in rows:
                 streak = streak + 1 if r["bootstrap"] is not None and r["bootstrap"] >= x else 0
-                if r["batches"] >= STABLE_FROM and streak >= STREAK:
+                if r["batches"] >= start and streak >= STREAK:
                     hit = r
                     break
-            out[str(x)].append(None if hit is None else {k: hit[k] for k in ("batches", "samples", "truth", "regret")})
+            out[f"{x}, from {start}"].append(None if hit is None else {k: hit[k] for k in ("batches", "samples", "truth", "regret")})
     return out
 
 
@@ -196,9 +196,9 @@ def report(args):
             boot = [r["bootstrap"] for r in rows if r["bootstrap"] is not None]
             lines.append(f"| {b} | {rows[0]['samples']} | {_spread(boot)} | {_spread([r['truth'] for r in rows])} | "
                          f"{_spread([r['regret'] for r in rows], pct=True)} |")
-        lines += ["", "Where the rule stops (two checks in a row, from batch 4 on; `-`: not within the "
-                  f"{N} batches), median [min, max] over the orders:", "",
-                  "| stop_when_stable | stops in | stop batch | agreement with the all-batch plan there | regret there |",
+        lines += ["", "Where the rule stops (two checks in a row, from batch `stable_from` on; `-`: not within "
+                  f"the {N} batches), median [min, max] over the orders:", "",
+                  "| stop_when_stable, stable_from | stops in | stop batch | agreement with the all-batch plan there | regret there |",
                   "|---|---|---|---|---|"]
         for x, hits in doc["stops"].items():
             ok = [h for h in hits if h]

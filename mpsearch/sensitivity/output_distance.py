@@ -117,7 +117,7 @@ class OutputDistanceEstimator(Estimator):
                  stack_options: int | None = None, micro_batch: int | None = None,
                  max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None,
                  offload: bool = False, offload_window: int = 2, device_memory_mb: float | None = None,
-                 stop_when_stable: float | None = None, stable_from: int = 4,
+                 stop_when_stable: float | None = None, stable_from: int = 8,
                  stable_sizes: tuple[float, ...] | None = None):
         super().__init__(options=options, seed=seed, device=device)
         self.stop_when_stable = stop_when_stable
