@@ -176,9 +176,41 @@ def stops(curves) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------- ties
+def ties(args) -> list[str]:
+    """Synthetic: 4 equal layers, two of them equally sensitive under 30% noise per batch (the plan at
+    int4's size gives 8 bits to either): in how many of 20 runs of 40 batches does the rule stop,
+    with one check or with two in a row?"""
+    from mpsearch.layers import Layer
+    from mpsearch.options import parse_options
+    from mpsearch.sensitivity.base import build_table
+
+    layers = [Layer(f"l{i}", "linear", (64, 64), 64 * 64, 64, 64) for i in range(4)]
+    opts = parse_options("int2,int4,int8")
+    table = build_table(layers, opts, np.zeros((4, 3)))
+    lines = ["| stop_when_stable | stops with one check | stops with two in a row |", "|---|---|---|"]
+    for x in (0.95, 0.99):
+        one = two = 0
+        for seed in range(20):
+            rule = StableStop(table, [o.name for o in opts], agreement=x, min_batches=2)
+            base = np.array([10.0, 10.0, 1.0, 0.1])[:, None] * np.array([1.0, 0.8, 0.0])
+            v = base[None] * (1 + 0.3 * np.random.default_rng(seed).standard_normal((40, 4, 3)))
+            v = torch.from_numpy(np.clip(v, 0, None))
+            seen = [rule.after_batch(v[:b], [4] * b) is not None and b > 1 and rule.curve[-1]["agreement"] >= x
+                    for b in range(1, 41)]  # seen[i]: the check after batch i + 1 reached x
+            one += any(seen[3:])
+            two += any(a and b for a, b in zip(seen[3:], seen[4:]))
+        lines.append(f"| {x} | {one} of 20 | {two} of 20 |")
+    return lines
+
+
 # --------------------------------------------------------------------------------------- report
 def report(args):
-    lines = []
+    lines = ["### Two equally sensitive layers (synthetic)", "",
+             "4 layers of 64 x 64, options int2/int4/int8; two layers equally sensitive under 30% noise per batch "
+             "(the plan at int4's size gives 8 bits to either of them): in how many of 20 runs of 40 batches "
+             "does the rule stop (from batch 4), with one check at the threshold or with two in a row?", "",
+             *ties(args), ""]
     for path in sorted(RESULTS.glob("*.json")):
         if path.name.count(".") > 1:  # <model>.run.json, the table's .csv.meta.json
             continue
