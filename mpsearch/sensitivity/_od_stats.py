@@ -22,7 +22,7 @@ plans there have no choice; with fewer than three options the size half-way betw
 are the greedy solver's (:func:`mpsearch.problem.greedy_choice`: milliseconds per plan; ties honoured).
 The table's metadata records what happened (``stability``: batches and samples used of those given,
 the reason, the agreement per size after every batch, the plan's change from the previous batch), and
-one line says it.
+one line says it. With ``micro_batch`` the batches are its pieces.
 """
 
 from __future__ import annotations

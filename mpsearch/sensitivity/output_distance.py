@@ -64,11 +64,11 @@ from ..apply import activation_quantized
 from ..data import micro_batches, move_batch
 from ..distributed import assign
 from ..errors import MpsearchError
-from ..settings import Interval
 from ..layers import _batch_size, get_module
 from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..moe import EXPERT_KINDS
 from ..quant import quantize_weight
+from ..settings import Interval
 from .base import check_choice, check_positive, Context, Estimator, EstimatorWarning, progress_bar, weight_of
 from .blocks import find_blocks, PrefixRunner
 from .losses import check_output, forward, METRICS, output_kind
@@ -225,7 +225,7 @@ class OutputDistanceEstimator(Estimator):
         try:
             self._measure_batches(model, ctx, runner, names, batches, st, mine, based)
         finally:
-            self._fp = None
+            self._fp, self._stop = None, None
             ctx.cost.update(quantizations=self._variants.made, quantizations_reused=self._variants.reused,
                             variant_cache_mb=round(self._variants.peak / 2**20, 3))
             self._variants = None
