@@ -223,7 +223,7 @@ ALLOWED = {
     "refine": "budget errors fileio plan problem recipe sensitivity settings solvers table",
     "registry": "errors settings",
     "sensitivity": ("apply checks coverage data diagnose distributed errors fileio filemodels fingerprint "
-                    "gptq imatrix layers metrics moe mpsearch options plan quant recipe registry settings "
+                    "gptq imatrix layers metrics moe mpsearch options plan problem quant recipe registry settings "
                     "table targets"),
     "settings": "errors",
     "solvers": "budget distributed errors mpsearch options pareto plan problem registry sensitivity table",

@@ -1,13 +1,18 @@
 """Pieces of the ``output-distance`` estimator's suffix passes (:mod:`.output_distance`): options
 stacked along the batch axis, the reference a distance compares with, and quantized weights kept
-across calibration batches."""
+across calibration batches; the base point (``base``) the damage is measured around."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import MpsearchError
 from ..metrics import kl_from_logits
+from ..options import parse_option
+from ..plan import BitPlan
+from ..quant import quantize_weight
+from .base import Context, weight_of
 
 
 class VariantCache:
@@ -110,3 +115,68 @@ def _distance(out: torch.Tensor, reference: dict, metric: str, kind: str, acc) -
     if reference["metric"] == "kl-logits":
         return kl_from_logits(b, a, reference["p"]).mean()
     return F.kl_div(F.log_softmax(a, -1), b, log_target=True, reduction="batchmean")
+
+
+def _base_spec(base):
+    """``base`` as given (``None``, an option name) or a plan's layer -> option-name mapping."""
+    if base is None or isinstance(base, str):
+        return base or None
+
+    if isinstance(base, BitPlan):
+        return {n: base.option_name(n) for n in base.layers}
+    if isinstance(base, dict):
+        return {str(k): str(v) for k, v in base.items()}
+    raise MpsearchError(f"output-distance base must be an option name, a layer -> option mapping or a BitPlan, "
+                        f"got {type(base).__name__}")
+
+
+class _BasePoint:
+    """The base's weights of the planned layers, swapped in and out of the model in place."""
+
+    def __init__(self, model, ctx: Context, base):
+        def parse(spec):
+            try:
+                return parse_option(spec)
+            except ValueError as e:  # MpsearchError too: say that it is the base's option
+                raise MpsearchError(f"output-distance base: {e}") from None
+
+        if isinstance(base, str):
+            opt = parse(base)  # every layer that may take it (a target's rules); the rest stay fp
+            picks = {i: opt for i in range(len(ctx.layers))
+                     if opt.name in {o.name for _, o in ctx.layer_options(i)}}
+        else:
+            names = [lay.name for lay in ctx.layers]
+            unknown = sorted(set(base) - set(names))
+            if unknown:
+                raise MpsearchError(f"output-distance base names layer(s) the table does not plan: "
+                                    f"{', '.join(unknown[:3])}; give an option for planned layers only")
+            picks = {names.index(n): parse(v) for n, v in base.items()}
+        acts = sorted({o.name for o in picks.values() if _quantizes_activations(o)})
+        if acts:
+            raise MpsearchError(f"output-distance base takes weight-only options; {', '.join(acts)} also "
+                                f"quantize activations")
+        self.weights, self.fp, self.based = {}, {}, {}
+        for i, opt in picks.items():
+            if opt.is_keep:
+                continue
+            lay = ctx.layers[i]
+            w = weight_of(model, lay)
+            self.weights[i] = w
+            self.fp[i] = w.detach().clone()
+            self.based[i] = quantize_weight(self.fp[i], opt, lay.kind, lay.name)
+        ctx.extra_metadata["base"] = {"layers": len(self.based),
+                                      "options": sorted({picks[i].name for i in self.based})}
+
+    def apply(self):
+        with torch.no_grad():
+            for i, w in self.weights.items():
+                w.copy_(self.based[i])
+
+    def restore(self):
+        with torch.no_grad():
+            for i, w in self.weights.items():
+                w.copy_(self.fp[i])
+
+
+def _quantizes_activations(opt) -> bool:
+    return getattr(opt, "act_bits", 16) < 16 and getattr(opt, "fmt", None) is not None

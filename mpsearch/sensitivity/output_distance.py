@@ -10,7 +10,10 @@ sequential blocks only the suffix after the changed block runs, from cached bloc
 are made once and kept for the next calibration batches while they fit in ``max_variant_mb`` (default
 512 MB on CPU, 4096 MB on a GPU; 0 quantizes again for every batch); the cost record counts
 ``quantizations`` and ``quantizations_reused``. ``damage_std`` is the
-standard error of that mean across the batches (0 with one batch).
+standard error of that mean across the batches (0 with one batch; :mod:`._od_stats`).
+``stop_when_stable=X`` stops after the batch where the plans at the target sizes (``stable_sizes``)
+agree on X of the weights across bootstrap resamples of the batches so far (:mod:`._od_stats`;
+``stability`` in the metadata).
 
 Throughput: all options of a layer are measured in one suffix pass (``stack_options=None``; or
 ``stack_options=k`` per pass; ``1`` is one pass per option): the batch is repeated once per option
@@ -64,16 +67,16 @@ from ..errors import MpsearchError
 from ..layers import _batch_size, get_module
 from ..metrics import kl_from_logits  # noqa: F401  (defined beside the metrics that use it)
 from ..moe import EXPERT_KINDS
-from ..options import parse_option
-from ..plan import BitPlan
 from ..quant import quantize_weight
+from ..settings import Interval
 from .base import check_choice, check_positive, Context, Estimator, EstimatorWarning, progress_bar, weight_of
 from .blocks import find_blocks, PrefixRunner
 from .losses import check_output, forward, METRICS, output_kind
 from .offload import move_to, tensor_bytes
 from .workplan import largest_activation
+from ._od_stats import batch_statistics, Sizes, StableStop
 from ._od_parts import (  # noqa: F401  (re-exported: response and the tests import them from here)
-    _Variants, _distance, _prepare, stacked_weights, VariantCache,
+    _base_spec, _BasePoint, _quantizes_activations, _Variants, _distance, _prepare, stacked_weights, VariantCache,
 )
 from .lim import block_change, LIMEstimator  # noqa: F401  (re-exported: lim's old home)
 
@@ -101,14 +104,25 @@ class OutputDistanceEstimator(Estimator):
     _setting_notes = {**Estimator._setting_notes,
                       "offload": "stream the decoder blocks from CPU memory to device (CLI: --offload)",
                       "device_memory_mb": "None: the GPU's free memory (no check on the CPU); the estimate is "
-                                          "refused up front when its estimated peak exceeds it"}
+                                          "refused up front when its estimated peak exceeds it",
+                      "stop_when_stable": "None: every batch; X: stop once the plans at the target sizes agree "
+                                          "on X of the weights across bootstrap resamples (_od_stats)",
+                      "stable_sizes": "None: the sizes of the uniform plans between the cheapest and the dearest"}
+    #: checked by get_estimator, before any model loads (mpsearch.settings)
+    _parameter_constraints = {"stop_when_stable": [Interval(float, 0, 1, closed="right"), None],
+                              "stable_from": [Interval(int, 2, None)], "stable_sizes": [Sizes(), None]}
 
     def __init__(self, *, options: str | list | tuple | None = None, seed: int = 0, device=None, metric: str = "auto",
                  output: str = "auto", prefix_cache: bool = True, max_cache_mb: float | None = None,
                  stack_options: int | None = None, micro_batch: int | None = None,
                  max_variant_mb: float | None = None, cache_dir=None, cache_every: float = 30.0, base=None,
-                 offload: bool = False, offload_window: int = 2, device_memory_mb: float | None = None):
+                 offload: bool = False, offload_window: int = 2, device_memory_mb: float | None = None,
+                 stop_when_stable: float | None = None, stable_from: int = 8,
+                 stable_sizes: tuple[float, ...] | None = None):
         super().__init__(options=options, seed=seed, device=device)
+        self.stop_when_stable = stop_when_stable
+        self.stable_from = stable_from
+        self.stable_sizes = stable_sizes
         self.base = _base_spec(base)
         self.offload = offload
         self.offload_window = offload_window
@@ -207,25 +221,46 @@ class OutputDistanceEstimator(Estimator):
         # a layer's quantized weights are the same for every batch: kept (within the bound) when
         # more than one batch will use them, instead of quantizing again per batch
         self._variants = VariantCache(vlimit if int(mine.any(-1).any(-1).sum()) > 1 else 0)
+        self._stop = stop = self._stop_rule(ctx)  # run state: the stopping rule, or None
         try:
             self._measure_batches(model, ctx, runner, names, batches, st, mine, based)
         finally:
-            self._fp = None
+            self._fp, self._stop = None, None
             ctx.cost.update(quantizations=self._variants.made, quantizations_reused=self._variants.reused,
                             variant_cache_mb=round(self._variants.peak / 2**20, 3))
             self._variants = None
             if based:
                 based.restore()
-        return self._finish(ctx, runner, batches, st)
+        used = st.get("stopped", len(batches))
+        if stop is not None:
+            ctx.extra_metadata["stability"] = record = stop.record(used, batches)
+            if ctx.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(stop.line(record), file=sys.stderr)
+        return self._finish(ctx, runner, batches[:used], st)
+
+    def _stop_rule(self, ctx):
+        """The stopping rule (:class:`~._od_stats.StableStop`) with ``stop_when_stable``, else ``None``."""
+        if self.stop_when_stable is None:
+            return None
+        if ctx.shard.enabled:
+            raise MpsearchError("stop_when_stable decides after each batch from all of its layers: run it in one "
+                                "process, or give a fixed number of batches without it")
+        from .base import build_table
+
+        table = build_table(ctx.layers, ctx.options, np.zeros((len(ctx.layers), len(ctx.options))), legal=ctx.legal)
+        return StableStop(table, [o.name for o in ctx.options], agreement=self.stop_when_stable,
+                          min_batches=self.stable_from, sizes=self.stable_sizes, seed=self.seed)
 
     def _measure_batches(self, model, ctx, runner, names, batches, st, mine, based):
-        B, L, K = len(batches), len(ctx.layers), len(ctx.options)
+        B, L, K, stop = len(batches), len(ctx.layers), len(ctx.options), getattr(self, "_stop", None)
         acc = st["values"].dtype
         total = int(mine.sum()) + int(st["done"].sum())
         bar = progress_bar(None, enabled=ctx.progress, desc="output-distance", total=total)
         bar.update(int(st["done"].sum()))
         planned = None
-        for bi in range(st["batch"], B):
+        for bi in range(st["batch"], B if "stopped" not in st else 0):
             if not mine[bi].any():
                 st.update(batch=bi + 1, layer=0)
                 continue
@@ -258,9 +293,14 @@ class OutputDistanceEstimator(Estimator):
                 if ctx.checkpoint:
                     ctx.checkpoint.save(st)
             st.update(batch=bi + 1, layer=0)
+            if stop is not None and stop.after_batch(st["values"][: bi + 1].to("cpu", torch.float64),
+                                                     [_size(b) for b in batches[: bi + 1]]):
+                st["stopped"] = bi + 1
             if ctx.checkpoint:
                 ctx.checkpoint.save(st, force=True)
             runner.release()
+            if "stopped" in st:
+                break
         bar.close()
 
     def _plan(self, model, ctx, runner, batches, mine, ref, reference, probe, batch):
@@ -331,12 +371,9 @@ class OutputDistanceEstimator(Estimator):
         return plan
 
     def _finish(self, ctx, runner, batches, st):
-        B, L, K = len(batches), len(ctx.layers), len(ctx.options)
+        B = len(batches)
         # each unit is one rank's and exact zeros elsewhere: the sum over ranks is exact
-        values = ctx.shard.sum(st["values"].to("cpu", torch.float64))
-        sums = torch.zeros(L, K, dtype=torch.float64)
-        for bi in range(B):  # batches in order, as one process adds them
-            sums += _size(batches[bi]) * values[bi]
+        values = ctx.shard.sum(st["values"][:B].to("cpu", torch.float64))
         n_blocks = len(runner.blocks.names) if runner.blocks else 0
         ctx.cost.update(
             blocks=n_blocks, block_list=runner.blocks.name if runner.blocks else None,
@@ -346,11 +383,9 @@ class OutputDistanceEstimator(Estimator):
         )
         if self._streamer is not None:
             ctx.cost.update(self._streamer.report())
-        weight = float(sum(_size(b) for b in batches))
-        mean = sums / max(weight, 1e-300)
-        wb = torch.tensor([float(_size(b)) for b in batches], dtype=torch.float64)[:, None, None]
-        var = (wb * (values - mean) ** 2).sum(0) / max(weight, 1e-300)  # across batches
-        ctx.extra_columns["damage_std"] = (var / (B - 1)).sqrt().numpy() if B > 1 else np.zeros((L, K))
+        mean, std = batch_statistics(values, [_size(b) for b in batches])
+        ctx.extra_columns["damage_std"] = std.numpy()
+        self.batch_damage_ = values.numpy()  # [B, L, K]: each batch's distances (experiments/calib_size.py)
         return mean.clamp(min=0).numpy()
 
     def layer_distances(self, model, runner, batch, layer, ctx: Context, reference, kind: str,
@@ -471,69 +506,6 @@ def _timed_pass(model, batch, ctx) -> float:
     return time.perf_counter() - t0
 
 
-def _base_spec(base):
-    """``base`` as given (``None``, an option name) or a plan's layer -> option-name mapping."""
-    if base is None or isinstance(base, str):
-        return base or None
-
-    if isinstance(base, BitPlan):
-        return {n: base.option_name(n) for n in base.layers}
-    if isinstance(base, dict):
-        return {str(k): str(v) for k, v in base.items()}
-    raise MpsearchError(f"output-distance base must be an option name, a layer -> option mapping or a BitPlan, "
-                        f"got {type(base).__name__}")
-
-
-class _BasePoint:
-    """The base's weights of the planned layers, swapped in and out of the model in place."""
-
-    def __init__(self, model, ctx: Context, base):
-        def parse(spec):
-            try:
-                return parse_option(spec)
-            except ValueError as e:  # MpsearchError too: say that it is the base's option
-                raise MpsearchError(f"output-distance base: {e}") from None
-
-        if isinstance(base, str):
-            opt = parse(base)  # every layer that may take it (a target's rules); the rest stay fp
-            picks = {i: opt for i in range(len(ctx.layers))
-                     if opt.name in {o.name for _, o in ctx.layer_options(i)}}
-        else:
-            names = [lay.name for lay in ctx.layers]
-            unknown = sorted(set(base) - set(names))
-            if unknown:
-                raise MpsearchError(f"output-distance base names layer(s) the table does not plan: "
-                                    f"{', '.join(unknown[:3])}; give an option for planned layers only")
-            picks = {names.index(n): parse(v) for n, v in base.items()}
-        acts = sorted({o.name for o in picks.values() if _quantizes_activations(o)})
-        if acts:
-            raise MpsearchError(f"output-distance base takes weight-only options; {', '.join(acts)} also "
-                                f"quantize activations")
-        self.weights, self.fp, self.based = {}, {}, {}
-        for i, opt in picks.items():
-            if opt.is_keep:
-                continue
-            lay = ctx.layers[i]
-            w = weight_of(model, lay)
-            self.weights[i] = w
-            self.fp[i] = w.detach().clone()
-            self.based[i] = quantize_weight(self.fp[i], opt, lay.kind, lay.name)
-        ctx.extra_metadata["base"] = {"layers": len(self.based),
-                                      "options": sorted({picks[i].name for i in self.based})}
-
-    def apply(self):
-        with torch.no_grad():
-            for i, w in self.weights.items():
-                w.copy_(self.based[i])
-
-    def restore(self):
-        with torch.no_grad():
-            for i, w in self.weights.items():
-                w.copy_(self.fp[i])
-
-
-def _quantizes_activations(opt) -> bool:
-    return getattr(opt, "act_bits", 16) < 16 and getattr(opt, "fmt", None) is not None
 _STACKABLE = {"linear", "conv1d", "conv2d", "conv1d_hf", "embedding"}
 
 
