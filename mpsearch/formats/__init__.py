@@ -121,7 +121,9 @@ class Format:
 
 
 def register(fmt: Format) -> Format:
-    """Add a format to the registry (its name must be new, case-insensitively)."""
+    """Add a format to the registry (its name must be new, case-insensitively); a plugin's format
+    comes after the built-in ones (they are loaded first)."""
+    _load()
     key = fmt.name.lower()
     if key in _LOWER and _REGISTRY[_LOWER[key]] is not fmt:
         raise ValueError(f"format {fmt.name!r} is registered twice")
