@@ -42,6 +42,10 @@ class W3A16G64(Format):
         groups = -(-in_features // 64)
         return 32 * out_channels * -(-in_features * 3 // 32) + 16 * out_channels * groups + 128
 
+    def checkpoint_tensors(self, out_channels, in_features, dtype="BF16"):  # for --target vllm's file model
+        return [("weight_packed", "I32", (out_channels, -(-in_features * 3 // 32))),
+                ("weight_scale", dtype, (out_channels, -(-in_features // 64))), ("weight_shape", "I64", (2,))]
+
     def bits_per_weight(self, in_features=None):
         n = in_features or 4096
         return self.size_bits(4096, n) / (4096 * n)
@@ -93,6 +97,7 @@ def test_the_plugin_format_is_planned_applied_and_exported(plugin):
     model, x = mlp(), torch.randn(64, 128)
     table = get_estimator("weight-error").estimate(model, x, progress=False, target="vllm")
     assert set(table.options) == {"w4a16-g128", "w4a16-g32", "w8a16", "w3a16-g64"}  # the default set
+    assert "uniform-w3a16-g64" in table.metadata["file"]["recipes"]  # the checkpoint's size, from its tensors
     res = get_solver("ilp").solve(table, Budget.parse(["avg_bits=3.6"]))  # below every other option
     chosen = {n: res.plan.option(n).name for n in res.plan.layers}
     assert "w3a16-g64" in chosen.values(), chosen
@@ -121,8 +126,25 @@ def _compressed_tensors_rounding(w, args):
 
 
 def test_the_plugin_format_passes_the_consumer_suite_with_its_target(plugin):
+    from mpsearch.filesize_ct import _nbytes, option_tensors
+
     check_format(plugin)
     check_target("vllm")  # its options (the plugin's included), rules, recipes, exporter
+    for out, inp in ((64, 128), (576, 1536), (96, 320)):
+        assert 8 * sum(_nbytes(d, s) for _, d, s in option_tensors("w3a16-g64", out, inp)) == plugin.size_bits(out, inp)
+
+
+def test_a_vllm_format_without_a_checkpoint_layout_is_told_not_left_out():
+    class NoLayout(W3A16G64):
+        checkpoint_tensors = None
+
+    register(NoLayout())
+    try:
+        table = get_estimator("weight-error").estimate(mlp(), torch.randn(8, 128), progress=False, target="vllm")
+        assert "file" not in table.metadata
+        assert "no compressed-tensors layout known for option 'w3a16-g64'" in table.metadata["file_note"]
+    finally:
+        unregister("w3a16-g64")
 
 
 def test_an_importer_gives_a_declared_format_back():

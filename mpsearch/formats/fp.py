@@ -156,6 +156,10 @@ class CTFp8Dynamic(FloatFormat):
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * in_features + 16 * out_channels
 
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight", "F8_E4M3", (out_channels, in_features)), ("weight_scale", dtype, (out_channels, 1))]
+
 
 class CTNvfp4(FloatFormat):
     rows_independent = False  # the fp32 global scale is taken over the whole matrix
@@ -179,6 +183,12 @@ class CTNvfp4(FloatFormat):
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 16 + 64
+
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight_packed", "U8", (out_channels, _cdiv(in_features, 2))),
+                ("weight_scale", "F8_E4M3", (out_channels, in_features // 16)),
+                ("weight_global_scale", "F32", (1,)), ("input_global_scale", "F32", (1,))]
 
 
 def ct_mx_scale(pos):
@@ -240,6 +250,11 @@ class CTMxfp4(FloatFormat):
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 32
+
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight_packed", "U8", (out_channels, _cdiv(in_features, 2))),
+                ("weight_scale", "U8", (out_channels, in_features // 32))]
 
 
 def ct_float_args(bits: int, strategy: str, group: int | None = None, dynamic=False, **extra) -> dict:
@@ -338,6 +353,7 @@ class ModelOptFp8(FloatFormat):
 
 class ModelOptNvfp4(CTNvfp4):
     consumer = "modelopt"
+    checkpoint_tensors = None  # ModelOpt's export writes other tensors than compressed-tensors' NVFP4
 
     def quantize(self, matrix):
         return modelopt_nvfp4_qdq(matrix, matrix.abs().amax())

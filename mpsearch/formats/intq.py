@@ -164,6 +164,18 @@ class CompressedTensorsInt(IntFormat):
             return x
         return ct_token_int8(x)
 
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer (scales in
+        the model's ``dtype``): the tensors :meth:`size_bits` counts."""
+        groups = self.n_groups(out_channels, in_features)
+        if self.layout == "int-quantized":
+            return [("weight", "I8", (out_channels, in_features)), ("weight_scale", dtype, (out_channels, groups))]
+        ts = [("weight_packed", "I32", (out_channels, _cdiv(in_features * self.bits, 32))),
+              ("weight_scale", dtype, (out_channels, groups)), ("weight_shape", "I64", (2,))]
+        if not self.symmetric:
+            ts.append(("weight_zero_point", "I32", (_cdiv(out_channels * self.bits, 32), groups)))
+        return ts
+
 
 def ct_token_int8(x):
     """compressed-tensors' dynamic per-token symmetric int8 activation fake-quantization.
