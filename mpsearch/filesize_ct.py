@@ -38,36 +38,19 @@ _TORCH_DTYPES = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float3
                  "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def option_tensors(option: str, out: int, inp: int, dtype: str = "BF16") -> list[tuple[str, str, tuple]]:
     """``(suffix, safetensors dtype, shape)`` of the tensors a layer of ``out`` x ``inp`` weights
-    becomes under a vLLM option (``keep``: the weight at ``dtype``)."""
+    becomes under a vLLM option (``keep``: the weight at ``dtype``): the format's own declaration,
+    :meth:`checkpoint_tensors` (:mod:`mpsearch.formats.intq`, :mod:`mpsearch.formats.fp`)."""
     if option == "keep":
         return [("weight", dtype, (out, inp))]
     fmt = get_format(option)
     if fmt is None or fmt.consumer != "compressed-tensors":
         raise MpsearchError(f"option {option!r} is not a compressed-tensors format")
-    kind = type(fmt).__name__
-    if kind == "CompressedTensorsInt":
-        groups = _cdiv(inp, fmt.group) if fmt.group else 1
-        if fmt.layout == "int-quantized":
-            return [("weight", "I8", (out, inp)), ("weight_scale", dtype, (out, groups))]
-        ts = [("weight_packed", "I32", (out, _cdiv(inp * fmt.bits, 32))), ("weight_scale", dtype, (out, groups)),
-              ("weight_shape", "I64", (2,))]
-        if not fmt.symmetric:
-            ts.append(("weight_zero_point", "I32", (_cdiv(out * fmt.bits, 32), groups)))
-        return ts
-    if kind == "CTFp8Dynamic":
-        return [("weight", "F8_E4M3", (out, inp)), ("weight_scale", dtype, (out, 1))]
-    if kind == "CTNvfp4":
-        return [("weight_packed", "U8", (out, _cdiv(inp, 2))), ("weight_scale", "F8_E4M3", (out, inp // 16)),
-                ("weight_global_scale", "F32", (1,)), ("input_global_scale", "F32", (1,))]
-    if kind == "CTMxfp4":
-        return [("weight_packed", "U8", (out, _cdiv(inp, 2))), ("weight_scale", "U8", (out, inp // 32))]
-    raise MpsearchError(f"no compressed-tensors layout known for option {option!r} ({kind})")
+    if not callable(getattr(fmt, "checkpoint_tensors", None)):
+        raise MpsearchError(f"no compressed-tensors layout known for option {option!r}: its format declares "
+                            f"no checkpoint_tensors(out_channels, in_features, dtype)")
+    return fmt.checkpoint_tensors(out, inp, dtype)
 
 
 def _nbytes(dtype: str, shape) -> int:
@@ -132,11 +115,8 @@ def compressed_tensors_file_model(model, layers) -> FileModel:
     for lay in layers:
         out, inp = shapes[lay][0], int(max(1, _prod(shapes[lay][1:])))
         rows[lay] = {}
-        for opt in options:
-            try:
-                rows[lay][opt] = option_tensors(opt, out, inp, dtype)
-            except MpsearchError:
-                continue
+        for opt in options:  # a format that declares no layout is refused (the table notes why)
+            rows[lay][opt] = option_tensors(opt, out, inp, dtype)
     fixed_bytes = sum(_nbytes(d, s) for _, d, s in unplanned)
     recipes = {}
     for opt in options:

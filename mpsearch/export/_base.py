@@ -8,12 +8,13 @@ of it is torch-free; the optional consumer packages are imported only by the hel
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable
 
 from ..errors import ExportError, name_list  # noqa: F401  (ExportError re-exported)
-from ..formats import get_format
+from ..formats import format_names, get_format
 from ..options import Option, option_sort_key
 from ..plan import BitPlan
 from ..ties import tie_groups
@@ -107,6 +108,26 @@ def format_option(name: str) -> Option:
     """The plan option of a registered format."""
     fmt = get_format(name)
     return Option(bits=fmt.bits, fmt=fmt.name)
+
+
+def consumer_config(opt: Option, consumer: str) -> dict | None:
+    """A copy of what the format of ``opt`` declares that ``consumer``'s file says for it
+    (:attr:`mpsearch.formats.Format.consumer_config`), if it is a format of ``consumer`` that
+    declares one; else None (the exporter writes its integer settings)."""
+    if format_name(opt, consumer) is None or opt.format.consumer_config is None:
+        return None
+    return copy.deepcopy(opt.format.consumer_config)
+
+
+def formats_by_settings(consumer: str) -> dict[tuple, str]:
+    """``(bits, group size, symmetric)`` -> the registered format of ``consumer`` with exactly those
+    integer settings (the importers give a consumer's format back where the document is exactly it)."""
+    out = {}
+    for name in format_names():
+        fmt = get_format(name)
+        if fmt.consumer == consumer and fmt.consumer_config is None and hasattr(fmt, "group"):
+            out.setdefault((fmt.bits, fmt.group, fmt.symmetric), name)
+    return out
 
 
 # ---------------------------------------------------------------------- mixture of experts

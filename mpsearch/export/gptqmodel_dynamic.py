@@ -32,11 +32,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from ..formats import get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import (compact_pattern, expect, Exporter, ExportError, format_option, group_by_option,
-                    int_settings, need_layers, plan_from_options, refuse, unfused_projections)
+from ._base import (compact_pattern, expect, Exporter, ExportError, format_option, formats_by_settings,
+                    group_by_option, int_settings, need_layers, plan_from_options, refuse, unfused_projections)
 
 BITS = (2, 3, 4, 8)
 #: stand-in for the expert index in :func:`module_templates` (not a digit, so ``compact_pattern``
@@ -141,8 +140,9 @@ class GPTQModelExporter(Exporter):
             )
         check_shape(doc, source)
         names = need_layers(layers, self.name, source)
+        formats = formats_by_settings("gptqmodel")
         try:
-            options = {name: _as_format(_resolve_layer(doc, name, source)) for name in names}
+            options = {name: _as_format(_resolve_layer(doc, name, source), formats) for name in names}
         except (re.error, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ExportError(f"{source}: cannot read the GPTQModel config: {exc}") from None
         return plan_from_options(options, self.name, source)
@@ -163,12 +163,11 @@ def _resolve_layer(doc: dict, name: str, source: str) -> Option:
     return resolve(doc, next(iter(seen.values())))
 
 
-def _as_format(opt: Option) -> Option:
-    """The GPTQModel format with exactly these settings (``gptq-int4-g128``), else ``opt``."""
-    if opt.is_keep or opt.group_size != 128 or not opt.symmetric:
-        return opt
-    fmt = get_format(f"gptq-int{opt.bits}-g128")
-    return format_option(fmt.name) if fmt is not None and fmt.consumer == "gptqmodel" else opt
+def _as_format(opt: Option, formats: dict[tuple, str]) -> Option:
+    """The GPTQModel format with exactly these settings (``gptq-int4-g128``; ``formats``:
+    :func:`~mpsearch.export._base.formats_by_settings`), else ``opt``."""
+    name = None if opt.is_keep else formats.get((opt.bits, opt.group_size, opt.symmetric))
+    return format_option(name) if name is not None else opt
 
 
 def _option_kwargs(opt: Option) -> dict:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 
 from ..errors import close_matches, name_list
-from ..formats import get_format
+from ..formats import format_names, get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
 from ._base import Exporter, ExportError, format_name, plan_from_options, refuse
@@ -39,16 +39,23 @@ from ._base import Exporter, ExportError, format_name, plan_from_options, refuse
 TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0"}
 KEEP_TYPES = ("f16", "bf16", "f32")
 
-#: GGML type name (lower case) -> nominal bits, for the importer
-TYPE_BITS = {
-    "f32": 16, "f16": 16, "bf16": 16,
-    "q8_0": 8, "q8_1": 8, "q8_k": 8,
-    "q6_k": 6, "q5_0": 5, "q5_1": 5, "q5_k": 5,
-    "q4_0": 4, "q4_1": 4, "q4_k": 4, "iq4_nl": 4, "iq4_xs": 4, "mxfp4": 4,
-    "q3_k": 3, "iq3_xxs": 3, "iq3_s": 3,
-    "q2_k": 2, "iq2_xxs": 2, "iq2_xs": 2, "iq2_s": 2, "tq2_0": 2,
-    "iq1_s": 1, "iq1_m": 1, "tq1_0": 1, "q1_0": 1,
-}
+#: GGML types that mpsearch has no format for (lower case) -> nominal bits, for the importer; the
+#: types it has (:mod:`mpsearch.formats.ggml`, ``ggml_iq``) take their bits from their declarations
+OTHER_TYPE_BITS = {"f32": 16, "f16": 16, "bf16": 16, "q8_1": 8, "q8_k": 8, "mxfp4": 4, "tq2_0": 2,
+                   "tq1_0": 1, "q1_0": 1}
+
+
+def type_bits() -> dict[str, int]:
+    """GGML type name (lower case) -> nominal bits: the llama.cpp formats' own, and
+    :data:`OTHER_TYPE_BITS`."""
+    declared = {n.lower(): get_format(n).bits for n in format_names() if get_format(n).consumer == "llama.cpp"}
+    return {**OTHER_TYPE_BITS, **declared}
+
+
+def __getattr__(name: str):
+    if name == "TYPE_BITS":  # the table this module once spelled out
+        return type_bits()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -171,9 +178,10 @@ class LlamaCppExporter(Exporter):
     def check(self, plan: BitPlan) -> None:
         if self.keep_type not in KEEP_TYPES:
             raise ExportError(f"llama.cpp: keep_type must be one of {', '.join(KEEP_TYPES)}, got {self.keep_type!r}")
-        if self.embed_type is not None and str(self.embed_type).lower() not in TYPE_BITS:
+        known = type_bits()
+        if self.embed_type is not None and str(self.embed_type).lower() not in known:
             raise ExportError(f"llama.cpp: embed_type {self.embed_type!r} is not a GGML type; known: "
-                              f"{', '.join(sorted(TYPE_BITS))}")
+                              f"{', '.join(sorted(known))}")
         refuse(plan, self.name, lambda o: o.is_keep or _ggml_type(o) is not None or (o.fmt is None and o.bits in TYPES),
                "GGUF has types for 2, 3, 4, 5, 6 and 8 bits (q2_K..q6_K, q8_0), 16 (keep), and the "
                "GGML types of --target llama.cpp")
@@ -216,12 +224,12 @@ class LlamaCppExporter(Exporter):
             doc = self.loads(doc, source)
         if not isinstance(doc, dict):
             raise ExportError(f"{source}: expected a mapping of tensor pattern -> GGML type")
-        rules = []
+        rules, known = [], type_bits()
         for pattern, qtype in doc.items():
-            bits = TYPE_BITS.get(str(qtype).lower())
+            bits = known.get(str(qtype).lower())
             if bits is None:
                 raise ExportError(f"{source}: unknown GGML type {qtype!r} for {pattern!r}; known: "
-                                  f"{', '.join(sorted(TYPE_BITS))}")
+                                  f"{', '.join(sorted(known))}")
             try:
                 rules.append((re.compile(pattern), KEEP if bits == 16 else _import_option(qtype, bits)))
             except re.error as exc:

@@ -15,7 +15,9 @@ for ``--quantizer gptq`` and for plans that do not say); ``modifier="Quantizatio
 formats' fake quantizers model.
 
 The compressed-tensors formats of ``--target vllm`` are written as compressed-tensors' own preset
-schemes (``PRESET_SCHEMES``), field for field:
+schemes (``PRESET_SCHEMES``), field for field: the integer ones from their settings (bits, group,
+symmetry; W8A8's per-token int8 activations), the float ones as their declarations
+(:attr:`mpsearch.formats.Format.consumer_config`, :mod:`mpsearch.formats.fp`) give them:
 
 | format        | preset        | weights                                  | input_activations              |
 |---------------|---------------|------------------------------------------|--------------------------------|
@@ -39,7 +41,8 @@ from __future__ import annotations
 import re
 
 from ..plan import BitPlan
-from ._base import ExportError, Exporter, format_name, group_by_option, int_settings, refuse, unfused_projections
+from ._base import (consumer_config, ExportError, Exporter, format_name, group_by_option, int_settings, refuse,
+                    unfused_projections)
 
 
 def weight_args(opt) -> dict:
@@ -52,35 +55,16 @@ def weight_args(opt) -> dict:
     return args
 
 
-def _fp(bits: int, strategy: str, group: int | None = None, dynamic=False, **extra) -> dict:
-    args = {"num_bits": bits, "type": "float", "symmetric": True, "strategy": strategy}
-    if group is not None:
-        args["group_size"] = group
-    args["dynamic"] = dynamic
-    return {**args, **extra}
-
-
 #: the integer formats' dynamic per-token int8 activations (compressed-tensors W8A8)
 INT8_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-
-#: float formats -> (weights, input_activations) as compressed-tensors' presets have them
-FLOAT_SCHEMES = {
-    "w8a8-fp8": (_fp(8, "channel"), _fp(8, "token", dynamic=True)),
-    "nvfp4": (_fp(4, "tensor_group", 16, scale_dtype="torch.float8_e4m3fn"),
-              _fp(4, "tensor_group", 16, dynamic="local", scale_dtype="torch.float8_e4m3fn",
-                  observer="static_minmax")),
-    "mxfp4": (_fp(4, "group", 32, scale_dtype="torch.uint8", zp_dtype="torch.uint8"), None),
-    "mxfp4-w4a4": (_fp(4, "group", 32, scale_dtype="torch.uint8", zp_dtype="torch.uint8"),
-                   _fp(4, "group", 32, dynamic=True, scale_dtype="torch.uint8", zp_dtype="torch.uint8")),
-}
 
 
 def scheme_args(opt) -> dict:
     """The ``weights`` (and ``input_activations``) of the scheme that executes ``opt``."""
+    declared = consumer_config(opt, "compressed-tensors")  # the float formats' preset args
+    if declared is not None:
+        return declared
     name = format_name(opt, "compressed-tensors")
-    if name in FLOAT_SCHEMES:
-        weights, acts = FLOAT_SCHEMES[name]
-        return {"weights": dict(weights), **({"input_activations": dict(acts)} if acts else {})}
     out = {"weights": weight_args(int_settings(opt))}
     if name is not None and opt.format.act_bits == 8:  # W8A8: dynamic per-token int8 inputs
         out["input_activations"] = dict(INT8_TOKEN)

@@ -49,17 +49,14 @@ from __future__ import annotations
 from .. import __version__
 from ..options import Option
 from ..plan import BitPlan
-from ._base import STACKED_EXPERT, ExportError, Exporter, format_name, int_settings, refuse
-
-#: ModelOpt float formats -> the entry ModelOpt writes for them
-FLOAT_ENTRIES = {"fp8": {"quant_algo": "FP8"}, "nvfp4-modelopt": {"quant_algo": "NVFP4", "group_size": 16}}
-
+from ._base import consumer_config, STACKED_EXPERT, ExportError, Exporter, int_settings, refuse
 
 def layer_algo(opt: Option) -> dict | None:
-    """The ``quantized_layers`` entry ModelOpt writes for an option, or None if it has none."""
-    name = format_name(opt, "modelopt")
-    if name in FLOAT_ENTRIES:
-        return dict(FLOAT_ENTRIES[name])
+    """The ``quantized_layers`` entry ModelOpt writes for an option (a float format's as its
+    declaration gives it, :attr:`mpsearch.formats.Format.consumer_config`), or None if it has none."""
+    declared = consumer_config(opt, "modelopt")
+    if declared is not None:
+        return declared
     opt = int_settings(opt)
     if not opt.symmetric:
         return None

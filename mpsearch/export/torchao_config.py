@@ -16,8 +16,9 @@ The torchao formats of ``--target torchao`` are written as the configs their fak
 reproduce: ``intx-B-gG[-asym]`` -> ``IntxWeightOnlyConfig(weight_dtype=torch.intB,
 granularity=PerGroup(G), mapping_type=SYMMETRIC/ASYMMETRIC)`` with torchao's defaults for the rest
 (``scale_dtype=None``: scales in the weight's dtype; ``UNPACKED_TO_INT8``; ``AFFINE`` qparams, so
-a zero point per group, 0 for symmetric), and ``int8wo`` -> ``Int8WeightOnlyConfig()`` (per row,
-float32 scales). mpsearch's own options (``int4-g32``...) get ``IntxWeightOnlyConfig`` as above,
+a zero point per group, 0 for symmetric), and a format that declares its config
+(:attr:`mpsearch.formats.Format.consumer_config`) as that config: ``int8wo`` ->
+``Int8WeightOnlyConfig()`` (per row, float32 scales). mpsearch's own options (``int4-g32``...) get ``IntxWeightOnlyConfig`` as above,
 ``PerAxis(0)`` when per channel.
 
 The importer reads this JSON or an ``FqnToConfig`` object, including configs written by hand:
@@ -36,13 +37,9 @@ from .._quiet import preload_torchao
 from ..formats import format_names, get_format
 from ..options import KEEP, Option
 from ..plan import BitPlan
-from ._base import (expect, Exporter, ExportError, format_name, format_option, int_settings, need_layers,
+from ._base import (consumer_config, expect, Exporter, ExportError, format_option, int_settings, need_layers,
                     plan_from_options)
 
-#: ``Int8WeightOnlyConfig()`` as ``config_to_dict`` writes it (torchao 0.18)
-INT8WO = {"_type": "Int8WeightOnlyConfig", "_version": 2,
-          "_data": {"group_size": None, "granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}},
-                    "set_inductor_config": True}}
 
 
 def _granularity(opt: Option) -> dict:
@@ -54,9 +51,8 @@ def _granularity(opt: Option) -> dict:
 def _config_dict(opt: Option) -> dict | None:
     if opt.is_keep:
         return None
-    if format_name(opt, "torchao") == "int8wo":
-        return {**INT8WO, "_data": {**INT8WO["_data"]}}
-    return _intx_dict(int_settings(opt))
+    declared = consumer_config(opt, "torchao")  # int8wo: Int8WeightOnlyConfig()
+    return declared if declared is not None else _intx_dict(int_settings(opt))
 
 
 def _intx_dict(opt: Option) -> dict:
@@ -196,10 +192,11 @@ def to_torchao_config(plan: BitPlan):
         if opt.is_keep:
             table[lay] = None
             continue
-        if format_name(opt, "torchao") == "int8wo":
-            from torchao.quantization import Int8WeightOnlyConfig
+        declared = consumer_config(opt, "torchao")
+        if declared is not None:  # a format that declares its config (int8wo: Int8WeightOnlyConfig())
+            from torchao.core.config import config_from_dict
 
-            table[lay] = Int8WeightOnlyConfig()
+            table[lay] = config_from_dict(declared)
             continue
         opt = int_settings(opt)
         table[lay] = IntxWeightOnlyConfig(

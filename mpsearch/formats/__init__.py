@@ -14,11 +14,19 @@ tensors' ``w4a16-g128``, ModelOpt's ``fp8``...). It knows
 
 Formats are registered by name in modules of this package (one per consumer family) that are
 imported on first lookup. Module tops stay torch-free so that option parsing stays light.
+
+A format is declared once: its :class:`Format` instance carries, besides the above, the targets that
+offer it (:attr:`Format.offers`, one :class:`Offer` each: in the default search set or not, and its
+rank in the target's list) and, where the consumer's file names it by more than its integer settings,
+the entry its exporter writes (:attr:`Format.consumer_config`). Targets select their options with
+:func:`offered_by` and exporters read ``consumer_config``, so adding a consumer format is one
+``register(MyFormat(...))`` plus its fake quantizer (``tests/test_format_declared_once.py`` shows it).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 #: modules of this package that register formats, imported on the first lookup
 _MODULES = ("ggml", "ggml_iq", "intq", "fp")
@@ -26,6 +34,27 @@ _MODULES = ("ggml", "ggml_iq", "intq", "fp")
 _REGISTRY: dict[str, "Format"] = {}
 _LOWER: dict[str, str] = {}
 _loaded = False
+#: target name -> its offered formats (:func:`offered_by`), emptied whenever the registry changes
+_OFFERED: dict[str, list] = {}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A target that lists a format among its options (:attr:`Format.offers`).
+
+    ``target``: the target's registered name (``"vllm"``, ``"llama.cpp"``); ``default``: in the
+    target's default search set; ``imatrix_default``: in its default set when the rounding uses an
+    importance matrix (``None``: as ``default``); ``rank``: a target lists its options by rank, then
+    in registration order."""
+
+    target: str
+    default: bool = False
+    imatrix_default: bool | None = None
+    rank: int = 0
+
+    @property
+    def in_imatrix_default(self) -> bool:
+        return self.default if self.imatrix_default is None else self.imatrix_default
 
 
 class Format:
@@ -52,6 +81,12 @@ class Format:
     levels: int | None = None
     idempotent: bool = False
     description: str = ""
+    #: the targets that offer this format (:class:`Offer`; see :func:`offered_by`)
+    offers: tuple = ()
+    #: what the consumer's exporter writes for this format where its integer settings (``bits``,
+    #: ``group``, ``symmetric``) do not say it: compressed-tensors' ``weights`` /
+    #: ``input_activations`` args, torchao's config dict, ModelOpt's ``quantized_layers`` entry
+    consumer_config: dict | None = None
 
     def max_levels(self) -> int:
         """The most distinct values one ``level_group`` may hold."""
@@ -86,13 +121,25 @@ class Format:
 
 
 def register(fmt: Format) -> Format:
-    """Add a format to the registry (its name must be new, case-insensitively)."""
+    """Add a format to the registry (its name must be new, case-insensitively); a plugin's format
+    comes after the built-in ones (they are loaded first)."""
+    _load()
     key = fmt.name.lower()
     if key in _LOWER and _REGISTRY[_LOWER[key]] is not fmt:
         raise ValueError(f"format {fmt.name!r} is registered twice")
     _REGISTRY[fmt.name] = fmt
     _LOWER[key] = fmt.name
+    _OFFERED.clear()
     return fmt
+
+
+def unregister(name: str) -> None:
+    """Remove the format called ``name`` (a plugin's, e.g. at the end of a test); unknown names are
+    ignored."""
+    canonical = _LOWER.pop(str(name).strip().lower(), None)
+    if canonical is not None:
+        del _REGISTRY[canonical]
+        _OFFERED.clear()
 
 
 def _load() -> None:
@@ -118,3 +165,14 @@ def get_format(name: str) -> Format | None:
 def format_names() -> list[str]:
     _load()
     return list(_REGISTRY)
+
+
+def offered_by(target: str) -> list[tuple[str, Offer]]:
+    """``(format name, offer)`` for every registered format that ``target`` offers, in the target's
+    order (by :attr:`Offer.rank`, then registration order)."""
+    _load()
+    if target not in _OFFERED:
+        found = [(offer.rank, i, name, offer) for i, (name, fmt) in enumerate(_REGISTRY.items())
+                 for offer in fmt.offers if offer.target == target]
+        _OFFERED[target] = [(name, offer) for _, _, name, offer in sorted(found, key=lambda f: f[:2])]
+    return list(_OFFERED[target])

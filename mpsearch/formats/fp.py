@@ -35,7 +35,7 @@ Registered names and what they reproduce:
 
 from __future__ import annotations
 
-from . import Format, register
+from . import Format, Offer, register
 from .intq import _cdiv
 
 E4M3_MAX = 448.0
@@ -66,12 +66,15 @@ class FloatFormat(Format):
         n = in_features or 4096
         return self.size_bits(4096, n) / (4096 * n)
 
-    def __init__(self, name: str, bits: int, act_bits: int, level_group, description: str):
+    def __init__(self, name: str, bits: int, act_bits: int, level_group, description: str, *,
+                 offers=(), consumer_config=None):
         self.name = name
         self.bits = bits
         self.act_bits = act_bits
         self.level_group = level_group
         self.description = description
+        self.offers = tuple(offers)
+        self.consumer_config = consumer_config
 
     def calibrate(self, x):
         """The static activation range (``max |x|``, a scalar in ``x``'s dtype) of calibration ``x``."""
@@ -153,6 +156,10 @@ class CTFp8Dynamic(FloatFormat):
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * in_features + 16 * out_channels
 
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight", "F8_E4M3", (out_channels, in_features)), ("weight_scale", dtype, (out_channels, 1))]
+
 
 class CTNvfp4(FloatFormat):
     rows_independent = False  # the fp32 global scale is taken over the whole matrix
@@ -176,6 +183,12 @@ class CTNvfp4(FloatFormat):
 
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 16 + 64
+
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight_packed", "U8", (out_channels, _cdiv(in_features, 2))),
+                ("weight_scale", "F8_E4M3", (out_channels, in_features // 16)),
+                ("weight_global_scale", "F32", (1,)), ("input_global_scale", "F32", (1,))]
 
 
 def ct_mx_scale(pos):
@@ -238,19 +251,48 @@ class CTMxfp4(FloatFormat):
     def size_bits(self, out_channels: int, in_features: int) -> int:
         return 8 * out_channels * _cdiv(in_features, 2) + 8 * out_channels * in_features // 32
 
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer."""
+        return [("weight_packed", "U8", (out_channels, _cdiv(in_features, 2))),
+                ("weight_scale", "U8", (out_channels, in_features // 32))]
+
+
+def ct_float_args(bits: int, strategy: str, group: int | None = None, dynamic=False, **extra) -> dict:
+    """compressed-tensors ``QuantizationArgs`` of a float format, field for field as its presets
+    (``PRESET_SCHEMES``) have them."""
+    args = {"num_bits": bits, "type": "float", "symmetric": True, "strategy": strategy}
+    if group is not None:
+        args["group_size"] = group
+    args["dynamic"] = dynamic
+    return {**args, **extra}
+
+
+_MX = {"scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+_NV = {"scale_dtype": "torch.float8_e4m3fn"}
+# options of --target vllm, not in its default set, listed after its integer formats (rank 0) in
+# the order FP8, NVFP4 (rank 1), MXFP4, MXFP4-W4A4 (rank 2)
+_VLLM_FP, _VLLM_MX = (Offer("vllm", rank=1),), (Offer("vllm", rank=2),)
 
 register(CTMxfp4("mxfp4", 4, 16, 32,
                  "compressed-tensors MXFP4A16: FP4 E2M1 in groups of 32 with E8M0 (power-of-two) "
-                 "scales, 16-bit activations"))
+                 "scales, 16-bit activations", offers=_VLLM_MX,
+                 consumer_config={"weights": ct_float_args(4, "group", 32, **_MX)}))
 register(CTMxfp4("mxfp4-w4a4", 4, 4, 32,
                  "compressed-tensors MXFP4: MXFP4A16's weights and dynamic MXFP4 activations "
-                 "(groups of 32 along the hidden axis)"))
+                 "(groups of 32 along the hidden axis)", offers=_VLLM_MX,
+                 consumer_config={"weights": ct_float_args(4, "group", 32, **_MX),
+                                  "input_activations": ct_float_args(4, "group", 32, dynamic=True, **_MX)}))
 register(CTFp8Dynamic("w8a8-fp8", 8, 8, None,
                       "compressed-tensors FP8_DYNAMIC: FP8 E4M3 weights per output channel, "
-                      "dynamic per-token FP8 activations"))
+                      "dynamic per-token FP8 activations", offers=_VLLM_FP,
+                      consumer_config={"weights": ct_float_args(8, "channel"),
+                                       "input_activations": ct_float_args(8, "token", dynamic=True)}))
 register(CTNvfp4("nvfp4", 4, 4, 16,
                  "compressed-tensors NVFP4 (W4A4): FP4 E2M1 in blocks of 16, FP8 E4M3 block scales, "
-                 "fp32 per-tensor global scale; activations with a calibrated global scale"))
+                 "fp32 per-tensor global scale; activations with a calibrated global scale", offers=_VLLM_FP,
+                 consumer_config={"weights": ct_float_args(4, "tensor_group", 16, **_NV),
+                                  "input_activations": ct_float_args(4, "tensor_group", 16, dynamic="local", **_NV,
+                                                                     observer="static_minmax")}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +353,7 @@ class ModelOptFp8(FloatFormat):
 
 class ModelOptNvfp4(CTNvfp4):
     consumer = "modelopt"
+    checkpoint_tensors = None  # ModelOpt's export writes other tensors than compressed-tensors' NVFP4
 
     def quantize(self, matrix):
         return modelopt_nvfp4_qdq(matrix, matrix.abs().amax())
@@ -325,7 +368,10 @@ class ModelOptNvfp4(CTNvfp4):
 
 register(ModelOptFp8("fp8", 8, 8, None,
                      "ModelOpt FP8_DEFAULT_CFG: FP8 E4M3 weights with a per-tensor amax, static "
-                     "per-tensor FP8 activations (calibrated amax)"))
+                     "per-tensor FP8 activations (calibrated amax)",
+                     offers=(Offer("modelopt", default=True),), consumer_config={"quant_algo": "FP8"}))
 register(ModelOptNvfp4("nvfp4-modelopt", 4, 4, 16,
                        "ModelOpt NVFP4_DEFAULT_CFG as exported (NVFP4QTensor): FP4 E2M1 blocks of 16, "
-                       "FP8 block scales, fp32 weight_scale_2; activations with a calibrated amax"))
+                       "FP8 block scales, fp32 weight_scale_2; activations with a calibrated amax",
+                       offers=(Offer("modelopt", default=True),),
+                       consumer_config={"quant_algo": "NVFP4", "group_size": 16}))

@@ -41,7 +41,7 @@ replaces the type, see :data:`FALLBACK` and :func:`fallback_type`.
 
 from __future__ import annotations
 
-from . import Format, format_names, get_format, register
+from . import Format, format_names, get_format, Offer, register
 from ..errors import QuantizationError
 from ._ggml_arith import _CHUNK_WEIGHTS
 from ._ggml_legacy import (_asym_deq, _iq4_nl, _iq4_nl_deq, _q4_0, _q4_0_pack, _q4_1, _q4_1_pack, _q5_0,
@@ -91,8 +91,9 @@ class GgmlFormat(Format):
     consumer = "llama.cpp"
 
     def __init__(self, name: str, bits: int, block: int, type_size: int, level_group: int,
-                 description: str):
+                 description: str, *, offers=()):
         self.name = name
+        self.offers = tuple(offers)
         self.bits = bits
         self.block = block
         self.type_size = type_size
@@ -237,21 +238,24 @@ _KERNELS = {
     "q6_K": (_q6_K, _q6_K_deq, _q6_K_pack),
 }
 
-#: name -> (nominal bits, block, bytes per block, weights sharing one level set, description)
+#: name -> (nominal bits, block, bytes per block, weights sharing one level set, rank in
+#: ``--target llama.cpp``'s options (10 x bits + place among the types of those bits), description);
+#: all are in its default search set, with or without an importance matrix
 _SPECS = {
-    "q8_0": (8, 32, 34, 32, "8-bit, one fp16 scale per 32 weights (8.5 bits per weight)"),
-    "q4_0": (4, 32, 18, 32, "4-bit symmetric, one fp16 scale per 32 weights (4.5 bpw)"),
-    "q4_1": (4, 32, 20, 32, "4-bit, fp16 scale and min per 32 weights (5.0 bpw)"),
-    "q5_0": (5, 32, 22, 32, "5-bit symmetric, one fp16 scale per 32 weights (5.5 bpw)"),
-    "q5_1": (5, 32, 24, 32, "5-bit, fp16 scale and min per 32 weights (6.0 bpw)"),
-    "iq4_nl": (4, 32, 18, 32, "4-bit non-linear levels, one fp16 scale per 32 weights (4.5 bpw)"),
-    "q2_K": (2, 256, 84, 16, "K-quant: 2-bit, 4-bit scales and mins per 16, fp16 per 256 (2.625 bpw)"),
-    "q3_K": (3, 256, 110, 16, "K-quant: 3-bit, 6-bit scales per 16, fp16 per 256 (3.4375 bpw)"),
-    "q4_K": (4, 256, 144, 32, "K-quant: 4-bit, 6-bit scales and mins per 32, fp16 per 256 (4.5 bpw)"),
-    "q5_K": (5, 256, 176, 32, "K-quant: 5-bit, 6-bit scales and mins per 32, fp16 per 256 (5.5 bpw)"),
-    "q6_K": (6, 256, 210, 16, "K-quant: 6-bit, 8-bit scales per 16, fp16 per 256 (6.5625 bpw)"),
+    "q8_0": (8, 32, 34, 32, 81, "8-bit, one fp16 scale per 32 weights (8.5 bits per weight)"),
+    "q4_0": (4, 32, 18, 32, 42, "4-bit symmetric, one fp16 scale per 32 weights (4.5 bpw)"),
+    "q4_1": (4, 32, 20, 32, 43, "4-bit, fp16 scale and min per 32 weights (5.0 bpw)"),
+    "q5_0": (5, 32, 22, 32, 51, "5-bit symmetric, one fp16 scale per 32 weights (5.5 bpw)"),
+    "q5_1": (5, 32, 24, 32, 52, "5-bit, fp16 scale and min per 32 weights (6.0 bpw)"),
+    "iq4_nl": (4, 32, 18, 32, 45, "4-bit non-linear levels, one fp16 scale per 32 weights (4.5 bpw)"),
+    "q2_K": (2, 256, 84, 16, 24, "K-quant: 2-bit, 4-bit scales and mins per 16, fp16 per 256 (2.625 bpw)"),
+    "q3_K": (3, 256, 110, 16, 33, "K-quant: 3-bit, 6-bit scales per 16, fp16 per 256 (3.4375 bpw)"),
+    "q4_K": (4, 256, 144, 32, 44, "K-quant: 4-bit, 6-bit scales and mins per 32, fp16 per 256 (4.5 bpw)"),
+    "q5_K": (5, 256, 176, 32, 53, "K-quant: 5-bit, 6-bit scales and mins per 32, fp16 per 256 (5.5 bpw)"),
+    "q6_K": (6, 256, 210, 16, 61, "K-quant: 6-bit, 8-bit scales per 16, fp16 per 256 (6.5625 bpw)"),
 }
 
 FORMATS: dict[str, GgmlFormat] = {}
-for _name, (_bits, _block, _size, _group, _desc) in _SPECS.items():
-    FORMATS[_name] = register(GgmlFormat(_name, _bits, _block, _size, _group, _desc))
+for _name, (_bits, _block, _size, _group, _rank, _desc) in _SPECS.items():
+    FORMATS[_name] = register(GgmlFormat(_name, _bits, _block, _size, _group, _desc,
+                                         offers=(Offer("llama.cpp", default=True, rank=_rank),)))

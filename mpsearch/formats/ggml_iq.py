@@ -38,7 +38,7 @@ says which refusal applies).
 from __future__ import annotations
 
 from ..errors import QuantizationError
-from . import register
+from . import Offer, register
 from ._iq_common import _importance, _read_f16, _read_u16, _sigma2, _u16_bytes
 from .ggml import (IQ4NL_VALUES, QK_K, GgmlFormat, _first_absmax, _fp16, _full, _half_bytes,
                    _iq4nl_lookup, _iq4nl_tables, _nearest_int, _nibbles_32, _recip_or_zero, _u8,
@@ -121,8 +121,10 @@ class IqFormat(GgmlFormat):
     """One i-quant: super-blocks of 256 weights in ``type_size`` bytes, rounded by llama.cpp's
     search with optional per-column importance weights."""
 
-    def __init__(self, name: str, bits: int, level_group: int, levels: int, description: str):
+    def __init__(self, name: str, bits: int, level_group: int, levels: int, description: str, *,
+                 offers=()):
         self.name = name
+        self.offers = tuple(offers)
         self.bits = bits
         self.block = QK_K
         self.type_size = _TYPE_SIZE[name]
@@ -240,29 +242,32 @@ _KERNELS = {
     "iq1_s": (_iq1_s, _iq1_s_deq),
 }
 
-#: name -> (nominal bits, weights sharing one scale, distinct values such a group may hold, about)
+#: name -> (nominal bits, weights sharing one scale, distinct values such a group may hold, rank in
+#: ``--target llama.cpp``'s options (see :data:`mpsearch.formats.ggml._SPECS`), about); all are in
+#: its default search set only when the rounding uses an importance matrix
 _SPECS = {
-    "iq4_xs": (4, 32, 16, "i-quant: 4-bit non-linear levels, 6-bit scales per 32, fp16 per 256 "
-                          "(4.25 bpw)"),
-    "iq3_s": (3, 32, 16, "i-quant: 3-bit grid of 4, signs, 4-bit scales per 32, fp16 per 256 "
-                         "(3.4375 bpw)"),
-    "iq3_xxs": (3, 32, 16, "i-quant: 3-bit grid of 4, 7 sign bits per 8, 4-bit scales per 32, fp16 "
-                           "per 256 (3.0625 bpw); llama-quantize needs an imatrix"),
-    "iq2_s": (2, 16, 6, "i-quant: 2-bit grid of 8 (3 levels), signs, 4-bit scales per 16, fp16 per "
-                        "256 (2.5625 bpw); llama-quantize needs an imatrix"),
-    "iq2_xs": (2, 16, 6, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
-                         "16, fp16 per 256 (2.3125 bpw); needs an imatrix"),
-    "iq2_xxs": (2, 32, 6, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
-                          "32, fp16 per 256 (2.0625 bpw); needs an imatrix"),
-    "iq1_m": (1, 16, 6, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 16, "
-                        "fp16 split over the scales (1.75 bpw); llama-quantize needs an imatrix"),
-    "iq1_s": (1, 32, 3, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 32, "
-                        "fp16 per 256 (1.5625 bpw); needs an imatrix"),
+    "iq4_xs": (4, 32, 16, 41, "i-quant: 4-bit non-linear levels, 6-bit scales per 32, fp16 per 256 "
+                              "(4.25 bpw)"),
+    "iq3_s": (3, 32, 16, 32, "i-quant: 3-bit grid of 4, signs, 4-bit scales per 32, fp16 per 256 "
+                             "(3.4375 bpw)"),
+    "iq3_xxs": (3, 32, 16, 31, "i-quant: 3-bit grid of 4, 7 sign bits per 8, 4-bit scales per 32, fp16 "
+                               "per 256 (3.0625 bpw); llama-quantize needs an imatrix"),
+    "iq2_s": (2, 16, 6, 23, "i-quant: 2-bit grid of 8 (3 levels), signs, 4-bit scales per 16, fp16 per "
+                            "256 (2.5625 bpw); llama-quantize needs an imatrix"),
+    "iq2_xs": (2, 16, 6, 22, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
+                             "16, fp16 per 256 (2.3125 bpw); needs an imatrix"),
+    "iq2_xxs": (2, 32, 6, 21, "i-quant: 2-bit grid of 8 (3 levels), 7 sign bits per 8, 4-bit scales per "
+                              "32, fp16 per 256 (2.0625 bpw); needs an imatrix"),
+    "iq1_m": (1, 16, 6, 12, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 16, "
+                            "fp16 split over the scales (1.75 bpw); llama-quantize needs an imatrix"),
+    "iq1_s": (1, 32, 3, 11, "i-quant: levels -1/0/1 shifted by 1/8 on a grid of 8, 3-bit scales per 32, "
+                            "fp16 per 256 (1.5625 bpw); needs an imatrix"),
 }
 
 FORMATS: dict[str, IqFormat] = {}
-for _name, (_bits, _group, _levels, _desc) in _SPECS.items():
-    FORMATS[_name] = register(IqFormat(_name, _bits, _group, _levels, _desc))
+for _name, (_bits, _group, _levels, _rank, _desc) in _SPECS.items():
+    FORMATS[_name] = register(IqFormat(_name, _bits, _group, _levels, _desc, offers=(
+        Offer("llama.cpp", default=False, imatrix_default=True, rank=_rank),)))
 
 
 def to_bytes(name: str, matrix, weights=None):

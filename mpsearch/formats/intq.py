@@ -32,7 +32,7 @@ to it.
 
 from __future__ import annotations
 
-from . import Format, register
+from . import Format, Offer, register
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -164,6 +164,18 @@ class CompressedTensorsInt(IntFormat):
             return x
         return ct_token_int8(x)
 
+    def checkpoint_tensors(self, out_channels: int, in_features: int, dtype: str = "BF16") -> list:
+        """``(suffix, safetensors dtype, shape)`` of what llm-compressor saves for one layer (scales in
+        the model's ``dtype``): the tensors :meth:`size_bits` counts."""
+        groups = self.n_groups(out_channels, in_features)
+        if self.layout == "int-quantized":
+            return [("weight", "I8", (out_channels, in_features)), ("weight_scale", dtype, (out_channels, groups))]
+        ts = [("weight_packed", "I32", (out_channels, _cdiv(in_features * self.bits, 32))),
+              ("weight_scale", dtype, (out_channels, groups)), ("weight_shape", "I64", (2,))]
+        if not self.symmetric:
+            ts.append(("weight_zero_point", "I32", (_cdiv(out_channels * self.bits, 32), groups)))
+        return ts
+
 
 def ct_token_int8(x):
     """compressed-tensors' dynamic per-token symmetric int8 activation fake-quantization.
@@ -180,17 +192,18 @@ def ct_token_int8(x):
 
 
 _CT_SPECS = [
-    # name, bits, group, symmetric, act_bits, scheme
-    ("w4a16-g128", 4, 128, True, 16, "W4A16: int4 symmetric, one scale per 128 inputs (Marlin)"),
-    ("w4a16-g32", 4, 32, True, 16, "W4A16 with group_size=32"),
-    ("w4a16-asym", 4, 128, False, 16, "W4A16_ASYM: int4 asymmetric g128 with packed zero-points"),
-    ("w8a16", 8, 128, True, 16, "W8A16: int8 symmetric g128 weight-only (Marlin)"),
-    ("w8a8-int8", 8, None, True, 8, "W8A8 (INT8): int8 per-channel weights, dynamic per-token "
-                                     "int8 activations"),
+    # name, bits, group, symmetric, act_bits, in --target vllm's default set, scheme
+    ("w4a16-g128", 4, 128, True, 16, True, "W4A16: int4 symmetric, one scale per 128 inputs (Marlin)"),
+    ("w4a16-g32", 4, 32, True, 16, True, "W4A16 with group_size=32"),
+    ("w4a16-asym", 4, 128, False, 16, False, "W4A16_ASYM: int4 asymmetric g128 with packed zero-points"),
+    ("w8a16", 8, 128, True, 16, True, "W8A16: int8 symmetric g128 weight-only (Marlin)"),
+    ("w8a8-int8", 8, None, True, 8, False, "W8A8 (INT8): int8 per-channel weights, dynamic per-token "
+                                           "int8 activations"),
 ]
-for _n, _b, _g, _s, _a, _d in _CT_SPECS:
+for _n, _b, _g, _s, _a, _default, _d in _CT_SPECS:
     register(CompressedTensorsInt(_n, _b, _g, _s, f"compressed-tensors {_d}", act_bits=_a,
-                                  layout="int-quantized" if _a < 16 else "pack-quantized"))
+                                  layout="int-quantized" if _a < 16 else "pack-quantized",
+                                  offers=(Offer("vllm", default=_default),)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,16 +256,24 @@ class TorchaoInt(IntFormat):
         return out_channels * in_features * self.bits + out_channels * n * (scale + 8)
 
 
+#: ``Int8WeightOnlyConfig()`` as torchao's ``config_to_dict`` writes it (torchao 0.18)
+INT8WO_CONFIG = {"_type": "Int8WeightOnlyConfig", "_version": 2,
+                 "_data": {"group_size": None, "granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}},
+                           "set_inductor_config": True}}
+
 register(TorchaoInt("int8wo", 8, None, True,
                     "torchao Int8WeightOnlyConfig(): int8 symmetric per output channel, float32 scale",
-                    float32_scales=True))
+                    float32_scales=True, consumer_config=INT8WO_CONFIG,
+                    offers=(Offer("torchao", rank=1),)))  # listed after the IntxWeightOnlyConfig formats
 for _b in range(1, 9):
     for _g in (32, 64, 128):
         for _s in (True, False):
             register(TorchaoInt(
                 f"intx-{_b}-g{_g}" + ("" if _s else "-asym"), _b, _g, _s,
                 f"torchao IntxWeightOnlyConfig(weight_dtype=torch.int{_b}, granularity=PerGroup({_g}), "
-                f"mapping_type=MappingType.{'SYMMETRIC' if _s else 'ASYMMETRIC'})"))
+                f"mapping_type=MappingType.{'SYMMETRIC' if _s else 'ASYMMETRIC'})",
+                # the default search set: asymmetric groups of 32, 2-6 and 8 bits
+                offers=(Offer("torchao", default=_g == 32 and not _s and _b not in (1, 7)),)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,9 +311,11 @@ class ModelOptInt(IntFormat):
 
 register(ModelOptInt("int4_awq", 4, 128, True,
                      "ModelOpt INT4_AWQ_CFG (W4A16_AWQ, block 128): the round-to-nearest part, "
-                     "per-block amax, pre_quant_scale = 1 (no AWQ search), float32 block scales"))
+                     "per-block amax, pre_quant_scale = 1 (no AWQ search), float32 block scales",
+                     offers=(Offer("modelopt", default=True),)))
 register(ModelOptInt("int8_wo", 8, None, True,
-                     "ModelOpt INT8_WEIGHT_ONLY_CFG (W8A16): int8 per output channel, amax = max|w|"))
+                     "ModelOpt INT8_WEIGHT_ONLY_CFG (W8A16): int8 per output channel, amax = max|w|",
+                     offers=(Offer("modelopt", default=True),)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,7 +378,10 @@ for _b in range(2, 9):
             register(AutoRoundInt(
                 f"autoround-int{_b}-g{_g}" + ("" if _s else "-asym"), _b, _g, _s,
                 f"AutoRound RTN (iters=0, disable_opt_rtn=True) bits={_b}, group_size={_g}, "
-                f"sym={_s}, 'auto_round' packing (qweight/qzeros int32, fp16 scales)"))
+                f"sym={_s}, 'auto_round' packing (qweight/qzeros int32, fp16 scales)",
+                # AutoRound refuses 8-bit asymmetric layers (unless AR_ALLOW_W8_ASYM=1): not offered
+                offers=() if _b == 8 and not _s else
+                (Offer("autoround", default=_g == 128 and _s and _b in (2, 3, 4, 8)),)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,6 +427,7 @@ class GPTQModelInt(IntFormat):
 for _b in (2, 3, 4, 8):
     register(GPTQModelInt(f"gptq-int{_b}-g128", _b, 128, True,
                           f"GPTQModel bits={_b}, group_size=128, sym=True, round to nearest "
-                          f"(no Hessian compensation), packed qweight/qzeros, fp16 scales, g_idx"))
+                          f"(no Hessian compensation), packed qweight/qzeros, fp16 scales, g_idx",
+                          offers=(Offer("gptqmodel", default=True),)))
 
-del _n, _b, _g, _s, _a, _d
+del _n, _b, _g, _s, _a, _d, _default

@@ -18,12 +18,17 @@ or ``mpsearch``'s own integer options, the default):
   ``{layer: option}`` plans, measured beside mpsearch's frontier.
 
 Each option's exact storage, rounding and shape rule live in its :mod:`mpsearch.formats` format, so
-a target is mostly data: which formats, for which layers.
+a target is mostly data: which formats, for which layers. The consumer targets
+(:class:`DeclaredTarget`) do not list their options: each format declares the targets that offer it
+(:class:`mpsearch.formats.Offer`: in the default set or not, its rank), and the target's ``options``,
+``default_options`` and ``imatrix_default_options`` are a query over the format registry
+(:func:`mpsearch.formats.offered_by`), so a format registered by a plugin joins its target's options.
 """
 
 from __future__ import annotations
 
 from ..errors import close_matches, MpsearchError, name_list
+from ..formats import offered_by
 from ..options import expand_presets, Option, parse_option
 from ..plan import BitPlan
 from ..registry import REGISTRIES, TARGETS  # noqa: F401  (TARGETS: the names, re-exported)
@@ -147,6 +152,27 @@ class Target:
 
     def __repr__(self) -> str:
         return f"<target {self.name}>"
+
+
+class DeclaredTarget(Target):
+    """A target whose options are the registered formats that declare an :class:`~mpsearch.formats.Offer`
+    for its ``name``, in the order of their ranks, then ``keep``; its default sets are those whose
+    offer says so (``imatrix_default_options`` is ``None`` unless some offer sets ``imatrix_default``)."""
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in offered_by(self.name)) + ("keep",)
+
+    @property
+    def default_options(self) -> tuple[str, ...]:
+        return tuple(name for name, offer in offered_by(self.name) if offer.default)
+
+    @property
+    def imatrix_default_options(self) -> tuple[str, ...] | None:
+        offers = offered_by(self.name)
+        if all(offer.imatrix_default is None for _, offer in offers):
+            return None
+        return tuple(name for name, offer in offers if offer.in_imatrix_default)
 
 
 def is_output_layer(model, name: str, *, tied_only: bool = False) -> bool:

@@ -34,26 +34,23 @@ Per-tensor rules, as ``src/llama-quant.cpp`` applies them:
 
 from __future__ import annotations
 
-from . import is_output_layer, STACKED_EXPERT_TIES, Target
+from . import DeclaredTarget, is_output_layer, STACKED_EXPERT_TIES
 from ..export.llamacpp_types import llama_gguf_name
 from ..formats.ggml import fallback_type  # llama.cpp's tensor_type_fallback
 from .llamacpp_mixes import recipes_for_layers
 
 
-class LlamaCppTarget(Target):
+class LlamaCppTarget(DeclaredTarget):
+    """The options are the GGML formats that declare ``Offer("llama.cpp", ...)``
+    (:mod:`mpsearch.formats.ggml`, :mod:`mpsearch.formats.ggml_iq`), by nominal bits: the 32-block
+    types (iq4_nl among them) and the K-quants in the default set, the i-quants of 256-blocks in it
+    only with an importance matrix."""
+
     name = "llama.cpp"
     consumer = "llama-quantize --tensor-type-file (GGUF)"
     description = ("GGML types: K-quants and i-quants (super-blocks of 256) and the 32-blocks "
                    "q4_0..q8_0, iq4_nl")
     exporter = "llama.cpp"
-    options = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_K", "iq3_xxs", "iq3_s", "q3_K",
-               "iq4_xs", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K", "q6_K", "q8_0",
-               "keep")
-    default_options = ("q2_K", "q3_K", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0", "q5_1", "q5_K",
-                       "q6_K", "q8_0")
-    imatrix_default_options = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_K", "iq3_xxs",
-                               "iq3_s", "q3_K", "iq4_xs", "q4_0", "q4_1", "q4_K", "iq4_nl", "q5_0",
-                               "q5_1", "q5_K", "q6_K", "q8_0")
     #: none left out of the imatrix default set on the CPU for speed: q4_1 and q5_1 take about half of the
     #: CPU rounding time (experiments/newcomer_cpu.md), but q5_1 is llama.cpp's own fallback of q5_K
     #: on rows that do not divide 256 (SmolLM2's 576 columns), so without it the built-in mixes

@@ -21,7 +21,9 @@ Formats (:class:`mpsearch.formats.Format`, by instance or registered name), :fun
   the fake quantizer must equal it bit for bit on the sample matrices.
 
 Targets (:class:`mpsearch.targets.Target`, by instance or registered name), :func:`check_target`:
-its options parse and its default sets are among them, an option of another consumer is refused,
+its options parse and its default sets are among them, where formats declare the target
+(:class:`mpsearch.formats.Offer`) its options are exactly those formats, an option of another
+consumer is refused,
 ``legal_options`` is exactly the options whose ``option_reason`` is ``None`` (and never offers a
 shape the option's format refuses), ``plans_layer`` agrees with ``unplanned_reason``, its recipes
 use only its options, legally, and its exporter writes a plan of its options (read back to the same
@@ -39,7 +41,7 @@ import numbers
 
 from ..errors import MpsearchError
 from ..export import export_plan, get_exporter, import_plan
-from ..formats import Format, format_names, get_format
+from ..formats import Format, format_names, get_format, offered_by
 from ..layers import Layer
 from ..options import parse_option
 from ..plan import BitPlan
@@ -294,6 +296,7 @@ def check_target_options(target, **_):
             parse_option(o)
         except MpsearchError as exc:
             raise AssertionError(f"{name}: its option {o!r} does not parse: {exc}") from None
+    _check_declared(t, opts)
     for label, subset in (("default_options", t.default_options), ("imatrix_default_options",
                                                                    t.imatrix_default_options or ())):
         extra = [o for o in subset if o not in opts]
@@ -313,6 +316,20 @@ def check_target_options(target, **_):
         raise AssertionError(f"{name}: accepts {foreign!r}, an option of another consumer")
     rows = t.describe()
     assert [r["option"] for r in rows] == list(opts), f"{name}: describe() is not one row per option"
+
+
+def _check_declared(t, opts):
+    """Where formats declare the target (``Offer(t.name)``), its format options are exactly those, in
+    their order: an option list spelled out beside the declarations drifts from them."""
+    declared = [n for n, _ in offered_by(t.name)]
+    if not declared:
+        return
+    listed = [o for o in opts if o != "keep"]
+    undeclared = [o for o in listed if o not in declared]
+    assert not undeclared, f"{t.name}: options {undeclared} are not formats that declare Offer({t.name!r}) " \
+                           f"(mpsearch.formats.offered_by); declare them in the format's offers"
+    assert listed == declared, f"{t.name}: options {listed} are not the formats that declare it, in their " \
+                               f"order: {declared}"
 
 
 def check_target_rules(target, layers=None, **_):
