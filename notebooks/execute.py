@@ -1,7 +1,7 @@
 """Execute the notebooks in place and save them with their outputs (tables and plots), so they read
 on the repository page as they ran. Full runs (not the test suite's quick mode):
 
-    python notebooks/execute.py            # every notebook, about 3 minutes on 2 CPU cores
+    python notebooks/execute.py            # every notebook, about 2 minutes on 2 idle CPU cores
     python notebooks/execute.py demo_frontier.ipynb
 """
 
