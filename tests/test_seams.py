@@ -293,11 +293,6 @@ SIZE_EXCEPTIONS = {
     "recipe.py:resolve": "parameters",
     "validate.py:validate_plan": "parameters",
     "refine/loop.py:refine": "parameters",
-    # internal helpers of the estimators' inner loops, where another branch is reworking the code
-    "sensitivity/output_distance.py:layer_distances": "parameters",
-    "sensitivity/output_distance.py:_single": "parameters",
-    "sensitivity/output_distance.py:_stacked": "parameters",
-    "sensitivity/output_distance.py:_plan": "parameters",  # the work plan from one batch's reference pass
     # keyword-only: the parts of the estimated peak, each named where it is called
     "sensitivity/workplan.py:memory_parts": "parameters",
 }

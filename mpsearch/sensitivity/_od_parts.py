@@ -4,6 +4,8 @@ across calibration batches; the base point (``base``) the damage is measured aro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,20 @@ from ..options import parse_option
 from ..plan import BitPlan
 from ..quant import quantize_weight
 from .base import Context, weight_of
+from .blocks import PrefixRunner
+
+
+@dataclass(frozen=True)
+class _BatchPass:
+    """One calibration batch's suffix passes: the runner, the batch, the run's context, and the
+    full-precision output they are compared with (``target``, its ``kind``, the accumulation dtype)."""
+
+    runner: PrefixRunner
+    batch: object
+    ctx: Context
+    target: object
+    kind: str
+    acc: torch.dtype
 
 
 class VariantCache:

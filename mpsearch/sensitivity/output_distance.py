@@ -76,7 +76,7 @@ from .offload import move_to, tensor_bytes
 from .workplan import largest_activation
 from ._od_stats import batch_statistics, Sizes, StableStop
 from ._od_parts import (  # noqa: F401  (re-exported: response and the tests import them from here)
-    _base_spec, _BasePoint, _quantizes_activations, _Variants, _distance, _prepare, stacked_weights, VariantCache,
+    _base_spec, _BasePoint, _BatchPass, _quantizes_activations, _Variants, _distance, _prepare, stacked_weights, VariantCache,
 )
 from .lim import block_change, LIMEstimator  # noqa: F401  (re-exported: lim's old home)
 
@@ -280,13 +280,13 @@ class OutputDistanceEstimator(Estimator):
                 ctx.count("forward_passes")
             kind = output_kind(raw, self.output)
             reference = _prepare(ref, self.metric, kind, acc)
+            bp = _BatchPass(runner, batch, ctx, reference, kind, acc)
             if planned is None:  # before the suffix passes: the work, its memory and time, in one line
-                planned = self._plan(model, ctx, runner, batches, mine, ref, reference, probe, batch)
+                planned = self._plan(model, bp, batches, mine, ref, probe)
             for li in range(st["layer"], L):
                 todo = [k for k in range(K) if mine[bi, li, k]]
                 if todo:
-                    st["values"][bi, li] += self.layer_distances(model, runner, batch, ctx.layers[li], ctx,
-                                                                 reference, kind, acc, li, todo)
+                    st["values"][bi, li] += self.layer_distances(model, bp, ctx.layers[li], li, todo)
                     st["done"][bi, li, todo] = True
                     bar.update(len(todo))
                 st["layer"] = li + 1
@@ -303,10 +303,12 @@ class OutputDistanceEstimator(Estimator):
                 break
         bar.close()
 
-    def _plan(self, model, ctx, runner, batches, mine, ref, reference, probe, batch):
-        """The :class:`~mpsearch.sensitivity.workplan.WorkPlan` of the remaining work, printed (with
-        progress) and recorded; refused when its estimated peak exceeds the device's budget. With
+    def _plan(self, model, bp: _BatchPass, batches, mine, ref, probe):
+        """The :class:`~mpsearch.sensitivity.workplan.WorkPlan` of the remaining work (``bp``: the first
+        batch's passes, ``ref`` its raw reference output, ``probe`` the largest activation seen), printed
+        (with progress) and recorded; refused when its estimated peak exceeds the device's budget. With
         offload, the prefix cache moves to the CPU first and the window shrinks to one block first."""
+        ctx, runner, reference, batch = bp.ctx, bp.runner, bp.target, bp.batch
         from ..data import batch_size
         from .offload import module_bytes
         from .workplan import WorkPlan, count_work, device_budget, memory_parts
@@ -388,13 +390,14 @@ class OutputDistanceEstimator(Estimator):
         self.batch_damage_ = values.numpy()  # [B, L, K]: each batch's distances (experiments/calib_size.py)
         return mean.clamp(min=0).numpy()
 
-    def layer_distances(self, model, runner, batch, layer, ctx: Context, reference, kind: str,
-                        acc=torch.float64, index: int | None = None, options=None) -> torch.Tensor:
-        """The unit of work: the output distance of ``batch`` with ``layer`` (number ``index`` of
-        ``ctx.layers``) at each option it may take (those of ``options``, indices, when given): a
+    def layer_distances(self, model, bp: _BatchPass, layer, index: int | None = None,
+                        options=None) -> torch.Tensor:
+        """The unit of work: the output distance of the batch of ``bp`` with ``layer`` (number ``index``
+        of ``bp.ctx.layers``) at each option it may take (those of ``options``, indices, when given): a
         ``[K]`` tensor on the device, 0 for ``keep`` and for options not measured, from the runner's
         cached prefix. Weight-only options share stacked passes; options that also quantize the
         layer's input activations take one pass each."""
+        ctx, runner, acc = bp.ctx, bp.runner, bp.acc
         w = weight_of(model, layer)
         expert = layer.kind in EXPERT_KINDS
         module = None if expert else get_module(model, layer.name)
@@ -420,7 +423,7 @@ class OutputDistanceEstimator(Estimator):
         measured = list(active)
         acts = [k for k in active if _quantizes_activations(ctx.options[k])]
         if acts:
-            out[acts] = self._single(w, runner, batch, start, acts, variants, reference, kind, acc, ctx, module)
+            out[acts] = self._single(w, bp, start, acts, variants, module)
             active = [k for k in active if k not in acts]
         if self._fp is not None:  # the layer at full precision, the rest at the base
             variants[K] = src
@@ -429,12 +432,11 @@ class OutputDistanceEstimator(Estimator):
             return out[:K]
         stack = len(active) if self.stack_options is None else int(self.stack_options)
         if stack > 1 and layer.kind in _STACKABLE and self._stack_ok:
-            stacked = self._stacked(module, layer, runner, batch, start, active, variants, stack,
-                                    reference, kind, acc, ctx)
+            stacked = self._stacked(module, layer, bp, start, active, variants, stack)
             if not self._stack_checked:  # once: the stacked pass must equal separate passes
                 self._stack_checked = True
                 runs, passes = runner.block_runs, ctx.cost.get("suffix_passes", 0)
-                single = self._single(w, runner, batch, start, active, variants, reference, kind, acc, ctx)
+                single = self._single(w, bp, start, active, variants)
                 # the check is counted apart from the work (which it repeats)
                 ctx.count("check_passes", ctx.cost["suffix_passes"] - passes)
                 ctx.count("check_block_evaluations", runner.block_runs - runs)
@@ -444,16 +446,17 @@ class OutputDistanceEstimator(Estimator):
                 stacked = stacked if self._stack_ok else single
             out[active] = stacked
         else:
-            out[active] = self._single(w, runner, batch, start, active, variants, reference, kind, acc, ctx)
+            out[active] = self._single(w, bp, start, active, variants)
         if self._fp is None:
             return out[:K]
         res = torch.zeros(K, dtype=acc, device=ctx.device)
         res[measured] = out[measured] - out[K]
         return res
 
-    def _single(self, w, runner, batch, start, active, variants, reference, kind, acc, ctx, module=None):
+    def _single(self, w, bp: _BatchPass, start, active, variants, module=None):
         """One suffix pass per option, the layer's weight overwritten (and restored); with
         ``module``, its input activations are quantized as each option says."""
+        runner, batch, ctx = bp.runner, bp.batch, bp.ctx
         saved = w.detach().clone()
         vals = []
         try:
@@ -466,22 +469,23 @@ class OutputDistanceEstimator(Estimator):
                 else:
                     out = runner.run(batch, start)[0]
                 ctx.count("suffix_passes")
-                vals.append(_distance(out, reference, self.metric, kind, acc))
+                vals.append(_distance(out, bp.target, self.metric, bp.kind, bp.acc))
         finally:
             with torch.no_grad():
                 w.copy_(saved)
         return torch.stack(vals)
 
-    def _stacked(self, module, layer, runner, batch, start, active, variants, stack, reference, kind, acc, ctx):
+    def _stacked(self, module, layer, bp: _BatchPass, start, active, variants, stack):
         """Options in groups of ``stack`` per suffix pass, stacked along the batch axis."""
+        runner, batch = bp.runner, bp.batch
         vals = []
         for g in range(0, len(active), stack):
             group = active[g : g + stack]
             n = len(group)
             with stacked_weights(module, layer.kind, [variants[k] for k in group]):
                 out = runner.run(runner.repeated_batch(batch, n), start, repeat=n)[0]
-            ctx.count("suffix_passes")
-            vals.extend(_distance(o, reference, self.metric, kind, acc) for o in out.chunk(n))
+            bp.ctx.count("suffix_passes")
+            vals.extend(_distance(o, bp.target, self.metric, bp.kind, bp.acc) for o in out.chunk(n))
         return torch.stack(vals)
 
 

@@ -46,8 +46,6 @@ quantization of every option per layer (no forward pass).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -61,7 +59,7 @@ from .base import check_choice, check_positive, Context, Estimator, probe_seed, 
 from .blocks import find_blocks, PrefixRunner
 from .losses import output_kind
 from .output_distance import (
-    _DEFAULT_CACHE_MB, _STACKABLE, VariantCache, _distance, _prepare, _quantizes_activations, _size,
+    _BatchPass, _DEFAULT_CACHE_MB, _STACKABLE, VariantCache, _distance, _prepare, _quantizes_activations, _size,
     _warn_stack, check_suffix_settings, stacked_weights,
 )
 from ._response_fit import _stderr, auto_probes, fit_table, shaped_noise
@@ -75,17 +73,6 @@ ERRORS = ("auto", "gram", "diagonal")
 _DEFAULT_GRAM_MB = {False: 1024.0, True: 4096.0}  # by "on a GPU"
 
 
-@dataclass(frozen=True)
-class _BatchPass:
-    """One calibration batch's suffix passes: the runner, the batch, the run's context, and the
-    full-precision output they are compared with (``target``, its ``kind``, the accumulation dtype)."""
-
-    runner: PrefixRunner
-    batch: object
-    ctx: Context
-    target: object
-    kind: str
-    acc: torch.dtype
 
 
 class ResponseEstimator(Estimator):
