@@ -76,7 +76,8 @@ from .offload import move_to, tensor_bytes
 from .workplan import largest_activation
 from ._od_stats import batch_statistics, Sizes, StableStop
 from ._od_parts import (  # noqa: F401  (re-exported: response and the tests import them from here)
-    _base_spec, _BasePoint, _BatchPass, _quantizes_activations, _Variants, _distance, _prepare, stacked_weights, VariantCache,
+    _base_spec, _BasePoint, _BatchPass, _quantizes_activations, _Variants, _distance, _prepare, stacked_weights,
+    VariantCache,
 )
 from .lim import block_change, LIMEstimator  # noqa: F401  (re-exported: lim's old home)
 
@@ -308,11 +309,11 @@ class OutputDistanceEstimator(Estimator):
         batch's passes, ``ref`` its raw reference output, ``probe`` the largest activation seen), printed
         (with progress) and recorded; refused when its estimated peak exceeds the device's budget. With
         offload, the prefix cache moves to the CPU first and the window shrinks to one block first."""
-        ctx, runner, reference, batch = bp.ctx, bp.runner, bp.target, bp.batch
         from ..data import batch_size
         from .offload import module_bytes
         from .workplan import WorkPlan, count_work, device_budget, memory_parts
 
+        ctx, runner, reference, batch = bp.ctx, bp.runner, bp.target, bp.batch
         streamer = self._streamer
         K = len(ctx.options)
         stackable = [lay.kind in _STACKABLE and self._stack_ok for lay in ctx.layers]
