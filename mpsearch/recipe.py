@@ -85,6 +85,8 @@ def busy_cpu_note(model, *, load: float | None = None, cores: int | None = None,
 
     if sum(p.numel() for p in model.parameters()) < BUSY_NOTE_MIN_PARAMS:
         return None
+    if load is None and not hasattr(os, "getloadavg"):  # Windows: no load average to read
+        return None
     load = os.getloadavg()[0] if load is None else load
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

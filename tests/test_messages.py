@@ -210,6 +210,9 @@ def test_a_busy_cpu_is_named_before_the_work_with_what_runs_faster(tmp_path, cap
     assert busy_cpu_note(big, load=1.9, cores=2, threads=2) is None  # not busier than its cores
     assert busy_cpu_note(big, load=9.1, cores=2, threads=1) is None  # one thread: no one to wait for
     assert busy_cpu_note(small, load=9.1, cores=2, threads=2) is None  # seconds anyway
+    with monkeypatch.context() as m:  # a platform without a load average (Windows): nothing to say
+        m.delattr(os, "getloadavg")
+        assert busy_cpu_note(big, cores=2, threads=2) is None
 
     monkeypatch.setattr(recipe_mod, "BUSY_NOTE_MIN_PARAMS", 0)
     monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
